@@ -1,0 +1,3 @@
+"""ckptx: declarative, rule-based checkpoint transformer for PyTorch."""
+
+__version__ = "0.1.0"
