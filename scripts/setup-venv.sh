@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Create / update the project virtualenv at .venv (repo root).
+#
+#   scripts/setup-venv.sh            # idempotent: deps only when inputs changed,
+#                                    # project always reinstalled (cheap, --no-deps)
+#   scripts/setup-venv.sh --force    # reinstall the dependency set regardless
+#   scripts/setup-venv.sh --deps-only  # skip reinstalling the project
+#
+# Steps:
+#   1. python -m venv .venv                      (only if missing/broken)
+#   2. pip install -r requirements/torch.txt     (torch/torchvision pinned, first)
+#      pip install -r requirements/test.txt      (pytest, timm, transformers, mm* ...)
+#      pip install --no-deps -r requirements/nodeps.txt   (mmpretrain)
+#      pip install .                             (project + its runtime deps)
+#      -> skipped when .venv/.ckptx-deps-stamp holds the hash of
+#         pyproject.toml + requirements/*.txt + this script + python version.
+#   3. pip install --no-deps --force-reinstall --no-build-isolation .
+#      ALWAYS: the tests import the installed wheel (which carries schemas/ and
+#      rules/ under ckptx/_data/), never src/, so it must be rebuilt every run.
+#
+# A fresh setup copies ~3 GB of wheels (CUDA torch build + nvidia-* wheels, all
+# from local disk) and takes a few minutes; see requirements/README.md.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+
+VENV="$REPO/.venv"
+PY="$VENV/bin/python"
+STAMP="$VENV/.ckptx-deps-stamp"
+BASE_PYTHON="${PYTHON:-python3}"
+
+force=0
+install_project=1
+for arg in "$@"; do
+  case "$arg" in
+    --force) force=1 ;;
+    --deps-only) install_project=0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    *) echo "setup-venv.sh: unknown argument: $arg" >&2; exit 2 ;;
+  esac
+done
+
+log() { printf '[setup-venv] %s\n' "$*" >&2; }
+
+# pip settings for every call: quiet-ish, no version self-check.
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+PIP=("$PY" -m pip --no-input)
+
+t0=$SECONDS
+
+# --- 1. the venv itself ------------------------------------------------------
+if [[ ! -x "$PY" ]] || ! "$PY" -c 'import sys, pip' >/dev/null 2>&1; then
+  log "creating $VENV with $("$BASE_PYTHON" --version 2>&1)"
+  rm -rf "$VENV"
+  "$BASE_PYTHON" -m venv "$VENV"
+  rm -f "$STAMP"
+fi
+
+# --- 2. dependencies (only when the inputs changed) --------------------------
+deps_hash() {
+  {
+    "$PY" -c 'import sys; print(sys.version)'
+    cat pyproject.toml
+    for f in requirements/*.txt; do echo "== $f"; cat "$f"; done
+    cat "${BASH_SOURCE[0]}"
+  } | sha256sum | cut -d' ' -f1
+}
+want="$(deps_hash)"
+have="$(cat "$STAMP" 2>/dev/null || true)"
+
+if [[ $force -eq 1 || "$want" != "$have" ]]; then
+  log "installing dependencies (stamp ${have:-<none>} -> $want)"
+  rm -f "$STAMP"
+  "${PIP[@]}" install -r requirements/torch.txt
+  # torch.txt again as a constraint, so that nothing below can move torch.
+  "${PIP[@]}" install -c requirements/torch.txt -r requirements/test.txt
+  "${PIP[@]}" install --no-deps -r requirements/nodeps.txt
+  # The project with its own runtime deps (pyyaml, jsonschema, safetensors, ...).
+  "${PIP[@]}" install -c requirements/torch.txt --no-build-isolation .
+  "${PIP[@]}" check || log "WARNING: pip check reports problems (mmpretrain is installed --no-deps; see above)"
+  "$PY" -m pip freeze --exclude-editable > "$VENV/.ckptx-freeze.txt"
+  echo "$want" > "$STAMP"
+  log "dependencies installed in $((SECONDS - t0))s"
+else
+  log "dependencies up to date (stamp $want)"
+fi
+
+# --- 3. the project, always, from the current tree -----------------------------
+if [[ $install_project -eq 1 ]]; then
+  t1=$SECONDS
+  "${PIP[@]}" install --quiet --no-deps --force-reinstall --no-build-isolation .
+  log "reinstalled ckptx from $REPO in $((SECONDS - t1))s"
+fi
+
+log "done in $((SECONDS - t0))s"

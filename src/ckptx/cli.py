@@ -1,0 +1,349 @@
+"""The `ckptx` command line: argument parsing and presentation only; the engine lives elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
+
+import yaml
+
+from ckptx import __version__
+from ckptx.errors import CkptxError, RuleError, ValidationFailed
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    pickle = _Parser(add_help=False)
+    pickle.add_argument("--allow-global", action="append", default=[], metavar="G",
+                        help="allow one pickle global (e.g. argparse.Namespace) in the safe loader")
+    pickle.add_argument("--unsafe-pickle", action="store_true", help="load pickles with full trust (runs their code)")
+
+    parser = _Parser(prog="ckptx", description="Declarative, rule-based checkpoint transformer for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"ckptx {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("convert", parents=[common, pickle], help="convert a checkpoint with rule files")
+    p.add_argument("src")
+    p.add_argument("-r", "--rules", action="append", required=True, metavar="RULES",
+                   help="rule file or shipped recipe name; repeat to compose in order")
+    p.add_argument("-o", "--output", metavar="DST", help="output file (.safetensors, .pth, .pt, .bin)")
+    p.add_argument("--target", metavar="SPEC", help="module:callable, reference checkpoint, or manifest")
+    p.add_argument("--target-arg", action="append", default=[], metavar="K=V", help="keyword argument for the target factory")
+    p.add_argument("--set", action="append", default=[], metavar="K=V", dest="params", help="set a recipe parameter")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the validation report; write nothing")
+    p.add_argument("--force", action="store_true", help="overwrite an existing destination")
+    p.add_argument("--verify", action="store_true", help="after writing, compare source and target model outputs")
+
+    p = sub.add_parser("inspect", parents=[common, pickle], help="show what a checkpoint holds")
+    p.add_argument("src")
+    p.add_argument("--extract", action="append", default=[], metavar="PATH", help="where the weights live")
+    p.add_argument("--manifest", metavar="OUT", help="write a key -> shape/dtype manifest usable as a target")
+
+    p = sub.add_parser("diff", parents=[common, pickle], help="key/shape differences between two checkpoints")
+    p.add_argument("a")
+    p.add_argument("b", help="checkpoint, manifest or module:callable")
+    p.add_argument("-r", "--rules", action="append", default=[], metavar="RULES", help="apply rules to A first")
+    p.add_argument("--target-arg", action="append", default=[], metavar="K=V")
+    p.add_argument("--set", action="append", default=[], metavar="K=V", dest="params")
+
+    p = sub.add_parser("lint", parents=[common, pickle], help="check rule files without converting")
+    p.add_argument("rules", nargs="+")
+    p.add_argument("--source", metavar="CKPT", help="also plan on this checkpoint (dead and over-broad steps)")
+    p.add_argument("--set", action="append", default=[], metavar="K=V", dest="params")
+
+    p = sub.add_parser("rules", parents=[common], help="list or show shipped and installed recipes")
+    rules_sub = p.add_subparsers(dest="rules_command", required=True, parser_class=_Parser)
+    rules_sub.add_parser("list", parents=[common], help="list recipes")
+    show = rules_sub.add_parser("show", parents=[common], help="print a recipe")
+    show.add_argument("name")
+    show.add_argument("--resolved", action="store_true", help="print the flattened recipe (extends and params applied)")
+    show.add_argument("--set", action="append", default=[], metavar="K=V", dest="params")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 validation failed, 2 bad input, 3 bug, 130 interrupted)."""
+    out, err = stdout or sys.stdout, stderr or sys.stderr
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in args_list
+    debug = "--debug" in args_list
+    try:
+        args = build_parser().parse_args(args_list)
+    except _UsageError as exc:
+        return _fail(out, err, as_json, EXIT_USAGE, "usage", str(exc) + " (see ckptx --help)")
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0)
+    try:
+        return _COMMANDS[args.command](args, out, err)
+    except ValidationFailed as exc:
+        if as_json:
+            out.write(json.dumps({"ok": False, "validation": exc.report.to_dict(), "written": False}, indent=1) + "\n")
+        else:
+            out.write(str(exc.report) + "\nnothing was written\n")
+        return EXIT_INVALID
+    except CkptxError as exc:
+        if debug:
+            traceback.print_exc(file=err)
+        return _fail(out, err, as_json, exc.exit_code, type(exc).__name__, str(exc))
+    except KeyboardInterrupt:
+        err.write("ckptx: interrupted; nothing was written\n")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - a bug: show everything
+        traceback.print_exc(file=err)
+        return _fail(out, err, as_json, EXIT_BUG, "internal", f"internal error: {type(exc).__name__}: {exc}; "
+                                                              "this is a bug in ckptx, please report it with the traceback above")
+
+
+def _fail(out: TextIO, err: TextIO, as_json: bool, code: int, kind: str, message: str) -> int:
+    if as_json:
+        lines = message.splitlines()
+        out.write(json.dumps({"ok": False, "error": {"type": kind, "message": message, "problems": lines,
+                                                      "exit_code": code}}, indent=1) + "\n")
+    else:
+        prefix = "" if message.startswith("ckptx") else "ckptx: error: "
+        lines = message.splitlines() or [message]
+        if len(lines) > 1:
+            err.write(f"ckptx: error: {len(lines)} problems\n" + "\n".join(lines) + "\n")
+        else:
+            err.write(prefix + message + "\n")
+    return code
+
+
+def _key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
+    values = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CkptxError(f"{flag} {item}: expected KEY=VALUE")
+        try:
+            values[key] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            values[key] = raw
+    return values
+
+
+def _emit(out: TextIO, as_json: bool, document: dict[str, Any], text: str) -> None:
+    out.write(json.dumps(document, indent=1, default=str) + "\n" if as_json else text + ("\n" if text else ""))
+
+
+def _progress(err: TextIO, enabled: bool) -> Callable[[int, int], None] | None:
+    if not enabled:
+        return None
+    started = time.monotonic()
+    last = [0.0]
+
+    def show(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.2 and done < total:
+            return
+        last[0] = now
+        rate = done / max(now - started, 1e-9)
+        eta = (total - done) / rate if rate else 0
+        from ckptx.report import human_bytes  # noqa: PLC0415
+
+        err.write(f"\r  {100 * done / max(total, 1):5.1f}%  {human_bytes(done)} / {human_bytes(total)}  "
+                  f"{human_bytes(rate)}/s  ETA {eta:4.0f} s ")
+        if done >= total:
+            err.write("\n")
+        err.flush()
+
+    return show
+
+
+def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ckptx.convert import convert  # noqa: PLC0415
+    from ckptx.report import human_bytes, render_plan, render_warnings  # noqa: PLC0415
+
+    if not args.output and not args.dry_run:
+        raise CkptxError("convert: give -o DST (or --dry-run to only plan)")
+    show_progress = not args.json and hasattr(err, "isatty") and err.isatty()
+    result = convert(args.src, args.output, args.rules, target=args.target,
+                     target_args=_key_values(args.target_arg, "--target-arg"), params=_key_values(args.params, "--set"),
+                     dry_run=args.dry_run, force=args.force, allow_globals=args.allow_global,
+                     unsafe_pickle=args.unsafe_pickle, verify=args.verify, progress=_progress(err, show_progress))
+    plan, source = result.plan, result.plan.source
+    lines = [f"source: {source.path} ({source.format}), weights at '{source.extracted_from}': "
+             f"{len(source.tensors)} tensors"]
+    ignored = [k for k in source.top_level if k != source.extracted_from.split(".")[0]]
+    if ignored:
+        lines.append(f"ignored top-level entries: {', '.join(ignored)}")
+    lines.append(f"recipe: {plan.recipe.name} ({', '.join(f.path for f in plan.recipe.files)})")
+    if args.dry_run:
+        lines.append(render_plan(plan))
+    lines.append(f"plan: {len(plan.entries)} tensors out, {len(plan.dropped)} dropped")
+    if plan.warnings:
+        lines.append(render_warnings(plan.warnings))
+    if result.report is not None:
+        lines.append(str(result.report))
+    else:
+        lines.append("validation: no target given (use --target or `target:` in the recipe)")
+    lines += [f"note: {n}" for n in result.notes]
+    if result.verification is not None:
+        lines.append(str(result.verification))
+    if result.written:
+        lines.append(f"wrote {result.destination} ({human_bytes(result.bytes_written)}) in {result.seconds:.2f} s")
+    elif args.dry_run:
+        lines.append("dry run: nothing was written")
+    _emit(out, args.json, result.to_dict(), "\n".join(lines))
+    if result.report is not None and not result.report.ok:
+        return EXIT_INVALID
+    return EXIT_OK
+
+
+def _cmd_inspect(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ckptx.io.open import open_source  # noqa: PLC0415
+    from ckptx.report import count_params, human_bytes, table  # noqa: PLC0415
+    from ckptx.target import write_manifest  # noqa: PLC0415
+
+    with open_source(args.src, args.extract, allow_globals=args.allow_global, unsafe_pickle=args.unsafe_pickle) as src:
+        metas = src.tensors
+        params = count_params(metas.values())
+        nbytes = sum(m.nbytes for m in metas.values())
+        if args.manifest:
+            write_manifest(Path(args.manifest), metas, source=str(args.src))
+        doc = {"ok": True, "source": src.path, "format": src.format, "top_level": src.top_level,
+               "extracted_from": src.extracted_from, "tensors": {k: {"shape": list(m.shape), "dtype": m.dtype}
+                                                                 for k, m in metas.items()},
+               "non_tensors": src.non_tensors, "parameters": params, "bytes": nbytes, "metadata": src.file_metadata,
+               "manifest": args.manifest}
+        lines = [f"{src.path}: {src.format}"]
+        if src.top_level:
+            lines.append("top level:")
+            lines += [f"  {k}: {v}" for k, v in src.top_level.items()]
+        lines.append(f"weights at '{src.extracted_from}': {len(metas)} tensors, {params:,} parameters, {human_bytes(nbytes)}")
+        if src.non_tensors:
+            lines.append("non-tensor entries: " + ", ".join(f"{k} ({v})" for k, v in src.non_tensors.items()))
+        if src.file_metadata:
+            lines.append("metadata: " + ", ".join(f"{k}={v}" for k, v in src.file_metadata.items()))
+        rows = [[k, "x".join(map(str, m.shape)) or "scalar", m.dtype, f"{m.numel:,}"] for k, m in metas.items()]
+        lines.append(table(rows, ["key", "shape", "dtype", "elements"]))
+        if args.manifest:
+            lines.append(f"wrote manifest {args.manifest}")
+    _emit(out, args.json, doc, "\n".join(lines))
+    return EXIT_OK
+
+
+def _cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ckptx.io.open import open_source  # noqa: PLC0415
+    from ckptx.plan import plan_recipe  # noqa: PLC0415
+    from ckptx.rules import Recipe, load_rules  # noqa: PLC0415
+    from ckptx.target import parse_target_arg, resolve_target, validate  # noqa: PLC0415
+
+    recipe = load_rules(args.rules, params=_key_values(args.params, "--set")) if args.rules else Recipe(name="(none)")
+    target = resolve_target(parse_target_arg(args.b, _key_values(args.target_arg, "--target-arg")))
+    with open_source(args.a, recipe.extract, allow_globals=args.allow_global, unsafe_pickle=args.unsafe_pickle) as src:
+        plan = plan_recipe(recipe, src, target=target.tensors)
+        report = validate(plan, target)
+    lines = [f"A: {args.a}" + (f" after {recipe.name}" if args.rules else ""), f"B: {target.description}"]
+    lines.append(f"in both: {report.matched}; only in A: {len(report.unexpected)}; only in B: {len(report.missing)}; "
+                 f"shape differs: {len(report.shape_mismatches)}; dtype differs: {len(report.dtype_differences)}")
+    for title, items, fmt in (("only in A", report.unexpected, lambda p: f"{p.have}"),
+                              ("only in B", report.missing, lambda p: f"{p.want}" + (f"  {p.hint}" if p.hint else "")),
+                              ("shape differs", report.shape_mismatches, lambda p: f"A {list(p.have.shape)} vs B {list(p.want.shape)}"),
+                              ("dtype differs", report.dtype_differences, lambda p: f"A {p.have.dtype} vs B {p.want.dtype}")):
+        if items:
+            lines.append(f"{title}:")
+            lines += [f"  {p.key}: {fmt(p)}" for p in items]
+    same = report.ok and not report.dtype_differences
+    lines.append("identical keys, shapes and dtypes" if same else "")
+    _emit(out, args.json, {"ok": same, **report.to_dict()}, "\n".join(l for l in lines if l))
+    return EXIT_OK if same else EXIT_INVALID
+
+
+def _cmd_lint(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ckptx.errors import Problem  # noqa: PLC0415
+    from ckptx.rules import load_rules  # noqa: PLC0415
+    from ckptx.rules.lint import lint_recipe  # noqa: PLC0415
+
+    params = _key_values(args.params, "--set")
+    results, problems_total = [], 0
+    for ref in args.rules:
+        entry: dict[str, Any] = {"file": ref, "ok": True, "errors": [], "warnings": []}
+        try:
+            recipe = load_rules(ref, params=params)
+            warnings: list[Problem] = lint_recipe(recipe)
+            if args.source:
+                from ckptx.plan import plan_recipe  # noqa: PLC0415
+
+                warnings += plan_recipe(recipe, _open_for_lint(args, recipe)).warnings
+            entry["warnings"] = [str(w) for w in warnings]
+            entry["steps"] = len(recipe.steps)
+        except RuleError as exc:
+            entry.update(ok=False, errors=[str(p) for p in exc.problems])
+            problems_total += len(exc.problems)
+        except CkptxError as exc:
+            entry.update(ok=False, errors=[str(exc)])
+            problems_total += 1
+        results.append(entry)
+    lines = []
+    for entry in results:
+        status = "ok" if entry["ok"] else "FAILED"
+        lines.append(f"{entry['file']}: {status}" + (f" ({entry.get('steps', 0)} steps)" if entry["ok"] else ""))
+        lines += [f"  error: {e}" for e in entry["errors"]]
+        lines += [f"  warning: {w}" for w in entry["warnings"]]
+    ok = all(e["ok"] for e in results)
+    _emit(out, args.json, {"ok": ok, "files": results}, "\n".join(lines))
+    return EXIT_OK if ok else EXIT_USAGE
+
+
+def _open_for_lint(args: argparse.Namespace, recipe: Any) -> Any:
+    from ckptx.io.open import open_source  # noqa: PLC0415
+
+    return open_source(args.source, recipe.extract, allow_globals=args.allow_global, unsafe_pickle=args.unsafe_pickle)
+
+
+def _cmd_rules(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ckptx.rules.registry import list_recipes, resolve_rule  # noqa: PLC0415
+    from ckptx.rules.yamlfile import load_yaml  # noqa: PLC0415
+
+    if args.rules_command == "list":
+        rows, docs = [], []
+        for ref in list_recipes():
+            data = load_yaml(ref.path).data
+            description = data.get("description", "") if isinstance(data, dict) else ""
+            name = ref.name if ref.pack.name == "ckptx" else f"{ref.pack.name}:{ref.name}"
+            rows.append([name, description, f"{ref.pack.distribution} {ref.pack.version}"])
+            docs.append({"name": ref.name, "pack": ref.pack.name, "description": description,
+                         "distribution": ref.pack.distribution, "version": ref.pack.version, "path": str(ref.path)})
+        from ckptx.report import table  # noqa: PLC0415
+
+        _emit(out, args.json, {"ok": True, "recipes": docs}, table(rows, ["name", "description", "from"]))
+        return EXIT_OK
+    path = resolve_rule(args.name)
+    if args.resolved:
+        from ckptx.rules import load_rules  # noqa: PLC0415
+        from ckptx.rules.flatten import flatten  # noqa: PLC0415
+
+        recipe = load_rules(path, params=_key_values(args.params, "--set"))
+        flat = flatten(recipe)
+        _emit(out, args.json, {"ok": True, "path": str(path), "resolved": flat},
+              f"# {args.name}: resolved from {', '.join(f.path for f in recipe.files)}\n"
+              + yaml.safe_dump(flat, sort_keys=False, allow_unicode=True))
+        return EXIT_OK
+    text = path.read_text(encoding="utf-8")
+    _emit(out, args.json, {"ok": True, "path": str(path), "text": text}, f"# {args.name}: {path}\n{text.rstrip()}")
+    return EXIT_OK
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], int]] = {
+    "convert": _cmd_convert, "inspect": _cmd_inspect, "diff": _cmd_diff, "lint": _cmd_lint, "rules": _cmd_rules,
+}

@@ -1,0 +1,183 @@
+"""Orchestration: load rules, open the source, plan, validate against the target, then write atomically."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ckptx import __version__
+from ckptx.errors import DestinationError, ValidationFailed
+from ckptx.io.open import open_source
+from ckptx.io.safetensors_writer import materialize, write_safetensors
+from ckptx.io.source import MappingSource, Source
+from ckptx.io.torch_writer import write_torch
+from ckptx.plan import Plan, plan_recipe
+from ckptx.rules import Recipe, TargetSpec, load_rules
+from ckptx.target import Target, ValidationReport, parse_target_arg, resolve_target, validate
+
+OUTPUT_FORMATS = {".safetensors": "safetensors", ".pth": "torch", ".pt": "torch", ".bin": "torch", ".ckpt": "torch"}
+RecipeArg = Recipe | str | Path | Sequence[str | Path]
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion did: the plan, the validation report, and what was written."""
+
+    plan: Plan
+    report: ValidationReport | None
+    destination: str | None
+    format: str | None
+    bytes_written: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    verification: Any = None
+
+    @property
+    def written(self) -> bool:
+        """True when a file was written."""
+        return self.bytes_written > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {
+            "ok": self.report is None or self.report.ok,
+            "destination": self.destination, "format": self.format, "written": self.written,
+            "bytes_written": self.bytes_written, "seconds": round(self.seconds, 4), "notes": self.notes,
+            "plan": self.plan.to_dict(),
+            "validation": self.report.to_dict() if self.report else None,
+            "verification": self.verification.to_dict() if self.verification is not None else None,
+        }
+
+
+def as_recipe(recipes: RecipeArg, params: Mapping[str, Any] | None = None) -> Recipe:
+    """A Recipe as is, or rule file paths/names loaded and composed in order."""
+    return recipes if isinstance(recipes, Recipe) else load_rules(recipes, params=params)
+
+
+def target_spec_for(recipe: Recipe, target: TargetSpec | str | None, target_args: Mapping[str, Any] | None) -> TargetSpec | None:
+    """The recipe's target, overridden by an explicit one; `target_args` add to the model's kwargs."""
+    explicit = parse_target_arg(target) if isinstance(target, str) else target
+    spec = recipe.target.merged(explicit) if recipe.target else explicit
+    if spec is not None and target_args:
+        spec = spec.merged(TargetSpec(kwargs=dict(target_args), where="--target-arg"))
+    return spec
+
+
+def check_destination(src: Path, dst: Path, *, force: bool) -> str:
+    """Refuse unsafe destinations; returns the output format chosen from the extension."""
+    fmt = OUTPUT_FORMATS.get(dst.suffix.lower())
+    if fmt is None:
+        known = ", ".join(OUTPUT_FORMATS)
+        raise DestinationError(f"{dst}: unknown output extension '{dst.suffix}'; use one of {known}")
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise DestinationError(f"{dst}: the destination is the source; write to another file")
+    if dst.is_dir():
+        raise DestinationError(f"{dst}: is a folder; give a file name")
+    if dst.exists() and not force:
+        raise DestinationError(f"{dst}: already exists; pass --force to overwrite it")
+    if not dst.parent.is_dir():
+        raise DestinationError(f"{dst}: folder {dst.parent} does not exist; create it first")
+    return fmt
+
+
+def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, target: TargetSpec | str | None = None,
+            target_args: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None,
+            dry_run: bool = False, force: bool = False, allow_globals: Sequence[str] = (),
+            unsafe_pickle: bool = False, verify: bool = False,
+            progress: Callable[[int, int], None] | None = None) -> ConvertResult:
+    """Convert `src` to `dst` with the recipes; validate against the target before writing a byte.
+
+    Raises ValidationFailed (nothing written) when the plan does not fit the target, and the other
+    CkptxError subclasses for bad input. With `dry_run`, plans and validates but writes nothing.
+    """
+    started = time.perf_counter()
+    recipe = as_recipe(recipes, params)
+    src_path = Path(src)
+    dst_path = Path(dst) if dst is not None else None
+    fmt = check_destination(src_path, dst_path, force=force) if dst_path is not None and not dry_run else None
+    spec = target_spec_for(recipe, target, target_args)
+    resolved = resolve_target(spec) if spec is not None else None
+    with open_source(src_path, recipe.extract, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle) as source:
+        plan = plan_recipe(recipe, source, target=resolved.tensors if resolved else None)
+        report = validate(plan, resolved) if resolved else None
+        result = ConvertResult(plan, report, str(dst_path) if dst_path else None, fmt)
+        if report is not None and not report.ok and not dry_run:
+            raise ValidationFailed(report)
+        if dry_run or dst_path is None:
+            result.seconds = time.perf_counter() - started
+            return result
+        result.bytes_written = _write(plan, source, dst_path, fmt or "safetensors", result.notes, progress)
+    if verify:
+        from ckptx.verify import verify_conversion  # noqa: PLC0415
+
+        result.verification = verify_conversion(recipe, spec, src_path, dst_path,
+                                                allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _write(plan: Plan, source: Source, dst: Path, fmt: str, notes: list[str],
+           progress: Callable[[int, int], None] | None) -> int:
+    total = sum(e.meta.nbytes for e in plan.entries)
+    done = [0]
+
+    def advance(nbytes: int) -> None:
+        done[0] += nbytes
+        if progress:
+            progress(done[0], total)
+
+    if source.non_tensors:
+        names = ", ".join(sorted(source.non_tensors))
+        verb = "dropped (safetensors holds tensors only)" if fmt == "safetensors" else "not carried over"
+        notes.append(f"non-tensor entries {verb}: {names}")
+    if fmt == "safetensors":
+        return write_safetensors(dst, plan.entries, source, provenance(plan, source), advance)
+    state_metadata = source.state_metadata
+    if state_metadata is not None and plan.renames_keys:
+        notes.append("the state dict's _metadata (module versions) was dropped because the recipe renames modules")
+        state_metadata = None
+    return write_torch(dst, plan.entries, source, state_metadata=state_metadata, progress=advance)
+
+
+def provenance(plan: Plan, source: Source) -> dict[str, str]:
+    """Safetensors metadata recording how the file was made."""
+    recipe = plan.recipe
+    return {
+        "format": "pt",
+        "ckptx.version": __version__,
+        "ckptx.recipe": recipe.name,
+        "ckptx.rules": ";".join(f"{f.name}={f.sha256}" for f in recipe.files),
+        "ckptx.source": Path(source.path).name,
+    }
+
+
+def apply_in_memory(recipe: Recipe, state_dict: Mapping[str, Any], target: Any = None) -> dict[str, torch.Tensor]:
+    """Apply a recipe to a state dict in memory; returns the converted state dict."""
+    source = MappingSource("<state_dict>", "memory", state_dict)
+    expected = resolve_target(target).tensors if target is not None else None
+    plan = plan_recipe(recipe, source, target=expected)
+    return {entry.key: materialize(entry, source) for entry in plan.entries}
+
+
+def load_into(model: torch.nn.Module, src: str | Path | Mapping[str, Any], recipes: RecipeArg, *,
+              strict: bool = True, params: Mapping[str, Any] | None = None, allow_globals: Sequence[str] = (),
+              unsafe_pickle: bool = False) -> ValidationReport:
+    """Convert `src` with the recipes straight into a live model; with `strict`, every key must fit first."""
+    recipe = as_recipe(recipes, params)
+    expected: Target = resolve_target(model)
+    if isinstance(src, Mapping):
+        source: Source = MappingSource("<state_dict>", "memory", src)
+    else:
+        source = open_source(src, recipe.extract, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
+    with source:
+        plan = plan_recipe(recipe, source, target=expected.tensors)
+        report = validate(plan, expected)
+        if strict and not report.ok:
+            raise ValidationFailed(report)
+        state = {entry.key: materialize(entry, source) for entry in plan.entries}
+        model.load_state_dict(state, strict=strict)
+    return report

@@ -1,0 +1,77 @@
+"""The errors ckptx raises for user input; each carries the exit code the CLI uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+
+class CkptxError(Exception):
+    """Base class of every error caused by user input (exit code 2 unless stated)."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found in a file: where it is and what is wrong."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
+
+
+class RuleError(CkptxError):
+    """A rule or jobs file is invalid; lists every problem found at once."""
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class SourceError(CkptxError):
+    """A source checkpoint cannot be read (corrupt, truncated, unsafe, wrong layout)."""
+
+
+class UnsafeGlobalError(SourceError):
+    """A pickle needs a global that the safe loader does not allow."""
+
+    def __init__(self, path: str, global_name: str) -> None:
+        self.global_name = global_name
+        super().__init__(
+            f"{path}: the checkpoint needs the Python global '{global_name}', which the safe loader "
+            f"refuses; if you trust this file, pass --allow-global {global_name} (just that one) "
+            f"or --unsafe-pickle (runs any code the file contains)"
+        )
+
+
+class PlanError(CkptxError):
+    """The recipe cannot be applied to this source (collision, bad shape, missing target...)."""
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class TargetError(CkptxError):
+    """A target specification cannot be resolved."""
+
+
+class DestinationError(CkptxError):
+    """The destination cannot be written (exists, equals source, bad extension)."""
+
+
+class TensorOpError(CkptxError):
+    """An op failed on real tensor data while writing."""
+
+
+class ValidationFailed(CkptxError):
+    """The plan does not fit the target; nothing was written."""
+
+    exit_code = 1
+
+    def __init__(self, report: object) -> None:
+        self.report = report
+        super().__init__(str(report))

@@ -1,0 +1,112 @@
+"""Read safetensors files lazily: the header is parsed and checked, tensor bytes are read on demand."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptx.errors import SourceError
+from ckptx.io.dtypes import FROM_SAFETENSORS, torch_dtype
+from ckptx.io.source import RawSpan, Source
+from ckptx.ops.registry import DTYPE_SIZES, TensorMeta
+
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_header(path: Path, display: str | None = None) -> tuple[dict[str, Any], int]:
+    """Parse and check a safetensors header; returns (header, start of the data section)."""
+    shown = display or str(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise SourceError(f"{shown}: not a safetensors file: only {size} bytes, the header length alone takes 8")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(size - 8, _MAX_HEADER):
+            raise SourceError(f"{shown}: not a valid safetensors file: header says {length} bytes but the file has "
+                              f"{size - 8} after the length (truncated or not safetensors)")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{shown}: not a valid safetensors file: header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{shown}: not a valid safetensors file: header is not a JSON object")
+    data_start = 8 + length
+    _check_entries(header, size - data_start, shown)
+    return header, data_start
+
+
+def _check_entries(header: dict[str, Any], data_size: int, shown: str) -> None:
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = FROM_SAFETENSORS[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise SourceError(f"{shown}: invalid safetensors header entry for tensor '{key}': {info!r}") from None
+        expected = DTYPE_SIZES[dtype]
+        for dim in shape:
+            expected *= dim
+        if end - begin != expected or begin < 0:
+            raise SourceError(f"{shown}: tensor '{key}' has {end - begin} bytes but dtype {dtype} shape {shape} needs {expected}")
+        if end > data_size:
+            raise SourceError(f"{shown}: tensor '{key}' ends at byte {end} of the data section, which has only "
+                              f"{data_size} bytes: the file is truncated")
+
+
+class SafetensorsSource(Source):
+    """A safetensors file; `load` returns a tensor copied from a read-only memory map."""
+
+    def __init__(self, path: Path, display: str | None = None) -> None:
+        header, data_start = read_header(path, display)
+        metadata = header.pop("__metadata__", None) or {}
+        order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+        super().__init__(
+            path=display or str(path), format="safetensors",
+            tensors={k: TensorMeta(tuple(header[k]["shape"]), FROM_SAFETENSORS[header[k]["dtype"]]) for k in order},
+            file_metadata={str(k): str(v) for k, v in metadata.items()},
+        )
+        self._file = str(path)
+        self._header = header
+        self._data_start = data_start
+        self._fd: int | None = None
+        self._map: mmap.mmap | None = None
+
+    def raw_span(self, key: str) -> RawSpan:
+        """Absolute offset and length of a tensor's bytes in the file."""
+        begin, end = self._header[key]["data_offsets"]
+        return RawSpan(self._file, self._data_start + begin, end - begin)
+
+    def load(self, key: str) -> torch.Tensor:
+        """Copy one tensor out of the file."""
+        meta = self.tensors[key]
+        span = self.raw_span(key)
+        if span.nbytes == 0:
+            return torch.empty(meta.shape, dtype=torch_dtype(meta.dtype))
+        buffer = bytearray(self._mapped()[span.offset:span.offset + span.nbytes])
+        flat = torch.frombuffer(buffer, dtype=torch_dtype(meta.dtype))
+        return flat.reshape(meta.shape)
+
+    def _mapped(self) -> mmap.mmap:
+        if self._map is None:
+            self._fd = os.open(self._file, os.O_RDONLY)
+            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        return self._map
+
+    def close(self) -> None:
+        """Unmap the file."""
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

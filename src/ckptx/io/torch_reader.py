@@ -1,0 +1,80 @@
+"""Read pickle-based torch checkpoints (zip and legacy) safely: weights_only by default, mmap when possible."""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import re
+import zipfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ckptx.errors import SourceError, UnsafeGlobalError
+from ckptx.io.source import MappingSource, describe_value, extract
+
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_UNSUPPORTED = re.compile(r"Unsupported (?:global|class|operand)[^\n]*")
+
+
+def load_pickle_object(path: Path, *, allow_globals: Sequence[str] = (), unsafe_pickle: bool = False,
+                       display: str | None = None) -> Any:
+    """`torch.load` the whole object on the CPU: mmap for zip files; refuse unsafe globals unless allowed."""
+    shown = display or str(path)
+    is_zip = zipfile.is_zipfile(path)
+    with ExitStack() as stack:
+        if allow_globals and not unsafe_pickle:
+            stack.enter_context(torch.serialization.safe_globals([_import_global(g) for g in allow_globals]))
+        try:
+            return torch.load(path, map_location="cpu", weights_only=not unsafe_pickle, mmap=is_zip)
+        except pickle.UnpicklingError as exc:
+            raise _unpickling_error(shown, exc) from None
+        except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile, KeyError, OSError, TypeError,
+                AttributeError, ImportError, IndexError, UnicodeDecodeError) as exc:
+            raise SourceError(f"{shown}: not a readable torch checkpoint: {_first_line(exc, is_zip)}") from None
+
+
+def read_torch(path: Path, extract_paths: Sequence[str], *, allow_globals: Sequence[str] = (),
+               unsafe_pickle: bool = False, display: str | None = None, where: str = "") -> MappingSource:
+    """Open a `.pth`/`.pt`/`.bin` checkpoint and extract its state dict as a lazy source."""
+    shown = display or str(path)
+    obj = load_pickle_object(path, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle, display=shown)
+    state, found_at = extract(obj, extract_paths, file=shown, where=where)
+    top = {str(k): describe_value(v) for k, v in obj.items()} if isinstance(obj, dict) else {}
+    fmt = "torch-zip" if zipfile.is_zipfile(path) else "torch-legacy"
+    return MappingSource(shown, fmt, state, extracted_from=found_at, top_level=top, keep_alive=obj)
+
+
+def _import_global(name: str) -> Any:
+    module_name, _, attr = name.rpartition(".")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        return getattr(obj, attr)
+    except (ImportError, AttributeError, ValueError):
+        raise SourceError(f"--allow-global {name}: no such importable global; give it as module.Name") from None
+
+
+def _unpickling_error(shown: str, exc: Exception) -> SourceError:
+    text = str(exc)
+    match = _GLOBAL.search(text)
+    if match:
+        return UnsafeGlobalError(shown, match.group(1))
+    if "Weights only load failed" in text:
+        detail = _UNSUPPORTED.search(text)
+        reason = detail.group(0) if detail else "it uses pickle features the safe loader refuses"
+        return SourceError(f"{shown}: the safe loader refused the file ({reason}); pass --unsafe-pickle "
+                           f"only if you trust where it came from")
+    return SourceError(f"{shown}: not a readable torch checkpoint: corrupt pickle ({text.splitlines()[0] if text else 'truncated'})")
+
+
+def _first_line(exc: BaseException, is_zip: bool) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, EOFError) or "Ran out of input" in text:
+        return "the file is truncated (pickle data ends early)"
+    if "central directory" in text or "zip archive" in text:
+        return f"the zip archive is truncated or corrupt ({text.split(': ', 1)[-1]})"
+    if "invalid load key" in text:
+        return f"not a pickle or zip file ({text})"
+    return text

@@ -1,0 +1,105 @@
+"""Steps that act on key names only: drop, keep, strip_prefix, add_prefix, rename."""
+
+from __future__ import annotations
+
+from ckptx.errors import Problem
+from ckptx.ops.registry import PlanContext, PlanEntry, StepOutcome, step_planner
+from ckptx.rules.steps import AddPrefix, Drop, Keep, Pattern, Rename, Step, StripPrefix
+
+
+def warn_if_mid_name(pattern: Pattern, key: str, where: str, ctx: PlanContext, seen: set[str]) -> None:
+    """Warn once per pattern when an unanchored pattern matches inside a name component (over-broad)."""
+    if pattern.pattern in seen or pattern.pattern.startswith(("^", ".", "\\.", "(", "[")):
+        return
+    match = pattern.search(key)
+    if match and match.start() > 0 and key[match.start() - 1] != ".":
+        seen.add(pattern.pattern)
+        ctx.warnings.append(Problem(where, f"pattern {pattern.pattern!r} also matches inside a name: "
+                                           f"'{key}' (position {match.start()}); anchor it with '^' or '\\.' "
+                                           f"if that is not intended"))
+
+
+@step_planner("drop")
+def plan_drop(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+    """Remove entries whose key matches any pattern."""
+    args: Drop = step.args  # type: ignore[assignment]
+    kept, seen = [], set()
+    for entry in entries:
+        hit = next((p for p in args.patterns if p.search(entry.key)), None)
+        if hit is None:
+            kept.append(entry)
+        else:
+            warn_if_mid_name(hit, entry.key, step.where, ctx, seen)
+            ctx.dropped.append((entry.key, step.where))
+    return StepOutcome(kept, len(entries) - len(kept))
+
+
+@step_planner("keep")
+def plan_keep(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+    """Remove entries whose key matches none of the patterns."""
+    args: Keep = step.args  # type: ignore[assignment]
+    kept = []
+    for entry in entries:
+        if any(p.search(entry.key) for p in args.patterns):
+            kept.append(entry)
+        else:
+            ctx.dropped.append((entry.key, step.where))
+    return StepOutcome(kept, len(kept))
+
+
+def strip(key: str, prefixes: tuple[str, ...]) -> str:
+    """Remove any of `prefixes` from the start of `key`, repeatedly, in any order."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in prefixes:
+            if key.startswith(prefix) and len(key) > len(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+@step_planner("strip_prefix", renames_keys=True)
+def plan_strip_prefix(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+    """Strip literal prefixes at the start of keys."""
+    args: StripPrefix = step.args  # type: ignore[assignment]
+    out, hits = [], 0
+    for entry in entries:
+        new = strip(entry.key, args.prefixes)
+        hits += new != entry.key
+        out.append(entry.renamed(new, step.where) if new != entry.key else entry)
+    return StepOutcome(out, hits)
+
+
+@step_planner("add_prefix", renames_keys=True)
+def plan_add_prefix(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+    """Prepend a prefix to (matching) keys."""
+    args: AddPrefix = step.args  # type: ignore[assignment]
+    out, hits = [], 0
+    for entry in entries:
+        wanted = (args.match is None or args.match.search(entry.key)) and not (args.skip and args.skip.search(entry.key))
+        hits += bool(wanted)
+        out.append(entry.renamed(args.prefix + entry.key, step.where) if wanted else entry)
+    return StepOutcome(out, hits)
+
+
+@step_planner("rename", renames_keys=True)
+def plan_rename(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+    """Per key, the first matching row rewrites it like `re.sub`; rows that match nothing are reported."""
+    args: Rename = step.args  # type: ignore[assignment]
+    row_hits = [0] * len(args.rules)
+    out, seen = [], set()
+    for entry in entries:
+        for i, rule in enumerate(args.rules):
+            if rule.pattern.search(entry.key):
+                row_hits[i] += 1
+                warn_if_mid_name(rule.pattern, entry.key, rule.where, ctx, seen)
+                out.append(entry.renamed(rule.pattern.sub(rule.replacement, entry.key), rule.where))
+                break
+        else:
+            out.append(entry)
+    if len(args.rules) > 1 and any(row_hits):
+        for rule, hits in zip(args.rules, row_hits):
+            if not hits:
+                problem = Problem(rule.where, f"rename pattern {rule.pattern.pattern!r} matches no key")
+                (ctx.errors if step.strict else ctx.warnings).append(problem)
+    return StepOutcome(out, sum(row_hits))

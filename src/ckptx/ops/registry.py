@@ -1,0 +1,199 @@
+"""Tensor metadata, the plan's expression tree, and the registries of tensor ops and step planners."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
+
+from ckptx.errors import Problem
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from ckptx.rules.steps import Step
+
+DTYPE_SIZES: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1,
+    "bool": 1, "complex64": 8, "complex128": 16,
+}
+FLOATING = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What the plan knows about a tensor without reading it: shape and dtype name (torch's, e.g. `float32`)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes."""
+        return self.numel * DTYPE_SIZES.get(self.dtype, 4)
+
+    def __str__(self) -> str:
+        return f"{self.dtype}{list(self.shape)}"
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """A tensor read as-is from the source."""
+
+    key: str
+    meta: TensorMeta
+
+
+@dataclass(frozen=True)
+class OpNode:
+    """A tensor op applied to one or more input expressions."""
+
+    op: str
+    params: tuple[tuple[str, Any], ...]
+    inputs: tuple["Expr", ...]
+    meta: TensorMeta
+    where: str = field(default="", compare=False)
+
+    def param(self, name: str, default: Any = None) -> Any:
+        """One parameter of the op."""
+        return dict(self.params).get(name, default)
+
+
+Expr = Union[SourceRef, OpNode]
+
+
+def sources_of(expr: Expr) -> tuple[str, ...]:
+    """Source keys an expression reads, in order."""
+    if isinstance(expr, SourceRef):
+        return (expr.key,)
+    return tuple(k for child in expr.inputs for k in sources_of(child))
+
+
+def ops_of(expr: Expr) -> tuple[str, ...]:
+    """Op chain of an expression, innermost first, e.g. `('reshape[-1]', 'cast[bfloat16]')`."""
+    if isinstance(expr, SourceRef):
+        return ()
+    inner = tuple(o for child in expr.inputs for o in ops_of(child))
+    args = ",".join(_short(v) for _, v in expr.params)
+    return inner + (f"{expr.op}({args})",)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class TensorOp:
+    """A pure tensor function with a shape/dtype function, so plans need no tensor data."""
+
+    name: str
+    infer: Callable[[Mapping[str, Any], Sequence[TensorMeta]], TensorMeta]
+    apply: Callable[[Mapping[str, Any], Sequence["torch.Tensor"]], "torch.Tensor"]
+
+
+TENSOR_OPS: dict[str, TensorOp] = {}
+
+
+def tensor_op(name: str, infer: Callable[[Mapping[str, Any], Sequence[TensorMeta]], TensorMeta]):
+    """Register the decorated function as the tensor function of op `name`."""
+
+    def register(apply: Callable[[Mapping[str, Any], Sequence["torch.Tensor"]], "torch.Tensor"]):
+        TENSOR_OPS[name] = TensorOp(name, infer, apply)
+        return apply
+
+    return register
+
+
+class OpShapeError(ValueError):
+    """Raised by an op's shape function when the input does not fit the op."""
+
+
+def node(op: str, inputs: Sequence[Expr], where: str, **params: Any) -> OpNode:
+    """Build an op node, computing its output metadata with the op's shape function."""
+    spec = TENSOR_OPS[op]
+    meta = spec.infer(params, [e.meta for e in inputs])
+    return OpNode(op, tuple(params.items()), tuple(inputs), meta, where)
+
+
+def evaluate(expr: Expr, load: Callable[[str], "torch.Tensor"]) -> "torch.Tensor":
+    """Compute an expression's tensor, loading source tensors with `load`."""
+    if isinstance(expr, SourceRef):
+        return load(expr.key)
+    spec = TENSOR_OPS[expr.op]
+    return spec.apply(dict(expr.params), [evaluate(child, load) for child in expr.inputs])
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One output tensor: its key, how it is computed from source tensors, and which steps touched it."""
+
+    key: str
+    expr: Expr
+    steps: tuple[str, ...] = ()
+
+    @property
+    def meta(self) -> TensorMeta:
+        """Final shape and dtype."""
+        return self.expr.meta
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Source keys read."""
+        return sources_of(self.expr)
+
+    @property
+    def is_copy(self) -> bool:
+        """True when the tensor is the source tensor unchanged (its bytes can be copied)."""
+        return isinstance(self.expr, SourceRef)
+
+    def renamed(self, key: str, where: str) -> "PlanEntry":
+        """The same tensor under a new key."""
+        return PlanEntry(key, self.expr, self.steps + (where,))
+
+    def transformed(self, expr: Expr, where: str) -> "PlanEntry":
+        """The same key with a new expression."""
+        return PlanEntry(self.key, expr, self.steps + (where,))
+
+
+@dataclass
+class PlanContext:
+    """What a step planner may consult and report into."""
+
+    target: Mapping[str, TensorMeta] | None
+    params: Mapping[str, Any]
+    errors: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """Entries after a step and how many keys the step matched."""
+
+    entries: list[PlanEntry]
+    hits: int
+
+
+StepPlanner = Callable[["Step", list[PlanEntry], PlanContext], StepOutcome]
+STEP_PLANNERS: dict[str, StepPlanner] = {}
+KEY_STEPS: set[str] = set()
+
+
+def step_planner(op: str, *, renames_keys: bool = False):
+    """Register the decorated function as the planner of step `op`."""
+
+    def register(planner: StepPlanner) -> StepPlanner:
+        STEP_PLANNERS[op] = planner
+        if renames_keys:
+            KEY_STEPS.add(op)
+        return planner
+
+    return register

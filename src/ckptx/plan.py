@@ -1,0 +1,109 @@
+"""Plan a recipe on source metadata: source key(s) -> target key, op chain, final shape/dtype. No tensor data."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ckptx.errors import PlanError, Problem
+from ckptx.ops import STEP_PLANNERS
+from ckptx.ops.registry import KEY_STEPS, PlanContext, PlanEntry, SourceRef, TensorMeta, ops_of
+from ckptx.rules.recipe import Recipe
+from ckptx.rules.steps import Step
+
+
+@dataclass
+class Plan:
+    """The full mapping for one source, with warnings and what was dropped."""
+
+    recipe: Recipe
+    source: Any
+    entries: list[PlanEntry]
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+    renames_keys: bool = False
+
+    @property
+    def expected(self) -> dict[str, TensorMeta]:
+        """Output key -> final shape/dtype."""
+        return {e.key: e.meta for e in self.entries}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description of the plan."""
+        return {
+            "recipe": self.recipe.name,
+            "source": getattr(self.source, "path", None),
+            "extracted_from": getattr(self.source, "extracted_from", None),
+            "entries": [
+                {"key": e.key, "sources": list(e.sources), "ops": list(ops_of(e.expr)),
+                 "shape": list(e.meta.shape), "dtype": e.meta.dtype, "steps": list(e.steps)}
+                for e in self.entries
+            ],
+            "dropped": [{"key": k, "by": w} for k, w in self.dropped],
+            "non_tensors": dict(getattr(self.source, "non_tensors", {}) or {}),
+            "warnings": [str(w) for w in self.warnings],
+        }
+
+
+def plan_recipe(recipe: Recipe, source: Any, *, target: Mapping[str, TensorMeta] | None = None) -> Plan:
+    """Run every step of `recipe` on the source's metadata.
+
+    `source` is a Source, a path, or a state dict. `target` (key -> TensorMeta) is needed only by
+    steps that take shapes from the target (`reshape: {shape: target}`). Raises PlanError listing
+    every problem (collisions, impossible reshapes, strict steps that matched nothing).
+    """
+    opened = _as_source(source, recipe)
+    entries = [PlanEntry(key, SourceRef(key, meta)) for key, meta in opened.tensors.items()]
+    ctx = PlanContext(target=target, params=recipe.params)
+    renames = False
+    for step in recipe.steps:
+        if not _should_run(step, entries, recipe.params):
+            continue
+        outcome = STEP_PLANNERS[step.op](step, entries, ctx)
+        if outcome.hits == 0:
+            problem = Problem(step.where, f"{step.op} step matches no key")
+            (ctx.errors if step.strict else ctx.warnings).append(problem)
+        if step.op in KEY_STEPS:
+            ctx.errors.extend(_collisions(outcome.entries, step))
+            renames = renames or any(a.key != b.key for a, b in zip(entries, outcome.entries))
+        entries = outcome.entries
+    if ctx.errors:
+        raise PlanError(ctx.errors)
+    return Plan(recipe, opened, entries, ctx.dropped, ctx.warnings, renames)
+
+
+def _should_run(step: Step, entries: list[PlanEntry], params: Mapping[str, Any]) -> bool:
+    when = step.when
+    if when is None:
+        return True
+    if when.has_key is not None and not any(when.has_key.search(e.key) for e in entries):
+        return False
+    if when.no_key is not None and any(when.no_key.search(e.key) for e in entries):
+        return False
+    return all(params.get(name) == value for name, value in when.params)
+
+
+def _collisions(entries: list[PlanEntry], step: Step) -> list[Problem]:
+    by_key: dict[str, list[PlanEntry]] = defaultdict(list)
+    for entry in entries:
+        by_key[entry.key].append(entry)
+    problems = []
+    for key, group in by_key.items():
+        if len(group) > 1:
+            names = " and ".join(f"'{', '.join(e.sources)}'" for e in group)
+            problems.append(Problem(step.where, f"keys {names} would all become '{key}'; make the renames distinct "
+                                                f"or drop one of them first"))
+    return problems
+
+
+def _as_source(source: Any, recipe: Recipe) -> Any:
+    from ckptx.io.source import MappingSource, Source  # noqa: PLC0415
+
+    if isinstance(source, Source):
+        return source
+    if isinstance(source, Mapping):
+        return MappingSource("<state_dict>", "memory", source)
+    from ckptx.io.open import open_source  # noqa: PLC0415
+
+    return open_source(source, recipe.extract)

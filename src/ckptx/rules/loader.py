@@ -1,0 +1,166 @@
+"""Load rule files into a Recipe: YAML with marks -> params -> schema -> extends -> typed steps."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ckptx.errors import Problem, RuleError
+from ckptx.rules.recipe import Recipe, RuleFile, TargetSpec, VerifySpec
+from ckptx.rules.registry import resolve_rule
+from ckptx.rules.schema import schema_problems
+from ckptx.rules.steps import Step, _Collector
+from ckptx.rules.yamlfile import YamlDocument, load_yaml
+
+_PARAM = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def load_rules(refs: str | Path | Sequence[str | Path], *, params: Mapping[str, Any] | None = None) -> Recipe:
+    """Load one or more rule files (paths or recipe names) and compose them in order into one Recipe.
+
+    `params` overrides parameter defaults (the CLI's `--set`). Every problem in every file is
+    reported at once in a RuleError.
+    """
+    items = [refs] if isinstance(refs, (str, Path)) else list(refs)
+    if not items:
+        raise RuleError([Problem("", "no rule file given")])
+    overrides = dict(params or {})
+    declared: set[str] = set()
+    recipe: Recipe | None = None
+    problems: list[Problem] = []
+    for ref in items:
+        try:
+            loaded = _load_file(resolve_rule(ref), overrides, (), declared)
+        except RuleError as exc:
+            problems.extend(exc.problems)
+            continue
+        recipe = loaded if recipe is None else recipe.then(loaded)
+    unknown = sorted(set(overrides) - declared)
+    if unknown and not problems:
+        known = ", ".join(sorted(declared)) or "none"
+        problems.append(Problem("--set", f"unknown parameter(s) {', '.join(unknown)}; the recipe declares: {known}"))
+    if problems or recipe is None:
+        raise RuleError(problems)
+    return recipe
+
+
+def _load_file(path: Path, overrides: dict[str, Any], stack: tuple[Path, ...], declared: set[str]) -> Recipe:
+    resolved = path.resolve()
+    if resolved in stack:
+        chain = " -> ".join(str(p) for p in stack + (resolved,))
+        raise RuleError([Problem(str(path), f"extends cycle: {chain}")])
+    display = _display(path)
+    doc = load_yaml(path, display=display)
+    data = doc.data
+    if not isinstance(data, dict):
+        raise RuleError([Problem(f"{display}:1:1", "a rule file must be a mapping with at least `ckptx: 1`")])
+    own_defaults = data.get("params") if isinstance(data.get("params"), dict) else {}
+    declared.update(own_defaults)
+
+    problems: list[Problem] = []
+    parents: list[Recipe] = []
+    extends = data.get("extends", [])
+    for i, ref in enumerate([extends] if isinstance(extends, str) else extends if isinstance(extends, list) else []):
+        place = doc.where(("extends", i) if isinstance(extends, list) else ("extends",))
+        try:
+            parent_path = resolve_rule(str(ref), base_dir=path.parent, where=place)
+            parents.append(_load_file(parent_path, {**own_defaults, **overrides}, stack + (resolved,), declared))
+        except RuleError as exc:
+            problems.extend(exc.problems)
+
+    values: dict[str, Any] = {}
+    for parent in parents:
+        values.update(parent.params)
+    values.update(own_defaults)
+    values.update({k: v for k, v in overrides.items() if k in values or k in own_defaults})
+    substituted = _substitute(data, values, doc, (), problems)
+    doc = YamlDocument(doc.file, substituted, doc.marks, doc.key_marks)
+    problems.extend(schema_problems(doc))
+    if problems:
+        raise RuleError(problems)
+    own = _build(doc, path, values, problems)
+    if problems:
+        raise RuleError(problems)
+    recipe = parents[0] if parents else None
+    for parent in parents[1:]:
+        recipe = recipe.then(parent)  # type: ignore[union-attr]
+    return own if recipe is None else _inherit(recipe, own)
+
+
+def _inherit(parent: Recipe, child: Recipe) -> Recipe:
+    combined = parent.then(child)
+    return Recipe(
+        name=child.name, description=child.description or parent.description, extract=combined.extract,
+        steps=combined.steps, target=combined.target, verify=combined.verify, params=combined.params,
+        files=combined.files,
+    )
+
+
+def _build(doc: YamlDocument, path: Path, values: dict[str, Any], problems: list[Problem]) -> Recipe:
+    data = doc.data
+    steps = []
+    for i, raw in enumerate(data.get("steps") or []):
+        step = Step.from_dict(raw, where=doc.where, path=("steps", i), params=values, problems=problems)
+        if step is not None:
+            steps.append(step)
+    target = None
+    if "target" in data:
+        collector = _Collector(doc.where, ("target",))
+        for key in ("allow_missing", "allow_unexpected"):
+            if key in data["target"]:
+                collector.regexes(data["target"][key], key)
+        problems.extend(collector.problems)
+        if not collector.problems:
+            target = TargetSpec.from_dict(data["target"], base_dir=path.parent, where=doc.where(("target",)))
+    verify = VerifySpec.from_dict(data["verify"], where=doc.where(("verify",))) if "verify" in data else None
+    extract = data.get("extract", ())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    name = data.get("name") or path.stem
+    return Recipe(
+        name=name,
+        description=data.get("description", ""),
+        extract=(extract,) if isinstance(extract, str) else tuple(extract),
+        steps=tuple(steps),
+        target=target,
+        verify=verify,
+        params=dict(values),
+        files=(RuleFile(doc.file, name, digest),),
+    )
+
+
+def _substitute(value: Any, values: dict[str, Any], doc: YamlDocument, path: tuple[Any, ...],
+                problems: list[Problem]) -> Any:
+    """Replace ${name} in every string except under params/extends/description."""
+    if isinstance(value, dict):
+        return {k: v if path == () and k in ("params", "extends", "description")
+                else _substitute(v, values, doc, path + (k,), problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, values, doc, path + (i,), problems) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+    for name in _PARAM.findall(value):
+        if name not in values:
+            problems.append(Problem(doc.where(path), f"unknown parameter '${{{name}}}'; declare it under params:"))
+            return value
+        if values[name] is None:
+            problems.append(Problem(doc.where(path), f"parameter '{name}' has no value; pass --set {name}=..."))
+            return value
+    whole = _PARAM.fullmatch(value)
+    if whole:
+        return values[whole.group(1)]
+    return _PARAM.sub(lambda m: _to_text(values[m.group(1)]), value)
+
+
+def _to_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

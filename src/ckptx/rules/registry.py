@@ -1,0 +1,92 @@
+"""Find rule files by path or by name: shipped recipes and rule packs from installed distributions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from ckptx._data import shipped_rules_dir
+from ckptx.errors import Problem, RuleError
+
+ENTRY_POINT_GROUP = "ckptx.rules"
+SHIPPED = "ckptx"
+
+
+@dataclass(frozen=True)
+class RulePack:
+    """A folder of recipes published under a pack name, with the distribution that provides it."""
+
+    name: str
+    folder: Path
+    distribution: str
+    version: str
+
+
+@dataclass(frozen=True)
+class RecipeRef:
+    """A named recipe in a pack."""
+
+    name: str
+    pack: RulePack
+    path: Path
+
+
+def rule_packs() -> list[RulePack]:
+    """The shipped pack first, then every pack exposed by the `ckptx.rules` entry point group."""
+    from ckptx import __version__  # noqa: PLC0415
+
+    packs = [RulePack(SHIPPED, shipped_rules_dir(), "ckptx", __version__)]
+    for entry in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        folder = _pack_folder(entry)
+        if folder is None:
+            continue
+        dist = entry.dist
+        packs.append(RulePack(entry.name, folder, dist.metadata["Name"] if dist else "?", dist.version if dist else "?"))
+    return packs
+
+
+def _pack_folder(entry: metadata.EntryPoint) -> Path | None:
+    """An entry point names a package (its folder holds the recipes) or a callable returning a folder."""
+    try:
+        target = entry.load()
+    except Exception:  # noqa: BLE001 - a broken third-party pack must not break ckptx
+        return None
+    if callable(target):
+        target = target()
+    if isinstance(target, (str, Path)):
+        return Path(target)
+    files = getattr(target, "__file__", None)
+    return Path(files).parent if files else None
+
+
+def list_recipes() -> list[RecipeRef]:
+    """Every recipe of every pack, sorted by pack then name."""
+    refs = []
+    for pack in rule_packs():
+        if not pack.folder.is_dir():
+            continue
+        for path in sorted(pack.folder.rglob("*.yaml")):
+            name = path.relative_to(pack.folder).with_suffix("").as_posix()
+            refs.append(RecipeRef(name, pack, path))
+    return refs
+
+
+def resolve_rule(ref: str | Path, *, base_dir: Path | None = None, where: str = "") -> Path:
+    """A path (relative to `base_dir`), a recipe name, or `pack:name` -> the rule file's path."""
+    text = str(ref)
+    candidate = Path(text) if base_dir is None or Path(text).is_absolute() else base_dir / text
+    if candidate.is_file():
+        return candidate
+    pack_name, _, name = text.rpartition(":") if ":" in text and not Path(text).exists() else ("", "", text)
+    name = name[:-5] if name.endswith(".yaml") else name
+    matches = [r for r in list_recipes() if r.name == name and (not pack_name or r.pack.name == pack_name)]
+    if len(matches) == 1:
+        return matches[0].path
+    place = where or text
+    if len(matches) > 1:
+        choices = ", ".join(f"{m.pack.name}:{m.name}" for m in matches)
+        raise RuleError([Problem(place, f"recipe name '{name}' is provided by several packs; pick one of {choices}")])
+    if candidate.suffix in (".yaml", ".yml") or "/" in text and Path(text).parent.is_dir():
+        raise RuleError([Problem(place, f"no such rule file: {candidate}")])
+    raise RuleError([Problem(place, f"no rule file or shipped recipe named '{text}'; see `ckptx rules list`")])

@@ -1,0 +1,138 @@
+"""Validate a YAML document against a shipped JSON Schema, with one readable sentence per problem."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from functools import lru_cache
+from typing import Any, Iterator
+
+import jsonschema
+from jsonschema.exceptions import ValidationError, best_match
+
+from ckptx._data import schema_path
+from ckptx.errors import Problem
+from ckptx.rules.yamlfile import YamlDocument
+
+RULES_SCHEMA = "ckptx-rules.schema.json"
+
+
+@lru_cache(maxsize=None)
+def _validator(name: str) -> jsonschema.Draft202012Validator:
+    schema = json.loads(schema_path(name).read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+
+
+def schema_problems(doc: YamlDocument, name: str = RULES_SCHEMA) -> list[Problem]:
+    """Every schema violation of `doc`, each located at file:line:col and document path."""
+    validator = _validator(name)
+    errors = sorted(validator.iter_errors(doc.data), key=lambda e: [str(p) for p in e.absolute_path])
+    problems = []
+    for error in errors:
+        for leaf in _leaves(error):
+            problems.append(_describe(doc, leaf))
+    return _unique(problems)
+
+
+def _leaves(error: ValidationError) -> Iterator[ValidationError]:
+    """For anyOf/oneOf failures, descend into the branch the user evidently meant."""
+    if not error.context:
+        yield error
+        return
+    branches: dict[int, list[ValidationError]] = {}
+    for sub in error.context:
+        branches.setdefault(sub.schema_path[0], []).append(sub)
+    depth = len(error.absolute_path)
+
+    def mismatched(errors: list[ValidationError]) -> bool:
+        return any(e.validator in ("type", "const") and len(e.absolute_path) == depth for e in errors)
+
+    meant = [errs for errs in branches.values() if not mismatched(errs)]
+    if not meant:
+        chosen = best_match(error.context)
+        yield chosen if chosen is not None else error
+        return
+    errors = max(meant, key=lambda errs: max(len(e.absolute_path) for e in errs))
+    for sub in errors:
+        yield from _leaves(sub)
+
+
+def _describe(doc: YamlDocument, error: ValidationError) -> Problem:
+    path = tuple(error.absolute_path)
+    kind = error.validator
+    if kind == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extras = [k for k in error.instance if k not in error.schema.get("properties", {})]
+        key = extras[0] if extras else "?"
+        hint = difflib.get_close_matches(str(key), allowed, n=1)
+        suggestion = f"did you mean '{hint[0]}'?" if hint else f"allowed keys: {', '.join(allowed)}"
+        return Problem(doc.where(path + (key,), key=True), f"unknown key '{key}'; {suggestion}")
+    if kind == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else error.message
+        return Problem(doc.where(path), f"missing required key '{missing}'")
+    if kind == "type":
+        expected = error.validator_value
+        expected_text = " or ".join(expected) if isinstance(expected, list) else expected
+        return Problem(doc.where(path), f"must be {_article(expected_text)}, got {_kind_of(error.instance)} {_short(error.instance)}")
+    if kind == "const":
+        return Problem(doc.where(path), f"must be {json.dumps(error.validator_value)}, got {_short(error.instance)}")
+    if kind == "enum":
+        options = ", ".join(str(v) for v in error.validator_value)
+        return Problem(doc.where(path), f"{_short(error.instance)} is not one of: {options}")
+    if kind == "minProperties" and error.validator_value == 1:
+        return Problem(doc.where(path), "must not be empty")
+    if kind == "minItems":
+        return Problem(doc.where(path), f"needs at least {error.validator_value} item(s)")
+    if kind == "maxItems":
+        return Problem(doc.where(path), f"takes at most {error.validator_value} item(s)")
+    if kind == "minLength":
+        return Problem(doc.where(path), "must not be an empty string")
+    if kind == "pattern":
+        return Problem(doc.where(path), f"{_short(error.instance)} is not of the form 'module:callable'"
+                       if ":" in str(error.validator_value) else f"{_short(error.instance)} does not match {error.validator_value}")
+    if kind == "format" and error.validator_value == "regex":
+        try:
+            re.compile(error.instance)
+        except re.error as exc:
+            return Problem(doc.where(path), f"invalid regex {error.instance!r}: {exc}")
+    if kind == "minimum":
+        return Problem(doc.where(path), f"must be at least {error.validator_value}, got {error.instance}")
+    return Problem(doc.where(path), error.message)
+
+
+def _article(word: str) -> str:
+    names = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
+             "number": "a number", "boolean": "true or false"}
+    return names.get(word, f"a {word}")
+
+
+def _kind_of(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "nothing"
+    return {str: "a string", int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return ""
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _unique(problems: list[Problem]) -> list[Problem]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for problem in problems:
+        marker = (problem.where, problem.message)
+        if marker not in seen:
+            seen.add(marker)
+            out.append(problem)
+    return out
