@@ -49,7 +49,7 @@ def load_rules(refs: str | Path | Sequence[str | Path], *, params: Mapping[str, 
 def _load_file(path: Path, overrides: dict[str, Any], stack: tuple[Path, ...], declared: set[str]) -> Recipe:
     resolved = path.resolve()
     if resolved in stack:
-        chain = " -> ".join(str(p) for p in stack + (resolved,))
+        chain = " -> ".join(_display(p) for p in stack + (resolved,))
         raise RuleError([Problem(str(path), f"extends cycle: {chain}")])
     display = _display(path)
     doc = load_yaml(path, display=display)
@@ -66,6 +66,9 @@ def _load_file(path: Path, overrides: dict[str, Any], stack: tuple[Path, ...], d
         place = doc.where(("extends", i) if isinstance(extends, list) else ("extends",))
         try:
             parent_path = resolve_rule(str(ref), base_dir=path.parent, where=place)
+            if parent_path.resolve() in stack + (resolved,):
+                chain = " -> ".join(_display(p) for p in stack + (resolved, parent_path.resolve()))
+                raise RuleError([Problem(place, f"extends cycle: {chain}; remove one of these extends")])
             parents.append(_load_file(parent_path, {**own_defaults, **overrides}, stack + (resolved,), declared))
         except RuleError as exc:
             problems.extend(exc.problems)

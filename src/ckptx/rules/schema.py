@@ -28,12 +28,47 @@ def _validator(name: str) -> jsonschema.Draft202012Validator:
 def schema_problems(doc: YamlDocument, name: str = RULES_SCHEMA) -> list[Problem]:
     """Every schema violation of `doc`, each located at file:line:col and document path."""
     validator = _validator(name)
-    errors = sorted(validator.iter_errors(doc.data), key=lambda e: [str(p) for p in e.absolute_path])
-    problems = []
-    for error in errors:
+    problems: list[Problem] = []
+    for error in validator.iter_errors(doc.data):
+        alternatives = _type_alternatives(error)
+        if alternatives:
+            path = tuple(error.absolute_path)
+            message = f"must be {' or '.join(alternatives)}, got {_kind_of(error.instance)} {_short(error.instance)}"
+            problems.append(Problem(doc.where(path), message.rstrip()))
+            continue
         for leaf in _leaves(error):
             problems.append(_describe(doc, leaf))
+    problems.sort(key=_position)
     return _unique(problems)
+
+
+def _position(problem: Problem) -> tuple[int, ...]:
+    """(line, column) parsed from `file:line:col path`."""
+    place = problem.where.split(" ", 1)[0]
+    numbers = [int(n) for n in place.split(":")[1:] if n.isdigit()]
+    return tuple(numbers) or (0,)
+
+
+def _type_alternatives(error: ValidationError) -> list[str]:
+    """For an anyOf where every branch wants another type: the readable names of those types."""
+    if error.validator not in ("anyOf", "oneOf") or not error.context:
+        return []
+    depth = len(error.absolute_path)
+    wanted: list[str] = []
+    for branch in {e.schema_path[0] for e in error.context}:
+        errs = [e for e in error.context if e.schema_path[0] == branch]
+        top = [e for e in errs if e.validator == "type" and len(e.absolute_path) == depth]
+        if not top:
+            return []
+        value = top[0].validator_value
+        for name in value if isinstance(value, list) else [value]:
+            text = _article(name)
+            if name == "array" and top[0].schema.get("items", {}).get("type") == "string" or \
+                    name == "array" and "$ref" in top[0].schema.get("items", {}):
+                text = "a list of strings"
+            if text not in wanted:
+                wanted.append(text)
+    return wanted
 
 
 def _leaves(error: ValidationError) -> Iterator[ValidationError]:

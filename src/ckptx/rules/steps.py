@@ -143,7 +143,7 @@ class Step:
         args = _BUILDERS[op](data[op], collector)
         when = _when(data.get("when"), _Collector(where, path + ("when",)), params)
         problems.extend(collector.problems)
-        return cls(op=op, args=args, where=where(path + (op,)), strict=bool(data.get("strict", False)),
+        return cls(op=op, args=args, where=where(path + (op,), key=True), strict=bool(data.get("strict", False)),
                    when=when, params=tuple(sorted(params.items())))
 
 
@@ -176,13 +176,11 @@ def _rename(value: Any, c: _Collector) -> Rename:
 def _check_replacement(pattern: Pattern, replacement: str, c: _Collector, *sub: Any) -> None:
     """Reject back-references to groups the pattern does not have."""
     try:
-        parse_template = getattr(re, "_compile_template", None)
-        if parse_template is not None:  # Python >= 3.12
-            parse_template(pattern, replacement)
+        compile_template = getattr(re, "_compile_template", None)
+        if compile_template is not None:  # Python >= 3.12
+            compile_template(pattern, replacement)
         else:  # Python 3.11
-            import sre_parse  # noqa: PLC0415
-
-            sre_parse.parse_template(replacement, pattern)
+            re._parser.parse_template(replacement, pattern)  # type: ignore[attr-defined]
     except (re.error, IndexError) as exc:
         c.problems.append(Problem(c.at(*sub), f"invalid replacement {replacement!r}: {exc}"))
 

@@ -1,0 +1,89 @@
+"""Shared fixtures: checkpoints written by real torch/safetensors, rule files, and a CLI runner."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ckptx.cli import main
+from tests.helpers.models import randomized, tiny_net
+
+
+@dataclass
+class CliResult:
+    """Exit code and captured output of one `ckptx` run."""
+
+    code: int
+    out: str
+    err: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def run_cli() -> Callable[..., CliResult]:
+    """Run `ckptx.cli.main` in-process with captured stdout/stderr."""
+
+    def run(*argv: str) -> CliResult:
+        out, err = io.StringIO(), io.StringIO()
+        code = main([str(a) for a in argv], stdout=out, stderr=err)
+        return CliResult(code, out.getvalue(), err.getvalue())
+
+    return run
+
+
+@pytest.fixture
+def write_rules(tmp_path: Path) -> Callable[..., Path]:
+    """Write a rule file from (dedented) YAML text; returns its path."""
+
+    def write(text: str, name: str = "rules.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def tiny_state() -> dict[str, torch.Tensor]:
+    """A TinyNet state dict with random weights (includes bn.num_batches_tracked, int64)."""
+    return dict(randomized(tiny_net()).state_dict())
+
+
+@pytest.fixture
+def ddp_checkpoint(tmp_path: Path, tiny_state: dict[str, torch.Tensor]) -> Path:
+    """A training checkpoint as DDP scripts save it: `module.` keys under `model`, next to optimizer/epoch."""
+    path = tmp_path / "train.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in tiny_state.items()},
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}, "epoch": 7}, path)
+    return path
+
+
+@pytest.fixture
+def args_checkpoint(tmp_path: Path, tiny_state: dict[str, torch.Tensor]) -> Path:
+    """Like the official ConvNeXt-V2 training checkpoints: also stores an argparse.Namespace."""
+    path = tmp_path / "with_args.pth"
+    torch.save({"model": tiny_state, "epoch": 1, "args": argparse.Namespace(lr=0.1, model="tiny")}, path)
+    return path
+
+
+@pytest.fixture
+def safetensors_file(tmp_path: Path, tiny_state: dict[str, torch.Tensor]) -> Path:
+    """The TinyNet weights as a safetensors file."""
+    path = tmp_path / "tiny.safetensors"
+    save_file(tiny_state, str(path))
+    return path
+
+
+TINY_TARGET = "tests.helpers.models:tiny_net"
