@@ -11,8 +11,8 @@ def warn_if_mid_name(pattern: Pattern, key: str, where: str, ctx: PlanContext, s
     """Warn once per pattern when an unanchored pattern matches inside a name component (over-broad)."""
     if pattern.pattern in seen or pattern.pattern.startswith(("^", ".", "\\.", "(", "[")):
         return
-    match = pattern.search(key)
-    if match and match.start() > 0 and key[match.start() - 1] != ".":
+    match = next((m for m in pattern.finditer(key) if m.start() > 0 and key[m.start() - 1] != "."), None)
+    if match:
         seen.add(pattern.pattern)
         ctx.warnings.append(Problem(where, f"pattern {pattern.pattern!r} also matches inside a name: "
                                            f"'{key}' (position {match.start()}); anchor it with '^' or '\\.' "

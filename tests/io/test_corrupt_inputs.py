@@ -1,0 +1,82 @@
+"""Truncated or corrupt inputs give one line naming the file and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptx.errors import SourceError
+from ckptx.io.open import open_source
+
+
+def _truncate(path: Path, keep: int) -> Path:
+    data = path.read_bytes()
+    out = path.with_name("cut-" + path.name)
+    out.write_bytes(data[:keep] if keep >= 0 else data[:len(data) + keep])
+    return out
+
+
+def test_truncated_safetensors_data(safetensors_file: Path) -> None:
+    cut = _truncate(safetensors_file, -10)
+    with pytest.raises(SourceError, match=r"cut-tiny.safetensors: tensor '.+' ends at byte \d+ of the data section, "
+                                          r"which has only \d+ bytes: the file is truncated"):
+        open_source(cut)
+
+
+def test_truncated_safetensors_header(safetensors_file: Path) -> None:
+    cut = _truncate(safetensors_file, 40)
+    with pytest.raises(SourceError, match=r"cut-tiny.safetensors: not a valid safetensors file: header says \d+ bytes"):
+        open_source(cut)
+
+
+def test_safetensors_header_not_json(tmp_path: Path) -> None:
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes((8).to_bytes(8, "little") + b"{notjson")
+    with pytest.raises(SourceError, match="bad.safetensors: not a valid safetensors file: header is not JSON"):
+        open_source(path)
+
+
+def test_tiny_file(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.safetensors"
+    path.write_bytes(b"abc")
+    with pytest.raises(SourceError, match="tiny.safetensors: not a safetensors file: only 3 bytes"):
+        open_source(path)
+
+
+def test_truncated_zip(ddp_checkpoint: Path) -> None:
+    cut = _truncate(ddp_checkpoint, ddp_checkpoint.stat().st_size // 2)
+    with pytest.raises(SourceError) as caught:
+        open_source(cut, ["model"])
+    message = str(caught.value)
+    assert message.startswith(f"{cut}: not a readable torch checkpoint: the zip archive is truncated or corrupt")
+    assert "\n" not in message
+
+
+def test_truncated_legacy_pickle(tmp_path: Path, tiny_state: dict) -> None:
+    path = tmp_path / "legacy.pth"
+    torch.save(tiny_state, path, _use_new_zipfile_serialization=False)
+    cut = _truncate(path, 100)
+    with pytest.raises(SourceError, match=r"cut-legacy.pth: not a readable torch checkpoint"):
+        open_source(cut)
+
+
+def test_garbage_file(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(b"hello world, not a checkpoint")
+    with pytest.raises(SourceError, match=r"garbage.pth: not a readable torch checkpoint"):
+        open_source(path)
+
+
+def test_missing_extract_path_lists_top_level(ddp_checkpoint: Path) -> None:
+    with pytest.raises(SourceError) as caught:
+        open_source(ddp_checkpoint, ["state_dict", "weights"])
+    assert str(caught.value) == (
+        f"{ddp_checkpoint}: no state dict at state_dict, weights; the top level holds: model, optimizer, epoch; "
+        "set `extract:` in the recipe or --extract to the right path")
+
+
+def test_missing_file() -> None:
+    with pytest.raises(SourceError, match="nowhere.pth: no such file"):
+        open_source("nowhere.pth")
