@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,3 +88,10 @@ def safetensors_file(tmp_path: Path, tiny_state: dict[str, torch.Tensor]) -> Pat
 
 
 TINY_TARGET = "tests.helpers.models:tiny_net"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a child Python: the repo root importable (for `tests.helpers`), the rest unchanged."""
+    paths = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
