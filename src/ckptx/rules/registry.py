@@ -88,5 +88,5 @@ def resolve_rule(ref: str | Path, *, base_dir: Path | None = None, where: str = 
         choices = ", ".join(f"{m.pack.name}:{m.name}" for m in matches)
         raise RuleError([Problem(place, f"recipe name '{name}' is provided by several packs; pick one of {choices}")])
     if candidate.suffix in (".yaml", ".yml") or "/" in text and Path(text).parent.is_dir():
-        raise RuleError([Problem(place, f"no such rule file: {candidate}")])
+        raise RuleError([Problem(place, f"no such rule file: {candidate}" if where else "no such rule file")])
     raise RuleError([Problem(place, f"no rule file or shipped recipe named '{text}'; see `ckptx rules list`")])
