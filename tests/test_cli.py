@@ -100,10 +100,17 @@ def test_json_convert_document(run_cli, tmp_path: Path, ddp_checkpoint: Path, wr
                                          "steps": [doc["plan"]["entries"][0]["steps"][0]]}
 
 
-def test_dry_run_prints_plan_table(run_cli, ddp_checkpoint: Path, write_rules: Callable[..., Path]) -> None:
-    result = run_cli("convert", ddp_checkpoint, "-r", write_rules(STRIP + "  - cast: {dtype: float16}\n"
-                                                                   .replace("  -", "")), "--dry-run")
-    assert result.code in (0, 2)
+def test_dry_run_prints_plan_table(run_cli, tmp_path: Path, ddp_checkpoint: Path,
+                                   write_rules: Callable[..., Path]) -> None:
+    rules = write_rules(STRIP.replace("]", ", {cast: {dtype: float16}}]"))
+    result = run_cli("convert", ddp_checkpoint, "-r", rules, "-o", tmp_path / "o.safetensors", "--dry-run")
+    assert result.code == 0
+    lines = result.out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("target key"))
+    assert lines[header].split() == ["target", "key", "shape", "dtype", "from", "ops"]
+    assert lines[header + 2].split() == ["conv.weight", "4x3x3x3", "float16", "module.conv.weight", "cast(float16)"]
+    assert lines[-1] == "dry run: nothing was written"
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_inspect_shows_structure_and_writes_manifest(run_cli, tmp_path: Path, ddp_checkpoint: Path) -> None:
