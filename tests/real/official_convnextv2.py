@@ -50,6 +50,7 @@ __all__ = [
     "randomize_",
     "make_official_checkpoint",
     "load_official_checkpoint",
+    "optimizer_param_names",
 ]
 
 
@@ -356,24 +357,35 @@ def _args_namespace(model_name: str, output_dir: str) -> argparse.Namespace:
     )
 
 
+def _is_no_decay(name: str, p: torch.Tensor) -> bool:
+    return p.ndim == 1 or name.endswith(".bias") or name.endswith(".gamma") or name.endswith(".beta")
+
+
+def optimizer_param_names(model: nn.Module) -> list[str]:
+    """Parameter names in the index order of the saved optimizer state.
+
+    The optimizer's integer parameter ids follow the param GROUPS
+    (all decayed tensors first, then the no-decay ones), NOT
+    ``model.parameters()`` order — as in the official training code.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [n for n, p in named if not _is_no_decay(n, p)] + [n for n, p in named if _is_no_decay(n, p)]
+
+
 def _optimizer_state(model: nn.Module, seed: int) -> dict[str, Any]:
     """AdamW state dict after one real step, with the official param grouping.
 
     The step is taken on a deep copy, so ``model`` itself is left untouched.
     Parameter groups follow ConvNeXt-V2's optim_factory: no weight decay for
     1-D tensors / biases and for ``*.gamma``/``*.beta`` (GRN), each group with
-    an ``lr_scale``.
+    an ``lr_scale``.  See :func:`optimizer_param_names` for the id order.
     """
     work = copy.deepcopy(model)
     work.train()
-    decay, no_decay = [], []
-    for name, p in work.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim == 1 or name.endswith(".bias") or name.endswith(".gamma") or name.endswith(".beta"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
+    params = dict(work.named_parameters())
+    order = optimizer_param_names(work)
+    decay = [params[n] for n in order if not _is_no_decay(n, params[n])]
+    no_decay = [params[n] for n in order if _is_no_decay(n, params[n])]
     groups = [
         {"params": decay, "weight_decay": 0.05, "lr_scale": 1.0},
         {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
