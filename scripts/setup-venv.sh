@@ -8,7 +8,8 @@
 #
 # Steps:
 #   1. python -m venv .venv                      (only if missing/broken)
-#   2. pip install -r requirements/torch.txt     (torch/torchvision pinned, first)
+#   2. (every install below with -c requirements/constraints.txt: full freeze)
+#      pip install -r requirements/torch.txt     (torch/torchvision pinned, first)
 #      pip install -r requirements/test.txt      (pytest, timm, transformers, mm* ...)
 #      pip install --no-deps -r requirements/nodeps.txt   (mmpretrain)
 #      pip install .                             (project + its runtime deps)
@@ -97,12 +98,14 @@ have="$(cat "$STAMP" 2>/dev/null || true)"
 if [[ $force -eq 1 || "$want" != "$have" ]]; then
   log "installing dependencies (stamp ${have:-<none>} -> $want)"
   rm -f "$STAMP"
-  "${PIP[@]}" install -r requirements/torch.txt
-  # torch.txt again as a constraint, so that nothing below can move torch.
-  "${PIP[@]}" install -c requirements/torch.txt -r requirements/test.txt
+  # constraints.txt pins every transitive version of a known-good venv;
+  # torch.txt is a constraint too, so that nothing after step one can move torch.
+  C=(-c requirements/constraints.txt -c requirements/torch.txt)
+  "${PIP[@]}" install "${C[@]}" -r requirements/torch.txt
+  "${PIP[@]}" install "${C[@]}" -r requirements/test.txt
   "${PIP[@]}" install --no-deps -r requirements/nodeps.txt
   # The project with its own runtime deps (pyyaml, jsonschema, safetensors, ...).
-  "${PIP[@]}" install -c requirements/torch.txt --no-cache-dir --no-build-isolation .
+  "${PIP[@]}" install "${C[@]}" --no-cache-dir --no-build-isolation .
   "$PY" -m pip check || log "WARNING: pip check reports problems (mmpretrain is installed --no-deps; see above)"
   "$PY" -m pip freeze --exclude-editable > "$VENV/.ckptx-freeze.txt"
   echo "$want" > "$STAMP"
