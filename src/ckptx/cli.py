@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence, TextIO
 import yaml
 
 from ckptx import __version__
-from ckptx.errors import CkptxError, RuleError, ValidationFailed
+from ckptx.errors import CkptxError, RuleError, ValidationFailed, VerificationFailed
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -99,6 +99,12 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
             out.write(json.dumps({"ok": False, "validation": exc.report.to_dict(), "written": False}, indent=1) + "\n")
         else:
             out.write(str(exc.report) + "\nnothing was written\n")
+        return EXIT_INVALID
+    except VerificationFailed as exc:
+        if as_json:
+            out.write(json.dumps({"ok": False, "verification": exc.result.to_dict(), "written": False}, indent=1) + "\n")
+        else:
+            out.write(str(exc.result) + "\nnothing was written\n")
         return EXIT_INVALID
     except CkptxError as exc:
         if debug:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ckptx import __version__
-from ckptx.errors import DestinationError, ValidationFailed
+from ckptx.errors import DestinationError, ValidationFailed, VerificationFailed
 from ckptx.io.open import open_source
 from ckptx.io.safetensors_writer import materialize, write_safetensors
 from ckptx.io.source import MappingSource, Source
@@ -110,14 +110,32 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
         if dry_run or dst_path is None:
             result.seconds = time.perf_counter() - started
             return result
-        result.bytes_written = _write(plan, source, dst_path, fmt or "safetensors", result.notes, progress)
+        write_path = _verify_path(dst_path) if verify else dst_path
+        result.bytes_written = _write(plan, source, write_path, fmt or "safetensors", result.notes, progress)
     if verify:
-        from ckptx.verify import verify_conversion  # noqa: PLC0415
-
-        result.verification = verify_conversion(recipe, spec, src_path, dst_path,
-                                                allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
+        _verify_then_publish(result, recipe, spec, src_path, write_path, dst_path, allow_globals, unsafe_pickle)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _verify_path(dst: Path) -> Path:
+    """A hidden sibling of `dst` where the output waits until it is verified."""
+    return dst.with_name(f".{dst.stem}.ckptx-unverified{dst.suffix}")
+
+
+def _verify_then_publish(result: ConvertResult, recipe: Recipe, spec: TargetSpec | None, src: Path, written: Path,
+                         dst: Path, allow_globals: Sequence[str], unsafe_pickle: bool) -> None:
+    """Verify the written file; rename it to `dst` only if it computes what the source computes."""
+    from ckptx.verify import verify_conversion  # noqa: PLC0415
+
+    try:
+        result.verification = verify_conversion(recipe, spec, src, written, allow_globals=allow_globals,
+                                                unsafe_pickle=unsafe_pickle)
+        if not result.verification.ok:
+            raise VerificationFailed(result.verification)
+        written.replace(dst)
+    finally:
+        written.unlink(missing_ok=True)
 
 
 def _write(plan: Plan, source: Source, dst: Path, fmt: str, notes: list[str],

@@ -75,3 +75,13 @@ class ValidationFailed(CkptxError):
     def __init__(self, report: object) -> None:
         self.report = report
         super().__init__(str(report))
+
+
+class VerificationFailed(CkptxError):
+    """The converted model does not compute what the source model computes; nothing was written."""
+
+    exit_code = 1
+
+    def __init__(self, result: object) -> None:
+        self.result = result
+        super().__init__(str(result))

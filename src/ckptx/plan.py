@@ -58,7 +58,7 @@ def plan_recipe(recipe: Recipe, source: Any, *, target: Mapping[str, TensorMeta]
     ctx = PlanContext(target=target, params=recipe.params)
     renames = False
     for step in recipe.steps:
-        if not _should_run(step, entries, recipe.params):
+        if not _should_run(step, entries, recipe.params, getattr(opened, "extracted_from", ".")):
             continue
         outcome = STEP_PLANNERS[step.op](step, entries, ctx)
         if outcome.hits == 0:
@@ -73,10 +73,12 @@ def plan_recipe(recipe: Recipe, source: Any, *, target: Mapping[str, TensorMeta]
     return Plan(recipe, opened, entries, ctx.dropped, ctx.warnings, renames)
 
 
-def _should_run(step: Step, entries: list[PlanEntry], params: Mapping[str, Any]) -> bool:
+def _should_run(step: Step, entries: list[PlanEntry], params: Mapping[str, Any], extracted_from: str) -> bool:
     when = step.when
     if when is None:
         return True
+    if when.extracted_from is not None and not when.extracted_from.search(extracted_from):
+        return False
     if when.has_key is not None and not any(when.has_key.search(e.key) for e in entries):
         return False
     if when.no_key is not None and any(when.no_key.search(e.key) for e in entries):

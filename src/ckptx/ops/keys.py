@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ckptx.errors import Problem
 from ckptx.ops.registry import PlanContext, PlanEntry, StepOutcome, step_planner
-from ckptx.rules.steps import AddPrefix, Drop, Keep, Pattern, Rename, Step, StripPrefix
+from ckptx.rules.steps import AddPrefix, Drop, Keep, Pattern, Rename, Step, StripPrefix, TakeFrom
 
 
 def warn_if_mid_name(pattern: Pattern, key: str, where: str, ctx: PlanContext, seen: set[str]) -> None:
@@ -58,16 +58,57 @@ def strip(key: str, prefixes: tuple[str, ...]) -> str:
     return key
 
 
+def common_component(keys: list[str]) -> str | None:
+    """The first name component shared by every key (with its dot), if there is one and keys go deeper."""
+    firsts = {k.split(".", 1)[0] + "." for k in keys if "." in k}
+    if len(firsts) != 1 or any("." not in k for k in keys):
+        return None
+    return firsts.pop()
+
+
 @step_planner("strip_prefix", renames_keys=True)
 def plan_strip_prefix(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
-    """Strip literal prefixes at the start of keys."""
+    """Strip literal prefixes at the start of keys (and, with `common`, a first component all keys share)."""
     args: StripPrefix = step.args  # type: ignore[assignment]
+    prefixes = args.prefixes
+    if args.common:
+        shared = common_component([strip(e.key, prefixes) for e in entries])
+        prefixes = prefixes + ((shared,) if shared else ())
     out, hits = [], 0
     for entry in entries:
-        new = strip(entry.key, args.prefixes)
+        new = strip(entry.key, prefixes)
         hits += new != entry.key
         out.append(entry.renamed(new, step.where) if new != entry.key else entry)
     return StepOutcome(out, hits)
+
+
+@step_planner("take_from", renames_keys=True)
+def plan_take_from(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+    """Each key whose donor (`template` filled with the key) exists takes the donor's tensor; donors vanish."""
+    args: TakeFrom = step.args  # type: ignore[assignment]
+    by_key = {e.key: e for e in entries}
+    donors: dict[str, PlanEntry] = {}
+    for entry in entries:
+        donor = by_key.get(args.template.format(key=entry.key, flat=entry.key.replace(".", "_")))
+        if donor is None or donor.key == entry.key:
+            continue
+        if donor.meta.shape != entry.meta.shape:
+            ctx.errors.append(Problem(step.where, f"'{donor.key}' has shape {list(donor.meta.shape)} but "
+                                                  f"'{entry.key}' has {list(entry.meta.shape)}; they cannot replace each other"))
+            continue
+        donors[entry.key] = donor
+    used = {d.key for d in donors.values()}
+    out = []
+    for entry in entries:
+        if entry.key in used:
+            continue
+        donor = donors.get(entry.key)
+        if donor is not None:
+            ctx.dropped.append((entry.key, step.where))
+            out.append(PlanEntry(entry.key, donor.expr, donor.steps + (step.where,)))
+        else:
+            out.append(entry)
+    return StepOutcome(out, len(donors))
 
 
 @step_planner("add_prefix", renames_keys=True)

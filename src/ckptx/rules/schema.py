@@ -33,7 +33,8 @@ def schema_problems(doc: YamlDocument, name: str = RULES_SCHEMA) -> list[Problem
         alternatives = _type_alternatives(error)
         if alternatives:
             path = tuple(error.absolute_path)
-            message = f"must be {' or '.join(alternatives)}, got {_kind_of(error.instance)} {_short(error.instance)}"
+            choices = ", ".join(alternatives[:-1]) + " or " + alternatives[-1] if len(alternatives) > 1 else alternatives[0]
+            message = f"must be {choices}, got {_kind_of(error.instance)} {_short(error.instance)}"
             problems.append(Problem(doc.where(path), message.rstrip()))
             continue
         for leaf in _leaves(error):
@@ -51,23 +52,31 @@ def _position(problem: Problem) -> tuple[int, ...]:
 
 def _type_alternatives(error: ValidationError) -> list[str]:
     """For an anyOf where every branch wants another type: the readable names of those types."""
-    if error.validator not in ("anyOf", "oneOf") or not error.context:
+    if error.validator not in ("anyOf", "oneOf"):
         return []
+    return _wanted_types(error) or []
+
+
+def _wanted_types(error: ValidationError) -> list[str] | None:
+    """The types an error says the value should have, or None when it is not purely a type mismatch."""
+    if error.validator == "type":
+        value = error.validator_value
+        names = []
+        for name in value if isinstance(value, list) else [value]:
+            items = error.schema.get("items", {}) if isinstance(error.schema, dict) else {}
+            names.append("a list of strings" if name == "array" and (items.get("type") == "string" or "$ref" in items)
+                         else _article(name))
+        return names
+    if error.validator not in ("anyOf", "oneOf") or not error.context:
+        return None
     depth = len(error.absolute_path)
     wanted: list[str] = []
-    for branch in {e.schema_path[0] for e in error.context}:
-        errs = [e for e in error.context if e.schema_path[0] == branch]
-        top = [e for e in errs if e.validator == "type" and len(e.absolute_path) == depth]
-        if not top:
-            return []
-        value = top[0].validator_value
-        for name in value if isinstance(value, list) else [value]:
-            text = _article(name)
-            if name == "array" and top[0].schema.get("items", {}).get("type") == "string" or \
-                    name == "array" and "$ref" in top[0].schema.get("items", {}):
-                text = "a list of strings"
-            if text not in wanted:
-                wanted.append(text)
+    for branch in sorted({e.schema_path[0] for e in error.context}):
+        top = [e for e in error.context if e.schema_path[0] == branch and len(e.absolute_path) == depth]
+        found = next((w for w in map(_wanted_types, top) if w is not None), None)
+        if found is None:
+            return None
+        wanted += [w for w in found if w not in wanted]
     return wanted
 
 

@@ -51,9 +51,20 @@ class Keep:
 
 @dataclass(frozen=True)
 class StripPrefix:
-    """Remove leading prefixes (literal strings), repeatedly and in any order."""
+    """Remove leading prefixes (literal strings), repeatedly and in any order.
+
+    With `common=True`, remove the first name component when every key shares it (`model.`).
+    """
 
     prefixes: tuple[str, ...]
+    common: bool = False
+
+
+@dataclass(frozen=True)
+class TakeFrom:
+    """Replace each key's tensor by the one stored under `template` (e.g. `ema_{flat}`), dropping that key."""
+
+    template: str
 
 
 @dataclass(frozen=True)
@@ -106,7 +117,7 @@ class Cast:
     include_integer: bool = False
 
 
-StepArgs = Union[Drop, Keep, StripPrefix, AddPrefix, Rename, Reshape, Permute, Cast]
+StepArgs = Union[Drop, Keep, StripPrefix, TakeFrom, AddPrefix, Rename, Reshape, Permute, Cast]
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,7 @@ class When:
     has_key: Pattern | None = None
     no_key: Pattern | None = None
     params: tuple[tuple[str, Any], ...] = ()
+    extracted_from: Pattern | None = None
 
 
 @dataclass(frozen=True)
@@ -135,8 +147,10 @@ class Step:
         """Build a step from its schema-valid mapping; problems are appended, not raised."""
         ops = [k for k in data if k in _BUILDERS]
         if len(ops) != 1:
-            found = ", ".join(ops) if ops else "none"
-            problems.append(Problem(where(path), f"a step needs exactly one op ({', '.join(_BUILDERS)}); found: {found}"))
+            message = (f"a step takes exactly one op; found {' and '.join(ops)}: write them as separate steps" if ops
+                       else "a step needs an op (drop, keep, rename, reshape, ...); found only "
+                            + ", ".join(sorted(data)))
+            problems.append(Problem(where(path), message))
             return None
         op = ops[0]
         collector = _Collector(where, path + (op,))
@@ -158,6 +172,7 @@ def _when(data: dict[str, Any] | None, c: _Collector, params: dict[str, Any]) ->
         has_key=c.regex(data["has_key"], "has_key") if "has_key" in data else None,
         no_key=c.regex(data["no_key"], "no_key") if "no_key" in data else None,
         params=tuple(sorted(wanted.items())),
+        extracted_from=c.regex(data["extracted_from"], "extracted_from") if "extracted_from" in data else None,
     )
 
 
@@ -217,10 +232,26 @@ def _strings(value: Any) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+def _strip_prefix(value: Any, c: _Collector) -> StripPrefix:
+    if isinstance(value, dict):
+        return StripPrefix(_strings(value.get("prefixes", [])), bool(value.get("common", False)))
+    return StripPrefix(_strings(value))
+
+
+def _take_from(value: Any, c: _Collector) -> TakeFrom:
+    template = value["template"]
+    try:
+        template.format(key="k", flat="k")
+    except (KeyError, IndexError, ValueError) as exc:
+        c.problems.append(Problem(c.at("template"), f"invalid template {template!r}: use {{key}} and {{flat}} only ({exc})"))
+    return TakeFrom(template)
+
+
 _BUILDERS: dict[str, Callable[[Any, _Collector], Any]] = {
     "drop": lambda v, c: Drop(c.regexes(v)),
     "keep": lambda v, c: Keep(c.regexes(v)),
-    "strip_prefix": lambda v, c: StripPrefix(_strings(v)),
+    "strip_prefix": _strip_prefix,
+    "take_from": _take_from,
     "add_prefix": _add_prefix,
     "rename": _rename,
     "reshape": _reshape,

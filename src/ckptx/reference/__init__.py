@@ -1,0 +1,1 @@
+"""Reference implementations of source models, used by `--verify`."""
