@@ -88,11 +88,13 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
             target_args: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None,
             dry_run: bool = False, force: bool = False, allow_globals: Sequence[str] = (),
             unsafe_pickle: bool = False, verify: bool = False,
-            progress: Callable[[int, int], None] | None = None) -> ConvertResult:
+            progress: Callable[[int, int], None] | None = None,
+            metadata: Mapping[str, str] | None = None) -> ConvertResult:
     """Convert `src` to `dst` with the recipes; validate against the target before writing a byte.
 
     Raises ValidationFailed (nothing written) when the plan does not fit the target, and the other
     CkptxError subclasses for bad input. With `dry_run`, plans and validates but writes nothing.
+    `metadata` adds string entries to a safetensors output's header (after ckptx's own provenance).
     """
     started = time.perf_counter()
     recipe = as_recipe(recipes, params)
@@ -111,7 +113,7 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
             result.seconds = time.perf_counter() - started
             return result
         write_path = _verify_path(dst_path) if verify else dst_path
-        result.bytes_written = _write(plan, source, write_path, fmt or "safetensors", result.notes, progress)
+        result.bytes_written = _write(plan, source, write_path, fmt or "safetensors", result.notes, progress, metadata)
     if verify:
         _verify_then_publish(result, recipe, spec, src_path, write_path, dst_path, allow_globals, unsafe_pickle)
     result.seconds = time.perf_counter() - started
@@ -139,7 +141,7 @@ def _verify_then_publish(result: ConvertResult, recipe: Recipe, spec: TargetSpec
 
 
 def _write(plan: Plan, source: Source, dst: Path, fmt: str, notes: list[str],
-           progress: Callable[[int, int], None] | None) -> int:
+           progress: Callable[[int, int], None] | None, metadata: Mapping[str, str] | None = None) -> int:
     total = sum(e.meta.nbytes for e in plan.entries)
     done = [0]
 
@@ -153,7 +155,7 @@ def _write(plan: Plan, source: Source, dst: Path, fmt: str, notes: list[str],
         verb = "dropped (safetensors holds tensors only)" if fmt == "safetensors" else "not carried over"
         notes.append(f"non-tensor entries {verb}: {names}")
     if fmt == "safetensors":
-        return write_safetensors(dst, plan.entries, source, provenance(plan, source), advance)
+        return write_safetensors(dst, plan.entries, source, {**provenance(plan, source), **(metadata or {})}, advance)
     state_metadata = source.state_metadata
     if state_metadata is not None and plan.renames_keys:
         notes.append("the state dict's _metadata (module versions) was dropped because the recipe renames modules")
