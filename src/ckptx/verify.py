@@ -88,6 +88,9 @@ def _run(model: torch.nn.Module, spec: VerifySpec) -> torch.Tensor:
 
 
 def _select(out: Any, name: str | None) -> torch.Tensor:
+    """A tensor output as is; from a structured output, `name` (or logits / last_hidden_state / first item)."""
+    if isinstance(out, torch.Tensor):
+        return out
     if name:
         out = out[name] if isinstance(out, dict) else getattr(out, name)
     elif not isinstance(out, torch.Tensor):
