@@ -207,7 +207,7 @@ def validate(plan_or_state: Any, target: Any) -> ValidationReport:
                                                           _shape_hint(have[key], want[key])))
             elif have[key].dtype != want[key].dtype:
                 report.dtype_differences.append(KeyProblem(key, have[key], want[key], sources.get(key, ())))
-    suggest = _Suggester({k: have[k] for k in unexpected_keys})
+    suggest = _Suggester({k: have[k] for k in unexpected_keys}, sources)
     for key in missing_keys:
         if any(p.search(key) for p in resolved.allow_missing):
             report.allowed_missing.append(key)
@@ -241,12 +241,15 @@ def _shape_hint(have: TensorMeta, want: TensorMeta) -> str:
 
 
 class _Suggester:
-    """Finds, for a missing target key, the closest unexpected key (same shape preferred)."""
+    """Finds, for a missing target key, the closest unexpected key: same shape first, then the most similar
+    name — comparing with the candidate's key and with the source key it came from."""
 
     _LIMIT = 500
+    _POOL = 400
 
-    def __init__(self, candidates: dict[str, TensorMeta]) -> None:
+    def __init__(self, candidates: dict[str, TensorMeta], sources: Mapping[str, tuple[str, ...]]) -> None:
         self.candidates = candidates
+        self.sources = sources
         self.by_shape: dict[tuple[int, ...], list[str]] = {}
         for key, meta in candidates.items():
             self.by_shape.setdefault(meta.shape, []).append(key)
@@ -256,15 +259,27 @@ class _Suggester:
         self.calls += 1
         if not self.candidates or self.calls > self._LIMIT:
             return ""
-        same = self.by_shape.get(want.shape, [])
-        close = difflib.get_close_matches(key, same, n=1, cutoff=0.3)
-        if close:
-            return f"did you mean '{close[0]}' (same shape)?"
-        pool = list(self.candidates) if len(self.candidates) <= 2000 else []
-        close = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
-        if close:
-            return f"did you mean '{close[0]}' (shape {list(self.candidates[close[0]].shape)})?"
+        best = self._closest(key, self.by_shape.get(want.shape, []), cutoff=0.3)
+        if best:
+            return f"did you mean '{best}' (same shape)?"
+        best = self._closest(key, list(self.candidates), cutoff=0.6)
+        if best:
+            return f"did you mean '{best}' (shape {list(self.candidates[best].shape)})?"
         return ""
+
+    def _closest(self, key: str, pool: list[str], cutoff: float) -> str | None:
+        if len(pool) > self._POOL:
+            pool = difflib.get_close_matches(key, pool, n=self._POOL // 10, cutoff=0.0)
+        matcher = difflib.SequenceMatcher(b=key)
+        best, best_score = None, cutoff
+        for candidate in pool:
+            score = 0.0
+            for name in (candidate, *self.sources.get(candidate, ())):
+                matcher.set_seq1(name)
+                score = max(score, matcher.ratio())
+            if score > best_score:
+                best, best_score = candidate, score
+        return best
 
 
 def _meta_dict(meta: TensorMeta | None) -> dict[str, Any] | None:

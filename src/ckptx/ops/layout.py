@@ -75,16 +75,23 @@ def plan_reshape(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> Step
     """Reshape matching tensors to a fixed shape or to the target's shape for that key."""
     args: Reshape = step.args  # type: ignore[assignment]
 
+    absent: list[str] = []
+
     def build(entry: PlanEntry) -> dict[str, Any] | None:
         if args.shape is not None:
             return {"shape": args.shape}
         if ctx.target is None:
             raise OpShapeError("`shape: target` needs a target; give one in the recipe or with --target")
         if entry.key not in ctx.target:
-            raise OpShapeError("`shape: target` but the target has no such key; rename it first")
+            absent.append(entry.key)
+            return None
         return {"shape": ctx.target[entry.key].shape}
 
-    return apply_to_matching(step, entries, ctx, args.match, build)
+    outcome = apply_to_matching(step, entries, ctx, args.match, build)
+    if absent:
+        ctx.warnings.append(Problem(step.where, f"`shape: target`: {len(absent)} matching key(s) are not in the target "
+                                                f"(e.g. '{absent[0]}'); left unchanged, see the validation report"))
+    return outcome
 
 
 @step_planner("permute")
