@@ -1,22 +1,13 @@
-"""A small, faithful re-implementation of the OFFICIAL ConvNeXt-V2 model.
+"""The official ConvNeXt-V2 model and official-format checkpoints, for the tests.
 
-Mirrors facebookresearch/ConvNeXt-V2 ``models/convnextv2.py`` and the
-``LayerNorm`` / ``GRN`` classes of ``models/utils.py``: same module tree, same
-parameter names and shapes, same forward semantics (eval mode).  Used by the
-tests as the *source* side of every conversion: a checkpoint written by
-:func:`make_official_checkpoint` has exactly the layout of an official release
-file (``{'model': state_dict}``) or of an official training checkpoint
-(``model``, ``optimizer``, ``epoch``, ``scaler``, ``args``).
-
-Differences from the official file, none of which touch names, shapes or
-eval-mode numerics:
-
-* no dependency on timm (``DropPath`` is re-implemented; ``trunc_normal_`` init
-  is not used because the official code has ``self.apply(self._init_weights)``
-  commented out as well);
-* no MinkowskiEngine sparse variants (those only exist for FCMAE pre-training);
-* ``convnextv2_pico`` is provided under its intended name (the official file
-  spells it ``convnext_pico``; that alias exists here too).
+The model (same module tree, parameter names, shapes and eval-mode numerics as
+facebookresearch/ConvNeXt-V2 ``models/convnextv2.py`` and ``models/utils.py``)
+ships with ckptx as ``ckptx.reference.convnextv2`` — it is the source model of
+``ckptx convert --verify`` for the ConvNeXt-V2 recipes — and is re-exported
+here under the official names. This module adds what only the tests need:
+:func:`randomize_` (non-trivial weights, GRN non-zero) and
+:func:`make_official_checkpoint` (the release file ``{'model': state_dict}``,
+or the training checkpoint with ``optimizer``, ``epoch``, ``scaler``, ``args``).
 """
 from __future__ import annotations
 
@@ -24,7 +15,7 @@ import argparse
 import copy
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -54,203 +45,29 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------
-# models/utils.py
-# --------------------------------------------------------------------------
-class LayerNorm(nn.Module):
-    """LayerNorm for channels_last (N, H, W, C) or channels_first (N, C, H, W)."""
-
-    def __init__(self, normalized_shape, eps=1e-6, data_format="channels_last"):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(normalized_shape))
-        self.bias = nn.Parameter(torch.zeros(normalized_shape))
-        self.eps = eps
-        self.data_format = data_format
-        if self.data_format not in ["channels_last", "channels_first"]:
-            raise NotImplementedError
-        self.normalized_shape = (normalized_shape,)
-
-    def forward(self, x):
-        if self.data_format == "channels_last":
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        # channels_first
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + self.eps)
-        x = self.weight[:, None, None] * x + self.bias[:, None, None]
-        return x
-
-
-class GRN(nn.Module):
-    """Global Response Normalization on NHWC input; gamma/beta are (1, 1, 1, dim)."""
-
-    def __init__(self, dim):
-        super().__init__()
-        # Zero-initialised exactly like the official code (GRN starts as identity).
-        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
-        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
-
-    def forward(self, x):
-        Gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
-        Nx = Gx / (Gx.mean(dim=-1, keepdim=True) + 1e-6)
-        return self.gamma * (x * Nx) + self.beta + x
-
-
-class DropPath(nn.Module):
-    """Stochastic depth (per sample); identity in eval mode. Has no parameters."""
-
-    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True):
-        super().__init__()
-        self.drop_prob = drop_prob
-        self.scale_by_keep = scale_by_keep
-
-    def forward(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep_prob = 1 - self.drop_prob
-        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        mask = x.new_empty(shape).bernoulli_(keep_prob)
-        if keep_prob > 0.0 and self.scale_by_keep:
-            mask.div_(keep_prob)
-        return x * mask
-
-
-# --------------------------------------------------------------------------
-# models/convnextv2.py
-# --------------------------------------------------------------------------
-class Block(nn.Module):
-    """ConvNeXtV2 block: dwconv -> LN -> Linear -> GELU -> GRN -> Linear, residual."""
-
-    def __init__(self, dim, drop_path=0.0):
-        super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)  # depthwise conv
-        self.norm = LayerNorm(dim, eps=1e-6)
-        self.pwconv1 = nn.Linear(dim, 4 * dim)  # pointwise/1x1 convs, implemented with linear layers
-        self.act = nn.GELU()
-        self.grn = GRN(4 * dim)
-        self.pwconv2 = nn.Linear(4 * dim, dim)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-    def forward(self, x):
-        input = x
-        x = self.dwconv(x)
-        x = x.permute(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C)
-        x = self.norm(x)
-        x = self.pwconv1(x)
-        x = self.act(x)
-        x = self.grn(x)
-        x = self.pwconv2(x)
-        x = x.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
-        x = input + self.drop_path(x)
-        return x
-
-
-class ConvNeXtV2(nn.Module):
-    """ConvNeXt V2 (official layout)."""
-
-    def __init__(
-        self,
-        in_chans=3,
-        num_classes=1000,
-        depths=(3, 3, 9, 3),
-        dims=(96, 192, 384, 768),
-        drop_path_rate=0.0,
-        head_init_scale=1.0,
-    ):
-        super().__init__()
-        depths = list(depths)
-        dims = list(dims)
-        self.depths = depths
-        self.downsample_layers = nn.ModuleList()  # stem and 3 intermediate downsampling conv layers
-        stem = nn.Sequential(
-            nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4),
-            LayerNorm(dims[0], eps=1e-6, data_format="channels_first"),
-        )
-        self.downsample_layers.append(stem)
-        for i in range(3):
-            downsample_layer = nn.Sequential(
-                LayerNorm(dims[i], eps=1e-6, data_format="channels_first"),
-                nn.Conv2d(dims[i], dims[i + 1], kernel_size=2, stride=2),
-            )
-            self.downsample_layers.append(downsample_layer)
-
-        self.stages = nn.ModuleList()  # 4 feature resolution stages
-        dp_rates = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
-        cur = 0
-        for i in range(4):
-            stage = nn.Sequential(*[Block(dim=dims[i], drop_path=dp_rates[cur + j]) for j in range(depths[i])])
-            self.stages.append(stage)
-            cur += depths[i]
-
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)  # final norm layer
-        self.head = nn.Linear(dims[-1], num_classes)
-
-        self.head.weight.data.mul_(head_init_scale)
-        self.head.bias.data.mul_(head_init_scale)
-
-    def forward_features(self, x):
-        for i in range(4):
-            x = self.downsample_layers[i](x)
-            x = self.stages[i](x)
-        return self.norm(x.mean([-2, -1]))  # global average pooling, (N, C, H, W) -> (N, C)
-
-    def forward(self, x):
-        x = self.forward_features(x)
-        x = self.head(x)
-        return x
-
-
-# depths, dims of every official variant
-OFFICIAL_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
-    "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
-    "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
-    "pico": ((2, 2, 6, 2), (64, 128, 256, 512)),
-    "nano": ((2, 2, 8, 2), (80, 160, 320, 640)),
-    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
-    "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
-    "large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
-    "huge": ((3, 3, 27, 3), (352, 704, 1408, 2816)),
-}
+# The model itself ships with ckptx (`ckptx.reference.convnextv2`, the source model of `--verify`);
+# the tests in test_reference_models.py prove it faithful against timm's own converter.
+from ckptx.reference.convnextv2 import GRN, Block, ConvNeXtV2, DropPath, LayerNorm  # noqa: E402,F401
+from ckptx.reference.convnextv2 import SIZES as OFFICIAL_SIZES  # noqa: E402
+from ckptx.reference.convnextv2 import build as _build  # noqa: E402
 
 
 def build_official(size: str, **kwargs) -> ConvNeXtV2:
-    depths, dims = OFFICIAL_SIZES[size]
-    return ConvNeXtV2(depths=list(depths), dims=list(dims), **kwargs)
+    """The official model of a named size."""
+    return _build(size, **kwargs)
 
 
-def convnextv2_atto(**kwargs):
-    return build_official("atto", **kwargs)
+def _factory(size: str):
+    def make(**kwargs):
+        return build_official(size, **kwargs)
+
+    make.__name__ = f"convnextv2_{size}"
+    return make
 
 
-def convnextv2_femto(**kwargs):
-    return build_official("femto", **kwargs)
-
-
-def convnextv2_pico(**kwargs):
-    return build_official("pico", **kwargs)
-
-
+convnextv2_atto, convnextv2_femto, convnextv2_pico, convnextv2_nano, convnextv2_tiny, convnextv2_base, \
+    convnextv2_large, convnextv2_huge = (_factory(size) for size in OFFICIAL_SIZES)
 convnext_pico = convnextv2_pico  # the official file's spelling
-
-
-def convnextv2_nano(**kwargs):
-    return build_official("nano", **kwargs)
-
-
-def convnextv2_tiny(**kwargs):
-    return build_official("tiny", **kwargs)
-
-
-def convnextv2_base(**kwargs):
-    return build_official("base", **kwargs)
-
-
-def convnextv2_large(**kwargs):
-    return build_official("large", **kwargs)
-
-
-def convnextv2_huge(**kwargs):
-    return build_official("huge", **kwargs)
 
 
 # --------------------------------------------------------------------------
