@@ -1,0 +1,178 @@
+"""Where batch tasks run: in this process, in spawned worker processes, or on a Dask cluster.
+
+A runner's `run(fn, items)` yields `(index, outcome)` as tasks finish, in any order; the outcome is what
+`fn` returned or the exception that lost the task (a dead worker process, a Dask KilledWorker...). Task
+functions are expected to catch their own errors. Dask is imported only by `DaskRunner`.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+from ckptx.errors import CkptxError
+
+EXECUTORS = ("local", "dask")
+Outcome = Any
+
+
+class Runner(Protocol):
+    """Runs one function over many items and yields `(index, outcome)` as each finishes."""
+
+    def run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Outcome]]:
+        """Run `fn(item)` for every item."""
+        ...  # pragma: no cover
+
+    def close(self, *, cancel: bool = False) -> None:
+        """Stop whatever the runner started (at once, dropping queued tasks, with `cancel`)."""
+        ...  # pragma: no cover
+
+
+class InlineRunner:
+    """Runs tasks one after another in this process (`-j 1`): no start-up cost, easiest to debug."""
+
+    def run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Outcome]]:
+        """Run `fn(item)` for every item, in order."""
+        for index, item in enumerate(items):
+            try:
+                yield index, fn(item)
+            except Exception as exc:  # noqa: BLE001 - reported as that task's outcome
+                yield index, exc
+
+    def close(self, *, cancel: bool = False) -> None:
+        """Nothing to stop."""
+
+
+class PoolRunner:
+    """A pool of `workers` processes started with 'spawn' (torch is not fork-safe); restarted if one dies."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Outcome]]:
+        """Submit every item, then yield outcomes as they complete."""
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        futures = {self._pool.submit(fn, item): index for index, item in enumerate(items)}
+        for future in as_completed(futures):
+            try:
+                yield futures[future], future.result()
+            except BrokenProcessPool as exc:
+                self._discard()
+                yield futures[future], exc
+            except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result; that task's outcome
+                yield futures[future], exc
+
+    def _discard(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def close(self, *, cancel: bool = False) -> None:
+        """Stop the workers (at once, dropping queued tasks, with `cancel`)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
+            self._pool = None
+
+
+class DaskRunner:
+    """Tasks on a Dask distributed cluster: an existing scheduler, or a LocalCluster of `workers` processes."""
+
+    def __init__(self, workers: int, scheduler: str | None, *, wait_seconds: float = 60.0) -> None:
+        try:
+            import distributed  # noqa: PLC0415
+        except ImportError:
+            raise CkptxError("--executor dask needs Dask, an optional dependency: pip install 'ckptx[dask]'") from None
+        self._distributed = distributed
+        self._cluster = None
+        if scheduler:
+            try:
+                self.client = distributed.Client(scheduler, timeout="10s")
+            except (OSError, TimeoutError) as exc:
+                raise CkptxError(f"cannot reach the Dask scheduler at {scheduler} ({exc}); is `dask scheduler` "
+                                 "running there and reachable from this machine?") from None
+        else:
+            try:
+                self._cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                         dashboard_address=None, silence_logs=logging.ERROR)
+            except Exception as exc:  # noqa: BLE001 - Dask raises RuntimeError and friends
+                raise CkptxError(f"could not start a Dask LocalCluster of {workers} worker processes "
+                                 f"({type(exc).__name__}: {exc}); run from a script file or module, or use "
+                                 "--scheduler ADDRESS") from None
+            self.client = distributed.Client(self._cluster)
+        try:
+            self._check_workers(scheduler, wait_seconds)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_workers(self, scheduler: str | None, wait_seconds: float) -> None:
+        from ckptx import __version__  # noqa: PLC0415
+
+        try:
+            self.client.wait_for_workers(1, timeout=wait_seconds)
+        except TimeoutError:
+            raise CkptxError(f"no Dask worker joined the scheduler {scheduler} within {wait_seconds:.0f} s; "
+                             "start workers with `dask worker ADDRESS`") from None
+        try:
+            versions = self.client.run(_ckptx_version)
+        except Exception as exc:  # noqa: BLE001 - whatever the workers raised
+            raise CkptxError(f"the Dask workers cannot run ckptx ({type(exc).__name__}: {exc}); install ckptx "
+                             f"{__version__} in the workers' environment") from None
+        wrong = sorted(f"{worker} has {version}" for worker, version in versions.items() if version != __version__)
+        if wrong:
+            raise CkptxError(f"the Dask workers run another ckptx than this {__version__}: {', '.join(wrong)}; "
+                             "install the same version everywhere")
+
+    def run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Outcome]]:
+        """Submit every item to the cluster, then yield outcomes as they complete."""
+        futures = [self.client.submit(fn, item, pure=False) for item in items]
+        index = {future.key: i for i, future in enumerate(futures)}
+        for future in self._distributed.as_completed(futures):
+            try:
+                yield index[future.key], future.result()
+            except Exception as exc:  # noqa: BLE001 - KilledWorker, lost data...: that task's outcome
+                yield index[future.key], exc
+
+    def close(self, *, cancel: bool = False) -> None:
+        """Disconnect; stop the LocalCluster if this runner started it."""
+        self.client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+
+def _ckptx_version() -> str:
+    from ckptx import __version__  # noqa: PLC0415
+
+    return __version__
+
+
+def check_runner_options(executor: str, workers: int, scheduler: str | None = None) -> None:
+    """Refuse an unknown executor, fewer than one worker, or a scheduler without dask (CkptxError)."""
+    if executor not in EXECUTORS:
+        raise CkptxError(f"unknown executor '{executor}'; use one of {', '.join(EXECUTORS)}")
+    if workers < 1:
+        raise CkptxError(f"-j {workers}: need at least 1 worker")
+    if scheduler and executor != "dask":
+        raise CkptxError("--scheduler needs --executor dask")
+
+
+@contextmanager
+def open_runner(executor: str, workers: int, scheduler: str | None = None) -> Iterator[Runner]:
+    """The runner for `--executor`/`-j`/`--scheduler`; stopped on exit (at once on an interrupt)."""
+    check_runner_options(executor, workers, scheduler)
+    if executor == "dask":
+        runner: Runner = DaskRunner(workers, scheduler)
+    else:
+        runner = InlineRunner() if workers == 1 else PoolRunner(workers)
+    try:
+        yield runner
+    except BaseException:
+        runner.close(cancel=True)
+        raise
+    runner.close()
