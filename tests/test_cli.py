@@ -178,3 +178,13 @@ def test_pth_output_loads_with_torch(run_cli, tmp_path: Path, ddp_checkpoint: Pa
     assert run_cli("convert", ddp_checkpoint, "-r", write_rules(STRIP), "-o", dst).code == 0
     loaded = torch.load(dst, weights_only=True)
     assert all(torch.equal(loaded[k], v) for k, v in tiny_state.items())
+
+
+def test_interrupt_exit_130_and_nothing_written(run_cli, tmp_path: Path, ddp_checkpoint: Path,
+                                                write_rules: Callable[..., Path]) -> None:
+    dst = tmp_path / "o.safetensors"
+    result = run_cli("convert", ddp_checkpoint, "-r", write_rules(STRIP), "-o", dst,
+                     "--target", "tests.helpers.models:interrupting_factory")
+    assert result.code == 130
+    assert result.err == "ckptx: interrupted; nothing was written\n"
+    assert not dst.exists()

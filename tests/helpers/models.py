@@ -58,3 +58,8 @@ def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
         for tensor in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
             tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
     return model
+
+
+def interrupting_factory() -> nn.Module:
+    """A target factory that behaves as if the user pressed Ctrl-C while it ran."""
+    raise KeyboardInterrupt
