@@ -5,6 +5,7 @@ from __future__ import annotations
 from ckptx.errors import Problem
 from ckptx.ops.registry import PlanContext, PlanEntry, StepOutcome, step_planner
 from ckptx.rules.steps import AddPrefix, Drop, Keep, Pattern, Rename, Step, StripPrefix, TakeFrom
+from ckptx.rules.templates import KeyTemplateError
 
 
 def warn_if_mid_name(pattern: Pattern, key: str, where: str, ctx: PlanContext, seen: set[str]) -> None:
@@ -134,7 +135,11 @@ def plan_rename(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepO
             if rule.pattern.search(entry.key):
                 row_hits[i] += 1
                 warn_if_mid_name(rule.pattern, entry.key, rule.where, ctx, seen)
-                out.append(entry.renamed(rule.pattern.sub(rule.replacement, entry.key), rule.where))
+                try:
+                    out.append(entry.renamed(rule.apply(entry.key), rule.where))
+                except KeyTemplateError as exc:
+                    ctx.errors.append(Problem(rule.where, f"key '{entry.key}': {exc}"))
+                    out.append(entry)
                 break
         else:
             out.append(entry)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, Mapping
 
 from ckptx.rules.recipe import Recipe, TargetSpec
-from ckptx.rules.steps import AddPrefix, Rename, Step, StripPrefix
+from ckptx.rules.steps import AddPrefix, Rename, Split, Step, StripPrefix
+from ckptx.rules.templates import Template
 
 
 def flatten(recipe: Recipe) -> dict[str, Any]:
@@ -17,32 +18,56 @@ def flatten(recipe: Recipe) -> dict[str, Any]:
         doc["description"] = recipe.description
     if recipe.extract:
         doc["extract"] = list(recipe.extract)
-    doc["steps"] = [_step(s) for s in recipe.steps]
+    doc["steps"] = [out for out in (_step(s, recipe.params) for s in recipe.steps) if out is not None]
     if recipe.target is not None:
         doc["target"] = _target(recipe.target)
     if recipe.verify is not None:
-        doc["verify"] = {k: _plain(v) for k, v in dataclasses.asdict(recipe.verify).items() if k != "where"}
+        doc["verify"] = {k: _plain(v) for k, v in dataclasses.asdict(recipe.verify).items()
+                         if k != "where" and v is not None}
     return doc
 
 
-def _step(step: Step) -> dict[str, Any]:
+def _step(step: Step, params: Mapping[str, Any]) -> dict[str, Any] | None:
+    """One step as YAML data; None when its `when: param` condition is false for these params."""
     args = step.args
     if isinstance(args, Rename):
         value: Any = [[r.pattern.pattern, r.replacement] for r in args.rules]
-    elif isinstance(args, StripPrefix):
+    elif isinstance(args, StripPrefix) and not args.common:
         value = list(args.prefixes)
     elif isinstance(args, AddPrefix) and args.match is None and args.skip is None:
         value = args.prefix
     else:
-        value = {f.name: _plain(getattr(args, f.name)) for f in dataclasses.fields(args)
-                 if getattr(args, f.name) is not None}
+        value = {f.name: _arg(f.name, getattr(args, f.name)) for f in dataclasses.fields(args)
+                 if _arg(f.name, getattr(args, f.name)) is not None}
+        if isinstance(args, Split) and args.indexed:
+            value["into"] = args.into[0].text
         if len(value) == 1 and "patterns" in value:
             value = value["patterns"]
     out: dict[str, Any] = {step.op: value}
     if step.strict:
         out["strict"] = True
+    if step.when is not None:
+        if any(params.get(name) != wanted for name, wanted in step.when.params):
+            return None
+        when = {k: _plain(getattr(step.when, k)) for k in ("has_key", "no_key", "extracted_from")
+                if getattr(step.when, k) is not None}
+        if when:
+            out["when"] = when
     out["comment"] = f"from {step.where}"
     return out
+
+
+# Fields where None means "take it from the target".
+_FROM_TARGET = {"shape", "size", "grid", "channels"}
+
+
+def _arg(name: str, value: Any) -> Any:
+    """A step argument as YAML data; None to leave it out."""
+    if value is None:
+        return "target" if name in _FROM_TARGET else None
+    if isinstance(value, tuple) and not value and name != "shape":
+        return None
+    return _plain(value)
 
 
 def _target(spec: TargetSpec) -> dict[str, Any]:
@@ -54,6 +79,8 @@ def _target(spec: TargetSpec) -> dict[str, Any]:
 def _plain(value: Any) -> Any:
     if isinstance(value, re.Pattern):
         return value.pattern
+    if isinstance(value, Template):
+        return value.text
     if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):

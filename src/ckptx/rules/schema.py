@@ -133,6 +133,8 @@ def _describe(doc: YamlDocument, error: ValidationError) -> Problem:
         return Problem(doc.where(path), f"takes at most {error.validator_value} item(s)")
     if kind == "minLength":
         return Problem(doc.where(path), "must not be an empty string")
+    if kind == "pattern" and isinstance(error.schema, dict) and "errorMessage" in error.schema:
+        return Problem(doc.where(path), f"{_short(error.instance)} {error.schema['errorMessage']}")
     if kind == "pattern":
         return Problem(doc.where(path), f"{_short(error.instance)} is not of the form 'module:callable'"
                        if ":" in str(error.validator_value) else f"{_short(error.instance)} does not match {error.validator_value}")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
 from ckptx.errors import Problem
+from ckptx.rules.templates import Template, TemplateError, compile_template
 
 Pattern = re.Pattern[str]
 
@@ -28,6 +29,14 @@ class _Collector:
         except re.error as exc:
             self.problems.append(Problem(self.at(*sub), f"invalid regex {text!r}: {exc}"))
             return re.compile(re.escape(text))
+
+    def template(self, text: str, pattern: Pattern | None, what: str, *sub: Any, names: tuple[str, ...] = ()) -> Template:
+        """Compile a key template against `pattern`; a problem names the template's place."""
+        try:
+            return compile_template(text, pattern, names=names)
+        except TemplateError as exc:
+            self.problems.append(Problem(self.at(*sub), f"{what} {text!r}: {exc}"))
+            return Template(text, (text,))
 
     def regexes(self, value: str | list[str], *sub: Any) -> tuple[Pattern, ...]:
         if isinstance(value, str):
@@ -78,11 +87,18 @@ class AddPrefix:
 
 @dataclass(frozen=True)
 class RenameRule:
-    """One row of a rename table: regex and `re.sub` replacement."""
+    """One row of a rename table: regex and `re.sub` replacement (with `{\\1 - 1}` index arithmetic)."""
 
     pattern: Pattern
     replacement: str
     where: str
+    template: Template | None = field(default=None, compare=False)
+
+    def apply(self, key: str) -> str:
+        """The key rewritten by this row (every match replaced, like `re.sub`)."""
+        if self.template is None:
+            return self.pattern.sub(self.replacement, key)
+        return self.template.sub(self.pattern, key)
 
 
 @dataclass(frozen=True)
@@ -117,7 +133,125 @@ class Cast:
     include_integer: bool = False
 
 
-StepArgs = Union[Drop, Keep, StripPrefix, TakeFrom, AddPrefix, Rename, Reshape, Permute, Cast]
+@dataclass(frozen=True)
+class Split:
+    """Split matching tensors along `dim` into several keys (`into`: one whole-key template per piece,
+    or one template using `{i}`); `sizes` or `parts` for unequal/equal chunks, `unbind` drops the dim."""
+
+    match: Pattern
+    into: tuple[Template, ...]
+    dim: int = 0
+    sizes: tuple[int, ...] | None = None
+    parts: int | None = None
+    unbind: bool = False
+
+    @property
+    def indexed(self) -> bool:
+        """True when `into` is one template numbered by `{i}`."""
+        return len(self.into) == 1 and self.into[0].uses("i")
+
+
+@dataclass(frozen=True)
+class Merge:
+    """Merge several keys into one (`to`) by concatenation or, with `stack`, stacking along `dim`.
+
+    The order is explicit: `inputs` lists whole-key templates filled from `match`'s groups, or
+    `index` is a template whose value (0..n-1) is each matching key's position.
+    """
+
+    match: Pattern
+    to: Template
+    inputs: tuple[Template, ...] = ()
+    index: Template | None = None
+    dim: int = 0
+    stack: bool = False
+
+
+@dataclass(frozen=True)
+class Unsqueeze:
+    """Insert a dimension of size 1 at `dim`."""
+
+    match: Pattern
+    dim: int
+
+
+@dataclass(frozen=True)
+class Squeeze(Unsqueeze):
+    """Remove dimension `dim`, which must have size 1."""
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Keep `start:stop:step` of dimension `dim` (Python slice semantics)."""
+
+    match: Pattern
+    dim: int
+    start: int | None = None
+    stop: int | None = None
+    step: int = 1
+
+
+@dataclass(frozen=True)
+class Resize:
+    """Grow or shrink dimension `dim` to `size` (None: the target's size); new rows are filled by `fill`."""
+
+    match: Pattern
+    dim: int
+    size: int | None
+    fill: str = "zeros"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ResamplePosEmbed:
+    """Interpolate a ViT position embedding (1, prefix + H*W, C) to a new grid (None: the target's)."""
+
+    match: Pattern
+    prefix_tokens: int
+    grid: tuple[int, int] | None = None
+    source_grid: tuple[int, int] | None = None
+    antialias: bool = False
+
+
+@dataclass(frozen=True)
+class AdaptInChannels:
+    """Adapt a conv stem weight (O, I, kH, kW) to `channels` inputs like timm's adapt_input_conv."""
+
+    match: Pattern
+    channels: int | None
+    base_channels: int = 3
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Multiply matching floating-point tensors by `by`."""
+
+    match: Pattern
+    by: float
+
+
+@dataclass(frozen=True)
+class Copy:
+    """Also store each matching tensor under the key `to` (a whole-key template)."""
+
+    match: Pattern
+    to: Template
+
+
+@dataclass(frozen=True)
+class SetTensor:
+    """A new tensor filled with `value`: under `key`, or under `key` filled from each key matching `match`."""
+
+    key: Template
+    value: float | int | bool
+    dtype: str = "float32"
+    shape: tuple[int, ...] | None = ()
+    match: Pattern | None = None
+    if_exists: str = "error"
+
+
+StepArgs = Union[Drop, Keep, StripPrefix, TakeFrom, AddPrefix, Rename, Reshape, Permute, Cast, Split, Merge,
+                 Unsqueeze, Squeeze, Slice, Resize, ResamplePosEmbed, AdaptInChannels, Scale, Copy, SetTensor]
 
 
 @dataclass(frozen=True)
@@ -183,21 +317,9 @@ def _rename(value: Any, c: _Collector) -> Rename:
         sub = (i,) if isinstance(value, list) else ()
         source, replacement = (row["from"], row["to"]) if isinstance(row, dict) else (row[0], row[1])
         pattern = c.regex(source, *sub, *(("from",) if isinstance(row, dict) else (0,)))
-        _check_replacement(pattern, replacement, c, *sub)
-        rules.append(RenameRule(pattern, replacement, c.at(*sub)))
+        template = c.template(replacement, pattern, "invalid replacement", *sub)
+        rules.append(RenameRule(pattern, replacement, c.at(*sub), template))
     return Rename(tuple(rules))
-
-
-def _check_replacement(pattern: Pattern, replacement: str, c: _Collector, *sub: Any) -> None:
-    """Reject back-references to groups the pattern does not have."""
-    try:
-        compile_template = getattr(re, "_compile_template", None)
-        if compile_template is not None:  # Python >= 3.12
-            compile_template(pattern, replacement)
-        else:  # Python 3.11
-            re._parser.parse_template(replacement, pattern)  # type: ignore[attr-defined]
-    except (re.error, IndexError) as exc:
-        c.problems.append(Problem(c.at(*sub), f"invalid replacement {replacement!r}: {exc}"))
 
 
 def _add_prefix(value: Any, c: _Collector) -> AddPrefix:
@@ -247,6 +369,88 @@ def _take_from(value: Any, c: _Collector) -> TakeFrom:
     return TakeFrom(template)
 
 
+def _dim(value: Any) -> int:
+    return int(value.get("dim", 0))
+
+
+def _split(value: Any, c: _Collector) -> Split:
+    match = c.regex(value["match"], "match")
+    into_raw = value["into"]
+    names = ("i",)
+    if isinstance(into_raw, str):
+        into = (c.template(into_raw, match, "invalid key template", "into", names=names),)
+    else:
+        into = tuple(c.template(t, match, "invalid key template", "into", k) for k, t in enumerate(into_raw))
+    sizes = tuple(value["sizes"]) if "sizes" in value else None
+    parts = value.get("parts")
+    unbind = bool(value.get("unbind", False))
+    chosen = [k for k in ("sizes", "parts", "unbind") if k in value and value[k] is not False]
+    if len(chosen) > 1:
+        c.problems.append(Problem(c.at(chosen[1]), f"give only one of sizes, parts and unbind (found {', '.join(chosen)})"))
+    args = Split(match, into, _dim(value), sizes, parts, unbind)
+    if isinstance(into_raw, str) and not args.indexed:
+        c.problems.append(Problem(c.at("into"), "one key template must number the pieces with {i} "
+                                                "(e.g. '\\1.{i}.weight'); or list one template per piece"))
+    elif isinstance(into_raw, str) and not chosen:
+        c.problems.append(Problem(c.at(), "with a {i} template, say how many pieces: parts, sizes or unbind: true"))
+    elif not isinstance(into_raw, str):
+        if sizes is not None and len(sizes) != len(into):
+            c.problems.append(Problem(c.at("sizes"), f"{len(sizes)} sizes for {len(into)} keys in `into`; give one size per key"))
+        if parts is not None and parts != len(into):
+            c.problems.append(Problem(c.at("parts"), f"parts: {parts} but `into` names {len(into)} keys"))
+    return args
+
+
+def _merge(value: Any, c: _Collector) -> Merge:
+    match = c.regex(value["match"], "match")
+    inputs = tuple(c.template(t, match, "invalid key template", "inputs", k)
+                   for k, t in enumerate(value.get("inputs", ())))
+    index = c.template(value["index"], match, "invalid index template", "index") if "index" in value else None
+    if ("inputs" in value) == ("index" in value):
+        c.problems.append(Problem(c.at(), "give the order either as `inputs` (a list of key templates) or as "
+                                          "`index` (the position of each matching key, e.g. '\\2')"))
+    to = c.template(value["to"], match, "invalid key template", "to")
+    return Merge(match, to, inputs, index, _dim(value), bool(value.get("stack", False)))
+
+
+def _resize(value: Any, c: _Collector) -> Resize:
+    size = value["size"]
+    return Resize(c.regex(value["match"], "match"), _dim(value), None if size == "target" else int(size),
+                  value.get("fill", "zeros"), int(value.get("seed", 0)))
+
+
+def _resample(value: Any, c: _Collector) -> ResamplePosEmbed:
+    grid = value.get("grid", "target")
+    source_grid = value.get("source_grid")
+    return ResamplePosEmbed(c.regex(value["match"], "match"), int(value["prefix_tokens"]),
+                            None if grid == "target" else (int(grid[0]), int(grid[1])),
+                            None if source_grid is None else (int(source_grid[0]), int(source_grid[1])),
+                            bool(value.get("antialias", False)))
+
+
+def _adapt(value: Any, c: _Collector) -> AdaptInChannels:
+    channels = value["channels"]
+    return AdaptInChannels(c.regex(value["match"], "match"), None if channels == "target" else int(channels),
+                           int(value.get("base_channels", 3)))
+
+
+def _copy(value: Any, c: _Collector) -> Copy:
+    match = c.regex(value["match"], "match")
+    return Copy(match, c.template(value["to"], match, "invalid key template", "to"))
+
+
+def _set(value: Any, c: _Collector) -> SetTensor:
+    match = c.regex(value["match"], "match") if "match" in value else None
+    key = c.template(value["key"], match, "invalid key template", "key")
+    if match is None and ("\\" in value["key"]):
+        c.problems.append(Problem(c.at("key"), "the key refers to groups but there is no `match` to fill them"))
+    shape = value.get("shape", [])
+    if value.get("dtype", "float32") == "bool" and not isinstance(value["value"], bool):
+        c.problems.append(Problem(c.at("value"), "a bool tensor takes true or false"))
+    return SetTensor(key, value["value"], value.get("dtype", "float32"), None if shape == "target" else tuple(shape),
+                     match, value.get("if_exists", "error"))
+
+
 _BUILDERS: dict[str, Callable[[Any, _Collector], Any]] = {
     "drop": lambda v, c: Drop(c.regexes(v)),
     "keep": lambda v, c: Keep(c.regexes(v)),
@@ -257,4 +461,16 @@ _BUILDERS: dict[str, Callable[[Any, _Collector], Any]] = {
     "reshape": _reshape,
     "permute": _permute,
     "cast": _cast,
+    "split": _split,
+    "merge": _merge,
+    "unsqueeze": lambda v, c: Unsqueeze(c.regex(v["match"], "match"), int(v["dim"])),
+    "squeeze": lambda v, c: Squeeze(c.regex(v["match"], "match"), int(v["dim"])),
+    "slice": lambda v, c: Slice(c.regex(v["match"], "match"), int(v["dim"]), v.get("start"), v.get("stop"),
+                                int(v.get("step", 1))),
+    "resize": _resize,
+    "resample_pos_embed": _resample,
+    "adapt_in_channels": _adapt,
+    "scale": lambda v, c: Scale(c.regex(v["match"], "match"), float(v["by"])),
+    "copy": _copy,
+    "set": _set,
 }

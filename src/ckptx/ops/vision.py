@@ -1,0 +1,119 @@
+"""Vision-model steps: resample ViT position embeddings, adapt a conv stem's input channels (timm's numerics)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ckptx.ops.layout import apply_to_matching
+from ckptx.ops.registry import OpShapeError, PlanContext, PlanEntry, StepOutcome, TensorMeta, step_planner, tensor_op
+from ckptx.ops.values import target_meta
+from ckptx.rules.steps import AdaptInChannels, ResamplePosEmbed, Step
+
+
+def _infer_resample(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> TensorMeta:
+    (meta,) = inputs
+    (oh, ow), (nh, nw), prefix = params["source_grid"], params["grid"], params["prefix_tokens"]
+    if meta.shape[-2] != prefix + oh * ow:
+        raise OpShapeError(f"{meta.shape[-2]} tokens are not {prefix} prefix tokens + a {oh}x{ow} grid")
+    return TensorMeta(meta.shape[:-2] + (prefix + nh * nw, meta.shape[-1]), meta.dtype)
+
+
+@tensor_op("resample_pos_embed", _infer_resample)
+def resample_pos_embed(params: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """timm's `resample_abs_pos_embed`: bicubic in float32, align_corners=False, prefix tokens kept as they are."""
+    posemb = tensors[0]
+    batched = posemb.dim() == 3
+    if not batched:
+        posemb = posemb.unsqueeze(0)
+    prefix = params["prefix_tokens"]
+    posemb_prefix, posemb = posemb[:, :prefix], posemb[:, prefix:]
+    embed_dim, orig_dtype = posemb.shape[-1], posemb.dtype
+    old, new = params["source_grid"], params["grid"]
+    posemb = posemb.float().reshape(1, old[0], old[1], -1).permute(0, 3, 1, 2)
+    posemb = F.interpolate(posemb, size=tuple(new), mode="bicubic", align_corners=False, antialias=params["antialias"])
+    posemb = posemb.permute(0, 2, 3, 1).reshape(1, -1, embed_dim).to(orig_dtype)
+    out = torch.cat([posemb_prefix, posemb], dim=1)
+    return out if batched else out.squeeze(0)
+
+
+def _square(tokens: int, what: str, hint: str) -> tuple[int, int]:
+    side = math.isqrt(max(tokens, 0))
+    if side * side != tokens or tokens <= 0:
+        raise OpShapeError(f"{what} has {tokens} grid tokens, not a square grid; {hint}")
+    return side, side
+
+
+@step_planner("resample_pos_embed")
+def plan_resample_pos_embed(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+    """Resample matching (1, prefix + H*W, C) or (prefix + H*W, C) embeddings to the new grid."""
+    args: ResamplePosEmbed = step.args  # type: ignore[assignment]
+
+    def build(entry: PlanEntry) -> dict[str, Any] | None:
+        shape = entry.meta.shape
+        if len(shape) not in (2, 3) or (len(shape) == 3 and shape[0] != 1):
+            raise OpShapeError(f"a position embedding is (1, tokens, dim) or (tokens, dim), got {list(shape)}")
+        source_grid = args.source_grid or _square(shape[-2] - args.prefix_tokens, "the source",
+                                                  "give source_grid: [height, width]")
+        grid = args.grid
+        if grid is None:
+            wanted = target_meta(ctx, entry.key, "grid").shape
+            grid = _square(wanted[-2] - args.prefix_tokens, "the target", "give grid: [height, width]")
+        if tuple(grid) == tuple(source_grid):
+            return None
+        return {"prefix_tokens": args.prefix_tokens, "source_grid": tuple(source_grid), "grid": tuple(grid),
+                "antialias": args.antialias}
+
+    return apply_to_matching(step, entries, ctx, args.match, build)
+
+
+def _infer_adapt(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> TensorMeta:
+    (meta,) = inputs
+    channels, base = params["channels"], params["base_channels"]
+    if len(meta.shape) != 4:
+        raise OpShapeError(f"adapt_in_channels needs a 4-d conv weight (O, I, kH, kW), got {list(meta.shape)}")
+    out_c, in_c, kh, kw = meta.shape
+    if channels == 1 and in_c > base:
+        if in_c % base:
+            raise OpShapeError(f"{in_c} input channels are not a multiple of base_channels {base}")
+        return TensorMeta((out_c, in_c // base, kh, kw), meta.dtype)
+    if channels != 1 and in_c != base:
+        raise OpShapeError(f"the weight has {in_c} input channels, not base_channels {base}; set base_channels")
+    return TensorMeta((out_c, channels, kh, kw), meta.dtype)
+
+
+@tensor_op("adapt_in_channels", _infer_adapt)
+def adapt_in_channels(params: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """timm's `adapt_input_conv`: sum to 1 channel, or repeat the base channels and rescale by base/N."""
+    weight = tensors[0]
+    channels, base = params["channels"], params["base_channels"]
+    conv_type = weight.dtype
+    weight = weight.float()
+    out_c, in_c, kh, kw = weight.shape
+    if channels == 1:
+        if in_c > base:
+            weight = weight.reshape(out_c, in_c // base, base, kh, kw).sum(dim=2, keepdim=False)
+        else:
+            weight = weight.sum(dim=1, keepdim=True)
+    else:
+        repeat = int(math.ceil(channels / base))
+        weight = weight.repeat(1, repeat, 1, 1)[:, :channels, :, :]
+        weight *= base / float(channels)
+    return weight.to(conv_type)
+
+
+@step_planner("adapt_in_channels")
+def plan_adapt_in_channels(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+    """Adapt matching conv weights to a fixed number of input channels or the target's."""
+    args: AdaptInChannels = step.args  # type: ignore[assignment]
+
+    def build(entry: PlanEntry) -> dict[str, Any] | None:
+        channels = args.channels if args.channels is not None else target_meta(ctx, entry.key, "channels").shape[1]
+        if channels == args.base_channels and len(entry.meta.shape) == 4 and entry.meta.shape[1] == channels:
+            return None
+        return {"channels": channels, "base_channels": args.base_channels}
+
+    return apply_to_matching(step, entries, ctx, args.match, build)

@@ -1,0 +1,176 @@
+"""Key templates: `re` replacements with index arithmetic in braces, e.g. `stages.{\\1 - 1}.`.
+
+A brace group is an expression when it refers to a regex group (`\\1`, `\\g<name>`) or, in templates
+that make several keys (split `into`, merge `index`), to the piece number `i`. Anything else in braces
+is literal text, so existing replacements keep their meaning. An expression is integers, group
+references, `i`, `+ - * // %` and parentheses; a group it uses must hold an integer when a key matches.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+Pattern = re.Pattern[str]
+
+_BRACES = re.compile(r"\{([^{}]*)\}")
+_REF = re.compile(r"\\(\d+)|\\g<(\w+)>")
+_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+        ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b}
+
+# The schema's check of a template string: a brace group that holds a backslash must be an expression.
+SCHEMA_PATTERN = (r"^(?:[^{]|\{(?![^{}]*\\)|\{[\s0-9()+*/%i-]*(?:\\(?:[0-9]+|g<\w+>)[\s0-9()+*/%i-]*)+\})*$")
+
+
+class TemplateError(ValueError):
+    """A template that cannot be compiled against its pattern."""
+
+
+class KeyTemplateError(ValueError):
+    """A template that cannot be filled for one key (a group that is not an integer, a negative index)."""
+
+
+@dataclass(frozen=True)
+class Expression:
+    """One `{...}` expression: its source text and the parsed tree (group refs renamed `_g<ref>`)."""
+
+    text: str
+    tree: ast.expr
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The group references (`'1'`, `'name'`) the expression uses, in order."""
+        return tuple(n.id[2:] for n in ast.walk(self.tree) if isinstance(n, ast.Name) and n.id.startswith("_g"))
+
+    def evaluate(self, match: re.Match[str] | None, extra: Mapping[str, int]) -> int:
+        """The expression's value for one match."""
+        return _eval(self.tree, match, extra, self.text)
+
+
+@dataclass(frozen=True)
+class Template:
+    """A compiled template: literal `re` replacement parts and expressions, alternating."""
+
+    text: str
+    parts: tuple[str | Expression, ...]
+
+    @property
+    def has_expressions(self) -> bool:
+        """True when some part is an arithmetic expression."""
+        return any(isinstance(p, Expression) for p in self.parts)
+
+    def uses(self, name: str) -> bool:
+        """True when an expression of the template uses the identifier `name` (e.g. `i`)."""
+        return any(isinstance(p, Expression) and any(isinstance(n, ast.Name) and n.id == name
+                                                     for n in ast.walk(p.tree)) for p in self.parts)
+
+    def expand(self, match: re.Match[str] | None, **extra: int) -> str:
+        """The template filled for `match` (like `match.expand`), expressions evaluated."""
+        out = []
+        for part in self.parts:
+            if isinstance(part, Expression):
+                value = part.evaluate(match, extra)
+                if value < 0:
+                    raise KeyTemplateError(f"'{{{part.text}}}' gives {value}; a key index cannot be negative")
+                out.append(str(value))
+            elif match is not None:
+                out.append(match.expand(part))
+            else:
+                out.append(part)
+        return "".join(out)
+
+    def sub(self, pattern: Pattern, key: str) -> str:
+        """`pattern.sub(template, key)` with expressions evaluated per match."""
+        if not self.has_expressions:
+            return pattern.sub(self.text, key)
+        return pattern.sub(lambda m: self.expand(m), key)
+
+
+def compile_template(text: str, pattern: Pattern | None, *, names: tuple[str, ...] = ()) -> Template:
+    """Split `text` into literal parts and expressions and check every group reference against `pattern`.
+
+    `names` are the extra identifiers an expression may use (`('i',)` for split/merge).
+    Raises TemplateError with a readable reason.
+    """
+    parts: list[str | Expression] = []
+    last = 0
+    for found in _BRACES.finditer(text):
+        inner = found.group(1)
+        uses_name = any(re.search(rf"(?<![\w\\<]){n}(?!\w)", inner) for n in names)
+        if not _REF.search(inner) and not (uses_name and re.fullmatch(r"[\s\w+\-*/%()]*", inner)):
+            continue
+        parts.append(text[last:found.start()])
+        parts.append(_parse(inner, pattern, names))
+        last = found.end()
+    parts.append(text[last:])
+    for literal in parts:
+        if isinstance(literal, str) and literal and pattern is not None:
+            _check_literal(literal, pattern)
+    return Template(text, tuple(p for p in parts if p != ""))
+
+
+def _check_literal(literal: str, pattern: Pattern) -> None:
+    try:
+        compile_template_fn = getattr(re, "_compile_template", None)
+        if compile_template_fn is not None:  # Python >= 3.12
+            compile_template_fn(pattern, literal)
+        else:  # Python 3.11
+            re._parser.parse_template(literal, pattern)  # type: ignore[attr-defined]
+    except (re.error, IndexError) as exc:
+        raise TemplateError(str(exc)) from None
+
+
+def _parse(inner: str, pattern: Pattern | None, names: tuple[str, ...]) -> Expression:
+    source = _REF.sub(lambda m: f"_g{m.group(1) or m.group(2)}", inner)
+    try:
+        tree = ast.parse(source.strip(), mode="eval").body
+    except SyntaxError:
+        raise TemplateError(f"'{{{inner}}}' is not an index expression; write e.g. {{\\1 - 1}} "
+                            f"(integers, group references, + - * // %)") from None
+    for sub in ast.walk(tree):
+        if isinstance(sub, ast.Name):
+            if not sub.id.startswith("_g") and sub.id not in names:
+                allowed = ", ".join(["\\N", "\\g<name>", *names])
+                raise TemplateError(f"'{{{inner}}}' uses '{sub.id}'; an expression may use {allowed} and integers")
+        elif isinstance(sub, ast.Constant):
+            if not isinstance(sub.value, int) or isinstance(sub.value, bool):
+                raise TemplateError(f"'{{{inner}}}': only integer constants are allowed, got {sub.value!r}")
+        elif isinstance(sub, ast.BinOp):
+            if type(sub.op) not in _OPS:
+                raise TemplateError(f"'{{{inner}}}': only + - * // % are allowed")
+        elif isinstance(sub, ast.UnaryOp):
+            if not isinstance(sub.op, ast.USub):
+                raise TemplateError(f"'{{{inner}}}': only unary minus is allowed")
+        elif not isinstance(sub, (ast.operator, ast.unaryop, ast.expr_context)):
+            raise TemplateError(f"'{{{inner}}}' is not an index expression; write e.g. {{\\1 - 1}}")
+    expression = Expression(inner, tree)
+    if pattern is not None:
+        for ref in expression.groups:
+            if ref.isdigit() and not 1 <= int(ref) <= pattern.groups:
+                raise TemplateError(f"'{{{inner}}}' refers to group {ref} but the pattern has "
+                                    f"{pattern.groups} group(s)")
+            if not ref.isdigit() and ref not in pattern.groupindex:
+                raise TemplateError(f"'{{{inner}}}' refers to group '{ref}', which the pattern does not define")
+    return expression
+
+
+def _eval(tree: ast.expr, match: re.Match[str] | None, extra: Mapping[str, int], text: str) -> int:
+    if isinstance(tree, ast.Constant):
+        return int(tree.value)
+    if isinstance(tree, ast.Name):
+        if not tree.id.startswith("_g"):
+            return int(extra[tree.id])
+        ref = tree.id[2:]
+        value = match.group(int(ref) if ref.isdigit() else ref) if match is not None else None
+        if value is None or not re.fullmatch(r"-?\d+", value):
+            raise KeyTemplateError(f"'{{{text}}}': group {ref} is {value!r}, not an integer")
+        return int(value)
+    if isinstance(tree, ast.UnaryOp):
+        return -_eval(tree.operand, match, extra, text)
+    assert isinstance(tree, ast.BinOp)
+    left, right = _eval(tree.left, match, extra, text), _eval(tree.right, match, extra, text)
+    if isinstance(tree.op, (ast.FloorDiv, ast.Mod)) and right == 0:
+        raise KeyTemplateError(f"'{{{text}}}': division by zero")
+    return _OPS[type(tree.op)](left, right)
