@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence, TextIO
 import yaml
 
 from ckptx import __version__
-from ckptx.errors import CkptxError, RuleError, ValidationFailed, VerificationFailed
+from ckptx.errors import CkptxError, Rejected, RuleError
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -104,17 +104,12 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
         return int(exc.code or 0)
     try:
         return _COMMANDS[args.command](args, out, err)
-    except ValidationFailed as exc:
+    except Rejected as exc:
         if as_json:
-            out.write(json.dumps({"ok": False, "validation": exc.report.to_dict(), "written": False}, indent=1) + "\n")
+            document = {"ok": False, exc.kind: exc.outcome.to_dict(), "written": False}  # type: ignore[attr-defined]
+            out.write(json.dumps(document, indent=1) + "\n")
         else:
-            out.write(str(exc.report) + "\nnothing was written\n")
-        return EXIT_INVALID
-    except VerificationFailed as exc:
-        if as_json:
-            out.write(json.dumps({"ok": False, "verification": exc.result.to_dict(), "written": False}, indent=1) + "\n")
-        else:
-            out.write(str(exc.result) + "\nnothing was written\n")
+            out.write(f"{exc.outcome}\nnothing was written\n")
         return EXIT_INVALID
     except CkptxError as exc:
         if debug:

@@ -67,21 +67,34 @@ class TensorOpError(CkptxError):
     """An op failed on real tensor data while writing."""
 
 
-class ValidationFailed(CkptxError):
-    """The plan does not fit the target; nothing was written."""
+class Rejected(CkptxError):
+    """The conversion ran but its result was rejected (exit 1); `outcome` says why, nothing was written."""
 
     exit_code = 1
+    kind = "rejected"
 
-    def __init__(self, report: object) -> None:
-        self.report = report
-        super().__init__(str(report))
+    def __init__(self, outcome: object) -> None:
+        self.outcome = outcome
+        super().__init__(str(outcome))
 
 
-class VerificationFailed(CkptxError):
+class ValidationFailed(Rejected):
+    """The plan does not fit the target; nothing was written. `report` is the ValidationReport."""
+
+    kind = "validation"
+
+    @property
+    def report(self) -> object:
+        """The validation report."""
+        return self.outcome
+
+
+class VerificationFailed(Rejected):
     """The converted model does not compute what the source model computes; nothing was written."""
 
-    exit_code = 1
+    kind = "verification"
 
-    def __init__(self, result: object) -> None:
-        self.result = result
-        super().__init__(str(result))
+    @property
+    def result(self) -> object:
+        """The verification result."""
+        return self.outcome
