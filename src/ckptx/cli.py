@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan and the validation report; write nothing")
     p.add_argument("--force", action="store_true", help="overwrite an existing destination")
     p.add_argument("--verify", action="store_true", help="after writing, compare source and target model outputs")
+    p.add_argument("--max-shard-size", type=_size, metavar="SIZE",
+                   help="write safetensors shards of at most SIZE (5GB, 500MiB...) and an index: "
+                        "DST NAME.safetensors or NAME.safetensors.index.json gives NAME-00001-of-0000N.safetensors")
 
     p = sub.add_parser("inspect", parents=[common, pickle], help="show what a checkpoint holds")
     p.add_argument("src")
@@ -152,6 +155,15 @@ def _key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
     return values
 
 
+def _size(text: str) -> int:
+    from ckptx.io.sharded_writer import parse_size  # noqa: PLC0415
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _emit(out: TextIO, as_json: bool, document: dict[str, Any], text: str) -> None:
     out.write(json.dumps(document, indent=1, default=str) + "\n" if as_json else text + ("\n" if text else ""))
 
@@ -190,7 +202,8 @@ def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     result = convert(args.src, args.output, args.rules, target=args.target,
                      target_args=_key_values(args.target_arg, "--target-arg"), params=_key_values(args.params, "--set"),
                      dry_run=args.dry_run, force=args.force, allow_globals=args.allow_global,
-                     unsafe_pickle=args.unsafe_pickle, verify=args.verify, progress=_progress(err, show_progress))
+                     unsafe_pickle=args.unsafe_pickle, verify=args.verify, progress=_progress(err, show_progress),
+                     max_shard_size=args.max_shard_size)
     plan, source = result.plan, result.plan.source
     lines = [f"source: {source.path} ({source.format}), weights at '{source.extracted_from}': "
              f"{len(source.tensors)} tensors"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -13,6 +14,7 @@ from ckptx import __version__
 from ckptx.errors import DestinationError, ValidationFailed, VerificationFailed
 from ckptx.io.open import open_source
 from ckptx.io.safetensors_writer import materialize, write_safetensors
+from ckptx.io.sharded_writer import INDEX_SUFFIX, ShardLayout, check_layout, is_index_name, shard_layout, write_sharded
 from ckptx.io.source import MappingSource, Source
 from ckptx.io.torch_writer import write_torch
 from ckptx.plan import Plan, plan_recipe
@@ -20,6 +22,7 @@ from ckptx.rules import Recipe, TargetSpec, load_rules
 from ckptx.target import Target, ValidationReport, parse_target_arg, resolve_target, validate
 
 OUTPUT_FORMATS = {".safetensors": "safetensors", ".pth": "torch", ".pt": "torch", ".bin": "torch", ".ckpt": "torch"}
+SHARDED = "safetensors-sharded"
 RecipeArg = Recipe | str | Path | Sequence[str | Path]
 
 
@@ -67,12 +70,15 @@ def target_spec_for(recipe: Recipe, target: TargetSpec | str | None, target_args
     return spec
 
 
-def check_destination(src: Path, dst: Path, *, force: bool) -> str:
-    """Refuse unsafe destinations; returns the output format chosen from the extension."""
-    fmt = OUTPUT_FORMATS.get(dst.suffix.lower())
+def check_destination(src: Path, dst: Path, *, force: bool, sharded: bool = False) -> str:
+    """Refuse unsafe destinations; returns the output format chosen from the extension (and `sharded`)."""
+    fmt = SHARDED if is_index_name(dst) else OUTPUT_FORMATS.get(dst.suffix.lower())
     if fmt is None:
-        known = ", ".join(OUTPUT_FORMATS)
+        known = ", ".join([*OUTPUT_FORMATS, INDEX_SUFFIX])
         raise DestinationError(f"{dst}: unknown output extension '{dst.suffix}'; use one of {known}")
+    if sharded and fmt not in ("safetensors", SHARDED) or fmt == SHARDED and not dst.name.endswith(INDEX_SUFFIX):
+        raise DestinationError(f"{dst}: sharded output is safetensors only; name DST NAME.safetensors or NAME{INDEX_SUFFIX}")
+    fmt = SHARDED if sharded else fmt
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise DestinationError(f"{dst}: the destination is the source; write to another file")
     if dst.is_dir():
@@ -89,18 +95,21 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
             dry_run: bool = False, force: bool = False, allow_globals: Sequence[str] = (),
             unsafe_pickle: bool = False, verify: bool = False,
             progress: Callable[[int, int], None] | None = None,
-            metadata: Mapping[str, str] | None = None) -> ConvertResult:
+            metadata: Mapping[str, str] | None = None, max_shard_size: int | None = None) -> ConvertResult:
     """Convert `src` to `dst` with the recipes; validate against the target before writing a byte.
 
     Raises ValidationFailed (nothing written) when the plan does not fit the target, and the other
     CkptxError subclasses for bad input. With `dry_run`, plans and validates but writes nothing.
     `metadata` adds string entries to a safetensors output's header (after ckptx's own provenance).
+    `max_shard_size` (bytes) writes HuggingFace-style shards and an index (see io/sharded_writer.py for
+    the names); a DST ending in `.safetensors.index.json` is sharded even without it.
     """
     started = time.perf_counter()
     recipe = as_recipe(recipes, params)
     src_path = Path(src)
     dst_path = Path(dst) if dst is not None else None
-    fmt = check_destination(src_path, dst_path, force=force) if dst_path is not None and not dry_run else None
+    sharded = max_shard_size is not None
+    fmt = check_destination(src_path, dst_path, force=force, sharded=sharded) if dst_path is not None and not dry_run else None
     spec = target_spec_for(recipe, target, target_args)
     resolved = resolve_target(spec) if spec is not None else None
     with open_source(src_path, recipe.extract, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle) as source:
@@ -112,9 +121,16 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
         if dry_run or dst_path is None:
             result.seconds = time.perf_counter() - started
             return result
-        write_path = _verify_path(dst_path) if verify else dst_path
-        result.bytes_written = _write(plan, source, write_path, fmt or "safetensors", result.notes, progress, metadata)
-    if verify:
+        if fmt == SHARDED:
+            check = partial(_verify, result, recipe, spec, src_path, allow_globals, unsafe_pickle) if verify else None
+            layout = shard_layout(dst_path, plan.entries, max_shard_size)
+            result.notes += check_layout(layout, force=force)
+            result.destination = str(layout.index or dst_path)
+            result.bytes_written = _write(plan, source, layout, fmt, result.notes, progress, metadata, check)
+        else:
+            write_path = _verify_path(dst_path) if verify else dst_path
+            result.bytes_written = _write(plan, source, write_path, fmt or "safetensors", result.notes, progress, metadata)
+    if verify and fmt != SHARDED:
         _verify_then_publish(result, recipe, spec, src_path, write_path, dst_path, allow_globals, unsafe_pickle)
     result.seconds = time.perf_counter() - started
     return result
@@ -128,20 +144,27 @@ def _verify_path(dst: Path) -> Path:
 def _verify_then_publish(result: ConvertResult, recipe: Recipe, spec: TargetSpec | None, src: Path, written: Path,
                          dst: Path, allow_globals: Sequence[str], unsafe_pickle: bool) -> None:
     """Verify the written file; rename it to `dst` only if it computes what the source computes."""
-    from ckptx.verify import verify_conversion  # noqa: PLC0415
-
     try:
-        result.verification = verify_conversion(recipe, spec, src, written, allow_globals=allow_globals,
-                                                unsafe_pickle=unsafe_pickle)
-        if not result.verification.ok:
-            raise VerificationFailed(result.verification)
+        _verify(result, recipe, spec, src, allow_globals, unsafe_pickle, written)
         written.replace(dst)
     finally:
         written.unlink(missing_ok=True)
 
 
-def _write(plan: Plan, source: Source, dst: Path, fmt: str, notes: list[str],
-           progress: Callable[[int, int], None] | None, metadata: Mapping[str, str] | None = None) -> int:
+def _verify(result: ConvertResult, recipe: Recipe, spec: TargetSpec | None, src: Path, allow_globals: Sequence[str],
+            unsafe_pickle: bool, written: Path) -> None:
+    """Record the verification of `written` in `result`; raise VerificationFailed when it does not compute the same."""
+    from ckptx.verify import verify_conversion  # noqa: PLC0415
+
+    result.verification = verify_conversion(recipe, spec, src, written, allow_globals=allow_globals,
+                                            unsafe_pickle=unsafe_pickle)
+    if not result.verification.ok:
+        raise VerificationFailed(result.verification)
+
+
+def _write(plan: Plan, source: Source, dst: Path | ShardLayout, fmt: str, notes: list[str],
+           progress: Callable[[int, int], None] | None, metadata: Mapping[str, str] | None = None,
+           check: Callable[[Path], None] | None = None) -> int:
     total = sum(e.meta.nbytes for e in plan.entries)
     done = [0]
 
@@ -152,8 +175,10 @@ def _write(plan: Plan, source: Source, dst: Path, fmt: str, notes: list[str],
 
     if source.non_tensors:
         names = ", ".join(sorted(source.non_tensors))
-        verb = "dropped (safetensors holds tensors only)" if fmt == "safetensors" else "not carried over"
+        verb = "dropped (safetensors holds tensors only)" if fmt != "torch" else "not carried over"
         notes.append(f"non-tensor entries {verb}: {names}")
+    if isinstance(dst, ShardLayout):
+        return write_sharded(dst, source, {**provenance(plan, source), **(metadata or {})}, advance, check)
     if fmt == "safetensors":
         return write_safetensors(dst, plan.entries, source, {**provenance(plan, source), **(metadata or {})}, advance)
     state_metadata = source.state_metadata

@@ -1,12 +1,13 @@
-"""Atomic file output: write to a temporary file beside the destination, fsync, then rename."""
+"""Atomic file output: write to a temporary file (or folder, for a set) beside the destination, fsync, then rename."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Sequence
 
 TEMP_SUFFIX = ".ckptx-partial"
 
@@ -18,19 +19,54 @@ def atomic_output(dst: Path) -> Iterator[BinaryIO]:
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
+            sync_file(handle)
+        publish([(Path(tmp), dst)])
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
+
+
+def sync_file(handle: BinaryIO) -> None:
+    """Flush a file's buffers and its data to the disk."""
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+@contextmanager
+def staging_folder(dst: Path) -> Iterator[Path]:
+    """A hidden folder beside `dst` to write a set of files in; it goes, with whatever is left in it, on exit."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=TEMP_SUFFIX, dir=dst.parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def publish(moves: Sequence[tuple[Path, Path]], *, remove_first: Sequence[Path] = ()) -> None:
+    """Rename written files to their final names in order (put the one that completes a set last).
+
+    `remove_first` go before any rename (e.g. an old index, so no index ever names a half-replaced set).
+    If a rename fails, the files already renamed are removed again: no partial set stays under final names.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in remove_first:
+        path.unlink(missing_ok=True)
+    done: list[Path] = []
+    try:
+        for staged, final in moves:
+            os.chmod(staged, 0o666 & ~umask)
+            os.replace(staged, final)
+            done.append(final)
+    except BaseException:
+        for final in done:
+            final.unlink(missing_ok=True)
+        raise
+    for folder in {final.parent for _, final in moves}:
+        _fsync_dir(folder)
 
 
 def _fsync_dir(folder: Path) -> None:

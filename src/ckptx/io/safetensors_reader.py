@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import mmap
-import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -12,8 +10,9 @@ from typing import Any
 import torch
 
 from ckptx.errors import SourceError
-from ckptx.io.dtypes import FROM_SAFETENSORS, torch_dtype
+from ckptx.io.dtypes import FROM_SAFETENSORS
 from ckptx.io.source import RawSpan, Source
+from ckptx.io.spans import read_span
 from ckptx.ops.registry import DTYPE_SIZES, TensorMeta
 
 _MAX_HEADER = 100 * 1024 * 1024
@@ -64,7 +63,7 @@ def _check_entries(header: dict[str, Any], data_size: int, shown: str) -> None:
 
 
 class SafetensorsSource(Source):
-    """A safetensors file; `load` returns a tensor copied from a read-only memory map."""
+    """A safetensors file: metadata from the header; `load` reads one tensor, `raw_span` says where its bytes are."""
 
     def __init__(self, path: Path, display: str | None = None) -> None:
         header, data_start = read_header(path, display)
@@ -78,8 +77,6 @@ class SafetensorsSource(Source):
         self._file = str(path)
         self._header = header
         self._data_start = data_start
-        self._fd: int | None = None
-        self._map: mmap.mmap | None = None
 
     def raw_span(self, key: str) -> RawSpan:
         """Absolute offset and length of a tensor's bytes in the file."""
@@ -87,26 +84,5 @@ class SafetensorsSource(Source):
         return RawSpan(self._file, self._data_start + begin, end - begin)
 
     def load(self, key: str) -> torch.Tensor:
-        """Copy one tensor out of the file."""
-        meta = self.tensors[key]
-        span = self.raw_span(key)
-        if span.nbytes == 0:
-            return torch.empty(meta.shape, dtype=torch_dtype(meta.dtype))
-        buffer = bytearray(self._mapped()[span.offset:span.offset + span.nbytes])
-        flat = torch.frombuffer(buffer, dtype=torch_dtype(meta.dtype))
-        return flat.reshape(meta.shape)
-
-    def _mapped(self) -> mmap.mmap:
-        if self._map is None:
-            self._fd = os.open(self._file, os.O_RDONLY)
-            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
-        return self._map
-
-    def close(self) -> None:
-        """Unmap the file."""
-        if self._map is not None:
-            self._map.close()
-            self._map = None
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Read one tensor from the file into new memory (with pread: no mapped pages stay resident)."""
+        return read_span(self.raw_span(key), self.tensors[key])

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import BinaryIO, Callable, Mapping, Sequence
+from typing import BinaryIO, Mapping, Sequence
 
 import torch
 
 from ckptx.errors import TensorOpError
 from ckptx.io.atomic import atomic_output
 from ckptx.io.dtypes import SAFETENSORS_CODES, dtype_name
-from ckptx.io.source import RawSpan, Source
+from ckptx.io.source import Source
+from ckptx.io.spans import Progress, SpanCopier, write_bytes
 from ckptx.ops.registry import PlanEntry, evaluate
 
-_CHUNK = 16 * 1024 * 1024
-Progress = Callable[[int], None]
+__all__ = ["Progress", "build_header", "materialize", "write_body", "write_safetensors", "write_tensor"]
 
 
 def build_header(entries: Sequence[PlanEntry], metadata: Mapping[str, str]) -> bytes:
@@ -37,16 +36,22 @@ def write_safetensors(dst: Path, entries: Sequence[PlanEntry], source: Source, m
                       progress: Progress | None = None) -> int:
     """Write `entries` to `dst` atomically; unchanged tensors are copied as raw bytes. Returns bytes written."""
     with atomic_output(dst) as out:
-        out.write(build_header(entries, metadata))
+        write_body(out, entries, source, metadata, progress)
+        return out.tell()
+
+
+def write_body(out: BinaryIO, entries: Sequence[PlanEntry], source: Source, metadata: Mapping[str, str],
+               progress: Progress | None = None) -> None:
+    """Header, then each entry's bytes: runs of unchanged tensors are copied file-to-file, the rest computed one by one."""
+    out.write(build_header(entries, metadata))
+    with SpanCopier(out, progress) as copier:
         for entry in entries:
             span = source.raw_span(entry.sources[0]) if entry.is_copy else None
-            if span is not None:
-                copy_span(span, out)
+            if span is not None and span.nbytes == entry.meta.nbytes:
+                copier.add(span)
             else:
-                write_tensor(out, materialize(entry, source))
-            if progress:
-                progress(entry.meta.nbytes)
-        return out.tell()
+                copier.flush()
+                write_tensor(out, materialize(entry, source), progress)
 
 
 def materialize(entry: PlanEntry, source: Source) -> torch.Tensor:
@@ -61,36 +66,9 @@ def materialize(entry: PlanEntry, source: Source) -> torch.Tensor:
     return tensor
 
 
-def write_tensor(out: BinaryIO, tensor: torch.Tensor) -> None:
+def write_tensor(out: BinaryIO, tensor: torch.Tensor, progress: Progress | None = None) -> None:
     """Write a tensor's bytes in row-major order (views and non-contiguous tensors are written as themselves)."""
     if tensor.numel() == 0:
         return
     flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    out.write(memoryview(flat.numpy()))
-
-
-def copy_span(span: RawSpan, out: BinaryIO) -> None:
-    """Copy bytes from a source file to `out`, in the kernel where possible."""
-    out.flush()
-    with open(span.file, "rb") as src:
-        remaining, offset = span.nbytes, span.offset
-        copy_range = getattr(os, "copy_file_range", None)
-        while remaining and copy_range is not None:
-            try:
-                done = copy_range(src.fileno(), out.fileno(), remaining, offset)
-            except OSError:
-                break
-            if done <= 0:
-                break
-            offset += done
-            remaining -= done
-        if remaining:
-            out.seek(0, os.SEEK_END)
-        src.seek(offset)
-        while remaining:
-            chunk = src.read(min(_CHUNK, remaining))
-            if not chunk:
-                raise TensorOpError(f"{span.file}: ended early while copying tensor bytes (file changed or truncated)")
-            out.write(chunk)
-            remaining -= len(chunk)
-    out.seek(0, os.SEEK_END)
+    write_bytes(out, memoryview(flat.numpy()), progress)

@@ -14,6 +14,7 @@ import torch
 
 from ckptx.errors import SourceError, UnsafeGlobalError
 from ckptx.io.source import MappingSource, describe_value, extract
+from ckptx.io.torch_zip import TorchZipSource
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 _UNSUPPORTED = re.compile(r"Unsupported (?:global|class|operand)[^\n]*")
@@ -43,8 +44,9 @@ def read_torch(path: Path, extract_paths: Sequence[str], *, allow_globals: Seque
     obj = load_pickle_object(path, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle, display=shown)
     state, found_at = extract(obj, extract_paths, file=shown, where=where)
     top = {str(k): describe_value(v) for k, v in obj.items()} if isinstance(obj, dict) else {}
-    fmt = "torch-zip" if zipfile.is_zipfile(path) else "torch-legacy"
-    return MappingSource(shown, fmt, state, extracted_from=found_at, top_level=top, keep_alive=obj)
+    if zipfile.is_zipfile(path):
+        return TorchZipSource(str(path), shown, state, extracted_from=found_at, top_level=top, keep_alive=obj)
+    return MappingSource(shown, "torch-legacy", state, extracted_from=found_at, top_level=top, keep_alive=obj)
 
 
 def _import_global(name: str) -> Any:
