@@ -52,9 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan and the validation report; write nothing")
     p.add_argument("--force", action="store_true", help="overwrite an existing destination")
     p.add_argument("--verify", action="store_true", help="after writing, compare source and target model outputs")
+    p.add_argument("--reverse", action="store_true",
+                   help="convert the other way with the reverse of the rules (see `ckptx invert`); --target is "
+                        "then the rules' source layout")
     p.add_argument("--max-shard-size", type=_size, metavar="SIZE",
                    help="write safetensors shards of at most SIZE (5GB, 500MiB...) and an index: "
                         "DST NAME.safetensors or NAME.safetensors.index.json gives NAME-00001-of-0000N.safetensors")
+
+    p = sub.add_parser("invert", parents=[common], help="write the reverse of a recipe")
+    p.add_argument("rules", nargs="+", help="rule files or recipe names, composed in order")
+    p.add_argument("-o", "--output", metavar="REVERSE.yaml", help="where to write the reverse recipe (default: print it)")
+    p.add_argument("--original", metavar="SPEC", help="checkpoint, manifest or module:callable in the recipe's source "
+                                                      "layout; needed when it reshapes, casts or concatenates")
+    p.add_argument("--original-arg", action="append", default=[], metavar="K=V", help="keyword argument for --original")
+    p.add_argument("--set", action="append", default=[], metavar="K=V", dest="params")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
 
     p = sub.add_parser("inspect", parents=[common, pickle], help="show what a checkpoint holds")
     p.add_argument("src")
@@ -203,7 +215,7 @@ def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                      target_args=_key_values(args.target_arg, "--target-arg"), params=_key_values(args.params, "--set"),
                      dry_run=args.dry_run, force=args.force, allow_globals=args.allow_global,
                      unsafe_pickle=args.unsafe_pickle, verify=args.verify, progress=_progress(err, show_progress),
-                     max_shard_size=args.max_shard_size)
+                     max_shard_size=args.max_shard_size, reverse=args.reverse)
     plan, source = result.plan, result.plan.source
     lines = [f"source: {source.path} ({source.format}), weights at '{source.extracted_from}': "
              f"{len(source.tensors)} tensors"]
@@ -368,6 +380,26 @@ def _cmd_rules(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+def _cmd_invert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ckptx.reverse import reverse_recipe  # noqa: PLC0415
+    from ckptx.rules import load_rules  # noqa: PLC0415
+    from ckptx.target import parse_target_arg  # noqa: PLC0415
+
+    recipe = load_rules(args.rules, params=_key_values(args.params, "--set"))
+    original = parse_target_arg(args.original, _key_values(args.original_arg, "--original-arg")) if args.original else None
+    reversed_ = reverse_recipe(recipe, original=original)
+    doc = {"ok": True, "output": args.output, "traced_on": reversed_.traced_on, "reverse": reversed_.document}
+    if not args.output:
+        _emit(out, args.json, doc, reversed_.text.rstrip())
+        return EXIT_OK
+    destination = Path(args.output)
+    if destination.exists() and not args.force:
+        raise CkptxError(f"{destination}: already exists; pass --force to overwrite it")
+    destination.write_text(reversed_.text, encoding="utf-8")
+    _emit(out, args.json, doc, f"wrote {destination} ({len(reversed_.document['steps'])} steps, reverse of {recipe.name})")
+    return EXIT_OK
+
+
 def _cmd_batch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from ckptx.batch import default_report_path, render_batch, run_batch, write_report  # noqa: PLC0415
 
@@ -397,5 +429,5 @@ def _cmd_batch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], int]] = {
     "convert": _cmd_convert, "inspect": _cmd_inspect, "diff": _cmd_diff, "lint": _cmd_lint, "rules": _cmd_rules,
-    "batch": _cmd_batch,
+    "batch": _cmd_batch, "invert": _cmd_invert,
 }

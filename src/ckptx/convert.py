@@ -95,7 +95,8 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
             dry_run: bool = False, force: bool = False, allow_globals: Sequence[str] = (),
             unsafe_pickle: bool = False, verify: bool = False,
             progress: Callable[[int, int], None] | None = None,
-            metadata: Mapping[str, str] | None = None, max_shard_size: int | None = None) -> ConvertResult:
+            metadata: Mapping[str, str] | None = None, max_shard_size: int | None = None,
+            reverse: bool = False) -> ConvertResult:
     """Convert `src` to `dst` with the recipes; validate against the target before writing a byte.
 
     Raises ValidationFailed (nothing written) when the plan does not fit the target, and the other
@@ -103,9 +104,15 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
     `metadata` adds string entries to a safetensors output's header (after ckptx's own provenance).
     `max_shard_size` (bytes) writes HuggingFace-style shards and an index (see io/sharded_writer.py for
     the names); a DST ending in `.safetensors.index.json` is sharded even without it.
+    With `reverse`, converts the other way with the recipes' reverse (see ckptx.reverse); `target`
+    is then the recipes' source layout, traced when a step's inverse needs shapes.
     """
     started = time.perf_counter()
     recipe = as_recipe(recipes, params)
+    if reverse:
+        from ckptx.reverse import reverse_recipe  # noqa: PLC0415
+
+        recipe = reverse_recipe(recipe, original=target_spec_for(Recipe(name=""), target, target_args)).recipe
     src_path = Path(src)
     dst_path = Path(dst) if dst is not None else None
     sharded = max_shard_size is not None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ckptx.errors import PlanError, Problem
 from ckptx.ops import STEP_PLANNERS
@@ -46,19 +46,24 @@ class Plan:
         }
 
 
-def plan_recipe(recipe: Recipe, source: Any, *, target: Mapping[str, TensorMeta] | None = None) -> Plan:
+def plan_recipe(recipe: Recipe, source: Any, *, target: Mapping[str, TensorMeta] | None = None,
+                observe: Callable[[int, list[PlanEntry], list[PlanEntry] | None], None] | None = None) -> Plan:
     """Run every step of `recipe` on the source's metadata.
 
     `source` is a Source, a path, or a state dict. `target` (key -> TensorMeta) is needed only by
     steps that take shapes from the target (`reshape: {shape: target}`). Raises PlanError listing
     every problem (collisions, impossible reshapes, strict steps that matched nothing).
+    `observe(index, before, after)` sees each step's entries (`after` is None for a step whose
+    `when:` is false); `ckptx invert` uses it to learn the shapes a reverse step must restore.
     """
     opened = _as_source(source, recipe)
     entries = [PlanEntry(key, SourceRef(key, meta)) for key, meta in opened.tensors.items()]
     ctx = PlanContext(target=target, params=recipe.params)
     renames = False
-    for step in recipe.steps:
+    for index, step in enumerate(recipe.steps):
         if not _should_run(step, entries, recipe.params, getattr(opened, "extracted_from", ".")):
+            if observe is not None:
+                observe(index, entries, None)
             continue
         outcome = STEP_PLANNERS[step.op](step, entries, ctx)
         if outcome.hits == 0:
@@ -67,6 +72,8 @@ def plan_recipe(recipe: Recipe, source: Any, *, target: Mapping[str, TensorMeta]
         if step.op in KEY_STEPS:
             ctx.errors.extend(_collisions(outcome.entries, step))
             renames = renames or any(a.key != b.key for a, b in zip(entries, outcome.entries))
+        if observe is not None:
+            observe(index, entries, outcome.entries)
         entries = outcome.entries
     if ctx.errors:
         raise PlanError(ctx.errors)
@@ -87,6 +94,8 @@ def _should_run(step: Step, entries: list[PlanEntry], params: Mapping[str, Any],
 
 
 def _collisions(entries: list[PlanEntry], step: Step) -> list[Problem]:
+    if len({e.key for e in entries}) == len(entries):  # the usual case, checked at C speed
+        return []
     by_key: dict[str, list[PlanEntry]] = defaultdict(list)
     for entry in entries:
         by_key[entry.key].append(entry)

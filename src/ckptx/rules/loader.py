@@ -12,7 +12,7 @@ from ckptx.rules.recipe import Recipe, RuleFile, TargetSpec, VerifySpec
 from ckptx.rules.registry import resolve_rule
 from ckptx.rules.schema import schema_problems
 from ckptx.rules.steps import Step, _Collector
-from ckptx.rules.yamlfile import YamlDocument, load_yaml
+from ckptx.rules.yamlfile import YamlDocument, load_yaml, parse_yaml
 
 _PARAM = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -46,13 +46,29 @@ def load_rules(refs: str | Path | Sequence[str | Path], *, params: Mapping[str, 
     return recipe
 
 
-def _load_file(path: Path, overrides: dict[str, Any], stack: tuple[Path, ...], declared: set[str]) -> Recipe:
+def load_rules_text(text: str, display: str, *, base_dir: Path | None = None,
+                    params: Mapping[str, Any] | None = None) -> Recipe:
+    """Load a rule document given as text (e.g. a generated reverse recipe), shown as `display` in messages.
+
+    Relative `extends:` are taken from `base_dir` (default: the working directory).
+    """
+    path = (base_dir or Path.cwd()) / "<text>.yaml"
+    declared: set[str] = set()
+    recipe = _load_file(path, dict(params or {}), (), declared, text=text, display=display)
+    unknown = sorted(set(params or {}) - declared)
+    if unknown:
+        raise RuleError([Problem("--set", f"unknown parameter(s) {', '.join(unknown)}")])
+    return recipe
+
+
+def _load_file(path: Path, overrides: dict[str, Any], stack: tuple[Path, ...], declared: set[str], *,
+               text: str | None = None, display: str | None = None) -> Recipe:
     resolved = path.resolve()
     if resolved in stack:
         chain = " -> ".join(_display(p) for p in stack + (resolved,))
         raise RuleError([Problem(str(path), f"extends cycle: {chain}")])
-    display = _display(path)
-    doc = load_yaml(path, display=display)
+    display = display or _display(path)
+    doc = load_yaml(path, display=display) if text is None else parse_yaml(text, display)
     data = doc.data
     if not isinstance(data, dict):
         raise RuleError([Problem(f"{display}:1:1", "a rule file must be a mapping with at least `ckptx: 1`")])
@@ -83,7 +99,8 @@ def _load_file(path: Path, overrides: dict[str, Any], stack: tuple[Path, ...], d
     problems.extend(schema_problems(doc))
     if problems:
         raise RuleError(problems)
-    own = _build(doc, path, values, problems)
+    raw = text.encode("utf-8") if text is not None else path.read_bytes()
+    own = _build(doc, path, values, problems, raw)
     if problems:
         raise RuleError(problems)
     recipe = parents[0] if parents else None
@@ -101,7 +118,7 @@ def _inherit(parent: Recipe, child: Recipe) -> Recipe:
     )
 
 
-def _build(doc: YamlDocument, path: Path, values: dict[str, Any], problems: list[Problem]) -> Recipe:
+def _build(doc: YamlDocument, path: Path, values: dict[str, Any], problems: list[Problem], content: bytes) -> Recipe:
     data = doc.data
     steps = []
     for i, raw in enumerate(data.get("steps") or []):
@@ -119,7 +136,7 @@ def _build(doc: YamlDocument, path: Path, values: dict[str, Any], problems: list
             target = TargetSpec.from_dict(data["target"], base_dir=path.parent, where=doc.where(("target",)))
     verify = VerifySpec.from_dict(data["verify"], where=doc.where(("verify",))) if "verify" in data else None
     extract = data.get("extract", ())
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256(content).hexdigest()
     name = data.get("name") or path.stem
     return Recipe(
         name=name,
