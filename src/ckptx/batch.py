@@ -9,11 +9,12 @@ worker processes, or on a Dask cluster. This module never prints.
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 from ckptx import __version__
 from ckptx.convert import convert
@@ -119,7 +120,6 @@ class _Task:
 class _Tracker:
     """Results by job index, with the progress callback fed as they arrive."""
 
-    jobs: Sequence[Job]
     progress: Progress | None
     results: dict[int, JobResult] = field(default_factory=dict)
 
@@ -144,7 +144,7 @@ def run_batch(jobs_file: str | Path | JobsFile, *, workers: int = 1, dry_run: bo
     check_runner_options(executor, workers, scheduler)
     loaded = jobs_file if isinstance(jobs_file, JobsFile) else load_jobs(jobs_file)
     jobs = loaded.jobs
-    tracker = _Tracker(jobs, progress)
+    tracker = _Tracker(progress)
     if resume:
         recipes: dict[str, Recipe] = {}
         for index, job in enumerate(jobs):
@@ -153,7 +153,7 @@ def run_batch(jobs_file: str | Path | JobsFile, *, workers: int = 1, dry_run: bo
                 tracker.results[index] = skipped
     interrupted = False
     try:
-        with open_runner(executor, workers, scheduler) as runner:
+        with open_runner(executor, workers, scheduler, preload=(__name__,), initializer=_share_cores) as runner:
             for phase, task_fn in (("plan", _plan_job), ("write", _write_job)):
                 if phase == "write" and dry_run:
                     break
@@ -188,6 +188,13 @@ def write_report(result: BatchResult, path: str | Path) -> Path:
     return target
 
 
+def _share_cores(workers: int) -> None:
+    """Worker start-up: split the CPUs between the workers, so N workers do not each run CPU-count threads."""
+    import torch  # noqa: PLC0415
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def _skip_if_current(job: Job, recipes: dict[str, Recipe]) -> JobResult | None:
     """A `skipped` result when the job's output is complete and current; None when it must run.
 
@@ -199,7 +206,7 @@ def _skip_if_current(job: Job, recipes: dict[str, Recipe]) -> JobResult | None:
         if key not in recipes:
             recipes[key] = job.recipe()
         state = output_state(job.dst, _fingerprint(job, recipes[key]))
-    except CkptxError:
+    except (CkptxError, OSError):
         return None  # the plan phase reports it
     if state.status != "current":
         return None
