@@ -348,13 +348,17 @@ def _open_for_lint(args: argparse.Namespace, recipe: Any) -> Any:
 
 
 def _cmd_rules(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from ckptx.rules.registry import list_recipes, resolve_rule  # noqa: PLC0415
+    from ckptx.rules.registry import clashes, find_recipe, list_recipes, resolve_rule  # noqa: PLC0415
     from ckptx.rules.yamlfile import load_yaml  # noqa: PLC0415
 
     if args.rules_command == "list":
-        rows, docs = [], []
-        for ref in list_recipes():
-            data = load_yaml(ref.path).data
+        rows, docs, problems = [], [], []
+        refs = list_recipes(problems)
+        for ref in refs:
+            try:
+                data = load_yaml(ref.path).data
+            except RuleError as exc:
+                data, problems = None, problems + exc.problems
             description = data.get("description", "") if isinstance(data, dict) else ""
             name = ref.name if ref.pack.name == "ckptx" else f"{ref.pack.name}:{ref.name}"
             rows.append([name, description, f"{ref.pack.distribution} {ref.pack.version}"])
@@ -362,21 +366,33 @@ def _cmd_rules(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                          "distribution": ref.pack.distribution, "version": ref.pack.version, "path": str(ref.path)})
         from ckptx.report import table  # noqa: PLC0415
 
-        _emit(out, args.json, {"ok": True, "recipes": docs}, table(rows, ["name", "description", "from"]))
+        clashing = clashes(refs)
+        notes = [f"note: '{name}' is provided by several packs; write "
+                 + " or ".join(f"{r.pack.name}:{name} ({r.pack.distribution} {r.pack.version})" for r in found)
+                 for name, found in clashing.items()]
+        notes += [f"warning: {p}" for p in problems]
+        _emit(out, args.json, {"ok": True, "recipes": docs, "clashes": {n: [r.pack.name for r in f] for n, f in clashing.items()},
+                               "problems": [str(p) for p in problems]},
+              "\n".join([table(rows, ["name", "description", "from"]), *notes]))
         return EXIT_OK
     path = resolve_rule(args.name)
     if args.resolved:
         from ckptx.rules import load_rules  # noqa: PLC0415
-        from ckptx.rules.flatten import flatten  # noqa: PLC0415
+        from ckptx.rules.flatten import dump, flatten  # noqa: PLC0415
 
         recipe = load_rules(path, params=_key_values(args.params, "--set"))
         flat = flatten(recipe)
         _emit(out, args.json, {"ok": True, "path": str(path), "resolved": flat},
               f"# {args.name}: resolved from {', '.join(f.path for f in recipe.files)}\n"
-              + yaml.safe_dump(flat, sort_keys=False, allow_unicode=True))
+              + dump(flat))
         return EXIT_OK
     text = path.read_text(encoding="utf-8")
-    _emit(out, args.json, {"ok": True, "path": str(path), "text": text}, f"# {args.name}: {path}\n{text.rstrip()}")
+    ref = find_recipe(path)
+    origin = f"pack {ref.pack.name} from {ref.pack.distribution} {ref.pack.version}, " if ref else ""
+    _emit(out, args.json, {"ok": True, "path": str(path), "text": text, "pack": ref.pack.name if ref else None,
+                           "distribution": ref.pack.distribution if ref else None,
+                           "version": ref.pack.version if ref else None},
+          f"# {args.name}: {origin}{path}\n{text.rstrip()}")
     return EXIT_OK
 
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import yaml
-
 from ckptx.errors import Problem, RuleError
 from ckptx.io.source import Source
 from ckptx.ops.registry import PlanEntry, TensorMeta
 from ckptx.plan import plan_recipe
 from ckptx.rules import Recipe, TargetSpec
+from ckptx.rules.flatten import dump
 from ckptx.rules.invert import StepTrace, invert_recipe
 from ckptx.rules.loader import load_rules_text
 from ckptx.target import parse_target_arg, resolve_target
@@ -92,7 +91,7 @@ def _finish(recipe: Recipe, document: dict[str, Any], traced_on: str | None) -> 
     sources = ", ".join(f.path for f in recipe.files) or recipe.name
     header = (f"# Reverse of {recipe.name} ({sources}), made by `ckptx invert`"
               + (f"; shapes and dtypes from {traced_on}" if traced_on else "") + ".\n")
-    text = header + yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=120, default_flow_style=None)
+    text = header + dump(document)
     loaded = load_rules_text(text, f"<reverse of {recipe.name}>")
     return Reversed(document, text, loaded, traced_on)
 

@@ -6,9 +6,24 @@ import dataclasses
 import re
 from typing import Any, Mapping
 
+import yaml
+
 from ckptx.rules.recipe import Recipe, TargetSpec
 from ckptx.rules.steps import AddPrefix, Rename, Split, Step, StripPrefix
 from ckptx.rules.templates import Template
+
+
+class _Dumper(yaml.SafeDumper):
+    """Mappings as blocks, lists of plain values inline (`dims: [0, 2, 3, 1]`, rename rows)."""
+
+
+_Dumper.add_representer(list, lambda dumper, data: dumper.represent_sequence(
+    "tag:yaml.org,2002:seq", data, flow_style=all(not isinstance(v, (dict, list)) for v in data)))
+
+
+def dump(document: dict[str, Any]) -> str:
+    """A rule document as YAML: keys in order, mappings as blocks, short lists inline."""
+    return yaml.dump(document, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=120)
 
 
 def flatten(recipe: Recipe) -> dict[str, Any]:

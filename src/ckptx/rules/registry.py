@@ -32,44 +32,70 @@ class RecipeRef:
     path: Path
 
 
-def rule_packs() -> list[RulePack]:
-    """The shipped pack first, then every pack exposed by the `ckptx.rules` entry point group."""
+def rule_packs(problems: list[Problem] | None = None) -> list[RulePack]:
+    """The shipped pack first, then every pack exposed by the `ckptx.rules` entry point group.
+
+    A pack that cannot be loaded is skipped (a broken third-party pack must not break ckptx); what
+    went wrong is appended to `problems` when given.
+    """
     from ckptx import __version__  # noqa: PLC0415
 
     packs = [RulePack(SHIPPED, shipped_rules_dir(), "ckptx", __version__)]
     for entry in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        folder = _pack_folder(entry)
-        if folder is None:
-            continue
         dist = entry.dist
-        packs.append(RulePack(entry.name, folder, dist.metadata["Name"] if dist else "?", dist.version if dist else "?"))
+        distribution = dist.metadata["Name"] if dist else "?"
+        try:
+            folder = _pack_folder(entry)
+        except Exception as exc:  # noqa: BLE001 - third-party code
+            if problems is not None:
+                problems.append(Problem(f"pack {entry.name} ({distribution})",
+                                        f"entry point '{entry.value}' cannot be loaded: {type(exc).__name__}: {exc}"))
+            continue
+        if not folder.is_dir():
+            if problems is not None:
+                problems.append(Problem(f"pack {entry.name} ({distribution})", f"{folder} is not a folder"))
+            continue
+        packs.append(RulePack(entry.name, folder, distribution, dist.version if dist else "?"))
     return packs
 
 
-def _pack_folder(entry: metadata.EntryPoint) -> Path | None:
+def _pack_folder(entry: metadata.EntryPoint) -> Path:
     """An entry point names a package (its folder holds the recipes) or a callable returning a folder."""
-    try:
-        target = entry.load()
-    except Exception:  # noqa: BLE001 - a broken third-party pack must not break ckptx
-        return None
+    target = entry.load()
     if callable(target):
         target = target()
     if isinstance(target, (str, Path)):
         return Path(target)
     files = getattr(target, "__file__", None)
-    return Path(files).parent if files else None
+    if not files:
+        raise ValueError(f"{entry.value} is neither a package nor a callable returning a folder")
+    return Path(files).parent
 
 
-def list_recipes() -> list[RecipeRef]:
-    """Every recipe of every pack, sorted by pack then name."""
+def list_recipes(problems: list[Problem] | None = None) -> list[RecipeRef]:
+    """Every recipe of every pack, sorted by pack then name (see `rule_packs` for `problems`)."""
     refs = []
-    for pack in rule_packs():
+    for pack in rule_packs(problems):
         if not pack.folder.is_dir():
             continue
         for path in sorted(pack.folder.rglob("*.yaml")):
             name = path.relative_to(pack.folder).with_suffix("").as_posix()
             refs.append(RecipeRef(name, pack, path))
     return refs
+
+
+def clashes(refs: list[RecipeRef]) -> dict[str, list[RecipeRef]]:
+    """Recipe names that several packs provide (each must then be written `pack:name`)."""
+    by_name: dict[str, list[RecipeRef]] = {}
+    for ref in refs:
+        by_name.setdefault(ref.name, []).append(ref)
+    return {name: found for name, found in by_name.items() if len(found) > 1}
+
+
+def find_recipe(path: Path) -> RecipeRef | None:
+    """The pack recipe stored at `path`, if it is one."""
+    resolved = path.resolve()
+    return next((r for r in list_recipes() if r.path.resolve() == resolved), None)
 
 
 def resolve_rule(ref: str | Path, *, base_dir: Path | None = None, where: str = "") -> Path:
