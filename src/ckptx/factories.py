@@ -46,8 +46,13 @@ def convnextv2_hf(size: str = "atto", num_labels: int = 1000, **config: Any) -> 
 
 def convnextv2_timm(size: str = "atto", **kwargs: Any) -> torch.nn.Module:
     """`timm.create_model('convnextv2_<size>', pretrained=False)`."""
+    return timm_model(f"convnextv2_{size}", **kwargs)
+
+
+def timm_model(name: str, **kwargs: Any) -> torch.nn.Module:
+    """`timm.create_model(name, pretrained=False, **kwargs)`, randomly initialised, no download."""
     timm = importlib.import_module("timm")
-    return timm.create_model(f"convnextv2_{size}", pretrained=False, **kwargs)
+    return timm.create_model(name, pretrained=False, **kwargs)
 
 
 def mmpretrain_model(config: str, part: str | None = None, num_classes: int | None = None) -> torch.nn.Module:
