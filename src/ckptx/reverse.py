@@ -56,14 +56,18 @@ def reverse_recipe(recipe: Recipe, original: Original | None = None) -> Reversed
 
 
 def trace_recipe(recipe: Recipe, metas: Mapping[str, TensorMeta]) -> tuple[list[StepTrace | None], dict[str, TensorMeta]]:
-    """Plan `recipe` on metadata alone; each step's keys and metadata before and after, and the result."""
+    """Plan `recipe` on metadata alone; each step's keys and metadata before and after, and the result.
+
+    The recipe's own target (if any) is resolved for steps that take shapes from it (`shape: target`).
+    """
     traces: list[StepTrace | None] = [None] * len(recipe.steps)
 
     def observe(index: int, before: list[PlanEntry], after: list[PlanEntry] | None) -> None:
         traces[index] = StepTrace([(e.key, e.meta) for e in before],
                                   None if after is None else [(e.key, e.meta) for e in after])
 
-    plan = plan_recipe(recipe, _MetadataSource(metas), observe=observe)
+    target = resolve_target(recipe.target).tensors if recipe.target is not None else None
+    plan = plan_recipe(recipe, _MetadataSource(metas), target=target, observe=observe)
     return traces, plan.expected
 
 

@@ -213,3 +213,21 @@ def test_cli_invert_with_an_original_checkpoint_and_refusing_to_overwrite(run_cl
     assert result.code == 0 and result.json["traced_on"] == str(original)
     (tmp_path / "r.yaml").write_text("x")
     assert "already exists; pass --force" in run_cli("invert", path, "--original", original, "-o", tmp_path / "r.yaml").err
+
+
+def test_reshape_to_the_target_inverts_to_unsqueezes_that_fit_every_size(write_rules, tmp_path: Path) -> None:
+    state = {"a.fc.weight": _rand(4, 3, 1, 1), "b.fc.weight": _rand(6, 2, 1, 1, seed=1), "a.bias": _rand(4)}
+    save_file({"a.fc.weight": torch.zeros(4, 3), "b.fc.weight": torch.zeros(6, 2), "a.bias": torch.zeros(4)},
+              str(tmp_path / "target.safetensors"))
+    path = write_rules(r"""
+        ckptx: 1
+        steps:
+          - reshape: {match: '\.fc\.weight$', shape: target}
+        target: {checkpoint: target.safetensors}
+    """)
+    forward = load_rules(path)
+    reverse = reverse_recipe(forward, original=state)
+    steps = [{k: v for k, v in step.items() if k != "comment"} for step in reverse.document["steps"]]
+    assert steps == [{"unsqueeze": {"match": r"\.fc\.weight$", "dim": -1}}] * 2
+    converted = apply_in_memory(forward, state, forward.target)
+    _assert_bit_exact(apply_in_memory(reverse.recipe, converted), state)

@@ -14,7 +14,10 @@ from ckptx.rules.templates import Template
 
 
 class _Dumper(yaml.SafeDumper):
-    """Mappings as blocks, lists of plain values inline (`dims: [0, 2, 3, 1]`, rename rows)."""
+    """Mappings as blocks, lists of plain values inline (`dims: [0, 2, 3, 1]`, rename rows), no anchors."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 _Dumper.add_representer(list, lambda dumper, data: dumper.represent_sequence(

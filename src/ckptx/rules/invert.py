@@ -407,12 +407,29 @@ def _invert_reshape(step: Step, trace: StepTrace | None) -> list[Doc]:
     changed = _changed(trace, "shapes")
     originals = {tuple(old.shape) for _, old, _ in changed}
     general = list(next(iter(originals))) if len(originals) == 1 else _one_free_dim(originals)
-    if general is not None and _all_matched_changed(args.match, trace, changed):
-        return [{"reshape": {"match": args.match.pattern, "shape": general}}]
+    if _all_matched_changed(args.match, trace, changed):
+        if general is not None:
+            return [{"reshape": {"match": args.match.pattern, "shape": general}}]
+        padding = _trailing_ones(changed)
+        if padding:
+            op = "unsqueeze" if padding > 0 else "squeeze"
+            return [{op: {"match": args.match.pattern, "dim": -1}} for _ in range(abs(padding))]
     groups: dict[tuple[int, ...], list[str]] = {}
     for key, old, _ in changed:
         groups.setdefault(tuple(old.shape), []).append(key)
     return [{"reshape": {"match": _exact_keys(keys), "shape": list(shape)}} for shape, keys in groups.items()]
+
+
+def _trailing_ones(changed: list[tuple[str, Any, Any]]) -> int:
+    """k when every original shape is its new shape with k trailing 1s (-k: with k trailing 1s removed), else 0."""
+    counts = set()
+    for _, old, new in changed:
+        short, long_ = sorted((tuple(old.shape), tuple(new.shape)), key=len)
+        pad = long_[len(short):]
+        if long_[:len(short)] != short or not pad or set(pad) != {1}:
+            return 0
+        counts.add(len(pad) if len(old.shape) > len(new.shape) else -len(pad))
+    return counts.pop() if len(counts) == 1 else 0
 
 
 def _one_free_dim(shapes: set[tuple[int, ...]]) -> list[int] | None:
