@@ -37,7 +37,7 @@ _LOSSLESS: dict[str, set[str]] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepTrace:
     """One step planned on a known layout: (key, meta) before it and after it (after=None: it did not run)."""
 
