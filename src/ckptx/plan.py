@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from itertools import compress, count
+from operator import is_not
+from typing import Any, Callable, Mapping, Sequence
 
 from ckptx.errors import PlanError, Problem
+from ckptx.gcpause import without_gc
 from ckptx.ops import STEP_PLANNERS
-from ckptx.ops.registry import KEY_STEPS, PlanContext, PlanEntry, SourceRef, TensorMeta, ops_of
+from ckptx.ops.registry import KEY_STEPS, PlanContext, PlanEntry, SourceRef, StepOutcome, TensorMeta, ops_of
 from ckptx.rules.recipe import Recipe
 from ckptx.rules.steps import Step
 
@@ -46,6 +49,7 @@ class Plan:
         }
 
 
+@without_gc
 def plan_recipe(recipe: Recipe, source: Any, *, target: Mapping[str, TensorMeta] | None = None,
                 observe: Callable[[int, list[PlanEntry], list[PlanEntry] | None], None] | None = None) -> Plan:
     """Run every step of `recipe` on the source's metadata.
@@ -60,6 +64,7 @@ def plan_recipe(recipe: Recipe, source: Any, *, target: Mapping[str, TensorMeta]
     entries = [PlanEntry(key, SourceRef(key, meta)) for key, meta in opened.tensors.items()]
     ctx = PlanContext(target=target, params=recipe.params)
     renames = False
+    keys = _KeyIndex()
     for index, step in enumerate(recipe.steps):
         if not _should_run(step, entries, recipe.params, getattr(opened, "extracted_from", ".")):
             if observe is not None:
@@ -70,7 +75,7 @@ def plan_recipe(recipe: Recipe, source: Any, *, target: Mapping[str, TensorMeta]
             problem = Problem(step.where, f"{step.op} step matches no key")
             (ctx.errors if step.strict else ctx.warnings).append(problem)
         if step.op in KEY_STEPS:
-            ctx.errors.extend(_collisions(outcome.entries, step))
+            ctx.errors.extend(keys.collisions(entries, outcome, step))
             renames = renames or any(a.key != b.key for a, b in zip(entries, outcome.entries))
         if observe is not None:
             observe(index, entries, outcome.entries)
@@ -91,6 +96,39 @@ def _should_run(step: Step, entries: list[PlanEntry], params: Mapping[str, Any],
     if when.no_key is not None and any(when.no_key.search(e.key) for e in entries):
         return False
     return all(params.get(name) == value for name, value in when.params)
+
+
+class _KeyIndex:
+    """The set of output keys after the last key step, so the next step checks only the entries it changed."""
+
+    def __init__(self) -> None:
+        self._entries: list[PlanEntry] | None = None
+        self._keys: set[str] = set()
+
+    def collisions(self, before: list[PlanEntry], outcome: StepOutcome, step: Step) -> list[Problem]:
+        """What `_collisions(outcome.entries, step)` returns, in time proportional to the entries the step replaced."""
+        after = outcome.entries
+        if (before is self._entries and after is not before and len(after) == len(before)
+                and self._update(before, after, outcome.changed)):
+            self._entries = after
+            return []
+        self._keys = {e.key for e in after}
+        if len(self._keys) == len(after):
+            self._entries = after
+            return []
+        self._entries = None
+        return _collisions(after, step)
+
+    def _update(self, before: list[PlanEntry], after: list[PlanEntry], changed: Sequence[int] | None) -> bool:
+        if changed is None:
+            changed = list(compress(count(), map(is_not, before, after)))
+        self._keys.difference_update([before[i].key for i in changed])
+        for i in changed:
+            key = after[i].key
+            if key in self._keys:
+                return False
+            self._keys.add(key)
+        return True
 
 
 def _collisions(entries: list[PlanEntry], step: Step) -> list[Problem]:

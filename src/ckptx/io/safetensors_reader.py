@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ckptx.errors import SourceError
+from ckptx.gcpause import without_gc
 from ckptx.io.dtypes import FROM_SAFETENSORS
 from ckptx.io.source import RawSpan, Source
 from ckptx.io.spans import read_span
@@ -65,6 +66,7 @@ def _check_entries(header: dict[str, Any], data_size: int, shown: str) -> None:
 class SafetensorsSource(Source):
     """A safetensors file: metadata from the header; `load` reads one tensor, `raw_span` says where its bytes are."""
 
+    @without_gc
     def __init__(self, path: Path, display: str | None = None) -> None:
         header, data_start = read_header(path, display)
         metadata = header.pop("__metadata__", None) or {}

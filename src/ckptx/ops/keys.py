@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from ckptx.errors import Problem
+from ckptx.ops.keymatch import KeyedEntries, first_matches, key_text
 from ckptx.ops.registry import PlanContext, PlanEntry, StepOutcome, step_planner
 from ckptx.rules.steps import AddPrefix, Drop, Keep, Pattern, Rename, Step, StripPrefix, TakeFrom
 from ckptx.rules.templates import KeyTemplateError
 
 
+def may_match_mid_name(pattern: Pattern) -> bool:
+    """False for patterns that start at a name boundary by construction (no over-broad warning possible)."""
+    return not pattern.pattern.startswith(("^", ".", "\\.", "(", "["))
+
+
 def warn_if_mid_name(pattern: Pattern, key: str, where: str, ctx: PlanContext, seen: set[str]) -> None:
     """Warn once per pattern when an unanchored pattern matches inside a name component (over-broad)."""
-    if pattern.pattern in seen or pattern.pattern.startswith(("^", ".", "\\.", "(", "[")):
+    if pattern.pattern in seen or not may_match_mid_name(pattern):
         return
     match = next((m for m in pattern.finditer(key) if m.start() > 0 and key[m.start() - 1] != "."), None)
     if match:
@@ -24,14 +30,11 @@ def warn_if_mid_name(pattern: Pattern, key: str, where: str, ctx: PlanContext, s
 def plan_drop(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Remove entries whose key matches any pattern."""
     args: Drop = step.args  # type: ignore[assignment]
-    kept, seen = [], set()
-    for entry in entries:
-        hit = next((p for p in args.patterns if p.search(entry.key)), None)
-        if hit is None:
-            kept.append(entry)
-        else:
-            warn_if_mid_name(hit, entry.key, step.where, ctx, seen)
-            ctx.dropped.append((entry.key, step.where))
+    found, seen = first_matches(args.patterns, [e.key for e in entries]), set()
+    for i in sorted(found):
+        warn_if_mid_name(args.patterns[found[i]], entries[i].key, step.where, ctx, seen)
+        ctx.dropped.append((entries[i].key, step.where))
+    kept = [entry for i, entry in enumerate(entries) if i not in found]
     return StepOutcome(kept, len(entries) - len(kept))
 
 
@@ -39,12 +42,9 @@ def plan_drop(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOut
 def plan_keep(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Remove entries whose key matches none of the patterns."""
     args: Keep = step.args  # type: ignore[assignment]
-    kept = []
-    for entry in entries:
-        if any(p.search(entry.key) for p in args.patterns):
-            kept.append(entry)
-        else:
-            ctx.dropped.append((entry.key, step.where))
+    found = first_matches(args.patterns, [e.key for e in entries])
+    ctx.dropped.extend((entry.key, step.where) for i, entry in enumerate(entries) if i not in found)
+    kept = [entry for i, entry in enumerate(entries) if i in found]
     return StepOutcome(kept, len(kept))
 
 
@@ -129,23 +129,26 @@ def plan_rename(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepO
     """Per key, the first matching row rewrites it like `re.sub`; rows that match nothing are reported."""
     args: Rename = step.args  # type: ignore[assignment]
     row_hits = [0] * len(args.rules)
-    out, seen = [], set()
-    for entry in entries:
-        for i, rule in enumerate(args.rules):
-            if rule.pattern.search(entry.key):
-                row_hits[i] += 1
-                warn_if_mid_name(rule.pattern, entry.key, rule.where, ctx, seen)
-                try:
-                    out.append(entry.renamed(rule.apply(entry.key), rule.where))
-                except KeyTemplateError as exc:
-                    ctx.errors.append(Problem(rule.where, f"key '{entry.key}': {exc}"))
-                    out.append(entry)
-                break
-        else:
-            out.append(entry)
+    text = key_text(entries)
+    found, seen = text.first_matches([rule.pattern for rule in args.rules]), set()
+    changed = sorted(found)
+    out, new_keys = list(entries), {}
+    may_warn = [may_match_mid_name(rule.pattern) for rule in args.rules]
+    for index in changed:
+        entry, row = entries[index], found[index]
+        rule = args.rules[row]
+        row_hits[row] += 1
+        if may_warn[row]:
+            warn_if_mid_name(rule.pattern, entry.key, rule.where, ctx, seen)
+        try:
+            new_keys[index] = rule.apply(entry.key)
+        except KeyTemplateError as exc:
+            ctx.errors.append(Problem(rule.where, f"key '{entry.key}': {exc}"))
+            continue
+        out[index] = entry.renamed(new_keys[index], rule.where)
     if len(args.rules) > 1 and any(row_hits):
         for rule, hits in zip(args.rules, row_hits):
             if not hits:
                 problem = Problem(rule.where, f"rename pattern {rule.pattern.pattern!r} matches no key")
                 (ctx.errors if step.strict else ctx.warnings).append(problem)
-    return StepOutcome(out, sum(row_hits))
+    return StepOutcome(KeyedEntries(out, text.renamed(new_keys)), sum(row_hits), changed)

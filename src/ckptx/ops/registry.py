@@ -176,10 +176,15 @@ class PlanContext:
 
 @dataclass(frozen=True)
 class StepOutcome:
-    """Entries after a step and how many keys the step matched."""
+    """Entries after a step and how many keys the step matched.
+
+    `changed`, when a planner knows it, lists the positions of the entries it replaced in a list that
+    otherwise keeps the input's entries in place (lets the plan check collisions on those alone).
+    """
 
     entries: list[PlanEntry]
     hits: int
+    changed: Sequence[int] | None = None
 
 
 StepPlanner = Callable[["Step", list[PlanEntry], PlanContext], StepOutcome]

@@ -1,0 +1,161 @@
+"""Which keys a list of regexes matches, fast, for checkpoints with 100,000 keys and recipes with many steps.
+
+Literals every match must contain are looked for in all keys joined into one string (at memory speed)
+before any regex runs; a rename step hands the joined keys on to the next step with only the renamed
+keys spliced in. The answers are those of calling `pattern.search(key)` on every key.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+try:  # Python 3.11+
+    from re import _parser as _sre  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as _sre  # type: ignore[no-redef]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ckptx.ops.registry import PlanEntry
+
+_SAMPLE = 512
+_SEP = "\x00"
+
+
+@lru_cache(maxsize=4096)
+def required_literals(pattern: re.Pattern[str]) -> tuple[str, ...]:
+    """Substrings every match of `pattern` contains: its runs of top-level literal characters (none if unsure)."""
+    if pattern.flags & re.IGNORECASE:
+        return ()
+    try:
+        items = list(_sre.parse(pattern.pattern, pattern.flags))
+    except (re.error, TypeError, ValueError, AttributeError, RecursionError):
+        return ()
+    runs, current = [], []
+    for op, value in items:
+        if op is _sre.LITERAL:
+            current.append(chr(value))
+            continue
+        if current:
+            runs.append("".join(current))
+        current = []
+    if current:
+        runs.append("".join(current))
+    return tuple(run for run in runs if _SEP not in run)
+
+
+class KeyText:
+    """A list of keys and the same keys joined by NUL, with the start in the text of every key found so far."""
+
+    def __init__(self, keys: list[str], text: str | None = None) -> None:
+        self.keys = keys
+        self._text = text
+        self._starts: dict[int, int] = {}
+
+    def first_matches(self, patterns: Sequence[re.Pattern[str]]) -> dict[int, int]:
+        """Key index -> index of the first pattern whose `search` finds that key; unmatched keys are left out."""
+        found: dict[int, int] = {}
+        keys = self.keys
+        for number, pattern in enumerate(patterns):
+            search = pattern.search
+            for i in self.candidates(required_literals(pattern)):
+                if i not in found and search(keys[i]):
+                    found[i] = number
+        return found
+
+    def candidates(self, runs: tuple[str, ...]) -> Sequence[int]:
+        """Indices of the keys that contain every run (the rarest run, judged on a sample, searched first)."""
+        keys = self.keys
+        if not runs:
+            return range(len(keys))
+        sample = keys[:: max(1, len(keys) // _SAMPLE)]
+        ordered = sorted(runs, key=lambda run: sum(run in k for k in sample))
+        indices = self.containing(ordered[0])
+        for run in ordered[1:]:
+            indices = [i for i in indices if run in keys[i]]
+        return indices
+
+    def containing(self, literal: str) -> list[int]:
+        """Indices of the keys that contain `literal` (which holds no NUL), in order."""
+        text = self._joined()
+        if text is None:
+            return [i for i, k in enumerate(self.keys) if literal in k]
+        found, index, start = [], 0, 0
+        pos = text.find(literal)
+        while pos >= 0:
+            skipped = text.count(_SEP, start, pos)
+            if skipped:
+                index += skipped
+                start = text.rfind(_SEP, start, pos) + 1
+            found.append(index)
+            self._starts[index] = start
+            start = text.find(_SEP, pos + len(literal))
+            if start < 0:
+                break
+            index, start = index + 1, start + 1
+            pos = text.find(literal, start)
+        return found
+
+    def renamed(self, new: Mapping[int, str]) -> "KeyText":
+        """The keys with `new` (index -> key) replacing some; the text is spliced when every start is known."""
+        keys = list(self.keys)
+        for i, key in new.items():
+            keys[i] = key
+        text = self._text
+        if not text or any(i not in self._starts or _SEP in key for i, key in new.items()):
+            return KeyText(keys)
+        pieces, done = [], 0
+        for i in sorted(new):
+            start = self._starts[i]
+            pieces += [text[done:start], new[i]]
+            done = start + len(self.keys[i])
+        pieces.append(text[done:])
+        return KeyText(keys, "".join(pieces))
+
+    def _joined(self) -> str | None:
+        """The joined keys, or None when a key itself holds a NUL (then keys are searched one by one)."""
+        if self._text is None:
+            text = _SEP.join(self.keys)
+            self._text = text if text.count(_SEP) == len(self.keys) - 1 else ""
+        return self._text or None
+
+
+class KeyedEntries(list):  # type: ignore[type-arg]
+    """Plan entries that carry their KeyText until the list is changed, so the next step need not read every key."""
+
+    def __init__(self, entries: Sequence["PlanEntry"] = (), text: KeyText | None = None) -> None:
+        super().__init__(entries)
+        self._key_text = text
+
+    def key_text(self) -> KeyText:
+        """The entries' keys (and their joined text)."""
+        if self._key_text is None:
+            self._key_text = KeyText([e.key for e in self])
+        return self._key_text
+
+
+def _forgetting(name: str) -> Callable[..., Any]:
+    method = getattr(list, name)
+
+    def changed(self: KeyedEntries, *args: Any, **kwargs: Any) -> Any:
+        self._key_text = None
+        return method(self, *args, **kwargs)
+
+    changed.__name__ = name
+    return changed
+
+
+for _name in ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend", "insert", "pop", "remove",
+              "clear", "sort", "reverse"):
+    setattr(KeyedEntries, _name, _forgetting(_name))
+
+
+def key_text(entries: Sequence["PlanEntry"]) -> KeyText:
+    """The KeyText of `entries`: the one they carry, or a new one."""
+    return entries.key_text() if isinstance(entries, KeyedEntries) else KeyText([e.key for e in entries])
+
+
+def first_matches(patterns: Sequence[re.Pattern[str]], keys: Sequence[str]) -> dict[int, int]:
+    """Key index -> index of the first of `patterns` whose `search` finds that key; unmatched keys are left out."""
+    return KeyText(list(keys)).first_matches(patterns)
