@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,8 @@ def test_twenty_jobs_two_broken_then_resume_then_one_source_changed(tmp_path: Pa
     report = json.loads((tmp_path / "jobs.report.json").read_text())
     assert report["counts"] == {"converted": 18, "skipped": 0, "planned": 0, "failed": 2, "interrupted": 0}
     assert len(report["jobs"]) == 20 and report["workers"] == 2
+    workers = {job["worker"] for job in report["jobs"]}
+    assert len(workers) == 2 and f"{socket.gethostname()}:{os.getpid()}" not in workers  # two worker processes
     failed = {job["job"]: job for job in report["jobs"] if job["status"] == "failed"}
     assert set(failed) == BROKEN
     corrupt, wide = failed["out/zoo/corrupt.safetensors"], failed["out/zoo/wide.safetensors"]
@@ -149,6 +152,7 @@ def test_dask_local_cluster_gives_the_same_outputs(tmp_path: Path, run_cli) -> N
     result = run_cli("batch", dask_jobs, "--executor", "dask", "-j", "2", "--json")
     assert result.code == 1, result.err
     assert result.json["executor"] == "dask"
+    assert len({job["worker"] for job in result.json["jobs"]} - {f"{socket.gethostname()}:{os.getpid()}"}) == 2
     assert set(by_status(result.json, "converted")) == set(expected)
     assert set(by_status(result.json, "failed")) == BROKEN
     assert_outputs(tmp_path / "dask", expected)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -46,6 +47,7 @@ class JobResult:
     validation: Mapping[str, Any] | None = None
     notes: tuple[str, ...] = ()
     traceback: str = ""
+    worker: str = ""
 
     @property
     def error_line(self) -> str:
@@ -61,7 +63,7 @@ class JobResult:
             "format": self.job.format, "status": self.status, "phase": self.phase, "reason": self.reason,
             "seconds": round(self.seconds, 4), "bytes_written": self.bytes_written,
             "error": self.error or None, "error_type": self.error_type or None, "validation": self.validation,
-            "notes": list(self.notes), "traceback": self.traceback or None,
+            "notes": list(self.notes), "traceback": self.traceback or None, "worker": self.worker or None,
         }
 
 
@@ -215,6 +217,20 @@ def _skip_if_current(job: Job, recipes: dict[str, Recipe]) -> JobResult | None:
 
 def _plan_job(task: _Task) -> JobResult:
     """Worker task: check the destination, plan and validate against the target; writes nothing."""
+    return replace(_plan(task), worker=_here())
+
+
+def _write_job(task: _Task) -> JobResult:
+    """Worker task: fingerprint the source, convert atomically, record the fingerprint."""
+    return replace(_write(task), worker=_here())
+
+
+def _here() -> str:
+    """`host:pid` of the process running a task (shown in the report)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _plan(task: _Task) -> JobResult:
     started = time.perf_counter()
     job = task.job
     try:
@@ -229,8 +245,7 @@ def _plan_job(task: _Task) -> JobResult:
         return _failure(job, "plan", exc, started)
 
 
-def _write_job(task: _Task) -> JobResult:
-    """Worker task: fingerprint the source, convert atomically, record the fingerprint."""
+def _write(task: _Task) -> JobResult:
     started = time.perf_counter()
     job = task.job
     try:

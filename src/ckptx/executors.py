@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -38,10 +39,7 @@ class InlineRunner:
     def run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Outcome]]:
         """Run `fn(item)` for every item, in order."""
         for index, item in enumerate(items):
-            try:
-                yield index, fn(item)
-            except Exception as exc:  # noqa: BLE001 - reported as that task's outcome
-                yield index, exc
+            yield index, _call(fn, item)
 
     def close(self, *, cancel: bool = False) -> None:
         """Nothing to stop."""
@@ -51,8 +49,9 @@ class PoolRunner:
     """A pool of `workers` processes, never plain-forked from this process (torch is not fork-safe).
 
     Where the platform has it, the 'forkserver' start method is used with `preload` imported once in
-    the server (so each worker starts in milliseconds instead of importing torch again); elsewhere
-    'spawn'. A pool whose worker died is replaced for the next run.
+    the server, so the workers share one torch import instead of each importing it; elsewhere 'spawn'.
+    At most two tasks per worker are queued at a time, so a worker that dies (out of memory, a crash)
+    loses only those; the pool is then replaced and the other tasks go on.
     """
 
     def __init__(self, workers: int, preload: Sequence[str] = (),
@@ -69,20 +68,36 @@ class PoolRunner:
         context.set_forkserver_preload(self.preload)  # no effect once this process's forkserver runs
         return context
 
-    def run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Outcome]]:
-        """Submit every item, then yield outcomes as they complete."""
+    def _started(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=self._context(), initializer=self.initializer,
                                              initargs=(self.workers,) if self.initializer else ())
-        futures = {self._pool.submit(fn, item): index for index, item in enumerate(items)}
-        for future in as_completed(futures):
-            try:
-                yield futures[future], future.result()
-            except BrokenProcessPool as exc:
-                self._discard()
-                yield futures[future], exc
-            except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result; that task's outcome
-                yield futures[future], exc
+        return self._pool
+
+    def run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Outcome]]:
+        """Run every item on the pool; yield outcomes as they complete."""
+        queue = deque(range(len(items)))
+        futures: dict[Future[Any], int] = {}
+        while queue or futures:
+            while queue and len(futures) < 2 * self.workers:
+                try:
+                    future = self._started().submit(fn, items[queue[0]])
+                except BrokenProcessPool:
+                    self._discard()
+                    break
+                futures[future] = queue.popleft()
+            done, _ = wait(futures, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield futures.pop(future), self._outcome(future)
+
+    def _outcome(self, future: Future[Any]) -> Outcome:
+        try:
+            return future.result()
+        except BrokenProcessPool as exc:
+            self._discard()
+            return exc
+        except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result; that task's outcome
+            return exc
 
     def _discard(self) -> None:
         if self._pool is not None:
@@ -94,6 +109,14 @@ class PoolRunner:
         if self._pool is not None:
             self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
             self._pool = None
+
+
+def _call(fn: Callable[[Any], Any], item: Any) -> Outcome:
+    """`fn(item)` in this process; an exception is the task's outcome."""
+    try:
+        return fn(item)
+    except Exception as exc:  # noqa: BLE001 - reported as that task's outcome
+        return exc
 
 
 class DaskRunner:
