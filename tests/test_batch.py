@@ -297,3 +297,22 @@ def test_invalid_jobs_file_exits_2_before_any_job_runs(run_cli, monkeypatch: pyt
     assert result.code == 2 and result.out == ""
     assert result.err.startswith("ckptx: error: ")
     assert not os.path.exists("jobs.report.json")
+
+
+def test_a_job_that_kills_its_worker_fails_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path / "mods" / "crashing_target.py", "import os\n\n\ndef boom():\n    os._exit(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))  # worker processes take this process's sys.path
+    write(tmp_path / "strip.yaml", STRIP)
+    for i in range(4):
+        save_ddp(tmp_path / f"zoo/m{i}.pt", i)
+    jobs = write(tmp_path / "jobs.yaml", f"""
+        ckptx: 1
+        defaults: {{rules: strip.yaml, target: {{model: '{TINY_TARGET}'}}}}
+        jobs:
+          - {{src: zoo/m0.pt, dst: out/crash, target: {{model: 'crashing_target:boom'}}}}
+          - {{glob: 'zoo/m*.pt', dst: 'out/{{stem}}'}}
+        """)
+    result = run_batch(jobs, workers=2)
+    assert [(r.job.label, r.status) for r in result.results] == [("out/crash.safetensors", "failed")] + [
+        (f"out/m{i}.safetensors", "converted") for i in range(4)]
+    assert result.results[0].error_type == "worker-lost" and "died twice" in result.results[0].error

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 from ckptx import __version__
 from ckptx.convert import convert
 from ckptx.errors import CkptxError, DestinationError, ValidationFailed
-from ckptx.executors import check_runner_options, open_runner
+from ckptx.executors import Runner, check_runner_options, open_runner
 from ckptx.fingerprint import (FINGERPRINT_KEY, Fingerprint, OutputState, fingerprint, output_state, remove_sidecar,
                                write_sidecar)
 from ckptx.io.atomic import atomic_output
@@ -162,8 +162,7 @@ def run_batch(jobs_file: str | Path | JobsFile, *, workers: int = 1, dry_run: bo
                 todo = [i for i in range(len(jobs)) if tracker.results.get(i) is None
                         or tracker.results[i].status == "planned"]
                 tasks = [_Task(jobs[i], resume) for i in todo]
-                for done, (k, outcome) in enumerate(runner.run(task_fn, tasks), start=1):
-                    tracker.record(phase, done, len(tasks), todo[k], _as_result(jobs[todo[k]], phase, outcome))
+                _run_phase(runner, phase, task_fn, tasks, todo, tracker)
     except KeyboardInterrupt:
         interrupted = True
     results = []
@@ -174,6 +173,26 @@ def run_batch(jobs_file: str | Path | JobsFile, *, workers: int = 1, dry_run: bo
         results.append(result)
     return BatchResult(loaded.path, tuple(results), time.perf_counter() - started, dry_run=dry_run, resume=resume,
                        executor=executor, workers=workers, interrupted=interrupted)
+
+
+def _run_phase(runner: Runner, phase: str, task_fn: Callable[[_Task], JobResult], tasks: list[_Task],
+               indices: list[int], tracker: _Tracker) -> None:
+    """Run one phase's tasks; a task lost with its worker (killed, out of memory) is retried once, alone.
+
+    Alone, so that a job that kills its worker again takes no other job down with it.
+    """
+    lost: list[int] = []
+    done = 0
+    for k, outcome in runner.run(task_fn, tasks):
+        if not isinstance(outcome, JobResult):
+            lost.append(k)
+            continue
+        done += 1
+        tracker.record(phase, done, len(tasks), indices[k], outcome)
+    for k in lost:
+        for _, outcome in runner.run(task_fn, [tasks[k]]):
+            done += 1
+            tracker.record(phase, done, len(tasks), indices[k], _as_result(tasks[k].job, phase, outcome))
 
 
 def default_report_path(jobs_file: str | Path) -> Path:
@@ -306,8 +325,8 @@ def _as_result(job: Job, phase: str, outcome: Any) -> JobResult:
     if isinstance(outcome, JobResult):
         return outcome
     return JobResult(job, "failed", phase, error_type="worker-lost",
-                     error=f"the worker running this job was lost ({type(outcome).__name__}: {outcome}); it may have "
-                           "run out of memory: rerun with --resume, perhaps with a smaller -j")
+                     error=f"the worker running this job died twice ({type(outcome).__name__}: {outcome}); it may run "
+                           "out of memory or crash the reader: try it alone, or with a smaller -j")
 
 
 def _mismatch_summary(validation: Mapping[str, Any]) -> str:
