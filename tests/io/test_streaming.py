@@ -1,0 +1,185 @@
+"""Streaming writes: outputs equal the eager conversion tensor for tensor; unchanged tensors are never loaded;
+progress moves during long copies; planning never reads tensor data."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ckptx
+from ckptx.cli import main
+from ckptx.convert import apply_in_memory
+from ckptx.errors import SourceError, TensorOpError
+from ckptx.io import spans
+from ckptx.io.open import open_source
+from ckptx.io.safetensors_reader import SafetensorsSource
+from ckptx.io.safetensors_writer import write_safetensors
+from ckptx.io.source import RawSpan
+from ckptx.io.spans import SpanCopier, read_span
+from ckptx.ops.registry import TensorMeta
+from ckptx.plan import plan_recipe
+from ckptx.target import validate
+from tests.io.test_torch_zip_spans import special_state
+
+RECIPE = r"""ckptx: 1
+steps:
+  - rename: [['^(.*)$', 'net.\1']]
+  - cast: {match: '^net\.(half|weight|view)$', dtype: float16}
+"""
+
+
+def write_source(tmp_path: Path, kind: str, state: dict[str, torch.Tensor]) -> Path:
+    """`state` as a torch zip, legacy torch or safetensors file (safetensors gets contiguous, unshared copies)."""
+    if kind == "safetensors":
+        path = tmp_path / "src.safetensors"
+        save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(path))
+    else:
+        path = tmp_path / "src.pth"
+        torch.save(state, path, _use_new_zipfile_serialization=kind == "zip")
+    return path
+
+
+def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert list(actual) == list(expected) or set(actual) == set(expected)
+    for key, value in expected.items():
+        got = actual[key]
+        assert got.dtype == value.dtype and got.shape == value.shape, key
+        assert torch.equal(got, value.detach()), key
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy", "safetensors"])
+def test_streamed_output_equals_the_eager_conversion(tmp_path: Path, kind: str,
+                                                      write_rules: Callable[..., Path]) -> None:
+    state = special_state()
+    src, dst = write_source(tmp_path, kind, state), tmp_path / "out.safetensors"
+    rules = write_rules(RECIPE)
+    ckptx.convert(src, dst, rules)
+    expected = apply_in_memory(ckptx.load_rules(str(rules)), state)
+    assert expected["net.weight"].dtype == torch.float16 and expected["net.tied"].dtype == torch.float32
+    assert_same_tensors(load_file(str(dst)), expected)
+
+
+def test_sharded_output_equals_the_eager_conversion(tmp_path: Path, write_rules: Callable[..., Path]) -> None:
+    state = special_state()
+    src = write_source(tmp_path, "zip", state)
+    rules = write_rules(RECIPE)
+    ckptx.convert(src, tmp_path / "model.safetensors", rules, max_shard_size=64)
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(tmp_path.glob("model-*-of-*.safetensors")):
+        out.update(load_file(str(shard)))
+    assert_same_tensors(out, apply_in_memory(ckptx.load_rules(str(rules)), state))
+
+
+@pytest.mark.parametrize("kind", ["zip", "safetensors"])
+def test_only_changed_tensors_are_loaded(tmp_path: Path, kind: str, write_rules: Callable[..., Path]) -> None:
+    state = special_state()
+    src = write_source(tmp_path, kind, state)
+    recipe = ckptx.load_rules(str(write_rules(RECIPE)))
+    loaded: list[str] = []
+    with open_source(src) as source:
+        real_load = source.load
+        source.load = lambda key: loaded.append(key) or real_load(key)  # type: ignore[method-assign]
+        plan = plan_recipe(recipe, source)
+        write_safetensors(tmp_path / "out.safetensors", plan.entries, source, {})
+    changed = {"half", "weight", "view"}
+    # zip: non-contiguous tensors are computed too (their bytes are not one run in the file)
+    assert set(loaded) == (changed | {"transposed", "strided", "empty"} if kind == "zip" else changed)
+
+
+def test_adjacent_spans_are_copied_as_one_run(tmp_path: Path) -> None:
+    src = tmp_path / "bytes.bin"
+    src.write_bytes(bytes(range(256)) * 4)
+    out_path = tmp_path / "out.bin"
+    reported: list[int] = []
+    with open(out_path, "wb") as out, SpanCopier(out, reported.append) as copier:
+        for offset in (0, 100, 200):
+            copier.add(RawSpan(str(src), offset, 100))
+        assert copier._pending == RawSpan(str(src), 0, 300)  # merged, not yet copied
+        copier.add(RawSpan(str(src), 1000, 24))
+        copier.flush()
+        out.write(b"--")
+        copier.add(RawSpan(str(src), 5, 3))
+    data = src.read_bytes()
+    assert out_path.read_bytes() == data[:300] + data[1000:1024] + b"--" + data[5:8]
+    assert sum(reported) == 327
+
+
+def test_copy_without_copy_file_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(os, "copy_file_range", raising=False)
+    src = tmp_path / "bytes.bin"
+    src.write_bytes(os.urandom(5000))
+    out_path = tmp_path / "out.bin"
+    with open(out_path, "wb") as out, SpanCopier(out) as copier:
+        copier.add(RawSpan(str(src), 10, 4000))
+    assert out_path.read_bytes() == src.read_bytes()[10:4010]
+
+
+def test_source_shorter_than_a_span_is_a_one_line_error(tmp_path: Path) -> None:
+    src = tmp_path / "short.bin"
+    src.write_bytes(b"x" * 10)
+    with open(tmp_path / "out.bin", "wb") as out, pytest.raises(TensorOpError, match=r"short.bin: ended early"):
+        with SpanCopier(out) as copier:
+            copier.add(RawSpan(str(src), 0, 100))
+    with pytest.raises(SourceError, match=r"short.bin: ended at byte 10 while reading a tensor of 100 bytes"):
+        read_span(RawSpan(str(src), 0, 100), TensorMeta((25,), "float32"))
+
+
+def test_progress_moves_during_one_long_raw_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 write_rules: Callable[..., Path]) -> None:
+    monkeypatch.setattr(spans, "CHUNK", 4096)
+    src = tmp_path / "big.safetensors"
+    save_file({"a": torch.randn(64, 1024), "b": torch.randn(16)}, str(src))
+    calls: list[tuple[int, int]] = []
+    ckptx.convert(src, tmp_path / "out.safetensors", write_rules("ckptx: 1\n"), progress=lambda d, t: calls.append((d, t)))
+    total = (64 * 1024 + 16) * 4
+    assert len(calls) >= 64 and calls[-1] == (total, total)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_cli_shows_rate_and_eta_on_a_terminal_only(tmp_path: Path, write_rules: Callable[..., Path]) -> None:
+    src = tmp_path / "src.safetensors"
+    save_file({"a": torch.randn(256, 256)}, str(src))
+    rules = write_rules("ckptx: 1\n")
+    err = _Tty()
+    assert main(["convert", str(src), "-r", str(rules), "-o", str(tmp_path / "a.safetensors")],
+                stdout=io.StringIO(), stderr=err) == 0
+    assert "/s" in err.getvalue() and "ETA" in err.getvalue()
+    quiet = _Tty()
+    assert main(["convert", str(src), "-r", str(rules), "-o", str(tmp_path / "b.safetensors"), "--json"],
+                stdout=io.StringIO(), stderr=quiet) == 0
+    assert quiet.getvalue() == ""
+
+
+def test_plan_never_reads_tensor_data(tmp_path: Path, write_rules: Callable[..., Path]) -> None:
+    """A file whose data section is garbage still plans and validates: only the header was read."""
+    path = tmp_path / "garbage.safetensors"
+    save_file({"w": torch.randn(8, 8), "b": torch.randn(8)}, str(path))
+    header_end = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    with open(path, "r+b") as f:
+        f.seek(header_end)
+        f.write(os.urandom(path.stat().st_size - header_end))
+
+    class NoData(SafetensorsSource):
+        def load(self, key: str) -> torch.Tensor:
+            raise AssertionError(f"planning read tensor data of {key}")
+
+        def raw_span(self, key: str) -> RawSpan:
+            raise AssertionError(f"planning asked where the bytes of {key} are")
+
+    recipe = ckptx.load_rules(str(write_rules(RECIPE.replace("view", "w"))))
+    plan = plan_recipe(recipe, NoData(path))
+    assert {e.key: str(e.meta) for e in plan.entries} == {"net.w": "float16[8, 8]", "net.b": "float32[8]"}
+    assert validate(plan, {"net.w": torch.empty(8, 8, dtype=torch.float16), "net.b": torch.empty(8)}).ok
+    result = ckptx.convert(path, None, recipe, dry_run=True, target={"net.w": torch.empty(8, 8), "net.b": torch.empty(8)})
+    assert result.report.ok and not result.written
