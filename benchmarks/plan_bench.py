@@ -1,0 +1,80 @@
+"""Planning benchmark: plan and validate a 100,000-key checkpoint with 50 regex rename steps (metadata only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+import time
+from pathlib import Path
+
+LAYERS, PARAMS = 2000, 50
+
+
+def write_header_only_safetensors(path: Path, keys: list[str]) -> None:
+    """A valid safetensors file of `keys`, each a 1-element float32 tensor (the data section is tiny)."""
+    header = {k: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i, k in enumerate(keys)}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + bytes(4 * len(keys)))
+
+
+def source_keys() -> list[str]:
+    """100,000 keys shaped like a deep transformer's."""
+    return [f"model.layers.{layer}.p{param}.weight" for layer in range(LAYERS) for param in range(PARAMS)]
+
+
+def rules_yaml() -> str:
+    """50 rename steps, each a regex with a group and a back-reference touching 2% of the keys."""
+    steps = [f"  - rename: [['^model\\.layers\\.(\\d+)\\.p{j}\\.', 'blocks.\\1.q{j}.']]" for j in range(PARAMS)]
+    return "ckptx: 1\nname: plan-bench\nsteps:\n" + "\n".join(steps) + "\n"
+
+
+def expected_keys() -> list[str]:
+    """What the rules turn `source_keys()` into."""
+    return [f"blocks.{layer}.q{param}.weight" for layer in range(LAYERS) for param in range(PARAMS)]
+
+
+def run(workdir: Path, repeat: int = 3) -> dict[str, float]:
+    """Best-of-`repeat` seconds (wall, and CPU of this process) for: open the header, plan, validate."""
+    from ckptx.io.open import open_source
+    from ckptx.ops.registry import TensorMeta
+    from ckptx.plan import plan_recipe
+    from ckptx.rules import load_rules
+    from ckptx.target import Target, validate
+
+    src, rules = workdir / "plan-src.safetensors", workdir / "plan-rules.yaml"
+    write_header_only_safetensors(src, source_keys())
+    rules.write_text(rules_yaml(), encoding="utf-8")
+    recipe = load_rules(str(rules))
+    target = Target("bench", {k: TensorMeta((1,), "float32") for k in expected_keys()})
+    best: dict[str, float] = {}
+    for _ in range(repeat):
+        marks = [(time.perf_counter(), time.process_time())]
+        with open_source(src) as source:
+            marks.append((time.perf_counter(), time.process_time()))
+            plan = plan_recipe(recipe, source, target=target.tensors)
+            marks.append((time.perf_counter(), time.process_time()))
+            report = validate(plan, target)
+            marks.append((time.perf_counter(), time.process_time()))
+        if not report.ok or len(plan.entries) != LAYERS * PARAMS:
+            raise SystemExit(f"plan benchmark: unexpected result: {report}")
+        spans = {"open": (0, 1), "plan": (1, 2), "validate": (2, 3), "plan+validate": (1, 3), "total": (0, 3)}
+        for name, (a, b) in spans.items():
+            for clock, suffix in ((0, "wall"), (1, "cpu")):
+                seconds = marks[b][clock] - marks[a][clock]
+                best[f"{name} {suffix}"] = min(best.get(f"{name} {suffix}", seconds), seconds)
+    return best
+
+
+def main() -> None:
+    """Run the planning benchmark alone and print the timings."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workdir", type=Path, required=True)
+    args = parser.parse_args()
+    print(json.dumps(run(args.workdir), indent=1))
+
+
+if __name__ == "__main__":
+    main()
