@@ -316,3 +316,16 @@ def test_a_job_that_kills_its_worker_fails_alone(tmp_path: Path, monkeypatch: py
     assert [(r.job.label, r.status) for r in result.results] == [("out/crash.safetensors", "failed")] + [
         (f"out/m{i}.safetensors", "converted") for i in range(4)]
     assert result.results[0].error_type == "worker-lost" and "died twice" in result.results[0].error
+
+
+def test_a_sharded_source_is_fingerprinted_with_every_shard(tmp_path: Path) -> None:
+    from ckptx.fingerprint import source_files  # noqa: PLC0415
+
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        (tmp_path / name).write_bytes(b"x" * len(name))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                "b": "model-00002-of-00002.safetensors",
+                                                "c": "model-00001-of-00002.safetensors"}}))
+    names = [entry[0] for entry in source_files(index)]
+    assert names == [index.name, "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
