@@ -119,7 +119,8 @@ def _describe(doc: YamlDocument, error: ValidationError) -> Problem:
     if kind == "type":
         expected = error.validator_value
         expected_text = " or ".join(expected) if isinstance(expected, list) else expected
-        return Problem(doc.where(path), f"must be {_article(expected_text)}, got {_kind_of(error.instance)} {_short(error.instance)}")
+        got = f"{_kind_of(error.instance)} {_short(error.instance)}".rstrip()
+        return Problem(doc.where(path), f"must be {_article(expected_text)}, got {got}")
     if kind == "const":
         return Problem(doc.where(path), f"must be {json.dumps(error.validator_value)}, got {_short(error.instance)}")
     if kind == "enum":
