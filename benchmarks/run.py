@@ -273,6 +273,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]),
            "HF_HUB_OFFLINE": "1"}
     work = Path(tempfile.mkdtemp(prefix="ckptx-bench-", dir=args.workdir))
+    load_before = os.getloadavg()[0]
     try:
         runner = Runner(work, args.cache, env)
         facts: dict[str, dict[str, float]] = {}
@@ -288,6 +289,7 @@ def main() -> None:
                 if runner.cache == "cold" else "inputs read just before every command (warm)",
                 "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
                            f"torch {torch.__version__}",
+                "load average (1 min) at start / end": f"{load_before:.2f} / {os.getloadavg()[0]:.2f}",
                 "command": " ".join([os.path.relpath(sys.executable, REPO), "benchmarks/run.py", *sys.argv[1:]])}
         print(markdown(rows, scaling, facts, plan, meta))
         if args.json_out:
