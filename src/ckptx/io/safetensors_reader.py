@@ -71,9 +71,17 @@ class SafetensorsSource(Source):
         header, data_start = read_header(path, display)
         metadata = header.pop("__metadata__", None) or {}
         order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+        metas: dict[tuple[str, tuple[int, ...]], TensorMeta] = {}  # one object per distinct shape and dtype
+        tensors = {}
+        for key in order:
+            info = header[key]
+            ident = (info["dtype"], tuple(info["shape"]))
+            meta = metas.get(ident)
+            if meta is None:
+                meta = metas[ident] = TensorMeta(ident[1], FROM_SAFETENSORS[ident[0]])
+            tensors[key] = meta
         super().__init__(
-            path=display or str(path), format="safetensors",
-            tensors={k: TensorMeta(tuple(header[k]["shape"]), FROM_SAFETENSORS[header[k]["dtype"]]) for k in order},
+            path=display or str(path), format="safetensors", tensors=tensors,
             file_metadata={str(k): str(v) for k, v in metadata.items()},
         )
         self._file = str(path)
