@@ -77,6 +77,7 @@ class Runner:
         for path in outputs:
             if path.is_dir():
                 shutil.rmtree(path)
+                path.mkdir()
             else:
                 path.unlink(missing_ok=True)
         subprocess.run(["sync"], check=True)
@@ -186,8 +187,6 @@ def main_run(runner: Runner, work: Path, size: float, facts_out: dict[str, dict[
         rows.append(Row(case, name, result["wall"], result["maxrss_kib"] / 1024, size,
                         " ".join(_short(a, work) for a in argv),
                         extra={"user": result["user"], "sys": result["sys"], "walls": result["walls"]}))
-        if outputs == [shards]:
-            shards.mkdir(exist_ok=True)
     src.unlink()
     pth.unlink()
     return rows
