@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import ckptx
 from ckptx.cli import main
-from ckptx.errors import DestinationError, SourceError, TensorOpError
+from ckptx.errors import DestinationError, SourceError, TensorOpError, VerificationFailed
 from ckptx.io.open import open_source
 from ckptx.io.sharded_writer import parse_size, shard_layout
 from ckptx.io.source import Source
@@ -237,3 +237,22 @@ def test_parse_size(text: str, size: int) -> None:
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+VERIFIED = """ckptx: 1
+target: {model: 'tests.helpers.models:tiny_net'}
+verify: {source_model: 'tests.helpers.models:tiny_net', input_shape: [2, 3, 8, 8]}
+steps: [%s]
+"""
+
+
+def test_verify_checks_the_staged_shards_before_publishing(tmp_path: Path, safetensors_file: Path,
+                                                           write_rules: Callable[..., Path]) -> None:
+    result = ckptx.convert(safetensors_file, tmp_path / INDEX, write_rules(VERIFIED % ""), max_shard_size=200, verify=True)
+    assert result.verification.ok and len(shards_of(tmp_path)) > 1 and (tmp_path / INDEX).exists()
+    out = tmp_path / "bad"
+    out.mkdir()
+    with pytest.raises(VerificationFailed):
+        ckptx.convert(safetensors_file, out / INDEX, write_rules(VERIFIED % "{scale: {match: '^fc\\.bias$', by: 3}}",
+                                                                 "bad.yaml"), max_shard_size=200, verify=True)
+    assert list(out.iterdir()) == []
