@@ -320,7 +320,8 @@ def _cmd_lint(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             if args.source:
                 from ckptx.plan import plan_recipe  # noqa: PLC0415
 
-                warnings += plan_recipe(recipe, _open_for_lint(args, recipe)).warnings
+                with _open_for_lint(args, recipe) as source:
+                    warnings += plan_recipe(recipe, source).warnings
             entry["warnings"] = [str(w) for w in warnings]
             entry["steps"] = len(recipe.steps)
         except RuleError as exc:
