@@ -8,8 +8,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
-
+from ckptx._lazy import lazy_module
 from ckptx import __version__
 from ckptx.errors import DestinationError, ValidationFailed, VerificationFailed
 from ckptx.io.open import open_source
@@ -20,6 +19,9 @@ from ckptx.io.torch_writer import write_torch
 from ckptx.plan import Plan, plan_recipe
 from ckptx.rules import Recipe, TargetSpec, load_rules
 from ckptx.target import Target, ValidationReport, parse_target_arg, resolve_target, validate
+
+torch = lazy_module("torch")
+
 
 OUTPUT_FORMATS = {".safetensors": "safetensors", ".pth": "torch", ".pt": "torch", ".bin": "torch", ".ckpt": "torch"}
 SHARDED = "safetensors-sharded"

@@ -8,15 +8,18 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-import torch
 import yaml
 
+from ckptx._lazy import lazy_module
 from ckptx.errors import CkptxError, TargetError
 from ckptx.io.dtypes import dtype_name
 from ckptx.ops.registry import TensorMeta
 from ckptx.rules.recipe import TargetSpec
+
+torch = lazy_module("torch")
+
 
 MANIFEST_VERSION = 1
 _MODEL_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -221,14 +224,26 @@ def validate(plan_or_state: Any, target: Any) -> ValidationReport:
     return report
 
 
-def _planned(plan_or_state: Any) -> tuple[dict[str, TensorMeta], dict[str, tuple[str, ...]]]:
+class _SourceKeys:
+    """The source keys of each planned key, worked out only for the keys a report names."""
+
+    def __init__(self, entries: Sequence[Any] = ()) -> None:
+        self._by_key = {e.key: e for e in entries}
+
+    def get(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """Source keys of `key`, or `default` when it is not a planned key."""
+        entry = self._by_key.get(key)
+        return default if entry is None else entry.sources
+
+
+def _planned(plan_or_state: Any) -> tuple[dict[str, TensorMeta], _SourceKeys]:
     entries = getattr(plan_or_state, "entries", None)
     if entries is not None:
-        return {e.key: e.meta for e in entries}, {e.key: e.sources for e in entries}
+        return {e.key: e.meta for e in entries}, _SourceKeys(entries)
     if isinstance(plan_or_state, Mapping):
         metas = {k: v if isinstance(v, TensorMeta) else TensorMeta(tuple(v.shape), dtype_name(v.dtype))
                  for k, v in plan_or_state.items() if isinstance(v, (TensorMeta, torch.Tensor))}
-        return metas, {}
+        return metas, _SourceKeys()
     raise TypeError(f"validate() takes a Plan or a state dict, not {type(plan_or_state).__name__}")
 
 
@@ -247,7 +262,7 @@ class _Suggester:
     _LIMIT = 500
     _POOL = 400
 
-    def __init__(self, candidates: dict[str, TensorMeta], sources: Mapping[str, tuple[str, ...]]) -> None:
+    def __init__(self, candidates: dict[str, TensorMeta], sources: _SourceKeys) -> None:
         self.candidates = candidates
         self.sources = sources
         self.by_shape: dict[tuple[int, ...], list[str]] = {}

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
+from ckptx._lazy import lazy_module
 from ckptx.errors import CkptxError, TargetError
 from ckptx.io.dtypes import torch_dtype
 from ckptx.io.open import open_source
 from ckptx.rules import Recipe, TargetSpec, VerifySpec
 from ckptx.target import build_model
+
+torch = lazy_module("torch")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +27,7 @@ from ckptx.io.spans import SpanCopier, read_span
 from ckptx.ops.registry import TensorMeta
 from ckptx.plan import plan_recipe
 from ckptx.target import validate
+from tests.conftest import subprocess_env
 from tests.io.test_torch_zip_spans import special_state
 
 RECIPE = r"""ckptx: 1
@@ -183,3 +186,23 @@ def test_plan_never_reads_tensor_data(tmp_path: Path, write_rules: Callable[...,
     assert validate(plan, {"net.w": torch.empty(8, 8, dtype=torch.float16), "net.b": torch.empty(8)}).ok
     result = ckptx.convert(path, None, recipe, dry_run=True, target={"net.w": torch.empty(8, 8), "net.b": torch.empty(8)})
     assert result.report.ok and not result.written
+
+
+_IMPORTS_AFTER_CONVERT = """
+import sys
+from ckptx.cli import main
+code = main(sys.argv[1:])
+print(code, 'torch' in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(("kind", "imports_torch"), [("safetensors", False), ("zip", True)])
+def test_rename_only_safetensors_copy_never_imports_torch(tmp_path: Path, kind: str, imports_torch: bool) -> None:
+    """The copy path pays no torch start-up; a .pth source (torch.load) does import it."""
+    src = write_source(tmp_path, kind, {"module.w": torch.randn(4, 4), "module.b": torch.randn(4)})
+    dst = tmp_path / "out.safetensors"
+    argv = ["convert", str(src), "-o", str(dst), "-r", "common/strip-module-prefix"]
+    done = subprocess.run([sys.executable, "-c", _IMPORTS_AFTER_CONVERT, *argv], env=subprocess_env(),
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.split()[-2:] == ["0", str(imports_torch)]
+    assert set(load_file(str(dst))) == {"w", "b"}

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import torch
+from ckptx._lazy import lazy_module
+
+torch = lazy_module("torch")
+
 
 SAFETENSORS_CODES: dict[str, str] = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",

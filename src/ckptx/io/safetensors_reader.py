@@ -7,14 +7,16 @@ import struct
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError
 from ckptx.gcpause import without_gc
 from ckptx.io.dtypes import FROM_SAFETENSORS
 from ckptx.io.source import RawSpan, Source
 from ckptx.io.spans import read_span
 from ckptx.ops.registry import DTYPE_SIZES, TensorMeta
+
+torch = lazy_module("torch")
+
 
 _MAX_HEADER = 100 * 1024 * 1024
 

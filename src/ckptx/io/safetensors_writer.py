@@ -6,14 +6,16 @@ import json
 from pathlib import Path
 from typing import BinaryIO, Mapping, Sequence
 
-import torch
-
+from ckptx._lazy import lazy_module
 from ckptx.errors import TensorOpError
 from ckptx.io.atomic import atomic_output
 from ckptx.io.dtypes import SAFETENSORS_CODES, dtype_name
 from ckptx.io.source import Source
 from ckptx.io.spans import Progress, SpanCopier, write_bytes
 from ckptx.ops.registry import PlanEntry, evaluate
+
+torch = lazy_module("torch")
+
 
 __all__ = ["Progress", "build_header", "materialize", "write_body", "write_safetensors", "write_tensor"]
 

@@ -6,11 +6,12 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
-import torch
-
+from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError
 from ckptx.io.source import RawSpan, Source
 from ckptx.ops.registry import TensorMeta
+
+torch = lazy_module("torch")
 
 
 def read_index(path: Path, shown: str) -> tuple[dict[str, str], dict[str, Any]]:

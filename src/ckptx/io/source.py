@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-import torch
-
+from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError
 from ckptx.io.dtypes import dtype_name
 from ckptx.ops.registry import TensorMeta
+
+torch = lazy_module("torch")
 
 
 @dataclass(frozen=True)

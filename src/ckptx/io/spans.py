@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 from typing import BinaryIO, Callable
 
-import torch
-
+from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError, TensorOpError
 from ckptx.io.dtypes import torch_dtype
 from ckptx.io.source import RawSpan
 from ckptx.ops.registry import TensorMeta
+
+torch = lazy_module("torch")
+
 
 CHUNK = 64 * 1024 * 1024
 Progress = Callable[[int], None]

@@ -10,11 +10,13 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
+from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError, UnsafeGlobalError
 from ckptx.io.source import MappingSource, describe_value, extract
 from ckptx.io.torch_zip import TorchZipSource
+
+torch = lazy_module("torch")
+
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 _UNSUPPORTED = re.compile(r"Unsupported (?:global|class|operand)[^\n]*")

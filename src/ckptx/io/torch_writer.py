@@ -6,12 +6,13 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
+from ckptx._lazy import lazy_module
 from ckptx.io.atomic import atomic_output
 from ckptx.io.safetensors_writer import Progress, materialize
 from ckptx.io.source import Source
 from ckptx.ops.registry import PlanEntry
+
+torch = lazy_module("torch")
 
 
 def write_torch(dst: Path, entries: Sequence[PlanEntry], source: Source, *, state_metadata: Any = None,

@@ -18,10 +18,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-import torch
-
+from ckptx._lazy import lazy_module
 from ckptx.io.source import MappingSource, RawSpan, extract
 from ckptx.io.spans import read_span
+
+torch = lazy_module("torch")
+
 
 _LOCAL_HEADER = struct.Struct("<4s5HL2L2H")
 _LOCAL_SIGNATURE = b"PK\x03\x04"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import torch
-
+from ckptx._lazy import lazy_module
 from ckptx.ops.layout import apply_to_matching
 from ckptx.ops.registry import FLOATING, PlanContext, PlanEntry, StepOutcome, TensorMeta, step_planner, tensor_op
 from ckptx.rules.steps import Cast, Step
+
+torch = lazy_module("torch")
 
 
 def _infer_cast(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> TensorMeta:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-import torch
-
+from ckptx._lazy import lazy_module
 from ckptx.errors import Problem
 from ckptx.ops.registry import (OpShapeError, PlanContext, PlanEntry, StepOutcome, TensorMeta, node, step_planner,
                                 tensor_op)
 from ckptx.rules.steps import Permute, Reshape, Step
+
+torch = lazy_module("torch")
 
 
 def resolve_shape(shape: Sequence[int], numel: int, source: Sequence[int]) -> tuple[int, ...]:

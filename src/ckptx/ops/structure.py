@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
-
+from ckptx._lazy import lazy_module
 from ckptx.errors import Problem
 from ckptx.ops.layout import apply_to_matching
 from ckptx.ops.registry import OpShapeError, PlanContext, PlanEntry, StepOutcome, TensorMeta, node, step_planner, tensor_op
 from ckptx.rules.steps import Copy, Merge, Slice, Split, Squeeze, Step, Unsqueeze
 from ckptx.rules.templates import KeyTemplateError
+
+torch = lazy_module("torch")
 
 
 def normalize_dim(dim: int, ndim: int, *, extra: int = 0) -> int:

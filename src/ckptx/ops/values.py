@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import torch
-
+from ckptx._lazy import lazy_module
 from ckptx.errors import Problem
 from ckptx.ops.layout import apply_to_matching
 from ckptx.ops.registry import (FLOATING, OpShapeError, PlanContext, PlanEntry, StepOutcome, TensorMeta, node,
                                 step_planner, tensor_op)
 from ckptx.ops.structure import fill_template, normalize_dim
 from ckptx.rules.steps import Resize, Scale, SetTensor, Step
+
+torch = lazy_module("torch")
 
 
 def target_meta(ctx: PlanContext, key: str, what: str) -> TensorMeta:

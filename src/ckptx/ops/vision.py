@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-import torch
-import torch.nn.functional as F
-
+from ckptx._lazy import lazy_module
 from ckptx.ops.layout import apply_to_matching
 from ckptx.ops.registry import OpShapeError, PlanContext, PlanEntry, StepOutcome, TensorMeta, step_planner, tensor_op
 from ckptx.ops.values import target_meta
 from ckptx.rules.steps import AdaptInChannels, ResamplePosEmbed, Step
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
 
 
 def _infer_resample(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> TensorMeta:
