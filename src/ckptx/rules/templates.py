@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from dataclasses import dataclass
-from typing import Mapping
+from functools import cached_property
+from typing import Callable, Mapping
 
 Pattern = re.Pattern[str]
 
@@ -56,7 +58,7 @@ class Template:
     text: str
     parts: tuple[str | Expression, ...]
 
-    @property
+    @cached_property
     def has_expressions(self) -> bool:
         """True when some part is an arithmetic expression."""
         return any(isinstance(p, Expression) for p in self.parts)
@@ -86,6 +88,28 @@ class Template:
         if not self.has_expressions:
             return pattern.sub(self.text, key)
         return pattern.sub(lambda m: self.expand(m), key)
+
+
+def plain_replacement(text: str, pattern: Pattern) -> str | Callable[[re.Match[str]], str]:
+    """What to hand `pattern.sub` for a replacement without expressions, parsed once.
+
+    The text itself when it holds no backslash (re's literal fast path) or on Python 3.12+ (which compiles
+    templates in C); else its parsed form as a function, because Python 3.11 re-parses a string template on
+    every call, which doubles the cost of renaming 100,000 keys.
+    """
+    if "\\" not in text or sys.version_info >= (3, 12) or not hasattr(re, "_parser"):  # 3.10: no re._parser
+        return text
+    return _ParsedReplacement(re._parser.parse_template(text, pattern))  # type: ignore[attr-defined]
+
+
+class _ParsedReplacement:
+    """A replacement parsed by re, expanded per match (picklable, unlike a lambda)."""
+
+    def __init__(self, parsed: object) -> None:
+        self.parsed = parsed
+
+    def __call__(self, match: re.Match[str]) -> str:
+        return re._parser.expand_template(self.parsed, match)  # type: ignore[attr-defined]
 
 
 def compile_template(text: str, pattern: Pattern | None, *, names: tuple[str, ...] = ()) -> Template:

@@ -1,0 +1,35 @@
+"""Replacements parsed once: renaming gives exactly what `re.sub` gives, and a used recipe still pickles."""
+
+from __future__ import annotations
+
+import pickle
+import re
+
+import pytest
+
+from ckptx.rules.steps import RenameRule
+from ckptx.rules.templates import compile_template
+
+CASES = [
+    (r"^model\.layers\.(\d+)\.", r"blocks.\1.", "model.layers.12.attn.weight"),
+    (r"^(?P<stage>\w+)\.(\d+)\.", r"\g<stage>_\2_\g<0>.", "stages.3.conv.bias"),
+    (r"(a)|(b)", r"[\1\2]", "cab.ab"),
+    (r"\.", r"\\", "a.b.c"),
+    (r"^x", r"tab\there", "xyz"),
+    (r"^norm", "ln", "norm.weight"),
+]
+
+
+@pytest.mark.parametrize(("pattern", "replacement", "key"), CASES)
+def test_rename_row_gives_what_re_sub_gives(pattern: str, replacement: str, key: str) -> None:
+    compiled = re.compile(pattern)
+    row = RenameRule(compiled, replacement, "here", compile_template(replacement, compiled))
+    assert row.apply(key) == compiled.sub(replacement, key)
+
+
+def test_a_rename_row_pickles_after_it_was_used() -> None:
+    compiled = re.compile(r"^layer(\d+)\.")
+    row = RenameRule(compiled, r"stages.\1.", "here", compile_template(r"stages.\1.", compiled))
+    assert row.apply("layer2.w") == "stages.2.w"
+    copy = pickle.loads(pickle.dumps(row))
+    assert copy.apply("layer7.b") == "stages.7.b"
