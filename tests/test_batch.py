@@ -110,7 +110,8 @@ def test_twenty_jobs_two_broken_then_resume_then_one_source_changed(tmp_path: Pa
     assert report["counts"] == {"converted": 18, "skipped": 0, "planned": 0, "failed": 2, "interrupted": 0}
     assert len(report["jobs"]) == 20 and report["workers"] == 2
     workers = {job["worker"] for job in report["jobs"]}
-    assert len(workers) == 2 and f"{socket.gethostname()}:{os.getpid()}" not in workers  # two worker processes
+    # worker processes, not this one (how many of the two get work depends on timing: jobs take ~50 ms)
+    assert 1 <= len(workers) <= 2 and f"{socket.gethostname()}:{os.getpid()}" not in workers
     failed = {job["job"]: job for job in report["jobs"] if job["status"] == "failed"}
     assert set(failed) == BROKEN
     corrupt, wide = failed["out/zoo/corrupt.safetensors"], failed["out/zoo/wide.safetensors"]

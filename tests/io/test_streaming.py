@@ -196,9 +196,9 @@ print(code, 'torch' in sys.modules)
 """
 
 
-@pytest.mark.parametrize(("kind", "imports_torch"), [("safetensors", False), ("zip", True)])
-def test_rename_only_safetensors_copy_never_imports_torch(tmp_path: Path, kind: str, imports_torch: bool) -> None:
-    """The copy path pays no torch start-up; a .pth source (torch.load) does import it."""
+@pytest.mark.parametrize(("kind", "imports_torch"), [("safetensors", False), ("zip", False), ("legacy", True)])
+def test_rename_only_copy_never_imports_torch(tmp_path: Path, kind: str, imports_torch: bool) -> None:
+    """Copying safetensors and torch zip files pays no torch start-up; a legacy pickle (torch.load) does."""
     src = write_source(tmp_path, kind, {"module.w": torch.randn(4, 4), "module.b": torch.randn(4)})
     dst = tmp_path / "out.safetensors"
     argv = ["convert", str(src), "-o", str(dst), "-r", "common/strip-module-prefix"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ckptx.io.open import open_source
-from ckptx.io.torch_zip import TorchZipSource
+from ckptx.io.torch_zip import TorchZipSource, ZipSpanSource
 
 
 def special_state() -> dict[str, torch.Tensor]:
@@ -127,3 +127,57 @@ def test_spans_for_every_dtype(tmp_path: Path, dtype: torch.dtype) -> None:
     with open_source(path) as source:
         span = source.raw_span("t")
         assert file_bytes(path, span.offset, span.nbytes) == tensor_bytes(value)
+
+
+def plain_state() -> dict[str, torch.Tensor]:
+    """The tensors of `special_state` that are plain row-major slices of their storage (what state dicts hold)."""
+    return {k: v for k, v in special_state().items() if k not in ("transposed", "strided")}
+
+
+def test_a_plain_checkpoint_is_read_without_torch_and_equals_torch_load(tmp_path: Path) -> None:
+    state = plain_state()
+    path = tmp_path / "plain.pth"
+    torch.save({"epoch": 3, "state_dict": state}, path)
+    with open_source(path) as source:
+        assert isinstance(source, ZipSpanSource)
+        assert source.extracted_from == "state_dict"
+        assert source.top_level == {"epoch": "int 3", "state_dict": f"dict ({len(state)} entries, {len(state)} tensors)"}
+        for key, value in state.items():
+            assert str(source.tensors[key]) == f"{str(value.dtype)[6:]}{list(value.shape)}", key
+            span = source.raw_span(key)
+            assert file_bytes(path, span.offset, span.nbytes) == tensor_bytes(value), key
+            loaded = source.load(key)
+            assert loaded.dtype == value.dtype and torch.equal(loaded, value.detach()), key
+        assert source.raw_span("weight") == source.raw_span("tied")
+
+
+def test_dtypes_without_a_storage_class_are_read_without_torch(tmp_path: Path) -> None:
+    value = torch.linspace(-2, 2, 12).reshape(3, 4).to(torch.float8_e4m3fn)
+    path = tmp_path / "fp8.pth"
+    torch.save({"w": value, "b": torch.tensor([1, 2, 60000], dtype=torch.uint16)}, path)
+    with open_source(path) as source:
+        assert isinstance(source, ZipSpanSource)
+        assert str(source.tensors["w"]) == "float8_e4m3fn[3, 4]" and str(source.tensors["b"]) == "uint16[3]"
+        assert torch.equal(source.load("w").view(torch.uint8), value.view(torch.uint8))
+        assert torch.equal(source.load("b"), torch.tensor([1, 2, 60000], dtype=torch.uint16))
+
+
+def test_a_module_state_dict_keeps_its_metadata_without_torch(tmp_path: Path) -> None:
+    state = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3)).state_dict()
+    path = tmp_path / "module.pth"
+    torch.save(state, path)
+    with open_source(path) as source:
+        assert isinstance(source, ZipSpanSource)
+        assert source.state_metadata == state._metadata
+
+
+@pytest.mark.parametrize(("extra", "why"), [
+    ({"args": argparse.Namespace(lr=0.1)}, "a global the stub does not model: torch's safe loader decides"),
+    ({"model.t": torch.randn(3, 4).t()}, "a non-contiguous tensor: torch computes it"),
+])
+def test_anything_unusual_is_read_by_torch(tmp_path: Path, extra: dict, why: str) -> None:
+    path = tmp_path / "unusual.pth"
+    torch.save({"model.w": torch.ones(2), **extra}, path)
+    with open_source(path, ["."], allow_globals=["argparse.Namespace"]) as source:
+        assert isinstance(source, TorchZipSource), why
+        assert torch.equal(source.load("model.w"), torch.ones(2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -11,6 +12,17 @@ from ckptx.io.dtypes import dtype_name
 from ckptx.ops.registry import TensorMeta
 
 torch = lazy_module("torch")
+
+
+def is_tensor(value: Any) -> bool:
+    """A torch tensor, or a tensor a pickle only describes (`TensorRef`, read without torch).
+
+    Never imports torch: while torch is not imported, no torch tensor can exist.
+    """
+    torch_module = sys.modules.get("torch")
+    if torch_module is not None and isinstance(value, torch_module.Tensor):
+        return True
+    return getattr(type(value), "is_tensor_ref", False) is True
 
 
 @dataclass(frozen=True)
@@ -58,11 +70,11 @@ class MappingSource(Source):
 
     def __init__(self, path: str, fmt: str, state: Mapping[str, Any], *, extracted_from: str = ".",
                  top_level: Mapping[str, str] | None = None, keep_alive: Any = None) -> None:
-        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        tensors = {k: v for k, v in state.items() if is_tensor(v)}
         super().__init__(
             path=path, format=fmt,
             tensors={k: TensorMeta(tuple(v.shape), dtype_name(v.dtype)) for k, v in tensors.items()},
-            non_tensors={str(k): type(v).__name__ for k, v in state.items() if not isinstance(v, torch.Tensor)},
+            non_tensors={str(k): type(v).__name__ for k, v in state.items() if not is_tensor(v)},
             extracted_from=extracted_from, top_level=dict(top_level or {}),
             state_metadata=getattr(state, "_metadata", None),
         )
@@ -99,10 +111,10 @@ def extract(obj: Any, paths: Sequence[str], *, file: str, where: str = "") -> tu
 
 def describe_value(value: Any) -> str:
     """A short description of a checkpoint entry: `dict (140 tensors)`, `int 3`, `Namespace`."""
-    if isinstance(value, torch.Tensor):
+    if is_tensor(value):
         return f"tensor {dtype_name(value.dtype)}{list(value.shape)}"
     if isinstance(value, Mapping):
-        tensors = sum(isinstance(v, torch.Tensor) for v in value.values())
+        tensors = sum(is_tensor(v) for v in value.values())
         return f"dict ({len(value)} entries, {tensors} tensors)"
     if isinstance(value, (int, float, str, bool)) and len(repr(value)) < 40:
         return f"{type(value).__name__} {value!r}"
@@ -125,4 +137,4 @@ def _lookup(obj: Any, path: str) -> Any:
 
 
 def _has_tensors(mapping: Mapping[str, Any]) -> bool:
-    return any(isinstance(v, torch.Tensor) for v in mapping.values())
+    return any(is_tensor(v) for v in mapping.values())

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError, UnsafeGlobalError
 from ckptx.io.source import MappingSource, describe_value, extract
-from ckptx.io.torch_zip import TorchZipSource
+from ckptx.io.torch_zip import TorchZipSource, open_zip_without_torch
 
 torch = lazy_module("torch")
 
@@ -41,8 +41,16 @@ def load_pickle_object(path: Path, *, allow_globals: Sequence[str] = (), unsafe_
 
 def read_torch(path: Path, extract_paths: Sequence[str], *, allow_globals: Sequence[str] = (),
                unsafe_pickle: bool = False, display: str | None = None, where: str = "") -> MappingSource:
-    """Open a `.pth`/`.pt`/`.bin` checkpoint and extract its state dict as a lazy source."""
+    """Open a `.pth`/`.pt`/`.bin` checkpoint and extract its state dict as a lazy source.
+
+    A torch zip file that holds only containers, plain values and row-major tensors is read without
+    torch (no torch start-up; every tensor a span of the file); anything else goes through `torch.load`.
+    """
     shown = display or str(path)
+    if zipfile.is_zipfile(path):
+        spanned = open_zip_without_torch(path, extract_paths, display=shown, where=where)
+        if spanned is not None:
+            return spanned
     obj = load_pickle_object(path, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle, display=shown)
     state, found_at = extract(obj, extract_paths, file=shown, where=where)
     top = {str(k): describe_value(v) for k, v in obj.items()} if isinstance(obj, dict) else {}

@@ -2,25 +2,33 @@
 
 `torch.save` stores each storage uncompressed as the zip record `<archive>/data/<key>`. Which storage a
 tensor views, and where in it, is written in `data.pkl`: a stub unpickler (it imports nothing and runs
-nothing) reads those references, the zip local headers give each record's file offset, and the tensors
-torch itself loaded (memory-mapped) must agree on shape, strides, offset and mapped address before any
-span is trusted. A span is returned only when it is exactly the tensor's little-endian row-major bytes.
+nothing) reads those references, and the zip local headers give each record's file offset. A span is
+returned only when it is exactly the tensor's little-endian row-major bytes.
+
+Two ways in. When `data.pkl` holds nothing but containers, numbers, strings and tensors (the usual state
+dict), `open_zip_without_torch` builds the source from those references alone: torch is never imported
+until an op needs a tensor. Otherwise torch loads the file (safe globals, `--allow-global`) memory-mapped,
+and its tensors must agree with the references on shape, strides, offset and mapped address before any
+span is trusted (`TorchZipSource`).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import struct
 import sys
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
-from ckptx.io.source import MappingSource, RawSpan, extract
+from ckptx.io.source import MappingSource, RawSpan, describe_value, extract
 from ckptx.io.spans import read_span
+from ckptx.ops.registry import DTYPE_SIZES
 
 torch = lazy_module("torch")
 
@@ -29,22 +37,56 @@ _LOCAL_HEADER = struct.Struct("<4s5HL2L2H")
 _LOCAL_SIGNATURE = b"PK\x03\x04"
 
 
+# torch.save names a storage by its legacy typed class (torch/storage.py `_dtype_to_storage_type_map`); dtypes
+# without one are saved as `torch.storage.UntypedStorage` bytes with the dtype given to `_rebuild_tensor_v3`.
+_STORAGE_DTYPES = {
+    ("torch", name): dtype for name, dtype in {
+        "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+        "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16",
+        "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
+        "ComplexDoubleStorage": "complex128",
+    }.items()
+} | {("torch.storage", "UntypedStorage"): "uint8"}
+
+
+@dataclass(frozen=True)
+class _DtypeGlobal:
+    """A global that stands for a dtype, as the stub unpickler sees it: a storage type (`torch.FloatStorage`)
+    or a dtype (`torch.float8_e4m3fn`, the dtype argument of `_rebuild_tensor_v3`)."""
+
+    dtype: str
+
+
 @dataclass(frozen=True)
 class StorageRef:
-    """A storage as `data.pkl` names it: its record key."""
+    """A storage as `data.pkl` names it: its record key and, when known, its dtype."""
 
     key: str
+    dtype: str | None = None
 
 
 @dataclass(frozen=True)
 class TensorRef:
     """A tensor as `data.pkl` describes it: storage, element offset, size and stride."""
 
+    is_tensor_ref: ClassVar[bool] = True
+
     storage: StorageRef
     offset: int
     size: tuple[int, ...]
     stride: tuple[int, ...]
     plain: bool
+    explicit_dtype: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The tensor's shape."""
+        return self.size
+
+    @property
+    def dtype(self) -> str | None:
+        """The dtype name (`float32`), from `_rebuild_tensor_v3` or else the storage type; None if unknown."""
+        return self.explicit_dtype or self.storage.dtype
 
 
 @dataclass(frozen=True)
@@ -77,10 +119,12 @@ class _Opaque(dict):  # type: ignore[type-arg]
         """Ignored (lists of unknown type)."""
 
 
-def _tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: Any, metadata: Any = None) -> Any:
+def _tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: Any, metadata: Any = None,
+            dtype: Any = None) -> Any:
     if not isinstance(storage, StorageRef) or not isinstance(size, tuple) or not isinstance(stride, tuple):
         return _Opaque()
-    return TensorRef(storage, int(offset), tuple(int(d) for d in size), tuple(int(s) for s in stride), not metadata)
+    return TensorRef(storage, int(offset), tuple(int(d) for d in size), tuple(int(s) for s in stride), not metadata,
+                     dtype.dtype if isinstance(dtype, _DtypeGlobal) else None)
 
 
 def _tensor_v2(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, hooks: Any = None,
@@ -90,7 +134,7 @@ def _tensor_v2(storage: Any, offset: Any, size: Any, stride: Any, requires_grad:
 
 def _tensor_v3(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, hooks: Any = None,
                dtype: Any = None, metadata: Any = None) -> Any:
-    return _tensor(storage, offset, size, stride, metadata=metadata)
+    return _tensor(storage, offset, size, stride, metadata=metadata, dtype=dtype)
 
 
 def _first(data: Any, *rest: Any) -> Any:
@@ -113,16 +157,81 @@ _KNOWN: dict[tuple[str, str], Callable[..., Any]] = {
 
 
 class _StubUnpickler(pickle.Unpickler):
-    """Unpickles `data.pkl` into dicts, lists and TensorRefs; every other global becomes an inert `_Opaque`."""
+    """Unpickles `data.pkl` into dicts, lists and TensorRefs; every other global becomes an inert `_Opaque`.
+
+    `unknown` lists the globals and persistent ids it did not model: when it is empty, the result is
+    the whole checkpoint (as torch would build it, with TensorRefs for tensors).
+    """
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
+        self.unknown: list[str] = []
 
     def find_class(self, module: str, name: str) -> Any:
-        return _KNOWN.get((module, name), _Opaque)
+        known = _KNOWN.get((module, name))
+        if known is not None:
+            return known
+        if (module, name) in _STORAGE_DTYPES:
+            return _DtypeGlobal(_STORAGE_DTYPES[module, name])
+        if module == "torch" and name in DTYPE_SIZES:
+            return _DtypeGlobal(name)
+        self.unknown.append(f"{module}.{name}")
+        return _Opaque
 
     def persistent_load(self, pid: Any) -> Any:
         if isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage"):
             key = pid[2].decode("ascii") if isinstance(pid[2], bytes) else str(pid[2])
-            return StorageRef(key)
+            return StorageRef(key, pid[1].dtype if isinstance(pid[1], _DtypeGlobal) else None)
+        self.unknown.append(f"persistent id {pid!r:.40}")
         return _Opaque()
+
+
+def open_zip_without_torch(path: Path, extract_paths: Sequence[str], *, display: str,
+                           where: str = "") -> "ZipSpanSource | None":
+    """The checkpoint read from its references alone, torch not imported; None when torch must read it.
+
+    That is the case when `data.pkl` uses any global besides tensor rebuilds, storage types, dtypes and
+    OrderedDict (torch's safe loader then decides, with `--allow-global`), when storages are big-endian,
+    or when a tensor of the state dict is not a plain row-major slice of its storage record. Raises the
+    same SourceError as the torch path when the state dict is not where the recipe says.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickled, records, little = _read_archive(archive, str(path))
+        unpickler = _StubUnpickler(io.BytesIO(pickled))
+        obj = unpickler.load()
+    except Exception:  # noqa: BLE001 - anything unusual goes to torch, which gives the precise error
+        return None
+    if unpickler.unknown or not little:
+        return None
+    state, found_at = extract(obj, extract_paths, file=display, where=where)
+    spans = {}
+    for key, value in state.items():
+        if isinstance(value, TensorRef):
+            span = _row_major_span(value, records, str(path))
+            if span is None:
+                return None
+            spans[key] = span
+    top = {str(k): describe_value(v) for k, v in obj.items()} if isinstance(obj, dict) else {}
+    return ZipSpanSource(display, state, spans, extracted_from=found_at, top_level=top)
+
+
+def _row_major_span(ref: TensorRef, records: Mapping[str, Record], path: str) -> RawSpan | None:
+    """The bytes of `ref` when it is a plain, row-major, in-bounds slice of its storage record."""
+    record = records.get(ref.storage.key)
+    if record is None or not ref.plain or ref.dtype not in DTYPE_SIZES or ref.offset < 0:
+        return None
+    numel = math.prod(ref.size)
+    expected = 1
+    for size, stride in zip(reversed(ref.size), reversed(ref.stride)):
+        if size != 1 and stride != expected and numel:
+            return None
+        expected *= size
+    item = DTYPE_SIZES[ref.dtype]
+    start, nbytes = record.offset + ref.offset * item, numel * item
+    if nbytes and start + nbytes > record.offset + record.size:
+        return None
+    return RawSpan(path, start, nbytes)
 
 
 def zip_spans(path: str, found_at: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, RawSpan]:
@@ -216,3 +325,20 @@ class TorchZipSource(MappingSource):
         """The tensor: read from its span into new memory when it has one, else the memory-mapped tensor."""
         span = self.raw_span(key)
         return read_span(span, self.tensors[key]) if span is not None else super().load(key)
+
+
+class ZipSpanSource(MappingSource):
+    """A torch zip checkpoint read without torch: every tensor is a span of the file, loaded with pread."""
+
+    def __init__(self, display: str, state: Mapping[str, Any], spans: Mapping[str, RawSpan], *,
+                 extracted_from: str, top_level: Mapping[str, str]) -> None:
+        super().__init__(display, "torch-zip", state, extracted_from=extracted_from, top_level=top_level)
+        self._spans = dict(spans)
+
+    def raw_span(self, key: str) -> RawSpan:
+        """Where `key`'s bytes lie in the zip file."""
+        return self._spans[key]
+
+    def load(self, key: str) -> torch.Tensor:
+        """The tensor, read from its span into new memory."""
+        return read_span(self._spans[key], self.tensors[key])
