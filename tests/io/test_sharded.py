@@ -206,7 +206,7 @@ def test_failure_mid_write_leaves_no_shard_under_a_final_name(tmp_path: Path, wr
 
     monkeypatch.setattr(SafetensorsSource, "load", failing_load)
     with pytest.raises(TensorOpError, match="disk on fire"):
-        ckptx.convert(src, tmp_path / INDEX, write_rules("ckptx: 1\nsteps: [{cast: {dtype: float16}}]\n"),
+        ckptx.convert(src, tmp_path / INDEX, write_rules("ckptx: 1\nsteps: [{scale: {match: layers, by: 2}}]\n"),
                       max_shard_size=1000, force=True)
     assert shards_of(tmp_path) == []
     assert (tmp_path / INDEX).read_text() == "{\"weight_map\": {}}"

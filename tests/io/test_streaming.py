@@ -23,7 +23,7 @@ from ckptx.io.open import open_source
 from ckptx.io.safetensors_reader import SafetensorsSource
 from ckptx.io.safetensors_writer import write_safetensors
 from ckptx.io.source import RawSpan
-from ckptx.io.spans import SpanCopier, read_span
+from ckptx.io.spans import SpanCopier, convert_span, read_span
 from ckptx.ops.registry import TensorMeta
 from ckptx.plan import plan_recipe
 from ckptx.target import validate
@@ -83,14 +83,14 @@ def test_sharded_output_equals_the_eager_conversion(tmp_path: Path, write_rules:
 def test_only_changed_tensors_are_loaded(tmp_path: Path, kind: str, write_rules: Callable[..., Path]) -> None:
     state = special_state()
     src = write_source(tmp_path, kind, state)
-    recipe = ckptx.load_rules(str(write_rules(RECIPE)))
+    recipe = ckptx.load_rules(str(write_rules(RECIPE + "  - scale: {match: '^net\\.(half|weight|view)$', by: 2}\n")))
     loaded: list[str] = []
     with open_source(src) as source:
         real_load = source.load
         source.load = lambda key: loaded.append(key) or real_load(key)  # type: ignore[method-assign]
         plan = plan_recipe(recipe, source)
         write_safetensors(tmp_path / "out.safetensors", plan.entries, source, {})
-    changed = {"half", "weight", "view"}
+    changed = {"half", "weight", "view"}  # scaled: computed with torch (a cast alone would be streamed)
     # zip: non-contiguous tensors are computed too (their bytes are not one run in the file)
     assert set(loaded) == (changed | {"transposed", "strided", "empty"} if kind == "zip" else changed)
 
@@ -131,6 +131,8 @@ def test_source_shorter_than_a_span_is_a_one_line_error(tmp_path: Path) -> None:
             copier.add(RawSpan(str(src), 0, 100))
     with pytest.raises(SourceError, match=r"short.bin: ended at byte 10 while reading a tensor of 100 bytes"):
         read_span(RawSpan(str(src), 0, 100), TensorMeta((25,), "float32"))
+    with open(tmp_path / "out.bin", "wb") as out, pytest.raises(SourceError, match=r"short.bin: ended at byte 10 "):
+        convert_span(out, RawSpan(str(src), 0, 100), bytes)
 
 
 def test_progress_moves_during_one_long_raw_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -196,13 +198,25 @@ print(code, 'torch' in sys.modules)
 """
 
 
+@pytest.mark.parametrize("cast", [False, True])
 @pytest.mark.parametrize(("kind", "imports_torch"), [("safetensors", False), ("zip", False), ("legacy", True)])
-def test_rename_only_copy_never_imports_torch(tmp_path: Path, kind: str, imports_torch: bool) -> None:
-    """Copying safetensors and torch zip files pays no torch start-up; a legacy pickle (torch.load) does."""
-    src = write_source(tmp_path, kind, {"module.w": torch.randn(4, 4), "module.b": torch.randn(4)})
+def test_copy_and_float_cast_never_import_torch(tmp_path: Path, kind: str, imports_torch: bool, cast: bool,
+                                                write_rules: Callable[..., Path]) -> None:
+    """Copying safetensors and torch zip files, and casting floats, pay no torch start-up; a legacy pickle
+    (torch.load) does."""
+    state = {"module.w": torch.randn(4, 4), "module.b": torch.randn(4)}
+    src = write_source(tmp_path, kind, state)
     dst = tmp_path / "out.safetensors"
-    argv = ["convert", str(src), "-o", str(dst), "-r", "common/strip-module-prefix"]
+    rules = write_rules("""
+        ckptx: 1
+        extends: common/strip-module-prefix
+        steps:
+          - cast: {dtype: bfloat16}
+    """) if cast else "common/strip-module-prefix"
+    argv = ["convert", str(src), "-o", str(dst), "-r", str(rules)]
     done = subprocess.run([sys.executable, "-c", _IMPORTS_AFTER_CONVERT, *argv], env=subprocess_env(),
                           capture_output=True, text=True, check=True)
     assert done.stdout.split()[-2:] == ["0", str(imports_torch)]
-    assert set(load_file(str(dst))) == {"w", "b"}
+    out = load_file(str(dst))
+    for key, value in state.items():
+        assert torch.equal(out[key.removeprefix("module.")], value.to(torch.bfloat16) if cast else value)

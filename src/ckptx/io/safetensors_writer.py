@@ -11,13 +11,14 @@ from ckptx.errors import TensorOpError
 from ckptx.io.atomic import atomic_output
 from ckptx.io.dtypes import SAFETENSORS_CODES, dtype_name
 from ckptx.io.source import Source
-from ckptx.io.spans import Progress, SpanCopier, write_bytes
-from ckptx.ops.registry import PlanEntry, evaluate
+from ckptx.io.spans import Progress, SpanCopier, convert_span, write_bytes
+from ckptx.ops.registry import PlanEntry, byte_converter, evaluate
 
 torch = lazy_module("torch")
 
 
-__all__ = ["Progress", "build_header", "materialize", "write_body", "write_safetensors", "write_tensor"]
+__all__ = ["Progress", "build_header", "materialize", "write_body", "write_computed", "write_safetensors",
+           "write_tensor"]
 
 
 def build_header(entries: Sequence[PlanEntry], metadata: Mapping[str, str]) -> bytes:
@@ -53,7 +54,21 @@ def write_body(out: BinaryIO, entries: Sequence[PlanEntry], source: Source, meta
                 copier.add(span)
             else:
                 copier.flush()
-                write_tensor(out, materialize(entry, source), progress)
+                write_computed(out, entry, source, progress)
+
+
+def write_computed(out: BinaryIO, entry: PlanEntry, source: Source, progress: Progress | None = None) -> None:
+    """Write a tensor an op changes: streamed through the op's byte kernel when it has one (a float cast of a
+    tensor with a raw span), else computed whole with torch."""
+    streamed = byte_converter(entry.expr)
+    span = source.raw_span(streamed[0]) if streamed is not None else None
+    if streamed is None or span is None or span.nbytes != source.tensors[streamed[0]].nbytes:
+        write_tensor(out, materialize(entry, source), progress)
+        return
+    written = convert_span(out, span, streamed[1], progress)
+    if written != entry.meta.nbytes:
+        raise TensorOpError(f"tensor '{entry.key}' (from {streamed[0]}): wrote {written} bytes, the plan says "
+                            f"{entry.meta.nbytes} for {entry.meta}; the source file is inconsistent")
 
 
 def materialize(entry: PlanEntry, source: Source) -> torch.Tensor:

@@ -18,6 +18,7 @@ torch = lazy_module("torch")
 
 
 CHUNK = 64 * 1024 * 1024
+CONVERT_CHUNK = 8 * 1024 * 1024  # a multiple of every element size; numpy temporaries stay a few times this
 Progress = Callable[[int], None]
 
 
@@ -32,12 +33,38 @@ def read_span(span: RawSpan, meta: TensorMeta) -> torch.Tensor:
             while done < span.nbytes:
                 got = os.preadv(fd, [view[done:done + CHUNK]], span.offset + done)
                 if got <= 0:
-                    raise SourceError(f"{span.file}: ended at byte {span.offset + done} while reading a tensor of "
-                                      f"{span.nbytes} bytes at {span.offset}; the file is truncated or changed")
+                    raise _ended_early(span, done)
                 done += got
         finally:
             os.close(fd)
     return data.view(torch_dtype(meta.dtype)).reshape(meta.shape)
+
+
+def convert_span(out: BinaryIO, span: RawSpan, convert: Callable[[bytes], bytes],
+                 progress: Progress | None = None) -> int:
+    """Write `convert(piece)` for each piece of `span`, read in CONVERT_CHUNK bytes (whole elements) at a time:
+    an elementwise op streamed in bounded memory. Returns the bytes written."""
+    written = 0
+    fd = os.open(span.file, os.O_RDONLY)
+    try:
+        for start in range(0, span.nbytes, CONVERT_CHUNK):
+            want = min(CONVERT_CHUNK, span.nbytes - start)
+            piece = os.pread(fd, want, span.offset + start)
+            if len(piece) < want:
+                raise _ended_early(span, start + len(piece))
+            converted = convert(piece)
+            out.write(converted)
+            written += len(converted)
+            if progress:
+                progress(len(converted))
+    finally:
+        os.close(fd)
+    return written
+
+
+def _ended_early(span: RawSpan, done: int) -> SourceError:
+    return SourceError(f"{span.file}: ended at byte {span.offset + done} while reading a tensor of "
+                       f"{span.nbytes} bytes at {span.offset}; the file is truncated or changed")
 
 
 class SpanCopier:

@@ -66,6 +66,7 @@ class OpNode:
 
 
 Expr = Union[SourceRef, OpNode]
+ByteKernel = Callable[[Mapping[str, Any], TensorMeta], Union[Callable[[bytes], bytes], None]]
 
 
 def sources_of(expr: Expr) -> tuple[str, ...]:
@@ -97,19 +98,36 @@ class TensorOp:
     name: str
     infer: Callable[[Mapping[str, Any], Sequence[TensorMeta]], TensorMeta]
     apply: Callable[[Mapping[str, Any], Sequence["torch.Tensor"]], "torch.Tensor"]
+    elementwise: ByteKernel | None = None
 
 
 TENSOR_OPS: dict[str, TensorOp] = {}
 
 
-def tensor_op(name: str, infer: Callable[[Mapping[str, Any], Sequence[TensorMeta]], TensorMeta]):
-    """Register the decorated function as the tensor function of op `name`."""
+def tensor_op(name: str, infer: Callable[[Mapping[str, Any], Sequence[TensorMeta]], TensorMeta], *,
+              elementwise: ByteKernel | None = None):
+    """Register the decorated function as the tensor function of op `name`.
+
+    `elementwise(params, input_meta)` may give a function from whole elements of the input's raw bytes to the
+    output's bytes, exactly what `apply` computes, without torch; the writer then streams the op chunk by
+    chunk. It returns None for params it cannot do that for.
+    """
 
     def register(apply: Callable[[Mapping[str, Any], Sequence["torch.Tensor"]], "torch.Tensor"]):
-        TENSOR_OPS[name] = TensorOp(name, infer, apply)
+        TENSOR_OPS[name] = TensorOp(name, infer, apply, elementwise)
         return apply
 
     return register
+
+
+def byte_converter(expr: Expr) -> tuple[str, Callable[[bytes], bytes]] | None:
+    """For `op(source tensor)` where the op has an elementwise byte kernel for its params: the source key and
+    the bytes -> bytes function. None for anything else (it is computed with torch)."""
+    if isinstance(expr, SourceRef) or len(expr.inputs) != 1 or not isinstance(expr.inputs[0], SourceRef):
+        return None
+    kernel = TENSOR_OPS[expr.op].elementwise
+    convert = kernel(dict(expr.params), expr.inputs[0].meta) if kernel is not None else None
+    return None if convert is None else (expr.inputs[0].key, convert)
 
 
 class OpShapeError(ValueError):
