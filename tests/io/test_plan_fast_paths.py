@@ -109,3 +109,19 @@ def test_keyed_entries_forget_their_keys_when_changed() -> None:
     keyed[0] = entries[2]
     keyed.append(entries[0])
     assert keymatch.key_text(keyed).keys == ["c", "b", "c", "a"]
+
+
+def test_offsets_carried_through_chained_renames_stay_exact() -> None:
+    rng = random.Random(11)
+    for _ in range(200):
+        keys = ["".join(rng.choice("ab.c") for _ in range(rng.randint(0, 8))) for _ in range(rng.randint(1, 30))]
+        text = KeyText(list(keys))
+        for _ in range(5):
+            literal = rng.choice("abc.")
+            hits = text.containing(literal)
+            assert hits == [i for i, k in enumerate(keys) if literal in k]
+            new = {i: "".join(rng.choice("ab.c") for _ in range(rng.randint(0, 12))) for i in hits if rng.random() < 0.7}
+            text = text.renamed(new)
+            keys = [new.get(i, k) for i, k in enumerate(keys)]
+            assert text.keys == keys
+        assert text.containing("b") == [i for i, k in enumerate(keys) if "b" in k]

@@ -1,8 +1,10 @@
 """Which keys a list of regexes matches, fast, for checkpoints with 100,000 keys and recipes with many steps.
 
 Literals every match must contain are looked for in all keys joined into one string (at memory speed)
-before any regex runs; a rename step hands the joined keys on to the next step with only the renamed
-keys spliced in. The answers are those of calling `pattern.search(key)` on every key.
+before any regex runs, and the key each hit lies in is found by binary search in an array of key start
+offsets (numpy, vectorized). A rename step hands the joined keys and their offsets on to the next step with
+only the renamed keys spliced in and the offsets after them shifted. The answers are those of calling
+`pattern.search(key)` on every key.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import re
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+from ckptx._lazy import lazy_module
+
 try:  # Python 3.11+
     from re import _parser as _sre  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - Python 3.10
@@ -18,6 +22,8 @@ except ImportError:  # pragma: no cover - Python 3.10
 
 if TYPE_CHECKING:  # pragma: no cover
     from ckptx.ops.registry import PlanEntry
+
+np = lazy_module("numpy")
 
 _SAMPLE = 512
 _SEP = "\x00"
@@ -46,12 +52,12 @@ def required_literals(pattern: re.Pattern[str]) -> tuple[str, ...]:
 
 
 class KeyText:
-    """A list of keys and the same keys joined by NUL, with the start in the text of every key found so far."""
+    """A list of keys, the same keys joined by NUL, and where in that text each key starts."""
 
-    def __init__(self, keys: list[str], text: str | None = None) -> None:
+    def __init__(self, keys: list[str], text: str | None = None, starts: Any = None) -> None:
         self.keys = keys
         self._text = text
-        self._starts: dict[int, int] = {}
+        self._starts = starts  # int64 array of len(keys) + 1: start of each key, then len(text) + 1
 
     def first_matches(self, patterns: Sequence[re.Pattern[str]]) -> dict[int, int]:
         """Key index -> index of the first pattern whose `search` finds that key; unmatched keys are left out."""
@@ -81,37 +87,39 @@ class KeyText:
         text = self._joined()
         if text is None:
             return [i for i, k in enumerate(self.keys) if literal in k]
-        found, index, start = [], 0, 0
-        pos = text.find(literal)
-        while pos >= 0:
-            skipped = text.count(_SEP, start, pos)
-            if skipped:
-                index += skipped
-                start = text.rfind(_SEP, start, pos) + 1
-            found.append(index)
-            self._starts[index] = start
-            start = text.find(_SEP, pos + len(literal))
-            if start < 0:
-                break
-            index, start = index + 1, start + 1
-            pos = text.find(literal, start)
-        return found
+        # One hit per key: each match runs on to the end of its key, so the next search starts in the next key.
+        hits = [m.start() for m in re.finditer(re.escape(literal) + "[^\x00]*", text)]
+        if not hits:
+            return []
+        return (np.searchsorted(self._offsets(), hits, side="right") - 1).tolist()
 
     def renamed(self, new: Mapping[int, str]) -> "KeyText":
-        """The keys with `new` (index -> key) replacing some; the text is spliced when every start is known."""
-        keys = list(self.keys)
+        """The keys with `new` (index -> key) replacing some; the text is spliced and the offsets shifted."""
+        old = self.keys
+        keys = list(old)
         for i, key in new.items():
             keys[i] = key
         text = self._text
-        if not text or any(i not in self._starts or _SEP in key for i, key in new.items()):
+        if not text or any(_SEP in key for key in new.values()):
             return KeyText(keys)
-        pieces, done = [], 0
-        for i in sorted(new):
-            start = self._starts[i]
+        starts = self._offsets()
+        changed = sorted(new)
+        pieces, done, growth = [], 0, []
+        for i, start in zip(changed, starts[changed].tolist()):
             pieces += [text[done:start], new[i]]
-            done = start + len(self.keys[i])
+            done = start + len(old[i])
+            growth.append(len(new[i]) - len(old[i]))
         pieces.append(text[done:])
-        return KeyText(keys, "".join(pieces))
+        shift = np.zeros(len(starts), dtype=np.int64)
+        shift[np.asarray(changed, dtype=np.int64) + 1] = growth
+        return KeyText(keys, "".join(pieces), starts + np.cumsum(shift))
+
+    def _offsets(self) -> Any:
+        """Start of every key in the joined text (and one past the end), computed once and then carried along."""
+        if self._starts is None:
+            lengths = np.fromiter(map(len, self.keys), dtype=np.int64, count=len(self.keys)) + 1
+            self._starts = np.concatenate(([0], np.cumsum(lengths)))
+        return self._starts
 
     def _joined(self) -> str | None:
         """The joined keys, or None when a key itself holds a NUL (then keys are searched one by one)."""

@@ -42,12 +42,21 @@ class TensorMeta:
         return f"{self.dtype}{list(self.shape)}"
 
 
+def _init_frozen(obj: object, **fields: Any) -> None:
+    """Set the fields of a frozen dataclass in one step: the generated `__init__` calls `object.__setattr__`
+    per field, which is a third of the cost of planning 100,000 keys (two objects per key, one per rename)."""
+    obj.__dict__.update(fields)
+
+
 @dataclass(frozen=True)
 class SourceRef:
     """A tensor read as-is from the source."""
 
     key: str
     meta: TensorMeta
+
+    def __init__(self, key: str, meta: TensorMeta) -> None:
+        _init_frozen(self, key=key, meta=meta)
 
 
 @dataclass(frozen=True)
@@ -156,6 +165,9 @@ class PlanEntry:
     key: str
     expr: Expr
     steps: tuple[str, ...] = ()
+
+    def __init__(self, key: str, expr: Expr, steps: tuple[str, ...] = ()) -> None:
+        _init_frozen(self, key=key, expr=expr, steps=steps)
 
     @property
     def meta(self) -> TensorMeta:
