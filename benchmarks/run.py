@@ -67,7 +67,7 @@ class Runner:
         """Measure `argv` once; inputs are cold (dropped) or warm (read just before) as the policy says."""
         if self.cache == "cold":
             _drop_caches()
-            subprocess.run([sys.executable, "-c", "import torch, safetensors"], env=self.env, check=True)
+            subprocess.run([sys.executable, "-c", "import torch, safetensors, numpy, ckptx.cli"], env=self.env, check=True)
         else:
             for path in inputs:
                 subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
@@ -300,7 +300,7 @@ def main() -> None:
         plan = {} if args.no_plan else plan_benchmark(work, env)
         import torch  # noqa: PLC0415
 
-        meta = {"page cache": "dropped before every command (cold input; python and torch re-warmed)"
+        meta = {"page cache": "dropped before every command (cold input; the programs re-warmed: python, torch, numpy and ckptx imported once)"
                 if runner.cache == "cold" else "inputs read just before every command (warm)",
                 "runs": f"each command {runner.repeat} time(s): fastest wall time, highest peak RSS",
                 "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
