@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -330,3 +332,16 @@ def test_a_sharded_source_is_fingerprinted_with_every_shard(tmp_path: Path) -> N
                                                 "c": "model-00001-of-00002.safetensors"}}))
     names = [entry[0] for entry in source_files(index)]
     assert names == [index.name, "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+
+
+def test_a_worker_shares_the_cores_without_importing_torch() -> None:
+    probe = ("import os, sys\n"
+             "from ckptx.batch import _share_cores\n"
+             "_share_cores(2)\n"
+             "before = 'torch' in sys.modules\n"
+             "import torch\n"
+             "print(before, torch.get_num_threads(), max(1, (os.cpu_count() or 1) // 2))\n")
+    env = {k: v for k, v in subprocess_env().items() if k != "OMP_NUM_THREADS"}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    before, threads, expected = done.stdout.split()
+    assert before == "False" and threads == expected

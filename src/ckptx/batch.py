@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field, replace
@@ -210,10 +211,16 @@ def write_report(result: BatchResult, path: str | Path) -> Path:
 
 
 def _share_cores(workers: int) -> None:
-    """Worker start-up: split the CPUs between the workers, so N workers do not each run CPU-count threads."""
-    import torch  # noqa: PLC0415
+    """Worker start-up: split the CPUs between the workers, so N workers do not each run CPU-count threads.
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    Most jobs never import torch (copies, renames, float casts); torch reads OMP_NUM_THREADS when a job
+    first does, so the worker does not pay torch's start-up here.
+    """
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch_module = sys.modules.get("torch")
+    if torch_module is not None:
+        torch_module.set_num_threads(threads)
 
 
 def _skip_if_current(job: Job, recipes: dict[str, Recipe]) -> JobResult | None:
