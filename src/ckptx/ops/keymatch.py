@@ -136,6 +136,10 @@ class KeyedEntries(list):  # type: ignore[type-arg]
         super().__init__(entries)
         self._key_text = text
 
+    def carry(self, text: KeyText) -> None:
+        """Attach `text` (the keys of the entries as they now are) for the next step."""
+        self._key_text = text
+
     def key_text(self) -> KeyText:
         """The entries' keys (and their joined text)."""
         if self._key_text is None:

@@ -132,7 +132,7 @@ def plan_rename(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepO
     text = key_text(entries)
     found, seen = text.first_matches([rule.pattern for rule in args.rules]), set()
     changed = sorted(found)
-    out, new_keys = list(entries), {}
+    out, new_keys = KeyedEntries(entries), {}  # the one copy of the entry list this step makes
     may_warn = [may_match_mid_name(rule.pattern) for rule in args.rules]
     for index in changed:
         entry, row = entries[index], found[index]
@@ -151,4 +151,5 @@ def plan_rename(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepO
             if not hits:
                 problem = Problem(rule.where, f"rename pattern {rule.pattern.pattern!r} matches no key")
                 (ctx.errors if step.strict else ctx.warnings).append(problem)
-    return StepOutcome(KeyedEntries(out, text.renamed(new_keys)), sum(row_hits), changed)
+    out.carry(text.renamed(new_keys))
+    return StepOutcome(out, sum(row_hits), changed)
