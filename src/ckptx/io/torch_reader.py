@@ -47,14 +47,15 @@ def read_torch(path: Path, extract_paths: Sequence[str], *, allow_globals: Seque
     torch (no torch start-up; every tensor a span of the file); anything else goes through `torch.load`.
     """
     shown = display or str(path)
-    if zipfile.is_zipfile(path):
+    is_zip = zipfile.is_zipfile(path)
+    if is_zip:
         spanned = open_zip_without_torch(path, extract_paths, display=shown, where=where)
         if spanned is not None:
             return spanned
     obj = load_pickle_object(path, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle, display=shown)
     state, found_at = extract(obj, extract_paths, file=shown, where=where)
     top = {str(k): describe_value(v) for k, v in obj.items()} if isinstance(obj, dict) else {}
-    if zipfile.is_zipfile(path):
+    if is_zip:
         return TorchZipSource(str(path), shown, state, extracted_from=found_at, top_level=top, keep_alive=obj)
     return MappingSource(shown, "torch-legacy", state, extracted_from=found_at, top_level=top, keep_alive=obj)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
+from ckptx.io.dtypes import dtype_name
 from ckptx.io.source import MappingSource, RawSpan, describe_value, extract
 from ckptx.io.spans import read_span
 from ckptx.ops.registry import DTYPE_SIZES
@@ -196,13 +197,10 @@ def open_zip_without_torch(path: Path, extract_paths: Sequence[str], *, display:
     same SourceError as the torch path when the state dict is not where the recipe says.
     """
     try:
-        with zipfile.ZipFile(path) as archive:
-            pickled, records, little = _read_archive(archive, str(path))
-        unpickler = _StubUnpickler(io.BytesIO(pickled))
-        obj = unpickler.load()
+        obj, unknown, records, little = _read_references(str(path))
     except Exception:  # noqa: BLE001 - anything unusual goes to torch, which gives the precise error
         return None
-    if unpickler.unknown or not little:
+    if unknown or not little:
         return None
     state, found_at = extract(obj, extract_paths, file=display, where=where)
     spans = {}
@@ -241,9 +239,8 @@ def zip_spans(path: str, found_at: str, tensors: Mapping[str, torch.Tensor]) -> 
     cannot be read gets none at all (its tensors are then read through torch as before).
     """
     try:
-        with zipfile.ZipFile(path) as archive:
-            pickled, records, little = _read_archive(archive, path)
-        refs, _ = extract(_StubUnpickler(io.BytesIO(pickled)).load(), [found_at], file=path)
+        obj, _, records, little = _read_references(path)
+        refs, _ = extract(obj, [found_at], file=path)
     except Exception:  # noqa: BLE001 - best effort: without references the tensors are read through torch
         return {}
     if not little:
@@ -252,15 +249,11 @@ def zip_spans(path: str, found_at: str, tensors: Mapping[str, torch.Tensor]) -> 
     bases = set()
     for key, tensor in tensors.items():
         ref = refs.get(key)
-        record = records.get(ref.storage.key) if isinstance(ref, TensorRef) else None
-        if record is None or not _agrees(ref, tensor):
+        span = _row_major_span(ref, records, path) if isinstance(ref, TensorRef) and _agrees(ref, tensor) else None
+        if span is None or span.nbytes == 0:
             continue
-        start = record.offset + ref.offset * tensor.element_size()
-        nbytes = tensor.numel() * tensor.element_size()
-        if nbytes == 0 or start + nbytes > record.offset + record.size:
-            continue
-        bases.add(tensor.untyped_storage().data_ptr() - record.offset)
-        spans[key] = RawSpan(path, start, nbytes)
+        bases.add(tensor.untyped_storage().data_ptr() - records[ref.storage.key].offset)
+        spans[key] = span
     # Every storage torch mapped is a slice of one map of the whole file: one common base, or no trust.
     return spans if len(bases) == 1 else {}
 
@@ -268,9 +261,19 @@ def zip_spans(path: str, found_at: str, tensors: Mapping[str, torch.Tensor]) -> 
 def _agrees(ref: TensorRef, tensor: torch.Tensor) -> bool:
     """The pickle's description matches the tensor torch built, and its bytes are plain row-major ones."""
     return (ref.plain and type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.layout == torch.strided
+            and dtype_name(tensor.dtype) == ref.dtype
             and tuple(tensor.shape) == ref.size and tuple(tensor.stride()) == ref.stride
             and tensor.storage_offset() == ref.offset and tensor.is_contiguous()
             and not tensor.is_conj() and not tensor.is_neg() and tensor.device.type == "cpu")
+
+
+def _read_references(path: str) -> tuple[Any, list[str], dict[str, Record], bool]:
+    """`data.pkl` as the stub unpickler builds it, the globals it did not model, the `data/<key>` records by
+    key, and whether the storages are little-endian. Raises on a malformed archive or pickle."""
+    with zipfile.ZipFile(path) as archive:
+        pickled, records, little = _read_archive(archive, path)
+    unpickler = _StubUnpickler(io.BytesIO(pickled))
+    return unpickler.load(), unpickler.unknown, records, little
 
 
 def _read_archive(archive: zipfile.ZipFile, path: str) -> tuple[bytes, dict[str, Record], bool]:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Callable, Union
 
 from ckptx.errors import Problem
-from ckptx.rules.templates import Template, TemplateError, compile_template, plain_replacement
+from ckptx.rules.templates import Template, TemplateError, compile_template
 
 Pattern = re.Pattern[str]
 
@@ -97,13 +96,9 @@ class RenameRule:
 
     def apply(self, key: str) -> str:
         """The key rewritten by this row (every match replaced, like `re.sub`)."""
-        if self.template is not None and self.template.has_expressions:
-            return self.template.sub(self.pattern, key)
-        return self.pattern.sub(self._replacement, key)
-
-    @cached_property
-    def _replacement(self) -> str | Callable[[re.Match[str]], str]:
-        return plain_replacement(self.replacement, self.pattern)
+        if self.template is None:
+            return self.pattern.sub(self.replacement, key)
+        return self.template.sub(self.pattern, key)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable, Mapping
 
@@ -57,6 +57,7 @@ class Template:
 
     text: str
     parts: tuple[str | Expression, ...]
+    plain: str | Callable[[re.Match[str]], str] | None = field(default=None, compare=False, repr=False)
 
     @cached_property
     def has_expressions(self) -> bool:
@@ -86,7 +87,7 @@ class Template:
     def sub(self, pattern: Pattern, key: str) -> str:
         """`pattern.sub(template, key)` with expressions evaluated per match."""
         if not self.has_expressions:
-            return pattern.sub(self.text, key)
+            return pattern.sub(self.plain or self.text, key)
         return pattern.sub(lambda m: self.expand(m), key)
 
 
@@ -132,7 +133,10 @@ def compile_template(text: str, pattern: Pattern | None, *, names: tuple[str, ..
     for literal in parts:
         if isinstance(literal, str) and literal and pattern is not None:
             _check_literal(literal, pattern)
-    return Template(text, tuple(p for p in parts if p != ""))
+    template = Template(text, tuple(p for p in parts if p != ""))
+    if pattern is None or template.has_expressions:
+        return template
+    return Template(text, template.parts, plain_replacement(text, pattern))
 
 
 def _check_literal(literal: str, pattern: Pattern) -> None:
