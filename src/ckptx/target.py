@@ -7,6 +7,7 @@ import importlib
 import json
 import re
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -202,14 +203,15 @@ def validate(plan_or_state: Any, target: Any) -> ValidationReport:
     report = ValidationReport(resolved.description, notes=list(resolved.notes))
     missing_keys = [k for k in want if k not in have]
     unexpected_keys = [k for k in have if k not in want]
-    for key in want:
-        if key in have:
-            report.matched += 1
-            if have[key].shape != want[key].shape:
-                report.shape_mismatches.append(KeyProblem(key, have[key], want[key], sources.get(key, ()),
-                                                          _shape_hint(have[key], want[key])))
-            elif have[key].dtype != want[key].dtype:
-                report.dtype_differences.append(KeyProblem(key, have[key], want[key], sources.get(key, ())))
+    report.matched = len(want) - len(missing_keys)
+    for key, wanted in want.items():
+        got = have.get(key)
+        if got is None or got is wanted:
+            continue
+        if got.shape != wanted.shape:
+            report.shape_mismatches.append(KeyProblem(key, got, wanted, sources.get(key, ()), _shape_hint(got, wanted)))
+        elif got.dtype != wanted.dtype:
+            report.dtype_differences.append(KeyProblem(key, got, wanted, sources.get(key, ())))
     suggest = _Suggester({k: have[k] for k in unexpected_keys}, sources)
     for key in missing_keys:
         if any(p.search(key) for p in resolved.allow_missing):
@@ -224,11 +226,14 @@ def validate(plan_or_state: Any, target: Any) -> ValidationReport:
     return report
 
 
+_META = attrgetter("expr.meta")  # PlanEntry.meta, read in C
+
+
 class _SourceKeys:
     """The source keys of each planned key, worked out only for the keys a report names."""
 
-    def __init__(self, entries: Sequence[Any] = ()) -> None:
-        self._by_key = {e.key: e for e in entries}
+    def __init__(self, by_key: Mapping[str, Any] | None = None) -> None:
+        self._by_key = by_key or {}
 
     def get(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
         """Source keys of `key`, or `default` when it is not a planned key."""
@@ -239,7 +244,8 @@ class _SourceKeys:
 def _planned(plan_or_state: Any) -> tuple[dict[str, TensorMeta], _SourceKeys]:
     entries = getattr(plan_or_state, "entries", None)
     if entries is not None:
-        return {e.key: e.meta for e in entries}, _SourceKeys(entries)
+        keys = [e.key for e in entries]
+        return dict(zip(keys, map(_META, entries))), _SourceKeys(dict(zip(keys, entries)))
     if isinstance(plan_or_state, Mapping):
         metas = {k: v if isinstance(v, TensorMeta) else TensorMeta(tuple(v.shape), dtype_name(v.dtype))
                  for k, v in plan_or_state.items() if isinstance(v, (TensorMeta, torch.Tensor))}

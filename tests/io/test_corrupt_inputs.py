@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,38 @@ def test_missing_extract_path_lists_top_level(ddp_checkpoint: Path) -> None:
 def test_missing_file() -> None:
     with pytest.raises(SourceError, match="nowhere.pth: no such file"):
         open_source("nowhere.pth")
+
+
+def _raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+def test_safetensors_entry_whose_bytes_do_not_fit_its_shape(tmp_path: Path) -> None:
+    path = _raw_safetensors(tmp_path / "odd.safetensors", {"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}},
+                            bytes(24))
+    with pytest.raises(SourceError) as caught:
+        open_source(path)
+    assert str(caught.value) == f"{path}: tensor 'w' has 20 bytes but dtype float32 shape [2, 3] needs 24"
+
+
+@pytest.mark.parametrize("entry", [{"dtype": "F33", "shape": [1], "data_offsets": [0, 4]},
+                                   {"dtype": "F32", "shape": [[1]], "data_offsets": [0, 4]},
+                                   {"dtype": "F32", "shape": [1], "data_offsets": [0]},
+                                   {"dtype": "F32", "shape": [1]}])
+def test_safetensors_entry_that_is_not_a_tensor_description(tmp_path: Path, entry: dict) -> None:
+    path = _raw_safetensors(tmp_path / "odd.safetensors", {"w": entry}, bytes(4))
+    with pytest.raises(SourceError) as caught:
+        open_source(path)
+    assert str(caught.value) == f"{path}: invalid safetensors header entry for tensor 'w': {entry!r}"
+
+
+def test_safetensors_tensors_are_listed_in_file_order_whatever_the_header_order(tmp_path: Path) -> None:
+    header = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]},
+              "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+              "c": {"dtype": "F16", "shape": [2], "data_offsets": [12, 16]}}
+    path = _raw_safetensors(tmp_path / "order.safetensors", header, bytes(16))
+    with open_source(path) as source:
+        assert [(k, str(m)) for k, m in source.tensors.items()] == [("b", "float32[2]"), ("a", "float32[1]"),
+                                                                    ("c", "float16[2]")]

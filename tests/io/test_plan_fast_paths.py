@@ -111,7 +111,7 @@ def test_keyed_entries_forget_their_keys_when_changed() -> None:
     assert keymatch.key_text(keyed).keys == ["c", "b", "c", "a"]
 
 
-def test_offsets_carried_through_chained_renames_stay_exact() -> None:
+def test_keys_found_exactly_through_chained_renames() -> None:
     rng = random.Random(11)
     for _ in range(200):
         keys = ["".join(rng.choice("ab.c") for _ in range(rng.randint(0, 8))) for _ in range(rng.randint(1, 30))]
@@ -125,3 +125,18 @@ def test_offsets_carried_through_chained_renames_stay_exact() -> None:
             keys = [new.get(i, k) for i, k in enumerate(keys)]
             assert text.keys == keys
         assert text.containing("b") == [i for i, k in enumerate(keys) if "b" in k]
+
+
+def test_a_few_renamed_keys_are_searched_one_by_one_until_an_eighth_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    joins = []
+    real_join = keymatch._join
+    monkeypatch.setattr(keymatch, "_join", lambda keys: joins.append(len(keys)) or real_join(keys))
+    keys = [f"layers.{i}.w" for i in range(800)]
+    text = KeyText(list(keys))
+    for step in range(14):  # 10 new keys per step: the 11th step finds 110 > 800 / 8 changed and joins again
+        assert text.containing(f"s.{step}") == [i for i, k in enumerate(keys) if f"s.{step}" in k]
+        new = {i: f"blocks.{i}.w" for i in range(step * 10, step * 10 + 10)}
+        text = text.renamed(new)
+        keys = [new.get(i, k) for i, k in enumerate(keys)]
+        assert text.containing("blocks.") == [i for i, k in enumerate(keys) if "blocks." in k]
+    assert joins == [800, 800]

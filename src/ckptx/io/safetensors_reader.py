@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,12 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 def read_header(path: Path, display: str | None = None) -> tuple[dict[str, Any], int]:
     """Parse and check a safetensors header; returns (header, start of the data section)."""
+    header, data_start, _ = _read_checked(path, display)
+    return header, data_start
+
+
+def _read_checked(path: Path, display: str | None) -> tuple[dict[str, Any], int, dict[str, TensorMeta]]:
+    """The header, the start of the data section, and key -> TensorMeta in file order, every entry checked."""
     shown = display or str(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -41,28 +48,47 @@ def read_header(path: Path, display: str | None = None) -> tuple[dict[str, Any],
     if not isinstance(header, dict):
         raise SourceError(f"{shown}: not a valid safetensors file: header is not a JSON object")
     data_start = 8 + length
-    _check_entries(header, size - data_start, shown)
-    return header, data_start
+    return header, data_start, _checked_tensors(header, size - data_start, shown)
 
 
-def _check_entries(header: dict[str, Any], data_size: int, shown: str) -> None:
+def _checked_tensors(header: dict[str, Any], data_size: int, shown: str) -> dict[str, TensorMeta]:
+    """Check every entry's dtype, shape and byte range; key -> TensorMeta in file order, one TensorMeta object
+    per distinct dtype and shape (a header of 100,000 tensors has a few hundred)."""
+    known: dict[tuple[str, tuple[Any, ...]], tuple[TensorMeta, int]] = {}
+    starts: list[int] = []
+    keys: list[str] = []
+    metas: list[TensorMeta] = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
         try:
-            dtype = FROM_SAFETENSORS[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
+            ident = (info["dtype"], tuple(info["shape"]))
+            meta, expected = known.get(ident) or _meta_of(ident, known)
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise SourceError(f"{shown}: invalid safetensors header entry for tensor '{key}': {info!r}") from None
-        expected = DTYPE_SIZES[dtype]
-        for dim in shape:
-            expected *= dim
         if end - begin != expected or begin < 0:
-            raise SourceError(f"{shown}: tensor '{key}' has {end - begin} bytes but dtype {dtype} shape {shape} needs {expected}")
+            raise SourceError(f"{shown}: tensor '{key}' has {end - begin} bytes but dtype {meta.dtype} shape "
+                              f"{list(meta.shape)} needs {expected}")
         if end > data_size:
             raise SourceError(f"{shown}: tensor '{key}' ends at byte {end} of the data section, which has only "
                               f"{data_size} bytes: the file is truncated")
+        keys.append(key)
+        metas.append(meta)
+        starts.append(begin)
+    if any(a > b for a, b in zip(starts, starts[1:])):
+        order = sorted(range(len(keys)), key=starts.__getitem__)
+        keys, metas = [keys[i] for i in order], [metas[i] for i in order]
+    return dict(zip(keys, metas))
+
+
+def _meta_of(ident: tuple[str, tuple[Any, ...]], known: dict[tuple[str, tuple[Any, ...]], tuple[TensorMeta, int]]
+             ) -> tuple[TensorMeta, int]:
+    """The TensorMeta of a (safetensors dtype, shape) and its size in bytes, remembered in `known`."""
+    dtype = FROM_SAFETENSORS[ident[0]]
+    shape = tuple(int(d) for d in ident[1])
+    known[ident] = TensorMeta(shape, dtype), math.prod(shape) * DTYPE_SIZES[dtype]
+    return known[ident]
 
 
 class SafetensorsSource(Source):
@@ -70,18 +96,8 @@ class SafetensorsSource(Source):
 
     @without_gc
     def __init__(self, path: Path, display: str | None = None) -> None:
-        header, data_start = read_header(path, display)
+        header, data_start, tensors = _read_checked(path, display)
         metadata = header.pop("__metadata__", None) or {}
-        order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
-        metas: dict[tuple[str, tuple[int, ...]], TensorMeta] = {}  # one object per distinct shape and dtype
-        tensors = {}
-        for key in order:
-            info = header[key]
-            ident = (info["dtype"], tuple(info["shape"]))
-            meta = metas.get(ident)
-            if meta is None:
-                meta = metas[ident] = TensorMeta(ident[1], FROM_SAFETENSORS[ident[0]])
-            tensors[key] = meta
         super().__init__(
             path=display or str(path), format="safetensors", tensors=tensors,
             file_metadata={str(k): str(v) for k, v in metadata.items()},

@@ -2,8 +2,8 @@
 
 Literals every match must contain are looked for in all keys joined into one string (at memory speed)
 before any regex runs, and the key each hit lies in is found by binary search in an array of key start
-offsets (numpy, vectorized). A rename step hands the joined keys and their offsets on to the next step with
-only the renamed keys spliced in and the offsets after them shifted. The answers are those of calling
+offsets (numpy, vectorized). A rename step hands the joined keys on to the next step with the keys it
+renamed marked, and those few are searched one by one. The answers are those of calling
 `pattern.search(key)` on every key.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
 from ckptx._lazy import lazy_module
 
@@ -51,13 +51,38 @@ def required_literals(pattern: re.Pattern[str]) -> tuple[str, ...]:
     return tuple(run for run in runs if _SEP not in run)
 
 
-class KeyText:
-    """A list of keys, the same keys joined by NUL, and where in that text each key starts."""
+class _Joined(NamedTuple):
+    """Keys joined by NUL into one text, and where in it each key starts (then len(text) + 1), as int64."""
 
-    def __init__(self, keys: list[str], text: str | None = None, starts: Any = None) -> None:
+    text: str
+    starts: Any
+
+
+def _join(keys: list[str]) -> _Joined | None:
+    """The keys joined, or None when a key itself holds a NUL (then keys are searched one by one)."""
+    text = _SEP.join(keys)
+    if text.count(_SEP) != len(keys) - 1:
+        return None
+    lengths = np.fromiter(map(len, keys), dtype=np.int64, count=len(keys)) + 1
+    return _Joined(text, np.concatenate(([0], np.cumsum(lengths))))
+
+
+_UNJOINABLE = _Joined("", None)
+
+
+class KeyText:
+    """A list of keys that finds the keys containing a literal at memory speed.
+
+    The keys are joined into one text once. A renamed KeyText shares that text and marks the keys that
+    changed since it was joined; those are searched one by one, until they are more than an eighth of all
+    keys and the text is joined again. (Splicing the text at every rename step cost more than the renames.)
+    """
+
+    def __init__(self, keys: list[str], joined: _Joined | None = None, stale: Any = None, stale_count: int = 0) -> None:
         self.keys = keys
-        self._text = text
-        self._starts = starts  # int64 array of len(keys) + 1: start of each key, then len(text) + 1
+        self._joined = joined
+        self._stale = stale  # bool array: keys that differ from the joined text (None: none do)
+        self._stale_count = stale_count
 
     def first_matches(self, patterns: Sequence[re.Pattern[str]]) -> dict[int, int]:
         """Key index -> index of the first pattern whose `search` finds that key; unmatched keys are left out."""
@@ -84,49 +109,35 @@ class KeyText:
 
     def containing(self, literal: str) -> list[int]:
         """Indices of the keys that contain `literal` (which holds no NUL), in order."""
-        text = self._joined()
-        if text is None:
+        joined = self._current()
+        if joined is _UNJOINABLE:
             return [i for i, k in enumerate(self.keys) if literal in k]
         # One hit per key: each match runs on to the end of its key, so the next search starts in the next key.
-        hits = [m.start() for m in re.finditer(re.escape(literal) + "[^\x00]*", text)]
-        if not hits:
-            return []
-        return (np.searchsorted(self._offsets(), hits, side="right") - 1).tolist()
+        hits = [m.start() for m in re.finditer(re.escape(literal) + "[^\x00]*", joined.text)]
+        found = np.searchsorted(joined.starts, hits, side="right") - 1 if hits else np.zeros(0, dtype=np.int64)
+        if self._stale is None:
+            return found.tolist()
+        keys = self.keys
+        changed = [i for i in np.flatnonzero(self._stale).tolist() if literal in keys[i]]
+        return sorted(found[~self._stale[found]].tolist() + changed)
 
     def renamed(self, new: Mapping[int, str]) -> "KeyText":
-        """The keys with `new` (index -> key) replacing some; the text is spliced and the offsets shifted."""
-        old = self.keys
-        keys = list(old)
+        """The keys with `new` (index -> key) replacing some; the joined text is shared, those keys marked."""
+        keys = self.keys.copy()
         for i, key in new.items():
             keys[i] = key
-        text = self._text
-        if not text or any(_SEP in key for key in new.values()):
-            return KeyText(keys)
-        starts = self._offsets()
-        changed = sorted(new)
-        pieces, done, growth = [], 0, []
-        for i, start in zip(changed, starts[changed].tolist()):
-            pieces += [text[done:start], new[i]]
-            done = start + len(old[i])
-            growth.append(len(new[i]) - len(old[i]))
-        pieces.append(text[done:])
-        shift = np.zeros(len(starts), dtype=np.int64)
-        shift[np.asarray(changed, dtype=np.int64) + 1] = growth
-        return KeyText(keys, "".join(pieces), starts + np.cumsum(shift))
+        if self._joined is None or self._joined is _UNJOINABLE or not new:
+            return KeyText(keys, self._joined, self._stale, self._stale_count)
+        stale = np.zeros(len(keys), dtype=bool) if self._stale is None else self._stale.copy()
+        stale[np.fromiter(new, dtype=np.int64, count=len(new))] = True
+        return KeyText(keys, self._joined, stale, int(np.count_nonzero(stale)))
 
-    def _offsets(self) -> Any:
-        """Start of every key in the joined text (and one past the end), computed once and then carried along."""
-        if self._starts is None:
-            lengths = np.fromiter(map(len, self.keys), dtype=np.int64, count=len(self.keys)) + 1
-            self._starts = np.concatenate(([0], np.cumsum(lengths)))
-        return self._starts
-
-    def _joined(self) -> str | None:
-        """The joined keys, or None when a key itself holds a NUL (then keys are searched one by one)."""
-        if self._text is None:
-            text = _SEP.join(self.keys)
-            self._text = text if text.count(_SEP) == len(self.keys) - 1 else ""
-        return self._text or None
+    def _current(self) -> _Joined:
+        """The joined text, joined (again) when there is none or too many keys changed since."""
+        if self._joined is None or self._stale_count * 8 > len(self.keys):
+            self._joined = _join(self.keys) or _UNJOINABLE
+            self._stale, self._stale_count = None, 0
+        return self._joined
 
 
 class KeyedEntries(list):  # type: ignore[type-arg]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import Sequence
+
 from ckptx.errors import Problem
-from ckptx.ops.keymatch import KeyedEntries, first_matches, key_text
+from ckptx.ops.keymatch import KeyedEntries, KeyText, first_matches, key_text, required_literals
 from ckptx.ops.registry import PlanContext, PlanEntry, StepOutcome, step_planner
-from ckptx.rules.steps import AddPrefix, Drop, Keep, Pattern, Rename, Step, StripPrefix, TakeFrom
+from ckptx.rules.steps import AddPrefix, Drop, Keep, Pattern, Rename, RenameRule, Step, StripPrefix, TakeFrom
 from ckptx.rules.templates import KeyTemplateError
 
 
@@ -128,28 +131,64 @@ def plan_add_prefix(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> S
 def plan_rename(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Per key, the first matching row rewrites it like `re.sub`; rows that match nothing are reported."""
     args: Rename = step.args  # type: ignore[assignment]
-    row_hits = [0] * len(args.rules)
     text = key_text(entries)
-    found, seen = text.first_matches([rule.pattern for rule in args.rules]), set()
-    changed = sorted(found)
-    out, new_keys = KeyedEntries(entries), {}  # the one copy of the entry list this step makes
-    may_warn = [may_match_mid_name(rule.pattern) for rule in args.rules]
-    for index in changed:
-        entry, row = entries[index], found[index]
-        rule = args.rules[row]
-        row_hits[row] += 1
-        if may_warn[row]:
-            warn_if_mid_name(rule.pattern, entry.key, rule.where, ctx, seen)
-        try:
-            new_keys[index] = rule.apply(entry.key)
-        except KeyTemplateError as exc:
-            ctx.errors.append(Problem(rule.where, f"key '{entry.key}': {exc}"))
-            continue
-        out[index] = entry.renamed(new_keys[index], rule.where)
-    if len(args.rules) > 1 and any(row_hits):
-        for rule, hits in zip(args.rules, row_hits):
-            if not hits:
+    rows, new_keys, failed = _first_rewrites(args.rules, text)
+    changed = sorted(rows)
+    _report_rows(args.rules, rows, changed, failed, entries, ctx)
+    out = KeyedEntries(entries)  # the one copy of the entry list this step makes
+    put = list.__setitem__  # the list's own: KeyedEntries.__setitem__ would forget the key text each time
+    where = [rule.where for rule in args.rules]
+    for index in sorted(new_keys) if failed else changed:
+        entry = entries[index]
+        put(out, index, _new_entry(PlanEntry, (new_keys[index], entry.expr, entry.steps + (where[rows[index]],))))
+    row_hits = Counter(rows.values())
+    if len(args.rules) > 1 and row_hits:
+        for number, rule in enumerate(args.rules):
+            if not row_hits[number]:
                 problem = Problem(rule.where, f"rename pattern {rule.pattern.pattern!r} matches no key")
                 (ctx.errors if step.strict else ctx.warnings).append(problem)
     out.carry(text.renamed(new_keys))
-    return StepOutcome(out, sum(row_hits), changed)
+    return StepOutcome(out, len(rows), changed)
+
+
+_new_entry = tuple.__new__  # PlanEntry(...) without the Python frame of the named tuple's __new__
+
+
+def _report_rows(rules: Sequence[RenameRule], rows: dict[int, int], changed: list[int],
+                 failed: dict[int, KeyTemplateError], entries: list[PlanEntry], ctx: PlanContext) -> None:
+    """Errors for the keys whose template failed and over-broad warnings, in key order."""
+    may_warn = [may_match_mid_name(rule.pattern) for rule in rules]
+    if not failed and not any(may_warn):
+        return
+    seen: set[str] = set()
+    for index in changed:
+        rule = rules[rows[index]]
+        if may_warn[rows[index]]:
+            warn_if_mid_name(rule.pattern, entries[index].key, rule.where, ctx, seen)
+        if index in failed:
+            ctx.errors.append(Problem(rule.where, f"key '{entries[index].key}': {failed[index]}"))
+
+
+def _first_rewrites(rules: Sequence[RenameRule], text: KeyText
+                    ) -> tuple[dict[int, int], dict[int, str], dict[int, KeyTemplateError]]:
+    """Per key the first row that matches (key index -> row), the new keys, and the keys whose template failed.
+
+    One `subn` per key and row tried: it both tells whether the row matches and makes the new key.
+    """
+    keys = text.keys
+    rows: dict[int, int] = {}
+    new_keys: dict[int, str] = {}
+    failed: dict[int, KeyTemplateError] = {}
+    for number, rule in enumerate(rules):
+        subn, repl = rule.pattern.subn, rule.repl
+        for i in text.candidates(required_literals(rule.pattern)):
+            if i in rows:
+                continue
+            try:
+                new, count = subn(repl, keys[i])
+            except KeyTemplateError as exc:
+                rows[i], failed[i] = number, exc
+                continue
+            if count:
+                rows[i], new_keys[i] = number, new
+    return rows, new_keys, failed

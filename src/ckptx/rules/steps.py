@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Union
 
 from ckptx.errors import Problem
@@ -94,11 +95,14 @@ class RenameRule:
     where: str
     template: Template | None = field(default=None, compare=False)
 
+    @cached_property
+    def repl(self) -> str | Callable[[re.Match[str]], str]:
+        """What `self.pattern.sub`/`subn` takes to make this row's replacement."""
+        return self.replacement if self.template is None else self.template.repl
+
     def apply(self, key: str) -> str:
         """The key rewritten by this row (every match replaced, like `re.sub`)."""
-        if self.template is None:
-            return self.pattern.sub(self.replacement, key)
-        return self.template.sub(self.pattern, key)
+        return self.pattern.sub(self.repl, key)
 
 
 @dataclass(frozen=True)

@@ -84,11 +84,12 @@ class Template:
                 out.append(part)
         return "".join(out)
 
-    def sub(self, pattern: Pattern, key: str) -> str:
-        """`pattern.sub(template, key)` with expressions evaluated per match."""
-        if not self.has_expressions:
-            return pattern.sub(self.plain or self.text, key)
-        return pattern.sub(lambda m: self.expand(m), key)
+    @property
+    def repl(self) -> str | Callable[[re.Match[str]], str]:
+        """What `pattern.sub` takes to fill this template (a function when there are expressions)."""
+        if self.has_expressions:
+            return self.expand
+        return self.plain or self.text
 
 
 def plain_replacement(text: str, pattern: Pattern) -> str | Callable[[re.Match[str]], str]:
