@@ -1,8 +1,8 @@
 """Which keys a list of regexes matches, fast, for checkpoints with 100,000 keys and recipes with many steps.
 
 Literals every match must contain are looked for in all keys joined into one string (at memory speed)
-before any regex runs, and the key each hit lies in is found by binary search in an array of key start
-offsets (numpy, vectorized). A rename step hands the joined keys on to the next step with the keys it
+before any regex runs, and the key each hit lies in is found by binary search in the list of key start
+offsets. A rename step hands the joined keys on to the next step with the keys it
 renamed marked, and those few are searched one by one. The answers are those of calling
 `pattern.search(key)` on every key.
 """
@@ -10,10 +10,11 @@ renamed marked, and those few are searched one by one. The answers are those of 
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from functools import lru_cache
+from itertools import accumulate, count
+from operator import add
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
-
-from ckptx._lazy import lazy_module
 
 try:  # Python 3.11+
     from re import _parser as _sre  # type: ignore[attr-defined]
@@ -22,8 +23,6 @@ except ImportError:  # pragma: no cover - Python 3.10
 
 if TYPE_CHECKING:  # pragma: no cover
     from ckptx.ops.registry import PlanEntry
-
-np = lazy_module("numpy")
 
 _SAMPLE = 512
 _SEP = "\x00"
@@ -52,10 +51,10 @@ def required_literals(pattern: re.Pattern[str]) -> tuple[str, ...]:
 
 
 class _Joined(NamedTuple):
-    """Keys joined by NUL into one text, and where in it each key starts (then len(text) + 1), as int64."""
+    """Keys joined by NUL into one text, and where in it each key starts (then len(text) + 1)."""
 
     text: str
-    starts: Any
+    starts: list[int]
 
 
 def _join(keys: list[str]) -> _Joined | None:
@@ -63,8 +62,8 @@ def _join(keys: list[str]) -> _Joined | None:
     text = _SEP.join(keys)
     if text.count(_SEP) != len(keys) - 1:
         return None
-    lengths = np.fromiter(map(len, keys), dtype=np.int64, count=len(keys)) + 1
-    return _Joined(text, np.concatenate(([0], np.cumsum(lengths))))
+    # key i starts after the lengths of the keys before it and i separators
+    return _Joined(text, list(map(add, accumulate(map(len, keys), initial=0), count())))
 
 
 _UNJOINABLE = _Joined("", None)
@@ -78,11 +77,10 @@ class KeyText:
     keys and the text is joined again. (Splicing the text at every rename step cost more than the renames.)
     """
 
-    def __init__(self, keys: list[str], joined: _Joined | None = None, stale: Any = None, stale_count: int = 0) -> None:
+    def __init__(self, keys: list[str], joined: _Joined | None = None, stale: frozenset[int] = frozenset()) -> None:
         self.keys = keys
         self._joined = joined
-        self._stale = stale  # bool array: keys that differ from the joined text (None: none do)
-        self._stale_count = stale_count
+        self._stale = stale  # indices of the keys that differ from the joined text
 
     def first_matches(self, patterns: Sequence[re.Pattern[str]]) -> dict[int, int]:
         """Key index -> index of the first pattern whose `search` finds that key; unmatched keys are left out."""
@@ -113,13 +111,13 @@ class KeyText:
         if joined is _UNJOINABLE:
             return [i for i, k in enumerate(self.keys) if literal in k]
         # One hit per key: each match runs on to the end of its key, so the next search starts in the next key.
-        hits = [m.start() for m in re.finditer(re.escape(literal) + "[^\x00]*", joined.text)]
-        found = np.searchsorted(joined.starts, hits, side="right") - 1 if hits else np.zeros(0, dtype=np.int64)
-        if self._stale is None:
-            return found.tolist()
+        starts = joined.starts
+        found = [bisect_right(starts, m.start()) - 1 for m in re.finditer(re.escape(literal) + "[^\x00]*", joined.text)]
+        stale = self._stale
+        if not stale:
+            return found
         keys = self.keys
-        changed = [i for i in np.flatnonzero(self._stale).tolist() if literal in keys[i]]
-        return sorted(found[~self._stale[found]].tolist() + changed)
+        return sorted([i for i in found if i not in stale] + [i for i in stale if literal in keys[i]])
 
     def renamed(self, new: Mapping[int, str]) -> "KeyText":
         """The keys with `new` (index -> key) replacing some; the joined text is shared, those keys marked."""
@@ -127,16 +125,14 @@ class KeyText:
         for i, key in new.items():
             keys[i] = key
         if self._joined is None or self._joined is _UNJOINABLE or not new:
-            return KeyText(keys, self._joined, self._stale, self._stale_count)
-        stale = np.zeros(len(keys), dtype=bool) if self._stale is None else self._stale.copy()
-        stale[np.fromiter(new, dtype=np.int64, count=len(new))] = True
-        return KeyText(keys, self._joined, stale, int(np.count_nonzero(stale)))
+            return KeyText(keys, self._joined, self._stale)
+        return KeyText(keys, self._joined, self._stale.union(new))
 
     def _current(self) -> _Joined:
         """The joined text, joined (again) when there is none or too many keys changed since."""
-        if self._joined is None or self._stale_count * 8 > len(self.keys):
+        if self._joined is None or len(self._stale) * 8 > len(self.keys):
             self._joined = _join(self.keys) or _UNJOINABLE
-            self._stale, self._stale_count = None, 0
+            self._stale = frozenset()
         return self._joined
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from ckptx._data import shipped_rules_dir
+from ckptx._lazy import lazy_module
 from ckptx.errors import Problem, RuleError
+
+metadata = lazy_module("importlib.metadata")  # 40-80 ms; only rule packs need it, not a rule file given by path
 
 ENTRY_POINT_GROUP = "ckptx.rules"
 SHIPPED = "ckptx"
