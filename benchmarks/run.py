@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/run.py --size-gib 2 [--scaling 1,4] [--cache cold|warm] [--workdir DIR]
 
 Generates a transformer-like float32 checkpoint (benchmarks/synth.py) as safetensors and as a torch zip
-`.pth`, then runs on the same files, one after the other, each under benchmarks/measure.py (wall time and
-peak RSS): `cp` (plain and followed by `sync FILE`), the naive scripts of benchmarks/naive.py, and
-`ckptx convert` as a subprocess for (a) safetensors -> safetensors rename-only, (b) .pth -> safetensors,
+`.pth`, then runs on the same files, in rounds (every command once per round, so a slow spell of the disk
+hits them alike), each under benchmarks/measure.py (wall time and peak RSS): `cp` (plain and followed by
+`sync FILE`), the naive scripts of benchmarks/naive.py, and `ckptx convert` as a subprocess for (a) safetensors -> safetensors rename-only, (b) .pth -> safetensors,
 (c) 10% of the tensors cast to bf16, plus .pth output and sharded output for reference. Every output is
 deleted (and `sync` run) before the next command. `--scaling` repeats the ckptx rows on other sizes to show
 that memory does not grow with the file. A planning benchmark (100,000 keys, 50 regex steps) runs last.
@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,12 +57,6 @@ class Runner:
         self.env = env
         self.repeat = repeat
         self.cache = cache if cache == "warm" or _drop_caches() else "warm"
-
-    def run(self, argv: list[str], inputs: list[Path], outputs: list[Path]) -> dict[str, float]:
-        """The fastest of `repeat` runs of `argv` (its peak RSS: the highest of them)."""
-        results = [self.run_once(argv, inputs, outputs) for _ in range(self.repeat)]
-        best = min(results, key=lambda r: r["wall"])
-        return {**best, "maxrss_kib": max(r["maxrss_kib"] for r in results), "walls": [r["wall"] for r in results]}
 
     def run_once(self, argv: list[str], inputs: list[Path], outputs: list[Path]) -> dict[str, float]:
         """Measure `argv` once; inputs are cold (dropped) or warm (read just before) as the policy says."""
@@ -180,16 +175,31 @@ def main_run(runner: Runner, work: Path, size: float, facts_out: dict[str, dict[
              ckptx("convert", str(src), "-r", rename, "-o", str(shards / "model.safetensors"), "--max-shard-size",
                    "500MB"), [src], [shards]),
         ]
+    walls: list[list[dict[str, float]]] = [[] for _ in plan]
+    for round_number in range(runner.repeat):  # rounds, so a slow spell of the disk hits every command alike
+        for results, (case, name, argv, inputs, outputs) in zip(walls, plan):
+            print(f"  [{size:g} GiB, round {round_number + 1}/{runner.repeat}] {case}: {name} ...", file=sys.stderr,
+                  flush=True)
+            results.append(runner.run_once(argv, inputs, outputs))
     rows = []
-    for case, name, argv, inputs, outputs in plan:
-        print(f"  [{size:g} GiB] {case}: {name} ...", file=sys.stderr, flush=True)
-        result = runner.run(argv, inputs, outputs)
-        rows.append(Row(case, name, result["wall"], result["maxrss_kib"] / 1024, size,
+    for results, (case, name, argv, _, _) in zip(walls, plan):
+        best = min(results, key=lambda r: r["wall"])
+        rows.append(Row(case, name, best["wall"], max(r["maxrss_kib"] for r in results) / 1024, size,
                         " ".join(_short(a, work) for a in argv),
-                        extra={"user": result["user"], "sys": result["sys"], "walls": result["walls"]}))
+                        extra={"user": best["user"], "sys": best["sys"], "walls": [r["wall"] for r in results]}))
+    _pair_with_baselines(rows)
     src.unlink()
     pth.unlink()
     return rows
+
+
+def _pair_with_baselines(rows: list[Row]) -> None:
+    """For each ckptx row, the median over rounds of its wall time / its baseline's (`cp + sync`) in the same round."""
+    walls = {r.name: r.extra["walls"] for r in rows if r.case == "baseline"}
+    for row in rows:
+        base = walls.get("cp + sync (.pth)" if row.case == "b" and "cp + sync (.pth)" in walls else "cp + sync")
+        if row.name.startswith("ckptx convert") and base:
+            row.extra["paired"] = statistics.median(w / b for w, b in zip(row.extra["walls"], base))
 
 
 def _short(arg: str, work: Path) -> str:
@@ -236,31 +246,36 @@ def markdown(rows: list[Row], scaling: list[Row], facts: dict[str, dict[str, flo
     floor = next((r.rss_mib for r in rows if r.name == "ckptx --version"), 0.0)  # python + ckptx, no torch
     startup = next((r.wall for r in rows if r.name == "ckptx --version"), 0.0)
     base = {r.name: r.wall for r in rows if r.case == "baseline"}
-    lines += ["", "| case | command | wall (s) | x cp | x cp+sync | x cp+sync without ckptx startup | peak RSS (MiB) "
-                  "| RSS above `ckptx --version` | target | met |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines += ["", "| case | command | wall (s) | x cp | x cp+sync | x cp+sync without ckptx startup "
+                  "| median of per-round x cp+sync | peak RSS (MiB) | RSS above `ckptx --version` | target | met |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         cp = base.get("cp + sync (.pth)" if r.case == "b" else "cp + sync", 0)
         plain = base.get("cp", 0)
         net = f"{(r.wall - startup) / cp:.2f}" if r.name.startswith("ckptx convert") else ""
         lines.append(f"| {r.case} | {r.name} | {r.wall:.2f} | {r.wall / plain:.2f} | {r.wall / cp:.2f} | {net} | "
-                     f"{r.rss_mib:.0f} | {r.rss_mib - floor:+.0f} | {r.target} | {r.met} |")
+                     f"{_paired(r)} | {r.rss_mib:.0f} | {r.rss_mib - floor:+.0f} | {r.target} | {r.met} |")
     if scaling:
-        lines += ["", "| case | command | input | wall (s) | x cp+sync | x cp+sync without ckptx startup | peak RSS (MiB) "
-                      "| RSS above `ckptx --version` |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "| case | command | input | wall (s) | x cp+sync | x cp+sync without ckptx startup "
+                      "| median of per-round x cp+sync | peak RSS (MiB) | RSS above `ckptx --version` |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         sync_wall = {r.size_gib: r.wall for r in scaling if r.name == "cp + sync"}
         for r in sorted(scaling, key=lambda r: (r.case, r.size_gib)):
             cp = sync_wall[r.size_gib]
             net = f"{(r.wall - startup) / cp:.2f}" if r.name.startswith("ckptx") else ""
             lines.append(f"| {r.case} | {r.name} | {r.size_gib:g} GiB | {r.wall:.2f} | {r.wall / cp:.2f} | {net} | "
-                         f"{r.rss_mib:.0f} | {r.rss_mib - floor:+.0f} |")
+                         f"{_paired(r)} | {r.rss_mib:.0f} | {r.rss_mib - floor:+.0f} |")
     if plan:
         lines += ["", "| planning benchmark (100,000 keys, 50 rename steps, 100,000 renames) | wall (s) | CPU (s) |",
                   "|---|---:|---:|"]
         for name in ("open", "plan", "validate", "plan+validate", "total"):
             lines.append(f"| {name} | {plan[f'{name} wall']:.2f} | {plan[f'{name} cpu']:.2f} |")
     return "\n".join(lines)
+
+
+def _paired(row: Row) -> str:
+    paired = row.extra.get("paired")
+    return f"{paired:.2f}" if isinstance(paired, float) else ""
 
 
 def plan_benchmark(work: Path, env: dict[str, str]) -> dict[str, float]:
@@ -280,7 +295,8 @@ def main() -> None:
                         help="cold: drop the page cache before each command (needs root; falls back to warm); "
                              "warm: read the inputs just before each command")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
-                        help="run every command N times; report the fastest wall time and the highest peak RSS")
+                        help="run N rounds of every command; report the fastest wall time, the highest peak RSS "
+                             "and the median over rounds of each ckptx time / cp+sync in the same round")
     parser.add_argument("--workdir", default=None, help="where the temporary folder goes (default: the system's)")
     parser.add_argument("--no-plan", action="store_true", help="skip the planning benchmark")
     parser.add_argument("--json-out", metavar="FILE", help="also write the raw numbers as JSON")
@@ -302,7 +318,8 @@ def main() -> None:
 
         meta = {"page cache": "dropped before every command (cold input; the programs re-warmed: python, torch, numpy and ckptx imported once)"
                 if runner.cache == "cold" else "inputs read just before every command (warm)",
-                "runs": f"each command {runner.repeat} time(s): fastest wall time, highest peak RSS",
+                "runs": f"{runner.repeat} round(s) of every command: fastest wall time, highest peak RSS; "
+                        "paired ratio = median over rounds of ckptx / cp+sync in the same round",
                 "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
                            f"torch {torch.__version__}",
                 "load average (1 min) at start / end": f"{load_before:.2f} / {os.getloadavg()[0]:.2f}",
