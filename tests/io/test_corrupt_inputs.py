@@ -100,7 +100,8 @@ def test_safetensors_entry_whose_bytes_do_not_fit_its_shape(tmp_path: Path) -> N
 @pytest.mark.parametrize("entry", [{"dtype": "F33", "shape": [1], "data_offsets": [0, 4]},
                                    {"dtype": "F32", "shape": [[1]], "data_offsets": [0, 4]},
                                    {"dtype": "F32", "shape": [1], "data_offsets": [0]},
-                                   {"dtype": "F32", "shape": [1]}])
+                                   {"dtype": "F32", "shape": [1]},
+                                   {"dtype": "F32", "shape": [-1], "data_offsets": [4, 0]}])
 def test_safetensors_entry_that_is_not_a_tensor_description(tmp_path: Path, entry: dict) -> None:
     path = _raw_safetensors(tmp_path / "odd.safetensors", {"w": entry}, bytes(4))
     with pytest.raises(SourceError) as caught:

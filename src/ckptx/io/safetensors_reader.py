@@ -87,6 +87,8 @@ def _meta_of(ident: tuple[str, tuple[Any, ...]], known: dict[tuple[str, tuple[An
     """The TensorMeta of a (safetensors dtype, shape) and its size in bytes, remembered in `known`."""
     dtype = FROM_SAFETENSORS[ident[0]]
     shape = tuple(int(d) for d in ident[1])
+    if any(d < 0 for d in shape):
+        raise ValueError(f"negative dimension in {list(shape)}")
     known[ident] = TensorMeta(shape, dtype), math.prod(shape) * DTYPE_SIZES[dtype]
     return known[ident]
 

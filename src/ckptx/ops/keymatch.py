@@ -66,7 +66,7 @@ def _join(keys: list[str]) -> _Joined | None:
     return _Joined(text, list(map(add, accumulate(map(len, keys), initial=0), count())))
 
 
-_UNJOINABLE = _Joined("", None)
+_UNJOINABLE = _Joined("", [])  # keys that hold a NUL: searched one by one
 
 
 class KeyText:
