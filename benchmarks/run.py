@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/run.py --size-gib 2 [--scaling 1,4] [--cache cold|warm] [--workdir DIR]
 
 Generates a transformer-like float32 checkpoint (benchmarks/synth.py) as safetensors and as a torch zip
-`.pth`, then runs on the same files, in rounds (every command once per round, so a slow spell of the disk
-hits them alike), each under benchmarks/measure.py (wall time and peak RSS): `cp` (plain and followed by
+`.pth`, then runs on the same files, in rounds (every command once per round, in a new order each round
+after the first, so a slow spell of the disk or a slow predecessor hits them alike), each under benchmarks/measure.py (wall time and peak RSS): `cp` (plain and followed by
 `sync FILE`), the naive scripts of benchmarks/naive.py, and `ckptx convert` as a subprocess for (a) safetensors -> safetensors rename-only, (b) .pth -> safetensors,
 (c) 10% of the tensors cast to bf16, plus .pth output and sharded output for reference. Every output is
 deleted (and `sync` run) before the next command. `--scaling` repeats the ckptx rows on other sizes to show
@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -176,8 +177,15 @@ def main_run(runner: Runner, work: Path, size: float, facts_out: dict[str, dict[
                    "500MB"), [src], [shards]),
         ]
     walls: list[list[dict[str, float]]] = [[] for _ in plan]
-    for round_number in range(runner.repeat):  # rounds, so a slow spell of the disk hits every command alike
-        for results, (case, name, argv, inputs, outputs) in zip(walls, plan):
+    order = list(range(len(plan)))
+    shuffle = random.Random(size).shuffle
+    for round_number in range(runner.repeat):
+        # Rounds, so a slow spell of the disk hits every command alike, each in a new order: on this VM a command
+        # that follows one using GBs of memory (the naive scripts) runs up to 1.5x slower, whatever it is.
+        if round_number:
+            shuffle(order)
+        for index in order:
+            results, (case, name, argv, inputs, outputs) = walls[index], plan[index]
             print(f"  [{size:g} GiB, round {round_number + 1}/{runner.repeat}] {case}: {name} ...", file=sys.stderr,
                   flush=True)
             results.append(runner.run_once(argv, inputs, outputs))
@@ -318,7 +326,7 @@ def main() -> None:
 
         meta = {"page cache": "dropped before every command (cold input; the programs re-warmed: python, torch, numpy and ckptx imported once)"
                 if runner.cache == "cold" else "inputs read just before every command (warm)",
-                "runs": f"{runner.repeat} round(s) of every command: fastest wall time, highest peak RSS; "
+                "runs": f"{runner.repeat} round(s) of every command (shuffled after the first): fastest wall time, highest peak RSS; "
                         "paired ratio = median over rounds of ckptx / cp+sync in the same round",
                 "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
                            f"torch {torch.__version__}",
