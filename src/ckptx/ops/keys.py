@@ -138,9 +138,8 @@ def plan_rename(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepO
     out = KeyedEntries(entries)  # the one copy of the entry list this step makes
     put = list.__setitem__  # the list's own: KeyedEntries.__setitem__ would forget the key text each time
     where = [rule.where for rule in args.rules]
-    for index in sorted(new_keys) if failed else changed:
-        entry = entries[index]
-        put(out, index, _new_entry(PlanEntry, (new_keys[index], entry.expr, entry.steps + (where[rows[index]],))))
+    for index, key in new_keys.items():
+        put(out, index, entries[index].renamed(key, where[rows[index]]))
     row_hits = Counter(rows.values())
     if len(args.rules) > 1 and row_hits:
         for number, rule in enumerate(args.rules):
@@ -149,9 +148,6 @@ def plan_rename(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepO
                 (ctx.errors if step.strict else ctx.warnings).append(problem)
     out.carry(text.renamed(new_keys))
     return StepOutcome(out, len(rows), changed)
-
-
-_new_entry = tuple.__new__  # PlanEntry(...) without the Python frame of the named tuple's __new__
 
 
 def _report_rows(rules: Sequence[RenameRule], rows: dict[int, int], changed: list[int],

@@ -152,6 +152,9 @@ def evaluate(expr: Expr, load: Callable[[str], "torch.Tensor"]) -> "torch.Tensor
     return spec.apply(dict(expr.params), [evaluate(child, load) for child in expr.inputs])
 
 
+_tuple_new = tuple.__new__
+
+
 class PlanEntry(NamedTuple):
     """One output tensor: its key, how it is computed from source tensors, and which steps touched it."""
 
@@ -176,7 +179,7 @@ class PlanEntry(NamedTuple):
 
     def renamed(self, key: str, where: str) -> "PlanEntry":
         """The same tensor under a new key."""
-        return PlanEntry(key, self.expr, self.steps + (where,))
+        return _tuple_new(PlanEntry, (key, self.expr, self.steps + (where,)))  # the named tuple's __new__, minus a frame
 
     def transformed(self, expr: Expr, where: str) -> "PlanEntry":
         """The same key with a new expression."""
