@@ -25,12 +25,14 @@ TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
 venv:
 	scripts/setup-venv.sh
 
-# Run from the repo root: with the src/ layout `ckptx` is importable only from
-# the wheel installed in .venv (the venv step rebuilds it from the current tree),
-# never from src/; tests/real/test_reference_models.py::test_ckptx_is_the_installed_wheel
+# Tests import the wheel installed in .venv (the venv step rebuilds it from the current
+# tree), never the checkout's ckptx/: PYTHONSAFEPATH keeps the working folder off
+# sys.path and --import-mode=append puts the repo root (for `tests.*`) after
+# site-packages. tests/real/test_reference_models.py::test_ckptx_is_the_installed_wheel
 # checks that (and that the installed copy is not stale).
 test: venv
-	$(TEST_ENV) $(PY) -m pytest -p no:cacheprovider --timeout=$(PYTEST_TIMEOUT) tests $(PYTEST_ARGS)
+	$(TEST_ENV) PYTHONSAFEPATH=1 $(PY) -m pytest -p no:cacheprovider --import-mode=append \
+	    --timeout=$(PYTEST_TIMEOUT) tests $(PYTEST_ARGS)
 
 demo: venv
 	HF_HUB_OFFLINE=1 $(PY) examples/demo.py

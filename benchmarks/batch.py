@@ -62,7 +62,7 @@ def make_checkpoints(root: Path, count: int, megabytes: float, *, cast: bool, fm
 def run_once(jobs: Path, workers: int) -> float:
     """Seconds for one `ckptx batch -j workers` from scratch (outputs removed first)."""
     shutil.rmtree(jobs.parent / "out", ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "ckptx", "batch", str(jobs), "-j", str(workers), "--json"],
                           env=env, capture_output=True, text=True)

@@ -11,7 +11,7 @@ deleted (and `sync` run) before the next command. `--scaling` repeats the ckptx 
 that memory does not grow with the file. A planning benchmark (100,000 keys, 50 regex steps) runs last.
 Prints Markdown tables; the generated files live in a temporary folder that is removed at the end.
 
-The children import the ckptx of this source tree (its `src/` is put first on PYTHONPATH).
+The children import the ckptx of this source tree (the repo root is put first on PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -309,7 +309,7 @@ def main() -> None:
     parser.add_argument("--no-plan", action="store_true", help="skip the planning benchmark")
     parser.add_argument("--json-out", metavar="FILE", help="also write the raw numbers as JSON")
     args = parser.parse_args()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
            "HF_HUB_OFFLINE": "1"}
     work = Path(tempfile.mkdtemp(prefix="ckptx-bench-", dir=args.workdir))
     load_before = os.getloadavg()[0]

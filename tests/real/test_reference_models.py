@@ -323,11 +323,11 @@ def test_seeded_input_is_deterministic():
 
 
 def test_ckptx_is_the_installed_wheel():
-    """`make test` exercises the installed wheel, never src/, and the wheel is fresh.
+    """`make test` exercises the installed wheel, never the checkout's ckptx/, and the wheel is fresh.
 
     The wheel must carry the tree's schemas/ and rules/ under ckptx/_data/
     (hatchling force-include) with identical contents, and its Python sources
-    must equal src/ckptx (catches a stale install).
+    must equal the checkout's ckptx/ (catches a stale install).
     """
     import importlib.util
     import os
@@ -342,9 +342,9 @@ def test_ckptx_is_the_installed_wheel():
     assert "site-packages" in pkg.parts, f"ckptx imported from {pkg}, not from an installed wheel"
 
     root = Path(__file__).resolve().parents[2]
-    if not (root / "src" / "ckptx").is_dir():
+    if not (root / "ckptx").is_dir():
         pytest.skip("not running from a source checkout")
-    pairs = [(root / "src" / "ckptx", pkg, "*.py")]
+    pairs = [(root / "ckptx", pkg, "*.py")]
     pairs += [(root / d, pkg / "_data" / d, "*") for d in ("schemas", "rules")]
     for tree_dir, inst_dir, pattern in pairs:
         files = [f for f in tree_dir.rglob(pattern) if f.is_file() and "__pycache__" not in f.parts]

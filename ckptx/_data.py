@@ -12,7 +12,7 @@ def data_dir() -> Path:
     packaged = Path(__file__).resolve().parent / "_data"
     if (packaged / "schemas").is_dir():
         return packaged
-    return Path(__file__).resolve().parents[2]
+    return Path(__file__).resolve().parents[1]
 
 
 def schema_path(name: str) -> Path:
