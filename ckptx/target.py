@@ -15,7 +15,7 @@ import yaml
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import CkptxError, TargetError
-from ckptx.io.dtypes import dtype_name
+from ckptx.dtypes import dtype_name
 from ckptx.ops.registry import TensorMeta
 from ckptx.rules.recipe import TargetSpec
 

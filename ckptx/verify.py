@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import CkptxError, TargetError
-from ckptx.io.dtypes import torch_dtype
+from ckptx.dtypes import torch_dtype
 from ckptx.io.open import open_source
 from ckptx.rules import Recipe, TargetSpec, VerifySpec
 from ckptx.target import build_model

@@ -11,10 +11,9 @@ from typing import Any
 from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError
 from ckptx.gcpause import without_gc
-from ckptx.io.dtypes import FROM_SAFETENSORS
+from ckptx.dtypes import TensorMeta, from_safetensors
 from ckptx.io.source import RawSpan, Source
 from ckptx.io.spans import read_span
-from ckptx.ops.registry import DTYPE_SIZES, TensorMeta
 
 torch = lazy_module("torch")
 
@@ -85,11 +84,13 @@ def _checked_tensors(header: dict[str, Any], data_size: int, shown: str) -> dict
 def _meta_of(ident: tuple[str, tuple[Any, ...]], known: dict[tuple[str, tuple[Any, ...]], tuple[TensorMeta, int]]
              ) -> tuple[TensorMeta, int]:
     """The TensorMeta of a (safetensors dtype, shape) and its size in bytes, remembered in `known`."""
-    dtype = FROM_SAFETENSORS[ident[0]]
+    dtype = from_safetensors(ident[0])
+    if dtype is None:
+        raise ValueError(f"unknown dtype {ident[0]!r}")
     shape = tuple(int(d) for d in ident[1])
     if any(d < 0 for d in shape):
         raise ValueError(f"negative dimension in {list(shape)}")
-    known[ident] = TensorMeta(shape, dtype), math.prod(shape) * DTYPE_SIZES[dtype]
+    known[ident] = TensorMeta(shape, dtype.name), math.prod(shape) * dtype.itemsize
     return known[ident]
 
 

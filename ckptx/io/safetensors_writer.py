@@ -9,7 +9,7 @@ from typing import BinaryIO, Mapping, Sequence
 from ckptx._lazy import lazy_module
 from ckptx.errors import TensorOpError
 from ckptx.io.atomic import atomic_output
-from ckptx.io.dtypes import SAFETENSORS_CODES, dtype_name
+from ckptx.dtypes import dtype_name, safetensors_code
 from ckptx.io.source import Source
 from ckptx.io.spans import Progress, SpanCopier, convert_span, write_bytes
 from ckptx.ops.registry import PlanEntry, byte_converter, evaluate
@@ -27,7 +27,7 @@ def build_header(entries: Sequence[PlanEntry], metadata: Mapping[str, str]) -> b
     offset = 0
     for entry in entries:
         size = entry.meta.nbytes
-        header[entry.key] = {"dtype": SAFETENSORS_CODES[entry.meta.dtype], "shape": list(entry.meta.shape),
+        header[entry.key] = {"dtype": safetensors_code(entry.meta.dtype, key=entry.key), "shape": list(entry.meta.shape),
                              "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")

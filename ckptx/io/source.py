@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError
-from ckptx.io.dtypes import dtype_name
+from ckptx.dtypes import dtype_name
 from ckptx.ops.registry import TensorMeta
 
 torch = lazy_module("torch")

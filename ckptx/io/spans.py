@@ -10,7 +10,7 @@ from typing import BinaryIO, Callable
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError, TensorOpError
-from ckptx.io.dtypes import torch_dtype
+from ckptx.dtypes import torch_dtype
 from ckptx.io.source import RawSpan
 from ckptx.ops.registry import TensorMeta
 

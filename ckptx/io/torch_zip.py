@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
-from ckptx.io.dtypes import dtype_name
+from ckptx.dtypes import DTYPES, dtype_name, from_storage
 from ckptx.io.source import MappingSource, RawSpan, describe_value, extract
 from ckptx.io.spans import read_span
-from ckptx.ops.registry import DTYPE_SIZES
 
 torch = lazy_module("torch")
 
@@ -38,16 +37,14 @@ _LOCAL_HEADER = struct.Struct("<4s5HL2L2H")
 _LOCAL_SIGNATURE = b"PK\x03\x04"
 
 
-# torch.save names a storage by its legacy typed class (torch/storage.py `_dtype_to_storage_type_map`); dtypes
-# without one are saved as `torch.storage.UntypedStorage` bytes with the dtype given to `_rebuild_tensor_v3`.
-_STORAGE_DTYPES = {
-    ("torch", name): dtype for name, dtype in {
-        "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
-        "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16",
-        "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
-        "ComplexDoubleStorage": "complex128",
-    }.items()
-} | {("torch.storage", "UntypedStorage"): "uint8"}
+# torch.save names a storage by its legacy typed class (torch/storage.py `_dtype_to_storage_type_map`, the
+# table's `storage` column); dtypes without one are saved as `torch.storage.UntypedStorage` bytes with the dtype
+# given to `_rebuild_tensor_v3`.
+def _storage_dtype(module: str, name: str) -> str | None:
+    if (module, name) == ("torch.storage", "UntypedStorage"):
+        return "uint8"
+    found = from_storage(name) if module == "torch" else None
+    return found.name if found else None
 
 
 @dataclass(frozen=True)
@@ -172,9 +169,10 @@ class _StubUnpickler(pickle.Unpickler):
         known = _KNOWN.get((module, name))
         if known is not None:
             return known
-        if (module, name) in _STORAGE_DTYPES:
-            return _DtypeGlobal(_STORAGE_DTYPES[module, name])
-        if module == "torch" and name in DTYPE_SIZES:
+        storage_dtype = _storage_dtype(module, name)
+        if storage_dtype is not None:
+            return _DtypeGlobal(storage_dtype)
+        if module == "torch" and name in DTYPES:
             return _DtypeGlobal(name)
         self.unknown.append(f"{module}.{name}")
         return _Opaque
@@ -217,7 +215,7 @@ def open_zip_without_torch(path: Path, extract_paths: Sequence[str], *, display:
 def _row_major_span(ref: TensorRef, records: Mapping[str, Record], path: str) -> RawSpan | None:
     """The bytes of `ref` when it is a plain, row-major, in-bounds slice of its storage record."""
     record = records.get(ref.storage.key)
-    if record is None or not ref.plain or ref.dtype not in DTYPE_SIZES or ref.offset < 0:
+    if record is None or not ref.plain or ref.dtype not in DTYPES or ref.offset < 0:
         return None
     numel = math.prod(ref.size)
     expected = 1
@@ -225,7 +223,7 @@ def _row_major_span(ref: TensorRef, records: Mapping[str, Record], path: str) ->
         if size != 1 and stride != expected and numel:
             return None
         expected *= size
-    item = DTYPE_SIZES[ref.dtype]
+    item = DTYPES[ref.dtype].itemsize
     start, nbytes = record.offset + ref.offset * item, numel * item
     if nbytes and start + nbytes > record.offset + record.size:
         return None

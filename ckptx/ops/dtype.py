@@ -13,13 +13,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx.ops.layout import apply_to_matching
-from ckptx.ops.registry import FLOATING, PlanContext, PlanEntry, StepOutcome, TensorMeta, step_planner, tensor_op
+from ckptx.dtypes import DTYPES, lookup
+from ckptx.ops.registry import PlanContext, PlanEntry, StepOutcome, TensorMeta, step_planner, tensor_op
 from ckptx.rules.steps import Cast, Step
 
 torch = lazy_module("torch")
 np = lazy_module("numpy")
 
-_FLOAT_CODES = {"float16": "<f2", "float32": "<f4", "float64": "<f8"}
+_FLOAT_CODES = {d.name: d.numpy for d in DTYPES.values() if d.is_floating and d.numpy}  # float16/32/64
 _BYTE_CASTS = {*_FLOAT_CODES, "bfloat16"}
 
 
@@ -71,7 +72,7 @@ def plan_cast(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOut
     def build(entry: PlanEntry) -> dict[str, Any] | None:
         if entry.meta.dtype == args.dtype:
             return None
-        if entry.meta.dtype not in FLOATING and not args.include_integer:
+        if not lookup(entry.meta.dtype).is_floating and not args.include_integer:
             return None
         return {"dtype": args.dtype}
 

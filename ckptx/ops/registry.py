@@ -6,41 +6,13 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence, Union
 
+from ckptx.dtypes import TensorMeta, lookup
 from ckptx.errors import Problem
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from ckptx.rules.steps import Step
-
-DTYPE_SIZES: dict[str, int] = {
-    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
-    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1,
-    "bool": 1, "complex64": 8, "complex128": 16,
-}
-FLOATING = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """What the plan knows about a tensor without reading it: shape and dtype name (torch's, e.g. `float32`)."""
-
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def numel(self) -> int:
-        """Number of elements."""
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        """Size of the tensor's data in bytes."""
-        return self.numel * DTYPE_SIZES.get(self.dtype, 4)
-
-    def __str__(self) -> str:
-        return f"{self.dtype}{list(self.shape)}"
-
 
 class SourceRef(NamedTuple):
     """A tensor read as-is from the source.

@@ -7,7 +7,8 @@ from typing import Any, Mapping, Sequence
 from ckptx._lazy import lazy_module
 from ckptx.errors import Problem
 from ckptx.ops.layout import apply_to_matching
-from ckptx.ops.registry import (FLOATING, OpShapeError, PlanContext, PlanEntry, StepOutcome, TensorMeta, node,
+from ckptx.dtypes import lookup
+from ckptx.ops.registry import (OpShapeError, PlanContext, PlanEntry, StepOutcome, TensorMeta, node,
                                 step_planner, tensor_op)
 from ckptx.ops.structure import fill_template, normalize_dim
 from ckptx.rules.steps import Resize, Scale, SetTensor, Step
@@ -26,7 +27,7 @@ def target_meta(ctx: PlanContext, key: str, what: str) -> TensorMeta:
 
 def _infer_resize(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> TensorMeta:
     (meta,) = inputs
-    if params["fill"] != "zeros" and meta.dtype not in FLOATING and params["size"] > meta.shape[params["dim"]]:
+    if params["fill"] != "zeros" and not lookup(meta.dtype).is_floating and params["size"] > meta.shape[params["dim"]]:
         raise OpShapeError(f"fill: {params['fill']} needs a floating-point tensor, got {meta.dtype}")
     shape = list(meta.shape)
     shape[params["dim"]] = params["size"]
@@ -89,7 +90,7 @@ def plan_scale(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOu
     """Multiply matching floating-point tensors by a constant (integer tensors are left alone)."""
     args: Scale = step.args  # type: ignore[assignment]
     return apply_to_matching(step, entries, ctx, args.match,
-                             lambda e: {"by": args.by} if e.meta.dtype in FLOATING else None)
+                             lambda e: {"by": args.by} if lookup(e.meta.dtype).is_floating else None)
 
 
 def _infer_full(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> TensorMeta:

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from ckptx.dtypes import lossless_casts
 from ckptx.errors import Problem, RuleError
 from ckptx.rules.flatten import flatten
 from ckptx.rules.recipe import Recipe
@@ -25,16 +26,6 @@ from ckptx.rules.templates import Expression, Template
 
 Doc = dict[str, Any]
 
-# Casts that every value survives both ways.
-_LOSSLESS: dict[str, set[str]] = {
-    "float16": {"float32", "float64"}, "bfloat16": {"float32", "float64"}, "float32": {"float64"},
-    "float8_e4m3fn": {"float16", "bfloat16", "float32", "float64"},
-    "float8_e5m2": {"float16", "bfloat16", "float32", "float64"},
-    "int8": {"int16", "int32", "int64", "float16", "float32", "float64"},
-    "uint8": {"int16", "int32", "int64", "float16", "float32", "float64"},
-    "int16": {"int32", "int64", "float32", "float64"}, "int32": {"int64", "float64"},
-    "bool": {"uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32", "float64"},
-}
 
 
 @dataclass(frozen=True)
@@ -448,7 +439,7 @@ def _invert_cast(step: Step, trace: StepTrace | None) -> list[Doc]:
     changed = _changed(trace, "dtypes")
     groups: dict[str, list[str]] = {}
     for key, old, new in changed:
-        if new.dtype not in _LOSSLESS.get(old.dtype, ()):
+        if new.dtype not in lossless_casts(old.dtype):
             raise NotInvertible(f"casting '{key}' from {old.dtype} to {new.dtype} loses information")
         groups.setdefault(old.dtype, []).append(key)
     if len(groups) == 1 and _all_matched_changed(args.match, trace, changed):
