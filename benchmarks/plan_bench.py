@@ -42,7 +42,8 @@ def run(workdir: Path, repeat: int = 3) -> dict[str, float]:
     from ckptx.ops.registry import TensorMeta
     from ckptx.plan import plan_recipe
     from ckptx.rules import load_rules
-    from ckptx.target import Target, validate
+    from ckptx.target import Target
+    from ckptx.validate import validate
 
     src, rules = workdir / "plan-src.safetensors", workdir / "plan-rules.yaml"
     write_header_only_safetensors(src, source_keys())

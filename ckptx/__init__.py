@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ckptx._version import __version__
+from ckptx.convert import ConvertResult, convert
+from ckptx.errors import CkptxError, ValidationFailed
+from ckptx.memory import apply, load_into
+from ckptx.plan import Plan
+from ckptx.plan import plan_recipe as plan
+from ckptx.rules import Recipe, load_rules
+from ckptx.validate import ValidationReport, validate
 
-from ckptx.convert import ConvertResult, convert, load_into  # noqa: E402
-from ckptx.errors import CkptxError, ValidationFailed  # noqa: E402
-from ckptx.rules import Recipe, load_rules  # noqa: E402
-from ckptx.target import ValidationReport, validate  # noqa: E402
-
-__all__ = ["CkptxError", "ConvertResult", "Recipe", "ValidationFailed", "ValidationReport", "__version__", "convert",
-           "load_into", "load_rules", "validate"]
+__all__ = ["CkptxError", "ConvertResult", "Plan", "Recipe", "ValidationFailed", "ValidationReport", "__version__",
+           "apply", "convert", "load_into", "load_rules", "plan", "validate"]

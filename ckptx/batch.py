@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ckptx import __version__
+from ckptx._version import __version__
 from ckptx.convert import convert
 from ckptx.errors import CkptxError, DestinationError, ValidationFailed
 from ckptx.executors import Runner, check_runner_options, open_runner

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence, TextIO
 
 import yaml
 
-from ckptx import __version__
+from ckptx._version import __version__
 from ckptx.errors import CkptxError, Rejected, RuleError
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -248,7 +248,7 @@ def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _cmd_inspect(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from ckptx.io.open import open_source  # noqa: PLC0415
     from ckptx.report import count_params, human_bytes, table  # noqa: PLC0415
-    from ckptx.target import write_manifest  # noqa: PLC0415
+    from ckptx.io.manifest import write_manifest  # noqa: PLC0415
 
     with open_source(args.src, args.extract, allow_globals=args.allow_global, unsafe_pickle=args.unsafe_pickle) as src:
         metas = src.tensors
@@ -282,7 +282,8 @@ def _cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from ckptx.io.open import open_source  # noqa: PLC0415
     from ckptx.plan import plan_recipe  # noqa: PLC0415
     from ckptx.rules import Recipe, load_rules  # noqa: PLC0415
-    from ckptx.target import parse_target_arg, resolve_target, validate  # noqa: PLC0415
+    from ckptx.target import parse_target_arg, resolve_target  # noqa: PLC0415
+    from ckptx.validate import validate  # noqa: PLC0415
 
     recipe = load_rules(args.rules, params=_key_values(args.params, "--set")) if args.rules else Recipe(name="(none)")
     target = resolve_target(parse_target_arg(args.b, _key_values(args.target_arg, "--target-arg")))

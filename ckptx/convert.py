@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
-from ckptx import __version__
+from ckptx._version import __version__
 from ckptx.errors import DestinationError, ValidationFailed, VerificationFailed
 from ckptx.io.open import open_source
 from ckptx.io.safetensors_writer import materialize, write_safetensors
@@ -17,15 +17,18 @@ from ckptx.io.sharded_writer import INDEX_SUFFIX, ShardLayout, check_layout, is_
 from ckptx.io.source import MappingSource, Source
 from ckptx.io.torch_writer import write_torch
 from ckptx.plan import Plan, plan_recipe
-from ckptx.rules import Recipe, TargetSpec, load_rules
-from ckptx.target import Target, ValidationReport, parse_target_arg, resolve_target, validate
+from ckptx.rules import Recipe, TargetSpec
+from ckptx.rules.loader import RecipeArg, as_recipe
+from ckptx.reverse import reverse_recipe
+from ckptx.target import parse_target_arg, resolve_target
+from ckptx.validate import ValidationReport, validate
+from ckptx.verify import verify_conversion
 
 torch = lazy_module("torch")
 
 
 OUTPUT_FORMATS = {".safetensors": "safetensors", ".pth": "torch", ".pt": "torch", ".bin": "torch", ".ckpt": "torch"}
 SHARDED = "safetensors-sharded"
-RecipeArg = Recipe | str | Path | Sequence[str | Path]
 
 
 @dataclass
@@ -56,11 +59,6 @@ class ConvertResult:
             "validation": self.report.to_dict() if self.report else None,
             "verification": self.verification.to_dict() if self.verification is not None else None,
         }
-
-
-def as_recipe(recipes: RecipeArg, params: Mapping[str, Any] | None = None) -> Recipe:
-    """A Recipe as is, or rule file paths/names loaded and composed in order."""
-    return recipes if isinstance(recipes, Recipe) else load_rules(recipes, params=params)
 
 
 def target_spec_for(recipe: Recipe, target: TargetSpec | str | None, target_args: Mapping[str, Any] | None) -> TargetSpec | None:
@@ -112,8 +110,6 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
     started = time.perf_counter()
     recipe = as_recipe(recipes, params)
     if reverse:
-        from ckptx.reverse import reverse_recipe  # noqa: PLC0415
-
         recipe = reverse_recipe(recipe, original=target_spec_for(Recipe(name=""), target, target_args)).recipe
     src_path = Path(src)
     dst_path = Path(dst) if dst is not None else None
@@ -163,8 +159,6 @@ def _verify_then_publish(result: ConvertResult, recipe: Recipe, spec: TargetSpec
 def _verify(result: ConvertResult, recipe: Recipe, spec: TargetSpec | None, src: Path, allow_globals: Sequence[str],
             unsafe_pickle: bool, written: Path) -> None:
     """Record the verification of `written` in `result`; raise VerificationFailed when it does not compute the same."""
-    from ckptx.verify import verify_conversion  # noqa: PLC0415
-
     result.verification = verify_conversion(recipe, spec, src, written, allow_globals=allow_globals,
                                             unsafe_pickle=unsafe_pickle)
     if not result.verification.ok:
@@ -207,31 +201,3 @@ def provenance(plan: Plan, source: Source) -> dict[str, str]:
         "ckptx.rules": ";".join(f"{f.name}={f.sha256}" for f in recipe.files),
         "ckptx.source": Path(source.path).name,
     }
-
-
-def apply_in_memory(recipe: Recipe, state_dict: Mapping[str, Any], target: Any = None) -> dict[str, torch.Tensor]:
-    """Apply a recipe to a state dict in memory; returns the converted state dict."""
-    source = MappingSource("<state_dict>", "memory", state_dict)
-    expected = resolve_target(target).tensors if target is not None else None
-    plan = plan_recipe(recipe, source, target=expected)
-    return {entry.key: materialize(entry, source) for entry in plan.entries}
-
-
-def load_into(model: torch.nn.Module, src: str | Path | Mapping[str, Any], recipes: RecipeArg, *,
-              strict: bool = True, params: Mapping[str, Any] | None = None, allow_globals: Sequence[str] = (),
-              unsafe_pickle: bool = False) -> ValidationReport:
-    """Convert `src` with the recipes straight into a live model; with `strict`, every key must fit first."""
-    recipe = as_recipe(recipes, params)
-    expected: Target = resolve_target(model)
-    if isinstance(src, Mapping):
-        source: Source = MappingSource("<state_dict>", "memory", src)
-    else:
-        source = open_source(src, recipe.extract, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
-    with source:
-        plan = plan_recipe(recipe, source, target=expected.tensors)
-        report = validate(plan, expected)
-        if strict and not report.ok:
-            raise ValidationFailed(report)
-        state = {entry.key: materialize(entry, source) for entry in plan.entries}
-        model.load_state_dict(state, strict=strict)
-    return report

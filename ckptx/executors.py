@@ -151,7 +151,7 @@ class DaskRunner:
             raise
 
     def _check_workers(self, scheduler: str | None, wait_seconds: float) -> None:
-        from ckptx import __version__  # noqa: PLC0415
+        from ckptx._version import __version__  # noqa: PLC0415
 
         try:
             self.client.wait_for_workers(1, timeout=wait_seconds)
@@ -186,7 +186,7 @@ class DaskRunner:
 
 
 def _ckptx_version() -> str:
-    from ckptx import __version__  # noqa: PLC0415
+    from ckptx._version import __version__  # noqa: PLC0415
 
     return __version__
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ckptx import __version__
+from ckptx._version import __version__
 from ckptx.errors import SourceError
 from ckptx.io.atomic import atomic_output
 from ckptx.io.safetensors_reader import read_header

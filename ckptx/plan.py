@@ -12,6 +12,8 @@ from ckptx.errors import PlanError, Problem
 from ckptx.gcpause import without_gc
 from ckptx.ops import STEP_PLANNERS
 from ckptx.ops.registry import KEY_STEPS, PlanContext, PlanEntry, SourceRef, StepOutcome, TensorMeta, ops_of
+from ckptx.io.open import open_source
+from ckptx.io.source import Source, memory_source
 from ckptx.rules.recipe import Recipe
 from ckptx.rules.steps import Step
 
@@ -152,13 +154,9 @@ def _collisions(entries: list[PlanEntry], step: Step) -> list[Problem]:
     return problems
 
 
-def _as_source(source: Any, recipe: Recipe) -> Any:
-    from ckptx.io.source import MappingSource, Source  # noqa: PLC0415
-
+def _as_source(source: Any, recipe: Recipe) -> Source:
     if isinstance(source, Source):
         return source
     if isinstance(source, Mapping):
-        return MappingSource("<state_dict>", "memory", source)
-    from ckptx.io.open import open_source  # noqa: PLC0415
-
+        return memory_source(source, recipe.extract)
     return open_source(source, recipe.extract)

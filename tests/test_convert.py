@@ -171,9 +171,9 @@ def test_dry_run_writes_nothing(tmp_path: Path, ddp_checkpoint: Path, write_rule
     assert not result.written and not (tmp_path / "o.safetensors").exists()
 
 
-def test_recipe_apply_in_memory(write_rules: Callable[..., Path], tiny_state: dict) -> None:
+def test_apply_in_memory(write_rules: Callable[..., Path], tiny_state: dict) -> None:
     recipe = ckptx.load_rules(write_rules("ckptx: 1\nsteps: [{add_prefix: backbone.}, {cast: {dtype: float16}}]\n"))
-    out = recipe.apply(tiny_state)
+    out = ckptx.apply(recipe, tiny_state)
     assert torch.equal(out["backbone.conv.weight"], tiny_state["conv.weight"].half())
 
 

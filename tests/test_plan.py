@@ -8,6 +8,7 @@ from typing import Callable
 import pytest
 import torch
 
+import ckptx
 from ckptx.errors import PlanError
 from ckptx.ops.registry import TensorMeta
 from ckptx.rules import load_rules
@@ -25,7 +26,7 @@ STATE = {
 @pytest.fixture
 def plan_with(write_rules: Callable[..., Path]):
     def plan(steps: str, state=None, target=None):
-        return load_rules(write_rules(f"ckptx: 1\nsteps:\n{steps}")).plan(state or STATE, target=target)
+        return ckptx.plan(load_rules(write_rules(f"ckptx: 1\nsteps:\n{steps}")), state or STATE, target=target)
 
     return plan
 

@@ -13,7 +13,9 @@ import ckptx
 from ckptx.errors import TargetError
 from ckptx.ops.registry import TensorMeta
 from ckptx.rules import TargetSpec
-from ckptx.target import parse_target_arg, read_manifest, resolve_target, validate, write_manifest
+from ckptx.io.manifest import read_manifest, write_manifest
+from ckptx.target import parse_target_arg, resolve_target
+from ckptx.validate import validate
 from tests.conftest import TINY_TARGET
 from tests.helpers.models import tiny_net
 
@@ -99,3 +101,25 @@ def test_validation_report_text() -> None:
         "    fc.weight: float32[3, 4]  did you mean 'head.weight' (same shape)?\n"
         "  unexpected (not in the target): 1\n"
         "    head.weight: float32[3, 4]")
+
+
+def test_factory_failing_on_meta_is_rebuilt_on_cpu_whatever_its_message(tmp_path, monkeypatch) -> None:
+    """The CPU fallback is chosen by the failure's type (the factory raised), not by words in its message:
+    a factory whose meta-device error says "no attribute" is still rebuilt on the CPU."""
+    (tmp_path / "metafussy.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    if torch.empty(0).device.type == 'meta':\n"
+        "        raise AttributeError(\"'Tensor' has no attribute 'item' on meta; cannot import the weights\")\n"
+        "    return torch.nn.Linear(2, 3)\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    target = resolve_target(parse_target_arg("metafussy:build"))
+    assert set(target.tensors) == {"weight", "bias"}
+    assert any("built on the CPU" in note for note in target.notes)
+
+
+def test_factory_that_cannot_be_imported_is_not_retried(tmp_path, monkeypatch) -> None:
+    (tmp_path / "nofactory.py").write_text("x = 1\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(TargetError, match="has no attribute 'build'"):
+        resolve_target(parse_target_arg("nofactory:build"))

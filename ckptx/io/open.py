@@ -8,6 +8,7 @@ from typing import Sequence
 
 from ckptx.errors import SourceError
 from ckptx.io.safetensors_reader import SafetensorsSource
+from ckptx.io.sharded import ShardedSource
 from ckptx.io.source import Source
 from ckptx.io.torch_reader import read_torch
 
@@ -41,8 +42,6 @@ def open_source(path: str | Path, extract_paths: Sequence[str] = (), *, allow_gl
     if fmt == "safetensors":
         return SafetensorsSource(p, str(path))
     if fmt == "sharded-index":
-        from ckptx.io.sharded import ShardedSource  # noqa: PLC0415
-
-        return ShardedSource(p, str(path), extract_paths, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
+        return ShardedSource(p, str(path), open_source, extract_paths, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
     return read_torch(p, extract_paths, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle,
                       display=str(path), where=where)

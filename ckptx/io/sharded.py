@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path, PurePosixPath
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError
@@ -32,13 +32,13 @@ class ShardedSource(Source):
     """A sharded checkpoint read through its index: every shard opened lazily, keys in shard order.
 
     Only keys listed in the index are part of the checkpoint; a shard's other tensors are ignored.
+    `open_shard` opens one shard file (`open_source`, passed in so that this module does not import it back).
     `load` and `raw_span` go to the shard that holds the key.
     """
 
-    def __init__(self, path: Path, display: str | None, extract_paths: Sequence[str] = (), *,
-                 allow_globals: Sequence[str] = (), unsafe_pickle: bool = False) -> None:
-        from ckptx.io.open import open_source  # noqa: PLC0415 - open.py imports this module lazily too
-
+    def __init__(self, path: Path, display: str | None, open_shard: Callable[..., Source],
+                 extract_paths: Sequence[str] = (), *, allow_globals: Sequence[str] = (),
+                 unsafe_pickle: bool = False) -> None:
         shown = display or str(path)
         weight_map, index_metadata = read_index(path, shown)
         by_shard: dict[str, list[str]] = {}
@@ -49,7 +49,7 @@ class ShardedSource(Source):
         tensors: dict[str, TensorMeta] = {}
         try:
             for name, keys in by_shard.items():
-                shard = open_source(_shard_path(path, name, shown), extract_paths, allow_globals=allow_globals,
+                shard = open_shard(_shard_path(path, name, shown), extract_paths, allow_globals=allow_globals,
                                     unsafe_pickle=unsafe_pickle, where=f"shard of {shown}")
                 self._shards.append(shard)
                 absent = [k for k in keys if k not in shard.tensors]

@@ -91,6 +91,18 @@ class MappingSource(Source):
         self._keep_alive = None
 
 
+def memory_source(obj: Mapping[str, Any], extract_paths: Sequence[str] = (), *, name: str = "<state_dict>") -> MappingSource:
+    """An in-memory checkpoint (a state dict, or a whole `torch.load` result) as a source: the state dict is found
+    with the same `extract` rules as for files, so `{'model': ..., 'epoch': 3}` works like the file it came from.
+    A mapping that holds tensors itself is used as it is when none of `extract_paths` is in it (it is the state
+    dict a caller already took out)."""
+    if extract_paths and _has_tensors(obj) and all(_lookup(obj, p) is None for p in extract_paths):
+        extract_paths = (".",)
+    state, found_at = extract(obj, extract_paths, file=name)
+    top = {str(k): describe_value(v) for k, v in obj.items()} if state is not obj else {}
+    return MappingSource(name, "memory", state, extracted_from=found_at, top_level=top)
+
+
 def extract(obj: Any, paths: Sequence[str], *, file: str, where: str = "") -> tuple[Mapping[str, Any], str]:
     """Find the state dict in a loaded checkpoint: the first of `paths` that exists wins.
 

@@ -46,6 +46,14 @@ def load_rules(refs: str | Path | Sequence[str | Path], *, params: Mapping[str, 
     return recipe
 
 
+RecipeArg = Recipe | str | Path | Sequence[str | Path]
+
+
+def as_recipe(recipes: RecipeArg, params: Mapping[str, Any] | None = None) -> Recipe:
+    """A Recipe as is, or rule file paths/names loaded and composed in order."""
+    return recipes if isinstance(recipes, Recipe) else load_rules(recipes, params=params)
+
+
 def load_rules_text(text: str, display: str, *, base_dir: Path | None = None,
                     params: Mapping[str, Any] | None = None) -> Recipe:
     """Load a rule document given as text (e.g. a generated reverse recipe), shown as `display` in messages.

@@ -5,12 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 from ckptx.rules.steps import Pattern, Step
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ckptx.plan import Plan
 
 
 @dataclass(frozen=True)
@@ -136,18 +133,6 @@ class Recipe:
             params={**self.params, **other.params},
             files=tuple(dict.fromkeys(self.files + other.files)),
         )
-
-    def plan(self, source: Any, target: Any = None) -> "Plan":
-        """Plan this recipe on a source (a path, an opened source, or a state dict); no tensor data is read."""
-        from ckptx.plan import plan_recipe  # noqa: PLC0415
-
-        return plan_recipe(self, source, target=target)
-
-    def apply(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
-        """Apply the recipe to an in-memory state dict and return the converted one."""
-        from ckptx.convert import apply_in_memory  # noqa: PLC0415
-
-        return apply_in_memory(self, state_dict)
 
 
 def _patterns(value: str | list[str] | None) -> tuple[Pattern, ...]:

@@ -40,7 +40,7 @@ def rule_packs(problems: list[Problem] | None = None) -> list[RulePack]:
     A pack that cannot be loaded is skipped (a broken third-party pack must not break ckptx); what
     went wrong is appended to `problems` when given.
     """
-    from ckptx import __version__  # noqa: PLC0415
+    from ckptx._version import __version__  # noqa: PLC0415
 
     packs = [RulePack(SHIPPED, shipped_rules_dir(), "ckptx", __version__)]
     for entry in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):

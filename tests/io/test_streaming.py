@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import ckptx
 from ckptx.cli import main
-from ckptx.convert import apply_in_memory
+from ckptx.memory import apply
 from ckptx.errors import SourceError, TensorOpError
 from ckptx.io import spans
 from ckptx.io.open import open_source
@@ -26,7 +26,7 @@ from ckptx.io.source import RawSpan
 from ckptx.io.spans import SpanCopier, convert_span, read_span
 from ckptx.ops.registry import TensorMeta
 from ckptx.plan import plan_recipe
-from ckptx.target import validate
+from ckptx.validate import validate
 from tests.conftest import subprocess_env
 from tests.io.test_torch_zip_spans import special_state
 
@@ -63,7 +63,7 @@ def test_streamed_output_equals_the_eager_conversion(tmp_path: Path, kind: str,
     src, dst = write_source(tmp_path, kind, state), tmp_path / "out.safetensors"
     rules = write_rules(RECIPE)
     ckptx.convert(src, dst, rules)
-    expected = apply_in_memory(ckptx.load_rules(str(rules)), state)
+    expected = apply(ckptx.load_rules(str(rules)), state)
     assert expected["net.weight"].dtype == torch.float16 and expected["net.tied"].dtype == torch.float32
     assert_same_tensors(load_file(str(dst)), expected)
 
@@ -76,7 +76,7 @@ def test_sharded_output_equals_the_eager_conversion(tmp_path: Path, write_rules:
     out: dict[str, torch.Tensor] = {}
     for shard in sorted(tmp_path.glob("model-*-of-*.safetensors")):
         out.update(load_file(str(shard)))
-    assert_same_tensors(out, apply_in_memory(ckptx.load_rules(str(rules)), state))
+    assert_same_tensors(out, apply(ckptx.load_rules(str(rules)), state))
 
 
 @pytest.mark.parametrize("kind", ["zip", "safetensors"])

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ckptx.convert import apply_in_memory, convert
+from ckptx.convert import convert
+import ckptx
 from ckptx.errors import PlanError
 from ckptx.rules import Recipe, load_rules
 
@@ -27,7 +28,7 @@ def apply(tmp_path: Path, steps: str, state: Mapping[str, torch.Tensor], target:
           params: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The steps applied in memory; also checks the streaming writer produces the same tensors."""
     made = recipe(tmp_path, steps, params)
-    in_memory = apply_in_memory(made, state, target)
+    in_memory = ckptx.apply(made, state, target)
     streamed = stream(tmp_path, made, state, target)
     assert list(streamed) == list(in_memory) or set(streamed) == set(in_memory)
     for key, tensor in in_memory.items():
@@ -50,7 +51,7 @@ def stream(tmp_path: Path, made: Recipe, state: Mapping[str, torch.Tensor], targ
 def plan_problems(tmp_path: Path, steps: str, state: Mapping[str, torch.Tensor], target: Any = None) -> str:
     """The text of the PlanError the steps raise on `state`."""
     with pytest.raises(PlanError) as caught:
-        apply_in_memory(recipe(tmp_path, steps), state, target)
+        ckptx.apply(recipe(tmp_path, steps), state, target)
     return str(caught.value)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ckptx.convert import apply_in_memory
+from ckptx.memory import apply
 from ckptx.reverse import reverse_recipe
 from ckptx.rules import load_rules
 from ckptx.target import build_model
@@ -30,12 +30,12 @@ def test_inverted_recipe_undoes_the_forward_one_like_the_shipped_reverse(forward
     generator = torch.Generator().manual_seed(0)
     original = {k: (torch.randn(v.shape, generator=generator) if v.is_floating_point() else v.clone())
                 for k, v in source.state_dict().items()}
-    converted = apply_in_memory(recipe, original, recipe.target)
+    converted = apply(recipe, original, recipe.target)
     inverted = reverse_recipe(recipe)  # traced on the recipe's verify source model where shapes are needed
-    back = apply_in_memory(inverted.recipe, converted, inverted.recipe.target)
+    back = apply(inverted.recipe, converted, inverted.recipe.target)
     assert sorted(back) == sorted(original) and all(torch.equal(back[k], original[k]) for k in original)
     shipped_params = {**params, **({"q_size": 32, "kv_size": 16} if "llama" in forward else {})}
     reverse = load_rules(backward, params=shipped_params)
-    shipped = apply_in_memory(reverse, converted, reverse.target)
+    shipped = apply(reverse, converted, reverse.target)
     assert list(shipped) == list(back) or sorted(shipped) == sorted(back)
     assert all(torch.equal(shipped[k], back[k]) for k in back)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ckptx.convert import apply_in_memory
+from ckptx.memory import apply
 from ckptx.rules import load_rules
 
 from .conftest import require_library
@@ -92,7 +92,7 @@ def test_hf_to_timm_round_trip_is_bit_exact_three_ways(run_cli, timm_file, tmp_p
     inverted = tmp_path / "inverted.yaml"
     assert run_cli("invert", "vit/timm-to-hf", "-o", inverted, *TINY).code == 0
     mid = load_file(str(hf))
-    assert _bit_exact(apply_in_memory(load_rules(inverted), mid), apply_in_memory(load_rules("vit/hf-to-timm"), mid))
+    assert _bit_exact(apply(load_rules(inverted), mid), apply(load_rules("vit/hf-to-timm"), mid))
     _timm_vit(seed=5).load_state_dict(load_file(str(reverse)), strict=True)
 
 
@@ -141,7 +141,7 @@ def test_adapt_in_channels_equals_timms_adapt_input_conv(timm_file, tmp_path: Pa
     rules.write_text("ckptx: 1\nsteps:\n  - adapt_in_channels: {match: '^patch_embed\\.proj\\.weight$', "
                      "channels: target}\n", encoding="utf-8")
     target = _timm_vit(seed=11, in_chans=channels)
-    out = apply_in_memory(load_rules(rules), source.state_dict(), target)
+    out = apply(load_rules(rules), source.state_dict(), target)
     expected = adapt_input_conv(channels, source.state_dict()["patch_embed.proj.weight"])
     assert torch.equal(out["patch_embed.proj.weight"], expected)
     target.load_state_dict(out, strict=True)

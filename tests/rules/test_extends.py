@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptx.convert import apply_in_memory
+from ckptx.memory import apply
 from ckptx.errors import RuleError
 from ckptx.rules import load_rules
 
@@ -77,14 +77,14 @@ def test_set_overrides_every_level(tree: Path) -> None:
     assert recipe.steps[1].args.prefix == "head." and recipe.steps[2].args.dtype == "bfloat16"
     assert recipe.steps[3].args.rules[0].pattern.pattern == r"^head.fc\."
     state = {"module.fc.weight": torch.ones(2), "module.bn.weight": torch.ones(2, dtype=torch.float64)}
-    out = apply_in_memory(recipe, state)
+    out = apply(recipe, state)
     assert {k: v.dtype for k, v in out.items()} == {"head.weight": torch.bfloat16, "head.bn.weight": torch.bfloat16}
 
 
 def test_when_param_picks_the_step(tree: Path) -> None:
     state = {"module.fc.weight": torch.ones(2), "module.conv.weight": torch.ones(2)}
-    assert sorted(apply_in_memory(load_rules(tree), state)) == ["neck.conv.weight"]
-    assert sorted(apply_in_memory(load_rules(tree, params={"with_head": True}), state)) == ["head.weight",
+    assert sorted(apply(load_rules(tree), state)) == ["neck.conv.weight"]
+    assert sorted(apply(load_rules(tree, params={"with_head": True}), state)) == ["head.weight",
                                                                                             "neck.conv.weight"]
 
 
@@ -98,8 +98,8 @@ def test_when_has_key_and_no_key(write_rules) -> None:
             when: {has_key: '^backbone\.head\.'}
     """)
     recipe = load_rules(path)
-    assert sorted(apply_in_memory(recipe, {"head.w": torch.ones(1), "x": torch.ones(1)})) == ["backbone.x", "head.w"]
-    assert sorted(apply_in_memory(recipe, {"backbone.x": torch.ones(1)})) == ["backbone.x"]
+    assert sorted(apply(recipe, {"head.w": torch.ones(1), "x": torch.ones(1)})) == ["backbone.x", "head.w"]
+    assert sorted(apply(recipe, {"backbone.x": torch.ones(1)})) == ["backbone.x"]
 
 
 def test_an_unknown_set_parameter_names_what_the_tree_declares(tree: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ckptx.convert import apply_in_memory
+from ckptx.memory import apply
 from ckptx.errors import RuleError
 from ckptx.reverse import reverse_recipe
 from ckptx.rules import load_rules
@@ -53,8 +53,8 @@ steps:
 
 def _round_trip(recipe_path: Path, state: dict[str, torch.Tensor], original=None) -> dict[str, torch.Tensor]:
     forward = load_rules(recipe_path)
-    converted = apply_in_memory(forward, state)
-    back = apply_in_memory(reverse_recipe(forward, original=original).recipe, converted)
+    converted = apply(forward, state)
+    back = apply(reverse_recipe(forward, original=original).recipe, converted)
     return back
 
 
@@ -229,5 +229,5 @@ def test_reshape_to_the_target_inverts_to_unsqueezes_that_fit_every_size(write_r
     reverse = reverse_recipe(forward, original=state)
     steps = [{k: v for k, v in step.items() if k != "comment"} for step in reverse.document["steps"]]
     assert steps == [{"unsqueeze": {"match": r"\.fc\.weight$", "dim": -1}}] * 2
-    converted = apply_in_memory(forward, state, forward.target)
-    _assert_bit_exact(apply_in_memory(reverse.recipe, converted), state)
+    converted = apply(forward, state, forward.target)
+    _assert_bit_exact(apply(reverse.recipe, converted), state)

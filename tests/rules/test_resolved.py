@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ckptx.convert import apply_in_memory
+from ckptx.memory import apply
 from ckptx.rules import load_rules
 from ckptx.rules.flatten import dump, flatten
 from ckptx.rules.loader import load_rules_text
@@ -63,7 +63,7 @@ def test_every_step_kind_flattens_to_an_equivalent_recipe(write_rules) -> None:
     again = load_rules_text(text, "<resolved>")
     assert [s.op for s in again.steps] == [s.op for s in recipe.steps][:-1]  # the false `when` step is left out
     assert flatten(again)["steps"][-1]["when"] == {"has_key": "vec"}
-    first, second = apply_in_memory(recipe, _state(), TARGET), apply_in_memory(again, _state(), TARGET)
+    first, second = apply(recipe, _state(), TARGET), apply(again, _state(), TARGET)
     assert list(first) == list(second)
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert "net.stages.0.experts" in first and first["net.vec"].dtype == torch.float64

@@ -52,7 +52,7 @@ def test_strip_module_prefix_of_compiled_and_stacked(tmp_path: Path) -> None:
 def test_strip_module_prefix_leaves_inner_module_names(tmp_path: Path) -> None:
     state = {"module.sa1.mlp_module.layer0.weight": torch.zeros(1)}
     recipe = ckptx.load_rules("common/strip-module-prefix")
-    assert list(recipe.apply(state)) == ["sa1.mlp_module.layer0.weight"]
+    assert list(ckptx.apply(recipe, state)) == ["sa1.mlp_module.layer0.weight"]
 
 
 @pytest.mark.parametrize("wrapper", ["state_dict_ema", "model_ema", "ema"])

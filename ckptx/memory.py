@@ -1,0 +1,55 @@
+"""The in-memory API: a recipe applied to a state dict, or a checkpoint loaded straight into a live module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ckptx._lazy import lazy_module
+from ckptx.errors import ValidationFailed
+from ckptx.io.open import open_source
+from ckptx.io.safetensors_writer import materialize
+from ckptx.io.source import Source, memory_source
+from ckptx.plan import plan_recipe
+from ckptx.rules import Recipe
+from ckptx.rules.loader import RecipeArg, as_recipe
+from ckptx.target import Target, resolve_target
+from ckptx.validate import ValidationReport, validate
+
+torch = lazy_module("torch")
+
+__all__ = ["apply", "load_into"]
+
+
+def apply(recipe: RecipeArg, checkpoint: Mapping[str, Any], target: Any = None, *,
+          params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Apply a recipe to an in-memory checkpoint (a state dict, or a whole `torch.load` result: the recipe's
+    `extract` finds the weights as for a file); returns the converted state dict."""
+    recipe = as_recipe(recipe, params)
+    source = memory_source(checkpoint, recipe.extract)
+    expected = resolve_target(target).tensors if target is not None else None
+    plan = plan_recipe(recipe, source, target=expected)
+    return {entry.key: materialize(entry, source) for entry in plan.entries}
+
+
+def load_into(model: torch.nn.Module, src: str | Path | Mapping[str, Any], recipes: RecipeArg, *,
+              strict: bool = True, params: Mapping[str, Any] | None = None, allow_globals: Sequence[str] = (),
+              unsafe_pickle: bool = False) -> ValidationReport:
+    """Convert `src` (a path or an in-memory checkpoint) with the recipes straight into a live model.
+
+    With `strict`, every key must fit first (ValidationFailed otherwise, the model untouched). Without it,
+    the matching keys are loaded and the report says what was not; a plan that fits no key at all still
+    raises, since loading nothing is never what was meant.
+    """
+    recipe = as_recipe(recipes, params)
+    expected: Target = resolve_target(model)
+    source: Source = (memory_source(src, recipe.extract) if isinstance(src, Mapping) else
+                      open_source(src, recipe.extract, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle))
+    with source:
+        plan = plan_recipe(recipe, source, target=expected.tensors)
+        report = validate(plan, expected)
+        if not report.ok and (strict or report.matched == 0):
+            raise ValidationFailed(report)
+        state = {entry.key: materialize(entry, source) for entry in plan.entries if entry.key in expected.tensors}
+        model.load_state_dict(state, strict=strict)
+    return report
