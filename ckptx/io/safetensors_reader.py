@@ -97,7 +97,7 @@ def _meta_of(ident: tuple[str, tuple[Any, ...]], known: dict[tuple[str, tuple[An
 class SafetensorsSource(Source):
     """A safetensors file: metadata from the header; `load` reads one tensor, `raw_span` says where its bytes are."""
 
-    @without_gc
+    @without_gc  # measured with plan_recipe's: the open of 100,000 keys is part of the 0.35 s gain
     def __init__(self, path: Path, display: str | None = None) -> None:
         header, data_start, tensors = _read_checked(path, display)
         metadata = header.pop("__metadata__", None) or {}

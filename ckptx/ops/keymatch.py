@@ -14,15 +14,13 @@ from bisect import bisect_right
 from functools import lru_cache
 from itertools import accumulate, count
 from operator import add
-from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
-try:  # Python 3.11+
-    from re import _parser as _sre  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - Python 3.10
-    import sre_parse as _sre  # type: ignore[no-redef]
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-:/ ,;=@#'\"<>!~`&%")
+_OPTIONAL = frozenset("?*{")  # after a character: it may be absent (`{` could be `{0,n}`)
+_NUMERIC_ESCAPES = frozenset("xuUN0123456789")
+_QUANTIFIER = re.compile(r"\{\d*(?:,\d*)?\}")
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ckptx.ops.registry import PlanEntry
 
 _SAMPLE = 512
 _SEP = "\x00"
@@ -30,24 +28,67 @@ _SEP = "\x00"
 
 @lru_cache(maxsize=4096)
 def required_literals(pattern: re.Pattern[str]) -> tuple[str, ...]:
-    """Substrings every match of `pattern` contains: its runs of top-level literal characters (none if unsure)."""
-    if pattern.flags & re.IGNORECASE:
+    """Substrings every match of `pattern` contains: its runs of top-level literal characters (none if unsure).
+
+    Read off the pattern text with the public API only: plain characters and escaped punctuation (`\\.`)
+    make runs; anything else (classes, groups, anchors, escapes like `\\d`) ends a run and is skipped; a
+    character followed by `?`, `*` or `{` is dropped from its run; a top-level `|` means no literal is required.
+    """
+    text = pattern.pattern
+    if pattern.flags & (re.IGNORECASE | re.VERBOSE) or not isinstance(text, str):
         return ()
-    try:
-        items = list(_sre.parse(pattern.pattern, pattern.flags))
-    except (re.error, TypeError, ValueError, AttributeError, RecursionError):
-        return ()
-    runs, current = [], []
-    for op, value in items:
-        if op is _sre.LITERAL:
-            current.append(chr(value))
-            continue
-        if current:
-            runs.append("".join(current))
-        current = []
-    if current:
-        runs.append("".join(current))
-    return tuple(run for run in runs if _SEP not in run)
+    runs: list[str] = []
+    current: list[str] = []
+    i, depth = 0, 0
+    while i < len(text):
+        char = text[i]
+        literal, width = _literal_at(text, i) if depth == 0 else (None, 1)
+        if char == "\\" and literal is None:
+            if text[i + 1:i + 2] in _NUMERIC_ESCAPES:  # `\\x41`, `\\1`, `\\N{..}`: not worth reading
+                return ()
+            width = 2
+        elif char == "{" and _QUANTIFIER.match(text, i):
+            width = _QUANTIFIER.match(text, i).end() - i  # type: ignore[union-attr]
+        elif depth == 0 and char == "|":
+            return ()
+        elif char == "[" and literal is None:
+            width = _class_end(text, i) - i
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth = max(0, depth - 1)
+        following = text[i + width:i + width + 1]
+        if literal is not None and following not in _OPTIONAL:
+            current.append(literal)
+        else:
+            if literal is not None or current:
+                runs.append("".join(current))
+            current = []
+        i += width
+    runs.append("".join(current))
+    return tuple(run for run in runs if run and _SEP not in run)
+
+
+def _literal_at(text: str, i: int) -> tuple[str | None, int]:
+    """The literal character at `text[i]` and how many characters spell it, or (None, 1)."""
+    char = text[i]
+    if char in _PLAIN:
+        return char, 1
+    if char == "\\" and i + 1 < len(text) and not text[i + 1].isalnum() and text[i + 1].isascii():
+        return text[i + 1], 2
+    return None, 1
+
+
+def _class_end(text: str, i: int) -> int:
+    """The index after the `]` that closes the character class opened at `text[i]`."""
+    j = i + 1
+    if j < len(text) and text[j] == "^":
+        j += 1
+    if j < len(text) and text[j] == "]":
+        j += 1
+    while j < len(text) and text[j] != "]":
+        j += 2 if text[j] == "\\" else 1
+    return j + 1
 
 
 class _Joined(NamedTuple):
@@ -134,45 +175,6 @@ class KeyText:
             self._joined = _join(self.keys) or _UNJOINABLE
             self._stale = frozenset()
         return self._joined
-
-
-class KeyedEntries(list):  # type: ignore[type-arg]
-    """Plan entries that carry their KeyText until the list is changed, so the next step need not read every key."""
-
-    def __init__(self, entries: Sequence["PlanEntry"] = (), text: KeyText | None = None) -> None:
-        super().__init__(entries)
-        self._key_text = text
-
-    def carry(self, text: KeyText) -> None:
-        """Attach `text` (the keys of the entries as they now are) for the next step."""
-        self._key_text = text
-
-    def key_text(self) -> KeyText:
-        """The entries' keys (and their joined text)."""
-        if self._key_text is None:
-            self._key_text = KeyText([e.key for e in self])
-        return self._key_text
-
-
-def _forgetting(name: str) -> Callable[..., Any]:
-    method = getattr(list, name)
-
-    def changed(self: KeyedEntries, *args: Any, **kwargs: Any) -> Any:
-        self._key_text = None
-        return method(self, *args, **kwargs)
-
-    changed.__name__ = name
-    return changed
-
-
-for _name in ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend", "insert", "pop", "remove",
-              "clear", "sort", "reverse"):
-    setattr(KeyedEntries, _name, _forgetting(_name))
-
-
-def key_text(entries: Sequence["PlanEntry"]) -> KeyText:
-    """The KeyText of `entries`: the one they carry, or a new one."""
-    return entries.key_text() if isinstance(entries, KeyedEntries) else KeyText([e.key for e in entries])
 
 
 def first_matches(patterns: Sequence[re.Pattern[str]], keys: Sequence[str]) -> dict[int, int]:

@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Sequence
 
 from ckptx.errors import Problem
-from ckptx.ops.keymatch import KeyedEntries, KeyText, first_matches, key_text, required_literals
+from ckptx.ops.keymatch import KeyText, first_matches, required_literals
 from ckptx.ops.registry import PlanContext, PlanEntry, StepOutcome, step_planner
 from ckptx.rules.steps import AddPrefix, Drop, Keep, Pattern, Rename, RenameRule, Step, StripPrefix, TakeFrom
 from ckptx.rules.templates import KeyTemplateError
@@ -131,22 +131,21 @@ def plan_add_prefix(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> S
 def plan_rename(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Per key, the first matching row rewrites it like `re.sub`; rows that match nothing are reported."""
     args: Rename = step.args  # type: ignore[assignment]
-    text = key_text(entries)
+    text = ctx.key_text(entries)
     rows, new_keys, failed = _first_rewrites(args.rules, text)
     changed = sorted(rows)
     _report_rows(args.rules, rows, changed, failed, entries, ctx)
-    out = KeyedEntries(entries)  # the one copy of the entry list this step makes
-    put = list.__setitem__  # the list's own: KeyedEntries.__setitem__ would forget the key text each time
+    out = list(entries)
     where = [rule.where for rule in args.rules]
     for index, key in new_keys.items():
-        put(out, index, entries[index].renamed(key, where[rows[index]]))
+        out[index] = entries[index].renamed(key, where[rows[index]])
     row_hits = Counter(rows.values())
     if len(args.rules) > 1 and row_hits:
         for number, rule in enumerate(args.rules):
             if not row_hits[number]:
                 problem = Problem(rule.where, f"rename pattern {rule.pattern.pattern!r} matches no key")
                 (ctx.errors if step.strict else ctx.warnings).append(problem)
-    out.carry(text.renamed(new_keys))
+    ctx.carry(out, text.renamed(new_keys))
     return StepOutcome(out, len(rows), changed)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import re
-import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable, Mapping
@@ -92,26 +91,73 @@ class Template:
         return self.plain or self.text
 
 
-def plain_replacement(text: str, pattern: Pattern) -> str | Callable[[re.Match[str]], str]:
-    """What to hand `pattern.sub` for a replacement without expressions, parsed once.
-
-    The text itself when it holds no backslash (re's literal fast path) or on Python 3.12+ (which compiles
-    templates in C); else its parsed form as a function, because Python 3.11 re-parses a string template on
-    every call, which doubles the cost of renaming 100,000 keys.
-    """
-    if "\\" not in text or sys.version_info >= (3, 12) or not hasattr(re, "_parser"):  # 3.10: no re._parser
-        return text
-    return _ParsedReplacement(re._parser.parse_template(text, pattern))  # type: ignore[attr-defined]
+_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\"}
+_GROUP_REF = re.compile(r"\\(?:g<([^>]*)>|(0[0-7]{0,2}|[1-7][0-7]{2})|([1-9][0-9]?)|(.)|$)", re.DOTALL)
 
 
-class _ParsedReplacement:
-    """A replacement parsed by re, expanded per match (picklable, unlike a lambda)."""
+def parse_replacement(text: str, pattern: Pattern) -> tuple[str | int, ...]:
+    """A `re` replacement string as literal strings and group numbers, checked against `pattern` as `re.sub`
+    checks it (unknown group, bad escape), using only the public `re` API; TemplateError names the problem."""
+    parts: list[str | int] = []
+    literal: list[str] = []
+    last = 0
+    for found in _GROUP_REF.finditer(text):
+        literal.append(text[last:found.start()])
+        last = found.end()
+        name, octal, number, char = found.groups()
+        if name is not None or number is not None:
+            try:
+                parts += ["".join(literal), _group_number(name, number, pattern)]
+            except TemplateError as exc:
+                raise TemplateError(f"{exc} at position {found.start() + 1}") from None
+            literal = []
+        elif octal is not None:
+            if int(octal, 8) > 0o377:
+                raise TemplateError(f"octal escape value \\{octal} outside of range 0-0o377")
+            literal.append(chr(int(octal, 8)))
+        elif char is None:
+            raise TemplateError("bad escape (end of pattern)")
+        elif char in _ESCAPES:
+            literal.append(_ESCAPES[char])
+        elif char.isascii() and char.isalpha():
+            raise TemplateError(f"bad escape \\{char} at position {found.start()}")
+        else:
+            literal.append("\\" + char)
+    literal.append(text[last:])
+    parts.append("".join(literal))
+    return tuple(p for p in parts if p != "")
 
-    def __init__(self, parsed: object) -> None:
-        self.parsed = parsed
+
+def _group_number(name: str | None, number: str | None, pattern: Pattern) -> int:
+    if number is not None or (name or "").isdigit():
+        index = int(number if number is not None else name or "0")
+        if index > pattern.groups:
+            raise TemplateError(f"invalid group reference {index}")
+        return index
+    if not name or not name.isidentifier():
+        raise TemplateError(f"bad character in group name {name!r}")
+    if name not in pattern.groupindex:
+        raise TemplateError(f"unknown group name {name!r}")
+    return pattern.groupindex[name]
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A parsed replacement without expressions, filled per match from its parts (picklable)."""
+
+    parts: tuple[str | int, ...]
 
     def __call__(self, match: re.Match[str]) -> str:
-        return re._parser.expand_template(self.parsed, match)  # type: ignore[attr-defined]
+        return "".join(p if isinstance(p, str) else match.group(p) or "" for p in self.parts)
+
+
+def plain_replacement(text: str, pattern: Pattern) -> str | Callable[[re.Match[str]], str]:
+    """What to hand `pattern.sub` for a replacement without expressions: the text itself when it holds no
+    backslash (re's literal fast path), else the parsed replacement (checked once, here)."""
+    parts = parse_replacement(text, pattern)
+    if "\\" not in text:
+        return text
+    return Replacement(parts)
 
 
 def compile_template(text: str, pattern: Pattern | None, *, names: tuple[str, ...] = ()) -> Template:
@@ -141,14 +187,7 @@ def compile_template(text: str, pattern: Pattern | None, *, names: tuple[str, ..
 
 
 def _check_literal(literal: str, pattern: Pattern) -> None:
-    try:
-        compile_template_fn = getattr(re, "_compile_template", None)
-        if compile_template_fn is not None:  # Python >= 3.12
-            compile_template_fn(pattern, literal)
-        else:  # Python 3.11
-            re._parser.parse_template(literal, pattern)  # type: ignore[attr-defined]
-    except (re.error, IndexError) as exc:
-        raise TemplateError(str(exc)) from None
+    parse_replacement(literal, pattern)
 
 
 def _parse(inner: str, pattern: Pattern | None, names: tuple[str, ...]) -> Expression:

@@ -13,8 +13,8 @@ import torch
 
 from ckptx.errors import PlanError
 from ckptx.ops import keymatch
-from ckptx.ops.keymatch import KeyedEntries, KeyText, first_matches, required_literals
-from ckptx.ops.registry import PlanEntry, SourceRef, TensorMeta
+from ckptx.ops.keymatch import KeyText, first_matches, required_literals
+from ckptx.ops.registry import PlanContext, PlanEntry, SourceRef, TensorMeta
 from ckptx.plan import _collisions, _KeyIndex, plan_recipe
 from ckptx.rules import load_rules
 
@@ -76,7 +76,8 @@ def test_collisions_are_reported_in_every_later_key_step_as_before(tmp_path: Pat
 
 @pytest.mark.parametrize("pattern,literals", [(r"^model\.layers\.(\d+)\.p3\.", ("model.layers.", ".p3.")),
                                               (r"a|b", ()), (r"(?i)abc", ()), (r"ab*c", ("a", "c")),
-                                              (r"x\.y(?=z)", ("x.y",)), (r"[ab]", ())])
+                                              (r"x\.y(?=z)", ("x.y",)), (r"[ab]", ()), (r"a{2}b", ("b",)),
+                                              (r"\x41bc", ())])
 def test_required_literals(pattern: str, literals: tuple[str, ...]) -> None:
     assert required_literals(re.compile(pattern)) == literals
 
@@ -102,13 +103,34 @@ def test_first_matches_and_containing_agree_with_search() -> None:
         assert first_matches(patterns, keys) == reference
 
 
-def test_keyed_entries_forget_their_keys_when_changed() -> None:
+def test_carried_key_text_is_used_only_for_the_list_it_was_made_for() -> None:
     entries = [PlanEntry(k, SourceRef(k, TensorMeta((1,), "float32"))) for k in "abc"]
-    keyed = KeyedEntries(entries)
-    assert keymatch.key_text(keyed).keys == ["a", "b", "c"]
-    keyed[0] = entries[2]
-    keyed.append(entries[0])
-    assert keymatch.key_text(keyed).keys == ["c", "b", "c", "a"]
+    ctx = PlanContext(target=None, params={})
+    carried = KeyText(["a", "b", "c"])
+    ctx.carry(entries, carried)
+    assert ctx.key_text(entries) is carried
+    other = list(entries[::-1])
+    assert ctx.key_text(other).keys == ["c", "b", "a"]
+
+
+def test_required_literals_are_in_every_match() -> None:
+    """Fuzzed patterns: each key a pattern finds contains every literal `required_literals` claims."""
+    rng = random.Random(3)
+    atoms = ["a", "b", ".", r"\.", "[ab]", "(a|b)", "?", "*", "+", "{2}", "{0,1}", "|", "^", "$", r"\d", "1",
+             "(?:ab)", "(?=a)", "-", "_", r"\x61", r"\1", "[]a]"]
+    keys = ["".join(rng.choice("ab.1-_") for _ in range(rng.randint(0, 8))) for _ in range(2000)]
+    checked = 0
+    for _ in range(2000):
+        try:
+            pattern = re.compile("".join(rng.choice(atoms) for _ in range(rng.randint(1, 6))))
+        except re.error:
+            continue
+        literals = required_literals(pattern)
+        checked += bool(literals)
+        for key in keys:
+            if pattern.search(key):
+                assert all(literal in key for literal in literals), (pattern.pattern, literals, key)
+    assert checked > 300
 
 
 def test_keys_found_exactly_through_chained_renames() -> None:

@@ -33,3 +33,25 @@ def test_a_rename_row_pickles_after_it_was_used() -> None:
     assert row.apply("layer2.w") == "stages.2.w"
     copy = pickle.loads(pickle.dumps(row))
     assert copy.apply("layer7.b") == "stages.7.b"
+
+
+def test_parsed_replacements_fill_and_fail_exactly_as_re_sub() -> None:
+    """ckptx parses `re` replacement strings itself (no private `re` API); fuzzed against `re.sub`."""
+    import random
+
+    from ckptx.rules.templates import Replacement, TemplateError, parse_replacement
+
+    pattern = re.compile(r"(?P<a>x)(y)?(z)")
+    rng = random.Random(5)
+    pieces = ["\\", "1", "2", "9", "g", "<", "a", ">", "0", "7", "n", "x", ".", "q"]
+    for _ in range(20000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 7)))
+        try:
+            want: tuple = ("ok", pattern.sub(text, "xzxyz"))
+        except (re.error, IndexError):
+            want = ("error",)
+        try:
+            got: tuple = ("ok", pattern.sub(Replacement(parse_replacement(text, pattern)), "xzxyz"))
+        except TemplateError:
+            got = ("error",)
+        assert got == want, text
