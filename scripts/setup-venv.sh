@@ -114,6 +114,13 @@ else
   log "dependencies up to date (stamp $want)"
 fi
 
+# model-index (an MMPretrain dependency) installs a top-level `tests` package into site-packages; it would
+# shadow this repo's tests/ (make test puts the repo root after site-packages, see Makefile).
+SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+if [[ -f "$SITE/tests/__init__.py" && ! -f "$SITE/tests/conftest.py" ]]; then
+  rm -rf "$SITE/tests"
+fi
+
 # --- 3. the project, always, from the current tree -----------------------------
 if [[ $install_project -eq 1 ]]; then
   t1=$SECONDS

@@ -1,0 +1,64 @@
+"""The registry of step kinds: what each step of a rule file is, in one record.
+
+A step kind is defined in one module of `ckptx/ops/` (its arguments, builder, schema fragment, planner, tensor
+ops and inverse side by side) and registered here when that module is imported (importing `ckptx` imports all
+of them). The rules layer reads the registry and never imports the ops layer: building steps, checking them
+against the schema and inverting them need only these records. No torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+__all__ = ["STEP_KINDS", "NotInvertible", "StepKind", "StepTrace", "register_step_kind"]
+
+Doc = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """One step planned on a known layout: (key, meta) before it and after it (after=None: it did not run)."""
+
+    before: list[tuple[str, Any]]
+    after: list[tuple[str, Any]] | None
+
+
+class NotInvertible(Exception):
+    """A step has no inverse; the message says why. `needs_layout`: a trace (the source layout) would give one."""
+
+    def __init__(self, message: str, *, needs_layout: bool = False) -> None:
+        super().__init__(message)
+        self.needs_layout = needs_layout
+
+
+@dataclass(frozen=True)
+class StepKind:
+    """One kind of step (`rename`, `cast`, ...).
+
+    `build(value, collector)` turns the schema-valid YAML value into the step's frozen arguments (problems go to
+    the collector); `schema` is the JSON Schema of that value, as it appears in `schemas/ckptx-rules.schema.json`;
+    `plan(args, step, entries, ctx)` maps plan entries; `invert(args, step, trace)` gives the rule documents of
+    the inverse steps (or raises NotInvertible), and steps without one name why in `not_invertible`;
+    `renames_keys` marks steps whose output keys the plan must check for collisions.
+    """
+
+    name: str
+    build: Callable[[Any, Any], Any]
+    schema: Mapping[str, Any]
+    plan: Callable[..., Any]
+    invert: Callable[..., list[Doc]] | None = None
+    not_invertible: str = "no inverse is known"
+    renames_keys: bool = False
+    summary: str = ""
+
+
+STEP_KINDS: dict[str, StepKind] = {}
+
+
+def register_step_kind(kind: StepKind) -> StepKind:
+    """Add a step kind to the registry (a second kind of the same name is a programming error)."""
+    if kind.name in STEP_KINDS and STEP_KINDS[kind.name] is not kind:
+        raise ValueError(f"step kind {kind.name!r} is registered twice")
+    STEP_KINDS[kind.name] = kind
+    return kind
