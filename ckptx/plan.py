@@ -10,10 +10,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ckptx.errors import PlanError, Problem
 from ckptx.gcpause import without_gc
-from ckptx.ops import STEP_PLANNERS
-from ckptx.ops.registry import KEY_STEPS, PlanContext, PlanEntry, SourceRef, StepOutcome, TensorMeta, ops_of
+import ckptx.ops  # noqa: F401 - registers the step kinds
+from ckptx.ops.registry import PlanContext, PlanEntry, SourceRef, StepOutcome, TensorMeta, ops_of
 from ckptx.io.open import open_source
 from ckptx.io.source import Source, memory_source
+from ckptx.rules.kinds import STEP_KINDS
 from ckptx.rules.recipe import Recipe
 from ckptx.rules.steps import Step
 
@@ -72,11 +73,12 @@ def plan_recipe(recipe: Recipe, source: Any, *, target: Mapping[str, TensorMeta]
             if observe is not None:
                 observe(index, entries, None)
             continue
-        outcome = STEP_PLANNERS[step.op](step, entries, ctx)
+        kind = STEP_KINDS[step.op]
+        outcome = kind.plan(step.args, step, entries, ctx)
         if outcome.hits == 0:
             problem = Problem(step.where, f"{step.op} step matches no key")
             (ctx.errors if step.strict else ctx.warnings).append(problem)
-        if step.op in KEY_STEPS:
+        if kind.renames_keys:
             ctx.errors.extend(keys.collisions(entries, outcome, step))
             renames = renames or any(a.key != b.key for a, b in zip(entries, outcome.entries))
         if observe is not None:

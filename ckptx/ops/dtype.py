@@ -9,16 +9,64 @@ torch's scalar conversion (its vectorized one writes 0xFFFF; both are NaN).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx.ops.layout import apply_to_matching
-from ckptx.dtypes import DTYPES, lookup
-from ckptx.ops.registry import PlanContext, PlanEntry, StepOutcome, TensorMeta, step_planner, tensor_op
-from ckptx.rules.steps import Cast, Step
+from ckptx.dtypes import DTYPES, lookup, lossless_casts
+from ckptx.ops.registry import PlanContext, PlanEntry, StepOutcome, TensorMeta, step, tensor_op
+from ckptx.rules.invert import all_matched_changed, changed_metas, exact_keys
+from ckptx.rules.kinds import Doc, NotInvertible, StepTrace
+from ckptx.rules.steps import Collector, Pattern, Step
 
 torch = lazy_module("torch")
 np = lazy_module("numpy")
+
+
+# --- what the steps say: arguments, builders, schema fragments, inverses ---------------------------------
+
+
+@dataclass(frozen=True)
+class Cast:
+    """Cast matching tensors to `dtype` (floating-point ones only unless include_integer)."""
+
+    match: Pattern
+    dtype: str
+    include_integer: bool = False
+
+
+def _build_cast(value: Any, c: Collector) -> Cast:
+    return Cast(c.regex(value.get("match", ".*"), "match"), value["dtype"], bool(value.get("include_integer", False)))
+
+
+_CAST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["dtype"],
+    "properties": {
+        "match": {"$ref": "#/$defs/regex"},
+        "dtype": {"$ref": "#/$defs/dtype"},
+        "include_integer": {"type": "boolean", "description": "Also cast integer and bool tensors (default: floating-point only)."},
+    },
+}
+
+
+def _invert_cast(args: Cast, step: Step, trace: StepTrace | None) -> list[Doc]:
+    changed = changed_metas(trace, "dtypes")
+    groups: dict[str, list[str]] = {}
+    for key, old, new in changed:
+        if new.dtype not in lossless_casts(old.dtype):
+            raise NotInvertible(f"casting '{key}' from {old.dtype} to {new.dtype} loses information")
+        groups.setdefault(old.dtype, []).append(key)
+    if len(groups) == 1 and all_matched_changed(args.match, trace, changed):
+        return [{"cast": {"match": args.match.pattern, "dtype": next(iter(groups)), "include_integer": True}}]
+    return [{"cast": {"match": exact_keys(keys), "dtype": dtype, "include_integer": True}}
+            for dtype, keys in groups.items()]
+
+
+# --- how they plan and compute --------------------------------------------------------------------------
+
 
 _FLOAT_CODES = {d.name: d.numpy for d in DTYPES.values() if d.is_floating and d.numpy}  # float16/32/64
 _BYTE_CASTS = {*_FLOAT_CODES, "bfloat16"}
@@ -64,10 +112,9 @@ def cast(params: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> torch.Te
     return tensors[0].to(getattr(torch, params["dtype"]))
 
 
-@step_planner("cast")
-def plan_cast(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+@step("cast", build=_build_cast, schema=_CAST_SCHEMA, invert=_invert_cast)
+def plan_cast(args: Cast, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Cast matching floating-point tensors (all matching tensors with include_integer)."""
-    args: Cast = step.args  # type: ignore[assignment]
 
     def build(entry: PlanEntry) -> dict[str, Any] | None:
         if entry.meta.dtype == args.dtype:

@@ -47,8 +47,8 @@ def required_literals(pattern: re.Pattern[str]) -> tuple[str, ...]:
             if text[i + 1:i + 2] in _NUMERIC_ESCAPES:  # `\\x41`, `\\1`, `\\N{..}`: not worth reading
                 return ()
             width = 2
-        elif char == "{" and _QUANTIFIER.match(text, i):
-            width = _QUANTIFIER.match(text, i).end() - i  # type: ignore[union-attr]
+        elif char == "{" and (quantifier := _QUANTIFIER.match(text, i)):
+            width = quantifier.end() - i
         elif depth == 0 and char == "|":
             return ()
         elif char == "[" and literal is None:

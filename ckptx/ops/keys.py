@@ -2,14 +2,245 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from typing import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable, Sequence
 
 from ckptx.errors import Problem
 from ckptx.ops.keymatch import KeyText, first_matches, required_literals
-from ckptx.ops.registry import PlanContext, PlanEntry, StepOutcome, step_planner
-from ckptx.rules.steps import AddPrefix, Drop, Keep, Pattern, Rename, RenameRule, Step, StripPrefix, TakeFrom
-from ckptx.rules.templates import KeyTemplateError
+from ckptx.ops.registry import PlanContext, PlanEntry, StepOutcome, step
+from ckptx.rules.flatten import dump_args
+from ckptx.rules.invert import escape_replacement, exact_table, swap
+from ckptx.rules.kinds import Doc, NotInvertible, StepTrace
+from ckptx.rules.steps import Collector, Pattern, Step
+from ckptx.rules.templates import KeyTemplateError, Template
+
+
+# --- what the steps say: arguments, builders, schema fragments, inverses ---------------------------------
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Remove every key matching any pattern."""
+
+    patterns: tuple[Pattern, ...]
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Remove every key matching none of the patterns."""
+
+    patterns: tuple[Pattern, ...]
+
+
+@dataclass(frozen=True)
+class StripPrefix:
+    """Remove leading prefixes (literal strings), repeatedly and in any order.
+
+    With `common=True`, remove the first name component when every key shares it (`model.`).
+    """
+
+    prefixes: tuple[str, ...]
+    common: bool = False
+
+
+@dataclass(frozen=True)
+class TakeFrom:
+    """Replace each key's tensor by the one stored under `template` (e.g. `ema_{flat}`), dropping that key."""
+
+    template: str
+
+
+@dataclass(frozen=True)
+class AddPrefix:
+    """Prepend a literal prefix to every key (or to those matching `match` and not `skip`)."""
+
+    prefix: str
+    match: Pattern | None = None
+    skip: Pattern | None = None
+
+
+@dataclass(frozen=True)
+class RenameRule:
+    """One row of a rename table: regex and `re.sub` replacement (with `{\\1 - 1}` index arithmetic)."""
+
+    pattern: Pattern
+    replacement: str
+    where: str
+    template: Template | None = field(default=None, compare=False)
+
+    @cached_property
+    def repl(self) -> str | Callable[[re.Match[str]], str]:
+        """What `self.pattern.sub`/`subn` takes to make this row's replacement."""
+        return self.replacement if self.template is None else self.template.repl
+
+    def apply(self, key: str) -> str:
+        """The key rewritten by this row (every match replaced, like `re.sub`)."""
+        return self.pattern.sub(self.repl, key)
+
+
+@dataclass(frozen=True)
+class Rename:
+    """Per key, the first row whose pattern matches rewrites it (like `re.sub`)."""
+
+    rules: tuple[RenameRule, ...]
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _build_strip_prefix(value: Any, c: Collector) -> StripPrefix:
+    if isinstance(value, dict):
+        return StripPrefix(_strings(value.get("prefixes", [])), bool(value.get("common", False)))
+    return StripPrefix(_strings(value))
+
+
+def _build_take_from(value: Any, c: Collector) -> TakeFrom:
+    template = value["template"]
+    try:
+        template.format(key="k", flat="k")
+    except (KeyError, IndexError, ValueError) as exc:
+        c.problems.append(Problem(c.at("template"), f"invalid template {template!r}: use {{key}} and {{flat}} only ({exc})"))
+    return TakeFrom(template)
+
+
+def _build_add_prefix(value: Any, c: Collector) -> AddPrefix:
+    if isinstance(value, str):
+        return AddPrefix(value)
+    return AddPrefix(
+        prefix=value["prefix"],
+        match=c.regex(value["match"], "match") if "match" in value else None,
+        skip=c.regex(value["skip"], "skip") if "skip" in value else None,
+    )
+
+
+def _build_rename(value: Any, c: Collector) -> Rename:
+    rows = value if isinstance(value, list) else [value]
+    rules = []
+    for i, row in enumerate(rows):
+        sub = (i,) if isinstance(value, list) else ()
+        source, replacement = (row["from"], row["to"]) if isinstance(row, dict) else (row[0], row[1])
+        pattern = c.regex(source, *sub, *(("from",) if isinstance(row, dict) else (0,)))
+        template = c.template(replacement, pattern, "invalid replacement", *sub)
+        rules.append(RenameRule(pattern, replacement, c.at(*sub), template))
+    return Rename(tuple(rules))
+
+
+def _build_drop(value: Any, c: Collector) -> Drop:
+    return Drop(c.regexes(value))
+
+
+def _build_keep(value: Any, c: Collector) -> Keep:
+    return Keep(c.regexes(value))
+
+
+_DROP_SCHEMA: dict[str, Any] = {"$ref": "#/$defs/regexList"}
+
+_KEEP_SCHEMA: dict[str, Any] = {"$ref": "#/$defs/regexList"}
+
+_STRIP_PREFIX_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"$ref": "#/$defs/stringOrList"},
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "minProperties": 1,
+            "properties": {
+                "prefixes": {"$ref": "#/$defs/stringOrList"},
+                "common": {
+                    "type": "boolean",
+                    "description": "Also strip the first name component when every key shares it (e.g. a LightningModule attribute such as model.).",
+                },
+            },
+        },
+    ],
+}
+
+_TAKE_FROM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["template"],
+    "description": "Use, for each key, the tensor stored under another key (e.g. EMA copies), and drop that key.",
+    "properties": {
+        "template": {
+            "type": "string",
+            "minLength": 1,
+            "description": "The other key; {key} is the key, {flat} the key with '.' replaced by '_' (e.g. ema_{flat}).",
+        },
+    },
+}
+
+_ADD_PREFIX_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["prefix"],
+            "properties": {
+                "prefix": {"type": "string", "minLength": 1},
+                "match": {"$ref": "#/$defs/regex"},
+                "skip": {"$ref": "#/$defs/regex"},
+            },
+        },
+    ],
+}
+
+_RENAME_SCHEMA: dict[str, Any] = {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/renamePair"}, "minItems": 1}, {"$ref": "#/$defs/renamePair"}]}
+
+
+def _literal_prefix(regex: str) -> int:
+    match = re.match(r"\^?((?:\\.|[^\\()\[.*+?{|$])*)", regex)
+    return len(match.group(1)) if match else 0
+
+
+def _invert_strip_prefix(args: StripPrefix, step: Step, trace: StepTrace | None) -> list[Doc]:
+    if trace is not None and trace.after is not None:
+        stripped = {old[:len(old) - len(new)] for (old, _), (new, _) in zip(trace.before, trace.after)}
+        if len(stripped) == 1 and "" not in stripped:
+            return [{"add_prefix": stripped.pop()}]
+        return exact_table(trace, "not every key lost the same prefix")
+    if len(args.prefixes) == 1 and not args.common:
+        return [{"add_prefix": args.prefixes[0]}]
+    raise NotInvertible("which prefix each key lost depends on the checkpoint; the source layout is needed", needs_layout=True)
+
+
+def _invert_add_prefix(args: AddPrefix, step: Step, trace: StepTrace | None) -> list[Doc]:
+    if args.match is None and args.skip is None:
+        return [{"rename": [[f"^{re.escape(args.prefix)}", ""]]}]
+    return exact_table(trace, "with match/skip, which keys got the prefix depends on the checkpoint")
+
+
+def _invert_rename(args: Rename, step: Step, trace: StepTrace | None) -> list[Doc]:
+    try:
+        rows = []
+        for rule in args.rules:
+            assert rule.template is not None
+            swapped = swap(rule.pattern.pattern, rule.template, whole=False)
+            rows.append([swapped.pattern, swapped.template])
+    except NotInvertible as exc:
+        return exact_table(trace, str(exc))
+    rows.sort(key=lambda row: -_literal_prefix(row[0]))
+    return [{"rename": rows}]
+
+
+
+def _dump_rename(args: Rename) -> list[list[str]]:
+    return [[r.pattern.pattern, r.replacement] for r in args.rules]
+
+
+def _dump_strip_prefix(args: StripPrefix) -> Any:
+    return dump_args(args) if args.common else list(args.prefixes)
+
+
+def _dump_add_prefix(args: AddPrefix) -> Any:
+    return args.prefix if args.match is None and args.skip is None else dump_args(args)
+
+
+# --- how they plan and compute --------------------------------------------------------------------------
 
 
 def may_match_mid_name(pattern: Pattern) -> bool:
@@ -29,10 +260,9 @@ def warn_if_mid_name(pattern: Pattern, key: str, where: str, ctx: PlanContext, s
                                            f"if that is not intended"))
 
 
-@step_planner("drop")
-def plan_drop(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+@step("drop", build=_build_drop, schema=_DROP_SCHEMA, not_invertible="the dropped tensors are gone")
+def plan_drop(args: Drop, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Remove entries whose key matches any pattern."""
-    args: Drop = step.args  # type: ignore[assignment]
     found, seen = first_matches(args.patterns, [e.key for e in entries]), set()
     for i in sorted(found):
         warn_if_mid_name(args.patterns[found[i]], entries[i].key, step.where, ctx, seen)
@@ -41,10 +271,9 @@ def plan_drop(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOut
     return StepOutcome(kept, len(entries) - len(kept))
 
 
-@step_planner("keep")
-def plan_keep(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+@step("keep", build=_build_keep, schema=_KEEP_SCHEMA, not_invertible="the tensors it leaves out are gone")
+def plan_keep(args: Keep, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Remove entries whose key matches none of the patterns."""
-    args: Keep = step.args  # type: ignore[assignment]
     found = first_matches(args.patterns, [e.key for e in entries])
     ctx.dropped.extend((entry.key, step.where) for i, entry in enumerate(entries) if i not in found)
     kept = [entry for i, entry in enumerate(entries) if i in found]
@@ -70,10 +299,10 @@ def common_component(keys: list[str]) -> str | None:
     return firsts.pop()
 
 
-@step_planner("strip_prefix", renames_keys=True)
-def plan_strip_prefix(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+@step("strip_prefix", build=_build_strip_prefix, schema=_STRIP_PREFIX_SCHEMA, invert=_invert_strip_prefix, renames_keys=True,
+      dump=_dump_strip_prefix)
+def plan_strip_prefix(args: StripPrefix, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Strip literal prefixes at the start of keys (and, with `common`, a first component all keys share)."""
-    args: StripPrefix = step.args  # type: ignore[assignment]
     prefixes = args.prefixes
     if args.common:
         shared = common_component([strip(e.key, prefixes) for e in entries])
@@ -86,10 +315,9 @@ def plan_strip_prefix(step: Step, entries: list[PlanEntry], ctx: PlanContext) ->
     return StepOutcome(out, hits)
 
 
-@step_planner("take_from", renames_keys=True)
-def plan_take_from(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+@step("take_from", build=_build_take_from, schema=_TAKE_FROM_SCHEMA, not_invertible="the replaced tensors are gone", renames_keys=True)
+def plan_take_from(args: TakeFrom, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Each key whose donor (`template` filled with the key) exists takes the donor's tensor; donors vanish."""
-    args: TakeFrom = step.args  # type: ignore[assignment]
     by_key = {e.key: e for e in entries}
     donors: dict[str, PlanEntry] = {}
     for entry in entries:
@@ -115,10 +343,10 @@ def plan_take_from(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> St
     return StepOutcome(out, len(donors))
 
 
-@step_planner("add_prefix", renames_keys=True)
-def plan_add_prefix(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+@step("add_prefix", build=_build_add_prefix, schema=_ADD_PREFIX_SCHEMA, invert=_invert_add_prefix, renames_keys=True,
+      dump=_dump_add_prefix)
+def plan_add_prefix(args: AddPrefix, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Prepend a prefix to (matching) keys."""
-    args: AddPrefix = step.args  # type: ignore[assignment]
     out, hits = [], 0
     for entry in entries:
         wanted = (args.match is None or args.match.search(entry.key)) and not (args.skip and args.skip.search(entry.key))
@@ -127,10 +355,9 @@ def plan_add_prefix(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> S
     return StepOutcome(out, hits)
 
 
-@step_planner("rename", renames_keys=True)
-def plan_rename(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+@step("rename", build=_build_rename, schema=_RENAME_SCHEMA, invert=_invert_rename, renames_keys=True, dump=_dump_rename)
+def plan_rename(args: Rename, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Per key, the first matching row rewrites it like `re.sub`; rows that match nothing are reported."""
-    args: Rename = step.args  # type: ignore[assignment]
     text = ctx.key_text(entries)
     rows, new_keys, failed = _first_rewrites(args.rules, text)
     changed = sorted(rows)

@@ -3,15 +3,117 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import Problem
-from ckptx.ops.registry import (OpShapeError, PlanContext, PlanEntry, StepOutcome, TensorMeta, node, step_planner,
+from ckptx.ops.registry import (OpShapeError, PlanContext, PlanEntry, StepOutcome, TensorMeta, node, step,
                                 tensor_op)
-from ckptx.rules.steps import Permute, Reshape, Step
+from ckptx.rules.invert import all_matched_changed, changed_metas, exact_keys
+from ckptx.rules.kinds import Doc, StepTrace
+from ckptx.rules.steps import Collector, Pattern, Step
 
 torch = lazy_module("torch")
+
+
+# --- what the steps say: arguments, builders, schema fragments, inverses ---------------------------------
+
+
+@dataclass(frozen=True)
+class Reshape:
+    """Reshape matching tensors; `shape=None` means the target model's shape for that key."""
+
+    match: Pattern
+    shape: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class Permute:
+    """Permute the dimensions of matching tensors."""
+
+    match: Pattern
+    dims: tuple[int, ...]
+
+
+def _build_reshape(value: Any, c: Collector) -> Reshape:
+    shape = value["shape"]
+    if shape != "target" and list(shape).count(-1) > 1:
+        c.problems.append(Problem(c.at("shape"), f"at most one -1 is allowed in a shape, got {shape}"))
+    return Reshape(c.regex(value["match"], "match"), None if shape == "target" else tuple(shape))
+
+
+def _build_permute(value: Any, c: Collector) -> Permute:
+    dims = tuple(value["dims"])
+    if sorted(dims) != list(range(len(dims))):
+        c.problems.append(Problem(c.at("dims"), f"{list(dims)} is not a permutation of 0..{len(dims) - 1}"))
+    return Permute(c.regex(value["match"], "match"), dims)
+
+
+_RESHAPE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["match", "shape"],
+    "properties": {"match": {"$ref": "#/$defs/regex"}, "shape": {"anyOf": [{"$ref": "#/$defs/shape"}, {"const": "target"}]}},
+}
+
+_PERMUTE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["match", "dims"],
+    "properties": {
+        "match": {"$ref": "#/$defs/regex"},
+        "dims": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+    },
+}
+
+
+def _trailing_ones(changed: list[tuple[str, Any, Any]]) -> int:
+    """k when every original shape is its new shape with k trailing 1s (-k: with k trailing 1s removed), else 0."""
+    counts = set()
+    for _, old, new in changed:
+        short, long_ = sorted((tuple(old.shape), tuple(new.shape)), key=len)
+        pad = long_[len(short):]
+        if long_[:len(short)] != short or not pad or set(pad) != {1}:
+            return 0
+        counts.add(len(pad) if len(old.shape) > len(new.shape) else -len(pad))
+    return counts.pop() if len(counts) == 1 else 0
+
+
+def _one_free_dim(shapes: set[tuple[int, ...]]) -> list[int] | None:
+    """Shapes of one rank that differ in exactly one dimension -> that shape with -1 there."""
+    if len({len(s) for s in shapes}) != 1:
+        return None
+    columns = list(zip(*shapes))
+    free = [i for i, column in enumerate(columns) if len(set(column)) > 1]
+    if len(free) != 1:
+        return None
+    return [-1 if i == free[0] else column[0] for i, column in enumerate(columns)]
+
+
+def _invert_reshape(args: Reshape, step: Step, trace: StepTrace | None) -> list[Doc]:
+    changed = changed_metas(trace, "shapes")
+    originals = {tuple(old.shape) for _, old, _ in changed}
+    general = list(next(iter(originals))) if len(originals) == 1 else _one_free_dim(originals)
+    if all_matched_changed(args.match, trace, changed):
+        if general is not None:
+            return [{"reshape": {"match": args.match.pattern, "shape": general}}]
+        padding = _trailing_ones(changed)
+        if padding:
+            op = "unsqueeze" if padding > 0 else "squeeze"
+            return [{op: {"match": args.match.pattern, "dim": -1}} for _ in range(abs(padding))]
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for key, old, _ in changed:
+        groups.setdefault(tuple(old.shape), []).append(key)
+    return [{"reshape": {"match": exact_keys(keys), "shape": list(shape)}} for shape, keys in groups.items()]
+
+
+def _invert_permute(args: Permute, step: Step, trace: StepTrace | None) -> list[Doc]:
+    inverse = [args.dims.index(d) for d in range(len(args.dims))]
+    return [{"permute": {"match": args.match.pattern, "dims": inverse}}]
+
+
+# --- how they plan and compute --------------------------------------------------------------------------
 
 
 def resolve_shape(shape: Sequence[int], numel: int, source: Sequence[int]) -> tuple[int, ...]:
@@ -71,10 +173,9 @@ def apply_to_matching(step: Step, entries: list[PlanEntry], ctx: PlanContext, pa
     return StepOutcome(out, hits)
 
 
-@step_planner("reshape")
-def plan_reshape(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+@step("reshape", build=_build_reshape, schema=_RESHAPE_SCHEMA, invert=_invert_reshape)
+def plan_reshape(args: Reshape, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Reshape matching tensors to a fixed shape or to the target's shape for that key."""
-    args: Reshape = step.args  # type: ignore[assignment]
 
     absent: list[str] = []
 
@@ -95,8 +196,7 @@ def plan_reshape(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> Step
     return outcome
 
 
-@step_planner("permute")
-def plan_permute(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+@step("permute", build=_build_permute, schema=_PERMUTE_SCHEMA, invert=_invert_permute)
+def plan_permute(args: Permute, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Permute the dimensions of matching tensors."""
-    args: Permute = step.args  # type: ignore[assignment]
     return apply_to_matching(step, entries, ctx, args.match, lambda entry: {"dims": args.dims})

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence, 
 from ckptx.dtypes import TensorMeta, lookup
 from ckptx.errors import Problem
 from ckptx.ops.keymatch import KeyText
+from ckptx.rules.kinds import Doc, StepKind, register_step_kind
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -194,18 +195,20 @@ class StepOutcome:
     changed: Sequence[int] | None = None
 
 
-StepPlanner = Callable[["Step", list[PlanEntry], PlanContext], StepOutcome]
-STEP_PLANNERS: dict[str, StepPlanner] = {}
-KEY_STEPS: set[str] = set()
+StepPlanner = Callable[[Any, "Step", list[PlanEntry], PlanContext], StepOutcome]
 
 
-def step_planner(op: str, *, renames_keys: bool = False):
-    """Register the decorated function as the planner of step `op`."""
+def step(name: str, *, build: Callable[[Any, Any], Any], schema: Mapping[str, Any],
+         invert: Callable[..., list[Doc]] | None = None, not_invertible: str = "no inverse is known",
+         renames_keys: bool = False, dump: Callable[[Any], Any] | None = None) -> Callable[[StepPlanner], StepPlanner]:
+    """Register the decorated planner as step kind `name`, with the rest of the kind beside it in its module:
+    the builder of its arguments, the JSON Schema fragment of its YAML value, and its inverse (or why it has none).
+    `renames_keys` marks steps whose output keys the plan checks for collisions; `dump` writes the arguments back
+    as YAML data where the generic field-by-field form is not how the step is written."""
 
     def register(planner: StepPlanner) -> StepPlanner:
-        STEP_PLANNERS[op] = planner
-        if renames_keys:
-            KEY_STEPS.add(op)
+        summary = (planner.__doc__ or "").strip().split("\n")[0]
+        register_step_kind(StepKind(name, build, schema, planner, invert, not_invertible, renames_keys, summary, dump))
         return planner
 
     return register

@@ -2,16 +2,322 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import Problem
 from ckptx.ops.layout import apply_to_matching
-from ckptx.ops.registry import OpShapeError, PlanContext, PlanEntry, StepOutcome, TensorMeta, node, step_planner, tensor_op
-from ckptx.rules.steps import Copy, Merge, Slice, Split, Squeeze, Step, Unsqueeze
-from ckptx.rules.templates import KeyTemplateError
+from ckptx.ops.registry import (OpShapeError, PlanContext, PlanEntry, StepOutcome, StepPlanner, TensorMeta, node, step,
+                                tensor_op)
+from ckptx.rules.flatten import dump_args
+from ckptx.rules.invert import Group, Ref, parse_pattern, shifted, spare_placeholder, swap, template_parts, tidy
+from ckptx.rules.kinds import Doc, NotInvertible, StepTrace
+from ckptx.rules.steps import Collector, Pattern, Step, dim_arg
+from ckptx.rules.templates import KeyTemplateError, Template
 
 torch = lazy_module("torch")
+
+
+# --- what the steps say: arguments, builders, schema fragments, inverses ---------------------------------
+
+
+@dataclass(frozen=True)
+class Split:
+    """Split matching tensors along `dim` into several keys (`into`: one whole-key template per piece,
+    or one template using `{i}`); `sizes` or `parts` for unequal/equal chunks, `unbind` drops the dim."""
+
+    match: Pattern
+    into: tuple[Template, ...]
+    dim: int = 0
+    sizes: tuple[int, ...] | None = None
+    parts: int | None = None
+    unbind: bool = False
+
+    @property
+    def indexed(self) -> bool:
+        """True when `into` is one template numbered by `{i}`."""
+        return len(self.into) == 1 and self.into[0].uses("i")
+
+
+@dataclass(frozen=True)
+class Merge:
+    """Merge several keys into one (`to`) by concatenation or, with `stack`, stacking along `dim`.
+
+    The order is explicit: `inputs` lists whole-key templates filled from `match`'s groups, or
+    `index` is a template whose value (0..n-1) is each matching key's position.
+    """
+
+    match: Pattern
+    to: Template
+    inputs: tuple[Template, ...] = ()
+    index: Template | None = None
+    dim: int = 0
+    stack: bool = False
+
+
+@dataclass(frozen=True)
+class Unsqueeze:
+    """Insert a dimension of size 1 at `dim`."""
+
+    match: Pattern
+    dim: int
+
+
+@dataclass(frozen=True)
+class Squeeze(Unsqueeze):
+    """Remove dimension `dim`, which must have size 1."""
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Keep `start:stop:step` of dimension `dim` (Python slice semantics)."""
+
+    match: Pattern
+    dim: int
+    start: int | None = None
+    stop: int | None = None
+    step: int = 1
+
+
+@dataclass(frozen=True)
+class Copy:
+    """Also store each matching tensor under the key `to` (a whole-key template)."""
+
+    match: Pattern
+    to: Template
+
+
+def _build_split(value: Any, c: Collector) -> Split:
+    match = c.regex(value["match"], "match")
+    into_raw = value["into"]
+    names = ("i",)
+    if isinstance(into_raw, str):
+        into = (c.template(into_raw, match, "invalid key template", "into", names=names),)
+    else:
+        into = tuple(c.template(t, match, "invalid key template", "into", k) for k, t in enumerate(into_raw))
+    sizes = tuple(value["sizes"]) if "sizes" in value else None
+    parts = value.get("parts")
+    unbind = bool(value.get("unbind", False))
+    chosen = [k for k in ("sizes", "parts", "unbind") if k in value and value[k] is not False]
+    if len(chosen) > 1:
+        c.problems.append(Problem(c.at(chosen[1]), f"give only one of sizes, parts and unbind (found {', '.join(chosen)})"))
+    args = Split(match, into, dim_arg(value), sizes, parts, unbind)
+    if isinstance(into_raw, str) and not args.indexed:
+        c.problems.append(Problem(c.at("into"), "one key template must number the pieces with {i} "
+                                                "(e.g. '\\1.{i}.weight'); or list one template per piece"))
+    elif isinstance(into_raw, str) and not chosen:
+        c.problems.append(Problem(c.at(), "with a {i} template, say how many pieces: parts, sizes or unbind: true"))
+    elif not isinstance(into_raw, str):
+        if sizes is not None and len(sizes) != len(into):
+            c.problems.append(Problem(c.at("sizes"), f"{len(sizes)} sizes for {len(into)} keys in `into`; give one size per key"))
+        if parts is not None and parts != len(into):
+            c.problems.append(Problem(c.at("parts"), f"parts: {parts} but `into` names {len(into)} keys"))
+    return args
+
+
+def _build_merge(value: Any, c: Collector) -> Merge:
+    match = c.regex(value["match"], "match")
+    inputs = tuple(c.template(t, match, "invalid key template", "inputs", k)
+                   for k, t in enumerate(value.get("inputs", ())))
+    index = c.template(value["index"], match, "invalid index template", "index") if "index" in value else None
+    if ("inputs" in value) == ("index" in value):
+        c.problems.append(Problem(c.at(), "give the order either as `inputs` (a list of key templates) or as "
+                                          "`index` (the position of each matching key, e.g. '\\2')"))
+    to = c.template(value["to"], match, "invalid key template", "to")
+    return Merge(match, to, inputs, index, dim_arg(value), bool(value.get("stack", False)))
+
+
+def _build_copy(value: Any, c: Collector) -> Copy:
+    match = c.regex(value["match"], "match")
+    return Copy(match, c.template(value["to"], match, "invalid key template", "to"))
+
+
+def _build_unsqueeze(value: Any, c: Collector) -> Unsqueeze:
+    return Unsqueeze(c.regex(value["match"], "match"), int(value["dim"]))
+
+
+def _build_squeeze(value: Any, c: Collector) -> Squeeze:
+    return Squeeze(c.regex(value["match"], "match"), int(value["dim"]))
+
+
+def _build_slice(value: Any, c: Collector) -> Slice:
+    return Slice(c.regex(value["match"], "match"), int(value["dim"]), value.get("start"), value.get("stop"),
+                 int(value.get("step", 1)))
+
+
+_SPLIT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["match", "into"],
+    "description": "Split one tensor into several keys along a dimension.",
+    "properties": {
+        "match": {"$ref": "#/$defs/regex"},
+        "into": {
+            "anyOf": [
+                {"$ref": "#/$defs/keyTemplate"},
+                {"type": "array", "items": {"$ref": "#/$defs/keyTemplate"}, "minItems": 2},
+            ],
+            "description": "One whole-key template per piece (e.g. ['\\1.q.\\2', '\\1.k.\\2', '\\1.v.\\2']), or one template numbering the pieces with {i}.",
+        },
+        "dim": {"$ref": "#/$defs/dim"},
+        "sizes": {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 1},
+            "minItems": 1,
+            "description": "Size of each piece along dim (default: equal parts).",
+        },
+        "parts": {"type": "integer", "minimum": 1, "description": "Number of equal pieces (for an {i} template)."},
+        "unbind": {
+            "type": "boolean",
+            "description": "Pieces of size 1 with dim removed (the inverse of merge with stack: true).",
+        },
+    },
+}
+
+_MERGE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["match", "to"],
+    "description": "Merge several keys into one by concatenation or stacking, in an explicit order.",
+    "properties": {
+        "match": {"$ref": "#/$defs/regex"},
+        "inputs": {
+            "type": "array",
+            "items": {"$ref": "#/$defs/keyTemplate"},
+            "minItems": 2,
+            "description": "The keys to merge, in order: whole-key templates filled from match's groups.",
+        },
+        "index": {
+            "$ref": "#/$defs/keyTemplate",
+            "description": "Instead of inputs: the position (0..n-1) of each matching key, e.g. '\\2'.",
+        },
+        "to": {"$ref": "#/$defs/keyTemplate", "description": "The merged key, a whole-key template."},
+        "dim": {"$ref": "#/$defs/dim"},
+        "stack": {"type": "boolean", "description": "torch.stack (a new dimension) instead of torch.cat."},
+    },
+}
+
+_UNSQUEEZE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["match", "dim"],
+    "description": "Insert a dimension of size 1.",
+    "properties": {"match": {"$ref": "#/$defs/regex"}, "dim": {"$ref": "#/$defs/dim"}},
+}
+
+_SQUEEZE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["match", "dim"],
+    "description": "Remove a dimension of size 1.",
+    "properties": {"match": {"$ref": "#/$defs/regex"}, "dim": {"$ref": "#/$defs/dim"}},
+}
+
+_SLICE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["match", "dim"],
+    "description": "Keep start:stop:step of one dimension (Python slice semantics).",
+    "properties": {
+        "match": {"$ref": "#/$defs/regex"},
+        "dim": {"$ref": "#/$defs/dim"},
+        "start": {"type": "integer"},
+        "stop": {"type": "integer"},
+        "step": {"type": "integer", "minimum": 1},
+    },
+}
+
+_COPY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["match", "to"],
+    "description": "Also store each matching tensor under a second key.",
+    "properties": {"match": {"$ref": "#/$defs/regex"}, "to": {"$ref": "#/$defs/keyTemplate"}},
+}
+
+
+def _merged_sizes(args: Merge, trace: StepTrace | None) -> list[int]:
+    """The sizes along dim of the pieces each merge concatenated (the same for every merged key)."""
+    if trace is None or trace.after is None:
+        raise NotInvertible("the sizes of the concatenated pieces are not in the rule; the source layout is needed", needs_layout=True)
+    before = dict(trace.before)
+    pieces: dict[str, dict[int, int]] = {}
+    for key, meta in trace.before:
+        match = args.match.search(key)
+        if match is None:
+            continue
+        to = args.to.expand(match)
+        if args.index is not None:
+            pieces.setdefault(to, {})[int(args.index.expand(match))] = _dim_size(meta.shape, args.dim)
+        else:
+            names = [t.expand(match) for t in args.inputs]
+            pieces[to] = {i: _dim_size(before[n].shape, args.dim) for i, n in enumerate(names) if n in before}
+    found = {tuple(sizes[i] for i in sorted(sizes)) for sizes in pieces.values()}
+    if len(found) != 1:
+        raise NotInvertible("the merged keys concatenate pieces of different sizes; no single split undoes them")
+    return list(found.pop())
+
+
+def _dim_size(shape: Sequence[int], dim: int) -> int:
+    return shape[dim if dim >= 0 else len(shape) + dim]
+
+
+def _invert_split(args: Split, step: Step, trace: StepTrace | None) -> list[Doc]:
+    swapped = swap(args.match.pattern, args.into[0], whole=True)
+    merge: Doc = {"match": swapped.pattern, "to": swapped.template, "dim": args.dim, "stack": args.unbind}
+    if args.indexed:
+        offset = next(p.offset for p in template_parts(args.into[0], swapped.groups) if isinstance(p, Ref)
+                      and p.group == "i")
+        merge["index"] = tidy(shifted(swapped.renumber["i"], -offset))
+    else:
+        merge["inputs"] = [swapped.rewrite(t, what="split key") for t in args.into]
+    return [{"merge": merge}]
+
+
+def _invert_merge(args: Merge, step: Step, trace: StepTrace | None) -> list[Doc]:
+    groups = tuple(p for p in parse_pattern(args.match.pattern)[2] if isinstance(p, Group))
+    index_ref = None
+    if args.index is not None:
+        parts = template_parts(args.index, groups)
+        if len(parts) != 1 or not isinstance(parts[0], Ref):
+            raise NotInvertible(f"index {args.index.text!r} must be one group reference")
+        index_ref = parts[0]
+    swapped = swap(args.match.pattern, args.to, whole=True, spare=(index_ref.group,) if index_ref else ())
+    split: Doc = {"match": swapped.pattern, "dim": args.dim}
+    if index_ref is not None:
+        piece = "{i}" if not index_ref.offset else f"{{i {'-' if index_ref.offset > 0 else '+'} {abs(index_ref.offset)}}}"
+        split["into"] = swapped.template.replace(spare_placeholder(index_ref.group), piece)
+    else:
+        split["into"] = [swapped.rewrite(t, what="merge input") for t in args.inputs]
+    if args.stack:
+        return [{"split": {**split, "unbind": True}}]
+    sizes = _merged_sizes(args, trace)
+    if len(set(sizes)) > 1:
+        split["sizes"] = sizes
+    elif index_ref is not None:
+        split["parts"] = len(sizes)
+    return [{"split": split}]
+
+
+def _invert_unsqueeze(args: Unsqueeze, step: Step, trace: StepTrace | None) -> list[Doc]:
+    inverse = "unsqueeze" if isinstance(args, Squeeze) else "squeeze"
+    return [{inverse: {"match": args.match.pattern, "dim": args.dim}}]
+
+
+def _invert_copy(args: Copy, step: Step, trace: StepTrace | None) -> list[Doc]:
+    return [{"drop": [swap(args.match.pattern, args.to, whole=True).pattern]}]
+
+
+
+def _dump_split(args: Split) -> Any:
+    value = dump_args(args)
+    if args.indexed:
+        value["into"] = args.into[0].text
+    return value
+
+
+# --- how they plan and compute --------------------------------------------------------------------------
 
 
 def normalize_dim(dim: int, ndim: int, *, extra: int = 0) -> int:
@@ -128,10 +434,9 @@ def fill_template(template: Any, match: Any, **extra: int) -> str:
         raise OpShapeError(str(exc)) from None
 
 
-@step_planner("split", renames_keys=True)
-def plan_split(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+@step("split", build=_build_split, schema=_SPLIT_SCHEMA, invert=_invert_split, renames_keys=True, dump=_dump_split)
+def plan_split(args: Split, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Each matching tensor becomes one entry per piece, each a narrow (or select, with unbind) of it."""
-    args: Split = step.args  # type: ignore[assignment]
     out, hits = [], 0
     for entry in entries:
         match = args.match.search(entry.key)
@@ -178,10 +483,9 @@ def _piece_keys(args: Split, match: Any, count: int) -> list[str]:
     return [fill_template(t, match) for t in args.into]
 
 
-@step_planner("merge", renames_keys=True)
-def plan_merge(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+@step("merge", build=_build_merge, schema=_MERGE_SCHEMA, invert=_invert_merge, renames_keys=True)
+def plan_merge(args: Merge, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Groups of keys become one concatenated or stacked tensor, in the order the step gives."""
-    args: Merge = step.args  # type: ignore[assignment]
     by_key = {e.key: e for e in entries}
     groups: dict[str, list[str]] = {}
     positions: dict[str, dict[int, str]] = {}
@@ -235,34 +539,30 @@ def _merged(step: Step, args: Merge, entries: list[PlanEntry], by_key: Mapping[s
     return StepOutcome(out, len(used))
 
 
-def _dim_op(op: str) -> Callable[[Step, list[PlanEntry], PlanContext], StepOutcome]:
-    extra = 1 if op == "unsqueeze" else 0
-
-    def plan(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
-        args: Unsqueeze | Squeeze = step.args  # type: ignore[assignment]
+def _dim_planner(extra: int) -> StepPlanner:
+    def plan(args: Unsqueeze, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
         return apply_to_matching(step, entries, ctx, args.match,
                                  lambda e: {"dim": normalize_dim(args.dim, len(e.meta.shape), extra=extra)})
 
-    plan.__doc__ = f"`{op}` matching tensors at a dimension."
     return plan
 
 
-step_planner("unsqueeze")(_dim_op("unsqueeze"))
-step_planner("squeeze")(_dim_op("squeeze"))
+plan_unsqueeze = step("unsqueeze", build=_build_unsqueeze, schema=_UNSQUEEZE_SCHEMA, invert=_invert_unsqueeze)(
+    _dim_planner(extra=1))
+plan_squeeze = step("squeeze", build=_build_squeeze, schema=_SQUEEZE_SCHEMA, invert=_invert_unsqueeze)(
+    _dim_planner(extra=0))
 
 
-@step_planner("slice")
-def plan_slice(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+@step("slice", build=_build_slice, schema=_SLICE_SCHEMA, not_invertible="the sliced-off part is gone")
+def plan_slice(args: Slice, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Keep a slice of one dimension of matching tensors."""
-    args: Slice = step.args  # type: ignore[assignment]
     return apply_to_matching(step, entries, ctx, args.match, lambda e: {
         "dim": normalize_dim(args.dim, len(e.meta.shape)), "start": args.start, "stop": args.stop, "step": args.step})
 
 
-@step_planner("copy", renames_keys=True)
-def plan_copy(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+@step("copy", build=_build_copy, schema=_COPY_SCHEMA, invert=_invert_copy, renames_keys=True)
+def plan_copy(args: Copy, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Each matching tensor also appears under a second key, right after the original."""
-    args: Copy = step.args  # type: ignore[assignment]
     out, hits = [], 0
     for entry in entries:
         out.append(entry)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
@@ -9,11 +11,139 @@ from ckptx.errors import Problem
 from ckptx.ops.layout import apply_to_matching
 from ckptx.dtypes import lookup
 from ckptx.ops.registry import (OpShapeError, PlanContext, PlanEntry, StepOutcome, TensorMeta, node,
-                                step_planner, tensor_op)
+                                step, tensor_op)
 from ckptx.ops.structure import fill_template, normalize_dim
-from ckptx.rules.steps import Resize, Scale, SetTensor, Step
+from ckptx.rules.invert import Group, exact_keys, parse_pattern, swap
+from ckptx.rules.kinds import Doc, NotInvertible, StepTrace
+from ckptx.rules.steps import Collector, Pattern, Step, dim_arg
+from ckptx.rules.templates import Template
 
 torch = lazy_module("torch")
+
+
+# --- what the steps say: arguments, builders, schema fragments, inverses ---------------------------------
+
+
+@dataclass(frozen=True)
+class Resize:
+    """Grow or shrink dimension `dim` to `size` (None: the target's size); new rows are filled by `fill`."""
+
+    match: Pattern
+    dim: int
+    size: int | None
+    fill: str = "zeros"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Multiply matching floating-point tensors by `by`."""
+
+    match: Pattern
+    by: float
+
+
+@dataclass(frozen=True)
+class SetTensor:
+    """A new tensor filled with `value`: under `key`, or under `key` filled from each key matching `match`."""
+
+    key: Template
+    value: float | int | bool
+    dtype: str = "float32"
+    shape: tuple[int, ...] | None = ()
+    match: Pattern | None = None
+    if_exists: str = "error"
+
+
+def _build_resize(value: Any, c: Collector) -> Resize:
+    size = value["size"]
+    return Resize(c.regex(value["match"], "match"), dim_arg(value), None if size == "target" else int(size),
+                  value.get("fill", "zeros"), int(value.get("seed", 0)))
+
+
+def _build_set(value: Any, c: Collector) -> SetTensor:
+    match = c.regex(value["match"], "match") if "match" in value else None
+    key = c.template(value["key"], match, "invalid key template", "key")
+    if match is None and ("\\" in value["key"]):
+        c.problems.append(Problem(c.at("key"), "the key refers to groups but there is no `match` to fill them"))
+    shape = value.get("shape", [])
+    if value.get("dtype", "float32") == "bool" and not isinstance(value["value"], bool):
+        c.problems.append(Problem(c.at("value"), "a bool tensor takes true or false"))
+    return SetTensor(key, value["value"], value.get("dtype", "float32"), None if shape == "target" else tuple(shape),
+                     match, value.get("if_exists", "error"))
+
+
+def _build_scale(value: Any, c: Collector) -> Scale:
+    return Scale(c.regex(value["match"], "match"), float(value["by"]))
+
+
+_RESIZE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["match", "size"],
+    "description": "Grow or shrink one dimension (e.g. vocabulary resizing).",
+    "properties": {
+        "match": {"$ref": "#/$defs/regex"},
+        "dim": {"$ref": "#/$defs/dim"},
+        "size": {
+            "anyOf": [{"$ref": "#/$defs/size"}, {"const": "target"}],
+            "description": "The new size of dim, or 'target' for the target's.",
+        },
+        "fill": {
+            "enum": ["zeros", "mean", "normal"],
+            "description": "New rows: zeros, the mean of the existing rows, or normal(0, std of the tensor) (default zeros).",
+        },
+        "seed": {"type": "integer", "description": "Seed of fill: normal (default 0)."},
+    },
+}
+
+_SCALE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["match", "by"],
+    "description": "Multiply floating-point tensors by a constant.",
+    "properties": {"match": {"$ref": "#/$defs/regex"}, "by": {"type": "number"}},
+}
+
+_SET_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["key", "value"],
+    "description": "A new tensor filled with a constant (e.g. a missing num_batches_tracked).",
+    "properties": {
+        "key": {
+            "$ref": "#/$defs/keyTemplate",
+            "description": "The new key; a template filled from match's groups when match is given.",
+        },
+        "match": {"$ref": "#/$defs/regex"},
+        "value": {"type": ["number", "boolean"]},
+        "dtype": {"$ref": "#/$defs/dtype"},
+        "shape": {
+            "anyOf": [{"type": "array", "items": {"type": "integer", "minimum": 0}}, {"const": "target"}],
+            "description": "Default [] (a scalar), or 'target'.",
+        },
+        "if_exists": {"enum": ["error", "keep", "replace"], "description": "When the key already exists (default error)."},
+    },
+}
+
+
+def _invert_set(args: SetTensor, step: Step, trace: StepTrace | None) -> list[Doc]:
+    if args.if_exists == "replace":
+        raise NotInvertible("if_exists: replace overwrites tensors")
+    if trace is not None and trace.after is not None:
+        made = [k for k, _ in trace.after if k not in dict(trace.before)]
+        return [{"drop": [exact_keys(made)]}] if made else []
+    if args.match is None:
+        return [{"drop": [f"^{re.escape(args.key.expand(None))}$"]}]
+    if args.if_exists == "keep":
+        raise NotInvertible("with if_exists: keep, which keys it made depends on the checkpoint; "
+                            "the source layout is needed", needs_layout=True)
+    groups = parse_pattern(args.match.pattern)[2]
+    return [{"drop": [swap(args.match.pattern, args.key, whole=True,
+                            spare=tuple(g.number for g in groups if isinstance(g, Group))).pattern]}]
+
+
+# --- how they plan and compute --------------------------------------------------------------------------
 
 
 def target_meta(ctx: PlanContext, key: str, what: str) -> TensorMeta:
@@ -60,10 +190,9 @@ def _wide(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
-@step_planner("resize")
-def plan_resize(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+@step("resize", build=_build_resize, schema=_RESIZE_SCHEMA, not_invertible="the rows it cuts or adds are not recorded")
+def plan_resize(args: Resize, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Resize one dimension of matching tensors to a fixed size or the target's."""
-    args: Resize = step.args  # type: ignore[assignment]
 
     def build(entry: PlanEntry) -> dict[str, Any] | None:
         dim = normalize_dim(args.dim, len(entry.meta.shape))
@@ -85,10 +214,9 @@ def scale(params: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> torch.T
     return tensors[0] * params["by"]
 
 
-@step_planner("scale")
-def plan_scale(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+@step("scale", build=_build_scale, schema=_SCALE_SCHEMA, not_invertible="rounding makes it lossy")
+def plan_scale(args: Scale, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Multiply matching floating-point tensors by a constant (integer tensors are left alone)."""
-    args: Scale = step.args  # type: ignore[assignment]
     return apply_to_matching(step, entries, ctx, args.match,
                              lambda e: {"by": args.by} if lookup(e.meta.dtype).is_floating else None)
 
@@ -103,10 +231,9 @@ def full(params: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> torch.Te
     return torch.full(tuple(params["shape"]), params["value"], dtype=getattr(torch, params["dtype"]))
 
 
-@step_planner("set", renames_keys=True)
-def plan_set(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+@step("set", build=_build_set, schema=_SET_SCHEMA, invert=_invert_set, renames_keys=True)
+def plan_set(args: SetTensor, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Add (or, with if_exists: replace, overwrite) constant tensors under `key`."""
-    args: SetTensor = step.args  # type: ignore[assignment]
     wanted: dict[str, int] = {}
     try:
         if args.match is None:

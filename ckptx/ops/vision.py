@@ -3,16 +3,95 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx.ops.layout import apply_to_matching
-from ckptx.ops.registry import OpShapeError, PlanContext, PlanEntry, StepOutcome, TensorMeta, step_planner, tensor_op
+from ckptx.ops.registry import OpShapeError, PlanContext, PlanEntry, StepOutcome, TensorMeta, step, tensor_op
 from ckptx.ops.values import target_meta
-from ckptx.rules.steps import AdaptInChannels, ResamplePosEmbed, Step
+from ckptx.rules.steps import Collector, Pattern, Step
 
 torch = lazy_module("torch")
 F = lazy_module("torch.nn.functional")
+
+
+# --- what the steps say: arguments, builders, schema fragments, inverses ---------------------------------
+
+
+@dataclass(frozen=True)
+class ResamplePosEmbed:
+    """Interpolate a ViT position embedding (1, prefix + H*W, C) to a new grid (None: the target's)."""
+
+    match: Pattern
+    prefix_tokens: int
+    grid: tuple[int, int] | None = None
+    source_grid: tuple[int, int] | None = None
+    antialias: bool = False
+
+
+@dataclass(frozen=True)
+class AdaptInChannels:
+    """Adapt a conv stem weight (O, I, kH, kW) to `channels` inputs like timm's adapt_input_conv."""
+
+    match: Pattern
+    channels: int | None
+    base_channels: int = 3
+
+
+def _build_resample_pos_embed(value: Any, c: Collector) -> ResamplePosEmbed:
+    grid = value.get("grid", "target")
+    source_grid = value.get("source_grid")
+    return ResamplePosEmbed(c.regex(value["match"], "match"), int(value["prefix_tokens"]),
+                            None if grid == "target" else (int(grid[0]), int(grid[1])),
+                            None if source_grid is None else (int(source_grid[0]), int(source_grid[1])),
+                            bool(value.get("antialias", False)))
+
+
+def _build_adapt_in_channels(value: Any, c: Collector) -> AdaptInChannels:
+    channels = value["channels"]
+    return AdaptInChannels(c.regex(value["match"], "match"), None if channels == "target" else int(channels),
+                           int(value.get("base_channels", 3)))
+
+
+_RESAMPLE_POS_EMBED_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["match", "prefix_tokens"],
+    "description": "Bicubic interpolation of a ViT position embedding to a new grid (timm's resample_abs_pos_embed).",
+    "properties": {
+        "match": {"$ref": "#/$defs/regex"},
+        "prefix_tokens": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Class, distillation and register tokens before the grid; never guessed.",
+        },
+        "grid": {
+            "anyOf": [{"$ref": "#/$defs/grid"}, {"const": "target"}],
+            "description": "The new [height, width] (default: from the target).",
+        },
+        "source_grid": {"$ref": "#/$defs/grid", "description": "The source's [height, width] when its grid is not square."},
+        "antialias": {
+            "type": "boolean",
+            "description": "Antialiased interpolation (default false, like timm's checkpoint filters).",
+        },
+    },
+}
+
+_ADAPT_IN_CHANNELS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["match", "channels"],
+    "description": "Adapt a conv stem to another number of input channels (timm's adapt_input_conv).",
+    "properties": {
+        "match": {"$ref": "#/$defs/regex"},
+        "channels": {"anyOf": [{"$ref": "#/$defs/size"}, {"const": "target"}]},
+        "base_channels": {"$ref": "#/$defs/size", "description": "Input channels the weights were trained with (default 3)."},
+    },
+}
+
+
+# --- how they plan and compute --------------------------------------------------------------------------
 
 
 def _infer_resample(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> TensorMeta:
@@ -48,10 +127,9 @@ def _square(tokens: int, what: str, hint: str) -> tuple[int, int]:
     return side, side
 
 
-@step_planner("resample_pos_embed")
-def plan_resample_pos_embed(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+@step("resample_pos_embed", build=_build_resample_pos_embed, schema=_RESAMPLE_POS_EMBED_SCHEMA, not_invertible="interpolation loses information")
+def plan_resample_pos_embed(args: ResamplePosEmbed, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Resample matching (1, prefix + H*W, C) or (prefix + H*W, C) embeddings to the new grid."""
-    args: ResamplePosEmbed = step.args  # type: ignore[assignment]
 
     def build(entry: PlanEntry) -> dict[str, Any] | None:
         shape = entry.meta.shape
@@ -106,10 +184,9 @@ def adapt_in_channels(params: Mapping[str, Any], tensors: Sequence[torch.Tensor]
     return weight.to(conv_type)
 
 
-@step_planner("adapt_in_channels")
-def plan_adapt_in_channels(step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+@step("adapt_in_channels", build=_build_adapt_in_channels, schema=_ADAPT_IN_CHANNELS_SCHEMA, not_invertible="the original channels are mixed")
+def plan_adapt_in_channels(args: AdaptInChannels, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Adapt matching conv weights to a fixed number of input channels or the target's."""
-    args: AdaptInChannels = step.args  # type: ignore[assignment]
 
     def build(entry: PlanEntry) -> dict[str, Any] | None:
         channels = args.channels if args.channels is not None else target_meta(ctx, entry.key, "channels").shape[1]

@@ -9,7 +9,8 @@ from typing import Any, Mapping
 import yaml
 
 from ckptx.rules.recipe import Recipe, TargetSpec
-from ckptx.rules.steps import AddPrefix, Rename, Split, Step, StripPrefix
+from ckptx.rules.kinds import STEP_KINDS
+from ckptx.rules.steps import Step
 from ckptx.rules.templates import Template
 
 
@@ -47,21 +48,8 @@ def flatten(recipe: Recipe) -> dict[str, Any]:
 
 def _step(step: Step, params: Mapping[str, Any]) -> dict[str, Any] | None:
     """One step as YAML data; None when its `when: param` condition is false for these params."""
-    args = step.args
-    if isinstance(args, Rename):
-        value: Any = [[r.pattern.pattern, r.replacement] for r in args.rules]
-    elif isinstance(args, StripPrefix) and not args.common:
-        value = list(args.prefixes)
-    elif isinstance(args, AddPrefix) and args.match is None and args.skip is None:
-        value = args.prefix
-    else:
-        value = {f.name: _arg(f.name, getattr(args, f.name)) for f in dataclasses.fields(args)
-                 if _arg(f.name, getattr(args, f.name)) is not None}
-        if isinstance(args, Split) and args.indexed:
-            value["into"] = args.into[0].text
-        if len(value) == 1 and "patterns" in value:
-            value = value["patterns"]
-    out: dict[str, Any] = {step.op: value}
+    kind = STEP_KINDS[step.op]
+    out: dict[str, Any] = {step.op: kind.dump(step.args) if kind.dump is not None else dump_args(step.args)}
     if step.strict:
         out["strict"] = True
     if step.when is not None:
@@ -73,6 +61,15 @@ def _step(step: Step, params: Mapping[str, Any]) -> dict[str, Any] | None:
             out["when"] = when
     out["comment"] = f"from {step.where}"
     return out
+
+
+def dump_args(args: Any) -> Any:
+    """A step's arguments as YAML data, field by field (a lone `patterns` field as its list)."""
+    value = {f.name: _arg(f.name, getattr(args, f.name)) for f in dataclasses.fields(args)
+             if _arg(f.name, getattr(args, f.name)) is not None}
+    if len(value) == 1 and "patterns" in value:
+        return value["patterns"]
+    return value
 
 
 # Fields where None means "take it from the target".

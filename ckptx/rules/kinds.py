@@ -40,7 +40,8 @@ class StepKind:
     the collector); `schema` is the JSON Schema of that value, as it appears in `schemas/ckptx-rules.schema.json`;
     `plan(args, step, entries, ctx)` maps plan entries; `invert(args, step, trace)` gives the rule documents of
     the inverse steps (or raises NotInvertible), and steps without one name why in `not_invertible`;
-    `renames_keys` marks steps whose output keys the plan must check for collisions.
+    `renames_keys` marks steps whose output keys the plan must check for collisions; `dump(args)` writes the
+    arguments back as YAML data (`rules show --resolved`) where the generic form does not.
     """
 
     name: str
@@ -51,6 +52,7 @@ class StepKind:
     not_invertible: str = "no inverse is known"
     renames_keys: bool = False
     summary: str = ""
+    dump: Callable[[Any], Any] | None = None  # args -> YAML value, where the generic field-by-field form is not it
 
 
 STEP_KINDS: dict[str, StepKind] = {}

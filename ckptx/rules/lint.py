@@ -6,7 +6,6 @@ import re
 
 from ckptx.errors import Problem
 from ckptx.rules.recipe import Recipe
-from ckptx.rules.steps import Drop, Keep, Rename
 
 _BARE_DOT = re.compile(r"(?<![\\\[])\.(?=[A-Za-z0-9_])")
 
@@ -15,13 +14,9 @@ def lint_recipe(recipe: Recipe) -> list[Problem]:
     """Warnings for key patterns that are unanchored or use '.' where '\\.' was meant."""
     warnings = []
     for step in recipe.steps:
-        args = step.args
-        if isinstance(args, (Drop, Keep)):
-            patterns = [(p, step.where) for p in args.patterns]
-        elif isinstance(args, Rename):
-            patterns = [(r.pattern, r.where) for r in args.rules]
-        else:
-            continue
+        args = step.args  # key patterns: drop/keep list theirs as `patterns`, rename rows as `rules`
+        patterns = [(p, step.where) for p in getattr(args, "patterns", ())]
+        patterns += [(r.pattern, r.where) for r in getattr(args, "rules", ())]
         for pattern, where in patterns:
             warnings.extend(_check(pattern.pattern, where))
     return warnings

@@ -11,7 +11,7 @@ from ckptx.errors import Problem, RuleError
 from ckptx.rules.recipe import Recipe, RuleFile, TargetSpec, VerifySpec
 from ckptx.rules.registry import resolve_rule
 from ckptx.rules.schema import schema_problems
-from ckptx.rules.steps import Step, _Collector
+from ckptx.rules.steps import Step, Collector
 from ckptx.rules.yamlfile import YamlDocument, load_yaml, parse_yaml
 
 _PARAM = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -135,7 +135,7 @@ def _build(doc: YamlDocument, path: Path, values: dict[str, Any], problems: list
             steps.append(step)
     target = None
     if "target" in data:
-        collector = _Collector(doc.where, ("target",))
+        collector = Collector(doc.where, ("target",))
         for key in ("allow_missing", "allow_unexpected"):
             if key in data["target"]:
                 collector.regexes(data["target"][key], key)

@@ -13,17 +13,39 @@ from jsonschema.exceptions import ValidationError, best_match
 
 from ckptx._data import schema_path
 from ckptx.errors import Problem
+from ckptx.rules.kinds import STEP_KINDS
 from ckptx.rules.yamlfile import YamlDocument
 
 RULES_SCHEMA = "ckptx-rules.schema.json"
+
+
+_STEP_COMMON = ("strict", "when", "comment")  # the properties every step has, beside its one op
+
+
+def with_step_kinds(schema: dict[str, Any]) -> dict[str, Any]:
+    """The rules schema with each step's properties taken from the registered step kinds (their fragments live
+    beside their planners); the shipped file holds the same (`python -m ckptx.rules.schema` rewrites it, a test
+    compares them). Kinds keep the file's order; new ones follow."""
+    step = schema["$defs"]["step"]
+    old = step["properties"]
+    names = [n for n in old if n in STEP_KINDS] + [n for n in STEP_KINDS if n not in old]
+    common = {n: old[n] for n in _STEP_COMMON if n in old}
+    step["properties"] = {**common, **{n: dict(STEP_KINDS[n].schema) for n in names}}
+    return schema
+
+
+def shipped_schema(name: str) -> dict[str, Any]:
+    """A shipped JSON Schema as data (the rules schema with the step kinds' fragments)."""
+    schema = json.loads(schema_path(name).read_text(encoding="utf-8"))
+    return with_step_kinds(schema) if name == RULES_SCHEMA else schema
 
 
 @lru_cache(maxsize=None)
 def _validator(name: str) -> jsonschema.Draft202012Validator:
     # The shipped schemas are checked against the metaschema by the tests, not here: that check takes
     # longer (0.08-0.2 s) than everything else ckptx does before copying bytes.
-    schema = json.loads(schema_path(name).read_text(encoding="utf-8"))
-    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    return jsonschema.Draft202012Validator(shipped_schema(name),
+                                           format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
 
 
 def schema_problems(doc: YamlDocument, name: str = RULES_SCHEMA) -> list[Problem]:
@@ -184,3 +206,16 @@ def _unique(problems: list[Problem]) -> list[Problem]:
             seen.add(marker)
             out.append(problem)
     return out
+
+
+def write_rules_schema(path: str) -> None:
+    """Rewrite the shipped rules schema from the step kinds (run `python -m ckptx.rules.schema FILE`)."""
+    text = json.dumps(shipped_schema(RULES_SCHEMA), indent=2, ensure_ascii=False) + "\n"
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(text)
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_rules_schema(sys.argv[1])

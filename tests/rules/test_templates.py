@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from ckptx.rules.steps import RenameRule
+from ckptx.ops.keys import RenameRule
 from ckptx.rules.templates import compile_template
 
 CASES = [
