@@ -2,7 +2,7 @@
 #
 #   make venv    create/update .venv (deps only when pyproject/requirements change;
 #                the project itself is reinstalled from the tree every time)
-#   make test    venv + pytest over tests/ against the INSTALLED wheel, offline
+#   make test    venv + pytest over tests/ against the INSTALLED wheel, offline; then the floor versions
 #   make demo    venv + examples/demo.py
 #   make bench   venv + benchmarks/run.py
 
@@ -20,19 +20,30 @@ PYTEST_TIMEOUT ?= 900
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
             HF_HUB_DISABLE_TELEMETRY=1 CKPTX_REQUIRE_REAL=1 PYTHONDONTWRITEBYTECODE=1
 
-.PHONY: venv test demo bench
+.PHONY: venv floor-venv test test-main test-floor demo bench
 
 venv:
 	scripts/setup-venv.sh
+
+# The lowest versions pyproject.toml promises (torch 2.13.0 CPU, numpy/pyyaml/jsonschema/safetensors floors).
+floor-venv:
+	scripts/setup-floor-venv.sh
 
 # Tests import the wheel installed in .venv (the venv step rebuilds it from the current
 # tree), never the checkout's ckptx/: PYTHONSAFEPATH keeps the working folder off
 # sys.path and --import-mode=append puts the repo root (for `tests.*`) after
 # site-packages. tests/real/test_reference_models.py::test_ckptx_is_the_installed_wheel
 # checks that (and that the installed copy is not stale).
-test: venv
+test: test-main test-floor
+
+test-main: venv
 	$(TEST_ENV) PYTHONSAFEPATH=1 $(PY) -m pytest -p no:cacheprovider --import-mode=append \
 	    --timeout=$(PYTEST_TIMEOUT) tests $(PYTEST_ARGS)
+
+# Everything outside tests/real (which needs the pinned timm/transformers/MMPretrain) on the floor versions.
+test-floor: floor-venv
+	$(TEST_ENV) PYTHONSAFEPATH=1 .venv-floor/bin/python -m pytest -p no:cacheprovider --import-mode=append \
+	    --timeout=$(PYTEST_TIMEOUT) tests --ignore=tests/real $(PYTEST_ARGS)
 
 demo: venv
 	HF_HUB_OFFLINE=1 $(PY) examples/demo.py

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
+import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +93,22 @@ TINY_TARGET = "tests.helpers.models:tiny_net"
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _tests_only_path() -> str:
+    """A folder holding only a link to this repo's `tests/`: on a child's PYTHONPATH it makes `tests.helpers`
+    importable without putting the checkout's `ckptx/` ahead of the installed wheel."""
+    folder = Path(tempfile.gettempdir()) / f"ckptx-tests-path-{os.getuid()}-{hashlib.sha1(str(REPO).encode()).hexdigest()[:8]}"
+    link = folder / "tests"
+    if not link.exists():
+        folder.mkdir(exist_ok=True)
+        try:
+            link.symlink_to(REPO / "tests", target_is_directory=True)
+        except FileExistsError:
+            pass
+    return str(folder)
+
+
 def subprocess_env() -> dict[str, str]:
-    """The environment for a child Python: the repo root importable (for `tests.helpers`), the rest unchanged."""
-    paths = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    """The environment for a child Python: `tests.helpers` importable, ckptx still the installed one, the rest
+    unchanged (the working folder stays off sys.path, as for the tests themselves)."""
+    paths = [_tests_only_path()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONSAFEPATH": "1"}

@@ -85,8 +85,12 @@ def make_tree(root: Path) -> tuple[Path, dict[str, int]]:
 
 
 def read_output(path: Path) -> dict[str, torch.Tensor]:
+    """The output's tensors in the order they lie in the file (older safetensors releases sort by name)."""
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        loaded = load_file(str(path))
+        header = json.loads(path.read_bytes()[8:8 + int.from_bytes(path.read_bytes()[:8], "little")])
+        order = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+        return {k: loaded[k] for k in order}
     return torch.load(path, weights_only=True)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import safetensors
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -39,10 +40,19 @@ def test_table_itemsize_is_torchs(name):
     assert torch.empty(0, dtype=DTYPES[name].torch).element_size() == DTYPES[name].itemsize
 
 
+ALL_CODES_SINCE = (0, 8)  # the first safetensors release whose torch binding knows every code of the table
+
+
 @pytest.mark.parametrize("name", [n for n, d in DTYPES.items() if d.safetensors])
 def test_safetensors_code_is_the_librarys(tmp_path, name):
+    """Where the installed library holds the dtype, it writes the table's code and ckptx reads it back; older
+    releases (the floor, 0.4) lack some codes, and only those releases may."""
     path = tmp_path / "t.safetensors"
-    save_file({"t": _sample(name)}, path)
+    try:
+        save_file({"t": _sample(name)}, path)
+    except (KeyError, ValueError, TypeError):
+        assert tuple(int(x) for x in safetensors.__version__.split(".")[:2]) < ALL_CODES_SINCE, name
+        return
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
     header = json.loads(path.read_bytes()[8:8 + header_len])
     assert header["t"]["dtype"] == DTYPES[name].safetensors
