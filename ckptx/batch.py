@@ -26,6 +26,7 @@ from ckptx.fingerprint import (FINGERPRINT_KEY, Fingerprint, OutputState, finger
                                write_sidecar)
 from ckptx.io.atomic import atomic_output
 from ckptx.jobs import Job, JobsFile, load_jobs
+from ckptx.report import json_text
 from ckptx.rules.recipe import Recipe
 
 STATUSES = ("converted", "skipped", "planned", "failed", "interrupted")
@@ -206,7 +207,7 @@ def write_report(result: BatchResult, path: str | Path) -> Path:
     """Write the batch report (JSON) atomically; returns its path."""
     target = Path(path)
     with atomic_output(target) as out:
-        out.write((json.dumps(result.to_dict(), indent=1, default=str) + "\n").encode("utf-8"))
+        out.write((json_text(result.to_dict()) + "\n").encode("utf-8"))
     return target
 
 

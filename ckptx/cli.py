@@ -14,6 +14,7 @@ import yaml
 
 from ckptx._version import __version__
 from ckptx.errors import CkptxError, Rejected, RuleError
+from ckptx.report import json_text
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -122,7 +123,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
     except Rejected as exc:
         if as_json:
             document = {"ok": False, exc.kind: exc.outcome.to_dict(), "written": False}  # type: ignore[attr-defined]
-            out.write(json.dumps(document, indent=1) + "\n")
+            out.write(json_text(document) + "\n")
         else:
             out.write(f"{exc.outcome}\nnothing was written\n")
         return EXIT_INVALID
@@ -142,8 +143,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
 def _fail(out: TextIO, err: TextIO, as_json: bool, code: int, kind: str, message: str) -> int:
     if as_json:
         lines = message.splitlines()
-        out.write(json.dumps({"ok": False, "error": {"type": kind, "message": message, "problems": lines,
-                                                      "exit_code": code}}, indent=1) + "\n")
+        out.write(json_text({"ok": False, "error": {"type": kind, "message": message, "problems": lines,
+                                                     "exit_code": code}}) + "\n")
     else:
         prefix = "" if message.startswith("ckptx") else "ckptx: error: "
         lines = message.splitlines() or [message]
@@ -177,7 +178,7 @@ def _size(text: str) -> int:
 
 
 def _emit(out: TextIO, as_json: bool, document: dict[str, Any], text: str) -> None:
-    out.write(json.dumps(document, indent=1, default=str) + "\n" if as_json else text + ("\n" if text else ""))
+    out.write(json_text(document) + "\n" if as_json else text + ("\n" if text else ""))
 
 
 def _progress(err: TextIO, enabled: bool) -> Callable[[int, int], None] | None:
@@ -259,13 +260,14 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         doc = {"ok": True, "source": src.path, "format": src.format, "top_level": src.top_level,
                "extracted_from": src.extracted_from, "tensors": {k: {"shape": list(m.shape), "dtype": m.dtype}
                                                                  for k, m in metas.items()},
-               "non_tensors": src.non_tensors, "parameters": params, "bytes": nbytes, "metadata": src.file_metadata,
+               "non_tensors": src.non_tensors, "elements": params, "bytes": nbytes, "metadata": src.file_metadata,
                "manifest": args.manifest}
         lines = [f"{src.path}: {src.format}"]
         if src.top_level:
             lines.append("top level:")
             lines += [f"  {k}: {v}" for k, v in src.top_level.items()]
-        lines.append(f"weights at '{src.extracted_from}': {len(metas)} tensors, {params:,} parameters, {human_bytes(nbytes)}")
+        lines.append(f"weights at '{src.extracted_from}': {len(metas)} tensors, {params:,} elements (parameters and "
+                     f"buffers), {human_bytes(nbytes)}")
         if src.non_tensors:
             lines.append("non-tensor entries: " + ", ".join(f"{k} ({v})" for k, v in src.non_tensors.items()))
         if src.file_metadata:

@@ -55,6 +55,13 @@ class PlanError(CkptxError):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+class PlannerBug(CkptxError):
+    """The plan broke the accounting invariant (a source tensor lost, or read twice where no step allows it):
+    a bug in ckptx, never the user's input (exit 3). Nothing was written."""
+
+    exit_code = 3
+
+
 class TargetError(CkptxError):
     """A target specification cannot be resolved."""
 

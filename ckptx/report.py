@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Sequence
+import json
+import math
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from ckptx.ops.registry import TensorMeta, ops_of
 
@@ -10,6 +12,22 @@ if TYPE_CHECKING:  # pragma: no cover
     from ckptx.plan import Plan
 
 SHOWN = 20
+
+
+def json_text(document: Any, *, indent: int = 1) -> str:
+    """`document` as strict JSON (RFC 8259): NaN and infinities, which JSON cannot hold, become the strings
+    "nan", "inf" and "-inf" (a verification of NaN outputs reports them that way); other objects as `str`."""
+    return json.dumps(_finite(document), indent=indent, default=str, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
@@ -43,8 +61,11 @@ def render_plan(plan: "Plan") -> str:
         rows.append([entry.key, "x".join(map(str, entry.meta.shape)) or "scalar", entry.meta.dtype,
                      "=" if sources == entry.key else sources, " -> ".join(ops_of(entry.expr))])
     out = [table(rows, ["target key", "shape", "dtype", "from", "ops"])]
-    if plan.dropped:
-        out.append(f"dropped {len(plan.dropped)} key(s): " + short_list(k for k, _ in plan.dropped))
+    by_step: dict[str, list[str]] = {}
+    for key, where in plan.dropped:
+        by_step.setdefault(where, []).append(key)
+    for where, keys in by_step.items():
+        out.append(f"dropped {len(keys)} key(s) by {where}: " + short_list(keys))
     return "\n".join(out)
 
 

@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tests.conftest import TINY_TARGET, subprocess_env
+from tests.helpers.models import tiny_net
 
 STRIP = "ckptx: 1\nname: strip\nextract: model\nsteps: [{strip_prefix: module.}]\n"
 
@@ -118,7 +120,7 @@ def test_inspect_shows_structure_and_writes_manifest(run_cli, tmp_path: Path, dd
     result = run_cli("inspect", ddp_checkpoint, "--extract", "model", "--manifest", manifest)
     assert result.code == 0
     assert "  optimizer: dict (2 entries, 0 tensors)" in result.out
-    assert "weights at 'model': 9 tensors, 144 parameters" in result.out
+    assert "weights at 'model': 9 tensors, 144 elements (parameters and buffers)" in result.out
     assert json.loads(manifest.read_text())["tensors"]["module.fc.bias"] == {"shape": [3], "dtype": "float32"}
 
 
@@ -188,3 +190,28 @@ def test_interrupt_exit_130_and_nothing_written(run_cli, tmp_path: Path, ddp_che
     assert result.code == 130
     assert result.err == "ckptx: interrupted; nothing was written\n"
     assert not dst.exists()
+
+
+def test_verify_json_with_nan_outputs_is_valid_json(tmp_path: Path, tiny_state: dict, write_rules, run_cli) -> None:
+    """NaN weights give NaN outputs on both sides; the JSON report stays strict JSON (no bare NaN)."""
+    src = tmp_path / "nan.safetensors"
+    save_file({k: (v.float() * float("nan")).to(v.dtype) if v.is_floating_point() else v
+               for k, v in tiny_state.items()}, str(src))
+    rules = write_rules("ckptx: 1\ntarget: {model: 'tests.helpers.models:tiny_net'}\n"
+                        "verify: {source_model: 'tests.helpers.models:tiny_net', input_shape: [2, 3, 8, 8]}\nsteps: []\n")
+    result = run_cli("convert", src, "-r", rules, "-o", tmp_path / "out.safetensors", "--verify", "--json")
+    assert "NaN" not in result.out
+    json.loads(result.out, parse_constant=lambda name: pytest.fail(f"bare {name} in JSON"))
+
+
+def test_inspect_counts_tensors_nested_in_an_optimizer_state(tmp_path: Path, tiny_state: dict, run_cli) -> None:
+    model = tiny_net()
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "train.pth"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    moments = sum(torch.is_tensor(v) for s in optimizer.state_dict()["state"].values() for v in s.values())
+    result = run_cli("inspect", path)
+    assert f"optimizer: dict (2 entries, {moments} tensors)" in result.out and moments > 10
+    assert "elements (parameters and buffers)" in result.out

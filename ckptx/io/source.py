@@ -126,13 +126,28 @@ def describe_value(value: Any) -> str:
     if is_tensor(value):
         return f"tensor {dtype_name(value.dtype)}{list(value.shape)}"
     if isinstance(value, Mapping):
-        tensors = sum(is_tensor(v) for v in value.values())
-        return f"dict ({len(value)} entries, {tensors} tensors)"
+        return f"dict ({len(value)} entries, {count_tensors(value)} tensors)"
     if isinstance(value, (int, float, str, bool)) and len(repr(value)) < 40:
         return f"{type(value).__name__} {value!r}"
     if isinstance(value, (list, tuple)):
         return f"{type(value).__name__} of {len(value)}"
     return type(value).__name__
+
+
+def count_tensors(value: Any, *, limit: int = 1_000_000) -> int:
+    """Tensors anywhere inside nested dicts, lists and tuples (an optimizer state's per-parameter moments too);
+    at most `limit` containers are visited, so a hostile structure cannot make this slow."""
+    count, stack, seen = 0, [value], 0
+    while stack and seen < limit:
+        item = stack.pop()
+        seen += 1
+        if is_tensor(item):
+            count += 1
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return count
 
 
 def _lookup(obj: Any, path: str) -> Any:

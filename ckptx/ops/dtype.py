@@ -3,8 +3,10 @@
 Casts among float16, bfloat16, float32 and float64 also have a byte kernel (numpy, no torch) that gives
 the bytes torch's `.to()` gives, so the writer streams them in chunks: no torch start-up, and memory
 bounded by the chunk rather than the tensor. Like torch, a float64 source is rounded to float32 first
-(`c10::Half` and `c10::BFloat16` are built from a float). A NaN cast to bfloat16 becomes 0x7FC0, the NaN of
-torch's scalar conversion (its vectorized one writes 0xFFFF; both are NaN).
+(`c10::Half` and `c10::BFloat16` are built from a float). NaN bit patterns are torch's business (which payload
+survives, whether a signaling NaN is quieted, 0xFFFF or 0x7FC0 for bfloat16 differ between its scalar and
+vectorized paths and between releases): a chunk that holds a NaN is converted by torch itself, so every output
+byte is the byte torch's `.to()` writes.
 """
 
 from __future__ import annotations
@@ -81,7 +83,16 @@ def _cast_bytes(params: Mapping[str, Any], meta: TensorMeta) -> Callable[[bytes]
     source, target = meta.dtype, params["dtype"]
     if source not in _BYTE_CASTS or target not in _BYTE_CASTS:
         return None
-    return lambda data: _encode(_decode(data, source), target)
+    return lambda data: _convert_chunk(data, source, target)
+
+
+def _convert_chunk(data: bytes, source: str, target: str) -> bytes:
+    """One chunk cast by the numpy kernel; by torch when it holds a NaN (see the module docstring)."""
+    values = _decode(data, source)
+    if np.isnan(values).any():
+        tensor = torch.frombuffer(bytearray(data), dtype=DTYPES[source].torch)
+        return tensor.to(DTYPES[target].torch).view(torch.uint8).numpy().tobytes()
+    return _encode(values, target)
 
 
 def _decode(data: bytes, dtype: str) -> Any:
@@ -102,7 +113,6 @@ def _encode(values: Any, dtype: str) -> bytes:
             return single.astype(_FLOAT_CODES[dtype], copy=False).tobytes()
         bits = single.view("<u4")
         rounded = ((bits + ((bits >> 16) & 1) + 0x7FFF) >> 16).astype("<u2")
-        rounded[np.isnan(single)] = 0x7FC0
         return rounded.tobytes()
 
 

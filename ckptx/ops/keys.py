@@ -266,7 +266,7 @@ def plan_drop(args: Drop, step: Step, entries: list[PlanEntry], ctx: PlanContext
     found, seen = first_matches(args.patterns, [e.key for e in entries]), set()
     for i in sorted(found):
         warn_if_mid_name(args.patterns[found[i]], entries[i].key, step.where, ctx, seen)
-        ctx.dropped.append((entries[i].key, step.where))
+        ctx.drop(entries[i], step.where)
     kept = [entry for i, entry in enumerate(entries) if i not in found]
     return StepOutcome(kept, len(entries) - len(kept))
 
@@ -275,7 +275,9 @@ def plan_drop(args: Drop, step: Step, entries: list[PlanEntry], ctx: PlanContext
 def plan_keep(args: Keep, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Remove entries whose key matches none of the patterns."""
     found = first_matches(args.patterns, [e.key for e in entries])
-    ctx.dropped.extend((entry.key, step.where) for i, entry in enumerate(entries) if i not in found)
+    for i, entry in enumerate(entries):
+        if i not in found:
+            ctx.drop(entry, step.where)
     kept = [entry for i, entry in enumerate(entries) if i in found]
     return StepOutcome(kept, len(kept))
 
@@ -336,7 +338,7 @@ def plan_take_from(args: TakeFrom, step: Step, entries: list[PlanEntry], ctx: Pl
             continue
         donor = donors.get(entry.key)
         if donor is not None:
-            ctx.dropped.append((entry.key, step.where))
+            ctx.drop(entry, step.where)
             out.append(PlanEntry(entry.key, donor.expr, donor.steps + (step.where,)))
         else:
             out.append(entry)

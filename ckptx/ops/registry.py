@@ -166,7 +166,14 @@ class PlanContext:
     errors: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     dropped: list[tuple[str, str]] = field(default_factory=list)
+    dropped_sources: dict[str, str] = field(default_factory=dict)  # source key -> the step that dropped it
     _carried: tuple[list["PlanEntry"], KeyText] | None = field(default=None, repr=False)
+
+    def drop(self, entry: "PlanEntry", where: str) -> None:
+        """Record that the step at `where` removes `entry` (and so the source tensors it reads)."""
+        self.dropped.append((entry.key, where))
+        for key in entry.sources:
+            self.dropped_sources.setdefault(key, where)
 
     def key_text(self, entries: list["PlanEntry"]) -> KeyText:
         """The keys of `entries` with their joined text: the one a rename step handed on for this very list
@@ -200,15 +207,18 @@ StepPlanner = Callable[[Any, "Step", list[PlanEntry], PlanContext], StepOutcome]
 
 def step(name: str, *, build: Callable[[Any, Any], Any], schema: Mapping[str, Any],
          invert: Callable[..., list[Doc]] | None = None, not_invertible: str = "no inverse is known",
-         renames_keys: bool = False, dump: Callable[[Any], Any] | None = None) -> Callable[[StepPlanner], StepPlanner]:
+         renames_keys: bool = False, dump: Callable[[Any], Any] | None = None,
+         fans_out: bool = False) -> Callable[[StepPlanner], StepPlanner]:
     """Register the decorated planner as step kind `name`, with the rest of the kind beside it in its module:
     the builder of its arguments, the JSON Schema fragment of its YAML value, and its inverse (or why it has none).
     `renames_keys` marks steps whose output keys the plan checks for collisions; `dump` writes the arguments back
-    as YAML data where the generic field-by-field form is not how the step is written."""
+    as YAML data where the generic field-by-field form is not how the step is written; `fans_out` lets one source
+    tensor feed several outputs (the plan's accounting refuses that after any other step)."""
 
     def register(planner: StepPlanner) -> StepPlanner:
         summary = (planner.__doc__ or "").strip().split("\n")[0]
-        register_step_kind(StepKind(name, build, schema, planner, invert, not_invertible, renames_keys, summary, dump))
+        register_step_kind(StepKind(name, build, schema, planner, invert, not_invertible, renames_keys, summary, dump,
+                                    fans_out))
         return planner
 
     return register

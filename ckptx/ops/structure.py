@@ -434,7 +434,8 @@ def fill_template(template: Any, match: Any, **extra: int) -> str:
         raise OpShapeError(str(exc)) from None
 
 
-@step("split", build=_build_split, schema=_SPLIT_SCHEMA, invert=_invert_split, renames_keys=True, dump=_dump_split)
+@step("split", build=_build_split, schema=_SPLIT_SCHEMA, invert=_invert_split, renames_keys=True, dump=_dump_split,
+      fans_out=True)
 def plan_split(args: Split, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Each matching tensor becomes one entry per piece, each a narrow (or select, with unbind) of it."""
     out, hits = [], 0
@@ -519,7 +520,14 @@ def plan_merge(args: Merge, step: Step, entries: list[PlanEntry], ctx: PlanConte
 def _merged(step: Step, args: Merge, entries: list[PlanEntry], by_key: Mapping[str, PlanEntry],
             groups: Mapping[str, list[str]], ctx: PlanContext) -> StepOutcome:
     made: dict[str, PlanEntry] = {}
+    claimed: dict[str, str] = {}
     for to, inputs in groups.items():
+        shared = [k for k in inputs if claimed.setdefault(k, to) != to]
+        if shared:
+            ctx.errors.append(Problem(step.where, f"'{shared[0]}' would be merged into both '{claimed[shared[0]]}' "
+                                                  f"and '{to}'; a tensor can go into one merged key only: `copy` it "
+                                                  f"under a second name first"))
+            continue
         absent = [k for k in inputs if k not in by_key]
         if absent:
             ctx.errors.append(Problem(step.where, f"'{to}' needs {', '.join(repr(k) for k in absent)}, "
@@ -560,7 +568,7 @@ def plan_slice(args: Slice, step: Step, entries: list[PlanEntry], ctx: PlanConte
         "dim": normalize_dim(args.dim, len(e.meta.shape)), "start": args.start, "stop": args.stop, "step": args.step})
 
 
-@step("copy", build=_build_copy, schema=_COPY_SCHEMA, invert=_invert_copy, renames_keys=True)
+@step("copy", build=_build_copy, schema=_COPY_SCHEMA, invert=_invert_copy, renames_keys=True, fans_out=True)
 def plan_copy(args: Copy, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Each matching tensor also appears under a second key, right after the original."""
     out, hits = [], 0

@@ -262,6 +262,7 @@ def plan_set(args: SetTensor, step: Step, entries: list[PlanEntry], ctx: PlanCon
             continue
         made = PlanEntry(key, expr, (step.where,))
         if key in index:
+            ctx.drop(out[index[key]], step.where)
             out[index[key]] = made
         else:
             after.setdefault(position, []).append(made)

@@ -41,7 +41,8 @@ class StepKind:
     `plan(args, step, entries, ctx)` maps plan entries; `invert(args, step, trace)` gives the rule documents of
     the inverse steps (or raises NotInvertible), and steps without one name why in `not_invertible`;
     `renames_keys` marks steps whose output keys the plan must check for collisions; `dump(args)` writes the
-    arguments back as YAML data (`rules show --resolved`) where the generic form does not.
+    arguments back as YAML data (`rules show --resolved`) where the generic form does not; `fans_out` marks
+    steps after which one source tensor may be read by several outputs (the plan's accounting allows it there).
     """
 
     name: str
@@ -53,6 +54,7 @@ class StepKind:
     renames_keys: bool = False
     summary: str = ""
     dump: Callable[[Any], Any] | None = None  # args -> YAML value, where the generic field-by-field form is not it
+    fans_out: bool = False  # one source tensor may feed several outputs (copy, split)
 
 
 STEP_KINDS: dict[str, StepKind] = {}

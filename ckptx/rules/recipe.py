@@ -87,11 +87,13 @@ class VerifySpec:
     rtol: float = 1e-4
     output: str | None = None
     where: str = ""
+    given: frozenset[str] = field(default=frozenset(), compare=False)  # the keys the file wrote
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str) -> "VerifySpec":
         """Build from a schema-valid `verify:` mapping."""
         return cls(
+            given=frozenset(data),
             source_model=data["source_model"],
             input_shape=tuple(data["input_shape"]),
             source_kwargs=dict(data.get("source_kwargs") or {}),
@@ -121,8 +123,9 @@ class Recipe:
         """This recipe followed by `other`: extract candidates and steps concatenated, target merged."""
         target = other.target if self.target is None else self.target.merged(other.target)
         verify = other.verify or self.verify
-        if verify is not None and other.verify is not None and self.verify is not None:
-            verify = replace(self.verify, **{k: v for k, v in vars(other.verify).items() if v is not None})
+        if other.verify is not None and self.verify is not None:  # a child's `verify:` overrides only what it writes
+            verify = replace(self.verify, **{k: getattr(other.verify, k) for k in other.verify.given},
+                             where=other.verify.where, given=self.verify.given | other.verify.given)
         return Recipe(
             name=f"{self.name}+{other.name}" if self.name else other.name,
             description=other.description or self.description,

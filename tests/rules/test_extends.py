@@ -155,3 +155,15 @@ def test_problems_in_parents_and_child_are_reported_together(tmp_path: Path) -> 
     assert "parent.yaml:2:16 steps[0].drop: invalid regex '['" in text
     assert "child.yaml:2:24 extends[1]: no such rule file" in text
     assert "child.yaml:3:16 steps[0].keep: invalid regex '('" in text
+
+
+def test_a_child_verify_overrides_only_what_it_writes(tmp_path: Path) -> None:
+    """A parent's `atol: 0.01` survives a child `verify:` that sets other fields (it used to reset to 1e-4)."""
+    _write(tmp_path, "parent.yaml", "ckptx: 1\nsteps: []\nverify: {source_model: 'a:b', input_shape: [1, 3], "
+                                    "atol: 0.01, output: logits}\n")
+    _write(tmp_path, "child.yaml", "ckptx: 1\nextends: parent.yaml\nsteps: []\n"
+                                   "verify: {source_model: 'c:d', input_shape: [2, 3], seed: 5}\n")
+    verify = load_rules(tmp_path / "child.yaml").verify
+    assert (verify.atol, verify.output, verify.seed, verify.source_model, verify.input_shape) == \
+        (0.01, "logits", 5, "c:d", (2, 3))
+    assert verify.rtol == 1e-4  # neither wrote it: the default
