@@ -1,0 +1,704 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 checkpoint folders as a lazy source of the fp32 state dict, without deepspeed.
+
+A folder written by `engine.save_checkpoint(DIR)` holds `DIR/latest` (the tag), `DIR/zero_to_fp32.py` and
+`DIR/<tag>/`: for ZeRO-2 `mp_rank_00_model_states.pt` and one `zero_pp_rank_<r>_mp_rank_00_optim_states.pt` per
+rank, for ZeRO-3 a `zero_pp_rank_<r>_mp_rank_00_model_states.pt` and an optim-states file per rank. The
+source's tensors are what `zero_to_fp32.py` (DeepSpeed 0.19.8, read beside this module's tests) writes, key for
+key and in its order: the buffers (floats as float32), the frozen parameters, the trainable parameters rebuilt
+from the fp32 partitions, then the names of shared (tied) parameters; the optimizer moments are skipped.
+
+Every `.pt` file is a torch zip. Its `data.pkl` is read by the stub unpickler of `torch_zip.py`: tensors become
+references to storage records (byte ranges of the file), never loaded, and the DeepSpeed classes the pickles
+name (`LossScaler`, `ZeroStageEnum`, `fragment_address`, ...) become inert stand-ins. Only the globals in
+`ALLOWED_GLOBALS` are accepted; any other is refused (`RefusedGlobalError`) before anything is called.
+
+Planning needs only the pickles. `load(key)` reads the byte ranges of one parameter from the partitions with
+pread, so memory is bounded by one parameter:
+- ZeRO-2: rank r's partition of param group g is one flat tensor; the group's full vector is the ranks'
+  partitions end to end, and its parameters lie in `param_shapes[g]` order, each followed by its
+  `param_alignment_paddings` entry when the checkpoint has them. The consumed count, rounded up to
+  `2 * world_size`, must equal the vector's length rounded the same way (zero_to_fp32's check).
+- ZeRO-3: every rank holds `ceil(numel / world_size)` elements of each parameter, at the same offset in the
+  concatenation of its flat groups; the ranks' pieces end to end, cut to `numel`, are the parameter. The
+  offsets summed over all parameters times the world size must equal the elements the flat groups hold.
+A parameter that is one contiguous run of one file (ZeRO-2 inside one rank's partition, stored tensors) in
+its output dtype has a `raw_span`, so writers copy it without decoding.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
+
+from ckptx._lazy import lazy_module
+from ckptx.errors import SourceError
+from ckptx.io.dtypes import torch_dtype
+from ckptx.io.source import RawSpan, Source
+from ckptx.io.torch_zip import Record, TensorRef, _read_archive, _StubUnpickler
+from ckptx.ops.registry import DTYPE_SIZES, FLOATING, TensorMeta
+
+torch = lazy_module("torch")
+
+
+__all__ = ["ALLOWED_GLOBALS", "RefusedGlobalError", "StandIn", "ZeroLayout", "ZeroSource", "is_zero_folder",
+           "open_zero"]
+
+
+OUTPUT_FLOAT = "float32"  # zero_to_fp32.py writes every floating tensor as float32, other dtypes as they are
+_OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+_MODEL3 = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+_MODEL2 = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_AUTOEP_KEYS = ("ds_autoep_layers", "autoep_layers")
+
+
+# ---------------------------------------------------------------------------------------------------- pickles
+
+class StandIn:
+    """Inert data for an object a DeepSpeed pickle names: the arguments it was built with and its pickled state.
+
+    Nothing of DeepSpeed runs: building one only stores what the pickle hands over.
+    """
+
+    global_name: ClassVar[str] = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "StandIn":
+        obj = super().__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self.global_name} stand-in>"
+
+
+class _Enum(int):
+    """Stands in for a DeepSpeed int enum (`ZeroStageEnum(3)` is the int 3)."""
+
+    global_name: ClassVar[str] = ""
+
+
+class _Size(tuple):  # type: ignore[type-arg]
+    """Stands in for `torch.Size`: the tuple of dimensions."""
+
+
+def _stand_in(base: type, module: str, name: str) -> type:
+    return type(name, (base,), {"global_name": f"{module}.{name}", "__module__": __name__})
+
+
+# Exactly the globals DeepSpeed's ZeRO checkpoints name beyond what the stub unpickler already models (tensor
+# rebuilds, storage types, dtypes, OrderedDict). Each maps to an inert stand-in; none is ever imported.
+ALLOWED_GLOBALS: Mapping[tuple[str, str], type] = {
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"):
+        _stand_in(StandIn, "deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"):
+        _stand_in(StandIn, "deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"):
+        _stand_in(_Enum, "deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"):
+        _stand_in(StandIn, "deepspeed.utils.tensor_fragment", "fragment_address"),
+    ("torch", "Size"): _Size,
+    ("torch", "Tensor"): _stand_in(StandIn, "torch", "Tensor"),  # the type argument of _rebuild_from_type_v2
+}
+
+
+class RefusedGlobalError(SourceError):
+    """A checkpoint pickle names a global that DeepSpeed checkpoints do not use; it was not imported or called."""
+
+    def __init__(self, file: str, record: str, global_name: str) -> None:
+        self.file, self.record, self.global_name = file, record, global_name
+        super().__init__(f"{file}: {record} names the Python global '{global_name}', which DeepSpeed ZeRO "
+                         f"checkpoints never use; refused without running it: check where this file came from")
+
+
+class _ZeroUnpickler(_StubUnpickler):
+    """The stub unpickler, with DeepSpeed's classes as stand-ins and every other unmodelled global refused."""
+
+    def __init__(self, data: bytes, file: str, record: str) -> None:
+        super().__init__(io.BytesIO(data))
+        self._where = (file, record)
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = ALLOWED_GLOBALS.get((module, name))
+        if allowed is not None:
+            return allowed
+        known = len(self.unknown)
+        found = super().find_class(module, name)
+        if len(self.unknown) > known:
+            raise RefusedGlobalError(*self._where, f"{module}.{name}")
+        return found
+
+
+@dataclass(frozen=True)
+class _Pickled:
+    """One `.pt` file read without torch: its pickled object (tensors as TensorRefs) and its storage records."""
+
+    file: str
+    obj: Any
+    records: Mapping[str, Record]
+    size: int
+
+    def partition(self, ref: Any, where: str) -> "Partition":
+        """`ref` (a 1-D contiguous tensor of this file) as a Partition, checked against its record and the file."""
+        if not isinstance(ref, TensorRef) or len(ref.shape) != 1 or ref.stride != (1,) and ref.shape[0] > 1:
+            raise SourceError(f"{self.file}: {where} is {_what(ref)}, not a flat (1-D, contiguous) tensor; "
+                              f"the file is not a ZeRO checkpoint DeepSpeed wrote")
+        start, nbytes, dtype = self._bounds(ref, where, ref.shape[0])
+        return Partition(self.file, start, ref.shape[0], dtype)
+
+    def stored(self, ref: Any, where: str) -> "Stored":
+        """`ref` (any strided tensor of this file) as a Stored tensor, checked against its record and the file."""
+        if not isinstance(ref, TensorRef):
+            raise SourceError(f"{self.file}: {where} is {_what(ref)}, not a tensor")
+        if not ref.plain:
+            raise SourceError(f"{self.file}: {where} carries tensor metadata (conjugate/negative bits) ckptx does "
+                              f"not read; convert it with zero_to_fp32.py")
+        numel = math.prod(ref.shape)
+        extent = 0 if numel == 0 else 1 + sum((d - 1) * s for d, s in zip(ref.shape, ref.stride))
+        start, _, dtype = self._bounds(ref, where, extent)
+        contiguous = _row_major(ref.shape, ref.stride)
+        return Stored(self.file, start, extent, dtype, ref.shape, None if contiguous else ref.stride)
+
+    def _bounds(self, ref: TensorRef, where: str, extent: int) -> tuple[int, int, str]:
+        dtype = ref.dtype
+        if dtype not in DTYPE_SIZES:
+            raise SourceError(f"{self.file}: {where} has dtype {dtype}, which ckptx cannot read")
+        record = self.records.get(ref.storage.key)
+        if record is None:
+            raise SourceError(f"{self.file}: {where} points to storage record 'data/{ref.storage.key}', which the "
+                              f"zip does not hold (or holds compressed); the file is damaged")
+        item = DTYPE_SIZES[dtype]
+        start, nbytes = record.offset + ref.offset * item, extent * item
+        if ref.offset < 0 or ref.offset * item + nbytes > record.size:
+            raise SourceError(f"{self.file}: {where} needs {nbytes} bytes at element {ref.offset} of record "
+                              f"'data/{ref.storage.key}', which holds {record.size} bytes; the partition is "
+                              f"truncated or the pickle does not match it")
+        if record.offset + record.size > self.size:
+            raise SourceError(f"{self.file}: record 'data/{ref.storage.key}' ends at byte "
+                              f"{record.offset + record.size} but the file has {self.size} bytes; it is truncated")
+        return start, nbytes, dtype
+
+
+def _read_pickled(path: Path) -> _Pickled:
+    """`path`'s pickle through the allow-listing stub unpickler; every failure is a one-line SourceError."""
+    file = str(path)
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as archive:
+            data, records, little = _read_archive(archive, file)
+            record = next(i.filename for i in archive.infolist() if i.filename.endswith("/data.pkl"))
+    except FileNotFoundError:
+        raise SourceError(f"{file}: no such file") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+        raise SourceError(f"{file}: not a readable torch zip file ({_first_line(exc)}); it is truncated or "
+                          f"damaged: copy it again from where training wrote it") from None
+    if not little:
+        raise SourceError(f"{file}: its storages are big-endian; ckptx reads little-endian checkpoints only")
+    unpickler = _ZeroUnpickler(data, file, record)
+    try:
+        obj = unpickler.load()
+    except SourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle raises anything; report it as one line
+        raise SourceError(f"{file}: {record} is not a readable pickle ({type(exc).__name__}: "
+                          f"{_first_line(exc)}); the file is damaged") from None
+    if unpickler.unknown:
+        raise SourceError(f"{file}: {record} uses {unpickler.unknown[0]}, which a torch checkpoint never holds")
+    if not isinstance(obj, dict):
+        raise SourceError(f"{file}: holds a {type(obj).__name__}, not the dict DeepSpeed saves")
+    return _Pickled(file, obj, records, size)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _what(value: Any) -> str:
+    if isinstance(value, TensorRef):
+        return f"a {value.dtype} tensor of shape {list(value.shape)} with strides {list(value.stride)}"
+    return f"a {type(value).__name__}"
+
+
+def _row_major(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    expected = 1
+    for size, step in zip(reversed(shape), reversed(stride)):
+        if size != 1 and step != expected:
+            return False
+        expected *= size
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------- layout
+
+@dataclass(frozen=True)
+class Partition:
+    """A flat run of `numel` elements of `dtype` starting at byte `start` of `file`."""
+
+    file: str
+    start: int
+    numel: int
+    dtype: str
+
+    def span(self, first: int, count: int) -> RawSpan:
+        """The bytes of elements [first, first + count) of this partition."""
+        item = DTYPE_SIZES[self.dtype]
+        return RawSpan(self.file, self.start + first * item, count * item)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A tensor stored whole in a model-states file (a buffer, a ZeRO-2 frozen parameter); `stride` if not row-major."""
+
+    file: str
+    start: int
+    extent: int
+    dtype: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...] | None
+
+    def spans(self) -> tuple[RawSpan, ...]:
+        """The bytes that hold it (for a strided tensor, the range its elements lie in)."""
+        return (Partition(self.file, self.start, self.extent, self.dtype).span(0, self.extent),) if self.extent else ()
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """A tensor gathered from flat partitions: `pieces` are (partition, first element, count), end to end."""
+
+    pieces: tuple[tuple[Partition, int, int], ...]
+    dtype: str
+    shape: tuple[int, ...]
+    stride: ClassVar[None] = None
+
+    def spans(self) -> tuple[RawSpan, ...]:
+        """The byte ranges, in order, whose concatenation is the tensor."""
+        return tuple(part.span(first, count) for part, first, count in self.pieces if count)
+
+
+Entry = Stored | Gathered
+
+
+@dataclass(frozen=True)
+class ZeroLayout:
+    """What the pickles of a ZeRO folder say: where it is, how it was sharded, and where each tensor lies."""
+
+    tag_dir: str
+    tag: str
+    stage: int
+    world_size: int
+    ds_version: str | None
+    partition_dtype: str
+    flat_groups: int
+    partition_numel: int
+    entries: Mapping[str, Entry]
+    counts: Mapping[str, int]
+
+    def description(self) -> list[str]:
+        """Lines for `ckptx inspect`."""
+        c = self.counts
+        return [f"DeepSpeed ZeRO-{self.stage} checkpoint, tag {self.tag}, world size {self.world_size}, "
+                f"written by deepspeed {self.ds_version or '(unknown version)'}",
+                f"fp32 partitions: {self.partition_dtype}, {self.world_size} ranks x {self.flat_groups} flat group(s), "
+                f"{self.partition_numel:,} elements on disk",
+                f"state dict: {c['trainable']} trainable + {c['frozen']} frozen parameters, {c['buffers']} buffers, "
+                f"{c['shared']} shared name(s); optimizer moments skipped"]
+
+
+# ---------------------------------------------------------------------------------------------------- folder
+
+def is_zero_folder(path: Path) -> bool:
+    """A DeepSpeed checkpoint folder: it holds `latest`, or `*_model_states.pt` and `*_optim_states.pt` files."""
+    if not path.is_dir():
+        return False
+    if (path / "latest").is_file():
+        return True
+    names = [p.name for p in path.iterdir()]
+    return any(n.endswith("_model_states.pt") for n in names) and any(n.endswith("_optim_states.pt") for n in names)
+
+
+def resolve_tag(path: Path) -> tuple[Path, str]:
+    """The tag folder and tag: `path/<latest>` when `path` holds `latest`, else `path` itself."""
+    latest = path / "latest"
+    if not latest.is_file():
+        return path, path.name
+    try:
+        tag = latest.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{latest}: unreadable ({_first_line(exc)}); it should hold the tag, e.g. global_step10") from None
+    tag_dir = path / tag
+    if not tag or "/" in tag or tag in (".", ".."):
+        raise SourceError(f"{latest}: holds {tag!r}, not a tag folder name; write the tag (e.g. global_step10) "
+                          f"or give the tag folder itself")
+    if not tag_dir.is_dir():
+        raise SourceError(f"{latest}: names tag '{tag}' but {tag_dir} is not a folder; the checkpoint was not "
+                          f"saved completely: give an existing tag folder or fix `latest`")
+    return tag_dir, tag
+
+
+def _rank_files(tag_dir: Path, pattern: re.Pattern[str], kind: str, world_size: int) -> list[Path]:
+    """The files `pattern` matches, one per rank 0..world_size-1 (model parallel rank 00 only)."""
+    found: dict[int, Path] = {}
+    for child in sorted(tag_dir.iterdir()):
+        match = pattern.match(child.name)
+        if not match:
+            continue
+        if int(match.group(match.lastindex or 1)) != 0:
+            raise SourceError(f"{child}: a model-parallel rank other than 00; tensor/pipeline parallel ZeRO "
+                              f"checkpoints are not supported: convert them with DeepSpeed's ds_to_universal.py")
+        rank = int(match.group(1)) if (match.lastindex or 0) > 1 else 0
+        if rank in found:
+            raise SourceError(f"{tag_dir}: two {kind} files for rank {rank} ({found[rank].name}, {child.name}); "
+                              f"remove the stale one")
+        found[rank] = child
+    if len(found) != world_size or any(r not in found for r in range(world_size)):
+        missing = [r for r in range(world_size) if r not in found]
+        if missing:
+            raise SourceError(f"{tag_dir}: no {kind} file for rank {missing[0]} ({len(missing)} of {world_size} "
+                              f"ranks missing); copy every rank's files of this tag")
+        raise SourceError(f"{tag_dir}: {len(found)} {kind} files for world size {world_size} (ranks "
+                          f"{sorted(found)}); files of another run are mixed in: remove the extra ranks")
+    return [found[r] for r in range(world_size)]
+
+
+def _optim_files(tag_dir: Path) -> list[Path]:
+    names = sorted(p for p in tag_dir.iterdir() if p.name.endswith("_optim_states.pt"))
+    if not names:
+        raise SourceError(f"{tag_dir}: no *_optim_states.pt files; not a ZeRO checkpoint folder (give the folder "
+                          f"holding `latest`, or a tag folder)")
+    odd = [p for p in names if not _OPTIM.match(p.name)]
+    if odd:
+        raise SourceError(f"{odd[0]}: not a ZeRO optimizer file name (zero_pp_rank_<r>_mp_rank_00_optim_states.pt); "
+                          f"MoE and pipeline checkpoints are not supported")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------- parsing
+
+def _key(pickled: _Pickled, mapping: Any, key: str, where: str) -> Any:
+    if not isinstance(mapping, Mapping) or key not in mapping:
+        raise SourceError(f"{pickled.file}: no '{key}' in {where}; not a DeepSpeed ZeRO checkpoint file "
+                          f"(or written by a DeepSpeed this reader does not know)")
+    return mapping[key]
+
+
+def _shape(pickled: _Pickled, value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, tuple) or not all(isinstance(d, int) and d >= 0 for d in value):
+        raise SourceError(f"{pickled.file}: {where} is {_what(value)}, not a shape")
+    return tuple(value)
+
+
+def _zero_stage(pickled: _Pickled) -> tuple[int, int]:
+    """(stage, world size) from one optim-states file."""
+    osd = _key(pickled, pickled.obj, "optimizer_state_dict", "the top level")
+    stage = _key(pickled, osd, "zero_stage", "optimizer_state_dict")
+    count = _key(pickled, osd, "partition_count", "optimizer_state_dict")
+    counts = count if isinstance(count, list) else [count]
+    if not isinstance(stage, int) or stage not in (1, 2, 3):
+        raise SourceError(f"{pickled.file}: optimizer_state_dict.zero_stage is {stage!r}; only ZeRO stages 1-3 exist")
+    if not counts or not all(isinstance(c, int) and c > 0 for c in counts):
+        raise SourceError(f"{pickled.file}: optimizer_state_dict.partition_count is {count!r}, not a world size")
+    return int(stage), max(counts)
+
+
+def _partitions(optims: Sequence[_Pickled], key: str) -> list[list[Partition]]:
+    """Per rank, its flat fp32 partitions (`key` in its optimizer_state_dict), checked for one dtype."""
+    table = []
+    for pickled in optims:
+        osd = pickled.obj["optimizer_state_dict"]
+        groups = _key(pickled, osd, key, "optimizer_state_dict")
+        if not isinstance(groups, list) or not groups:
+            raise SourceError(f"{pickled.file}: optimizer_state_dict.{key} is {_what(groups)}, not a list of tensors")
+        table.append([pickled.partition(ref, f"optimizer_state_dict.{key}[{i}]") for i, ref in enumerate(groups)])
+    dtypes = {p.dtype for parts in table for p in parts}
+    if len(dtypes) != 1 or not dtypes <= FLOATING:
+        raise SourceError(f"{optims[0].file}: the fp32 partitions have dtypes {sorted(dtypes)}; expected one float dtype")
+    counts = {len(parts) for parts in table}
+    if len(counts) != 1:
+        raise SourceError(f"{optims[-1].file}: holds {len(table[-1])} flat groups, rank 0 holds {len(table[0])}; the "
+                          f"rank files come from different runs")
+    return table
+
+
+def _param_shapes(pickled: _Pickled) -> list[list[tuple[str, tuple[int, ...]]]]:
+    groups = _key(pickled, pickled.obj, "param_shapes", "the top level")
+    if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
+        raise SourceError(f"{pickled.file}: param_shapes is {_what(groups)}, not a list of name -> shape dicts")
+    return [[(str(name), _shape(pickled, shape, f"param_shapes[{i}]['{name}']")) for name, shape in group.items()]
+            for i, group in enumerate(groups)]
+
+
+@dataclass(frozen=True)
+class _ModelStates:
+    """What zero_to_fp32.py's parse_model_states keeps of the rank-0 model-states file."""
+
+    buffers: list[tuple[str, Stored]]
+    frozen_shapes: list[tuple[str, tuple[int, ...]]]
+    shared: list[tuple[str, str]]
+    ds_version: str | None
+
+
+def _model_states(pickled: _Pickled) -> _ModelStates:
+    obj = pickled.obj
+    for key in _AUTOEP_KEYS:
+        layers = obj.get(key)
+        if isinstance(layers, list) and any(isinstance(e, Mapping) and e.get("checkpoint_format") == "zero3_partitioned"
+                                            for e in layers):
+            raise SourceError(f"{pickled.file}: an AutoEP ZeRO-3 partition-native checkpoint ({key}); its experts are "
+                              f"partitioned over expert groups: convert it with DeepSpeed's ds_to_universal.py")
+    names = _key(pickled, obj, "buffer_names", "the top level")
+    module = _key(pickled, obj, "module", "the top level")
+    if not isinstance(names, list) or not isinstance(module, Mapping):
+        raise SourceError(f"{pickled.file}: buffer_names or module has the wrong type; not a model-states file")
+    wanted = set(names)
+    buffers = [(str(k), pickled.stored(v, f"module['{k}']")) for k, v in module.items() if k in wanted]
+    frozen = obj.get("frozen_param_shapes")
+    if frozen is not None and not isinstance(frozen, Mapping):
+        raise SourceError(f"{pickled.file}: frozen_param_shapes is {_what(frozen)}, not a name -> shape dict")
+    frozen_shapes = [(str(k), _shape(pickled, v, f"frozen_param_shapes['{k}']")) for k, v in (frozen or {}).items()]
+    shared = _key(pickled, obj, "shared_params", "the top level")
+    if not isinstance(shared, Mapping):
+        raise SourceError(f"{pickled.file}: shared_params is {_what(shared)}, not a name -> name dict")
+    version = obj.get("ds_version")
+    return _ModelStates(buffers, frozen_shapes, [(str(k), str(v)) for k, v in shared.items()],
+                        str(version) if version is not None else None)
+
+
+def _fragments(pickled: _Pickled) -> Mapping[str, Any]:
+    fragments = pickled.obj.get("frozen_param_fragments")
+    if not isinstance(fragments, Mapping):
+        raise SourceError(f"{pickled.file}: frozen_param_shapes lists frozen parameters but frozen_param_fragments is "
+                          f"{_what(fragments)}; the file is incomplete")
+    return fragments
+
+
+def _fragment(pickled: _Pickled, name: str) -> Any:
+    fragments = _fragments(pickled)
+    if name not in fragments:
+        raise SourceError(f"{pickled.file}: frozen_param_fragments has no '{name}', which frozen_param_shapes lists")
+    return fragments[name]
+
+
+def _output_dtype(dtype: str) -> str:
+    return OUTPUT_FLOAT if dtype in FLOATING else dtype
+
+
+def _zero2_entries(shapes: list[list[tuple[str, tuple[int, ...]]]], table: list[list[Partition]],
+                   paddings: Any, world_size: int, file: str, model_file: str) -> Iterator[tuple[str, Entry]]:
+    """ZeRO-1/2 trainable parameters: `_zero2_merge_trainable_params`'s walk over each group's full vector."""
+    groups = len(table[0])
+    if len(shapes) != groups:
+        raise SourceError(f"{model_file}: param_shapes has {len(shapes)} groups but the optimizer files hold "
+                          f"{groups} flat partitions per rank; the sizes do not add up")
+    if paddings is not None and (not isinstance(paddings, list) or len(paddings) != groups):
+        raise SourceError(f"{file}: optimizer_state_dict.param_alignment_paddings has {_what(paddings)} for "
+                          f"{groups} param groups")
+    align = 2 * world_size
+    for g, group in enumerate(shapes):
+        parts = [table[r][g] for r in range(world_size)]
+        avail = sum(p.numel for p in parts)
+        pads = paddings[g] if paddings is not None else None
+        if pads is not None and (not isinstance(pads, list) or len(pads) != len(group)
+                                 or not all(isinstance(x, int) and x >= 0 for x in pads)):
+            raise SourceError(f"{file}: param_alignment_paddings[{g}] has {len(pads) if isinstance(pads, list) else pads!r}"
+                              f" entries for the {len(group)} parameters of group {g}")
+        offset = 0
+        for i, (name, shape) in enumerate(group):
+            numel = math.prod(shape)
+            if offset + numel > avail:
+                raise SourceError(f"{model_file}: param_shapes[{g}]['{name}'] ends at element {offset + numel} of group "
+                                  f"{g}, whose partitions hold {avail}; the sizes do not add up")
+            yield name, Gathered(_cut(parts, offset, numel), parts[0].dtype, shape)
+            offset += numel + (pads[i] if pads is not None else 0)
+        if align * math.ceil(offset / align) != align * math.ceil(avail / align):
+            raise SourceError(f"{model_file}: group {g}'s parameters consume {offset} elements but its partitions hold "
+                              f"{avail} (aligned to {align}: {align * math.ceil(offset / align)} vs "
+                              f"{align * math.ceil(avail / align)}); the sizes do not add up")
+
+
+def _cut(parts: Sequence[Partition], offset: int, numel: int) -> tuple[tuple[Partition, int, int], ...]:
+    """Elements [offset, offset + numel) of the partitions laid end to end."""
+    pieces, start = [], 0
+    for part in parts:
+        lo, hi = max(offset, start), min(offset + numel, start + part.numel)
+        if lo < hi:
+            pieces.append((part, lo - start, hi - lo))
+        start += part.numel
+    return tuple(pieces)
+
+
+def _zero3_entries(shapes: list[list[tuple[str, tuple[int, ...]]]], table: list[list[Partition]],
+                   model_file: str) -> Iterator[tuple[str, Entry]]:
+    """ZeRO-3 trainable parameters: `_zero3_merge_trainable_params` / GatheredTensor, one parameter at a time."""
+    world_size = len(table)
+    sizes = [p.numel for p in table[0]]
+    for r, parts in enumerate(table):
+        if [p.numel for p in parts] != sizes:
+            raise SourceError(f"{parts[0].file}: flat groups of {[p.numel for p in parts]} elements, rank 0 has "
+                              f"{sizes}; the rank files come from different runs")
+    avail = sum(sizes) * world_size
+    offset = 0
+    for name, shape in (item for group in shapes for item in group):
+        numel = math.prod(shape)
+        share = math.ceil(numel / world_size)
+        if (offset + share) * world_size > avail:
+            raise SourceError(f"{model_file}: param_shapes['{name}'] needs {share} elements per rank at offset "
+                              f"{offset}, past the {sum(sizes)} each rank holds; the sizes do not add up")
+        pieces = [piece for parts in table for piece in _cut(parts, offset, share)]
+        yield name, Gathered(_trim(pieces, numel), table[0][0].dtype, shape)
+        offset += share
+    if offset * world_size != avail:
+        raise SourceError(f"{model_file}: the parameters consume {offset * world_size} elements but the flat groups "
+                          f"hold {avail}; the sizes do not add up")
+
+
+def _trim(pieces: Sequence[tuple[Partition, int, int]], numel: int) -> tuple[tuple[Partition, int, int], ...]:
+    """The first `numel` elements of `pieces` (drops the padding of the last rank)."""
+    kept, left = [], numel
+    for part, first, count in pieces:
+        if left <= 0:
+            break
+        kept.append((part, first, min(count, left)))
+        left -= count
+    return tuple(kept)
+
+
+def _zero3_frozen(name: str, shape: tuple[int, ...], models: Sequence[_Pickled]) -> Gathered:
+    """A ZeRO-3 frozen parameter: every rank's fragment end to end, cut to its numel (`_zero3_merge_frozen_params`)."""
+    parts = [m.partition(_fragment(m, name), f"frozen_param_fragments['{name}']") for m in models]
+    numel = math.prod(shape)
+    if sum(p.numel for p in parts) < numel or len({p.dtype for p in parts}) != 1:
+        raise SourceError(f"{models[0].file}: frozen_param_fragments['{name}'] hold {sum(p.numel for p in parts)} "
+                          f"elements over the ranks, the shape {list(shape)} needs {numel}; the sizes do not add up")
+    return Gathered(_trim([(p, 0, p.numel) for p in parts], numel), parts[0].dtype, shape)
+
+
+def _zero2_frozen(name: str, shape: tuple[int, ...], model: _Pickled) -> Stored:
+    """A ZeRO-1/2 frozen parameter: stored whole in the model-states file (`_zero2_merge_frozen_params`)."""
+    stored = model.stored(_fragment(model, name), f"frozen_param_fragments['{name}']")
+    if stored.shape != shape:
+        raise SourceError(f"{model.file}: frozen_param_fragments['{name}'] has shape {list(stored.shape)} but "
+                          f"frozen_param_shapes says {list(shape)}; the sizes do not add up")
+    return stored
+
+
+def read_layout(path: Path) -> ZeroLayout:
+    """Parse a ZeRO folder (the one holding `latest`, or a tag folder) from its pickles alone."""
+    tag_dir, tag = resolve_tag(path)
+    optim_paths = _optim_files(tag_dir)
+    first = _read_pickled(optim_paths[0])
+    stage, world_size = _zero_stage(first)
+    optim_paths = _rank_files(tag_dir, _OPTIM, "*_optim_states.pt", world_size)
+    optims = [first if p == optim_paths[0] else _read_pickled(p) for p in optim_paths]
+    for pickled in optims[1:]:
+        if _zero_stage(pickled) != (stage, world_size):
+            raise SourceError(f"{pickled.file}: ZeRO stage/world size {_zero_stage(pickled)}, rank 0 says "
+                              f"{(stage, world_size)}; the rank files come from different runs")
+    if stage <= 2:
+        model_paths = _rank_files(tag_dir, _MODEL2, "mp_rank_*_model_states.pt", 1)
+        if any(_MODEL3.match(p.name) for p in tag_dir.iterdir()):
+            raise SourceError(f"{tag_dir}: holds ZeRO-3 model-states files next to a ZeRO-{stage} checkpoint; "
+                              f"files of another run are mixed in")
+    else:
+        model_paths = _rank_files(tag_dir, _MODEL3, "zero_pp_rank_*_model_states.pt", world_size)
+        if any(_MODEL2.match(p.name) for p in tag_dir.iterdir()):
+            raise SourceError(f"{tag_dir}: holds a ZeRO-2 mp_rank_00_model_states.pt next to a ZeRO-3 checkpoint; "
+                              f"files of another run are mixed in")
+    models = [_read_pickled(p) for p in model_paths]
+    return _layout(tag_dir, tag, stage, world_size, optims, models)
+
+
+def _layout(tag_dir: Path, tag: str, stage: int, world_size: int, optims: list[_Pickled],
+            models: list[_Pickled]) -> ZeroLayout:
+    """The entries in zero_to_fp32.py's order: buffers, frozen, trainable, then shared names."""
+    rank0 = _model_states(models[0])
+    shapes = _param_shapes(models[0])
+    key = "single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"
+    table = _partitions(optims, key)
+    entries: dict[str, Entry] = dict(rank0.buffers)
+    for name, shape in rank0.frozen_shapes:
+        entries[name] = _zero2_frozen(name, shape, models[0]) if stage <= 2 else _zero3_frozen(name, shape, models)
+    if stage <= 2:
+        paddings = optims[0].obj["optimizer_state_dict"].get("param_alignment_paddings")
+        trainable = dict(_zero2_entries(shapes, table, paddings, world_size, optims[0].file, models[0].file))
+    else:
+        trainable = dict(_zero3_entries(shapes, table, models[0].file))
+    entries.update(trainable)
+    shared = [(alias, name) for alias, name in rank0.shared if name in entries]
+    for alias, name in shared:
+        entries[alias] = entries[name]
+    counts = {"trainable": len(trainable), "frozen": len(rank0.frozen_shapes), "buffers": len(rank0.buffers),
+              "shared": len(shared)}
+    return ZeroLayout(str(tag_dir), tag, stage, world_size, rank0.ds_version, table[0][0].dtype, len(table[0]),
+                      sum(p.numel for parts in table for p in parts), entries, counts)
+
+
+# ---------------------------------------------------------------------------------------------------- source
+
+class ZeroSource(Source):
+    """A DeepSpeed ZeRO-1/2/3 folder as the fp32 state dict zero_to_fp32.py writes; see the module docstring."""
+
+    def __init__(self, layout: ZeroLayout, display: str) -> None:
+        super().__init__(path=display, format=f"deepspeed-zero{layout.stage}",
+                         tensors={k: TensorMeta(e.shape, _output_dtype(e.dtype)) for k, e in layout.entries.items()},
+                         extracted_from=".", description=layout.description())
+        self.layout = layout
+        self._fds: dict[str, int] = {}
+
+    def raw_span(self, key: str) -> RawSpan | None:
+        """The parameter's bytes when they are one run of one file, in the output dtype; else None."""
+        entry = self.layout.entries[key]
+        spans = entry.spans()
+        if len(spans) != 1 or entry.stride is not None or _output_dtype(entry.dtype) != entry.dtype:
+            return None
+        return spans[0]
+
+    def load(self, key: str) -> torch.Tensor:
+        """The tensor as zero_to_fp32.py writes it, read from only its byte ranges (floats as float32)."""
+        entry = self.layout.entries[key]
+        spans = entry.spans()
+        data = torch.empty(sum(s.nbytes for s in spans), dtype=torch.uint8)
+        view, done = memoryview(data.numpy()), 0
+        for span in spans:
+            self._pread(span, view[done:done + span.nbytes])
+            done += span.nbytes
+        tensor = data.view(torch_dtype(entry.dtype))
+        if entry.stride is not None:
+            tensor = tensor.as_strided(entry.shape, entry.stride).contiguous()
+        tensor = tensor.reshape(entry.shape)
+        wanted = _output_dtype(entry.dtype)
+        return tensor if wanted == entry.dtype else tensor.to(torch_dtype(wanted))
+
+    def _pread(self, span: RawSpan, into: memoryview) -> None:
+        fd = self._fds.get(span.file)
+        if fd is None:
+            fd = self._fds[span.file] = os.open(span.file, os.O_RDONLY)
+        done = 0
+        while done < span.nbytes:
+            got = os.preadv(fd, [into[done:]], span.offset + done)
+            if got <= 0:
+                raise SourceError(f"{span.file}: ended at byte {span.offset + done} while reading {span.nbytes} "
+                                  f"bytes at {span.offset}; the partition is truncated or the file changed")
+            done += got
+
+    def close(self) -> None:
+        """Close the rank files."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+
+def open_zero(path: str | Path, display: str | None = None) -> ZeroSource:
+    """Open a DeepSpeed ZeRO checkpoint folder (holding `latest`, or a tag folder) as a lazy source."""
+    return ZeroSource(read_layout(Path(path)), display or str(path))
+
