@@ -286,7 +286,7 @@ def _read_archive(archive: zipfile.ZipFile, path: str) -> tuple[bytes, dict[str,
     order = next((i for i in infos if i.filename == prefix + "byteorder"), None)
     byteorder = archive.read(order).decode("ascii").strip() if order else sys.byteorder
     records = {}
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:  # unbuffered: each local header costs 30 bytes, not an 8 KiB block
         for info in infos:
             name = info.filename
             if name.startswith(prefix + "data/") and info.compress_type == zipfile.ZIP_STORED:

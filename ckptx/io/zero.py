@@ -31,6 +31,7 @@ import io
 import math
 import os
 import re
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,7 +200,7 @@ def _read_pickled(path: Path) -> _Pickled:
             record = next(i.filename for i in archive.infolist() if i.filename.endswith("/data.pkl"))
     except FileNotFoundError:
         raise SourceError(f"{file}: no such file") from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, struct.error) as exc:
         raise SourceError(f"{file}: not a readable torch zip file ({_first_line(exc)}); it is truncated or "
                           f"damaged: copy it again from where training wrote it") from None
     if not little:
