@@ -553,8 +553,8 @@ def _zero3_entries(shapes: list[list[tuple[str, tuple[int, ...]]]], table: list[
         numel = math.prod(shape)
         share = math.ceil(numel / world_size)
         if (offset + share) * world_size > avail:
-            raise SourceError(f"{model_file}: param_shapes['{name}'] needs {share} elements per rank at offset "
-                              f"{offset}, past the {sum(sizes)} each rank holds; the sizes do not add up")
+            raise SourceError(f"{model_file}: param_shapes['{name}'] needs elements [{offset}, {offset + share}) of "
+                              f"every rank, which holds {sum(sizes)}; the sizes do not add up")
         pieces = [piece for parts in table for piece in _cut(parts, offset, share)]
         yield name, Gathered(_trim(pieces, numel), table[0][0].dtype, shape)
         offset += share

@@ -61,8 +61,14 @@ class ZeroRun:
 
 @pytest.fixture(scope="session")
 def zero_run(tmp_path_factory: pytest.TempPathFactory) -> ZeroRun:
-    """ZeRO-2 and ZeRO-3 checkpoints in fp32 and bf16 from one 2-rank DeepSpeed run, and their references."""
-    root = tmp_path_factory.mktemp("zero")
+    """ZeRO-2 and ZeRO-3 checkpoints in fp32 and bf16 from one 2-rank DeepSpeed run, and their references.
+
+    Set CKPTX_ZERO_REUSE=DIR to write them to DIR once and reuse them in later runs (when iterating locally).
+    """
+    reuse = os.environ.get("CKPTX_ZERO_REUSE")
+    if reuse and (Path(reuse) / "ref" / FOLDERS[-1] / "pytorch_model.bin").is_file():
+        return ZeroRun(Path(reuse))
+    root = Path(reuse) if reuse else tmp_path_factory.mktemp("zero")
     launch(root / "ckpt", stages=(2, 3), dtypes=("fp32", "bf16"), width=256)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, str(HELPERS / "zero_reference.py"), str(root / "ref"),
@@ -301,10 +307,12 @@ def test_world_size_mismatch_is_a_one_line_error(zero_run: ZeroRun, tmp_path: Pa
     assert str(folder / TAG) in err and "3 *_optim_states.pt files for world size 2" in err
 
 
-def test_sizes_that_do_not_add_up_are_a_one_line_error(zero_run: ZeroRun, tmp_path: Path, run_cli: Callable) -> None:
+@pytest.mark.parametrize("numel", [261, 255], ids=["more-than-the-partitions-hold", "less"])
+def test_sizes_that_do_not_add_up_are_a_one_line_error(zero_run: ZeroRun, tmp_path: Path, run_cli: Callable,
+                                                       numel: int) -> None:
     folder = zero_run.copy("zero3-fp32", tmp_path)
-    victim = folder / TAG / "zero_pp_rank_0_mp_rank_00_model_states.pt"
-    rewrite_zip(victim, lambda name, data: patch_int_after(data, "param_shapes", "blocks.0.0.bias", 261)
+    victim = folder / TAG / "zero_pp_rank_0_mp_rank_00_model_states.pt"  # blocks.0.0.bias has 259 elements
+    rewrite_zip(victim, lambda name, data: patch_int_after(data, "param_shapes", "blocks.0.0.bias", numel)
                 if name.endswith("/data.pkl") else data)
     err = one_line_error(run_cli("inspect", folder))
     assert str(victim) in err and "do not add up" in err
