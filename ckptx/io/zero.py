@@ -27,12 +27,10 @@ its output dtype has a `raw_span`, so writers copy it without decoding.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import re
-import struct
-import zipfile
+from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
@@ -41,14 +39,14 @@ from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError
 from ckptx.io.dtypes import torch_dtype
 from ckptx.io.source import RawSpan, Source
-from ckptx.io.torch_zip import Record, TensorRef, _read_archive, _StubUnpickler
-from ckptx.ops.registry import DTYPE_SIZES, FLOATING, TensorMeta
+from ckptx.io.zero_pickle import Partition, PickledFile, Stored, describe, first_line, read_pickled
+from ckptx.ops.registry import FLOATING, TensorMeta
 
 torch = lazy_module("torch")
 
 
-__all__ = ["ALLOWED_GLOBALS", "RefusedGlobalError", "StandIn", "ZeroLayout", "ZeroSource", "is_zero_folder",
-           "open_zero"]
+__all__ = ["FlatRun", "Gathered", "Piece", "Sharded", "ZeroLayout", "ZeroSource", "is_zero_folder", "open_zero",
+           "read_layout", "resolve_tag"]
 
 
 OUTPUT_FLOAT = "float32"  # zero_to_fp32.py writes every floating tensor as float32, other dtypes as they are
@@ -58,236 +56,100 @@ _MODEL2 = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _AUTOEP_KEYS = ("ds_autoep_layers", "autoep_layers")
 
 
-# ---------------------------------------------------------------------------------------------------- pickles
-
-class StandIn:
-    """Inert data for an object a DeepSpeed pickle names: the arguments it was built with and its pickled state.
-
-    Nothing of DeepSpeed runs: building one only stores what the pickle hands over.
-    """
-
-    global_name: ClassVar[str] = ""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> "StandIn":
-        obj = super().__new__(cls)
-        obj.args, obj.state = args, None
-        return obj
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"<{self.global_name} stand-in>"
-
-
-class _Enum(int):
-    """Stands in for a DeepSpeed int enum (`ZeroStageEnum(3)` is the int 3)."""
-
-    global_name: ClassVar[str] = ""
-
-
-class _Size(tuple):  # type: ignore[type-arg]
-    """Stands in for `torch.Size`: the tuple of dimensions."""
-
-
-def _stand_in(base: type, module: str, name: str) -> type:
-    return type(name, (base,), {"global_name": f"{module}.{name}", "__module__": __name__})
-
-
-# Exactly the globals DeepSpeed's ZeRO checkpoints name beyond what the stub unpickler already models (tensor
-# rebuilds, storage types, dtypes, OrderedDict). Each maps to an inert stand-in; none is ever imported.
-ALLOWED_GLOBALS: Mapping[tuple[str, str], type] = {
-    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"):
-        _stand_in(StandIn, "deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
-    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"):
-        _stand_in(StandIn, "deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
-    ("deepspeed.runtime.zero.config", "ZeroStageEnum"):
-        _stand_in(_Enum, "deepspeed.runtime.zero.config", "ZeroStageEnum"),
-    ("deepspeed.utils.tensor_fragment", "fragment_address"):
-        _stand_in(StandIn, "deepspeed.utils.tensor_fragment", "fragment_address"),
-    ("torch", "Size"): _Size,
-    ("torch", "Tensor"): _stand_in(StandIn, "torch", "Tensor"),  # the type argument of _rebuild_from_type_v2
-}
-
-
-class RefusedGlobalError(SourceError):
-    """A checkpoint pickle names a global that DeepSpeed checkpoints do not use; it was not imported or called."""
-
-    def __init__(self, file: str, record: str, global_name: str) -> None:
-        self.file, self.record, self.global_name = file, record, global_name
-        super().__init__(f"{file}: {record} names the Python global '{global_name}', which DeepSpeed ZeRO "
-                         f"checkpoints never use; refused without running it: check where this file came from")
-
-
-class _ZeroUnpickler(_StubUnpickler):
-    """The stub unpickler, with DeepSpeed's classes as stand-ins and every other unmodelled global refused."""
-
-    def __init__(self, data: bytes, file: str, record: str) -> None:
-        super().__init__(io.BytesIO(data))
-        self._where = (file, record)
-
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = ALLOWED_GLOBALS.get((module, name))
-        if allowed is not None:
-            return allowed
-        known = len(self.unknown)
-        found = super().find_class(module, name)
-        if len(self.unknown) > known:
-            raise RefusedGlobalError(*self._where, f"{module}.{name}")
-        return found
-
-
-@dataclass(frozen=True)
-class _Pickled:
-    """One `.pt` file read without torch: its pickled object (tensors as TensorRefs) and its storage records."""
-
-    file: str
-    obj: Any
-    records: Mapping[str, Record]
-    size: int
-
-    def partition(self, ref: Any, where: str) -> "Partition":
-        """`ref` (a 1-D contiguous tensor of this file) as a Partition, checked against its record and the file."""
-        if not isinstance(ref, TensorRef) or len(ref.shape) != 1 or ref.stride != (1,) and ref.shape[0] > 1:
-            raise SourceError(f"{self.file}: {where} is {_what(ref)}, not a flat (1-D, contiguous) tensor; "
-                              f"the file is not a ZeRO checkpoint DeepSpeed wrote")
-        start, nbytes, dtype = self._bounds(ref, where, ref.shape[0])
-        return Partition(self.file, start, ref.shape[0], dtype)
-
-    def stored(self, ref: Any, where: str) -> "Stored":
-        """`ref` (any strided tensor of this file) as a Stored tensor, checked against its record and the file."""
-        if not isinstance(ref, TensorRef):
-            raise SourceError(f"{self.file}: {where} is {_what(ref)}, not a tensor")
-        if not ref.plain:
-            raise SourceError(f"{self.file}: {where} carries tensor metadata (conjugate/negative bits) ckptx does "
-                              f"not read; convert it with zero_to_fp32.py")
-        numel = math.prod(ref.shape)
-        extent = 0 if numel == 0 else 1 + sum((d - 1) * s for d, s in zip(ref.shape, ref.stride))
-        start, _, dtype = self._bounds(ref, where, extent)
-        contiguous = _row_major(ref.shape, ref.stride)
-        return Stored(self.file, start, extent, dtype, ref.shape, None if contiguous else ref.stride)
-
-    def _bounds(self, ref: TensorRef, where: str, extent: int) -> tuple[int, int, str]:
-        dtype = ref.dtype
-        if dtype not in DTYPE_SIZES:
-            raise SourceError(f"{self.file}: {where} has dtype {dtype}, which ckptx cannot read")
-        record = self.records.get(ref.storage.key)
-        if record is None:
-            raise SourceError(f"{self.file}: {where} points to storage record 'data/{ref.storage.key}', which the "
-                              f"zip does not hold (or holds compressed); the file is damaged")
-        item = DTYPE_SIZES[dtype]
-        start, nbytes = record.offset + ref.offset * item, extent * item
-        if ref.offset < 0 or ref.offset * item + nbytes > record.size:
-            raise SourceError(f"{self.file}: {where} needs {nbytes} bytes at element {ref.offset} of record "
-                              f"'data/{ref.storage.key}', which holds {record.size} bytes; the partition is "
-                              f"truncated or the pickle does not match it")
-        if record.offset + record.size > self.size:
-            raise SourceError(f"{self.file}: record 'data/{ref.storage.key}' ends at byte "
-                              f"{record.offset + record.size} but the file has {self.size} bytes; it is truncated")
-        return start, nbytes, dtype
-
-
-def _read_pickled(path: Path) -> _Pickled:
-    """`path`'s pickle through the allow-listing stub unpickler; every failure is a one-line SourceError."""
-    file = str(path)
-    try:
-        size = path.stat().st_size
-        with zipfile.ZipFile(path) as archive:
-            data, records, little = _read_archive(archive, file)
-            record = next(i.filename for i in archive.infolist() if i.filename.endswith("/data.pkl"))
-    except FileNotFoundError:
-        raise SourceError(f"{file}: no such file") from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, struct.error) as exc:
-        raise SourceError(f"{file}: not a readable torch zip file ({_first_line(exc)}); it is truncated or "
-                          f"damaged: copy it again from where training wrote it") from None
-    if not little:
-        raise SourceError(f"{file}: its storages are big-endian; ckptx reads little-endian checkpoints only")
-    unpickler = _ZeroUnpickler(data, file, record)
-    try:
-        obj = unpickler.load()
-    except SourceError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a damaged pickle raises anything; report it as one line
-        raise SourceError(f"{file}: {record} is not a readable pickle ({type(exc).__name__}: "
-                          f"{_first_line(exc)}); the file is damaged") from None
-    if unpickler.unknown:
-        raise SourceError(f"{file}: {record} uses {unpickler.unknown[0]}, which a torch checkpoint never holds")
-    if not isinstance(obj, dict):
-        raise SourceError(f"{file}: holds a {type(obj).__name__}, not the dict DeepSpeed saves")
-    return _Pickled(file, obj, records, size)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _what(value: Any) -> str:
-    if isinstance(value, TensorRef):
-        return f"a {value.dtype} tensor of shape {list(value.shape)} with strides {list(value.stride)}"
-    return f"a {type(value).__name__}"
-
-
-def _row_major(shape: Sequence[int], stride: Sequence[int]) -> bool:
-    expected = 1
-    for size, step in zip(reversed(shape), reversed(stride)):
-        if size != 1 and step != expected:
-            return False
-        expected *= size
-    return True
-
 
 # ---------------------------------------------------------------------------------------------------- layout
 
 @dataclass(frozen=True)
-class Partition:
-    """A flat run of `numel` elements of `dtype` starting at byte `start` of `file`."""
+class Piece:
+    """`count` elements of `part` from element `first` on."""
 
-    file: str
-    start: int
-    numel: int
-    dtype: str
+    part: Partition
+    first: int
+    count: int
 
-    def span(self, first: int, count: int) -> RawSpan:
-        """The bytes of elements [first, first + count) of this partition."""
-        item = DTYPE_SIZES[self.dtype]
-        return RawSpan(self.file, self.start + first * item, count * item)
+    def span(self) -> RawSpan:
+        """Its bytes."""
+        return self.part.span(self.first, self.count)
 
 
-@dataclass(frozen=True)
-class Stored:
-    """A tensor stored whole in a model-states file (a buffer, a ZeRO-2 frozen parameter); `stride` if not row-major."""
+@dataclass(frozen=True, eq=False)
+class FlatRun:
+    """Partitions end to end: one ZeRO-2 group over the ranks, or one ZeRO-3 rank's flat groups."""
 
-    file: str
-    start: int
-    extent: int
-    dtype: str
-    shape: tuple[int, ...]
-    stride: tuple[int, ...] | None
+    parts: tuple[Partition, ...]
+    starts: tuple[int, ...]  # the element each part starts at, then the total
 
-    def spans(self) -> tuple[RawSpan, ...]:
-        """The bytes that hold it (for a strided tensor, the range its elements lie in)."""
-        return (Partition(self.file, self.start, self.extent, self.dtype).span(0, self.extent),) if self.extent else ()
+    @classmethod
+    def of(cls, parts: Sequence[Partition]) -> "FlatRun":
+        """The run of `parts` in order."""
+        starts = [0]
+        for part in parts:
+            starts.append(starts[-1] + part.numel)
+        return cls(tuple(parts), tuple(starts))
+
+    @property
+    def numel(self) -> int:
+        """Elements in the run."""
+        return self.starts[-1]
+
+    def cut(self, offset: int, count: int) -> list[Piece]:
+        """Elements [offset, offset + count) of the run, as pieces of its partitions."""
+        pieces, end = [], offset + count
+        i = max(bisect_right(self.starts, offset) - 1, 0)
+        while i < len(self.parts) and self.starts[i] < end:
+            lo, hi = max(offset, self.starts[i]), min(end, self.starts[i + 1])
+            if lo < hi:
+                pieces.append(Piece(self.parts[i], lo - self.starts[i], hi - lo))
+            i += 1
+        return pieces
+
+
+def _first(pieces: Sequence[Piece], numel: int) -> tuple[Piece, ...]:
+    """The first `numel` elements of `pieces` (drops the padding that ends the last rank's share)."""
+    kept, left = [], numel
+    for piece in pieces:
+        if left <= 0:
+            break
+        kept.append(Piece(piece.part, piece.first, min(piece.count, left)))
+        left -= piece.count
+    return tuple(kept)
 
 
 @dataclass(frozen=True)
 class Gathered:
-    """A tensor gathered from flat partitions: `pieces` are (partition, first element, count), end to end."""
+    """A tensor that is `pieces` of flat partitions end to end (ZeRO-2 trainable, ZeRO-3 frozen)."""
 
-    pieces: tuple[tuple[Partition, int, int], ...]
+    pieces: tuple[Piece, ...]
     dtype: str
     shape: tuple[int, ...]
     stride: ClassVar[None] = None
 
     def spans(self) -> tuple[RawSpan, ...]:
         """The byte ranges, in order, whose concatenation is the tensor."""
-        return tuple(part.span(first, count) for part, first, count in self.pieces if count)
+        return tuple(p.span() for p in self.pieces if p.count)
 
 
-Entry = Stored | Gathered
+@dataclass(frozen=True, eq=False)
+class Sharded:
+    """A ZeRO-3 trainable parameter: `share` elements at `offset` of each rank's run, ranks in order, cut to the shape.
+
+    The pieces are worked out on use, so planning holds one small record per parameter whatever the world size.
+    """
+
+    ranks: tuple[FlatRun, ...]
+    offset: int
+    share: int
+    dtype: str
+    shape: tuple[int, ...]
+    stride: ClassVar[None] = None
+
+    def spans(self) -> tuple[RawSpan, ...]:
+        """The byte ranges, in order, whose concatenation is the tensor."""
+        pieces = [piece for run in self.ranks for piece in run.cut(self.offset, self.share)]
+        return tuple(p.span() for p in _first(pieces, math.prod(self.shape)) if p.count)
+
+
+Entry = Stored | Gathered | Sharded
 
 
 @dataclass(frozen=True)
@@ -336,7 +198,7 @@ def resolve_tag(path: Path) -> tuple[Path, str]:
     try:
         tag = latest.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{latest}: unreadable ({_first_line(exc)}); it should hold the tag, e.g. global_step10") from None
+        raise SourceError(f"{latest}: unreadable ({first_line(exc)}); it should hold the tag, e.g. global_step10") from None
     tag_dir = path / tag
     if not tag or "/" in tag or tag in (".", ".."):
         raise SourceError(f"{latest}: holds {tag!r}, not a tag folder name; write the tag (e.g. global_step10) "
@@ -386,20 +248,20 @@ def _optim_files(tag_dir: Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------------- parsing
 
-def _key(pickled: _Pickled, mapping: Any, key: str, where: str) -> Any:
+def _key(pickled: PickledFile, mapping: Any, key: str, where: str) -> Any:
     if not isinstance(mapping, Mapping) or key not in mapping:
         raise SourceError(f"{pickled.file}: no '{key}' in {where}; not a DeepSpeed ZeRO checkpoint file "
                           f"(or written by a DeepSpeed this reader does not know)")
     return mapping[key]
 
 
-def _shape(pickled: _Pickled, value: Any, where: str) -> tuple[int, ...]:
+def _shape(pickled: PickledFile, value: Any, where: str) -> tuple[int, ...]:
     if not isinstance(value, tuple) or not all(isinstance(d, int) and d >= 0 for d in value):
-        raise SourceError(f"{pickled.file}: {where} is {_what(value)}, not a shape")
+        raise SourceError(f"{pickled.file}: {where} is {describe(value)}, not a shape")
     return tuple(value)
 
 
-def _zero_stage(pickled: _Pickled) -> tuple[int, int]:
+def _zero_stage(pickled: PickledFile) -> tuple[int, int]:
     """(stage, world size) from one optim-states file."""
     osd = _key(pickled, pickled.obj, "optimizer_state_dict", "the top level")
     stage = _key(pickled, osd, "zero_stage", "optimizer_state_dict")
@@ -412,14 +274,14 @@ def _zero_stage(pickled: _Pickled) -> tuple[int, int]:
     return int(stage), max(counts)
 
 
-def _partitions(optims: Sequence[_Pickled], key: str) -> list[list[Partition]]:
+def _partitions(optims: Sequence[PickledFile], key: str) -> list[list[Partition]]:
     """Per rank, its flat fp32 partitions (`key` in its optimizer_state_dict), checked for one dtype."""
     table = []
     for pickled in optims:
         osd = pickled.obj["optimizer_state_dict"]
         groups = _key(pickled, osd, key, "optimizer_state_dict")
         if not isinstance(groups, list) or not groups:
-            raise SourceError(f"{pickled.file}: optimizer_state_dict.{key} is {_what(groups)}, not a list of tensors")
+            raise SourceError(f"{pickled.file}: optimizer_state_dict.{key} is {describe(groups)}, not a list of tensors")
         table.append([pickled.partition(ref, f"optimizer_state_dict.{key}[{i}]") for i, ref in enumerate(groups)])
     dtypes = {p.dtype for parts in table for p in parts}
     if len(dtypes) != 1 or not dtypes <= FLOATING:
@@ -431,10 +293,10 @@ def _partitions(optims: Sequence[_Pickled], key: str) -> list[list[Partition]]:
     return table
 
 
-def _param_shapes(pickled: _Pickled) -> list[list[tuple[str, tuple[int, ...]]]]:
+def _param_shapes(pickled: PickledFile) -> list[list[tuple[str, tuple[int, ...]]]]:
     groups = _key(pickled, pickled.obj, "param_shapes", "the top level")
     if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
-        raise SourceError(f"{pickled.file}: param_shapes is {_what(groups)}, not a list of name -> shape dicts")
+        raise SourceError(f"{pickled.file}: param_shapes is {describe(groups)}, not a list of name -> shape dicts")
     return [[(str(name), _shape(pickled, shape, f"param_shapes[{i}]['{name}']")) for name, shape in group.items()]
             for i, group in enumerate(groups)]
 
@@ -449,7 +311,7 @@ class _ModelStates:
     ds_version: str | None
 
 
-def _model_states(pickled: _Pickled) -> _ModelStates:
+def _model_states(pickled: PickledFile) -> _ModelStates:
     obj = pickled.obj
     for key in _AUTOEP_KEYS:
         layers = obj.get(key)
@@ -465,25 +327,25 @@ def _model_states(pickled: _Pickled) -> _ModelStates:
     buffers = [(str(k), pickled.stored(v, f"module['{k}']")) for k, v in module.items() if k in wanted]
     frozen = obj.get("frozen_param_shapes")
     if frozen is not None and not isinstance(frozen, Mapping):
-        raise SourceError(f"{pickled.file}: frozen_param_shapes is {_what(frozen)}, not a name -> shape dict")
+        raise SourceError(f"{pickled.file}: frozen_param_shapes is {describe(frozen)}, not a name -> shape dict")
     frozen_shapes = [(str(k), _shape(pickled, v, f"frozen_param_shapes['{k}']")) for k, v in (frozen or {}).items()]
     shared = _key(pickled, obj, "shared_params", "the top level")
     if not isinstance(shared, Mapping):
-        raise SourceError(f"{pickled.file}: shared_params is {_what(shared)}, not a name -> name dict")
+        raise SourceError(f"{pickled.file}: shared_params is {describe(shared)}, not a name -> name dict")
     version = obj.get("ds_version")
     return _ModelStates(buffers, frozen_shapes, [(str(k), str(v)) for k, v in shared.items()],
                         str(version) if version is not None else None)
 
 
-def _fragments(pickled: _Pickled) -> Mapping[str, Any]:
+def _fragments(pickled: PickledFile) -> Mapping[str, Any]:
     fragments = pickled.obj.get("frozen_param_fragments")
     if not isinstance(fragments, Mapping):
         raise SourceError(f"{pickled.file}: frozen_param_shapes lists frozen parameters but frozen_param_fragments is "
-                          f"{_what(fragments)}; the file is incomplete")
+                          f"{describe(fragments)}; the file is incomplete")
     return fragments
 
 
-def _fragment(pickled: _Pickled, name: str) -> Any:
+def _fragment(pickled: PickledFile, name: str) -> Any:
     fragments = _fragments(pickled)
     if name not in fragments:
         raise SourceError(f"{pickled.file}: frozen_param_fragments has no '{name}', which frozen_param_shapes lists")
@@ -495,96 +357,78 @@ def _output_dtype(dtype: str) -> str:
 
 
 def _zero2_entries(shapes: list[list[tuple[str, tuple[int, ...]]]], table: list[list[Partition]],
-                   paddings: Any, world_size: int, file: str, model_file: str) -> Iterator[tuple[str, Entry]]:
+                   paddings: Any, file: str, model_file: str) -> Iterator[tuple[str, Entry]]:
     """ZeRO-1/2 trainable parameters: `_zero2_merge_trainable_params`'s walk over each group's full vector."""
-    groups = len(table[0])
+    world_size, groups = len(table), len(table[0])
     if len(shapes) != groups:
         raise SourceError(f"{model_file}: param_shapes has {len(shapes)} groups but the optimizer files hold "
                           f"{groups} flat partitions per rank; the sizes do not add up")
     if paddings is not None and (not isinstance(paddings, list) or len(paddings) != groups):
-        raise SourceError(f"{file}: optimizer_state_dict.param_alignment_paddings has {_what(paddings)} for "
-                          f"{groups} param groups")
-    align = 2 * world_size
+        raise SourceError(f"{file}: optimizer_state_dict.param_alignment_paddings is {describe(paddings)}, not one "
+                          f"list per param group ({groups})")
     for g, group in enumerate(shapes):
-        parts = [table[r][g] for r in range(world_size)]
-        avail = sum(p.numel for p in parts)
-        pads = paddings[g] if paddings is not None else None
-        if pads is not None and (not isinstance(pads, list) or len(pads) != len(group)
-                                 or not all(isinstance(x, int) and x >= 0 for x in pads)):
-            raise SourceError(f"{file}: param_alignment_paddings[{g}] has {len(pads) if isinstance(pads, list) else pads!r}"
-                              f" entries for the {len(group)} parameters of group {g}")
+        run = FlatRun.of([table[r][g] for r in range(world_size)])
+        pads = _group_paddings(paddings[g] if paddings is not None else None, len(group), g, file)
         offset = 0
         for i, (name, shape) in enumerate(group):
             numel = math.prod(shape)
-            if offset + numel > avail:
-                raise SourceError(f"{model_file}: param_shapes[{g}]['{name}'] ends at element {offset + numel} of group "
-                                  f"{g}, whose partitions hold {avail}; the sizes do not add up")
-            yield name, Gathered(_cut(parts, offset, numel), parts[0].dtype, shape)
-            offset += numel + (pads[i] if pads is not None else 0)
-        if align * math.ceil(offset / align) != align * math.ceil(avail / align):
-            raise SourceError(f"{model_file}: group {g}'s parameters consume {offset} elements but its partitions hold "
-                              f"{avail} (aligned to {align}: {align * math.ceil(offset / align)} vs "
-                              f"{align * math.ceil(avail / align)}); the sizes do not add up")
+            if offset + numel > run.numel:
+                raise SourceError(f"{model_file}: param_shapes[{g}]['{name}'] ends at element {offset + numel} of "
+                                  f"group {g}, whose partitions hold {run.numel}; the sizes do not add up")
+            yield name, Gathered(tuple(run.cut(offset, numel)), run.parts[0].dtype, shape)
+            offset += numel + pads[i]
+        _check_zero2_total(offset, run.numel, world_size, g, model_file)
 
 
-def _cut(parts: Sequence[Partition], offset: int, numel: int) -> tuple[tuple[Partition, int, int], ...]:
-    """Elements [offset, offset + numel) of the partitions laid end to end."""
-    pieces, start = [], 0
-    for part in parts:
-        lo, hi = max(offset, start), min(offset + numel, start + part.numel)
-        if lo < hi:
-            pieces.append((part, lo - start, hi - lo))
-        start += part.numel
-    return tuple(pieces)
+def _group_paddings(pads: Any, params: int, group: int, file: str) -> list[int]:
+    """One group's `param_alignment_paddings` (all 0 when the checkpoint has none, as older DeepSpeed wrote)."""
+    if pads is None:
+        return [0] * params
+    if not isinstance(pads, list) or len(pads) != params or not all(isinstance(x, int) and x >= 0 for x in pads):
+        raise SourceError(f"{file}: optimizer_state_dict.param_alignment_paddings[{group}] is {describe(pads)} for "
+                          f"the {params} parameters of group {group}; the sizes do not add up")
+    return pads
+
+
+def _check_zero2_total(offset: int, avail: int, world_size: int, group: int, model_file: str) -> None:
+    """zero_to_fp32's sanity check: both counts rounded up to `2 * world_size` (DeepSpeed's padding) agree."""
+    align = 2 * world_size
+    consumed, held = align * math.ceil(offset / align), align * math.ceil(avail / align)
+    if consumed != held:
+        raise SourceError(f"{model_file}: group {group}'s parameters consume {offset} elements but its partitions "
+                          f"hold {avail} (aligned to {align}: {consumed} vs {held}); the sizes do not add up")
 
 
 def _zero3_entries(shapes: list[list[tuple[str, tuple[int, ...]]]], table: list[list[Partition]],
                    model_file: str) -> Iterator[tuple[str, Entry]]:
     """ZeRO-3 trainable parameters: `_zero3_merge_trainable_params` / GatheredTensor, one parameter at a time."""
-    world_size = len(table)
     sizes = [p.numel for p in table[0]]
-    for r, parts in enumerate(table):
+    for parts in table:
         if [p.numel for p in parts] != sizes:
             raise SourceError(f"{parts[0].file}: flat groups of {[p.numel for p in parts]} elements, rank 0 has "
                               f"{sizes}; the rank files come from different runs")
-    avail = sum(sizes) * world_size
-    offset = 0
+    ranks = tuple(FlatRun.of(parts) for parts in table)
+    held, offset = ranks[0].numel, 0
     for name, shape in (item for group in shapes for item in group):
-        numel = math.prod(shape)
-        share = math.ceil(numel / world_size)
-        if (offset + share) * world_size > avail:
-            raise SourceError(f"{model_file}: param_shapes['{name}'] needs elements [{offset}, {offset + share}) of "
-                              f"every rank, which holds {sum(sizes)}; the sizes do not add up")
-        pieces = [piece for parts in table for piece in _cut(parts, offset, share)]
-        yield name, Gathered(_trim(pieces, numel), table[0][0].dtype, shape)
+        share = math.ceil(math.prod(shape) / len(ranks))
+        yield name, Sharded(ranks, offset, share, ranks[0].parts[0].dtype, shape)
         offset += share
-    if offset * world_size != avail:
-        raise SourceError(f"{model_file}: the parameters consume {offset * world_size} elements but the flat groups "
-                          f"hold {avail}; the sizes do not add up")
+    if offset != held:  # exact: zero_to_fp32's check (no entry past the end survives it)
+        raise SourceError(f"{model_file}: the parameters of param_shapes take {offset} elements of every rank but "
+                          f"its flat groups hold {held}; the sizes do not add up")
 
 
-def _trim(pieces: Sequence[tuple[Partition, int, int]], numel: int) -> tuple[tuple[Partition, int, int], ...]:
-    """The first `numel` elements of `pieces` (drops the padding of the last rank)."""
-    kept, left = [], numel
-    for part, first, count in pieces:
-        if left <= 0:
-            break
-        kept.append((part, first, min(count, left)))
-        left -= count
-    return tuple(kept)
-
-
-def _zero3_frozen(name: str, shape: tuple[int, ...], models: Sequence[_Pickled]) -> Gathered:
+def _zero3_frozen(name: str, shape: tuple[int, ...], models: Sequence[PickledFile]) -> Gathered:
     """A ZeRO-3 frozen parameter: every rank's fragment end to end, cut to its numel (`_zero3_merge_frozen_params`)."""
-    parts = [m.partition(_fragment(m, name), f"frozen_param_fragments['{name}']") for m in models]
+    run = FlatRun.of([m.partition(_fragment(m, name), f"frozen_param_fragments['{name}']") for m in models])
     numel = math.prod(shape)
-    if sum(p.numel for p in parts) < numel or len({p.dtype for p in parts}) != 1:
-        raise SourceError(f"{models[0].file}: frozen_param_fragments['{name}'] hold {sum(p.numel for p in parts)} "
-                          f"elements over the ranks, the shape {list(shape)} needs {numel}; the sizes do not add up")
-    return Gathered(_trim([(p, 0, p.numel) for p in parts], numel), parts[0].dtype, shape)
+    if run.numel < numel or len({p.dtype for p in run.parts}) != 1:
+        raise SourceError(f"{models[0].file}: frozen_param_fragments['{name}'] hold {run.numel} elements over the "
+                          f"ranks, the shape {list(shape)} needs {numel}; the sizes do not add up")
+    return Gathered(tuple(run.cut(0, numel)), run.parts[0].dtype, shape)
 
 
-def _zero2_frozen(name: str, shape: tuple[int, ...], model: _Pickled) -> Stored:
+def _zero2_frozen(name: str, shape: tuple[int, ...], model: PickledFile) -> Stored:
     """A ZeRO-1/2 frozen parameter: stored whole in the model-states file (`_zero2_merge_frozen_params`)."""
     stored = model.stored(_fragment(model, name), f"frozen_param_fragments['{name}']")
     if stored.shape != shape:
@@ -597,10 +441,10 @@ def read_layout(path: Path) -> ZeroLayout:
     """Parse a ZeRO folder (the one holding `latest`, or a tag folder) from its pickles alone."""
     tag_dir, tag = resolve_tag(path)
     optim_paths = _optim_files(tag_dir)
-    first = _read_pickled(optim_paths[0])
+    first = read_pickled(optim_paths[0])
     stage, world_size = _zero_stage(first)
     optim_paths = _rank_files(tag_dir, _OPTIM, "*_optim_states.pt", world_size)
-    optims = [first if p == optim_paths[0] else _read_pickled(p) for p in optim_paths]
+    optims = [first if p == optim_paths[0] else read_pickled(p) for p in optim_paths]
     for pickled in optims[1:]:
         if _zero_stage(pickled) != (stage, world_size):
             raise SourceError(f"{pickled.file}: ZeRO stage/world size {_zero_stage(pickled)}, rank 0 says "
@@ -615,14 +459,16 @@ def read_layout(path: Path) -> ZeroLayout:
         if any(_MODEL2.match(p.name) for p in tag_dir.iterdir()):
             raise SourceError(f"{tag_dir}: holds a ZeRO-2 mp_rank_00_model_states.pt next to a ZeRO-3 checkpoint; "
                               f"files of another run are mixed in")
-    models = [_read_pickled(p) for p in model_paths]
+    models = [read_pickled(p) for p in model_paths]
     return _layout(tag_dir, tag, stage, world_size, optims, models)
 
 
-def _layout(tag_dir: Path, tag: str, stage: int, world_size: int, optims: list[_Pickled],
-            models: list[_Pickled]) -> ZeroLayout:
+def _layout(tag_dir: Path, tag: str, stage: int, world_size: int, optims: list[PickledFile],
+            models: list[PickledFile]) -> ZeroLayout:
     """The entries in zero_to_fp32.py's order: buffers, frozen, trainable, then shared names."""
     rank0 = _model_states(models[0])
+    for other in models[1:]:  # zero_to_fp32 parses (and so checks) every rank's model states
+        _model_states(other)
     shapes = _param_shapes(models[0])
     key = "single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"
     table = _partitions(optims, key)
@@ -631,7 +477,7 @@ def _layout(tag_dir: Path, tag: str, stage: int, world_size: int, optims: list[_
         entries[name] = _zero2_frozen(name, shape, models[0]) if stage <= 2 else _zero3_frozen(name, shape, models)
     if stage <= 2:
         paddings = optims[0].obj["optimizer_state_dict"].get("param_alignment_paddings")
-        trainable = dict(_zero2_entries(shapes, table, paddings, world_size, optims[0].file, models[0].file))
+        trainable = dict(_zero2_entries(shapes, table, paddings, optims[0].file, models[0].file))
     else:
         trainable = dict(_zero3_entries(shapes, table, models[0].file))
     entries.update(trainable)

@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 
 from ckptx.errors import SourceError
 from ckptx.io.open import open_source
-from ckptx.io.zero import RefusedGlobalError, ZeroSource
+from ckptx.io.zero import ZeroSource
+from ckptx.io.zero_pickle import RefusedGlobalError
 from tests.conftest import subprocess_env
 from tests.helpers.deepspeed_train import launch
 
@@ -307,11 +308,17 @@ def test_world_size_mismatch_is_a_one_line_error(zero_run: ZeroRun, tmp_path: Pa
     assert str(folder / TAG) in err and "3 *_optim_states.pt files for world size 2" in err
 
 
-@pytest.mark.parametrize("numel", [261, 255], ids=["more-than-the-partitions-hold", "less"])
+@pytest.mark.parametrize(("name", "model_states", "numel"), [
+    ("zero3-fp32", "zero_pp_rank_0_mp_rank_00_model_states.pt", 261),
+    ("zero3-fp32", "zero_pp_rank_0_mp_rank_00_model_states.pt", 255),
+    # 1545 vector elements in group 1, 1547 after: both 1548 when aligned to 4, so only the end is past
+    ("zero2-fp32", "mp_rank_00_model_states.pt", 261),
+    ("zero2-fp32", "mp_rank_00_model_states.pt", 200),
+], ids=["zero3-more-than-held", "zero3-less", "zero2-past-the-end-within-alignment", "zero2-less"])
 def test_sizes_that_do_not_add_up_are_a_one_line_error(zero_run: ZeroRun, tmp_path: Path, run_cli: Callable,
-                                                       numel: int) -> None:
-    folder = zero_run.copy("zero3-fp32", tmp_path)
-    victim = folder / TAG / "zero_pp_rank_0_mp_rank_00_model_states.pt"  # blocks.0.0.bias has 259 elements
+                                                       name: str, model_states: str, numel: int) -> None:
+    folder = zero_run.copy(name, tmp_path)
+    victim = folder / TAG / model_states  # blocks.0.0.bias has 259 elements
     rewrite_zip(victim, lambda name, data: patch_int_after(data, "param_shapes", "blocks.0.0.bias", numel)
                 if name.endswith("/data.pkl") else data)
     err = one_line_error(run_cli("inspect", folder))
