@@ -7,10 +7,10 @@ source's tensors are what `zero_to_fp32.py` (DeepSpeed 0.19.8, read beside this 
 key and in its order: the buffers (floats as float32), the frozen parameters, the trainable parameters rebuilt
 from the fp32 partitions, then the names of shared (tied) parameters; the optimizer moments are skipped.
 
-Every `.pt` file is a torch zip. Its `data.pkl` is read by the stub unpickler of `torch_zip.py`: tensors become
-references to storage records (byte ranges of the file), never loaded, and the DeepSpeed classes the pickles
-name (`LossScaler`, `ZeroStageEnum`, `fragment_address`, ...) become inert stand-ins. Only the globals in
-`ALLOWED_GLOBALS` are accepted; any other is refused (`RefusedGlobalError`) before anything is called.
+Every `.pt` file is a torch zip whose `data.pkl` is read as data (zero_pickle.py): tensors become byte ranges
+of the file, never loaded; DeepSpeed's classes become inert stand-ins; any global outside the allow-list is
+refused before anything is called. Neither deepspeed nor (until a tensor is loaded) torch is imported, and
+`--allow-global` / `--unsafe-pickle` do not apply. ZeRO-1 folders take the ZeRO-2 path, as in zero_to_fp32.py.
 
 Planning needs only the pickles. `load(key)` reads the byte ranges of one parameter from the partitions with
 pread, so memory is bounded by one parameter:
@@ -305,13 +305,14 @@ def _param_shapes(pickled: PickledFile) -> list[list[tuple[str, tuple[int, ...]]
 class _ModelStates:
     """What zero_to_fp32.py's parse_model_states keeps of the rank-0 model-states file."""
 
-    buffers: list[tuple[str, Stored]]
-    frozen_shapes: list[tuple[str, tuple[int, ...]]]
-    shared: list[tuple[str, str]]
+    buffers: tuple[tuple[str, Stored], ...]
+    frozen_shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    shared: tuple[tuple[str, str], ...]
     ds_version: str | None
 
 
 def _model_states(pickled: PickledFile) -> _ModelStates:
+    """The buffers, frozen shapes, shared names and version of one model-states file (AutoEP refused as zero_to_fp32 does)."""
     obj = pickled.obj
     for key in _AUTOEP_KEYS:
         layers = obj.get(key)
@@ -324,16 +325,16 @@ def _model_states(pickled: PickledFile) -> _ModelStates:
     if not isinstance(names, list) or not isinstance(module, Mapping):
         raise SourceError(f"{pickled.file}: buffer_names or module has the wrong type; not a model-states file")
     wanted = set(names)
-    buffers = [(str(k), pickled.stored(v, f"module['{k}']")) for k, v in module.items() if k in wanted]
+    buffers = tuple((str(k), pickled.stored(v, f"module['{k}']")) for k, v in module.items() if k in wanted)
     frozen = obj.get("frozen_param_shapes")
     if frozen is not None and not isinstance(frozen, Mapping):
         raise SourceError(f"{pickled.file}: frozen_param_shapes is {describe(frozen)}, not a name -> shape dict")
-    frozen_shapes = [(str(k), _shape(pickled, v, f"frozen_param_shapes['{k}']")) for k, v in (frozen or {}).items()]
+    frozen_shapes = tuple((str(k), _shape(pickled, v, f"frozen_param_shapes['{k}']")) for k, v in (frozen or {}).items())
     shared = _key(pickled, obj, "shared_params", "the top level")
     if not isinstance(shared, Mapping):
         raise SourceError(f"{pickled.file}: shared_params is {describe(shared)}, not a name -> name dict")
     version = obj.get("ds_version")
-    return _ModelStates(buffers, frozen_shapes, [(str(k), str(v)) for k, v in shared.items()],
+    return _ModelStates(buffers, frozen_shapes, tuple((str(k), str(v)) for k, v in shared.items()),
                         str(version) if version is not None else None)
 
 

@@ -120,7 +120,7 @@ class PickledFile:
         if not isinstance(ref, TensorRef) or len(ref.shape) != 1 or ref.stride != (1,) and ref.shape[0] > 1:
             raise SourceError(f"{self.file}: {where} is {describe(ref)}, not a flat (1-D, contiguous) tensor; "
                               f"the file is not a ZeRO checkpoint DeepSpeed wrote")
-        start, nbytes, dtype = self._bounds(ref, where, ref.shape[0])
+        start, _, dtype = self._bounds(ref, where, ref.shape[0])
         return Partition(self.file, start, ref.shape[0], dtype)
 
     def stored(self, ref: Any, where: str) -> "Stored":
@@ -187,11 +187,13 @@ def read_pickled(path: Path) -> PickledFile:
 
 
 def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
 def describe(value: Any) -> str:
+    """What a pickled value is, for messages: `a float32 tensor of shape [3] with strides [1]`, `a dict`."""
     if isinstance(value, TensorRef):
         return f"a {value.dtype} tensor of shape {list(value.shape)} with strides {list(value.stride)}"
     return f"a {type(value).__name__}"
