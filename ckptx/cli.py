@@ -261,8 +261,8 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                "extracted_from": src.extracted_from, "tensors": {k: {"shape": list(m.shape), "dtype": m.dtype}
                                                                  for k, m in metas.items()},
                "non_tensors": src.non_tensors, "elements": params, "bytes": nbytes, "metadata": src.file_metadata,
-               "manifest": args.manifest}
-        lines = [f"{src.path}: {src.format}"]
+               "manifest": args.manifest, "description": src.description}
+        lines = [f"{src.path}: {src.format}", *src.description]
         if src.top_level:
             lines.append("top level:")
             lines += [f"  {k}: {v}" for k, v in src.top_level.items()]

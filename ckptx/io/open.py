@@ -11,6 +11,7 @@ from ckptx.io.safetensors_reader import SafetensorsSource
 from ckptx.io.sharded import ShardedSource
 from ckptx.io.source import Source
 from ckptx.io.torch_reader import read_torch
+from ckptx.io.zero import is_zero_folder, open_zero
 
 
 def sniff_format(path: Path) -> str:
@@ -32,12 +33,19 @@ def sniff_format(path: Path) -> str:
 
 def open_source(path: str | Path, extract_paths: Sequence[str] = (), *, allow_globals: Sequence[str] = (),
                 unsafe_pickle: bool = False, where: str = "") -> Source:
-    """Open a checkpoint file lazily; `extract_paths` say where the state dict lives in pickle files."""
+    """Open a checkpoint file lazily; `extract_paths` say where the state dict lives in pickle files.
+
+    A DeepSpeed ZeRO folder (holding `latest`, or a tag folder) opens as its fp32 state dict (io/zero.py);
+    `extract_paths` do not apply to it.
+    """
     p = Path(path)
     if not p.exists():
         raise SourceError(f"{path}: no such file")
     if p.is_dir():
-        raise SourceError(f"{path}: is a folder; give the checkpoint file (or its .index.json)")
+        if is_zero_folder(p):
+            return open_zero(p, str(path))
+        raise SourceError(f"{path}: is a folder; give the checkpoint file (or its .index.json, or a DeepSpeed "
+                          f"checkpoint folder)")
     fmt = sniff_format(p)
     if fmt == "safetensors":
         return SafetensorsSource(p, str(path))

@@ -46,6 +46,7 @@ class Source:
     top_level: dict[str, str] = field(default_factory=dict)
     state_metadata: Any = None
     file_metadata: dict[str, str] = field(default_factory=dict)
+    description: list[str] = field(default_factory=list)  # lines `ckptx inspect` shows (a folder's layout, ...)
 
     def load(self, key: str) -> torch.Tensor:
         """The tensor stored under `key` (materialized from disk or mmap)."""
