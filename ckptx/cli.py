@@ -287,6 +287,10 @@ def _cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     recipe = load_rules(args.rules, params=_key_values(args.params, "--set")) if args.rules else Recipe(name="(none)")
     target = resolve_target(parse_target_arg(args.b, _key_values(args.target_arg, "--target-arg")))
     with open_source(args.a, recipe.extract, allow_globals=args.allow_global, unsafe_pickle=args.unsafe_pickle) as src:
+        if recipe.inferred:  # parameters chosen from A: the one choice that fits B
+            from ckptx.rules.variants import choose_variant  # noqa: PLC0415
+
+            recipe = choose_variant(recipe, src, lambda candidate: target).recipe
         plan = plan_recipe(recipe, src, target=target.tensors)
         report = validate(plan, target)
     lines = [f"A: {args.a}" + (f" after {recipe.name}" if args.rules else ""), f"B: {target.description}"]

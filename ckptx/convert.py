@@ -40,6 +40,7 @@ class ConvertResult:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     verification: Any = None
+    inferred: dict[str, Any] = field(default_factory=dict)  # parameters chosen from the source (rules/variants.py)
 
     @property
     def written(self) -> bool:
@@ -55,6 +56,7 @@ class ConvertResult:
             "plan": self.plan.to_dict(),
             "validation": self.report.to_dict() if self.report else None,
             "verification": self.verification.to_dict() if self.verification is not None else None,
+            "inferred": self.inferred,
         }
 
 
@@ -119,12 +121,17 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
     dst_path = Path(dst) if dst is not None else None
     sharded = max_shard_size is not None
     fmt = check_destination(src_path, dst_path, force=force, sharded=sharded) if dst_path is not None and not dry_run else None
-    spec = target_spec_for(recipe, target, target_args)
+    spec = target_spec_for(recipe, target, target_args) if not recipe.inferred else None
     resolved = resolve_target(spec) if spec is not None else None
     with open_source(src_path, recipe.extract, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle) as source:
+        chosen = choose_for_target(recipe, source, target, target_args) if recipe.inferred else None
+        if chosen is not None:
+            recipe, spec, resolved = chosen.recipe, target_spec_for(chosen.recipe, target, target_args), chosen.target
         plan = plan_recipe(recipe, source, target=resolved.tensors if resolved else None)
         report = validate(plan, resolved) if resolved else None
         result = ConvertResult(plan, report, str(dst_path) if dst_path else None, fmt)
+        if chosen is not None:
+            result.inferred, result.notes = dict(chosen.values), [chosen.note]
         if report is not None and not report.ok and not dry_run:
             raise ValidationFailed(report)
         if dry_run or dst_path is None:
@@ -143,6 +150,25 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
         _verify_then_publish(result, recipe, spec, src_path, write_path, dst_path, allow_globals, unsafe_pickle)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def choose_for_target(recipe: Recipe, source: Source, target: TargetSpec | str | None,
+                      target_args: Mapping[str, Any] | None) -> Any:
+    """Choose `recipe`'s inferred parameters: the one choice whose own target (or `target`) validates."""
+    from ckptx.rules.variants import choose_variant  # noqa: PLC0415
+
+    resolved: dict[str, Target] = {}
+
+    def target_of(candidate: Recipe) -> Target | None:
+        spec = target_spec_for(candidate, target, target_args)
+        if spec is None:
+            return None
+        key = repr(spec)  # an explicit --target is the same for every choice: resolve it once
+        if key not in resolved:
+            resolved[key] = resolve_target(spec)
+        return resolved[key]
+
+    return choose_variant(recipe, source, target_of)
 
 
 def _verify_path(dst: Path) -> Path:
@@ -212,7 +238,10 @@ def provenance(plan: Plan, source: Source) -> dict[str, str]:
 def apply_in_memory(recipe: Recipe, state_dict: Mapping[str, Any], target: Any = None) -> dict[str, torch.Tensor]:
     """Apply a recipe to a state dict in memory; returns the converted state dict."""
     source = MappingSource("<state_dict>", "memory", state_dict)
-    expected = resolve_target(target).tensors if target is not None else None
+    resolved = resolve_target(target) if target is not None else None
+    if recipe.inferred and resolved is not None:
+        recipe = _choose_against(recipe, source, resolved)
+    expected = resolved.tensors if resolved is not None else None
     plan = plan_recipe(recipe, source, target=expected)
     return {entry.key: materialize(entry, source) for entry in plan.entries}
 
@@ -228,6 +257,8 @@ def load_into(model: torch.nn.Module, src: str | Path | Mapping[str, Any], recip
     else:
         source = open_source(src, recipe.extract, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
     with source:
+        if recipe.inferred:
+            recipe = _choose_against(recipe, source, expected)
         plan = plan_recipe(recipe, source, target=expected.tensors)
         report = validate(plan, expected)
         if strict and not report.ok:
@@ -235,3 +266,10 @@ def load_into(model: torch.nn.Module, src: str | Path | Mapping[str, Any], recip
         state = {entry.key: materialize(entry, source) for entry in plan.entries}
         model.load_state_dict(state, strict=strict)
     return report
+
+
+def _choose_against(recipe: Recipe, source: Source, target: Target) -> Recipe:
+    """`recipe` with its inferred parameters chosen so that it fits one fixed target (a live model)."""
+    from ckptx.rules.variants import choose_variant  # noqa: PLC0415
+
+    return choose_variant(recipe, source, lambda candidate: target).recipe

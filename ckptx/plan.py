@@ -14,6 +14,7 @@ from ckptx.ops import STEP_PLANNERS
 from ckptx.ops.registry import KEY_STEPS, PlanContext, PlanEntry, SourceRef, StepOutcome, TensorMeta, ops_of
 from ckptx.rules.recipe import Recipe
 from ckptx.rules.steps import Step
+from ckptx.rules.variants import require_resolved
 
 
 @dataclass
@@ -60,6 +61,7 @@ def plan_recipe(recipe: Recipe, source: Any, *, target: Mapping[str, TensorMeta]
     `observe(index, before, after)` sees each step's entries (`after` is None for a step whose
     `when:` is false); `ckptx invert` uses it to learn the shapes a reverse step must restore.
     """
+    require_resolved(recipe, "planning it as it is (ckptx.convert, load_into and choose_variant choose it)")
     opened = _as_source(source, recipe)
     entries = _source_entries(opened.tensors)
     ctx = PlanContext(target=target, params=recipe.params)
