@@ -212,10 +212,15 @@ class Chosen:
     plan: "Plan"
     report: "ValidationReport"
     search: VariantSearch = field(repr=False)
+    alike: bool = False  # every fitting choice plans the same conversion: the value does not matter here
 
     @property
     def note(self) -> str:
         """`size=tiny chosen from the source: the only one of atto, ... whose target validates (...)`."""
+        if self.alike:
+            names = ", ".join(p.name for p in self.search.params)
+            return (f"{names}: every choice that fits gives the same conversion for {self.report.target}, "
+                    f"so none had to be chosen")
         tried = "; ".join(f"{p.name} among {', '.join(map(str, p.choices))}" for p in self.search.params)
         label = ", ".join(f"{k}={v}" for k, v in self.values.items())
         return (f"{label} chosen from the source ({tried}): the only choice whose target validates "
@@ -262,7 +267,15 @@ def choose_variant(recipe: "Recipe", source: Any, target_of: Callable[["Recipe"]
         if report.ok:
             found.append((values, candidate, target, plan, report))
     search = VariantSearch(recipe.name, tuple(recipe.inferred), tuple(attempts))
-    if len(found) != 1:
+    alike = len(found) > 1 and len({_conversion(f[3]) for f in found}) == 1
+    if len(found) != 1 and not alike:
         raise (AmbiguousVariant if found else NoVariantFits)(search)
     values, candidate, target, plan, report = found[0]
-    return Chosen(candidate, values, target, plan, report, search)
+    return Chosen(candidate, values, target, plan, report, search, alike)
+
+
+def _conversion(plan: "Plan") -> str:
+    """What a plan does, key by key, as one comparable text (for a fixed target: do two choices differ?)."""
+    from ckptx.ops.registry import ops_of  # noqa: PLC0415
+
+    return repr([(e.key, e.sources, tuple(ops_of(e.expr)), e.meta) for e in plan.entries])
