@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ckptx._lazy import lazy_module
 from ckptx import __version__
 from ckptx.errors import DestinationError, ValidationFailed, VerificationFailed
+from ckptx.integrations.hf import FOLDER_FORMAT, is_folder_destination, model_folder, write_model_folder
 from ckptx.io.open import open_source
 from ckptx.io.safetensors_writer import materialize, write_safetensors
 from ckptx.io.sharded_writer import INDEX_SUFFIX, ShardLayout, check_layout, is_index_name, shard_layout, write_sharded
@@ -120,7 +121,10 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
     src_path = Path(src)
     dst_path = Path(dst) if dst is not None else None
     sharded = max_shard_size is not None
-    fmt = check_destination(src_path, dst_path, force=force, sharded=sharded) if dst_path is not None and not dry_run else None
+    fmt = None
+    if dst is not None and not dry_run:  # DIR/ or an existing folder: a HuggingFace model folder
+        fmt = FOLDER_FORMAT if is_folder_destination(dst) else check_destination(src_path, Path(dst), force=force,
+                                                                                  sharded=sharded)
     spec = target_spec_for(recipe, target, target_args) if not recipe.inferred else None
     resolved = resolve_target(spec) if spec is not None else None
     with open_source(src_path, recipe.extract, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle) as source:
@@ -137,7 +141,14 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
         if dry_run or dst_path is None:
             result.seconds = time.perf_counter() - started
             return result
-        if fmt == SHARDED:
+        if fmt == FOLDER_FORMAT:
+            check = partial(_verify, result, recipe, spec, src_path, allow_globals, unsafe_pickle) if verify else None
+            folder, notes = model_folder(dst_path, plan.entries, spec, max_shard_size=max_shard_size, force=force)
+            result.notes += notes + ([f"non-tensor entries dropped: {', '.join(sorted(source.non_tensors))}"]
+                                     if source.non_tensors else [])
+            result.bytes_written = write_model_folder(folder, source, {**provenance(plan, source), **(metadata or {})},
+                                                      progress, check)
+        elif fmt == SHARDED:
             check = partial(_verify, result, recipe, spec, src_path, allow_globals, unsafe_pickle) if verify else None
             layout = shard_layout(dst_path, plan.entries, max_shard_size)
             result.notes += check_layout(layout, force=force)
@@ -146,7 +157,7 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
         else:
             write_path = _verify_path(dst_path) if verify else dst_path
             result.bytes_written = _write(plan, source, write_path, fmt or "safetensors", result.notes, progress, metadata)
-    if verify and fmt != SHARDED:
+    if verify and fmt not in (SHARDED, FOLDER_FORMAT):
         _verify_then_publish(result, recipe, spec, src_path, write_path, dst_path, allow_globals, unsafe_pickle)
     result.seconds = time.perf_counter() - started
     return result
