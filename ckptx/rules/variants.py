@@ -136,13 +136,18 @@ class Attempt:
         """One line: the values and how close they came."""
         if self.error:
             return f"{self.label}: {self.error}"
-        return (f"{self.label}: {self.matched}/{self.target_keys} target keys matched, {self.mismatched} mismatched "
-                f"shapes, {self.missing} missing, {self.unexpected} unexpected")
+        return (f"{self.label}: {self.fitting}/{self.target_keys} target keys fit ({self.mismatched} with another "
+                f"shape, {self.missing} missing), {self.unexpected} unexpected")
+
+    @property
+    def fitting(self) -> int:
+        """Target keys that the plan provides with the right shape."""
+        return self.matched - self.mismatched
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
         return {"values": dict(self.values), "ok": self.ok, "target": self.target, "matched": self.matched,
-                "target_keys": self.target_keys, "mismatched": self.mismatched, "missing": self.missing,
+                "fitting": self.fitting, "target_keys": self.target_keys, "mismatched": self.mismatched, "missing": self.missing,
                 "unexpected": self.unexpected, "error": self.error}
 
 
@@ -168,8 +173,7 @@ class VariantSearch:
         else:
             head = (f"choosing {names} for {self.recipe}: no choice fits the source; tried "
                     f"{len(self.attempts)}, closest first:")
-        ranked = sorted(self.attempts, key=lambda a: (not a.ok, bool(a.error), -(a.matched - a.mismatched),
-                                                      a.missing + a.unexpected))
+        ranked = sorted(self.attempts, key=lambda a: (not a.ok, bool(a.error), -a.fitting, a.missing + a.unexpected))
         lines = [head] + [f"  {a.describe()}" for a in ranked]
         if not fitting:
             lines.append("check that the source is what the recipe expects (`ckptx inspect`), or pass --set "
