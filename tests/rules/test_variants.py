@@ -163,3 +163,9 @@ def test_apply_in_memory_chooses_against_the_given_target() -> None:
     state = {f"module.{k}": v for k, v in tiny_net(2).state_dict().items()}
     out = apply_in_memory(load_rules_text(RECIPE, "r.yaml"), state, tiny_net(2))
     assert sorted(out) == sorted(tiny_net(2).state_dict()) and torch.equal(out["fc.weight"], state["module.fc.weight"])
+
+
+def test_diff_chooses_against_b(run_cli, write_rules, tmp_path: Path) -> None:
+    result = run_cli("diff", _source(tmp_path, 8), "tests.helpers.models:tiny_net", "--target-arg", "channels=8",
+                     "-r", write_rules(RECIPE), "--json")
+    assert result.code == 0 and result.json["ok"], result.out
