@@ -120,12 +120,13 @@ class Attempt:
     missing: int = 0
     unexpected: int = 0
     mismatched: int = 0
-    error: str = ""
+    error: str = ""  # nothing could be planned or resolved: no counts
+    plan_error: str = ""  # the plan failed on the target's shapes; the counts are of the plan without them
 
     @property
     def ok(self) -> bool:
         """True when the plan planned and validated."""
-        return not self.error and not (self.missing or self.unexpected or self.mismatched)
+        return not self.error and not self.plan_error and not (self.missing or self.unexpected or self.mismatched)
 
     @property
     def label(self) -> str:
@@ -136,8 +137,9 @@ class Attempt:
         """One line: the values and how close they came."""
         if self.error:
             return f"{self.label}: {self.error}"
-        return (f"{self.label}: {self.fitting}/{self.target_keys} target keys fit ({self.mismatched} with another "
-                f"shape, {self.missing} missing), {self.unexpected} unexpected")
+        counts = (f"{self.label}: {self.fitting}/{self.target_keys} target keys fit ({self.mismatched} with another "
+                  f"shape, {self.missing} missing), {self.unexpected} unexpected")
+        return f"{counts}; {self.plan_error}" if self.plan_error else counts
 
     @property
     def fitting(self) -> int:
@@ -148,7 +150,7 @@ class Attempt:
         """JSON-ready."""
         return {"values": dict(self.values), "ok": self.ok, "target": self.target, "matched": self.matched,
                 "fitting": self.fitting, "target_keys": self.target_keys, "mismatched": self.mismatched, "missing": self.missing,
-                "unexpected": self.unexpected, "error": self.error}
+                "unexpected": self.unexpected, "error": self.error, "plan_error": self.plan_error}
 
 
 @dataclass(frozen=True)
@@ -243,6 +245,7 @@ def choose_variant(recipe: "Recipe", source: Any, target_of: Callable[["Recipe"]
     `target_of(candidate)` gives the target a resolved candidate must fit (e.g. its own `target:`, or a
     live module). Raises NoVariantFits or AmbiguousVariant (both Rejected, exit 1) with every attempt.
     """
+    from ckptx.errors import PlanError  # noqa: PLC0415
     from ckptx.plan import plan_recipe  # noqa: PLC0415
     from ckptx.target import validate  # noqa: PLC0415
 
@@ -258,17 +261,23 @@ def choose_variant(recipe: "Recipe", source: Any, target_of: Callable[["Recipe"]
             target = target_of(candidate)
             if target is None:
                 raise CkptxError("the recipe has no target to validate against; give --target or set the parameter")
-            plan = plan_recipe(candidate, source, target=target.tensors)
+            plan_error = ""
+            try:
+                plan = plan_recipe(candidate, source, target=target.tensors)
+            except PlanError as exc:  # e.g. `reshape: {shape: target}` that cannot fit: count without those shapes
+                plan_error = f"planning fails: {exc.problems[0].message}" if exc.problems else _first_line(exc)
+                plan = plan_recipe(candidate, source, target={})
             report = validate(plan, target)
         except Rejected:
             raise
         except CkptxError as exc:
-            attempts.append(Attempt(values, error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+            attempts.append(Attempt(values, error=_first_line(exc)))
             continue
         attempts.append(Attempt(values, report.target, report.matched,
                                 report.matched + len(report.missing) + len(report.allowed_missing),
-                                len(report.missing), len(report.unexpected), len(report.shape_mismatches)))
-        if report.ok:
+                                len(report.missing), len(report.unexpected), len(report.shape_mismatches),
+                                plan_error=plan_error))
+        if report.ok and not plan_error:
             found.append((values, candidate, target, plan, report))
     search = VariantSearch(recipe.name, tuple(recipe.inferred), tuple(attempts))
     alike = len(found) > 1 and len({_conversion(f[3]) for f in found}) == 1
@@ -276,6 +285,11 @@ def choose_variant(recipe: "Recipe", source: Any, target_of: Callable[["Recipe"]
         raise (AmbiguousVariant if found else NoVariantFits)(search)
     values, candidate, target, plan, report = found[0]
     return Chosen(candidate, values, target, plan, report, search, alike)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _conversion(plan: "Plan") -> str:
