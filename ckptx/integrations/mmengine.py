@@ -119,11 +119,14 @@ class CkptxInit:
         unsafe_pickle: read pickles with full trust (runs their code).
         strict: raise when anything does not fit (default); False loads what fits.
         backend_args: mmengine file backend arguments for a remote `checkpoint`.
+        map_location: accepted for drop-in compatibility with `Pretrained` and ignored: tensors are read
+            on the CPU and copied into the module wherever it lives.
     """
 
     def __init__(self, checkpoint: str, recipe: str | Sequence[str], prefix: str | None = None,
                  params: Mapping[str, Any] | None = None, allow_globals: Sequence[str] = (),
-                 unsafe_pickle: bool = False, strict: bool = True, backend_args: Mapping[str, Any] | None = None) -> None:
+                 unsafe_pickle: bool = False, strict: bool = True, backend_args: Mapping[str, Any] | None = None,
+                 map_location: str | None = None) -> None:
         if not checkpoint or not recipe:
             raise InitConfigError(f"init_cfg type='{NAME}': give checkpoint=... and recipe=... (a recipe name or path)")
         self.checkpoint = str(checkpoint)
