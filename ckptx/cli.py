@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("-r", "--rules", action="append", required=True, metavar="RULES",
                    help="rule file or shipped recipe name; repeat to compose in order")
-    p.add_argument("-o", "--output", metavar="DST", help="output file (.safetensors, .pth, .pt, .bin), or DIR/ for a HuggingFace model folder "
+    p.add_argument("-o", "--output", metavar="DST",
+                   help="output file (.safetensors, .pth, .pt, .bin), or DIR/ for a HuggingFace model folder "
                         "(config.json + model.safetensors) with a transformers target")
     p.add_argument("--target", metavar="SPEC", help="module:callable, reference checkpoint, or manifest")
     p.add_argument("--target-arg", action="append", default=[], metavar="K=V", help="keyword argument for the target factory")

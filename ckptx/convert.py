@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx import __version__
@@ -22,6 +22,9 @@ from ckptx.rules import Recipe, TargetSpec, load_rules
 from ckptx.target import Target, ValidationReport, parse_target_arg, resolve_target, validate
 
 torch = lazy_module("torch")
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ckptx.rules.variants import Chosen
 
 
 OUTPUT_FORMATS = {".safetensors": "safetensors", ".pth": "torch", ".pt": "torch", ".bin": "torch", ".ckpt": "torch"}
@@ -164,7 +167,7 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
 
 
 def choose_for_target(recipe: Recipe, source: Source, target: TargetSpec | str | None,
-                      target_args: Mapping[str, Any] | None) -> Any:
+                      target_args: Mapping[str, Any] | None) -> "Chosen":
     """Choose `recipe`'s inferred parameters: the one choice whose own target (or `target`) validates."""
     from ckptx.rules.variants import choose_variant  # noqa: PLC0415
 
