@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("-r", "--rules", action="append", required=True, metavar="RULES",
                    help="rule file or shipped recipe name; repeat to compose in order")
-    p.add_argument("-o", "--output", metavar="DST", help="output file (.safetensors, .pth, .pt, .bin)")
+    p.add_argument("-o", "--output", metavar="DST",
+                   help="output file (.safetensors, .pth, .pt, .bin), or DIR/ for a HuggingFace model folder "
+                        "(config.json + model.safetensors) with a transformers target")
     p.add_argument("--target", metavar="SPEC", help="module:callable, reference checkpoint, or manifest")
     p.add_argument("--target-arg", action="append", default=[], metavar="K=V", help="keyword argument for the target factory")
     p.add_argument("--set", action="append", default=[], metavar="K=V", dest="params", help="set a recipe parameter")
@@ -290,6 +292,10 @@ def _cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     recipe = load_rules(args.rules, params=_key_values(args.params, "--set")) if args.rules else Recipe(name="(none)")
     target = resolve_target(parse_target_arg(args.b, _key_values(args.target_arg, "--target-arg")))
     with open_source(args.a, recipe.extract, allow_globals=args.allow_global, unsafe_pickle=args.unsafe_pickle) as src:
+        if recipe.inferred:  # parameters chosen from A: the one choice that fits B
+            from ckptx.variants import choose_variant  # noqa: PLC0415
+
+            recipe = choose_variant(recipe, src, lambda candidate: target).recipe
         plan = plan_recipe(recipe, src, target=target.tensors)
         report = validate(plan, target)
     lines = [f"A: {args.a}" + (f" after {recipe.name}" if args.rules else ""), f"B: {target.description}"]

@@ -11,20 +11,23 @@ from typing import Any, Callable, Mapping, Sequence
 from ckptx._lazy import lazy_module
 from ckptx._version import __version__
 from ckptx.errors import DestinationError, ValidationFailed, VerificationFailed
+from ckptx.integrations.hf import FOLDER_FORMAT, is_folder_destination, model_folder, write_model_folder
 from ckptx.io.open import open_source
-from ckptx.io.safetensors_writer import materialize, write_safetensors
+from ckptx.io.safetensors_writer import write_safetensors
 from ckptx.io.sharded_writer import INDEX_SUFFIX, ShardLayout, check_layout, is_index_name, shard_layout, write_sharded
-from ckptx.io.source import MappingSource, Source
+from ckptx.io.source import Source
 from ckptx.io.torch_writer import write_torch
 from ckptx.plan import Plan, plan_recipe
 from ckptx.rules import Recipe, TargetSpec
 from ckptx.rules.loader import RecipeArg, as_recipe
 from ckptx.reverse import reverse_recipe
-from ckptx.target import parse_target_arg, resolve_target
+from ckptx.target import Target, parse_target_arg, resolve_target
 from ckptx.validate import ValidationReport, validate
+from ckptx.variants import Chosen, choose_variant
 from ckptx.verify import verify_conversion
 
 torch = lazy_module("torch")
+
 
 
 OUTPUT_FORMATS = {".safetensors": "safetensors", ".pth": "torch", ".pt": "torch", ".bin": "torch", ".ckpt": "torch"}
@@ -43,6 +46,7 @@ class ConvertResult:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     verification: Any = None
+    inferred: dict[str, Any] = field(default_factory=dict)  # parameters chosen from the source (rules/variants.py)
 
     @property
     def written(self) -> bool:
@@ -58,6 +62,7 @@ class ConvertResult:
             "plan": self.plan.to_dict(),
             "validation": self.report.to_dict() if self.report else None,
             "verification": self.verification.to_dict() if self.verification is not None else None,
+            "inferred": self.inferred,
         }
 
 
@@ -114,19 +119,34 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
     src_path = Path(src)
     dst_path = Path(dst) if dst is not None else None
     sharded = max_shard_size is not None
-    fmt = check_destination(src_path, dst_path, force=force, sharded=sharded) if dst_path is not None and not dry_run else None
-    spec = target_spec_for(recipe, target, target_args)
+    fmt = None
+    if dst is not None and not dry_run:  # DIR/ or an existing folder: a HuggingFace model folder
+        fmt = FOLDER_FORMAT if is_folder_destination(dst) else check_destination(src_path, Path(dst), force=force,
+                                                                                  sharded=sharded)
+    spec = target_spec_for(recipe, target, target_args) if not recipe.inferred else None
     resolved = resolve_target(spec) if spec is not None else None
     with open_source(src_path, recipe.extract, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle) as source:
+        chosen = choose_for_target(recipe, source, target, target_args) if recipe.inferred else None
+        if chosen is not None:
+            recipe, spec, resolved = chosen.recipe, target_spec_for(chosen.recipe, target, target_args), chosen.target
         plan = plan_recipe(recipe, source, target=resolved.tensors if resolved else None)
         report = validate(plan, resolved) if resolved else None
         result = ConvertResult(plan, report, str(dst_path) if dst_path else None, fmt)
+        if chosen is not None:
+            result.inferred, result.notes = dict(chosen.values), [chosen.note]
         if report is not None and not report.ok and not dry_run:
             raise ValidationFailed(report)
         if dry_run or dst_path is None:
             result.seconds = time.perf_counter() - started
             return result
-        if fmt == SHARDED:
+        if fmt == FOLDER_FORMAT:
+            check = partial(_verify, result, recipe, spec, src_path, allow_globals, unsafe_pickle) if verify else None
+            folder, notes = model_folder(dst_path, plan.entries, spec, max_shard_size=max_shard_size, force=force)
+            result.notes += notes + ([f"non-tensor entries dropped: {', '.join(sorted(source.non_tensors))}"]
+                                     if source.non_tensors else [])
+            result.bytes_written = write_model_folder(folder, source, {**provenance(plan, source), **(metadata or {})},
+                                                      progress, check)
+        elif fmt == SHARDED:
             check = partial(_verify, result, recipe, spec, src_path, allow_globals, unsafe_pickle) if verify else None
             layout = shard_layout(dst_path, plan.entries, max_shard_size)
             result.notes += check_layout(layout, force=force)
@@ -135,10 +155,27 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
         else:
             write_path = _verify_path(dst_path) if verify else dst_path
             result.bytes_written = _write(plan, source, write_path, fmt or "safetensors", result.notes, progress, metadata)
-    if verify and fmt != SHARDED:
+    if verify and fmt not in (SHARDED, FOLDER_FORMAT):
         _verify_then_publish(result, recipe, spec, src_path, write_path, dst_path, allow_globals, unsafe_pickle)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def choose_for_target(recipe: Recipe, source: Source, target: TargetSpec | str | None,
+                      target_args: Mapping[str, Any] | None) -> Chosen:
+    """Choose `recipe`'s inferred parameters: the one choice whose own target (or `target`) validates."""
+    resolved: dict[str, Target] = {}
+
+    def target_of(candidate: Recipe) -> Target | None:
+        spec = target_spec_for(candidate, target, target_args)
+        if spec is None:
+            return None
+        key = repr(spec)  # an explicit --target is the same for every choice: resolve it once
+        if key not in resolved:
+            resolved[key] = resolve_target(spec)
+        return resolved[key]
+
+    return choose_variant(recipe, source, target_of)
 
 
 def _verify_path(dst: Path) -> Path:

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from ckptx.errors import TargetError
+from ckptx.metadevice import schedules_on_cpu
 
 CONVNEXTV2_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
@@ -72,7 +73,8 @@ def mmpretrain_model(config: str, part: str | None = None, num_classes: int | No
         if num_classes is not None:
             model_cfg.head.num_classes = num_classes
         model_cfg.pop("data_preprocessor", None)
-        model = MODELS.build(model_cfg)
+        with schedules_on_cpu():  # drop-path schedules are read with .item(): buildable on the meta device
+            model = MODELS.build(model_cfg)
     return getattr(model, part) if part else model
 
 

@@ -15,6 +15,7 @@ from ckptx.rules import Recipe
 from ckptx.rules.loader import RecipeArg, as_recipe
 from ckptx.target import Target, resolve_target
 from ckptx.validate import ValidationReport, validate
+from ckptx.variants import choose_variant
 
 torch = lazy_module("torch")
 
@@ -27,8 +28,10 @@ def apply(recipe: RecipeArg, checkpoint: Mapping[str, Any], target: Any = None, 
     `extract` finds the weights as for a file); returns the converted state dict."""
     recipe = as_recipe(recipe, params)
     source = memory_source(checkpoint, recipe.extract)
-    expected = resolve_target(target).tensors if target is not None else None
-    plan = plan_recipe(recipe, source, target=expected)
+    resolved = resolve_target(target) if target is not None else None
+    if recipe.inferred and resolved is not None:
+        recipe = choose_variant(recipe, source, lambda candidate: resolved).recipe
+    plan = plan_recipe(recipe, source, target=resolved.tensors if resolved is not None else None)
     return {entry.key: materialize(entry, source) for entry in plan.entries}
 
 
@@ -46,6 +49,8 @@ def load_into(model: torch.nn.Module, src: str | Path | Mapping[str, Any], recip
     source: Source = (memory_source(src, recipe.extract) if isinstance(src, Mapping) else
                       open_source(src, recipe.extract, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle))
     with source:
+        if recipe.inferred:
+            recipe = choose_variant(recipe, source, lambda candidate: expected).recipe
         plan = plan_recipe(recipe, source, target=expected.tensors)
         report = validate(plan, expected)
         if not report.ok and (strict or report.matched == 0):

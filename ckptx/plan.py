@@ -17,6 +17,7 @@ from ckptx.io.source import Source, memory_source
 from ckptx.rules.kinds import STEP_KINDS
 from ckptx.rules.recipe import Recipe
 from ckptx.rules.steps import Step
+from ckptx.rules.variants import require_resolved
 
 
 @dataclass
@@ -63,6 +64,7 @@ def plan_recipe(recipe: Recipe, source: Any, *, target: Mapping[str, TensorMeta]
     `observe(index, before, after)` sees each step's entries (`after` is None for a step whose
     `when:` is false); `ckptx invert` uses it to learn the shapes a reverse step must restore.
     """
+    require_resolved(recipe, "planning it as it is (ckptx.convert, load_into and choose_variant choose it)")
     opened = _as_source(source, recipe)
     entries = _source_entries(opened.tensors)
     ctx = PlanContext(target=target, params=recipe.params)

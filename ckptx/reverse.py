@@ -19,6 +19,7 @@ from ckptx.rules import Recipe, TargetSpec
 from ckptx.rules.flatten import dump
 from ckptx.rules.invert import StepTrace, invert_recipe
 from ckptx.rules.loader import load_rules_text
+from ckptx.rules.variants import require_resolved
 from ckptx.target import parse_target_arg, resolve_target
 
 Original = TargetSpec | str | Mapping[str, Any] | Any
@@ -39,6 +40,7 @@ def reverse_recipe(recipe: Recipe, original: Original | None = None) -> Reversed
 
     `original` (see the module doc) is traced when given; otherwise only if a step needs shapes.
     """
+    require_resolved(recipe, "reversing")
     layout = _layout(original) if original is not None else None
     if layout is None:
         try:

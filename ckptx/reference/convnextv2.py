@@ -131,7 +131,8 @@ class ConvNeXtV2(nn.Module):
             self.downsample_layers.append(downsample_layer)
 
         self.stages = nn.ModuleList()  # 4 feature resolution stages
-        dp_rates = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
+        # on the CPU even under torch.device('meta'), so that the model can be built there
+        dp_rates = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]
         cur = 0
         for i in range(4):
             stage = nn.Sequential(*[Block(dim=dims[i], drop_path=dp_rates[cur + j]) for j in range(depths[i])])

@@ -35,9 +35,12 @@ def flatten(recipe: Recipe) -> dict[str, Any]:
     doc: dict[str, Any] = {"ckptx": 1, "name": recipe.name}
     if recipe.description:
         doc["description"] = recipe.description
+    if recipe.inferred:  # still to be chosen from the source: their `${name}` placeholders stay
+        doc["params"] = {p.name: {"infer": list(p.choices)} for p in recipe.inferred}
     if recipe.extract:
         doc["extract"] = list(recipe.extract)
-    doc["steps"] = [out for out in (_step(s, recipe.params) for s in recipe.steps) if out is not None]
+    pending = {p.name for p in recipe.inferred}
+    doc["steps"] = [out for out in (_step(s, recipe.params, pending) for s in recipe.steps) if out is not None]
     if recipe.target is not None:
         doc["target"] = _target(recipe.target)
     if recipe.verify is not None:
@@ -46,17 +49,22 @@ def flatten(recipe: Recipe) -> dict[str, Any]:
     return doc
 
 
-def _step(step: Step, params: Mapping[str, Any]) -> dict[str, Any] | None:
-    """One step as YAML data; None when its `when: param` condition is false for these params."""
+def _step(step: Step, params: Mapping[str, Any], pending: frozenset[str] | set[str] = frozenset()) -> dict[str, Any] | None:
+    """One step as YAML data; None when its `when: param` condition is false for these params.
+
+    Conditions on `pending` (inferred, not yet chosen) parameters stay in the step."""
     kind = STEP_KINDS[step.op]
     out: dict[str, Any] = {step.op: kind.dump(step.args) if kind.dump is not None else dump_args(step.args)}
     if step.strict:
         out["strict"] = True
     if step.when is not None:
-        if any(params.get(name) != wanted for name, wanted in step.when.params):
+        if any(params.get(name) != wanted for name, wanted in step.when.params if name not in pending):
             return None
         when = {k: _plain(getattr(step.when, k)) for k in ("has_key", "no_key", "extracted_from")
                 if getattr(step.when, k) is not None}
+        kept = {name: wanted for name, wanted in step.when.params if name in pending}
+        if kept:
+            when["param"] = kept
         if when:
             out["when"] = when
     out["comment"] = f"from {step.where}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -11,7 +13,8 @@ from ckptx.errors import Problem, RuleError
 from ckptx.rules.recipe import Recipe, RuleFile, TargetSpec, VerifySpec
 from ckptx.rules.registry import resolve_rule
 from ckptx.rules.schema import schema_problems
-from ckptx.rules.steps import Step, Collector
+from ckptx.rules.steps import Collector, Step
+from ckptx.rules.variants import InferredParam, choice_problems, declare_params
 from ckptx.rules.yamlfile import YamlDocument, load_yaml, parse_yaml
 
 _PARAM = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -42,8 +45,17 @@ def load_rules(refs: str | Path | Sequence[str | Path], *, params: Mapping[str, 
         known = ", ".join(sorted(declared)) or "none"
         problems.append(Problem("--set", f"unknown parameter(s) {', '.join(unknown)}; the recipe declares: {known}"))
     if problems or recipe is None:
-        raise RuleError(problems)
-    return recipe
+        raise RuleError(list(dict.fromkeys(problems)))  # a parent and its child may report one --set twice
+    return _pending(recipe, partial(_load_again, tuple(items), overrides))
+
+
+def _load_again(items: tuple[str | Path, ...], overrides: dict[str, Any], values: Mapping[str, Any]) -> Recipe:
+    return load_rules(items, params={**overrides, **values})
+
+
+def _pending(recipe: Recipe, resolver: Any) -> Recipe:
+    """A recipe with parameters still to be chosen from the source knows how to load itself again."""
+    return replace(recipe, resolver=resolver) if recipe.inferred else recipe
 
 
 RecipeArg = Recipe | str | Path | Sequence[str | Path]
@@ -66,7 +78,10 @@ def load_rules_text(text: str, display: str, *, base_dir: Path | None = None,
     unknown = sorted(set(params or {}) - declared)
     if unknown:
         raise RuleError([Problem("--set", f"unknown parameter(s) {', '.join(unknown)}")])
-    return recipe
+    def again(values: Mapping[str, Any]) -> Recipe:
+        return load_rules_text(text, display, base_dir=base_dir, params={**(params or {}), **values})
+
+    return _pending(recipe, again)
 
 
 def _load_file(path: Path, overrides: dict[str, Any], stack: tuple[Path, ...], declared: set[str], *,
@@ -80,7 +95,7 @@ def _load_file(path: Path, overrides: dict[str, Any], stack: tuple[Path, ...], d
     data = doc.data
     if not isinstance(data, dict):
         raise RuleError([Problem(f"{display}:1:1", "a rule file must be a mapping with at least `ckptx: 1`")])
-    own_defaults = data.get("params") if isinstance(data.get("params"), dict) else {}
+    own_defaults = declare_params(data["params"], doc.where) if isinstance(data.get("params"), dict) else {}
     declared.update(own_defaults)
 
     problems: list[Problem] = []
@@ -100,7 +115,9 @@ def _load_file(path: Path, overrides: dict[str, Any], stack: tuple[Path, ...], d
     values: dict[str, Any] = {}
     for parent in parents:
         values.update(parent.params)
+        values.update((p.name, p) for p in parent.inferred)
     values.update(own_defaults)
+    problems.extend(choice_problems(values, overrides))
     values.update({k: v for k, v in overrides.items() if k in values or k in own_defaults})
     substituted = _substitute(data, values, doc, (), problems)
     doc = YamlDocument(doc.file, substituted, doc.marks, doc.key_marks)
@@ -122,12 +139,14 @@ def _inherit(parent: Recipe, child: Recipe) -> Recipe:
     return Recipe(
         name=child.name, description=child.description or parent.description, extract=combined.extract,
         steps=combined.steps, target=combined.target, verify=combined.verify, params=combined.params,
-        files=combined.files,
+        files=combined.files, inferred=combined.inferred,
     )
 
 
 def _build(doc: YamlDocument, path: Path, values: dict[str, Any], problems: list[Problem], content: bytes) -> Recipe:
     data = doc.data
+    inferred = tuple(v for v in values.values() if isinstance(v, InferredParam))
+    values = {k: v.placeholder if isinstance(v, InferredParam) else v for k, v in values.items()}
     steps = []
     for i, raw in enumerate(data.get("steps") or []):
         step = Step.from_dict(raw, where=doc.where, path=("steps", i), params=values, problems=problems)
@@ -155,6 +174,7 @@ def _build(doc: YamlDocument, path: Path, values: dict[str, Any], problems: list
         verify=verify,
         params=dict(values),
         files=(RuleFile(doc.file, name, digest),),
+        inferred=inferred,
     )
 
 
@@ -169,6 +189,8 @@ def _substitute(value: Any, values: dict[str, Any], doc: YamlDocument, path: tup
     if not isinstance(value, str) or "${" not in value:
         return value
     for name in _PARAM.findall(value):
+        if isinstance(values.get(name), InferredParam):
+            continue  # chosen from the source later: the placeholder stays until then
         if name not in values:
             problems.append(Problem(doc.where(path), f"unknown parameter '${{{name}}}'; declare it under params:"))
             return value
@@ -177,8 +199,10 @@ def _substitute(value: Any, values: dict[str, Any], doc: YamlDocument, path: tup
             return value
     whole = _PARAM.fullmatch(value)
     if whole:
-        return values[whole.group(1)]
-    return _PARAM.sub(lambda m: _to_text(values[m.group(1)]), value)
+        found = values[whole.group(1)]
+        return value if isinstance(found, InferredParam) else found
+    return _PARAM.sub(lambda m: m.group(0) if isinstance(values[m.group(1)], InferredParam)
+                      else _to_text(values[m.group(1)]), value)
 
 
 def _to_text(value: Any) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ckptx.rules.steps import Pattern, Step
+from ckptx.rules.variants import InferredParam, Resolver, compose_resolvers, merge_inferred
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,18 @@ class Recipe:
     verify: VerifySpec | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
     files: tuple[RuleFile, ...] = ()
+    # Parameters still to be chosen from the source (their strings hold `${name}`), and how to load the
+    # recipe again with values for them; see ckptx/rules/variants.py.
+    inferred: tuple[InferredParam, ...] = ()
+    resolver: Resolver | None = field(default=None, compare=False, repr=False)
+
+    def resolve(self, values: Mapping[str, Any]) -> "Recipe":
+        """This recipe loaded again with values for its inferred parameters (itself when it has none)."""
+        if not self.inferred:
+            return self
+        if self.resolver is None:
+            raise ValueError(f"recipe {self.name} has inferred parameters but was not built by load_rules")
+        return self.resolver(values)
 
     def then(self, other: "Recipe") -> "Recipe":
         """This recipe followed by `other`: extract candidates and steps concatenated, target merged."""
@@ -135,6 +148,8 @@ class Recipe:
             verify=verify,
             params={**self.params, **other.params},
             files=tuple(dict.fromkeys(self.files + other.files)),
+            inferred=merge_inferred(self.inferred, other.inferred),
+            resolver=compose_resolvers(self, other),
         )
 
 

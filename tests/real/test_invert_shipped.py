@@ -13,7 +13,7 @@ from ckptx.target import build_model
 from .conftest import require_library
 
 PAIRS = [
-    ("timm/convnextv2-to-hf", "hf/convnextv2-to-timm", {}, ("timm", "hf")),
+    ("timm/convnextv2-to-hf", "hf/convnextv2-to-timm", {"size": "atto"}, ("timm", "hf")),  # size is inferred otherwise
     ("vit/timm-to-hf", "vit/hf-to-timm", {"layers": 2, "image_size": 32, "num_classes": 10}, ("timm", "hf")),
     ("llama/llama-to-fused-qkv", "llama/fused-qkv-to-llama",
      {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 48, "layers": 2, "heads": 4, "kv_heads": 2,
