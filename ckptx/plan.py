@@ -15,9 +15,8 @@ from ckptx.ops.registry import PlanContext, PlanEntry, SourceRef, StepOutcome, T
 from ckptx.io.open import open_source
 from ckptx.io.source import Source, memory_source
 from ckptx.rules.kinds import STEP_KINDS
-from ckptx.rules.recipe import Recipe
+from ckptx.rules.recipe import Recipe, require_resolved
 from ckptx.rules.steps import Step
-from ckptx.rules.variants import require_resolved
 
 
 @dataclass

@@ -19,7 +19,7 @@ from ckptx.rules import Recipe, TargetSpec
 from ckptx.rules.flatten import dump
 from ckptx.rules.invert import StepTrace, invert_recipe
 from ckptx.rules.loader import load_rules_text
-from ckptx.rules.variants import require_resolved
+from ckptx.rules.recipe import require_resolved
 from ckptx.target import parse_target_arg, resolve_target
 
 Original = TargetSpec | str | Mapping[str, Any] | Any

@@ -5,10 +5,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+from ckptx.errors import Problem
 from ckptx.rules.steps import Pattern, Step
-from ckptx.rules.variants import InferredParam, Resolver, compose_resolvers, merge_inferred
+from ckptx.rules.variants import InferredParam, ParamsUnresolved, merge_inferred
+
+
+Resolver = Callable[[Mapping[str, Any]], "Recipe"]
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,32 @@ class Recipe:
             inferred=merge_inferred(self.inferred, other.inferred),
             resolver=compose_resolvers(self, other),
         )
+
+
+def require_resolved(recipe: Recipe, doing: str) -> None:
+    """Raise ParamsUnresolved when `recipe` still has inferred parameters that `doing` cannot choose."""
+    if not recipe.inferred:
+        return
+    raise ParamsUnresolved([Problem(p.where, f"parameter '{p.name}' is chosen from the source (one of "
+                                             f"{', '.join(map(str, p.choices))}) and {doing} cannot choose it; "
+                                             f"pass --set {p.name}=... (params={{'{p.name}': ...}} from Python)")
+                            for p in recipe.inferred])
+
+
+def compose_resolvers(first: Recipe, second: Recipe) -> Resolver | None:
+    """The resolver of `first.then(second)`: each side resolved with its own parameters, then composed."""
+    sides = (first, second)
+    if not any(r.inferred for r in sides) or any(r.inferred and r.resolver is None for r in sides):
+        return None
+
+    def resolve(values: Mapping[str, Any]) -> Recipe:
+        done = []
+        for recipe in sides:
+            names = {p.name for p in recipe.inferred}
+            done.append(recipe.resolve({k: v for k, v in values.items() if k in names}) if names else recipe)
+        return done[0].then(done[1])
+
+    return resolve
 
 
 def _patterns(value: str | list[str] | None) -> tuple[Pattern, ...]:

@@ -9,18 +9,13 @@ lives above those layers). Nothing here imports torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from ckptx.errors import CkptxError, Problem, Rejected, RuleError
+from ckptx.errors import Problem, RuleError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ckptx.rules.recipe import Recipe
-
-__all__ = ["InferredParam", "ParamsUnresolved", "choice_problems", "compose_resolvers", "declare_params",
-           "merge_inferred", "require_resolved"]
+__all__ = ["InferredParam", "ParamsUnresolved", "choice_problems", "declare_params", "merge_inferred"]
 
 INFER = "infer"
-Resolver = Callable[[Mapping[str, Any]], "Recipe"]
 
 
 @dataclass(frozen=True)
@@ -71,34 +66,9 @@ class ParamsUnresolved(RuleError):
     """An operation needs a concrete value for a parameter that is still to be chosen from the source."""
 
 
-def require_resolved(recipe: "Recipe", doing: str) -> None:
-    """Raise ParamsUnresolved when `recipe` still has inferred parameters that `doing` cannot choose."""
-    if not recipe.inferred:
-        return
-    raise ParamsUnresolved([Problem(p.where, f"parameter '{p.name}' is chosen from the source (one of "
-                                             f"{', '.join(map(str, p.choices))}) and {doing} cannot choose it; "
-                                             f"pass --set {p.name}=... (params={{'{p.name}': ...}} from Python)")
-                            for p in recipe.inferred])
-
 
 def merge_inferred(first: Iterable[InferredParam], second: Iterable[InferredParam]) -> tuple[InferredParam, ...]:
     """Both lists, one entry per name (the later declaration wins)."""
     merged = {p.name: p for p in first}
     merged.update((p.name, p) for p in second)
     return tuple(merged.values())
-
-
-def compose_resolvers(first: "Recipe", second: "Recipe") -> Resolver | None:
-    """The resolver of `first.then(second)`: each side resolved with its own parameters, then composed."""
-    sides = (first, second)
-    if not any(r.inferred for r in sides) or any(r.inferred and r.resolver is None for r in sides):
-        return None
-
-    def resolve(values: Mapping[str, Any]) -> "Recipe":
-        done = []
-        for recipe in sides:
-            names = {p.name for p in recipe.inferred}
-            done.append(recipe.resolve({k: v for k, v in values.items() if k in names}) if names else recipe)
-        return done[0].then(done[1])
-
-    return resolve
