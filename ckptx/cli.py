@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", parents=[common, pickle], help="convert a checkpoint with rule files")
     p.add_argument("src")
-    p.add_argument("-r", "--rules", action="append", required=True, metavar="RULES",
-                   help="rule file or shipped recipe name; repeat to compose in order")
+    p.add_argument("-r", "--rules", action="append", default=[], metavar="RULES",
+                   help="rule file or shipped recipe name; repeat to compose in order (none: the tensors as they "
+                        "are, e.g. to change the format)")
     p.add_argument("-o", "--output", metavar="DST",
                    help="output file (.safetensors, .pth, .pt, .bin), or DIR/ for a HuggingFace model folder "
                         "(config.json + model.safetensors) with a transformers target")
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("--extract", action="append", default=[], metavar="PATH", help="where the weights live")
     p.add_argument("--manifest", metavar="OUT", help="write a key -> shape/dtype manifest usable as a target")
+    p.add_argument("--force", action="store_true", help="overwrite an existing manifest file")
 
     p = sub.add_parser("diff", parents=[common, pickle], help="key/shape differences between two checkpoints")
     p.add_argument("a")
@@ -210,11 +212,13 @@ def _progress(err: TextIO, enabled: bool) -> Callable[[int, int], None] | None:
 def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from ckptx.convert import convert  # noqa: PLC0415
     from ckptx.report import human_bytes, render_plan, render_warnings  # noqa: PLC0415
+    from ckptx.rules import Recipe  # noqa: PLC0415
 
     if not args.output and not args.dry_run:
         raise CkptxError("convert: give -o DST (or --dry-run to only plan)")
     show_progress = not args.json and hasattr(err, "isatty") and err.isatty()
-    result = convert(args.src, args.output, args.rules, target=args.target,
+    result = convert(args.src, args.output, args.rules or Recipe(name="(no recipe: tensors as they are)"),
+                     target=args.target,
                      target_args=_key_values(args.target_arg, "--target-arg"), params=_key_values(args.params, "--set"),
                      dry_run=args.dry_run, force=args.force, allow_globals=args.allow_global,
                      unsafe_pickle=args.unsafe_pickle, verify=args.verify, progress=_progress(err, show_progress),
@@ -234,7 +238,8 @@ def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if result.report is not None:
         lines.append(str(result.report))
     else:
-        lines.append("validation: no target given (use --target or `target:` in the recipe)")
+        lines.append("validation: NOT validated: no target was given, so nothing checks that these keys and shapes "
+                     "fit a model (give --target MODEL|CHECKPOINT|MANIFEST, or `target:` in the recipe)")
     lines += [f"note: {n}" for n in result.notes]
     if result.verification is not None:
         lines.append(str(result.verification))
@@ -252,7 +257,11 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from ckptx.io.open import open_source  # noqa: PLC0415
     from ckptx.report import count_params, human_bytes, table  # noqa: PLC0415
     from ckptx.io.manifest import write_manifest  # noqa: PLC0415
+    from ckptx.destination import InputFiles, prepare_folder  # noqa: PLC0415
 
+    if args.manifest:
+        InputFiles.of([args.src]).check(Path(args.manifest), force=args.force, what="the manifest")
+        prepare_folder(Path(args.manifest))
     with open_source(args.src, args.extract, allow_globals=args.allow_global, unsafe_pickle=args.unsafe_pickle) as src:
         metas = src.tensors
         params = count_params(metas.values())

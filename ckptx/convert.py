@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx._version import __version__
+from ckptx.destination import InputFiles, prepare_folder
 from ckptx.errors import DestinationError, ValidationFailed, VerificationFailed
 from ckptx.integrations.hf import FOLDER_FORMAT, is_folder_destination, model_folder, write_model_folder
 from ckptx.io.open import open_source
@@ -75,8 +76,9 @@ def target_spec_for(recipe: Recipe, target: TargetSpec | str | None, target_args
     return spec
 
 
-def check_destination(src: Path, dst: Path, *, force: bool, sharded: bool = False) -> str:
-    """Refuse unsafe destinations; returns the output format chosen from the extension (and `sharded`)."""
+def check_destination(inputs: InputFiles, dst: Path, *, force: bool, sharded: bool = False) -> str:
+    """Refuse unsafe destinations (ckptx/destination.py); returns the output format chosen from the extension
+    (and `sharded`). A missing folder is fine: it is created when the file is written."""
     fmt = SHARDED if is_index_name(dst) else OUTPUT_FORMATS.get(dst.suffix.lower())
     if fmt is None:
         known = ", ".join([*OUTPUT_FORMATS, INDEX_SUFFIX])
@@ -84,14 +86,7 @@ def check_destination(src: Path, dst: Path, *, force: bool, sharded: bool = Fals
     if sharded and fmt not in ("safetensors", SHARDED) or fmt == SHARDED and not dst.name.endswith(INDEX_SUFFIX):
         raise DestinationError(f"{dst}: sharded output is safetensors only; name DST NAME.safetensors or NAME{INDEX_SUFFIX}")
     fmt = SHARDED if sharded else fmt
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise DestinationError(f"{dst}: the destination is the source; write to another file")
-    if dst.is_dir():
-        raise DestinationError(f"{dst}: is a folder; give a file name")
-    if dst.exists() and not force:
-        raise DestinationError(f"{dst}: already exists; pass --force to overwrite it")
-    if not dst.parent.is_dir():
-        raise DestinationError(f"{dst}: folder {dst.parent} does not exist; create it first")
+    inputs.check(dst, force=force)
     return fmt
 
 
@@ -120,8 +115,9 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
     dst_path = Path(dst) if dst is not None else None
     sharded = max_shard_size is not None
     fmt = None
-    if dst is not None and not dry_run:  # DIR/ or an existing folder: a HuggingFace model folder
-        fmt = FOLDER_FORMAT if is_folder_destination(dst) else check_destination(src_path, Path(dst), force=force,
+    inputs = InputFiles.of([src_path])
+    if dst is not None:  # checked in a dry run too, exactly as for a real one; DIR/: a HuggingFace model folder
+        fmt = FOLDER_FORMAT if is_folder_destination(dst) else check_destination(inputs, Path(dst), force=force,
                                                                                   sharded=sharded)
     spec = target_spec_for(recipe, target, target_args) if not recipe.inferred else None
     resolved = resolve_target(spec) if spec is not None else None
@@ -141,7 +137,8 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
             return result
         if fmt == FOLDER_FORMAT:
             check = partial(_verify, result, recipe, spec, src_path, allow_globals, unsafe_pickle) if verify else None
-            folder, notes = model_folder(dst_path, plan.entries, spec, max_shard_size=max_shard_size, force=force)
+            folder, notes = model_folder(dst_path, plan.entries, spec, max_shard_size=max_shard_size, force=force,
+                                         inputs=inputs)
             result.notes += notes + ([f"non-tensor entries dropped: {', '.join(sorted(source.non_tensors))}"]
                                      if source.non_tensors else [])
             result.bytes_written = write_model_folder(folder, source, {**provenance(plan, source), **(metadata or {})},
@@ -149,10 +146,12 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
         elif fmt == SHARDED:
             check = partial(_verify, result, recipe, spec, src_path, allow_globals, unsafe_pickle) if verify else None
             layout = shard_layout(dst_path, plan.entries, max_shard_size)
-            result.notes += check_layout(layout, force=force)
+            result.notes += check_layout(layout, force=force, inputs=inputs)
+            prepare_folder(dst_path)
             result.destination = str(layout.index or dst_path)
             result.bytes_written = _write(plan, source, layout, fmt, result.notes, progress, metadata, check)
         else:
+            prepare_folder(dst_path)
             write_path = _verify_path(dst_path) if verify else dst_path
             result.bytes_written = _write(plan, source, write_path, fmt or "safetensors", result.notes, progress, metadata)
     if verify and fmt not in (SHARDED, FOLDER_FORMAT):

@@ -63,7 +63,7 @@ def test_existing_destination_needs_force(tmp_path: Path, ddp_checkpoint: Path, 
 
 def test_destination_equal_to_source_is_refused(ddp_checkpoint: Path, write_rules: Callable[..., Path]) -> None:
     before = ddp_checkpoint.read_bytes()
-    with pytest.raises(DestinationError, match="the destination is the source"):
+    with pytest.raises(DestinationError, match="the destination is a file of the source checkpoint"):
         ckptx.convert(ddp_checkpoint, ddp_checkpoint, write_rules(STRIP), force=True)
     assert ddp_checkpoint.read_bytes() == before
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from ckptx.destination import InputFiles
 from ckptx.errors import DestinationError
 from ckptx.io.atomic import publish, staging_folder, sync_file
 from ckptx.io.safetensors_writer import Progress, write_body
@@ -57,7 +58,7 @@ class ModelFolder:
 
 
 def model_folder(folder: Path, entries: list[PlanEntry], spec: TargetSpec | None, *,
-                 max_shard_size: int | None, force: bool) -> tuple[ModelFolder, list[str]]:
+                 max_shard_size: int | None, force: bool, inputs: InputFiles) -> tuple[ModelFolder, list[str]]:
     """Lay out the folder for these entries and this (transformers) target; refuse what cannot be written.
 
     Returns the layout and notes. Raises DestinationError when the target is not a transformers model,
@@ -69,10 +70,9 @@ def model_folder(folder: Path, entries: list[PlanEntry], spec: TargetSpec | None
         raise DestinationError(f"{folder}: folder {folder.parent} does not exist; create it first")
     documents = _documents(spec, entries, str(folder))
     layout = shard_layout(folder / WEIGHTS, entries, max_shard_size)
-    notes = check_layout(layout, force=force) if folder.is_dir() else []
-    for path in [folder / name for name in documents] + _replaced(folder):
-        if path.exists() and not force:
-            raise DestinationError(f"{path}: already exists; pass --force to overwrite the model folder")
+    notes = check_layout(layout, force=force, inputs=inputs) if folder.is_dir() else []
+    inputs.check_all([folder / name for name in documents] + _replaced(folder), force=force,
+                     what="a file of the model folder")
     return ModelFolder(folder, layout, documents), notes
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -9,24 +10,63 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
+from ckptx.errors import DestinationError
+
 TEMP_SUFFIX = ".ckptx-partial"
+
+
+_NAME_MAX = 255  # bytes in one path component on Linux and macOS filesystems
+
+
+def temp_prefix(dst: Path) -> str:
+    """The hidden temporary name's prefix for `dst`, short enough that prefix + random part + suffix still fit
+    in one path component (a 242-character destination name would not fit as it is)."""
+    room = _NAME_MAX - len(TEMP_SUFFIX.encode()) - 12  # mkstemp adds 8 random characters
+    name = dst.name
+    while len(f".{name}.".encode()) > room:
+        name = name[: len(name) // 2]
+    return f".{name}."
 
 
 @contextmanager
 def atomic_output(dst: Path) -> Iterator[BinaryIO]:
-    """Yield a file to write; on success it replaces `dst` in one rename, on any failure it vanishes."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=TEMP_SUFFIX, dir=dst.parent)
+    """Yield a file to write; on success it replaces `dst` in one rename, on any failure it vanishes.
+
+    Failures of the file system (disk full, file too large, a read-only folder, no permission) become one
+    DestinationError naming `dst` and the reason."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(dst), suffix=TEMP_SUFFIX, dir=dst.parent)
+    except OSError as exc:
+        raise _write_error(dst, exc) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
             sync_file(handle)
         publish([(Path(tmp), dst)])
+    except OSError as exc:
+        _remove(tmp)
+        raise _write_error(dst, exc) from None
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _remove(tmp)
         raise
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _write_error(dst: Path, exc: OSError) -> DestinationError:
+    """One line for a failed write: where, the system's reason, and that nothing was left behind."""
+    reason = exc.strerror or type(exc).__name__
+    hint = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or write elsewhere",
+            errno.EFBIG: "the file system's file size limit was reached; write to another file system",
+            errno.EROFS: "the folder is on a read-only file system; write elsewhere",
+            errno.EACCES: "no permission to write there; write elsewhere",
+            errno.ENAMETOOLONG: "use a shorter file name"}.get(exc.errno or 0, "check the destination")
+    return DestinationError(f"{dst}: cannot write: {reason}; {hint}; nothing was written")
 
 
 def sync_file(handle: BinaryIO) -> None:
@@ -38,7 +78,10 @@ def sync_file(handle: BinaryIO) -> None:
 @contextmanager
 def staging_folder(dst: Path) -> Iterator[Path]:
     """A hidden folder beside `dst` to write a set of files in; it goes, with whatever is left in it, on exit."""
-    folder = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=TEMP_SUFFIX, dir=dst.parent))
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=temp_prefix(dst), suffix=TEMP_SUFFIX, dir=dst.parent))
+    except OSError as exc:
+        raise _write_error(dst, exc) from None
     try:
         yield folder
     finally:

@@ -10,6 +10,7 @@ import yaml
 
 from ckptx.dtypes import TensorMeta
 from ckptx.errors import TargetError
+from ckptx.io.atomic import atomic_output
 
 __all__ = ["MANIFEST_VERSION", "read_manifest", "write_manifest"]
 
@@ -20,7 +21,8 @@ def write_manifest(path: Path, tensors: Mapping[str, TensorMeta], *, source: str
     """Write a manifest (JSON) of key -> shape/dtype that can serve as a target."""
     doc = {"ckptx_manifest": MANIFEST_VERSION, "source": source,
            "tensors": {k: {"shape": list(m.shape), "dtype": m.dtype} for k, m in tensors.items()}}
-    path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    with atomic_output(path) as out:
+        out.write((json.dumps(doc, indent=1) + "\n").encode("utf-8"))
 
 
 def read_manifest(path: Path) -> dict[str, TensorMeta]:

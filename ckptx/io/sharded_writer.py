@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from ckptx.destination import InputFiles
 from ckptx.errors import DestinationError
 from ckptx.io.atomic import publish, staging_folder, sync_file
 from ckptx.io.safetensors_writer import Progress, write_body
@@ -81,13 +82,10 @@ def shard_layout(dst: Path, entries: Sequence[PlanEntry], max_size: int | None) 
     return ShardLayout(files, index, [dst] if dst != index else [])
 
 
-def check_layout(layout: ShardLayout, *, force: bool) -> list[str]:
-    """Refuse to overwrite without `force`; returns notes about older shards of the same name left in place."""
-    for path in layout.paths + layout.replaces:
-        if path.exists() and not force:
-            raise DestinationError(f"{path}: already exists; pass --force to overwrite it")
-        if path.is_dir():
-            raise DestinationError(f"{path}: is a folder; choose another destination name")
+def check_layout(layout: ShardLayout, *, force: bool, inputs: InputFiles) -> list[str]:
+    """Refuse to write over an input file, a folder, or without `force` an existing file (ckptx/destination.py);
+    returns notes about older shards of the same name left in place."""
+    inputs.check_all(layout.paths + layout.replaces, force=force, what="an output shard or index")
     if layout.index is None:
         return []
     stem = layout.index.name[: -len(INDEX_SUFFIX)]
