@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-arg", action="append", default=[], metavar="K=V", help="keyword argument for the target factory")
     p.add_argument("--set", action="append", default=[], metavar="K=V", dest="params", help="set a recipe parameter")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the validation report; write nothing")
+    p.add_argument("--explain", action="store_true", help="print the plan table with the rule that made each key")
     p.add_argument("--force", action="store_true", help="overwrite an existing destination")
     p.add_argument("--verify", action="store_true", help="after writing, compare source and target model outputs")
     p.add_argument("--reverse", action="store_true",
@@ -230,8 +231,8 @@ def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if ignored:
         lines.append(f"ignored top-level entries: {', '.join(ignored)}")
     lines.append(f"recipe: {plan.recipe.name} ({', '.join(f.path for f in plan.recipe.files)})")
-    if args.dry_run:
-        lines.append(render_plan(plan))
+    if args.dry_run or args.explain:
+        lines.append(render_plan(plan, explain=args.explain))
     lines.append(f"plan: {len(plan.entries)} tensors out, {len(plan.dropped)} dropped")
     if plan.warnings:
         lines.append(render_warnings(plan.warnings))

@@ -53,14 +53,17 @@ def count_params(metas: Iterable[TensorMeta]) -> int:
     return sum(m.numel for m in metas)
 
 
-def render_plan(plan: "Plan") -> str:
-    """The plan as a table: target key, shape, dtype, source key(s), ops."""
+def render_plan(plan: "Plan", *, explain: bool = False) -> str:
+    """The plan as a table: target key, shape, dtype, source key(s), ops; with `explain`, also the rules (file,
+    line and step, a rename's row) that made each key."""
     rows = []
     for entry in plan.entries:
         sources = ", ".join(entry.sources)
-        rows.append([entry.key, "x".join(map(str, entry.meta.shape)) or "scalar", entry.meta.dtype,
-                     "=" if sources == entry.key else sources, " -> ".join(ops_of(entry.expr))])
-    out = [table(rows, ["target key", "shape", "dtype", "from", "ops"])]
+        row = [entry.key, "x".join(map(str, entry.meta.shape)) or "scalar", entry.meta.dtype,
+               "=" if sources == entry.key else sources, " -> ".join(ops_of(entry.expr))]
+        rows.append(row + ["; ".join(entry.steps) or "(unchanged)"] if explain else row)
+    header = ["target key", "shape", "dtype", "from", "ops"] + (["by"] if explain else [])
+    out = [table(rows, header)]
     by_step: dict[str, list[str]] = {}
     for key, where in plan.dropped:
         by_step.setdefault(where, []).append(key)

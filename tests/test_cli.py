@@ -215,3 +215,12 @@ def test_inspect_counts_tensors_nested_in_an_optimizer_state(tmp_path: Path, tin
     result = run_cli("inspect", path)
     assert f"optimizer: dict (2 entries, {moments} tensors)" in result.out and moments > 10
     assert "elements (parameters and buffers)" in result.out
+
+
+def test_explain_names_the_rule_row_that_made_each_key(run_cli, ddp_checkpoint: Path, write_rules, tmp_path) -> None:
+    rules = write_rules("ckptx: 1\nextract: [model]\nsteps:\n  - strip_prefix: module.\n"
+                        "  - rename: [['^conv\\.', 'stem.'], ['^fc\\.', 'head.']]\n")
+    result = run_cli("convert", ddp_checkpoint, "-r", rules, "-o", tmp_path / "o.safetensors", "--explain")
+    row = next(line for line in result.out.splitlines() if line.startswith("stem.weight"))
+    assert "steps[0].strip_prefix" in row and "rules.yaml:5:14 steps[1].rename[0]" in row
+    assert "(unchanged)" not in row and result.code == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,4 +119,16 @@ def resolve_rule(ref: str | Path, *, base_dir: Path | None = None, where: str = 
         raise RuleError([Problem(place, f"recipe name '{name}' is provided by several packs; pick one of {choices}")])
     if candidate.suffix in (".yaml", ".yml") or "/" in text and Path(text).parent.is_dir():
         raise RuleError([Problem(place, f"no such rule file: {candidate}" if where else "no such rule file")])
-    raise RuleError([Problem(place, f"no rule file or shipped recipe named '{text}'; see `ckptx rules list`")])
+    raise RuleError([Problem(place, f"no rule file or shipped recipe named '{text}'; "
+                                    f"{_did_you_mean(name)}see `ckptx rules list`")])
+
+
+def _did_you_mean(name: str) -> str:
+    """`did you mean 'common/strip-module-prefix'? ` for the closest recipe names (by the whole name or its last
+    part), or nothing."""
+    names = sorted({r.name for r in list_recipes()})
+    close = difflib.get_close_matches(name, names, n=2, cutoff=0.6)
+    tails = {n.rsplit("/", 1)[-1]: n for n in names}
+    close += [tails[m] for m in difflib.get_close_matches(name.rsplit("/", 1)[-1], list(tails), n=2, cutoff=0.75)
+              if tails[m] not in close]
+    return f"did you mean {' or '.join(repr(c) for c in close[:2])}? " if close else ""

@@ -60,3 +60,16 @@ def test_param_without_value_is_an_error(write_rules: Callable[..., Path]) -> No
 def test_missing_rule_file_is_named() -> None:
     with pytest.raises(RuleError, match="^nowhere/x.yaml: no such rule file$"):
         load_rules("nowhere/x.yaml")
+
+
+@pytest.mark.parametrize("typed,meant", [("convnextv2/oficial-to-timm", "convnextv2/official-to-timm"),
+                                         ("strip-module-prefix", "common/strip-module-prefix")])
+def test_a_mistyped_recipe_name_gets_did_you_mean(typed: str, meant: str) -> None:
+    with pytest.raises(RuleError, match=f"did you mean '{meant}'"):
+        load_rules(typed)
+
+
+def test_an_unrelated_name_gets_no_guess() -> None:
+    with pytest.raises(RuleError) as caught:
+        load_rules("nothing-like-it")
+    assert "did you mean" not in str(caught.value)

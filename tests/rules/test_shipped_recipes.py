@@ -62,4 +62,5 @@ def test_name_works_from_any_folder(run_cli, tmp_path: Path, ddp_checkpoint: Pat
 
 def test_unknown_name_suggests_rules_list(run_cli) -> None:
     result = run_cli("lint", "convnextv2/official-to-tim")
-    assert "no rule file or shipped recipe named 'convnextv2/official-to-tim'; see `ckptx rules list`" in result.out
+    assert ("no rule file or shipped recipe named 'convnextv2/official-to-tim'; did you mean 'convnextv2/official-to-timm'"
+            in result.out and "see `ckptx rules list`" in result.out)
