@@ -10,7 +10,10 @@ from ckptx._lazy import lazy_module
 from ckptx.errors import CkptxError, TargetError
 from ckptx.dtypes import torch_dtype
 from ckptx.io.open import open_source
-from ckptx.rules import Recipe, TargetSpec, VerifySpec
+from ckptx.io.safetensors_writer import materialize
+from ckptx.io.source import Source
+from ckptx.plan import plan_recipe
+from ckptx.rules import Recipe, TargetSpec, VerifySpec, load_rules
 from ckptx.target import build_model
 
 torch = lazy_module("torch")
@@ -53,11 +56,14 @@ def verify_conversion(recipe: Recipe, target: TargetSpec | None, src: Path, conv
     where = spec.where or "verify"
     source_model = build_model(spec.source_model, spec.source_kwargs, where, device="cpu")
     with open_source(src, recipe.extract, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle) as source:
-        _load_strict(source_model, {k: source.load(k) for k in source.tensors}, f"{where}.source_model", spec.source_model)
+        _load_strict(source_model, _source_state(source, spec), f"{where}.source_model", spec.source_model,
+                     _prefix_hint(spec))
     target_model = build_model(target.model, target.kwargs, target.where or "target", device="cpu")
     with open_source(converted) as output:
-        _load_strict(target_model, {k: output.load(k) for k in output.tensors}, "target", target.model)
-    expected, actual = _run(source_model, spec), _run(target_model, spec)
+        _load_strict(target_model, {k: output.load(k) for k in output.tensors}, "target", target.model, "")
+    expected = _run(source_model, spec)
+    _require_finite(expected, f"{where}.source_model", spec.source_model)
+    actual = _run(target_model, spec)
     if expected.shape != actual.shape:
         raise TargetError(f"{where}: the source model returns shape {list(expected.shape)} but the target model "
                           f"{list(actual.shape)}; set `output:` to the comparable output")
@@ -67,12 +73,42 @@ def verify_conversion(recipe: Recipe, target: TargetSpec | None, src: Path, conv
                               spec.source_model, target.model)
 
 
-def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, name: str) -> None:
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[:3]
-        raise TargetError(f"{where}: {name} does not load the weights strictly: {' '.join(first)}") from None
+def _source_state(source: Source, spec: VerifySpec) -> dict[str, torch.Tensor]:
+    """The source weights as the source model takes them: `verify.source_rules` applied (a DDP `module.` prefix
+    stripped, ...), else as extracted."""
+    if not spec.source_rules:
+        return {k: source.load(k) for k in source.tensors}
+    plan = plan_recipe(load_rules(list(spec.source_rules)), source)
+    return {entry.key: materialize(entry, source) for entry in plan.entries}
+
+
+def _prefix_hint(spec: VerifySpec) -> str:
+    return "" if spec.source_rules else "; add `source_rules: [common/strip-module-prefix]` (or another recipe) to verify"
+
+
+def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, name: str, hint: str) -> None:
+    """Load `state` strictly; when it does not fit, one line with the counts and an example of each problem (not
+    torch's message, which lists every key)."""
+    wanted = model.state_dict()
+    missing = [k for k in wanted if k not in state]
+    unexpected = [k for k in state if k not in wanted]
+    mismatched = [k for k in wanted if k in state and tuple(state[k].shape) != tuple(wanted[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = [f"{len(found)} {what} (e.g. {found[0]!r})" for what, found in
+                 (("missing", missing), ("unexpected", unexpected), ("with another shape", mismatched)) if found]
+        raise TargetError(f"{where}: {name} does not load the weights strictly: {', '.join(parts)}"
+                          f"{hint if unexpected and missing else ''}")
+    model.load_state_dict(state, strict=True)
+
+
+def _require_finite(output: torch.Tensor, where: str, name: str) -> None:
+    """The source model's own output must be finite: NaN or inf there means the source checkpoint (not the
+    conversion) is broken, and comparing would prove nothing."""
+    bad = int((~torch.isfinite(output)).sum()) if output.is_floating_point() else 0
+    if bad:
+        raise TargetError(f"{where}: {name} itself outputs {bad} non-finite value(s) (NaN or inf) of "
+                          f"{output.numel()} on the seeded input: the source checkpoint, not the conversion, is at "
+                          f"fault; nothing was compared")
 
 
 def _run(model: torch.nn.Module, spec: VerifySpec) -> torch.Tensor:

@@ -192,16 +192,17 @@ def test_interrupt_exit_130_and_nothing_written(run_cli, tmp_path: Path, ddp_che
     assert not dst.exists()
 
 
-def test_verify_json_with_nan_outputs_is_valid_json(tmp_path: Path, tiny_state: dict, write_rules, run_cli) -> None:
-    """NaN weights give NaN outputs on both sides; the JSON report stays strict JSON (no bare NaN)."""
+def test_verify_json_with_nan_source_outputs_is_valid_json_and_blames_the_source(tmp_path: Path, tiny_state: dict, write_rules, run_cli) -> None:
+    """NaN weights: the source model itself outputs NaN, which --verify reports in one line as the source's fault;
+    the JSON stays strict JSON (no bare NaN)."""
     src = tmp_path / "nan.safetensors"
     save_file({k: (v.float() * float("nan")).to(v.dtype) if v.is_floating_point() else v
                for k, v in tiny_state.items()}, str(src))
     rules = write_rules("ckptx: 1\ntarget: {model: 'tests.helpers.models:tiny_net'}\n"
                         "verify: {source_model: 'tests.helpers.models:tiny_net', input_shape: [2, 3, 8, 8]}\nsteps: []\n")
     result = run_cli("convert", src, "-r", rules, "-o", tmp_path / "out.safetensors", "--verify", "--json")
-    assert "NaN" not in result.out
-    json.loads(result.out, parse_constant=lambda name: pytest.fail(f"bare {name} in JSON"))
+    doc = json.loads(result.out, parse_constant=lambda name: pytest.fail(f"bare {name} in JSON"))
+    assert result.code == 2 and "itself outputs" in doc["error"]["message"] and not (tmp_path / "out.safetensors").exists()
 
 
 def test_inspect_counts_tensors_nested_in_an_optimizer_state(tmp_path: Path, tiny_state: dict, run_cli) -> None:
@@ -224,3 +225,20 @@ def test_explain_names_the_rule_row_that_made_each_key(run_cli, ddp_checkpoint: 
     row = next(line for line in result.out.splitlines() if line.startswith("stem.weight"))
     assert "steps[0].strip_prefix" in row and "rules.yaml:5:14 steps[1].rename[0]" in row
     assert "(unchanged)" not in row and result.code == 0
+
+
+def test_verify_adapts_the_source_keys_with_source_rules(run_cli, ddp_checkpoint: Path, write_rules, tmp_path) -> None:
+    """A DDP-prefixed checkpoint verified against a plain source model: `source_rules` strips the prefix; without
+    them the failure is one line that says what to add."""
+    body = ("ckptx: 1\nextract: [model]\nsteps: [{strip_prefix: module.}]\n"
+            "target: {model: 'tests.helpers.models:tiny_net'}\n"
+            "verify: {source_model: 'tests.helpers.models:tiny_net', input_shape: [2, 3, 8, 8]%s}\n")
+    plain = run_cli("convert", ddp_checkpoint, "-r", write_rules(body % "", "plain.yaml"), "-o", tmp_path / "a.safetensors",
+                    "--verify")
+    assert plain.code == 2 and len(plain.err.splitlines()) == 1
+    assert "missing (e.g. 'conv.weight')" in plain.err and "source_rules: [common/strip-module-prefix]" in plain.err
+    adapted = run_cli("convert", ddp_checkpoint, "-r",
+                      write_rules(body % ", source_rules: common/strip-module-prefix", "adapted.yaml"),
+                      "-o", tmp_path / "b.safetensors", "--verify")
+    assert adapted.code == 0, adapted.err
+    assert "verification: OK" in adapted.out

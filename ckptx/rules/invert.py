@@ -81,6 +81,7 @@ def _swapped_target_and_verify(recipe: Recipe) -> Doc:
     if verify is not None and target is not None and target.model:
         flat = flatten(recipe)["verify"]
         flat.update(source_model=target.model, source_kwargs=dict(target.kwargs))
+        flat.pop("source_rules", None)  # they adapted the forward's source; the reverse's source is its output
         out["verify"] = flat
     return out
 

@@ -161,7 +161,8 @@ def _build(doc: YamlDocument, path: Path, values: dict[str, Any], problems: list
         problems.extend(collector.problems)
         if not collector.problems:
             target = TargetSpec.from_dict(data["target"], base_dir=path.parent, where=doc.where(("target",)))
-    verify = VerifySpec.from_dict(data["verify"], where=doc.where(("verify",))) if "verify" in data else None
+    verify = (VerifySpec.from_dict(data["verify"], where=doc.where(("verify",)), base_dir=path.parent)
+              if "verify" in data else None)
     extract = data.get("extract", ())
     digest = hashlib.sha256(content).hexdigest()
     name = data.get("name") or path.stem

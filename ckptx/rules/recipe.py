@@ -91,13 +91,19 @@ class VerifySpec:
     atol: float = 1e-4
     rtol: float = 1e-4
     output: str | None = None
+    source_rules: tuple[str, ...] = ()
     where: str = ""
     given: frozenset[str] = field(default=frozenset(), compare=False)  # the keys the file wrote
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, where: str) -> "VerifySpec":
-        """Build from a schema-valid `verify:` mapping."""
+    def from_dict(cls, data: Mapping[str, Any], *, where: str, base_dir: Path | None = None) -> "VerifySpec":
+        """Build from a schema-valid `verify:` mapping; `source_rules` paths are taken from `base_dir`."""
+        rules = data.get("source_rules") or ()
+        rules = (rules,) if isinstance(rules, str) else tuple(rules)
+        if base_dir is not None:
+            rules = tuple(str(base_dir / r) if (base_dir / r).is_file() else r for r in rules)
         return cls(
+            source_rules=rules,
             given=frozenset(data),
             source_model=data["source_model"],
             input_shape=tuple(data["input_shape"]),
