@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from ckptx.ops.registry import TensorMeta, ops_of
+from ckptx.text import printable, shown
 
 if TYPE_CHECKING:  # pragma: no cover
     from ckptx.plan import Plan
@@ -13,7 +14,9 @@ SHOWN = 20
 
 
 def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
-    """A plain text table with aligned columns."""
+    """A plain text table with aligned columns; a cell can never break its row (control characters escaped)."""
+    header = [printable(str(c), keep_lines=False) for c in header]
+    rows = [[printable(str(c), keep_lines=False) for c in r] for r in rows]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
@@ -39,9 +42,9 @@ def render_plan(plan: "Plan") -> str:
     """The plan as a table: target key, shape, dtype, source key(s), ops."""
     rows = []
     for entry in plan.entries:
-        sources = ", ".join(entry.sources)
-        rows.append([entry.key, "x".join(map(str, entry.meta.shape)) or "scalar", entry.meta.dtype,
-                     "=" if sources == entry.key else sources, " -> ".join(ops_of(entry.expr))])
+        sources = ", ".join(map(shown, entry.sources))
+        rows.append([shown(entry.key), "x".join(map(str, entry.meta.shape)) or "scalar", entry.meta.dtype,
+                     "=" if tuple(entry.sources) == (entry.key,) else sources, " -> ".join(ops_of(entry.expr))])
     out = [table(rows, ["target key", "shape", "dtype", "from", "ops"])]
     if plan.dropped:
         out.append(f"dropped {len(plan.dropped)} key(s): " + short_list(k for k, _ in plan.dropped))
@@ -54,7 +57,7 @@ def render_warnings(warnings: Iterable[object]) -> str:
 
 
 def short_list(keys: Iterable[str], limit: int = 6) -> str:
-    """The first `limit` keys, comma-separated, and how many more."""
-    items = list(keys)
+    """The first `limit` keys (escaped for printing), comma-separated, and how many more."""
+    items = [shown(k) for k in keys]
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
