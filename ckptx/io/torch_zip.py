@@ -51,7 +51,8 @@ def check_archive(path: Path, display: str) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, struct.error, ValueError, EOFError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, struct.error, ValueError, EOFError, NotImplementedError,
+            OverflowError) as exc:
         raise SourceError(f"{display}: not a readable torch checkpoint: the zip archive is truncated or corrupt "
                           f"({exc}); download or save it again") from None
     if not infos or min(i.header_offset for i in infos) != 0:
