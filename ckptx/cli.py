@@ -7,14 +7,16 @@ import json
 import sys
 import time
 import traceback
+from warnings import WarningMessage, catch_warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 import yaml
 
 from ckptx._version import __version__
-from ckptx.errors import CkptxError, Rejected, RuleError
+from ckptx.errors import CkptxError, PlanError, Rejected, RuleError
 from ckptx.report import json_text
+from ckptx.text import printable, quoted, shown
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -112,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 validation failed, 2 bad input, 3 bug, 130 interrupted)."""
+    """Run the CLI; returns the exit code (0 ok, 1 validation failed, 2 bad input, 3 bug, 130 interrupted).
+
+    Warnings raised while a command runs (torch's `UserWarning`s, for one) are captured: they become `note:`
+    lines on stderr after the command's output, and are left out when the command fails with bad input, whose
+    error stays one line (`--debug` shows them). Filters such as `-W error` still apply.
+    """
     out, err = stdout or sys.stdout, stderr or sys.stderr
     args_list = list(sys.argv[1:] if argv is None else argv)
     as_json = "--json" in args_list
@@ -123,6 +130,15 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
         return _fail(out, err, as_json, EXIT_USAGE, "usage", str(exc) + " (see ckptx --help)")
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0)
+    with catch_warnings(record=True) as caught:
+        code = _run(args, out, err, as_json, debug)
+    if code != EXIT_USAGE or debug:
+        _write_warnings(err, caught)
+    return code
+
+
+def _run(args: argparse.Namespace, out: TextIO, err: TextIO, as_json: bool, debug: bool) -> int:
+    """One command, every outcome turned into an exit code and its presentation."""
     try:
         return _COMMANDS[args.command](args, out, err)
     except Rejected as exc:
@@ -130,12 +146,13 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
             document = {"ok": False, exc.kind: exc.outcome.to_dict(), "written": False}  # type: ignore[attr-defined]
             out.write(json_text(document) + "\n")
         else:
-            out.write(f"{exc.outcome}\nnothing was written\n")
+            out.write(printable(f"{exc.outcome}\nnothing was written") + "\n")
         return EXIT_INVALID
     except CkptxError as exc:
         if debug:
             traceback.print_exc(file=err)
-        return _fail(out, err, as_json, exc.exit_code, type(exc).__name__, str(exc))
+        problems = [str(p) for p in exc.problems] if isinstance(exc, (RuleError, PlanError)) else None
+        return _fail(out, err, as_json, exc.exit_code, type(exc).__name__, str(exc), problems)
     except KeyboardInterrupt:
         err.write("ckptx: interrupted; nothing was written\n")
         return EXIT_INTERRUPTED
@@ -145,18 +162,29 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
                                                               "this is a bug in ckptx, please report it with the traceback above")
 
 
-def _fail(out: TextIO, err: TextIO, as_json: bool, code: int, kind: str, message: str) -> int:
+def _write_warnings(err: TextIO, caught: Sequence[WarningMessage]) -> None:
+    """Each distinct captured warning as one `note:` line."""
+    seen = set()
+    for warning in caught:
+        text = str(warning.message).strip()
+        line = f"note: {warning.category.__name__}: {text.splitlines()[0] if text else ''}"
+        if line not in seen:
+            seen.add(line)
+            err.write(printable(line, keep_lines=False) + "\n")
+
+
+def _fail(out: TextIO, err: TextIO, as_json: bool, code: int, kind: str, message: str,
+          problems: Sequence[str] | None = None) -> int:
+    """Present an error: one line (or one line per problem), every untrusted character escaped."""
+    lines = [printable(p, keep_lines=False) for p in (problems if problems is not None else [message])]
     if as_json:
-        lines = message.splitlines()
         out.write(json_text({"ok": False, "error": {"type": kind, "message": message, "problems": lines,
                                                      "exit_code": code}}) + "\n")
+    elif len(lines) > 1:
+        err.write(f"ckptx: error: {len(lines)} problems\n" + "\n".join(lines) + "\n")
     else:
-        prefix = "" if message.startswith("ckptx") else "ckptx: error: "
-        lines = message.splitlines() or [message]
-        if len(lines) > 1:
-            err.write(f"ckptx: error: {len(lines)} problems\n" + "\n".join(lines) + "\n")
-        else:
-            err.write(prefix + message + "\n")
+        text = lines[0] if lines else ""
+        err.write(("" if text.startswith("ckptx") else "ckptx: error: ") + text + "\n")
     return code
 
 
@@ -183,7 +211,7 @@ def _size(text: str) -> int:
 
 
 def _emit(out: TextIO, as_json: bool, document: dict[str, Any], text: str) -> None:
-    out.write(json_text(document) + "\n" if as_json else text + ("\n" if text else ""))
+    out.write(json_text(document) + "\n" if as_json else printable(text) + ("\n" if text else ""))
 
 
 def _progress(err: TextIO, enabled: bool) -> Callable[[int, int], None] | None:
@@ -225,11 +253,11 @@ def _cmd_convert(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                      unsafe_pickle=args.unsafe_pickle, verify=args.verify, progress=_progress(err, show_progress),
                      max_shard_size=args.max_shard_size, reverse=args.reverse)
     plan, source = result.plan, result.plan.source
-    lines = [f"source: {source.path} ({source.format}), weights at '{source.extracted_from}': "
+    lines = [f"source: {source.path} ({source.format}), weights at {quoted(source.extracted_from)}: "
              f"{len(source.tensors)} tensors"]
     ignored = [k for k in source.top_level if k != source.extracted_from.split(".")[0]]
     if ignored:
-        lines.append(f"ignored top-level entries: {', '.join(ignored)}")
+        lines.append(f"ignored top-level entries: {', '.join(map(shown, ignored))}")
     lines.append(f"recipe: {plan.recipe.name} ({', '.join(f.path for f in plan.recipe.files)})")
     if args.dry_run or args.explain:
         lines.append(render_plan(plan, explain=args.explain))
@@ -277,14 +305,14 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         lines = [f"{src.path}: {src.format}", *src.description]
         if src.top_level:
             lines.append("top level:")
-            lines += [f"  {k}: {v}" for k, v in src.top_level.items()]
-        lines.append(f"weights at '{src.extracted_from}': {len(metas)} tensors, {params:,} elements (parameters and "
-                     f"buffers), {human_bytes(nbytes)}")
+            lines += [f"  {shown(k)}: {shown(v)}" for k, v in src.top_level.items()]
+        lines.append(f"weights at {quoted(src.extracted_from)}: {len(metas)} tensors, {params:,} elements (parameters "
+                     f"and buffers), {human_bytes(nbytes)}")
         if src.non_tensors:
-            lines.append("non-tensor entries: " + ", ".join(f"{k} ({v})" for k, v in src.non_tensors.items()))
+            lines.append("non-tensor entries: " + ", ".join(f"{shown(k)} ({shown(v)})" for k, v in src.non_tensors.items()))
         if src.file_metadata:
-            lines.append("metadata: " + ", ".join(f"{k}={v}" for k, v in src.file_metadata.items()))
-        rows = [[k, "x".join(map(str, m.shape)) or "scalar", m.dtype, f"{m.numel:,}"] for k, m in metas.items()]
+            lines.append("metadata: " + ", ".join(f"{shown(k)}={shown(v)}" for k, v in src.file_metadata.items()))
+        rows = [[shown(k), "x".join(map(str, m.shape)) or "scalar", m.dtype, f"{m.numel:,}"] for k, m in metas.items()]
         lines.append(table(rows, ["key", "shape", "dtype", "elements"]))
         if args.manifest:
             lines.append(f"wrote manifest {args.manifest}")
@@ -317,7 +345,7 @@ def _cmd_diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                               ("dtype differs", report.dtype_differences, lambda p: f"A {p.have.dtype} vs B {p.want.dtype}")):
         if items:
             lines.append(f"{title}:")
-            lines += [f"  {p.key}: {fmt(p)}" for p in items]
+            lines += [f"  {shown(p.key)}: {fmt(p)}" for p in items]
     same = report.ok and not report.dtype_differences
     lines.append("identical keys, shapes and dtypes" if same else "")
     _emit(out, args.json, {"ok": same, **report.to_dict()}, "\n".join(l for l in lines if l))

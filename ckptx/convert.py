@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -13,6 +14,7 @@ from ckptx._version import __version__
 from ckptx.destination import InputFiles, prepare_folder
 from ckptx.errors import DestinationError, ValidationFailed, VerificationFailed
 from ckptx.integrations.hf import FOLDER_FORMAT, is_folder_destination, model_folder, write_model_folder
+from ckptx.io.atomic import stale_partials
 from ckptx.io.open import open_source
 from ckptx.io.safetensors_writer import write_safetensors
 from ckptx.io.sharded_writer import INDEX_SUFFIX, ShardLayout, check_layout, is_index_name, shard_layout, write_sharded
@@ -121,15 +123,17 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
                                                                                   sharded=sharded)
     spec = target_spec_for(recipe, target, target_args) if not recipe.inferred else None
     resolved = resolve_target(spec) if spec is not None else None
+    stale = stale_note(dst_path) if dst_path is not None and not dry_run else None
     with open_source(src_path, recipe.extract, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle) as source:
         chosen = choose_for_target(recipe, source, target, target_args) if recipe.inferred else None
         if chosen is not None:
             recipe, spec, resolved = chosen.recipe, target_spec_for(chosen.recipe, target, target_args), chosen.target
         plan = plan_recipe(recipe, source, target=resolved.tensors if resolved else None)
         report = validate(plan, resolved) if resolved else None
-        result = ConvertResult(plan, report, str(dst_path) if dst_path else None, fmt)
+        result = ConvertResult(plan, report, str(dst_path) if dst_path else None, fmt, notes=[stale] if stale else [])
         if chosen is not None:
-            result.inferred, result.notes = dict(chosen.values), [chosen.note]
+            result.inferred = dict(chosen.values)
+            result.notes.append(chosen.note)
         if report is not None and not report.ok and not dry_run:
             raise ValidationFailed(report)
         if dry_run or dst_path is None:
@@ -175,6 +179,18 @@ def choose_for_target(recipe: Recipe, source: Source, target: TargetSpec | str |
         return resolved[key]
 
     return choose_variant(recipe, source, target_of)
+
+
+def stale_note(dst: Path) -> str | None:
+    """A note naming the temporary files a killed ckptx left beside `dst` (never one a running ckptx writes), with
+    the command that removes them; None when there are none."""
+    stale = stale_partials(dst) if dst.parent.is_dir() else []
+    if not stale:
+        return None
+    size = sum(p.stat().st_size for p in stale if p.is_file())
+    names = " ".join(shlex.quote(str(p)) for p in stale)
+    return (f"{len(stale)} temporary file(s) left by an interrupted ckptx run beside {dst} ({size:,} bytes); "
+            f"nothing is writing them: remove them with `rm -rf {names}`")
 
 
 def _verify_path(dst: Path) -> Path:

@@ -7,6 +7,7 @@ import math
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from ckptx.ops.registry import TensorMeta, ops_of
+from ckptx.text import printable, shown
 
 if TYPE_CHECKING:  # pragma: no cover
     from ckptx.plan import Plan
@@ -31,7 +32,9 @@ def _finite(value: Any) -> Any:
 
 
 def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
-    """A plain text table with aligned columns."""
+    """A plain text table with aligned columns; a cell can never break its row (control characters escaped)."""
+    header = [printable(str(c), keep_lines=False) for c in header]
+    rows = [[printable(str(c), keep_lines=False) for c in r] for r in rows]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
@@ -58,9 +61,9 @@ def render_plan(plan: "Plan", *, explain: bool = False) -> str:
     line and step, a rename's row) that made each key."""
     rows = []
     for entry in plan.entries:
-        sources = ", ".join(entry.sources)
-        row = [entry.key, "x".join(map(str, entry.meta.shape)) or "scalar", entry.meta.dtype,
-               "=" if sources == entry.key else sources, " -> ".join(ops_of(entry.expr))]
+        sources = ", ".join(map(shown, entry.sources))
+        row = [shown(entry.key), "x".join(map(str, entry.meta.shape)) or "scalar", entry.meta.dtype,
+               "=" if tuple(entry.sources) == (entry.key,) else sources, " -> ".join(ops_of(entry.expr))]
         rows.append(row + ["; ".join(entry.steps) or "(unchanged)"] if explain else row)
     header = ["target key", "shape", "dtype", "from", "ops"] + (["by"] if explain else [])
     out = [table(rows, header)]
@@ -78,7 +81,7 @@ def render_warnings(warnings: Iterable[object]) -> str:
 
 
 def short_list(keys: Iterable[str], limit: int = 6) -> str:
-    """The first `limit` keys, comma-separated, and how many more."""
-    items = list(keys)
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+    """The first `limit` keys (escaped for printing), comma-separated, and how many more."""
+    items = [shown(k) for k in keys]
+    text = ", ".join(items[:limit])
+    return text + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

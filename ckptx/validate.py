@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta, dtype_name
 from ckptx.report import SHOWN, short_list
+from ckptx.text import shown
 from ckptx.target import Target, resolve_target, state_metas
 
 torch = lazy_module("torch")
@@ -201,7 +202,7 @@ def render_validation(report: ValidationReport) -> str:
 
 def _from(problem: KeyProblem) -> str:
     sources = ", ".join(problem.sources)
-    return f" (from {sources})" if sources and sources != problem.key else ""
+    return f" (from {', '.join(map(shown, problem.sources))})" if sources and sources != problem.key else ""
 
 
 def _section(title: str, problems: Sequence[KeyProblem], detail) -> list[str]:
@@ -209,7 +210,7 @@ def _section(title: str, problems: Sequence[KeyProblem], detail) -> list[str]:
         return []
     lines = [f"  {title}: {len(problems)}"]
     for problem in problems[:SHOWN]:
-        lines.append(f"    {problem.key}: {detail(problem)}")
+        lines.append(f"    {shown(problem.key)}: {detail(problem)}")
     if len(problems) > SHOWN:
         lines.append(f"    ... and {len(problems) - SHOWN} more (use --json for all)")
     return lines

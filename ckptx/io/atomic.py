@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import errno
+import fcntl
+import glob
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
@@ -13,6 +16,33 @@ from typing import BinaryIO, Iterator, Sequence
 from ckptx.errors import DestinationError
 
 TEMP_SUFFIX = ".ckptx-partial"
+_STARTED = time.time()  # files older than this process cannot be its own
+
+
+def stale_partials(dst: Path) -> list[Path]:
+    """Temporary files (or staging folders) a killed ckptx left beside `dst`: named `{temp_prefix(dst)}*.ckptx-partial`,
+    older than this process, and not locked by a ckptx that is still writing them (every writer holds an
+    exclusive `flock` on its temporary file or folder until it is done; the kernel drops it when a process dies)."""
+    found = []
+    for path in sorted(dst.parent.glob(f"{glob.escape(temp_prefix(dst))}*{TEMP_SUFFIX}")):
+        try:
+            if path.lstat().st_mtime < _STARTED and not _locked(path):
+                found.append(path)
+        except OSError:
+            continue
+    return found
+
+
+def _locked(path: Path) -> bool:
+    """Another process holds the writer's lock on `path`."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's own lock
+    return False
 
 
 _NAME_MAX = 255  # bytes in one path component on Linux and macOS filesystems
@@ -38,6 +68,7 @@ def atomic_output(dst: Path) -> Iterator[BinaryIO]:
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(dst), suffix=TEMP_SUFFIX, dir=dst.parent)
     except OSError as exc:
         raise _write_error(dst, exc) from None
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held until the file is closed: `stale_partials` leaves it alone meanwhile
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle
@@ -82,10 +113,13 @@ def staging_folder(dst: Path) -> Iterator[Path]:
         folder = Path(tempfile.mkdtemp(prefix=temp_prefix(dst), suffix=TEMP_SUFFIX, dir=dst.parent))
     except OSError as exc:
         raise _write_error(dst, exc) from None
+    lock = os.open(folder, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as for atomic_output's file: a live writer's folder is never called stale
     try:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        os.close(lock)
 
 
 def publish(moves: Sequence[tuple[Path, Path]], *, remove_first: Sequence[Path] = ()) -> None:

@@ -10,6 +10,7 @@ from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError
 from ckptx.io.source import RawSpan, Source
 from ckptx.ops.registry import TensorMeta
+from ckptx.text import quoted
 
 torch = lazy_module("torch")
 
@@ -17,9 +18,13 @@ torch = lazy_module("torch")
 def read_index(path: Path, shown: str) -> tuple[dict[str, str], dict[str, Any]]:
     """The index's weight map (key -> shard file name) and its metadata, checked for shape."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{shown}: not a valid shard index: not JSON ({exc})") from None
+        raise SourceError(f"{shown}: not a valid shard index: not JSON ({exc}); download it again") from None
+    except ValueError:  # an integer of more than 4,300 digits
+        raise SourceError(f"{shown}: not a valid shard index: it holds a number out of range; download it again") from None
+    except RecursionError:
+        raise SourceError(f"{shown}: not a valid shard index: it nests too deeply; download it again") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                    for k, v in weight_map.items()):
@@ -54,7 +59,7 @@ class ShardedSource(Source):
                 self._shards.append(shard)
                 absent = [k for k in keys if k not in shard.tensors]
                 if absent:
-                    raise SourceError(f"{shown}: key '{absent[0]}' is listed for shard '{name}' but that shard has "
+                    raise SourceError(f"{shown}: key {quoted(absent[0])} is listed for shard {quoted(name)} but that shard has "
                                       f"no such tensor ({len(absent)} such key(s)); the index does not match its shards: "
                                       f"re-download them or regenerate the index")
                 listed = set(keys)
@@ -94,8 +99,12 @@ def _shard_path(index: Path, name: str, shown: str) -> Path:
     """The shard file `name` beside the index; names that leave the index's folder are refused."""
     parts = PurePosixPath(name).parts
     if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
-        raise SourceError(f"{shown}: shard name '{name}' is not a file name inside the index's folder; fix the index")
+        raise SourceError(f"{shown}: shard name {quoted(name)} is not a file name inside the index's folder; fix the index")
+    if name.endswith(".index.json"):
+        # An index naming itself or another index would be opened again and again (RecursionError).
+        raise SourceError(f"{shown}: shard {quoted(name)} is itself an index; an index lists weight files only: "
+                          f"fix the index")
     path = index.parent.joinpath(*parts)
-    if not path.is_file():
-        raise SourceError(f"{shown}: shard '{name}' is missing (expected at {path}); download it or fix the index")
+    if not path.exists():
+        raise SourceError(f"{shown}: shard {quoted(name)} is missing (expected at {path}); download it or fix the index")
     return path

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError
-from ckptx.dtypes import dtype_name
+from ckptx.dtypes import DTYPES, dtype_name
 from ckptx.ops.registry import TensorMeta
+from ckptx.text import describe_key, quoted
 
 torch = lazy_module("torch")
 
@@ -71,6 +73,7 @@ class MappingSource(Source):
 
     def __init__(self, path: str, fmt: str, state: Mapping[str, Any], *, extracted_from: str = ".",
                  top_level: Mapping[str, str] | None = None, keep_alive: Any = None) -> None:
+        check_state(state, path)
         tensors = {k: v for k, v in state.items() if is_tensor(v)}
         super().__init__(
             path=path, format=fmt,
@@ -100,8 +103,71 @@ def memory_source(obj: Mapping[str, Any], extract_paths: Sequence[str] = (), *, 
     if extract_paths and _has_tensors(obj) and all(_lookup(obj, p) is None for p in extract_paths):
         extract_paths = (".",)
     state, found_at = extract(obj, extract_paths, file=name)
-    top = {str(k): describe_value(v) for k, v in obj.items()} if state is not obj else {}
+    top = top_level_of(obj) if state is not obj else {}
     return MappingSource(name, "memory", state, extracted_from=found_at, top_level=top)
+
+
+def top_level_of(obj: Any) -> dict[str, str]:
+    """The top level of a loaded checkpoint as `name -> description`, for display (a non-string key by its
+    description: `1`, `an integer of 16610 bits`)."""
+    if not isinstance(obj, Mapping):
+        return {}
+    return {k if isinstance(k, str) else describe_key(k): describe_value(v) for k, v in obj.items()}
+
+
+_FIXES = {
+    "nested": "a nested tensor; store its components as separate tensors",
+    "sparse": "a sparse tensor ({layout}); save t.to_dense() instead",
+    "quantized": "a quantized tensor ({dtype}); save t.dequantize() (or t.int_repr() and its scales) instead",
+    "meta": "a meta tensor (a shape without data); save the materialized tensor instead",
+    "conj": "a conjugate view; save t.resolve_conj() instead",
+    "neg": "a negative view; save t.resolve_neg() instead",
+    "dtype": "of dtype {dtype}, which ckptx cannot convert (supported: {supported}); cast it before saving",
+    "overlap": ("a view whose {numel:,} elements overlap in {extent:,} stored ones (stride 0 or overlapping strides); "
+                "converting would write every copy: save t.contiguous() instead if you mean it"),
+}
+
+
+def check_state(state: Mapping[Any, Any], file: str) -> None:
+    """Refuse a state dict ckptx cannot convert faithfully, naming the key: a key that is not a string (keys 1
+    and '1', or True and 'True', would become one output key), a tensor named `__metadata__` (safetensors
+    reserves it), and tensors that have no plain dense bytes (`_FIXES` says what to save instead)."""
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise SourceError(f"{file}: the state dict has the key {describe_key(key)} of type {type(key).__name__}; "
+                              f"ckptx needs string keys (1 and '1' would become one output key): save the state "
+                              f"dict with string keys")
+        if key == "__metadata__" and is_tensor(value):
+            raise SourceError(f"{file}: the state dict has a tensor named '__metadata__', a name safetensors "
+                              f"reserves for its metadata: rename it before saving")
+        if is_tensor(value):
+            problem = unsupported_tensor(value)
+            if problem:
+                raise SourceError(f"{file}: tensor {quoted(key)} is {problem}")
+
+
+def unsupported_tensor(tensor: Any) -> str | None:
+    """Why ckptx cannot convert `tensor` (a torch tensor or a TensorRef), with what to do; None when it can."""
+    if getattr(type(tensor), "is_tensor_ref", False):
+        return _overlap(tuple(tensor.size), tuple(tensor.stride))
+    dtype = dtype_name(tensor.dtype)
+    kind = ("nested" if tensor.is_nested else "sparse" if tensor.layout is not torch.strided else
+            "quantized" if tensor.is_quantized else "meta" if tensor.device.type == "meta" else
+            "conj" if tensor.is_conj() else "neg" if tensor.is_neg() else "dtype" if dtype not in DTYPES else None)
+    if kind is not None:
+        return _FIXES[kind].format(layout=str(tensor.layout).removeprefix("torch."), dtype=dtype,
+                                   supported=", ".join(DTYPES))
+    return _overlap(tuple(tensor.shape), tuple(tensor.stride()))
+
+
+def _overlap(size: tuple[int, ...], stride: tuple[int, ...]) -> str | None:
+    """A view that repeats stored elements (its element count exceeds the span it covers) amplifies a small file
+    into a huge output; such views are refused."""
+    numel = math.prod(size)
+    if numel <= 1 or len(size) != len(stride):
+        return None
+    extent = 1 + sum((n - 1) * abs(s) for n, s in zip(size, stride))
+    return _FIXES["overlap"].format(numel=numel, extent=extent) if numel > extent else None
 
 
 def extract(obj: Any, paths: Sequence[str], *, file: str, where: str = "") -> tuple[Mapping[str, Any], str]:
@@ -115,7 +181,7 @@ def extract(obj: Any, paths: Sequence[str], *, file: str, where: str = "") -> tu
         found = _lookup(obj, path)
         if isinstance(found, Mapping) and (paths or _has_tensors(found)):
             return found, path
-    top = ", ".join(map(str, obj.keys())) if isinstance(obj, Mapping) else type(obj).__name__
+    top = ", ".join(top_level_of(obj)) if isinstance(obj, Mapping) else type(obj).__name__
     tried = ", ".join(candidates)
     place = f" ({where})" if where else ""
     raise SourceError(f"{file}: no state dict at {tried}{place}; the top level holds: {top}; "
@@ -128,6 +194,8 @@ def describe_value(value: Any) -> str:
         return f"tensor {dtype_name(value.dtype)}{list(value.shape)}"
     if isinstance(value, Mapping):
         return f"dict ({len(value)} entries, {count_tensors(value)} tensors)"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"int of {value.bit_length()} bits"
     if isinstance(value, (int, float, str, bool)) and len(repr(value)) < 40:
         return f"{type(value).__name__} {value!r}"
     if isinstance(value, (list, tuple)):

@@ -27,14 +27,60 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import DTYPES, dtype_name, from_storage
-from ckptx.io.source import MappingSource, RawSpan, describe_value, extract
+from ckptx.errors import SourceError
+from ckptx.io.source import MappingSource, RawSpan, extract, top_level_of
 from ckptx.io.spans import read_span
+from ckptx.text import quoted
 
 torch = lazy_module("torch")
 
 
 _LOCAL_HEADER = struct.Struct("<4s5HL2L2H")
 _LOCAL_SIGNATURE = b"PK\x03\x04"
+MAX_INFLATE_RATIO = 100  # torch.save stores records uncompressed; a re-zipped checkpoint of real weights stays far below
+_SMALL_RECORD = 1 << 20  # records that inflate to less than this are never a memory problem
+_INT64 = 2**63 - 1
+
+
+def check_archive(path: Path, display: str) -> None:
+    """Refuse a zip archive that torch and Python's zipfile could read differently, or that inflates to far more
+    than it stores: data before the archive (a pickle with a zip appended), two records of one name, records
+    past the end of the file, and compressed records that inflate more than MAX_INFLATE_RATIO times (a 1.5 MB
+    `data.pkl` that becomes gigabytes). Nothing is inflated here; torch.load is called only after this."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, struct.error, ValueError, EOFError, NotImplementedError,
+            OverflowError) as exc:
+        raise SourceError(f"{display}: not a readable torch checkpoint: the zip archive is truncated or corrupt "
+                          f"({exc}); download or save it again") from None
+    if not infos or min(i.header_offset for i in infos) != 0:
+        raise SourceError(f"{display}: not a readable torch checkpoint: the zip directory does not start at byte 0 "
+                          f"(data before the archive, or another archive appended); save it again with torch.save")
+    if len({i.filename for i in infos}) != len(infos):
+        twice = next(i.filename for n, i in enumerate(infos) if i.filename in {j.filename for j in infos[:n]})
+        raise SourceError(f"{display}: not a readable torch checkpoint: the zip archive holds two records named "
+                          f"{quoted(twice)}; readers disagree on which one counts: save it again with torch.save")
+    for info in infos:
+        _check_record(info, size, display)
+
+
+def _check_record(info: zipfile.ZipInfo, size: int, display: str) -> None:
+    name = quoted(info.filename)
+    if info.header_offset + info.compress_size > size:
+        raise SourceError(f"{display}: not a readable torch checkpoint: zip record {name} at byte "
+                          f"{info.header_offset} runs past the end of the file ({size} bytes): it is truncated")
+    if info.compress_type == zipfile.ZIP_STORED:
+        if info.file_size != info.compress_size:
+            raise SourceError(f"{display}: not a readable torch checkpoint: stored zip record {name} at byte "
+                              f"{info.header_offset} says {info.file_size} bytes but holds {info.compress_size}")
+        return
+    if info.file_size > _SMALL_RECORD and info.file_size > MAX_INFLATE_RATIO * info.compress_size:
+        raise SourceError(f"{display}: compressed zip record {name} at byte {info.header_offset} would inflate "
+                          f"{info.compress_size:,} bytes to {info.file_size:,}, more than {MAX_INFLATE_RATIO} times; "
+                          f"torch.save never compresses: refused as a decompression bomb (re-save it with torch.save "
+                          f"if you trust it)")
 
 
 # torch.save names a storage by its legacy typed class (torch/storage.py `_dtype_to_storage_type_map`, the
@@ -204,12 +250,36 @@ def open_zip_without_torch(path: Path, extract_paths: Sequence[str], *, display:
     spans = {}
     for key, value in state.items():
         if isinstance(value, TensorRef):
+            check_ref(key, value, records, display)
             span = _row_major_span(value, records, str(path))
             if span is None:
                 return None
             spans[key] = span
-    top = {str(k): describe_value(v) for k, v in obj.items()} if isinstance(obj, dict) else {}
+    top = top_level_of(obj)
     return ZipSpanSource(display, state, spans, extracted_from=found_at, top_level=top)
+
+
+def check_ref(key: Any, ref: TensorRef, records: Mapping[str, Record], display: str) -> None:
+    """A tensor `data.pkl` describes is refused, naming its key, when its sizes, strides or offset are negative or
+    beyond int64, or when its elements reach past the end of the storage record they view."""
+    numbers = (ref.offset, *ref.size, *ref.stride)
+    where = f"{display}: tensor {quoted(key) if isinstance(key, str) else repr(type(key).__name__)}"
+    if len(ref.size) != len(ref.stride) or any(not 0 <= n <= _INT64 for n in numbers):
+        raise SourceError(f"{where} has size {_short(ref.size)}, stride {_short(ref.stride)} and offset "
+                          f"{_short((ref.offset,))}: negative, out of range or mismatched; the file is corrupt")
+    record = records.get(ref.storage.key)
+    item = DTYPES[ref.dtype].itemsize if ref.dtype in DTYPES else None
+    if record is None or item is None or not math.prod(ref.size):
+        return  # torch decides (compressed records, unknown dtypes); an empty tensor reads nothing
+    last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
+    if (last + 1) * item > record.size:
+        raise SourceError(f"{where} reaches byte {(last + 1) * item:,} of its storage record "
+                          f"data/{ref.storage.key}, which has {record.size:,}: the file is corrupt or truncated")
+
+
+def _short(numbers: tuple[int, ...]) -> str:
+    """Numbers for a message, a huge one by its size (a 5000-digit LONG4 has no printable repr)."""
+    return "[" + ", ".join(str(n) if abs(n) < 2**70 else f"<{n.bit_length()}-bit number>" for n in numbers) + "]"
 
 
 def _row_major_span(ref: TensorRef, records: Mapping[str, Record], path: str) -> RawSpan | None:
@@ -299,6 +369,9 @@ def _data_offset(f: Any, info: zipfile.ZipInfo) -> int:
     if fields[0] != _LOCAL_SIGNATURE:
         raise ValueError(f"no local header at {info.header_offset}")
     name_len, extra_len = fields[-2], fields[-1]
+    encoding = "utf-8" if info.flag_bits & 0x800 else "cp437"
+    if f.read(name_len) != info.orig_filename.encode(encoding, "surrogateescape"):
+        raise ValueError(f"the local header at {info.header_offset} names another record")
     return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
 
 

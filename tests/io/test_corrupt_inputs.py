@@ -21,8 +21,9 @@ def _truncate(path: Path, keep: int) -> Path:
 
 def test_truncated_safetensors_data(safetensors_file: Path) -> None:
     cut = _truncate(safetensors_file, -10)
-    with pytest.raises(SourceError, match=r"cut-tiny.safetensors: tensor '.+' ends at byte \d+ of the data section, "
-                                          r"which has only \d+ bytes: the file is truncated"):
+    with pytest.raises(SourceError, match=r"cut-tiny.safetensors: not a valid safetensors file: tensor '.+' ends at "
+                                          r"byte \d+ of the data section, which has only \d+ bytes: the file is "
+                                          r"truncated; the file is damaged or not safetensors: download or export it"):
         open_source(cut)
 
 
@@ -35,7 +36,8 @@ def test_truncated_safetensors_header(safetensors_file: Path) -> None:
 def test_safetensors_header_not_json(tmp_path: Path) -> None:
     path = tmp_path / "bad.safetensors"
     path.write_bytes((8).to_bytes(8, "little") + b"{notjson")
-    with pytest.raises(SourceError, match="bad.safetensors: not a valid safetensors file: header is not JSON"):
+    with pytest.raises(SourceError, match=r"bad.safetensors: not a valid safetensors file: the header is not JSON: "
+                                          r"Expecting property name enclosed in double quotes \(file byte 9\)"):
         open_source(path)
 
 
@@ -94,19 +96,27 @@ def test_safetensors_entry_whose_bytes_do_not_fit_its_shape(tmp_path: Path) -> N
                             bytes(24))
     with pytest.raises(SourceError) as caught:
         open_source(path)
-    assert str(caught.value) == f"{path}: tensor 'w' has 20 bytes but dtype float32 shape [2, 3] needs 24"
+    assert str(caught.value) == (f"{path}: not a valid safetensors file: tensor 'w' has 20 bytes but dtype F32 shape "
+                                 f"[2, 3] needs 24; the file is damaged or not safetensors: download or export it again")
 
 
-@pytest.mark.parametrize("entry", [{"dtype": "F33", "shape": [1], "data_offsets": [0, 4]},
-                                   {"dtype": "F32", "shape": [[1]], "data_offsets": [0, 4]},
-                                   {"dtype": "F32", "shape": [1], "data_offsets": [0]},
-                                   {"dtype": "F32", "shape": [1]},
-                                   {"dtype": "F32", "shape": [-1], "data_offsets": [4, 0]}])
-def test_safetensors_entry_that_is_not_a_tensor_description(tmp_path: Path, entry: dict) -> None:
+@pytest.mark.parametrize(("entry", "problem"), [
+    ({"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}, "tensor 'w' has dtype \"F33\", which is not a safetensors dtype"),
+    ({"dtype": "F32", "shape": [[1]], "data_offsets": [0, 4]},
+     "tensor 'w': \"shape\" holds a list; it must hold integers from 0 to 2^64-1"),
+    ({"dtype": "F32", "shape": [1], "data_offsets": [0]},
+     "tensor 'w': \"data_offsets\" has 1 numbers; it must be [begin, end]"),
+    ({"dtype": "F32", "shape": [1]}, "the entry of tensor 'w' has no \"data_offsets\""),
+    ({"dtype": "F32", "shape": [-1], "data_offsets": [4, 0]},
+     "tensor 'w': \"shape\" holds the number -1; it must hold integers from 0 to 2^64-1"),
+    ({"dtype": "F32", "shape": "12", "data_offsets": [0, 4]},
+     "tensor 'w': \"shape\" is a string; it must be a list of integers")])
+def test_safetensors_entry_that_is_not_a_tensor_description(tmp_path: Path, entry: dict, problem: str) -> None:
     path = _raw_safetensors(tmp_path / "odd.safetensors", {"w": entry}, bytes(4))
     with pytest.raises(SourceError) as caught:
         open_source(path)
-    assert str(caught.value) == f"{path}: invalid safetensors header entry for tensor 'w': {entry!r}"
+    assert str(caught.value) == (f"{path}: not a valid safetensors file: {problem}; the file is damaged or not "
+                                 f"safetensors: download or export it again")
 
 
 def test_safetensors_tensors_are_listed_in_file_order_whatever_the_header_order(tmp_path: Path) -> None:
