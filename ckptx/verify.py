@@ -51,10 +51,11 @@ def verify_conversion(recipe: Recipe, target: TargetSpec | None, src: Path, conv
     if target is None or not target.model:
         raise CkptxError("--verify needs a model target (module:callable), not a checkpoint or manifest")
     where = spec.where or "verify"
-    source_model = build_model(spec.source_model, spec.source_kwargs, where, device="cpu")
+    source_model = build_model(spec.source_model, spec.source_kwargs, where, device="cpu", origin=spec.source_origin)
     with open_source(src, recipe.extract, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle) as source:
         _load_strict(source_model, {k: source.load(k) for k in source.tensors}, f"{where}.source_model", spec.source_model)
-    target_model = build_model(target.model, target.kwargs, target.where or "target", device="cpu")
+    target_model = build_model(target.model, target.kwargs, target.where or "target", device="cpu",
+                               origin=target.model_origin)
     with open_source(converted) as output:
         _load_strict(target_model, {k: output.load(k) for k in output.tensors}, "target", target.model)
     expected, actual = _run(source_model, spec), _run(target_model, spec)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import pickle
 import re
 import zipfile
@@ -14,6 +13,7 @@ from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError, UnsafeGlobalError
 from ckptx.io.source import MappingSource, describe_value, extract
 from ckptx.io.torch_zip import TorchZipSource, open_zip_without_torch
+from ckptx.trust import needed_global, resolve_allow_global
 
 torch = lazy_module("torch")
 
@@ -29,11 +29,11 @@ def load_pickle_object(path: Path, *, allow_globals: Sequence[str] = (), unsafe_
     is_zip = zipfile.is_zipfile(path)
     with ExitStack() as stack:
         if allow_globals and not unsafe_pickle:
-            stack.enter_context(torch.serialization.safe_globals([_import_global(g) for g in allow_globals]))
+            stack.enter_context(torch.serialization.safe_globals([resolve_allow_global(g) for g in allow_globals]))
         try:
             return torch.load(path, map_location="cpu", weights_only=not unsafe_pickle, mmap=is_zip)
         except pickle.UnpicklingError as exc:
-            raise _unpickling_error(shown, exc) from None
+            raise _unpickling_error(path, shown, exc, is_zip) from None
         except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile, KeyError, OSError, TypeError,
                 AttributeError, ImportError, IndexError, UnicodeDecodeError) as exc:
             raise SourceError(f"{shown}: not a readable torch checkpoint: {_first_line(exc, is_zip)}") from None
@@ -60,26 +60,38 @@ def read_torch(path: Path, extract_paths: Sequence[str], *, allow_globals: Seque
     return MappingSource(shown, "torch-legacy", state, extracted_from=found_at, top_level=top, keep_alive=obj)
 
 
-def _import_global(name: str) -> Any:
-    module_name, _, attr = name.rpartition(".")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        return getattr(obj, attr)
-    except (ImportError, AttributeError, ValueError):
-        raise SourceError(f"--allow-global {name}: no such importable global; give it as module.Name") from None
-
-
-def _unpickling_error(shown: str, exc: Exception) -> SourceError:
+def _unpickling_error(path: Path, shown: str, exc: Exception, is_zip: bool) -> SourceError:
     text = str(exc)
-    match = _GLOBAL.search(text)
-    if match:
-        return UnsafeGlobalError(shown, match.group(1))
+    needed = _refused_globals(path, text, is_zip)
+    if needed:
+        return UnsafeGlobalError(shown, [needed_global(name) for name in needed])
     if "Weights only load failed" in text:
         detail = _UNSUPPORTED.search(text)
         reason = detail.group(0) if detail else "it uses pickle features the safe loader refuses"
         return SourceError(f"{shown}: the safe loader refused the file ({reason}); pass --unsafe-pickle "
-                           f"only if you trust where it came from")
+                           f"only if you trust where it came from (it runs any code the file contains)")
     return SourceError(f"{shown}: not a readable torch checkpoint: corrupt pickle ({text.splitlines()[0] if text else 'truncated'})")
+
+
+def _refused_globals(path: Path, text: str, is_zip: bool) -> list[str]:
+    """The `module.Name` globals the safe loader refused.
+
+    For a zip file torch lists them (every GLOBAL of `data.pkl` it does not allow, in the form
+    `--allow-global` takes); a legacy file has only the one torch's message names, where torch writes a
+    builtin bare (`eval` for `builtins.eval`).
+    """
+    if is_zip:
+        try:
+            listed = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        except Exception:  # noqa: BLE001 - only a better message is lost; torch's own says what it refused
+            listed = []
+        if listed:
+            return listed
+    match = _GLOBAL.search(text)
+    if match is None:
+        return []
+    name = match.group(1)
+    return [name if "." in name else f"builtins.{name}"]
 
 
 def _first_line(exc: BaseException, is_zip: bool) -> str:

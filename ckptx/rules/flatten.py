@@ -42,7 +42,7 @@ def flatten(recipe: Recipe) -> dict[str, Any]:
         doc["target"] = _target(recipe.target)
     if recipe.verify is not None:
         doc["verify"] = {k: _plain(v) for k, v in dataclasses.asdict(recipe.verify).items()
-                         if k != "where" and v is not None}
+                         if k not in ("where", "source_origin") and v is not None}
     return doc
 
 
