@@ -456,23 +456,22 @@ def _own_unpickle_hook(cls: type) -> str | None:
     """The unpickling hook (`__setstate__`, `__reduce__`...) that `cls` or a base outside the standard
     library defines in Python, or None."""
     for base in cls.__mro__:
-        top = (getattr(base, "__module__", "") or "").split(".")[0]
-        if top in sys.stdlib_module_names:
-            continue
         for hook in _UNPICKLE_HOOKS:
             value = vars(base).get(hook)
-            if inspect.isfunction(getattr(value, "__func__", value)):
+            func = getattr(value, "__func__", value)
+            if inspect.isfunction(func) and (func.__module__ or "").split(".")[0] not in sys.stdlib_module_names:
                 return hook
     return None
 
 
-def resolve_allow_global(name: str, *, flag: str = "--allow-global", from_file: bool = False) -> Any:
-    """The object for `torch.serialization.safe_globals` when the rule allows `name` (`module.Name`).
+def resolve_allow_global(name: str, *, flag: str = "--allow-global", from_file: bool = False) -> list[Any]:
+    """What to pass to `torch.serialization.safe_globals` when the rule allows `name` (`module.Name`).
 
     RefusedGlobal when it may never be allowed (nothing of a system module is imported to look);
     SourceError when it is not importable. A name read from a file (a jobs file's `allow_globals:`) is
-    imported only when `import_refusal` allows it. Returns `(obj, name)` when `name` is an alias of the
-    object's own `module.qualname`, so the pickle's GLOBAL matches what was allowed.
+    imported only when `import_refusal` allows it. Gives `(obj, name)` when `name` is an alias of the
+    object's own `module.qualname`, so the pickle's GLOBAL matches what was allowed; `numpy.dtype` brings
+    numpy's concrete dtype classes (a pickled dtype is built as one, never named in the pickle).
     """
     module = name.rpartition(".")[0]
     top = module.split(".")[0]
@@ -487,7 +486,16 @@ def resolve_allow_global(name: str, *, flag: str = "--allow-global", from_file: 
     if not verdict.allowed:
         raise RefusedGlobal(flag, name, verdict.reason)
     own = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
-    return obj if own == name else (obj, name)
+    return [obj if own == name else (obj, name), *_concrete_dtypes(obj)]
+
+
+def _concrete_dtypes(obj: Any) -> list[type]:
+    numpy = sys.modules.get("numpy")
+    if numpy is None or obj is not numpy.dtype:
+        return []
+    dtypes = sys.modules.get("numpy.dtypes") or importlib.import_module("numpy.dtypes")
+    found = (getattr(dtypes, n) for n in dir(dtypes) if not n.startswith("_"))
+    return [c for c in found if isinstance(c, type) and issubclass(c, numpy.dtype) and c is not numpy.dtype]
 
 
 def _import_global(name: str, flag: str) -> Any:

@@ -19,7 +19,7 @@ torch = lazy_module("torch")
 
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-_UNSUPPORTED = re.compile(r"Unsupported (?:global|class|operand)[^\n]*")
+_UNSUPPORTED = re.compile(r"(?:Unsupported (?:global|class|operand)|Can only build)[^\n]*")
 
 
 def load_pickle_object(path: Path, *, allow_globals: Sequence[str] = (), unsafe_pickle: bool = False,
@@ -29,7 +29,8 @@ def load_pickle_object(path: Path, *, allow_globals: Sequence[str] = (), unsafe_
     is_zip = zipfile.is_zipfile(path)
     with ExitStack() as stack:
         if allow_globals and not unsafe_pickle:
-            stack.enter_context(torch.serialization.safe_globals([resolve_allow_global(g) for g in allow_globals]))
+            allowed = [obj for name in allow_globals for obj in resolve_allow_global(name)]
+            stack.enter_context(torch.serialization.safe_globals(allowed))
         try:
             return torch.load(path, map_location="cpu", weights_only=not unsafe_pickle, mmap=is_zip)
         except pickle.UnpicklingError as exc:
