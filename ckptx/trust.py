@@ -4,11 +4,11 @@ Two things a file can ask ckptx to run, and how each is checked (README, *Safety
 
 - A callable a rule or jobs file names (`target.model`, `verify.source_model`) is called only when it is
   a `torch.nn.Module` subclass, a model factory of a known model library, one of ckptx's own factories,
-  or a factory an installed rule pack declares (entry point group `ckptx.factories`). Its module is
-  imported to look at it only when it belongs to a known model library, a declared module or an
-  installed distribution (site-packages); never a standard-library module, a `__main__` module, or a
-  module found elsewhere on the path (it may have come with the file). A name the user typed
-  (`--target`, `--allow-factory`, a string given to the Python API) is the user's own choice.
+  or a factory an installed rule pack declares (entry point group `ckptx.factories`). A standard library
+  name is refused without importing anything; another module is imported to look at the object only
+  when it is already imported, installed (site-packages) or declared by a rule pack; never a program
+  (`__main__`) or a module found elsewhere on the path (it may have come with the file). A name the
+  user typed (`--target`, `--allow-factory`, a string given to the Python API) is the user's own choice.
 - A pickle global (`--allow-global NAME`, a jobs file's `allow_globals:`) is allowed only when it is a
   plain data class (argparse.Namespace, a dataclass, an Enum, a named tuple, a container, numpy dtypes
   and scalars); never a function, a builtin other than the data types, anything of a system module.
@@ -47,7 +47,7 @@ FACTORY_GROUP = "ckptx.factories"
 """Entry point group where an installed distribution declares the factories its recipes may name."""
 
 KNOWN_LIBRARIES = frozenset({"torch", "torchvision", "timm", "transformers", "mmpretrain", "mmengine", "ckptx"})
-"""Model libraries whose modules ckptx imports to look at a name a file gives."""
+"""Model libraries whose model factories the rule knows (their other callables are refused, never recommended)."""
 
 _CKPTX_FACTORY_MODULES = ("ckptx.factories", "ckptx.reference.convnextv2")
 _IMPORT_SIDE_EFFECTS = frozenset({"antigravity", "this", "__hello__", "__phello__", "idlelib", "turtledemo",
@@ -285,8 +285,10 @@ def _what(obj: Any) -> str:
 def import_refusal(module: str) -> str | None:
     """Why ckptx does not import `module` to look at a name a file gives; None when it may.
 
-    Allowed: the standard library (for pickle globals; its programs and side-effect modules excepted), the
-    known model libraries, modules a rule pack declares, and installed distributions (site-packages).
+    It may when its top-level package is already imported, or is found (without running it) in the
+    standard library or a site-packages folder, or is a module an installed rule pack declares; never a
+    program (`__main__`, `antigravity`...) or a module found elsewhere on the path (beside the file, in
+    the working folder), which may have come with the file.
     """
     parts = module.split(".")
     top = parts[0]
@@ -294,11 +296,7 @@ def import_refusal(module: str) -> str | None:
         return f"'{module}' is a program: importing it runs it"
     if top in _IMPORT_SIDE_EFFECTS:
         return f"importing '{top}' does things (it is a program, not a library)"
-    if top in sys.stdlib_module_names or top in KNOWN_LIBRARIES:
-        return None
-    if any(d.covers(module) for d in declarations()):
-        return None
-    if _installed(top):
+    if top in sys.modules or _installed(top) or any(d.covers(module) for d in declarations()):
         return None
     return (f"'{top}' is not an installed package, and ckptx imports only installed packages to look at a name "
             f"a file gives (importing runs the module, which may have come with the file)")
@@ -313,22 +311,27 @@ def _findable(top: str) -> bool:
 
 
 def _installed(top: str) -> bool:
-    """True when the top-level module `top` is found, without running it, inside a site-packages folder."""
+    """True when the top-level module `top` is found, without running it, built into Python or inside the
+    standard library's or a site-packages folder."""
     try:
         spec = importlib.util.find_spec(top)
     except (ImportError, ValueError):
         return False
     if spec is None:
         return False
+    if not spec.has_location and spec.origin in ("built-in", "frozen"):
+        return True
     locations = [spec.origin] if spec.has_location and spec.origin else list(spec.submodule_search_locations or [])
-    sites = _site_dirs()
-    return bool(locations) and all(any(Path(p).resolve().is_relative_to(s) for s in sites) for p in locations)
+    folders = _library_dirs()
+    return bool(locations) and all(any(Path(p).resolve().is_relative_to(f) for f in folders) for p in locations)
 
 
 @functools.lru_cache(maxsize=1)
-def _site_dirs() -> tuple[Path, ...]:
+def _library_dirs() -> tuple[Path, ...]:
+    """The standard library's folders and the site-packages folders."""
+    paths = sysconfig.get_paths()
     found = {*site.getsitepackages(), site.getusersitepackages(),
-             *(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))}
+             *(paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths)}
     return tuple(Path(p).resolve() for p in found if p)
 
 

@@ -230,9 +230,11 @@ def test_own_data_classes_are_recommended_then_checked_when_named(tmp_path: Path
     try:
         path = tmp_path / "conf.pth"
         torch.save({"model": {"w": torch.ones(2)}, "cfg": trainconf.Config(), "phase": trainconf.Phase.TRAIN}, path)
+        del sys.modules["trainconf"]  # as in a fresh process: the file names a module that is not installed
         refused = run_cli("inspect", path)
         assert sorted(recommended(refused.err)) == ["trainconf.Config", "trainconf.Phase"], refused.err
         assert "ckptx has not looked at it ('trainconf' is not an installed package" in refused.err
+        assert "trainconf" not in sys.modules  # not imported to look
         followed = run_cli("inspect", path, "--allow-global", "trainconf.Config", "--allow-global", "trainconf.Phase")
         assert followed.code == 0, followed.err
         with pytest.raises(RefusedGlobal, match="defines __setstate__ in Python"):
