@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+__all__ = ["CkptxError", "DestinationError", "NeededGlobal", "PlanError", "Problem", "RefusedGlobal", "Rejected",
+           "RuleError", "SourceError", "TargetError", "TensorOpError", "UnsafeGlobalError", "UntrustedCallable",
+           "ValidationFailed", "VerificationFailed"]
+
 
 class CkptxError(Exception):
     """Base class of every error caused by user input (exit code 2 unless stated)."""

@@ -98,6 +98,13 @@ class Declaration:
             return module == self.module or module.startswith(self.module + ".")
         return module == self.module and attr in (None, self.attr)
 
+    def allows(self, module: str, attr: str, obj: Any) -> bool:
+        """True when this declaration lets files call `obj`, found as `module:attr`: the factory it names, or
+        a callable *defined* in the module it names (not one that module merely imports)."""
+        if self.attr is not None:
+            return self.covers(module, attr)
+        return self.covers(module) and self.covers(getattr(obj, "__module__", None) or "")
+
 
 # ---- factories -------------------------------------------------------------------------------------
 
@@ -158,7 +165,11 @@ def _factory_check(name: str, kwargs: Mapping[str, Any], where: str) -> tuple[Ve
     if refusal is not None:
         return Verdict(name, False, refusal, may_allow=True), None
     obj = import_callable(name, where)
-    declared = next((d for d in declarations() if d.covers(module, attr)), None)
+    home = (getattr(obj, "__module__", None) or "").split(".")[0]
+    if home in sys.stdlib_module_names or not home and inspect.isbuiltin(obj):
+        return Verdict(name, False, f"it is {_what(obj)} of the standard library ({home or 'builtin'}), which has "
+                                    f"no model factories"), obj
+    declared = next((d for d in declarations() if d.allows(module, attr, obj)), None)
     kind = f"declared by the rule pack {declared.distribution}" if declared else _factory_kind(obj)
     if kind is None:
         return Verdict(name, False, _not_a_factory(obj), may_allow=_may_allow(obj)), obj
@@ -250,7 +261,7 @@ def _not_a_factory(obj: Any) -> str:
     if isinstance(obj, type) and _builds_by_type(obj):
         return (f"{what}: it builds its parts from `type:` names in its arguments, which may name any callable "
                 f"(use ckptx.factories:mmpretrain_model, which reads only mmpretrain's shipped configs)")
-    return (f"{what}, not a torch.nn.Module subclass, a model factory of {', '.join(sorted(KNOWN_LIBRARIES))} "
+    return (f"{what}, not a torch.nn.Module subclass, a model factory of timm, torchvision, transformers or ckptx, "
             f"or a factory declared by an installed rule pack")
 
 

@@ -15,6 +15,8 @@ from ckptx.target import build_model
 
 torch = lazy_module("torch")
 
+__all__ = ["VerificationResult", "verify_conversion"]
+
 
 @dataclass(frozen=True)
 class VerificationResult:

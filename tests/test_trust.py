@@ -9,7 +9,6 @@ imported or called, under every command that would call it; the user's own choic
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import marshal
@@ -28,7 +27,7 @@ import pytest
 import torch
 
 from ckptx._data import shipped_rules_dir
-from ckptx.errors import RefusedGlobal, SourceError, TargetError, UntrustedCallable
+from ckptx.errors import RefusedGlobal, SourceError, UntrustedCallable
 from ckptx.io.open import open_source
 from ckptx.rules import Origin, TargetSpec, load_rules
 from ckptx.rules.lint import named_callables
@@ -449,6 +448,7 @@ def test_every_shipped_recipe_names_only_callables_the_rule_allows() -> None:
 
 MODELS_PY = """\
 import torch
+from os import system
 
 
 def build(width=3):
@@ -509,3 +509,8 @@ def test_a_rule_pack_declares_the_factories_its_recipes_may_name(tmp_path: Path)
     refused = ckptx("convert", ckpt, "-r", rules["undeclared"], "--dry-run")
     assert refused.returncode == 2 and "refused to call 'zoo_pack.models:undeclared' named in a file: a function" \
         in refused.stderr, refused.stderr
+    rules["undeclared"].write_text(f"ckptx: 1\ntarget: {{model: 'zoo_pack.more:system', kwargs: {{command: 'touch "
+                                   f"{tmp_path / 'pwned'}'}}}}\n", encoding="utf-8")
+    imported = ckptx("convert", ckpt, "-r", rules["undeclared"], "--dry-run")  # declared module, imported callable
+    assert imported.returncode == 2 and "it is a builtin function of the standard library (posix)" in imported.stderr
+    assert not (tmp_path / "pwned").exists()
