@@ -28,6 +28,7 @@ from ckptx.io.atomic import atomic_output
 from ckptx.jobs import Job, JobsFile, load_jobs
 from ckptx.report import json_text
 from ckptx.rules.recipe import Recipe
+from ckptx.trust import allow_factories, approved_factories, check_file_globals
 
 STATUSES = ("converted", "skipped", "planned", "failed", "interrupted")
 Progress = Callable[[str, int, int, int], None]
@@ -114,10 +115,12 @@ class BatchResult:
 
 @dataclass(frozen=True)
 class _Task:
-    """What a worker gets: the job and whether --resume may replace outdated ckptx outputs."""
+    """What a worker gets: the job, whether --resume may replace outdated ckptx outputs, and the factories
+    the user allowed files to name (`--allow-factory`; a worker process does not share the caller's context)."""
 
     job: Job
     resume: bool
+    approved: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -163,7 +166,7 @@ def run_batch(jobs_file: str | Path | JobsFile, *, workers: int = 1, dry_run: bo
                     break
                 todo = [i for i in range(len(jobs)) if tracker.results.get(i) is None
                         or tracker.results[i].status == "planned"]
-                tasks = [_Task(jobs[i], resume) for i in todo]
+                tasks = [_Task(jobs[i], resume, approved_factories()) for i in todo]
                 _run_phase(runner, phase, task_fn, tasks, todo, tracker)
     except KeyboardInterrupt:
         interrupted = True
@@ -244,12 +247,14 @@ def _skip_if_current(job: Job, recipes: dict[str, Recipe]) -> JobResult | None:
 
 def _plan_job(task: _Task) -> JobResult:
     """Worker task: check the destination, plan and validate against the target; writes nothing."""
-    return replace(_plan(task), worker=_here())
+    with allow_factories(task.approved):
+        return replace(_plan(task), worker=_here())
 
 
 def _write_job(task: _Task) -> JobResult:
     """Worker task: fingerprint the source, convert atomically, record the fingerprint."""
-    return replace(_write(task), worker=_here())
+    with allow_factories(task.approved):
+        return replace(_write(task), worker=_here())
 
 
 def _here() -> str:
@@ -263,6 +268,7 @@ def _plan(task: _Task) -> JobResult:
     try:
         recipe = job.recipe()
         reason = _overwrite_reason(job, output_state(job.dst, _fingerprint(job, recipe)), task.resume)
+        check_file_globals(job.allow_globals, f"{job.entry} allow_globals")
         result = convert(job.src, None, recipe, target=job.target_spec(), dry_run=True,
                          allow_globals=job.allow_globals)
         if result.report is not None and not result.report.ok:
@@ -280,6 +286,7 @@ def _write(task: _Task) -> JobResult:
         current = _fingerprint(job, recipe)  # before the source is read: a later change is seen as one
         state = output_state(job.dst, current)
         reason = _overwrite_reason(job, state, task.resume)
+        check_file_globals(job.allow_globals, f"{job.entry} allow_globals")
         job.dst.parent.mkdir(parents=True, exist_ok=True)
         if job.format != "safetensors":
             remove_sidecar(job.dst)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 import traceback
 from warnings import WarningMessage, catch_warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, ContextManager, Sequence, TextIO
 
 import yaml
 
@@ -39,12 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     pickle.add_argument("--allow-global", action="append", default=[], metavar="G",
                         help="allow one pickle global (e.g. argparse.Namespace) in the safe loader")
     pickle.add_argument("--unsafe-pickle", action="store_true", help="load pickles with full trust (runs their code)")
+    trust = _Parser(add_help=False)
+    trust.add_argument("--allow-factory", action="append", default=[], metavar="MODULE:CALLABLE",
+                       help="let rule and jobs files name this model factory (you trust it; see Safety guarantees)")
 
     parser = _Parser(prog="ckptx", description="Declarative, rule-based checkpoint transformer for PyTorch.")
     parser.add_argument("--version", action="version", version=f"ckptx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("convert", parents=[common, pickle], help="convert a checkpoint with rule files")
+    p = sub.add_parser("convert", parents=[common, pickle, trust], help="convert a checkpoint with rule files")
     p.add_argument("src")
     p.add_argument("-r", "--rules", action="append", default=[], metavar="RULES",
                    help="rule file or shipped recipe name; repeat to compose in order (none: the tensors as they "
@@ -66,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write safetensors shards of at most SIZE (5GB, 500MiB...) and an index: "
                         "DST NAME.safetensors or NAME.safetensors.index.json gives NAME-00001-of-0000N.safetensors")
 
-    p = sub.add_parser("invert", parents=[common], help="write the reverse of a recipe")
+    p = sub.add_parser("invert", parents=[common, trust], help="write the reverse of a recipe")
     p.add_argument("rules", nargs="+", help="rule files or recipe names, composed in order")
     p.add_argument("-o", "--output", metavar="REVERSE.yaml", help="where to write the reverse recipe (default: print it)")
     p.add_argument("--original", metavar="SPEC", help="checkpoint, manifest or module:callable in the recipe's source "
@@ -88,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-arg", action="append", default=[], metavar="K=V")
     p.add_argument("--set", action="append", default=[], metavar="K=V", dest="params")
 
-    p = sub.add_parser("lint", parents=[common, pickle], help="check rule files without converting")
+    p = sub.add_parser("lint", parents=[common, pickle, trust], help="check rule files without converting")
     p.add_argument("rules", nargs="+")
     p.add_argument("--source", metavar="CKPT", help="also plan on this checkpoint (dead and over-broad steps)")
     p.add_argument("--set", action="append", default=[], metavar="K=V", dest="params")
@@ -101,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--resolved", action="store_true", help="print the flattened recipe (extends and params applied)")
     show.add_argument("--set", action="append", default=[], metavar="K=V", dest="params")
 
-    p = sub.add_parser("batch", parents=[common], help="run many conversions from a jobs file")
+    p = sub.add_parser("batch", parents=[common, trust], help="run many conversions from a jobs file")
     p.add_argument("jobs_file", metavar="JOBS.yaml")
     p.add_argument("-j", "--jobs", type=int, default=1, dest="workers", metavar="N",
                    help="worker processes (1: in this process); with dask and no --scheduler, LocalCluster workers")
@@ -140,7 +144,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
 def _run(args: argparse.Namespace, out: TextIO, err: TextIO, as_json: bool, debug: bool) -> int:
     """One command, every outcome turned into an exit code and its presentation."""
     try:
-        return _COMMANDS[args.command](args, out, err)
+        with _approved(getattr(args, "allow_factory", [])):
+            return _COMMANDS[args.command](args, out, err)
     except Rejected as exc:
         if as_json:
             document = {"ok": False, exc.kind: exc.outcome.to_dict(), "written": False}  # type: ignore[attr-defined]
@@ -171,6 +176,15 @@ def _write_warnings(err: TextIO, caught: Sequence[WarningMessage]) -> None:
         if line not in seen:
             seen.add(line)
             err.write(printable(line, keep_lines=False) + "\n")
+
+
+def _approved(factories: Sequence[str]) -> ContextManager[None]:
+    """`--allow-factory`: the factories the user lets files name (ckptx.trust is imported only when given)."""
+    if not factories:
+        return contextlib.nullcontext()
+    from ckptx.trust import allow_factories  # noqa: PLC0415
+
+    return allow_factories(factories)
 
 
 def _fail(out: TextIO, err: TextIO, as_json: bool, code: int, kind: str, message: str,
@@ -364,6 +378,8 @@ def _cmd_lint(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         try:
             recipe = load_rules(ref, params=params)
             warnings: list[Problem] = lint_recipe(recipe)
+            entry["callables"], refused = _lint_callables(recipe)
+            entry["errors"] = [str(r) for r in refused]
             if args.source:
                 from ckptx.plan import plan_recipe  # noqa: PLC0415
 
@@ -371,6 +387,8 @@ def _cmd_lint(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     warnings += plan_recipe(recipe, source).warnings
             entry["warnings"] = [str(w) for w in warnings]
             entry["steps"] = len(recipe.steps)
+            entry["ok"] = not refused
+            problems_total += len(refused)
         except RuleError as exc:
             entry.update(ok=False, errors=[str(p) for p in exc.problems])
             problems_total += len(exc.problems)
@@ -382,11 +400,29 @@ def _cmd_lint(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     for entry in results:
         status = "ok" if entry["ok"] else "FAILED"
         lines.append(f"{entry['file']}: {status}" + (f" ({entry.get('steps', 0)} steps)" if entry["ok"] else ""))
+        lines += [f"  runs: {c['where']}: {c['name']} ({c['reason']})" for c in entry.get("callables", []) if c["allowed"]]
         lines += [f"  error: {e}" for e in entry["errors"]]
         lines += [f"  warning: {w}" for w in entry["warnings"]]
     ok = all(e["ok"] for e in results)
     _emit(out, args.json, {"ok": ok, "files": results}, "\n".join(lines))
     return EXIT_OK if ok else EXIT_USAGE
+
+
+def _lint_callables(recipe: Any) -> tuple[list[dict[str, Any]], list[CkptxError]]:
+    """The callables the recipe would run, each with the trust rule's verdict; the refusals as errors."""
+    from ckptx.errors import UntrustedCallable  # noqa: PLC0415
+    from ckptx.rules.lint import named_callables  # noqa: PLC0415
+    from ckptx.trust import factory_verdict  # noqa: PLC0415
+
+    listed, refused = [], []
+    for named in named_callables(recipe):
+        where = named.origin.where or named.role
+        verdict = factory_verdict(named.name, named.kwargs, where=where)
+        listed.append({"where": where, "role": named.role, "name": named.name, "allowed": verdict.allowed,
+                       "reason": verdict.reason})
+        if not verdict.allowed:
+            refused.append(UntrustedCallable(where, named.name, verdict.reason, may_allow=verdict.may_allow))
+    return listed, refused
 
 
 def _open_for_lint(args: argparse.Namespace, recipe: Any) -> Any:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
+
+__all__ = ["CkptxError", "DestinationError", "NeededGlobal", "PlanError", "Problem", "RefusedGlobal", "Rejected",
+           "RuleError", "SourceError", "TargetError", "TensorOpError", "UnsafeGlobalError", "UntrustedCallable",
+           "ValidationFailed", "VerificationFailed"]
 
 
 class CkptxError(Exception):
@@ -35,16 +39,67 @@ class SourceError(CkptxError):
     """A source checkpoint cannot be read (corrupt, truncated, unsafe, wrong layout)."""
 
 
-class UnsafeGlobalError(SourceError):
-    """A pickle needs a global that the safe loader does not allow."""
+@dataclass(frozen=True)
+class NeededGlobal:
+    """A pickle global the safe loader refused, and what the trust rule makes of it.
 
-    def __init__(self, path: str, global_name: str) -> None:
-        self.global_name = global_name
+    `name` is `module.Name`, the form `--allow-global` takes. `allowable` is True when `--allow-global`
+    would accept it (a plain data class), False when it never would (it runs code or touches the
+    system), None when ckptx did not import its module to look (not an installed package).
+    """
+
+    name: str
+    allowable: bool | None
+    why: str
+
+
+_UNSAFE = "--unsafe-pickle, which runs any code the file contains"
+
+
+class UnsafeGlobalError(SourceError):
+    """A pickle needs globals that the safe loader does not allow; says of each whether it may be allowed."""
+
+    def __init__(self, path: str, needed: Sequence[NeededGlobal]) -> None:
+        self.needed = tuple(needed)
+        self.global_name = self.needed[0].name if self.needed else ""
+        super().__init__(f"{path}: {_needs(self.needed)}; {_next_step(self.needed)}")
+
+
+def _needs(needed: Sequence[NeededGlobal]) -> str:
+    def verdict(g: NeededGlobal) -> str:
+        if g.allowable:
+            return f"it may be allowed ({g.why})"
+        if g.allowable is None:
+            return f"ckptx has not looked at it ({g.why})"
+        return f"--allow-global cannot allow it ({g.why})"
+
+    if len(needed) == 1:
+        return (f"the checkpoint needs the Python global '{needed[0].name}', which the safe loader refuses: "
+                f"{verdict(needed[0])}")
+    listed = "; ".join(f"'{g.name}': {verdict(g)}" for g in needed)
+    return f"the checkpoint needs {len(needed)} Python globals the safe loader refuses: {listed}"
+
+
+def _next_step(needed: Sequence[NeededGlobal]) -> str:
+    if any(g.allowable is False for g in needed):
+        return f"load this file only if you trust it completely (you made it yourself), with {_UNSAFE}"
+    flags = " ".join(f"--allow-global {g.name}" for g in needed)
+    if all(g.allowable for g in needed):
+        return f"if you trust this file, pass {flags} (just {'that one' if len(needed) == 1 else 'those'}), or {_UNSAFE}"
+    return (f"if you know it is a plain data class (a dataclass, an Enum, a named tuple, a container), pass {flags} "
+            f"(ckptx checks it then), or, only if you trust this file completely, {_UNSAFE}")
+
+
+class RefusedGlobal(SourceError):
+    """`--allow-global NAME` (or a jobs file's `allow_globals:`) names something that may never be allowed."""
+
+    def __init__(self, flag: str, name: str, why: str) -> None:
+        self.global_name = name
         super().__init__(
-            f"{path}: the checkpoint needs the Python global '{global_name}', which the safe loader "
-            f"refuses; if you trust this file, pass --allow-global {global_name} (just that one) "
-            f"or --unsafe-pickle (runs any code the file contains)"
-        )
+            f"{flag} {name}: refused: {why}; --allow-global is only for plain data classes (argparse.Namespace, "
+            f"a dataclass, an Enum, a named tuple, collections.OrderedDict, numpy dtypes and scalars); a file that "
+            f"needs it runs code when it is loaded: load it only if you trust it completely (you made it "
+            f"yourself), with {_UNSAFE}")
 
 
 class PlanError(CkptxError):
@@ -64,6 +119,25 @@ class PlannerBug(CkptxError):
 
 class TargetError(CkptxError):
     """A target specification cannot be resolved."""
+
+
+class UntrustedCallable(TargetError):
+    """A file names a callable that the trust rule refuses; nothing was imported or called for it.
+
+    `may_allow` says whether the user may still allow it (it is not a known danger): then the message
+    says how (name it on the command line, or declare it in a rule pack).
+    """
+
+    def __init__(self, where: str, name: str, why: str, *, may_allow: bool) -> None:
+        self.name = name
+        self.why = why
+        self.may_allow = may_allow
+        if may_allow:
+            step = (f"if you trust it, name it yourself: --allow-factory {name} (or --target {name} for a target), "
+                    f"or declare it in a rule pack (entry point group ckptx.factories)")
+        else:
+            step = "it is not a model factory: remove it from the file, and do not use the file if you did not write it"
+        super().__init__(f"{where}: refused to call '{name}' named in a file: {why}; {step}")
 
 
 class DestinationError(CkptxError):

@@ -14,6 +14,9 @@ import torch
 from ckptx.errors import TargetError
 from ckptx.metadevice import schedules_on_cpu
 
+__all__ = ["CONVNEXTV2_SIZES", "convnextv2_hf", "convnextv2_mmpretrain", "convnextv2_timm", "mmpretrain_model",
+           "timm_model", "transformers_model"]
+
 CONVNEXTV2_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
     "femto": ((2, 2, 6, 2), (48, 96, 192, 384)),
@@ -29,10 +32,9 @@ CONVNEXTV2_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 def transformers_model(architecture: str, config: Mapping[str, Any] | None = None, **config_kwargs: Any) -> torch.nn.Module:
     """`transformers.<architecture>(<architecture's config class>(**config))`, randomly initialised, no download."""
     transformers = importlib.import_module("transformers")
-    try:
-        model_class = getattr(transformers, architecture)
-    except AttributeError:
-        raise TargetError(f"transformers has no model class '{architecture}'") from None
+    model_class = getattr(transformers, architecture, None)
+    if not isinstance(model_class, type) or not issubclass(model_class, transformers.PreTrainedModel):
+        raise TargetError(f"transformers has no model class '{architecture}'")
     config_class = model_class.config_class
     return model_class(config_class(**{**dict(config or {}), **config_kwargs}))
 
@@ -88,9 +90,11 @@ def _mmpretrain_config(relative: str) -> str:
     spec = importlib.util.find_spec("mmpretrain")
     if spec is None or spec.origin is None:
         raise TargetError("mmpretrain is not installed; pip install mmpretrain (see the README for CPU set-up)")
-    path = os.path.join(os.path.dirname(spec.origin), ".mim", "configs", relative)
-    if not os.path.isfile(path):
-        raise TargetError(f"mmpretrain ships no config {relative}")
+    configs = os.path.realpath(os.path.join(os.path.dirname(spec.origin), ".mim", "configs"))
+    path = os.path.realpath(os.path.join(configs, relative))
+    if os.path.commonpath([configs, path]) != configs or not os.path.isfile(path):
+        # an mmengine config file is Python, run when read: only mmpretrain's own configs are read
+        raise TargetError(f"mmpretrain ships no config {relative} (give a path under its .mim/configs)")
     return path
 
 

@@ -58,6 +58,9 @@ class JobSpec:
         """Build from a schema-valid job mapping and the schema-valid `defaults:` mapping of `source`."""
         origin = {key: ("defaults", key) for key in _SETTINGS if key in defaults}
         origin.update({key: path + (key,) for key in _SETTINGS if key in data})
+        for owner, where in ((defaults, ("defaults",)), (data, path)):
+            if "model" in (owner.get("target") or {}):
+                origin["target.model"] = where + ("target", "model")
         rules = data.get("rules", defaults.get("rules", ()))
         return cls(
             path=path,
@@ -93,6 +96,7 @@ class Job:
     force: bool
     allow_globals: tuple[str, ...]
     match: str = ""
+    model_where: str = ""
 
     @property
     def where(self) -> str:
@@ -113,7 +117,8 @@ class Job:
         """The job's target as a TargetSpec (relative checkpoint/manifest paths from the jobs folder)."""
         if not self.target:
             return None
-        return TargetSpec.from_dict(self.target, base_dir=self.base_dir, where=f"{self.entry}.target")
+        return TargetSpec.from_dict(self.target, base_dir=self.base_dir, where=f"{self.entry}.target",
+                                    model_where=self.model_where)
 
     def recipe(self) -> Recipe:
         """Load the job's rule files (paths from the jobs folder, or recipe names) with its params."""
@@ -222,7 +227,8 @@ class _Checker:
                 return []
             jobs.append(Job(entry=spec.at(self.doc), match=match, src=src, dst=dst, base_dir=self.base, rules=spec.rules,
                             target=spec.target, format=_format_of(dst), params=dict(spec.params),
-                            force=spec.force, allow_globals=spec.allow_globals))
+                            force=spec.force, allow_globals=spec.allow_globals,
+                            model_where=spec.at(self.doc, "target.model") if "target.model" in spec.origin else ""))
         return jobs
 
     def _check_spec(self, spec: JobSpec) -> None:

@@ -90,7 +90,8 @@ def _verify_source(recipe: Recipe) -> TargetSpec | None:
     verify = recipe.verify
     if verify is None:
         return None
-    return TargetSpec(model=verify.source_model, kwargs=dict(verify.source_kwargs), where=verify.where)
+    return TargetSpec(model=verify.source_model, kwargs=dict(verify.source_kwargs), where=verify.where,
+                      model_origin=verify.source_origin)
 
 
 def _finish(recipe: Recipe, document: dict[str, Any], traced_on: str | None) -> Reversed:

@@ -12,8 +12,8 @@ from ckptx.dtypes import TensorMeta, dtype_name
 from ckptx.errors import CkptxError, TargetError
 from ckptx.io.manifest import read_manifest
 from ckptx.io.open import open_source
-from ckptx.rules.recipe import TargetSpec
-from ckptx.usercode import import_callable
+from ckptx.rules.recipe import Origin, TargetSpec
+from ckptx.trust import trusted_factory
 
 torch = lazy_module("torch")
 
@@ -36,7 +36,7 @@ class Target:
 def parse_target_arg(spec: str, kwargs: Mapping[str, Any] | None = None) -> TargetSpec:
     """A CLI `--target SPEC`: `module:callable`, a manifest (.json/.yaml) or a reference checkpoint."""
     if _MODEL_SPEC.match(spec) and not Path(spec).exists():
-        return TargetSpec(model=spec, kwargs=dict(kwargs or {}), where="--target")
+        return TargetSpec(model=spec, kwargs=dict(kwargs or {}), where="--target", model_origin=Origin.user("--target"))
     if Path(spec).suffix in (".json", ".yaml", ".yml") and not spec.endswith(".index.json"):
         return TargetSpec(manifest=spec, where="--target")
     return TargetSpec(checkpoint=spec, kwargs=dict(kwargs or {}), where="--target")
@@ -66,9 +66,14 @@ class FactoryFailed(TargetError):
     """A model factory was found and called, and raised (as opposed to: it could not be imported)."""
 
 
-def build_model(spec: str, kwargs: Mapping[str, Any], where: str, *, device: str = "meta") -> torch.nn.Module:
-    """Call a `module:callable` model factory under `torch.device(device)`; FactoryFailed when it raises."""
-    factory = import_callable(spec, where)
+def build_model(spec: str, kwargs: Mapping[str, Any], where: str, *, device: str = "meta",
+                origin: Origin = Origin()) -> torch.nn.Module:
+    """Call a `module:callable` model factory under `torch.device(device)`; FactoryFailed when it raises.
+
+    `origin` says who named it: a name from a file (the default) is called only if the trust rule allows
+    it (UntrustedCallable otherwise, nothing called); pass `Origin.user(...)` for a name the user typed.
+    """
+    factory = trusted_factory(spec, kwargs, origin, where)
     try:
         with torch.device(device):
             model = factory(**kwargs)
@@ -84,11 +89,12 @@ def build_model(spec: str, kwargs: Mapping[str, Any], where: str, *, device: str
 def _model_tensors(spec: TargetSpec) -> tuple[dict[str, TensorMeta], tuple[str, ...]]:
     """The factory's state dict metadata, built on the meta device; on the CPU (with a note) when the factory
     itself fails there (some build real tensors, e.g. `torch.arange(...).item()`)."""
+    where = spec.where or "target"
     try:
-        model = build_model(spec.model or "", spec.kwargs, spec.where or "target")
+        model = build_model(spec.model or "", spec.kwargs, where, origin=spec.model_origin)
         return state_metas(model.state_dict()), ()
     except FactoryFailed as exc:
-        model = build_model(spec.model or "", spec.kwargs, spec.where or "target", device="cpu")
+        model = build_model(spec.model or "", spec.kwargs, where, device="cpu", origin=spec.model_origin)
         return state_metas(model.state_dict()), (f"built on the CPU: the factory does not run on the meta device ({exc})",)
 
 

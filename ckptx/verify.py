@@ -18,6 +18,8 @@ from ckptx.target import build_model
 
 torch = lazy_module("torch")
 
+__all__ = ["VerificationResult", "verify_conversion"]
+
 
 @dataclass(frozen=True)
 class VerificationResult:
@@ -54,11 +56,12 @@ def verify_conversion(recipe: Recipe, target: TargetSpec | None, src: Path, conv
     if target is None or not target.model:
         raise CkptxError("--verify needs a model target (module:callable), not a checkpoint or manifest")
     where = spec.where or "verify"
-    source_model = build_model(spec.source_model, spec.source_kwargs, where, device="cpu")
+    source_model = build_model(spec.source_model, spec.source_kwargs, where, device="cpu", origin=spec.source_origin)
     with open_source(src, recipe.extract, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle) as source:
         _load_strict(source_model, _source_state(source, spec), f"{where}.source_model", spec.source_model,
                      _prefix_hint(spec))
-    target_model = build_model(target.model, target.kwargs, target.where or "target", device="cpu")
+    target_model = build_model(target.model, target.kwargs, target.where or "target", device="cpu",
+                               origin=target.model_origin)
     with open_source(converted) as output:
         _load_strict(target_model, {k: output.load(k) for k in output.tensors}, "target", target.model, "")
     expected = _run(source_model, spec)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -20,6 +20,7 @@ from ckptx.batch import run_batch
 from ckptx.errors import RuleError
 from ckptx.fingerprint import FINGERPRINT_KEY, sidecar_path
 from ckptx.jobs import load_jobs, merge_targets
+from ckptx.trust import allow_factories
 from tests.conftest import TINY_TARGET, subprocess_env
 from tests.helpers.models import randomized, tiny_net
 
@@ -33,6 +34,14 @@ BROKEN = {"out/zoo/corrupt.safetensors", "out/zoo/wide.safetensors"}
 def _workers_import_tests(monkeypatch: pytest.MonkeyPatch) -> None:
     """Worker processes (spawned or Dask) must import `tests.helpers.models` for the target."""
     monkeypatch.setenv("PYTHONPATH", subprocess_env()["PYTHONPATH"])
+
+
+@pytest.fixture(autouse=True)
+def _tests_factories_allowed() -> Iterator[None]:
+    """These jobs files name the tests' own factories (not an installed package): the user allows them, as
+    `--allow-factory` does; the approval travels with each task to the worker processes."""
+    with allow_factories([TINY_TARGET, "crashing_target:boom"]):
+        yield
 
 
 def weights(seed: int) -> dict[str, torch.Tensor]:

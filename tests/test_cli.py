@@ -198,8 +198,8 @@ def test_verify_json_with_nan_source_outputs_is_valid_json_and_blames_the_source
     src = tmp_path / "nan.safetensors"
     save_file({k: (v.float() * float("nan")).to(v.dtype) if v.is_floating_point() else v
                for k, v in tiny_state.items()}, str(src))
-    rules = write_rules("ckptx: 1\ntarget: {model: 'tests.helpers.models:tiny_net'}\n"
-                        "verify: {source_model: 'tests.helpers.models:tiny_net', input_shape: [2, 3, 8, 8]}\nsteps: []\n")
+    rules = write_rules("ckptx: 1\ntarget: {model: 'tests.helpers.models:TinyNet'}\n"
+                        "verify: {source_model: 'tests.helpers.models:TinyNet', input_shape: [2, 3, 8, 8]}\nsteps: []\n")
     result = run_cli("convert", src, "-r", rules, "-o", tmp_path / "out.safetensors", "--verify", "--json")
     doc = json.loads(result.out, parse_constant=lambda name: pytest.fail(f"bare {name} in JSON"))
     assert result.code == 2 and "itself outputs" in doc["error"]["message"] and not (tmp_path / "out.safetensors").exists()
@@ -231,8 +231,8 @@ def test_verify_adapts_the_source_keys_with_source_rules(run_cli, ddp_checkpoint
     """A DDP-prefixed checkpoint verified against a plain source model: `source_rules` strips the prefix; without
     them the failure is one line that says what to add."""
     body = ("ckptx: 1\nextract: [model]\nsteps: [{strip_prefix: module.}]\n"
-            "target: {model: 'tests.helpers.models:tiny_net'}\n"
-            "verify: {source_model: 'tests.helpers.models:tiny_net', input_shape: [2, 3, 8, 8]%s}\n")
+            "target: {model: 'tests.helpers.models:TinyNet'}\n"
+            "verify: {source_model: 'tests.helpers.models:TinyNet', input_shape: [2, 3, 8, 8]%s}\n")
     plain = run_cli("convert", ddp_checkpoint, "-r", write_rules(body % "", "plain.yaml"), "-o", tmp_path / "a.safetensors",
                     "--verify")
     assert plain.code == 2 and len(plain.err.splitlines()) == 1

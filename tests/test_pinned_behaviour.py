@@ -12,7 +12,7 @@ import ckptx
 from ckptx.errors import TensorOpError, ValidationFailed
 from ckptx.io import safetensors_writer
 from ckptx.io.atomic import TEMP_SUFFIX
-from tests.conftest import TINY_TARGET
+TINY_MODULE = "tests.helpers.models:TinyNet"  # a torch.nn.Module subclass: the trust rule lets a file name it
 
 
 def test_default_extract_prefers_state_dict_over_model(tmp_path: Path, tiny_state: dict) -> None:
@@ -26,10 +26,10 @@ def test_default_extract_prefers_state_dict_over_model(tmp_path: Path, tiny_stat
 def test_allow_unexpected_lets_listed_extra_keys_through(tmp_path: Path, tiny_state: dict, write_rules) -> None:
     src = tmp_path / "extra.pt"
     torch.save({**tiny_state, "aux.head.weight": torch.zeros(2)}, src)
-    strict = write_rules(f"ckptx: 1\nsteps: []\ntarget: {{model: '{TINY_TARGET}'}}\n", "strict.yaml")
+    strict = write_rules(f"ckptx: 1\nsteps: []\ntarget: {{model: '{TINY_MODULE}'}}\n", "strict.yaml")
     with pytest.raises(ValidationFailed, match="aux.head.weight"):
         ckptx.convert(src, tmp_path / "o.safetensors", strict)
-    allowed = write_rules(f"ckptx: 1\nsteps: []\ntarget: {{model: '{TINY_TARGET}', allow_unexpected: ['^aux\\.']}}\n",
+    allowed = write_rules(f"ckptx: 1\nsteps: []\ntarget: {{model: '{TINY_MODULE}', allow_unexpected: ['^aux\\.']}}\n",
                           "allowed.yaml")
     result = ckptx.convert(src, tmp_path / "o.safetensors", allowed)
     assert result.report.ok and result.report.allowed_unexpected == ["aux.head.weight"]

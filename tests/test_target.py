@@ -12,16 +12,17 @@ from safetensors.torch import save_file
 import ckptx
 from ckptx.errors import TargetError
 from ckptx.ops.registry import TensorMeta
-from ckptx.rules import TargetSpec
+from ckptx.rules import Origin, TargetSpec
 from ckptx.io.manifest import read_manifest, write_manifest
 from ckptx.target import parse_target_arg, resolve_target
+from ckptx.trust import allow_factories
 from ckptx.validate import validate
 from tests.conftest import TINY_TARGET
 from tests.helpers.models import tiny_net
 
 
 def test_model_factory_target_is_built_on_meta_device() -> None:
-    target = resolve_target(TargetSpec(model=TINY_TARGET, kwargs={"channels": 6}))
+    target = resolve_target(TargetSpec(model=TINY_TARGET, kwargs={"channels": 6}, model_origin=Origin.user("test")))
     assert target.tensors["conv.weight"] == TensorMeta((6, 3, 3, 3), "float32")
     assert target.tensors["bn.num_batches_tracked"].dtype == "int64"
     assert target.notes == ()
@@ -63,7 +64,7 @@ def test_unimportable_factory_is_named() -> None:
 
 def test_factory_failure_is_reported_not_crashed() -> None:
     with pytest.raises(TargetError, match=r"tests.helpers.models:tiny_net\(\*\*\{'bogus': 1\}\) failed: TypeError"):
-        resolve_target(TargetSpec(model=TINY_TARGET, kwargs={"bogus": 1}, where="target"))
+        resolve_target(TargetSpec(model=TINY_TARGET, kwargs={"bogus": 1}, where="target", model_origin=Origin.user("test")))
 
 
 def test_report_lists_missing_unexpected_shape_and_dtype() -> None:
@@ -84,7 +85,8 @@ def test_allowed_missing_does_not_fail(write_rules: Callable[..., Path], ddp_che
     rules = write_rules(
         "ckptx: 1\nextract: model\nsteps: [{strip_prefix: module.}, {drop: ['^fc\\.']}]\n"
         f"target: {{model: '{TINY_TARGET}', allow_missing: ['^fc\\.']}}\n")
-    result = ckptx.convert(ddp_checkpoint, None, rules, dry_run=True)
+    with allow_factories([TINY_TARGET]):  # the tests' own factory, named in a file: the user allows it
+        result = ckptx.convert(ddp_checkpoint, None, rules, dry_run=True)
     assert result.report.ok and result.report.allowed_missing == ["fc.weight", "fc.bias"]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import pickle
 import re
 import struct
@@ -15,12 +14,13 @@ from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError, UnsafeGlobalError
 from ckptx.io.source import MappingSource, extract, top_level_of
 from ckptx.io.torch_zip import TorchZipSource, check_archive, open_zip_without_torch
+from ckptx.trust import needed_global, resolve_allow_global
 
 torch = lazy_module("torch")
 
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-_UNSUPPORTED = re.compile(r"Unsupported (?:global|class|operand)[^\n]*")
+_UNSUPPORTED = re.compile(r"(?:Unsupported (?:global|class|operand)|Can only build)[^\n]*")
 
 
 def load_pickle_object(path: Path, *, allow_globals: Sequence[str] = (), unsafe_pickle: bool = False,
@@ -32,11 +32,12 @@ def load_pickle_object(path: Path, *, allow_globals: Sequence[str] = (), unsafe_
         check_archive(path, shown)
     with ExitStack() as stack:
         if allow_globals and not unsafe_pickle:
-            stack.enter_context(torch.serialization.safe_globals([_import_global(g) for g in allow_globals]))
+            allowed = [obj for name in allow_globals for obj in resolve_allow_global(name)]
+            stack.enter_context(torch.serialization.safe_globals(allowed))
         try:
             return torch.load(path, map_location="cpu", weights_only=not unsafe_pickle, mmap=is_zip)
         except pickle.UnpicklingError as exc:
-            raise _unpickling_error(shown, exc) from None
+            raise _unpickling_error(path, shown, exc, is_zip) from None
         except RecursionError:
             raise SourceError(f"{shown}: not a readable torch checkpoint: its pickle nests too deeply (a corrupt "
                               f"or hostile file)") from None
@@ -78,26 +79,38 @@ def starts_as_zip(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-def _import_global(name: str) -> Any:
-    module_name, _, attr = name.rpartition(".")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        return getattr(obj, attr)
-    except (ImportError, AttributeError, ValueError):
-        raise SourceError(f"--allow-global {name}: no such importable global; give it as module.Name") from None
-
-
-def _unpickling_error(shown: str, exc: Exception) -> SourceError:
+def _unpickling_error(path: Path, shown: str, exc: Exception, is_zip: bool) -> SourceError:
     text = str(exc)
-    match = _GLOBAL.search(text)
-    if match:
-        return UnsafeGlobalError(shown, match.group(1))
+    needed = _refused_globals(path, text, is_zip)
+    if needed:
+        return UnsafeGlobalError(shown, [needed_global(name) for name in needed])
     if "Weights only load failed" in text:
         detail = _UNSUPPORTED.search(text)
         reason = detail.group(0) if detail else "it uses pickle features the safe loader refuses"
         return SourceError(f"{shown}: the safe loader refused the file ({reason}); pass --unsafe-pickle "
-                           f"only if you trust where it came from")
+                           f"only if you trust where it came from (it runs any code the file contains)")
     return SourceError(f"{shown}: not a readable torch checkpoint: corrupt pickle ({text.splitlines()[0] if text else 'truncated'})")
+
+
+def _refused_globals(path: Path, text: str, is_zip: bool) -> list[str]:
+    """The `module.Name` globals the safe loader refused.
+
+    For a zip file torch lists them (every GLOBAL of `data.pkl` it does not allow, in the form
+    `--allow-global` takes); a legacy file has only the one torch's message names, where torch writes a
+    builtin bare (`eval` for `builtins.eval`).
+    """
+    if is_zip:
+        try:
+            listed = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        except Exception:  # noqa: BLE001 - only a better message is lost; torch's own says what it refused
+            listed = []
+        if listed:
+            return listed
+    match = _GLOBAL.search(text)
+    if match is None:
+        return []
+    name = match.group(1)
+    return [name if "." in name else f"builtins.{name}"]
 
 
 def _first_line(exc: BaseException, is_zip: bool) -> str:

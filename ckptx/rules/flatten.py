@@ -45,7 +45,7 @@ def flatten(recipe: Recipe) -> dict[str, Any]:
         doc["target"] = _target(recipe.target)
     if recipe.verify is not None:
         doc["verify"] = {k: _plain(v) for k, v in dataclasses.asdict(recipe.verify).items()
-                         if k not in ("where", "given") and v not in (None, ())}
+                         if k not in ("where", "given", "source_origin") and v not in (None, ())}
     return doc
 
 

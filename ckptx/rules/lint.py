@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import re
 
+from dataclasses import dataclass
+from typing import Any, Mapping
+
 from ckptx.errors import Problem
-from ckptx.rules.recipe import Recipe
+from ckptx.rules.recipe import Origin, Recipe
+
+__all__ = ["NamedCallable", "lint_recipe", "named_callables"]
 
 _BARE_DOT = re.compile(r"(?<![\\\[])\.(?=[A-Za-z0-9_])")
 
@@ -32,3 +37,24 @@ def _check(text: str, where: str) -> list[Problem]:
         problems.append(Problem(where, f"pattern {text!r} has an unescaped '.', which matches any character; "
                                        f"write '\\.' for a literal dot"))
     return problems
+
+
+@dataclass(frozen=True)
+class NamedCallable:
+    """A callable a recipe would run: its role (`target.model`, `verify.source_model`), name, arguments and origin."""
+
+    role: str
+    name: str
+    kwargs: Mapping[str, Any]
+    origin: Origin
+
+
+def named_callables(recipe: Recipe) -> list[NamedCallable]:
+    """Every `module:callable` the recipe would call (its target model, its verify source model), in that order."""
+    found = []
+    if recipe.target is not None and recipe.target.model:
+        found.append(NamedCallable("target.model", recipe.target.model, recipe.target.kwargs, recipe.target.model_origin))
+    if recipe.verify is not None:
+        found.append(NamedCallable("verify.source_model", recipe.verify.source_model, recipe.verify.source_kwargs,
+                                   recipe.verify.source_origin))
+    return found

@@ -160,8 +160,10 @@ def _build(doc: YamlDocument, path: Path, values: dict[str, Any], problems: list
                 collector.regexes(data["target"][key], key)
         problems.extend(collector.problems)
         if not collector.problems:
-            target = TargetSpec.from_dict(data["target"], base_dir=path.parent, where=doc.where(("target",)))
-    verify = (VerifySpec.from_dict(data["verify"], where=doc.where(("verify",)), base_dir=path.parent)
+            target = TargetSpec.from_dict(data["target"], base_dir=path.parent, where=doc.where(("target",)),
+                                          model_where=doc.where(("target", "model")))
+    verify = (VerifySpec.from_dict(data["verify"], where=doc.where(("verify",)), base_dir=path.parent,
+                                   source_where=doc.where(("verify", "source_model")))
               if "verify" in data else None)
     extract = data.get("extract", ())
     digest = hashlib.sha256(content).hexdigest()

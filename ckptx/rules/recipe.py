@@ -25,6 +25,24 @@ class RuleFile:
 
 
 @dataclass(frozen=True)
+class Origin:
+    """Who named a callable (a target model, a verify source model), and where.
+
+    A name read from a file (`by_user=False`, the default) is checked by the trust rule (ckptx.trust)
+    before anything is imported or called; a name the user typed (`--target`, a string given to the
+    Python API) is the user's own choice.
+    """
+
+    where: str = ""
+    by_user: bool = False
+
+    @classmethod
+    def user(cls, where: str) -> "Origin":
+        """A name the user typed (command line, Python code)."""
+        return cls(where, True)
+
+
+@dataclass(frozen=True)
 class TargetSpec:
     """What the converted weights must fit: a model factory, a reference checkpoint or a manifest."""
 
@@ -35,10 +53,15 @@ class TargetSpec:
     allow_missing: tuple[Pattern, ...] = ()
     allow_unexpected: tuple[Pattern, ...] = ()
     where: str = ""
+    model_origin: Origin = Origin()
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, base_dir: Path | None, where: str) -> "TargetSpec":
-        """Build from a schema-valid `target:` mapping; relative paths are taken from `base_dir`."""
+    def from_dict(cls, data: Mapping[str, Any], *, base_dir: Path | None, where: str,
+                  model_where: str = "") -> "TargetSpec":
+        """Build from a schema-valid `target:` mapping of a file; relative paths are taken from `base_dir`.
+
+        `model_where` is the place of `model:` in the file (default: `where`); the model is file-named.
+        """
 
         def path_of(key: str) -> str | None:
             value = data.get(key)
@@ -54,6 +77,7 @@ class TargetSpec:
             allow_missing=_patterns(data.get("allow_missing")),
             allow_unexpected=_patterns(data.get("allow_unexpected")),
             where=where,
+            model_origin=Origin(model_where or where),
         )
 
     def merged(self, other: "TargetSpec | None") -> "TargetSpec":
@@ -69,6 +93,7 @@ class TargetSpec:
             allow_missing=self.allow_missing + other.allow_missing,
             allow_unexpected=self.allow_unexpected + other.allow_unexpected,
             where=other.where or self.where,
+            model_origin=other.model_origin if source_given else self.model_origin,
         )
 
     def describe(self) -> str:
@@ -94,10 +119,13 @@ class VerifySpec:
     source_rules: tuple[str, ...] = ()
     where: str = ""
     given: frozenset[str] = field(default=frozenset(), compare=False)  # the keys the file wrote
+    source_origin: Origin = Origin()
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, where: str, base_dir: Path | None = None) -> "VerifySpec":
-        """Build from a schema-valid `verify:` mapping; `source_rules` paths are taken from `base_dir`."""
+    def from_dict(cls, data: Mapping[str, Any], *, where: str, base_dir: Path | None = None,
+                  source_where: str = "") -> "VerifySpec":
+        """Build from a schema-valid `verify:` mapping of a file (`source_where`: the place of `source_model:`);
+        `source_rules` paths are taken from `base_dir`."""
         rules = data.get("source_rules") or ()
         rules = (rules,) if isinstance(rules, str) else tuple(rules)
         if base_dir is not None:
@@ -114,6 +142,7 @@ class VerifySpec:
             rtol=float(data.get("rtol", 1e-4)),
             output=data.get("output"),
             where=where,
+            source_origin=Origin(source_where or where),
         )
 
 

@@ -45,8 +45,8 @@ def test_refused_global_names_both_ways_out(args_checkpoint: Path) -> None:
         open_source(args_checkpoint, ["model"])
     assert str(caught.value) == (
         f"{args_checkpoint}: the checkpoint needs the Python global 'argparse.Namespace', which the safe loader "
-        "refuses; if you trust this file, pass --allow-global argparse.Namespace (just that one) or "
-        "--unsafe-pickle (runs any code the file contains)")
+        "refuses: it may be allowed (an argparse.Namespace); if you trust this file, pass --allow-global "
+        "argparse.Namespace (just that one), or --unsafe-pickle, which runs any code the file contains")
 
 
 def test_allow_global_loads_just_that_global(args_checkpoint: Path) -> None:

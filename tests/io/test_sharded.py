@@ -18,6 +18,8 @@ from ckptx.io.open import open_source
 from ckptx.io.sharded_writer import parse_size, shard_layout
 from ckptx.io.source import Source
 from ckptx.plan import plan_recipe
+from ckptx.trust import allow_factories
+from tests.conftest import TINY_TARGET
 
 INDEX = "model.safetensors.index.json"
 
@@ -248,11 +250,13 @@ steps: [%s]
 
 def test_verify_checks_the_staged_shards_before_publishing(tmp_path: Path, safetensors_file: Path,
                                                            write_rules: Callable[..., Path]) -> None:
-    result = ckptx.convert(safetensors_file, tmp_path / INDEX, write_rules(VERIFIED % ""), max_shard_size=200, verify=True)
-    assert result.verification.ok and len(shards_of(tmp_path)) > 1 and (tmp_path / INDEX).exists()
-    out = tmp_path / "bad"
-    out.mkdir()
-    with pytest.raises(VerificationFailed):
-        ckptx.convert(safetensors_file, out / INDEX, write_rules(VERIFIED % "{scale: {match: '^fc\\.bias$', by: 3}}",
-                                                                 "bad.yaml"), max_shard_size=200, verify=True)
+    with allow_factories([TINY_TARGET]):  # the tests' own factory, named in a file: the user allows it
+        result = ckptx.convert(safetensors_file, tmp_path / INDEX, write_rules(VERIFIED % ""), max_shard_size=200,
+                               verify=True)
+        assert result.verification.ok and len(shards_of(tmp_path)) > 1 and (tmp_path / INDEX).exists()
+        out = tmp_path / "bad"
+        out.mkdir()
+        with pytest.raises(VerificationFailed):
+            ckptx.convert(safetensors_file, out / INDEX, write_rules(VERIFIED % "{scale: {match: '^fc\\.bias$', by: 3}}",
+                                                                     "bad.yaml"), max_shard_size=200, verify=True)
     assert list(out.iterdir()) == []

@@ -23,7 +23,7 @@ params:
 steps:
   - strip_prefix: module.
 target:
-  model: tests.helpers.models:tiny_net
+  model: tests.helpers.models:TinyNet
   kwargs: {channels: '${channels}'}
 """
 
@@ -38,7 +38,7 @@ def test_unset_inferred_param_is_the_choice_whose_target_validates(run_cli, writ
     result = run_cli("convert", _source(tmp_path, 4), "-r", write_rules(RECIPE), "--dry-run", "--json")
     assert result.code == 0, result.out
     doc = result.json
-    assert doc["inferred"] == {"channels": 4} and doc["validation"]["target"] == "tests.helpers.models:tiny_net(channels=4)"
+    assert doc["inferred"] == {"channels": 4} and doc["validation"]["target"] == "tests.helpers.models:TinyNet(channels=4)"
     assert any(n.startswith("channels=4 chosen from the source (channels among 2, 4, 8)") for n in doc["notes"])
 
 
@@ -80,7 +80,7 @@ params: {scale: {infer: [half, full]}}
 steps:
   - strip_prefix: module.
   - {scale: {match: '^conv', by: 0.5}, when: {param: {scale: half}}}
-target: {model: 'tests.helpers.models:tiny_net'}
+target: {model: 'tests.helpers.models:TinyNet'}
 """, "r.yaml")
     with pytest.raises(AmbiguousVariant) as failed:
         ckptx.convert(_source(tmp_path, 4), None, recipe, dry_run=True)
@@ -167,6 +167,6 @@ def test_apply_in_memory_chooses_against_the_given_target() -> None:
 
 
 def test_diff_chooses_against_b(run_cli, write_rules, tmp_path: Path) -> None:
-    result = run_cli("diff", _source(tmp_path, 8), "tests.helpers.models:tiny_net", "--target-arg", "channels=8",
+    result = run_cli("diff", _source(tmp_path, 8), "tests.helpers.models:TinyNet", "--target-arg", "channels=8",
                      "-r", write_rules(RECIPE), "--json")
     assert result.code == 0 and result.json["ok"], result.out
