@@ -261,7 +261,9 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                                                                  for k, m in metas.items()},
                "non_tensors": src.non_tensors, "parameters": params, "bytes": nbytes, "metadata": src.file_metadata,
                "manifest": args.manifest}
-        lines = [f"{src.path}: {src.format}"]
+        description = list(getattr(src, "description", ()))  # a source's own lines (DCP: world size, shards)
+        doc.update({"description": description} if description else {})
+        lines = [f"{src.path}: {src.format}", *description]
         if src.top_level:
             lines.append("top level:")
             lines += [f"  {k}: {v}" for k, v in src.top_level.items()]

@@ -35,8 +35,11 @@ def open_source(path: str | Path, extract_paths: Sequence[str] = (), *, allow_gl
     p = Path(path)
     if not p.exists():
         raise SourceError(f"{path}: no such file")
-    if p.is_dir():
-        raise SourceError(f"{path}: is a folder; give the checkpoint file (or its .index.json)")
+    if p.is_dir():  # a torch.distributed.checkpoint folder, or a one-line error saying what the folder is
+        from ckptx.io.dcp import open_dcp_folder  # noqa: PLC0415
+
+        return open_dcp_folder(p, str(path), extract_paths, allow_globals=allow_globals,
+                               unsafe_pickle=unsafe_pickle, where=where)
     fmt = sniff_format(p)
     if fmt == "safetensors":
         return SafetensorsSource(p, str(path))

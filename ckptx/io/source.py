@@ -55,6 +55,11 @@ class Source:
         """Where the raw bytes of `key` lie, when they can be copied as they are."""
         return None
 
+    def raw_spans(self, key: str) -> Sequence[RawSpan] | None:
+        """The raw bytes of `key` as pieces of files, in order (a sharded tensor's chunks); by default `raw_span`."""
+        span = self.raw_span(key)
+        return None if span is None else (span,)
+
     def close(self) -> None:
         """Release file handles and maps."""
 

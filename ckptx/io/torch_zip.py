@@ -23,7 +23,7 @@ import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, BinaryIO, Callable, ClassVar, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx.io.dtypes import dtype_name
@@ -270,14 +270,15 @@ def _agrees(ref: TensorRef, tensor: torch.Tensor) -> bool:
 def _read_references(path: str) -> tuple[Any, list[str], dict[str, Record], bool]:
     """`data.pkl` as the stub unpickler builds it, the globals it did not model, the `data/<key>` records by
     key, and whether the storages are little-endian. Raises on a malformed archive or pickle."""
-    with zipfile.ZipFile(path) as archive:
-        pickled, records, little = _read_archive(archive, path)
+    with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+        pickled, records, little = _read_archive(archive, f)
     unpickler = _StubUnpickler(io.BytesIO(pickled))
     return unpickler.load(), unpickler.unknown, records, little
 
 
-def _read_archive(archive: zipfile.ZipFile, path: str) -> tuple[bytes, dict[str, Record], bool]:
-    """`data.pkl`, the stored `data/<key>` records by key, and whether the storages are little-endian."""
+def _read_archive(archive: zipfile.ZipFile, f: BinaryIO) -> tuple[bytes, dict[str, Record], bool]:
+    """`data.pkl`, the stored `data/<key>` records by key (offsets in `f`, the archive's file), and whether the
+    storages are little-endian."""
     infos = archive.infolist()
     pickles = [i for i in infos if i.filename.count("/") == 1 and i.filename.endswith("/data.pkl")]
     if len(pickles) != 1:
@@ -286,11 +287,10 @@ def _read_archive(archive: zipfile.ZipFile, path: str) -> tuple[bytes, dict[str,
     order = next((i for i in infos if i.filename == prefix + "byteorder"), None)
     byteorder = archive.read(order).decode("ascii").strip() if order else sys.byteorder
     records = {}
-    with open(path, "rb") as f:
-        for info in infos:
-            name = info.filename
-            if name.startswith(prefix + "data/") and info.compress_type == zipfile.ZIP_STORED:
-                records[name[len(prefix) + 5:]] = Record(_data_offset(f, info), info.file_size)
+    for info in infos:
+        name = info.filename
+        if name.startswith(prefix + "data/") and info.compress_type == zipfile.ZIP_STORED:
+            records[name[len(prefix) + 5:]] = Record(_data_offset(f, info), info.file_size)
     return archive.read(pickles[0]), records, byteorder == "little"
 
 
