@@ -10,12 +10,15 @@ Layouts written under OUT_DIR:
 - `threads/`: the same state with `thread_count=2` (two files per rank).
 - `safetensors/`: the same state with `serialization_format=SAFETENSORS`.
 - `big/`: a few tens of MB (`--big-mib`) of Shard(0) float32 matrices, for the memory tests.
+- `extras/`: a small model next to pickled values that need globals: `args` (an argparse.Namespace) and
+  `evil`, whose unpickling would run `touch MARKER` (`--marker`; writing it runs nothing).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import socket
 import sys
 from pathlib import Path
@@ -66,6 +69,23 @@ def big_state(mib: int) -> dict[str, Any]:
             "step": 11}
 
 
+class Payload:
+    """Unpickling this runs `touch marker` (pickling it, as dcp.save does, runs nothing)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {shlex.quote(self.marker)}",))
+
+
+def extras_state(marker: str) -> dict[str, Any]:
+    """A small sharded model, an argparse.Namespace and a payload, each a value of its own."""
+    g = torch.Generator().manual_seed(5)
+    return {"model": {"w": (torch.randn(6, 4, generator=g), "shard0")},
+            "args": argparse.Namespace(lr=0.1, name="tiny"), "evil": Payload(marker)}
+
+
 def _distribute(value: Any, mesh: Any) -> Any:
     """Replace each `(tensor, placement)` leaf by the DTensor (or plain tensor) a rank saves."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor  # noqa: PLC0415
@@ -92,7 +112,7 @@ def plain(value: Any) -> Any:
     return value
 
 
-def _worker(rank: int, out: str, port: int, big_mib: int) -> None:
+def _worker(rank: int, out: str, port: int, big_mib: int, marker: str) -> None:
     import torch.distributed as dist  # noqa: PLC0415
     import torch.distributed.checkpoint as dcp  # noqa: PLC0415
     from torch.distributed.checkpoint import FileSystemWriter  # noqa: PLC0415
@@ -112,6 +132,8 @@ def _worker(rank: int, out: str, port: int, big_mib: int) -> None:
         contiguous = _distribute(full_state(transposed=False), mesh)
         dcp.save(contiguous, storage_writer=FileSystemWriter(
             root / "safetensors", serialization_format=SerializationFormat.SAFETENSORS))
+        if marker:
+            dcp.save(_distribute(extras_state(marker), mesh), storage_writer=FileSystemWriter(root / "extras"))
         if big_mib:
             dcp.save(_distribute(big_state(big_mib), mesh), storage_writer=FileSystemWriter(root / "big"))
         dist.barrier()
@@ -126,21 +148,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_all(out: Path, big_mib: int = 0) -> None:
-    """Write every layout under `out` with 2 spawned gloo processes."""
+def write_all(out: Path, big_mib: int = 0, marker: str = "") -> None:
+    """Write every layout under `out` with 2 spawned gloo processes (`extras/` only with a `marker`)."""
     import torch.multiprocessing as mp  # noqa: PLC0415
 
     torch.set_num_threads(1)
-    mp.spawn(_worker, args=(str(out), free_port(), big_mib), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(out), free_port(), big_mib, marker), nprocs=WORLD, join=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: `python -m tests.helpers.dcp_checkpoints OUT [--big-mib N]`."""
+    """Command line: `python -m tests.helpers.dcp_checkpoints OUT [--big-mib N] [--marker PATH]`."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", type=Path)
     parser.add_argument("--big-mib", type=int, default=0)
+    parser.add_argument("--marker", default="")
     args = parser.parse_args(argv)
-    write_all(args.out, args.big_mib)
+    write_all(args.out, args.big_mib, args.marker)
     return 0
 
 
