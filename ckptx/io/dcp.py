@@ -17,10 +17,12 @@ What is read, and when:
 
 from __future__ import annotations
 
+import heapq
 import io
 import itertools
 import json
 import math
+import operator
 import os
 import pickle
 import re
@@ -30,7 +32,7 @@ from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Collection, Iterator, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError, UnsafeGlobalError
@@ -45,13 +47,12 @@ from ckptx.ops.registry import DTYPE_SIZES, TensorMeta
 
 torch = lazy_module("torch")
 
-__all__ = ["MAX_PIECES", "METADATA_FILE", "DcpSource", "describe_layout", "open_dcp_folder"]
+__all__ = ["METADATA_FILE", "DcpSource", "describe_layout", "open_dcp_folder"]
 
 METADATA_FILE = ".metadata"
 _RANK_FILE = re.compile(r"__(\d+)_(\d+)\.distcp")
 _ZIP_MAGIC = b"PK\x03\x04"
 _LISTED = 20  # sharded tensors listed one by one in the description
-MAX_PIECES = 1 << 16  # raw_spans gives at most this many pieces per tensor
 
 
 def open_dcp_folder(folder: Path, display: str | None = None, extract_paths: Sequence[str] = (), *,
@@ -140,25 +141,15 @@ class DcpSource(Source):
         stored = self._locate(tensor, whole)
         return stored.span if stored.stride is None and stored.span.nbytes == tensor.meta.nbytes else None
 
-    def raw_spans(self, key: str) -> list[RawSpan] | None:
+    def raw_spans(self, key: str) -> Collection[RawSpan] | None:
         """The tensor's row-major bytes as pieces of its chunks' spans, in order: a writer copies them one after
-        another without decoding. None when a chunk is stored strided or the pieces would be too many
-        (more than `MAX_PIECES`: a tensor sharded on its last dims); then `load` reassembles it."""
+        another without decoding. One piece per chunk for Shard(0); for a tensor sharded on a later dim, one per
+        chunk row, generated as they are copied (never all held). None when a chunk is stored strided."""
         tensor = self._chosen[key]
-        filled = [c for c in tensor.chunks if c.numel]
-        if sum(math.prod(c.sizes[:_last_partial(c, tensor.shape)]) for c in filled) > MAX_PIECES:
-            return None
-        located = [(c, self._locate(tensor, c)) for c in filled]
+        located = [(c, self._locate(tensor, c)) for c in tensor.chunks if c.numel]
         if any(stored.stride is not None for _, stored in located):
             return None
-        pieces = sorted(p for c, stored in located for p in _pieces(c, stored.span, tensor))
-        spans, expected = [], 0
-        for start, span in pieces:
-            if start != expected:  # the metadata checks make this impossible; never copy a wrong layout
-                return None
-            spans.append(span)
-            expected += span.nbytes
-        return spans
+        return _Pieces(tensor, tuple((c, stored.span) for c, stored in located))
 
     def read_object(self, key: str) -> Any:
         """The pickled non-tensor value stored under the flattened DCP key (`epoch`, `optimizer.param_groups.0.lr`).
@@ -233,6 +224,25 @@ class DcpSource(Source):
 
     def _file_shown(self, item: StorageItem) -> str:
         return os.path.join(self._shown, item.file)
+
+
+class _Pieces:
+    """The row-major pieces of a tensor's chunks, in the order of the whole tensor; each iteration generates
+    them anew (a k-way merge of the chunks' pieces), so memory stays one piece per chunk."""
+
+    def __init__(self, tensor: DcpTensor, chunks: tuple[tuple[DcpChunk, RawSpan], ...]) -> None:
+        self._tensor, self._chunks = tensor, chunks
+
+    def __len__(self) -> int:
+        return sum(math.prod(c.sizes[:_last_partial(c, self._tensor.shape)]) for c, _ in self._chunks)
+
+    def __contains__(self, span: object) -> bool:
+        return any(span == piece for piece in self)
+
+    def __iter__(self) -> Iterator[RawSpan]:
+        """The pieces in order; they tile the tensor because the metadata's chunks do (checked on opening)."""
+        runs = (_pieces(c, span, self._tensor) for c, span in self._chunks)
+        return (span for _, span in heapq.merge(*runs, key=operator.itemgetter(0)))
 
 
 def _last_partial(chunk: DcpChunk, shape: tuple[int, ...]) -> int:

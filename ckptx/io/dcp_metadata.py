@@ -227,7 +227,7 @@ _ALLOWED: dict[tuple[str, str], Callable[..., Any]] = {
     ("pathlib", "PureWindowsPath"): _path,
     ("collections", "OrderedDict"): OrderedDict,
 }
-_DTYPE_NAME = re.compile(r"(b?float|u?int|complex|bool|bits|q?u?int|float8_|float4_)\w*")
+_DTYPE_NAME = re.compile(r"(?:b?float|u?int|complex|qu?int|bits)\d+(?:_\w+|x\d+)?|bool|half|double|c?float|chalf|cdouble")
 
 
 class _MetadataUnpickler(pickle.Unpickler):

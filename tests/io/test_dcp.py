@@ -276,6 +276,15 @@ def test_cli_convert_to_safetensors_equals_dcp_to_torch_save(dcp_root: Path, ref
     assert all(_equal(written[k], expected[k]) for k in expected)
 
 
+def test_cli_convert_to_pth_equals_dcp_to_torch_save(dcp_root: Path, reference, tmp_path: Path, run_cli) -> None:
+    out = tmp_path / "out.pth"
+    result = run_cli("convert", dcp_root / "default", "-o", out, "-r", _rules(tmp_path))
+    assert result.code == 0, result.err
+    written, expected = torch.load(out, weights_only=True), reference("default")["model"]
+    assert list(written) == list(expected)
+    assert all(_equal(written[k], expected[k]) for k in expected)
+
+
 def test_cli_inspect_shows_world_size_and_shard_layout(dcp_root: Path, run_cli) -> None:
     result = run_cli("inspect", dcp_root / "default", "--extract", "model")
     assert result.code == 0, result.err
@@ -441,7 +450,7 @@ def test_corrupt_chunk_item_fails_the_conversion_naming_file_bytes_and_tensor(co
     info = _storage(pickle.loads((folder / ".metadata").read_bytes()), "model.proj.weight", (0, 5))
     path = folder / info.relative_path
     data = bytearray(path.read_bytes())
-    data[info.offset:info.offset + info.length] = b"\xff" * info.length
+    data[info.offset + 4:info.offset + info.length] = b"\xff" * (info.length - 4)  # a zip's magic, then garbage
     path.write_bytes(bytes(data))
     out = tmp_path / "out.safetensors"
     result = run_cli("convert", folder, "-o", out, "-r", _rules(tmp_path))
