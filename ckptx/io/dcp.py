@@ -117,7 +117,8 @@ class DcpSource(Source):
         self._bytes = {e.key: e for e in metadata.entries if isinstance(e, DcpBytes)}
         self._allow_globals = tuple(allow_globals)
         self._unsafe_pickle = unsafe_pickle
-        self._stored: dict[StorageItem, _StoredChunk] = {}
+        # by (key, chunk offsets): in the safetensors serialization the chunks of a file share one item offset
+        self._stored: dict[tuple[str, tuple[int, ...]], _StoredChunk] = {}
         self._blobs: dict[tuple[str, int], tuple[dict[str, Any], int]] = {}
 
     def load(self, key: str) -> torch.Tensor:
@@ -185,7 +186,7 @@ class DcpSource(Source):
 
     def _locate(self, tensor: DcpTensor, chunk: DcpChunk) -> _StoredChunk:
         """Where the chunk's elements lie, from the item's own header (read once, remembered)."""
-        stored = self._stored.get(chunk.item)
+        stored = self._stored.get((tensor.key, chunk.offsets))
         if stored is None:
             path = self._folder / chunk.item.file
             place = f"{self._file_shown(chunk.item)}: the item at bytes {chunk.item.offset}..." \
@@ -196,7 +197,7 @@ class DcpSource(Source):
                     stored = _zip_chunk(f, str(path), tensor, chunk, place)
                 else:
                     stored = self._safetensors_chunk(f, str(path), tensor, chunk, place)
-            self._stored[chunk.item] = stored
+            self._stored[tensor.key, chunk.offsets] = stored
         return stored
 
     def _safetensors_chunk(self, f: Any, path: str, tensor: DcpTensor, chunk: DcpChunk, place: str) -> _StoredChunk:

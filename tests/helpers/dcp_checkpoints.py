@@ -44,6 +44,7 @@ def full_state(*, transposed: bool = True) -> dict[str, Any]:
     model = {
         "embed.weight": (randn(10, 8), "shard0"),  # even rows
         "layers.0.w": (randn(7, 6), "shard0"),  # odd rows: uneven shards 4 + 3
+        "layers.1.w": (randn(7, 6), "shard0"),  # the same shape: chunks of equal byte length in each rank file
         "layers.0.b": (randn(6), "replicate"),
         "proj.weight": (randn(5, 9, dtype=torch.bfloat16), "shard1"),  # uneven columns 5 + 4
         "counts": (torch.arange(9, dtype=torch.int64) * 3 - 4, "shard0"),

@@ -93,7 +93,7 @@ def _storage(metadata: Any, fqn: str, offset: tuple[int, ...] | None) -> Any:
 def test_top_level_is_the_nesting_dcp_to_torch_save_restores(dcp_root: Path, reference) -> None:
     with open_source(dcp_root / "default", ["model"]) as source:
         assert list(source.top_level) == list(reference("default"))
-        assert source.top_level["model"] == "dict (9 entries, 9 tensors)"
+        assert source.top_level["model"] == "dict (10 entries, 10 tensors)"
         assert source.top_level["step"] == "tensor int64[]"
         assert source.top_level["epoch"].startswith("pickled value (")
 
@@ -163,7 +163,7 @@ def test_opening_reads_no_distcp_bytes(copy_of: Callable[[str], Path], run_cli) 
         path.write_bytes(bytes(path.stat().st_size))
     result = run_cli("convert", folder, "-r", _rules(folder.parent), "--dry-run")
     assert result.code == 0, result.err
-    assert "plan: 9 tensors out" in result.out
+    assert "plan: 10 tensors out" in result.out
     with open_source(folder, ["model"]) as source, pytest.raises(SourceError):
         source.load("embed.weight")
 
@@ -291,8 +291,8 @@ def test_cli_inspect_shows_world_size_and_shard_layout(dcp_root: Path, run_cli) 
     lines = result.out.splitlines()
     assert lines[0] == f"{dcp_root / 'default'}: dcp"
     assert lines[1].startswith("torch.distributed.checkpoint: world size 2, 2 files (")
-    assert lines[2] == ("shard layout at 'model': 9 tensors in 14 chunks: 5 sharded (4 on dim 0; 1 on dim 1; "
-                        "4 uneven; 2 chunks each), 4 in one chunk (replicated or unsharded)")
+    assert lines[2] == ("shard layout at 'model': 10 tensors in 16 chunks: 6 sharded (5 on dim 0; 1 on dim 1; "
+                        "5 uneven; 2 chunks each), 4 in one chunk (replicated or unsharded)")
     assert "  proj.weight: bfloat16[5, 9] on dim 1: [0:5, 0:5] [0:5, 5:9]" in lines
     assert "  tiny: float32[1, 4] on dim 0: [0:1, 0:4] [1:1, 0:4]" in lines
 
@@ -301,7 +301,7 @@ def test_cli_inspect_json_carries_the_layout_lines(dcp_root: Path, run_cli) -> N
     result = run_cli("inspect", dcp_root / "per_item", "--extract", "model", "--json")
     assert result.code == 0, result.err
     assert result.json["format"] == "dcp"
-    assert result.json["description"][0].startswith("torch.distributed.checkpoint: world size 2, 22 files")
+    assert result.json["description"][0].startswith("torch.distributed.checkpoint: world size 2, 24 files")
 
 
 # ---- safety -------------------------------------------------------------------------------------------------
