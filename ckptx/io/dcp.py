@@ -313,7 +313,7 @@ def _nest(entries: Sequence[DcpEntry], shown: str) -> dict[str, Any]:
         path = entry.path
         for here, following in zip(path, path[1:]):
             container = _child(container, here, {} if isinstance(following, str) else [], entry, shown)
-        _put(container, path[-1], entry, entry, shown)
+        _put(container, path[-1], entry, shown)
     return root
 
 
@@ -331,12 +331,12 @@ def _child(container: Any, key: PathItem, empty: Any, entry: DcpEntry, shown: st
     return found
 
 
-def _put(container: Any, key: PathItem, value: DcpEntry, entry: DcpEntry, shown: str) -> None:
+def _put(container: Any, key: PathItem, entry: DcpEntry, shown: str) -> None:
     if isinstance(container, list):
         _extend(container, key, entry, shown)
     elif key in container:
         raise SourceError(f"{shown}: two entries have the planner_data path {list(entry.path)}; the metadata is corrupt")
-    container[key] = value
+    container[key] = entry
 
 
 def _extend(container: list[Any], key: PathItem, entry: DcpEntry, shown: str) -> None:

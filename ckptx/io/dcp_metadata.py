@@ -3,7 +3,8 @@
 `dcp.save` pickles a `torch.distributed.checkpoint.metadata.Metadata` (torch reads it back with an unrestricted
 `pickle.load`). Here a restricted unpickler maps the handful of globals a real save names to inert stand-ins
 (`_ALLOWED`), and refuses every other global, persistent id or extension code with a `MetadataGlobalError`
-before anything of it is called. The stand-ins are then checked and turned into frozen dataclasses:
+before anything of it is called. The stand-ins cannot be changed by the pickle (BUILD on them fails), so one
+hostile file cannot alter how later files are read. The stand-ins are then checked and turned into frozen dataclasses:
 `DcpMetadata` with one `DcpTensor` (global shape, dtype, chunks with their storage items) or `DcpBytes`
 (a pickled non-tensor value) per flattened key, and the key's original path from `planner_data`.
 """
@@ -21,7 +22,6 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence, Union
 
 from ckptx.errors import SourceError
 from ckptx.gcpause import without_gc
-from ckptx.io.torch_zip import _DtypeGlobal
 from ckptx.ops.registry import DTYPE_SIZES, TensorMeta
 
 __all__ = ["DcpBytes", "DcpChunk", "DcpEntry", "DcpMetadata", "DcpTensor", "MetadataGlobalError", "PathItem",
@@ -174,28 +174,73 @@ class _StorageInfoStub(_Stub):
     """Stands in for `filesystem._StorageInfo`."""
 
 
-@dataclass(frozen=True)
-class _UnknownDtype:
+class _Value:
+    """An immutable stand-in for a torch value the pickle names (a dtype, a layout).
+
+    `__slots__` and a refusing `__setstate__`: a pickle's BUILD cannot give it a state or attributes.
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        object.__setattr__(self, "name", name)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __setstate__(self, state: Any) -> None:
+        raise ValueError(f"torch.{self.name} takes no pickled state")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.name == self.name  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.name))
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
+
+class _Dtype(_Value):
+    """A dtype ckptx reads (`torch.float32`)."""
+
+    __slots__ = ()
+
+
+class _UnknownDtype(_Value):
     """A `torch.<dtype>` global whose dtype ckptx cannot read."""
 
-    name: str
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class _Layout:
+class _Layout(_Value):
     """A tensor layout (`torch.strided`), as `torch.serialization._get_layout` names it."""
 
-    name: str
+    __slots__ = ()
+
+
+class _Call:
+    """An immutable stand-in for a helper the pickle calls (`torch.Size`, `_get_layout`): runs `function`."""
+
+    __slots__ = ("function",)
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        object.__setattr__(self, "function", function)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.function(*args)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("stand-ins are immutable")
+
+    def __setstate__(self, state: Any) -> None:
+        raise ValueError("a called global takes no pickled state")
 
 
 def _size(dims: Any = ()) -> tuple[int, ...]:
     if not isinstance(dims, (tuple, list)) or not all(type(d) is int for d in dims):
         raise ValueError(f"torch.Size of {dims!r:.60}")
     return tuple(dims)
-
-
-def _layout(name: Any) -> _Layout:
-    return _Layout(str(name))
 
 
 def _memory_format(code: Any) -> int:
@@ -209,6 +254,8 @@ def _path(*parts: Any) -> str:
 
 
 _META = "torch.distributed.checkpoint.metadata"
+# The stub classes keep the state BUILD gives them (their `__setstate__`; on the class itself BUILD fails);
+# everything else is immutable. OrderedDict is a built-in type: BUILD cannot change it either.
 _ALLOWED: dict[tuple[str, str], Callable[..., Any]] = {
     (_META, "Metadata"): _MetadataStub,
     (_META, "TensorStorageMetadata"): _TensorStorageStub,
@@ -217,14 +264,14 @@ _ALLOWED: dict[tuple[str, str], Callable[..., Any]] = {
     (_META, "MetadataIndex"): _IndexStub,
     (_META, "TensorProperties"): _PropertiesStub,
     (_META, "StorageMeta"): _StorageMetaStub,
-    (_META, "_MEM_FORMAT_ENCODING"): _memory_format,
+    (_META, "_MEM_FORMAT_ENCODING"): _Call(_memory_format),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfoStub,
-    ("torch", "Size"): _size,
-    ("torch.serialization", "_get_layout"): _layout,
-    ("pathlib", "PosixPath"): _path,
-    ("pathlib", "PurePosixPath"): _path,
-    ("pathlib", "WindowsPath"): _path,
-    ("pathlib", "PureWindowsPath"): _path,
+    ("torch", "Size"): _Call(_size),
+    ("torch.serialization", "_get_layout"): _Call(lambda name: _Layout(str(name))),
+    ("pathlib", "PosixPath"): _Call(_path),
+    ("pathlib", "PurePosixPath"): _Call(_path),
+    ("pathlib", "WindowsPath"): _Call(_path),
+    ("pathlib", "PureWindowsPath"): _Call(_path),
     ("collections", "OrderedDict"): OrderedDict,
 }
 _DTYPE_NAME = re.compile(r"(?:b?float|u?int|complex|qu?int|bits)\d+(?:_\w+|x\d+)?|bool|half|double|c?float|chalf|cdouble")
@@ -242,7 +289,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         if allowed is not None:
             return allowed
         if module == "torch" and name in DTYPE_SIZES:
-            return _DtypeGlobal(name)
+            return _Dtype(name)
         if module == "torch" and _DTYPE_NAME.fullmatch(name):
             return _UnknownDtype(name)
         raise MetadataGlobalError(self._shown, f"{module}.{name}")
@@ -377,12 +424,12 @@ def _dtype(key: str, properties: Any, shown: str) -> str:
     if isinstance(dtype, _UnknownDtype):
         raise SourceError(f"{shown}: tensor '{key}' has dtype torch.{dtype.name}, which ckptx cannot read "
                           f"(known: {', '.join(DTYPE_SIZES)})")
-    if not isinstance(dtype, _DtypeGlobal):
+    if not isinstance(dtype, _Dtype) or dtype.name not in DTYPE_SIZES:
         raise SourceError(f"{shown}: tensor '{key}': dtype {dtype!r:.40} is not a torch dtype; the file is corrupt")
     if layout is not None and layout != _Layout("torch.strided"):
         name = layout.name if isinstance(layout, _Layout) else repr(layout)[:40]
         raise SourceError(f"{shown}: tensor '{key}' has layout {name}; ckptx reads dense (torch.strided) tensors only")
-    return dtype.dtype
+    return dtype.name
 
 
 def _chunk(key: str, number: int, chunk: Any, meta: TensorMeta,

@@ -350,6 +350,28 @@ def test_metadata_payload_is_refused_with_its_own_error_type(copy_of: Callable[[
     assert not (folder / "MARKER").exists()
 
 
+# BUILD (a pickle giving an object its state) aimed at the allowed globals themselves, which would change
+# ckptx's stand-ins for every later file of the process if it were accepted.
+HOSTILE_BUILDS = {
+    "on-a-called-global": b"\x80\x02ctorch\nSize\nq\x00N}q\x01X\x08\x00\x00\x00functionK\x01s\x86b.",
+    "on-a-dtype": b"\x80\x02ctorch\nfloat32\nq\x00}q\x01X\x04\x00\x00\x00nameX\x04\x00\x00\x00evilsb.",
+    "on-a-stub-class": (b"\x80\x02ctorch.distributed.checkpoint.metadata\nMetadata\nq\x00N}q\x01X\x03\x00\x00\x00"
+                        b"getK\x01s\x86b."),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_BUILDS))
+def test_metadata_cannot_change_the_stand_ins(copy_of: Callable[[str], Path], reference, case: str) -> None:
+    folder = copy_of("default")
+    good = (folder / ".metadata").read_bytes()
+    (folder / ".metadata").write_bytes(HOSTILE_BUILDS[case])
+    with pytest.raises(SourceError, match="not a readable DCP .metadata pickle"):
+        open_source(folder)
+    (folder / ".metadata").write_bytes(good)
+    with open_source(folder, ["model"]) as source:
+        assert _equal(source.load("proj.weight"), reference("default")["model"]["proj.weight"])
+
+
 def test_pickled_value_payload_is_refused_and_never_runs(dcp_root: Path, tmp_path: Path, run_cli) -> None:
     marker = dcp_root.parent / "MARKER"
     result = run_cli("convert", dcp_root / "extras", "-o", tmp_path / "w.safetensors", "-r", _rules(tmp_path))
