@@ -354,7 +354,7 @@ def test_metadata_payload_is_refused_with_its_own_error_type(copy_of: Callable[[
 # ckptx's stand-ins for every later file of the process if it were accepted.
 HOSTILE_BUILDS = {
     "on-a-called-global": b"\x80\x02ctorch\nSize\nq\x00N}q\x01X\x08\x00\x00\x00functionK\x01s\x86b.",
-    "on-a-dtype": b"\x80\x02ctorch\nfloat32\nq\x00}q\x01X\x04\x00\x00\x00nameX\x04\x00\x00\x00evilsb.",
+    "on-a-dtype": b"\x80\x02ctorch\nfloat32\nq\x00N}q\x01X\x04\x00\x00\x00nameX\x04\x00\x00\x00evils\x86b.",
     "on-a-stub-class": (b"\x80\x02ctorch.distributed.checkpoint.metadata\nMetadata\nq\x00N}q\x01X\x03\x00\x00\x00"
                         b"getK\x01s\x86b."),
 }
