@@ -12,6 +12,7 @@ from ckptx.io.safetensors_reader import SafetensorsSource
 from ckptx.io.sharded import ShardedSource
 from ckptx.io.source import Source
 from ckptx.io.torch_reader import read_torch
+from ckptx.io.dcp import open_dcp_folder
 from ckptx.io.zero import is_zero_folder, open_zero
 
 
@@ -84,11 +85,11 @@ def open_source(path: str | Path, extract_paths: Sequence[str] = (), *, allow_gl
     p = Path(path)
     if not p.exists():
         raise SourceError(f"{path}: no such file")
-    if p.is_dir():
+    if p.is_dir():  # DeepSpeed ZeRO, torch.distributed.checkpoint, or a one-line error saying what the folder is
         if is_zero_folder(p):
             return open_zero(p, str(path))
-        raise SourceError(f"{path}: is a folder; give the checkpoint file (or its .index.json, or a DeepSpeed "
-                          f"checkpoint folder)")
+        return open_dcp_folder(p, str(path), extract_paths, allow_globals=allow_globals,
+                               unsafe_pickle=unsafe_pickle, where=where)
     check_regular_file(p, str(path))
     fmt = sniff_format(p)
     if fmt == "safetensors":

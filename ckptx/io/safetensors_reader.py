@@ -100,6 +100,20 @@ def _read_checked(path: Path, display: str | None) -> tuple[dict[str, Any], int,
     return header, data_start, entries
 
 
+def check_embedded_header(raw: bytes, data_size: int, data_start: int, shown: str
+                          ) -> tuple[dict[str, Any], dict[str, TensorMeta]]:
+    """A safetensors header found inside another file (a DCP item): checked exactly as a file's header, against
+    a data section of `data_size` bytes at `data_start`; the header and key -> TensorMeta in file order."""
+    try:
+        header = _parse(raw)
+        entries = _entries(header)
+        _check_layout(entries, data_size, data_start)
+    except _Bad as exc:
+        raise SourceError(f"{shown}: not valid safetensors data: {exc}; {_AGAIN}") from None
+    _check_supported(entries, shown)
+    return header, _metas(entries)
+
+
 def _parse(raw: bytes) -> dict[str, Any]:
     """The header as strict JSON, the way serde_json reads it; _Bad (with the file byte) when it is not.
 

@@ -49,9 +49,10 @@ def write_body(out: BinaryIO, entries: Sequence[PlanEntry], source: Source, meta
     out.write(build_header(entries, metadata))
     with SpanCopier(out, progress) as copier:
         for entry in entries:
-            span = source.raw_span(entry.sources[0]) if entry.is_copy else None
-            if span is not None and span.nbytes == entry.meta.nbytes:
-                copier.add(span)
+            spans = source.raw_spans(entry.sources[0]) if entry.is_copy else None
+            if spans is not None and sum(span.nbytes for span in spans) == entry.meta.nbytes:
+                for span in spans:
+                    copier.add(span)
             else:
                 copier.flush()
                 write_computed(out, entry, source, progress)

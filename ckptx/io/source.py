@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError
@@ -57,6 +57,11 @@ class Source:
     def raw_span(self, key: str) -> RawSpan | None:
         """Where the raw bytes of `key` lie, when they can be copied as they are."""
         return None
+
+    def raw_spans(self, key: str) -> Collection[RawSpan] | None:
+        """The raw bytes of `key` as pieces of files, in order (a sharded tensor's chunks); by default `raw_span`."""
+        span = self.raw_span(key)
+        return None if span is None else (span,)
 
     def close(self) -> None:
         """Release file handles and maps."""

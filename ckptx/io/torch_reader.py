@@ -6,9 +6,9 @@ import pickle
 import re
 import struct
 import zipfile
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError, UnsafeGlobalError
@@ -30,14 +30,11 @@ def load_pickle_object(path: Path, *, allow_globals: Sequence[str] = (), unsafe_
     is_zip = starts_as_zip(path)
     if is_zip:
         check_archive(path, shown)
-    with ExitStack() as stack:
-        if allow_globals and not unsafe_pickle:
-            allowed = [obj for name in allow_globals for obj in resolve_allow_global(name)]
-            stack.enter_context(torch.serialization.safe_globals(allowed))
+    with allowed_globals(allow_globals, unsafe_pickle):
         try:
             return torch.load(path, map_location="cpu", weights_only=not unsafe_pickle, mmap=is_zip)
         except pickle.UnpicklingError as exc:
-            raise _unpickling_error(path, shown, exc, is_zip) from None
+            raise unpickling_error(path, shown, exc, is_zip) from None
         except RecursionError:
             raise SourceError(f"{shown}: not a readable torch checkpoint: its pickle nests too deeply (a corrupt "
                               f"or hostile file)") from None
@@ -79,7 +76,19 @@ def starts_as_zip(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-def _unpickling_error(path: Path, shown: str, exc: Exception, is_zip: bool) -> SourceError:
+@contextmanager
+def allowed_globals(names: Sequence[str], unsafe_pickle: bool) -> Iterator[None]:
+    """torch's safe loader, with the `--allow-global` names (checked by the trust rule) allowed inside the block."""
+    with ExitStack() as stack:
+        if names and not unsafe_pickle:
+            allowed = [obj for name in names for obj in resolve_allow_global(name)]
+            stack.enter_context(torch.serialization.safe_globals(allowed))
+        yield
+
+
+def unpickling_error(path: Path | None, shown: str, exc: Exception, is_zip: bool) -> SourceError:
+    """The one-line error for a pickle torch's safe loader refused: the globals it needs (and which of them
+    `--allow-global` may allow), or why it is not a readable pickle. `path` is None for bytes read from a file."""
     text = str(exc)
     needed = _refused_globals(path, text, is_zip)
     if needed:
@@ -92,14 +101,14 @@ def _unpickling_error(path: Path, shown: str, exc: Exception, is_zip: bool) -> S
     return SourceError(f"{shown}: not a readable torch checkpoint: corrupt pickle ({text.splitlines()[0] if text else 'truncated'})")
 
 
-def _refused_globals(path: Path, text: str, is_zip: bool) -> list[str]:
+def _refused_globals(path: Path | None, text: str, is_zip: bool) -> list[str]:
     """The `module.Name` globals the safe loader refused.
 
     For a zip file torch lists them (every GLOBAL of `data.pkl` it does not allow, in the form
     `--allow-global` takes); a legacy file has only the one torch's message names, where torch writes a
     builtin bare (`eval` for `builtins.eval`).
     """
-    if is_zip:
+    if is_zip and path is not None:
         try:
             listed = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
         except Exception:  # noqa: BLE001 - only a better message is lost; torch's own says what it refused

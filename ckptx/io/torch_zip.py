@@ -23,7 +23,7 @@ import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, BinaryIO, Callable, ClassVar, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import DTYPES, dtype_name, from_storage
@@ -251,7 +251,7 @@ def open_zip_without_torch(path: Path, extract_paths: Sequence[str], *, display:
     for key, value in state.items():
         if isinstance(value, TensorRef):
             check_ref(key, value, records, display)
-            span = _row_major_span(value, records, str(path))
+            span = row_major_span(value, records, str(path))
             if span is None:
                 return None
             spans[key] = span
@@ -282,7 +282,7 @@ def _short(numbers: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(n) if abs(n) < 2**70 else f"<{n.bit_length()}-bit number>" for n in numbers) + "]"
 
 
-def _row_major_span(ref: TensorRef, records: Mapping[str, Record], path: str) -> RawSpan | None:
+def row_major_span(ref: TensorRef, records: Mapping[str, Record], path: str) -> RawSpan | None:
     """The bytes of `ref` when it is a plain, row-major, in-bounds slice of its storage record."""
     record = records.get(ref.storage.key)
     if record is None or not ref.plain or ref.dtype not in DTYPES or ref.offset < 0:
@@ -317,7 +317,7 @@ def zip_spans(path: str, found_at: str, tensors: Mapping[str, torch.Tensor]) -> 
     bases = set()
     for key, tensor in tensors.items():
         ref = refs.get(key)
-        span = _row_major_span(ref, records, path) if isinstance(ref, TensorRef) and _agrees(ref, tensor) else None
+        span = row_major_span(ref, records, path) if isinstance(ref, TensorRef) and _agrees(ref, tensor) else None
         if span is None or span.nbytes == 0:
             continue
         bases.add(tensor.untyped_storage().data_ptr() - records[ref.storage.key].offset)
@@ -338,14 +338,16 @@ def _agrees(ref: TensorRef, tensor: torch.Tensor) -> bool:
 def _read_references(path: str) -> tuple[Any, list[str], dict[str, Record], bool]:
     """`data.pkl` as the stub unpickler builds it, the globals it did not model, the `data/<key>` records by
     key, and whether the storages are little-endian. Raises on a malformed archive or pickle."""
-    with zipfile.ZipFile(path) as archive:
-        pickled, records, little = read_archive(archive, path)
+    # unbuffered: each record's local header costs a 30-byte read, not an 8 KiB block of partition bytes
+    with open(path, "rb", buffering=0) as f, zipfile.ZipFile(f) as archive:
+        pickled, records, little = read_archive(archive, f)
     unpickler = StubUnpickler(io.BytesIO(pickled))
     return unpickler.load(), unpickler.unknown, records, little
 
 
-def read_archive(archive: zipfile.ZipFile, path: str) -> tuple[bytes, dict[str, Record], bool]:
-    """`data.pkl`, the stored `data/<key>` records by key, and whether the storages are little-endian."""
+def read_archive(archive: zipfile.ZipFile, f: BinaryIO) -> tuple[bytes, dict[str, Record], bool]:
+    """`data.pkl`, the stored `data/<key>` records by key (offsets in `f`, the archive's file), and whether the
+    storages are little-endian."""
     infos = archive.infolist()
     pickles = [i for i in infos if i.filename.count("/") == 1 and i.filename.endswith("/data.pkl")]
     if len(pickles) != 1:
@@ -354,11 +356,10 @@ def read_archive(archive: zipfile.ZipFile, path: str) -> tuple[bytes, dict[str, 
     order = next((i for i in infos if i.filename == prefix + "byteorder"), None)
     byteorder = archive.read(order).decode("ascii").strip() if order else sys.byteorder
     records = {}
-    with open(path, "rb", buffering=0) as f:  # unbuffered: each local header costs 30 bytes, not an 8 KiB block
-        for info in infos:
-            name = info.filename
-            if name.startswith(prefix + "data/") and info.compress_type == zipfile.ZIP_STORED:
-                records[name[len(prefix) + 5:]] = Record(_data_offset(f, info), info.file_size)
+    for info in infos:
+        name = info.filename
+        if name.startswith(prefix + "data/") and info.compress_type == zipfile.ZIP_STORED:
+            records[name[len(prefix) + 5:]] = Record(_data_offset(f, info), info.file_size)
     return archive.read(pickles[0]), records, byteorder == "little"
 
 

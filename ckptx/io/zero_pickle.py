@@ -161,8 +161,8 @@ def read_pickled(path: Path) -> PickledFile:
     file = str(path)
     try:
         size = path.stat().st_size
-        with zipfile.ZipFile(path) as archive:
-            data, records, little = read_archive(archive, file)
+        with open(path, "rb", buffering=0) as f, zipfile.ZipFile(f) as archive:  # unbuffered: see torch_zip
+            data, records, little = read_archive(archive, f)
             record = next(i.filename for i in archive.infolist() if i.filename.endswith("/data.pkl"))
     except FileNotFoundError:
         raise SourceError(f"{file}: no such file") from None

@@ -1,0 +1,480 @@
+"""The `.metadata` file of a torch.distributed.checkpoint (DCP) folder, read without torch and without running it.
+
+`dcp.save` pickles a `torch.distributed.checkpoint.metadata.Metadata` (torch reads it back with an unrestricted
+`pickle.load`). Here a restricted unpickler maps the handful of globals a real save names to inert stand-ins
+(`_ALLOWED`), and refuses every other global, persistent id or extension code with a `MetadataGlobalError`
+before anything of it is called. The stand-ins cannot be changed by the pickle (BUILD on them fails), so one
+hostile file cannot alter how later files are read. The stand-ins are then checked and turned into frozen dataclasses:
+`DcpMetadata` with one `DcpTensor` (global shape, dtype, chunks with their storage items) or `DcpBytes`
+(a pickled non-tensor value) per flattened key, and the key's original path from `planner_data`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any, Callable, ClassVar, Mapping, Sequence, Union
+
+from ckptx.errors import SourceError
+from ckptx.gcpause import without_gc
+from ckptx.dtypes import DTYPES, TensorMeta
+
+__all__ = ["DcpBytes", "DcpChunk", "DcpEntry", "DcpMetadata", "DcpTensor", "MetadataGlobalError", "PathItem",
+           "StorageItem", "chunk_text", "parse_metadata", "read_metadata"]
+
+PathItem = Union[str, int]
+
+
+class MetadataGlobalError(SourceError):
+    """A `.metadata` pickle names a global that DCP metadata never holds; nothing of it was run."""
+
+    def __init__(self, file: str, global_name: str) -> None:
+        self.file = file
+        self.global_name = global_name
+        super().__init__(
+            f"{file}: refused: the pickle needs the Python global '{global_name}', which is not part of "
+            f"torch.distributed.checkpoint metadata; ckptx did not run it (torch's own reader would): "
+            f"the file is corrupt or not from dcp.save, do not load it with torch")
+
+
+@dataclass(frozen=True)
+class StorageItem:
+    """Where one saved item lies: a file of the folder (its relative name), byte offset and length."""
+
+    file: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class DcpChunk:
+    """One saved piece of a tensor: its offsets and sizes in the global tensor, and where it is stored."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    item: StorageItem
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.sizes)
+
+
+@dataclass(frozen=True)
+class DcpTensor:
+    """A tensor of the checkpoint: its flattened key, original path, global shape and dtype, and chunks."""
+
+    is_tensor_ref: ClassVar[bool] = True  # `ckptx.io.source.is_tensor` counts it as a tensor
+
+    key: str
+    path: tuple[PathItem, ...]
+    meta: TensorMeta
+    chunks: tuple[DcpChunk, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The global shape."""
+        return self.meta.shape
+
+    @property
+    def dtype(self) -> str:
+        """The dtype name (`float32`)."""
+        return self.meta.dtype
+
+    @property
+    def sharded_dims(self) -> tuple[int, ...]:
+        """The dimensions along which the chunks start at different offsets."""
+        return tuple(d for d in range(len(self.shape)) if len({c.offsets[d] for c in self.chunks}) > 1)
+
+    @property
+    def whole_chunk(self) -> DcpChunk | None:
+        """The chunk holding the whole tensor, when one does."""
+        return next((c for c in self.chunks if c.sizes == self.shape), None)
+
+
+@dataclass(frozen=True)
+class DcpBytes:
+    """A non-tensor value of the checkpoint (`epoch`, a learning rate), pickled in one storage item."""
+
+    key: str
+    path: tuple[PathItem, ...]
+    item: StorageItem
+
+
+DcpEntry = Union[DcpTensor, DcpBytes]
+
+
+@dataclass(frozen=True)
+class DcpMetadata:
+    """A checked `.metadata`: every entry in the file's order, the DCP version, and the files it names."""
+
+    entries: tuple[DcpEntry, ...]
+    version: str | None
+    files: tuple[str, ...]
+
+
+def chunk_text(chunk: DcpChunk) -> str:
+    """`[5:10, 0:8]`: the chunk's place in the global tensor."""
+    return "[" + ", ".join(f"{o}:{o + s}" for o, s in zip(chunk.offsets, chunk.sizes)) + "]"
+
+
+# ---- the restricted unpickler -------------------------------------------------------------------------------
+
+class _Stub:
+    """An inert stand-in for one DCP metadata class: keeps what the pickle gives it and runs nothing."""
+
+    args: tuple[Any, ...] = ()
+    state: Any = None
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """A field of the pickled object's state dict."""
+        return self.state.get(name, default) if isinstance(self.state, dict) else default
+
+
+class _MetadataStub(_Stub):
+    """Stands in for `Metadata`."""
+
+
+class _TensorStorageStub(_Stub):
+    """Stands in for `TensorStorageMetadata`."""
+
+
+class _BytesStorageStub(_Stub):
+    """Stands in for `BytesStorageMetadata`."""
+
+
+class _ChunkStub(_Stub):
+    """Stands in for `ChunkStorageMetadata`."""
+
+
+class _IndexStub(_Stub):
+    """Stands in for `MetadataIndex` (hashed by identity: the pickle's dict keys stay inert)."""
+
+
+class _PropertiesStub(_Stub):
+    """Stands in for `TensorProperties` (its state is a tuple: dtype, layout, requires_grad, memory format, pin)."""
+
+
+class _StorageMetaStub(_Stub):
+    """Stands in for `StorageMeta`."""
+
+
+class _StorageInfoStub(_Stub):
+    """Stands in for `filesystem._StorageInfo`."""
+
+
+class _Value:
+    """An immutable stand-in for a torch value the pickle names (a dtype, a layout).
+
+    `__slots__` and a refusing `__setstate__`: a pickle's BUILD cannot give it a state or attributes.
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        object.__setattr__(self, "name", name)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __setstate__(self, state: Any) -> None:
+        raise ValueError(f"torch.{self.name} takes no pickled state")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.name == self.name  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.name))
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
+
+class _Dtype(_Value):
+    """A dtype ckptx reads (`torch.float32`)."""
+
+    __slots__ = ()
+
+
+class _UnknownDtype(_Value):
+    """A `torch.<dtype>` global whose dtype ckptx cannot read."""
+
+    __slots__ = ()
+
+
+class _Layout(_Value):
+    """A tensor layout (`torch.strided`), as `torch.serialization._get_layout` names it."""
+
+    __slots__ = ()
+
+
+class _Call:
+    """An immutable stand-in for a helper the pickle calls (`torch.Size`, `_get_layout`): runs `function`."""
+
+    __slots__ = ("function",)
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        object.__setattr__(self, "function", function)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.function(*args)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("stand-ins are immutable")
+
+    def __setstate__(self, state: Any) -> None:
+        raise ValueError("a called global takes no pickled state")
+
+
+def _size(dims: Any = ()) -> tuple[int, ...]:
+    if not isinstance(dims, (tuple, list)) or not all(type(d) is int for d in dims):
+        raise ValueError(f"torch.Size of {dims!r:.60}")
+    return tuple(dims)
+
+
+def _memory_format(code: Any) -> int:
+    if type(code) is not int:
+        raise ValueError(f"memory format {code!r:.40}")
+    return code
+
+
+def _path(*parts: Any) -> str:
+    return "/".join(str(p) for p in parts)
+
+
+_META = "torch.distributed.checkpoint.metadata"
+# The stub classes keep the state BUILD gives them (their `__setstate__`; on the class itself BUILD fails);
+# everything else is immutable. OrderedDict is a built-in type: BUILD cannot change it either.
+_ALLOWED: dict[tuple[str, str], Callable[..., Any]] = {
+    (_META, "Metadata"): _MetadataStub,
+    (_META, "TensorStorageMetadata"): _TensorStorageStub,
+    (_META, "BytesStorageMetadata"): _BytesStorageStub,
+    (_META, "ChunkStorageMetadata"): _ChunkStub,
+    (_META, "MetadataIndex"): _IndexStub,
+    (_META, "TensorProperties"): _PropertiesStub,
+    (_META, "StorageMeta"): _StorageMetaStub,
+    (_META, "_MEM_FORMAT_ENCODING"): _Call(_memory_format),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfoStub,
+    ("torch", "Size"): _Call(_size),
+    ("torch.serialization", "_get_layout"): _Call(lambda name: _Layout(str(name))),
+    ("pathlib", "PosixPath"): _Call(_path),
+    ("pathlib", "PurePosixPath"): _Call(_path),
+    ("pathlib", "WindowsPath"): _Call(_path),
+    ("pathlib", "PureWindowsPath"): _Call(_path),
+    ("collections", "OrderedDict"): OrderedDict,
+}
+_DTYPE_NAME = re.compile(r"(?:b?float|u?int|complex|qu?int|bits)\d+(?:_\w+|x\d+)?|bool|half|double|c?float|chalf|cdouble")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only stand-ins (`_ALLOWED`, dtypes); any other global or a persistent id is refused."""
+
+    def __init__(self, file: Any, shown: str) -> None:
+        super().__init__(file)
+        self._shown = shown
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _ALLOWED.get((module, name))
+        if allowed is not None:
+            return allowed
+        if module == "torch" and name in DTYPES:
+            return _Dtype(name)
+        if module == "torch" and _DTYPE_NAME.fullmatch(name):
+            return _UnknownDtype(name)
+        raise MetadataGlobalError(self._shown, f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise MetadataGlobalError(self._shown, f"persistent id {pid!r:.40}")
+
+
+@without_gc
+def read_metadata(data: bytes, shown: str) -> DcpMetadata:
+    """Unpickle `.metadata` bytes with the restricted unpickler and check them (`shown` names the file)."""
+    try:
+        obj = _MetadataUnpickler(io.BytesIO(data), shown).load()
+    except SourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any malformed pickle is a bad input, never a crash
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SourceError(f"{shown}: not a readable DCP .metadata pickle ({detail}); the file is truncated or "
+                          f"corrupt: copy it again from where the checkpoint was saved") from None
+    return parse_metadata(obj, shown)
+
+
+# ---- checking the stand-ins ---------------------------------------------------------------------------------
+
+def parse_metadata(obj: Any, shown: str) -> DcpMetadata:
+    """Check an unpickled `Metadata` stand-in and build the frozen `DcpMetadata`."""
+    if not isinstance(obj, _MetadataStub):
+        raise SourceError(f"{shown}: not DCP metadata: the pickle holds {type(obj).__name__}, not a "
+                          f"torch.distributed.checkpoint Metadata")
+    described = obj.get("state_dict_metadata")
+    if not isinstance(described, dict):
+        raise SourceError(f"{shown}: not DCP metadata: state_dict_metadata is missing or not a dict")
+    paths = obj.get("planner_data") or {}
+    storage = _storage_items(obj.get("storage_data"), shown)
+    entries = tuple(_entry(key, value, _path_of(key, paths, shown), storage, shown)
+                    for key, value in described.items())
+    version = obj.get("version")
+    files = tuple(sorted({c.item.file for e in entries if isinstance(e, DcpTensor) for c in e.chunks}
+                         | {e.item.file for e in entries if isinstance(e, DcpBytes)}))
+    return DcpMetadata(entries, str(version) if version is not None else None, files)
+
+
+def _path_of(key: Any, paths: Any, shown: str) -> tuple[PathItem, ...]:
+    """The key's original path from `planner_data` (as `dcp_to_torch_save` restores it), else the key itself."""
+    if not isinstance(key, str):
+        raise SourceError(f"{shown}: not DCP metadata: key {key!r:.60} is not a string")
+    path = paths.get(key) if isinstance(paths, dict) else None
+    if path is None:
+        return (key,)
+    if (not isinstance(path, (tuple, list)) or not path
+            or not all(type(p) is str or type(p) is int and p >= 0 for p in path)):
+        raise SourceError(f"{shown}: entry '{key}': planner_data path {path!r:.80} is not a sequence of names "
+                          f"and list indices; the file is corrupt")
+    return tuple(path)
+
+
+def _storage_items(data: Any, shown: str) -> dict[tuple[str, tuple[int, ...] | None], StorageItem]:
+    """storage_data as (fqn, chunk offsets or None) -> StorageItem, every item checked."""
+    if not isinstance(data, dict):
+        raise SourceError(f"{shown}: not DCP metadata: storage_data is missing or not a dict (written by a "
+                          f"storage writer ckptx does not read?)")
+    items: dict[tuple[str, tuple[int, ...] | None], StorageItem] = {}
+    for index, info in data.items():
+        if not isinstance(index, _IndexStub) or not isinstance(index.get("fqn"), str):
+            raise SourceError(f"{shown}: not DCP metadata: a storage_data key is not a MetadataIndex")
+        fqn, offset = index.get("fqn"), index.get("offset")
+        if offset is not None and not _dims(offset):
+            raise SourceError(f"{shown}: entry '{fqn}': storage index offset {offset!r:.40} is not a torch.Size")
+        items[fqn, offset] = _storage_item(fqn, info, shown)
+    return items
+
+
+def _storage_item(fqn: str, info: Any, shown: str) -> StorageItem:
+    if not isinstance(info, _StorageInfoStub):
+        raise SourceError(f"{shown}: entry '{fqn}': storage info is {type(info).__name__}, not a file system "
+                          f"_StorageInfo (saved with a storage writer ckptx does not read)")
+    name, offset, length = info.get("relative_path"), info.get("offset"), info.get("length")
+    if not isinstance(name, str) or type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
+        raise SourceError(f"{shown}: entry '{fqn}': storage info {info.state!r:.80} needs a file name and a "
+                          f"non-negative offset and length; the file is corrupt")
+    parts = PurePosixPath(name).parts
+    if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
+        raise SourceError(f"{shown}: entry '{fqn}': storage file '{name}' is not a file name inside the "
+                          f"checkpoint folder; the metadata is corrupt or hostile")
+    if info.get("transform_descriptors"):
+        raise SourceError(f"{shown}: entry '{fqn}' is stored through the DCP stream transform(s) "
+                          f"{list(info.get('transform_descriptors'))}, which ckptx does not read; convert the "
+                          f"folder with torch.distributed.checkpoint.format_utils.dcp_to_torch_save first")
+    return StorageItem(name, offset, length)
+
+
+def _entry(key: str, value: Any, path: tuple[PathItem, ...],
+           storage: Mapping[tuple[str, tuple[int, ...] | None], StorageItem], shown: str) -> DcpEntry:
+    if isinstance(value, _BytesStorageStub):
+        item = storage.get((key, None))
+        if item is None:
+            raise SourceError(f"{shown}: entry '{key}' (a pickled value) has no storage_data item; the file is corrupt")
+        return DcpBytes(key, path, item)
+    if not isinstance(value, _TensorStorageStub):
+        raise SourceError(f"{shown}: entry '{key}' is {type(value).__name__}, neither a tensor nor a bytes entry")
+    meta = TensorMeta(_shape(key, value.get("size"), shown), _dtype(key, value.get("properties"), shown))
+    chunks = tuple(_chunk(key, i, c, meta, storage, shown) for i, c in enumerate(_list(key, value.get("chunks"), shown)))
+    _check_cover(key, meta.shape, chunks, shown)
+    return DcpTensor(key, path, meta, chunks)
+
+
+def _list(key: str, chunks: Any, shown: str) -> list[Any]:
+    if not isinstance(chunks, list):
+        raise SourceError(f"{shown}: tensor '{key}': chunks is not a list; the file is corrupt")
+    return chunks
+
+
+def _shape(key: str, size: Any, shown: str) -> tuple[int, ...]:
+    if not _dims(size) or any(d < 0 for d in size):
+        raise SourceError(f"{shown}: tensor '{key}': size {size!r:.60} is not a torch.Size of non-negative dims")
+    return size
+
+
+def _dims(value: Any) -> bool:
+    """A tuple of ints, as the `torch.Size` stand-in gives."""
+    return isinstance(value, tuple) and all(type(d) is int for d in value)
+
+
+def _dtype(key: str, properties: Any, shown: str) -> str:
+    state = properties.state if isinstance(properties, _PropertiesStub) else None
+    if isinstance(state, tuple) and state:
+        dtype, layout = state[0], state[1] if len(state) > 1 else None
+    elif isinstance(state, dict):
+        dtype, layout = state.get("dtype"), state.get("layout")
+    else:
+        raise SourceError(f"{shown}: tensor '{key}': properties are not TensorProperties; the file is corrupt")
+    if isinstance(dtype, _UnknownDtype):
+        raise SourceError(f"{shown}: tensor '{key}' has dtype torch.{dtype.name}, which ckptx cannot read "
+                          f"(known: {', '.join(DTYPES)})")
+    if not isinstance(dtype, _Dtype) or dtype.name not in DTYPES:
+        raise SourceError(f"{shown}: tensor '{key}': dtype {dtype!r:.40} is not a torch dtype; the file is corrupt")
+    if layout is not None and layout != _Layout("torch.strided"):
+        name = layout.name if isinstance(layout, _Layout) else repr(layout)[:40]
+        raise SourceError(f"{shown}: tensor '{key}' has layout {name}; ckptx reads dense (torch.strided) tensors only")
+    return dtype.name
+
+
+def _chunk(key: str, number: int, chunk: Any, meta: TensorMeta,
+           storage: Mapping[tuple[str, tuple[int, ...] | None], StorageItem], shown: str) -> DcpChunk:
+    offsets = chunk.get("offsets") if isinstance(chunk, _ChunkStub) else None
+    sizes = chunk.get("sizes") if isinstance(chunk, _ChunkStub) else None
+    rank = len(meta.shape)
+    if not _dims(offsets) or not _dims(sizes) or len(offsets) != rank or len(sizes) != rank:
+        raise SourceError(f"{shown}: tensor '{key}' {meta}: chunk {number} needs offsets and sizes of {rank} dims, "
+                          f"has {offsets!r:.40} and {sizes!r:.40}")
+    item = storage.get((key, offsets))
+    if item is None:
+        raise SourceError(f"{shown}: tensor '{key}': chunk {number} at offsets {list(offsets)} has no storage_data "
+                          f"item; the file is corrupt")
+    found = DcpChunk(offsets, sizes, item)
+    if any(o < 0 or s < 0 or o + s > d for o, s, d in zip(offsets, sizes, meta.shape)):
+        raise SourceError(f"{shown}: tensor '{key}' {meta}: chunk {chunk_text(found)} lies outside the tensor")
+    return found
+
+
+def _check_cover(key: str, shape: tuple[int, ...], chunks: Sequence[DcpChunk], shown: str) -> None:
+    """The non-empty chunks tile the tensor: no two overlap and together they hold every element."""
+    filled = [c for c in chunks if c.numel]
+    overlap = _first_overlap(filled, len(shape))
+    if overlap is not None:
+        a, b = overlap
+        raise SourceError(f"{shown}: tensor '{key}' {list(shape)}: chunks {chunk_text(a)} and {chunk_text(b)} "
+                          f"overlap; the metadata is corrupt")
+    total = sum(c.numel for c in filled)
+    if total != math.prod(shape):
+        raise SourceError(f"{shown}: tensor '{key}' {list(shape)}: its chunks hold {total} of "
+                          f"{math.prod(shape)} elements (a rank's chunks are missing from the metadata)")
+
+
+def _first_overlap(chunks: Sequence[DcpChunk], rank: int) -> tuple[DcpChunk, DcpChunk] | None:
+    """Two chunks that share an element, found by sweeping the dimension with the most distinct offsets."""
+    if rank == 0:
+        return (chunks[0], chunks[1]) if len(chunks) > 1 else None
+    dim = max(range(rank), key=lambda d: len({c.offsets[d] for c in chunks}))
+    ordered = sorted(chunks, key=lambda c: c.offsets[dim])
+    for i, a in enumerate(ordered):
+        for b in ordered[i + 1:]:
+            if b.offsets[dim] >= a.offsets[dim] + a.sizes[dim]:
+                break
+            if all(b.offsets[d] < a.offsets[d] + a.sizes[d] and a.offsets[d] < b.offsets[d] + b.sizes[d]
+                   for d in range(rank)):
+                return a, b
+    return None
