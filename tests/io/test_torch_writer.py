@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,7 @@ from ckptx.errors import CkptxError
 from ckptx.io.open import open_source
 from ckptx.io.source import MappingSource
 from ckptx.io.torch_layout import plan_layout
-from ckptx.io.torch_pickle import state_dict_pickle
+from ckptx.io.torch_pickle import PickledStorage, PickledTensor, state_dict_pickle
 from ckptx.io.torch_writer import write_archive, write_torch
 from ckptx.io.torch_zip import ZipSpanSource
 from ckptx.plan import plan_recipe
@@ -230,6 +231,7 @@ def test_output_is_what_torch_save_writes_but_the_serialization_id(tmp_path: Pat
     state = randomized(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))).state_dict()
     state["half"] = torch.randn(4, dtype=torch.float16)
     state["fp8"] = torch.zeros(3, dtype=torch.float8_e4m3fn)
+    state["wide"] = torch.randn(300, 250)  # sizes and numel past one and two bytes
     source = MappingSource("<mem>", "memory", state)
     dst = tmp_path / "out.pth"
     write_torch(dst, plan_recipe(Recipe(name="x"), source).entries, source, state_metadata=state._metadata)
@@ -241,6 +243,24 @@ def test_output_is_what_torch_save_writes_but_the_serialization_id(tmp_path: Pat
     ours_infos, theirs_infos = zipfile.ZipFile(dst).infolist(), zipfile.ZipFile(expected).infolist()
     assert [(i.filename, i.header_offset, i.file_size) for i in ours_infos] == \
            [(i.filename, i.header_offset, i.file_size) for i in theirs_infos]
+
+
+def test_sizes_and_offsets_past_32_bits_pickle_as_numbers() -> None:
+    storage = PickledStorage("0", "float32", 3 * 2**31)
+    tensor = PickledTensor(storage, 2**31 + 5, (3, 2**31 - 5), (2**31 - 5, 1))
+
+    class Reader(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if name == "OrderedDict":
+                return OrderedDict
+            return (lambda *args: args) if name.startswith("_rebuild_tensor") else f"{module}.{name}"
+
+        def persistent_load(self, pid: Any) -> Any:
+            return pid
+
+    loaded = Reader(io.BytesIO(state_dict_pickle([("w", tensor)]))).load()
+    assert loaded["w"][:4] == (("storage", "torch.FloatStorage", "0", "cpu", 3 * 2**31), 2**31 + 5, (3, 2**31 - 5),
+                               (2**31 - 5, 1))
 
 
 @pytest.mark.parametrize("recipe", [NO_CHANGE, "ckptx: 1\nsteps: [{cast: {dtype: bfloat16}}]\n"])
