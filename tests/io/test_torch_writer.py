@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import subprocess
 import sys
 import textwrap
 import warnings
 import zipfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
@@ -19,8 +21,9 @@ from safetensors.torch import save_file
 
 import ckptx
 from ckptx.errors import CkptxError
+from ckptx.io.crc import WINDOW, span_crc
 from ckptx.io.open import open_source
-from ckptx.io.source import MappingSource
+from ckptx.io.source import MappingSource, RawSpan
 from ckptx.io.torch_layout import plan_layout
 from ckptx.io.torch_pickle import PickledStorage, PickledTensor, state_dict_pickle
 from ckptx.io.torch_writer import write_archive, write_torch
@@ -267,7 +270,7 @@ def test_sizes_and_offsets_past_32_bits_pickle_as_numbers() -> None:
 @pytest.mark.parametrize("kind", ["safetensors", "zip", "zip without crc32"])
 def test_every_record_has_the_right_crc32(tmp_path: Path, kind: str, recipe: str,
                                           write_rules: Callable[..., Path]) -> None:
-    state = {"a": torch.randn(64, 33), "b": torch.arange(10, dtype=torch.int32), "c": torch.randn(7)}
+    state = {"a": torch.randn(64, 33), "b": torch.arange(10, dtype=torch.int32), "c": torch.randn(300_000)}
     if kind == "safetensors":
         src = tmp_path / "src.safetensors"
         save_file(state, str(src))
@@ -283,6 +286,14 @@ def test_every_record_has_the_right_crc32(tmp_path: Path, kind: str, recipe: str
     with zipfile.ZipFile(dst) as archive:
         assert archive.testzip() is None
         assert len([n for n in archive.namelist() if "/data/" in n]) == 3
+
+
+@pytest.mark.parametrize("offset, nbytes", [(3, 0), (3, 1000), (4099, 2 * 1024 * 1024 + 7), (5, WINDOW + 4096)])
+def test_span_crc_is_zlibs_crc_of_the_bytes(tmp_path: Path, offset: int, nbytes: int) -> None:
+    data = os.urandom(offset + nbytes + 11)
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    assert span_crc(RawSpan(str(path), offset, nbytes)) == zlib.crc32(data[offset:offset + nbytes])
 
 
 def test_zip64_form_loads_with_torch_and_zipfile(tmp_path: Path) -> None:
