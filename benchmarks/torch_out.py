@@ -2,6 +2,7 @@
 `cp` + `sync` of the same input file, in the same rounds.
 
     .venv/bin/python benchmarks/torch_out.py --size-gib 2 [--scaling 1,4] [--repeat 3] [--cache cold|warm]
+        [--compare DIR]
 
 Reuses run.py's synthetic checkpoint (benchmarks/synth.py), its Runner (every command under measure.py:
 wall time and peak RSS; outputs deleted and `sync` run after each) and its shuffled rounds. For each size
@@ -28,11 +29,15 @@ import run  # noqa: E402  (benchmarks/run.py)
 RATIO_GOAL, RSS_GOAL = 1.5, 300.0
 
 
-def commands(src: Path, pth: Path, out: Path) -> list[tuple[str, str, list[str], Path, Path]]:
-    """(name, baseline name, argv, input, output) for one size."""
+def commands(src: Path, pth: Path, out: Path,
+             compare: str | None = None) -> list[tuple[str, str, list[str], Path, Path]]:
+    """(name, baseline name, argv, input, output) for one size; `compare`: also the ckptx of that source tree."""
     rename = str(HERE / "rules" / "rename.yaml")
     copy = 'cp "$0" "$1" && sync "$1"'
-    return [
+    other = [] if compare is None else [
+        (f"ckptx of {compare}: .safetensors -> .pth", "cp + sync (.safetensors)",
+         ["env", f"PYTHONPATH={compare}", *run.ckptx("convert", str(src), "-r", rename, "-o", str(out))], src, out)]
+    return other + [
         ("cp + sync (.safetensors)", "", ["sh", "-c", copy, str(src), str(out)], src, out),
         ("cp + sync (.pth)", "", ["sh", "-c", copy, str(pth), str(out)], pth, out),
         ("ckptx convert .safetensors -> .pth", "cp + sync (.safetensors)",
@@ -42,11 +47,11 @@ def commands(src: Path, pth: Path, out: Path) -> list[tuple[str, str, list[str],
     ]
 
 
-def measure_size(runner: run.Runner, work: Path, size: float) -> list[dict[str, object]]:
+def measure_size(runner: run.Runner, work: Path, size: float, compare: str | None = None) -> list[dict[str, object]]:
     """Every command of one size, `runner.repeat` shuffled rounds; one result row per command."""
     src, pth, facts = run.prepare(work, size)
     assert pth is not None
-    plan = commands(src, pth, work / "out.pth")
+    plan = commands(src, pth, work / "out.pth", compare)
     walls: dict[str, list[float]] = {name: [] for name, *_ in plan}
     rss: dict[str, float] = dict.fromkeys(walls, 0.0)
     order = list(range(len(plan)))
@@ -72,13 +77,15 @@ def measure_size(runner: run.Runner, work: Path, size: float) -> list[dict[str, 
 def markdown(rows: list[dict[str, object]], meta: dict[str, str]) -> str:
     """The result table."""
     lines = [f"- {k}: {v}" for k, v in meta.items()]
-    lines += ["", "| input | command | best wall (s) | median x cp+sync of the input (same round) | peak RSS (MiB) | goal met |",
-              "|---:|---|---:|---:|---:|---|"]
+    lines += ["", "| input | command | best wall (s) | median x cp+sync of the input (same round) | peak RSS (MiB) "
+                  "| goal met | wall of each round (s) |", "|---:|---|---:|---:|---:|---|---|"]
     for r in rows:
         ratio = r["ratio"]
         met = "" if ratio is None else ("yes" if ratio <= RATIO_GOAL and r["rss"] <= RSS_GOAL else "no")
         shown = "" if ratio is None else f"{ratio:.2f}"
-        lines.append(f"| {r['size']:g} GiB | {r['name']} | {r['wall']:.2f} | {shown} | {r['rss']:.0f} | {met} |")
+        walls = ", ".join(f"{w:.2f}" for w in r["walls"])
+        lines.append(f"| {r['size']:g} GiB | {r['name']} | {r['wall']:.2f} | {shown} | {r['rss']:.0f} | {met} "
+                     f"| {walls} |")
     return "\n".join(lines)
 
 
@@ -90,6 +97,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, metavar="N", help="rounds of every command (default 3)")
     parser.add_argument("--cache", choices=["cold", "warm"], default="cold")
     parser.add_argument("--workdir", default=None, help="where the temporary folder goes (default: the system's)")
+    parser.add_argument("--compare", metavar="DIR", help="also time the ckptx of another source tree (e.g. an older "
+                                                         "commit exported with git archive) at the first size")
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(run.REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
            "HF_HUB_OFFLINE": "1"}
@@ -98,8 +107,8 @@ def main() -> None:
     try:
         runner = run.Runner(work, args.cache, env, max(1, args.repeat))
         rows: list[dict[str, object]] = []
-        for size in [args.size_gib, *(float(s) for s in args.scaling.split(",") if s.strip())]:
-            rows += measure_size(runner, work, size)
+        for number, size in enumerate([args.size_gib, *(float(s) for s in args.scaling.split(",") if s.strip())]):
+            rows += measure_size(runner, work, size, args.compare if number == 0 else None)
         meta = {"page cache": "dropped before every command" if runner.cache == "cold" else "inputs read just before",
                 "rounds": f"{runner.repeat}, shuffled after the first",
                 "machine": f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}",

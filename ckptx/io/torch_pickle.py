@@ -133,7 +133,8 @@ class StatePickler:
         else:
             raise DestinationError(f"the state dict's _metadata holds a {type(value).__name__} ({value!r:.60}); "
                                    f"a .pth written by ckptx carries only dicts, lists, tuples, strings and numbers "
-                                   f"there; drop it with a recipe that renames modules or write .safetensors")
+                                   f"there; write .safetensors (no _metadata) or re-save the source with plain "
+                                   f"values in its _metadata")
 
     def _memoized(self, value: Any) -> bool:
         """Write a BINGET when `value` (a container) was pickled before."""

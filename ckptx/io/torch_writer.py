@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Sequence, cast
 
 from ckptx._lazy import lazy_module
-from ckptx.errors import DestinationError
+from ckptx.errors import DestinationError, TensorOpError
 from ckptx.io.atomic import atomic_output
 from ckptx.io.crc import CrcThread, stored_record_crcs
 from ckptx.io.safetensors_writer import materialize
@@ -56,39 +56,41 @@ def write_archive(out: BinaryIO, layout: TorchLayout, pickled: bytes, source: So
     """The whole zip archive: small records, every storage record of `layout`, then the directory.
     `force_zip64` writes the zip64 form of files over 4 GiB (see ZipRecords) whatever the size."""
     archive = ZipRecords(out, ARCHIVE, force_zip64=force_zip64)
-    names_crcs = [("data.pkl", zlib.crc32(pickled))]
-    archive.add("data.pkl", pickled, names_crcs[0][1])
+    archive.add("data.pkl", pickled)
     for name, data in _HEAD:
-        archive.add(name, data, zlib.crc32(data))
-        names_crcs.append((name, zlib.crc32(data)))
-    late: list[tuple[int, str, Future[int]]] = []
+        archive.add(name, data)
+    late: list[tuple[int, Future[int]]] = []
     with CrcThread() as crcs, SpanCopier(out, progress) as copier:
         writer = _RecordWriter(out, source, copier, crcs, progress)
         for record in layout.records:
-            name = f"data/{record.key}"
-            index = archive.begin(name, record.nbytes)
+            index = archive.begin(f"data/{record.key}", record.nbytes)
             crc = writer.write(record)
+            _check_size(archive.written(), record)
             archive.end(crc if isinstance(crc, int) else None)
-            if isinstance(crc, int):
-                names_crcs.append((name, crc))
-            else:
-                late.append((index, name, crc))
+            if not isinstance(crc, int):
+                late.append((index, crc))
             if progress and record.planned_bytes > record.nbytes:
                 progress(record.planned_bytes - record.nbytes)
-        for index, name, future in late:
+        for index, future in late:
             archive.set_crc(index, future.result())
-            names_crcs.append((name, future.result()))
-    archive.add("version", b"3\n", zlib.crc32(b"3\n"))
-    names_crcs.append(("version", zlib.crc32(b"3\n")))
-    ident = serialization_id(names_crcs)
-    archive.add(".data/serialization_id", ident, zlib.crc32(ident))
+    archive.add("version", b"3\n")
+    archive.add(".data/serialization_id", serialization_id(archive.checksums()))
     archive.finish()
 
 
-def serialization_id(names_crcs: Sequence[tuple[str, int]]) -> bytes:
+def _check_size(written: int, record: StorageRecord) -> None:
+    """A record's bytes are what the plan says, or the error names its tensors."""
+    if written != record.nbytes:
+        keys = ", ".join(f"'{entry.key}'" for entry in record.entries[:3])
+        raise TensorOpError(f"tensor {keys}: {written} bytes were written, the plan says {record.nbytes} for "
+                            f"{record.entries[0].meta}; the source file is inconsistent or changed while it was "
+                            f"read; check it (ckptx inspect) and convert again")
+
+
+def serialization_id(checksums: Sequence[tuple[str, int | None]]) -> bytes:
     """40 digits naming the file's content, as torch writes one: 20 from the record names, 20 from their CRCs."""
-    names = hashlib.blake2b("\n".join(sorted(n for n, _ in names_crcs)).encode(), digest_size=8).digest()
-    crcs = zlib.crc32(b"".join(crc.to_bytes(4, "little") for _, crc in names_crcs))
+    names = hashlib.blake2b("\n".join(sorted(n for n, _ in checksums)).encode(), digest_size=8).digest()
+    crcs = zlib.crc32(b"".join((crc or 0).to_bytes(4, "little") for _, crc in checksums))
     return f"{int.from_bytes(names, 'little'):020d}{crcs:020d}".encode("ascii")
 
 

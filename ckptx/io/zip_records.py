@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -34,16 +35,16 @@ _UTF8, _HAS_DESCRIPTOR = 0x0800, 0x0008
 _ZIP64_VERSION = 45
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Record:
+    """Where one record lies and whether its size or header offset needs the zip64 form."""
+
     name: bytes
     header_offset: int
     data_offset: int
     size: int
     big_size: bool
     big_offset: bool
-    crc: int | None = None
-    late: bool = False
 
     @property
     def zip64(self) -> bool:
@@ -63,12 +64,14 @@ class ZipRecords:
         self._prefix = prefix
         self._force = force_zip64
         self._records: list[_Record] = []
-        self._open: _Record | None = None
+        self._crcs: list[int | None] = []
+        self._late: list[int] = []
+        self._open = False
 
     def begin(self, name: str, size: int) -> int:
         """Write the local header of record `prefix/name` that will hold `size` bytes; returns its index."""
-        if self._open is not None:
-            raise RuntimeError(f"zip record {self._open.name!r} is still open")
+        if self._open:
+            raise RuntimeError(f"zip record {self._records[-1].name!r} is still open")
         raw = f"{self._prefix}/{name}".encode("utf-8")
         offset = self._out.tell()
         big_size, big_offset = self._force or size >= _MAX32, self._force or offset >= _MAX32
@@ -78,48 +81,56 @@ class ZipRecords:
         extra += b"FB" + struct.pack("<H", padding) + b"Z" * padding
         flags = _UTF8 | (_HAS_DESCRIPTOR if size else 0)
         self._out.write(_LOCAL.pack(b"PK\x03\x04", 0, flags, 0, 0, 0, 0, 0, 0, len(raw), len(extra)) + raw + extra)
-        self._open = _Record(raw, offset, start + padding, size, big_size, big_offset)
-        self._records.append(self._open)
+        self._records.append(_Record(raw, offset, start + padding, size, big_size, big_offset))
+        self._crcs.append(None)
+        self._open = True
         return len(self._records) - 1
+
+    def written(self) -> int:
+        """Bytes of data written so far into the open record."""
+        return self._out.tell() - self._records[-1].data_offset
 
     def end(self, crc: int | None) -> None:
         """Close the open record after its data; `crc` None means it comes later through `set_crc`."""
-        record, self._open = self._open, None
-        if record is None:
+        if not self._open:
             raise RuntimeError("no zip record is open")
-        written = self._out.tell() - record.data_offset
-        if written != record.size:
-            raise TensorOpError(f"{record.name.decode()}: {written} bytes were written for a record of "
+        record, index = self._records[-1], len(self._records) - 1
+        if self.written() != record.size:
+            raise TensorOpError(f"{record.name.decode()}: {self.written()} bytes were written for a record of "
                                 f"{record.size}; the source changed while it was copied, convert again")
+        self._open = False
         if record.size == 0:
-            record.crc = 0
+            self._crcs[index] = 0
             return
-        record.crc, record.late = crc, crc is None
-        if record.zip64:
-            self._out.write(_DESCRIPTOR64.pack(b"PK\x07\x08", crc or 0, record.size, record.size))
-        else:
-            self._out.write(_DESCRIPTOR32.pack(b"PK\x07\x08", crc or 0, record.size, record.size))
+        self._crcs[index] = crc
+        if crc is None:
+            self._late.append(index)
+        layout = _DESCRIPTOR64 if record.zip64 else _DESCRIPTOR32
+        self._out.write(layout.pack(b"PK\x07\x08", crc or 0, record.size, record.size))
 
     def set_crc(self, index: int, crc: int) -> None:
         """The CRC-32 of a record closed with `end(None)`."""
-        self._records[index].crc = crc
+        self._crcs[index] = crc
 
-    def add(self, name: str, data: bytes, crc: int) -> None:
-        """A whole small record."""
+    def add(self, name: str, data: bytes) -> int:
+        """A whole small record; returns its CRC-32."""
+        crc = zlib.crc32(data)
         self.begin(name, len(data))
         self._out.write(data)
         self.end(crc)
+        return crc
 
-    def data_offset(self, index: int) -> int:
-        """Where record `index`'s data starts in the file."""
-        return self._records[index].data_offset
+    def checksums(self) -> list[tuple[str, int | None]]:
+        """Every record's name (without the prefix) and CRC-32 so far."""
+        cut = len(self._prefix) + 1
+        return [(r.name.decode()[cut:], crc) for r, crc in zip(self._records, self._crcs)]
 
     def finish(self) -> None:
         """Patch the CRCs given late into their descriptors, then write the central directory and end records."""
         self._patch_late_crcs()
         start = self._out.tell()
-        for record in self._records:
-            self._out.write(_central_entry(record))
+        for record, crc in zip(self._records, self._crcs):
+            self._out.write(_central_entry(record, crc or 0))
         size = self._out.tell() - start
         count = len(self._records)
         zip64_end = self._out.tell()
@@ -131,24 +142,24 @@ class ZipRecords:
                                   _MAX32 if self._force else min(start, _MAX32), 0))
 
     def _patch_late_crcs(self) -> None:
-        missing = [r.name.decode() for r in self._records if r.crc is None]
-        if missing:
-            raise RuntimeError(f"zip records without a CRC-32: {', '.join(missing[:3])}")
+        missing = [r.name.decode() for r, crc in zip(self._records, self._crcs) if crc is None]
+        if missing or self._open:
+            raise RuntimeError(f"zip records open or without a CRC-32: {', '.join(missing[:3])}")
         self._out.flush()
         fd = self._out.fileno()
-        for record in self._records:
-            if record.late:
-                os.pwrite(fd, struct.pack("<L", record.crc), record.data_offset + record.size + 4)
+        for index in self._late:
+            record = self._records[index]
+            os.pwrite(fd, struct.pack("<L", self._crcs[index]), record.data_offset + record.size + 4)
 
 
-def _central_entry(record: _Record) -> bytes:
+def _central_entry(record: _Record, crc: int) -> bytes:
     """The central directory entry; sizes and offset that reach 4 GiB move to a zip64 extra field."""
     big_size, big_offset = record.big_size, record.big_offset
     extra = _zip64_extra(record.size if big_size else None, record.size if big_size else None,
                          record.header_offset if big_offset else None)
     flags = _UTF8 | (_HAS_DESCRIPTOR if record.size else 0)
     size = _MAX32 if big_size else record.size
-    return _CENTRAL.pack(b"PK\x01\x02", 0, _ZIP64_VERSION if record.zip64 else 0, flags, 0, 0, 0, record.crc or 0,
+    return _CENTRAL.pack(b"PK\x01\x02", 0, _ZIP64_VERSION if record.zip64 else 0, flags, 0, 0, 0, crc,
                          size, size, len(record.name), len(extra), 0, 0, 0, 0,
                          _MAX32 if big_offset else record.header_offset) + record.name + extra
 

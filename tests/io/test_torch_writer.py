@@ -87,7 +87,8 @@ def test_a_dtype_the_format_cannot_hold_is_an_error_naming_key_and_file(tmp_path
         quantized = torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8)
     source = MappingSource("<mem>", "memory", {"w": torch.ones(2), "q": quantized})
     dst = tmp_path / "out.pth"
-    with pytest.raises(CkptxError, match=r"tensor 'q': dtype qint8 is not one ckptx writes to a torch file \(out.pth\)"):
+    expected = r"tensor 'q': dtype qint8 is not one ckptx writes to a torch file \(out.pth\)"
+    with pytest.raises(CkptxError, match=expected):
         write_torch(dst, plan_recipe(Recipe(name="x"), source).entries, source)
     assert list(tmp_path.iterdir()) == []
 
