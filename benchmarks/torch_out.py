@@ -36,7 +36,7 @@ def commands(src: Path, pth: Path, out: Path,
     copy = 'cp "$0" "$1" && sync "$1"'
     other = [] if compare is None else [
         (f"ckptx of {compare}: .safetensors -> .pth", "cp + sync (.safetensors)",
-         ["env", f"PYTHONPATH={compare}", *run.ckptx("convert", str(src), "-r", rename, "-o", str(out))], src, out)]
+         ["env", "PYTHONSAFEPATH=1", f"PYTHONPATH={compare}", *run.ckptx("convert", str(src), "-r", rename, "-o", str(out))], src, out)]
     return other + [
         ("cp + sync (.safetensors)", "", ["sh", "-c", copy, str(src), str(out)], src, out),
         ("cp + sync (.pth)", "", ["sh", "-c", copy, str(pth), str(out)], pth, out),
