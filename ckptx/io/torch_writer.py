@@ -1,34 +1,178 @@
-"""Write a plan to a torch (`.pth`/`.pt`/`.bin`) file atomically."""
+"""Write a plan to a torch zip checkpoint (`.pth`/`.pt`/`.bin`/`.ckpt`) atomically, streamed tensor by tensor.
+
+The file is what `torch.save(OrderedDict)` writes, record for record: `archive/data.pkl` (see
+torch_pickle.py), `.format_version`, `.storage_alignment`, `byteorder`, one stored record per storage
+`archive/data/<key>` (64-byte aligned, see zip_records.py), `version` and `.data/serialization_id`.
+Which storages there are, and where each tensor lies in them, is decided first (torch_layout.py); then
+each record is written in turn: spans of the source file are copied by the kernel (copy_file_range) while a
+background thread checksums them through short memory maps (or the CRC is taken from the source zip's
+directory when a whole record is copied), memory tensors are written from where they are, and computed
+tensors are computed one at a time. Torch is not imported unless a tensor is computed or read from memory.
+"""
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import hashlib
+import zlib
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence, cast
 
 from ckptx._lazy import lazy_module
+from ckptx.errors import DestinationError, TensorOpError
 from ckptx.io.atomic import atomic_output
-from ckptx.io.safetensors_writer import Progress, materialize
-from ckptx.io.source import Source
-from ckptx.ops.registry import PlanEntry
+from ckptx.io.crc import CrcThread, stored_record_crcs
+from ckptx.io.safetensors_writer import materialize
+from ckptx.io.source import RawSpan, Source
+from ckptx.io.spans import Progress, SpanCopier, convert_span, write_bytes
+from ckptx.io.torch_layout import ComputedBytes, FileBytes, MemoryBytes, StorageRecord, TorchLayout, plan_layout
+from ckptx.io.torch_pickle import state_dict_pickle
+from ckptx.io.zip_records import ZipRecords
+from ckptx.ops.registry import PlanEntry, byte_converter
 
 torch = lazy_module("torch")
 
 
+ARCHIVE = "archive"  # the top folder torch.save uses when it writes to a file object
+_HEAD = ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little"))
+
+
 def write_torch(dst: Path, entries: Sequence[PlanEntry], source: Source, *, state_metadata: Any = None,
                 progress: Progress | None = None) -> int:
-    """Save `entries` as an OrderedDict state dict with `torch.save`; returns the file size."""
-    state: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for entry in entries:
-        tensor = materialize(entry, source)
-        # A view of a larger storage is saved as itself: torch.save would otherwise keep the whole storage.
-        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size() and tensor.numel():
-            tensor = tensor.clone()
-        state[entry.key] = tensor
-        if progress:
-            progress(entry.meta.nbytes)
-    if state_metadata is not None:
-        state._metadata = state_metadata  # type: ignore[attr-defined]
+    """Write `entries` as a torch zip state dict (an OrderedDict, with `state_metadata` as its `_metadata`
+    when given) that `torch.load` (also `weights_only=True`, `mmap=True`) reads. Returns the file size.
+
+    Raises DestinationError, before writing, for a tensor the format cannot hold (e.g. a quantized dtype).
+    """
+    layout = plan_layout(entries, source, dst)
+    pickled = state_dict_pickle(layout.tensors, state_metadata)
     with atomic_output(dst) as out:
-        torch.save(state, out)
+        write_archive(out, layout, pickled, source, progress)
         return out.tell()
+
+
+def write_archive(out: BinaryIO, layout: TorchLayout, pickled: bytes, source: Source,
+                  progress: Progress | None = None, *, force_zip64: bool = False) -> None:
+    """The whole zip archive: small records, every storage record of `layout`, then the directory.
+    `force_zip64` writes the zip64 form of files over 4 GiB (see ZipRecords) whatever the size."""
+    archive = ZipRecords(out, ARCHIVE, force_zip64=force_zip64)
+    archive.add("data.pkl", pickled)
+    for name, data in _HEAD:
+        archive.add(name, data)
+    late: list[tuple[int, Future[int]]] = []
+    with CrcThread() as crcs, SpanCopier(out, progress) as copier:
+        writer = _RecordWriter(out, source, copier, crcs, progress)
+        for record in layout.records:
+            index = archive.begin(f"data/{record.key}", record.nbytes)
+            crc = writer.write(record)
+            _check_size(archive.written(), record)
+            archive.end(crc if isinstance(crc, int) else None)
+            if not isinstance(crc, int):
+                late.append((index, crc))
+            if progress and record.planned_bytes > record.nbytes:
+                progress(record.planned_bytes - record.nbytes)
+        for index, future in late:
+            archive.set_crc(index, future.result())
+    archive.add("version", b"3\n")
+    archive.add(".data/serialization_id", serialization_id(archive.checksums()))
+    archive.finish()
+
+
+def _check_size(written: int, record: StorageRecord) -> None:
+    """A record's bytes are what the plan says, or the error names its tensors."""
+    if written != record.nbytes:
+        keys = ", ".join(f"'{entry.key}'" for entry in record.entries[:3])
+        raise TensorOpError(f"tensor {keys}: {written} bytes were written, the plan says {record.nbytes} for "
+                            f"{record.entries[0].meta}; the source file is inconsistent or changed while it was "
+                            f"read; check it (ckptx inspect) and convert again")
+
+
+def serialization_id(checksums: Sequence[tuple[str, int | None]]) -> bytes:
+    """40 digits naming the file's content, as torch writes one: 20 from the record names, 20 from their CRCs."""
+    names = hashlib.blake2b("\n".join(sorted(n for n, _ in checksums)).encode(), digest_size=8).digest()
+    crcs = zlib.crc32(b"".join((crc or 0).to_bytes(4, "little") for _, crc in checksums))
+    return f"{int.from_bytes(names, 'little'):020d}{crcs:020d}".encode("ascii")
+
+
+class _RecordWriter:
+    """Writes one storage record's bytes at the end of `out` and gives its CRC-32 (or a future of it)."""
+
+    def __init__(self, out: BinaryIO, source: Source, copier: SpanCopier, crcs: CrcThread,
+                 progress: Progress | None) -> None:
+        self._out = out
+        self._source = source
+        self._copier = copier
+        self._crcs = crcs
+        self._progress = progress
+        self._known: dict[str, dict[tuple[int, int], int]] = {}
+
+    def write(self, record: StorageRecord) -> int | Future[int]:
+        """Copy, write or compute the record's bytes."""
+        fill = record.fill
+        if record.nbytes == 0:
+            return 0
+        if isinstance(fill, FileBytes):
+            return self._copy(fill.span)
+        if isinstance(fill, MemoryBytes):
+            return self._from_memory(fill, record)
+        return self._computed(fill)
+
+    def _copy(self, span: RawSpan) -> int | Future[int]:
+        """A span copied by the kernel; its CRC from the source zip's directory or checksummed beside the copy."""
+        if span.file not in self._known:
+            self._known[span.file] = stored_record_crcs(span.file)
+        crc: int | Future[int] | None = self._known[span.file].get((span.offset, span.nbytes))
+        if crc is None:
+            crc = self._crcs.submit(span)
+        self._copier.add(span)
+        self._copier.flush()
+        return crc
+
+    def _from_memory(self, fill: MemoryBytes, record: StorageRecord) -> int:
+        if fill.compact:
+            data = tensor_bytes(fill.tensor, record.entries[0].key)
+            progress = self._progress
+        else:
+            storage = fill.tensor.untyped_storage()
+            data = torch.empty(0, dtype=torch.uint8).set_(storage, fill.start, (record.nbytes,), (1,)).numpy()
+            progress = None
+            if self._progress:
+                self._progress(min(record.nbytes, record.planned_bytes))
+        view = memoryview(data)
+        write_bytes(self._out, view, progress)
+        return zlib.crc32(view)
+
+    def _computed(self, fill: ComputedBytes) -> int:
+        """Computed now: streamed through the op's byte kernel when it has one, else computed whole."""
+        entry = fill.entry
+        writer = _CrcWriter(self._out)
+        out = cast(BinaryIO, writer)
+        streamed = byte_converter(entry.expr)
+        span = self._source.raw_span(streamed[0]) if streamed is not None else None
+        if streamed is not None and span is not None and span.nbytes == self._source.tensors[streamed[0]].nbytes:
+            convert_span(out, span, streamed[1], self._progress)
+        else:
+            write_bytes(out, memoryview(tensor_bytes(materialize(entry, self._source), entry.key)), self._progress)
+        return writer.crc
+
+
+def tensor_bytes(tensor: Any, key: str) -> Any:
+    """A tensor's elements in row-major order as a uint8 array (no copy when it is already contiguous)."""
+    if tensor.layout != torch.strided:
+        raise DestinationError(f"tensor '{key}' is a {tensor.layout} tensor; a torch zip file written by ckptx "
+                               f"holds dense tensors; make it dense in the recipe or leave it out")
+    flat = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy()
+
+
+class _CrcWriter:
+    """Forwards writes to a file and keeps the CRC-32 of what went through."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self.crc = 0
+
+    def write(self, data: Any) -> int:
+        """Write `data` (bytes or a buffer) and add it to the CRC."""
+        self.crc = zlib.crc32(data, self.crc)
+        return self._out.write(data)
