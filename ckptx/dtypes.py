@@ -32,7 +32,7 @@ class DType:
 
     name: str
     itemsize: int
-    kind: str  # "float", "complex", "int", "bool"
+    kind: str  # "float", "complex", "int", "bool", or "bits" (raw or packed: never cast or computed on)
     safetensors: str | None = None  # the header's code, when safetensors (the Python library) holds it
     storage: str | None = None  # torch.save's legacy storage class; None: UntypedStorage plus the dtype
     numpy: str | None = None  # little-endian numpy code, when numpy has the type
@@ -48,6 +48,11 @@ class DType:
     def is_floating(self) -> bool:
         """A real floating-point type."""
         return self.kind == "float"
+
+    @property
+    def castable(self) -> bool:
+        """A `cast` step may convert to and from it (every kind but raw bits); the rule schema lists these."""
+        return self.kind != "bits"
 
     @property
     def is_complex(self) -> bool:
@@ -100,6 +105,14 @@ _TABLE = (
     _int("uint16", 2, "U16", None, False),
     _int("uint8", 1, "U8", "ByteStorage", False),
     DType("bool", 1, "bool", "BOOL", "BoolStorage", "?", bits=1),
+    DType("bcomplex32", 4, "complex", digits=8, emax=128, emin=-133),
+    # Raw bits and packed sub-byte types: stored, copied and written as they are, never cast or computed on.
+    DType("float4_e2m1fn_x2", 1, "bits"),
+    DType("bits8", 1, "bits"),
+    DType("bits16", 2, "bits"),
+    DType("bits1x8", 1, "bits"),
+    DType("bits2x4", 1, "bits"),
+    DType("bits4x2", 1, "bits"),
 )
 
 DTYPES: dict[str, DType] = {d.name: d for d in _TABLE}

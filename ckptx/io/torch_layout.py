@@ -27,7 +27,7 @@ from typing import Any, Hashable, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import DestinationError
-from ckptx.io.dtypes import dtype_name
+from ckptx.dtypes import dtype_name
 from ckptx.io.source import RawSpan, Source
 from ckptx.io.torch_pickle import ITEM_SIZES, PickledStorage, PickledTensor, item_size
 from ckptx.ops.registry import OpNode, PlanEntry, SourceRef, sources_of

@@ -15,22 +15,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ckptx.dtypes import DTYPES
 from ckptx.errors import DestinationError
 
-# dtype name -> (storage global, element size). The legacy storage types come from
-# torch/storage.py `_dtype_to_storage_type_map`, the rest from `_new_dtypes` (saved as UntypedStorage).
-_LEGACY = {
-    "float64": ("DoubleStorage", 8), "float32": ("FloatStorage", 4), "float16": ("HalfStorage", 2),
-    "bfloat16": ("BFloat16Storage", 2), "int64": ("LongStorage", 8), "int32": ("IntStorage", 4),
-    "int16": ("ShortStorage", 2), "int8": ("CharStorage", 1), "uint8": ("ByteStorage", 1),
-    "bool": ("BoolStorage", 1), "complex64": ("ComplexFloatStorage", 8), "complex128": ("ComplexDoubleStorage", 16),
-}
-_UNTYPED = {
-    "float8_e5m2": 1, "float8_e4m3fn": 1, "float8_e5m2fnuz": 1, "float8_e4m3fnuz": 1, "float8_e8m0fnu": 1,
-    "float4_e2m1fn_x2": 1, "bits8": 1, "bits16": 2, "bits1x8": 1, "bits2x4": 1, "bits4x2": 1,
-    "complex32": 4, "bcomplex32": 4, "uint16": 2, "uint32": 4, "uint64": 8,
-}
-ITEM_SIZES: dict[str, int] = {name: size for name, (_, size) in _LEGACY.items()} | _UNTYPED
+# Which storage global torch.save names comes from the dtype table: `DType.storage` (the legacy typed storage of
+# torch/storage.py `_dtype_to_storage_type_map`), or None: UntypedStorage plus the dtype (`_rebuild_tensor_v3`).
+ITEM_SIZES: dict[str, int] = {name: d.itemsize for name, d in DTYPES.items()}
 _BATCH = 1000  # pickle's batch size for SETITEMS / APPENDS
 
 
@@ -177,12 +167,12 @@ class StatePickler:
     def _tensor(self, tensor: PickledTensor) -> None:
         """`_rebuild_tensor_v2/v3(storage, offset, size, stride, False, OrderedDict()[, dtype])`, REDUCE."""
         storage = tensor.storage
-        legacy = _LEGACY.get(storage.dtype)
+        legacy = DTYPES[storage.dtype].storage
         self._global("torch._utils", "_rebuild_tensor_v2" if legacy else "_rebuild_tensor_v3")
         self._out += b"(("
         self._str("storage", "storage")
         if legacy:
-            self._global("torch", legacy[0])
+            self._global("torch", legacy)
         else:
             self._global("torch.storage", "UntypedStorage")
         self._str(storage.key, ("storage key", storage.key))

@@ -236,7 +236,7 @@ def _unconvertible() -> dict[str, tuple[object, str]]:
         "qint8": (torch.quantize_per_tensor(dense, 0.1, 0, torch.qint8), "a quantized tensor (qint8)"),
         "meta": (torch.empty(2, device="meta"), "a meta tensor (a shape without data)"),
         "conj": (torch.randn(2, dtype=torch.complex64).conj(), "a conjugate view; save t.resolve_conj() instead"),
-        "bits8": (torch.zeros(2, dtype=torch.uint8).view(torch.bits8), "of dtype bits8, which ckptx cannot convert"),
+        "qint32": (torch.quantize_per_tensor(dense, 0.1, 0, torch.qint32), "a quantized tensor (qint32)"),
     }
     return cases
 

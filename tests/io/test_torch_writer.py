@@ -81,22 +81,21 @@ def test_every_dtype_round_trips_copied_from_memory_and_computed(tmp_path: Path,
     assert raw(out["from_memory"]) == raw(tensor.t()) and out["from_memory"].shape == (4, 3)
 
 
-def test_a_dtype_the_format_cannot_hold_is_an_error_naming_key_and_file(tmp_path: Path) -> None:
+def test_a_quantized_tensor_is_refused_by_key_before_anything_is_written(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # quantized dtypes are deprecated
         quantized = torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8)
-    source = MappingSource("<mem>", "memory", {"w": torch.ones(2), "q": quantized})
-    dst = tmp_path / "out.pth"
-    expected = r"tensor 'q': dtype qint8 is not one ckptx writes to a torch file \(out.pth\)"
-    with pytest.raises(CkptxError, match=expected):
-        write_torch(dst, plan_recipe(Recipe(name="x"), source).entries, source)
+    with pytest.raises(CkptxError, match=r"tensor 'q' is a quantized tensor \(qint8\)"):
+        source = MappingSource("<mem>", "memory", {"w": torch.ones(2), "q": quantized})
+        write_torch(tmp_path / "out.pth", plan_recipe(Recipe(name="x"), source).entries, source)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_sparse_tensor_is_an_error_naming_the_key(tmp_path: Path) -> None:
-    source = MappingSource("<mem>", "memory", {"s": torch.eye(3).to_sparse()})
-    with pytest.raises(CkptxError, match=r"tensor 's' is a torch.sparse_coo float32 tensor"):
+def test_a_sparse_tensor_is_refused_by_key(tmp_path: Path) -> None:
+    with pytest.raises(CkptxError, match=r"tensor 's' is a sparse tensor \(sparse_coo\)"):
+        source = MappingSource("<mem>", "memory", {"s": torch.eye(3).to_sparse()})
         write_torch(tmp_path / "out.pth", plan_recipe(Recipe(name="x"), source).entries, source)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_tied_weights_stay_tied_in_one_record(tmp_path: Path, write_rules: Callable[..., Path]) -> None:
@@ -162,7 +161,7 @@ def test_a_tensor_and_its_transpose_share_one_storage(tmp_path: Path, write_rule
 def test_non_contiguous_tensors_keep_their_values(tmp_path: Path, zip_format: bool,
                                                   write_rules: Callable[..., Path]) -> None:
     base = torch.randn(6, 8)
-    state = {"transposed": base.t(), "strided": base[:, ::3], "expanded": torch.randn(3, 1).expand(3, 4)}
+    state = {"transposed": base.t(), "strided": base[:, ::3]}  # expand()ed (overlapping) views are refused on read
     src, dst = tmp_path / "src.pth", tmp_path / "out.pth"
     torch.save(state, src, _use_new_zipfile_serialization=zip_format)
     convert(src, dst, write_rules)
