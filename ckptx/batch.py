@@ -23,7 +23,8 @@ from ckptx.convert import convert
 from ckptx.errors import CkptxError, DestinationError, ValidationFailed
 from ckptx.executors import Runner, check_runner_options, open_runner
 from ckptx.fingerprint import (FINGERPRINT_KEY, Fingerprint, OutputState, fingerprint, output_state, remove_sidecar,
-                               write_sidecar)
+                               sidecar_path, write_sidecar)
+from ckptx.destination import InputFiles
 from ckptx.io.atomic import atomic_output
 from ckptx.jobs import Job, JobsFile, load_jobs
 from ckptx.report import json_text
@@ -207,8 +208,9 @@ def default_report_path(jobs_file: str | Path) -> Path:
 
 
 def write_report(result: BatchResult, path: str | Path) -> Path:
-    """Write the batch report (JSON) atomically; returns its path."""
+    """Write the batch report (JSON) atomically, never over a file of any job's source; returns its path."""
     target = Path(path)
+    InputFiles.of(r.job.src for r in result.results).check(target, force=True, what="the batch report")
     with atomic_output(target) as out:
         out.write((json_text(result.to_dict()) + "\n").encode("utf-8"))
     return target
@@ -293,6 +295,7 @@ def _write(task: _Task) -> JobResult:
         result = convert(job.src, job.dst, recipe, target=job.target_spec(), force=state.status != "missing",
                          allow_globals=job.allow_globals, metadata={FINGERPRINT_KEY: current.to_json()})
         if job.format != "safetensors":
+            InputFiles.of([job.src]).check(sidecar_path(job.dst), force=True, what="the output's sidecar")
             write_sidecar(job.dst, current)
         return JobResult(job, "converted", "write", reason, time.perf_counter() - started, result.bytes_written,
                          notes=tuple(result.notes))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ckptx.errors import Problem, RuleError
+from ckptx.io.open import is_checkpoint_folder
 from ckptx.rules.loader import _display, load_rules
 from ckptx.rules.recipe import Recipe, TargetSpec
 from ckptx.rules.registry import resolve_rule
@@ -297,8 +298,9 @@ class _Checker:
             if not src.exists():
                 self.problems.append(Problem(spec.at(self.doc, "src"), f"no such file: {spec.src} (paths are relative "
                                                                        "to the jobs file's folder)"))
-            elif src.is_dir():
-                self.problems.append(Problem(spec.at(self.doc, "src"), f"{spec.src} is a folder; give the checkpoint file"))
+            elif src.is_dir() and not is_checkpoint_folder(src):
+                self.problems.append(Problem(spec.at(self.doc, "src"), f"{spec.src} is a folder but not a DCP or "
+                                                                       f"DeepSpeed checkpoint; give the checkpoint file"))
             return [src]
         if spec.glob is None:
             return []

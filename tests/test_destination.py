@@ -133,3 +133,15 @@ def test_file_too_large_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert "File too large" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert list(dst.parent.iterdir()) == []
+
+
+def test_a_batch_report_is_never_written_over_a_jobs_source(run_cli, tmp_path: Path, write_rules) -> None:
+    src = tmp_path / "m.pt"
+    torch.save({"w": torch.zeros(2)}, src)
+    before = src.read_bytes()
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text("ckptx: 1\ndefaults: {rules: r.yaml}\njobs:\n  - {src: m.pt, dst: out/m.safetensors}\n")
+    (tmp_path / "r.yaml").write_text(IDENTITY)
+    result = run_cli("batch", jobs, "--report", src)
+    assert result.code == 2 and "the batch report is a file of the source checkpoint" in result.err
+    assert src.read_bytes() == before

@@ -75,6 +75,11 @@ def _open_safetensors(path: Path, shown: str) -> Source:
                           f"safetensors: if you trust it, rename it to .pth and convert that") from None
 
 
+def is_checkpoint_folder(path: Path) -> bool:
+    """A folder that is one checkpoint: torch.distributed.checkpoint (`.metadata`) or DeepSpeed ZeRO."""
+    return (path / ".metadata").is_file() or is_zero_folder(path)
+
+
 def open_source(path: str | Path, extract_paths: Sequence[str] = (), *, allow_globals: Sequence[str] = (),
                 unsafe_pickle: bool = False, where: str = "") -> Source:
     """Open a checkpoint file lazily; `extract_paths` say where the state dict lives in pickle files.
