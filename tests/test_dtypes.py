@@ -15,6 +15,14 @@ from ckptx.dtypes import DTYPES, UnsupportedDtype, lossless_casts, lookup, safet
 from ckptx.io.open import open_source
 
 
+IN_THIS_TORCH = [n for n in DTYPES if hasattr(torch, n)]
+NEWER_THAN_THE_FLOOR = {"bcomplex32"}  # in the table, not yet in torch 2.13 (the floor make test runs)
+
+
+def test_only_dtypes_newer_than_the_floor_are_missing_from_this_torch():
+    assert set(DTYPES) - set(IN_THIS_TORCH) <= NEWER_THAN_THE_FLOOR
+
+
 def _sample(name: str) -> torch.Tensor:
     """A small tensor of dtype `name` with varied bits (every bit pattern for 1-byte dtypes)."""
     dtype = DTYPES[name].torch
@@ -37,7 +45,7 @@ def test_schema_dtype_enum_is_the_table():
     assert schema["$defs"]["dtype"]["enum"] == [n for n, d in DTYPES.items() if d.castable]
 
 
-@pytest.mark.parametrize("name", list(DTYPES))
+@pytest.mark.parametrize("name", IN_THIS_TORCH)
 def test_table_itemsize_is_torchs(name):
     assert torch.empty(0, dtype=DTYPES[name].torch).element_size() == DTYPES[name].itemsize
 
@@ -64,7 +72,7 @@ def test_safetensors_code_is_the_librarys(tmp_path, name):
         assert source.tensors["t"].dtype == name
 
 
-@pytest.mark.parametrize("name", list(DTYPES))
+@pytest.mark.parametrize("name", IN_THIS_TORCH)
 def test_torch_save_round_trip_reads_the_tables_dtype(tmp_path, name):
     """torch.save names a storage class or an UntypedStorage plus dtype; ckptx's zip reader maps both back."""
     path = tmp_path / "t.pth"
@@ -85,7 +93,7 @@ def test_dtype_safetensors_cannot_hold_names_key_and_format():
         safetensors_code("complex128", key="z")
 
 
-@pytest.mark.parametrize("name", list(DTYPES))
+@pytest.mark.parametrize("name", IN_THIS_TORCH)
 def test_lossless_casts_round_trip_every_value(name):
     """Each cast the table calls lossless (the invert rules rely on it) gives back every value exactly."""
     tensor = _sample(name)

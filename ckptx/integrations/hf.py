@@ -21,9 +21,9 @@ from typing import Any, Callable, Mapping
 
 from ckptx.destination import InputFiles
 from ckptx.errors import DestinationError
-from ckptx.io.atomic import publish, staging_folder, sync_file
-from ckptx.io.safetensors_writer import Progress, write_body
-from ckptx.io.sharded_writer import INDEX_SUFFIX, ShardLayout, check_layout, index_text, shard_layout
+from ckptx.io.atomic import publish, staging_folder
+from ckptx.io.safetensors_writer import Progress
+from ckptx.io.sharded_writer import INDEX_SUFFIX, ShardLayout, check_layout, shard_layout, stage_bytes, stage_layout
 from ckptx.io.source import Source
 from ckptx.ops.registry import PlanEntry
 from ckptx.rules.recipe import TargetSpec
@@ -99,22 +99,12 @@ def write_model_folder(target: ModelFolder, source: Source, metadata: Mapping[st
 
 def _write(target: ModelFolder, source: Source, metadata: Mapping[str, str], progress: Progress | None,
            check: Callable[[Path], None] | None) -> int:
-    layout, total = target.layout, 0
     with staging_folder(target.folder / WEIGHTS) as stage:
-        moves: list[tuple[Path, Path]] = []
-        for final, group in layout.files:
-            with open(stage / final.name, "wb") as out:
-                write_body(out, group, source, metadata, progress)
-                total += out.tell()
-                sync_file(out)
-            moves.append((stage / final.name, final))
-        if layout.index is not None:
-            total += _stage(stage, layout.index.name, index_text(layout))
-            moves.append((stage / layout.index.name, layout.index))
+        moves, total = stage_layout(stage, target.layout, source, metadata, progress)
         if check is not None:
             check(stage / target.weights.name)
         for name in sorted(target.documents, key=lambda n: n == CONFIG):  # config.json last: it completes the set
-            total += _stage(stage, name, target.documents[name])
+            total += stage_bytes(stage / name, target.documents[name])
             moves.append((stage / name, target.folder / name))
         publish(moves, remove_first=[p for p in _replaced(target.folder) if p.exists()])
     return total
@@ -123,13 +113,6 @@ def _write(target: ModelFolder, source: Source, metadata: Mapping[str, str], pro
 def _replaced(folder: Path) -> list[Path]:
     """What a new set replaces (removed before any rename, so no old config or index names new weights)."""
     return [folder / CONFIG, folder / WEIGHTS, folder / f"model{INDEX_SUFFIX}"]
-
-
-def _stage(stage: Path, name: str, data: bytes) -> int:
-    with open(stage / name, "wb") as out:
-        out.write(data)
-        sync_file(out)
-    return len(data)
 
 
 def _documents(spec: TargetSpec | None, entries: list[PlanEntry], where: str) -> dict[str, bytes]:

@@ -104,26 +104,37 @@ def write_sharded(layout: ShardLayout, source: Source, metadata: Mapping[str, st
     Returns the bytes written (shards and index).
     """
     first = layout.index or layout.files[0][0]
-    total = 0
     with staging_folder(first) as stage:
-        moves = []
-        for final, group in layout.files:
-            with open(stage / final.name, "wb") as out:
-                write_body(out, group, source, metadata, progress)
-                total += out.tell()
-                sync_file(out)
-            moves.append((stage / final.name, final))
-        if layout.index is not None:
-            text = index_text(layout)
-            with open(stage / layout.index.name, "wb") as out:
-                out.write(text)
-                total += len(text)
-                sync_file(out)
-            moves.append((stage / layout.index.name, layout.index))
+        moves, total = stage_layout(stage, layout, source, metadata, progress)
         if check is not None:
             check(moves[-1][0])
         publish(moves, remove_first=[p for p in [layout.index, *layout.replaces] if p is not None])
     return total
+
+
+def stage_layout(stage: Path, layout: ShardLayout, source: Source, metadata: Mapping[str, str],
+                 progress: Progress | None = None) -> tuple[list[tuple[Path, Path]], int]:
+    """Write every shard of `layout` (and its index, last) into the staging folder, each fsynced; returns the
+    (staged, final) moves in publishing order and the bytes written."""
+    moves, total = [], 0
+    for final, group in layout.files:
+        with open(stage / final.name, "wb") as out:
+            write_body(out, group, source, metadata, progress)
+            total += out.tell()
+            sync_file(out)
+        moves.append((stage / final.name, final))
+    if layout.index is not None:
+        total += stage_bytes(stage / layout.index.name, index_text(layout))
+        moves.append((stage / layout.index.name, layout.index))
+    return moves, total
+
+
+def stage_bytes(path: Path, data: bytes) -> int:
+    """Write `data` to a staged file and fsync it; returns its size."""
+    with open(path, "wb") as out:
+        out.write(data)
+        sync_file(out)
+    return len(data)
 
 
 def index_text(layout: ShardLayout) -> bytes:

@@ -19,7 +19,7 @@ from ckptx.ops.layout import apply_to_matching
 from ckptx.dtypes import DTYPES, lookup, lossless_casts
 from ckptx.ops.registry import PlanContext, PlanEntry, StepOutcome, TensorMeta, step, tensor_op
 from ckptx.rules.invert import all_matched_changed, changed_metas, exact_keys
-from ckptx.rules.kinds import Doc, NotInvertible, StepTrace
+from ckptx.rules.kinds import Doc, NotInvertible, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step
 
 torch = lazy_module("torch")
@@ -42,16 +42,14 @@ def _build_cast(value: Any, c: Collector) -> Cast:
     return Cast(c.regex(value.get("match", ".*"), "match"), value["dtype"], bool(value.get("include_integer", False)))
 
 
-_CAST_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["dtype"],
-    "properties": {
+_CAST_SCHEMA = object_schema(
+    required=["dtype"],
+    properties={
         "match": {"$ref": "#/$defs/regex"},
         "dtype": {"$ref": "#/$defs/dtype"},
         "include_integer": {"type": "boolean", "description": "Also cast integer and bool tensors (default: floating-point only)."},
     },
-}
+)
 
 
 def _invert_cast(args: Cast, step: Step, trace: StepTrace | None) -> list[Doc]:

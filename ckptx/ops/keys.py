@@ -13,7 +13,7 @@ from ckptx.ops.keymatch import KeyText, first_matches, required_literals
 from ckptx.ops.registry import PlanContext, PlanEntry, StepOutcome, step
 from ckptx.rules.flatten import dump_args
 from ckptx.rules.invert import escape_replacement, exact_table, swap
-from ckptx.rules.kinds import Doc, NotInvertible, StepTrace
+from ckptx.rules.kinds import Doc, NotInvertible, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step
 from ckptx.rules.templates import KeyTemplateError, Template
 
@@ -159,19 +159,17 @@ _STRIP_PREFIX_SCHEMA: dict[str, Any] = {
     ],
 }
 
-_TAKE_FROM_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["template"],
-    "description": "Use, for each key, the tensor stored under another key (e.g. EMA copies), and drop that key.",
-    "properties": {
+_TAKE_FROM_SCHEMA = object_schema(
+    description="Use, for each key, the tensor stored under another key (e.g. EMA copies), and drop that key.",
+    required=["template"],
+    properties={
         "template": {
             "type": "string",
             "minLength": 1,
             "description": "The other key; {key} is the key, {flat} the key with '.' replaced by '_' (e.g. ema_{flat}).",
         },
     },
-}
+)
 
 _ADD_PREFIX_SCHEMA: dict[str, Any] = {
     "anyOf": [

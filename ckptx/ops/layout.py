@@ -11,7 +11,7 @@ from ckptx.errors import Problem
 from ckptx.ops.registry import (OpShapeError, PlanContext, PlanEntry, StepOutcome, TensorMeta, node, step,
                                 tensor_op)
 from ckptx.rules.invert import all_matched_changed, changed_metas, exact_keys
-from ckptx.rules.kinds import Doc, StepTrace
+from ckptx.rules.kinds import Doc, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step
 
 torch = lazy_module("torch")
@@ -50,22 +50,15 @@ def _build_permute(value: Any, c: Collector) -> Permute:
     return Permute(c.regex(value["match"], "match"), dims)
 
 
-_RESHAPE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["match", "shape"],
-    "properties": {"match": {"$ref": "#/$defs/regex"}, "shape": {"anyOf": [{"$ref": "#/$defs/shape"}, {"const": "target"}]}},
-}
+_RESHAPE_SCHEMA = object_schema(
+    required=["match", "shape"],
+    properties={"match": {"$ref": "#/$defs/regex"}, "shape": {"anyOf": [{"$ref": "#/$defs/shape"}, {"const": "target"}]}},
+)
 
-_PERMUTE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["match", "dims"],
-    "properties": {
+_PERMUTE_SCHEMA = object_schema(required=["match", "dims"], properties={
         "match": {"$ref": "#/$defs/regex"},
         "dims": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
-    },
-}
+    })
 
 
 def _trailing_ones(changed: list[tuple[str, Any, Any]]) -> int:

@@ -12,7 +12,7 @@ from ckptx.ops.registry import (OpShapeError, PlanContext, PlanEntry, StepOutcom
                                 tensor_op)
 from ckptx.rules.flatten import dump_args
 from ckptx.rules.invert import Group, Ref, parse_pattern, shifted, spare_placeholder, swap, template_parts, tidy
-from ckptx.rules.kinds import Doc, NotInvertible, StepTrace
+from ckptx.rules.kinds import Doc, NotInvertible, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step, dim_arg
 from ckptx.rules.templates import KeyTemplateError, Template
 
@@ -146,12 +146,10 @@ def _build_slice(value: Any, c: Collector) -> Slice:
                  int(value.get("step", 1)))
 
 
-_SPLIT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["match", "into"],
-    "description": "Split one tensor into several keys along a dimension.",
-    "properties": {
+_SPLIT_SCHEMA = object_schema(
+    description="Split one tensor into several keys along a dimension.",
+    required=["match", "into"],
+    properties={
         "match": {"$ref": "#/$defs/regex"},
         "into": {
             "anyOf": [
@@ -173,14 +171,12 @@ _SPLIT_SCHEMA: dict[str, Any] = {
             "description": "Pieces of size 1 with dim removed (the inverse of merge with stack: true).",
         },
     },
-}
+)
 
-_MERGE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["match", "to"],
-    "description": "Merge several keys into one by concatenation or stacking, in an explicit order.",
-    "properties": {
+_MERGE_SCHEMA = object_schema(
+    description="Merge several keys into one by concatenation or stacking, in an explicit order.",
+    required=["match", "to"],
+    properties={
         "match": {"$ref": "#/$defs/regex"},
         "inputs": {
             "type": "array",
@@ -196,45 +192,37 @@ _MERGE_SCHEMA: dict[str, Any] = {
         "dim": {"$ref": "#/$defs/dim"},
         "stack": {"type": "boolean", "description": "torch.stack (a new dimension) instead of torch.cat."},
     },
-}
+)
 
-_UNSQUEEZE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["match", "dim"],
-    "description": "Insert a dimension of size 1.",
-    "properties": {"match": {"$ref": "#/$defs/regex"}, "dim": {"$ref": "#/$defs/dim"}},
-}
+_UNSQUEEZE_SCHEMA = object_schema(
+    description="Insert a dimension of size 1.",
+    required=["match", "dim"],
+    properties={"match": {"$ref": "#/$defs/regex"}, "dim": {"$ref": "#/$defs/dim"}},
+)
 
-_SQUEEZE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["match", "dim"],
-    "description": "Remove a dimension of size 1.",
-    "properties": {"match": {"$ref": "#/$defs/regex"}, "dim": {"$ref": "#/$defs/dim"}},
-}
+_SQUEEZE_SCHEMA = object_schema(
+    description="Remove a dimension of size 1.",
+    required=["match", "dim"],
+    properties={"match": {"$ref": "#/$defs/regex"}, "dim": {"$ref": "#/$defs/dim"}},
+)
 
-_SLICE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["match", "dim"],
-    "description": "Keep start:stop:step of one dimension (Python slice semantics).",
-    "properties": {
+_SLICE_SCHEMA = object_schema(
+    description="Keep start:stop:step of one dimension (Python slice semantics).",
+    required=["match", "dim"],
+    properties={
         "match": {"$ref": "#/$defs/regex"},
         "dim": {"$ref": "#/$defs/dim"},
         "start": {"type": "integer"},
         "stop": {"type": "integer"},
         "step": {"type": "integer", "minimum": 1},
     },
-}
+)
 
-_COPY_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["match", "to"],
-    "description": "Also store each matching tensor under a second key.",
-    "properties": {"match": {"$ref": "#/$defs/regex"}, "to": {"$ref": "#/$defs/keyTemplate"}},
-}
+_COPY_SCHEMA = object_schema(
+    description="Also store each matching tensor under a second key.",
+    required=["match", "to"],
+    properties={"match": {"$ref": "#/$defs/regex"}, "to": {"$ref": "#/$defs/keyTemplate"}},
+)
 
 
 def _merged_sizes(args: Merge, trace: StepTrace | None) -> list[int]:

@@ -14,7 +14,7 @@ from ckptx.ops.registry import (OpShapeError, PlanContext, PlanEntry, StepOutcom
                                 step, tensor_op)
 from ckptx.ops.structure import fill_template, normalize_dim
 from ckptx.rules.invert import Group, exact_keys, parse_pattern, swap
-from ckptx.rules.kinds import Doc, NotInvertible, StepTrace
+from ckptx.rules.kinds import Doc, NotInvertible, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step, dim_arg
 from ckptx.rules.templates import Template
 
@@ -77,12 +77,10 @@ def _build_scale(value: Any, c: Collector) -> Scale:
     return Scale(c.regex(value["match"], "match"), float(value["by"]))
 
 
-_RESIZE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["match", "size"],
-    "description": "Grow or shrink one dimension (e.g. vocabulary resizing).",
-    "properties": {
+_RESIZE_SCHEMA = object_schema(
+    description="Grow or shrink one dimension (e.g. vocabulary resizing).",
+    required=["match", "size"],
+    properties={
         "match": {"$ref": "#/$defs/regex"},
         "dim": {"$ref": "#/$defs/dim"},
         "size": {
@@ -95,22 +93,18 @@ _RESIZE_SCHEMA: dict[str, Any] = {
         },
         "seed": {"type": "integer", "description": "Seed of fill: normal (default 0)."},
     },
-}
+)
 
-_SCALE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["match", "by"],
-    "description": "Multiply floating-point tensors by a constant.",
-    "properties": {"match": {"$ref": "#/$defs/regex"}, "by": {"type": "number"}},
-}
+_SCALE_SCHEMA = object_schema(
+    description="Multiply floating-point tensors by a constant.",
+    required=["match", "by"],
+    properties={"match": {"$ref": "#/$defs/regex"}, "by": {"type": "number"}},
+)
 
-_SET_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["key", "value"],
-    "description": "A new tensor filled with a constant (e.g. a missing num_batches_tracked).",
-    "properties": {
+_SET_SCHEMA = object_schema(
+    description="A new tensor filled with a constant (e.g. a missing num_batches_tracked).",
+    required=["key", "value"],
+    properties={
         "key": {
             "$ref": "#/$defs/keyTemplate",
             "description": "The new key; a template filled from match's groups when match is given.",
@@ -124,7 +118,7 @@ _SET_SCHEMA: dict[str, Any] = {
         },
         "if_exists": {"enum": ["error", "keep", "replace"], "description": "When the key already exists (default error)."},
     },
-}
+)
 
 
 def _invert_set(args: SetTensor, step: Step, trace: StepTrace | None) -> list[Doc]:

@@ -10,6 +10,7 @@ from ckptx._lazy import lazy_module
 from ckptx.ops.layout import apply_to_matching
 from ckptx.ops.registry import OpShapeError, PlanContext, PlanEntry, StepOutcome, TensorMeta, step, tensor_op
 from ckptx.ops.values import target_meta
+from ckptx.rules.kinds import object_schema
 from ckptx.rules.steps import Collector, Pattern, Step
 
 torch = lazy_module("torch")
@@ -54,12 +55,10 @@ def _build_adapt_in_channels(value: Any, c: Collector) -> AdaptInChannels:
                            int(value.get("base_channels", 3)))
 
 
-_RESAMPLE_POS_EMBED_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["match", "prefix_tokens"],
-    "description": "Bicubic interpolation of a ViT position embedding to a new grid (timm's resample_abs_pos_embed).",
-    "properties": {
+_RESAMPLE_POS_EMBED_SCHEMA = object_schema(
+    description="Bicubic interpolation of a ViT position embedding to a new grid (timm's resample_abs_pos_embed).",
+    required=["match", "prefix_tokens"],
+    properties={
         "match": {"$ref": "#/$defs/regex"},
         "prefix_tokens": {
             "type": "integer",
@@ -76,19 +75,17 @@ _RESAMPLE_POS_EMBED_SCHEMA: dict[str, Any] = {
             "description": "Antialiased interpolation (default false, like timm's checkpoint filters).",
         },
     },
-}
+)
 
-_ADAPT_IN_CHANNELS_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["match", "channels"],
-    "description": "Adapt a conv stem to another number of input channels (timm's adapt_input_conv).",
-    "properties": {
+_ADAPT_IN_CHANNELS_SCHEMA = object_schema(
+    description="Adapt a conv stem to another number of input channels (timm's adapt_input_conv).",
+    required=["match", "channels"],
+    properties={
         "match": {"$ref": "#/$defs/regex"},
         "channels": {"anyOf": [{"$ref": "#/$defs/size"}, {"const": "target"}]},
         "base_channels": {"$ref": "#/$defs/size", "description": "Input channels the weights were trained with (default 3)."},
     },
-}
+)
 
 
 # --- how they plan and compute --------------------------------------------------------------------------

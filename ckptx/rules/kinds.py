@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-__all__ = ["STEP_KINDS", "NotInvertible", "StepKind", "StepTrace", "register_step_kind"]
+__all__ = ["STEP_KINDS", "NotInvertible", "StepKind", "StepTrace", "object_schema", "register_step_kind"]
 
 Doc = dict[str, Any]
 
@@ -58,6 +58,18 @@ class StepKind:
 
 
 STEP_KINDS: dict[str, StepKind] = {}
+
+
+def object_schema(*, properties: Mapping[str, Any], required: list[str] | None = None,
+                  description: str | None = None) -> dict[str, Any]:
+    """The JSON Schema of a step's mapping value: these properties and no others (most kinds take one)."""
+    schema: dict[str, Any] = {"type": "object", "additionalProperties": False}
+    if required is not None:
+        schema["required"] = list(required)
+    if description is not None:
+        schema["description"] = description
+    schema["properties"] = dict(properties)
+    return schema
 
 
 def register_step_kind(kind: StepKind) -> StepKind:

@@ -66,7 +66,7 @@ def same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-@pytest.mark.parametrize("name", DTYPES)
+@pytest.mark.parametrize("name", [n for n in DTYPES if hasattr(torch, n)])  # bcomplex32 is newer than torch 2.13
 def test_every_dtype_round_trips_copied_from_memory_and_computed(tmp_path: Path, name: str,
                                                                  write_rules: Callable[..., Path]) -> None:
     tensor = sample(getattr(torch, name))
