@@ -7,7 +7,7 @@ import math
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from ckptx.ops.registry import TensorMeta, ops_of
-from ckptx.text import printable, shown
+from ckptx.text import human_bytes, printable, shown
 
 if TYPE_CHECKING:  # pragma: no cover
     from ckptx.plan import Plan
@@ -40,15 +40,6 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join(lines)
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def count_params(metas: Iterable[TensorMeta]) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["describe_key", "printable", "quoted", "shown"]
+__all__ = ["describe_key", "human_bytes", "printable", "quoted", "shown"]
 
 # Not printable as Python's str.isprintable decides (controls, format characters such as bidi overrides, line and
 # paragraph separators, surrogates, unassigned), plus the backslash so that an escape cannot be forged.
@@ -66,3 +66,12 @@ def describe_key(key: object) -> str:
     if isinstance(key, tuple):
         return f"a tuple of {len(key)} items"
     return f"a {shown(type(key).__name__)}"
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

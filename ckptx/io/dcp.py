@@ -42,6 +42,7 @@ from ckptx.dtypes import DTYPES, TensorMeta, torch_dtype
 from ckptx.io.safetensors_reader import MAX_HEADER, check_embedded_header
 from ckptx.io.source import RawSpan, Source, describe_value, extract
 from ckptx.io.spans import read_span
+from ckptx.text import human_bytes
 from ckptx.io.torch_reader import allowed_globals, unpickling_error
 from ckptx.trust import needed_global
 from ckptx.io.torch_zip import Record, StubUnpickler, TensorRef, read_archive, row_major_span
@@ -362,8 +363,6 @@ def _describe(value: Any) -> str:
 def describe_layout(metadata: DcpMetadata, sizes: Mapping[str, int], tensors: Mapping[str, DcpTensor],
                     found_at: str) -> list[str]:
     """Lines for `inspect`: world size and files, then the shard layout of `tensors` (the extracted ones)."""
-    from ckptx.report import human_bytes  # noqa: PLC0415
-
     ranks = {int(m.group(1)) for f in metadata.files if (m := _RANK_FILE.fullmatch(PurePosixPath(f).name))}
     world = f"world size {max(ranks) + 1}" if ranks else "world size unknown (files not named __<rank>_<n>.distcp)"
     lines = [f"torch.distributed.checkpoint: {world}, {len(sizes)} files ({human_bytes(sum(sizes.values()))}), "
