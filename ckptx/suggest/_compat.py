@@ -1,0 +1,43 @@
+"""The ckptx internals `suggest` builds on, imported in one place (the package layout may move under it)."""
+
+from __future__ import annotations
+
+from ckptx.errors import CkptxError, PlanError, SourceError, TargetError
+from ckptx.io.open import open_source, sniff_format
+from ckptx.io.source import is_tensor
+from ckptx.ops.registry import TensorMeta, ops_of
+from ckptx.rules import Recipe, TargetSpec
+from ckptx.rules.loader import load_rules_text
+from ckptx.target import Target, ValidationReport, parse_target_arg, read_manifest, resolve_target, validate
+
+__all__ = ["CkptxError", "PlanError", "Recipe", "SourceError", "Target", "TargetError", "TargetSpec", "TensorMeta",
+           "ValidationReport", "is_tensor", "load_object_tree", "load_rules_text", "open_source", "ops_of",
+           "parse_target_arg", "plan_recipe", "read_manifest", "resolve_target", "sniff_format", "validate"]
+
+
+def plan_recipe(recipe: Recipe, source: object, target: object = None):  # type: ignore[no-untyped-def]
+    """`ckptx.plan.plan_recipe` (imported on first use)."""
+    from ckptx.plan import plan_recipe as plan  # noqa: PLC0415
+
+    return plan(recipe, source, target=target)
+
+
+def load_object_tree(path: str, *, allow_globals: tuple[str, ...] = (), unsafe_pickle: bool = False) -> object:
+    """The whole object of a torch checkpoint with tensors as metadata where possible.
+
+    A plain torch zip file is read from its pickle references alone (no tensor byte, no torch); anything
+    else goes through the safe `torch.load` (memory-mapped), with the same `--allow-global` rules as convert.
+    """
+    from pathlib import Path  # noqa: PLC0415
+
+    from ckptx.io.torch_reader import load_pickle_object  # noqa: PLC0415
+
+    try:
+        from ckptx.io.torch_zip import _read_references  # noqa: PLC0415
+
+        obj, unknown, _records, little = _read_references(path)
+        if not unknown and little:
+            return obj
+    except Exception:  # noqa: BLE001 - anything unusual goes to torch, which reports precisely
+        pass
+    return load_pickle_object(Path(path), allow_globals=allow_globals, unsafe_pickle=unsafe_pickle, display=path)

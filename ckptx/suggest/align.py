@@ -1,0 +1,519 @@
+"""Align a source layout with a target layout, level by level: run bodies once, then the rest of each level.
+
+Within a level: runs are paired first (by how well their bodies align, their names and positions); fused
+tensors are split or merged where a sibling set's sizes add up; then whole modules (the tensors sharing a
+parent) are assigned as units, so a BatchNorm's five tensors go together; then single tensors. Every
+assignment maximises name evidence (synonym-folded tokens, ordinals, numbers) plus order evidence (the
+relative position in state-dict order), among pairs whose shapes fit exactly or through one op.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Sequence
+
+from ckptx.suggest.assign import assign
+from ckptx.suggest.names import key_name, similarity, token_similarity
+from ckptx.suggest.shapes import Fit, JoinFit, dtype_kind, fit, join_fit, loose_shape
+from ckptx.suggest.tree import Leaf, Level, Run
+
+__all__ = ["Alignment", "Match", "RunPair", "align", "expand"]
+
+_CLASS_LIMIT = 400          # above this many candidates of one shape, pair them in order instead
+_KNOWN_GROUPS = (frozenset("qkv"), frozenset("kv"), frozenset("qk"), frozenset({"gate", "up"}),
+                 frozenset({"q", "k", "v", "g"}))
+_CLOSE = 0.12               # a runner-up within this score of the choice is reported as a close call
+
+
+@dataclass(frozen=True)
+class Match:
+    """Source tensor(s) -> target tensor(s), keys relative to the level they were aligned in.
+
+    `kind` is `tensor` (1:1, `fit` a Fit), `split` (one source, several targets) or `merge` (several
+    sources, one target), `fit` then a JoinFit. `evidence` says what decided it; `alternative` names a
+    close runner-up target; `note` explains a decision shapes alone could not make.
+    """
+
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+    kind: str
+    fit: Fit | JoinFit
+    evidence: str
+    alternative: str | None = None
+    note: str | None = None
+
+    def prefixed(self, source_prefix: str, target_prefix: str) -> "Match":
+        """The same match with both sides' keys under prefixes."""
+        alt = target_prefix + self.alternative if self.alternative else None
+        return replace(self, sources=tuple(source_prefix + k for k in self.sources),
+                       targets=tuple(target_prefix + k for k in self.targets), alternative=alt)
+
+
+@dataclass
+class RunPair:
+    """A source run aligned with a target run: instance i of `pairs` goes to instance j, bodies per `inner`."""
+
+    source: Run
+    target: Run
+    inner: "Alignment"
+    pairs: list[tuple[int, int]]
+
+
+@dataclass
+class Alignment:
+    """The outcome for one level: single-tensor matches, run pairs, and what stayed unmatched."""
+
+    matches: list[Match] = field(default_factory=list)
+    runs: list[RunPair] = field(default_factory=list)
+    source_unmatched: list[str] = field(default_factory=list)
+    target_unmatched: list[str] = field(default_factory=list)
+    matched_tensors: int = 0
+    total_tensors: int = 0
+
+    @property
+    def quality(self) -> float:
+        """Share of all tensors on both sides that were matched."""
+        return self.matched_tensors / self.total_tensors if self.total_tensors else 1.0
+
+
+def align(source: Level, target: Level, memo: dict[tuple[int, int], Alignment] | None = None) -> Alignment:
+    """Align two levels (recursively through their runs); `memo` shares run-body alignments."""
+    memo = {} if memo is None else memo
+    key = (source.signature, target.signature)
+    if key in memo:
+        return memo[key]
+    result = _LevelAligner(source, target, memo).run()
+    memo[key] = result
+    return result
+
+
+def expand(alignment: Alignment, source_prefix: str = "", target_prefix: str = "") -> Iterator[Match]:
+    """Every match with full keys, run instances expanded."""
+    for match in alignment.matches:
+        yield match.prefixed(source_prefix, target_prefix) if source_prefix or target_prefix else match
+    for pair in alignment.runs:
+        for i, j in pair.pairs:
+            yield from expand(pair.inner, f"{source_prefix}{pair.source.prefixes[i]}.",
+                              f"{target_prefix}{pair.target.prefixes[j]}.")
+
+
+def unmatched(alignment: Alignment, source_prefix: str = "", target_prefix: str = "") -> tuple[list[str], list[str]]:
+    """(source keys, target keys) left unmatched, with full keys, run instances expanded."""
+    src = [source_prefix + k for k in alignment.source_unmatched]
+    dst = [target_prefix + k for k in alignment.target_unmatched]
+    for pair in alignment.runs:
+        for i, j in pair.pairs:
+            s, t = unmatched(pair.inner, f"{source_prefix}{pair.source.prefixes[i]}.",
+                             f"{target_prefix}{pair.target.prefixes[j]}.")
+            src += s
+            dst += t
+    return src, dst
+
+
+# --------------------------------------------------------------------------------------------------------------
+class _LevelAligner:
+    def __init__(self, source: Level, target: Level, memo: dict[tuple[int, int], Alignment]) -> None:
+        self.source, self.target, self.memo = source, target, memo
+        self.result = Alignment(total_tensors=source.count + target.count)
+
+    def run(self) -> Alignment:
+        src_leaves, dst_leaves = list(self.source.leaves), list(self.target.leaves)
+        left_src, left_dst = self._align_runs()
+        for run, instances in left_src:
+            leaves, runs = self.source.unrolled(run, instances)
+            src_leaves += leaves + _flatten(runs)
+        for run, instances in left_dst:
+            leaves, runs = self.target.unrolled(run, instances)
+            dst_leaves += leaves + _flatten(runs)
+        src_leaves.sort(key=lambda leaf: leaf.order)
+        dst_leaves.sort(key=lambda leaf: leaf.order)
+        flat = _FlatAligner(src_leaves, dst_leaves)
+        self.result.matches = flat.run()
+        self.result.source_unmatched = [src_leaves[i].key for i in sorted(flat.free_src)]
+        self.result.target_unmatched = [dst_leaves[j].key for j in sorted(flat.free_dst)]
+        self.result.matched_tensors += sum(len(m.sources) + len(m.targets) for m in self.result.matches)
+        return self.result
+
+    def _align_runs(self) -> tuple[list[tuple[Run, list[int] | None]], list[tuple[Run, list[int] | None]]]:
+        """Pair runs; return the source and target runs (or their instances) left over, to be unrolled."""
+        src_runs, dst_runs = self.source.runs, self.target.runs
+        if not src_runs or not dst_runs:
+            return [(r, None) for r in src_runs], [(r, None) for r in dst_runs]
+        inner: dict[tuple[int, int], Alignment] = {}
+        scores: list[list[float | None]] = []
+        for i, a in enumerate(src_runs):
+            row: list[float | None] = []
+            for j, b in enumerate(dst_runs):
+                if not _bodies_may_match(a.body, b.body):
+                    row.append(None)
+                    continue
+                al = align(a.body, b.body, self.memo)
+                inner[i, j] = al
+                if al.quality < 0.5:
+                    row.append(None)
+                    continue
+                count = min(len(a.prefixes), len(b.prefixes)) / max(len(a.prefixes), len(b.prefixes))
+                name = token_similarity(key_name(a.template + ".x").path, key_name(b.template + ".x").path)
+                position = _position_similarity(i, len(src_runs), j, len(dst_runs))
+                row.append(2.0 * al.quality + 1.0 * count + 0.5 * name + 0.8 * position)
+            scores.append(row)
+        paired = assign(scores)
+        left_src = [(r, None) for i, r in enumerate(src_runs) if i not in {p for p, _ in paired}]
+        left_dst = [(r, None) for j, r in enumerate(dst_runs) if j not in {q for _, q in paired}]
+        for i, j in paired:
+            a, b = src_runs[i], dst_runs[j]
+            n = min(len(a.prefixes), len(b.prefixes))
+            self.result.runs.append(RunPair(a, b, inner[i, j], [(k, k) for k in range(n)]))
+            self.result.matched_tensors += int(round(inner[i, j].matched_tensors * n))
+            if len(a.prefixes) > n:
+                left_src.append((a, list(range(n, len(a.prefixes)))))
+            if len(b.prefixes) > n:
+                left_dst.append((b, list(range(n, len(b.prefixes)))))
+        return left_src, left_dst
+
+
+def _flatten(runs: list[Run]) -> list[Leaf]:
+    """All tensors of runs as leaves (for runs nothing on the other side matched)."""
+    out: list[Leaf] = []
+    for run in runs:
+        holder = Level(runs=[run])
+        leaves, inner = holder.unrolled(run)
+        out += leaves + _flatten(inner)
+    return out
+
+
+def _bodies_may_match(a: Level, b: Level) -> bool:
+    """A cheap test before aligning two run bodies: enough tensors of compatible shapes."""
+    ca, cb = _loose_counter(a), _loose_counter(b)
+    common = sum((ca & cb).values())
+    return common * 2 >= 0.4 * (sum(ca.values()) + sum(cb.values()))
+
+
+def _loose_counter(level: Level) -> Counter:
+    counter: Counter = Counter(loose_shape(leaf.meta.shape) for leaf in level.leaves)
+    for run in level.runs:
+        for shape, n in _loose_counter(run.body).items():
+            counter[shape] += n * len(run.prefixes)
+    return counter
+
+
+def _position_similarity(i: int, n: int, j: int, m: int) -> float:
+    """1 for the same relative position, falling off with the distance in items (scaled to the source's count)."""
+    if n <= 1 or m <= 1:
+        return 1.0
+    expected = j * (n - 1) / (m - 1)
+    return 1.0 / (1.0 + abs(i - expected) / 2.0)
+
+
+def _number_similarity(a: Sequence[int], b: Sequence[int]) -> float:
+    """Longest common subsequence of two number sequences, relative to the longer one."""
+    if not a and not b:
+        return 1.0
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1] / max(len(a), len(b))
+
+
+def _parent(key: str) -> str:
+    return key.rsplit(".", 1)[0] if "." in key else ""
+
+
+# --------------------------------------------------------------------------------------------------------------
+class _FlatAligner:
+    """Matches single tensors of one level: fused splits/merges, then modules, then tensors."""
+
+    def __init__(self, src: list[Leaf], dst: list[Leaf]) -> None:
+        self.src, self.dst = src, dst
+        self.free_src = set(range(len(src)))
+        self.free_dst = set(range(len(dst)))
+        self.matches: list[Match] = []
+        self.parent_votes: Counter = Counter()
+
+    def run(self) -> list[Match]:
+        self._fused("split")
+        self._fused("merge")
+        self._modules()
+        self._tensors()
+        self._square_transposes()
+        self.matches.sort(key=lambda m: min(self._src_order[k] for k in m.sources))
+        return self.matches
+
+    # ---- helpers
+    @property
+    def _src_order(self) -> dict[str, int]:
+        if not hasattr(self, "_order_cache"):
+            self._order_cache = {leaf.key: leaf.order for leaf in self.src}
+        return self._order_cache
+
+    def _evidence(self, s: str, t: str) -> str:
+        if s == t:
+            return "same name"
+        return "name" if similarity(s, t) >= 0.6 else "shape and position"
+
+    # ---- fused tensors
+    def _fused(self, kind: str) -> None:
+        """Split one source tensor into sibling targets (or merge sibling sources into one target)."""
+        wholes, parts = (self.src, self.dst) if kind == "split" else (self.dst, self.src)
+        free_whole, free_part = (self.free_src, self.free_dst) if kind == "split" else (self.free_dst, self.free_src)
+        if len(parts) < 2:
+            return
+        windows = _sibling_windows(parts)
+        if not windows:
+            return
+        for w in sorted(free_whole):
+            whole = wholes[w]
+            best: tuple[float, int, tuple[int, ...], JoinFit] | None = None
+            has_partner = any(fit(whole.meta, parts[p].meta) is not None for p in free_part) if kind == "split" else \
+                any(fit(parts[p].meta, whole.meta) is not None for p in free_part)
+            for start, window in windows:
+                if any(p not in free_part for p in window):
+                    continue
+                jf = join_fit(whole.meta, [parts[p].meta for p in window])
+                if jf is None:
+                    continue
+                evidence, known = _fused_evidence(whole.key, [parts[p].key for p in window])
+                if evidence < 0.99 and not (known and not has_partner):
+                    continue
+                rank = evidence + (0.5 if known else 0.0)
+                if best is None or rank > best[0] or (rank == best[0] and start < best[1]):
+                    best = (rank, start, window, jf)
+            if best is None:
+                continue
+            _, _, window, jf = best
+            keys = tuple(parts[p].key for p in window)
+            why = "fused name" if best[0] >= 0.99 else "sizes add up (no name evidence)"
+            note = None if best[0] >= 0.99 else f"no name says '{whole.key}' fuses {', '.join(keys)}; sizes add up"
+            if kind == "split":
+                self.matches.append(Match((whole.key,), keys, "split", jf, why, note=note))
+            else:
+                self.matches.append(Match(keys, (whole.key,), "merge", jf, why, note=note))
+            free_whole.discard(w)
+            free_part.difference_update(window)
+
+    # ---- modules
+    def _modules(self) -> None:
+        src_mods = _modules_of(self.src, self.free_src)
+        dst_mods = _modules_of(self.dst, self.free_dst)
+        if not src_mods or not dst_mods:
+            return
+        classes: dict[tuple, tuple[list[int], list[int]]] = {}
+        for i, (_, members) in enumerate(src_mods):
+            classes.setdefault(_module_class(self.src, members), ([], []))[0].append(i)
+        for j, (_, members) in enumerate(dst_mods):
+            key = _module_class(self.dst, members)
+            if key in classes:
+                classes[key][1].append(j)
+        n, m = len(src_mods), len(dst_mods)
+        for rows, cols in classes.values():
+            if not rows or not cols:
+                continue
+            if len(rows) > _CLASS_LIMIT or len(cols) > _CLASS_LIMIT:
+                pairs = [(r, c, self._param_pairs(src_mods[r][1], dst_mods[c][1])) for r, c in zip(rows, cols)]
+                self._accept_modules(src_mods, dst_mods, [(r, c, p, 0.0, None) for r, c, p in pairs if p])
+                continue
+            scores: list[list[float | None]] = []
+            bijections: dict[tuple[int, int], list[tuple[int, int, Fit]]] = {}
+            for r in rows:
+                row: list[float | None] = []
+                for c in cols:
+                    pairs_ = self._param_pairs(src_mods[r][1], dst_mods[c][1])
+                    if pairs_ is None:
+                        row.append(None)
+                        continue
+                    bijections[r, c] = pairs_
+                    row.append(self._module_score(src_mods[r], r, n, dst_mods[c], c, m, pairs_))
+                scores.append(row)
+            chosen = assign(scores)
+            accepted = []
+            for ri, ci in chosen:
+                r, c = rows[ri], cols[ci]
+                alt = _runner_up(scores, chosen, ri, ci)
+                accepted.append((r, c, bijections[r, c], scores[ri][ci] or 0.0,
+                                 dst_mods[cols[alt]][0] if alt is not None else None))
+            self._accept_modules(src_mods, dst_mods, accepted)
+
+    def _accept_modules(self, src_mods: list, dst_mods: list, accepted: list) -> None:
+        for r, c, pairs, _score, alternative in accepted:
+            for si, ti, f in pairs:
+                s, t = self.src[si].key, self.dst[ti].key
+                alt = None
+                if alternative is not None:
+                    alt = f"{alternative}.{t.rsplit('.', 1)[-1]}" if alternative else t.rsplit(".", 1)[-1]
+                self.matches.append(Match((s,), (t,), "tensor", f, self._evidence(s, t), alternative=alt))
+                self.free_src.discard(si)
+                self.free_dst.discard(ti)
+            self.parent_votes[src_mods[r][0], dst_mods[c][0]] += 1
+
+    def _param_pairs(self, a: list[int], b: list[int]) -> list[tuple[int, int, Fit]] | None:
+        """A bijection between two modules' tensors in which every pair fits, preferring equal parameter names."""
+        if len(a) != len(b):
+            return None
+        fits = [[fit(self.src[i].meta, self.dst[j].meta) for j in b] for i in a]
+        scores = [[(1.0 + token_similarity(key_name(self.src[i].key).param, key_name(self.dst[j].key).param)
+                    + 0.1 * (1.0 - abs(x - y) / len(a)) if fits[x][y] is not None else None)
+                   for y, j in enumerate(b)] for x, i in enumerate(a)]
+        chosen = assign(scores)
+        if len(chosen) != len(a):
+            return None
+        return [(a[x], b[y], fits[x][y]) for x, y in chosen]  # type: ignore[misc]
+
+    def _module_score(self, sm: tuple[str, list[int]], r: int, n: int, dm: tuple[str, list[int]], c: int, m: int,
+                      pairs: list[tuple[int, int, Fit]]) -> float:
+        na, nb = key_name(sm[0] + ".x"), key_name(dm[0] + ".x")
+        name = 0.55 * (token_similarity(na.leaf, nb.leaf) if (na.leaf or nb.leaf) else 1.0) + \
+            0.45 * token_similarity(na.path, nb.path)
+        ordinal = 0.0
+        if na.leaf_ordinal is not None and nb.leaf_ordinal is not None:
+            ordinal = 0.5 if na.leaf_ordinal == nb.leaf_ordinal else -0.5
+        numbers = _number_similarity(na.numbers, nb.numbers)
+        position = _position_similarity(r, n, c, m)
+        params = sum(token_similarity(key_name(self.src[i].key).param, key_name(self.dst[j].key).param)
+                     for i, j, _ in pairs) / len(pairs)
+        quality = sum(f.quality for _, _, f in pairs) / len(pairs)
+        same = 1.0 if sm[0] == dm[0] else 0.0
+        return 1.0 + 1.0 * name + ordinal + 0.4 * numbers + 0.8 * position + 0.3 * params + 0.2 * quality + same
+
+    # ---- single tensors
+    def _tensors(self) -> None:
+        if not self.free_src or not self.free_dst:
+            return
+        classes: dict[tuple, tuple[list[int], list[int]]] = {}
+        for i in sorted(self.free_src):
+            meta = self.src[i].meta
+            classes.setdefault((loose_shape(meta.shape), dtype_kind(meta.dtype)), ([], []))[0].append(i)
+        for j in sorted(self.free_dst):
+            meta = self.dst[j].meta
+            key = (loose_shape(meta.shape), dtype_kind(meta.dtype))
+            if key in classes:
+                classes[key][1].append(j)
+        n, m = len(self.src), len(self.dst)
+        rank_src = {leaf_index: r for r, leaf_index in enumerate(range(n))}
+        for rows, cols in classes.values():
+            if not rows or not cols:
+                continue
+            if len(rows) > _CLASS_LIMIT or len(cols) > _CLASS_LIMIT:
+                for i, j in zip(rows, cols):
+                    f = fit(self.src[i].meta, self.dst[j].meta)
+                    if f is not None:
+                        self._accept_tensor(i, j, f, None)
+                continue
+            fits = {(i, j): fit(self.src[i].meta, self.dst[j].meta) for i in rows for j in cols}
+            scores = [[self._tensor_score(i, rank_src[i], n, j, m, fits[i, j]) if fits[i, j] is not None else None
+                       for j in cols] for i in rows]
+            chosen = assign(scores)
+            for ri, ci in chosen:
+                alt = _runner_up(scores, chosen, ri, ci)
+                self._accept_tensor(rows[ri], cols[ci], fits[rows[ri], cols[ci]],  # type: ignore[arg-type]
+                                    self.dst[cols[alt]].key if alt is not None else None)
+
+    def _tensor_score(self, i: int, r: int, n: int, j: int, m: int, f: Fit) -> float:
+        s, t = self.src[i].key, self.dst[j].key
+        na, nb = key_name(s), key_name(t)
+        vote = 0.6 if self.parent_votes.get((_parent(s), _parent(t))) else 0.0
+        return (1.0 + 1.2 * similarity(s, t) + 0.4 * _number_similarity(na.numbers, nb.numbers)
+                + 0.8 * _position_similarity(r, n, j, m) + 0.2 * f.quality + vote + (1.0 if s == t else 0.0))
+
+    def _accept_tensor(self, i: int, j: int, f: Fit, alternative: str | None) -> None:
+        s, t = self.src[i].key, self.dst[j].key
+        self.matches.append(Match((s,), (t,), "tensor", f, self._evidence(s, t), alternative=alternative))
+        self.free_src.discard(i)
+        self.free_dst.discard(j)
+
+    # ---- Conv1D versus Linear
+    def _square_transposes(self) -> None:
+        """Square 2-d weights follow their level's non-square ones: transposed if those mostly are."""
+        transposed = exact = 0
+        for match in self.matches:
+            if match.kind != "tensor" or not isinstance(match.fit, Fit):
+                continue
+            f = match.fit
+            if f.kind == "permute" and f.dims == (1, 0):
+                transposed += 1
+            elif f.kind == "exact" and len(f.shape) == 2 and not f.square and min(f.shape) > 1:
+                exact += 1
+        if transposed <= exact:
+            return
+        for index, match in enumerate(self.matches):
+            if match.kind == "tensor" and isinstance(match.fit, Fit) and match.fit.square:
+                self.matches[index] = replace(
+                    match, fit=Fit("permute", match.fit.shape, dims=(1, 0)),
+                    note=f"square weight transposed like the {transposed} non-square 2-d weights of this level "
+                         f"(shapes cannot tell; verify the outputs)")
+
+
+def _modules_of(leaves: list[Leaf], free: set[int]) -> list[tuple[str, list[int]]]:
+    """Free leaves grouped by parent module, in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i in sorted(free):
+        groups.setdefault(_parent(leaves[i].key), []).append(i)
+    return list(groups.items())
+
+
+def _module_class(leaves: list[Leaf], members: list[int]) -> tuple:
+    return tuple(sorted((loose_shape(leaves[i].meta.shape), dtype_kind(leaves[i].meta.dtype)) for i in members))
+
+
+def _runner_up(scores: list[list[float | None]], chosen: list[tuple[int, int]], ri: int, ci: int) -> int | None:
+    """The column whose swap with the chosen one costs less than `_CLOSE` (a close call), if any."""
+    owner = {c: r for r, c in chosen}
+    mine = scores[ri][ci]
+    if mine is None:
+        return None
+    best, best_loss = None, _CLOSE
+    for c, value in enumerate(scores[ri]):
+        if c == ci or value is None:
+            continue
+        other = owner.get(c)
+        if other is None:
+            loss = mine - value
+        else:
+            back = scores[other][ci]
+            if back is None:
+                continue
+            loss = (mine + (scores[other][c] or 0.0)) - (value + back)
+        if loss < best_loss:
+            best, best_loss = c, loss
+    return best
+
+
+def _sibling_windows(leaves: list[Leaf]) -> list[tuple[int, tuple[int, ...]]]:
+    """Runs of 2..4 consecutive sibling tensors that differ in one named module component (q/k/v, gate/up)."""
+    families: dict[tuple, list[int]] = {}
+    for index, leaf in enumerate(leaves):
+        parts = leaf.key.split(".")
+        for pos in range(len(parts) - 1):
+            if parts[pos].isdigit():
+                continue
+            families.setdefault((pos, tuple(parts[:pos]), tuple(parts[pos + 1:])), []).append(index)
+    windows: list[tuple[int, tuple[int, ...]]] = []
+    for members in families.values():
+        if len(members) < 2:
+            continue
+        for size in range(2, min(4, len(members)) + 1):
+            for start in range(len(members) - size + 1):
+                windows.append((leaves[members[start]].order, tuple(members[start:start + size])))
+    return windows
+
+
+def _fused_evidence(whole: str, parts: list[str]) -> tuple[float, bool]:
+    """(share of the parts whose distinguishing name the whole tensor's name contains, whether they form a known group)."""
+    names = [p.split(".") for p in parts]
+    position = next(i for i in range(len(names[0])) if len({n[i] for n in names}) > 1)
+    concepts = [set(key_name(".".join(n[: position + 1]) + ".x").leaf) for n in names]
+    common = set.intersection(*concepts)
+    distinct = [c - common for c in concepts]
+    whole_name = key_name(whole)
+    mine = set(whole_name.path) | set(whole_name.leaf) | set(whole_name.param)
+    if any(not d for d in distinct):
+        return 0.0, False
+    share = sum(1 for d in distinct if d & mine) / len(distinct)
+    union = frozenset().union(*distinct)
+    known = any(union <= group and len(union) == len(distinct) for group in _KNOWN_GROUPS)
+    return share, known

@@ -1,0 +1,383 @@
+"""From decided key pairs to rename rows that generalize, and from key sets to regexes that match exactly them.
+
+A pair `stages.0.1.pwconv1.weight -> stages.0.blocks.1.mlp.fc1.weight` keeps its longest common suffix
+(`weight`) as is; its prefixes become a template with number slots (`stages.#.#.pwconv#`). Pairs with the
+same source and target templates form one row if every target number is one source number plus a
+constant (`{\\1 - 1}`) or a constant; a group that does not fit is split by the number that decides it,
+down to literal rows. Rows are then ordered so that a more specific row precedes a general one that would
+also match its keys (rename takes the first matching row), and a row that would catch a key it must not
+is made more specific, until every key entering the step comes out exactly as decided.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+__all__ = ["Row", "cover", "rename_rows"]
+
+_DIGITS = re.compile(r"\d+")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One rename row and the keys it is meant for (in source order)."""
+
+    pattern: str
+    replacement: str
+    keys: tuple[str, ...]
+
+
+@dataclass
+class _Pair:
+    source: str
+    target: str
+    order: int
+    keep: int          # trailing components left to pass through unchanged
+    literal: bool = False
+
+
+@dataclass
+class _Group:
+    pairs: list[_Pair]
+    source_chunks: list[str]     # literal text around the number slots of the source prefix
+    target_chunks: list[str]
+    suffix: bool                 # True: the row ends with '\.' (a suffix passes through); False: '$'
+    captured: list[bool]         # per source slot
+    source_values: list[int | None]  # per source slot: its literal value (None when captured)
+    target_exprs: list[tuple]    # per target slot: ('lit', v) or ('slot', i, a, b)
+
+    def pattern(self) -> str:
+        out = ["^"]
+        for i, chunk in enumerate(self.source_chunks):
+            out.append(re.escape(chunk))
+            if i < len(self.captured):
+                out.append(r"(\d+)" if self.captured[i] else str(self.source_values[i]))
+        out.append(r"\." if self.suffix else "$")
+        return "".join(out)
+
+    def replacement(self) -> str:
+        groups = {}
+        n = 0
+        for i, captured in enumerate(self.captured):
+            if captured:
+                n += 1
+                groups[i] = n
+        out = []
+        for i, chunk in enumerate(self.target_chunks):
+            out.append(chunk.replace("\\", "\\\\"))
+            if i < len(self.target_exprs):
+                expr = self.target_exprs[i]
+                follow = self.target_chunks[i + 1] if i + 1 < len(self.target_chunks) else ""
+                out.append(_expression(expr, groups, follow))
+        if self.suffix:
+            out.append(".")
+        return "".join(out)
+
+
+def _expression(expr: tuple, groups: Mapping[int, int], follow: str) -> str:
+    if expr[0] == "lit":
+        return str(expr[1])
+    _, slot, a, b = expr
+    ref = f"\\{groups[slot]}"
+    if a == 1 and b == 0:
+        return f"\\g<{groups[slot]}>" if follow[:1].isdigit() else ref
+    inner = ref if a == 1 else f"{ref} * {a}"
+    if b:
+        inner += f" + {b}" if b > 0 else f" - {-b}"
+    return "{" + inner + "}"
+
+
+def _split_digits(text: str) -> tuple[list[str], list[int]]:
+    chunks, values, last = [], [], 0
+    for m in _DIGITS.finditer(text):
+        chunks.append(text[last:m.start()])
+        values.append(int(m.group()))
+        last = m.end()
+    chunks.append(text[last:])
+    return chunks, values
+
+
+def _common_suffix(a: list[str], b: list[str]) -> int:
+    n = 0
+    while n < len(a) - 1 and n < len(b) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
+
+
+def rename_rows(pairs: Sequence[tuple[str, str]], unchanged: Iterable[str] = (), *, order: Mapping[str, int] | None = None,
+                max_rounds: int = 50) -> list[Row]:
+    """Rename rows that turn every `source` into its `target` and leave the `unchanged` keys as they are.
+
+    `pairs` and `unchanged` together are every key entering the rename step. Rows come in a natural
+    order (by first source key, a specific row before a general one that also matches its keys).
+    """
+    order = order or {}
+    items = []
+    for index, (s, t) in enumerate(pairs):
+        if s == t:
+            continue
+        sp, tp = s.split("."), t.split(".")
+        items.append(_Pair(s, t, order.get(s, index), _common_suffix(sp, tp)))
+    if not items:
+        return []
+    universe = _Buckets([p.source for p in items] + list(unchanged))
+    for _ in range(max_rounds):
+        groups = _groups(items)
+        rows = [(g, re.compile(g.pattern())) for g in groups]
+        before, bad = _constraints(rows, universe)
+        if not bad:
+            ordered = _topological(rows, before)
+            if ordered is not None:
+                return [Row(g.pattern(), g.replacement(), tuple(p.source for p in sorted(g.pairs, key=lambda p: p.order)))
+                        for g in ordered]
+            bad = _cycle_member(rows, before)
+        for index in bad:
+            _specialize(groups[index])
+    raise RuntimeError("rename rows did not converge")  # pragma: no cover - every round makes a row more specific
+
+
+def _specialize(group: _Group) -> None:
+    """Make a row more specific: one more component of its keys in the pattern, or literal numbers."""
+    for pair in group.pairs:
+        if pair.keep > 0:
+            pair.keep -= 1
+        else:
+            pair.literal = True
+
+
+def _groups(items: list[_Pair]) -> list[_Group]:
+    buckets: dict[tuple, list[_Pair]] = defaultdict(list)
+    for p in items:
+        sp, tp = p.source.split("."), p.target.split(".")
+        s_prefix = ".".join(sp[: len(sp) - p.keep])
+        t_prefix = ".".join(tp[: len(tp) - p.keep])
+        key = (_DIGITS.sub("#", s_prefix), _DIGITS.sub("#", t_prefix), p.keep > 0,
+               s_prefix if p.literal else None)
+        buckets[key].append(p)
+    groups: list[_Group] = []
+    for (_, _, suffix, _), members in buckets.items():
+        groups.extend(_fit_group(members, suffix))
+    return groups
+
+
+def _prefixes(p: _Pair) -> tuple[str, str]:
+    sp, tp = p.source.split("."), p.target.split(".")
+    return ".".join(sp[: len(sp) - p.keep]), ".".join(tp[: len(tp) - p.keep])
+
+
+def _fit_group(members: list[_Pair], suffix: bool) -> list[_Group]:
+    """One group with number expressions for `members`, or several when one row cannot explain them all."""
+    s0, t0 = _prefixes(members[0])
+    s_chunks, _ = _split_digits(s0)
+    t_chunks, _ = _split_digits(t0)
+    values_s = [_split_digits(_prefixes(p)[0])[1] for p in members]
+    values_t = [_split_digits(_prefixes(p)[1])[1] for p in members]
+    ks, kt = len(s_chunks) - 1, len(t_chunks) - 1
+    varying = [i for i in range(ks) if len({v[i] for v in values_s}) > 1]
+    exprs: list[tuple] = []
+    used: set[int] = set()
+    for j in range(kt):
+        column = [v[j] for v in values_t]
+        if len(set(column)) == 1:
+            exprs.append(("lit", column[0]))
+            continue
+        if not varying:  # the numbers are decided by the part passed through: put more of it in the pattern
+            for p in members:
+                if p.keep > 0:
+                    p.keep -= 1
+                else:
+                    p.literal = True
+            return _groups(members)
+        found = _affine(values_s, column, varying, j, kt, ks)
+        if found is None:
+            return _split(members, suffix, values_s, varying, column)
+        exprs.append(("slot", *found))
+        used.add(found[0])
+    unused = [i for i in varying if i not in used]
+    if unused:
+        return _split_by(members, suffix, values_s, unused[0])
+    captured = [i in used for i in range(ks)]
+    literal = [None if captured[i] else values_s[0][i] for i in range(ks)]
+    return [_Group(members, s_chunks, t_chunks, suffix, captured, literal, exprs)]
+
+
+def _affine(values_s: list[list[int]], column: list[int], varying: list[int], j: int, kt: int, ks: int
+            ) -> tuple[int, int, int] | None:
+    """(source slot, a, b) with target = a * source + b on every pair, the simplest first."""
+    options = []
+    for i in varying:
+        xs = [v[i] for v in values_s]
+        b = column[0] - xs[0]
+        if all(y - x == b for x, y in zip(xs, column)):
+            options.append((0 if b == 0 else 1, abs(i / max(ks, 1) - j / max(kt, 1)), i, 1, b))
+            continue
+        x0, y0 = xs[0], column[0]
+        other = next(((x, y) for x, y in zip(xs, column) if x != x0), None)
+        if other is None or (other[1] - y0) % (other[0] - x0):
+            continue
+        a = (other[1] - y0) // (other[0] - x0)
+        b = y0 - a * x0
+        if a > 1 and all(a * x + b == y for x, y in zip(xs, column)):
+            options.append((2, abs(i / max(ks, 1) - j / max(kt, 1)), i, a, b))
+    if not options:
+        return None
+    _, _, i, a, b = min(options)
+    return i, a, b
+
+
+def _split(members: list[_Pair], suffix: bool, values_s: list[list[int]], varying: list[int], column: list[int]
+           ) -> list[_Group]:
+    """Split by the source number that decides the target number (fewest distinct values), or literally."""
+    for i in sorted(varying, key=lambda i: len({v[i] for v in values_s})):
+        decided: dict[int, set[int]] = defaultdict(set)
+        for v, y in zip(values_s, column):
+            decided[v[i]].add(y)
+        if all(len(ys) == 1 for ys in decided.values()):
+            return _split_by(members, suffix, values_s, i)
+    for i in sorted(varying, key=lambda i: len({v[i] for v in values_s})):
+        return _split_by(members, suffix, values_s, i)
+    raise AssertionError("a varying target number needs a varying source number")  # injective mapping
+
+
+def _split_by(members: list[_Pair], suffix: bool, values_s: list[list[int]], slot: int) -> list[_Group]:
+    parts: dict[int, list[_Pair]] = defaultdict(list)
+    for p, v in zip(members, values_s):
+        parts[v[slot]].append(p)
+    out: list[_Group] = []
+    for sub in parts.values():
+        out.extend(_fit_group(sub, suffix))
+    return out
+
+
+class _Buckets:
+    """Keys bucketed by template (numbers abstracted): a pattern's matches are found from one key per bucket."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self.buckets: dict[str, list[str]] = defaultdict(list)
+        for key in dict.fromkeys(keys):
+            self.buckets[_DIGITS.sub("#", key)].append(key)
+
+    def matching(self, pattern: re.Pattern[str]) -> Iterable[str]:
+        """Keys that `pattern` matches (`search`, as rename does)."""
+        literal_digits = bool(_DIGITS.search(pattern.pattern))
+        loose = re.compile(_DIGITS.sub(r"\\d+", pattern.pattern)) if literal_digits else pattern
+        for bucket in self.buckets.values():
+            if not loose.search(bucket[0]):
+                continue
+            if literal_digits:
+                yield from (k for k in bucket if pattern.search(k))
+            else:
+                yield from bucket
+
+    def any_match(self, pattern: re.Pattern[str]) -> bool:
+        """True when `pattern` matches some key."""
+        return next(iter(self.matching(pattern)), None) is not None
+
+
+def _constraints(rows: list[tuple[_Group, re.Pattern[str]]], universe: _Buckets) -> tuple[set[tuple[int, int]], set[int]]:
+    """(pairs (a, b): row a must precede row b, rows that catch a key no other row can take first)."""
+    owner: dict[str, int] = {}
+    for index, (group, _) in enumerate(rows):
+        for p in group.pairs:
+            owner[p.source] = index
+    before: set[tuple[int, int]] = set()
+    bad: set[int] = set()
+    for index, (_group, pattern) in enumerate(rows):
+        for key in universe.matching(pattern):
+            mine = owner.get(key)
+            if mine == index:
+                continue
+            if mine is None:
+                bad.add(index)
+                break
+            before.add((mine, index))
+    return before, bad
+
+
+def _topological(rows: list[tuple[_Group, re.Pattern[str]]], before: set[tuple[int, int]]) -> list[_Group] | None:
+    first = [min(p.order for p in g.pairs) for g, _ in rows]
+    indegree = [0] * len(rows)
+    after: dict[int, list[int]] = defaultdict(list)
+    for a, b in before:
+        after[a].append(b)
+        indegree[b] += 1
+    ready = sorted((first[i], i) for i in range(len(rows)) if indegree[i] == 0)
+    out: list[int] = []
+    while ready:
+        _, i = ready.pop(0)
+        out.append(i)
+        for b in after[i]:
+            indegree[b] -= 1
+            if indegree[b] == 0:
+                ready.append((first[b], b))
+                ready.sort()
+    if len(out) != len(rows):
+        return None
+    return [rows[i][0] for i in out]
+
+
+def _cycle_member(rows: list[tuple[_Group, re.Pattern[str]]], before: set[tuple[int, int]]) -> set[int]:
+    """The most general row on a precedence cycle (the one with the shortest pattern)."""
+    involved = {a for a, _ in before} & {b for _, b in before}
+    return {min(involved, key=lambda i: len(rows[i][0].pattern()))} if involved else set()
+
+
+# --------------------------------------------------------------------------------------------------------------
+def cover(keys: Iterable[str], universe: Iterable[str]) -> list[str]:
+    """Regexes (for `re.search`) that together match exactly `keys` among `universe`: short suffix patterns
+    (`\\.mlp\\.grn\\.(weight|bias)$`) where they are exact, longer ones where they are not."""
+    wanted = list(dict.fromkeys(keys))
+    if not wanted:
+        return []
+    wanted_set = set(wanted)
+    others = _Buckets(k for k in universe if k not in wanted_set)
+    by_template: dict[str, list[str]] = defaultdict(list)
+    for key in wanted:
+        by_template[_DIGITS.sub("#", key)].append(key)
+    patterns: list[str] = []
+    for template, members in by_template.items():
+        patterns.extend(_cover_template(template, members, others))
+    return _combine(list(dict.fromkeys(patterns)))
+
+
+def _cover_template(template: str, members: list[str], others: _Buckets) -> list[str]:
+    parts = members[0].split(".")
+    for length in range(1, len(parts) + 1):
+        for literal in (False, True):
+            tail = parts[-length:]
+            if literal and any(m.split(".")[-length:] != tail for m in members):
+                continue
+            body = r"\.".join(re.escape(t) if literal else _DIGITS.sub(r"\\d+", re.escape(t)) for t in tail)
+            anchor = "^" if length == len(parts) else r"\."
+            pattern = f"{anchor}{body}$"
+            compiled = re.compile(pattern)
+            if all(compiled.search(m) for m in members) and not others.any_match(compiled):
+                return [pattern]
+    return [f"^{re.escape(m)}$" for m in members]
+
+
+def _combine(patterns: list[str]) -> list[str]:
+    """`\\.grn\\.weight$` and `\\.grn\\.bias$` -> `\\.grn\\.(weight|bias)$` (same head, last names differ)."""
+    heads: dict[str, list[str]] = defaultdict(list)
+    order: list[str] = []
+    for p in patterns:
+        match = re.fullmatch(r"(.*\\\.)([A-Za-z_][A-Za-z0-9_]*)\$", p)
+        if match is None:
+            order.append(p)
+            continue
+        head = match.group(1)
+        if head not in heads:
+            order.append("\x00" + head)
+        heads[head].append(match.group(2))
+    out = []
+    for item in order:
+        if not item.startswith("\x00"):
+            out.append(item)
+            continue
+        head = item[1:]
+        names = heads[head]
+        out.append(f"{head}{names[0]}$" if len(names) == 1 else f"{head}({'|'.join(names)})$")
+    return out
