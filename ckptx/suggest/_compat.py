@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from ckptx.errors import CkptxError, PlanError, SourceError, TargetError
+from ckptx.io.dtypes import dtype_name
 from ckptx.io.open import open_source, sniff_format
 from ckptx.io.source import is_tensor
 from ckptx.ops.registry import TensorMeta, ops_of
 from ckptx.rules import Recipe, TargetSpec
 from ckptx.rules.loader import load_rules_text
-from ckptx.target import Target, ValidationReport, parse_target_arg, read_manifest, resolve_target, validate
+from ckptx.target import Target, ValidationReport, build_model, parse_target_arg, read_manifest, resolve_target, validate
 
 __all__ = ["CkptxError", "PlanError", "Recipe", "SourceError", "Target", "TargetError", "TargetSpec", "TensorMeta",
-           "ValidationReport", "is_tensor", "load_object_tree", "load_rules_text", "open_source", "ops_of",
-           "parse_target_arg", "plan_recipe", "read_manifest", "resolve_target", "sniff_format", "validate"]
+           "ValidationReport", "build_model", "dtype_name", "is_tensor", "load_object_tree", "load_rules_text", "open_source", "ops_of",
+           "convert_verified", "parse_target_arg", "plan_recipe", "read_manifest", "resolve_target", "sniff_format", "validate"]
 
 
 def plan_recipe(recipe: Recipe, source: object, target: object = None):  # type: ignore[no-untyped-def]
@@ -41,3 +42,17 @@ def load_object_tree(path: str, *, allow_globals: tuple[str, ...] = (), unsafe_p
     except Exception:  # noqa: BLE001 - anything unusual goes to torch, which reports precisely
         pass
     return load_pickle_object(Path(path), allow_globals=allow_globals, unsafe_pickle=unsafe_pickle, display=path)
+
+
+def convert_verified(src: str, dst: str, recipe: Recipe, *, allow_globals: tuple[str, ...] = (),
+                     unsafe_pickle: bool = False):  # type: ignore[no-untyped-def]
+    """`ckptx.convert(..., verify=True)`: (the verification result, None) or (its failed result, the error)."""
+    from ckptx.convert import convert  # noqa: PLC0415
+    from ckptx.errors import VerificationFailed  # noqa: PLC0415
+
+    try:
+        result = convert(src, dst, recipe, verify=True, force=True, allow_globals=allow_globals,
+                         unsafe_pickle=unsafe_pickle)
+    except VerificationFailed as exc:
+        return exc.result, exc
+    return result.verification, None

@@ -9,12 +9,13 @@ relative position in state-dict order), among pairs whose shapes fit exactly or 
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 from ckptx.suggest.assign import assign
-from ckptx.suggest.names import key_name, similarity, token_similarity
+from ckptx.suggest.names import key_name, rarity, similarity, token_similarity
 from ckptx.suggest.shapes import Fit, JoinFit, dtype_kind, fit, join_fit, loose_shape
 from ckptx.suggest.tree import Leaf, Level, Run
 
@@ -206,12 +207,67 @@ def _position_similarity(i: int, n: int, j: int, m: int) -> float:
     return 1.0 / (1.0 + abs(i - expected) / 2.0)
 
 
+class _Warp:
+    """Where a source position is expected on the target side: piecewise linear between anchor pairs that agree
+    in order (a longest increasing subsequence of them), so a block moved or inserted elsewhere shifts nothing."""
+
+    def __init__(self, anchors: list[tuple[int, int]], n: int, m: int) -> None:
+        chain = _increasing(sorted(set(anchors)))
+        self.xs = [-1] + [i for i, _ in chain] + [n]
+        self.ys = [-1.0] + [float(j) for _, j in chain] + [float(m)]
+
+    def expected(self, i: int) -> float:
+        """The target position a source position `i` corresponds to."""
+        k = bisect.bisect_right(self.xs, i) - 1
+        if self.xs[k] == i or k + 1 >= len(self.xs):
+            return self.ys[k]
+        x0, x1, y0, y1 = self.xs[k], self.xs[k + 1], self.ys[k], self.ys[k + 1]
+        return y0 + (y1 - y0) * (i - x0) / (x1 - x0)
+
+    def similarity(self, i: int, j: int) -> float:
+        """1 at the expected position, falling off with the distance in tensors."""
+        return 1.0 / (1.0 + abs(self.expected(i) - j) / 3.0)
+
+
+def _increasing(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """A longest chain of pairs increasing in both coordinates (pairs sorted by the first)."""
+    tails: list[int] = []
+    tail_index: list[int] = []
+    back: list[int] = []
+    for index, (_, j) in enumerate(pairs):
+        k = bisect.bisect_left(tails, j)
+        if k == len(tails):
+            tails.append(j)
+            tail_index.append(index)
+        else:
+            tails[k] = j
+            tail_index[k] = index
+        back.append(tail_index[k - 1] if k else -1)
+    out = []
+    index = tail_index[-1] if tail_index else -1
+    while index >= 0:
+        out.append(pairs[index])
+        index = back[index]
+    out.reverse()
+    # equal first coordinates cannot both be in a chain
+    chain: list[tuple[int, int]] = []
+    for pair in out:
+        if not chain or (pair[0] > chain[-1][0] and pair[1] > chain[-1][1]):
+            chain.append(pair)
+    return chain
+
+
 def _number_similarity(a: Sequence[int], b: Sequence[int]) -> float:
-    """Longest common subsequence of two number sequences, relative to the longer one."""
+    """Longest common subsequence of two number sequences, relative to the longer one; numbering from 0 and
+    from 1 (`layer1` against `stages.0`) count alike, so only numbers that disagree in both readings count."""
     if not a and not b:
         return 1.0
     if not a or not b:
         return 0.0
+    return max(_lcs(a, b), _lcs(a, [y + 1 for y in b]), _lcs([x + 1 for x in a], b))
+
+
+def _lcs(a: Sequence[int], b: Sequence[int]) -> float:
     prev = [0] * (len(b) + 1)
     for x in a:
         cur = [0]
@@ -235,10 +291,13 @@ class _FlatAligner:
         self.free_dst = set(range(len(dst)))
         self.matches: list[Match] = []
         self.parent_votes: Counter = Counter()
+        self.weights = rarity([leaf.key for leaf in src], [leaf.key for leaf in dst])
+        self.warp = _Warp([], len(src), len(dst))
 
     def run(self) -> list[Match]:
         self._fused("split")
         self._fused("merge")
+        self.warp = _Warp(self._anchors(), len(self.src), len(self.dst))
         self._modules()
         self._tensors()
         self._square_transposes()
@@ -256,6 +315,38 @@ class _FlatAligner:
         if s == t:
             return "same name"
         return "name" if similarity(s, t) >= 0.6 else "shape and position"
+
+    def _anchors(self) -> list[tuple[int, int]]:
+        """Pairs sure enough to measure order against: same names, and tensors whose shape is unique on both sides."""
+        anchors = []
+        by_key = {leaf.key: j for j, leaf in enumerate(self.dst) if j in self.free_dst}
+        for i in self.free_src:
+            j = by_key.get(self.src[i].key)
+            if j is not None:
+                anchors.append((i, j))
+        classes: dict[tuple, tuple[list[int], list[int]]] = {}
+        for i in self.free_src:
+            meta = self.src[i].meta
+            classes.setdefault((loose_shape(meta.shape), dtype_kind(meta.dtype)), ([], []))[0].append(i)
+        for j in self.free_dst:
+            meta = self.dst[j].meta
+            key = (loose_shape(meta.shape), dtype_kind(meta.dtype))
+            if key in classes:
+                classes[key][1].append(j)
+        for rows, cols in classes.values():
+            if len(rows) == 1 and len(cols) == 1 and fit(self.src[rows[0]].meta, self.dst[cols[0]].meta):
+                anchors.append((rows[0], cols[0]))
+        for match in self.matches:
+            anchors += [(self._src_index[s], self._dst_index[t]) for s in match.sources for t in match.targets][:1]
+        return anchors
+
+    @property
+    def _src_index(self) -> dict[str, int]:
+        return {leaf.key: i for i, leaf in enumerate(self.src)}
+
+    @property
+    def _dst_index(self) -> dict[str, int]:
+        return {leaf.key: j for j, leaf in enumerate(self.dst)}
 
     # ---- fused tensors
     def _fused(self, kind: str) -> None:
@@ -367,18 +458,18 @@ class _FlatAligner:
     def _module_score(self, sm: tuple[str, list[int]], r: int, n: int, dm: tuple[str, list[int]], c: int, m: int,
                       pairs: list[tuple[int, int, Fit]]) -> float:
         na, nb = key_name(sm[0] + ".x"), key_name(dm[0] + ".x")
-        name = 0.55 * (token_similarity(na.leaf, nb.leaf) if (na.leaf or nb.leaf) else 1.0) + \
-            0.45 * token_similarity(na.path, nb.path)
+        name = token_similarity(na.path, nb.path, self.weights) + \
+            0.3 * (token_similarity(na.leaf, nb.leaf) if (na.leaf or nb.leaf) else 1.0)
         ordinal = 0.0
         if na.leaf_ordinal is not None and nb.leaf_ordinal is not None:
             ordinal = 0.5 if na.leaf_ordinal == nb.leaf_ordinal else -0.5
         numbers = _number_similarity(na.numbers, nb.numbers)
-        position = _position_similarity(r, n, c, m)
+        position = self.warp.similarity(sm[1][0], dm[1][0])
         params = sum(token_similarity(key_name(self.src[i].key).param, key_name(self.dst[j].key).param)
                      for i, j, _ in pairs) / len(pairs)
         quality = sum(f.quality for _, _, f in pairs) / len(pairs)
         same = 1.0 if sm[0] == dm[0] else 0.0
-        return 1.0 + 1.0 * name + ordinal + 0.4 * numbers + 0.8 * position + 0.3 * params + 0.2 * quality + same
+        return 1.0 + 1.0 * name + ordinal + 0.3 * numbers + 0.8 * position + 0.3 * params + 0.2 * quality + same
 
     # ---- single tensors
     def _tensors(self) -> None:
@@ -417,8 +508,8 @@ class _FlatAligner:
         s, t = self.src[i].key, self.dst[j].key
         na, nb = key_name(s), key_name(t)
         vote = 0.6 if self.parent_votes.get((_parent(s), _parent(t))) else 0.0
-        return (1.0 + 1.2 * similarity(s, t) + 0.4 * _number_similarity(na.numbers, nb.numbers)
-                + 0.8 * _position_similarity(r, n, j, m) + 0.2 * f.quality + vote + (1.0 if s == t else 0.0))
+        return (1.0 + 1.2 * similarity(s, t, self.weights) + 0.3 * _number_similarity(na.numbers, nb.numbers)
+                + 0.8 * self.warp.similarity(i, j) + 0.2 * f.quality + vote + (1.0 if s == t else 0.0))
 
     def _accept_tensor(self, i: int, j: int, f: Fit, alternative: str | None) -> None:
         s, t = self.src[i].key, self.dst[j].key

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Iterable, Mapping
 
-__all__ = ["KeyName", "key_name", "numbers_of", "ordinal_of", "similarity", "token_similarity", "words_of"]
+__all__ = ["KeyName", "key_name", "numbers_of", "ordinal_of", "rarity", "similarity", "token_similarity", "words_of"]
 
 # Each spelling -> its concept. Compound spellings (`dwconv`) expand to several concepts.
 _SYNONYMS: dict[str, tuple[str, ...]] = {}
@@ -142,18 +145,39 @@ def key_name(key: str) -> KeyName:
                    numbers_of(key), ordinal_of(leaf_component) if leaf_component else None)
 
 
-def token_similarity(a: frozenset[str] | tuple[str, ...], b: frozenset[str] | tuple[str, ...]) -> float:
-    """Jaccard similarity of two token collections (1.0 for two empty ones)."""
+def token_similarity(a: frozenset[str] | tuple[str, ...], b: frozenset[str] | tuple[str, ...],
+                     weights: Mapping[str, float] | None = None) -> float:
+    """Jaccard similarity of two token collections (1.0 for two empty ones), each token weighted by `weights`
+    (rare tokens such as `downsample` count more than ones every key has, such as `block`)."""
     sa, sb = set(a), set(b)
     if not sa and not sb:
         return 1.0
-    return len(sa & sb) / len(sa | sb)
+    if weights is None:
+        return len(sa & sb) / len(sa | sb)
+    union = sum(weights.get(t, 1.0) for t in sa | sb)
+    return sum(weights.get(t, 1.0) for t in sa & sb) / union if union else 1.0
 
 
-def similarity(a: str, b: str) -> float:
+def rarity(source: Iterable[str], target: Iterable[str]) -> dict[str, float]:
+    """Token weights for `token_similarity`: inverse document frequency over the module paths of each side,
+    the smaller of the two (a token every key of one side has, like `resnet.` or `block`, weighs nothing)."""
+    sides = []
+    for names in (source, target):
+        counts: Counter = Counter()
+        total = 0
+        for name in names:
+            counts.update(key_name(name).path)
+            total += 1
+        sides.append((counts, total))
+    tokens = set(sides[0][0]) | set(sides[1][0])
+    return {t: min(math.log((total + 1) / (counts.get(t, 0) + 0.5)) for counts, total in sides) + 0.02
+            for t in tokens}
+
+
+def similarity(a: str, b: str, weights: Mapping[str, float] | None = None) -> float:
     """How alike two keys are by name alone, in [0, 1]: parameter name, last module, whole path."""
     na, nb = key_name(a), key_name(b)
     param = token_similarity(na.param, nb.param)
     leaf = token_similarity(na.leaf, nb.leaf) if (na.leaf or nb.leaf) else 1.0
-    path = token_similarity(na.path, nb.path)
+    path = token_similarity(na.path, nb.path, weights)
     return 0.35 * param + 0.35 * leaf + 0.3 * path

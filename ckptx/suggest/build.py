@@ -1,0 +1,284 @@
+"""From an alignment to recipe steps: drop, strip/add prefix, rename rows, split/merge, permute/reshape.
+
+Each step is a plain mapping (the YAML document's form) plus the comments a reader needs; `emit` writes
+them out. Split and merge steps work on intermediate names (`attn.qkv_proj.weight`) that the rename step
+produces, so every rename row is an ordinary row.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from ckptx.suggest._compat import TensorMeta
+from ckptx.suggest.align import Match
+from ckptx.suggest.generalize import Row, cover, rename_rows
+from ckptx.suggest.shapes import Fit, JoinFit
+from ckptx.suggest.sources import Prefixes
+
+__all__ = ["Decided", "StepText", "build_steps"]
+
+
+@dataclass(frozen=True)
+class Decided:
+    """What the recipe must produce for one target key: from which source keys, with which op names."""
+
+    sources: tuple[str, ...]
+    ops: tuple[str, ...]
+
+
+@dataclass
+class StepText:
+    """One step as data for the YAML writer: the op, its value, a `comment:` and comments per rename row."""
+
+    op: str
+    value: Any
+    comment: str | None = None
+    row_comments: dict[int, list[str]] = field(default_factory=dict)
+
+
+def _fused_name(components: Sequence[str]) -> str:
+    """`q_proj, k_proj, v_proj` -> `qkv_proj`; `gate_proj, up_proj` -> `gate_up_proj`; `query, key` -> `query_key`."""
+    words = [c.split("_") for c in components]
+    head = 0
+    while all(len(w) > head + 1 for w in words) and len({w[head] for w in words}) == 1:
+        head += 1
+    tail = 0
+    while all(len(w) > head + tail + 1 for w in words) and len({w[-1 - tail] for w in words}) == 1:
+        tail += 1
+    middles = ["_".join(w[head:len(w) - tail]) for w in words]
+    joiner = "" if all(len(m) == 1 for m in middles) else "_"
+    parts = words[0][:head] + [joiner.join(middles)] + (words[0][len(words[0]) - tail:] if tail else [])
+    return "_".join(p for p in parts if p)
+
+
+def _varying_position(keys: Sequence[str]) -> int:
+    split = [k.split(".") for k in keys]
+    return next(i for i in range(len(split[0])) if len({s[i] for s in split}) > 1)
+
+
+def build_steps(matches: Sequence[Match], dropped: Sequence[str], kept_unmatched: Sequence[str],
+                source_keys: Sequence[str], prefixes: Prefixes, target: Mapping[str, TensorMeta]
+                ) -> tuple[list[StepText], dict[str, Decided]]:
+    """The recipe's steps and, per target key, what the steps must make of it (for the re-planning check).
+
+    `matches` use source keys after prefix stripping and target keys without the added prefix;
+    `dropped` source keys go to a `drop` step, `kept_unmatched` pass through unchanged.
+    """
+    add = prefixes.add_text
+    steps: list[StepText] = []
+    decided: dict[str, Decided] = {}
+    if prefixes.strip:
+        value: Any = prefixes.strip_text if len(prefixes.strip) == 1 else [p + "." for p in prefixes.strip]
+        steps.append(StepText("strip_prefix", value, "wrapper prefix shared by every source key"))
+    if dropped:
+        steps.append(StepText("drop", cover(dropped, source_keys),
+                              f"{len(dropped)} source tensor(s) with no counterpart in the target"))
+
+    renames: list[tuple[str, str]] = []
+    comments: dict[str, list[str]] = defaultdict(list)
+    splits: list[tuple[Match, str]] = []
+    merges: list[tuple[Match, list[str]]] = []
+    permutes: dict[tuple[int, ...], list[str]] = defaultdict(list)
+    reshapes: dict[str, list[str]] = defaultdict(list)
+    notes: dict[str, list[str]] = defaultdict(list)
+    taken = set(target) | {add + k for k in kept_unmatched}
+    order = {k: i for i, k in enumerate(source_keys)}
+    for match in matches:
+        if match.kind == "tensor":
+            s, t = match.sources[0], match.targets[0]
+            renames.append((s, t))
+            f = match.fit
+            ops: tuple[str, ...] = ()
+            assert isinstance(f, Fit)
+            if f.kind == "permute":
+                permutes[f.dims].append(add + t)
+                ops = ("permute",)
+                if match.note:
+                    notes[f"permute:{f.dims}"].append(match.note)
+            elif f.kind == "reshape":
+                reshapes["[-1]" if len(f.shape) == 1 else "target"].append(add + t)
+                ops = ("reshape",)
+            decided[add + t] = Decided((s,), ops)
+            if match.alternative:
+                comments[s].append(f"close call: '{add + t}' chosen over '{add + match.alternative}' "
+                                   f"(same shape, similar evidence)")
+        elif match.kind == "split":
+            (s,) = match.sources
+            position = _varying_position(match.targets)
+            parts = match.targets[0].split(".")
+            fused = _fused_name([t.split(".")[position] for t in match.targets])
+            middle = ".".join(parts[:position] + [fused] + parts[position + 1:])
+            while add + middle in taken:
+                fused += "_fused"
+                middle = ".".join(parts[:position] + [fused] + parts[position + 1:])
+            taken.add(add + middle)
+            renames.append((s, middle))
+            splits.append((match, add + middle))
+            jf = match.fit
+            assert isinstance(jf, JoinFit)
+            for t in match.targets:
+                decided[add + t] = Decided((s,), ("narrow",) + (("permute",) if jf.transpose else ()))
+                if jf.transpose:
+                    permutes[(1, 0)].append(add + t)
+            if match.note:
+                comments[s].append(match.note)
+        else:  # merge
+            (t,) = match.targets
+            position = _varying_position(match.sources)
+            members = [s.split(".")[position] for s in match.sources]
+            depth = len(match.sources[0].split(".")) - position  # components from the varying one to the end
+            tparts = t.split(".")
+            at = min(max(len(tparts) - depth, 0), len(tparts) - 1)
+            middles = []
+            for m in members:
+                name = ".".join(tparts[:at] + [m] + tparts[at + 1:])
+                while add + name in taken:
+                    name += "_part"
+                taken.add(add + name)
+                middles.append(name)
+            renames.extend(zip(match.sources, middles))
+            merges.append((match, [add + m for m in middles]))
+            jf = match.fit
+            assert isinstance(jf, JoinFit)
+            decided[add + t] = Decided(tuple(match.sources), ("join",) + (("permute",) if jf.transpose else ()))
+            if jf.transpose:
+                permutes[(1, 0)].append(add + t)
+            if match.note:
+                comments[match.sources[0]].append(match.note)
+
+    unchanged = list(kept_unmatched)
+    rows = rename_rows(renames, unchanged, order=order)
+    if rows:
+        rename_step = StepText("rename", [[r.pattern, r.replacement] for r in rows])
+        for index, row in enumerate(rows):
+            said = []
+            for key in row.keys:
+                for text in comments.get(key, ()):
+                    if text not in said:
+                        said.append(text)
+            if said:
+                rename_step.row_comments[index] = said[:2] + ([f"(and {len(said) - 2} more)"] if len(said) > 2 else [])
+        steps.append(rename_step)
+    if prefixes.add:
+        steps.append(StepText("add_prefix", add, "prefix shared by every target key"))
+
+    final_keys = [add + t for t in decided] + [add + k for k in kept_unmatched]
+    steps += _split_steps(splits, add)
+    steps += _merge_steps(merges, add)
+    for dims, keys in permutes.items():
+        said = notes.get(f"permute:{dims}")
+        comment = "transpose (Conv1D <-> Linear layout)" if dims == (1, 0) else "permute dimensions"
+        if said:
+            comment += "; " + said[0]
+        steps.append(StepText("permute", {"match": _one(cover(keys, final_keys)), "dims": list(dims)}, comment))
+    for spec, keys in reshapes.items():
+        shape: Any = [-1] if spec == "[-1]" else "target"
+        what = "to 1-d" if spec == "[-1]" else "to the target's shape (same elements: 1x1 conv <-> linear, ...)"
+        steps.append(StepText("reshape", {"match": _one(cover(keys, final_keys)), "shape": shape},
+                              f"{len(keys)} tensor(s) reshaped {what}"))
+    for key in kept_unmatched:
+        decided.setdefault(add + key, Decided((key,), ()))
+    return steps, decided
+
+
+def _one(patterns: list[str]) -> str:
+    """Several alternative regexes as one (`a|b`), each kept intact by a group."""
+    if len(patterns) == 1:
+        return patterns[0]
+    return "|".join(f"(?:{p})" for p in patterns)
+
+
+def _head_regex(heads: Sequence[str]) -> str:
+    """One regex for the leading parts `heads` (numbers as `\\d+`), alternatives when their templates differ."""
+    templates = sorted({re.sub(r"\d+", "#", h) for h in heads})
+    alternatives = [re.escape(t).replace("\\#", "#").replace("#", r"\d+") for t in templates]
+    return alternatives[0] if len(alternatives) == 1 else "(?:" + "|".join(alternatives) + ")"
+
+
+def _fused_step(op: str, items: list[tuple[list[str], list[str], str]], position: int, extra: dict[str, Any],
+                comment: str) -> StepText:
+    """A split or merge step for keys that differ only in the component at `position`.
+
+    Each item is (fused key's parts, the parts' keys' parts, name of the fused component); split takes the
+    fused key and names `into`, merge takes the first part and names `inputs` and `to`.
+    """
+    fused_parts, piece_parts, _ = items[0]
+    heads = [".".join(f[:position]) for f, _, _ in items]
+    rest = fused_parts[position + 1:]
+    head_re = _head_regex(heads) if position else ""
+    lasts = sorted({f[-1] for f, _, _ in items}) if rest else []
+    group = 1 if position else 0
+    head_ref = f"\\{group}." if position else ""
+    mid = "".join("." + re.escape(r) for r in rest[:-1])
+    mid_plain = "".join("." + r for r in rest[:-1])
+    last_re = (lasts[0] if len(lasts) == 1 else "(?:" + "|".join(lasts) + ")") if rest else ""
+    last_ref = f".\\{group + 1}" if rest else ""
+
+    def pattern(component: str) -> str:
+        start = f"^({head_re})\\." if position else "^"
+        end = f"{mid}\\.({last_re})$" if rest else "$"
+        return f"{start}{re.escape(component)}{end}"
+
+    def template(component: str) -> str:
+        return f"{head_ref}{component}{mid_plain}{last_ref}"
+
+    fused_name = fused_parts[position]
+    members = [p[position] for p in piece_parts]
+    if op == "split":
+        value: dict[str, Any] = {"match": pattern(fused_name), "into": [template(m) for m in members], **extra}
+    else:
+        value = {"match": pattern(members[0]), "inputs": [template(m) for m in members], "to": template(fused_name),
+                 **extra}
+    return StepText(op, value, comment)
+
+
+def _split_steps(splits: list[tuple[Match, str]], add: str) -> list[StepText]:
+    groups: dict[tuple, list[tuple[list[str], list[str], str]]] = defaultdict(list)
+    positions: dict[tuple, int] = {}
+    for match, middle in splits:
+        jf = match.fit
+        assert isinstance(jf, JoinFit)
+        targets = [add + t for t in match.targets]
+        position = _varying_position(targets)
+        fparts = middle.split(".")
+        pieces = [t.split(".") for t in targets]
+        key = (tuple(p[position] for p in pieces), fparts[position], tuple(fparts[position + 1:-1]),
+               len(fparts) - position, jf.dim, jf.sizes, jf.transpose, match.evidence)
+        groups[key].append((fparts, pieces, fparts[position]))
+        positions[key] = position
+    out = []
+    for key, items in groups.items():
+        members, fused, _, _, dim, sizes, _transpose, evidence = key
+        extra: dict[str, Any] = {}
+        if dim:
+            extra["dim"] = dim
+        if len(set(sizes)) > 1:
+            extra["sizes"] = list(sizes)
+        out.append(_fused_step("split", items, positions[key], extra,
+                               f"'{fused}' split into {', '.join(members)} ({evidence})"))
+    return out
+
+
+def _merge_steps(merges: list[tuple[Match, list[str]]], add: str) -> list[StepText]:
+    groups: dict[tuple, list[tuple[list[str], list[str], str]]] = defaultdict(list)
+    positions: dict[tuple, int] = {}
+    for match, middles in merges:
+        jf = match.fit
+        assert isinstance(jf, JoinFit)
+        position = _varying_position(middles)
+        target = (add + match.targets[0]).split(".")
+        pieces = [m.split(".") for m in middles]
+        key = (tuple(p[position] for p in pieces), target[position], tuple(target[position + 1:-1]),
+               len(target) - position, jf.dim, jf.transpose, match.evidence)
+        groups[key].append((target, pieces, target[position]))
+        positions[key] = position
+    out = []
+    for key, items in groups.items():
+        members, fused, _, _, dim, _transpose, evidence = key
+        extra: dict[str, Any] = {"dim": dim} if dim else {}
+        out.append(_fused_step("merge", items, positions[key], extra,
+                               f"{', '.join(members)} concatenated into '{fused}' ({evidence})"))
+    return out
