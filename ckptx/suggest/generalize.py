@@ -72,9 +72,8 @@ class _Group:
                 expr = self.target_exprs[i]
                 follow = self.target_chunks[i + 1] if i + 1 < len(self.target_chunks) else ""
                 out.append(_expression(expr, groups, follow))
-        if self.suffix:
-            out.append(".")
-        return "".join(out)
+        text = "".join(out)
+        return text + "." if self.suffix and text else text
 
 
 def _expression(expr: tuple, groups: Mapping[int, int], follow: str) -> str:
