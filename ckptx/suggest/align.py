@@ -313,8 +313,8 @@ class _FlatAligner:
 
     def _evidence(self, s: str, t: str) -> str:
         if s == t:
-            return "same name"
-        return "name" if similarity(s, t) >= 0.6 else "shape and position"
+            return "the same name"
+        return "similar names" if similarity(s, t, self.weights) >= 0.6 else "shape and position"
 
     def _anchors(self) -> list[tuple[int, int]]:
         """Pairs sure enough to measure order against: same names, and tensors whose shape is unique on both sides."""
@@ -342,11 +342,15 @@ class _FlatAligner:
 
     @property
     def _src_index(self) -> dict[str, int]:
-        return {leaf.key: i for i, leaf in enumerate(self.src)}
+        if not hasattr(self, "_src_index_cache"):
+            self._src_index_cache = {leaf.key: i for i, leaf in enumerate(self.src)}
+        return self._src_index_cache
 
     @property
     def _dst_index(self) -> dict[str, int]:
-        return {leaf.key: j for j, leaf in enumerate(self.dst)}
+        if not hasattr(self, "_dst_index_cache"):
+            self._dst_index_cache = {leaf.key: j for j, leaf in enumerate(self.dst)}
+        return self._dst_index_cache
 
     # ---- fused tensors
     def _fused(self, kind: str) -> None:
@@ -379,7 +383,7 @@ class _FlatAligner:
                 continue
             _, _, window, jf = best
             keys = tuple(parts[p].key for p in window)
-            why = "fused name" if best[0] >= 0.99 else "sizes add up (no name evidence)"
+            why = "a fused name" if best[0] >= 0.99 else "sizes that add up (no name evidence)"
             note = None if best[0] >= 0.99 else f"no name says '{whole.key}' fuses {', '.join(keys)}; sizes add up"
             if kind == "split":
                 self.matches.append(Match((whole.key,), keys, "split", jf, why, note=note))

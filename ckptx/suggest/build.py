@@ -60,8 +60,8 @@ def _varying_position(keys: Sequence[str]) -> int:
 
 
 def build_steps(matches: Sequence[Match], dropped: Sequence[str], kept_unmatched: Sequence[str],
-                source_keys: Sequence[str], prefixes: Prefixes, target: Mapping[str, TensorMeta]
-                ) -> tuple[list[StepText], dict[str, Decided]]:
+                source_keys: Sequence[str], prefixes: Prefixes, target: Mapping[str, TensorMeta], *,
+                by_target_order: bool = False) -> tuple[list[StepText], dict[str, Decided]]:
     """The recipe's steps and, per target key, what the steps must make of it (for the re-planning check).
 
     `matches` use source keys after prefix stripping and target keys without the added prefix;
@@ -86,6 +86,13 @@ def build_steps(matches: Sequence[Match], dropped: Sequence[str], kept_unmatched
     notes: dict[str, list[str]] = defaultdict(list)
     taken = set(target) | {add + k for k in kept_unmatched}
     order = {k: i for i, k in enumerate(source_keys)}
+    if by_target_order:  # the source's own order is alphabetical: rows follow the target model instead
+        position = {k: i for i, k in enumerate(target)}
+        order = {}
+        for match in matches:
+            first = min(position.get(add + t, len(position)) for t in match.targets)
+            for s in match.sources:
+                order[s] = first
     for match in matches:
         if match.kind == "tensor":
             s, t = match.sources[0], match.targets[0]
@@ -214,7 +221,7 @@ def _fused_step(op: str, items: list[tuple[list[str], list[str], str]], position
     head_ref = f"\\{group}." if position else ""
     mid = "".join("." + re.escape(r) for r in rest[:-1])
     mid_plain = "".join("." + r for r in rest[:-1])
-    last_re = (lasts[0] if len(lasts) == 1 else "(?:" + "|".join(lasts) + ")") if rest else ""
+    last_re = "|".join(lasts) if rest else ""
     last_ref = f".\\{group + 1}" if rest else ""
 
     def pattern(component: str) -> str:

@@ -137,7 +137,8 @@ def suggest(src: str | Path, target: str | TargetSpec, *, target_args: Mapping[s
     allowed_missing = [added + k for k in left_dst if any(p.search(added + k) for p in allowed_missing_patterns)]
     missing = [added + k for k in left_dst if added + k not in set(allowed_missing)]
 
-    steps, decided = build_steps(matches, dropped, kept, list(stripped), prefixes, target_tensors)
+    steps, decided = build_steps(matches, dropped, kept, list(stripped), prefixes, target_tensors,
+                                 by_target_order=src_order is not None and dst_order is None)
     verify = None
     if verify_with:
         if not spec.model:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 __all__ = ["Row", "cover", "rename_rows"]
@@ -48,13 +48,19 @@ class _Group:
     captured: list[bool]         # per source slot
     source_values: list[int | None]  # per source slot: its literal value (None when captured)
     target_exprs: list[tuple]    # per target slot: ('lit', v) or ('slot', i, a, b)
+    allowed: dict[int, tuple[int, ...]] = field(default_factory=dict)  # captured slots limited to these values
 
     def pattern(self) -> str:
         out = ["^"]
         for i, chunk in enumerate(self.source_chunks):
             out.append(re.escape(chunk))
             if i < len(self.captured):
-                out.append(r"(\d+)" if self.captured[i] else str(self.source_values[i]))
+                if not self.captured[i]:
+                    out.append(str(self.source_values[i]))
+                elif i in self.allowed:
+                    out.append("(" + "|".join(str(v) for v in self.allowed[i]) + ")")
+                else:
+                    out.append(r"(\d+)")
         out.append(r"\." if self.suffix else "$")
         return "".join(out)
 
@@ -158,7 +164,7 @@ def _groups(items: list[_Pair]) -> list[_Group]:
         buckets[key].append(p)
     groups: list[_Group] = []
     for (_, _, suffix, _), members in buckets.items():
-        groups.extend(_fit_group(members, suffix))
+        groups.extend(_fit_group(members, suffix, {}))
     return groups
 
 
@@ -167,7 +173,7 @@ def _prefixes(p: _Pair) -> tuple[str, str]:
     return ".".join(sp[: len(sp) - p.keep]), ".".join(tp[: len(tp) - p.keep])
 
 
-def _fit_group(members: list[_Pair], suffix: bool) -> list[_Group]:
+def _fit_group(members: list[_Pair], suffix: bool, allowed: dict[int, tuple[int, ...]]) -> list[_Group]:
     """One group with number expressions for `members`, or several when one row cannot explain them all."""
     s0, t0 = _prefixes(members[0])
     s_chunks, _ = _split_digits(s0)
@@ -192,15 +198,16 @@ def _fit_group(members: list[_Pair], suffix: bool) -> list[_Group]:
             return _groups(members)
         found = _affine(values_s, column, varying, j, kt, ks)
         if found is None:
-            return _split(members, suffix, values_s, varying, column)
+            return _split(members, suffix, values_s, values_t, varying, j, allowed)
         exprs.append(("slot", *found))
         used.add(found[0])
     unused = [i for i in varying if i not in used]
     if unused:
-        return _split_by(members, suffix, values_s, unused[0])
+        return _split_by(members, suffix, values_s, unused[0], allowed)
     captured = [i in used for i in range(ks)]
     literal = [None if captured[i] else values_s[0][i] for i in range(ks)]
-    return [_Group(members, s_chunks, t_chunks, suffix, captured, literal, exprs)]
+    limits = {i: v for i, v in allowed.items() if captured[i]}
+    return [_Group(members, s_chunks, t_chunks, suffix, captured, literal, exprs, limits)]
 
 
 def _affine(values_s: list[list[int]], column: list[int], varying: list[int], j: int, kt: int, ks: int
@@ -227,27 +234,91 @@ def _affine(values_s: list[list[int]], column: list[int], varying: list[int], j:
     return i, a, b
 
 
-def _split(members: list[_Pair], suffix: bool, values_s: list[list[int]], varying: list[int], column: list[int]
-           ) -> list[_Group]:
-    """Split by the source number that decides the target number (fewest distinct values), or literally."""
+def _split(members: list[_Pair], suffix: bool, values_s: list[list[int]], values_t: list[list[int]],
+           varying: list[int], j: int, allowed: dict[int, tuple[int, ...]]) -> list[_Group]:
+    """Split a group whose target number `j` no single source number explains.
+
+    First choice: runs of consecutive values of one source number over which every target number is that
+    number plus a constant, or a constant (`features.4..6` -> `blocks.2.{\\1 - 4}`): one row per run, the
+    source number limited to the run's values. Else split by the source number that decides `j`.
+    """
+    best: list[list[int]] | None = None
+    best_slot = -1
+    for i in varying:
+        runs = _runs(values_s, values_t, i)
+        if runs is not None and len(runs) < len({v[i] for v in values_s}) and (best is None or len(runs) < len(best)):
+            best, best_slot = runs, i
+    if best is not None:
+        out: list[_Group] = []
+        for values in best:
+            chosen = set(values)
+            sub = [p for p, v in zip(members, values_s) if v[best_slot] in chosen]
+            out.extend(_fit_group(sub, suffix, {**allowed, best_slot: tuple(values)}))
+        return out
+    column = [v[j] for v in values_t]
     for i in sorted(varying, key=lambda i: len({v[i] for v in values_s})):
         decided: dict[int, set[int]] = defaultdict(set)
         for v, y in zip(values_s, column):
             decided[v[i]].add(y)
         if all(len(ys) == 1 for ys in decided.values()):
-            return _split_by(members, suffix, values_s, i)
+            return _split_by(members, suffix, values_s, i, allowed)
     for i in sorted(varying, key=lambda i: len({v[i] for v in values_s})):
-        return _split_by(members, suffix, values_s, i)
+        return _split_by(members, suffix, values_s, i, allowed)
     raise AssertionError("a varying target number needs a varying source number")  # injective mapping
 
 
-def _split_by(members: list[_Pair], suffix: bool, values_s: list[list[int]], slot: int) -> list[_Group]:
+def _runs(values_s: list[list[int]], values_t: list[list[int]], i: int) -> list[list[int]] | None:
+    """The fewest runs of consecutive values of source number `i` over each of which every target number is
+    `i` + a constant, or a constant (ties: runs that vary the innermost target number); None when some value
+    of `i` does not decide the target numbers."""
+    by_value: dict[int, tuple[int, ...]] = {}
+    for v, t in zip(values_s, values_t):
+        if by_value.setdefault(v[i], tuple(t)) != tuple(t):
+            return None
+    values = sorted(by_value)
+    n = len(values)
+    best: list[tuple[float, int]] = [(0.0, -1)] + [(float("inf"), -1)] * n  # best[k]: cost of values[:k], cut
+    for end in range(1, n + 1):
+        for start in range(end - 1, -1, -1):
+            cost = _run_cost(values[start:end], by_value)
+            if cost is None:
+                break
+            if best[start][0] + cost < best[end][0]:
+                best[end] = (best[start][0] + cost, start)
+    runs: list[list[int]] = []
+    end = n
+    while end > 0:
+        start = best[end][1]
+        runs.append(values[start:end])
+        end = start
+    return runs[::-1]
+
+
+def _run_cost(run: list[int], by_value: Mapping[int, tuple[int, ...]]) -> float | None:
+    """1 for a valid run (plus a little for each varying target number that is not the last), None if invalid."""
+    first = by_value[run[0]]
+    if len(run) == 1:
+        return 1.0
+    varying = []
+    for k in range(len(first)):
+        column = [by_value[v][k] for v in run]
+        if len(set(column)) == 1:
+            continue
+        if any(c - column[0] != v - run[0] for c, v in zip(column, run)):
+            return None
+        varying.append(k)
+    return 1.0 + 0.1 * sum(1 for k in varying if k != len(first) - 1)
+
+
+def _split_by(members: list[_Pair], suffix: bool, values_s: list[list[int]], slot: int,
+              allowed: dict[int, tuple[int, ...]]) -> list[_Group]:
     parts: dict[int, list[_Pair]] = defaultdict(list)
     for p, v in zip(members, values_s):
         parts[v[slot]].append(p)
     out: list[_Group] = []
+    narrowed = {k: v for k, v in allowed.items() if k != slot}
     for sub in parts.values():
-        out.extend(_fit_group(sub, suffix))
+        out.extend(_fit_group(sub, suffix, narrowed))
     return out
 
 
@@ -359,24 +430,37 @@ def _cover_template(template: str, members: list[str], others: _Buckets) -> list
 
 
 def _combine(patterns: list[str]) -> list[str]:
-    """`\\.grn\\.weight$` and `\\.grn\\.bias$` -> `\\.grn\\.(weight|bias)$` (same head, last names differ)."""
-    heads: dict[str, list[str]] = defaultdict(list)
-    order: list[str] = []
-    for p in patterns:
-        match = re.fullmatch(r"(.*\\\.)([A-Za-z_][A-Za-z0-9_]*)\$", p)
-        if match is None:
-            order.append(p)
-            continue
-        head = match.group(1)
-        if head not in heads:
-            order.append("\x00" + head)
-        heads[head].append(match.group(2))
-    out = []
-    for item in order:
-        if not item.startswith("\x00"):
-            out.append(item)
-            continue
-        head = item[1:]
-        names = heads[head]
-        out.append(f"{head}{names[0]}$" if len(names) == 1 else f"{head}({'|'.join(names)})$")
-    return out
+    """Suffix patterns that differ in one name only become one: `\\.grn\\.weight$` and `\\.grn\\.bias$` ->
+    `\\.grn\\.(weight|bias)$`; `\\.c_fc\\.weight$` and `\\.c_proj\\.weight$` -> `\\.(c_fc|c_proj)\\.weight$`."""
+    changed = True
+    while changed:
+        changed = False
+        split = [p.split(r"\.") for p in patterns]
+        for index in range(max((len(s) for s in split), default=0)):
+            groups: dict[tuple, list[int]] = defaultdict(list)
+            for k, parts in enumerate(split):
+                if index < len(parts) and _plain_name(parts[index], index == len(parts) - 1):
+                    groups[(len(parts), tuple(parts[:index]), tuple(parts[index + 1:]))].append(k)
+            for (_, head, tail), members in groups.items():
+                if len(members) < 2:
+                    continue
+                last = index == len(split[members[0]]) - 1
+                names = [split[k][index][:-1] if last else split[k][index] for k in members]
+                merged = "(" + "|".join(dict.fromkeys(names)) + ")" + ("$" if last else "")
+                combined = r"\.".join([*head, merged, *tail])
+                keep = [p for k, p in enumerate(patterns) if k not in set(members)]
+                patterns = keep[: min(members)] + [combined] + keep[min(members):]
+                changed = True
+                break
+            if changed:
+                break
+    return patterns
+
+
+def _plain_name(part: str, last: bool) -> bool:
+    """A literal name component (the last one ending in `$`), safe to put in an alternation."""
+    if last:
+        if not part.endswith("$"):
+            return False
+        part = part[:-1]
+    return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part))
