@@ -47,8 +47,8 @@ class Match:
     def prefixed(self, source_prefix: str, target_prefix: str) -> "Match":
         """The same match with both sides' keys under prefixes."""
         alt = target_prefix + self.alternative if self.alternative else None
-        return replace(self, sources=tuple(source_prefix + k for k in self.sources),
-                       targets=tuple(target_prefix + k for k in self.targets), alternative=alt)
+        return Match(tuple([source_prefix + k for k in self.sources]), tuple([target_prefix + k for k in self.targets]),
+                     self.kind, self.fit, self.evidence, alt, self.note)
 
 
 @dataclass
@@ -473,7 +473,7 @@ class _FlatAligner:
                      for i, j, _ in pairs) / len(pairs)
         quality = sum(f.quality for _, _, f in pairs) / len(pairs)
         same = 1.0 if sm[0] == dm[0] else 0.0
-        return 1.0 + 1.0 * name + ordinal + 0.3 * numbers + 0.8 * position + 0.3 * params + 0.2 * quality + same
+        return 1.0 + 1.0 * name + ordinal + 0.3 * numbers + 0.8 * position + 0.3 * params + 1.0 * quality + same
 
     # ---- single tensors
     def _tensors(self) -> None:
@@ -513,7 +513,7 @@ class _FlatAligner:
         na, nb = key_name(s), key_name(t)
         vote = 0.6 if self.parent_votes.get((_parent(s), _parent(t))) else 0.0
         return (1.0 + 1.2 * similarity(s, t, self.weights) + 0.3 * _number_similarity(na.numbers, nb.numbers)
-                + 0.8 * self.warp.similarity(i, j) + 0.2 * f.quality + vote + (1.0 if s == t else 0.0))
+                + 0.8 * self.warp.similarity(i, j) + 1.0 * f.quality + vote + (1.0 if s == t else 0.0))
 
     def _accept_tensor(self, i: int, j: int, f: Fit, alternative: str | None) -> None:
         s, t = self.src[i].key, self.dst[j].key

@@ -161,10 +161,12 @@ def build_steps(matches: Sequence[Match], dropped: Sequence[str], kept_unmatched
     if rows:
         rename_step = StepText("rename", [[r.pattern, r.replacement] for r in rows])
         for index, row in enumerate(rows):
-            said = []
+            said, seen = [], set()
             for key in row.keys:
                 for text in comments.get(key, ()):
-                    if text not in said:
+                    shape = re.sub(r"\d+", "#", text)
+                    if shape not in seen:  # once per row, not once per block
+                        seen.add(shape)
                         said.append(text)
             if said:
                 rename_step.row_comments[index] = said[:2] + ([f"(and {len(said) - 2} more)"] if len(said) > 2 else [])

@@ -25,6 +25,8 @@ from ckptx.suggest.verifying import verify_section
 
 __all__ = ["SuggestReport", "Suggestion", "suggest"]
 
+_DIGITS = re.compile(r"\d+")
+
 
 @dataclass(frozen=True)
 class SuggestReport:
@@ -104,15 +106,25 @@ def suggest(src: str | Path, target: str | TargetSpec, *, target_args: Mapping[s
     src = str(src)
     spec = _target_spec(target, target_args, allow_missing, allow_unexpected)
     resolved = _resolve(spec)
-    fmt, candidates = find_candidates(src, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
+    fmt, candidates, opened = find_candidates(src, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
     chosen, rivals, _ = choose_candidate(candidates, resolved.tensors)
     extract = None if fmt in ("safetensors", "sharded-index", "manifest") else chosen.path
-    source_tensors = dict(chosen.tensors)
-    notes: list[str] = []
-    if fmt == "torch-zip" or fmt == "torch-legacy":
-        with open_source(src, [chosen.path], allow_globals=allow_globals, unsafe_pickle=unsafe_pickle) as opened:
-            source_tensors = dict(opened.tensors)
+    if opened is None:
+        opened = open_source(src, [chosen.path], allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
+    with opened:
+        return _suggest(src, fmt, opened, chosen, rivals, extract, spec, resolved, allow_missing, allow_unexpected,
+                        output, verify_with, verify_args, verify_input, verify_input_dtype, name, allow_globals,
+                        unsafe_pickle, started)
 
+
+def _suggest(src: str, fmt: str, opened: Any, chosen: Candidate, rivals: list[tuple[Candidate, float]],
+             extract: str | None, spec: TargetSpec, resolved: Target, allow_missing: Sequence[str],
+             allow_unexpected: Sequence[str], output: str | Path | None, verify_with: str | None,
+             verify_args: Mapping[str, Any] | None, verify_input: Sequence[int] | None,
+             verify_input_dtype: str | None, name: str | None, allow_globals: Sequence[str], unsafe_pickle: bool,
+             started: float) -> Suggestion:
+    notes: list[str] = []
+    source_tensors = dict(opened.tensors)
     target_tensors = resolved.tensors
     prefixes = infer_prefixes(list(source_tensors), list(target_tensors))
     cut, added = len(prefixes.strip_text), prefixes.add_text
@@ -144,20 +156,24 @@ def suggest(src: str | Path, target: str | TargetSpec, *, target_args: Mapping[s
         if not spec.model:
             raise CkptxError("--verify-with needs a model target (module:callable), not a checkpoint or manifest")
         verify = verify_section(verify_with, dict(verify_args or {}), verify_input, verify_input_dtype)
-    evidence = Counter()
-    ops = Counter()
-    close: list[str] = []
+    evidence: Counter = Counter()
+    ops: Counter = Counter()
+    close: dict[str, str] = {}
+    noted: dict[str, str] = {}
     for match in matches:
         evidence[match.evidence] += len(match.targets)
         if match.kind != "tensor":
             ops[match.kind] += 1
         elif match.fit.kind != "exact":  # type: ignore[union-attr]
             ops[match.fit.kind] += 1  # type: ignore[union-attr]
-        if match.alternative:
-            close.append(f"{prefixes.strip_text}{match.sources[0]} -> {added}{match.targets[0]} "
-                         f"(runner-up {added}{match.alternative})")
+        if match.alternative:  # once per row of blocks, not once per block
+            text = (f"{prefixes.strip_text}{match.sources[0]} -> {added}{match.targets[0]} "
+                    f"(runner-up {added}{match.alternative})")
+            close.setdefault(_DIGITS.sub("#", text), text)
         if match.note:
-            notes.append(f"{', '.join(match.sources)}: {match.note}")
+            text = f"{', '.join(match.sources)}: {match.note}"
+            noted.setdefault(_DIGITS.sub("#", text), text)
+    notes += noted.values()
     recipe_name = name or _recipe_name(src, spec)
     header = _header(src, fmt, chosen, rivals, extract, resolved, spec, prefixes, matches, evidence, ops, dropped,
                      kept, allowed_missing, missing, len(source_tensors), verify is not None)
@@ -174,7 +190,7 @@ def suggest(src: str | Path, target: str | TargetSpec, *, target_args: Mapping[s
                          verify=verify, trailer=trailer)
     base_dir = Path(output).resolve().parent if output else Path.cwd()
     recipe = load_rules_text(text, str(output or "<suggested>"), base_dir=base_dir)
-    report = _check(recipe, src, allow_globals, unsafe_pickle, resolved, decided, prefixes)
+    report = _check(recipe, opened, resolved, decided, prefixes)
     verification = error = None
     if verify is not None and report.ok:
         with tempfile.TemporaryDirectory(prefix="ckptx-suggest-") as tmp:
@@ -188,7 +204,7 @@ def suggest(src: str | Path, target: str | TargetSpec, *, target_args: Mapping[s
         target=resolved.description, source_tensors=len(source_tensors), target_tensors=len(target_tensors),
         mapped=sum(len(m.targets) for m in matches), evidence=dict(evidence), ops=dict(ops), prefixes=prefixes,
         dropped=tuple(prefixes.strip_text + k for k in dropped), kept_unexpected=tuple(prefixes.strip_text + k for k in kept),
-        allowed_missing=tuple(allowed_missing), missing=tuple(missing), close_calls=tuple(close), notes=tuple(notes),
+        allowed_missing=tuple(allowed_missing), missing=tuple(missing), close_calls=tuple(close.values()), notes=tuple(notes),
         validation=report, verification=verification, verification_error=error,
         seconds=time.perf_counter() - started)
     return Suggestion(recipe, text, result, decided)
@@ -278,50 +294,27 @@ def _header(src: str, fmt: str, chosen: Candidate, rivals: list[tuple[Candidate,
     return lines
 
 
-def _check(recipe: Recipe, src: str, allow_globals: Sequence[str], unsafe_pickle: bool, target: Target,
-           decided: Mapping[str, Decided], prefixes: Prefixes) -> ValidationReport:
+def _check(recipe: Recipe, source: Any, target: Target, decided: Mapping[str, Decided],
+           prefixes: Prefixes) -> ValidationReport:
     """Plan the written recipe and compare every output with the alignment's decision; then validate."""
-    with open_source(src, recipe.extract, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle) \
-            if not src.endswith((".json", ".yaml", ".yml")) else _ManifestSource(src) as source:
-        try:
-            plan = plan_recipe(recipe, source, target=target.tensors)
-        except PlanError as exc:
-            raise RuntimeError(f"suggest wrote a recipe that does not plan (a bug in ckptx suggest): {exc}") from None
-        strip = prefixes.strip_text
-        wrong = []
-        for entry in plan.entries:
-            want = decided.get(entry.key)
-            got_ops = tuple(op.split("(", 1)[0] for op in ops_of(entry.expr))
-            if want is None or tuple(strip + s for s in want.sources) != entry.sources or \
-                    got_ops != want.ops:
-                wrong.append(f"{entry.key} <- {', '.join(entry.sources)} {got_ops}")
-        if wrong or len(plan.entries) != len(decided):
-            raise RuntimeError(f"suggest wrote a recipe that does not do what it decided (a bug in ckptx suggest): "
-                               f"{len(wrong)} key(s) differ, e.g. {wrong[:3]}; {len(plan.entries)} planned, "
-                               f"{len(decided)} decided")
-        return validate(plan, target)
-
-
-class _ManifestSource:
-    """A manifest used as a source: metadata only, enough to plan (a conversion needs the real checkpoint)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __enter__(self) -> Any:
-        from ckptx.io.source import MappingSource  # noqa: PLC0415
-
-        tensors = read_manifest_fast(Path(self.path))
-
-        class _Stub:
-            def __init__(self, meta: TensorMeta) -> None:
-                self.shape, self.dtype = meta.shape, meta.dtype
-
-            is_tensor_ref = True
-
-        source = MappingSource(self.path, "manifest", {k: _Stub(m) for k, m in tensors.items()})
-        return source
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
+    if recipe.extract and getattr(source, "extracted_from", ".") not in recipe.extract:
+        raise RuntimeError(f"suggest opened '{source.extracted_from}' but wrote extract {list(recipe.extract)}")
+    try:
+        plan = plan_recipe(recipe, source, target=target.tensors)
+    except PlanError as exc:
+        raise RuntimeError(f"suggest wrote a recipe that does not plan (a bug in ckptx suggest): {exc}") from None
+    strip = prefixes.strip_text
+    wrong = []
+    for entry in plan.entries:
+        want = decided.get(entry.key)
+        if want is None:
+            wrong.append(f"{entry.key} <- {', '.join(entry.sources)} (not decided)")
+            continue
+        got_ops = tuple(op.split("(", 1)[0] for op in ops_of(entry.expr)) if want.ops or not entry.is_copy else ()
+        if tuple(strip + s for s in want.sources) != entry.sources or got_ops != want.ops:
+            wrong.append(f"{entry.key} <- {', '.join(entry.sources)} {got_ops}")
+    if wrong or len(plan.entries) != len(decided):
+        raise RuntimeError(f"suggest wrote a recipe that does not do what it decided (a bug in ckptx suggest): "
+                           f"{len(wrong)} key(s) differ, e.g. {wrong[:3]}; {len(plan.entries)} planned, "
+                           f"{len(decided)} decided")
+    return validate(plan, target)

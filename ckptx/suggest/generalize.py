@@ -156,9 +156,7 @@ def _specialize(group: _Group) -> None:
 def _groups(items: list[_Pair]) -> list[_Group]:
     buckets: dict[tuple, list[_Pair]] = defaultdict(list)
     for p in items:
-        sp, tp = p.source.split("."), p.target.split(".")
-        s_prefix = ".".join(sp[: len(sp) - p.keep])
-        t_prefix = ".".join(tp[: len(tp) - p.keep])
+        s_prefix, t_prefix, _, _ = _split_pair(p)
         key = (_DIGITS.sub("#", s_prefix), _DIGITS.sub("#", t_prefix), p.keep > 0,
                s_prefix if p.literal else None)
         buckets[key].append(p)
@@ -168,9 +166,33 @@ def _groups(items: list[_Pair]) -> list[_Group]:
     return groups
 
 
+_PREFIX_CACHE: dict[tuple[str, str, int], tuple[str, str, list[int], list[int]]] = {}
+
+
+def _drop_tail(key: str, n: int) -> str:
+    """`key` without its last `n` components (empty when it has no more)."""
+    if not n:
+        return key
+    parts = key.rsplit(".", n)
+    return parts[0] if len(parts) == n + 1 else ""
+
+
 def _prefixes(p: _Pair) -> tuple[str, str]:
-    sp, tp = p.source.split("."), p.target.split(".")
-    return ".".join(sp[: len(sp) - p.keep]), ".".join(tp[: len(tp) - p.keep])
+    return _split_pair(p)[:2]  # type: ignore[return-value]
+
+
+def _split_pair(p: _Pair) -> tuple[str, str, list[int], list[int]]:
+    """(source prefix, target prefix, their numbers) for the pair's current `keep`."""
+    key = (p.source, p.target, p.keep)
+    found = _PREFIX_CACHE.get(key)
+    if found is None:
+        s_prefix, t_prefix = _drop_tail(p.source, p.keep), _drop_tail(p.target, p.keep)
+        found = (s_prefix, t_prefix, [int(d) for d in _DIGITS.findall(s_prefix)],
+                 [int(d) for d in _DIGITS.findall(t_prefix)])
+        if len(_PREFIX_CACHE) > 1_000_000:
+            _PREFIX_CACHE.clear()
+        _PREFIX_CACHE[key] = found
+    return found
 
 
 def _fit_group(members: list[_Pair], suffix: bool, allowed: dict[int, tuple[int, ...]]) -> list[_Group]:
@@ -178,8 +200,9 @@ def _fit_group(members: list[_Pair], suffix: bool, allowed: dict[int, tuple[int,
     s0, t0 = _prefixes(members[0])
     s_chunks, _ = _split_digits(s0)
     t_chunks, _ = _split_digits(t0)
-    values_s = [_split_digits(_prefixes(p)[0])[1] for p in members]
-    values_t = [_split_digits(_prefixes(p)[1])[1] for p in members]
+    split = [_split_pair(p) for p in members]
+    values_s = [v[2] for v in split]
+    values_t = [v[3] for v in split]
     ks, kt = len(s_chunks) - 1, len(t_chunks) - 1
     varying = [i for i in range(ks) if len({v[i] for v in values_s}) > 1]
     exprs: list[tuple] = []

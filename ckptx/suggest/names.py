@@ -97,6 +97,9 @@ def _concepts(component: str) -> tuple[str, ...]:
             i += 2
             continue
         word = words[i]
+        if word in ("pre", "post") and i + 2 < len(words):
+            i += 2  # `post_attention_layernorm`: a norm placed after attention, not an attention module
+            continue
         if word not in _ORDINAL_WORDS:
             out.extend(_SYNONYMS.get(word, (word,)))
         i += 1

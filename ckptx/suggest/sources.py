@@ -13,8 +13,8 @@ from typing import Any, Iterator, Mapping, Sequence
 from ckptx.suggest._compat import SourceError, TensorMeta, dtype_name, is_tensor, load_object_tree, read_manifest, sniff_format
 from ckptx.suggest.shapes import loose_shape
 
-__all__ = ["Candidate", "Prefixes", "choose_candidate", "find_candidates", "infer_prefixes", "natural_order",
-           "read_manifest_fast"]
+__all__ = ["Candidate", "Prefixes", "choose_candidate", "find_candidates", "infer_prefixes", "manifest_source",
+           "natural_order", "read_manifest_fast"]
 
 # Preferred when candidates fit equally well (the usual names first, EMA copies last).
 _PREFERRED = ("state_dict", "model", "module", ".", "net", "network", "weights", "params")
@@ -41,27 +41,45 @@ def read_manifest_fast(path: Path) -> dict[str, TensorMeta]:
 
 
 def find_candidates(path: str, *, allow_globals: Sequence[str] = (), unsafe_pickle: bool = False
-                    ) -> tuple[str, list[Candidate]]:
-    """(format, candidates): every string-keyed mapping holding tensors, found from metadata only."""
+                    ) -> tuple[str, list[Candidate], Any]:
+    """(format, candidates, the opened source when there is only one place to look, else None): every
+    string-keyed mapping holding tensors, found from metadata only."""
     p = Path(path)
     if not p.exists():
         raise SourceError(f"{path}: no such file")
     if p.is_dir():
         raise SourceError(f"{path}: is a folder; give the checkpoint file (or its .index.json)")
     if p.suffix in (".json", ".yaml", ".yml") and not p.name.endswith(".index.json"):
-        return "manifest", [Candidate(".", read_manifest_fast(p))]
+        tensors = read_manifest_fast(p)
+        return "manifest", [Candidate(".", tensors)], manifest_source(path, tensors)
     fmt = sniff_format(p)
     if fmt in ("safetensors", "sharded-index"):
         from ckptx.suggest._compat import open_source  # noqa: PLC0415
 
-        with open_source(p) as source:
-            return fmt, [Candidate(".", dict(source.tensors))]
+        source = open_source(p)
+        return fmt, [Candidate(".", source.tensors)], source
     tree = load_object_tree(str(p), allow_globals=tuple(allow_globals), unsafe_pickle=unsafe_pickle)
     found = list(_walk(tree, ".", 0))
     if not found:
         top = ", ".join(map(str, tree.keys())) if isinstance(tree, Mapping) else type(tree).__name__
         raise SourceError(f"{path}: holds no mapping of tensors (top level: {top}); is it a checkpoint?")
-    return fmt, found
+    return fmt, found, None
+
+
+def manifest_source(path: str, tensors: Mapping[str, TensorMeta]) -> Any:
+    """A manifest as a source: metadata only, enough to plan (converting needs the real checkpoint)."""
+    from ckptx.suggest._compat import MappingSource  # noqa: PLC0415
+
+    return MappingSource(path, "manifest", {k: _Described(m) for k, m in tensors.items()})
+
+
+class _Described:
+    """Stands for a tensor that only a manifest describes."""
+
+    is_tensor_ref = True
+
+    def __init__(self, meta: TensorMeta) -> None:
+        self.shape, self.dtype = meta.shape, meta.dtype
 
 
 def _walk(obj: Any, path: str, depth: int) -> Iterator[Candidate]:
