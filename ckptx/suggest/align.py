@@ -22,8 +22,9 @@ from ckptx.suggest.tree import Leaf, Level, Run
 __all__ = ["Alignment", "Match", "RunPair", "align", "expand"]
 
 _CLASS_LIMIT = 400          # above this many candidates of one shape, pair them in order instead
-_KNOWN_GROUPS = (frozenset("qkv"), frozenset("kv"), frozenset("qk"), frozenset({"gate", "up"}),
-                 frozenset({"q", "k", "v", "g"}))
+# Fused groups in the order their parts are concatenated (q, k, v; gate, up), whatever order the keys come in.
+_KNOWN_ORDERS = (("q", "k", "v"), ("k", "v"), ("q", "k"), ("gate", "up"))
+_KNOWN_GROUPS = tuple(frozenset(order) for order in _KNOWN_ORDERS)
 _CLOSE = 0.12               # a runner-up within this score of the choice is reported as a close call
 
 
@@ -588,13 +589,22 @@ def _sibling_windows(leaves: list[Leaf]) -> list[tuple[int, tuple[int, ...]]]:
                 continue
             families.setdefault((pos, tuple(parts[:pos]), tuple(parts[pos + 1:])), []).append(index)
     windows: list[tuple[int, tuple[int, ...]]] = []
-    for members in families.values():
+    for (pos, _, _), members in families.items():
         if len(members) < 2:
             continue
         for size in range(2, min(4, len(members)) + 1):
             for start in range(len(members) - size + 1):
                 windows.append((leaves[members[start]].order, tuple(members[start:start + size])))
-    return windows
+        by_concept: dict[str, int] = {}
+        for index in members:
+            concepts = set(key_name(".".join(leaves[index].key.split(".")[: pos + 1]) + ".x").leaf)
+            for concept in concepts & {c for order in _KNOWN_ORDERS for c in order}:
+                by_concept.setdefault(concept, index)
+        for order in _KNOWN_ORDERS:  # known groups in concatenation order, even when the keys are sorted by name
+            if all(c in by_concept for c in order) and len({by_concept[c] for c in order}) == len(order):
+                window = tuple(by_concept[c] for c in order)
+                windows.append((min(leaves[i].order for i in window), window))
+    return list(dict.fromkeys(windows))
 
 
 def _fused_evidence(whole: str, parts: list[str]) -> tuple[float, bool]:

@@ -221,14 +221,18 @@ def _fused_step(op: str, items: list[tuple[list[str], list[str], str]], position
     lasts = sorted({f[-1] for f, _, _ in items}) if rest else []
     group = 1 if position else 0
     head_ref = f"\\{group}." if position else ""
-    mid = "".join("." + re.escape(r) for r in rest[:-1])
-    mid_plain = "".join("." + r for r in rest[:-1])
-    last_re = "|".join(lasts) if rest else ""
-    last_ref = f".\\{group + 1}" if rest else ""
+    if len(lasts) == 1:  # one last name (`weight`): written out, no group needed
+        mid, mid_plain = "".join("\\." + re.escape(r) for r in rest), "".join("." + r for r in rest)
+        last_re, last_ref, rest = "", "", []
+    else:
+        mid = "".join("\\." + re.escape(r) for r in rest[:-1])
+        mid_plain = "".join("." + r for r in rest[:-1])
+        last_re = "|".join(lasts) if rest else ""
+        last_ref = f".\\{group + 1}" if rest else ""
 
     def pattern(component: str) -> str:
         start = f"^({head_re})\\." if position else "^"
-        end = f"{mid}\\.({last_re})$" if rest else "$"
+        end = f"{mid}\\.({last_re})$" if rest else f"{mid}$"
         return f"{start}{re.escape(component)}{end}"
 
     def template(component: str) -> str:

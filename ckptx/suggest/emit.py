@@ -21,8 +21,18 @@ def scalar(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
+    if isinstance(value, int):
         return repr(value)
+    if isinstance(value, float):
+        if value != value:
+            return ".nan"
+        if value in (float("inf"), float("-inf")):
+            return ".inf" if value > 0 else "-.inf"
+        text = repr(value)
+        mantissa, e, exponent = text.partition("e")
+        if e and "." not in mantissa:  # YAML 1.1 (PyYAML) reads 1e-06 as a string, 1.0e-06 as a float
+            text = f"{mantissa}.0e{exponent}"
+        return text
     if isinstance(value, str):
         if _PLAIN.match(value) and value.lower() not in _RESERVED:
             return value
@@ -105,6 +115,9 @@ def render_recipe(*, header: Sequence[str], name: str, description: str, extract
     for key, value in target.items():
         if key in ("allow_missing", "allow_unexpected"):
             lines.append(f"  {key}: [{', '.join(_quoted(v) for v in value)}]")
+        elif isinstance(value, Mapping) and len(f"  {key}: {scalar(value)}") > 100:
+            lines.append(f"  {key}:")
+            lines += [f"    {scalar(str(k))}: {scalar(v)}" for k, v in value.items()]
         else:
             lines.append(f"  {key}: {scalar(value)}")
     if verify:

@@ -53,6 +53,15 @@ def require(*modules: str) -> None:
             pytest.skip(f"{module} is not installed")
 
 
+def _yaml_value(value: Any) -> str:
+    """A --target-arg value as YAML reads it back (floats with a dot: PyYAML reads `1e-06` as a string)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return f"{value:.6e}"
+    return json.dumps(value)
+
+
 @dataclass
 class Suggested:
     """What the pipeline produced: the recipe file, its text, the suggest report and the converted tensors."""
@@ -74,7 +83,7 @@ def suggest_and_convert(run_cli: Callable[..., Any], tmp_path: Path) -> Callable
         rules = tmp_path / name
         args = ["suggest", src, "--target", target, "-o", rules, "--json", *extra]
         for key, value in (target_args or {}).items():
-            args += ["--target-arg", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+            args += ["--target-arg", f"{key}={_yaml_value(value)}"]
         result = run_cli(*args)
         assert result.code == 0, result.out + result.err
         report = json.loads(result.out)

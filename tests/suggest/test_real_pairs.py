@@ -178,3 +178,38 @@ def test_torchvision_mobile_nets_to_timm(suggest_and_convert, tmp_path: Path, tv
     torch.save(source.state_dict(), src)
     got = suggest_and_convert(src, "ckptx.factories:timm_model", {"name": timm_name, **kwargs})
     _close(timm_model(timm_name, **kwargs), got.state, source, _image())
+
+
+# ------------------------------------------------------------------------------------------------ Llama <-> fused
+def _llm(architecture: str, seed: int) -> torch.nn.Module:
+    from ckptx.factories import transformers_model
+
+    model = transformers_model(architecture, **LLM)
+    return models.randomize(model, seed)
+
+
+#: a tiny Llama with grouped-query attention: q 32 rows, k and v 16 rows each
+LLM = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=64, tie_word_embeddings=False,
+           pad_token_id=None)
+
+
+@pytest.mark.parametrize("source_arch,target_arch,op", [
+    ("LlamaForCausalLM", "Phi3ForCausalLM", "merge"),   # q/k/v (unequal sizes) and gate/up fused
+    ("Phi3ForCausalLM", "LlamaForCausalLM", "split"),
+])
+def test_llama_and_fused_layout(suggest_and_convert, tmp_path: Path, source_arch: str, target_arch: str,
+                                op: str) -> None:
+    require("transformers")
+    source = _llm(source_arch, seed=9)
+    src = tmp_path / f"{source_arch}.safetensors"  # keys sorted by name: q/k/v are found by name, not order
+    save_file(source.state_dict(), str(src))
+    args = {"architecture": target_arch, **LLM}
+    got = suggest_and_convert(src, "ckptx.factories:transformers_model", args)
+    assert got.report["ops"].get(op) == 2 * LLM["num_hidden_layers"]  # qkv and gate_up of each layer
+    if op == "split":
+        assert "sizes: [32, 16, 16]" in got.text
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    from ckptx.factories import transformers_model
+
+    _close(transformers_model(target_arch, **LLM), got.state, source, tokens)
