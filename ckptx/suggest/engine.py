@@ -185,7 +185,7 @@ def _suggest(src: str, fmt: str, opened: Any, chosen: Candidate, rivals: list[tu
         if len(missing) > 200:
             trailer.append(f"  ... and {len(missing) - 200} more")
     text = render_recipe(header=header, name=recipe_name,
-                         description=f"{Path(src).name} -> {spec.describe()} (suggested; review before use)",
+                         description=f"{Path(src).name} -> {_describe(spec)} (suggested; review before use)",
                          extract=extract, steps=steps, target=_target_section(spec, output),
                          verify=verify, trailer=trailer)
     base_dir = Path(output).resolve().parent if output else Path.cwd()
@@ -234,11 +234,21 @@ def _resolve(spec: TargetSpec) -> Target:
 def _recipe_name(src: str, spec: TargetSpec) -> str:
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(src).name.split(".")[0]) or "source"
     if spec.model:
-        tail = next((str(v) for k, v in spec.kwargs.items() if k in ("model_name", "name", "architecture", "size")),
-                    spec.model.rsplit(":", 1)[-1])
+        named = next((str(v) for k, v in spec.kwargs.items() if k in ("model_name", "name", "architecture")), None)
+        tail = named or spec.model.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+        size = spec.kwargs.get("size")
+        if named is None and isinstance(size, str):
+            tail += f"-{size}"
     else:
         tail = Path(spec.checkpoint or spec.manifest or "target").name.split(".")[0]
     return f"suggested/{stem}-to-{re.sub(r'[^A-Za-z0-9_.-]+', '-', tail)}"
+
+
+def _describe(spec: TargetSpec) -> str:
+    """`module:callable(k=v, ...)` without Python quoting, or the target file's name."""
+    if spec.model:
+        return f"{spec.model}({', '.join(f'{k}={v}' for k, v in spec.kwargs.items())})"
+    return Path(spec.checkpoint or spec.manifest or "").name
 
 
 def _target_section(spec: TargetSpec, output: str | Path | None) -> dict[str, Any]:
@@ -270,7 +280,7 @@ def _header(src: str, fmt: str, chosen: Candidate, rivals: list[tuple[Candidate,
     if rivals:
         lines.append(f"  (also fits the target as well: {', '.join(repr(c.path) for c, _ in rivals)}; "
                      f"set `extract:` to use it instead)")
-    lines.append(f"target: {spec.describe()}, {len(target.tensors)} tensors")
+    lines.append(f"target: {_describe(spec)}, {len(target.tensors)} tensors")
     mapped = sum(evidence.values())
     parts = [f"{n} by {what}" for what, n in sorted(evidence.items(), key=lambda kv: -kv[1])]
     lines.append(f"mapped: {mapped} of {len(target.tensors)} target keys ({'; '.join(parts) or 'none'})")

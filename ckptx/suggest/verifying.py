@@ -46,7 +46,12 @@ def verify_section(source_model: str, source_kwargs: Mapping[str, Any], input_sh
                    input_dtype: str | None) -> dict[str, Any]:
     """The recipe's `verify:` mapping; the input is guessed from the model when not given."""
     if input_shape is None:
-        model = build_model(source_model, source_kwargs, "--verify-with", device="meta")
+        try:
+            model = build_model(source_model, source_kwargs, "--verify-with", device="meta")
+        except TargetError as exc:
+            if "cannot import" in str(exc) or "no attribute" in str(exc) or "not callable" in str(exc):
+                raise
+            model = build_model(source_model, source_kwargs, "--verify-with", device="cpu")  # not meta-safe
         shape, dtype = guess_input(model)
         input_shape, input_dtype = shape, input_dtype or dtype
     section: dict[str, Any] = {"source_model": source_model}
