@@ -67,6 +67,8 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run `ckptx suggest`; exit 0 when the recipe validates, 1 when target keys stay unmatched."""
     from ckptx.suggest.engine import suggest  # noqa: PLC0415
 
+    if (args.verify_input or args.verify_arg or args.verify_input_dtype) and not args.verify_with:
+        raise CkptxError("--verify-input/--verify-arg/--verify-input-dtype need --verify-with module:callable")
     destination = Path(args.output) if args.output else None
     if destination is not None:
         if destination.exists() and not args.force:

@@ -175,3 +175,18 @@ class NanoGPT(nn.Module):
 def nano_gpt() -> nn.Module:
     """`NanoGPT` in the small `GPT_CONFIG`."""
     return NanoGPT(**GPT_CONFIG)
+
+
+class _Wrapped(nn.Module):
+    """TinyNet under one attribute (every key starts with `backbone.`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from tests.helpers.models import tiny_net
+
+        self.backbone = tiny_net()
+
+
+def wrapped_tiny_net() -> nn.Module:
+    """Factory used as `tests.suggest.models:wrapped_tiny_net`."""
+    return _Wrapped()
