@@ -430,15 +430,18 @@ def cover(keys: Iterable[str], universe: Iterable[str]) -> list[str]:
     by_template: dict[str, list[str]] = defaultdict(list)
     for key in wanted:
         by_template[_DIGITS.sub("#", key)].append(key)
-    patterns: list[str] = []
-    for template, members in by_template.items():
-        patterns.extend(_cover_template(template, members, others))
-    return _combine(list(dict.fromkeys(patterns)))
+    shortest = [_cover_template(members, others) for members in by_template.values()]
+    best = _combine(list(dict.fromkeys(p for ps in shortest for p in ps)))
+    # Written at one common length, suffixes that differ in one name can share one pattern (grn.(weight|bias)).
+    length = max(p.count(r"\.") + (1 if p.startswith("^") else 0) for ps in shortest for p in ps)
+    uniform = [_cover_template(members, others, at_least=length) for members in by_template.values()]
+    combined = _combine(list(dict.fromkeys(p for ps in uniform for p in ps)))
+    return combined if len(combined) < len(best) else best
 
 
-def _cover_template(template: str, members: list[str], others: _Buckets) -> list[str]:
+def _cover_template(members: list[str], others: "_Buckets", at_least: int = 1) -> list[str]:
     parts = members[0].split(".")
-    for length in range(1, len(parts) + 1):
+    for length in range(min(at_least, len(parts)), len(parts) + 1):
         for literal in (False, True):
             tail = parts[-length:]
             if literal and any(m.split(".")[-length:] != tail for m in members):
