@@ -20,7 +20,7 @@ from ckptx.suggest.build import Decided, build_steps
 from ckptx.suggest.emit import render_recipe
 from ckptx.suggest.sources import (Candidate, Prefixes, choose_candidate, find_candidates, infer_prefixes,
                                    natural_order, read_manifest_fast)
-from ckptx.suggest.tree import build_level
+from ckptx.suggest.tree import build_level, hierarchical_order
 from ckptx.suggest.verifying import verify_section
 
 __all__ = ["SuggestReport", "Suggestion", "suggest"]
@@ -130,14 +130,14 @@ def _suggest(src: str, fmt: str, opened: Any, chosen: Candidate, rivals: list[tu
     cut, added = len(prefixes.strip_text), prefixes.add_text
     stripped = {k[cut:]: m for k, m in source_tensors.items()}
     unprefixed = {k[len(added):]: m for k, m in target_tensors.items()}
-    src_order = natural_order(list(stripped))
-    dst_order = natural_order(list(unprefixed))
+    src_order = natural_order(list(stripped), stripped)
+    dst_order = natural_order(list(unprefixed), unprefixed)
     if src_order is not None:
         notes.append("source keys are sorted by name (as safetensors stores them): order evidence is weaker")
     if dst_order is not None:
         notes.append("target keys are sorted by name: order evidence is weaker")
-    src_level = build_level([(k, stripped[k]) for k in (src_order or stripped)])
-    dst_level = build_level([(k, unprefixed[k]) for k in (dst_order or unprefixed)])
+    src_level = build_level([(k, stripped[k]) for k in hierarchical_order(src_order or list(stripped))])
+    dst_level = build_level([(k, unprefixed[k]) for k in hierarchical_order(dst_order or list(unprefixed))])
     alignment = align(src_level, dst_level)
     matches = list(expand(alignment))
     left_src, left_dst = unmatched(alignment)

@@ -177,9 +177,14 @@ def infer_prefixes(source: Sequence[str], target: Sequence[str]) -> Prefixes:
 _NUMBER = re.compile(r"(\d+)")
 
 
-def natural_order(keys: Sequence[str]) -> list[str] | None:
-    """When `keys` are sorted by name (safetensors files are), the same keys with numbers in numeric order
-    (`layers.2` before `layers.10`); None when they are in their own (registration) order."""
-    if len(keys) < 3 or list(keys) != sorted(keys):
+def natural_order(keys: Sequence[str], metas: Mapping[str, TensorMeta] | None = None) -> list[str] | None:
+    """When `keys` are sorted by name (safetensors writers sort them, tensors of each dtype size apart), the same
+    keys in name order with numbers in numeric order (`layers.2` before `layers.10`); None when they keep their
+    own (registration) order."""
+    if len(keys) < 3:
+        return None
+    descents = sum(1 for a, b in zip(keys, keys[1:]) if a > b)
+    groups = len({metas[k].dtype for k in keys}) if metas is not None else 1
+    if descents >= groups:
         return None
     return sorted(keys, key=lambda k: [int(t) if t.isdigit() else t for t in _NUMBER.split(k)])

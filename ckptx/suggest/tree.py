@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 from ckptx.suggest._compat import TensorMeta
 
-__all__ = ["Leaf", "Level", "Run", "build_level"]
+__all__ = ["Leaf", "Level", "Run", "build_level", "hierarchical_order"]
 
 _DIGITS = re.compile(r"\d+")
 
@@ -67,6 +67,31 @@ class Level:
             runs.extend(Run(prefix + inner.template, [prefix + p for p in inner.prefixes], inner.body, base + inner.order)
                         for inner in run.body.runs)
         return leaves, runs
+
+
+def hierarchical_order(keys: Sequence[str]) -> list[str]:
+    """`keys` with every module's tensors together, modules in order of first appearance (a depth-first walk of
+    the name tree). A state dict is already in this order; a file that groups tensors otherwise (by dtype, say)
+    is put back into it, so repeated blocks stay consecutive."""
+    root: dict = {}
+    for key in keys:
+        node = root
+        for part in key.split("."):
+            node = node.setdefault(part, {})
+        node[None] = key
+    out: list[str] = []
+    stack = [iter(root.items())]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+            continue
+        name, child = item
+        if name is None:
+            out.append(child)
+        else:
+            stack.append(iter(child.items()))
+    return out
 
 
 def build_level(items: Sequence[tuple[str, TensorMeta]]) -> Level:
