@@ -10,6 +10,7 @@ relative position in state-dict order), among pairs whose shapes fit exactly or 
 from __future__ import annotations
 
 import bisect
+import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
@@ -165,14 +166,44 @@ class _LevelAligner:
         left_dst = [(r, None) for j, r in enumerate(dst_runs) if j not in {q for _, q in paired}]
         for i, j in paired:
             a, b = src_runs[i], dst_runs[j]
-            n = min(len(a.prefixes), len(b.prefixes))
-            self.result.runs.append(RunPair(a, b, inner[i, j], [(k, k) for k in range(n)]))
-            self.result.matched_tensors += int(round(inner[i, j].matched_tensors * n))
-            if len(a.prefixes) > n:
-                left_src.append((a, list(range(n, len(a.prefixes)))))
-            if len(b.prefixes) > n:
-                left_dst.append((b, list(range(n, len(b.prefixes)))))
+            pairs = _instance_pairs(a, b)
+            self.result.runs.append(RunPair(a, b, inner[i, j], pairs))
+            self.result.matched_tensors += int(round(inner[i, j].matched_tensors * len(pairs)))
+            rest_a = sorted(set(range(len(a.prefixes))) - {p for p, _ in pairs})
+            rest_b = sorted(set(range(len(b.prefixes))) - {q for _, q in pairs})
+            if rest_a:
+                left_src.append((a, rest_a))
+            if rest_b:
+                left_dst.append((b, rest_b))
         return left_src, left_dst
+
+
+def _instance_pairs(a: Run, b: Run) -> list[tuple[int, int]]:
+    """Instances of two runs paired by their numbers (`layers.3` with `blocks.3`), shifted by one when one side
+    counts from 1 (`layer_1` with `layers.0`); instances without a partner are aligned on their own."""
+    na, nb = _numbers(a), _numbers(b)
+    if na is None or nb is None:
+        n = min(len(a.prefixes), len(b.prefixes))
+        return [(k, k) for k in range(n)]
+    where_b = {v: k for k, v in enumerate(nb)}
+    best: list[tuple[int, int]] = []
+    for shift in dict.fromkeys((0, nb[0] - na[0], nb[-1] - na[-1], 1, -1)):
+        pairs = [(k, where_b[v + shift]) for k, v in enumerate(na) if v + shift in where_b]
+        if len(pairs) > len(best):
+            best = pairs
+    return best
+
+
+def _numbers(run: Run) -> list[int] | None:
+    """The index of each instance of a run (`stages.0.3` of template `stages.0.#` -> 3)."""
+    pattern = re.compile("^" + re.escape(run.template).replace("\\#", "#").replace("#", r"(\d+)") + "$")
+    out = []
+    for prefix in run.prefixes:
+        match = pattern.match(prefix)
+        if match is None or match.lastindex != 1:
+            return None
+        out.append(int(match.group(1)))
+    return out if len(set(out)) == len(out) else None
 
 
 def _flatten(runs: list[Run]) -> list[Leaf]:

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from ckptx.suggest._compat import TensorMeta
 from ckptx.suggest.align import Match
-from ckptx.suggest.generalize import Row, cover, rename_rows
+from ckptx.suggest.generalize import cover, rename_rows
 from ckptx.suggest.shapes import Fit, JoinFit
 from ckptx.suggest.sources import Prefixes
 

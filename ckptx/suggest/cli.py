@@ -87,10 +87,11 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.json:
         doc = {**report.to_dict(), "output": str(destination) if destination else None, "recipe": result.text}
         out.write(json.dumps(doc, indent=1, default=str) + "\n")
-    else:
-        lines = [] if destination else [result.text.rstrip()]
-        lines += _summary(report, destination)
-        out.write("\n".join(lines) + "\n")
+    elif destination is not None:
+        out.write("\n".join(_summary(report, destination)) + "\n")
+    else:  # the recipe on stdout, the summary as comments: `ckptx suggest ... > rules.yaml` is a valid recipe
+        summary = "\n".join(f"# {line}" for text in _summary(report, None) for line in text.splitlines())
+        out.write(result.text.rstrip() + "\n" + summary + "\n")
     return EXIT_OK if report.ok else EXIT_UNMATCHED
 
 

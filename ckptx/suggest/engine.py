@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ckptx import __version__
-from ckptx.suggest._compat import (CkptxError, PlanError, Recipe, Target, TargetSpec, TensorMeta, ValidationReport,
+from ckptx.suggest._compat import (CkptxError, PlanError, Recipe, Target, TargetSpec, ValidationReport,
                                    convert_verified, load_rules_text, open_source, ops_of, parse_target_arg,
                                    plan_recipe, resolve_target, validate)
 from ckptx.suggest.align import Match, align, expand, unmatched

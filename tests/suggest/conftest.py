@@ -87,10 +87,6 @@ def suggest_and_convert(run_cli: Callable[..., Any], tmp_path: Path) -> Callable
         result = run_cli(*args)
         assert result.code == 0, result.out + result.err
         report = json.loads(result.out)
-        if os.environ.get("CKPTX_SUGGEST_DUMP"):
-            import shutil
-
-            shutil.copy(rules, Path(os.environ["CKPTX_SUGGEST_DUMP"]) / f"{src.stem}--{rules.name}")
         out = tmp_path / (rules.stem + ".safetensors")
         converted = run_cli("convert", src, "-r", rules, "-o", out, *convert_extra)
         assert converted.code == 0, converted.out + converted.err

@@ -135,3 +135,13 @@ def test_without_verification_numerics_are_not_claimed(run_cli, tmp_path: Path, 
     result = run_cli("suggest", src, "--target", TINY)
     assert result.code == 0
     assert "does not prove the outputs" in result.out and "outputs not compared" in result.out
+
+
+def test_printed_recipe_is_valid_yaml_with_the_summary_as_comments(run_cli, tmp_path: Path, tiny_state) -> None:
+    src = tmp_path / "tiny.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in tiny_state.items()}}, src)
+    result = run_cli("suggest", src, "--target", TINY)
+    assert result.code == 0
+    recipe = yaml.safe_load(result.out)
+    assert recipe["extract"] == "model" and recipe["steps"] == [{"strip_prefix": "module."}]
+    assert "# validation against" in result.out

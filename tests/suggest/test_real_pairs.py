@@ -7,9 +7,8 @@ MobileNet (torchvision -> timm). Random weights, small configs, nothing download
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch

@@ -195,3 +195,20 @@ def test_candidate_choice_prefers_fit_then_usual_names() -> None:
 def test_natural_order_only_for_name_sorted_keys() -> None:
     assert natural_order(["c.w", "b.10.w", "b.2.w"]) is None  # not sorted by name: registration order kept
     assert natural_order(["b.10.w", "b.2.w", "b.3.w"]) == ["b.2.w", "b.3.w", "b.10.w"]
+
+
+def test_run_instances_pair_by_number_when_one_side_splits_its_first_block() -> None:
+    """Target block 0 has an extra tensor, so it is not in the target's run: source block i still goes to target
+    block i (not to the run's i-th instance)."""
+    src = [(f"layers.{i}.{n}.weight", _meta(4, 4)) for i in range(4) for n in ("a", "b")]
+    dst = [(f"blocks.{i}.{n}.weight", _meta(4, 4)) for i in range(4) for n in ("a", "b")]
+    dst.insert(2, ("blocks.0.extra", _meta(7)))
+    got = {m.sources[0]: m.targets[0] for m in expand(align(build_level(src), build_level(dst)))}
+    assert all(got[f"layers.{i}.{n}.weight"] == f"blocks.{i}.{n}.weight" for i in range(4) for n in ("a", "b"))
+
+
+def test_run_instances_numbered_from_one_pair_with_zero_based() -> None:
+    src = [(f"encoder.layer_{i}.w", _meta(4, 4)) for i in range(1, 4)] + [("encoder.layer_0_extra", _meta(9))]
+    dst = [(f"blocks.{i}.w", _meta(4, 4)) for i in range(3)]
+    got = {m.sources[0]: m.targets[0] for m in expand(align(build_level(src), build_level(dst)))}
+    assert got == {"encoder.layer_1.w": "blocks.0.w", "encoder.layer_2.w": "blocks.1.w", "encoder.layer_3.w": "blocks.2.w"}
