@@ -9,10 +9,10 @@ from ckptx.io.source import MappingSource, is_tensor
 from ckptx.ops.registry import TensorMeta, ops_of
 from ckptx.rules import Recipe, TargetSpec
 from ckptx.rules.loader import load_rules_text
-from ckptx.target import Target, ValidationReport, build_model, parse_target_arg, read_manifest, resolve_target, validate
+from ckptx.target import Target, ValidationReport, build_model, import_callable, parse_target_arg, read_manifest, resolve_target, validate
 
 __all__ = ["CkptxError", "MappingSource", "PlanError", "Recipe", "SourceError", "Target", "TargetError", "TargetSpec", "TensorMeta",
-           "ValidationReport", "build_model", "dtype_name", "is_tensor", "load_object_tree", "load_rules_text", "open_source", "ops_of",
+           "ValidationReport", "build_model", "dtype_name", "import_callable", "is_tensor", "load_object_tree", "load_rules_text", "open_source", "ops_of",
            "convert_verified", "parse_target_arg", "plan_recipe", "read_manifest", "resolve_target", "sniff_format", "validate"]
 
 
@@ -55,4 +55,7 @@ def convert_verified(src: str, dst: str, recipe: Recipe, *, allow_globals: tuple
                          unsafe_pickle=unsafe_pickle)
     except VerificationFailed as exc:
         return exc.result, exc
+    except TargetError as exc:  # a model that does not take the weights: its message can list every key
+        text = str(exc)
+        raise TargetError(text if len(text) < 400 else text[:400] + " ...") from None
     return result.verification, None

@@ -155,7 +155,8 @@ def _suggest(src: str, fmt: str, opened: Any, chosen: Candidate, rivals: list[tu
     if verify_with:
         if not spec.model:
             raise CkptxError("--verify-with needs a model target (module:callable), not a checkpoint or manifest")
-        verify = verify_section(verify_with, dict(verify_args or {}), verify_input, verify_input_dtype)
+        verify = verify_section(verify_with, dict(verify_args or {}), verify_input, verify_input_dtype,
+                                prefix=prefixes.strip_text)
     evidence: Counter = Counter()
     ops: Counter = Counter()
     close: dict[str, str] = {}

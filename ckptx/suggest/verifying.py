@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
 from ckptx.suggest._compat import TargetError, build_model
 
-__all__ = ["guess_input", "verify_section"]
+__all__ = ["guess_input", "prefixed_model", "verify_section"]
 
 
 def guess_input(model: Any) -> tuple[tuple[int, ...], str]:
@@ -42,9 +43,42 @@ def _image_size(model: Any) -> int:
     return 64
 
 
+def prefixed_model(factory: str, prefix: str, kwargs: Mapping[str, Any] | None = None) -> Any:
+    """The model `factory(**kwargs)` builds, held under `prefix` (`module.`, `module._orig_mod.`, `model.`) so that
+    its state dict has the checkpoint's keys: the source model of a verification whose checkpoint carries a
+    wrapper prefix. Calling it calls the model."""
+    from ckptx.suggest._compat import import_callable  # noqa: PLC0415
+
+    model = import_callable(factory, "verify.source_kwargs.factory")(**dict(kwargs or {}))
+    holder = _holder_class()
+    for name in reversed([p for p in prefix.split(".") if p]):
+        model = holder(name, model)
+    return model
+
+
+@lru_cache(maxsize=1)
+def _holder_class() -> type:
+    """The wrapper module class (made on first use: importing this module does not import torch)."""
+    import torch  # noqa: PLC0415
+
+    class Holder(torch.nn.Module):
+        """One wrapper level (`module` of DataParallel, `_orig_mod` of torch.compile, a Lightning attribute)."""
+
+        def __init__(self, name: str, inner: Any) -> None:
+            super().__init__()
+            self.add_module(name, inner)
+            self.inner_name = name
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return getattr(self, self.inner_name)(*args, **kwargs)
+
+    return Holder
+
+
 def verify_section(source_model: str, source_kwargs: Mapping[str, Any], input_shape: Sequence[int] | None,
-                   input_dtype: str | None) -> dict[str, Any]:
-    """The recipe's `verify:` mapping; the input is guessed from the model when not given."""
+                   input_dtype: str | None, prefix: str = "") -> dict[str, Any]:
+    """The recipe's `verify:` mapping; the input is guessed from the model when not given. With a wrapper
+    `prefix` on the checkpoint's keys, the source model is held under it (`prefixed_model`)."""
     if input_shape is None:
         try:
             model = build_model(source_model, source_kwargs, "--verify-with", device="meta")
@@ -54,9 +88,14 @@ def verify_section(source_model: str, source_kwargs: Mapping[str, Any], input_sh
             model = build_model(source_model, source_kwargs, "--verify-with", device="cpu")  # not meta-safe
         shape, dtype = guess_input(model)
         input_shape, input_dtype = shape, input_dtype or dtype
-    section: dict[str, Any] = {"source_model": source_model}
-    if source_kwargs:
-        section["source_kwargs"] = dict(source_kwargs)
+    if prefix:
+        section: dict[str, Any] = {"source_model": "ckptx.suggest.verifying:prefixed_model",
+                                   "source_kwargs": {"factory": source_model, "prefix": prefix,
+                                                     **({"kwargs": dict(source_kwargs)} if source_kwargs else {})}}
+    else:
+        section = {"source_model": source_model}
+        if source_kwargs:
+            section["source_kwargs"] = dict(source_kwargs)
     section["input_shape"] = list(input_shape)
     if input_dtype and input_dtype != "float32":
         section["input_dtype"] = input_dtype

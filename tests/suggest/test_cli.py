@@ -145,3 +145,17 @@ def test_printed_recipe_is_valid_yaml_with_the_summary_as_comments(run_cli, tmp_
     recipe = yaml.safe_load(result.out)
     assert recipe["extract"] == "model" and recipe["steps"] == [{"strip_prefix": "module."}]
     assert "# validation against" in result.out
+
+
+def test_verify_with_holds_the_source_model_under_the_checkpoint_prefix(run_cli, tmp_path: Path, tiny_state) -> None:
+    """A DDP checkpoint's keys carry `module.`: the verification's source model is held under that prefix."""
+    src, rules = tmp_path / "ddp.pth", tmp_path / "rules.yaml"
+    torch.save({"model": {f"module.{k}": v for k, v in tiny_state.items()}, "epoch": 1}, src)
+    result = run_cli("suggest", src, "--target", TINY, "--verify-with", TINY, "-o", rules, "--json")
+    assert result.code == 0, result.out + result.err
+    doc = json.loads(result.out)
+    assert doc["verification"]["ok"] and doc["verification"]["max_abs_diff"] == 0.0
+    verify = yaml.safe_load(rules.read_text())["verify"]
+    assert verify["source_kwargs"] == {"factory": TINY, "prefix": "module."}
+    converted = run_cli("convert", src, "-r", rules, "-o", tmp_path / "out.safetensors", "--verify")
+    assert converted.code == 0, converted.out + converted.err
