@@ -26,6 +26,7 @@ _CLASS_LIMIT = 400          # above this many candidates of one shape, pair them
 # Fused groups in the order their parts are concatenated (q, k, v; gate, up), whatever order the keys come in.
 _KNOWN_ORDERS = (("q", "k", "v"), ("k", "v"), ("q", "k"), ("gate", "up"))
 _KNOWN_GROUPS = tuple(frozenset(order) for order in _KNOWN_ORDERS)
+_GENERIC_PARAMS = frozenset({"weight", "bias", "mean", "var", "num", "batches", "tracked", "scale"})
 _CLOSE = 0.12               # a runner-up within this score of the choice is reported as a close call
 
 
@@ -131,7 +132,12 @@ class _LevelAligner:
             dst_leaves += leaves + _flatten(runs)
         src_leaves.sort(key=lambda leaf: leaf.order)
         dst_leaves.sort(key=lambda leaf: leaf.order)
-        flat = _FlatAligner(src_leaves, dst_leaves)
+        anchors = []
+        for pair in self.result.runs:  # a matched run fixes where the tensors around it belong
+            a, b = pair.source, pair.target
+            anchors += [(a.order, b.order),
+                        (a.order + len(a.prefixes) * a.size - 1, b.order + len(b.prefixes) * b.size - 1)]
+        flat = _FlatAligner(src_leaves, dst_leaves, anchors, self.source.count, self.target.count)
         self.result.matches = flat.run()
         self.result.source_unmatched = [src_leaves[i].key for i in sorted(flat.free_src)]
         self.result.target_unmatched = [dst_leaves[j].key for j in sorted(flat.free_dst)]
@@ -317,19 +323,27 @@ def _parent(key: str) -> str:
 class _FlatAligner:
     """Matches single tensors of one level: fused splits/merges, then modules, then tensors."""
 
-    def __init__(self, src: list[Leaf], dst: list[Leaf]) -> None:
+    def __init__(self, src: list[Leaf], dst: list[Leaf], anchors: Sequence[tuple[int, int]] = (),
+                 n: int | None = None, m: int | None = None) -> None:
         self.src, self.dst = src, dst
+        self.run_anchors = list(anchors)
+        self.n = n if n is not None else (max((leaf.order for leaf in src), default=-1) + 1)
+        self.m = m if m is not None else (max((leaf.order for leaf in dst), default=-1) + 1)
         self.free_src = set(range(len(src)))
         self.free_dst = set(range(len(dst)))
         self.matches: list[Match] = []
         self.parent_votes: Counter = Counter()
         self.weights = rarity([leaf.key for leaf in src], [leaf.key for leaf in dst])
-        self.warp = _Warp([], len(src), len(dst))
+        self.warp = _Warp(self.run_anchors, self.n, self.m)
+
+    def position(self, i: int, j: int) -> float:
+        """How well source leaf `i` and target leaf `j` sit at corresponding places of their levels."""
+        return self.warp.similarity(self.src[i].order, self.dst[j].order)
 
     def run(self) -> list[Match]:
         self._fused("split")
         self._fused("merge")
-        self.warp = _Warp(self._anchors(), len(self.src), len(self.dst))
+        self.warp = _Warp(self._anchors() + self.run_anchors, self.n, self.m)
         self._modules()
         self._tensors()
         self._square_transposes()
@@ -355,7 +369,7 @@ class _FlatAligner:
         for i in self.free_src:
             j = by_key.get(self.src[i].key)
             if j is not None:
-                anchors.append((i, j))
+                anchors.append((self.src[i].order, self.dst[j].order))
         classes: dict[tuple, tuple[list[int], list[int]]] = {}
         for i in self.free_src:
             meta = self.src[i].meta
@@ -367,9 +381,10 @@ class _FlatAligner:
                 classes[key][1].append(j)
         for rows, cols in classes.values():
             if len(rows) == 1 and len(cols) == 1 and fit(self.src[rows[0]].meta, self.dst[cols[0]].meta):
-                anchors.append((rows[0], cols[0]))
+                anchors.append((self.src[rows[0]].order, self.dst[cols[0]].order))
         for match in self.matches:
-            anchors += [(self._src_index[s], self._dst_index[t]) for s in match.sources for t in match.targets][:1]
+            anchors.append((self.src[self._src_index[match.sources[0]]].order,
+                            self.dst[self._dst_index[match.targets[0]]].order))
         return anchors
 
     @property
@@ -451,7 +466,7 @@ class _FlatAligner:
                 row: list[float | None] = []
                 for c in cols:
                     pairs_ = self._param_pairs(src_mods[r][1], dst_mods[c][1])
-                    if pairs_ is None:
+                    if pairs_ is None or not self._plausible(src_mods[r][1][0], dst_mods[c][1][0]):
                         row.append(None)
                         continue
                     bijections[r, c] = pairs_
@@ -500,12 +515,12 @@ class _FlatAligner:
         if na.leaf_ordinal is not None and nb.leaf_ordinal is not None:
             ordinal = 0.5 if na.leaf_ordinal == nb.leaf_ordinal else -0.5
         numbers = _number_similarity(na.numbers, nb.numbers)
-        position = self.warp.similarity(sm[1][0], dm[1][0])
+        position = self.position(sm[1][0], dm[1][0])
         params = sum(token_similarity(key_name(self.src[i].key).param, key_name(self.dst[j].key).param)
                      for i, j, _ in pairs) / len(pairs)
         quality = sum(f.quality for _, _, f in pairs) / len(pairs)
         same = 1.0 if sm[0] == dm[0] else 0.0
-        return 1.0 + 1.0 * name + ordinal + 0.3 * numbers + 0.8 * position + 0.3 * params + 1.0 * quality + same
+        return 1.0 + 1.0 * name + ordinal + 0.5 * numbers + 0.8 * position + 0.3 * params + 1.0 * quality + same
 
     # ---- single tensors
     def _tensors(self) -> None:
@@ -531,7 +546,8 @@ class _FlatAligner:
                     if f is not None:
                         self._accept_tensor(i, j, f, None)
                 continue
-            fits = {(i, j): fit(self.src[i].meta, self.dst[j].meta) for i in rows for j in cols}
+            fits = {(i, j): fit(self.src[i].meta, self.dst[j].meta) if self._plausible(i, j) else None
+                    for i in rows for j in cols}
             scores = [[self._tensor_score(i, rank_src[i], n, j, m, fits[i, j]) if fits[i, j] is not None else None
                        for j in cols] for i in rows]
             chosen = assign(scores)
@@ -540,12 +556,20 @@ class _FlatAligner:
                 self._accept_tensor(rows[ri], cols[ci], fits[rows[ri], cols[ci]],  # type: ignore[arg-type]
                                     self.dst[cols[alt]].key if alt is not None else None)
 
+    def _plausible(self, i: int, j: int) -> bool:
+        """A lone tensor pair needs some evidence beyond its shape: a similar name or about the expected place
+        (a new layer of the target is not filled with a leftover of the same shape from elsewhere)."""
+        a, b = key_name(self.src[i].key), key_name(self.dst[j].key)
+        named = (token_similarity(a.path, b.path, self.weights) >= 0.15 or bool(set(a.leaf) & set(b.leaf))
+                 or bool((set(a.param) & set(b.param)) - _GENERIC_PARAMS))
+        return named or self.position(i, j) >= 0.25
+
     def _tensor_score(self, i: int, r: int, n: int, j: int, m: int, f: Fit) -> float:
         s, t = self.src[i].key, self.dst[j].key
         na, nb = key_name(s), key_name(t)
         vote = 0.6 if self.parent_votes.get((_parent(s), _parent(t))) else 0.0
         return (1.0 + 1.2 * similarity(s, t, self.weights) + 0.3 * _number_similarity(na.numbers, nb.numbers)
-                + 0.8 * self.warp.similarity(i, j) + 1.0 * f.quality + vote + (1.0 if s == t else 0.0))
+                + 0.8 * self.position(i, j) + 1.0 * f.quality + vote + (1.0 if s == t else 0.0))
 
     def _accept_tensor(self, i: int, j: int, f: Fit, alternative: str | None) -> None:
         s, t = self.src[i].key, self.dst[j].key

@@ -212,3 +212,11 @@ def test_run_instances_numbered_from_one_pair_with_zero_based() -> None:
     dst = [(f"blocks.{i}.w", _meta(4, 4)) for i in range(3)]
     got = {m.sources[0]: m.targets[0] for m in expand(align(build_level(src), build_level(dst)))}
     assert got == {"encoder.layer_1.w": "blocks.0.w", "encoder.layer_2.w": "blocks.1.w", "encoder.layer_3.w": "blocks.2.w"}
+
+
+def test_a_lone_leftover_of_the_same_shape_is_not_taken_for_a_new_layer() -> None:
+    src = [(f"blocks.{i}.w", _meta(4, 4)) for i in range(12)] + [("aux_loss_head.weight", _meta(8))]
+    src = [(k, m) for k, m in src]
+    dst = [("new_norm.weight", _meta(8))] + [(f"layers.{i}.w", _meta(4, 4)) for i in range(12)]
+    alignment = align(build_level(src), build_level(dst))
+    assert unmatched(alignment) == (["aux_loss_head.weight"], ["new_norm.weight"])
