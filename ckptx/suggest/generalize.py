@@ -19,6 +19,7 @@ from typing import Iterable, Mapping, Sequence
 __all__ = ["Row", "cover", "rename_rows"]
 
 _DIGITS = re.compile(r"\d+")
+_NUMBER_SPLIT = re.compile(r"(\d+)")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class _Pair:
     order: int
     keep: int          # trailing components left to pass through unchanged
     literal: bool = False
+    split: tuple | None = None  # (keep it was computed for, source prefix, target prefix, their numbers)
 
 
 @dataclass
@@ -156,17 +158,12 @@ def _specialize(group: _Group) -> None:
 def _groups(items: list[_Pair]) -> list[_Group]:
     buckets: dict[tuple, list[_Pair]] = defaultdict(list)
     for p in items:
-        s_prefix, t_prefix, _, _ = _split_pair(p)
-        key = (_DIGITS.sub("#", s_prefix), _DIGITS.sub("#", t_prefix), p.keep > 0,
-               s_prefix if p.literal else None)
-        buckets[key].append(p)
+        cached = p.split if p.split is not None and p.split[0] == p.keep else _cache_split(p)
+        buckets[(cached[5], cached[6], p.keep > 0, cached[1] if p.literal else None)].append(p)
     groups: list[_Group] = []
     for (_, _, suffix, _), members in buckets.items():
         groups.extend(_fit_group(members, suffix, {}))
     return groups
-
-
-_PREFIX_CACHE: dict[tuple[str, str, int], tuple[str, str, list[int], list[int]]] = {}
 
 
 def _drop_tail(key: str, n: int) -> str:
@@ -183,16 +180,17 @@ def _prefixes(p: _Pair) -> tuple[str, str]:
 
 def _split_pair(p: _Pair) -> tuple[str, str, list[int], list[int]]:
     """(source prefix, target prefix, their numbers) for the pair's current `keep`."""
-    key = (p.source, p.target, p.keep)
-    found = _PREFIX_CACHE.get(key)
-    if found is None:
-        s_prefix, t_prefix = _drop_tail(p.source, p.keep), _drop_tail(p.target, p.keep)
-        found = (s_prefix, t_prefix, [int(d) for d in _DIGITS.findall(s_prefix)],
-                 [int(d) for d in _DIGITS.findall(t_prefix)])
-        if len(_PREFIX_CACHE) > 1_000_000:
-            _PREFIX_CACHE.clear()
-        _PREFIX_CACHE[key] = found
-    return found
+    cached = p.split if p.split is not None and p.split[0] == p.keep else _cache_split(p)
+    return cached[1:5]  # type: ignore[return-value]
+
+
+def _cache_split(p: _Pair) -> tuple:
+    """Cache on the pair: (keep, source prefix, target prefix, their numbers, their templates)."""
+    s_prefix, t_prefix = _drop_tail(p.source, p.keep), _drop_tail(p.target, p.keep)
+    s_parts, t_parts = _NUMBER_SPLIT.split(s_prefix), _NUMBER_SPLIT.split(t_prefix)
+    p.split = (p.keep, s_prefix, t_prefix, [int(d) for d in s_parts[1::2]], [int(d) for d in t_parts[1::2]],
+               "#".join(s_parts[0::2]), "#".join(t_parts[0::2]))
+    return p.split
 
 
 def _fit_group(members: list[_Pair], suffix: bool, allowed: dict[int, tuple[int, ...]]) -> list[_Group]:

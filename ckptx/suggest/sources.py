@@ -4,6 +4,7 @@ wrapper prefixes (`module.`, `_orig_mod.`, a Lightning attribute) to strip or ad
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -33,8 +34,9 @@ def read_manifest_fast(path: Path) -> dict[str, TensorMeta]:
     if path.suffix == ".json":
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
-            return {str(k): TensorMeta(tuple(int(d) for d in v["shape"]), str(v.get("dtype", "float32")))
-                    for k, v in doc["tensors"].items()}
+            tensors = doc["tensors"]
+            if all(type(d) is int for v in tensors.values() for d in v["shape"]):
+                return {str(k): TensorMeta(tuple(v["shape"]), v.get("dtype", "float32")) for k, v in tensors.items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass  # the reader below gives the precise message
     return read_manifest(path)
@@ -137,18 +139,13 @@ class Prefixes:
 
 
 def _common(keys: Sequence[str]) -> list[str]:
-    split = [k.split(".") for k in keys]
-    if not split:
+    """The leading components every key shares, each key keeping at least one more."""
+    if not keys:
         return []
-    out: list[str] = []
-    shortest = min(len(s) for s in split)
-    for i in range(shortest - 1):
-        first = split[0][i]
-        if all(s[i] == first for s in split):
-            out.append(first)
-        else:
-            break
-    return out
+    shared = os.path.commonprefix([min(keys), max(keys)])
+    parts = shared.split(".")[:-1]  # only whole components (the last piece may be cut)
+    shortest = min(k.count(".") for k in keys)
+    return parts[:shortest]
 
 
 def infer_prefixes(source: Sequence[str], target: Sequence[str]) -> Prefixes:

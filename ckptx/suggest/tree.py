@@ -73,6 +73,8 @@ def hierarchical_order(keys: Sequence[str]) -> list[str]:
     """`keys` with every module's tensors together, modules in order of first appearance (a depth-first walk of
     the name tree). A state dict is already in this order; a file that groups tensors otherwise (by dtype, say)
     is put back into it, so repeated blocks stay consecutive."""
+    if _modules_contiguous(keys):
+        return list(keys)
     root: dict = {}
     for key in keys:
         node = root
@@ -92,6 +94,32 @@ def hierarchical_order(keys: Sequence[str]) -> list[str]:
         else:
             stack.append(iter(child.items()))
     return out
+
+
+def _modules_contiguous(keys: Sequence[str]) -> bool:
+    """True when the keys of every module, and of every numbered block, come together (any state dict, any
+    name-sorted file): then the depth-first order is the order they have."""
+    seen_parents: set[str] = set()
+    seen_blocks: set[str] = set()
+    last_parent = last_block = None
+    for key in keys:
+        parent = key.rpartition(".")[0]
+        if parent != last_parent:
+            if parent in seen_parents:
+                return False
+            seen_parents.add(parent)
+            last_parent = parent
+        match = _BLOCK.match(key)
+        block = match.group(0) if match else ""
+        if block != last_block:
+            if block in seen_blocks and block:
+                return False
+            seen_blocks.add(block)
+            last_block = block
+    return True
+
+
+_BLOCK = re.compile(r"^(?:[^.]*\.)*?[^.]*\d[^.]*\.")
 
 
 def build_level(items: Sequence[tuple[str, TensorMeta]]) -> Level:
