@@ -15,7 +15,7 @@ from ckptx import __version__
 from ckptx.suggest._compat import (CkptxError, PlanError, Recipe, Target, TargetSpec, ValidationReport,
                                    convert_verified, load_rules_text, open_source, ops_of, parse_target_arg,
                                    plan_recipe, resolve_target, validate)
-from ckptx.suggest.align import Match, align, expand, unmatched
+from ckptx.suggest.align import align, expand, unmatched
 from ckptx.suggest.build import Decided, build_steps
 from ckptx.suggest.emit import render_recipe
 from ckptx.suggest.sources import (Candidate, Prefixes, choose_candidate, find_candidates, infer_prefixes,
@@ -103,26 +103,41 @@ def suggest(src: str | Path, target: str | TargetSpec, *, target_args: Mapping[s
     Raises CkptxError (exit 2) for bad input; the result's `report.ok` says whether it validates.
     """
     started = time.perf_counter()
-    src = str(src)
-    spec = _target_spec(target, target_args, allow_missing, allow_unexpected)
-    resolved = _resolve(spec)
-    fmt, candidates, opened = find_candidates(src, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
+    options = _Options(str(src), _target_spec(target, target_args, allow_missing, allow_unexpected),
+                       tuple(allow_missing), tuple(allow_unexpected), tuple(allow_globals), unsafe_pickle, output,
+                       verify_with, dict(verify_args or {}), tuple(verify_input) if verify_input else None,
+                       verify_input_dtype, name)
+    resolved = _resolve(options.spec)
+    fmt, candidates, opened = find_candidates(options.src, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
     chosen, rivals, _ = choose_candidate(candidates, resolved.tensors)
-    extract = None if fmt in ("safetensors", "sharded-index", "manifest") else chosen.path
     if opened is None:
-        opened = open_source(src, [chosen.path], allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
+        opened = open_source(options.src, [chosen.path], allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
     with opened:
-        return _suggest(src, fmt, opened, chosen, rivals, extract, spec, resolved, allow_missing, allow_unexpected,
-                        output, verify_with, verify_args, verify_input, verify_input_dtype, name, allow_globals,
-                        unsafe_pickle, started)
+        return _suggest(options, fmt, opened, chosen, rivals, resolved, started)
 
 
-def _suggest(src: str, fmt: str, opened: Any, chosen: Candidate, rivals: list[tuple[Candidate, float]],
-             extract: str | None, spec: TargetSpec, resolved: Target, allow_missing: Sequence[str],
-             allow_unexpected: Sequence[str], output: str | Path | None, verify_with: str | None,
-             verify_args: Mapping[str, Any] | None, verify_input: Sequence[int] | None,
-             verify_input_dtype: str | None, name: str | None, allow_globals: Sequence[str], unsafe_pickle: bool,
-             started: float) -> Suggestion:
+@dataclass(frozen=True)
+class _Options:
+    """The arguments of one `suggest` call, checked."""
+
+    src: str
+    spec: TargetSpec
+    allow_missing: tuple[str, ...]
+    allow_unexpected: tuple[str, ...]
+    allow_globals: tuple[str, ...]
+    unsafe_pickle: bool
+    output: str | Path | None
+    verify_with: str | None
+    verify_args: Mapping[str, Any]
+    verify_input: tuple[int, ...] | None
+    verify_input_dtype: str | None
+    name: str | None
+
+
+def _suggest(options: _Options, fmt: str, opened: Any, chosen: Candidate, rivals: list[tuple[Candidate, float]],
+             resolved: Target, started: float) -> Suggestion:
+    src, spec, output = options.src, options.spec, options.output
+    extract = None if fmt in ("safetensors", "sharded-index", "manifest") else chosen.path
     notes: list[str] = []
     source_tensors = dict(opened.tensors)
     target_tensors = resolved.tensors
@@ -142,21 +157,21 @@ def _suggest(src: str, fmt: str, opened: Any, chosen: Candidate, rivals: list[tu
     matches = list(expand(alignment))
     left_src, left_dst = unmatched(alignment)
 
-    allowed_unexpected = [re.compile(p) for p in allow_unexpected]
+    allowed_unexpected = [re.compile(p) for p in options.allow_unexpected]
     kept = [k for k in left_src if any(p.search(prefixes.add_text + k) or p.search(k) for p in allowed_unexpected)]
     dropped = [k for k in left_src if k not in set(kept)]
-    allowed_missing_patterns = [re.compile(p) for p in allow_missing]
+    allowed_missing_patterns = [re.compile(p) for p in options.allow_missing]
     allowed_missing = [added + k for k in left_dst if any(p.search(added + k) for p in allowed_missing_patterns)]
     missing = [added + k for k in left_dst if added + k not in set(allowed_missing)]
 
     steps, decided = build_steps(matches, dropped, kept, list(stripped), prefixes, target_tensors,
                                  by_target_order=src_order is not None and dst_order is None)
     verify = None
-    if verify_with:
+    if options.verify_with:
         if not spec.model:
             raise CkptxError("--verify-with needs a model target (module:callable), not a checkpoint or manifest")
-        verify = verify_section(verify_with, dict(verify_args or {}), verify_input, verify_input_dtype,
-                                prefix=prefixes.strip_text)
+        verify = verify_section(options.verify_with, options.verify_args, options.verify_input,
+                                options.verify_input_dtype, prefix=prefixes.strip_text)
     evidence: Counter = Counter()
     ops: Counter = Counter()
     close: dict[str, str] = {}
@@ -175,9 +190,9 @@ def _suggest(src: str, fmt: str, opened: Any, chosen: Candidate, rivals: list[tu
             text = f"{', '.join(match.sources)}: {match.note}"
             noted.setdefault(_DIGITS.sub("#", text), text)
     notes += noted.values()
-    recipe_name = name or _recipe_name(src, spec)
-    header = _header(src, fmt, chosen, rivals, extract, resolved, spec, prefixes, matches, evidence, ops, dropped,
-                     kept, allowed_missing, missing, len(source_tensors), verify is not None)
+    recipe_name = options.name or _recipe_name(src, spec)
+    header = _header(src, fmt, rivals, extract, resolved, spec, prefixes, evidence, ops, dropped, kept,
+                     allowed_missing, missing, len(source_tensors), verify is not None)
     trailer = []
     if missing:
         trailer.append(f"{len(missing)} target key(s) no source tensor fits (pass --allow-missing REGEX if they "
@@ -196,7 +211,8 @@ def _suggest(src: str, fmt: str, opened: Any, chosen: Candidate, rivals: list[tu
     if verify is not None and report.ok:
         with tempfile.TemporaryDirectory(prefix="ckptx-suggest-") as tmp:
             verification, failure = convert_verified(src, os.path.join(tmp, "converted.safetensors"), recipe,
-                                                     allow_globals=tuple(allow_globals), unsafe_pickle=unsafe_pickle)
+                                                     allow_globals=options.allow_globals,
+                                                     unsafe_pickle=options.unsafe_pickle)
             error = str(failure).splitlines()[0] if failure is not None and verification is None else None
     elif verify is not None:
         error = "not run: the recipe does not validate against the target"
@@ -271,9 +287,9 @@ def _target_section(spec: TargetSpec, output: str | Path | None) -> dict[str, An
     return section
 
 
-def _header(src: str, fmt: str, chosen: Candidate, rivals: list[tuple[Candidate, float]], extract: str | None,
-            target: Target, spec: TargetSpec, prefixes: Prefixes, matches: list[Match], evidence: Counter, ops: Counter,
-            dropped: list[str], kept: list[str], allowed_missing: list[str], missing: list[str], n_source: int,
+def _header(src: str, fmt: str, rivals: list[tuple[Candidate, float]], extract: str | None, target: Target,
+            spec: TargetSpec, prefixes: Prefixes, evidence: Counter, ops: Counter, dropped: list[str],
+            kept: list[str], allowed_missing: list[str], missing: list[str], n_source: int,
             verified: bool) -> list[str]:
     where = f", weights at '{extract}'" if extract else ""
     lines = [f"Suggested by `ckptx suggest` (ckptx {__version__}) from metadata only: review before use.",
