@@ -65,132 +65,157 @@ def build_steps(matches: Sequence[Match], dropped: Sequence[str], kept_unmatched
     """The recipe's steps and, per target key, what the steps must make of it (for the re-planning check).
 
     `matches` use source keys after prefix stripping and target keys without the added prefix;
-    `dropped` source keys go to a `drop` step, `kept_unmatched` pass through unchanged.
+    `dropped` source keys go to a `drop` step, `kept_unmatched` pass through unchanged. With
+    `by_target_order`, rename rows follow the target's order (the source's own is alphabetical).
     """
-    add = prefixes.add_text
+    builder = _StepBuilder(prefixes.add_text, set(target) | {prefixes.add_text + k for k in kept_unmatched})
+    for match in matches:
+        {"tensor": builder.tensor, "split": builder.split, "merge": builder.merge}[match.kind](match)
+    for key in kept_unmatched:
+        builder.decided.setdefault(prefixes.add_text + key, Decided((key,), ()))
     steps: list[StepText] = []
-    decided: dict[str, Decided] = {}
     if prefixes.strip:
         value: Any = prefixes.strip_text if len(prefixes.strip) == 1 else [p + "." for p in prefixes.strip]
         steps.append(StepText("strip_prefix", value, "wrapper prefix shared by every source key"))
     if dropped:
         steps.append(StepText("drop", cover(dropped, source_keys),
                               f"{len(dropped)} source tensor(s) with no counterpart in the target"))
+    order = _row_order(matches, source_keys, target, prefixes.add_text) if by_target_order else \
+        {k: i for i, k in enumerate(source_keys)}
+    steps += builder.rename_step(list(kept_unmatched), order)
+    if prefixes.add:
+        steps.append(StepText("add_prefix", prefixes.add_text, "prefix shared by every target key"))
+    steps += builder.op_steps()
+    return steps, builder.decided
 
-    renames: list[tuple[str, str]] = []
-    comments: dict[str, list[str]] = defaultdict(list)
-    splits: list[tuple[Match, str]] = []
-    merges: list[tuple[Match, list[str]]] = []
-    permutes: dict[tuple[int, ...], list[str]] = defaultdict(list)
-    reshapes: dict[str, list[str]] = defaultdict(list)
-    notes: dict[str, list[str]] = defaultdict(list)
-    taken = set(target) | {add + k for k in kept_unmatched}
-    order = {k: i for i, k in enumerate(source_keys)}
-    if by_target_order:  # the source's own order is alphabetical: rows follow the target model instead
-        position = {k: i for i, k in enumerate(target)}
-        order = {}
-        for match in matches:
-            first = min(position.get(add + t, len(position)) for t in match.targets)
-            for s in match.sources:
-                order[s] = first
+
+def _row_order(matches: Sequence[Match], source_keys: Sequence[str], target: Mapping[str, TensorMeta],
+               add: str) -> dict[str, int]:
+    """Each source key's place by the target key it becomes (rows then read in the target model's order)."""
+    position = {k: i for i, k in enumerate(target)}
+    order: dict[str, int] = {}
     for match in matches:
-        if match.kind == "tensor":
-            s, t = match.sources[0], match.targets[0]
-            renames.append((s, t))
-            f = match.fit
-            ops: tuple[str, ...] = ()
-            assert isinstance(f, Fit)
-            if f.kind == "permute":
-                permutes[f.dims].append(add + t)
-                ops = ("permute",)
-                if match.note:
-                    notes[f"permute:{f.dims}"].append(match.note)
-            elif f.kind == "reshape":
-                reshapes["[-1]" if len(f.shape) == 1 else "target"].append(add + t)
-                ops = ("reshape",)
-            decided[add + t] = Decided((s,), ops)
-            if match.alternative:
-                comments[s].append(f"close call: '{add + t}' chosen over '{add + match.alternative}' "
-                                   f"(same shape, similar evidence)")
-        elif match.kind == "split":
-            (s,) = match.sources
-            position = _varying_position(match.targets)
-            parts = match.targets[0].split(".")
-            fused = _fused_name([t.split(".")[position] for t in match.targets])
-            middle = ".".join(parts[:position] + [fused] + parts[position + 1:])
-            while add + middle in taken:
-                fused += "_fused"
-                middle = ".".join(parts[:position] + [fused] + parts[position + 1:])
-            taken.add(add + middle)
-            renames.append((s, middle))
-            splits.append((match, add + middle))
-            jf = match.fit
-            assert isinstance(jf, JoinFit)
-            for t in match.targets:
-                decided[add + t] = Decided((s,), ("narrow",) + (("permute",) if jf.transpose else ()))
-                if jf.transpose:
-                    permutes[(1, 0)].append(add + t)
-            if match.note:
-                comments[s].append(match.note)
-        else:  # merge
-            (t,) = match.targets
-            position = _varying_position(match.sources)
-            members = [s.split(".")[position] for s in match.sources]
-            depth = len(match.sources[0].split(".")) - position  # components from the varying one to the end
-            tparts = t.split(".")
-            at = min(max(len(tparts) - depth, 0), len(tparts) - 1)
-            middles = []
-            for m in members:
-                name = ".".join(tparts[:at] + [m] + tparts[at + 1:])
-                while add + name in taken:
-                    name += "_part"
-                taken.add(add + name)
-                middles.append(name)
-            renames.extend(zip(match.sources, middles))
-            merges.append((match, [add + m for m in middles]))
-            jf = match.fit
-            assert isinstance(jf, JoinFit)
-            decided[add + t] = Decided(tuple(match.sources), ("join",) + (("permute",) if jf.transpose else ()))
-            if jf.transpose:
-                permutes[(1, 0)].append(add + t)
-            if match.note:
-                comments[match.sources[0]].append(match.note)
+        first = min(position.get(add + t, len(position)) for t in match.targets)
+        for s in match.sources:
+            order[s] = first
+    return order
 
-    unchanged = list(kept_unmatched)
-    rows = rename_rows(renames, unchanged, order=order)
-    if rows:
-        rename_step = StepText("rename", [[r.pattern, r.replacement] for r in rows])
+
+class _StepBuilder:
+    """Collects, match by match, the renames (to final or intermediate names), the ops and the decisions."""
+
+    def __init__(self, add: str, taken: set[str]) -> None:
+        self.add = add
+        self.taken = taken
+        self.decided: dict[str, Decided] = {}
+        self.renames: list[tuple[str, str]] = []
+        self.comments: dict[str, list[str]] = defaultdict(list)
+        self.splits: list[tuple[Match, str]] = []
+        self.merges: list[tuple[Match, list[str]]] = []
+        self.permutes: dict[tuple[int, ...], list[str]] = defaultdict(list)
+        self.permute_notes: dict[tuple[int, ...], list[str]] = defaultdict(list)
+        self.reshapes: dict[str, list[str]] = defaultdict(list)
+
+    def tensor(self, match: Match) -> None:
+        """One source tensor to one target key, as is or through one op."""
+        s, t = match.sources[0], match.targets[0]
+        self.renames.append((s, t))
+        f = match.fit
+        assert isinstance(f, Fit)
+        ops: tuple[str, ...] = ()
+        if f.kind == "permute":
+            self.permutes[f.dims].append(self.add + t)
+            ops = ("permute",)
+            if match.note:
+                self.permute_notes[f.dims].append(match.note)
+        elif f.kind == "reshape":
+            self.reshapes["[-1]" if len(f.shape) == 1 else "target"].append(self.add + t)
+            ops = ("reshape",)
+        self.decided[self.add + t] = Decided((s,), ops)
+        if match.alternative:
+            self.comments[s].append(f"close call: '{self.add + t}' chosen over '{self.add + match.alternative}' "
+                                    f"(same shape, similar evidence)")
+
+    def split(self, match: Match) -> None:
+        """A fused source tensor renamed to an intermediate name (`...qkv_proj.weight`), then split."""
+        (s,) = match.sources
+        position = _varying_position(match.targets)
+        parts = match.targets[0].split(".")
+        fused = _fused_name([t.split(".")[position] for t in match.targets])
+        middle = ".".join(parts[:position] + [fused] + parts[position + 1:])
+        while self.add + middle in self.taken:
+            fused += "_fused"
+            middle = ".".join(parts[:position] + [fused] + parts[position + 1:])
+        self.taken.add(self.add + middle)
+        self.renames.append((s, middle))
+        self.splits.append((match, self.add + middle))
+        jf = match.fit
+        assert isinstance(jf, JoinFit)
+        for t in match.targets:
+            self.decided[self.add + t] = Decided((s,), ("narrow",) + (("permute",) if jf.transpose else ()))
+            if jf.transpose:
+                self.permutes[(1, 0)].append(self.add + t)
+        if match.note:
+            self.comments[s].append(match.note)
+
+    def merge(self, match: Match) -> None:
+        """Sibling source tensors renamed to names beside the target (`...attn.q_proj.weight`), then merged."""
+        (t,) = match.targets
+        position = _varying_position(match.sources)
+        members = [s.split(".")[position] for s in match.sources]
+        depth = len(match.sources[0].split(".")) - position  # components from the varying one to the end
+        tparts = t.split(".")
+        at = min(max(len(tparts) - depth, 0), len(tparts) - 1)
+        middles = []
+        for member in members:
+            name = ".".join(tparts[:at] + [member] + tparts[at + 1:])
+            while self.add + name in self.taken:
+                name += "_part"
+            self.taken.add(self.add + name)
+            middles.append(name)
+        self.renames.extend(zip(match.sources, middles))
+        self.merges.append((match, [self.add + m for m in middles]))
+        jf = match.fit
+        assert isinstance(jf, JoinFit)
+        self.decided[self.add + t] = Decided(tuple(match.sources), ("join",) + (("permute",) if jf.transpose else ()))
+        if jf.transpose:
+            self.permutes[(1, 0)].append(self.add + t)
+        if match.note:
+            self.comments[match.sources[0]].append(match.note)
+
+    def rename_step(self, unchanged: list[str], order: Mapping[str, int]) -> list[StepText]:
+        """The rename step (none when every key keeps its name), close calls commented once per row."""
+        rows = rename_rows(self.renames, unchanged, order=order)
+        if not rows:
+            return []
+        step = StepText("rename", [[r.pattern, r.replacement] for r in rows])
         for index, row in enumerate(rows):
             said, seen = [], set()
             for key in row.keys:
-                for text in comments.get(key, ()):
+                for text in self.comments.get(key, ()):
                     shape = re.sub(r"\d+", "#", text)
                     if shape not in seen:  # once per row, not once per block
                         seen.add(shape)
                         said.append(text)
             if said:
-                rename_step.row_comments[index] = said[:2] + ([f"(and {len(said) - 2} more)"] if len(said) > 2 else [])
-        steps.append(rename_step)
-    if prefixes.add:
-        steps.append(StepText("add_prefix", add, "prefix shared by every target key"))
+                step.row_comments[index] = said[:2] + ([f"(and {len(said) - 2} more)"] if len(said) > 2 else [])
+        return [step]
 
-    final_keys = [add + t for t in decided] + [add + k for k in kept_unmatched]
-    steps += _split_steps(splits, add)
-    steps += _merge_steps(merges, add)
-    for dims, keys in permutes.items():
-        said = notes.get(f"permute:{dims}")
-        comment = "transpose (Conv1D <-> Linear layout)" if dims == (1, 0) else "permute dimensions"
-        if said:
-            comment += "; " + said[0]
-        steps.append(StepText("permute", {"match": _one(cover(keys, final_keys)), "dims": list(dims)}, comment))
-    for spec, keys in reshapes.items():
-        shape: Any = [-1] if spec == "[-1]" else "target"
-        what = "to 1-d" if spec == "[-1]" else "to the target's shape (same elements: 1x1 conv <-> linear, ...)"
-        steps.append(StepText("reshape", {"match": _one(cover(keys, final_keys)), "shape": shape},
-                              f"{len(keys)} tensor(s) reshaped {what}"))
-    for key in kept_unmatched:
-        decided.setdefault(add + key, Decided((key,), ()))
-    return steps, decided
+    def op_steps(self) -> list[StepText]:
+        """Split, merge, permute and reshape steps on the final names."""
+        final_keys = list(self.decided)
+        steps = _split_steps(self.splits, self.add) + _merge_steps(self.merges, self.add)
+        for dims, keys in self.permutes.items():
+            comment = "transpose (Conv1D <-> Linear layout)" if dims == (1, 0) else "permute dimensions"
+            if self.permute_notes.get(dims):
+                comment += "; " + self.permute_notes[dims][0]
+            steps.append(StepText("permute", {"match": _one(cover(keys, final_keys)), "dims": list(dims)}, comment))
+        for spec, keys in self.reshapes.items():
+            shape: Any = [-1] if spec == "[-1]" else "target"
+            what = "to 1-d" if spec == "[-1]" else "to the target's shape (same elements: 1x1 conv <-> linear, ...)"
+            steps.append(StepText("reshape", {"match": _one(cover(keys, final_keys)), "shape": shape},
+                                  f"{len(keys)} tensor(s) reshaped {what}"))
+        return steps
 
 
 def _one(patterns: list[str]) -> str:
