@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from ckptx.suggest.assign import assign
 from ckptx.suggest.names import key_name, rarity, similarity, token_similarity
@@ -23,6 +23,8 @@ from ckptx.suggest.tree import Leaf, Level, Run
 __all__ = ["Alignment", "Match", "RunPair", "align", "expand"]
 
 _CLASS_LIMIT = 400          # above this many candidates of one shape, pair them in order instead
+_DENSE = 2500               # score every pair of a class up to this many pairs; beyond, only near ones
+_NEAR = 12                  # ... the candidates nearest the expected place, on each side
 # Fused groups in the order their parts are concatenated (q, k, v; gate, up), whatever order the keys come in.
 _KNOWN_ORDERS = (("q", "k", "v"), ("k", "v"), ("q", "k"), ("gate", "up"))
 _KNOWN_GROUPS = tuple(frozenset(order) for order in _KNOWN_ORDERS)
@@ -335,6 +337,7 @@ class _FlatAligner:
         self.parent_votes: Counter = Counter()
         self.weights = rarity([leaf.key for leaf in src], [leaf.key for leaf in dst])
         self.warp = _Warp(self.run_anchors, self.n, self.m)
+        self._layouts: dict[tuple, list[tuple[int, int, Fit]] | None] = {}
 
     def position(self, i: int, j: int) -> float:
         """How well source leaf `i` and target leaf `j` sit at corresponding places of their levels."""
@@ -409,19 +412,30 @@ class _FlatAligner:
         windows = _sibling_windows(parts)
         if not windows:
             return
+        by_shape: dict[tuple[int, ...], list[tuple[int, tuple[int, ...], list[set[str]], bool]]] = defaultdict(list)
+        for start, window in windows:  # what each window would concatenate to (so each whole looks up its own)
+            names = _window_names([parts[p].key for p in window])
+            if names is None:
+                continue
+            for shape in _joined_shapes([parts[p].meta.shape for p in window]):
+                by_shape[shape].append((start, window, *names))
+        loose_parts = Counter(loose_shape(parts[p].meta.shape) for p in free_part)
         for w in sorted(free_whole):
             whole = wholes[w]
+            candidates = by_shape.get(whole.meta.shape)
+            if not candidates:
+                continue
             best: tuple[float, int, tuple[int, ...], JoinFit] | None = None
-            has_partner = any(fit(whole.meta, parts[p].meta) is not None for p in free_part) if kind == "split" else \
-                any(fit(parts[p].meta, whole.meta) is not None for p in free_part)
-            for start, window in windows:
+            has_partner = loose_parts.get(loose_shape(whole.meta.shape), 0) > 0
+            mine = _name_concepts(whole.key)
+            for start, window, distinct, known in candidates:
+                evidence = sum(1 for d in distinct if d & mine) / len(distinct)
+                if evidence < 0.99 and not (known and not has_partner):
+                    continue
                 if any(p not in free_part for p in window):
                     continue
                 jf = join_fit(whole.meta, [parts[p].meta for p in window])
                 if jf is None:
-                    continue
-                evidence, known = _fused_evidence(whole.key, [parts[p].key for p in window])
-                if evidence < 0.99 and not (known and not has_partner):
                     continue
                 rank = evidence + (0.5 if known else 0.0)
                 if best is None or rank > best[0] or (rank == best[0] and start < best[1]):
@@ -438,6 +452,8 @@ class _FlatAligner:
                 self.matches.append(Match(keys, (whole.key,), "merge", jf, why, note=note))
             free_whole.discard(w)
             free_part.difference_update(window)
+            for p in window:
+                loose_parts[loose_shape(parts[p].meta.shape)] -= 1
 
     # ---- modules
     def _modules(self) -> None:
@@ -462,9 +478,13 @@ class _FlatAligner:
                 continue
             scores: list[list[float | None]] = []
             bijections: dict[tuple[int, int], list[tuple[int, int, Fit]]] = {}
-            for r in rows:
+            near = self._neighbours([src_mods[r][1][0] for r in rows], [dst_mods[c][1][0] for c in cols])
+            for x, r in enumerate(rows):
                 row: list[float | None] = []
-                for c in cols:
+                for y, c in enumerate(cols):
+                    if near is not None and y not in near[x]:
+                        row.append(None)
+                        continue
                     pairs_ = self._param_pairs(src_mods[r][1], dst_mods[c][1])
                     if pairs_ is None or not self._plausible(src_mods[r][1][0], dst_mods[c][1][0]):
                         row.append(None)
@@ -494,17 +514,20 @@ class _FlatAligner:
             self.parent_votes[src_mods[r][0], dst_mods[c][0]] += 1
 
     def _param_pairs(self, a: list[int], b: list[int]) -> list[tuple[int, int, Fit]] | None:
-        """A bijection between two modules' tensors in which every pair fits, preferring equal parameter names."""
+        """A bijection between two modules' tensors in which every pair fits, preferring equal parameter names
+        (worked out once per pair of module layouts: every BatchNorm of a level has the same one)."""
         if len(a) != len(b):
             return None
-        fits = [[fit(self.src[i].meta, self.dst[j].meta) for j in b] for i in a]
-        scores = [[(1.0 + token_similarity(key_name(self.src[i].key).param, key_name(self.dst[j].key).param)
-                    + 0.1 * (1.0 - abs(x - y) / len(a)) if fits[x][y] is not None else None)
-                   for y, j in enumerate(b)] for x, i in enumerate(a)]
-        chosen = assign(scores)
-        if len(chosen) != len(a):
+        layout = (tuple((self.src[i].key.rsplit(".", 1)[-1], self.src[i].meta) for i in a),
+                  tuple((self.dst[j].key.rsplit(".", 1)[-1], self.dst[j].meta) for j in b))
+        found = self._layouts.get(layout, False)
+        if found is False:
+            found = self._layouts[layout] = _bijection(*layout)
+        if found is None:
             return None
-        return [(a[x], b[y], fits[x][y]) for x, y in chosen]  # type: ignore[misc]
+        return [(a[x], b[y], f) for x, y, f in found]
+
+
 
     def _module_score(self, sm: tuple[str, list[int]], r: int, n: int, dm: tuple[str, list[int]], c: int, m: int,
                       pairs: list[tuple[int, int, Fit]]) -> float:
@@ -546,8 +569,10 @@ class _FlatAligner:
                     if f is not None:
                         self._accept_tensor(i, j, f, None)
                 continue
-            fits = {(i, j): fit(self.src[i].meta, self.dst[j].meta) if self._plausible(i, j) else None
-                    for i in rows for j in cols}
+            near = self._neighbours(rows, cols)
+            fits = {(i, j): fit(self.src[i].meta, self.dst[j].meta)
+                    if (near is None or y in near[x]) and self._plausible(i, j) else None
+                    for x, i in enumerate(rows) for y, j in enumerate(cols)}
             scores = [[self._tensor_score(i, rank_src[i], n, j, m, fits[i, j]) if fits[i, j] is not None else None
                        for j in cols] for i in rows]
             chosen = assign(scores)
@@ -555,6 +580,26 @@ class _FlatAligner:
                 alt = _runner_up(scores, chosen, ri, ci)
                 self._accept_tensor(rows[ri], cols[ci], fits[rows[ri], cols[ci]],  # type: ignore[arg-type]
                                     self.dst[cols[alt]].key if alt is not None else None)
+
+    def _neighbours(self, rows: list[int], cols: list[int]) -> list[set[int]] | None:
+        """For a large shape class, the columns worth scoring for each row: the `_NEAR` nearest the expected
+        place and those with the same last name (None for a small class: score every pair). Keeps a class of
+        thousands of identical shapes (a flat model) from costing the square of its size."""
+        if len(rows) * len(cols) <= _DENSE:
+            return None
+        orders = sorted((self.dst[j].order, y) for y, j in enumerate(cols))
+        keys = [o for o, _ in orders]
+        by_name: dict[str, list[int]] = defaultdict(list)
+        for y, j in enumerate(cols):
+            by_name[self.dst[j].key.rsplit(".", 2)[-2] if "." in self.dst[j].key else self.dst[j].key].append(y)
+        out = []
+        for i in rows:
+            at = bisect.bisect_left(keys, self.warp.expected(self.src[i].order))
+            chosen = {y for _, y in orders[max(0, at - _NEAR):at + _NEAR]}
+            name = self.src[i].key.rsplit(".", 2)[-2] if "." in self.src[i].key else self.src[i].key
+            chosen.update(by_name.get(name, ())[:_NEAR])
+            out.append(chosen)
+        return out
 
     def _plausible(self, i: int, j: int) -> bool:
         """A lone tensor pair needs some evidence beyond its shape: a similar name or about the expected place
@@ -662,18 +707,51 @@ def _sibling_windows(leaves: list[Leaf]) -> list[tuple[int, tuple[int, ...]]]:
     return list(dict.fromkeys(windows))
 
 
-def _fused_evidence(whole: str, parts: list[str]) -> tuple[float, bool]:
-    """(share of the parts whose distinguishing name the whole tensor's name contains, whether they form a known group)."""
+def _joined_shapes(shapes: list[tuple[int, ...]]) -> set[tuple[int, ...]]:
+    """Every shape the pieces concatenate to along one dimension, as they are or each transposed (2-d)."""
+    out: set[tuple[int, ...]] = set()
+    for transpose in (False, True):
+        pieces = [tuple(reversed(s)) for s in shapes] if transpose else shapes
+        if transpose and any(len(s) != 2 for s in pieces):
+            continue
+        if len({len(s) for s in pieces}) != 1:
+            continue
+        for dim in range(len(pieces[0])):
+            rest = {s[:dim] + s[dim + 1:] for s in pieces}
+            if len(rest) == 1:
+                first = pieces[0]
+                out.add(first[:dim] + (sum(s[dim] for s in pieces),) + first[dim + 1:])
+    return out
+
+
+def _window_names(parts: list[str]) -> tuple[list[set[str]], bool] | None:
+    """The distinguishing concepts of each part of a sibling window (`q`, `k`, `v` of `q_proj`...), and whether
+    they form a known group; None when some part has none (`fc1`/`fc2` differ by a number only)."""
     names = [p.split(".") for p in parts]
     position = next(i for i in range(len(names[0])) if len({n[i] for n in names}) > 1)
     concepts = [set(key_name(".".join(n[: position + 1]) + ".x").leaf) for n in names]
     common = set.intersection(*concepts)
     distinct = [c - common for c in concepts]
-    whole_name = key_name(whole)
-    mine = set(whole_name.path) | set(whole_name.leaf) | set(whole_name.param)
     if any(not d for d in distinct):
-        return 0.0, False
-    share = sum(1 for d in distinct if d & mine) / len(distinct)
+        return None
     union = frozenset().union(*distinct)
     known = any(union <= group and len(union) == len(distinct) for group in _KNOWN_GROUPS)
-    return share, known
+    return distinct, known
+
+
+def _name_concepts(key: str) -> set[str]:
+    name = key_name(key)
+    return set(name.path) | set(name.leaf) | set(name.param)
+
+
+def _bijection(a: tuple[tuple[str, Any], ...], b: tuple[tuple[str, Any], ...]) -> list[tuple[int, int, Fit]] | None:
+    """Positions (x, y, fit) pairing the tensors `(name, meta)` of two modules, or None when no bijection fits."""
+    fits = [[fit(ma, mb) for _, mb in b] for _, ma in a]
+    if len(a) == 1:
+        return [(0, 0, fits[0][0])] if fits[0][0] is not None else None
+    scores = [[(1.0 + token_similarity(key_name(na).param, key_name(nb).param) + 0.1 * (1.0 - abs(x - y) / len(a))
+                if fits[x][y] is not None else None) for y, (nb, _) in enumerate(b)] for x, (na, _) in enumerate(a)]
+    chosen = assign(scores)
+    if len(chosen) != len(a):
+        return None
+    return [(x, y, fits[x][y]) for x, y in chosen]  # type: ignore[misc]
