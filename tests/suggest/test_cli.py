@@ -159,3 +159,24 @@ def test_verify_with_holds_the_source_model_under_the_checkpoint_prefix(run_cli,
     assert verify["source_kwargs"] == {"factory": TINY, "prefix": "module."}
     converted = run_cli("convert", src, "-r", rules, "-o", tmp_path / "out.safetensors", "--verify")
     assert converted.code == 0, converted.out + converted.err
+
+
+def test_manifest_and_reference_checkpoint_targets(run_cli, tmp_path: Path, tiny_state) -> None:
+    """Targets given as files: the recipe names them relative to itself, and `convert` finds them."""
+    src = tmp_path / "tiny.pth"
+    torch.save({"model": tiny_state}, src)
+    reference = tmp_path / "ref" / "wrapped.safetensors"
+    reference.parent.mkdir()
+    save_file({f"backbone.{k}": v for k, v in tiny_state.items()}, str(reference))
+    manifest = tmp_path / "ref" / "wrapped.json"
+    assert run_cli("inspect", reference, "--manifest", manifest).code == 0
+    (tmp_path / "rules").mkdir()
+    for target, key in ((manifest, "manifest"), (reference, "checkpoint")):
+        rules = tmp_path / "rules" / f"{key}.yaml"
+        result = run_cli("suggest", src, "--target", target, "-o", rules)
+        assert result.code == 0, result.out + result.err
+        recipe = yaml.safe_load(rules.read_text())
+        assert recipe["target"] == {key: f"../ref/{target.name}"}
+        assert recipe["steps"] == [{"add_prefix": "backbone."}]
+        converted = run_cli("convert", src, "-r", rules, "-o", tmp_path / f"{key}.safetensors")
+        assert converted.code == 0 and "OK (9/9 target keys matched)" in converted.out, converted.out
