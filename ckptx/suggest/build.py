@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from ckptx.suggest._compat import TensorMeta
-from ckptx.suggest.align import Match
 from ckptx.suggest.generalize import cover, rename_rows
+from ckptx.suggest.match import Match
 from ckptx.suggest.shapes import Fit, JoinFit
 from ckptx.suggest.sources import Prefixes
 
