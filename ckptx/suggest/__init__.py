@@ -2,9 +2,11 @@
 
 `ckptx.suggest(src, target, ...)` returns a `Suggestion` (the Recipe, its YAML text and a report). The
 modules, one job each: `sources` (where the weights are, wrapper prefixes), `tree` (layouts as levels with
-repeated blocks folded), `names` and `shapes` (the evidence), `assign` (bipartite assignment), `align`
-(level-by-level alignment), `generalize` (rename rows and exact-cover regexes), `build` (the steps),
-`emit` (the YAML text), `engine` (the whole, re-planned and validated), `cli` (the subcommand).
+repeated blocks folded), `names`, `shapes` and `order` (the evidence), `assign` (bipartite assignment),
+`align` (runs, level by level), `flat` (the single tensors of a level), `match` (what is decided),
+`generalize` (rename rows and exact-cover regexes), `build` (the steps), `emit` (the YAML text),
+`verifying` (`--verify-with`), `engine` (the whole, re-planned and validated), `cli` (the subcommand);
+`_compat` is the one place that imports ckptx internals.
 
 Importing this package is cheap: the engine (and numpy) load on the first call.
 """
