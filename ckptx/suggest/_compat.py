@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ckptx.errors import CkptxError, PlanError, SourceError, TargetError
+from ckptx.errors import CkptxError, DestinationError, PlanError, SourceError, TargetError
 from ckptx.io.dtypes import dtype_name
 from ckptx.io.open import open_source, sniff_format
 from ckptx.io.source import MappingSource, is_tensor
@@ -11,7 +11,7 @@ from ckptx.rules import Recipe, TargetSpec
 from ckptx.rules.loader import load_rules_text
 from ckptx.target import Target, ValidationReport, build_model, import_callable, parse_target_arg, read_manifest, resolve_target, validate
 
-__all__ = ["CkptxError", "MappingSource", "PlanError", "Recipe", "SourceError", "Target", "TargetError", "TargetSpec", "TensorMeta",
+__all__ = ["CkptxError", "DestinationError", "MappingSource", "PlanError", "Recipe", "SourceError", "Target", "TargetError", "TargetSpec", "TensorMeta",
            "ValidationReport", "build_model", "dtype_name", "import_callable", "is_tensor", "load_object_tree", "load_rules_text", "open_source", "ops_of",
            "convert_verified", "parse_target_arg", "plan_recipe", "read_manifest", "resolve_target", "sniff_format", "validate"]
 

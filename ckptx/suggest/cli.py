@@ -9,7 +9,7 @@ from typing import Any, Sequence, TextIO
 
 import yaml
 
-from ckptx.errors import CkptxError, DestinationError
+from ckptx.suggest._compat import CkptxError, DestinationError
 
 __all__ = ["add_parser", "run"]
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from ckptx.ops.registry import TensorMeta
+from ckptx.suggest._compat import TensorMeta
 
 __all__ = ["Fit", "JoinFit", "dtype_kind", "fit", "join_fit", "loose_shape"]
 
