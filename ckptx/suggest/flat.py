@@ -151,7 +151,7 @@ class FlatAligner:
                 jf = join_fit(whole.meta, [parts[p].meta for p in window])
                 if jf is None:
                     continue
-                rank = evidence + (0.5 if known else 0.0)
+                rank = evidence + (0.5 if known else 0.0) + (0.3 if _canonical(distinct) else 0.0)
                 if best is None or rank > best[0] or (rank == best[0] and start < best[1]):
                     best = (rank, start, window, jf)
             if best is None:
@@ -451,6 +451,11 @@ def _window_names(parts: list[str]) -> tuple[list[set[str]], bool] | None:
     union = frozenset().union(*distinct)
     known = any(union <= group and len(union) == len(distinct) for group in _KNOWN_GROUPS)
     return distinct, known
+
+
+def _canonical(distinct: list[set[str]]) -> bool:
+    """The parts come in their concatenation order (q, k, v; gate, up): CLIP registers k, v, q."""
+    return any(len(order) == len(distinct) and all(c in d for c, d in zip(order, distinct)) for order in _KNOWN_ORDERS)
 
 
 def _name_concepts(key: str) -> set[str]:

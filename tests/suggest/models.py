@@ -190,3 +190,40 @@ class _Wrapped(nn.Module):
 def wrapped_tiny_net() -> nn.Module:
     """Factory used as `tests.suggest.models:wrapped_tiny_net`."""
     return _Wrapped()
+
+
+def hf_clip_vision() -> nn.Module:
+    """transformers `CLIPVisionModel` (registers k_proj, v_proj, q_proj in that order) in the small `VIT` config."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    return CLIPVisionModel(CLIPVisionConfig(hidden_size=VIT["width"], intermediate_size=VIT["mlp"],
+                                            num_hidden_layers=VIT["layers"], num_attention_heads=VIT["heads"],
+                                            image_size=VIT["image"], patch_size=VIT["patch"], layer_norm_eps=1e-5,
+                                            hidden_act="gelu"))
+
+
+def timm_clip_vit() -> nn.Module:
+    """timm's CLIP ViT (`norm_pre`, class-token pooling, no head) in the small `VIT` config."""
+    import timm
+
+    return timm.create_model("vit_base_patch16_clip_224", pretrained=False, img_size=VIT["image"], depth=VIT["layers"],
+                             embed_dim=VIT["width"], num_heads=VIT["heads"], mlp_ratio=VIT["mlp"] / VIT["width"],
+                             num_classes=0, act_layer="gelu")
+
+
+def hf_dinov2() -> nn.Module:
+    """transformers `Dinov2Model` (LayerScale `lambda1`, a `mask_token` timm does not have), 28x28 images."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    return Dinov2Model(Dinov2Config(hidden_size=VIT["width"], num_hidden_layers=VIT["layers"],
+                                    num_attention_heads=VIT["heads"], mlp_ratio=VIT["mlp"] // VIT["width"],
+                                    image_size=28, patch_size=14, layer_norm_eps=1e-6))
+
+
+def timm_dinov2() -> nn.Module:
+    """timm's DINOv2 ViT (LayerScale `ls1.gamma`, patch 14) without a head, 28x28 images."""
+    import timm
+
+    return timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28, depth=VIT["layers"],
+                             embed_dim=VIT["width"], num_heads=VIT["heads"], mlp_ratio=VIT["mlp"] / VIT["width"],
+                             num_classes=0)

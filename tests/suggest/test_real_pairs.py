@@ -7,6 +7,7 @@ MobileNet (torchvision -> timm). Random weights, small configs, nothing download
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +213,26 @@ def test_llama_and_fused_layout(suggest_and_convert, tmp_path: Path, source_arch
     from ckptx.factories import transformers_model
 
     _close(transformers_model(target_arch, **LLM), got.state, source, tokens)
+
+
+# ------------------------------------------------------------------------------------------------ CLIP, DINOv2
+@pytest.mark.parametrize("source,target,allow,size", [
+    ("timm_clip_vit", "hf_clip_vision", [], models.VIT["image"]),  # k, v, q registered in that order by HF
+    ("timm_dinov2", "hf_dinov2", [r"\.mask_token$"], 28),           # LayerScale; a mask token only HF has
+])
+def test_timm_vision_towers_to_transformers(suggest_and_convert, tmp_path: Path, source: str, target: str,
+                                            allow: list[str], size: int) -> None:
+    require("timm", "transformers")
+    model = models.randomize(getattr(models, source)(), seed=10)
+    src = tmp_path / f"{source}.pth"
+    torch.save(model.state_dict(), src)
+    extra = [a for pattern in allow for a in ("--allow-missing", pattern)]
+    got = suggest_and_convert(src, f"tests.suggest.models:{target}", extra=extra)
+    assert "into: ['\\1.q_proj.\\2', '\\1.k_proj.\\2', '\\1.v_proj.\\2']" in got.text  # concatenation order
+    hf = getattr(models, target)()
+    missing, unexpected = hf.load_state_dict(got.state, strict=False)
+    assert not unexpected and all(any(re.search(p, k) for p in allow) for k in missing)
+    x = _image(size)
+    with torch.no_grad():
+        diff = (model(x) - hf.eval()(pixel_values=x).pooler_output).abs().max().item()
+    assert diff < ATOL, diff
