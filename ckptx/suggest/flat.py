@@ -200,7 +200,9 @@ class FlatAligner:
                         row.append(None)
                         continue
                     pairs_ = self._param_pairs(src_mods[r][1], dst_mods[c][1])
-                    if pairs_ is None or not self._plausible(src_mods[r][1][0], dst_mods[c][1][0]):
+                    unique = len(rows) == 1 and len(cols) == 1
+                    lead = max(src_mods[r][1], key=lambda k: len(loose_shape(self.src[k].meta.shape)))
+                    if pairs_ is None or not self._plausible(lead, dst_mods[c][1][0], unique):
                         row.append(None)
                         continue
                     bijections[r, c] = pairs_
@@ -285,7 +287,7 @@ class FlatAligner:
                 continue
             near = self._neighbours(rows, cols)
             fits = {(i, j): fit(self.src[i].meta, self.dst[j].meta)
-                    if (near is None or y in near[x]) and self._plausible(i, j) else None
+                    if (near is None or y in near[x]) and self._plausible(i, j, len(rows) == len(cols) == 1) else None
                     for x, i in enumerate(rows) for y, j in enumerate(cols)}
             scores = [[self._tensor_score(i, rank_src[i], n, j, m, fits[i, j]) if fits[i, j] is not None else None
                        for j in cols] for i in rows]
@@ -315,9 +317,12 @@ class FlatAligner:
             out.append(chosen)
         return out
 
-    def _plausible(self, i: int, j: int) -> bool:
-        """A lone tensor pair needs some evidence beyond its shape: a similar name or about the expected place
-        (a new layer of the target is not filled with a leftover of the same shape from elsewhere)."""
+    def _plausible(self, i: int, j: int, unique: bool = False) -> bool:
+        """A lone tensor pair needs some evidence beyond its shape: a similar name, about the expected place, or
+        a distinctive shape (two or more sizes other than 1) that only these two tensors have at this level
+        (a new layer of the target is not filled with a leftover norm of the same width from elsewhere)."""
+        if unique and len(loose_shape(self.src[i].meta.shape)) >= 2:
+            return True
         a, b = key_name(self.src[i].key), key_name(self.dst[j].key)
         named = (token_similarity(a.path, b.path, self.weights) >= 0.15 or bool(set(a.leaf) & set(b.leaf))
                  or bool((set(a.param) & set(b.param)) - _GENERIC_PARAMS))
