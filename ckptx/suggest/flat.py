@@ -182,7 +182,6 @@ class FlatAligner:
             key = _module_class(self.dst, members)
             if key in classes:
                 classes[key][1].append(j)
-        n, m = len(src_mods), len(dst_mods)
         for rows, cols in classes.values():
             if not rows or not cols:
                 continue
@@ -206,7 +205,7 @@ class FlatAligner:
                         row.append(None)
                         continue
                     bijections[r, c] = pairs_
-                    row.append(self._module_score(src_mods[r], r, n, dst_mods[c], c, m, pairs_))
+                    row.append(self._module_score(src_mods[r], dst_mods[c], pairs_))
                 scores.append(row)
             chosen = assign(scores)
             accepted = []
@@ -245,7 +244,7 @@ class FlatAligner:
 
 
 
-    def _module_score(self, sm: tuple[str, list[int]], r: int, n: int, dm: tuple[str, list[int]], c: int, m: int,
+    def _module_score(self, sm: tuple[str, list[int]], dm: tuple[str, list[int]],
                       pairs: list[tuple[int, int, Fit]]) -> float:
         na, nb = key_name(sm[0] + ".x"), key_name(dm[0] + ".x")
         name = token_similarity(na.path, nb.path, self.weights) + \
@@ -274,8 +273,6 @@ class FlatAligner:
             key = (loose_shape(meta.shape), dtype_kind(meta.dtype))
             if key in classes:
                 classes[key][1].append(j)
-        n, m = len(self.src), len(self.dst)
-        rank_src = {leaf_index: r for r, leaf_index in enumerate(range(n))}
         for rows, cols in classes.values():
             if not rows or not cols:
                 continue
@@ -289,7 +286,7 @@ class FlatAligner:
             fits = {(i, j): fit(self.src[i].meta, self.dst[j].meta)
                     if (near is None or y in near[x]) and self._plausible(i, j, len(rows) == len(cols) == 1) else None
                     for x, i in enumerate(rows) for y, j in enumerate(cols)}
-            scores = [[self._tensor_score(i, rank_src[i], n, j, m, fits[i, j]) if fits[i, j] is not None else None
+            scores = [[self._tensor_score(i, j, fits[i, j]) if fits[i, j] is not None else None
                        for j in cols] for i in rows]
             chosen = assign(scores)
             for ri, ci in chosen:
@@ -328,7 +325,7 @@ class FlatAligner:
                  or bool((set(a.param) & set(b.param)) - _GENERIC_PARAMS))
         return named or self.position(i, j) >= 0.25
 
-    def _tensor_score(self, i: int, r: int, n: int, j: int, m: int, f: Fit) -> float:
+    def _tensor_score(self, i: int, j: int, f: Fit) -> float:
         s, t = self.src[i].key, self.dst[j].key
         na, nb = key_name(s), key_name(t)
         vote = 0.6 if self.parent_votes.get((_parent(s), _parent(t))) else 0.0
