@@ -23,7 +23,7 @@ from ckptx.suggest.tree import Leaf, Level, Run
 __all__ = ["Alignment", "Match", "RunPair", "align", "expand", "unmatched"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunPair:
     """A source run aligned with a target run: instance i of `pairs` goes to instance j, bodies per `inner`."""
 
@@ -184,7 +184,7 @@ def _flatten(runs: list[Run]) -> list[Leaf]:
     """All tensors of runs as leaves (for runs nothing on the other side matched)."""
     out: list[Leaf] = []
     for run in runs:
-        holder = Level(runs=[run])
+        holder = Level(runs=(run,))
         leaves, inner = holder.unrolled(run)
         out += leaves + _flatten(inner)
     return out

@@ -29,7 +29,7 @@ class Decided:
     ops: tuple[str, ...]
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepText:
     """One step as data for the YAML writer: the op, its value, a `comment:` and comments per rename row."""
 
@@ -188,7 +188,7 @@ class _StepBuilder:
         rows = rename_rows(self.renames, unchanged, order=order)
         if not rows:
             return []
-        step = StepText("rename", [[r.pattern, r.replacement] for r in rows])
+        row_comments: dict[int, list[str]] = {}
         for index, row in enumerate(rows):
             said, seen = [], set()
             for key in row.keys:
@@ -198,8 +198,8 @@ class _StepBuilder:
                         seen.add(shape)
                         said.append(text)
             if said:
-                step.row_comments[index] = said[:2] + ([f"(and {len(said) - 2} more)"] if len(said) > 2 else [])
-        return [step]
+                row_comments[index] = said[:2] + ([f"(and {len(said) - 2} more)"] if len(said) > 2 else [])
+        return [StepText("rename", [[r.pattern, r.replacement] for r in rows], None, row_comments)]
 
     def op_steps(self) -> list[StepText]:
         """Split, merge, permute and reshape steps on the final names."""

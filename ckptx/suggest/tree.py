@@ -9,7 +9,7 @@ and the rest of each level as a small sequence: alignment is never quadratic acr
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from ckptx.suggest._compat import TensorMeta
@@ -28,12 +28,12 @@ class Leaf:
     order: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
     """Consecutive instances of one indexed container with identical contents."""
 
     template: str               # e.g. 'stages.0.#': the instance prefix with its index abstracted
-    prefixes: list[str]         # the instances' prefixes, e.g. ['stages.0.0', 'stages.0.1']
+    prefixes: tuple[str, ...]   # the instances' prefixes, e.g. ('stages.0.0', 'stages.0.1')
     body: "Level"               # the contents of one instance (keys relative to its prefix)
     order: int                  # position of the run's first tensor in the level
 
@@ -43,12 +43,13 @@ class Run:
         return self.body.count
 
 
-@dataclass
+@dataclass(frozen=True)
 class Level:
-    """The tensors of one context: single tensors (`leaves`) and runs, each with its position."""
+    """The tensors of one context: single tensors (`leaves`) and runs, each with its position; `signature`
+    is equal for levels with the same names, shapes and dtypes (run bodies aligned once per pair of them)."""
 
-    leaves: list[Leaf] = field(default_factory=list)
-    runs: list[Run] = field(default_factory=list)
+    leaves: tuple[Leaf, ...] = ()
+    runs: tuple[Run, ...] = ()
     signature: int = 0
 
     @property
@@ -64,8 +65,8 @@ class Level:
             prefix = run.prefixes[i] + "."
             base = run.order + i * run.size
             leaves.extend(Leaf(prefix + leaf.key, leaf.meta, base + leaf.order) for leaf in run.body.leaves)
-            runs.extend(Run(prefix + inner.template, [prefix + p for p in inner.prefixes], inner.body, base + inner.order)
-                        for inner in run.body.runs)
+            runs.extend(Run(prefix + inner.template, tuple(prefix + p for p in inner.prefixes), inner.body,
+                            base + inner.order) for inner in run.body.runs)
         return leaves, runs
 
 
@@ -124,12 +125,12 @@ _BLOCK = re.compile(r"^(?:[^.]*\.)*?[^.]*\d[^.]*\.")
 
 def build_level(items: Sequence[tuple[str, TensorMeta]]) -> Level:
     """Fold `(key, meta)` pairs, in state-dict order, into a level with runs."""
-    level = Level()
-    _fill(level, list(items), 0, 0)
-    level.leaves.sort(key=lambda leaf: leaf.order)
-    level.runs.sort(key=lambda run: run.order)
-    level.signature = _signature(level)
-    return level
+    leaves: list[Leaf] = []
+    runs: list[Run] = []
+    _fill(leaves, runs, list(items), 0, 0)
+    leaves.sort(key=lambda leaf: leaf.order)
+    runs.sort(key=lambda run: run.order)
+    return Level(tuple(leaves), tuple(runs), _signature(leaves, runs))
 
 
 def _instance(key: str, start: int) -> tuple[int, str] | None:
@@ -157,13 +158,13 @@ def _groups(items: list[tuple[str, TensorMeta]], start: int) -> Iterator[tuple[t
         yield current, members
 
 
-def _fill(level: Level, items: list[tuple[str, TensorMeta]], start: int, offset: int) -> None:
+def _fill(leaves: list[Leaf], runs: list[Run], items: list[tuple[str, TensorMeta]], start: int, offset: int) -> None:
     groups = list(_groups(items, start))
     i = 0
     while i < len(groups):
         inst, members = groups[i]
         if inst is None:
-            level.leaves.extend(Leaf(items[m][0], items[m][1], offset + m) for m in members)
+            leaves.extend(Leaf(items[m][0], items[m][1], offset + m) for m in members)
             i += 1
             continue
         position, prefix = inst
@@ -179,12 +180,12 @@ def _fill(level: Level, items: list[tuple[str, TensorMeta]], start: int, offset:
             j += 1
         if j - i >= 2:
             inner = build_level([(k[len(prefix) + 1:], meta) for k, meta in (items[m] for m in members)])
-            level.runs.append(Run(template, [groups[g][0][1] for g in range(i, j)], inner,  # type: ignore[index]
-                                  offset + members[0]))
+            runs.append(Run(template, tuple(groups[g][0][1] for g in range(i, j)), inner,  # type: ignore[index]
+                            offset + members[0]))
             i = j
             continue
         sub = [items[m] for m in members]
-        _fill(level, sub, position + 1, offset + members[0])
+        _fill(leaves, runs, sub, position + 1, offset + members[0])
         i += 1
 
 
@@ -199,6 +200,6 @@ def _body(items: list[tuple[str, TensorMeta]], members: list[int], prefix: str) 
     return tuple((items[m][0][cut:], items[m][1].shape, items[m][1].dtype) for m in members)
 
 
-def _signature(level: Level) -> int:
-    return hash((tuple((leaf.key, leaf.meta.shape, leaf.meta.dtype) for leaf in level.leaves),
-            tuple((run.template, len(run.prefixes), run.body.signature) for run in level.runs)))
+def _signature(leaves: Sequence[Leaf], runs: Sequence[Run]) -> int:
+    return hash((tuple((leaf.key, leaf.meta.shape, leaf.meta.dtype) for leaf in leaves),
+                 tuple((run.template, len(run.prefixes), run.body.signature) for run in runs)))

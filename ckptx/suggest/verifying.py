@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
-from ckptx.suggest._compat import TargetError, build_model
+from ckptx.suggest._compat import TargetError, build_model, import_callable
 
 __all__ = ["guess_input", "prefixed_model", "verify_section"]
 
@@ -47,8 +47,6 @@ def prefixed_model(factory: str, prefix: str, kwargs: Mapping[str, Any] | None =
     """The model `factory(**kwargs)` builds, held under `prefix` (`module.`, `module._orig_mod.`, `model.`) so that
     its state dict has the checkpoint's keys: the source model of a verification whose checkpoint carries a
     wrapper prefix. Calling it calls the model."""
-    from ckptx.suggest._compat import import_callable  # noqa: PLC0415
-
     model = import_callable(factory, "verify.source_kwargs.factory")(**dict(kwargs or {}))
     holder = _holder_class()
     for name in reversed([p for p in prefix.split(".") if p]):
@@ -80,11 +78,10 @@ def verify_section(source_model: str, source_kwargs: Mapping[str, Any], input_sh
     """The recipe's `verify:` mapping; the input is guessed from the model when not given. With a wrapper
     `prefix` on the checkpoint's keys, the source model is held under it (`prefixed_model`)."""
     if input_shape is None:
+        import_callable(source_model, "--verify-with")  # a factory that cannot be imported is reported as such
         try:
             model = build_model(source_model, source_kwargs, "--verify-with", device="meta")
-        except TargetError as exc:
-            if "cannot import" in str(exc) or "no attribute" in str(exc) or "not callable" in str(exc):
-                raise
+        except TargetError:
             model = build_model(source_model, source_kwargs, "--verify-with", device="cpu")  # not meta-safe
         shape, dtype = guess_input(model)
         input_shape, input_dtype = shape, input_dtype or dtype
