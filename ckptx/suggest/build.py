@@ -61,12 +61,13 @@ def _varying_position(keys: Sequence[str]) -> int:
 
 def build_steps(matches: Sequence[Match], dropped: Sequence[str], kept_unmatched: Sequence[str],
                 source_keys: Sequence[str], prefixes: Prefixes, target: Mapping[str, TensorMeta], *,
-                by_target_order: bool = False) -> tuple[list[StepText], dict[str, Decided]]:
+                by_target_order: bool = False, literal_rows: bool = False) -> tuple[list[StepText], dict[str, Decided]]:
     """The recipe's steps and, per target key, what the steps must make of it (for the re-planning check).
 
     `matches` use source keys after prefix stripping and target keys without the added prefix;
     `dropped` source keys go to a `drop` step, `kept_unmatched` pass through unchanged. With
-    `by_target_order`, rename rows follow the target's order (the source's own is alphabetical).
+    `by_target_order`, rename rows follow the target's order (the source's own is alphabetical); with
+    `literal_rows`, one exact row per renamed key.
     """
     builder = _StepBuilder(prefixes.add_text, set(target) | {prefixes.add_text + k for k in kept_unmatched})
     for match in matches:
@@ -82,7 +83,7 @@ def build_steps(matches: Sequence[Match], dropped: Sequence[str], kept_unmatched
                               f"{len(dropped)} source tensor(s) with no counterpart in the target"))
     order = _row_order(matches, source_keys, target, prefixes.add_text) if by_target_order else \
         {k: i for i, k in enumerate(source_keys)}
-    steps += builder.rename_step(list(kept_unmatched), order)
+    steps += builder.rename_step(list(kept_unmatched), order, literal_rows)
     if prefixes.add:
         steps.append(StepText("add_prefix", prefixes.add_text, "prefix shared by every target key"))
     steps += builder.op_steps()
@@ -183,9 +184,9 @@ class _StepBuilder:
         if match.note:
             self.comments[match.sources[0]].append(match.note)
 
-    def rename_step(self, unchanged: list[str], order: Mapping[str, int]) -> list[StepText]:
+    def rename_step(self, unchanged: list[str], order: Mapping[str, int], literal: bool = False) -> list[StepText]:
         """The rename step (none when every key keeps its name), close calls commented once per row."""
-        rows = rename_rows(self.renames, unchanged, order=order)
+        rows = rename_rows(self.renames, unchanged, order=order, literal=literal)
         if not rows:
             return []
         row_comments: dict[int, list[str]] = {}

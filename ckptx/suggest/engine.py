@@ -164,8 +164,6 @@ def _suggest(options: _Options, fmt: str, opened: Any, chosen: Candidate, rivals
     allowed_missing = [added + k for k in left_dst if any(p.search(added + k) for p in allowed_missing_patterns)]
     missing = [added + k for k in left_dst if added + k not in set(allowed_missing)]
 
-    steps, decided = build_steps(matches, dropped, kept, list(stripped), prefixes, target_tensors,
-                                 by_target_order=src_order is not None and dst_order is None)
     verify = None
     if options.verify_with:
         if not spec.model:
@@ -200,13 +198,24 @@ def _suggest(options: _Options, fmt: str, opened: Any, chosen: Candidate, rivals
         trailer += [f"  {k}: {target_tensors[k]}" for k in missing[:200]]
         if len(missing) > 200:
             trailer.append(f"  ... and {len(missing) - 200} more")
-    text = render_recipe(header=header, name=recipe_name,
-                         description=f"{Path(src).name} -> {_describe(spec)} (suggested; review before use)",
-                         extract=extract, steps=steps, target=_target_section(spec, output),
-                         verify=verify, trailer=trailer)
     base_dir = Path(output).resolve().parent if output else Path.cwd()
-    recipe = load_rules_text(text, str(output or "<suggested>"), base_dir=base_dir)
-    report = _check(recipe, opened, resolved, decided, prefixes)
+
+    def write(literal_rows: bool) -> tuple[str, Recipe, ValidationReport, dict[str, Decided]]:
+        steps, decided = build_steps(matches, dropped, kept, list(stripped), prefixes, target_tensors,
+                                     by_target_order=src_order is not None and dst_order is None,
+                                     literal_rows=literal_rows)
+        text = render_recipe(header=header, name=recipe_name,
+                             description=f"{Path(src).name} -> {_describe(spec)} (suggested; review before use)",
+                             extract=extract, steps=steps, target=_target_section(spec, output),
+                             verify=verify, trailer=trailer)
+        recipe = load_rules_text(text, str(output or "<suggested>"), base_dir=base_dir)
+        return text, recipe, _check(recipe, opened, resolved, decided, prefixes), decided
+
+    try:
+        text, recipe, report, decided = write(literal_rows=False)
+    except _NotReproduced as exc:  # should not happen; one exact row per key is always right
+        notes.append(f"generalized rows did not reproduce the mapping ({exc}); wrote one exact row per key")
+        text, recipe, report, decided = write(literal_rows=True)
     verification = error = None
     if verify is not None and report.ok:
         with tempfile.TemporaryDirectory(prefix="ckptx-suggest-") as tmp:
@@ -329,7 +338,7 @@ def _check(recipe: Recipe, source: Any, target: Target, decided: Mapping[str, De
     try:
         plan = plan_recipe(recipe, source, target=target.tensors)
     except PlanError as exc:
-        raise RuntimeError(f"suggest wrote a recipe that does not plan (a bug in ckptx suggest): {exc}") from None
+        raise _NotReproduced(f"the recipe does not plan: {exc}") from None
     strip = prefixes.strip_text
     wrong = []
     for entry in plan.entries:
@@ -341,7 +350,10 @@ def _check(recipe: Recipe, source: Any, target: Target, decided: Mapping[str, De
         if tuple(strip + s for s in want.sources) != entry.sources or got_ops != want.ops:
             wrong.append(f"{entry.key} <- {', '.join(entry.sources)} {got_ops}")
     if wrong or len(plan.entries) != len(decided):
-        raise RuntimeError(f"suggest wrote a recipe that does not do what it decided (a bug in ckptx suggest): "
-                           f"{len(wrong)} key(s) differ, e.g. {wrong[:3]}; {len(plan.entries)} planned, "
-                           f"{len(decided)} decided")
+        raise _NotReproduced(f"{len(wrong)} key(s) differ, e.g. {wrong[:3]}; {len(plan.entries)} planned, "
+                             f"{len(decided)} decided")
     return validate(plan, target)
+
+
+class _NotReproduced(RuntimeError):
+    """The written recipe, re-planned, does not do what the alignment decided (a bug in `suggest`)."""

@@ -115,12 +115,16 @@ def _common_suffix(a: list[str], b: list[str]) -> int:
 
 
 def rename_rows(pairs: Sequence[tuple[str, str]], unchanged: Iterable[str] = (), *, order: Mapping[str, int] | None = None,
-                max_rounds: int = 50) -> list[Row]:
+                max_rounds: int = 50, literal: bool = False) -> list[Row]:
     """Rename rows that turn every `source` into its `target` and leave the `unchanged` keys as they are.
 
     `pairs` and `unchanged` together are every key entering the rename step. Rows come in a natural
-    order (by first source key, a specific row before a general one that also matches its keys).
+    order (by first source key, a specific row before a general one that also matches its keys). With
+    `literal`, one exact row per key (the fallback that is always right).
     """
+    if literal:
+        return [Row(f"^{re.escape(s)}$", t.replace("\\", "\\\\"), (s,)) for s, t in
+                sorted(((s, t) for s, t in pairs if s != t), key=lambda st: (order or {}).get(st[0], 0))]
     order = order or {}
     items = []
     for index, (s, t) in enumerate(pairs):
@@ -143,7 +147,7 @@ def rename_rows(pairs: Sequence[tuple[str, str]], unchanged: Iterable[str] = (),
             bad = _cycle_member(rows, before)
         for index in bad:
             _specialize(groups[index])
-    raise RuntimeError("rename rows did not converge")  # pragma: no cover - every round makes a row more specific
+    return rename_rows(pairs, unchanged, order=order, literal=True)  # pragma: no cover - rounds make rows specific
 
 
 def _specialize(group: _Group) -> None:

@@ -180,3 +180,22 @@ def test_manifest_and_reference_checkpoint_targets(run_cli, tmp_path: Path, tiny
         assert recipe["steps"] == [{"add_prefix": "backbone."}]
         converted = run_cli("convert", src, "-r", rules, "-o", tmp_path / f"{key}.safetensors")
         assert converted.code == 0 and "OK (9/9 target keys matched)" in converted.out, converted.out
+
+
+def test_rows_that_do_not_reproduce_the_mapping_fall_back_to_exact_rows(monkeypatch, tmp_path: Path,
+                                                                        tiny_state) -> None:
+    """The re-planning check catches a wrong row; the recipe is then written with one exact row per key."""
+    import ckptx
+    from ckptx.suggest import build, generalize
+
+    def broken(pairs, unchanged=(), *, order=None, literal=False):
+        rows = generalize.rename_rows(pairs, unchanged, order=order, literal=literal)
+        return rows if literal else rows[:-1]  # forget a row
+
+    monkeypatch.setattr(build, "rename_rows", broken)
+    src = tmp_path / "tiny.pth"
+    torch.save(tiny_state, src)
+    suggestion = ckptx.suggest(src, "tests.helpers.models:backbone_net")
+    assert suggestion.report.ok
+    assert any("one exact row per key" in note for note in suggestion.report.notes)
+    assert r"['^fc\.weight$', 'head.fc.weight']" in suggestion.text

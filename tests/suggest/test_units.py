@@ -220,3 +220,10 @@ def test_a_lone_leftover_of_the_same_shape_is_not_taken_for_a_new_layer() -> Non
     dst = [("new_norm.weight", _meta(8))] + [(f"layers.{i}.w", _meta(4, 4)) for i in range(12)]
     alignment = align(build_level(src), build_level(dst))
     assert unmatched(alignment) == (["aux_loss_head.weight"], ["new_norm.weight"])
+
+
+def test_literal_rows_are_the_safe_fallback() -> None:
+    pairs = [("a.0.w", "x.w"), ("b.1.w", "y.0.w")]
+    rows = rename_rows(pairs, literal=True)
+    assert [(r.pattern, r.replacement) for r in rows] == [(r"^a\.0\.w$", "x.w"), (r"^b\.1\.w$", "y.0.w")]
+    assert all(_apply(rows, s) == t for s, t in pairs)
