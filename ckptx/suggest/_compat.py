@@ -13,7 +13,7 @@ from ckptx.target import Target, ValidationReport, build_model, import_callable,
 
 __all__ = ["CkptxError", "DestinationError", "MappingSource", "PlanError", "Recipe", "SourceError", "Target", "TargetError", "TargetSpec", "TensorMeta",
            "ValidationReport", "build_model", "dtype_name", "import_callable", "is_tensor", "load_object_tree", "load_rules_text", "open_source", "ops_of",
-           "convert_verified", "parse_target_arg", "plan_recipe", "read_manifest", "resolve_target", "sniff_format", "validate"]
+           "convert_verified", "parse_target_arg", "plan_recipe", "resolve_with_ties", "read_manifest", "resolve_target", "sniff_format", "validate"]
 
 
 def plan_recipe(recipe: Recipe, source: object, target: object = None):  # type: ignore[no-untyped-def]
@@ -59,3 +59,28 @@ def convert_verified(src: str, dst: str, recipe: Recipe, *, allow_globals: tuple
         text = str(exc)
         raise TargetError(text if len(text) < 400 else text[:400] + " ...") from None
     return result.verification, None
+
+
+def resolve_with_ties(spec: TargetSpec) -> tuple[Target, tuple[tuple[str, ...], ...]]:
+    """`resolve_target(spec)`, and for a model target the groups of keys that share one tensor (tied weights:
+    an output head and the token embedding), found from the same single build on the meta device."""
+    if not spec.model:
+        return resolve_target(spec), ()
+    where = spec.where or "target"
+    import_callable(spec.model, where)  # a factory that cannot be imported is reported as such
+    notes: tuple[str, ...] = ()
+    try:
+        model = build_model(spec.model, spec.kwargs, where)
+    except TargetError as exc:
+        model = build_model(spec.model, spec.kwargs, where, device="cpu")
+        notes = (f"built on the CPU: the factory does not run on the meta device ({exc})",)
+    state = model.state_dict(keep_vars=True)  # the parameters themselves: tied ones are one object
+    import torch  # noqa: PLC0415 - a model target has imported it already
+
+    tensors = {k: TensorMeta(tuple(v.shape), dtype_name(v.dtype)) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    groups: dict[int, list[str]] = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            groups.setdefault(id(value), []).append(key)
+    ties = tuple(tuple(keys) for keys in groups.values() if len(keys) > 1)
+    return Target(spec.describe(), tensors, spec.allow_missing, spec.allow_unexpected, notes), ties

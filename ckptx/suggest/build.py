@@ -61,13 +61,14 @@ def _varying_position(keys: Sequence[str]) -> int:
 
 def build_steps(matches: Sequence[Match], dropped: Sequence[str], kept_unmatched: Sequence[str],
                 source_keys: Sequence[str], prefixes: Prefixes, target: Mapping[str, TensorMeta], *,
-                by_target_order: bool = False, literal_rows: bool = False) -> tuple[list[StepText], dict[str, Decided]]:
+                by_target_order: bool = False, literal_rows: bool = False,
+                copies: Sequence[tuple[str, str]] = ()) -> tuple[list[StepText], dict[str, Decided]]:
     """The recipe's steps and, per target key, what the steps must make of it (for the re-planning check).
 
     `matches` use source keys after prefix stripping and target keys without the added prefix;
     `dropped` source keys go to a `drop` step, `kept_unmatched` pass through unchanged. With
     `by_target_order`, rename rows follow the target's order (the source's own is alphabetical); with
-    `literal_rows`, one exact row per renamed key.
+    `literal_rows`, one exact row per renamed key. `copies` (final key, tied final key) become `copy` steps.
     """
     builder = _StepBuilder(prefixes.add_text, set(target) | {prefixes.add_text + k for k in kept_unmatched})
     for match in matches:
@@ -87,6 +88,10 @@ def build_steps(matches: Sequence[Match], dropped: Sequence[str], kept_unmatched
     if prefixes.add:
         steps.append(StepText("add_prefix", prefixes.add_text, "prefix shared by every target key"))
     steps += builder.op_steps()
+    for have, want in copies:
+        builder.decided[want] = builder.decided[have]
+        steps.append(StepText("copy", {"match": f"^{re.escape(have)}$", "to": want},
+                              f"'{want}' is tied to '{have}' in the target model; the source stores it once"))
     return steps, builder.decided
 
 

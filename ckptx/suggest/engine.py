@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 from ckptx import __version__
 from ckptx.suggest._compat import (CkptxError, PlanError, Recipe, Target, TargetSpec, ValidationReport,
                                    convert_verified, load_rules_text, open_source, ops_of, parse_target_arg,
-                                   plan_recipe, resolve_target, validate)
+                                   plan_recipe, resolve_with_ties, validate)
 from ckptx.suggest.align import align, expand, unmatched
 from ckptx.suggest.build import Decided, build_steps
 from ckptx.suggest.emit import render_recipe
@@ -107,13 +107,13 @@ def suggest(src: str | Path, target: str | TargetSpec, *, target_args: Mapping[s
                        tuple(allow_missing), tuple(allow_unexpected), tuple(allow_globals), unsafe_pickle, output,
                        verify_with, dict(verify_args or {}), tuple(verify_input) if verify_input else None,
                        verify_input_dtype, name)
-    resolved = _resolve(options.spec)
+    resolved, ties = _resolve(options.spec)
     fmt, candidates, opened = find_candidates(options.src, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
     chosen, rivals, _ = choose_candidate(candidates, resolved.tensors)
     if opened is None:
         opened = open_source(options.src, [chosen.path], allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
     with opened:
-        return _suggest(options, fmt, opened, chosen, rivals, resolved, started)
+        return _suggest(options, fmt, opened, chosen, rivals, resolved, ties, started)
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class _Options:
 
 
 def _suggest(options: _Options, fmt: str, opened: Any, chosen: Candidate, rivals: list[tuple[Candidate, float]],
-             resolved: Target, started: float) -> Suggestion:
+             resolved: Target, ties: tuple[tuple[str, ...], ...], started: float) -> Suggestion:
     src, spec, output = options.src, options.spec, options.output
     extract = None if fmt in ("safetensors", "sharded-index", "manifest") else chosen.path
     notes: list[str] = []
@@ -157,6 +157,10 @@ def _suggest(options: _Options, fmt: str, opened: Any, chosen: Candidate, rivals
     matches = list(expand(alignment))
     left_src, left_dst = unmatched(alignment)
 
+    copies = _tied_copies(ties, matches, left_dst, added)
+    if copies:
+        copied = {t for _, t in copies}
+        left_dst = [k for k in left_dst if added + k not in copied]
     allowed_unexpected = [re.compile(p) for p in options.allow_unexpected]
     kept = [k for k in left_src if any(p.search(prefixes.add_text + k) or p.search(k) for p in allowed_unexpected)]
     dropped = [k for k in left_src if k not in set(kept)]
@@ -203,7 +207,7 @@ def _suggest(options: _Options, fmt: str, opened: Any, chosen: Candidate, rivals
     def write(literal_rows: bool) -> tuple[str, Recipe, ValidationReport, dict[str, Decided]]:
         steps, decided = build_steps(matches, dropped, kept, list(stripped), prefixes, target_tensors,
                                      by_target_order=src_order is not None and dst_order is None,
-                                     literal_rows=literal_rows)
+                                     literal_rows=literal_rows, copies=copies)
         text = render_recipe(header=header, name=recipe_name,
                              description=f"{Path(src).name} -> {_describe(spec)} (suggested; review before use)",
                              extract=extract, steps=steps, target=_target_section(spec, output),
@@ -228,7 +232,8 @@ def _suggest(options: _Options, fmt: str, opened: Any, chosen: Candidate, rivals
     result = SuggestReport(
         source=src, source_format=fmt, extracted_from=chosen.path, extract_rivals=tuple(c.path for c, _ in rivals),
         target=resolved.description, source_tensors=len(source_tensors), target_tensors=len(target_tensors),
-        mapped=sum(len(m.targets) for m in matches), evidence=dict(evidence), ops=dict(ops), prefixes=prefixes,
+        mapped=sum(len(m.targets) for m in matches) + len(copies), evidence=dict(evidence), ops=dict(ops),
+        prefixes=prefixes,
         dropped=tuple(prefixes.strip_text + k for k in dropped), kept_unexpected=tuple(prefixes.strip_text + k for k in kept),
         allowed_missing=tuple(allowed_missing), missing=tuple(missing), close_calls=tuple(close.values()), notes=tuple(notes),
         validation=report, verification=verification, verification_error=error,
@@ -250,11 +255,28 @@ def _target_spec(target: str | TargetSpec, target_args: Mapping[str, Any] | None
                       where=spec.where or "--target")
 
 
-def _resolve(spec: TargetSpec) -> Target:
+def _resolve(spec: TargetSpec) -> tuple[Target, tuple[tuple[str, ...], ...]]:
+    """The target's tensors, and (for a model) which of its keys share one tensor."""
     if spec.manifest:
         path = Path(spec.manifest)
-        return Target(spec.manifest, read_manifest_fast(path), spec.allow_missing, spec.allow_unexpected)
-    return resolve_target(spec)
+        return Target(spec.manifest, read_manifest_fast(path), spec.allow_missing, spec.allow_unexpected), ()
+    return resolve_with_ties(spec)
+
+
+def _tied_copies(ties: tuple[tuple[str, ...], ...], matches: list[Any], missing: list[str], added: str
+                 ) -> list[tuple[str, str]]:
+    """(mapped key, missing key) for target keys tied to one that is mapped: a file stores a tied weight once
+    (transformers' safetensors leave out `lm_head.weight`), the target still wants it under both names."""
+    if not ties:
+        return []
+    mapped = {added + t for m in matches for t in m.targets}
+    absent = {added + k for k in missing}
+    out = []
+    for group in ties:
+        have = [k for k in group if k in mapped]
+        if have:
+            out += [(have[0], k) for k in group if k in absent]
+    return out
 
 
 def _recipe_name(src: str, spec: TargetSpec) -> str:

@@ -236,3 +236,16 @@ def test_timm_vision_towers_to_transformers(suggest_and_convert, tmp_path: Path,
     with torch.no_grad():
         diff = (model(x) - hf.eval()(pixel_values=x).pooler_output).abs().max().item()
     assert diff < ATOL, diff
+
+
+def test_a_tied_weight_the_file_stores_once_is_copied(suggest_and_convert, tmp_path: Path) -> None:
+    """transformers' safetensors leave out the tied `lm_head.weight`; the target wants it under both names."""
+    require("transformers")
+    source = models.randomize(models.hf_gpt2(), seed=11)
+    state = {k: v.clone() for k, v in source.state_dict().items() if k != "lm_head.weight"}
+    src = tmp_path / "gpt2.safetensors"
+    save_file(state, str(src))
+    got = suggest_and_convert(src, "tests.suggest.models:nano_gpt")
+    assert r"copy: {match: '^transformer\.wte\.weight$', to: 'lm_head.weight'}" in got.text
+    tokens = torch.randint(0, models.GPT_CONFIG["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(2))
+    _close(models.nano_gpt(), got.state, source, tokens)
