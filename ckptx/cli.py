@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["local", "dask"], default="local", help="where jobs run (default: local)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler, e.g. tcp://host:8786 (default: a LocalCluster)")
     p.add_argument("--report", metavar="FILE", help="JSON report (default: JOBS.report.json beside the jobs file)")
+
+    from ckptx.suggest.cli import add_parser as add_suggest  # noqa: PLC0415
+
+    add_suggest(sub, [common, pickle])
     return parser
 
 
@@ -527,7 +531,13 @@ def _cmd_batch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK if result.ok else EXIT_INVALID
 
 
+def _cmd_suggest(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ckptx.suggest.cli import run  # noqa: PLC0415
+
+    return run(args, out, err)
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO, TextIO], int]] = {
     "convert": _cmd_convert, "inspect": _cmd_inspect, "diff": _cmd_diff, "lint": _cmd_lint, "rules": _cmd_rules,
-    "batch": _cmd_batch, "invert": _cmd_invert,
+    "batch": _cmd_batch, "invert": _cmd_invert, "suggest": _cmd_suggest,
 }

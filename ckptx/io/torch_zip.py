@@ -241,7 +241,7 @@ def open_zip_without_torch(path: Path, extract_paths: Sequence[str], *, display:
     same SourceError as the torch path when the state dict is not where the recipe says.
     """
     try:
-        obj, unknown, records, little = _read_references(str(path))
+        obj, unknown, records, little = read_references(str(path))
     except Exception:  # noqa: BLE001 - anything unusual goes to torch, which gives the precise error
         return None
     if unknown or not little:
@@ -307,7 +307,7 @@ def zip_spans(path: str, found_at: str, tensors: Mapping[str, torch.Tensor]) -> 
     cannot be read gets none at all (its tensors are then read through torch as before).
     """
     try:
-        obj, _, records, little = _read_references(path)
+        obj, _, records, little = read_references(path)
         refs, _ = extract(obj, [found_at], file=path)
     except Exception:  # noqa: BLE001 - best effort: without references the tensors are read through torch
         return {}
@@ -335,7 +335,7 @@ def _agrees(ref: TensorRef, tensor: torch.Tensor) -> bool:
             and not tensor.is_conj() and not tensor.is_neg() and tensor.device.type == "cpu")
 
 
-def _read_references(path: str) -> tuple[Any, list[str], dict[str, Record], bool]:
+def read_references(path: str) -> tuple[Any, list[str], dict[str, Record], bool]:
     """`data.pkl` as the stub unpickler builds it, the globals it did not model, the `data/<key>` records by
     key, and whether the storages are little-endian. Raises on a malformed archive or pickle."""
     # unbuffered: each record's local header costs a 30-byte read, not an 8 KiB block of partition bytes
