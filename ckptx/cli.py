@@ -12,12 +12,11 @@ from warnings import WarningMessage, catch_warnings
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Sequence, TextIO
 
-import yaml
 
 from ckptx._version import __version__
 from ckptx.errors import CkptxError, PlanError, Rejected, RuleError
 from ckptx.report import json_text
-from ckptx.text import printable, quoted, shown
+from ckptx.text import key_values as _key_values, printable, quoted, shown
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -204,19 +203,6 @@ def _fail(out: TextIO, err: TextIO, as_json: bool, code: int, kind: str, message
         text = lines[0] if lines else ""
         err.write(("" if text.startswith("ckptx") else "ckptx: error: ") + text + "\n")
     return code
-
-
-def _key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
-    values = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise CkptxError(f"{flag} {item}: expected KEY=VALUE")
-        try:
-            values[key] = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            values[key] = raw
-    return values
 
 
 def _size(text: str) -> int:

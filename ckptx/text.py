@@ -9,8 +9,13 @@ text, `printable` (the same but line breaks kept).
 from __future__ import annotations
 
 import re
+from typing import Any, Sequence
 
-__all__ = ["describe_key", "human_bytes", "printable", "quoted", "shown"]
+import yaml
+
+from ckptx.errors import CkptxError
+
+__all__ = ["describe_key", "human_bytes", "key_values", "printable", "quoted", "shown"]
 
 # Not printable as Python's str.isprintable decides (controls, format characters such as bidi overrides, line and
 # paragraph separators, surrogates, unassigned), plus the backslash so that an escape cannot be forged.
@@ -75,3 +80,17 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
+    """`K=V` command-line items (`--set`, `--target-arg`) as a dict, each value read as a YAML scalar."""
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CkptxError(f"{flag} {item}: expected KEY=VALUE")
+        try:
+            values[key] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            values[key] = raw
+    return values

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-import yaml
 
+from ckptx.text import key_values as _key_values
 from ckptx.suggest._compat import CkptxError, DestinationError
 
 __all__ = ["add_parser", "run"]
@@ -36,19 +36,6 @@ def add_parser(sub: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
     p.add_argument("--verify-input", metavar="SHAPE", help="input shape for --verify-with, e.g. 2,3,224,224 "
                                                           "(default: guessed from the source model)")
     p.add_argument("--verify-input-dtype", metavar="DTYPE", help="input dtype, e.g. int64 for token ids")
-
-
-def _key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise CkptxError(f"{flag} {item}: expected KEY=VALUE")
-        try:
-            values[key] = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            values[key] = raw
-    return values
 
 
 def _shape(text: str | None) -> tuple[int, ...] | None:
