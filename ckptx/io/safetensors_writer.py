@@ -11,7 +11,7 @@ from ckptx.errors import TensorOpError
 from ckptx.io.atomic import atomic_output
 from ckptx.dtypes import dtype_name, safetensors_code
 from ckptx.io.source import Source
-from ckptx.io.spans import Progress, SpanCopier, convert_span, write_bytes
+from ckptx.io.spans import BLOCK, Progress, SpanCopier, convert_span, write_bytes
 from ckptx.ops.registry import PlanEntry, byte_converter, evaluate
 
 torch = lazy_module("torch")
@@ -21,8 +21,11 @@ __all__ = ["Progress", "build_header", "materialize", "write_body", "write_compu
            "write_tensor"]
 
 
-def build_header(entries: Sequence[PlanEntry], metadata: Mapping[str, str]) -> bytes:
-    """The safetensors header for `entries` in order, padded with spaces to a multiple of 8 bytes."""
+def build_header(entries: Sequence[PlanEntry], metadata: Mapping[str, str], data_start: int | None = None) -> bytes:
+    """The safetensors header for `entries` in order, padded with spaces to a multiple of 8 bytes, or further so
+    that the data section starts at an offset congruent to `data_start` modulo the block size (see
+    `aligned_data_start`): then every copied byte lands at a destination offset congruent to its source offset,
+    which lets copy-on-write file systems share the blocks and keeps copies page-aligned elsewhere."""
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for entry in entries:
@@ -32,7 +35,21 @@ def build_header(entries: Sequence[PlanEntry], metadata: Mapping[str, str]) -> b
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
+    if data_start is not None and data_start % 8 == 0:
+        raw += b" " * ((data_start - 8 - len(raw)) % BLOCK)
     return len(raw).to_bytes(8, "little") + raw
+
+
+def aligned_data_start(entries: Sequence[PlanEntry], source: Source) -> int | None:
+    """Where (modulo the block size) the data section should start so that the first tensor copied as raw bytes
+    sits at an offset congruent to its offset in the source file; None when no entry is such a copy."""
+    offset = 0
+    for entry in entries:
+        first = next(iter(source.raw_spans(entry.sources[0]) or ()), None) if entry.is_copy else None
+        if first is not None:
+            return (first.offset - offset) % BLOCK
+        offset += entry.meta.nbytes
+    return None
 
 
 def write_safetensors(dst: Path, entries: Sequence[PlanEntry], source: Source, metadata: Mapping[str, str],
@@ -46,7 +63,7 @@ def write_safetensors(dst: Path, entries: Sequence[PlanEntry], source: Source, m
 def write_body(out: BinaryIO, entries: Sequence[PlanEntry], source: Source, metadata: Mapping[str, str],
                progress: Progress | None = None) -> None:
     """Header, then each entry's bytes: runs of unchanged tensors are copied file-to-file, the rest computed one by one."""
-    out.write(build_header(entries, metadata))
+    out.write(build_header(entries, metadata, aligned_data_start(entries, source)))
     with SpanCopier(out, progress) as copier:
         for entry in entries:
             spans = source.raw_spans(entry.sources[0]) if entry.is_copy else None

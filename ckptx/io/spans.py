@@ -18,6 +18,7 @@ torch = lazy_module("torch")
 
 
 CHUNK = 64 * 1024 * 1024
+BLOCK = 4096  # file system block size the writers align copies to (copy-on-write clones need it)
 CONVERT_CHUNK = 8 * 1024 * 1024  # a multiple of every element size; numpy temporaries stay a few times this
 Progress = Callable[[int], None]
 
@@ -135,9 +136,11 @@ def _kernel_copy(src_fd: int, dst_fd: int, span: RawSpan, progress: Progress | N
     """Copy with copy_file_range in chunks (so progress moves); returns the bytes copied before any fallback."""
     copy_range = getattr(os, "copy_file_range", None)
     done = 0
+    head = -span.offset % BLOCK  # up to the first block boundary: after it, whole aligned blocks (clonable)
     while copy_range is not None and done < span.nbytes:
+        want = min(head if done == 0 and head else CHUNK, span.nbytes - done)
         try:
-            got = copy_range(src_fd, dst_fd, min(CHUNK, span.nbytes - done), span.offset + done)
+            got = copy_range(src_fd, dst_fd, want, span.offset + done)
         except OSError:
             break
         if got <= 0:
