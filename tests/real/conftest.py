@@ -14,14 +14,14 @@ reported skip on a machine that deliberately lacks them.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
     os.environ.setdefault(_var, "1")
 
 import pytest  # noqa: E402
+
+from tests.helpers.offline import missing_library, refuse_network  # noqa: E402
 
 from .models import library_available, seeded_input  # noqa: E402
 from .official_convnextv2 import build_official, make_official_checkpoint, randomize_  # noqa: E402
@@ -31,43 +31,13 @@ def require_library(lib: str) -> None:
     """Fail when ``lib`` is not installed (skip, reported, only under CKPTX_ALLOW_MISSING_REAL=1)."""
     if library_available(lib):
         return
-    msg = f"{lib} is not installed (run `make venv`)"
-    if os.environ.get("CKPTX_ALLOW_MISSING_REAL") == "1":
-        pytest.skip(msg)
-    pytest.fail(msg)
-
-
-def _is_local(address) -> bool:
-    host = address[0] if isinstance(address, tuple) else address
-    if host in ("localhost", ""):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    missing_library(f"{lib} is not installed (run `make venv`)")
 
 
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch):
     """Refuse non-loopback TCP/UDP connections for the duration of each test."""
-    orig_connect = socket.socket.connect
-    orig_connect_ex = socket.socket.connect_ex
-
-    def check(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_local(address):
-            raise OSError(f"network access is disabled in tests/real (tried {address!r})")
-
-    def connect(self, address):
-        check(self, address)
-        return orig_connect(self, address)
-
-    def connect_ex(self, address):
-        check(self, address)
-        return orig_connect_ex(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
-    yield
+    refuse_network(monkeypatch, "tests/real")
 
 
 @pytest.fixture

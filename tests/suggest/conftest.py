@@ -5,10 +5,8 @@ outbound network connections refused, like tests/real.
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -18,39 +16,22 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "H
 
 import pytest  # noqa: E402
 
-
-def _is_local(address: Any) -> bool:
-    host = address[0] if isinstance(address, tuple) else address
-    if host in ("localhost", ""):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from tests.helpers.offline import missing_library, refuse_network  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Refuse non-loopback connections for the duration of each test."""
-    original = socket.socket.connect
-
-    def connect(self: socket.socket, address: Any) -> Any:
-        if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_local(address):
-            raise OSError(f"network access is disabled in tests/suggest (tried {address!r})")
-        return original(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
+    refuse_network(monkeypatch, "tests/suggest")
 
 
 def require(*modules: str) -> None:
-    """Skip (fail under CKPTX_REQUIRE_REAL=1) when a library is missing."""
+    """Fail (skip only under CKPTX_ALLOW_MISSING_REAL=1) when a library is missing."""
     import importlib.util
 
     for module in modules:
         if importlib.util.find_spec(module) is None:
-            if os.environ.get("CKPTX_REQUIRE_REAL") == "1":
-                pytest.fail(f"{module} is not installed")
-            pytest.skip(f"{module} is not installed")
+            missing_library(f"{module} is not installed (run `make venv`)")
 
 
 def _yaml_value(value: Any) -> str:
