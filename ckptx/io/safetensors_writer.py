@@ -35,21 +35,33 @@ def build_header(entries: Sequence[PlanEntry], metadata: Mapping[str, str], data
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    if data_start is not None and data_start % 8 == 0:
+    if data_start is not None:
         raw += b" " * ((data_start - 8 - len(raw)) % BLOCK)
     return len(raw).to_bytes(8, "little") + raw
 
 
 def aligned_data_start(entries: Sequence[PlanEntry], source: Source) -> int | None:
-    """Where (modulo the block size) the data section should start so that the first tensor copied as raw bytes
-    sits at an offset congruent to its offset in the source file; None when no entry is such a copy."""
+    """Where (modulo the block size) the data section should start so that the most bytes copied as raw spans
+    sit at offsets congruent to their offsets in the source files; None when no entry is such a copy.
+
+    A safetensors file has no gaps between tensors, so one choice serves every tensor: a run copied in source
+    order (a rename of a safetensors file) is congruent throughout; tensors whose source offsets are out of step
+    with their neighbours' (records of a `.pth` file, a reordering, a dropped tensor before them) can't all be,
+    and the start that places the most copied bytes wins. Only starts the header can reach (multiples of 8)
+    count."""
+    placed: dict[int, int] = {}
     offset = 0
     for entry in entries:
-        first = next(iter(source.raw_spans(entry.sources[0]) or ()), None) if entry.is_copy else None
-        if first is not None:
-            return (first.offset - offset) % BLOCK
+        spans = source.raw_spans(entry.sources[0]) if entry.is_copy else None
+        if spans is not None and sum(span.nbytes for span in spans) == entry.meta.nbytes:
+            at = offset
+            for span in spans:
+                start = (span.offset - at) % BLOCK
+                if start % 8 == 0:
+                    placed[start] = placed.get(start, 0) + span.nbytes
+                at += span.nbytes
         offset += entry.meta.nbytes
-    return None
+    return max(placed, key=lambda start: placed[start]) if placed else None
 
 
 def write_safetensors(dst: Path, entries: Sequence[PlanEntry], source: Source, metadata: Mapping[str, str],

@@ -8,6 +8,14 @@ each record is written in turn: spans of the source file are copied by the kerne
 background thread checksums them through short memory maps (or the CRC is taken from the source zip's
 directory when a whole record is copied), memory tensors are written from where they are, and computed
 tensors are computed one at a time. Torch is not imported unless a tensor is computed or read from memory.
+
+A record copied from a file span that holds a whole file system block is placed, through its header's padding,
+at an offset congruent to its source offset modulo the block (`record_placement`): a copy-on-write file system
+(XFS, btrfs) then shares the blocks instead of copying them, and other file systems copy page-aligned runs.
+Such a file leaves out `.format_version`: with it, torch may compute record offsets itself assuming the
+minimal 64-byte padding (`torch.utils.serialization.config.load.calculate_storage_offsets`, and the offsets
+it gives tensors loaded on the meta device); without it, torch reads every offset from the record's header,
+as it does for files written before that record existed.
 """
 
 from __future__ import annotations
@@ -24,9 +32,9 @@ from ckptx.io.atomic import atomic_output
 from ckptx.io.crc import CrcThread, stored_record_crcs
 from ckptx.io.safetensors_writer import materialize
 from ckptx.io.source import RawSpan, Source
-from ckptx.io.spans import Progress, SpanCopier, convert_span, write_bytes
+from ckptx.io.spans import BLOCK, Progress, SpanCopier, convert_span, write_bytes
 from ckptx.io.torch_layout import ComputedBytes, FileBytes, MemoryBytes, StorageRecord, TorchLayout, plan_layout
-from ckptx.io.torch_pickle import state_dict_pickle
+from ckptx.io.torch_pickle import ITEM_SIZES, state_dict_pickle
 from ckptx.io.zip_records import ZipRecords
 from ckptx.ops.registry import PlanEntry, byte_converter
 
@@ -34,7 +42,8 @@ torch = lazy_module("torch")
 
 
 ARCHIVE = "archive"  # the top folder torch.save uses when it writes to a file object
-_HEAD = ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little"))
+_FORMAT_VERSION = (".format_version", b"1")
+_HEAD = ((".storage_alignment", b"64"), ("byteorder", b"little"))
 
 
 def write_torch(dst: Path, entries: Sequence[PlanEntry], source: Source, *, state_metadata: Any = None,
@@ -57,13 +66,15 @@ def write_archive(out: BinaryIO, layout: TorchLayout, pickled: bytes, source: So
     `force_zip64` writes the zip64 form of files over 4 GiB (see ZipRecords) whatever the size."""
     archive = ZipRecords(out, ARCHIVE, force_zip64=force_zip64)
     archive.add("data.pkl", pickled)
-    for name, data in _HEAD:
+    placements = [record_placement(record) for record in layout.records]
+    head = _HEAD if any(p is not None for p in placements) else (_FORMAT_VERSION, *_HEAD)
+    for name, data in head:
         archive.add(name, data)
     late: list[tuple[int, Future[int]]] = []
     with CrcThread() as crcs, SpanCopier(out, progress) as copier:
         writer = _RecordWriter(out, source, copier, crcs, progress)
-        for record in layout.records:
-            index = archive.begin(f"data/{record.key}", record.nbytes)
+        for record, placement in zip(layout.records, placements):
+            index = archive.begin(f"data/{record.key}", record.nbytes, congruent_to=placement)
             crc = writer.write(record)
             _check_size(archive.written(), record)
             archive.end(crc if isinstance(crc, int) else None)
@@ -76,6 +87,17 @@ def write_archive(out: BinaryIO, layout: TorchLayout, pickled: bytes, source: So
     archive.add("version", b"3\n")
     archive.add(".data/serialization_id", serialization_id(archive.checksums()))
     archive.finish()
+
+
+def record_placement(record: StorageRecord) -> int | None:
+    """The offset (modulo BLOCK) a record's data should start at: its source offset's, for a record copied from
+    a file span that holds at least one whole block (what can be shared) and starts on an element boundary
+    (torch's loaders get aligned elements); None (torch's 64-byte placement) else."""
+    fill = record.fill
+    if (isinstance(fill, FileBytes) and -fill.span.offset % BLOCK + BLOCK <= fill.span.nbytes
+            and fill.span.offset % ITEM_SIZES[record.dtype] == 0):
+        return fill.span.offset % BLOCK
+    return None
 
 
 def _check_size(written: int, record: StorageRecord) -> None:

@@ -1,7 +1,10 @@
 """A streaming zip writer that lays records out exactly as torch's writer (miniz in PyTorchStreamWriter) does.
 
 Every record is stored (no compression). Its local header carries no CRC or sizes (bit 3) and an extra field
-`FB<len>ZZZ...` that pads the data to a multiple of 64 bytes (`.storage_alignment`); a data descriptor
+`FB<len>ZZZ...` that pads the data to a multiple of 64 bytes (`.storage_alignment`), or, when the caller asks
+for it, to an offset congruent to a given one modulo the file system block (so a record copied from a span of
+another file keeps its bytes at their source offsets modulo the block: shared on copy-on-write file
+systems, page-aligned copies elsewhere); a data descriptor
 (`PK\\x07\\x08`, CRC, sizes) follows non-empty data. A record whose size or header offset reaches 4 GiB gets a
 zip64 extra field and 8-byte sizes in its descriptor; the archive always ends with a zip64 end record, its
 locator and the classic end record. This is the layout torch's reader assumes when it works out storage
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from ckptx.errors import TensorOpError
+from ckptx.io.spans import BLOCK
 
 ALIGNMENT = 64
 _MAX32 = 0xFFFFFFFF
@@ -68,8 +72,10 @@ class ZipRecords:
         self._late: list[int] = []
         self._open = False
 
-    def begin(self, name: str, size: int) -> int:
-        """Write the local header of record `prefix/name` that will hold `size` bytes; returns its index."""
+    def begin(self, name: str, size: int, *, congruent_to: int | None = None) -> int:
+        """Write the local header of record `prefix/name` that will hold `size` bytes; returns its index.
+        Its data starts at the next multiple of 64, or, with `congruent_to`, at the next offset congruent to
+        it modulo BLOCK (up to BLOCK - 1 bytes of padding)."""
         if self._open:
             raise RuntimeError(f"zip record {self._records[-1].name!r} is still open")
         raw = f"{self._prefix}/{name}".encode("utf-8")
@@ -77,7 +83,7 @@ class ZipRecords:
         big_size, big_offset = self._force or size >= _MAX32, self._force or offset >= _MAX32
         extra = _zip64_extra(size if big_size else None, size if big_size else None, offset if big_offset else None)
         start = offset + _LOCAL.size + len(raw) + len(extra) + 4
-        padding = -start % ALIGNMENT
+        padding = -start % ALIGNMENT if congruent_to is None else (congruent_to - start) % BLOCK
         extra += b"FB" + struct.pack("<H", padding) + b"Z" * padding
         flags = _UTF8 | (_HAS_DESCRIPTOR if size else 0)
         self._out.write(_LOCAL.pack(b"PK\x03\x04", 0, flags, 0, 0, 0, 0, 0, 0, len(raw), len(extra)) + raw + extra)
