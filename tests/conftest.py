@@ -7,6 +7,8 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import subprocess
 import tempfile
 import textwrap
 from dataclasses import dataclass
@@ -112,3 +114,32 @@ def subprocess_env() -> dict[str, str]:
     unchanged (the working folder stays off sys.path, as for the tests themselves)."""
     paths = [_tests_only_path()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONSAFEPATH": "1"}
+
+
+def shared_bytes(path: Path) -> int:
+    """Bytes of `path` in extents the file system marks shared (FIEMAP_EXTENT_SHARED, 0x2000)."""
+    listing = subprocess.run(["xfs_io", "-c", "fiemap -v", str(path)], capture_output=True, text=True, check=True)
+    shared = 0
+    for line in listing.stdout.splitlines()[2:]:
+        parts = line.split()
+        if len(parts) >= 5 and parts[2] != "hole" and int(parts[4], 16) & 0x2000:
+            shared += int(parts[3]) * 512
+    return shared
+
+
+@pytest.fixture
+def xfs(tmp_path: Path):
+    """A loop-mounted XFS image with reflink (root and xfsprogs); the test says so loudly when it cannot."""
+    if os.geteuid() != 0 or shutil.which("mkfs.xfs") is None or shutil.which("xfs_io") is None:
+        pytest.skip("copy-on-write test needs root and xfsprogs (mkfs.xfs, xfs_io)")
+    image, point = tmp_path / "xfs.img", tmp_path / "mnt"
+    point.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(400 << 20)
+    made = subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], capture_output=True, text=True)
+    mounted = made.returncode == 0 and subprocess.run(["mount", "-o", "loop", str(image), str(point)],
+                                                      capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip(f"cannot make or loop-mount an XFS image here: {made.stderr.strip() or 'mount failed'}")
+    yield point
+    subprocess.run(["umount", "-l", str(point)], check=False)

@@ -16,6 +16,7 @@ import threading
 import zipfile
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Sequence
 
 from ckptx.errors import SourceError
 from ckptx.io.source import RawSpan
@@ -84,6 +85,11 @@ class CrcThread:
         parts = [(self._pool.submit(self._crc, RawSpan(span.file, span.offset + start, min(size, span.nbytes - start))),
                   min(size, span.nbytes - start)) for start in range(0, span.nbytes, size)]
         return _combined(parts)
+
+    def submit_all(self, spans: Sequence[RawSpan]) -> Future[int]:
+        """Start the checksum of the bytes of `spans` one after another."""
+        parts = [(self.submit(span), span.nbytes) for span in spans]
+        return parts[0][0] if len(parts) == 1 else _combined(parts)
 
     def _crc(self, span: RawSpan) -> int:
         with self._lock:

@@ -86,7 +86,7 @@ def check_layout(layout: ShardLayout, *, force: bool, inputs: InputFiles) -> lis
     """Refuse to write over an input file, a folder, or without `force` an existing file (ckptx/destination.py);
     returns notes about older shards of the same name left in place."""
     inputs.check_all(layout.paths + layout.replaces, force=force, what="an output shard or index")
-    if layout.index is None:
+    if layout.index is None or not layout.index.parent.is_dir():  # a new folder has no older shards
         return []
     stem = layout.index.name[: -len(INDEX_SUFFIX)]
     pattern = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.safetensors")

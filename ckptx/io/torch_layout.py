@@ -6,6 +6,8 @@ Storage identity, and so ties, come from the source:
 - A tensor copied unchanged from a file (it has a raw span) is identified by its bytes in that file: tensors
   whose spans overlap (a tied weight has the same span twice; a view lies inside its base) share one record
   that covers the union of their spans, each at its own element offset.
+- A tensor whose bytes are pieces of files (the chunks of a sharded DCP tensor, `Source.raw_spans`) gets a
+  record of its own that copies the pieces one after another.
 - A tensor copied unchanged from memory (legacy `.pth`, a memory-mapped tensor with no span, an in-memory
   state dict) is identified by its `untyped_storage()`: tensors whose extents in one storage overlap share
   a record covering the union of those extents, each with its own offset and strides (so a tensor and its
@@ -37,9 +39,9 @@ torch = lazy_module("torch")
 
 @dataclass(frozen=True)
 class FileBytes:
-    """A record copied from a span of a source file."""
+    """A record copied from spans of source files, one after another (mostly one span)."""
 
-    span: RawSpan
+    spans: tuple[RawSpan, ...]
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,10 @@ def _slot(index: int, entry: PlanEntry, source: Source, dst: Path, identities: d
         span = source.raw_span(entry.sources[0])
         if span is not None and span.nbytes == nbytes:
             group = ("file", span.file, meta.dtype, span.offset % itemsize) if nbytes else ("empty", index)
-            return _Slot(index, entry, group, span.offset, span.offset + nbytes, FileBytes(span))
+            return _Slot(index, entry, group, span.offset, span.offset + nbytes, FileBytes((span,)))
+        pieces = source.raw_spans(entry.sources[0]) if span is None else None
+        if pieces is not None and sum(piece.nbytes for piece in pieces) == nbytes:
+            return _Slot(index, entry, ("own", index), 0, nbytes, FileBytes(tuple(pieces)))
         tensor = _source_tensor(entry, source, dst)
         if tensor is not None:
             return _memory_slot(index, entry, tensor, itemsize)
@@ -237,12 +242,12 @@ def _record(key: str, members: list[_Slot]) -> StorageRecord:
     first = members[0]
     dtype = first.entry.meta.dtype
     entries = tuple(s.entry for s in members)
-    if isinstance(first.fill, ComputedBytes):
+    if isinstance(first.fill, ComputedBytes) or first.group[0] == "own":
         return StorageRecord(key, dtype, first.end - first.start, first.fill, entries)
     start, end = min(s.start for s in members), max(s.end for s in members)
     if isinstance(first.fill, FileBytes):
-        return StorageRecord(key, dtype, end - start, FileBytes(RawSpan(first.fill.span.file, start, end - start)),
-                             entries)
+        file = first.fill.spans[0].file
+        return StorageRecord(key, dtype, end - start, FileBytes((RawSpan(file, start, end - start),)), entries)
     if len(members) == 1:
         return StorageRecord(key, dtype, first.entry.meta.numel * ITEM_SIZES[dtype],
                              MemoryBytes(first.fill.tensor, 0, compact=True), entries)

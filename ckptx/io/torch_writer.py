@@ -90,14 +90,21 @@ def write_archive(out: BinaryIO, layout: TorchLayout, pickled: bytes, source: So
 
 
 def record_placement(record: StorageRecord) -> int | None:
-    """The offset (modulo BLOCK) a record's data should start at: its source offset's, for a record copied from
-    a file span that holds at least one whole block (what can be shared) and starts on an element boundary
-    (torch's loaders get aligned elements); None (torch's 64-byte placement) else."""
+    """The offset (modulo BLOCK) a record's data should start at so that one of its copied spans keeps its source
+    offset modulo the block: the largest span that holds a whole block (what can be shared) and whose placement
+    puts elements on their boundaries (torch's loaders get aligned elements); None (torch's 64-byte placement)
+    when no span qualifies or the record is not copied from files."""
     fill = record.fill
-    if (isinstance(fill, FileBytes) and -fill.span.offset % BLOCK + BLOCK <= fill.span.nbytes
-            and fill.span.offset % ITEM_SIZES[record.dtype] == 0):
-        return fill.span.offset % BLOCK
-    return None
+    if not isinstance(fill, FileBytes):
+        return None
+    at, best, largest = 0, None, 0
+    for span in fill.spans:
+        placement = (span.offset - at) % BLOCK
+        if (span.nbytes > largest and -span.offset % BLOCK + BLOCK <= span.nbytes
+                and placement % ITEM_SIZES[record.dtype] == 0):
+            best, largest = placement, span.nbytes
+        at += span.nbytes
+    return best
 
 
 def _check_size(written: int, record: StorageRecord) -> None:
@@ -134,19 +141,24 @@ class _RecordWriter:
         if record.nbytes == 0:
             return 0
         if isinstance(fill, FileBytes):
-            return self._copy(fill.span)
+            return self._copy(fill.spans)
         if isinstance(fill, MemoryBytes):
             return self._from_memory(fill, record)
         return self._computed(fill)
 
-    def _copy(self, span: RawSpan) -> int | Future[int]:
-        """A span copied by the kernel; its CRC from the source zip's directory or checksummed beside the copy."""
-        if span.file not in self._known:
-            self._known[span.file] = stored_record_crcs(span.file)
-        crc: int | Future[int] | None = self._known[span.file].get((span.offset, span.nbytes))
+    def _copy(self, spans: Sequence[RawSpan]) -> int | Future[int]:
+        """Spans copied by the kernel; the CRC of one span from the source zip's directory when it is a whole
+        record there, else checksummed beside the copy."""
+        crc: int | Future[int] | None = None
+        if len(spans) == 1:
+            span = spans[0]
+            if span.file not in self._known:
+                self._known[span.file] = stored_record_crcs(span.file)
+            crc = self._known[span.file].get((span.offset, span.nbytes))
         if crc is None:
-            crc = self._crcs.submit(span)
-        self._copier.add(span)
+            crc = self._crcs.submit_all(spans)
+        for span in spans:
+            self._copier.add(span)
         self._copier.flush()
         return crc
 

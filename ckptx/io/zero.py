@@ -504,11 +504,17 @@ class ZeroSource(Source):
 
     def raw_span(self, key: str) -> RawSpan | None:
         """The parameter's bytes when they are one run of one file, in the output dtype; else None."""
+        spans = self.raw_spans(key)
+        return spans[0] if spans is not None and len(spans) == 1 else None
+
+    def raw_spans(self, key: str) -> tuple[RawSpan, ...] | None:
+        """The parameter's bytes in the output dtype as runs of the rank files, in order (a parameter split
+        across ranks has one run in each), so writers copy them without decoding; None when they are strided
+        or need a cast (bf16/fp16 buffers come out as float32)."""
         entry = self.layout.entries[key]
-        spans = entry.spans()
-        if len(spans) != 1 or entry.stride is not None or _output_dtype(entry.dtype) != entry.dtype:
+        if entry.stride is not None or _output_dtype(entry.dtype) != entry.dtype:
             return None
-        return spans[0]
+        return entry.spans()
 
     def load(self, key: str) -> torch.Tensor:
         """The tensor as zero_to_fp32.py writes it, read from only its byte ranges (floats as float32)."""

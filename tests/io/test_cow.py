@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import subprocess
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -17,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ckptx
+from tests.conftest import shared_bytes
 
 RENAME = "ckptx: 1\nsteps: [{add_prefix: model.}]\n"
 
@@ -137,35 +136,6 @@ def test_the_data_section_is_placed_congruent_to_the_sources(tmp_path: Path, wri
     assert all(torch.equal(out[f"model.{k}"], v) for k, v in original.items())
 
 
-def _shared_bytes(path: Path) -> int:
-    """Bytes of `path` in extents the file system marks shared (FIEMAP_EXTENT_SHARED, 0x2000)."""
-    listing = subprocess.run(["xfs_io", "-c", "fiemap -v", str(path)], capture_output=True, text=True, check=True)
-    shared = 0
-    for line in listing.stdout.splitlines()[2:]:
-        parts = line.split()
-        if len(parts) >= 5 and parts[2] != "hole" and int(parts[4], 16) & 0x2000:
-            shared += int(parts[3]) * 512
-    return shared
-
-
-@pytest.fixture
-def xfs(tmp_path: Path):
-    """A loop-mounted XFS image with reflink (root and xfsprogs); the test says so loudly when it cannot."""
-    if os.geteuid() != 0 or shutil.which("mkfs.xfs") is None or shutil.which("xfs_io") is None:
-        pytest.skip("copy-on-write test needs root and xfsprogs (mkfs.xfs, xfs_io)")
-    image, point = tmp_path / "xfs.img", tmp_path / "mnt"
-    point.mkdir()
-    with open(image, "wb") as f:
-        f.truncate(400 << 20)
-    made = subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], capture_output=True, text=True)
-    mounted = made.returncode == 0 and subprocess.run(["mount", "-o", "loop", str(image), str(point)],
-                                                      capture_output=True).returncode == 0
-    if not mounted:
-        pytest.skip(f"cannot make or loop-mount an XFS image here: {made.stderr.strip() or 'mount failed'}")
-    yield point
-    subprocess.run(["umount", "-l", str(point)], check=False)
-
-
 def _write_source(path: Path, state: dict[str, torch.Tensor]) -> Path:
     if path.suffix == ".safetensors":
         save_file(state, str(path))
@@ -185,7 +155,7 @@ def test_a_rename_on_xfs_shares_the_sources_blocks(xfs: Path, write_rules, src_n
     src, dst = _write_source(xfs / src_name, _state()), xfs / dst_name
     ckptx.convert(src, dst, write_rules(RENAME))
     data = sum(t.numel() * t.element_size() for t in _state().values())
-    assert _shared_bytes(dst) >= 0.95 * data  # all but the unaligned ends of each run or record
+    assert shared_bytes(dst) >= 0.95 * data  # all but the unaligned ends of each run or record
     assert _equal(_load(dst), _state())
 
 
@@ -193,14 +163,14 @@ def test_pth_to_safetensors_on_xfs_shares_the_largest_tensors_blocks(xfs: Path, 
     state = {"small": torch.randn(3000), "big": torch.randn(2048, 1024), "mid": torch.randn(70000)}
     src, dst = _write_source(xfs / "src.pth", state), xfs / "dst.safetensors"
     ckptx.convert(src, dst, write_rules(RENAME))
-    assert _shared_bytes(dst) >= 0.95 * state["big"].numel() * 4
+    assert shared_bytes(dst) >= 0.95 * state["big"].numel() * 4
     assert _equal(load_file(str(dst)), state)
 
 
 def test_a_cast_on_xfs_shares_nothing_and_is_still_right(xfs: Path, write_rules) -> None:
     src, dst = _write_source(xfs / "src.safetensors", _state()), xfs / "dst.safetensors"
     ckptx.convert(src, dst, write_rules("ckptx: 1\nsteps: [{add_prefix: model.}, {cast: {match: '.*', dtype: bfloat16}}]\n"))
-    assert _shared_bytes(dst) == 0
+    assert shared_bytes(dst) == 0
     assert _equal(load_file(str(dst)), {k: v.bfloat16() for k, v in _state().items()})
 
 
@@ -226,3 +196,15 @@ def test_copies_are_issued_from_folio_aligned_destination_offsets(tmp_path: Path
     assert all(start % spans.FOLIO == 0 for start, _ in calls[2:])
     assert sum(count for _, count in calls) == sum(t.numel() * 4 for t in _state().values())
     assert _equal(load_file(str(dst)), _state())
+
+
+def test_sharded_output_on_xfs_shares_the_sources_blocks_in_every_shard(xfs: Path, write_rules) -> None:
+    src = _write_source(xfs / "src.safetensors", _state())
+    ckptx.convert(src, xfs / "out" / "model.safetensors", write_rules(RENAME), max_shard_size=5 << 20)
+    shards = sorted((xfs / "out").glob("model-*.safetensors"))
+    assert len(shards) > 2
+    merged: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        assert shared_bytes(shard) >= 0.95 * (shard.stat().st_size - _data_start(shard)), shard.name
+        merged |= load_file(str(shard))
+    assert _equal(merged, _state())

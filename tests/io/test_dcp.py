@@ -7,12 +7,14 @@ once per session.
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,10 +22,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import ckptx
 from ckptx.errors import SourceError, UnsafeGlobalError
 from ckptx.io.dcp_metadata import MetadataGlobalError
 from ckptx.io.open import open_source
-from tests.conftest import subprocess_env
+from tests.conftest import shared_bytes, subprocess_env
 from tests.helpers.dcp_checkpoints import full_state, plain
 
 BIG_MIB = 48  # the `big` folder: 12 Shard(0) float32 matrices of 4 MiB, 24 MiB per rank file
@@ -235,6 +238,45 @@ def test_convert_copies_chunks_in_bounded_memory_without_torch(dcp_root: Path, t
     assert torch_imported == "False"
     assert int(grown_mib) < 16  # the folder holds 48 MiB, 24 MiB per rank file
     assert (tmp_path / "big.safetensors").stat().st_size > BIG_MIB * 2**20
+
+
+def test_convert_to_pth_copies_chunks_in_bounded_memory_without_torch(dcp_root: Path, reference,
+                                                                       tmp_path: Path) -> None:
+    """A sharded tensor's record is its chunks copied one after another (CRC-32s combined), not a tensor
+    assembled in memory: torch is not imported and memory stays below one rank file."""
+    out = tmp_path / "big.pth"
+    code = textwrap.dedent(f"""
+        import resource, sys
+        from ckptx.cli import main
+        import ckptx.convert, ckptx.io.dcp, ckptx.io.torch_writer  # noqa: F401
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        assert main(["convert", {str(dcp_root / "big")!r}, "-o", {str(out)!r}, "-r", {str(_rules(tmp_path))!r}]) == 0
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, "torch" in sys.modules)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    grown_mib, torch_imported = result.stdout.split()[-2:]
+    assert torch_imported == "False" and int(grown_mib) < 16
+    assert zipfile.ZipFile(out).testzip() is None  # every record's CRC-32 is right
+    written, expected = torch.load(out, weights_only=True, mmap=True), reference("big")["model"]
+    assert list(written) == list(expected) and all(_equal(written[k], expected[k]) for k in expected)
+
+
+def test_a_pth_from_dcp_on_xfs_shares_the_chunks_it_can_place(dcp_root: Path, reference, xfs: Path,
+                                                                tmp_path: Path) -> None:
+    """Each record is placed congruent to its largest chunk whose offset keeps elements aligned (a chunk inside a
+    DCP item may start at any byte); those chunks' blocks are shared, the rest is copied."""
+    folder = xfs / "big"
+    subprocess.run(["cp", "-r", "--reflink=never", str(dcp_root / "big"), str(folder)], check=True)
+    os.sync()
+    out = xfs / "big.pth"
+    ckptx.convert(folder, out, _rules(tmp_path))
+    with open_source(folder, ["model"]) as source:
+        placeable = sum(max((s.nbytes for s in source.raw_spans(key) if s.offset % 4 == 0), default=0)
+                        for key in source.tensors)
+    assert placeable > 0 and shared_bytes(out) >= 0.95 * placeable
+    written, expected = torch.load(out, weights_only=True, mmap=True), reference("big")["model"]
+    assert all(_equal(written[k], expected[k]) for k in expected)
 
 
 def test_loading_every_tensor_holds_about_one_tensor_in_memory(dcp_root: Path) -> None:

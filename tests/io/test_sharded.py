@@ -135,6 +135,14 @@ def test_max_shard_size_writes_shards_and_an_index(tmp_path: Path, write_rules: 
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
 
+def test_sharded_output_into_a_new_folder_creates_it(tmp_path: Path, write_rules: Callable[..., Path]) -> None:
+    src = tmp_path / "src.safetensors"
+    save_file(state(), str(src))
+    out = tmp_path / "new" / "deeper"
+    ckptx.convert(src, out / "model.safetensors", write_rules("ckptx: 1\n"), max_shard_size=2100)
+    assert len(shards_of(out)) == 3 and (out / INDEX).is_file()
+
+
 def test_sharded_output_reads_back_through_ckptx(tmp_path: Path, write_rules: Callable[..., Path]) -> None:
     tensors = state()
     src = tmp_path / "src.safetensors"

@@ -184,6 +184,35 @@ def test_parameter_split_across_ranks_has_no_raw_span(zero_run: ZeroRun) -> None
         assert zero3.raw_span("blocks.0.2.weight") is None
 
 
+@pytest.mark.parametrize("name", ["zero2-fp32", "zero3-fp32"])
+def test_parameter_split_across_ranks_is_one_run_in_each_rank_file(zero_run: ZeroRun, name: str) -> None:
+    want = zero_run.reference(name)["blocks.0.2.weight"].contiguous().view(torch.uint8).numpy().tobytes()
+    with open_source(zero_run.folder(name)) as source:
+        spans = source.raw_spans("blocks.0.2.weight")
+    assert spans is not None and len({span.file for span in spans}) == 2
+    got = b""
+    for span in spans:
+        with open(span.file, "rb") as f:
+            f.seek(span.offset)
+            got += f.read(span.nbytes)
+    assert got == want
+
+
+@pytest.mark.parametrize("name", ["zero2-fp32", "zero3-fp32"])
+def test_convert_to_pth_copies_every_parameter_and_equals_zero_to_fp32(zero_run: ZeroRun, tmp_path: Path,
+                                                                       name: str, write_rules: Callable) -> None:
+    out = tmp_path / "out.pth"
+    code = (f"import sys, ckptx; ckptx.convert({str(zero_run.folder(name))!r}, {str(out)!r}, "
+            f"{str(write_rules(IDENTITY))!r}); print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], env=blocked_env(tmp_path), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "False"  # every tensor copied as bytes: nothing computed
+    assert zipfile.ZipFile(out).testzip() is None
+    got, want = torch.load(out, weights_only=True, mmap=True), zero_run.reference(name)
+    assert set(got) == set(want)
+    assert_same_state({k: got[k] for k in want}, want)
+
+
 def test_bf16_buffers_load_as_float32_without_raw_span(zero_run: ZeroRun) -> None:
     with open_source(zero_run.folder("zero2-bf16")) as source:
         assert source.tensors["bn.running_mean"].dtype == "float32"
