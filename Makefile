@@ -4,7 +4,7 @@
 #                the project itself is reinstalled from the tree every time)
 #   make test    venv + pytest over tests/ against the INSTALLED wheel, offline; then the floor versions
 #   make demo    venv + examples/demo.py
-#   make bench   venv + benchmarks/run.py
+#   make bench   venv + benchmarks/run.py and benchmarks/cow_bench.py
 
 SHELL      := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -52,3 +52,4 @@ demo: venv
 
 bench: venv
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/run.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/cow_bench.py

@@ -1,13 +1,13 @@
-"""Copy-on-write benchmark: rename-only conversions on a loop-mounted XFS image (reflink) against `cp` (which
-clones) and `cp --reflink=never` + `sync`: wall time (Python start-up included) and bytes of the output not
-shared with the source (`xfs_io -c "fiemap -v"`), for safetensors and `.pth` sources and outputs.
+"""Copy-on-write benchmark: rename-only conversions on loop-mounted XFS (reflink) and btrfs images against `cp`
+(which clones) and `cp --reflink=never` + `sync`: wall time (Python start-up included) and bytes of the output
+not shared with the source (`xfs_io -c "fiemap -v"`), for safetensors and `.pth` sources and outputs.
 
 Then the same rename on the machine's own disk (`--disk-dir`, ext4 here), paired against `cp` + `sync FILE` of
 the same file: rounds alternate which command goes first, and before every command the outputs are removed,
 `sync` runs and (as root) the page cache is dropped; "warm" then reads the source once (it is in memory, the
 disk only writes), "cold" leaves it on the disk (the disk reads and writes: a slower disk).
 
-    sudo .venv/bin/python benchmarks/cow_bench.py --size-gib 2     # root and xfsprogs; skipped otherwise
+    sudo .venv/bin/python benchmarks/cow_bench.py --size-gib 2   # root, xfsprogs, btrfs-progs; skipped otherwise
 """
 
 from __future__ import annotations
@@ -49,6 +49,13 @@ def timed(command: list[str], env: dict[str, str] | None = None) -> float:
     return time.perf_counter() - started
 
 
+def child_env() -> dict[str, str]:
+    """The environment of the ckptx children: this tree's ckptx, compiled modules kept (as a wheel has them)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONSAFEPATH": "1"}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
 def sources(point: Path, size_gib: float) -> tuple[Path, Path]:
     """A safetensors and a `.pth` file of the same float32 tensors (64 MiB each, `size_gib` in all)."""
     count = max(1, int(size_gib * 2**30 // (64 << 20)))
@@ -64,7 +71,8 @@ def rows(point: Path, work: Path, st: Path, pth: Path) -> list[tuple[str, float,
     """(name, wall seconds, output) for the copies and each conversion."""
     rules = work / "rename.yaml"
     rules.write_text(RULES)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONSAFEPATH": "1"}
+    env = child_env()
+    timed([sys.executable, "-m", "ckptx", "--version"], env)  # compiles the modules once
     found = [("cp (clones)", timed(["cp", str(st), str(point / "cp.safetensors")]), point / "cp.safetensors"),
              ("cp --reflink=never + sync", timed(["sh", "-c", f"cp --reflink=never {st} {point}/nocow && sync"]),
               point / "nocow")]
@@ -108,8 +116,7 @@ def paired_on_disk(folder: Path, size_gib: float, rounds: int) -> None:
         st, _ = sources(work, size_gib)
         rules = work / "rename.yaml"
         rules.write_text(RULES)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONSAFEPATH": "1"}
-        env.pop("PYTHONDONTWRITEBYTECODE", None)  # what an installed wheel has: compiled modules
+        env = child_env()
         out, copied = work / "out.safetensors", work / "cp.safetensors"
         ckptx_cmd = [sys.executable, "-m", "ckptx", "convert", str(st), "-r", str(rules), "-o", str(out)]
         cp_cmd = ["sh", "-c", f"cp --reflink=never {st} {copied} && sync {copied}"]
@@ -145,28 +152,34 @@ def main() -> int:
     parser.add_argument("--size-gib", type=float, default=2.0)
     parser.add_argument("--disk-dir", type=Path, default=REPO / "bench-out", help="a folder on the disk to compare")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--fs", default="xfs,btrfs", help="copy-on-write file systems to try (xfs, btrfs)")
     args = parser.parse_args()
-    cow(args.size_gib)
+    for kind in args.fs.split(","):
+        cow(args.size_gib, kind)
     paired_on_disk(args.disk_dir, args.size_gib, args.rounds)
     return 0
 
 
-def cow(size_gib: float) -> None:
-    """The XFS table (skipped, with a message, without root or xfsprogs)."""
-    if os.geteuid() != 0 or shutil.which("mkfs.xfs") is None:
-        print("skipped: the copy-on-write benchmark needs root and xfsprogs (mkfs.xfs, xfs_io)")
+MKFS = {"xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"], "btrfs": ["mkfs.btrfs", "-q"]}
+
+
+def cow(size_gib: float, kind: str = "xfs") -> None:
+    """The table for one copy-on-write file system (skipped, with a message, without root or its mkfs)."""
+    mkfs = MKFS[kind]
+    if os.geteuid() != 0 or shutil.which(mkfs[0]) is None or shutil.which("xfs_io") is None:
+        print(f"skipped: the {kind} benchmark needs root, {mkfs[0]} and xfs_io (xfsprogs)")
         return
     work = Path(tempfile.mkdtemp(prefix="ckptx-cow-"))
-    image, point = work / "xfs.img", work / "mnt"
+    image, point = work / f"{kind}.img", work / "mnt"
     point.mkdir()
     with open(image, "wb") as f:
         f.truncate(int((size_gib * 5 + 1) * 2**30))
-    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
+    subprocess.run([*mkfs, str(image)], check=True)
     subprocess.run(["mount", "-o", "loop", str(image), str(point)], check=True)
     try:
         st, pth = sources(point, size_gib)
         table = rows(point, work, st, pth)
-        print(f"{st.stat().st_size / 2**30:.2f} GiB of float32 tensors on XFS (reflink=1), rename only")
+        print(f"{st.stat().st_size / 2**30:.2f} GiB of float32 tensors on {kind} (loop-mounted image), rename only")
         print(f"| {'command':28} | {'wall s':>7} | {'MiB not shared':>15} |")
         for name, seconds, path in table:
             unshared = (path.stat().st_size - shared_bytes(path)) / 2**20

@@ -75,12 +75,15 @@ if [[ -n "$missing" ]]; then
   exit 1
 fi
 
-# --- 0. xfsprogs, for the copy-on-write tests (a loop-mounted XFS image; they skip, saying so, without it) ---
-if ! command -v mkfs.xfs >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-  log "installing xfsprogs (copy-on-write tests)"
-  apt-get install -y -q xfsprogs >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
-    apt-get install -y -q xfsprogs >/dev/null 2>&1; } || log "WARNING: xfsprogs not installed; the XFS tests will skip"
-fi
+# --- 0. xfsprogs and btrfs-progs, for the copy-on-write tests (loop-mounted XFS and btrfs images; they skip,
+#        saying so, without them) ---
+for tool in mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs; do
+  if ! command -v "${tool%%:*}" >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    log "installing ${tool#*:} (copy-on-write tests)"
+    apt-get install -y -q "${tool#*:}" >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+      apt-get install -y -q "${tool#*:}" >/dev/null 2>&1; } || log "WARNING: ${tool#*:} not installed; its tests will skip"
+  fi
+done
 
 # --- 1. the venv itself ------------------------------------------------------
 if [[ ! -x "$PY" ]] || ! "$PY" -c 'import sys, pip' >/dev/null 2>&1; then

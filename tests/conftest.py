@@ -127,19 +127,25 @@ def shared_bytes(path: Path) -> int:
     return shared
 
 
-@pytest.fixture
-def xfs(tmp_path: Path):
-    """A loop-mounted XFS image with reflink (root and xfsprogs); the test says so loudly when it cannot."""
-    if os.geteuid() != 0 or shutil.which("mkfs.xfs") is None or shutil.which("xfs_io") is None:
-        pytest.skip("copy-on-write test needs root and xfsprogs (mkfs.xfs, xfs_io)")
-    image, point = tmp_path / "xfs.img", tmp_path / "mnt"
+_MKFS = {"xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"], "btrfs": ["mkfs.btrfs", "-q"]}
+
+
+@pytest.fixture(params=sorted(_MKFS))
+def cow_mount(request: pytest.FixtureRequest, tmp_path: Path):
+    """A loop-mounted copy-on-write file system (XFS with reflink, btrfs) in an image file (root, xfsprogs or
+    btrfs-progs, and xfs_io for FIEMAP); the test says so loudly when it cannot make one."""
+    kind = request.param
+    mkfs = _MKFS[kind]
+    if os.geteuid() != 0 or shutil.which(mkfs[0]) is None or shutil.which("xfs_io") is None:
+        pytest.skip(f"copy-on-write test on {kind} needs root, {mkfs[0]} and xfs_io (xfsprogs)")
+    image, point = tmp_path / f"{kind}.img", tmp_path / "mnt"
     point.mkdir()
     with open(image, "wb") as f:
         f.truncate(400 << 20)
-    made = subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], capture_output=True, text=True)
+    made = subprocess.run([*mkfs, str(image)], capture_output=True, text=True)
     mounted = made.returncode == 0 and subprocess.run(["mount", "-o", "loop", str(image), str(point)],
                                                       capture_output=True).returncode == 0
     if not mounted:
-        pytest.skip(f"cannot make or loop-mount an XFS image here: {made.stderr.strip() or 'mount failed'}")
+        pytest.skip(f"cannot make or loop-mount a {kind} image here: {made.stderr.strip() or 'mount failed'}")
     yield point
     subprocess.run(["umount", "-l", str(point)], check=False)

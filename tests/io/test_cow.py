@@ -1,5 +1,6 @@
 """Copy-on-write placement: conversions put copied bytes at offsets congruent to their source offsets (safetensors:
-the header's padding; `.pth`: each record's), so on XFS with reflink the output shares the source's data blocks."""
+the header's padding; `.pth`: each record's), so on XFS with reflink and on btrfs the output shares the source's
+data blocks."""
 
 from __future__ import annotations
 
@@ -151,24 +152,24 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("src_name, dst_name", [("src.safetensors", "dst.safetensors"), ("src.safetensors", "dst.pth"),
                                                 ("src.pth", "dst.pth")])
-def test_a_rename_on_xfs_shares_the_sources_blocks(xfs: Path, write_rules, src_name: str, dst_name: str) -> None:
-    src, dst = _write_source(xfs / src_name, _state()), xfs / dst_name
+def test_a_rename_on_copy_on_write_shares_the_sources_blocks(cow_mount: Path, write_rules, src_name: str, dst_name: str) -> None:
+    src, dst = _write_source(cow_mount / src_name, _state()), cow_mount / dst_name
     ckptx.convert(src, dst, write_rules(RENAME))
     data = sum(t.numel() * t.element_size() for t in _state().values())
     assert shared_bytes(dst) >= 0.95 * data  # all but the unaligned ends of each run or record
     assert _equal(_load(dst), _state())
 
 
-def test_pth_to_safetensors_on_xfs_shares_the_largest_tensors_blocks(xfs: Path, write_rules) -> None:
+def test_pth_to_safetensors_on_copy_on_write_shares_the_largest_tensors_blocks(cow_mount: Path, write_rules) -> None:
     state = {"small": torch.randn(3000), "big": torch.randn(2048, 1024), "mid": torch.randn(70000)}
-    src, dst = _write_source(xfs / "src.pth", state), xfs / "dst.safetensors"
+    src, dst = _write_source(cow_mount / "src.pth", state), cow_mount / "dst.safetensors"
     ckptx.convert(src, dst, write_rules(RENAME))
     assert shared_bytes(dst) >= 0.95 * state["big"].numel() * 4
     assert _equal(load_file(str(dst)), state)
 
 
-def test_a_cast_on_xfs_shares_nothing_and_is_still_right(xfs: Path, write_rules) -> None:
-    src, dst = _write_source(xfs / "src.safetensors", _state()), xfs / "dst.safetensors"
+def test_a_cast_on_copy_on_write_shares_nothing_and_is_still_right(cow_mount: Path, write_rules) -> None:
+    src, dst = _write_source(cow_mount / "src.safetensors", _state()), cow_mount / "dst.safetensors"
     ckptx.convert(src, dst, write_rules("ckptx: 1\nsteps: [{add_prefix: model.}, {cast: {match: '.*', dtype: bfloat16}}]\n"))
     assert shared_bytes(dst) == 0
     assert _equal(load_file(str(dst)), {k: v.bfloat16() for k, v in _state().items()})
@@ -198,10 +199,10 @@ def test_copies_are_issued_from_folio_aligned_destination_offsets(tmp_path: Path
     assert _equal(load_file(str(dst)), _state())
 
 
-def test_sharded_output_on_xfs_shares_the_sources_blocks_in_every_shard(xfs: Path, write_rules) -> None:
-    src = _write_source(xfs / "src.safetensors", _state())
-    ckptx.convert(src, xfs / "out" / "model.safetensors", write_rules(RENAME), max_shard_size=5 << 20)
-    shards = sorted((xfs / "out").glob("model-*.safetensors"))
+def test_sharded_output_on_copy_on_write_shares_the_sources_blocks_in_every_shard(cow_mount: Path, write_rules) -> None:
+    src = _write_source(cow_mount / "src.safetensors", _state())
+    ckptx.convert(src, cow_mount / "out" / "model.safetensors", write_rules(RENAME), max_shard_size=5 << 20)
+    shards = sorted((cow_mount / "out").glob("model-*.safetensors"))
     assert len(shards) > 2
     merged: dict[str, torch.Tensor] = {}
     for shard in shards:

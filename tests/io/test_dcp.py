@@ -262,14 +262,14 @@ def test_convert_to_pth_copies_chunks_in_bounded_memory_without_torch(dcp_root: 
     assert list(written) == list(expected) and all(_equal(written[k], expected[k]) for k in expected)
 
 
-def test_a_pth_from_dcp_on_xfs_shares_the_chunks_it_can_place(dcp_root: Path, reference, xfs: Path,
+def test_a_pth_from_dcp_on_copy_on_write_shares_the_chunks_it_can_place(dcp_root: Path, reference, cow_mount: Path,
                                                                 tmp_path: Path) -> None:
     """Each record is placed congruent to its largest chunk whose offset keeps elements aligned (a chunk inside a
     DCP item may start at any byte); those chunks' blocks are shared, the rest is copied."""
-    folder = xfs / "big"
+    folder = cow_mount / "big"
     subprocess.run(["cp", "-r", "--reflink=never", str(dcp_root / "big"), str(folder)], check=True)
     os.sync()
-    out = xfs / "big.pth"
+    out = cow_mount / "big.pth"
     ckptx.convert(folder, out, _rules(tmp_path))
     with open_source(folder, ["model"]) as source:
         placeable = sum(max((s.nbytes for s in source.raw_spans(key) if s.offset % 4 == 0), default=0)
