@@ -28,9 +28,10 @@ _POLY = 0xEDB88320  # CRC-32 (reflected)
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 
 
-def span_crc(span: RawSpan, stop: threading.Event | None = None, fd: int | None = None) -> int:
-    """The CRC-32 of `span`'s bytes: read at once when small, else mapped WINDOW bytes at a time (each
-    window unmapped before the next). `fd` is the file opened for reading, if the caller has it open."""
+def span_crc(span: RawSpan, stop: threading.Event | None = None, fd: int | None = None, crc: int = 0) -> int:
+    """The CRC-32 of `span`'s bytes (continuing `crc`, the CRC of bytes before them): read at once when small,
+    else mapped WINDOW bytes at a time (each window unmapped before the next). `fd` is the file opened for
+    reading, if the caller has it open."""
     own = fd is None
     fd = os.open(span.file, os.O_RDONLY) if fd is None else fd
     try:
@@ -38,15 +39,14 @@ def span_crc(span: RawSpan, stop: threading.Event | None = None, fd: int | None 
             raise SourceError(f"{span.file}: ends before byte {span.offset + span.nbytes} of a tensor at "
                               f"{span.offset}; the file is truncated or changed")
         if span.nbytes <= SMALL:
-            return zlib.crc32(os.pread(fd, span.nbytes, span.offset))
-        return _mapped_crc(fd, span, stop)
+            return zlib.crc32(os.pread(fd, span.nbytes, span.offset), crc)
+        return _mapped_crc(fd, span, stop, crc)
     finally:
         if own:
             os.close(fd)
 
 
-def _mapped_crc(fd: int, span: RawSpan, stop: threading.Event | None) -> int:
-    crc = 0
+def _mapped_crc(fd: int, span: RawSpan, stop: threading.Event | None, crc: int) -> int:
     done = 0
     while done < span.nbytes:
         if stop is not None and stop.is_set():
@@ -87,16 +87,48 @@ class CrcThread:
         return _combined(parts)
 
     def submit_all(self, spans: Sequence[RawSpan]) -> Future[int]:
-        """Start the checksum of the bytes of `spans` one after another."""
-        parts = [(self.submit(span), span.nbytes) for span in spans]
+        """Start the checksum of the bytes of `spans` one after another: a big span as `submit` does, runs of
+        smaller ones (a DCP tensor sharded on a later dimension is one span per row of each chunk) as one task
+        each that carries the CRC from span to span. 32,768 spans of 2 KiB took 2.6 s as one task
+        each (then combined), 0.18 s in runs."""
+        parts: list[tuple[Future[int], int]] = []
+        run: list[RawSpan] = []
+        size = 0
+
+        def flush() -> None:
+            nonlocal size
+            if run:
+                parts.append((self._pool.submit(self._crc_run, tuple(run)), size))
+                run.clear()
+                size = 0
+
+        for span in spans:
+            if span.nbytes >= 2 * PIECE:
+                flush()
+                parts.append((self.submit(span), span.nbytes))
+                continue
+            run.append(span)
+            size += span.nbytes
+            if size >= PIECE:
+                flush()
+        flush()
         return parts[0][0] if len(parts) == 1 else _combined(parts)
 
     def _crc(self, span: RawSpan) -> int:
+        return span_crc(span, self._stop, self._fd(span.file))
+
+    def _crc_run(self, spans: tuple[RawSpan, ...]) -> int:
+        crc = 0
+        for span in spans:
+            crc = span_crc(span, self._stop, self._fd(span.file), crc)
+        return crc
+
+    def _fd(self, file: str) -> int:
         with self._lock:
-            fd = self._fds.get(span.file)
+            fd = self._fds.get(file)
             if fd is None:
-                fd = self._fds[span.file] = os.open(span.file, os.O_RDONLY)
-        return span_crc(span, self._stop, fd)
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            return fd
 
     def __enter__(self) -> "CrcThread":
         return self

@@ -38,3 +38,18 @@ def test_a_piece_that_fails_fails_the_whole(tmp_path: Path) -> None:
         future = crcs.submit(RawSpan(str(path), 0, 3 * PIECE))
         with pytest.raises(SourceError, match="truncated or changed"):
             future.result()
+
+
+def test_many_small_spans_and_big_ones_together_have_zlibs_crc(tmp_path: Path) -> None:
+    """Spans out of file order, from two files, small ones (run together on one task) and big ones (split)."""
+    rng = random.Random(2)
+    blobs = [tmp_path / "a", tmp_path / "b"]
+    data = {str(p): rng.randbytes(3 * PIECE) for p in blobs}
+    for path in blobs:
+        path.write_bytes(data[str(path)])
+    spans = [RawSpan(str(blobs[i % 2]), rng.randrange(0, PIECE), rng.randrange(1, 9000)) for i in range(3000)]
+    spans.insert(1000, RawSpan(str(blobs[0]), 5, 2 * PIECE + 3))
+    spans.append(RawSpan(str(blobs[1]), 17, 2 * PIECE))
+    expected = zlib.crc32(b"".join(data[s.file][s.offset:s.offset + s.nbytes] for s in spans))
+    with CrcThread(2) as crcs:
+        assert crcs.submit_all(spans).result() == expected
