@@ -9,9 +9,10 @@ background thread checksums them through short memory maps (or the CRC is taken 
 directory when a whole record is copied), memory tensors are written from where they are, and computed
 tensors are computed one at a time. Torch is not imported unless a tensor is computed or read from memory.
 
-A record copied from a file span that holds a whole file system block is placed, through its header's padding,
-at an offset congruent to its source offset modulo the block (`record_placement`): a copy-on-write file system
-(XFS, btrfs) then shares the blocks instead of copying them, and other file systems copy page-aligned runs.
+A record copied from file spans is placed, through its header's padding, at an offset congruent modulo the file
+system block to the source offset of its largest span that holds a whole block (`record_placement`): a
+copy-on-write file system (XFS, btrfs) then shares those blocks instead of copying them, and other file systems
+copy page-aligned runs.
 Such a file leaves out `.format_version`: with it, torch may compute record offsets itself assuming the
 minimal 64-byte padding (`torch.utils.serialization.config.load.calculate_storage_offsets`, and the offsets
 it gives tensors loaded on the meta device); without it, torch reads every offset from the record's header,
