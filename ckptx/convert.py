@@ -19,15 +19,12 @@ from ckptx.io.open import open_source
 from ckptx.io.safetensors_writer import write_safetensors
 from ckptx.io.sharded_writer import INDEX_SUFFIX, ShardLayout, check_layout, is_index_name, shard_layout, write_sharded
 from ckptx.io.source import Source
-from ckptx.io.torch_writer import write_torch
 from ckptx.plan import Plan, plan_recipe
 from ckptx.rules import Recipe, TargetSpec
 from ckptx.rules.loader import RecipeArg, as_recipe
-from ckptx.reverse import reverse_recipe
 from ckptx.target import Target, parse_target_arg, resolve_target
 from ckptx.validate import ValidationReport, validate
 from ckptx.variants import Chosen, choose_variant
-from ckptx.verify import verify_conversion
 
 torch = lazy_module("torch")
 
@@ -112,6 +109,8 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
     started = time.perf_counter()
     recipe = as_recipe(recipes, params)
     if reverse:
+        from ckptx.reverse import reverse_recipe  # here, not at the top: start-up (see io/open.py)
+
         recipe = reverse_recipe(recipe, original=target_spec_for(Recipe(name=""), target, target_args)).recipe
     src_path = Path(src)
     dst_path = Path(dst) if dst is not None else None
@@ -211,6 +210,8 @@ def _verify_then_publish(result: ConvertResult, recipe: Recipe, spec: TargetSpec
 def _verify(result: ConvertResult, recipe: Recipe, spec: TargetSpec | None, src: Path, allow_globals: Sequence[str],
             unsafe_pickle: bool, written: Path) -> None:
     """Record the verification of `written` in `result`; raise VerificationFailed when it does not compute the same."""
+    from ckptx.verify import verify_conversion  # here, not at the top: start-up (see io/open.py)
+
     result.verification = verify_conversion(recipe, spec, src, written, allow_globals=allow_globals,
                                             unsafe_pickle=unsafe_pickle)
     if not result.verification.ok:
@@ -240,6 +241,8 @@ def _write(plan: Plan, source: Source, dst: Path | ShardLayout, fmt: str, notes:
     if state_metadata is not None and plan.renames_keys:
         notes.append("the state dict's _metadata (module versions) was dropped because the recipe renames modules")
         state_metadata = None
+    from ckptx.io.torch_writer import write_torch  # here, not at the top: start-up (see io/open.py)
+
     return write_torch(dst, plan.entries, source, state_metadata=state_metadata, progress=advance)
 
 

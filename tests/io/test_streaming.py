@@ -222,6 +222,21 @@ def test_copy_and_float_cast_never_import_torch(tmp_path: Path, kind: str, impor
         assert torch.equal(out[key.removeprefix("module.")], value.to(torch.bfloat16) if cast else value)
 
 
+def test_a_safetensors_conversion_imports_no_reader_or_writer_of_other_formats(tmp_path: Path) -> None:
+    """Start-up: the torch file, DCP and ZeRO readers, the .pth writer, reverse and verify are imported only
+    by the runs that use them (100 ms of `import ckptx.cli`)."""
+    src = write_source(tmp_path, "safetensors", {"w": torch.randn(2)})
+    code = ("import sys\nfrom ckptx.cli import main\n"
+            f"assert main(['convert', {str(src)!r}, '-o', {str(tmp_path / 'o.safetensors')!r}]) == 0\n"
+            "print('loaded:', ' '.join(sorted(m for m in sys.modules if m.startswith('ckptx'))))")
+    done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
+                          check=True)
+    loaded = set(done.stdout.split("loaded:")[-1].split())
+    unused = {"ckptx.io.torch_reader", "ckptx.io.torch_zip", "ckptx.io.dcp", "ckptx.io.zero", "ckptx.io.torch_writer",
+              "ckptx.reverse", "ckptx.verify"}
+    assert "ckptx.io.safetensors_writer" in loaded and not loaded & unused, sorted(loaded & unused)
+
+
 def test_a_regex_rename_of_safetensors_imports_neither_torch_nor_numpy(tmp_path: Path,
                                                                         write_rules: Callable[..., Path]) -> None:
     """The rename-only path is ckptx's own start-up and the copy: no 0.1 s numpy or 0.3-3 s torch import."""
