@@ -6,15 +6,20 @@ import difflib
 import json
 import re
 from functools import lru_cache
-from typing import Any, Iterator
-
-import jsonschema
-from jsonschema.exceptions import ValidationError, best_match
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ckptx._data import schema_path
+from ckptx._lazy import lazy_module
 from ckptx.errors import Problem
 from ckptx.rules.kinds import STEP_KINDS
 from ckptx.rules.yamlfile import YamlDocument
+
+if TYPE_CHECKING:
+    from jsonschema.exceptions import ValidationError
+
+# jsonschema is imported when a document is first validated: 53 of the 150 ms `import ckptx.cli` takes, which
+# `ckptx inspect`, `--version` and conversions without a rule file never need.
+jsonschema = lazy_module("jsonschema")
 
 RULES_SCHEMA = "ckptx-rules.schema.json"
 
@@ -41,7 +46,7 @@ def shipped_schema(name: str) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=None)
-def _validator(name: str) -> jsonschema.Draft202012Validator:
+def _validator(name: str) -> Any:
     # The shipped schemas are checked against the metaschema by the tests, not here: that check takes
     # longer (0.08-0.2 s) than everything else ckptx does before copying bytes.
     return jsonschema.Draft202012Validator(shipped_schema(name),
@@ -118,7 +123,7 @@ def _leaves(error: ValidationError) -> Iterator[ValidationError]:
 
     meant = [errs for errs in branches.values() if not mismatched(errs)]
     if not meant:
-        chosen = best_match(error.context)
+        chosen = jsonschema.exceptions.best_match(error.context)
         yield chosen if chosen is not None else error
         return
     errors = max(meant, key=lambda errs: max(len(e.absolute_path) for e in errs))
