@@ -209,3 +209,18 @@ def test_sharded_output_on_copy_on_write_shares_the_sources_blocks_in_every_shar
         assert shared_bytes(shard) >= 0.95 * (shard.stat().st_size - _data_start(shard)), shard.name
         merged |= load_file(str(shard))
     assert _equal(merged, _state())
+
+
+def test_ckptx_reads_a_placed_pth_back_by_its_headers(tmp_path: Path, write_rules) -> None:
+    """A placed `.pth` (no `.format_version`, records off the 64-byte grid) is a source like any other: its spans
+    come from the local headers, its CRCs from its directory (`.pth` -> `.pth` again keeps every CRC right)."""
+    src, placed = tmp_path / "src.safetensors", tmp_path / "placed.pth"
+    save_file(_state(), str(src))
+    ckptx.convert(src, placed, write_rules(RENAME))
+    again, back = tmp_path / "again.pth", tmp_path / "back.safetensors"
+    ckptx.convert(placed, again, write_rules("ckptx: 1\nsteps: [{strip_prefix: model.}]\n", "strip.yaml"))
+    ckptx.convert(again, back, write_rules(RENAME))
+    assert zipfile.ZipFile(again).testzip() is None
+    assert {k: v % 4096 for k, v in _pth_offsets(again).items()} == \
+        {k.removeprefix("model."): v % 4096 for k, v in _pth_offsets(placed).items()}
+    assert _equal(load_file(str(back)), _state())
