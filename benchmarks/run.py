@@ -170,7 +170,7 @@ def main_run(runner: Runner, work: Path, size: float, facts_out: dict[str, dict[
                  [src], [out]))
     if full:
         plan += [
-            ("d", "ckptx convert -> .pth (torch.save)", ckptx("convert", str(src), "-r", rename, "-o", str(out_pth)),
+            ("d", "ckptx convert -> .pth (streaming writer)", ckptx("convert", str(src), "-r", rename, "-o", str(out_pth)),
              [src], [out_pth]),
             ("e", "ckptx convert --max-shard-size 500MB",
              ckptx("convert", str(src), "-r", rename, "-o", str(shards / "model.safetensors"), "--max-shard-size",
