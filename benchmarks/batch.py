@@ -37,7 +37,7 @@ CAST = "  - cast: {dtype: float16}\n"
 
 def make_checkpoints(root: Path, count: int, megabytes: float, *, cast: bool, fmt: str) -> Path:
     """`count` checkpoints of about `megabytes` MB each, a rule file, a manifest target and a jobs file."""
-    from ckptx.ops.registry import TensorMeta  # noqa: PLC0415
+    from ckptx.dtypes import TensorMeta  # noqa: PLC0415
     from ckptx.io.manifest import write_manifest  # noqa: PLC0415
 
     rows = max(1, int(megabytes * 1024 * 1024 / 4 / 4 / 1024))

@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--sorted-header", action="store_true", help="source header in name order")
     args = parser.parse_args()
-    from ckptx.suggest.engine import suggest
+    from ckptx.suggestion.engine import suggest
 
     with tempfile.TemporaryDirectory(prefix="ckptx-suggest-bench-") as tmp:
         src, dst = Path(tmp) / "hf_llama.safetensors", Path(tmp) / "meta_llama.json"

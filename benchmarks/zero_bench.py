@@ -106,7 +106,7 @@ def main() -> None:
                 checked = compare(todo["ckptx convert -> .safetensors"][1], todo["zero_to_fp32.py (pytorch_model.bin)"][1])
                 for name in todo:
                     remove(todo[name][1])
-        from ckptx.io.open import open_source
+        from ckptx.io.read.open import open_source
 
         with open_source(folder) as source:
             state_mib = sum(m.nbytes for m in source.tensors.values()) / MIB

@@ -1,17 +1,21 @@
-"""ckptx: declarative, rule-based checkpoint transformer for PyTorch."""
+"""ckptx: declarative, rule-based checkpoint transformer for PyTorch.
+
+The public API. Importing the package registers every step kind (`ckptx.ops`), so a recipe can be loaded and
+planned through any of these functions.
+"""
 
 from __future__ import annotations
 
+import ckptx.ops  # noqa: F401 - registers the step kinds before any recipe is built
 from ckptx._version import __version__
-from ckptx.convert import ConvertResult, convert
+from ckptx.check.validation import ValidationReport, validate
+from ckptx.conversion.in_memory import apply, load_into, plan
+from ckptx.conversion.pipeline import ConvertResult, convert
 from ckptx.errors import CkptxError, ValidationFailed
-from ckptx.memory import apply, load_into
-from ckptx.plan import Plan
-from ckptx.plan import plan_recipe as plan
-from ckptx.rules import Recipe, load_rules
-from ckptx.validate import ValidationReport, validate
-
-from ckptx.suggest import suggest  # noqa: E402 (binds ckptx.suggest to the function; the package stays importable)
+from ckptx.planning.planner import Plan
+from ckptx.rules.loader import load_rules
+from ckptx.rules.recipe import Recipe
+from ckptx.suggestion import suggest
 
 __all__ = ["CkptxError", "ConvertResult", "Plan", "Recipe", "ValidationFailed", "ValidationReport", "__version__",
            "apply", "convert", "load_into", "load_rules", "plan", "suggest", "validate"]

@@ -121,6 +121,10 @@ class TargetError(CkptxError):
     """A target specification cannot be resolved."""
 
 
+class FactoryFailed(TargetError):
+    """A model factory was found and called, and raised (as opposed to: it could not be imported)."""
+
+
 class UntrustedCallable(TargetError):
     """A file names a callable that the trust rule refuses; nothing was imported or called for it.
 
@@ -179,3 +183,11 @@ class VerificationFailed(Rejected):
     def result(self) -> object:
         """The verification result."""
         return self.outcome
+
+
+class OpShapeError(ValueError):
+    """Raised by an op's shape function when the input does not fit the op (the planner turns it into a Problem)."""
+
+
+class UsageError(CkptxError):
+    """The command line itself is wrong (an unknown flag, a missing argument); the message ends with where to look."""

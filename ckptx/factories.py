@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from ckptx.errors import TargetError
-from ckptx.metadevice import schedules_on_cpu
+from ckptx.targets.metadevice import schedules_on_cpu
 
 __all__ = ["CONVNEXTV2_SIZES", "convnextv2_hf", "convnextv2_mmpretrain", "convnextv2_timm", "mmpretrain_model",
            "timm_model", "transformers_model"]

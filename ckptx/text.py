@@ -1,4 +1,5 @@
-"""Untrusted strings made safe to print: keys, metadata and names read from checkpoint files.
+"""Text at the bottom of every layer: untrusted strings made safe to print (keys, metadata and names read from
+checkpoint files), sizes, `K=V` items, plain tables and strict JSON.
 
 A key may hold ESC sequences, carriage returns, newlines, bidi overrides or lone surrogates; printed raw they
 recolour or clear the terminal, forge table rows or make the output unencodable. Every place that shows such a
@@ -8,19 +9,30 @@ text, `printable` (the same but line breaks kept).
 
 from __future__ import annotations
 
+import json
+import math
 import re
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import yaml
 
 from ckptx.errors import CkptxError
 
-__all__ = ["describe_key", "human_bytes", "key_values", "printable", "quoted", "shown"]
+if TYPE_CHECKING:  # pragma: no cover
+    from ckptx.dtypes import TensorMeta
+
+__all__ = ["SHOWN", "count_params", "describe_key", "human_bytes", "json_text", "key_values", "parse_size", "printable", "quoted",
+           "short_list", "shown", "table"]
+
+SHOWN = 20
 
 # Not printable as Python's str.isprintable decides (controls, format characters such as bidi overrides, line and
 # paragraph separators, surrogates, unassigned), plus the backslash so that an escape cannot be forged.
 _FAST = re.compile(r"[^\\\x20-\x7e]")
 _BIG_INT_BITS = 64
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 
 
 def _escape_char(char: str) -> str:
@@ -94,3 +106,54 @@ def key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
         except yaml.YAMLError:
             values[key] = raw
     return values
+
+
+def json_text(document: Any, *, indent: int = 1) -> str:
+    """`document` as strict JSON (RFC 8259): NaN and infinities, which JSON cannot hold, become the strings
+    "nan", "inf" and "-inf" (a verification of NaN outputs reports them that way); other objects as `str`."""
+    return json.dumps(_finite(document), indent=indent, default=str, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    """A plain text table with aligned columns; a cell can never break its row (control characters escaped)."""
+    header = [printable(str(c), keep_lines=False) for c in header]
+    rows = [[printable(str(c), keep_lines=False) for c in r] for r in rows]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def count_params(metas: Iterable[TensorMeta]) -> int:
+    """Total number of elements."""
+    return sum(m.numel for m in metas)
+
+
+def short_list(keys: Iterable[str], limit: int = 6) -> str:
+    """The first `limit` keys (escaped for printing), comma-separated, and how many more."""
+    items = [shown(k) for k in keys]
+    text = ", ".join(items[:limit])
+    return text + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def parse_size(text: str) -> int:
+    """`5GB` -> 5_000_000_000, `500MiB` -> 524_288_000; a bare number is bytes. Raises ValueError."""
+    match = _SIZE.match(text)
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"'{text}' is not a size; write e.g. 5GB, 500MB, 2GiB or a number of bytes")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"'{text}' is not a positive size")
+    return size

@@ -16,11 +16,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ckptx.batch import run_batch
+from ckptx.batch.runner import run_batch
 from ckptx.errors import RuleError
-from ckptx.fingerprint import FINGERPRINT_KEY, sidecar_path
-from ckptx.jobs import load_jobs, merge_targets
-from ckptx.trust import allow_factories
+from ckptx.batch.fingerprint import FINGERPRINT_KEY, sidecar_path
+from ckptx.batch.jobs import load_jobs, merge_targets
+from ckptx.trust.callables import allow_factories
 from tests.conftest import TINY_TARGET, subprocess_env
 from tests.helpers.models import randomized, tiny_net
 
@@ -335,7 +335,7 @@ def test_a_job_that_kills_its_worker_fails_alone(tmp_path: Path, monkeypatch: py
 
 
 def test_a_sharded_source_is_fingerprinted_with_every_shard(tmp_path: Path) -> None:
-    from ckptx.fingerprint import source_files  # noqa: PLC0415
+    from ckptx.batch.fingerprint import source_files  # noqa: PLC0415
 
     for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
         (tmp_path / name).write_bytes(b"x" * len(name))
@@ -349,7 +349,7 @@ def test_a_sharded_source_is_fingerprinted_with_every_shard(tmp_path: Path) -> N
 
 def test_a_worker_shares_the_cores_without_importing_torch() -> None:
     probe = ("import os, sys\n"
-             "from ckptx.batch import _share_cores\n"
+             "from ckptx.batch.runner import _share_cores\n"
              "_share_cores(2)\n"
              "before = 'torch' in sys.modules\n"
              "import torch\n"

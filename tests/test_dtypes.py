@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from ckptx._data import schema_path
 from ckptx.dtypes import DTYPES, UnsupportedDtype, lossless_casts, lookup, safetensors_code
-from ckptx.io.open import open_source
+from ckptx.io.read.open import open_source
 
 
 IN_THIS_TORCH = [n for n in DTYPES if hasattr(torch, n)]

@@ -10,8 +10,8 @@ import torch
 
 import ckptx
 from ckptx.errors import TensorOpError, ValidationFailed
-from ckptx.io import safetensors_writer
-from ckptx.io.atomic import TEMP_SUFFIX
+from ckptx.io.write import safetensors_writer
+from ckptx.io.write.atomic import TEMP_SUFFIX
 TINY_MODULE = "tests.helpers.models:TinyNet"  # a torch.nn.Module subclass: the trust rule lets a file name it
 
 

@@ -10,8 +10,8 @@ import torch
 
 import ckptx
 from ckptx.errors import PlanError
-from ckptx.ops.registry import TensorMeta
-from ckptx.rules import load_rules
+from ckptx.dtypes import TensorMeta
+from ckptx.rules.loader import load_rules
 
 STATE = {
     "module.stem.weight": torch.zeros(8, 3, 4, 4),

@@ -10,7 +10,7 @@ import torch
 
 import ckptx
 from ckptx.errors import PlanError, PlannerBug
-from ckptx.ops.registry import StepOutcome
+from ckptx.planning.context import StepOutcome
 from ckptx.rules.kinds import STEP_KINDS
 
 QKV = {"a.q": torch.zeros(2), "a.k": torch.ones(2), "a.v": torch.full((2,), 2.0)}

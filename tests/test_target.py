@@ -11,12 +11,12 @@ from safetensors.torch import save_file
 
 import ckptx
 from ckptx.errors import TargetError
-from ckptx.ops.registry import TensorMeta
-from ckptx.rules import Origin, TargetSpec
+from ckptx.dtypes import TensorMeta
+from ckptx.rules.recipe import Origin, TargetSpec
 from ckptx.io.manifest import read_manifest, write_manifest
-from ckptx.target import parse_target_arg, resolve_target
-from ckptx.trust import allow_factories
-from ckptx.validate import validate
+from ckptx.targets.resolve import parse_target_arg, resolve_target
+from ckptx.trust.callables import allow_factories
+from ckptx.check.validation import validate
 from tests.conftest import TINY_TARGET
 from tests.helpers.models import tiny_net
 

@@ -28,11 +28,15 @@ import torch
 
 from ckptx._data import shipped_rules_dir
 from ckptx.errors import RefusedGlobal, SourceError, UntrustedCallable
-from ckptx.io.open import open_source
-from ckptx.rules import Origin, TargetSpec, load_rules
+from ckptx.io.read.open import open_source
+from ckptx.rules.recipe import Origin, TargetSpec
+from ckptx.rules.loader import load_rules
 from ckptx.rules.lint import named_callables
-from ckptx.target import build_model, resolve_target
-from ckptx.trust import allow_factories, factory_verdict, import_refusal, resolve_allow_global
+from ckptx.targets.build import build_model
+from ckptx.targets.resolve import resolve_target
+from ckptx.trust.callables import allow_factories, factory_verdict
+from ckptx.trust.imports import import_refusal
+from ckptx.trust.pickle_globals import resolve_allow_global
 from tests.conftest import TINY_TARGET, subprocess_env
 from tests.helpers.models import randomized, tiny_net
 
@@ -259,7 +263,7 @@ def test_code_and_file_touching_classes_are_refused(name: str) -> None:
 
 
 def test_a_jobs_file_allows_no_global_of_a_module_that_came_with_it(markers: Path) -> None:
-    from ckptx.trust import check_file_globals  # noqa: PLC0415
+    from ckptx.trust.pickle_globals import check_file_globals  # noqa: PLC0415
 
     with pytest.raises(SourceError, match="'markermod' is not an installed package"):
         check_file_globals(["markermod.build"], "jobs.yaml:3:5 jobs[0] allow_globals")

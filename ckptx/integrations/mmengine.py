@@ -37,13 +37,14 @@ from mmengine.model.wrappers.utils import is_model_wrapper
 from mmengine.registry import WEIGHT_INITIALIZERS
 
 from ckptx.errors import CkptxError, ValidationFailed
-from ckptx.io.open import open_source
-from ckptx.io.safetensors_writer import materialize
-from ckptx.plan import plan_recipe
-from ckptx.rules import Recipe, load_rules
-from ckptx.target import Target, resolve_target
-from ckptx.validate import ValidationReport, validate
-from ckptx.variants import choose_variant
+from ckptx.io.read.open import open_source
+from ckptx.planning.execute import materialize
+from ckptx.planning.planner import plan_recipe
+from ckptx.rules.recipe import Recipe
+from ckptx.rules.loader import load_rules
+from ckptx.targets.resolve import Target, resolve_target
+from ckptx.check.validation import ValidationReport, validate
+from ckptx.check.inferred import choose_variant
 
 __all__ = ["CkptxInit", "InitConfigError", "LoadResult", "load_converted"]
 

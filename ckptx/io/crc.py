@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
 from ckptx.errors import SourceError
-from ckptx.io.source import RawSpan
+from ckptx.planning.source import RawSpan
 
 WINDOW = 32 * 1024 * 1024  # bytes mapped at a time: what checksumming adds to resident memory
 SMALL = 1024 * 1024  # spans up to this size are read with one pread instead

@@ -10,7 +10,7 @@ import yaml
 
 from ckptx.dtypes import TensorMeta
 from ckptx.errors import TargetError
-from ckptx.io.atomic import atomic_output
+from ckptx.io.write.atomic import atomic_output
 
 __all__ = ["MANIFEST_VERSION", "read_manifest", "write_manifest"]
 

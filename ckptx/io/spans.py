@@ -11,8 +11,8 @@ from typing import BinaryIO, Callable
 from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError, TensorOpError
 from ckptx.dtypes import torch_dtype
-from ckptx.io.source import RawSpan
-from ckptx.ops.registry import TensorMeta
+from ckptx.planning.source import RawSpan
+from ckptx.dtypes import TensorMeta
 
 torch = lazy_module("torch")
 

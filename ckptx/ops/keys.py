@@ -9,10 +9,12 @@ from functools import cached_property
 from typing import Any, Callable, Sequence
 
 from ckptx.errors import Problem
-from ckptx.ops.keymatch import KeyText, first_matches, required_literals
-from ckptx.ops.registry import PlanContext, PlanEntry, StepOutcome, step
+from ckptx.planning.keymatch import KeyText, first_matches, required_literals
+from ckptx.planning.context import PlanContext, StepOutcome
+from ckptx.planning.entry import PlanEntry
+from ckptx.ops.registry import step
 from ckptx.rules.flatten import dump_args
-from ckptx.rules.invert import escape_replacement, exact_table, swap
+from ckptx.rules.inverse import exact_table, swap
 from ckptx.rules.kinds import Doc, NotInvertible, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step
 from ckptx.rules.templates import KeyTemplateError, Template

@@ -8,9 +8,13 @@ from typing import Any, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import Problem
-from ckptx.ops.registry import (OpShapeError, PlanContext, PlanEntry, StepOutcome, TensorMeta, node, step,
-                                tensor_op)
-from ckptx.rules.invert import all_matched_changed, changed_metas, exact_keys
+from ckptx.errors import OpShapeError
+from ckptx.planning.context import PlanContext, StepOutcome
+from ckptx.planning.entry import PlanEntry
+from ckptx.dtypes import TensorMeta
+from ckptx.planning.expr import node, tensor_op
+from ckptx.ops.registry import step
+from ckptx.rules.inverse import all_matched_changed, changed_metas, exact_keys
 from ckptx.rules.kinds import Doc, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import Problem
 from ckptx.ops.layout import apply_to_matching
-from ckptx.ops.registry import (OpShapeError, PlanContext, PlanEntry, StepOutcome, StepPlanner, TensorMeta, node, step,
-                                tensor_op)
+from ckptx.errors import OpShapeError
+from ckptx.planning.context import PlanContext, StepOutcome, StepPlanner
+from ckptx.planning.entry import PlanEntry
+from ckptx.dtypes import TensorMeta
+from ckptx.planning.expr import node, tensor_op
+from ckptx.ops.registry import step
 from ckptx.rules.flatten import dump_args
-from ckptx.rules.invert import Group, Ref, parse_pattern, shifted, spare_placeholder, swap, template_parts, tidy
+from ckptx.rules.inverse import Group, Ref, parse_pattern, shifted, spare_placeholder, swap, template_parts, tidy
 from ckptx.rules.kinds import Doc, NotInvertible, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step, dim_arg
 from ckptx.rules.templates import KeyTemplateError, Template

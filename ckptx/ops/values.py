@@ -10,10 +10,14 @@ from ckptx._lazy import lazy_module
 from ckptx.errors import Problem
 from ckptx.ops.layout import apply_to_matching
 from ckptx.dtypes import lookup
-from ckptx.ops.registry import (OpShapeError, PlanContext, PlanEntry, StepOutcome, TensorMeta, node,
-                                step, tensor_op)
+from ckptx.errors import OpShapeError
+from ckptx.planning.context import PlanContext, StepOutcome
+from ckptx.planning.entry import PlanEntry
+from ckptx.dtypes import TensorMeta
+from ckptx.planning.expr import node, tensor_op
+from ckptx.ops.registry import step
 from ckptx.ops.structure import fill_template, normalize_dim
-from ckptx.rules.invert import Group, exact_keys, parse_pattern, swap
+from ckptx.rules.inverse import Group, exact_keys, parse_pattern, swap
 from ckptx.rules.kinds import Doc, NotInvertible, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step, dim_arg
 from ckptx.rules.templates import Template

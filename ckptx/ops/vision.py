@@ -8,7 +8,12 @@ from typing import Any, Mapping, Sequence
 
 from ckptx._lazy import lazy_module
 from ckptx.ops.layout import apply_to_matching
-from ckptx.ops.registry import OpShapeError, PlanContext, PlanEntry, StepOutcome, TensorMeta, step, tensor_op
+from ckptx.errors import OpShapeError
+from ckptx.planning.context import PlanContext, StepOutcome
+from ckptx.planning.entry import PlanEntry
+from ckptx.dtypes import TensorMeta
+from ckptx.ops.registry import step
+from ckptx.planning.expr import tensor_op
 from ckptx.ops.values import target_meta
 from ckptx.rules.kinds import object_schema
 from ckptx.rules.steps import Collector, Pattern, Step

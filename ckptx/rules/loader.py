@@ -11,10 +11,10 @@ from typing import Any, Mapping, Sequence
 
 from ckptx.errors import Problem, RuleError
 from ckptx.rules.recipe import Recipe, RuleFile, TargetSpec, VerifySpec
-from ckptx.rules.registry import resolve_rule
+from ckptx.rules.packs import resolve_rule
 from ckptx.rules.schema import schema_problems
 from ckptx.rules.steps import Collector, Step
-from ckptx.rules.variants import InferredParam, choice_problems, declare_params
+from ckptx.rules.params import InferredParam, choice_problems, declare_params
 from ckptx.rules.yamlfile import YamlDocument, load_yaml, parse_yaml
 
 _PARAM = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 
 from ckptx.errors import Problem
 from ckptx.rules.steps import Pattern, Step
-from ckptx.rules.variants import InferredParam, ParamsUnresolved, merge_inferred
+from ckptx.rules.params import InferredParam, ParamsUnresolved, merge_inferred
 
 
 Resolver = Callable[[Mapping[str, Any]], "Recipe"]

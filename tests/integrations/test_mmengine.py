@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from ckptx import ValidationFailed
+from ckptx.errors import ValidationFailed
 from tests.real.models import mmpretrain_config_path, reference_convert, seeded_input
 from tests.real.official_convnextv2 import build_official, make_official_checkpoint, randomize_
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from ckptx.errors import CkptxError
-from ckptx.io.open import open_source
+from ckptx.io.read.open import open_source
 
 FORMATS = ("safetensors", "zip", "legacy", "sharded")
 _EXTREMES = (0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**63 - 1, 2**64 - 1, 10**9)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ckptx.errors import SourceError
-from ckptx.io.open import open_source
+from ckptx.io.read.open import open_source
 
 
 def _truncate(path: Path, keep: int) -> Path:

@@ -11,7 +11,7 @@ import pytest
 
 from ckptx.errors import SourceError
 from ckptx.io.crc import PIECE, CrcThread, crc32_combine
-from ckptx.io.source import RawSpan
+from ckptx.planning.source import RawSpan
 
 
 def test_crc32_combine_is_the_crc_of_the_concatenation() -> None:

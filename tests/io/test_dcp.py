@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 
 import ckptx
 from ckptx.errors import SourceError, UnsafeGlobalError
-from ckptx.io.dcp_metadata import MetadataGlobalError
-from ckptx.io.open import open_source
+from ckptx.io.read.dcp_metadata import MetadataGlobalError
+from ckptx.io.read.open import open_source
 from tests.conftest import shared_bytes, subprocess_env
 from tests.helpers.dcp_checkpoints import full_state, plain
 
@@ -225,7 +225,7 @@ def test_convert_copies_chunks_in_bounded_memory_without_torch(dcp_root: Path, t
     code = textwrap.dedent(f"""
         import resource, sys
         from ckptx.cli import main
-        import ckptx.convert, ckptx.io.dcp, ckptx.io.safetensors_writer  # noqa: F401
+        import ckptx.conversion.pipeline, ckptx.io.read.dcp_reader, ckptx.io.write.safetensors_writer  # noqa: F401
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         assert main(["convert", {str(dcp_root / "big")!r}, "-o", {str(tmp_path / "big.safetensors")!r},
                      "-r", {str(_rules(tmp_path))!r}]) == 0
@@ -248,7 +248,7 @@ def test_convert_to_pth_copies_chunks_in_bounded_memory_without_torch(dcp_root: 
     code = textwrap.dedent(f"""
         import resource, sys
         from ckptx.cli import main
-        import ckptx.convert, ckptx.io.dcp, ckptx.io.torch_writer  # noqa: F401
+        import ckptx.conversion.pipeline, ckptx.io.read.dcp_reader, ckptx.io.write.torch_writer  # noqa: F401
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         assert main(["convert", {str(dcp_root / "big")!r}, "-o", {str(out)!r}, "-r", {str(_rules(tmp_path))!r}]) == 0
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, "torch" in sys.modules)
@@ -283,7 +283,7 @@ def test_loading_every_tensor_holds_about_one_tensor_in_memory(dcp_root: Path) -
     code = textwrap.dedent(f"""
         import resource
         import torch
-        from ckptx.io.open import open_source
+        from ckptx.io.read.open import open_source
         torch.ones(4).sum()
         source = open_source({str(dcp_root / "big")!r}, ["model"])
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

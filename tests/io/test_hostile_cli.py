@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ckptx.io import atomic
+from ckptx.io.write import atomic
 from ckptx.text import printable, shown
 
 EVIL = "w\x1b[2J\x1b]0;owned\x07\r\nforged  row\u202e\\"
@@ -61,7 +61,7 @@ def test_error_about_a_hostile_key_is_one_escaped_line(tmp_path: Path, run_cli) 
 
 
 def test_warnings_during_a_read_become_notes_and_errors_stay_one_line(tmp_path: Path, run_cli, monkeypatch) -> None:
-    import ckptx.io.open as opener  # noqa: PLC0415
+    import ckptx.io.read.open as opener  # noqa: PLC0415
 
     real = opener.open_source
 
@@ -81,7 +81,7 @@ def test_warnings_during_a_read_become_notes_and_errors_stay_one_line(tmp_path: 
 
 
 def test_warnings_filtered_as_errors_still_surface(tmp_path: Path, run_cli, monkeypatch) -> None:
-    import ckptx.io.open as opener  # noqa: PLC0415
+    import ckptx.io.read.open as opener  # noqa: PLC0415
 
     def noisy(*args, **kwargs):
         warnings.warn("boom", UserWarning, stacklevel=1)

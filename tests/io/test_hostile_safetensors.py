@@ -16,7 +16,7 @@ import safetensors
 
 from ckptx.dtypes import UnsupportedDtype
 from ckptx.errors import SourceError
-from ckptx.io.safetensors_reader import MAX_HEADER, SafetensorsSource
+from ckptx.io.read.safetensors_reader import MAX_HEADER, SafetensorsSource
 
 T = '{"dtype":"F32","shape":[1],"data_offsets":[%d,%d]}'
 U8 = '{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":%s}'

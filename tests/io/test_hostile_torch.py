@@ -15,7 +15,7 @@ import torch
 
 from ckptx.dtypes import UnsupportedDtype
 from ckptx.errors import CkptxError, SourceError
-from ckptx.io.open import open_source
+from ckptx.io.read.open import open_source
 
 
 def _one_line(exc: BaseException, path: Path) -> str:

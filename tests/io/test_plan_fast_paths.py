@@ -12,11 +12,15 @@ import pytest
 import torch
 
 from ckptx.errors import PlanError
-from ckptx.ops import keymatch
-from ckptx.ops.keymatch import KeyText, first_matches, required_literals
-from ckptx.ops.registry import PlanContext, PlanEntry, SourceRef, TensorMeta
-from ckptx.plan import _collisions, _KeyIndex, plan_recipe
-from ckptx.rules import load_rules
+from ckptx.planning import keymatch
+from ckptx.planning.keymatch import KeyText, first_matches, required_literals
+from ckptx.planning.context import PlanContext
+from ckptx.planning.entry import PlanEntry
+from ckptx.planning.expr import SourceRef
+from ckptx.dtypes import TensorMeta
+from ckptx import plan as plan_recipe
+from ckptx.planning.planner import _collisions, _KeyIndex
+from ckptx.rules.loader import load_rules
 
 WORDS = ["blocks", "layers", "attn", "mlp", "q", "k", "norm", "x.y", "a\x00b"]
 PATTERNS = [r"^blocks\.(\d+)\.", r"\.attn\.", r"mlp", r"^(layers|blocks)\.", r"\.q$", r"norm\.(\d+)",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ckptx.errors import SourceError, UnsafeGlobalError
-from ckptx.io.open import open_source
+from ckptx.io.read.open import open_source
 
 
 class _Payload:

@@ -14,11 +14,12 @@ from safetensors.torch import load_file, save_file
 import ckptx
 from ckptx.cli import main
 from ckptx.errors import DestinationError, SourceError, TensorOpError, VerificationFailed
-from ckptx.io.open import open_source
-from ckptx.io.sharded_writer import parse_size, shard_layout
-from ckptx.io.source import Source
-from ckptx.plan import plan_recipe
-from ckptx.trust import allow_factories
+from ckptx.io.read.open import open_source
+from ckptx.text import parse_size
+from ckptx.io.write.sharded_writer import shard_layout
+from ckptx.planning.source import Source
+from ckptx import plan as plan_recipe
+from ckptx.trust.callables import allow_factories
 from tests.conftest import TINY_TARGET
 
 INDEX = "model.safetensors.index.json"
@@ -212,7 +213,7 @@ def test_failure_mid_write_leaves_no_shard_under_a_final_name(tmp_path: Path, wr
             raise TensorOpError(f"tensor '{key}': disk on fire")
         return load_file(str(src))[key]
 
-    from ckptx.io.safetensors_reader import SafetensorsSource  # noqa: PLC0415
+    from ckptx.io.read.safetensors_reader import SafetensorsSource  # noqa: PLC0415
 
     monkeypatch.setattr(SafetensorsSource, "load", failing_load)
     with pytest.raises(TensorOpError, match="disk on fire"):

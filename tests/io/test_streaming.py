@@ -16,17 +16,17 @@ from safetensors.torch import load_file, save_file
 
 import ckptx
 from ckptx.cli import main
-from ckptx.memory import apply
+from ckptx.conversion.in_memory import apply
 from ckptx.errors import SourceError, TensorOpError
 from ckptx.io import spans
-from ckptx.io.open import open_source
-from ckptx.io.safetensors_reader import SafetensorsSource
-from ckptx.io.safetensors_writer import write_safetensors
-from ckptx.io.source import RawSpan
+from ckptx.io.read.open import open_source
+from ckptx.io.read.safetensors_reader import SafetensorsSource
+from ckptx.io.write.safetensors_writer import write_safetensors
+from ckptx.planning.source import RawSpan
 from ckptx.io.spans import SpanCopier, convert_span, read_span
-from ckptx.ops.registry import TensorMeta
-from ckptx.plan import plan_recipe
-from ckptx.validate import validate
+from ckptx.dtypes import TensorMeta
+from ckptx import plan as plan_recipe
+from ckptx.check.validation import validate
 from tests.conftest import subprocess_env
 from tests.io.test_torch_zip_spans import special_state
 
@@ -232,9 +232,9 @@ def test_a_safetensors_conversion_imports_no_reader_or_writer_of_other_formats(t
     done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
                           check=True)
     loaded = set(done.stdout.split("loaded:")[-1].split())
-    unused = {"ckptx.io.torch_reader", "ckptx.io.torch_zip", "ckptx.io.dcp", "ckptx.io.zero", "ckptx.io.torch_writer",
-              "ckptx.reverse", "ckptx.verify", "jsonschema"}
-    assert "ckptx.io.safetensors_writer" in loaded and not loaded & unused, sorted(loaded & unused)
+    unused = {"ckptx.io.read.torch_reader", "ckptx.io.read.torch_zip", "ckptx.io.read.dcp_reader", "ckptx.io.read.zero_reader", "ckptx.io.write.torch_writer",
+              "ckptx.conversion.reverse", "ckptx.check.numerical", "jsonschema"}
+    assert "ckptx.io.write.safetensors_writer" in loaded and not loaded & unused, sorted(loaded & unused)
 
 
 def test_a_regex_rename_of_safetensors_imports_neither_torch_nor_numpy(tmp_path: Path,

@@ -22,14 +22,15 @@ from safetensors.torch import save_file
 import ckptx
 from ckptx.errors import CkptxError
 from ckptx.io.crc import WINDOW, span_crc
-from ckptx.io.open import open_source
-from ckptx.io.source import MappingSource, RawSpan
-from ckptx.io.torch_layout import plan_layout
-from ckptx.io.torch_pickle import PickledStorage, PickledTensor, state_dict_pickle
-from ckptx.io.torch_writer import write_archive, write_torch
-from ckptx.io.torch_zip import ZipSpanSource
-from ckptx.plan import plan_recipe
-from ckptx.rules import Recipe
+from ckptx.io.read.open import open_source
+from ckptx.io.read.state_dict import MappingSource
+from ckptx.planning.source import RawSpan
+from ckptx.io.write.torch_layout import plan_layout
+from ckptx.io.write.torch_pickle import PickledStorage, PickledTensor, state_dict_pickle
+from ckptx.io.write.torch_writer import write_archive, write_torch
+from ckptx.io.read.torch_zip import ZipSpanSource
+from ckptx import plan as plan_recipe
+from ckptx.rules.recipe import Recipe
 from tests.conftest import subprocess_env
 from tests.helpers.models import TiedNet, randomized
 

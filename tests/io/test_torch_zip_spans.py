@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptx.io.open import open_source
-from ckptx.io.torch_zip import TorchZipSource, ZipSpanSource
+from ckptx.io.read.open import open_source
+from ckptx.io.read.torch_zip import TorchZipSource, ZipSpanSource
 
 
 def special_state() -> dict[str, torch.Tensor]:

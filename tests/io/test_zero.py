@@ -24,9 +24,9 @@ import torch
 from safetensors.torch import load_file
 
 from ckptx.errors import SourceError
-from ckptx.io.open import open_source
-from ckptx.io.zero import ZeroSource
-from ckptx.io.zero_pickle import RefusedGlobalError
+from ckptx.io.read.open import open_source
+from ckptx.io.read.zero_reader import ZeroSource
+from ckptx.io.read.zero_pickle import RefusedGlobalError
 from tests.conftest import subprocess_env
 from tests.helpers.deepspeed_train import launch
 

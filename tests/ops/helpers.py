@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ckptx.convert import convert
+from ckptx.conversion.pipeline import convert
 import ckptx
 from ckptx.errors import PlanError
-from ckptx.rules import Recipe, load_rules
+from ckptx.rules.recipe import Recipe
+from ckptx.rules.loader import load_rules
 
 
 def recipe(tmp_path: Path, steps: str, params: Mapping[str, Any] | None = None, head: str = "") -> Recipe:

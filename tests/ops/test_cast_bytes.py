@@ -9,9 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ckptx.convert import convert
-from ckptx.io import safetensors_writer, spans
-from ckptx.ops.registry import SourceRef, TensorMeta, byte_converter, node
+from ckptx.conversion.pipeline import convert
+from ckptx.io.write import safetensors_writer
+from ckptx.io import spans
+from ckptx.planning.expr import SourceRef, byte_converter, node
+from ckptx.dtypes import TensorMeta
 
 FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 

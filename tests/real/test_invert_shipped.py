@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ckptx.memory import apply
-from ckptx.reverse import reverse_recipe
-from ckptx.rules import load_rules
-from ckptx.target import build_model
+from ckptx.conversion.in_memory import apply
+from ckptx.conversion.reverse import reverse_recipe
+from ckptx.rules.loader import load_rules
+from ckptx.targets.build import build_model
 
 from .conftest import require_library
 

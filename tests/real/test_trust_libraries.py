@@ -9,9 +9,10 @@ import pytest
 
 from ckptx._data import shipped_rules_dir
 from ckptx.errors import TargetError, UntrustedCallable
-from ckptx.rules import TargetSpec, load_rules
-from ckptx.target import resolve_target
-from ckptx.trust import factory_verdict
+from ckptx.rules.recipe import TargetSpec
+from ckptx.rules.loader import load_rules
+from ckptx.targets.resolve import resolve_target
+from ckptx.trust.callables import factory_verdict
 
 from .conftest import require_library
 

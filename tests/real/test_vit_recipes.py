@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ckptx.memory import apply
-from ckptx.rules import load_rules
+from ckptx.conversion.in_memory import apply
+from ckptx.rules.loader import load_rules
 
 from .conftest import require_library
 from .models import seeded_input

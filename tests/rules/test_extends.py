@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptx.memory import apply
+from ckptx.conversion.in_memory import apply
 from ckptx.errors import RuleError
-from ckptx.rules import load_rules
+from ckptx.rules.loader import load_rules
 
 
 def _write(folder: Path, name: str, text: str) -> Path:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ckptx.memory import apply
+from ckptx.conversion.in_memory import apply
 from ckptx.errors import RuleError
-from ckptx.reverse import reverse_recipe
-from ckptx.rules import load_rules
+from ckptx.conversion.reverse import reverse_recipe
+from ckptx.rules.loader import load_rules
 
 
 def _rand(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Callable
 import pytest
 
 from ckptx.errors import RuleError
-from ckptx.rules import load_rules
+from ckptx.rules.loader import load_rules
 
 
 def test_several_files_compose_in_order(write_rules: Callable[..., Path]) -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from ckptx.memory import apply
-from ckptx.rules import load_rules
+from ckptx.conversion.in_memory import apply
+from ckptx.rules.loader import load_rules
 from ckptx.rules.flatten import dump, flatten
 from ckptx.rules.loader import load_rules_text
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ckptx.errors import RuleError
-from ckptx.rules import load_rules
+from ckptx.rules.loader import load_rules
 
 CASES = Path(__file__).resolve().parents[1] / "cases" / "rules"
 INVALID = sorted(p for p in (CASES / "invalid").iterdir() if p.is_dir())

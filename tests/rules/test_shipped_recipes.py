@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ckptx._data import shipped_rules_dir
-from ckptx.rules.registry import list_recipes
+from ckptx.rules.packs import list_recipes
 
 SHIPPED = sorted(shipped_rules_dir().rglob("*.yaml"))
 NAMES = [p.relative_to(shipped_rules_dir()).with_suffix("").as_posix() for p in SHIPPED]
@@ -33,7 +33,7 @@ def test_shipped_recipe_has_a_header_saying_how_it_is_verified(name: str) -> Non
 
 @pytest.mark.parametrize("name", NAMES)
 def test_recipe_name_matches_its_path(name: str) -> None:
-    from ckptx.rules import load_rules
+    from ckptx.rules.loader import load_rules
 
     assert load_rules(name).name == name
 

@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import save_file
 
 import ckptx
-from ckptx.plan import plan_recipe
-from ckptx.rules import load_rules
+from ckptx import plan as plan_recipe
+from ckptx.rules.loader import load_rules
 from ckptx.rules.loader import load_rules_text
-from ckptx.rules.variants import ParamsUnresolved
-from ckptx.variants import AmbiguousVariant, NoVariantFits
+from ckptx.rules.params import ParamsUnresolved
+from ckptx.check.inferred import AmbiguousVariant, NoVariantFits
 from tests.helpers.models import tiny_net
 
 RECIPE = """ckptx: 1
@@ -152,14 +152,14 @@ def test_a_malformed_declaration_is_a_schema_error_at_its_line(write_rules, decl
 
 
 def test_reversing_a_recipe_still_to_choose_names_the_parameter() -> None:
-    from ckptx.reverse import reverse_recipe
+    from ckptx.conversion.reverse import reverse_recipe
 
     with pytest.raises(ParamsUnresolved, match="parameter 'channels' is chosen from the source .* and reversing cannot"):
         reverse_recipe(load_rules_text(RECIPE, "r.yaml"))
 
 
 def test_apply_in_memory_chooses_against_the_given_target() -> None:
-    from ckptx.memory import apply as apply_in_memory
+    from ckptx.conversion.in_memory import apply as apply_in_memory
 
     state = {f"module.{k}": v for k, v in tiny_net(2).state_dict().items()}
     out = apply_in_memory(load_rules_text(RECIPE, "r.yaml"), state, tiny_net(2))

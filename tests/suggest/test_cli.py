@@ -158,7 +158,7 @@ def test_verify_with_holds_the_source_model_under_the_checkpoint_prefix(run_cli,
     verify = yaml.safe_load(rules.read_text())["verify"]
     assert verify["source_kwargs"] == {"factory": TINY, "prefix": "module."}
     converted = run_cli("convert", src, "-r", rules, "-o", tmp_path / "out.safetensors", "--verify",
-                        "--allow-factory", TINY, "--allow-factory", "ckptx.suggest.verifying:prefixed_model")
+                        "--allow-factory", TINY, "--allow-factory", "ckptx.suggestion.verify_with:prefixed_model")
     assert converted.code == 0, converted.out + converted.err
 
 
@@ -187,7 +187,7 @@ def test_rows_that_do_not_reproduce_the_mapping_fall_back_to_exact_rows(monkeypa
                                                                         tiny_state) -> None:
     """The re-planning check catches a wrong row; the recipe is then written with one exact row per key."""
     import ckptx
-    from ckptx.suggest import build, generalize
+    from ckptx.suggestion import build, generalize
 
     def broken(pairs, unchanged=(), *, order=None, literal=False):
         rows = generalize.rename_rows(pairs, unchanged, order=order, literal=literal)

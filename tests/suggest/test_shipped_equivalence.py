@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 import ckptx
-from ckptx.rules import Origin, TargetSpec
-from ckptx.target import resolve_target
+from ckptx.rules.recipe import Origin, TargetSpec
+from ckptx.targets.resolve import resolve_target
 
 from . import models
 from .conftest import require

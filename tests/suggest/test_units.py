@@ -7,15 +7,15 @@ import re
 
 import pytest
 
-from ckptx.ops.registry import TensorMeta
+from ckptx.dtypes import TensorMeta
 from ckptx.rules.templates import compile_template
-from ckptx.suggest.align import align, expand, unmatched
-from ckptx.suggest.assign import assign
-from ckptx.suggest.generalize import cover, rename_rows
-from ckptx.suggest.names import key_name, ordinal_of, similarity
-from ckptx.suggest.shapes import fit, join_fit
-from ckptx.suggest.sources import Candidate, choose_candidate, infer_prefixes, natural_order
-from ckptx.suggest.tree import build_level
+from ckptx.suggestion.align import align, expand, unmatched
+from ckptx.suggestion.assign import assign
+from ckptx.suggestion.generalize import cover, rename_rows
+from ckptx.suggestion.names import key_name, ordinal_of, similarity
+from ckptx.suggestion.shapes import fit, join_fit
+from ckptx.suggestion.sources import Candidate, choose_candidate, infer_prefixes, natural_order
+from ckptx.suggestion.tree import build_level
 
 
 def _apply(rows, key: str) -> str:

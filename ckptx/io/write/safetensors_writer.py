@@ -1,0 +1,111 @@
+"""Stream a plan to a safetensors file: header from the plan, then each tensor's bytes in order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import BinaryIO, Mapping, Sequence
+
+from ckptx._lazy import lazy_module
+from ckptx.errors import TensorOpError
+from ckptx.io.write.atomic import atomic_output
+from ckptx.dtypes import safetensors_code
+from ckptx.planning.source import Source
+from ckptx.io.spans import BLOCK, Progress, SpanCopier, convert_span, write_bytes
+from ckptx.planning.entry import PlanEntry
+from ckptx.planning.expr import byte_converter
+from ckptx.planning.execute import materialize
+
+torch = lazy_module("torch")
+
+
+__all__ = ["Progress", "build_header", "materialize", "write_body", "write_computed", "write_safetensors",
+           "write_tensor"]
+
+
+def build_header(entries: Sequence[PlanEntry], metadata: Mapping[str, str], data_start: int | None = None) -> bytes:
+    """The safetensors header for `entries` in order, padded with spaces to a multiple of 8 bytes, or further so
+    that the data section starts at an offset congruent to `data_start` modulo the block size (see
+    `aligned_data_start`): then every copied byte lands at a destination offset congruent to its source offset,
+    which lets copy-on-write file systems share the blocks and keeps copies page-aligned elsewhere."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for entry in entries:
+        size = entry.meta.nbytes
+        header[entry.key] = {"dtype": safetensors_code(entry.meta.dtype, key=entry.key), "shape": list(entry.meta.shape),
+                             "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    if data_start is not None:
+        raw += b" " * ((data_start - 8 - len(raw)) % BLOCK)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def aligned_data_start(entries: Sequence[PlanEntry], source: Source) -> int | None:
+    """Where (modulo the block size) the data section should start so that the most bytes copied as raw spans
+    sit at offsets congruent to their offsets in the source files; None when no entry is such a copy.
+
+    A safetensors file has no gaps between tensors, so one choice serves every tensor: a run copied in source
+    order (a rename of a safetensors file) is congruent throughout; tensors whose source offsets are out of step
+    with their neighbours' (records of a `.pth` file, a reordering, a dropped tensor before them) can't all be,
+    and the start that places the most copied bytes wins. Only starts the header can reach (multiples of 8)
+    count."""
+    placed: dict[int, int] = {}
+    offset = 0
+    for entry in entries:
+        spans = source.raw_spans(entry.sources[0]) if entry.is_copy else None
+        if spans is not None and sum(span.nbytes for span in spans) == entry.meta.nbytes:
+            at = offset
+            for span in spans:
+                start = (span.offset - at) % BLOCK
+                if start % 8 == 0:
+                    placed[start] = placed.get(start, 0) + span.nbytes
+                at += span.nbytes
+        offset += entry.meta.nbytes
+    return max(placed, key=lambda start: placed[start]) if placed else None
+
+
+def write_safetensors(dst: Path, entries: Sequence[PlanEntry], source: Source, metadata: Mapping[str, str],
+                      progress: Progress | None = None) -> int:
+    """Write `entries` to `dst` atomically; unchanged tensors are copied as raw bytes. Returns bytes written."""
+    with atomic_output(dst) as out:
+        write_body(out, entries, source, metadata, progress)
+        return out.tell()
+
+
+def write_body(out: BinaryIO, entries: Sequence[PlanEntry], source: Source, metadata: Mapping[str, str],
+               progress: Progress | None = None) -> None:
+    """Header, then each entry's bytes: runs of unchanged tensors are copied file-to-file, the rest computed one by one."""
+    out.write(build_header(entries, metadata, aligned_data_start(entries, source)))
+    with SpanCopier(out, progress) as copier:
+        for entry in entries:
+            spans = source.raw_spans(entry.sources[0]) if entry.is_copy else None
+            if spans is not None and sum(span.nbytes for span in spans) == entry.meta.nbytes:
+                for span in spans:
+                    copier.add(span)
+            else:
+                copier.flush()
+                write_computed(out, entry, source, progress)
+
+
+def write_computed(out: BinaryIO, entry: PlanEntry, source: Source, progress: Progress | None = None) -> None:
+    """Write a tensor an op changes: streamed through the op's byte kernel when it has one (a float cast of a
+    tensor with a raw span), else computed whole with torch."""
+    streamed = byte_converter(entry.expr)
+    span = source.raw_span(streamed[0]) if streamed is not None else None
+    if streamed is None or span is None or span.nbytes != source.tensors[streamed[0]].nbytes:
+        write_tensor(out, materialize(entry, source), progress)
+        return
+    written = convert_span(out, span, streamed[1], progress)
+    if written != entry.meta.nbytes:
+        raise TensorOpError(f"tensor '{entry.key}' (from {streamed[0]}): wrote {written} bytes, the plan says "
+                            f"{entry.meta.nbytes} for {entry.meta}; the source file is inconsistent")
+
+
+def write_tensor(out: BinaryIO, tensor: torch.Tensor, progress: Progress | None = None) -> None:
+    """Write a tensor's bytes in row-major order (views and non-contiguous tensors are written as themselves)."""
+    if tensor.numel() == 0:
+        return
+    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    write_bytes(out, memoryview(flat.numpy()), progress)

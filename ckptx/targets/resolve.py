@@ -1,0 +1,92 @@
+"""Targets: what converted weights must fit (a model factory built on the meta device, a reference checkpoint, a manifest)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from ckptx._lazy import lazy_module
+from ckptx.dtypes import TensorMeta, dtype_name
+from ckptx.errors import FactoryFailed, TargetError
+from ckptx.io.manifest import read_manifest
+from ckptx.io.read.open import open_source
+from ckptx.rules.recipe import Origin, TargetSpec
+from ckptx.targets.build import build_model
+
+torch = lazy_module("torch")
+
+__all__ = ["Target", "parse_target_arg", "resolve_target", "state_metas"]
+
+_MODEL_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a target expects: key -> shape/dtype, and which differences are allowed."""
+
+    description: str
+    tensors: dict[str, TensorMeta]
+    allow_missing: tuple[re.Pattern[str], ...] = ()
+    allow_unexpected: tuple[re.Pattern[str], ...] = ()
+    notes: tuple[str, ...] = ()
+    ties: tuple[tuple[str, ...], ...] = ()  # keys that share one tensor in a model target (an output head tied to the
+    # token embedding): a file may store it once, the model still wants it under every name
+
+
+def parse_target_arg(spec: str, kwargs: Mapping[str, Any] | None = None) -> TargetSpec:
+    """A CLI `--target SPEC`: `module:callable`, a manifest (.json/.yaml) or a reference checkpoint."""
+    if _MODEL_SPEC.match(spec) and not Path(spec).exists():
+        return TargetSpec(model=spec, kwargs=dict(kwargs or {}), where="--target", model_origin=Origin.user("--target"))
+    if Path(spec).suffix in (".json", ".yaml", ".yml") and not spec.endswith(".index.json"):
+        return TargetSpec(manifest=spec, where="--target")
+    return TargetSpec(checkpoint=spec, kwargs=dict(kwargs or {}), where="--target")
+
+
+def resolve_target(spec: TargetSpec | str | Mapping[str, Any] | torch.nn.Module) -> Target:
+    """Turn a target spec, a live module or a state dict into the keys and shapes it expects."""
+    if isinstance(spec, torch.nn.Module):
+        return Target(type(spec).__name__, state_metas(spec.state_dict()))
+    if isinstance(spec, str):
+        spec = parse_target_arg(spec)
+    if isinstance(spec, Mapping):
+        return Target("<state_dict>", state_metas(spec))
+    common = {"allow_missing": spec.allow_missing, "allow_unexpected": spec.allow_unexpected}
+    if spec.model:
+        tensors, notes, ties = _model_tensors(spec)
+        return Target(spec.describe(), tensors, notes=notes, ties=ties, **common)
+    if spec.manifest:
+        return Target(spec.manifest, read_manifest(Path(spec.manifest)), **common)
+    if spec.checkpoint:
+        with open_source(spec.checkpoint) as source:
+            return Target(spec.checkpoint, dict(source.tensors), **common)
+    raise TargetError(f"{spec.where or 'target'}: give one of model, checkpoint or manifest")
+
+
+def _model_tensors(spec: TargetSpec) -> tuple[dict[str, TensorMeta], tuple[str, ...], tuple[tuple[str, ...], ...]]:
+    """The factory's state dict metadata and its tied keys, from one build on the meta device; on the CPU (with a
+    note) when the factory itself fails there (some build real tensors, e.g. `torch.arange(...).item()`)."""
+    where = spec.where or "target"
+    notes: tuple[str, ...] = ()
+    try:
+        model = build_model(spec.model or "", spec.kwargs, where, origin=spec.model_origin)
+    except FactoryFailed as exc:
+        model = build_model(spec.model or "", spec.kwargs, where, device="cpu", origin=spec.model_origin)
+        notes = (f"built on the CPU: the factory does not run on the meta device ({exc})",)
+    state = model.state_dict(keep_vars=True)  # the parameters themselves: tied ones are one object
+    return state_metas(state), notes, _ties(state)
+
+
+def _ties(state: Mapping[str, Any]) -> tuple[tuple[str, ...], ...]:
+    """Groups of keys of a state dict (kept as variables) that are one tensor."""
+    groups: dict[int, list[str]] = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            groups.setdefault(id(value), []).append(key)
+    return tuple(tuple(keys) for keys in groups.values() if len(keys) > 1)
+
+
+def state_metas(state: Mapping[str, Any]) -> dict[str, TensorMeta]:
+    """key -> TensorMeta of the tensors of a state dict."""
+    return {k: TensorMeta(tuple(v.shape), dtype_name(v.dtype)) for k, v in state.items() if isinstance(v, torch.Tensor)}
