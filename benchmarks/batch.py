@@ -37,8 +37,8 @@ CAST = "  - cast: {dtype: float16}\n"
 
 def make_checkpoints(root: Path, count: int, megabytes: float, *, cast: bool, fmt: str) -> Path:
     """`count` checkpoints of about `megabytes` MB each, a rule file, a manifest target and a jobs file."""
-    from ckptx.dtypes import TensorMeta  # noqa: PLC0415
-    from ckptx.io.manifest import write_manifest  # noqa: PLC0415
+    from ckptx.dtypes import TensorMeta
+    from ckptx.io.manifest import write_manifest
 
     rows = max(1, int(megabytes * 1024 * 1024 / 4 / 4 / 1024))
     shapes = {f"layer{i}.weight": (rows, 1024) for i in range(4)} | {f"layer{i}.bias": (1024,) for i in range(4)}
@@ -52,10 +52,13 @@ def make_checkpoints(root: Path, count: int, megabytes: float, *, cast: bool, fm
     write_manifest(root / "target.json", {k: TensorMeta(shape, dtype) for k, shape in shapes.items()})
     (root / "bench.yaml").write_text(RULES + (CAST if cast else ""), encoding="utf-8")
     jobs = root / "jobs.yaml"
-    jobs.write_text("ckptx: 1\n"
-                    f"defaults: {{rules: bench.yaml, target: {{manifest: target.json}}, format: {fmt}}}\n"
-                    "jobs:\n"
-                    "  - {glob: 'runs/*/checkpoint.pth', dst: 'out/{parent}'}\n", encoding="utf-8")
+    jobs.write_text(
+        "ckptx: 1\n"
+        f"defaults: {{rules: bench.yaml, target: {{manifest: target.json}}, format: {fmt}}}\n"
+        "jobs:\n"
+        "  - {glob: 'runs/*/checkpoint.pth', dst: 'out/{parent}'}\n",
+        encoding="utf-8",
+    )
     return jobs
 
 
@@ -64,8 +67,12 @@ def run_once(jobs: Path, workers: int) -> float:
     shutil.rmtree(jobs.parent / "out", ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "ckptx", "batch", str(jobs), "-j", str(workers), "--json"],
-                          env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "ckptx", "batch", str(jobs), "-j", str(workers), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"ckptx batch -j {workers} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
@@ -94,15 +101,19 @@ def main() -> None:
             for workers in args.workers:  # interleaved, so drift in machine load hits every count alike
                 times[workers].append(run_once(jobs, workers))
         base = statistics.median(times[args.workers[0]])
-        print(f"{args.checkpoints} checkpoints, {total / 2**20:.0f} MiB in total, to {args.format}"
-              f"{' with an fp16 cast' if args.cast else ''}; {os.cpu_count()} CPUs; torch {torch.__version__}; "
-              f"{args.repeat} runs each\n")
-        print("| workers | median s | best s | MiB/s (median) | speed-up vs -j " f"{args.workers[0]} |")
+        print(
+            f"{args.checkpoints} checkpoints, {total / 2**20:.0f} MiB in total, to {args.format}"
+            f"{' with an fp16 cast' if args.cast else ''}; {os.cpu_count()} CPUs; torch {torch.__version__}; "
+            f"{args.repeat} runs each\n"
+        )
+        print(f"| workers | median s | best s | MiB/s (median) | speed-up vs -j {args.workers[0]} |")
         print("|---|---|---|---|---|")
         for workers, runs in times.items():
             median = statistics.median(runs)
-            print(f"| -j {workers} | {median:.2f} | {min(runs):.2f} | {total / 2**20 / median:.0f} | "
-                  f"{base / median:.2f}x |")
+            print(
+                f"| -j {workers} | {median:.2f} | {min(runs):.2f} | {total / 2**20 / median:.0f} | "
+                f"{base / median:.2f}x |"
+            )
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)

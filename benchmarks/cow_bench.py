@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,9 +73,14 @@ def rows(point: Path, work: Path, st: Path, pth: Path) -> list[tuple[str, float,
     rules.write_text(RULES)
     env = child_env()
     timed([sys.executable, "-m", "ckptx", "--version"], env)  # compiles the modules once
-    found = [("cp (clones)", timed(["cp", str(st), str(point / "cp.safetensors")]), point / "cp.safetensors"),
-             ("cp --reflink=never + sync", timed(["sh", "-c", f"cp --reflink=never {st} {point}/nocow && sync"]),
-              point / "nocow")]
+    found = [
+        ("cp (clones)", timed(["cp", str(st), str(point / "cp.safetensors")]), point / "cp.safetensors"),
+        (
+            "cp --reflink=never + sync",
+            timed(["sh", "-c", f"cp --reflink=never {st} {point}/nocow && sync"]),
+            point / "nocow",
+        ),
+    ]
     for src, dst in ((st, "out.safetensors"), (st, "out.pth"), (pth, "out2.pth"), (pth, "out2.safetensors")):
         command = [sys.executable, "-m", "ckptx", "convert", str(src), "-r", str(rules), "-o", str(point / dst)]
         os.sync()
@@ -122,16 +127,22 @@ def paired_on_disk(folder: Path, size_gib: float, rounds: int) -> None:
         cp_cmd = ["sh", "-c", f"cp --reflink=never {st} {copied} && sync {copied}"]
         timed(ckptx_cmd, env)  # compiles the modules once
         renamed(out)
-        fstype = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", str(work)], capture_output=True,
-                                text=True).stdout.strip() or "?"
-        print(f"\n{st.stat().st_size / 2**30:.2f} GiB safetensors on {fstype} ({folder}), rename only, "
-              f"{rounds} paired rounds; median (min-max)")
+        fstype = (
+            subprocess.run(
+                ["findmnt", "-n", "-o", "FSTYPE", "--target", str(work)], capture_output=True, text=True
+            ).stdout.strip()
+            or "?"
+        )
+        print(
+            f"\n{st.stat().st_size / 2**30:.2f} GiB safetensors on {fstype} ({folder}), rename only, "
+            f"{rounds} paired rounds; median (min-max)"
+        )
         print(f"| {'cache':5} | {'ckptx s':>17} | {'cp + sync s':>17} | {'ckptx / cp':>17} |")
         for cache in ("warm", "cold"):
             ours, theirs = [], []
             for round_ in range(rounds):
                 pair = {}
-                for name in (("ckptx", "cp") if round_ % 2 == 0 else ("cp", "ckptx")):
+                for name in ("ckptx", "cp") if round_ % 2 == 0 else ("cp", "ckptx"):
                     settle([out, copied], st if cache == "warm" else None)
                     pair[name] = timed(ckptx_cmd, env) if name == "ckptx" else timed(cp_cmd)
                 ours.append(pair["ckptx"])

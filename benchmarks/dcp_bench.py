@@ -36,11 +36,11 @@ def _layers(size_gib: float) -> int:
 
 
 def _worker(rank: int, world: int, out: str, port: int, layers: int) -> None:
-    import torch  # noqa: PLC0415
-    import torch.distributed as dist  # noqa: PLC0415
-    import torch.distributed.checkpoint as dcp  # noqa: PLC0415
-    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
-    from torch.distributed.tensor import DTensor, Replicate, Shard  # noqa: PLC0415
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -56,7 +56,8 @@ def _worker(rank: int, world: int, out: str, port: int, layers: int) -> None:
             model[f"layers.{i}.mlp.weight"] = DTensor.from_local(cols, mesh, [Shard(1)], run_check=False)
             norm = torch.Generator().manual_seed(i)
             model[f"layers.{i}.norm.weight"] = DTensor.from_local(
-                torch.randn(HIDDEN, generator=norm), mesh, [Replicate()], run_check=False)
+                torch.randn(HIDDEN, generator=norm), mesh, [Replicate()], run_check=False
+            )
         dcp.save({"model": model, "epoch": 3, "step": torch.tensor(1000)}, checkpoint_id=out)
         dist.barrier()
     finally:
@@ -65,7 +66,7 @@ def _worker(rank: int, world: int, out: str, port: int, layers: int) -> None:
 
 def write_dcp(out: Path, ranks: int, size_gib: float) -> int:
     """Write the DCP folder; returns its number of layers."""
-    import torch.multiprocessing as mp  # noqa: PLC0415
+    import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,8 +79,13 @@ def write_dcp(out: Path, ranks: int, size_gib: float) -> int:
 def measure(command: list[str]) -> dict[str, object]:
     """Wall time and peak RSS of `command`, from benchmarks/measure.py."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "measure.py"), *command], capture_output=True,
-                          text=True, env=env, check=True)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "measure.py"), *command],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     result = json.loads(done.stdout)
     if result["returncode"] != 0:
         raise SystemExit(f"{' '.join(command)} failed: {result['stderr']}")
@@ -121,17 +127,37 @@ def main(argv: list[str] | None = None) -> int:
         size = sum(p.stat().st_size for p in folder.iterdir())
         rules = work / "model.yaml"
         rules.write_text("ckptx: 1\nname: dcp-model\nextract: [model]\nsteps: []\n", encoding="utf-8")
-        ours = measure([sys.executable, "-m", "ckptx", "convert", str(folder), "-o", str(work / "ckptx.safetensors"),
-                        "-r", str(rules)])
-        theirs = measure([sys.executable, "-c", _TORCH_ROUTE, str(folder), str(work / "ref.pt"),
-                          str(work / "ref.safetensors")])
-        check = subprocess.run([sys.executable, "-c", _CHECK, str(work / "ckptx.safetensors"),
-                                str(work / "ref.safetensors")], capture_output=True, text=True, check=False)
-        print(f"DCP folder: {args.ranks} ranks, {layers} layers x (Shard(0), Shard(1), Replicate()), "
-              f"{size / 2**30:.2f} GiB in {len(list(folder.iterdir()))} files")
+        ours = measure(
+            [
+                sys.executable,
+                "-m",
+                "ckptx",
+                "convert",
+                str(folder),
+                "-o",
+                str(work / "ckptx.safetensors"),
+                "-r",
+                str(rules),
+            ]
+        )
+        theirs = measure(
+            [sys.executable, "-c", _TORCH_ROUTE, str(folder), str(work / "ref.pt"), str(work / "ref.safetensors")]
+        )
+        check = subprocess.run(
+            [sys.executable, "-c", _CHECK, str(work / "ckptx.safetensors"), str(work / "ref.safetensors")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        print(
+            f"DCP folder: {args.ranks} ranks, {layers} layers x (Shard(0), Shard(1), Replicate()), "
+            f"{size / 2**30:.2f} GiB in {len(list(folder.iterdir()))} files"
+        )
         print("\n| route | wall (s) | peak RSS (MiB) |\n|---|---:|---:|")
-        for name, row in (("ckptx convert -> safetensors", ours),
-                          ("dcp_to_torch_save + torch.load + save_file", theirs)):
+        for name, row in (
+            ("ckptx convert -> safetensors", ours),
+            ("dcp_to_torch_save + torch.load + save_file", theirs),
+        ):
             print(f"| {name} | {row['wall']:.2f} | {int(row['maxrss_kib']) / 1024:.0f} |")
         peak = int(ours["maxrss_kib"]) / 1024
         print(f"\noutputs equal: {check.stdout.strip() == 'equal' or check.stderr.strip()[-300:]}")

@@ -20,8 +20,18 @@ def main() -> None:
     proc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
     wall = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    print(json.dumps({"wall": wall, "maxrss_kib": usage.ru_maxrss, "user": usage.ru_utime, "sys": usage.ru_stime,
-                      "returncode": proc.returncode, "stderr": proc.stderr.decode(errors="replace")[-3000:]}))
+    print(
+        json.dumps(
+            {
+                "wall": wall,
+                "maxrss_kib": usage.ru_maxrss,
+                "user": usage.ru_utime,
+                "sys": usage.ru_stime,
+                "returncode": proc.returncode,
+                "stderr": proc.stderr.decode(errors="replace")[-3000:],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

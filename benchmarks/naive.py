@@ -14,8 +14,12 @@ import re
 
 import torch
 
-RENAMES = [(re.compile(r"^model\.layers\."), "blocks."), (re.compile(r"^model\."), ""),
-           (re.compile(r"\.self_attn\."), ".attn."), (re.compile(r"\.(q|k|v|o|gate|up|down)_proj\."), r".\1.")]
+RENAMES = [
+    (re.compile(r"^model\.layers\."), "blocks."),
+    (re.compile(r"^model\."), ""),
+    (re.compile(r"\.self_attn\."), ".attn."),
+    (re.compile(r"\.(q|k|v|o|gate|up|down)_proj\."), r".\1."),
+]
 
 
 def rename(key: str) -> str:

@@ -38,12 +38,12 @@ def expected_keys() -> list[str]:
 
 def run(workdir: Path, repeat: int = 3) -> dict[str, float]:
     """Best-of-`repeat` seconds (wall, and CPU of this process) for: open the header, plan, validate."""
-    from ckptx.io.read.open import open_source
+    from ckptx.check.validation import validate
     from ckptx.dtypes import TensorMeta
+    from ckptx.io.read.open import open_source
     from ckptx.planning.planner import plan_recipe
     from ckptx.rules.loader import load_rules
     from ckptx.targets.resolve import Target
-    from ckptx.check.validation import validate
 
     src, rules = workdir / "plan-src.safetensors", workdir / "plan-rules.yaml"
     write_header_only_safetensors(src, source_keys())

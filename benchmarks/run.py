@@ -4,8 +4,10 @@
 
 Generates a transformer-like float32 checkpoint (benchmarks/synth.py) as safetensors and as a torch zip
 `.pth`, then runs on the same files, in rounds (every command once per round, in a new order each round
-after the first, so a slow spell of the disk or a slow predecessor hits them alike), each under benchmarks/measure.py (wall time and peak RSS): `cp` (plain and followed by
-`sync FILE`), the naive scripts of benchmarks/naive.py, and `ckptx convert` as a subprocess for (a) safetensors -> safetensors rename-only, (b) .pth -> safetensors,
+after the first, so a slow spell of the disk or a slow predecessor hits them alike), each under benchmarks/measure.py
+(wall time and peak RSS): `cp` (plain and followed by
+`sync FILE`), the naive scripts of benchmarks/naive.py, and `ckptx convert` as a subprocess for (a) safetensors ->
+safetensors rename-only, (b) .pth -> safetensors,
 (c) 10% of the tensors cast to bf16, plus .pth output and sharded output for reference. Every output is
 deleted (and `sync` run) before the next command. `--scaling` repeats the ckptx rows on other sizes to show
 that memory does not grow with the file. A planning benchmark (100,000 keys, 50 regex steps) runs last.
@@ -63,12 +65,15 @@ class Runner:
         """Measure `argv` once; inputs are cold (dropped) or warm (read just before) as the policy says."""
         if self.cache == "cold":
             _drop_caches()
-            subprocess.run([sys.executable, "-c", "import torch, safetensors, numpy, ckptx.cli"], env=self.env, check=True)
+            subprocess.run(
+                [sys.executable, "-c", "import torch, safetensors, numpy, ckptx.cli"], env=self.env, check=True
+            )
         else:
             for path in inputs:
                 subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
-        done = subprocess.run([sys.executable, str(HERE / "measure.py"), *argv], env=self.env, capture_output=True,
-                              text=True, check=True)
+        done = subprocess.run(
+            [sys.executable, str(HERE / "measure.py"), *argv], env=self.env, capture_output=True, text=True, check=True
+        )
         result = json.loads(done.stdout)
         for path in outputs:
             if path.is_dir():
@@ -101,7 +106,7 @@ def ckptx(*args: str) -> list[str]:
 def prepare(work: Path, size_gib: float, with_pth: bool = True) -> tuple[Path, Path | None, dict[str, float]]:
     """Write the synthetic checkpoint (and its .pth twin); returns paths and facts about it."""
     sys.path.insert(0, str(HERE))
-    import synth  # noqa: PLC0415
+    import synth
 
     shapes = synth.checkpoint_shapes(int(size_gib * 1024**3))
     src = work / f"synthetic-{size_gib:g}g.safetensors"
@@ -112,16 +117,21 @@ def prepare(work: Path, size_gib: float, with_pth: bool = True) -> tuple[Path, P
         synth.write_torch_zip(src, pth)
     sizes = [4 * _numel(s) for s in shapes.values()]
     cast = [n for k, n in zip(shapes, sizes) if _cast_matches(k)]
-    facts = {"tensors": len(sizes), "bytes": sum(sizes), "largest": max(sizes), "cast_tensors": len(cast),
-             "cast_bytes": sum(cast)}
+    facts = {
+        "tensors": len(sizes),
+        "bytes": sum(sizes),
+        "largest": max(sizes),
+        "cast_tensors": len(cast),
+        "cast_bytes": sum(cast),
+    }
     return src, pth, facts
 
 
 def _cast_matches(key: str) -> bool:
-    import re  # noqa: PLC0415
+    import re
 
     sys.path.insert(0, str(HERE))
-    import naive  # noqa: PLC0415
+    import naive
 
     return re.search(CAST_REGEX, naive.rename(key)) is not None
 
@@ -153,28 +163,81 @@ def main_run(runner: Runner, work: Path, size: float, facts_out: dict[str, dict[
     plan.append(("baseline", "cp + sync", ["sh", "-c", 'cp "$0" "$1" && sync "$1"', str(src), str(out)], [src], [out]))
     if full:
         plan += [
-            ("baseline", "cp + sync (.pth)", ["sh", "-c", 'cp "$0" "$1" && sync "$1"', str(pth), str(out_pth)],
-             [pth], [out_pth]),
-            ("a", "naive: load_file + renames + save_file", [py, naive, "safetensors", str(src), str(out)], [src], [out]),
+            (
+                "baseline",
+                "cp + sync (.pth)",
+                ["sh", "-c", 'cp "$0" "$1" && sync "$1"', str(pth), str(out_pth)],
+                [pth],
+                [out_pth],
+            ),
+            (
+                "a",
+                "naive: load_file + renames + save_file",
+                [py, naive, "safetensors", str(src), str(out)],
+                [src],
+                [out],
+            ),
         ]
-    plan.append(("a", "ckptx convert (rename only)", ckptx("convert", str(src), "-r", rename, "-o", str(out)), [src], [out]))
+    plan.append(
+        ("a", "ckptx convert (rename only)", ckptx("convert", str(src), "-r", rename, "-o", str(out)), [src], [out])
+    )
     if full:
-        plan.append(("b", "naive: torch.load + renames + torch.save", [py, naive, "torch", str(pth), str(out_pth)],
-                     [pth], [out_pth]))
-    plan.append(("b", "ckptx convert .pth -> .safetensors", ckptx("convert", str(pth), "-r", rename, "-o", str(out)),
-                 [pth], [out]))
+        plan.append(
+            (
+                "b",
+                "naive: torch.load + renames + torch.save",
+                [py, naive, "torch", str(pth), str(out_pth)],
+                [pth],
+                [out_pth],
+            )
+        )
+    plan.append(
+        (
+            "b",
+            "ckptx convert .pth -> .safetensors",
+            ckptx("convert", str(pth), "-r", rename, "-o", str(out)),
+            [pth],
+            [out],
+        )
+    )
     if full:
-        plan.append(("c", "naive: load_file + renames + cast + save_file",
-                     [py, naive, "safetensors", str(src), str(out), "--cast", CAST_REGEX], [src], [out]))
-    plan.append(("c", "ckptx convert (10% cast to bf16)", ckptx("convert", str(src), "-r", cast, "-o", str(out)),
-                 [src], [out]))
+        plan.append(
+            (
+                "c",
+                "naive: load_file + renames + cast + save_file",
+                [py, naive, "safetensors", str(src), str(out), "--cast", CAST_REGEX],
+                [src],
+                [out],
+            )
+        )
+    plan.append(
+        ("c", "ckptx convert (10% cast to bf16)", ckptx("convert", str(src), "-r", cast, "-o", str(out)), [src], [out])
+    )
     if full:
         plan += [
-            ("d", "ckptx convert -> .pth (streaming writer)", ckptx("convert", str(src), "-r", rename, "-o", str(out_pth)),
-             [src], [out_pth]),
-            ("e", "ckptx convert --max-shard-size 500MB",
-             ckptx("convert", str(src), "-r", rename, "-o", str(shards / "model.safetensors"), "--max-shard-size",
-                   "500MB"), [src], [shards]),
+            (
+                "d",
+                "ckptx convert -> .pth (streaming writer)",
+                ckptx("convert", str(src), "-r", rename, "-o", str(out_pth)),
+                [src],
+                [out_pth],
+            ),
+            (
+                "e",
+                "ckptx convert --max-shard-size 500MB",
+                ckptx(
+                    "convert",
+                    str(src),
+                    "-r",
+                    rename,
+                    "-o",
+                    str(shards / "model.safetensors"),
+                    "--max-shard-size",
+                    "500MB",
+                ),
+                [src],
+                [shards],
+            ),
         ]
     walls: list[list[dict[str, float]]] = [[] for _ in plan]
     order = list(range(len(plan)))
@@ -186,15 +249,26 @@ def main_run(runner: Runner, work: Path, size: float, facts_out: dict[str, dict[
             shuffle(order)
         for index in order:
             results, (case, name, argv, inputs, outputs) = walls[index], plan[index]
-            print(f"  [{size:g} GiB, round {round_number + 1}/{runner.repeat}] {case}: {name} ...", file=sys.stderr,
-                  flush=True)
+            print(
+                f"  [{size:g} GiB, round {round_number + 1}/{runner.repeat}] {case}: {name} ...",
+                file=sys.stderr,
+                flush=True,
+            )
             results.append(runner.run_once(argv, inputs, outputs))
     rows = []
     for results, (case, name, argv, _, _) in zip(walls, plan):
         best = min(results, key=lambda r: r["wall"])
-        rows.append(Row(case, name, best["wall"], max(r["maxrss_kib"] for r in results) / 1024, size,
-                        " ".join(_short(a, work) for a in argv),
-                        extra={"user": best["user"], "sys": best["sys"], "walls": [r["wall"] for r in results]}))
+        rows.append(
+            Row(
+                case,
+                name,
+                best["wall"],
+                max(r["maxrss_kib"] for r in results) / 1024,
+                size,
+                " ".join(_short(a, work) for a in argv),
+                extra={"user": best["user"], "sys": best["sys"], "walls": [r["wall"] for r in results]},
+            )
+        )
     _pair_with_baselines(rows)
     src.unlink()
     pth.unlink()
@@ -237,45 +311,68 @@ def judge(rows: list[Row], facts: dict[str, float]) -> None:
 
 
 def _verdict(wall_ok: bool, rss_ok: bool, wall_ok_plain: bool) -> str:
-    parts = [f"wall {'yes' if wall_ok else 'no'} (vs cp+sync)", f"{'yes' if wall_ok_plain else 'no'} (vs cp)",
-             f"RSS {'yes' if rss_ok else 'no'}"]
+    parts = [
+        f"wall {'yes' if wall_ok else 'no'} (vs cp+sync)",
+        f"{'yes' if wall_ok_plain else 'no'} (vs cp)",
+        f"RSS {'yes' if rss_ok else 'no'}",
+    ]
     return ", ".join(parts)
 
 
-def markdown(rows: list[Row], scaling: list[Row], facts: dict[str, dict[str, float]], plan: dict[str, float],
-             meta: dict[str, str]) -> str:
+def markdown(
+    rows: list[Row],
+    scaling: list[Row],
+    facts: dict[str, dict[str, float]],
+    plan: dict[str, float],
+    meta: dict[str, str],
+) -> str:
     """The result tables."""
     lines = []
     for key, info in facts.items():
-        lines.append(f"- {key} GiB input: {info['tensors']:.0f} float32 tensors, {info['bytes'] / 1024**3:.2f} GiB, "
-                     f"largest {info['largest'] / MIB:.0f} MiB; case (c) casts {info['cast_tensors']:.0f} tensors "
-                     f"({100 * info['cast_tensors'] / info['tensors']:.0f}% of them, {info['cast_bytes'] / MIB:.0f} MiB)")
+        lines.append(
+            f"- {key} GiB input: {info['tensors']:.0f} float32 tensors, {info['bytes'] / 1024**3:.2f} GiB, "
+            f"largest {info['largest'] / MIB:.0f} MiB; case (c) casts {info['cast_tensors']:.0f} tensors "
+            f"({100 * info['cast_tensors'] / info['tensors']:.0f}% of them, {info['cast_bytes'] / MIB:.0f} MiB)"
+        )
     lines += [f"- {k}: {v}" for k, v in meta.items()]
     floor = next((r.rss_mib for r in rows if r.name == "ckptx --version"), 0.0)  # python + ckptx, no torch
     startup = next((r.wall for r in rows if r.name == "ckptx --version"), 0.0)
     base = {r.name: r.wall for r in rows if r.case == "baseline"}
-    lines += ["", "| case | command | wall (s) | x cp | x cp+sync | x cp+sync without ckptx startup "
-                  "| median of per-round x cp+sync | peak RSS (MiB) | RSS above `ckptx --version` | target | met |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines += [
+        "",
+        "| case | command | wall (s) | x cp | x cp+sync | x cp+sync without ckptx startup "
+        "| median of per-round x cp+sync | peak RSS (MiB) | RSS above `ckptx --version` | target | met |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
     for r in rows:
         cp = base.get("cp + sync (.pth)" if r.case == "b" else "cp + sync", 0)
         plain = base.get("cp", 0)
         net = f"{(r.wall - startup) / cp:.2f}" if r.name.startswith("ckptx convert") else ""
-        lines.append(f"| {r.case} | {r.name} | {r.wall:.2f} | {r.wall / plain:.2f} | {r.wall / cp:.2f} | {net} | "
-                     f"{_paired(r)} | {r.rss_mib:.0f} | {r.rss_mib - floor:+.0f} | {r.target} | {r.met} |")
+        lines.append(
+            f"| {r.case} | {r.name} | {r.wall:.2f} | {r.wall / plain:.2f} | {r.wall / cp:.2f} | {net} | "
+            f"{_paired(r)} | {r.rss_mib:.0f} | {r.rss_mib - floor:+.0f} | {r.target} | {r.met} |"
+        )
     if scaling:
-        lines += ["", "| case | command | input | wall (s) | x cp+sync | x cp+sync without ckptx startup "
-                      "| median of per-round x cp+sync | peak RSS (MiB) | RSS above `ckptx --version` |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| case | command | input | wall (s) | x cp+sync | x cp+sync without ckptx startup "
+            "| median of per-round x cp+sync | peak RSS (MiB) | RSS above `ckptx --version` |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         sync_wall = {r.size_gib: r.wall for r in scaling if r.name == "cp + sync"}
         for r in sorted(scaling, key=lambda r: (r.case, r.size_gib)):
             cp = sync_wall[r.size_gib]
             net = f"{(r.wall - startup) / cp:.2f}" if r.name.startswith("ckptx") else ""
-            lines.append(f"| {r.case} | {r.name} | {r.size_gib:g} GiB | {r.wall:.2f} | {r.wall / cp:.2f} | {net} | "
-                         f"{_paired(r)} | {r.rss_mib:.0f} | {r.rss_mib - floor:+.0f} |")
+            lines.append(
+                f"| {r.case} | {r.name} | {r.size_gib:g} GiB | {r.wall:.2f} | {r.wall / cp:.2f} | {net} | "
+                f"{_paired(r)} | {r.rss_mib:.0f} | {r.rss_mib - floor:+.0f} |"
+            )
     if plan:
-        lines += ["", "| planning benchmark (100,000 keys, 50 rename steps, 100,000 renames) | wall (s) | CPU (s) |",
-                  "|---|---:|---:|"]
+        lines += [
+            "",
+            "| planning benchmark (100,000 keys, 50 rename steps, 100,000 renames) | wall (s) | CPU (s) |",
+            "|---|---:|---:|",
+        ]
         for name in ("open", "plan", "validate", "plan+validate", "total"):
             lines.append(f"| {name} | {plan[f'{name} wall']:.2f} | {plan[f'{name} cpu']:.2f} |")
     return "\n".join(lines)
@@ -288,8 +385,13 @@ def _paired(row: Row) -> str:
 
 def plan_benchmark(work: Path, env: dict[str, str]) -> dict[str, float]:
     """The planning benchmark in a fresh interpreter."""
-    done = subprocess.run([sys.executable, str(HERE / "plan_bench.py"), "--workdir", str(work)], env=env,
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, str(HERE / "plan_bench.py"), "--workdir", str(work)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(done.stdout)
 
 
@@ -297,20 +399,36 @@ def main() -> None:
     """Parse arguments, run everything, print the tables, clean up."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-gib", type=float, default=2.0, help="size of the main synthetic checkpoint (default 2)")
-    parser.add_argument("--scaling", default="", metavar="SIZES", help="comma-separated GiB sizes for the ckptx rows "
-                                                                       "again (e.g. 1,4), to show RSS does not grow")
-    parser.add_argument("--cache", choices=["cold", "warm"], default="cold",
-                        help="cold: drop the page cache before each command (needs root; falls back to warm); "
-                             "warm: read the inputs just before each command")
-    parser.add_argument("--repeat", type=int, default=1, metavar="N",
-                        help="run N rounds of every command; report the fastest wall time, the highest peak RSS "
-                             "and the median over rounds of each ckptx time / cp+sync in the same round")
+    parser.add_argument(
+        "--scaling",
+        default="",
+        metavar="SIZES",
+        help="comma-separated GiB sizes for the ckptx rows again (e.g. 1,4), to show RSS does not grow",
+    )
+    parser.add_argument(
+        "--cache",
+        choices=["cold", "warm"],
+        default="cold",
+        help="cold: drop the page cache before each command (needs root; falls back to warm); "
+        "warm: read the inputs just before each command",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N rounds of every command; report the fastest wall time, the highest peak RSS "
+        "and the median over rounds of each ckptx time / cp+sync in the same round",
+    )
     parser.add_argument("--workdir", default=None, help="where the temporary folder goes (default: the system's)")
     parser.add_argument("--no-plan", action="store_true", help="skip the planning benchmark")
     parser.add_argument("--json-out", metavar="FILE", help="also write the raw numbers as JSON")
     args = parser.parse_args()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-           "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "HF_HUB_OFFLINE": "1",
+    }
     work = Path(tempfile.mkdtemp(prefix="ckptx-bench-", dir=args.workdir))
     load_before = os.getloadavg()[0]
     try:
@@ -322,20 +440,33 @@ def main() -> None:
             scaling += main_run(runner, work, size, facts, full=False)
         judge(rows, facts[f"{args.size_gib:g}"])
         plan = {} if args.no_plan else plan_benchmark(work, env)
-        import torch  # noqa: PLC0415
+        import torch
 
-        meta = {"page cache": "dropped before every command (cold input; the programs re-warmed: python, torch, numpy and ckptx imported once)"
-                if runner.cache == "cold" else "inputs read just before every command (warm)",
-                "runs": f"{runner.repeat} round(s) of every command (shuffled after the first): fastest wall time, highest peak RSS; "
-                        "paired ratio = median over rounds of ckptx / cp+sync in the same round",
-                "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
-                           f"torch {torch.__version__}",
-                "load average (1 min) at start / end": f"{load_before:.2f} / {os.getloadavg()[0]:.2f}",
-                "command": " ".join([os.path.relpath(sys.executable, REPO), "benchmarks/run.py", *sys.argv[1:]])}
+        meta = {
+            "page cache": (
+                "dropped before every command (cold input; the programs re-warmed: python, torch, numpy "
+                "and ckptx imported once)"
+            )
+            if runner.cache == "cold"
+            else "inputs read just before every command (warm)",
+            "runs": (
+                f"{runner.repeat} round(s) of every command (shuffled after the first): fastest wall time, "
+                f"highest peak RSS; "
+                "paired ratio = median over rounds of ckptx / cp+sync in the same round"
+            ),
+            "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
+            f"torch {torch.__version__}",
+            "load average (1 min) at start / end": f"{load_before:.2f} / {os.getloadavg()[0]:.2f}",
+            "command": " ".join([os.path.relpath(sys.executable, REPO), "benchmarks/run.py", *sys.argv[1:]]),
+        }
         print(markdown(rows, scaling, facts, plan, meta))
         if args.json_out:
-            Path(args.json_out).write_text(json.dumps({"rows": [r.__dict__ for r in rows + scaling], "facts": facts,
-                                                        "plan": plan, "meta": meta}, indent=1), encoding="utf-8")
+            Path(args.json_out).write_text(
+                json.dumps(
+                    {"rows": [r.__dict__ for r in rows + scaling], "facts": facts, "plan": plan, "meta": meta}, indent=1
+                ),
+                encoding="utf-8",
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

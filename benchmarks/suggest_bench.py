@@ -3,7 +3,8 @@
 The source is a safetensors file in the HuggingFace Llama layout (`model.layers.N.self_attn.q_proj.weight`,
 grouped-query k/v, gate/up/down MLP, two RMSNorms per layer), its header in registration order (with
 `--sorted-header`, in name order as `save_file` writes it: then nothing but names tells gate from up or
-one norm from the other, and suggest flags those rows as close calls); the target is a manifest in Meta's original layout (`layers.N.attention.wq.weight`,
+one norm from the other, and suggest flags those rows as close calls); the target is a manifest in Meta's original
+layout (`layers.N.attention.wq.weight`,
 `feed_forward.w1/w2/w3`, `attention_norm`, `ffn_norm`, `tok_embeddings`, `output`). The data section is a
 sparse file (only the header is ever read). Reported: wall and CPU seconds of the whole `suggest()` call (read
 both sides, align, generalize, write the recipe, re-plan it on the 100,000 keys, validate), best of `--repeat`,
@@ -30,11 +31,17 @@ def hf_layout(layers: int) -> list[tuple[str, list[int]]]:
     out = [("model.embed_tokens.weight", [VOCAB, HIDDEN])]
     for i in range(layers):
         p = f"model.layers.{i}."
-        out += [(p + "self_attn.q_proj.weight", [HIDDEN, HIDDEN]), (p + "self_attn.k_proj.weight", [KV, HIDDEN]),
-                (p + "self_attn.v_proj.weight", [KV, HIDDEN]), (p + "self_attn.o_proj.weight", [HIDDEN, HIDDEN]),
-                (p + "mlp.gate_proj.weight", [FFN, HIDDEN]), (p + "mlp.up_proj.weight", [FFN, HIDDEN]),
-                (p + "mlp.down_proj.weight", [HIDDEN, FFN]), (p + "input_layernorm.weight", [HIDDEN]),
-                (p + "post_attention_layernorm.weight", [HIDDEN])]
+        out += [
+            (p + "self_attn.q_proj.weight", [HIDDEN, HIDDEN]),
+            (p + "self_attn.k_proj.weight", [KV, HIDDEN]),
+            (p + "self_attn.v_proj.weight", [KV, HIDDEN]),
+            (p + "self_attn.o_proj.weight", [HIDDEN, HIDDEN]),
+            (p + "mlp.gate_proj.weight", [FFN, HIDDEN]),
+            (p + "mlp.up_proj.weight", [FFN, HIDDEN]),
+            (p + "mlp.down_proj.weight", [HIDDEN, FFN]),
+            (p + "input_layernorm.weight", [HIDDEN]),
+            (p + "post_attention_layernorm.weight", [HIDDEN]),
+        ]
     return out + [("model.norm.weight", [HIDDEN]), ("lm_head.weight", [VOCAB, HIDDEN])]
 
 
@@ -43,22 +50,38 @@ def meta_layout(layers: int) -> list[tuple[str, list[int]]]:
     out = [("tok_embeddings.weight", [VOCAB, HIDDEN])]
     for i in range(layers):
         p = f"layers.{i}."
-        out += [(p + "attention.wq.weight", [HIDDEN, HIDDEN]), (p + "attention.wk.weight", [KV, HIDDEN]),
-                (p + "attention.wv.weight", [KV, HIDDEN]), (p + "attention.wo.weight", [HIDDEN, HIDDEN]),
-                (p + "feed_forward.w1.weight", [FFN, HIDDEN]), (p + "feed_forward.w2.weight", [HIDDEN, FFN]),
-                (p + "feed_forward.w3.weight", [FFN, HIDDEN]), (p + "attention_norm.weight", [HIDDEN]),
-                (p + "ffn_norm.weight", [HIDDEN])]
+        out += [
+            (p + "attention.wq.weight", [HIDDEN, HIDDEN]),
+            (p + "attention.wk.weight", [KV, HIDDEN]),
+            (p + "attention.wv.weight", [KV, HIDDEN]),
+            (p + "attention.wo.weight", [HIDDEN, HIDDEN]),
+            (p + "feed_forward.w1.weight", [FFN, HIDDEN]),
+            (p + "feed_forward.w2.weight", [HIDDEN, FFN]),
+            (p + "feed_forward.w3.weight", [FFN, HIDDEN]),
+            (p + "attention_norm.weight", [HIDDEN]),
+            (p + "ffn_norm.weight", [HIDDEN]),
+        ]
     return out + [("norm.weight", [HIDDEN]), ("output.weight", [VOCAB, HIDDEN])]
 
 
 def expected_mapping(layers: int) -> dict[str, str]:
     """target key -> source key, as the two codebases define them."""
-    names = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-             "post_attention_layernorm": "ffn_norm"}
-    out = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
+    names = {
+        "self_attn.q_proj": "attention.wq",
+        "self_attn.k_proj": "attention.wk",
+        "self_attn.v_proj": "attention.wv",
+        "self_attn.o_proj": "attention.wo",
+        "mlp.gate_proj": "feed_forward.w1",
+        "mlp.down_proj": "feed_forward.w2",
+        "mlp.up_proj": "feed_forward.w3",
+        "input_layernorm": "attention_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
+    out = {
+        "tok_embeddings.weight": "model.embed_tokens.weight",
+        "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    }
     for i in range(layers):
         for hf, meta in names.items():
             out[f"layers.{i}.{meta}.weight"] = f"model.layers.{i}.{hf}.weight"
@@ -117,10 +140,23 @@ def main() -> None:
         wrong = sum(1 for k, v in want.items() if got.get(k) != v)
         rows = result.text.count("\n      - [")
         close = len(result.report.close_calls)
-        print(json.dumps({"source_keys": n_src, "target_keys": n_dst, "best_seconds": round(min(times), 2),
-                          "all_seconds": [round(t, 2) for t in times],
-                          "best_cpu_seconds": round(min(cpu), 2), "load_average_1min": round(os.getloadavg()[0], 2), "validated": result.report.ok,
-                          "wrongly_mapped": wrong, "close_calls": close, "rename_rows": rows}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "source_keys": n_src,
+                    "target_keys": n_dst,
+                    "best_seconds": round(min(times), 2),
+                    "all_seconds": [round(t, 2) for t in times],
+                    "best_cpu_seconds": round(min(cpu), 2),
+                    "load_average_1min": round(os.getloadavg()[0], 2),
+                    "validated": result.report.ok,
+                    "wrongly_mapped": wrong,
+                    "close_calls": close,
+                    "rename_rows": rows,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -29,21 +29,47 @@ import run  # noqa: E402  (benchmarks/run.py)
 RATIO_GOAL, RSS_GOAL = 1.5, 300.0
 
 
-def commands(src: Path, pth: Path, out: Path,
-             compare: str | None = None) -> list[tuple[str, str, list[str], Path, Path]]:
+def commands(
+    src: Path, pth: Path, out: Path, compare: str | None = None
+) -> list[tuple[str, str, list[str], Path, Path]]:
     """(name, baseline name, argv, input, output) for one size; `compare`: also the ckptx of that source tree."""
     rename = str(HERE / "rules" / "rename.yaml")
     copy = 'cp "$0" "$1" && sync "$1"'
-    other = [] if compare is None else [
-        (f"ckptx of {compare}: .safetensors -> .pth", "cp + sync (.safetensors)",
-         ["env", "PYTHONSAFEPATH=1", f"PYTHONPATH={compare}", *run.ckptx("convert", str(src), "-r", rename, "-o", str(out))], src, out)]
+    other = (
+        []
+        if compare is None
+        else [
+            (
+                f"ckptx of {compare}: .safetensors -> .pth",
+                "cp + sync (.safetensors)",
+                [
+                    "env",
+                    "PYTHONSAFEPATH=1",
+                    f"PYTHONPATH={compare}",
+                    *run.ckptx("convert", str(src), "-r", rename, "-o", str(out)),
+                ],
+                src,
+                out,
+            )
+        ]
+    )
     return other + [
         ("cp + sync (.safetensors)", "", ["sh", "-c", copy, str(src), str(out)], src, out),
         ("cp + sync (.pth)", "", ["sh", "-c", copy, str(pth), str(out)], pth, out),
-        ("ckptx convert .safetensors -> .pth", "cp + sync (.safetensors)",
-         run.ckptx("convert", str(src), "-r", rename, "-o", str(out)), src, out),
-        ("ckptx convert .pth -> .pth", "cp + sync (.pth)",
-         run.ckptx("convert", str(pth), "-r", rename, "-o", str(out)), pth, out),
+        (
+            "ckptx convert .safetensors -> .pth",
+            "cp + sync (.safetensors)",
+            run.ckptx("convert", str(src), "-r", rename, "-o", str(out)),
+            src,
+            out,
+        ),
+        (
+            "ckptx convert .pth -> .pth",
+            "cp + sync (.pth)",
+            run.ckptx("convert", str(pth), "-r", rename, "-o", str(out)),
+            pth,
+            out,
+        ),
     ]
 
 
@@ -69,23 +95,38 @@ def measure_size(runner: run.Runner, work: Path, size: float, compare: str | Non
     rows = []
     for name, baseline, *_ in plan:
         ratio = statistics.median(w / b for w, b in zip(walls[name], walls[baseline])) if baseline else None
-        rows.append({"size": size, "name": name, "wall": min(walls[name]), "walls": walls[name], "ratio": ratio,
-                     "rss": rss[name], "tensors": facts["tensors"], "largest_mib": facts["largest"] / run.MIB})
+        rows.append(
+            {
+                "size": size,
+                "name": name,
+                "wall": min(walls[name]),
+                "walls": walls[name],
+                "ratio": ratio,
+                "rss": rss[name],
+                "tensors": facts["tensors"],
+                "largest_mib": facts["largest"] / run.MIB,
+            }
+        )
     return rows
 
 
 def markdown(rows: list[dict[str, object]], meta: dict[str, str]) -> str:
     """The result table."""
     lines = [f"- {k}: {v}" for k, v in meta.items()]
-    lines += ["", "| input | command | best wall (s) | median x cp+sync of the input (same round) | peak RSS (MiB) "
-                  "| goal met | wall of each round (s) |", "|---:|---|---:|---:|---:|---|---|"]
+    lines += [
+        "",
+        "| input | command | best wall (s) | median x cp+sync of the input (same round) | peak RSS (MiB) "
+        "| goal met | wall of each round (s) |",
+        "|---:|---|---:|---:|---:|---|---|",
+    ]
     for r in rows:
         ratio = r["ratio"]
         met = "" if ratio is None else ("yes" if ratio <= RATIO_GOAL and r["rss"] <= RSS_GOAL else "no")
         shown = "" if ratio is None else f"{ratio:.2f}"
         walls = ", ".join(f"{w:.2f}" for w in r["walls"])
-        lines.append(f"| {r['size']:g} GiB | {r['name']} | {r['wall']:.2f} | {shown} | {r['rss']:.0f} | {met} "
-                     f"| {walls} |")
+        lines.append(
+            f"| {r['size']:g} GiB | {r['name']} | {r['wall']:.2f} | {shown} | {r['rss']:.0f} | {met} | {walls} |"
+        )
     return "\n".join(lines)
 
 
@@ -97,11 +138,18 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, metavar="N", help="rounds of every command (default 3)")
     parser.add_argument("--cache", choices=["cold", "warm"], default="cold")
     parser.add_argument("--workdir", default=None, help="where the temporary folder goes (default: the system's)")
-    parser.add_argument("--compare", metavar="DIR", help="also time the ckptx of another source tree (e.g. an older "
-                                                         "commit exported with git archive) at the first size")
+    parser.add_argument(
+        "--compare",
+        metavar="DIR",
+        help="also time the ckptx of another source tree (e.g. an older "
+        "commit exported with git archive) at the first size",
+    )
     args = parser.parse_args()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(run.REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-           "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(run.REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "HF_HUB_OFFLINE": "1",
+    }
     work = Path(tempfile.mkdtemp(prefix="ckptx-bench-pth-", dir=args.workdir))
     load_before = os.getloadavg()[0]
     try:
@@ -109,10 +157,12 @@ def main() -> None:
         rows: list[dict[str, object]] = []
         for number, size in enumerate([args.size_gib, *(float(s) for s in args.scaling.split(",") if s.strip())]):
             rows += measure_size(runner, work, size, args.compare if number == 0 else None)
-        meta = {"page cache": "dropped before every command" if runner.cache == "cold" else "inputs read just before",
-                "rounds": f"{runner.repeat}, shuffled after the first",
-                "machine": f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}",
-                "load average (1 min) at start / end": f"{load_before:.2f} / {os.getloadavg()[0]:.2f}"}
+        meta = {
+            "page cache": "dropped before every command" if runner.cache == "cold" else "inputs read just before",
+            "rounds": f"{runner.repeat}, shuffled after the first",
+            "machine": f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}",
+            "load average (1 min) at start / end": f"{load_before:.2f} / {os.getloadavg()[0]:.2f}",
+        }
         print(markdown(rows, meta))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -35,8 +35,9 @@ MIB = 1024 * 1024
 
 def measure(command: list[str], env: dict[str, str]) -> dict[str, float]:
     """Wall time and peak RSS (MiB) of `command`, run under measure.py."""
-    done = subprocess.run([sys.executable, str(HERE / "measure.py"), *command], env=env, capture_output=True,
-                          text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, str(HERE / "measure.py"), *command], env=env, capture_output=True, text=True, check=True
+    )
     result = json.loads(done.stdout)
     if result["returncode"] != 0:
         raise SystemExit(f"{' '.join(command)} failed ({result['returncode']}):\n{result['stderr']}")
@@ -49,10 +50,24 @@ def commands(folder: Path, work: Path) -> dict[str, tuple[list[str], Path]]:
     identity.write_text("ckptx: 1\nname: identity\nsteps: []\n", encoding="utf-8")
     script = str(folder / "zero_to_fp32.py")
     return {
-        "ckptx convert -> .safetensors": ([sys.executable, "-m", "ckptx", "convert", str(folder), "-r", str(identity),
-                                           "-o", str(work / "ckptx.safetensors")], work / "ckptx.safetensors"),
-        "zero_to_fp32.py (pytorch_model.bin)": ([sys.executable, script, str(folder), str(work / "z2f-bin")],
-                                                work / "z2f-bin"),
+        "ckptx convert -> .safetensors": (
+            [
+                sys.executable,
+                "-m",
+                "ckptx",
+                "convert",
+                str(folder),
+                "-r",
+                str(identity),
+                "-o",
+                str(work / "ckptx.safetensors"),
+            ],
+            work / "ckptx.safetensors",
+        ),
+        "zero_to_fp32.py (pytorch_model.bin)": (
+            [sys.executable, script, str(folder), str(work / "z2f-bin")],
+            work / "z2f-bin",
+        ),
     }
 
 
@@ -86,11 +101,16 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where to write (default: a temporary folder)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="zero-bench-", dir=args.workdir))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "DS_ACCELERATOR": "cpu",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     try:
-        launch(work / "ckpt", stages=(3,), dtypes=("fp32",), steps=1, width=args.width, layers=args.layers,
-               timeout=1800)
+        launch(
+            work / "ckpt", stages=(3,), dtypes=("fp32",), steps=1, width=args.width, layers=args.layers, timeout=1800
+        )
         folder = work / "ckpt" / "zero3-fp32"
         on_disk = sum(p.stat().st_size for p in folder.rglob("*.pt"))
         todo = commands(folder, work)
@@ -103,16 +123,20 @@ def main() -> None:
                 if round_ > 0:
                     remove(output)
             if round_ == 0:
-                checked = compare(todo["ckptx convert -> .safetensors"][1], todo["zero_to_fp32.py (pytorch_model.bin)"][1])
+                checked = compare(
+                    todo["ckptx convert -> .safetensors"][1], todo["zero_to_fp32.py (pytorch_model.bin)"][1]
+                )
                 for name in todo:
                     remove(todo[name][1])
         from ckptx.io.read.open import open_source
 
         with open_source(folder) as source:
             state_mib = sum(m.nbytes for m in source.tensors.values()) / MIB
-        print(f"ZeRO-3, 2 ranks, fp32: {state_mib:,.0f} MiB fp32 state dict, {on_disk / MIB:,.0f} MiB of .pt files "
-              f"(partitions + Adam moments); {checked} tensors, equal tensor for tensor; {args.rounds} rounds, "
-              f"warm page cache")
+        print(
+            f"ZeRO-3, 2 ranks, fp32: {state_mib:,.0f} MiB fp32 state dict, {on_disk / MIB:,.0f} MiB of .pt files "
+            f"(partitions + Adam moments); {checked} tensors, equal tensor for tensor; {args.rounds} rounds, "
+            f"warm page cache"
+        )
         print("\n| command | wall s (each round) | peak RSS MiB (max) |\n| --- | --- | --- |")
         for name, results in rows.items():
             walls = ", ".join(f"{r['wall']:.2f}" for r in results)

@@ -17,5 +17,19 @@ from ckptx.rules.loader import load_rules
 from ckptx.rules.recipe import Recipe
 from ckptx.suggestion import suggest
 
-__all__ = ["CkptxError", "ConvertResult", "Plan", "Recipe", "ValidationFailed", "ValidationReport", "__version__",
-           "apply", "convert", "load_into", "load_rules", "plan", "suggest", "validate"]
+__all__ = [
+    "CkptxError",
+    "ConvertResult",
+    "Plan",
+    "Recipe",
+    "ValidationFailed",
+    "ValidationReport",
+    "__version__",
+    "apply",
+    "convert",
+    "load_into",
+    "load_rules",
+    "plan",
+    "suggest",
+    "validate",
+]

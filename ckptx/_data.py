@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 
-@lru_cache(maxsize=None)
+@cache
 def data_dir() -> Path:
     """The folder holding `schemas/` and `rules/`: `ckptx/_data` when installed, else the repo root."""
     packaged = Path(__file__).resolve().parent / "_data"

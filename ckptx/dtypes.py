@@ -13,8 +13,19 @@ from typing import Any
 
 from ckptx.errors import CkptxError
 
-__all__ = ["DTYPES", "DType", "TensorMeta", "UnsupportedDtype", "dtype_name", "from_safetensors", "from_storage",
-           "lookup", "lossless_casts", "safetensors_code", "torch_dtype"]
+__all__ = [
+    "DTYPES",
+    "DType",
+    "TensorMeta",
+    "UnsupportedDtype",
+    "dtype_name",
+    "from_safetensors",
+    "from_storage",
+    "lookup",
+    "lossless_casts",
+    "safetensors_code",
+    "torch_dtype",
+]
 
 
 class UnsupportedDtype(CkptxError):
@@ -67,16 +78,28 @@ class DType:
     @property
     def torch(self) -> Any:
         """The torch dtype object (imports torch)."""
-        import torch  # noqa: PLC0415 - only callers that already work with tensors ask for it
+        import torch
 
         return getattr(torch, self.name)
 
 
-def _float(name: str, size: int, code: str | None, storage: str | None, numpy: str | None, digits: int, emax: int,
-           emin: int) -> DType:
+def _float(
+    name: str, size: int, code: str | None, storage: str | None, numpy: str | None, digits: int, emax: int, emin: int
+) -> DType:
     finite, unsigned_zero = name.endswith(("fn", "fnuz", "fnu")), name.endswith(("fnuz", "fnu"))
-    return DType(name, size, "float", code, storage, numpy, digits=digits, emax=emax, emin=emin, finite=finite,
-                 no_negative_zero=unsigned_zero)
+    return DType(
+        name,
+        size,
+        "float",
+        code,
+        storage,
+        numpy,
+        digits=digits,
+        emax=emax,
+        emin=emin,
+        finite=finite,
+        no_negative_zero=unsigned_zero,
+    )
 
 
 def _int(name: str, size: int, code: str, storage: str | None, signed: bool) -> DType:
@@ -126,8 +149,10 @@ def lookup(name: str, *, key: str = "", where: str = "") -> DType:
     if found is None:
         place = f"tensor '{key}'" if key else "a tensor"
         source = f"{where}: " if where else ""
-        raise UnsupportedDtype(f"{source}{place} has dtype {name}, which ckptx cannot convert (quantized, sparse-bit "
-                               f"or unknown); supported: {', '.join(DTYPES)}")
+        raise UnsupportedDtype(
+            f"{source}{place} has dtype {name}, which ckptx cannot convert (quantized, sparse-bit "
+            f"or unknown); supported: {', '.join(DTYPES)}"
+        )
     return found
 
 
@@ -136,8 +161,10 @@ def safetensors_code(name: str, *, key: str = "", where: str = "") -> str:
     code = lookup(name, key=key, where=where).safetensors
     if code is None:
         source = f"{where}: " if where else ""
-        raise UnsupportedDtype(f"{source}tensor '{key}' has dtype {name}, which safetensors cannot hold; write a "
-                               f".pth file instead, or add a `cast` step")
+        raise UnsupportedDtype(
+            f"{source}tensor '{key}' has dtype {name}, which safetensors cannot hold; write a "
+            f".pth file instead, or add a `cast` step"
+        )
     return code
 
 
@@ -206,4 +233,3 @@ class TensorMeta:
 
     def __str__(self) -> str:
         return f"{self.dtype}{list(self.shape)}"
-

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
-__all__ = ["CkptxError", "DestinationError", "NeededGlobal", "PlanError", "Problem", "RefusedGlobal", "Rejected",
-           "RuleError", "SourceError", "TargetError", "TensorOpError", "UnsafeGlobalError", "UntrustedCallable",
-           "ValidationFailed", "VerificationFailed"]
+__all__ = [
+    "CkptxError",
+    "DestinationError",
+    "NeededGlobal",
+    "PlanError",
+    "Problem",
+    "RefusedGlobal",
+    "Rejected",
+    "RuleError",
+    "SourceError",
+    "TargetError",
+    "TensorOpError",
+    "UnsafeGlobalError",
+    "UntrustedCallable",
+    "ValidationFailed",
+    "VerificationFailed",
+]
 
 
 class CkptxError(Exception):
@@ -74,8 +88,10 @@ def _needs(needed: Sequence[NeededGlobal]) -> str:
         return f"--allow-global cannot allow it ({g.why})"
 
     if len(needed) == 1:
-        return (f"the checkpoint needs the Python global '{needed[0].name}', which the safe loader refuses: "
-                f"{verdict(needed[0])}")
+        return (
+            f"the checkpoint needs the Python global '{needed[0].name}', which the safe loader refuses: "
+            f"{verdict(needed[0])}"
+        )
     listed = "; ".join(f"'{g.name}': {verdict(g)}" for g in needed)
     return f"the checkpoint needs {len(needed)} Python globals the safe loader refuses: {listed}"
 
@@ -85,9 +101,13 @@ def _next_step(needed: Sequence[NeededGlobal]) -> str:
         return f"load this file only if you trust it completely (you made it yourself), with {_UNSAFE}"
     flags = " ".join(f"--allow-global {g.name}" for g in needed)
     if all(g.allowable for g in needed):
-        return f"if you trust this file, pass {flags} (just {'that one' if len(needed) == 1 else 'those'}), or {_UNSAFE}"
-    return (f"if you know it is a plain data class (a dataclass, an Enum, a named tuple, a container), pass {flags} "
-            f"(ckptx checks it then), or, only if you trust this file completely, {_UNSAFE}")
+        return (
+            f"if you trust this file, pass {flags} (just {'that one' if len(needed) == 1 else 'those'}), or {_UNSAFE}"
+        )
+    return (
+        f"if you know it is a plain data class (a dataclass, an Enum, a named tuple, a container), pass {flags} "
+        f"(ckptx checks it then), or, only if you trust this file completely, {_UNSAFE}"
+    )
 
 
 class RefusedGlobal(SourceError):
@@ -99,7 +119,8 @@ class RefusedGlobal(SourceError):
             f"{flag} {name}: refused: {why}; --allow-global is only for plain data classes (argparse.Namespace, "
             f"a dataclass, an Enum, a named tuple, collections.OrderedDict, numpy dtypes and scalars); a file that "
             f"needs it runs code when it is loaded: load it only if you trust it completely (you made it "
-            f"yourself), with {_UNSAFE}")
+            f"yourself), with {_UNSAFE}"
+        )
 
 
 class PlanError(CkptxError):
@@ -137,8 +158,10 @@ class UntrustedCallable(TargetError):
         self.why = why
         self.may_allow = may_allow
         if may_allow:
-            step = (f"if you trust it, name it yourself: --allow-factory {name} (or --target {name} for a target), "
-                    f"or declare it in a rule pack (entry point group ckptx.factories)")
+            step = (
+                f"if you trust it, name it yourself: --allow-factory {name} (or --target {name} for a target), "
+                f"or declare it in a rule pack (entry point group ckptx.factories)"
+            )
         else:
             step = "it is not a model factory: remove it from the file, and do not use the file if you did not write it"
         super().__init__(f"{where}: refused to call '{name}' named in a file: {why}; {step}")

@@ -7,15 +7,23 @@ import importlib
 import importlib.util
 import os
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from ckptx.errors import TargetError
 from ckptx.targets.metadevice import schedules_on_cpu
 
-__all__ = ["CONVNEXTV2_SIZES", "convnextv2_hf", "convnextv2_mmpretrain", "convnextv2_timm", "mmpretrain_model",
-           "timm_model", "transformers_model"]
+__all__ = [
+    "CONVNEXTV2_SIZES",
+    "convnextv2_hf",
+    "convnextv2_mmpretrain",
+    "convnextv2_timm",
+    "mmpretrain_model",
+    "timm_model",
+    "transformers_model",
+]
 
 CONVNEXTV2_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
@@ -29,7 +37,9 @@ CONVNEXTV2_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 }
 
 
-def transformers_model(architecture: str, config: Mapping[str, Any] | None = None, **config_kwargs: Any) -> torch.nn.Module:
+def transformers_model(
+    architecture: str, config: Mapping[str, Any] | None = None, **config_kwargs: Any
+) -> torch.nn.Module:
     """`transformers.<architecture>(<architecture's config class>(**config))`, randomly initialised, no download."""
     transformers = importlib.import_module("transformers")
     model_class = getattr(transformers, architecture, None)
@@ -43,8 +53,13 @@ def convnextv2_hf(size: str = "atto", num_labels: int = 1000, **config: Any) -> 
     """HuggingFace `ConvNextV2ForImageClassification` configured like the official model of `size`."""
     depths, dims = _size(size)
     config.setdefault("layer_norm_eps", 1e-6)  # transformers' default 1e-12 differs from the official model
-    return transformers_model("ConvNextV2ForImageClassification", depths=list(depths), hidden_sizes=list(dims),
-                              num_labels=num_labels, **config)
+    return transformers_model(
+        "ConvNextV2ForImageClassification",
+        depths=list(depths),
+        hidden_sizes=list(dims),
+        num_labels=num_labels,
+        **config,
+    )
 
 
 def convnextv2_timm(size: str = "atto", **kwargs: Any) -> torch.nn.Module:
@@ -65,9 +80,9 @@ def mmpretrain_model(config: str, part: str | None = None, num_classes: int | No
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from mmengine.config import Config  # noqa: PLC0415
-        from mmpretrain.registry import MODELS  # noqa: PLC0415
-        from mmpretrain.utils import register_all_modules  # noqa: PLC0415
+        from mmengine.config import Config
+        from mmpretrain.registry import MODELS
+        from mmpretrain.utils import register_all_modules
 
         register_all_modules(init_default_scope=True)
         cfg = Config.fromfile(_mmpretrain_config(config))
@@ -80,7 +95,9 @@ def mmpretrain_model(config: str, part: str | None = None, num_classes: int | No
     return getattr(model, part) if part else model
 
 
-def convnextv2_mmpretrain(size: str = "atto", part: str | None = None, num_classes: int | None = None) -> torch.nn.Module:
+def convnextv2_mmpretrain(
+    size: str = "atto", part: str | None = None, num_classes: int | None = None
+) -> torch.nn.Module:
     """MMPretrain `ImageClassifier` (or its backbone) for ConvNeXt-V2 of `size`, from the shipped config."""
     _size(size)
     return mmpretrain_model(f"convnext_v2/convnext-v2-{size}_32xb32_in1k.py", part=part, num_classes=num_classes)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -21,8 +22,20 @@ from ckptx.errors import CkptxError
 if TYPE_CHECKING:  # pragma: no cover
     from ckptx.dtypes import TensorMeta
 
-__all__ = ["SHOWN", "count_params", "describe_key", "human_bytes", "json_text", "key_values", "parse_size", "printable", "quoted",
-           "short_list", "shown", "table"]
+__all__ = [
+    "SHOWN",
+    "count_params",
+    "describe_key",
+    "human_bytes",
+    "json_text",
+    "key_values",
+    "parse_size",
+    "printable",
+    "quoted",
+    "short_list",
+    "shown",
+    "table",
+]
 
 SHOWN = 20
 
@@ -30,8 +43,18 @@ SHOWN = 20
 # paragraph separators, surrogates, unassigned), plus the backslash so that an escape cannot be forged.
 _FAST = re.compile(r"[^\\\x20-\x7e]")
 _BIG_INT_BITS = 64
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 
 
@@ -39,8 +62,13 @@ def _escape_char(char: str) -> str:
     """One character as a repr-style escape: `\\n`, `\\x1b`, `\\u202e`, `\\\\`."""
     if char == "\\":
         return "\\\\"
-    return repr(char)[1:-1] if char in "\n\r\t" else f"\\x{ord(char):02x}" if ord(char) < 0x100 else (
-        f"\\u{ord(char):04x}" if ord(char) < 0x10000 else f"\\U{ord(char):08x}")
+    return (
+        repr(char)[1:-1]
+        if char in "\n\r\t"
+        else f"\\x{ord(char):02x}"
+        if ord(char) < 0x100
+        else (f"\\u{ord(char):04x}" if ord(char) < 0x10000 else f"\\U{ord(char):08x}")
+    )
 
 
 def shown(text: str) -> str:
@@ -62,8 +90,10 @@ def printable(text: str, *, keep_lines: bool = True) -> str:
     if text.isprintable():
         return text
     lines = text.split("\n") if keep_lines else [text]
-    return "\n".join(line if line.isprintable() else "".join(c if c.isprintable() else _escape_char(c) for c in line)
-                     for line in lines)
+    return "\n".join(
+        line if line.isprintable() else "".join(c if c.isprintable() else _escape_char(c) for c in line)
+        for line in lines
+    )
 
 
 def describe_key(key: object) -> str:

@@ -39,9 +39,16 @@ def make_training_checkpoint(path: Path) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=4e-3)
     model(torch.randn(1, 3, 32, 32)).sum().backward()
     optimizer.step()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 299,
-                "scaler": {"scale": 65536.0, "_growth_tracker": 0},
-                "args": argparse.Namespace(model="convnextv2_atto", lr=4e-3, epochs=300)}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": 299,
+            "scaler": {"scale": 65536.0, "_growth_tracker": 0},
+            "args": argparse.Namespace(model="convnextv2_atto", lr=4e-3, epochs=300),
+        },
+        path,
+    )
 
 
 def run(*argv: str) -> int:
@@ -58,14 +65,46 @@ def demo() -> int:
     src = OUT / "convnextv2_atto_train.pth"
     dst = OUT / "convnextv2_atto_mmpretrain.pth"
     make_training_checkpoint(src)
-    print(f"generated {src} ({src.stat().st_size / 1e6:.1f} MB), an official-format ConvNeXt-V2 atto training checkpoint")
+    print(
+        f"generated {src} ({src.stat().st_size / 1e6:.1f} MB), an official-format ConvNeXt-V2 atto training checkpoint"
+    )
     steps = [
         (run("inspect", str(src), "--extract", "model", "--allow-global", "argparse.Namespace") == 0),
-        (run("convert", str(src), "-r", "convnextv2/official-to-timm", "--allow-global", "argparse.Namespace",
-             "--target", "ckptx.factories:convnextv2_mmpretrain", "--target-arg", "size=atto",
-             "-o", str(OUT / "wrong.pth"), "--force") == 1),
-        (run("convert", str(src), "-r", "convnextv2/official-to-mmpretrain", "--allow-global", "argparse.Namespace",
-             "--set", "size=atto", "-o", str(dst), "--force", "--verify") == 0),
+        (
+            run(
+                "convert",
+                str(src),
+                "-r",
+                "convnextv2/official-to-timm",
+                "--allow-global",
+                "argparse.Namespace",
+                "--target",
+                "ckptx.factories:convnextv2_mmpretrain",
+                "--target-arg",
+                "size=atto",
+                "-o",
+                str(OUT / "wrong.pth"),
+                "--force",
+            )
+            == 1
+        ),
+        (
+            run(
+                "convert",
+                str(src),
+                "-r",
+                "convnextv2/official-to-mmpretrain",
+                "--allow-global",
+                "argparse.Namespace",
+                "--set",
+                "size=atto",
+                "-o",
+                str(dst),
+                "--force",
+                "--verify",
+            )
+            == 0
+        ),
     ]
     ok = all(steps) and dst.exists() and not (OUT / "wrong.pth").exists()
     print("\ndemo:", "OK" if ok else "FAILED", f"- {dst} loads into MMPretrain's ImageClassifier with strict=True")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.io.fuzzing import FORMATS, fuzz  # noqa: E402
+from tests.io.fuzzing import FORMATS, fuzz
 
 
 def main() -> int:
@@ -22,8 +22,13 @@ def main() -> int:
     parser.add_argument("--format", action="append", choices=FORMATS, help="only these formats (repeatable)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        report = fuzz(Path(folder), seed=args.seed, cases=args.cases, budget_s=args.minutes * 60,
-                      formats=tuple(args.format or FORMATS))
+        report = fuzz(
+            Path(folder),
+            seed=args.seed,
+            cases=args.cases,
+            budget_s=args.minutes * 60,
+            formats=tuple(args.format or FORMATS),
+        )
     print(report)
     for last_line, trace in report.internal.items():
         print(f"\n=== {last_line}\n{trace}")

@@ -11,9 +11,10 @@ import shutil
 import subprocess
 import tempfile
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -70,8 +71,14 @@ def tiny_state() -> dict[str, torch.Tensor]:
 def ddp_checkpoint(tmp_path: Path, tiny_state: dict[str, torch.Tensor]) -> Path:
     """A training checkpoint as DDP scripts save it: `module.` keys under `model`, next to optimizer/epoch."""
     path = tmp_path / "train.pth"
-    torch.save({"model": {f"module.{k}": v for k, v in tiny_state.items()},
-                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}, "epoch": 7}, path)
+    torch.save(
+        {
+            "model": {f"module.{k}": v for k, v in tiny_state.items()},
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
+            "epoch": 7,
+        },
+        path,
+    )
     return path
 
 
@@ -98,7 +105,10 @@ REPO = Path(__file__).resolve().parents[1]
 def _tests_only_path() -> str:
     """A folder holding only a link to this repo's `tests/`: on a child's PYTHONPATH it makes `tests.helpers`
     importable without putting the checkout's `ckptx/` ahead of the installed wheel."""
-    folder = Path(tempfile.gettempdir()) / f"ckptx-tests-path-{os.getuid()}-{hashlib.sha1(str(REPO).encode()).hexdigest()[:8]}"
+    folder = (
+        Path(tempfile.gettempdir())
+        / f"ckptx-tests-path-{os.getuid()}-{hashlib.sha1(str(REPO).encode()).hexdigest()[:8]}"
+    )
     link = folder / "tests"
     if not link.exists():
         folder.mkdir(exist_ok=True)
@@ -143,8 +153,10 @@ def cow_mount(request: pytest.FixtureRequest, tmp_path: Path):
     with open(image, "wb") as f:
         f.truncate(400 << 20)
     made = subprocess.run([*mkfs, str(image)], capture_output=True, text=True)
-    mounted = made.returncode == 0 and subprocess.run(["mount", "-o", "loop", str(image), str(point)],
-                                                      capture_output=True).returncode == 0
+    mounted = (
+        made.returncode == 0
+        and subprocess.run(["mount", "-o", "loop", str(image), str(point)], capture_output=True).returncode == 0
+    )
     if not mounted:
         pytest.skip(f"cannot make or loop-mount a {kind} image here: {made.stderr.strip() or 'mount failed'}")
     yield point

@@ -8,18 +8,19 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ckptx.batch.runner import run_batch
-from ckptx.errors import RuleError
 from ckptx.batch.fingerprint import FINGERPRINT_KEY, sidecar_path
 from ckptx.batch.jobs import load_jobs, merge_targets
+from ckptx.batch.runner import run_batch
+from ckptx.errors import RuleError
 from ckptx.trust.callables import allow_factories
 from tests.conftest import TINY_TARGET, subprocess_env
 from tests.helpers.models import randomized, tiny_net
@@ -76,7 +77,9 @@ def make_tree(root: Path) -> tuple[Path, dict[str, int]]:
     data = (root / "zoo/corrupt.pt").read_bytes()
     (root / "zoo/corrupt.pt").write_bytes(data[: len(data) * 6 // 10])
     save_ddp(root / "zoo/wide.pt", 8)
-    jobs = write(root / "jobs.yaml", f"""
+    jobs = write(
+        root / "jobs.yaml",
+        f"""
         ckptx: 1
         defaults: {{rules: strip.yaml, target: {{model: '{TINY_TARGET}'}}, format: safetensors}}
         jobs:
@@ -89,7 +92,8 @@ def make_tree(root: Path) -> tuple[Path, dict[str, int]]:
           - {{src: zoo/m5.pt, dst: out/zoo/m5.pth}}
           - {{src: zoo/corrupt.pt, dst: out/zoo/corrupt.safetensors}}
           - {{src: zoo/wide.pt, dst: out/zoo/wide.safetensors, target: {{kwargs: {{channels: 5}}}}}}
-        """)
+        """,
+    )
     return jobs, expected
 
 
@@ -97,7 +101,7 @@ def read_output(path: Path) -> dict[str, torch.Tensor]:
     """The output's tensors in the order they lie in the file (older safetensors releases sort by name)."""
     if path.suffix == ".safetensors":
         loaded = load_file(str(path))
-        header = json.loads(path.read_bytes()[8:8 + int.from_bytes(path.read_bytes()[:8], "little")])
+        header = json.loads(path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")])
         order = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
         return {k: loaded[k] for k in order}
     return torch.load(path, weights_only=True)
@@ -139,7 +143,9 @@ def test_twenty_jobs_two_broken_then_resume_then_one_source_changed(tmp_path: Pa
     assert table[0].split() == ["job", "status", "time", "bytes", "error"]
     rows = {line.split()[0]: line for line in table[2:22]}
     assert set(rows) == set(expected) | BROKEN
-    assert "does not fit tests.helpers.models:tiny_net(channels=5): 7 shape mismatches" in rows["out/zoo/wide.safetensors"]
+    assert (
+        "does not fit tests.helpers.models:tiny_net(channels=5): 7 shape mismatches" in rows["out/zoo/wide.safetensors"]
+    )
     assert "jobs.yaml:12:5 jobs[8] -> out/zoo/wide.safetensors (plan):" in first.out
     assert "20 jobs: 18 converted, 2 failed in" in first.out
     assert_outputs(tmp_path, expected)
@@ -178,13 +184,14 @@ def test_dask_local_cluster_gives_the_same_outputs(tmp_path: Path, run_cli) -> N
 
 
 def test_dask_scheduler_address_runs_on_that_cluster(tmp_path: Path, run_cli) -> None:
-    from distributed import LocalCluster  # noqa: PLC0415 - the optional extra, installed for the tests
+    from distributed import LocalCluster
 
     jobs = small_tree(tmp_path)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         result = run_cli("batch", jobs, "--executor", "dask", "--scheduler", cluster.scheduler_address, "--json")
-        resumed = run_cli("batch", jobs, "--executor", "dask", "--scheduler", cluster.scheduler_address, "--resume",
-                          "--json")
+        resumed = run_cli(
+            "batch", jobs, "--executor", "dask", "--scheduler", cluster.scheduler_address, "--resume", "--json"
+        )
     assert result.code == 0, result.err
     assert result.json["counts"]["converted"] == 2 and resumed.json["counts"]["skipped"] == 2
     assert read_output(tmp_path / "out/b.pth").keys() == weights(2).keys()
@@ -208,13 +215,16 @@ def small_tree(root: Path, extra: str = "") -> Path:
 
 
 def small_jobs(root: Path, extra: str = "") -> Path:
-    return write(root / "jobs.yaml", f"""
+    return write(
+        root / "jobs.yaml",
+        f"""
         ckptx: 1
         defaults: {{rules: strip.yaml, target: {{model: '{TINY_TARGET}'}}}}
         jobs:
           - {{src: a.pt, dst: out/a.safetensors{extra}}}
           - {{src: b.pt, dst: out/b.pth{extra}}}
-        """)
+        """,
+    )
 
 
 def test_outputs_record_their_fingerprint(tmp_path: Path) -> None:
@@ -242,8 +252,10 @@ def test_existing_outputs_need_resume_or_force(tmp_path: Path) -> None:
     assert [r.status for r in resumed.results] == ["failed", "skipped"]
     assert "not written by ckptx batch" in resumed.results[0].error
     forced = run_batch(small_jobs(tmp_path, ", force: true"), resume=True)
-    assert [(r.status, r.reason) for r in forced.results] == [("converted", "overwritten (force: true)"),
-                                                              ("skipped", "up to date")]
+    assert [(r.status, r.reason) for r in forced.results] == [
+        ("converted", "overwritten (force: true)"),
+        ("skipped", "up to date"),
+    ]
 
 
 def test_resume_redoes_jobs_whose_recipe_or_output_changed(tmp_path: Path) -> None:
@@ -255,7 +267,10 @@ def test_resume_redoes_jobs_whose_recipe_or_output_changed(tmp_path: Path) -> No
     assert [(r.status, r.reason) for r in redone.results] == [("converted", "changed: rule files")] * 2
     torch.save({"not": torch.zeros(1)}, tmp_path / "out/b.pth")  # replaced behind ckptx's back
     again = run_batch(jobs, resume=True)
-    assert [(r.status, r.reason) for r in again.results] == [("skipped", "up to date"), ("converted", "changed: output")]
+    assert [(r.status, r.reason) for r in again.results] == [
+        ("skipped", "up to date"),
+        ("converted", "changed: output"),
+    ]
     assert read_output(tmp_path / "out/b.pth").keys() == weights(2).keys()
 
 
@@ -272,24 +287,32 @@ def test_format_picks_the_extension_of_a_dst_without_one(tmp_path: Path) -> None
     for name in ("convnext.tiny.pt", "b.pt"):
         (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "src" / name).write_bytes(b"")
-    jobs = write(tmp_path / "jobs.yaml", """
+    jobs = write(
+        tmp_path / "jobs.yaml",
+        """
         ckptx: 1
         defaults: {rules: strip.yaml, dst: 'out/{stem}', format: torch}
         jobs:
           - {src: src/convnext.tiny.pt}
           - {src: src/b.pt, format: safetensors}
           - {glob: 'src/b.*', dst: 'other/{name}.bin'}
-        """)
+        """,
+    )
     loaded = load_jobs(jobs)
-    assert [(j.label, j.format) for j in loaded.jobs] == [("out/convnext.tiny.pth", "torch"),
-                                                          ("out/b.safetensors", "safetensors"),
-                                                          ("other/b.pt.bin", "torch")]
+    assert [(j.label, j.format) for j in loaded.jobs] == [
+        ("out/convnext.tiny.pth", "torch"),
+        ("out/b.safetensors", "safetensors"),
+        ("other/b.pt.bin", "torch"),
+    ]
 
 
 def test_targets_merge_key_by_key() -> None:
     defaults = {"model": "timm:create_model", "kwargs": {"pretrained": False}, "allow_missing": "head"}
     assert merge_targets(defaults, {"kwargs": {"model_name": "atto"}}) == {
-        "model": "timm:create_model", "kwargs": {"pretrained": False, "model_name": "atto"}, "allow_missing": "head"}
+        "model": "timm:create_model",
+        "kwargs": {"pretrained": False, "model_name": "atto"},
+        "allow_missing": "head",
+    }
     assert merge_targets(defaults, {"manifest": "m.json"}) == {"manifest": "m.json", "allow_missing": "head"}
     assert merge_targets(None, None) is None
 
@@ -321,39 +344,53 @@ def test_a_job_that_kills_its_worker_fails_alone(tmp_path: Path, monkeypatch: py
     write(tmp_path / "strip.yaml", STRIP)
     for i in range(4):
         save_ddp(tmp_path / f"zoo/m{i}.pt", i)
-    jobs = write(tmp_path / "jobs.yaml", f"""
+    jobs = write(
+        tmp_path / "jobs.yaml",
+        f"""
         ckptx: 1
         defaults: {{rules: strip.yaml, target: {{model: '{TINY_TARGET}'}}}}
         jobs:
           - {{src: zoo/m0.pt, dst: out/crash, target: {{model: 'crashing_target:boom'}}}}
           - {{glob: 'zoo/m*.pt', dst: 'out/{{stem}}'}}
-        """)
+        """,
+    )
     result = run_batch(jobs, workers=2)
     assert [(r.job.label, r.status) for r in result.results] == [("out/crash.safetensors", "failed")] + [
-        (f"out/m{i}.safetensors", "converted") for i in range(4)]
+        (f"out/m{i}.safetensors", "converted") for i in range(4)
+    ]
     assert result.results[0].error_type == "worker-lost" and "died twice" in result.results[0].error
 
 
 def test_a_sharded_source_is_fingerprinted_with_every_shard(tmp_path: Path) -> None:
-    from ckptx.batch.fingerprint import source_files  # noqa: PLC0415
+    from ckptx.batch.fingerprint import source_files
 
     for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
         (tmp_path / name).write_bytes(b"x" * len(name))
     index = tmp_path / "model.safetensors.index.json"
-    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
-                                                "b": "model-00002-of-00002.safetensors",
-                                                "c": "model-00001-of-00002.safetensors"}}))
+    index.write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    "a": "model-00001-of-00002.safetensors",
+                    "b": "model-00002-of-00002.safetensors",
+                    "c": "model-00001-of-00002.safetensors",
+                }
+            }
+        )
+    )
     names = [entry[0] for entry in source_files(index)]
     assert names == [index.name, "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
 
 
 def test_a_worker_shares_the_cores_without_importing_torch() -> None:
-    probe = ("import os, sys\n"
-             "from ckptx.batch.runner import _share_cores\n"
-             "_share_cores(2)\n"
-             "before = 'torch' in sys.modules\n"
-             "import torch\n"
-             "print(before, torch.get_num_threads(), max(1, (os.cpu_count() or 1) // 2))\n")
+    probe = (
+        "import os, sys\n"
+        "from ckptx.batch.runner import _share_cores\n"
+        "_share_cores(2)\n"
+        "before = 'torch' in sys.modules\n"
+        "import torch\n"
+        "print(before, torch.get_num_threads(), max(1, (os.cpu_count() or 1) // 2))\n"
+    )
     env = {k: v for k, v in subprocess_env().items() if k != "OMP_NUM_THREADS"}
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     before, threads, expected = done.stdout.split()

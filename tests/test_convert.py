@@ -6,8 +6,8 @@ import subprocess
 import sys
 import textwrap
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -22,8 +22,9 @@ from tests.helpers.models import TiedNet, randomized, tiny_net
 STRIP = "ckptx: 1\nname: strip\nextract: model\nsteps: [{strip_prefix: module.}]\n"
 
 
-def test_ddp_checkpoint_converts_and_loads_strictly(tmp_path: Path, ddp_checkpoint: Path, tiny_state: dict,
-                                                    write_rules: Callable[..., Path]) -> None:
+def test_ddp_checkpoint_converts_and_loads_strictly(
+    tmp_path: Path, ddp_checkpoint: Path, tiny_state: dict, write_rules: Callable[..., Path]
+) -> None:
     dst = tmp_path / "out.safetensors"
     result = ckptx.convert(ddp_checkpoint, dst, write_rules(STRIP), target=TINY_TARGET)
     assert result.report is not None and result.report.ok
@@ -33,7 +34,9 @@ def test_ddp_checkpoint_converts_and_loads_strictly(tmp_path: Path, ddp_checkpoi
         assert torch.equal(model.state_dict()[key], value)
 
 
-def test_validation_failure_writes_nothing(tmp_path: Path, ddp_checkpoint: Path, write_rules: Callable[..., Path]) -> None:
+def test_validation_failure_writes_nothing(
+    tmp_path: Path, ddp_checkpoint: Path, write_rules: Callable[..., Path]
+) -> None:
     dst = tmp_path / "out.safetensors"
     rules = write_rules("ckptx: 1\nextract: model\nsteps: [{strip_prefix: module.}, {drop: ['^fc\\.']}]\n")
     with pytest.raises(ValidationFailed) as caught:
@@ -42,16 +45,21 @@ def test_validation_failure_writes_nothing(tmp_path: Path, ddp_checkpoint: Path,
     assert not dst.exists() and list(tmp_path.glob(".out.safetensors*")) == []
 
 
-def test_missing_key_suggests_same_shape_candidate(tmp_path: Path, ddp_checkpoint: Path,
-                                                    write_rules: Callable[..., Path]) -> None:
+def test_missing_key_suggests_same_shape_candidate(
+    tmp_path: Path, ddp_checkpoint: Path, write_rules: Callable[..., Path]
+) -> None:
     rules = write_rules("ckptx: 1\nextract: model\nsteps: [{strip_prefix: module.}, {rename: [['^fc\\.', 'head.']]}]\n")
     result = ckptx.convert(ddp_checkpoint, None, rules, target=TINY_TARGET, dry_run=True)
     hints = {p.key: p.hint for p in result.report.missing}
-    assert hints == {"fc.weight": "did you mean 'head.weight' (same shape)?",
-                     "fc.bias": "did you mean 'head.bias' (same shape)?"}
+    assert hints == {
+        "fc.weight": "did you mean 'head.weight' (same shape)?",
+        "fc.bias": "did you mean 'head.bias' (same shape)?",
+    }
 
 
-def test_existing_destination_needs_force(tmp_path: Path, ddp_checkpoint: Path, write_rules: Callable[..., Path]) -> None:
+def test_existing_destination_needs_force(
+    tmp_path: Path, ddp_checkpoint: Path, write_rules: Callable[..., Path]
+) -> None:
     dst = tmp_path / "out.safetensors"
     dst.write_bytes(b"keep me")
     with pytest.raises(DestinationError, match="already exists; pass --force to overwrite it"):
@@ -68,7 +76,9 @@ def test_destination_equal_to_source_is_refused(ddp_checkpoint: Path, write_rule
     assert ddp_checkpoint.read_bytes() == before
 
 
-def test_unknown_output_extension_is_refused(tmp_path: Path, ddp_checkpoint: Path, write_rules: Callable[..., Path]) -> None:
+def test_unknown_output_extension_is_refused(
+    tmp_path: Path, ddp_checkpoint: Path, write_rules: Callable[..., Path]
+) -> None:
     with pytest.raises(DestinationError, match=r"unknown output extension '\.npz'"):
         ckptx.convert(ddp_checkpoint, tmp_path / "x.npz", write_rules(STRIP))
 
@@ -131,7 +141,9 @@ def test_special_tensors_pass_through_intact(tmp_path: Path, suffix: str, write_
         assert out["view"].untyped_storage().nbytes() == 40  # the view, not the 400-byte storage
 
 
-def test_safetensors_output_records_provenance(tmp_path: Path, ddp_checkpoint: Path, write_rules: Callable[..., Path]) -> None:
+def test_safetensors_output_records_provenance(
+    tmp_path: Path, ddp_checkpoint: Path, write_rules: Callable[..., Path]
+) -> None:
     rules = write_rules(STRIP)
     dst = tmp_path / "out.safetensors"
     ckptx.convert(ddp_checkpoint, dst, rules)
@@ -150,7 +162,9 @@ def test_non_tensor_entries_are_dropped_with_a_note(tmp_path: Path, write_rules:
     assert result.notes == ["non-tensor entries dropped (safetensors holds tensors only): name, step"]
 
 
-def test_pth_output_keeps_metadata_when_modules_are_not_renamed(tmp_path: Path, write_rules: Callable[..., Path]) -> None:
+def test_pth_output_keeps_metadata_when_modules_are_not_renamed(
+    tmp_path: Path, write_rules: Callable[..., Path]
+) -> None:
     src = tmp_path / "sd.pth"
     torch.save(tiny_net().state_dict(), src)
     ckptx.convert(src, tmp_path / "kept.pth", write_rules("ckptx: 1\nsteps: [{cast: {dtype: float16}}]\n"))
@@ -192,6 +206,7 @@ def test_load_into_strict_refuses_partial(ddp_checkpoint: Path, write_rules: Cal
 
 
 def test_python_m_ckptx_runs(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "ckptx", "--version"], capture_output=True, text=True,
-                          env=subprocess_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "ckptx", "--version"], capture_output=True, text=True, env=subprocess_env()
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("ckptx ")

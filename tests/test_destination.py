@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import resource
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -58,17 +56,24 @@ def test_manifest_under_a_missing_folder_creates_it(run_cli, safetensors_file: P
     assert run_cli("inspect", safetensors_file, "--manifest", manifest).code == 0 and manifest.is_file()
 
 
-@pytest.mark.parametrize("dst,extra", [("model.safetensors", ["--max-shard-size", "16B"]),
-                                       ("model-00001-of-00002.safetensors", []),
-                                       ("model.safetensors.index.json", [])])
+@pytest.mark.parametrize(
+    "dst,extra",
+    [
+        ("model.safetensors", ["--max-shard-size", "16B"]),
+        ("model-00001-of-00002.safetensors", []),
+        ("model.safetensors.index.json", []),
+    ],
+)
 def test_no_file_of_a_sharded_source_is_overwritten(run_cli, write_rules, tmp_path: Path, dst: str, extra) -> None:
     index = write_hf_shards(tmp_path, state(), per_shard=7)
     before = _digests(tmp_path)
-    result = run_cli("convert", index, "-r", write_rules(IDENTITY, "identity.yaml"), "-o", tmp_path / dst, "--force",
-                     *extra)
+    result = run_cli(
+        "convert", index, "-r", write_rules(IDENTITY, "identity.yaml"), "-o", tmp_path / dst, "--force", *extra
+    )
     assert result.code == 2 and "is a file of the source checkpoint" in result.err
-    assert {k: v for k, v in _digests(tmp_path).items() if k != "identity.yaml"} == \
-        {k: v for k, v in before.items() if k != "identity.yaml"}
+    assert {k: v for k, v in _digests(tmp_path).items() if k != "identity.yaml"} == {
+        k: v for k, v in before.items() if k != "identity.yaml"
+    }
 
 
 def test_convert_creates_a_missing_destination_folder(run_cli, safetensors_file: Path, tmp_path: Path) -> None:
@@ -128,8 +133,13 @@ def test_file_too_large_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
     dst = tmp_path / "out" / "o.safetensors"
     dst.parent.mkdir()
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # noqa: E731
-    done = subprocess.run([sys.executable, "-m", "ckptx", "convert", str(src), "-o", str(dst)], capture_output=True,
-                          text=True, env=subprocess_env(), preexec_fn=limit)
+    done = subprocess.run(
+        [sys.executable, "-m", "ckptx", "convert", str(src), "-o", str(dst)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        preexec_fn=limit,
+    )
     assert done.returncode == 2, done.stderr
     assert "File too large" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert list(dst.parent.iterdir()) == []

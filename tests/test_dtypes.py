@@ -11,9 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ckptx._data import schema_path
-from ckptx.dtypes import DTYPES, UnsupportedDtype, lossless_casts, lookup, safetensors_code
+from ckptx.dtypes import DTYPES, UnsupportedDtype, lookup, lossless_casts, safetensors_code
 from ckptx.io.read.open import open_source
-
 
 IN_THIS_TORCH = [n for n in DTYPES if hasattr(torch, n)]
 NEWER_THAN_THE_FLOOR = {"bcomplex32"}  # in the table, not yet in torch 2.13 (the floor make test runs)
@@ -64,7 +63,7 @@ def test_safetensors_code_is_the_librarys(tmp_path, name):
         assert tuple(int(x) for x in safetensors.__version__.split(".")[:2]) < ALL_CODES_SINCE, name
         return
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
-    header = json.loads(path.read_bytes()[8:8 + header_len])
+    header = json.loads(path.read_bytes()[8 : 8 + header_len])
     assert header["t"]["dtype"] == DTYPES[name].safetensors
     with safe_open(path, "pt") as f:
         assert f.get_tensor("t").dtype == DTYPES[name].torch

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -15,24 +15,27 @@ from tests.helpers.models import tiny_net
 EXTRACT_MODEL = "ckptx: 1\nextract: [model]\nsteps: [{strip_prefix: module.}]\n"
 
 
-def test_apply_uses_extract_on_a_whole_loaded_checkpoint(ddp_checkpoint: Path, write_rules: Callable[..., Path],
-                                                        tiny_state: dict) -> None:
+def test_apply_uses_extract_on_a_whole_loaded_checkpoint(
+    ddp_checkpoint: Path, write_rules: Callable[..., Path], tiny_state: dict
+) -> None:
     recipe = ckptx.load_rules(write_rules(EXTRACT_MODEL))
     out = ckptx.apply(recipe, torch.load(ddp_checkpoint, weights_only=True))
     assert list(out) == list(tiny_state)
     assert all(torch.equal(out[k], v) for k, v in tiny_state.items())
 
 
-def test_load_into_uses_extract_on_a_whole_loaded_checkpoint(ddp_checkpoint: Path, write_rules: Callable[..., Path],
-                                                            tiny_state: dict) -> None:
+def test_load_into_uses_extract_on_a_whole_loaded_checkpoint(
+    ddp_checkpoint: Path, write_rules: Callable[..., Path], tiny_state: dict
+) -> None:
     model = tiny_net()
     report = ckptx.load_into(model, torch.load(ddp_checkpoint, weights_only=True), write_rules(EXTRACT_MODEL))
     assert report.ok
     assert torch.equal(model.state_dict()["conv.weight"], tiny_state["conv.weight"])
 
 
-def test_load_into_not_strict_still_raises_when_nothing_matches(tiny_state: dict,
-                                                                write_rules: Callable[..., Path]) -> None:
+def test_load_into_not_strict_still_raises_when_nothing_matches(
+    tiny_state: dict, write_rules: Callable[..., Path]
+) -> None:
     renamed = {f"other.{k}": v for k, v in tiny_state.items()}
     with pytest.raises(ValidationFailed, match=r"0/\d+ target keys matched"):
         ckptx.load_into(tiny_net(), renamed, write_rules("ckptx: 1\nsteps: []\n"), strict=False)

@@ -41,10 +41,13 @@ def _wheel(folder: Path, dist: str, version: str, pack: str, files: dict[str, st
     """Write a pure-Python wheel whose package `<dist>_pack` holds `files` and is the `ckptx.rules` entry `pack`."""
     package = f"{dist.replace('-', '_')}_pack"
     info = f"{dist.replace('-', '_')}-{version}.dist-info"
-    contents = {f"{package}/__init__.py": "", **{f"{package}/{name}": text for name, text in files.items()},
-                f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n",
-                f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-                f"{info}/entry_points.txt": f"[ckptx.rules]\n{pack} = {package}\n"}
+    contents = {
+        f"{package}/__init__.py": "",
+        **{f"{package}/{name}": text for name, text in files.items()},
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{info}/entry_points.txt": f"[ckptx.rules]\n{pack} = {package}\n",
+    }
     record = []
     for name, text in contents.items():
         data = text.encode()
@@ -63,11 +66,32 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two packs (acme-rules 1.2.3 as `acme`, other-rules 0.4 as `other`), pip-installed into one folder."""
     build = tmp_path_factory.mktemp("wheels")
     target = tmp_path_factory.mktemp("site")
-    wheels = [_wheel(build, "acme-rules", "1.2.3", "acme",
-                     {"tiny/to-backbone.yaml": TO_BACKBONE, "tiny/shared.yaml": SHARED.format(pack="acme")}),
-              _wheel(build, "other-rules", "0.4", "other", {"tiny/shared.yaml": SHARED.format(pack="other")})]
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-                    "--disable-pip-version-check", "--target", str(target), *map(str, wheels)], check=True)
+    wheels = [
+        _wheel(
+            build,
+            "acme-rules",
+            "1.2.3",
+            "acme",
+            {"tiny/to-backbone.yaml": TO_BACKBONE, "tiny/shared.yaml": SHARED.format(pack="acme")},
+        ),
+        _wheel(build, "other-rules", "0.4", "other", {"tiny/shared.yaml": SHARED.format(pack="other")}),
+    ]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-index",
+            "--disable-pip-version-check",
+            "--target",
+            str(target),
+            *map(str, wheels),
+        ],
+        check=True,
+    )
     assert (target / "acme_rules-1.2.3.dist-info" / "RECORD").is_file()
     return target
 
@@ -75,8 +99,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _ckptx(site: Path, *args: object, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = subprocess_env()
     env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
-    return subprocess.run([sys.executable, "-m", "ckptx", *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "ckptx", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.fixture
@@ -96,9 +121,13 @@ def test_rules_list_shows_pack_recipes_with_package_version_and_clashes(site: Pa
     assert row["description"] == "TinyNet (DDP) -> backbone-prefixed weights"
     assert doc["clashes"] == {"tiny/shared": ["acme", "other"]}
     text = _ckptx(site, "rules", "list", cwd=tmp_path).stdout
-    assert re.search(r"\nacme:tiny/to-backbone +TinyNet \(DDP\) -> backbone-prefixed weights +acme-rules 1\.2\.3\n", text)
-    assert ("note: 'tiny/shared' is provided by several packs; write acme:tiny/shared (acme-rules 1.2.3) or "
-            "other:tiny/shared (other-rules 0.4)") in text
+    assert re.search(
+        r"\nacme:tiny/to-backbone +TinyNet \(DDP\) -> backbone-prefixed weights +acme-rules 1\.2\.3\n", text
+    )
+    assert (
+        "note: 'tiny/shared' is provided by several packs; write acme:tiny/shared (acme-rules 1.2.3) or "
+        "other:tiny/shared (other-rules 0.4)"
+    ) in text
 
 
 def test_convert_with_a_pack_recipe_by_name(site: Path, tmp_path: Path, ddp_ckpt) -> None:
@@ -117,8 +146,9 @@ def test_a_clashing_name_must_be_qualified(site: Path, tmp_path: Path, ddp_ckpt)
     src, _ = ddp_ckpt
     result = _ckptx(site, "convert", src, "-r", "tiny/shared", "--dry-run", cwd=tmp_path)
     assert result.returncode == 2
-    assert ("recipe name 'tiny/shared' is provided by several packs; pick one of acme:tiny/shared, "
-            "other:tiny/shared") in result.stderr
+    assert (
+        "recipe name 'tiny/shared' is provided by several packs; pick one of acme:tiny/shared, other:tiny/shared"
+    ) in result.stderr
     result = _ckptx(site, "convert", src, "-r", "other:tiny/shared", "--dry-run", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["plan"]["entries"][0]["key"].startswith("other.module.")

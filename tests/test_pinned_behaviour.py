@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ import ckptx
 from ckptx.errors import TensorOpError, ValidationFailed
 from ckptx.io.write import safetensors_writer
 from ckptx.io.write.atomic import TEMP_SUFFIX
+
 TINY_MODULE = "tests.helpers.models:TinyNet"  # a torch.nn.Module subclass: the trust rule lets a file name it
 
 
@@ -29,14 +31,16 @@ def test_allow_unexpected_lets_listed_extra_keys_through(tmp_path: Path, tiny_st
     strict = write_rules(f"ckptx: 1\nsteps: []\ntarget: {{model: '{TINY_MODULE}'}}\n", "strict.yaml")
     with pytest.raises(ValidationFailed, match="aux.head.weight"):
         ckptx.convert(src, tmp_path / "o.safetensors", strict)
-    allowed = write_rules(f"ckptx: 1\nsteps: []\ntarget: {{model: '{TINY_MODULE}', allow_unexpected: ['^aux\\.']}}\n",
-                          "allowed.yaml")
+    allowed = write_rules(
+        f"ckptx: 1\nsteps: []\ntarget: {{model: '{TINY_MODULE}', allow_unexpected: ['^aux\\.']}}\n", "allowed.yaml"
+    )
     result = ckptx.convert(src, tmp_path / "o.safetensors", allowed)
     assert result.report.ok and result.report.allowed_unexpected == ["aux.head.weight"]
 
 
-def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path, safetensors_file: Path, monkeypatch,
-                                                 write_rules) -> None:
+def test_a_failed_write_leaves_no_temporary_file(
+    tmp_path: Path, safetensors_file: Path, monkeypatch, write_rules
+) -> None:
     def broken(*args, **kwargs):
         raise TensorOpError("tensor 'x': broken on purpose")
 
@@ -44,7 +48,9 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path, safetensors_fil
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(TensorOpError):
-        ckptx.convert(safetensors_file, out / "o.safetensors", write_rules("ckptx: 1\nsteps: [{cast: {dtype: float16}}]\n"))
+        ckptx.convert(
+            safetensors_file, out / "o.safetensors", write_rules("ckptx: 1\nsteps: [{cast: {dtype: float16}}]\n")
+        )
     assert list(out.iterdir()) == []
 
 
@@ -56,7 +62,7 @@ def test_streamed_output_keeps_the_plans_key_order(tmp_path: Path, write_rules) 
     dst = tmp_path / "o.safetensors"
     ckptx.convert(src, dst, write_rules("ckptx: 1\nsteps: [{rename: [['^m\\.', 'q.']]}]\n"))
     raw = dst.read_bytes()
-    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     written = [k for k in header if k != "__metadata__"]
     assert written == ["z.last", "a.first", "q.middle", "b.second"]
     assert [header[k]["data_offsets"][0] for k in written] == [0, 12, 24, 36]

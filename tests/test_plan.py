@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 
 import ckptx
-from ckptx.errors import PlanError
 from ckptx.dtypes import TensorMeta
+from ckptx.errors import PlanError
 from ckptx.rules.loader import load_rules
 
 STATE = {
@@ -90,7 +90,8 @@ def test_two_keys_renamed_onto_one_name_is_an_error_naming_both(plan_with) -> No
         plan_with("  - rename: [['^module\\.(stem|head)\\.weight$', 'x.weight']]\n")
     assert str(caught.value).endswith(
         "steps[0].rename: keys 'module.stem.weight' and 'module.head.weight' would all become 'x.weight'; "
-        "make the renames distinct or drop one of them first")
+        "make the renames distinct or drop one of them first"
+    )
 
 
 def test_step_matching_nothing_is_a_warning(plan_with) -> None:
@@ -130,7 +131,9 @@ def test_reshape_target_without_target_is_an_error(plan_with) -> None:
 
 
 def test_impossible_reshape_names_the_tensor(plan_with) -> None:
-    with pytest.raises(PlanError, match=r"tensor 'module.head.weight': cannot reshape \[10, 8\] \(80 elements\) to \[3, -1\]"):
+    with pytest.raises(
+        PlanError, match=r"tensor 'module.head.weight': cannot reshape \[10, 8\] \(80 elements\) to \[3, -1\]"
+    ):
         plan_with("  - reshape: {match: 'head', shape: [3, -1]}\n")
 
 
@@ -142,9 +145,11 @@ def test_permute_wrong_rank_names_the_tensor(plan_with) -> None:
 def test_reshape_permute_reshape_compose(plan_with) -> None:
     # A flattened dense layer re-ordered from (C,H,W) to (H,W,C) input order.
     state = {"dense.weight": torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 12)}
-    steps = ("  - reshape: {match: dense, shape: [2, 3, 2, 2]}\n"
-             "  - permute: {match: dense, dims: [0, 2, 3, 1]}\n"
-             "  - reshape: {match: dense, shape: [2, 12]}\n")
+    steps = (
+        "  - reshape: {match: dense, shape: [2, 3, 2, 2]}\n"
+        "  - permute: {match: dense, dims: [0, 2, 3, 1]}\n"
+        "  - reshape: {match: dense, shape: [2, 12]}\n"
+    )
     plan = plan_with(steps, state)
     assert plan.expected["dense.weight"].shape == (2, 12)
     assert [op.split("(")[0] for op in plan.to_dict()["entries"][0]["ops"]] == ["reshape", "permute", "reshape"]

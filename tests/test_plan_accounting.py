@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -42,8 +42,9 @@ def test_dropped_tensors_name_the_step_after_renames(write_rules: Callable[..., 
 
 
 def test_copy_and_split_may_feed_one_source_to_several_outputs(write_rules: Callable[..., Path]) -> None:
-    plan = _plan(write_rules, "  - copy: {match: '^a\\.q$', to: a.q2}\n"
-                              "  - split: {match: '^a\\.k$', into: [a.k0, a.k1]}\n", QKV)
+    plan = _plan(
+        write_rules, "  - copy: {match: '^a\\.q$', to: a.q2}\n  - split: {match: '^a\\.k$', into: [a.k0, a.k1]}\n", QKV
+    )
     assert [e.key for e in plan.entries] == ["a.q", "a.q2", "a.k0", "a.k1", "a.v"]
 
 
@@ -55,16 +56,27 @@ def _sharing_planner(args, step, entries, ctx):
     return StepOutcome([entries[0], entries[0]._replace(key="dup")] + entries[1:], 1)
 
 
-@pytest.mark.parametrize("planner,message", [(_losing_planner, r"source tensor 'a.q' \(1 in all\) is in no output"),
-                                             (_sharing_planner, r"source tensor 'a.q' feeds 'a.q', 'dup'")])
-def test_a_planner_that_breaks_the_accounting_is_a_bug_exit_3(write_rules, monkeypatch, run_cli, tmp_path, planner,
-                                                               message) -> None:
+@pytest.mark.parametrize(
+    "planner,message",
+    [
+        (_losing_planner, r"source tensor 'a.q' \(1 in all\) is in no output"),
+        (_sharing_planner, r"source tensor 'a.q' feeds 'a.q', 'dup'"),
+    ],
+)
+def test_a_planner_that_breaks_the_accounting_is_a_bug_exit_3(
+    write_rules, monkeypatch, run_cli, tmp_path, planner, message
+) -> None:
     """A step kind whose planner loses or duplicates a tensor (a planner bug) never writes a file."""
-    monkeypatch.setitem(STEP_KINDS, "drop", STEP_KINDS["drop"].__class__(
-        **{**STEP_KINDS["drop"].__dict__, "plan": planner, "renames_keys": False}))
+    monkeypatch.setitem(
+        STEP_KINDS,
+        "drop",
+        STEP_KINDS["drop"].__class__(**{**STEP_KINDS["drop"].__dict__, "plan": planner, "renames_keys": False}),
+    )
     with pytest.raises(PlannerBug, match=message):
         _plan(write_rules, "  - drop: nothing\n", QKV)
     src = tmp_path / "src.pt"
     torch.save(QKV, src)
-    result = run_cli("convert", src, "-o", tmp_path / "out.safetensors", "-r", write_rules("ckptx: 1\nsteps: [{drop: x}]\n"))
+    result = run_cli(
+        "convert", src, "-o", tmp_path / "out.safetensors", "-r", write_rules("ckptx: 1\nsteps: [{drop: x}]\n")
+    )
     assert result.code == 3 and "planner bug" in result.err and not (tmp_path / "out.safetensors").exists()

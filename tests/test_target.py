@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import ckptx
-from ckptx.errors import TargetError
+from ckptx.check.validation import validate
 from ckptx.dtypes import TensorMeta
-from ckptx.rules.recipe import Origin, TargetSpec
+from ckptx.errors import TargetError
 from ckptx.io.manifest import read_manifest, write_manifest
+from ckptx.rules.recipe import Origin, TargetSpec
 from ckptx.targets.resolve import parse_target_arg, resolve_target
 from ckptx.trust.callables import allow_factories
-from ckptx.check.validation import validate
 from tests.conftest import TINY_TARGET
 from tests.helpers.models import tiny_net
 
@@ -64,7 +64,9 @@ def test_unimportable_factory_is_named() -> None:
 
 def test_factory_failure_is_reported_not_crashed() -> None:
     with pytest.raises(TargetError, match=r"tests.helpers.models:tiny_net\(\*\*\{'bogus': 1\}\) failed: TypeError"):
-        resolve_target(TargetSpec(model=TINY_TARGET, kwargs={"bogus": 1}, where="target", model_origin=Origin.user("test")))
+        resolve_target(
+            TargetSpec(model=TINY_TARGET, kwargs={"bogus": 1}, where="target", model_origin=Origin.user("test"))
+        )
 
 
 def test_report_lists_missing_unexpected_shape_and_dtype() -> None:
@@ -84,7 +86,8 @@ def test_report_lists_missing_unexpected_shape_and_dtype() -> None:
 def test_allowed_missing_does_not_fail(write_rules: Callable[..., Path], ddp_checkpoint: Path) -> None:
     rules = write_rules(
         "ckptx: 1\nextract: model\nsteps: [{strip_prefix: module.}, {drop: ['^fc\\.']}]\n"
-        f"target: {{model: '{TINY_TARGET}', allow_missing: ['^fc\\.']}}\n")
+        f"target: {{model: '{TINY_TARGET}', allow_missing: ['^fc\\.']}}\n"
+    )
     with allow_factories([TINY_TARGET]):  # the tests' own factory, named in a file: the user allows it
         result = ckptx.convert(ddp_checkpoint, None, rules, dry_run=True)
     assert result.report.ok and result.report.allowed_missing == ["fc.weight", "fc.bias"]
@@ -102,7 +105,8 @@ def test_validation_report_text() -> None:
         "  missing in the converted checkpoint: 1\n"
         "    fc.weight: float32[3, 4]  did you mean 'head.weight' (same shape)?\n"
         "  unexpected (not in the target): 1\n"
-        "    head.weight: float32[3, 4]")
+        "    head.weight: float32[3, 4]"
+    )
 
 
 def test_factory_failing_on_meta_is_rebuilt_on_cpu_whatever_its_message(tmp_path, monkeypatch) -> None:
@@ -113,7 +117,9 @@ def test_factory_failing_on_meta_is_rebuilt_on_cpu_whatever_its_message(tmp_path
         "def build():\n"
         "    if torch.empty(0).device.type == 'meta':\n"
         "        raise AttributeError(\"'Tensor' has no attribute 'item' on meta; cannot import the weights\")\n"
-        "    return torch.nn.Linear(2, 3)\n", encoding="utf-8")
+        "    return torch.nn.Linear(2, 3)\n",
+        encoding="utf-8",
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     target = resolve_target(parse_target_arg("metafussy:build"))
     assert set(target.tensors) == {"weight", "bias"}

@@ -19,8 +19,9 @@ import subprocess
 import sys
 import textwrap
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,9 +30,9 @@ import torch
 from ckptx._data import shipped_rules_dir
 from ckptx.errors import RefusedGlobal, SourceError, UntrustedCallable
 from ckptx.io.read.open import open_source
-from ckptx.rules.recipe import Origin, TargetSpec
-from ckptx.rules.loader import load_rules
 from ckptx.rules.lint import named_callables
+from ckptx.rules.loader import load_rules
+from ckptx.rules.recipe import Origin, TargetSpec
 from ckptx.targets.build import build_model
 from ckptx.targets.resolve import resolve_target
 from ckptx.trust.callables import allow_factories, factory_verdict
@@ -72,12 +73,16 @@ def markers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     folder.mkdir()
     (folder / "markermod.py").write_text(
         f"open({str(tmp_path / 'imported')!r}, 'w').close()\n\n\n"
-        f"def build(**kwargs):\n    open({str(tmp_path / 'called')!r}, 'w').close()\n", encoding="utf-8")
+        f"def build(**kwargs):\n    open({str(tmp_path / 'called')!r}, 'w').close()\n",
+        encoding="utf-8",
+    )
     (folder / "script.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n", encoding="utf-8")
     (folder / "ownfactory.py").write_text(
         "import torch\n\n\n"
         f"def build(width=3):\n    open({str(tmp_path / 'own-called')!r}, 'w').close()\n"
-        "    return torch.nn.Linear(2, width)\n", encoding="utf-8")
+        "    return torch.nn.Linear(2, width)\n",
+        encoding="utf-8",
+    )
     monkeypatch.syspath_prepend(str(folder))
     yield tmp_path
     for name in ("markermod", "ownfactory"):
@@ -142,8 +147,9 @@ DANGEROUS_NAMES = [name for name, _ in dangerous(Path("m"), Path("."))]
 
 
 @pytest.mark.parametrize("name", DANGEROUS_NAMES)
-def test_allow_global_of_code_or_system_is_refused_and_the_payload_never_runs(markers: Path, run_cli,
-                                                                             name: str) -> None:
+def test_allow_global_of_code_or_system_is_refused_and_the_payload_never_runs(
+    markers: Path, run_cli, name: str
+) -> None:
     args = dict(dangerous(markers / "pwned", markers / "mods"))[name]
     path = markers / "evil.pth"
     module, _, attr = name.rpartition(".")
@@ -157,20 +163,34 @@ def test_allow_global_of_code_or_system_is_refused_and_the_payload_never_runs(ma
     assert f"--allow-global {name}: refused: " in run_cli("inspect", path, "--allow-global", name).err
 
 
-@pytest.mark.parametrize("func, args", [(os.system, ("touch {m}",)), (eval, ("__import__('os').system('touch {m}')",)),
-                                        (subprocess.Popen, (["touch", "{m}"],))], ids=["os.system", "eval", "Popen"])
+@pytest.mark.parametrize(
+    "func, args",
+    [
+        (os.system, ("touch {m}",)),
+        (eval, ("__import__('os').system('touch {m}')",)),
+        (subprocess.Popen, (["touch", "{m}"],)),
+    ],
+    ids=["os.system", "eval", "Popen"],
+)
 def test_a_torch_zip_payload_is_refused_by_the_real_command(tmp_path: Path, func: Any, args: tuple[Any, ...]) -> None:
     marker = tmp_path / "pwned"
-    filled = tuple([a.replace("{m}", str(marker)) for a in x] if isinstance(x, list) else x.replace("{m}", str(marker))
-                   for x in args)
+    filled = tuple(
+        [a.replace("{m}", str(marker)) for a in x] if isinstance(x, list) else x.replace("{m}", str(marker))
+        for x in args
+    )
     path = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.ones(2)}, "x": Reduce(func, filled)}, path, pickle_protocol=3)
     name = f"{func.__module__}.{func.__qualname__}"
     for extra in (["--allow-global", name], []):
         # -W: torch warns that the file uses pickle protocol 3 (the protocol that keeps `subprocess` its name)
-        done = subprocess.run([sys.executable, "-W", "ignore::UserWarning", "-m", "ckptx", "inspect", str(path), *extra],
-                              env=subprocess_env(),
-                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-W", "ignore::UserWarning", "-m", "ckptx", "inspect", str(path), *extra],
+            env=subprocess_env(),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 2 and one_line(done.stderr), done.stderr
         assert name in done.stderr and not recommended(done.stderr)
         assert not marker.exists()
@@ -180,8 +200,15 @@ def test_the_recommendation_is_what_allow_global_accepts(run_cli, args_checkpoin
     refused = run_cli("convert", args_checkpoint, "-r", "common/strip-module-prefix", "--dry-run")
     assert refused.code == 2 and one_line(refused.err)
     assert recommended(refused.err) == ["argparse.Namespace"]
-    followed = run_cli("convert", args_checkpoint, "-r", "common/strip-module-prefix", "--dry-run",
-                       "--allow-global", "argparse.Namespace")
+    followed = run_cli(
+        "convert",
+        args_checkpoint,
+        "-r",
+        "common/strip-module-prefix",
+        "--dry-run",
+        "--allow-global",
+        "argparse.Namespace",
+    )
     assert followed.code == 0, followed.err
 
 
@@ -190,7 +217,9 @@ def test_builtin_and_numpy_globals_are_recommended_qualified_and_load(tmp_path: 
     torch.save({"model": {"w": torch.ones(2)}, "tags": frozenset({"a"}), "best": np.float64(0.5)}, path)
     refused = run_cli("inspect", path)
     names = recommended(refused.err)
-    assert refused.code == 2 and one_line(refused.err) and "builtins.frozenset" in names and len(names) >= 3, refused.err
+    assert refused.code == 2 and one_line(refused.err) and "builtins.frozenset" in names and len(names) >= 3, (
+        refused.err
+    )
     for name in names:
         resolve_allow_global(name)  # accepted, or this raises
     followed = run_cli("inspect", path, *[arg for name in names for arg in ("--allow-global", name)])
@@ -206,11 +235,13 @@ def test_a_bare_builtin_name_is_not_the_accepted_form(run_cli, tmp_path: Path) -
     assert run_cli("inspect", path, "--allow-global", "builtins.frozenset").code == 0
 
 
-def test_own_data_classes_are_recommended_then_checked_when_named(tmp_path: Path, run_cli,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_own_data_classes_are_recommended_then_checked_when_named(
+    tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "mods"
     folder.mkdir()
-    (folder / "trainconf.py").write_text(textwrap.dedent("""\
+    (folder / "trainconf.py").write_text(
+        textwrap.dedent("""\
         import dataclasses, enum, os
 
         @dataclasses.dataclass
@@ -226,9 +257,11 @@ def test_own_data_classes_are_recommended_then_checked_when_named(tmp_path: Path
 
         def helper():
             return 1
-        """), encoding="utf-8")
+        """),
+        encoding="utf-8",
+    )
     monkeypatch.syspath_prepend(str(folder))
-    import trainconf  # noqa: PLC0415
+    import trainconf
 
     try:
         path = tmp_path / "conf.pth"
@@ -248,22 +281,46 @@ def test_own_data_classes_are_recommended_then_checked_when_named(tmp_path: Path
         sys.modules.pop("trainconf", None)
 
 
-@pytest.mark.parametrize("name", ["argparse.Namespace", "collections.OrderedDict", "builtins.frozenset",
-                                  "builtins.complex", "numpy.dtype", "datetime.datetime", "pathlib.PosixPath"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "argparse.Namespace",
+        "collections.OrderedDict",
+        "builtins.frozenset",
+        "builtins.complex",
+        "numpy.dtype",
+        "datetime.datetime",
+        "pathlib.PosixPath",
+    ],
+)
 def test_plain_data_types_are_allowed(name: str) -> None:
     resolve_allow_global(name)
 
 
-@pytest.mark.parametrize("name", ["torch.nn.Linear", "functools.partial", "types.FunctionType", "builtins.type",
-                                  "builtins.map", "io.FileIO", "zipfile.ZipFile", "numpy.memmap", "numpy.load",
-                                  "collections.namedtuple", "copyreg._reconstructor", "tempfile.NamedTemporaryFile"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "torch.nn.Linear",
+        "functools.partial",
+        "types.FunctionType",
+        "builtins.type",
+        "builtins.map",
+        "io.FileIO",
+        "zipfile.ZipFile",
+        "numpy.memmap",
+        "numpy.load",
+        "collections.namedtuple",
+        "copyreg._reconstructor",
+        "tempfile.NamedTemporaryFile",
+    ],
+)
 def test_code_and_file_touching_classes_are_refused(name: str) -> None:
     with pytest.raises(RefusedGlobal):
         resolve_allow_global(name)
 
 
 def test_a_jobs_file_allows_no_global_of_a_module_that_came_with_it(markers: Path) -> None:
-    from ckptx.trust.pickle_globals import check_file_globals  # noqa: PLC0415
+    from ckptx.trust.pickle_globals import check_file_globals
 
     with pytest.raises(SourceError, match="'markermod' is not an installed package"):
         check_file_globals(["markermod.build"], "jobs.yaml:3:5 jobs[0] allow_globals")
@@ -344,8 +401,11 @@ def test_invert_refuses_target_and_verify_source_models(markers: Path, run_cli, 
     assert traced.code == 2 and f"target.model: refused to call '{model}'" in traced.err, traced.err
     rules = markers / "cast.yaml"
     kwargs = EVIL[model].replace("{marker}", str(markers / "pwned"))
-    rules.write_text(f"ckptx: 1\nsteps: [{{cast: {{dtype: float16}}}}]\nverify:\n  source_model: '{model}'\n"
-                     f"  source_kwargs: {kwargs}\n  input_shape: [1, 3, 8, 8]\n", encoding="utf-8")
+    rules.write_text(
+        f"ckptx: 1\nsteps: [{{cast: {{dtype: float16}}}}]\nverify:\n  source_model: '{model}'\n"
+        f"  source_kwargs: {kwargs}\n  input_shape: [1, 3, 8, 8]\n",
+        encoding="utf-8",
+    )
     fallback = run_cli("invert", rules)  # a cast needs the source layout: from verify.source_model
     assert fallback.code == 2 and f"verify.source_model: refused to call '{model}'" in fallback.err, fallback.err
     assert no_marker(markers)
@@ -357,13 +417,16 @@ def test_batch_dry_run_refuses_callables_of_jobs_and_rule_files(markers: Path, d
     (markers / "strip.yaml").write_text(STRIP, encoding="utf-8")
     evil_rules(markers, model)
     jobs = markers / "jobs.yaml"
-    jobs.write_text(textwrap.dedent(f"""\
+    jobs.write_text(
+        textwrap.dedent(f"""\
         ckptx: 1
         defaults: {{rules: strip.yaml}}
         jobs:
           - {{src: zoo/m.pt, dst: out/a, target: {{model: '{model}', kwargs: {kwargs}}}}}
           - {{src: zoo/m.pt, dst: out/b, rules: evil.yaml}}
-        """), encoding="utf-8")
+        """),
+        encoding="utf-8",
+    )
     result = run_cli("batch", jobs, "--dry-run", "--json")
     assert result.code == 1, result.out
     errors = [job["error"] for job in result.json["jobs"]]
@@ -391,8 +454,10 @@ def test_a_callable_the_user_names_runs(markers: Path, ddp: Path, run_cli) -> No
 def test_batch_runs_what_the_user_allows(markers: Path, ddp: Path, run_cli) -> None:
     (markers / "strip.yaml").write_text(STRIP, encoding="utf-8")
     jobs = markers / "jobs.yaml"
-    jobs.write_text(f"ckptx: 1\njobs:\n  - {{src: zoo/m.pt, dst: out/a, rules: strip.yaml, "
-                    f"target: {{model: '{TINY_TARGET}'}}}}\n", encoding="utf-8")
+    jobs.write_text(
+        f"ckptx: 1\njobs:\n  - {{src: zoo/m.pt, dst: out/a, rules: strip.yaml, target: {{model: '{TINY_TARGET}'}}}}\n",
+        encoding="utf-8",
+    )
     assert run_cli("batch", jobs, "--dry-run").code == 1
     result = run_cli("batch", jobs, "--dry-run", "--allow-factory", TINY_TARGET, "--json")
     assert result.code == 0 and result.json["counts"]["planned"] == 1, result.out
@@ -419,11 +484,23 @@ def test_what_may_be_imported_to_look(markers: Path) -> None:
     assert import_refusal("safetensors.torch") is None  # an installed distribution
 
 
-@pytest.mark.parametrize("name, allowed", [
-    ("torch.nn:Linear", True), ("ckptx.factories:convnextv2_hf", True), ("ckptx.reference.convnextv2:build", True),
-    ("ckptx.reference.convnextv2:ConvNeXtV2", True), ("torch:load", False), ("torch.hub:load", False),
-    ("torch.nn:Module.register_forward_hook", False), ("ckptx.factories:_size", False), ("torch:Tensor", False),
-    ("safetensors.torch:load_file", False), ("os:system", False), ("builtins:exec", False)])
+@pytest.mark.parametrize(
+    "name, allowed",
+    [
+        ("torch.nn:Linear", True),
+        ("ckptx.factories:convnextv2_hf", True),
+        ("ckptx.reference.convnextv2:build", True),
+        ("ckptx.reference.convnextv2:ConvNeXtV2", True),
+        ("torch:load", False),
+        ("torch.hub:load", False),
+        ("torch.nn:Module.register_forward_hook", False),
+        ("ckptx.factories:_size", False),
+        ("torch:Tensor", False),
+        ("safetensors.torch:load_file", False),
+        ("os:system", False),
+        ("builtins:exec", False),
+    ],
+)
 def test_verdicts_are_decided_on_what_the_object_is(name: str, allowed: bool) -> None:
     verdict = factory_verdict(name)
     assert verdict.allowed is allowed, verdict
@@ -469,12 +546,16 @@ def _wheel(folder: Path) -> Path:
     and the whole `zoo_pack.more` module."""
     info = "zoo_rules-1.0.dist-info"
     recipe = "ckptx: 1\nsteps: [{strip_prefix: module.}]\ntarget: {model: 'zoo_pack.models:build'}\n"
-    contents = {"zoo_pack/__init__.py": "", "zoo_pack/models.py": MODELS_PY, "zoo_pack/more.py": MODELS_PY,
-                "zoo_pack/linear.yaml": recipe,
-                f"{info}/METADATA": "Metadata-Version: 2.1\nName: zoo-rules\nVersion: 1.0\n",
-                f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-                f"{info}/entry_points.txt": "[ckptx.rules]\nzoo = zoo_pack\n\n[ckptx.factories]\n"
-                                            "linear = zoo_pack.models:build\nmore = zoo_pack.more\n"}
+    contents = {
+        "zoo_pack/__init__.py": "",
+        "zoo_pack/models.py": MODELS_PY,
+        "zoo_pack/more.py": MODELS_PY,
+        "zoo_pack/linear.yaml": recipe,
+        f"{info}/METADATA": "Metadata-Version: 2.1\nName: zoo-rules\nVersion: 1.0\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{info}/entry_points.txt": "[ckptx.rules]\nzoo = zoo_pack\n\n[ckptx.factories]\n"
+        "linear = zoo_pack.models:build\nmore = zoo_pack.more\n",
+    }
     record = []
     for name, text in contents.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
@@ -489,32 +570,60 @@ def _wheel(folder: Path) -> Path:
 
 def test_a_rule_pack_declares_the_factories_its_recipes_may_name(tmp_path: Path) -> None:
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-                    "--disable-pip-version-check", "--target", str(site), str(_wheel(tmp_path))], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-index",
+            "--disable-pip-version-check",
+            "--target",
+            str(site),
+            str(_wheel(tmp_path)),
+        ],
+        check=True,
+    )
     env = subprocess_env()
     env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
     ckpt = tmp_path / "m.pt"
     torch.save({"module.weight": torch.zeros(3, 2), "module.bias": torch.zeros(3)}, ckpt)
     rules = {name: tmp_path / f"{name}.yaml" for name in ("undeclared", "more")}
     rules["undeclared"].write_text("ckptx: 1\ntarget: {model: 'zoo_pack.models:undeclared'}\n", encoding="utf-8")
-    rules["more"].write_text("ckptx: 1\nsteps: [{strip_prefix: module.}]\ntarget: {model: 'zoo_pack.more:undeclared', "
-                             "kwargs: {}}\n", encoding="utf-8")
+    rules["more"].write_text(
+        "ckptx: 1\nsteps: [{strip_prefix: module.}]\ntarget: {model: 'zoo_pack.more:undeclared', kwargs: {}}\n",
+        encoding="utf-8",
+    )
 
     def ckptx(*args: object) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "ckptx", *map(str, args)], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "ckptx", *map(str, args)],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     declared = ckptx("convert", ckpt, "-r", "zoo:linear", "--dry-run")
-    assert declared.returncode == 0 and "validation against zoo_pack.models:build(): OK" in declared.stdout, declared.stderr
+    assert declared.returncode == 0 and "validation against zoo_pack.models:build(): OK" in declared.stdout, (
+        declared.stderr
+    )
     lint = ckptx("lint", "zoo:linear")
     assert "(declared by the rule pack zoo-rules)" in lint.stdout, lint.stdout
     whole_module = ckptx("convert", ckpt, "-r", rules["more"], "--dry-run")
     assert whole_module.returncode == 1 and "validation against zoo_pack.more:undeclared()" in whole_module.stdout
     refused = ckptx("convert", ckpt, "-r", rules["undeclared"], "--dry-run")
-    assert refused.returncode == 2 and "refused to call 'zoo_pack.models:undeclared' named in a file: a function" \
-        in refused.stderr, refused.stderr
-    rules["undeclared"].write_text(f"ckptx: 1\ntarget: {{model: 'zoo_pack.more:system', kwargs: {{command: 'touch "
-                                   f"{tmp_path / 'pwned'}'}}}}\n", encoding="utf-8")
+    assert (
+        refused.returncode == 2
+        and "refused to call 'zoo_pack.models:undeclared' named in a file: a function" in refused.stderr
+    ), refused.stderr
+    rules["undeclared"].write_text(
+        f"ckptx: 1\ntarget: {{model: 'zoo_pack.more:system', kwargs: {{command: 'touch {tmp_path / 'pwned'}'}}}}\n",
+        encoding="utf-8",
+    )
     imported = ckptx("convert", ckpt, "-r", rules["undeclared"], "--dry-run")  # declared module, imported callable
     assert imported.returncode == 2 and "it is a builtin function of the standard library (posix)" in imported.stderr
     assert not (tmp_path / "pwned").exists()

@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 from ckptx.errors import CkptxError
 
@@ -54,8 +55,9 @@ class PoolRunner:
     loses only those; the pool is then replaced and the other tasks go on.
     """
 
-    def __init__(self, workers: int, preload: Sequence[str] = (),
-                 initializer: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, workers: int, preload: Sequence[str] = (), initializer: Callable[[int], None] | None = None
+    ) -> None:
         self.workers = workers
         self.preload = list(preload)
         self.initializer = initializer
@@ -70,8 +72,12 @@ class PoolRunner:
 
     def _started(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=self._context(), initializer=self.initializer,
-                                             initargs=(self.workers,) if self.initializer else ())
+            self._pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=self._context(),
+                initializer=self.initializer,
+                initargs=(self.workers,) if self.initializer else (),
+            )
         return self._pool
 
     def run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Outcome]]:
@@ -124,7 +130,7 @@ class DaskRunner:
 
     def __init__(self, workers: int, scheduler: str | None, *, wait_seconds: float = 60.0) -> None:
         try:
-            import distributed  # noqa: PLC0415
+            import distributed
         except ImportError:
             raise CkptxError("--executor dask needs Dask, an optional dependency: pip install 'ckptx[dask]'") from None
         self._distributed = distributed
@@ -133,16 +139,25 @@ class DaskRunner:
             try:
                 self.client = distributed.Client(scheduler, timeout="10s")
             except (OSError, TimeoutError) as exc:
-                raise CkptxError(f"cannot reach the Dask scheduler at {scheduler} ({exc}); is `dask scheduler` "
-                                 "running there and reachable from this machine?") from None
+                raise CkptxError(
+                    f"cannot reach the Dask scheduler at {scheduler} ({exc}); is `dask scheduler` "
+                    "running there and reachable from this machine?"
+                ) from None
         else:
             try:
-                self._cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                         dashboard_address=None, silence_logs=logging.ERROR)
+                self._cluster = distributed.LocalCluster(
+                    n_workers=workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    silence_logs=logging.ERROR,
+                )
             except Exception as exc:  # noqa: BLE001 - Dask raises RuntimeError and friends
-                raise CkptxError(f"could not start a Dask LocalCluster of {workers} worker processes "
-                                 f"({type(exc).__name__}: {exc}); run from a script file or module, or use "
-                                 "--scheduler ADDRESS") from None
+                raise CkptxError(
+                    f"could not start a Dask LocalCluster of {workers} worker processes "
+                    f"({type(exc).__name__}: {exc}); run from a script file or module, or use "
+                    "--scheduler ADDRESS"
+                ) from None
             self.client = distributed.Client(self._cluster)
         try:
             self._check_workers(scheduler, wait_seconds)
@@ -151,22 +166,28 @@ class DaskRunner:
             raise
 
     def _check_workers(self, scheduler: str | None, wait_seconds: float) -> None:
-        from ckptx._version import __version__  # noqa: PLC0415
+        from ckptx._version import __version__
 
         try:
             self.client.wait_for_workers(1, timeout=wait_seconds)
         except TimeoutError:
-            raise CkptxError(f"no Dask worker joined the scheduler {scheduler} within {wait_seconds:.0f} s; "
-                             "start workers with `dask worker ADDRESS`") from None
+            raise CkptxError(
+                f"no Dask worker joined the scheduler {scheduler} within {wait_seconds:.0f} s; "
+                "start workers with `dask worker ADDRESS`"
+            ) from None
         try:
             versions = self.client.run(_ckptx_version)
         except Exception as exc:  # noqa: BLE001 - whatever the workers raised
-            raise CkptxError(f"the Dask workers cannot run ckptx ({type(exc).__name__}: {exc}); install ckptx "
-                             f"{__version__} in the workers' environment") from None
+            raise CkptxError(
+                f"the Dask workers cannot run ckptx ({type(exc).__name__}: {exc}); install ckptx "
+                f"{__version__} in the workers' environment"
+            ) from None
         wrong = sorted(f"{worker} has {version}" for worker, version in versions.items() if version != __version__)
         if wrong:
-            raise CkptxError(f"the Dask workers run another ckptx than this {__version__}: {', '.join(wrong)}; "
-                             "install the same version everywhere")
+            raise CkptxError(
+                f"the Dask workers run another ckptx than this {__version__}: {', '.join(wrong)}; "
+                "install the same version everywhere"
+            )
 
     def run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Outcome]]:
         """Submit every item to the cluster, then yield outcomes as they complete."""
@@ -186,7 +207,7 @@ class DaskRunner:
 
 
 def _ckptx_version() -> str:
-    from ckptx._version import __version__  # noqa: PLC0415
+    from ckptx._version import __version__
 
     return __version__
 
@@ -202,8 +223,13 @@ def check_runner_options(executor: str, workers: int, scheduler: str | None = No
 
 
 @contextmanager
-def open_runner(executor: str, workers: int, scheduler: str | None = None, preload: Sequence[str] = (),
-                initializer: Callable[[int], None] | None = None) -> Iterator[Runner]:
+def open_runner(
+    executor: str,
+    workers: int,
+    scheduler: str | None = None,
+    preload: Sequence[str] = (),
+    initializer: Callable[[int], None] | None = None,
+) -> Iterator[Runner]:
     """The runner for `--executor`/`-j`/`--scheduler`; stopped on exit (at once on an interrupt).
 
     For a local pool: `preload` names the modules the task functions live in (imported once, ahead, in

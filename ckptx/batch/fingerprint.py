@@ -11,21 +11,29 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ckptx._version import __version__
 from ckptx.errors import SourceError
-from ckptx.io.write.atomic import atomic_output
 from ckptx.io.read.safetensors_reader import read_header
+from ckptx.io.write.atomic import atomic_output
 from ckptx.rules.recipe import Recipe
 
 FINGERPRINT_KEY = "ckptx.fingerprint"
 SIDECAR_SUFFIX = ".ckptx.json"
 FINGERPRINT_VERSION = 1
-_NAMES = {"source": "source", "rules": "rule files", "params": "params", "target": "target", "format": "format",
-          "ckptx": "ckptx version", "fingerprint": "fingerprint version"}
+_NAMES = {
+    "source": "source",
+    "rules": "rule files",
+    "params": "params",
+    "target": "target",
+    "format": "format",
+    "ckptx": "ckptx version",
+    "fingerprint": "fingerprint version",
+}
 
 
 @dataclass(frozen=True)
@@ -39,7 +47,7 @@ class Fingerprint:
         return json.dumps(self.fields, sort_keys=True, separators=(",", ":"), default=str)
 
     @classmethod
-    def from_json(cls, text: str) -> "Fingerprint | None":
+    def from_json(cls, text: str) -> Fingerprint | None:
         """Parse a recorded fingerprint; None when it is not one."""
         try:
             fields = json.loads(text)
@@ -47,7 +55,7 @@ class Fingerprint:
             return None
         return cls(fields) if isinstance(fields, dict) else None
 
-    def changes_since(self, recorded: "Fingerprint") -> list[str]:
+    def changes_since(self, recorded: Fingerprint) -> list[str]:
         """Readable names of what differs from a recorded fingerprint (empty when it is current)."""
         mine, theirs = json.loads(self.to_json()), json.loads(recorded.to_json())
         return [_NAMES.get(key, key) for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)]
@@ -67,18 +75,21 @@ class OutputState:
         return self.status in ("current", "stale")
 
 
-def fingerprint(src: Path, recipe: Recipe, *, src_label: str, target: Mapping[str, Any] | None,
-                fmt: str) -> Fingerprint:
+def fingerprint(
+    src: Path, recipe: Recipe, *, src_label: str, target: Mapping[str, Any] | None, fmt: str
+) -> Fingerprint:
     """The fingerprint of converting `src` with `recipe` to `fmt` for `target`; stats the source files now."""
-    return Fingerprint({
-        "fingerprint": FINGERPRINT_VERSION,
-        "ckptx": __version__,
-        "source": {"path": src_label, "files": source_files(src)},
-        "rules": [[f.name, f.sha256] for f in recipe.files],
-        "params": dict(recipe.params),
-        "target": dict(target or {}),
-        "format": fmt,
-    })
+    return Fingerprint(
+        {
+            "fingerprint": FINGERPRINT_VERSION,
+            "ckptx": __version__,
+            "source": {"path": src_label, "files": source_files(src)},
+            "rules": [[f.name, f.sha256] for f in recipe.files],
+            "params": dict(recipe.params),
+            "target": dict(target or {}),
+            "format": fmt,
+        }
+    )
 
 
 def source_files(src: Path) -> list[list[Any]]:
@@ -144,9 +155,11 @@ def sidecar_path(dst: Path) -> Path:
 def write_sidecar(dst: Path, current: Fingerprint) -> Path:
     """Record `current` beside a finished torch output, with the output's size and mtime_ns; atomic."""
     stat = dst.stat()
-    doc = {"ckptx_sidecar": FINGERPRINT_VERSION, "output": {"name": dst.name, "size": stat.st_size,
-                                                            "mtime_ns": stat.st_mtime_ns},
-           "fingerprint": json.loads(current.to_json())}
+    doc = {
+        "ckptx_sidecar": FINGERPRINT_VERSION,
+        "output": {"name": dst.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+        "fingerprint": json.loads(current.to_json()),
+    }
     path = sidecar_path(dst)
     with atomic_output(path) as out:
         out.write((json.dumps(doc, indent=1, sort_keys=True) + "\n").encode("utf-8"))

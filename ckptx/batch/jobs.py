@@ -11,23 +11,29 @@ import glob as globlib
 import json
 import re
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ckptx.errors import Problem, RuleError
 from ckptx.io.read.open import is_checkpoint_folder
 from ckptx.rules.loader import _display, load_rules
-from ckptx.rules.recipe import Recipe, TargetSpec
 from ckptx.rules.packs import resolve_rule
+from ckptx.rules.recipe import Recipe, TargetSpec
 from ckptx.rules.schema import _unique, schema_problems
 from ckptx.rules.yamlfile import PathTuple, YamlDocument, load_yaml
 
 JOBS_SCHEMA = "ckptx-jobs.schema.json"
 PLACEHOLDERS = ("stem", "name", "parent")
 EXTENSIONS = {"safetensors": ".safetensors", "torch": ".pth"}
-FORMAT_OF_EXTENSION = {".safetensors": "safetensors", ".pth": "torch", ".pt": "torch", ".bin": "torch",
-                       ".ckpt": "torch"}
+FORMAT_OF_EXTENSION = {
+    ".safetensors": "safetensors",
+    ".pth": "torch",
+    ".pt": "torch",
+    ".bin": "torch",
+    ".ckpt": "torch",
+}
 _TARGET_SOURCES = ("model", "checkpoint", "manifest")
 _JOB_PATH = re.compile(r"^jobs\[(\d+)\]")
 _SETTINGS = ("dst", "rules", "target", "format", "params", "force", "allow_globals")
@@ -54,8 +60,9 @@ class JobSpec:
     origin: Mapping[str, PathTuple] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], defaults: Mapping[str, Any], *, source: YamlDocument,
-                  path: PathTuple) -> "JobSpec":
+    def from_dict(
+        cls, data: Mapping[str, Any], defaults: Mapping[str, Any], *, source: YamlDocument, path: PathTuple
+    ) -> JobSpec:
         """Build from a schema-valid job mapping and the schema-valid `defaults:` mapping of `source`."""
         origin = {key: ("defaults", key) for key in _SETTINGS if key in defaults}
         origin.update({key: path + (key,) for key in _SETTINGS if key in data})
@@ -118,8 +125,9 @@ class Job:
         """The job's target as a TargetSpec (relative checkpoint/manifest paths from the jobs folder)."""
         if not self.target:
             return None
-        return TargetSpec.from_dict(self.target, base_dir=self.base_dir, where=f"{self.entry}.target",
-                                    model_where=self.model_where)
+        return TargetSpec.from_dict(
+            self.target, base_dir=self.base_dir, where=f"{self.entry}.target", model_where=self.model_where
+        )
 
     def recipe(self) -> Recipe:
         """Load the job's rule files (paths from the jobs folder, or recipe names) with its params."""
@@ -226,10 +234,22 @@ class _Checker:
             dst = self._output(spec, src)
             if dst is None:
                 return []
-            jobs.append(Job(entry=spec.at(self.doc), match=match, src=src, dst=dst, base_dir=self.base, rules=spec.rules,
-                            target=spec.target, format=_format_of(dst), params=dict(spec.params),
-                            force=spec.force, allow_globals=spec.allow_globals,
-                            model_where=spec.at(self.doc, "target.model") if "target.model" in spec.origin else ""))
+            jobs.append(
+                Job(
+                    entry=spec.at(self.doc),
+                    match=match,
+                    src=src,
+                    dst=dst,
+                    base_dir=self.base,
+                    rules=spec.rules,
+                    target=spec.target,
+                    format=_format_of(dst),
+                    params=dict(spec.params),
+                    force=spec.force,
+                    allow_globals=spec.allow_globals,
+                    model_where=spec.at(self.doc, "target.model") if "target.model" in spec.origin else "",
+                )
+            )
         return jobs
 
     def _check_spec(self, spec: JobSpec) -> None:
@@ -257,14 +277,24 @@ class _Checker:
                 continue
             if name not in PLACEHOLDERS or fmt or conversion:
                 shown = ", ".join(f"{{{p}}}" for p in PLACEHOLDERS)
-                self.problems.append(Problem(where, f"unknown placeholder {{{name}{'!' + conversion if conversion else ''}"
-                                                    f"{':' + fmt if fmt else ''}}} in {spec.dst!r}; use {shown}"))
+                self.problems.append(
+                    Problem(
+                        where,
+                        f"unknown placeholder {{{name}{'!' + conversion if conversion else ''}"
+                        f"{':' + fmt if fmt else ''}}} in {spec.dst!r}; use {shown}",
+                    )
+                )
         if spec.format is not None and "format" in spec.origin and spec.origin["format"][0] == "jobs":
             suffix = Path(spec.dst or "").suffix.lower()
             implied = FORMAT_OF_EXTENSION.get(suffix)
             if implied is not None and implied != spec.format:
-                self.problems.append(Problem(where, f"{spec.dst!r} is a {implied} file but this job says "
-                                                    f"format: {spec.format}; drop the extension or the format"))
+                self.problems.append(
+                    Problem(
+                        where,
+                        f"{spec.dst!r} is a {implied} file but this job says "
+                        f"format: {spec.format}; drop the extension or the format",
+                    )
+                )
 
     def _check_recipe(self, spec: JobSpec) -> None:
         key = json.dumps([spec.rules, spec.params], sort_keys=True, default=str)
@@ -296,20 +326,31 @@ class _Checker:
         if spec.src is not None and spec.glob is None:
             src = self.base / spec.src
             if not src.exists():
-                self.problems.append(Problem(spec.at(self.doc, "src"), f"no such file: {spec.src} (paths are relative "
-                                                                       "to the jobs file's folder)"))
+                self.problems.append(
+                    Problem(
+                        spec.at(self.doc, "src"),
+                        f"no such file: {spec.src} (paths are relative to the jobs file's folder)",
+                    )
+                )
             elif src.is_dir() and not is_checkpoint_folder(src):
-                self.problems.append(Problem(spec.at(self.doc, "src"), f"{spec.src} is a folder but not a DCP or "
-                                                                       f"DeepSpeed checkpoint; give the checkpoint file"))
+                self.problems.append(
+                    Problem(
+                        spec.at(self.doc, "src"),
+                        f"{spec.src} is a folder but not a DCP or DeepSpeed checkpoint; give the checkpoint file",
+                    )
+                )
             return [src]
         if spec.glob is None:
             return []
         matches = sorted(Path(p) for p in globlib.glob(str(self.base / spec.glob), recursive=True))
         files = [p for p in matches if p.is_file()]
         if not files:
-            self.problems.append(Problem(spec.at(self.doc, "glob"),
-                                         f"{spec.glob!r} matches no file (patterns are relative to the jobs "
-                                         "file's folder)"))
+            self.problems.append(
+                Problem(
+                    spec.at(self.doc, "glob"),
+                    f"{spec.glob!r} matches no file (patterns are relative to the jobs file's folder)",
+                )
+            )
         return files
 
     def _output(self, spec: JobSpec, src: Path) -> Path | None:
@@ -327,15 +368,22 @@ class _Checker:
         for job in jobs:
             dst = job.dst.resolve()
             if dst in writers:
-                clashes.setdefault(job.entry, []).append(f"output {job.label} is also the output of {writers[dst].where}")
+                clashes.setdefault(job.entry, []).append(
+                    f"output {job.label} is also the output of {writers[dst].where}"
+                )
             elif dst in sources:
                 reader = "this job" if sources[dst] is job else sources[dst].where
                 clashes.setdefault(job.entry, []).append(f"output {job.label} is the source of {reader}")
             writers.setdefault(dst, job)
         for entry, messages in clashes.items():
             more = f" (and {len(messages) - 1} more like it)" if len(messages) > 1 else ""
-            self.problems.append(Problem(entry, f"{messages[0]}{more}; give each job its own dst that is no job's "
-                                                f"src (e.g. with {{stem}} or {{parent}})"))
+            self.problems.append(
+                Problem(
+                    entry,
+                    f"{messages[0]}{more}; give each job its own dst that is no job's "
+                    f"src (e.g. with {{stem}} or {{parent}})",
+                )
+            )
 
 
 def _format_of(dst: Path) -> str:

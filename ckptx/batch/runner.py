@@ -14,21 +14,30 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ckptx._version import __version__
+from ckptx.batch.executors import Runner, check_runner_options, open_runner
+from ckptx.batch.fingerprint import (
+    FINGERPRINT_KEY,
+    Fingerprint,
+    OutputState,
+    fingerprint,
+    output_state,
+    remove_sidecar,
+    sidecar_path,
+    write_sidecar,
+)
+from ckptx.batch.jobs import Job, JobsFile, load_jobs
 from ckptx.conversion.pipeline import convert
 from ckptx.errors import CkptxError, DestinationError, ValidationFailed
-from ckptx.batch.executors import Runner, check_runner_options, open_runner
-from ckptx.batch.fingerprint import (FINGERPRINT_KEY, Fingerprint, OutputState, fingerprint, output_state,
-                                     remove_sidecar, sidecar_path, write_sidecar)
-from ckptx.io.write.destination import InputFiles
 from ckptx.io.write.atomic import atomic_output
-from ckptx.batch.jobs import Job, JobsFile, load_jobs
-from ckptx.text import json_text
+from ckptx.io.write.destination import InputFiles
 from ckptx.rules.recipe import Recipe
+from ckptx.text import json_text
 from ckptx.trust.callables import allow_factories, approved_factories
 from ckptx.trust.pickle_globals import check_file_globals
 
@@ -64,11 +73,22 @@ class JobResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
         return {
-            "job": self.job.label, "where": self.job.where, "src": str(self.job.src), "dst": str(self.job.dst),
-            "format": self.job.format, "status": self.status, "phase": self.phase, "reason": self.reason,
-            "seconds": round(self.seconds, 4), "bytes_written": self.bytes_written,
-            "error": self.error or None, "error_type": self.error_type or None, "validation": self.validation,
-            "notes": list(self.notes), "traceback": self.traceback or None, "worker": self.worker or None,
+            "job": self.job.label,
+            "where": self.job.where,
+            "src": str(self.job.src),
+            "dst": str(self.job.dst),
+            "format": self.job.format,
+            "status": self.status,
+            "phase": self.phase,
+            "reason": self.reason,
+            "seconds": round(self.seconds, 4),
+            "bytes_written": self.bytes_written,
+            "error": self.error or None,
+            "error_type": self.error_type or None,
+            "validation": self.validation,
+            "notes": list(self.notes),
+            "traceback": self.traceback or None,
+            "worker": self.worker or None,
         }
 
 
@@ -108,10 +128,18 @@ class BatchResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (the report file's content)."""
         return {
-            "ok": self.ok, "ckptx": __version__, "jobs_file": str(self.jobs_file), "dry_run": self.dry_run,
-            "resume": self.resume, "executor": self.executor, "workers": self.workers,
-            "interrupted": self.interrupted, "seconds": round(self.seconds, 3), "counts": self.counts,
-            "bytes_written": self.bytes_written, "jobs": [r.to_dict() for r in self.results],
+            "ok": self.ok,
+            "ckptx": __version__,
+            "jobs_file": str(self.jobs_file),
+            "dry_run": self.dry_run,
+            "resume": self.resume,
+            "executor": self.executor,
+            "workers": self.workers,
+            "interrupted": self.interrupted,
+            "seconds": round(self.seconds, 3),
+            "counts": self.counts,
+            "bytes_written": self.bytes_written,
+            "jobs": [r.to_dict() for r in self.results],
         }
 
 
@@ -138,8 +166,16 @@ class _Tracker:
             self.progress(phase, done, total, sum(r.status == "failed" for r in self.results.values()))
 
 
-def run_batch(jobs_file: str | Path | JobsFile, *, workers: int = 1, dry_run: bool = False, resume: bool = False,
-              executor: str = "local", scheduler: str | None = None, progress: Progress | None = None) -> BatchResult:
+def run_batch(
+    jobs_file: str | Path | JobsFile,
+    *,
+    workers: int = 1,
+    dry_run: bool = False,
+    resume: bool = False,
+    executor: str = "local",
+    scheduler: str | None = None,
+    progress: Progress | None = None,
+) -> BatchResult:
     """Run every job of a jobs file; returns each job's result (a failed job does not stop the others).
 
     Raises RuleError (every problem at once) for an invalid jobs file or recipe, before anything runs.
@@ -166,8 +202,11 @@ def run_batch(jobs_file: str | Path | JobsFile, *, workers: int = 1, dry_run: bo
             for phase, task_fn in (("plan", _plan_job), ("write", _write_job)):
                 if phase == "write" and dry_run:
                     break
-                todo = [i for i in range(len(jobs)) if tracker.results.get(i) is None
-                        or tracker.results[i].status == "planned"]
+                todo = [
+                    i
+                    for i in range(len(jobs))
+                    if tracker.results.get(i) is None or tracker.results[i].status == "planned"
+                ]
                 tasks = [_Task(jobs[i], resume, approved_factories()) for i in todo]
                 _run_phase(runner, phase, task_fn, tasks, todo, tracker)
     except KeyboardInterrupt:
@@ -178,12 +217,26 @@ def run_batch(jobs_file: str | Path | JobsFile, *, workers: int = 1, dry_run: bo
         if result is None or interrupted and result.status == "planned" and not dry_run:
             result = JobResult(job, "interrupted", reason="the batch was interrupted before this job finished")
         results.append(result)
-    return BatchResult(loaded.path, tuple(results), time.perf_counter() - started, dry_run=dry_run, resume=resume,
-                       executor=executor, workers=workers, interrupted=interrupted)
+    return BatchResult(
+        loaded.path,
+        tuple(results),
+        time.perf_counter() - started,
+        dry_run=dry_run,
+        resume=resume,
+        executor=executor,
+        workers=workers,
+        interrupted=interrupted,
+    )
 
 
-def _run_phase(runner: Runner, phase: str, task_fn: Callable[[_Task], JobResult], tasks: list[_Task],
-               indices: list[int], tracker: _Tracker) -> None:
+def _run_phase(
+    runner: Runner,
+    phase: str,
+    task_fn: Callable[[_Task], JobResult],
+    tasks: list[_Task],
+    indices: list[int],
+    tracker: _Tracker,
+) -> None:
     """Run one phase's tasks; a task lost with its worker (killed, out of memory) is retried once, alone.
 
     Alone, so that a job that kills its worker again takes no other job down with it.
@@ -272,8 +325,7 @@ def _plan(task: _Task) -> JobResult:
         recipe = job.recipe()
         reason = _overwrite_reason(job, output_state(job.dst, _fingerprint(job, recipe)), task.resume)
         check_file_globals(job.allow_globals, f"{job.entry} allow_globals")
-        result = convert(job.src, None, recipe, target=job.target_spec(), dry_run=True,
-                         allow_globals=job.allow_globals)
+        result = convert(job.src, None, recipe, target=job.target_spec(), dry_run=True, allow_globals=job.allow_globals)
         if result.report is not None and not result.report.ok:
             raise ValidationFailed(result.report)
         return JobResult(job, "planned", "plan", reason, time.perf_counter() - started, notes=tuple(result.notes))
@@ -293,13 +345,27 @@ def _write(task: _Task) -> JobResult:
         job.dst.parent.mkdir(parents=True, exist_ok=True)
         if job.format != "safetensors":
             remove_sidecar(job.dst)
-        result = convert(job.src, job.dst, recipe, target=job.target_spec(), force=state.status != "missing",
-                         allow_globals=job.allow_globals, metadata={FINGERPRINT_KEY: current.to_json()})
+        result = convert(
+            job.src,
+            job.dst,
+            recipe,
+            target=job.target_spec(),
+            force=state.status != "missing",
+            allow_globals=job.allow_globals,
+            metadata={FINGERPRINT_KEY: current.to_json()},
+        )
         if job.format != "safetensors":
             InputFiles.of([job.src]).check(sidecar_path(job.dst), force=True, what="the output's sidecar")
             write_sidecar(job.dst, current)
-        return JobResult(job, "converted", "write", reason, time.perf_counter() - started, result.bytes_written,
-                         notes=tuple(result.notes))
+        return JobResult(
+            job,
+            "converted",
+            "write",
+            reason,
+            time.perf_counter() - started,
+            result.bytes_written,
+            notes=tuple(result.notes),
+        )
     except Exception as exc:  # noqa: BLE001 - any failure is this job's, never the batch's
         return _failure(job, "write", exc, started)
 
@@ -319,48 +385,84 @@ def _overwrite_reason(job: Job, state: OutputState, resume: bool) -> str:
     if job.force:
         return "overwritten (force: true)"
     if state.made_by_ckptx:
-        raise DestinationError(f"{job.dst}: already exists (written by ckptx); pass --resume to redo only "
-                               "outdated outputs, or set `force: true` on the job to redo it")
-    raise DestinationError(f"{job.dst}: already exists and was not written by ckptx batch ({state.detail}); "
-                           "set `force: true` on the job to overwrite it, or write elsewhere")
+        raise DestinationError(
+            f"{job.dst}: already exists (written by ckptx); pass --resume to redo only "
+            "outdated outputs, or set `force: true` on the job to redo it"
+        )
+    raise DestinationError(
+        f"{job.dst}: already exists and was not written by ckptx batch ({state.detail}); "
+        "set `force: true` on the job to overwrite it, or write elsewhere"
+    )
 
 
 def _failure(job: Job, phase: str, exc: BaseException, started: float) -> JobResult:
     seconds = time.perf_counter() - started
     if isinstance(exc, ValidationFailed):
         report = exc.report
-        return JobResult(job, "failed", phase, seconds=seconds, error=str(report), error_type="ValidationFailed",
-                         validation=report.to_dict() if hasattr(report, "to_dict") else None)
+        return JobResult(
+            job,
+            "failed",
+            phase,
+            seconds=seconds,
+            error=str(report),
+            error_type="ValidationFailed",
+            validation=report.to_dict() if hasattr(report, "to_dict") else None,
+        )
     if isinstance(exc, CkptxError):
         return JobResult(job, "failed", phase, seconds=seconds, error=str(exc), error_type=type(exc).__name__)
-    return JobResult(job, "failed", phase, seconds=seconds, error_type="internal",
-                     error=f"internal error: {type(exc).__name__}: {exc}; this is a bug in ckptx, please report "
-                           "it with the traceback in the report file",
-                     traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    return JobResult(
+        job,
+        "failed",
+        phase,
+        seconds=seconds,
+        error_type="internal",
+        error=f"internal error: {type(exc).__name__}: {exc}; this is a bug in ckptx, please report "
+        "it with the traceback in the report file",
+        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+    )
 
 
 def _as_result(job: Job, phase: str, outcome: Any) -> JobResult:
     """A task's outcome as a JobResult: what it returned, or why its worker lost it."""
     if isinstance(outcome, JobResult):
         return outcome
-    return JobResult(job, "failed", phase, error_type="worker-lost",
-                     error=f"the worker running this job died twice ({type(outcome).__name__}: {outcome}); it may run "
-                           "out of memory or crash the reader: try it alone, or with a smaller -j")
+    return JobResult(
+        job,
+        "failed",
+        phase,
+        error_type="worker-lost",
+        error=f"the worker running this job died twice ({type(outcome).__name__}: {outcome}); it may run "
+        "out of memory or crash the reader: try it alone, or with a smaller -j",
+    )
 
 
 def _mismatch_summary(validation: Mapping[str, Any]) -> str:
-    counts = [(len(validation.get(key) or []), label) for key, label in
-              (("missing", "missing"), ("unexpected", "unexpected"), ("shape_mismatches", "shape mismatches"))]
+    counts = [
+        (len(validation.get(key) or []), label)
+        for key, label in (
+            ("missing", "missing"),
+            ("unexpected", "unexpected"),
+            ("shape_mismatches", "shape mismatches"),
+        )
+    ]
     parts = ", ".join(f"{n} {label}" for n, label in counts if n)
     return f"does not fit {validation.get('target')}: {parts or 'mismatch'}"
 
 
 def render_batch(result: BatchResult, report_path: str | Path | None = None) -> str:
     """The summary: one line per job (job, status, time, bytes, error), each failure in full, then totals."""
-    from ckptx.text import human_bytes, table  # noqa: PLC0415
+    from ckptx.text import human_bytes, table
 
-    rows = [[r.job.label, r.status, f"{r.seconds:.2f} s", human_bytes(r.bytes_written) if r.bytes_written else "-",
-             _clip(r.error_line)] for r in result.results]
+    rows = [
+        [
+            r.job.label,
+            r.status,
+            f"{r.seconds:.2f} s",
+            human_bytes(r.bytes_written) if r.bytes_written else "-",
+            _clip(r.error_line),
+        ]
+        for r in result.results
+    ]
     lines = [table(rows, ["job", "status", "time", "bytes", "error"])]
     if result.failed:
         lines.append("failed jobs:")
@@ -370,12 +472,14 @@ def render_batch(result: BatchResult, report_path: str | Path | None = None) -> 
     counts = result.counts
     shown = [f"{n} {status}" for status, n in counts.items() if n or status in ("converted", "failed")]
     verb = "planned (dry run, nothing written)" if result.dry_run else f"{human_bytes(result.bytes_written)} written"
-    lines.append(f"{len(result.results)} jobs: {', '.join(shown)} in {result.seconds:.2f} s; {verb}"
-                 + (f"; report: {report_path}" if report_path else ""))
+    lines.append(
+        f"{len(result.results)} jobs: {', '.join(shown)} in {result.seconds:.2f} s; {verb}"
+        + (f"; report: {report_path}" if report_path else "")
+    )
     if result.interrupted:
         lines.append("interrupted: finished outputs are complete; rerun with --resume to do the rest")
     return "\n".join(lines)
 
 
 def _clip(text: str, limit: int = 160) -> str:
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -6,19 +6,27 @@ none or several do, the error says what was tried and how close each came. The d
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
+from ckptx.check.validation import ValidationReport, validate
 from ckptx.errors import CkptxError, PlanError, Rejected
 from ckptx.planning.expr import ops_of
 from ckptx.planning.planner import Plan, plan_recipe
-from ckptx.rules.recipe import Recipe
 from ckptx.rules.params import InferredParam
+from ckptx.rules.recipe import Recipe
 from ckptx.targets.resolve import Target
-from ckptx.check.validation import ValidationReport, validate
 
-__all__ = ["AmbiguousVariant", "Attempt", "Chosen", "NoVariantFits", "VariantRejected", "VariantSearch",
-           "choose_variant"]
+__all__ = [
+    "AmbiguousVariant",
+    "Attempt",
+    "Chosen",
+    "NoVariantFits",
+    "VariantRejected",
+    "VariantSearch",
+    "choose_variant",
+]
 
 
 @dataclass(frozen=True)
@@ -49,8 +57,10 @@ class Attempt:
         """One line: the values and how close they came."""
         if self.error:
             return f"{self.label}: {self.error}"
-        counts = (f"{self.label}: {self.fitting}/{self.target_keys} target keys fit ({self.mismatched} with another "
-                  f"shape, {self.missing} missing), {self.unexpected} unexpected")
+        counts = (
+            f"{self.label}: {self.fitting}/{self.target_keys} target keys fit ({self.mismatched} with another "
+            f"shape, {self.missing} missing), {self.unexpected} unexpected"
+        )
         return f"{counts}; {self.plan_error}" if self.plan_error else counts
 
     @property
@@ -60,9 +70,19 @@ class Attempt:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
-        return {"values": dict(self.values), "ok": self.ok, "target": self.target, "matched": self.matched,
-                "fitting": self.fitting, "target_keys": self.target_keys, "mismatched": self.mismatched, "missing": self.missing,
-                "unexpected": self.unexpected, "error": self.error, "plan_error": self.plan_error}
+        return {
+            "values": dict(self.values),
+            "ok": self.ok,
+            "target": self.target,
+            "matched": self.matched,
+            "fitting": self.fitting,
+            "target_keys": self.target_keys,
+            "mismatched": self.mismatched,
+            "missing": self.missing,
+            "unexpected": self.unexpected,
+            "error": self.error,
+            "plan_error": self.plan_error,
+        }
 
 
 @dataclass(frozen=True)
@@ -82,23 +102,33 @@ class VariantSearch:
         names = ", ".join(p.name for p in self.params)
         fitting = self.fitting
         if len(fitting) > 1:
-            head = (f"choosing {names} for {self.recipe}: {len(fitting)} choices fit the source "
-                    f"({'; '.join(a.label for a in fitting)}); pass --set to pick one")
+            head = (
+                f"choosing {names} for {self.recipe}: {len(fitting)} choices fit the source "
+                f"({'; '.join(a.label for a in fitting)}); pass --set to pick one"
+            )
         else:
-            head = (f"choosing {names} for {self.recipe}: no choice fits the source; tried "
-                    f"{len(self.attempts)}, closest first:")
+            head = (
+                f"choosing {names} for {self.recipe}: no choice fits the source; tried "
+                f"{len(self.attempts)}, closest first:"
+            )
         ranked = sorted(self.attempts, key=lambda a: (not a.ok, bool(a.error), -a.fitting, a.missing + a.unexpected))
         lines = [head] + [f"  {a.describe()}" for a in ranked]
         if not fitting:
-            lines.append("check that the source is what the recipe expects (`ckptx inspect`), or pass --set "
-                         + " ".join(f"{p.name}=..." for p in self.params) + " to see the full validation report")
+            lines.append(
+                "check that the source is what the recipe expects (`ckptx inspect`), or pass --set "
+                + " ".join(f"{p.name}=..." for p in self.params)
+                + " to see the full validation report"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
-        return {"recipe": self.recipe, "params": {p.name: list(p.choices) for p in self.params},
-                "attempts": [a.to_dict() for a in self.attempts],
-                "chosen": [dict(a.values) for a in self.fitting]}
+        return {
+            "recipe": self.recipe,
+            "params": {p.name: list(p.choices) for p in self.params},
+            "attempts": [a.to_dict() for a in self.attempts],
+            "chosen": [dict(a.values) for a in self.fitting],
+        }
 
 
 class VariantRejected(Rejected):
@@ -126,9 +156,9 @@ class Chosen:
 
     recipe: Recipe
     values: Mapping[str, Any]
-    target: "Target"
+    target: Target
     plan: Plan
-    report: "ValidationReport"
+    report: ValidationReport
     search: VariantSearch = field(repr=False)
     alike: bool = False  # every fitting choice plans the same conversion: the value does not matter here
 
@@ -137,12 +167,16 @@ class Chosen:
         """`size=tiny chosen from the source: the only one of atto, ... whose target validates (...)`."""
         if self.alike:
             names = ", ".join(p.name for p in self.search.params)
-            return (f"{names}: every choice that fits gives the same conversion for {self.report.target}, "
-                    f"so none had to be chosen")
+            return (
+                f"{names}: every choice that fits gives the same conversion for {self.report.target}, "
+                f"so none had to be chosen"
+            )
         tried = "; ".join(f"{p.name} among {', '.join(map(str, p.choices))}" for p in self.search.params)
         label = ", ".join(f"{k}={v}" for k, v in self.values.items())
-        return (f"{label} chosen from the source ({tried}): the only choice whose target validates "
-                f"({self.report.matched} target keys matched); --set it to skip the search")
+        return (
+            f"{label} chosen from the source ({tried}): the only choice whose target validates "
+            f"({self.report.matched} target keys matched); --set it to skip the search"
+        )
 
 
 def combinations(params: Sequence[InferredParam]) -> list[dict[str, Any]]:
@@ -164,8 +198,10 @@ def choose_variant(recipe: Recipe, source: Any, target_of: Callable[[Recipe], Ta
         try:
             candidate = recipe.resolve(values)
             if tuple(candidate.extract) != extract:
-                raise CkptxError(f"changes `extract:` ({', '.join(candidate.extract)}), which a parameter chosen "
-                                 "from the source cannot do")
+                raise CkptxError(
+                    f"changes `extract:` ({', '.join(candidate.extract)}), which a parameter chosen "
+                    "from the source cannot do"
+                )
             target = target_of(candidate)
             if target is None:
                 raise CkptxError("the recipe has no target to validate against; give --target or set the parameter")
@@ -181,10 +217,18 @@ def choose_variant(recipe: Recipe, source: Any, target_of: Callable[[Recipe], Ta
         except CkptxError as exc:
             attempts.append(Attempt(values, error=_first_line(exc)))
             continue
-        attempts.append(Attempt(values, report.target, report.matched,
-                                report.matched + len(report.missing) + len(report.allowed_missing),
-                                len(report.missing), len(report.unexpected), len(report.shape_mismatches),
-                                plan_error=plan_error))
+        attempts.append(
+            Attempt(
+                values,
+                report.target,
+                report.matched,
+                report.matched + len(report.missing) + len(report.allowed_missing),
+                len(report.missing),
+                len(report.unexpected),
+                len(report.shape_mismatches),
+                plan_error=plan_error,
+            )
+        )
         if report.ok and not plan_error:
             found.append((values, candidate, target, plan, report))
     search = VariantSearch(recipe.name, tuple(recipe.inferred), tuple(attempts))

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta
-from ckptx.text import SHOWN, short_list
-from ckptx.text import shown
 from ckptx.targets.resolve import Target, resolve_target, state_metas
+from ckptx.text import SHOWN, short_list, shown
 
 torch = lazy_module("torch")
 
@@ -30,8 +30,13 @@ class KeyProblem:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
-        return {"key": self.key, "have": _meta_dict(self.have), "want": _meta_dict(self.want),
-                "sources": list(self.sources), "hint": self.hint}
+        return {
+            "key": self.key,
+            "have": _meta_dict(self.have),
+            "want": _meta_dict(self.want),
+            "sources": list(self.sources),
+            "hint": self.hint,
+        }
 
 
 @dataclass
@@ -56,12 +61,15 @@ class ValidationReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
         return {
-            "target": self.target, "ok": self.ok, "matched": self.matched,
+            "target": self.target,
+            "ok": self.ok,
+            "matched": self.matched,
             "missing": [p.to_dict() for p in self.missing],
             "unexpected": [p.to_dict() for p in self.unexpected],
             "shape_mismatches": [p.to_dict() for p in self.shape_mismatches],
             "dtype_differences": [p.to_dict() for p in self.dtype_differences],
-            "allowed_missing": self.allowed_missing, "allowed_unexpected": self.allowed_unexpected,
+            "allowed_missing": self.allowed_missing,
+            "allowed_unexpected": self.allowed_unexpected,
             "notes": self.notes,
         }
 
@@ -186,16 +194,30 @@ def render_validation(report: ValidationReport) -> str:
     total = report.matched + len(report.missing) + len(report.allowed_missing)
     verdict = "OK" if report.ok else "FAILED"
     lines = [f"validation against {report.target}: {verdict} ({report.matched}/{total} target keys matched)"]
-    lines += _section("missing in the converted checkpoint", report.missing, lambda p: f"{p.want}" + (f"  {p.hint}" if p.hint else ""))
+    lines += _section(
+        "missing in the converted checkpoint", report.missing, lambda p: f"{p.want}" + (f"  {p.hint}" if p.hint else "")
+    )
     lines += _section("unexpected (not in the target)", report.unexpected, lambda p: f"{p.have}" + _from(p))
-    lines += _section("shape mismatch", report.shape_mismatches,
-                      lambda p: f"have {list(p.have.shape)}, target wants {list(p.want.shape)}" + _from(p) + (f"; {p.hint}" if p.hint else ""))
-    lines += _section("dtype differs (warning; load_state_dict casts)", report.dtype_differences,
-                      lambda p: f"have {p.have.dtype}, target has {p.want.dtype}")
+    lines += _section(
+        "shape mismatch",
+        report.shape_mismatches,
+        lambda p: (
+            f"have {list(p.have.shape)}, target wants {list(p.want.shape)}"
+            + _from(p)
+            + (f"; {p.hint}" if p.hint else "")
+        ),
+    )
+    lines += _section(
+        "dtype differs (warning; load_state_dict casts)",
+        report.dtype_differences,
+        lambda p: f"have {p.have.dtype}, target has {p.want.dtype}",
+    )
     if report.allowed_missing:
         lines.append(f"  allowed missing: {len(report.allowed_missing)} ({short_list(report.allowed_missing)})")
     if report.allowed_unexpected:
-        lines.append(f"  allowed unexpected: {len(report.allowed_unexpected)} ({short_list(report.allowed_unexpected)})")
+        lines.append(
+            f"  allowed unexpected: {len(report.allowed_unexpected)} ({short_list(report.allowed_unexpected)})"
+        )
     lines += [f"  note: {n}" for n in report.notes]
     return "\n".join(lines)
 

@@ -8,13 +8,23 @@ import argparse
 import contextlib
 import sys
 import traceback
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from types import ModuleType
-from typing import ContextManager, Sequence, TextIO
+from typing import TextIO
 from warnings import WarningMessage, catch_warnings
 
 from ckptx._version import __version__
-from ckptx.cli import (batch_command, convert_command, diff_command, inspect_command, invert_command,
-                           lint_command, rules_command, suggest_command)
+from ckptx.cli import (
+    batch_command,
+    convert_command,
+    diff_command,
+    inspect_command,
+    invert_command,
+    lint_command,
+    rules_command,
+    suggest_command,
+)
 from ckptx.cli.options import EXIT_BUG, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_USAGE, Parser, parents
 from ckptx.errors import CkptxError, PlanError, Rejected, RuleError, UsageError
 from ckptx.text import json_text, printable
@@ -22,8 +32,14 @@ from ckptx.text import json_text, printable
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 COMMANDS: dict[str, ModuleType] = {
-    "convert": convert_command, "invert": invert_command, "inspect": inspect_command, "diff": diff_command,
-    "lint": lint_command, "rules": rules_command, "batch": batch_command, "suggest": suggest_command,
+    "convert": convert_command,
+    "invert": invert_command,
+    "inspect": inspect_command,
+    "diff": diff_command,
+    "lint": lint_command,
+    "rules": rules_command,
+    "batch": batch_command,
+    "suggest": suggest_command,
 }
 """Subcommand -> its module (`add_parser(sub, parents)` and `run(args, out, err) -> exit code`), in help order."""
 
@@ -85,8 +101,15 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO, as_json: bool, debu
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - a bug: show everything
         traceback.print_exc(file=err)
-        return _fail(out, err, as_json, EXIT_BUG, "internal", f"internal error: {type(exc).__name__}: {exc}; "
-                                                              "this is a bug in ckptx, please report it with the traceback above")
+        return _fail(
+            out,
+            err,
+            as_json,
+            EXIT_BUG,
+            "internal",
+            f"internal error: {type(exc).__name__}: {exc}; "
+            "this is a bug in ckptx, please report it with the traceback above",
+        )
 
 
 def _write_warnings(err: TextIO, caught: Sequence[WarningMessage]) -> None:
@@ -100,22 +123,25 @@ def _write_warnings(err: TextIO, caught: Sequence[WarningMessage]) -> None:
             err.write(printable(line, keep_lines=False) + "\n")
 
 
-def _approved(factories: Sequence[str]) -> ContextManager[None]:
+def _approved(factories: Sequence[str]) -> AbstractContextManager[None]:
     """`--allow-factory`: the factories the user lets files name (ckptx.trust is imported only when given)."""
     if not factories:
         return contextlib.nullcontext()
-    from ckptx.trust.callables import allow_factories  # noqa: PLC0415
+    from ckptx.trust.callables import allow_factories
 
     return allow_factories(factories)
 
 
-def _fail(out: TextIO, err: TextIO, as_json: bool, code: int, kind: str, message: str,
-          problems: Sequence[str] | None = None) -> int:
+def _fail(
+    out: TextIO, err: TextIO, as_json: bool, code: int, kind: str, message: str, problems: Sequence[str] | None = None
+) -> int:
     """Present an error: one line (or one line per problem), every untrusted character escaped."""
     lines = [printable(p, keep_lines=False) for p in (problems if problems is not None else [message])]
     if as_json:
-        out.write(json_text({"ok": False, "error": {"type": kind, "message": message, "problems": lines,
-                                                     "exit_code": code}}) + "\n")
+        out.write(
+            json_text({"ok": False, "error": {"type": kind, "message": message, "problems": lines, "exit_code": code}})
+            + "\n"
+        )
     elif len(lines) > 1:
         err.write(f"ckptx: error: {len(lines)} problems\n" + "\n".join(lines) + "\n")
     else:

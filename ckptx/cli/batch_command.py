@@ -16,28 +16,48 @@ def add_parser(sub: Any, parents: Parents) -> None:
     """Register `batch` on the CLI's subparsers."""
     p = sub.add_parser("batch", parents=[parents.common, parents.trust], help="run many conversions from a jobs file")
     p.add_argument("jobs_file", metavar="JOBS.yaml")
-    p.add_argument("-j", "--jobs", type=int, default=1, dest="workers", metavar="N",
-                   help="worker processes (1: in this process); with dask and no --scheduler, LocalCluster workers")
+    p.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=1,
+        dest="workers",
+        metavar="N",
+        help="worker processes (1: in this process); with dask and no --scheduler, LocalCluster workers",
+    )
     p.add_argument("--dry-run", action="store_true", help="plan and validate every job; write nothing")
-    p.add_argument("--resume", action="store_true", help="skip jobs whose output is complete and current; redo the rest")
+    p.add_argument(
+        "--resume", action="store_true", help="skip jobs whose output is complete and current; redo the rest"
+    )
     p.add_argument("--executor", choices=["local", "dask"], default="local", help="where jobs run (default: local)")
-    p.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler, e.g. tcp://host:8786 (default: a LocalCluster)")
+    p.add_argument(
+        "--scheduler", metavar="ADDRESS", help="Dask scheduler, e.g. tcp://host:8786 (default: a LocalCluster)"
+    )
     p.add_argument("--report", metavar="FILE", help="JSON report (default: JOBS.report.json beside the jobs file)")
 
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from ckptx.batch.runner import default_report_path, render_batch, run_batch, write_report  # noqa: PLC0415
+    from ckptx.batch.runner import default_report_path, render_batch, run_batch, write_report
 
     def show(phase: str, done: int, total: int, failed: int) -> None:
         width = 24
         bar = "#" * (width * done // max(total, 1))
-        err.write(f"\r  {phase:5} [{bar:<{width}}] {done}/{total} jobs" + (f", {failed} failed" if failed else "") + " ")
+        err.write(
+            f"\r  {phase:5} [{bar:<{width}}] {done}/{total} jobs" + (f", {failed} failed" if failed else "") + " "
+        )
         err.write("\n" if done >= total else "")
         err.flush()
 
     show_progress = not args.json and hasattr(err, "isatty") and err.isatty()
-    result = run_batch(args.jobs_file, workers=args.workers, dry_run=args.dry_run, resume=args.resume,
-                       executor=args.executor, scheduler=args.scheduler, progress=show if show_progress else None)
+    result = run_batch(
+        args.jobs_file,
+        workers=args.workers,
+        dry_run=args.dry_run,
+        resume=args.resume,
+        executor=args.executor,
+        scheduler=args.scheduler,
+        progress=show if show_progress else None,
+    )
     report = args.report or (None if args.dry_run else default_report_path(args.jobs_file))
     if report is not None:
         try:
@@ -50,5 +70,3 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if any(r.error_type == "internal" for r in result.failed):
         return EXIT_BUG
     return EXIT_OK if result.ok else EXIT_INVALID
-
-

@@ -15,48 +15,84 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub: Any, parents: Parents) -> None:
     """Register `convert` on the CLI's subparsers."""
-    p = sub.add_parser("convert", parents=[parents.common, parents.pickle, parents.trust], help="convert a checkpoint with rule files")
-    p.add_argument("src", help="source checkpoint: a file (.safetensors, .pth/.pt/.bin/.ckpt), a sharded index, or a "
-                                "DCP or DeepSpeed ZeRO folder")
-    p.add_argument("-r", "--rules", action="append", default=[], metavar="RULES",
-                   help="rule file or shipped recipe name; repeat to compose in order (none: the tensors as they "
-                        "are, e.g. to change the format)")
-    p.add_argument("-o", "--output", metavar="DST",
-                   help="output file (.safetensors, .pth, .pt, .bin), or DIR/ for a HuggingFace model folder "
-                        "(config.json + model.safetensors) with a transformers target")
+    p = sub.add_parser(
+        "convert", parents=[parents.common, parents.pickle, parents.trust], help="convert a checkpoint with rule files"
+    )
+    p.add_argument(
+        "src",
+        help="source checkpoint: a file (.safetensors, .pth/.pt/.bin/.ckpt), a sharded index, or a "
+        "DCP or DeepSpeed ZeRO folder",
+    )
+    p.add_argument(
+        "-r",
+        "--rules",
+        action="append",
+        default=[],
+        metavar="RULES",
+        help="rule file or shipped recipe name; repeat to compose in order (none: the tensors as they "
+        "are, e.g. to change the format)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="DST",
+        help="output file (.safetensors, .pth, .pt, .bin), or DIR/ for a HuggingFace model folder "
+        "(config.json + model.safetensors) with a transformers target",
+    )
     p.add_argument("--target", metavar="SPEC", help="module:callable, reference checkpoint, or manifest")
-    p.add_argument("--target-arg", action="append", default=[], metavar="K=V", help="keyword argument for the target factory")
+    p.add_argument(
+        "--target-arg", action="append", default=[], metavar="K=V", help="keyword argument for the target factory"
+    )
     p.add_argument("--set", action="append", default=[], metavar="K=V", dest="params", help="set a recipe parameter")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the validation report; write nothing")
     p.add_argument("--explain", action="store_true", help="print the plan table with the rule that made each key")
     p.add_argument("--force", action="store_true", help="overwrite an existing destination")
     p.add_argument("--verify", action="store_true", help="after writing, compare source and target model outputs")
-    p.add_argument("--reverse", action="store_true",
-                   help="convert the other way with the reverse of the rules (see `ckptx invert`); --target is "
-                        "then the rules' source layout")
-    p.add_argument("--max-shard-size", type=size, metavar="SIZE",
-                   help="write safetensors shards of at most SIZE (5GB, 500MiB...) and an index: "
-                        "DST NAME.safetensors or NAME.safetensors.index.json gives NAME-00001-of-0000N.safetensors")
+    p.add_argument(
+        "--reverse",
+        action="store_true",
+        help="convert the other way with the reverse of the rules (see `ckptx invert`); --target is "
+        "then the rules' source layout",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        type=size,
+        metavar="SIZE",
+        help="write safetensors shards of at most SIZE (5GB, 500MiB...) and an index: "
+        "DST NAME.safetensors or NAME.safetensors.index.json gives NAME-00001-of-0000N.safetensors",
+    )
 
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from ckptx.conversion.pipeline import convert  # noqa: PLC0415
-    from ckptx.text import human_bytes  # noqa: PLC0415
-    from ckptx.cli.present import render_plan, render_warnings  # noqa: PLC0415
-    from ckptx.rules.recipe import Recipe  # noqa: PLC0415
+    from ckptx.cli.present import render_plan, render_warnings
+    from ckptx.conversion.pipeline import convert
+    from ckptx.rules.recipe import Recipe
+    from ckptx.text import human_bytes
 
     if not args.output and not args.dry_run:
         raise CkptxError("convert: give -o DST (or --dry-run to only plan)")
     show_progress = not args.json and hasattr(err, "isatty") and err.isatty()
-    result = convert(args.src, args.output, args.rules or Recipe(name="(no recipe: tensors as they are)"),
-                     target=args.target,
-                     target_args=key_values(args.target_arg, "--target-arg"), params=key_values(args.params, "--set"),
-                     dry_run=args.dry_run, force=args.force, allow_globals=args.allow_global,
-                     unsafe_pickle=args.unsafe_pickle, verify=args.verify, progress=progress_bar(err, show_progress),
-                     max_shard_size=args.max_shard_size, reverse=args.reverse)
+    result = convert(
+        args.src,
+        args.output,
+        args.rules or Recipe(name="(no recipe: tensors as they are)"),
+        target=args.target,
+        target_args=key_values(args.target_arg, "--target-arg"),
+        params=key_values(args.params, "--set"),
+        dry_run=args.dry_run,
+        force=args.force,
+        allow_globals=args.allow_global,
+        unsafe_pickle=args.unsafe_pickle,
+        verify=args.verify,
+        progress=progress_bar(err, show_progress),
+        max_shard_size=args.max_shard_size,
+        reverse=args.reverse,
+    )
     plan, source = result.plan, result.plan.source
-    lines = [f"source: {source.path} ({source.format}), weights at {quoted(source.extracted_from)}: "
-             f"{len(source.tensors)} tensors"]
+    lines = [
+        f"source: {source.path} ({source.format}), weights at {quoted(source.extracted_from)}: "
+        f"{len(source.tensors)} tensors"
+    ]
     ignored = [k for k in source.top_level if k != source.extracted_from.split(".")[0]]
     if ignored:
         lines.append(f"ignored top-level entries: {', '.join(map(shown, ignored))}")
@@ -69,8 +105,10 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if result.report is not None:
         lines.append(str(result.report))
     else:
-        lines.append("validation: NOT validated: no target was given, so nothing checks that these keys and shapes "
-                     "fit a model (give --target MODEL|CHECKPOINT|MANIFEST, or `target:` in the recipe)")
+        lines.append(
+            "validation: NOT validated: no target was given, so nothing checks that these keys and shapes "
+            "fit a model (give --target MODEL|CHECKPOINT|MANIFEST, or `target:` in the recipe)"
+        )
     lines += [f"note: {n}" for n in result.notes]
     if result.verification is not None:
         lines.append(str(result.verification))
@@ -82,5 +120,3 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if result.report is not None and not result.report.ok:
         return EXIT_INVALID
     return EXIT_OK
-
-

@@ -23,10 +23,10 @@ def add_parser(sub: Any, parents: Parents) -> None:
 
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from ckptx.io.read.open import open_source  # noqa: PLC0415
-    from ckptx.text import count_params, human_bytes, table  # noqa: PLC0415
-    from ckptx.io.manifest import write_manifest  # noqa: PLC0415
-    from ckptx.io.write.destination import InputFiles, prepare_folder  # noqa: PLC0415
+    from ckptx.io.manifest import write_manifest
+    from ckptx.io.read.open import open_source
+    from ckptx.io.write.destination import InputFiles, prepare_folder
+    from ckptx.text import count_params, human_bytes, table
 
     if args.manifest:
         InputFiles.of([args.src]).check(Path(args.manifest), force=args.force, what="the manifest")
@@ -37,19 +37,32 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         nbytes = sum(m.nbytes for m in metas.values())
         if args.manifest:
             write_manifest(Path(args.manifest), metas, source=str(args.src))
-        doc = {"ok": True, "source": src.path, "format": src.format, "top_level": src.top_level,
-               "extracted_from": src.extracted_from, "tensors": {k: {"shape": list(m.shape), "dtype": m.dtype}
-                                                                 for k, m in metas.items()},
-               "non_tensors": src.non_tensors, "elements": params, "bytes": nbytes, "metadata": src.file_metadata,
-               "manifest": args.manifest, "description": src.description}
+        doc = {
+            "ok": True,
+            "source": src.path,
+            "format": src.format,
+            "top_level": src.top_level,
+            "extracted_from": src.extracted_from,
+            "tensors": {k: {"shape": list(m.shape), "dtype": m.dtype} for k, m in metas.items()},
+            "non_tensors": src.non_tensors,
+            "elements": params,
+            "bytes": nbytes,
+            "metadata": src.file_metadata,
+            "manifest": args.manifest,
+            "description": src.description,
+        }
         lines = [f"{src.path}: {src.format}", *src.description]
         if src.top_level:
             lines.append("top level:")
             lines += [f"  {shown(k)}: {shown(v)}" for k, v in src.top_level.items()]
-        lines.append(f"weights at {quoted(src.extracted_from)}: {len(metas)} tensors, {params:,} elements (parameters "
-                     f"and buffers), {human_bytes(nbytes)}")
+        lines.append(
+            f"weights at {quoted(src.extracted_from)}: {len(metas)} tensors, {params:,} elements (parameters "
+            f"and buffers), {human_bytes(nbytes)}"
+        )
         if src.non_tensors:
-            lines.append("non-tensor entries: " + ", ".join(f"{shown(k)} ({shown(v)})" for k, v in src.non_tensors.items()))
+            lines.append(
+                "non-tensor entries: " + ", ".join(f"{shown(k)} ({shown(v)})" for k, v in src.non_tensors.items())
+            )
         if src.file_metadata:
             lines.append("metadata: " + ", ".join(f"{shown(k)}={shown(v)}" for k, v in src.file_metadata.items()))
         rows = [[shown(k), "x".join(map(str, m.shape)) or "scalar", m.dtype, f"{m.numel:,}"] for k, m in metas.items()]
@@ -58,5 +71,3 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             lines.append(f"wrote manifest {args.manifest}")
     emit(out, args.json, doc, "\n".join(lines))
     return EXIT_OK
-
-

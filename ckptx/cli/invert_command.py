@@ -18,21 +18,29 @@ def add_parser(sub: Any, parents: Parents) -> None:
     """Register `invert` on the CLI's subparsers."""
     p = sub.add_parser("invert", parents=[parents.common, parents.trust], help="write the reverse of a recipe")
     p.add_argument("rules", nargs="+", help="rule files or recipe names, composed in order")
-    p.add_argument("-o", "--output", metavar="REVERSE.yaml", help="where to write the reverse recipe (default: print it)")
-    p.add_argument("--original", metavar="SPEC", help="checkpoint, manifest or module:callable in the recipe's source "
-                                                      "layout; needed when it reshapes, casts or concatenates")
+    p.add_argument(
+        "-o", "--output", metavar="REVERSE.yaml", help="where to write the reverse recipe (default: print it)"
+    )
+    p.add_argument(
+        "--original",
+        metavar="SPEC",
+        help="checkpoint, manifest or module:callable in the recipe's source "
+        "layout; needed when it reshapes, casts or concatenates",
+    )
     p.add_argument("--original-arg", action="append", default=[], metavar="K=V", help="keyword argument for --original")
     p.add_argument("--set", action="append", default=[], metavar="K=V", dest="params", help="set a recipe parameter")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from ckptx.conversion.reverse import reverse_recipe  # noqa: PLC0415
-    from ckptx.rules.loader import load_rules  # noqa: PLC0415
-    from ckptx.targets.resolve import parse_target_arg  # noqa: PLC0415
+    from ckptx.conversion.reverse import reverse_recipe
+    from ckptx.rules.loader import load_rules
+    from ckptx.targets.resolve import parse_target_arg
 
     recipe = load_rules(args.rules, params=key_values(args.params, "--set"))
-    original = parse_target_arg(args.original, key_values(args.original_arg, "--original-arg")) if args.original else None
+    original = (
+        parse_target_arg(args.original, key_values(args.original_arg, "--original-arg")) if args.original else None
+    )
     reversed_ = reverse_recipe(recipe, original=original)
     doc = {"ok": True, "output": args.output, "traced_on": reversed_.traced_on, "reverse": reversed_.document}
     if not args.output:
@@ -42,7 +50,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if destination.exists() and not args.force:
         raise CkptxError(f"{destination}: already exists; pass --force to overwrite it")
     destination.write_text(reversed_.text, encoding="utf-8")
-    emit(out, args.json, doc, f"wrote {destination} ({len(reversed_.document['steps'])} steps, reverse of {recipe.name})")
+    emit(
+        out, args.json, doc, f"wrote {destination} ({len(reversed_.document['steps'])} steps, reverse of {recipe.name})"
+    )
     return EXIT_OK
-
-

@@ -9,8 +9,17 @@ from typing import NamedTuple, NoReturn
 from ckptx.errors import UsageError
 from ckptx.text import parse_size
 
-__all__ = ["EXIT_BUG", "EXIT_INTERRUPTED", "EXIT_INVALID", "EXIT_OK", "EXIT_USAGE", "Parents", "Parser", "parents",
-           "size"]
+__all__ = [
+    "EXIT_BUG",
+    "EXIT_INTERRUPTED",
+    "EXIT_INVALID",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "Parents",
+    "Parser",
+    "parents",
+    "size",
+]
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -36,12 +45,22 @@ def parents() -> Parents:
     common.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     pickle = Parser(add_help=False)
-    pickle.add_argument("--allow-global", action="append", default=[], metavar="G",
-                        help="allow one pickle global (e.g. argparse.Namespace) in the safe loader")
+    pickle.add_argument(
+        "--allow-global",
+        action="append",
+        default=[],
+        metavar="G",
+        help="allow one pickle global (e.g. argparse.Namespace) in the safe loader",
+    )
     pickle.add_argument("--unsafe-pickle", action="store_true", help="load pickles with full trust (runs their code)")
     trust = Parser(add_help=False)
-    trust.add_argument("--allow-factory", action="append", default=[], metavar="MODULE:CALLABLE",
-                       help="let rule and jobs files name this model factory (you trust it; see Safety guarantees)")
+    trust.add_argument(
+        "--allow-factory",
+        action="append",
+        default=[],
+        metavar="MODULE:CALLABLE",
+        help="let rule and jobs files name this model factory (you trust it; see Safety guarantees)",
+    )
     return Parents(common, pickle, trust)
 
 

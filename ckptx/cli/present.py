@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, TextIO
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ckptx.planning.expr import ops_of
 from ckptx.text import human_bytes, json_text, printable, short_list, shown, table
@@ -14,14 +15,19 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["emit", "progress_bar", "render_plan", "render_warnings"]
 
 
-def render_plan(plan: "Plan", *, explain: bool = False) -> str:
+def render_plan(plan: Plan, *, explain: bool = False) -> str:
     """The plan as a table: target key, shape, dtype, source key(s), ops; with `explain`, also the rules (file,
     line and step, a rename's row) that made each key."""
     rows = []
     for entry in plan.entries:
         sources = ", ".join(map(shown, entry.sources))
-        row = [shown(entry.key), "x".join(map(str, entry.meta.shape)) or "scalar", entry.meta.dtype,
-               "=" if tuple(entry.sources) == (entry.key,) else sources, " -> ".join(ops_of(entry.expr))]
+        row = [
+            shown(entry.key),
+            "x".join(map(str, entry.meta.shape)) or "scalar",
+            entry.meta.dtype,
+            "=" if tuple(entry.sources) == (entry.key,) else sources,
+            " -> ".join(ops_of(entry.expr)),
+        ]
         rows.append(row + ["; ".join(entry.steps) or "(unchanged)"] if explain else row)
     header = ["target key", "shape", "dtype", "from", "ops"] + (["by"] if explain else [])
     out = [table(rows, header)]
@@ -57,8 +63,10 @@ def progress_bar(err: TextIO, enabled: bool) -> Callable[[int, int], None] | Non
         last[0] = now
         rate = done / max(now - started, 1e-9)
         eta = (total - done) / rate if rate else 0
-        err.write(f"\r  {100 * done / max(total, 1):5.1f}%  {human_bytes(done)} / {human_bytes(total)}  "
-                  f"{human_bytes(rate)}/s  ETA {eta:4.0f} s ")
+        err.write(
+            f"\r  {100 * done / max(total, 1):5.1f}%  {human_bytes(done)} / {human_bytes(total)}  "
+            f"{human_bytes(rate)}/s  ETA {eta:4.0f} s "
+        )
         if done >= total:
             err.write("\n")
         err.flush()

@@ -21,13 +21,19 @@ def add_parser(sub: Any, parents: Parents) -> None:
     show = rules_sub.add_parser("show", parents=[parents.common], help="print a recipe")
     show.add_argument("name", help="recipe name (e.g. convnextv2/official-to-timm, or pack:name) or rule file")
     show.add_argument("--resolved", action="store_true", help="print the flattened recipe (extends and params applied)")
-    show.add_argument("--set", action="append", default=[], metavar="K=V", dest="params",
-                      help="set a recipe parameter (with --resolved)")
+    show.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="K=V",
+        dest="params",
+        help="set a recipe parameter (with --resolved)",
+    )
 
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from ckptx.rules.packs import clashes, find_recipe, list_recipes, resolve_rule  # noqa: PLC0415
-    from ckptx.rules.yamlfile import load_yaml  # noqa: PLC0415
+    from ckptx.rules.packs import clashes, find_recipe, list_recipes, resolve_rule
+    from ckptx.rules.yamlfile import load_yaml
 
     if args.rules_command == "list":
         rows, docs, problems = [], [], []
@@ -40,37 +46,65 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             description = data.get("description", "") if isinstance(data, dict) else ""
             name = ref.name if ref.pack.name == "ckptx" else f"{ref.pack.name}:{ref.name}"
             rows.append([name, description, f"{ref.pack.distribution} {ref.pack.version}"])
-            docs.append({"name": ref.name, "pack": ref.pack.name, "description": description,
-                         "distribution": ref.pack.distribution, "version": ref.pack.version, "path": str(ref.path)})
-        from ckptx.text import table  # noqa: PLC0415
+            docs.append(
+                {
+                    "name": ref.name,
+                    "pack": ref.pack.name,
+                    "description": description,
+                    "distribution": ref.pack.distribution,
+                    "version": ref.pack.version,
+                    "path": str(ref.path),
+                }
+            )
+        from ckptx.text import table
 
         clashing = clashes(refs)
-        notes = [f"note: '{name}' is provided by several packs; write "
-                 + " or ".join(f"{r.pack.name}:{name} ({r.pack.distribution} {r.pack.version})" for r in found)
-                 for name, found in clashing.items()]
+        notes = [
+            f"note: '{name}' is provided by several packs; write "
+            + " or ".join(f"{r.pack.name}:{name} ({r.pack.distribution} {r.pack.version})" for r in found)
+            for name, found in clashing.items()
+        ]
         notes += [f"warning: {p}" for p in problems]
-        emit(out, args.json, {"ok": True, "recipes": docs, "clashes": {n: [r.pack.name for r in f] for n, f in clashing.items()},
-                               "problems": [str(p) for p in problems]},
-              "\n".join([table(rows, ["name", "description", "from"]), *notes]))
+        emit(
+            out,
+            args.json,
+            {
+                "ok": True,
+                "recipes": docs,
+                "clashes": {n: [r.pack.name for r in f] for n, f in clashing.items()},
+                "problems": [str(p) for p in problems],
+            },
+            "\n".join([table(rows, ["name", "description", "from"]), *notes]),
+        )
         return EXIT_OK
     path = resolve_rule(args.name)
     if args.resolved:
-        from ckptx.rules.loader import load_rules  # noqa: PLC0415
-        from ckptx.rules.flatten import dump, flatten  # noqa: PLC0415
+        from ckptx.rules.flatten import dump, flatten
+        from ckptx.rules.loader import load_rules
 
         recipe = load_rules(path, params=key_values(args.params, "--set"))
         flat = flatten(recipe)
-        emit(out, args.json, {"ok": True, "path": str(path), "resolved": flat},
-              f"# {args.name}: resolved from {', '.join(f.path for f in recipe.files)}\n"
-              + dump(flat))
+        emit(
+            out,
+            args.json,
+            {"ok": True, "path": str(path), "resolved": flat},
+            f"# {args.name}: resolved from {', '.join(f.path for f in recipe.files)}\n" + dump(flat),
+        )
         return EXIT_OK
     text = path.read_text(encoding="utf-8")
     ref = find_recipe(path)
     origin = f"pack {ref.pack.name} from {ref.pack.distribution} {ref.pack.version}, " if ref else ""
-    emit(out, args.json, {"ok": True, "path": str(path), "text": text, "pack": ref.pack.name if ref else None,
-                           "distribution": ref.pack.distribution if ref else None,
-                           "version": ref.pack.version if ref else None},
-          f"# {args.name}: {origin}{path}\n{text.rstrip()}")
+    emit(
+        out,
+        args.json,
+        {
+            "ok": True,
+            "path": str(path),
+            "text": text,
+            "pack": ref.pack.name if ref else None,
+            "distribution": ref.pack.distribution if ref else None,
+            "version": ref.pack.version if ref else None,
+        },
+        f"# {args.name}: {origin}{path}\n{text.rstrip()}",
+    )
     return EXIT_OK
-
-

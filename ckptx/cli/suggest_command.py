@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 from typing import Any, TextIO
 
-
 from ckptx.cli.options import Parents
-from ckptx.text import key_values as _key_values
 from ckptx.errors import CkptxError, DestinationError
+from ckptx.text import key_values as _key_values
 
 __all__ = ["add_parser", "run"]
 
@@ -19,23 +18,46 @@ EXIT_OK, EXIT_UNMATCHED = 0, 1
 
 def add_parser(sub: Any, parents: Parents) -> None:
     """Register `suggest` on the CLI's subparsers."""
-    p = sub.add_parser("suggest", parents=[parents.common, parents.pickle],
-                       help="infer a recipe from a checkpoint and a target (metadata only), validated against it")
+    p = sub.add_parser(
+        "suggest",
+        parents=[parents.common, parents.pickle],
+        help="infer a recipe from a checkpoint and a target (metadata only), validated against it",
+    )
     p.add_argument("src", help="source checkpoint (.pth/.pt/.bin/.ckpt, .safetensors, sharded index, or a manifest)")
     p.add_argument("--target", required=True, metavar="SPEC", help="module:callable, reference checkpoint, or manifest")
-    p.add_argument("--target-arg", action="append", default=[], metavar="K=V", help="keyword argument for the target factory")
-    p.add_argument("--allow-missing", action="append", default=[], metavar="RE",
-                   help="target keys that may stay missing (a new head); written to target.allow_missing")
-    p.add_argument("--allow-unexpected", action="append", default=[], metavar="RE",
-                   help="source keys that may stay extra (kept, not dropped); written to target.allow_unexpected")
+    p.add_argument(
+        "--target-arg", action="append", default=[], metavar="K=V", help="keyword argument for the target factory"
+    )
+    p.add_argument(
+        "--allow-missing",
+        action="append",
+        default=[],
+        metavar="RE",
+        help="target keys that may stay missing (a new head); written to target.allow_missing",
+    )
+    p.add_argument(
+        "--allow-unexpected",
+        action="append",
+        default=[],
+        metavar="RE",
+        help="source keys that may stay extra (kept, not dropped); written to target.allow_unexpected",
+    )
     p.add_argument("-o", "--output", metavar="RULES.yaml", help="write the recipe here (default: print it)")
     p.add_argument("--force", action="store_true", help="overwrite an existing RULES.yaml")
     p.add_argument("--name", help="recipe name (default: suggested/<source>-to-<target>)")
-    p.add_argument("--verify-with", metavar="module:callable",
-                   help="source model factory: convert, then compare the source and target models' outputs")
-    p.add_argument("--verify-arg", action="append", default=[], metavar="K=V", help="keyword argument for --verify-with")
-    p.add_argument("--verify-input", metavar="SHAPE", help="input shape for --verify-with, e.g. 2,3,224,224 "
-                                                          "(default: guessed from the source model)")
+    p.add_argument(
+        "--verify-with",
+        metavar="module:callable",
+        help="source model factory: convert, then compare the source and target models' outputs",
+    )
+    p.add_argument(
+        "--verify-arg", action="append", default=[], metavar="K=V", help="keyword argument for --verify-with"
+    )
+    p.add_argument(
+        "--verify-input",
+        metavar="SHAPE",
+        help="input shape for --verify-with, e.g. 2,3,224,224 (default: guessed from the source model)",
+    )
     p.add_argument("--verify-input-dtype", metavar="DTYPE", help="input dtype, e.g. int64 for token ids")
 
 
@@ -53,7 +75,7 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run `ckptx suggest`; exit 0 when the recipe validates, 1 when target keys stay unmatched."""
-    from ckptx.suggestion.engine import suggest  # noqa: PLC0415
+    from ckptx.suggestion.engine import suggest
 
     if (args.verify_input or args.verify_arg or args.verify_input_dtype) and not args.verify_with:
         raise CkptxError("--verify-input/--verify-arg/--verify-input-dtype need --verify-with module:callable")
@@ -63,12 +85,21 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             raise DestinationError(f"{destination}: already exists; pass --force to overwrite it")
         if not destination.parent.is_dir():
             raise DestinationError(f"{destination}: folder {destination.parent} does not exist; create it first")
-    result = suggest(args.src, args.target, target_args=_key_values(args.target_arg, "--target-arg"),
-                     allow_missing=args.allow_missing, allow_unexpected=args.allow_unexpected,
-                     allow_globals=args.allow_global, unsafe_pickle=args.unsafe_pickle, output=destination,
-                     verify_with=args.verify_with, verify_args=_key_values(args.verify_arg, "--verify-arg"),
-                     verify_input=_shape(args.verify_input), verify_input_dtype=args.verify_input_dtype,
-                     name=args.name)
+    result = suggest(
+        args.src,
+        args.target,
+        target_args=_key_values(args.target_arg, "--target-arg"),
+        allow_missing=args.allow_missing,
+        allow_unexpected=args.allow_unexpected,
+        allow_globals=args.allow_global,
+        unsafe_pickle=args.unsafe_pickle,
+        output=destination,
+        verify_with=args.verify_with,
+        verify_args=_key_values(args.verify_arg, "--verify-arg"),
+        verify_input=_shape(args.verify_input),
+        verify_input_dtype=args.verify_input_dtype,
+        name=args.name,
+    )
     if destination is not None:
         destination.write_text(result.text, encoding="utf-8")
     report = result.report
@@ -84,8 +115,10 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _summary(report: Any, destination: Path | None) -> list[str]:
-    lines = [f"source: {report.source} ({report.source_format}), weights at '{report.extracted_from}': "
-             f"{report.source_tensors} tensors"]
+    lines = [
+        f"source: {report.source} ({report.source_format}), weights at '{report.extracted_from}': "
+        f"{report.source_tensors} tensors"
+    ]
     if report.extract_rivals:
         lines.append(f"  equally good fits: {', '.join(report.extract_rivals)}")
     lines.append(f"target: {report.target}: {report.target_tensors} tensors")
@@ -94,14 +127,19 @@ def _summary(report: Any, destination: Path | None) -> list[str]:
     if report.ops:
         lines.append("ops: " + ", ".join(f"{n} {kind}" for kind, n in sorted(report.ops.items())))
     if report.dropped:
-        lines.append(f"dropped {len(report.dropped)} source tensor(s) without a counterpart: "
-                     + ", ".join(report.dropped[:5]) + (" ..." if len(report.dropped) > 5 else ""))
+        lines.append(
+            f"dropped {len(report.dropped)} source tensor(s) without a counterpart: "
+            + ", ".join(report.dropped[:5])
+            + (" ..." if len(report.dropped) > 5 else "")
+        )
     lines += [f"close call: {c}" for c in report.close_calls[:10]]
     lines += [f"note: {n}" for n in report.notes[:10]]
     lines.append(str(report.validation))
     if report.missing:
-        lines.append(f"{len(report.missing)} target key(s) unmatched (listed at the end of the recipe); "
-                     f"--allow-missing REGEX accepts keys that may stay as initialised")
+        lines.append(
+            f"{len(report.missing)} target key(s) unmatched (listed at the end of the recipe); "
+            f"--allow-missing REGEX accepts keys that may stay as initialised"
+        )
     if report.verification is not None:
         lines.append(str(report.verification))
     elif report.verification_error:

@@ -3,32 +3,37 @@ loaded straight into a live module."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from ckptx._lazy import lazy_module
+from ckptx.check.inferred import choose_variant
+from ckptx.check.validation import ValidationReport, validate
+from ckptx.dtypes import TensorMeta
 from ckptx.errors import ValidationFailed
 from ckptx.io.read.open import open_source
-from ckptx.planning.execute import materialize
-from ckptx.planning.source import Source
 from ckptx.io.read.state_dict import memory_source
-from ckptx.dtypes import TensorMeta
 from ckptx.planning.entry import PlanEntry
+from ckptx.planning.execute import materialize
 from ckptx.planning.planner import Plan, plan_recipe
-from ckptx.rules.recipe import Recipe
+from ckptx.planning.source import Source
 from ckptx.rules.loader import RecipeArg, as_recipe
+from ckptx.rules.recipe import Recipe
 from ckptx.targets.resolve import Target, resolve_target
-from ckptx.check.validation import ValidationReport, validate
-from ckptx.check.inferred import choose_variant
 
 torch = lazy_module("torch")
 
 __all__ = ["apply", "load_into", "plan"]
 
 
-def plan(recipe: Recipe, source: Source | str | Path | Mapping[str, Any], *,
-         target: Mapping[str, TensorMeta] | None = None,
-         observe: Callable[[int, list[PlanEntry], list[PlanEntry] | None], None] | None = None) -> Plan:
+def plan(
+    recipe: Recipe,
+    source: Source | str | Path | Mapping[str, Any],
+    *,
+    target: Mapping[str, TensorMeta] | None = None,
+    observe: Callable[[int, list[PlanEntry], list[PlanEntry] | None], None] | None = None,
+) -> Plan:
     """Plan `recipe` on a checkpoint (a path, an open Source, or an in-memory state dict) from metadata alone; see
     `ckptx.planning.planner.plan_recipe` for `target` and `observe`. A path is opened with the recipe's `extract`
     and stays open as the plan's source."""
@@ -41,8 +46,9 @@ def plan(recipe: Recipe, source: Source | str | Path | Mapping[str, Any], *,
     return plan_recipe(recipe, opened, target=target, observe=observe)
 
 
-def apply(recipe: RecipeArg, checkpoint: Mapping[str, Any], target: Any = None, *,
-          params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def apply(
+    recipe: RecipeArg, checkpoint: Mapping[str, Any], target: Any = None, *, params: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Apply a recipe to an in-memory checkpoint (a state dict, or a whole `torch.load` result: the recipe's
     `extract` finds the weights as for a file); returns the converted state dict."""
     recipe = as_recipe(recipe, params)
@@ -54,9 +60,16 @@ def apply(recipe: RecipeArg, checkpoint: Mapping[str, Any], target: Any = None, 
     return {entry.key: materialize(entry, source) for entry in plan.entries}
 
 
-def load_into(model: torch.nn.Module, src: str | Path | Mapping[str, Any], recipes: RecipeArg, *,
-              strict: bool = True, params: Mapping[str, Any] | None = None, allow_globals: Sequence[str] = (),
-              unsafe_pickle: bool = False) -> ValidationReport:
+def load_into(
+    model: torch.nn.Module,
+    src: str | Path | Mapping[str, Any],
+    recipes: RecipeArg,
+    *,
+    strict: bool = True,
+    params: Mapping[str, Any] | None = None,
+    allow_globals: Sequence[str] = (),
+    unsafe_pickle: bool = False,
+) -> ValidationReport:
     """Convert `src` (a path or an in-memory checkpoint) with the recipes straight into a live model.
 
     With `strict`, every key must fit first (ValidationFailed otherwise, the model untouched). Without it,
@@ -65,8 +78,11 @@ def load_into(model: torch.nn.Module, src: str | Path | Mapping[str, Any], recip
     """
     recipe = as_recipe(recipes, params)
     expected: Target = resolve_target(model)
-    source: Source = (memory_source(src, recipe.extract) if isinstance(src, Mapping) else
-                      open_source(src, recipe.extract, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle))
+    source: Source = (
+        memory_source(src, recipe.extract)
+        if isinstance(src, Mapping)
+        else open_source(src, recipe.extract, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
+    )
     with source:
         if recipe.inferred:
             recipe = choose_variant(recipe, source, lambda candidate: expected).recipe

@@ -4,31 +4,37 @@ from __future__ import annotations
 
 import shlex
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from ckptx._lazy import lazy_module
 from ckptx._version import __version__
-from ckptx.io.write.destination import InputFiles, prepare_folder
+from ckptx.check.inferred import Chosen, choose_variant
+from ckptx.check.validation import ValidationReport, validate
 from ckptx.errors import DestinationError, ValidationFailed, VerificationFailed
 from ckptx.integrations.hf_folder import FOLDER_FORMAT, is_folder_destination, model_folder, write_model_folder
-from ckptx.io.write.atomic import stale_partials
 from ckptx.io.read.open import open_source
+from ckptx.io.write.atomic import stale_partials
+from ckptx.io.write.destination import InputFiles, prepare_folder
 from ckptx.io.write.safetensors_writer import write_safetensors
-from ckptx.io.write.sharded_writer import (INDEX_SUFFIX, ShardLayout, check_layout, is_index_name, shard_layout,
-                                           write_sharded)
-from ckptx.planning.source import Source
+from ckptx.io.write.sharded_writer import (
+    INDEX_SUFFIX,
+    ShardLayout,
+    check_layout,
+    is_index_name,
+    shard_layout,
+    write_sharded,
+)
 from ckptx.planning.planner import Plan, plan_recipe
-from ckptx.rules.recipe import Recipe, TargetSpec
+from ckptx.planning.source import Source
 from ckptx.rules.loader import RecipeArg, as_recipe
+from ckptx.rules.recipe import Recipe, TargetSpec
 from ckptx.targets.resolve import Target, parse_target_arg, resolve_target
-from ckptx.check.validation import ValidationReport, validate
-from ckptx.check.inferred import Chosen, choose_variant
 
 torch = lazy_module("torch")
-
 
 
 OUTPUT_FORMATS = {".safetensors": "safetensors", ".pth": "torch", ".pt": "torch", ".bin": "torch", ".ckpt": "torch"}
@@ -58,8 +64,12 @@ class ConvertResult:
         """JSON-ready."""
         return {
             "ok": self.report is None or self.report.ok,
-            "destination": self.destination, "format": self.format, "written": self.written,
-            "bytes_written": self.bytes_written, "seconds": round(self.seconds, 4), "notes": self.notes,
+            "destination": self.destination,
+            "format": self.format,
+            "written": self.written,
+            "bytes_written": self.bytes_written,
+            "seconds": round(self.seconds, 4),
+            "notes": self.notes,
             "plan": self.plan.to_dict(),
             "validation": self.report.to_dict() if self.report else None,
             "verification": self.verification.to_dict() if self.verification is not None else None,
@@ -67,7 +77,9 @@ class ConvertResult:
         }
 
 
-def target_spec_for(recipe: Recipe, target: TargetSpec | str | None, target_args: Mapping[str, Any] | None) -> TargetSpec | None:
+def target_spec_for(
+    recipe: Recipe, target: TargetSpec | str | None, target_args: Mapping[str, Any] | None
+) -> TargetSpec | None:
     """The recipe's target, overridden by an explicit one; `target_args` add to the model's kwargs."""
     explicit = parse_target_arg(target) if isinstance(target, str) else target
     spec = recipe.target.merged(explicit) if recipe.target else explicit
@@ -84,19 +96,32 @@ def check_destination(inputs: InputFiles, dst: Path, *, force: bool, sharded: bo
         known = ", ".join([*OUTPUT_FORMATS, INDEX_SUFFIX])
         raise DestinationError(f"{dst}: unknown output extension '{dst.suffix}'; use one of {known}")
     if sharded and fmt not in ("safetensors", SHARDED) or fmt == SHARDED and not dst.name.endswith(INDEX_SUFFIX):
-        raise DestinationError(f"{dst}: sharded output is safetensors only; name DST NAME.safetensors or NAME{INDEX_SUFFIX}")
+        raise DestinationError(
+            f"{dst}: sharded output is safetensors only; name DST NAME.safetensors or NAME{INDEX_SUFFIX}"
+        )
     fmt = SHARDED if sharded else fmt
     inputs.check(dst, force=force)
     return fmt
 
 
-def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, target: TargetSpec | str | None = None,
-            target_args: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None,
-            dry_run: bool = False, force: bool = False, allow_globals: Sequence[str] = (),
-            unsafe_pickle: bool = False, verify: bool = False,
-            progress: Callable[[int, int], None] | None = None,
-            metadata: Mapping[str, str] | None = None, max_shard_size: int | None = None,
-            reverse: bool = False) -> ConvertResult:
+def convert(
+    src: str | Path,
+    dst: str | Path | None,
+    recipes: RecipeArg,
+    *,
+    target: TargetSpec | str | None = None,
+    target_args: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+    allow_globals: Sequence[str] = (),
+    unsafe_pickle: bool = False,
+    verify: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    max_shard_size: int | None = None,
+    reverse: bool = False,
+) -> ConvertResult:
     """Convert `src` to `dst` with the recipes; validate against the target before writing a byte.
 
     Raises ValidationFailed (nothing written) when the plan does not fit the target, and the other
@@ -119,8 +144,11 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
     fmt = None
     inputs = InputFiles.of([src_path])
     if dst is not None:  # checked in a dry run too, exactly as for a real one; DIR/: a HuggingFace model folder
-        fmt = FOLDER_FORMAT if is_folder_destination(dst) else check_destination(inputs, Path(dst), force=force,
-                                                                                  sharded=sharded)
+        fmt = (
+            FOLDER_FORMAT
+            if is_folder_destination(dst)
+            else check_destination(inputs, Path(dst), force=force, sharded=sharded)
+        )
     spec = target_spec_for(recipe, target, target_args) if not recipe.inferred else None
     resolved = resolve_target(spec) if spec is not None else None
     stale = stale_note(dst_path) if dst_path is not None and not dry_run else None
@@ -141,12 +169,15 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
             return result
         if fmt == FOLDER_FORMAT:
             check = partial(_verify, result, recipe, spec, src_path, allow_globals, unsafe_pickle) if verify else None
-            folder, notes = model_folder(dst_path, plan.entries, spec, max_shard_size=max_shard_size, force=force,
-                                         inputs=inputs)
-            result.notes += notes + ([f"non-tensor entries dropped: {', '.join(sorted(source.non_tensors))}"]
-                                     if source.non_tensors else [])
-            result.bytes_written = write_model_folder(folder, source, {**provenance(plan, source), **(metadata or {})},
-                                                      progress, check)
+            folder, notes = model_folder(
+                dst_path, plan.entries, spec, max_shard_size=max_shard_size, force=force, inputs=inputs
+            )
+            result.notes += notes + (
+                [f"non-tensor entries dropped: {', '.join(sorted(source.non_tensors))}"] if source.non_tensors else []
+            )
+            result.bytes_written = write_model_folder(
+                folder, source, {**provenance(plan, source), **(metadata or {})}, progress, check
+            )
         elif fmt == SHARDED:
             check = partial(_verify, result, recipe, spec, src_path, allow_globals, unsafe_pickle) if verify else None
             layout = shard_layout(dst_path, plan.entries, max_shard_size)
@@ -157,15 +188,18 @@ def convert(src: str | Path, dst: str | Path | None, recipes: RecipeArg, *, targ
         else:
             prepare_folder(dst_path)
             write_path = _verify_path(dst_path) if verify else dst_path
-            result.bytes_written = _write(plan, source, write_path, fmt or "safetensors", result.notes, progress, metadata)
+            result.bytes_written = _write(
+                plan, source, write_path, fmt or "safetensors", result.notes, progress, metadata
+            )
     if verify and fmt not in (SHARDED, FOLDER_FORMAT):
         _verify_then_publish(result, recipe, spec, src_path, write_path, dst_path, allow_globals, unsafe_pickle)
     result.seconds = time.perf_counter() - started
     return result
 
 
-def choose_for_target(recipe: Recipe, source: Source, target: TargetSpec | str | None,
-                      target_args: Mapping[str, Any] | None) -> Chosen:
+def choose_for_target(
+    recipe: Recipe, source: Source, target: TargetSpec | str | None, target_args: Mapping[str, Any] | None
+) -> Chosen:
     """Choose `recipe`'s inferred parameters: the one choice whose own target (or `target`) validates."""
     resolved: dict[str, Target] = {}
 
@@ -189,8 +223,10 @@ def stale_note(dst: Path) -> str | None:
         return None
     size = sum(p.stat().st_size for p in stale if p.is_file())
     names = " ".join(shlex.quote(str(p)) for p in stale)
-    return (f"{len(stale)} temporary file(s) left by an interrupted ckptx run beside {dst} ({size:,} bytes); "
-            f"nothing is writing them: remove them with `rm -rf {names}`")
+    return (
+        f"{len(stale)} temporary file(s) left by an interrupted ckptx run beside {dst} ({size:,} bytes); "
+        f"nothing is writing them: remove them with `rm -rf {names}`"
+    )
 
 
 def _verify_path(dst: Path) -> Path:
@@ -198,8 +234,16 @@ def _verify_path(dst: Path) -> Path:
     return dst.with_name(f".{dst.stem}.ckptx-unverified{dst.suffix}")
 
 
-def _verify_then_publish(result: ConvertResult, recipe: Recipe, spec: TargetSpec | None, src: Path, written: Path,
-                         dst: Path, allow_globals: Sequence[str], unsafe_pickle: bool) -> None:
+def _verify_then_publish(
+    result: ConvertResult,
+    recipe: Recipe,
+    spec: TargetSpec | None,
+    src: Path,
+    written: Path,
+    dst: Path,
+    allow_globals: Sequence[str],
+    unsafe_pickle: bool,
+) -> None:
     """Verify the written file; rename it to `dst` only if it computes what the source computes."""
     try:
         _verify(result, recipe, spec, src, allow_globals, unsafe_pickle, written)
@@ -208,20 +252,35 @@ def _verify_then_publish(result: ConvertResult, recipe: Recipe, spec: TargetSpec
         written.unlink(missing_ok=True)
 
 
-def _verify(result: ConvertResult, recipe: Recipe, spec: TargetSpec | None, src: Path, allow_globals: Sequence[str],
-            unsafe_pickle: bool, written: Path) -> None:
+def _verify(
+    result: ConvertResult,
+    recipe: Recipe,
+    spec: TargetSpec | None,
+    src: Path,
+    allow_globals: Sequence[str],
+    unsafe_pickle: bool,
+    written: Path,
+) -> None:
     """Record the verification of `written` in `result`; raise VerificationFailed when it does not compute the same."""
     from ckptx.check.numerical import verify_conversion  # here, not at the top: start-up (see io/open.py)
 
-    result.verification = verify_conversion(recipe, spec, src, written, allow_globals=allow_globals,
-                                            unsafe_pickle=unsafe_pickle)
+    result.verification = verify_conversion(
+        recipe, spec, src, written, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle
+    )
     if not result.verification.ok:
         raise VerificationFailed(result.verification)
 
 
-def _write(plan: Plan, source: Source, dst: Path | ShardLayout, fmt: str, notes: list[str],
-           progress: Callable[[int, int], None] | None, metadata: Mapping[str, str] | None = None,
-           check: Callable[[Path], None] | None = None) -> int:
+def _write(
+    plan: Plan,
+    source: Source,
+    dst: Path | ShardLayout,
+    fmt: str,
+    notes: list[str],
+    progress: Callable[[int, int], None] | None,
+    metadata: Mapping[str, str] | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> int:
     total = sum(e.meta.nbytes for e in plan.entries)
     done = [0]
 

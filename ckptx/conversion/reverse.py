@@ -8,20 +8,20 @@ recipe makes of that layout, it must give back exactly its keys, shapes and dtyp
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
-from ckptx.errors import Problem, RuleError
-from ckptx.planning.source import Source
-from ckptx.planning.entry import PlanEntry
 from ckptx.dtypes import TensorMeta
+from ckptx.errors import Problem, RuleError
+from ckptx.planning.entry import PlanEntry
 from ckptx.planning.planner import plan_recipe
-from ckptx.rules.recipe import Recipe, TargetSpec
+from ckptx.planning.source import Source
 from ckptx.rules.flatten import dump
-from ckptx.rules.kinds import StepTrace
 from ckptx.rules.inverse import invert_recipe
+from ckptx.rules.kinds import StepTrace
 from ckptx.rules.loader import load_rules_text
-from ckptx.rules.recipe import require_resolved
+from ckptx.rules.recipe import Recipe, TargetSpec, require_resolved
 from ckptx.targets.resolve import parse_target_arg, resolve_target
 
 Original = TargetSpec | str | Mapping[str, Any] | Any
@@ -59,7 +59,9 @@ def reverse_recipe(recipe: Recipe, original: Original | None = None) -> Reversed
     return reversed_
 
 
-def trace_recipe(recipe: Recipe, metas: Mapping[str, TensorMeta]) -> tuple[list[StepTrace | None], dict[str, TensorMeta]]:
+def trace_recipe(
+    recipe: Recipe, metas: Mapping[str, TensorMeta]
+) -> tuple[list[StepTrace | None], dict[str, TensorMeta]]:
     """Plan `recipe` on metadata alone; each step's keys and metadata before and after, and the result.
 
     The recipe's own target (if any) is resolved for steps that take shapes from it (`shape: target`).
@@ -67,8 +69,9 @@ def trace_recipe(recipe: Recipe, metas: Mapping[str, TensorMeta]) -> tuple[list[
     traces: list[StepTrace | None] = [None] * len(recipe.steps)
 
     def observe(index: int, before: list[PlanEntry], after: list[PlanEntry] | None) -> None:
-        traces[index] = StepTrace([(e.key, e.meta) for e in before],
-                                  None if after is None else [(e.key, e.meta) for e in after])
+        traces[index] = StepTrace(
+            [(e.key, e.meta) for e in before], None if after is None else [(e.key, e.meta) for e in after]
+        )
 
     target = resolve_target(recipe.target).tensors if recipe.target is not None else None
     plan = plan_recipe(recipe, _MetadataSource(metas), target=target, observe=observe)
@@ -92,29 +95,50 @@ def _verify_source(recipe: Recipe) -> TargetSpec | None:
     verify = recipe.verify
     if verify is None:
         return None
-    return TargetSpec(model=verify.source_model, kwargs=dict(verify.source_kwargs), where=verify.where,
-                      model_origin=verify.source_origin)
+    return TargetSpec(
+        model=verify.source_model,
+        kwargs=dict(verify.source_kwargs),
+        where=verify.where,
+        model_origin=verify.source_origin,
+    )
 
 
 def _finish(recipe: Recipe, document: dict[str, Any], traced_on: str | None) -> Reversed:
     sources = ", ".join(f.path for f in recipe.files) or recipe.name
-    header = (f"# Reverse of {recipe.name} ({sources}), made by `ckptx invert`"
-              + (f"; shapes and dtypes from {traced_on}" if traced_on else "") + ".\n")
+    header = (
+        f"# Reverse of {recipe.name} ({sources}), made by `ckptx invert`"
+        + (f"; shapes and dtypes from {traced_on}" if traced_on else "")
+        + ".\n"
+    )
     text = header + dump(document)
     loaded = load_rules_text(text, f"<reverse of {recipe.name}>")
     return Reversed(document, text, loaded, traced_on)
 
 
-def _check_round_trip(reverse: Recipe, made: Mapping[str, TensorMeta], original: Mapping[str, TensorMeta],
-                      name: str) -> None:
+def _check_round_trip(
+    reverse: Recipe, made: Mapping[str, TensorMeta], original: Mapping[str, TensorMeta], name: str
+) -> None:
     back = plan_recipe(reverse, _MetadataSource(made)).expected
     if back == dict(original):
         return
     missing = sorted(set(original) - set(back))
     extra = sorted(set(back) - set(original))
     differ = sorted(k for k in set(back) & set(original) if back[k] != original[k])
-    details = "; ".join(part for part in (
-        f"missing {', '.join(missing[:5])}" if missing else "", f"extra {', '.join(extra[:5])}" if extra else "",
-        ", ".join(f"{k} is {back[k]} instead of {original[k]}" for k in differ[:5])) if part)
-    raise RuleError([Problem(reverse.name, f"the reverse recipe does not give back {name}: {details}; "
-                                           f"the forward recipe is not one-to-one on this layout")])
+    details = "; ".join(
+        part
+        for part in (
+            f"missing {', '.join(missing[:5])}" if missing else "",
+            f"extra {', '.join(extra[:5])}" if extra else "",
+            ", ".join(f"{k} is {back[k]} instead of {original[k]}" for k in differ[:5]),
+        )
+        if part
+    )
+    raise RuleError(
+        [
+            Problem(
+                reverse.name,
+                f"the reverse recipe does not give back {name}: {details}; "
+                f"the forward recipe is not one-to-one on this layout",
+            )
+        ]
+    )

@@ -15,22 +15,37 @@ from __future__ import annotations
 import copy
 import os
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from ckptx.io.write.destination import InputFiles
 from ckptx.errors import DestinationError
-from ckptx.io.write.atomic import publish, staging_folder
 from ckptx.io.spans import Progress
-from ckptx.io.write.sharded_writer import (INDEX_SUFFIX, ShardLayout, check_layout, shard_layout, stage_bytes,
-                                           stage_layout)
-from ckptx.planning.source import Source
+from ckptx.io.write.atomic import publish, staging_folder
+from ckptx.io.write.destination import InputFiles
+from ckptx.io.write.sharded_writer import (
+    INDEX_SUFFIX,
+    ShardLayout,
+    check_layout,
+    shard_layout,
+    stage_bytes,
+    stage_layout,
+)
 from ckptx.planning.entry import PlanEntry
+from ckptx.planning.source import Source
 from ckptx.rules.recipe import TargetSpec
 
-__all__ = ["CONFIG", "FOLDER_FORMAT", "GENERATION_CONFIG", "WEIGHTS", "ModelFolder", "is_folder_destination",
-           "model_folder", "write_model_folder"]
+__all__ = [
+    "CONFIG",
+    "FOLDER_FORMAT",
+    "GENERATION_CONFIG",
+    "WEIGHTS",
+    "ModelFolder",
+    "is_folder_destination",
+    "model_folder",
+    "write_model_folder",
+]
 
 FOLDER_FORMAT = "hf-folder"
 CONFIG = "config.json"
@@ -58,8 +73,15 @@ class ModelFolder:
         return self.layout.index or self.layout.files[0][0]
 
 
-def model_folder(folder: Path, entries: list[PlanEntry], spec: TargetSpec | None, *,
-                 max_shard_size: int | None, force: bool, inputs: InputFiles) -> tuple[ModelFolder, list[str]]:
+def model_folder(
+    folder: Path,
+    entries: list[PlanEntry],
+    spec: TargetSpec | None,
+    *,
+    max_shard_size: int | None,
+    force: bool,
+    inputs: InputFiles,
+) -> tuple[ModelFolder, list[str]]:
     """Lay out the folder for these entries and this (transformers) target; refuse what cannot be written.
 
     Returns the layout and notes. Raises DestinationError when the target is not a transformers model,
@@ -72,13 +94,19 @@ def model_folder(folder: Path, entries: list[PlanEntry], spec: TargetSpec | None
     documents = _documents(spec, entries, str(folder))
     layout = shard_layout(folder / WEIGHTS, entries, max_shard_size)
     notes = check_layout(layout, force=force, inputs=inputs) if folder.is_dir() else []
-    inputs.check_all([folder / name for name in documents] + _replaced(folder), force=force,
-                     what="a file of the model folder")
+    inputs.check_all(
+        [folder / name for name in documents] + _replaced(folder), force=force, what="a file of the model folder"
+    )
     return ModelFolder(folder, layout, documents), notes
 
 
-def write_model_folder(target: ModelFolder, source: Source, metadata: Mapping[str, str],
-                       progress: Progress | None = None, check: Callable[[Path], None] | None = None) -> int:
+def write_model_folder(
+    target: ModelFolder,
+    source: Source,
+    metadata: Mapping[str, str],
+    progress: Progress | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> int:
     """Write every file in a staging folder, `check(staged weights)` if given, then publish, config last.
 
     Returns the bytes written. A failure leaves no file of the new set under its final name (and removes
@@ -98,8 +126,13 @@ def write_model_folder(target: ModelFolder, source: Source, metadata: Mapping[st
         raise
 
 
-def _write(target: ModelFolder, source: Source, metadata: Mapping[str, str], progress: Progress | None,
-           check: Callable[[Path], None] | None) -> int:
+def _write(
+    target: ModelFolder,
+    source: Source,
+    metadata: Mapping[str, str],
+    progress: Progress | None,
+    check: Callable[[Path], None] | None,
+) -> int:
     with staging_folder(target.folder / WEIGHTS) as stage:
         moves, total = stage_layout(stage, target.layout, source, metadata, progress)
         if check is not None:
@@ -131,15 +164,19 @@ def _documents(spec: TargetSpec | None, entries: list[PlanEntry], where: str) ->
 
 def _transformers_model(spec: TargetSpec | None, where: str) -> Any:
     if spec is None or not spec.model:
-        raise DestinationError(f"{where}: a model folder needs a transformers target (its config becomes config.json); "
-                               f"give --target module:callable, or write a .safetensors file instead")
-    from ckptx.targets.build import build_model  # noqa: PLC0415
+        raise DestinationError(
+            f"{where}: a model folder needs a transformers target (its config becomes config.json); "
+            f"give --target module:callable, or write a .safetensors file instead"
+        )
+    from ckptx.targets.build import build_model
 
     model = build_model(spec.model, spec.kwargs, spec.where or "target")
     config = getattr(model, "config", None)
     if config is None or not callable(getattr(config, "to_json_string", None)):
-        raise DestinationError(f"{where}: a model folder is what transformers' from_pretrained opens, and "
-                               f"{spec.describe()} is not a transformers model; write a .safetensors or .pth file")
+        raise DestinationError(
+            f"{where}: a model folder is what transformers' from_pretrained opens, and "
+            f"{spec.describe()} is not a transformers model; write a .safetensors or .pth file"
+        )
     return model
 
 

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from mmengine.logging import print_log
@@ -36,15 +37,15 @@ from mmengine.model.weight_init import update_init_info
 from mmengine.model.wrappers.utils import is_model_wrapper
 from mmengine.registry import WEIGHT_INITIALIZERS
 
+from ckptx.check.inferred import choose_variant
+from ckptx.check.validation import ValidationReport, validate
 from ckptx.errors import CkptxError, ValidationFailed
 from ckptx.io.read.open import open_source
 from ckptx.planning.execute import materialize
 from ckptx.planning.planner import plan_recipe
-from ckptx.rules.recipe import Recipe
 from ckptx.rules.loader import load_rules
+from ckptx.rules.recipe import Recipe
 from ckptx.targets.resolve import Target, resolve_target
-from ckptx.check.validation import ValidationReport, validate
-from ckptx.check.inferred import choose_variant
 
 __all__ = ["CkptxInit", "InitConfigError", "LoadResult", "load_converted"]
 
@@ -67,9 +68,17 @@ class LoadResult:
     inferred: Mapping[str, Any] | None = None
 
 
-def load_converted(module: torch.nn.Module, checkpoint: str | Path, recipe: str | Sequence[str] | Recipe, *,
-                   prefix: str | None = None, params: Mapping[str, Any] | None = None,
-                   allow_globals: Sequence[str] = (), unsafe_pickle: bool = False, strict: bool = True) -> LoadResult:
+def load_converted(
+    module: torch.nn.Module,
+    checkpoint: str | Path,
+    recipe: str | Sequence[str] | Recipe,
+    *,
+    prefix: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    allow_globals: Sequence[str] = (),
+    unsafe_pickle: bool = False,
+    strict: bool = True,
+) -> LoadResult:
     """Convert `checkpoint` with `recipe` in memory and load the sub-tree under `prefix` into `module`.
 
     Validates first against `module` (its keys as `prefix + key`; keys outside `prefix` are left out):
@@ -79,8 +88,9 @@ def load_converted(module: torch.nn.Module, checkpoint: str | Path, recipe: str 
     prefix = prefix or ""
     loaded_recipe = recipe if isinstance(recipe, Recipe) else load_rules(recipe, params=params)
     target = _prefixed(resolve_target(module), prefix)
-    with open_source(checkpoint, loaded_recipe.extract, allow_globals=allow_globals,
-                     unsafe_pickle=unsafe_pickle) as source:
+    with open_source(
+        checkpoint, loaded_recipe.extract, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle
+    ) as source:
         inferred = None
         if loaded_recipe.inferred:
             chosen = choose_variant(loaded_recipe, source, lambda candidate: target)
@@ -93,7 +103,7 @@ def load_converted(module: torch.nn.Module, checkpoint: str | Path, recipe: str 
         state, skipped = {}, sorted(unfit | {p.key for p in report.unexpected})
         for entry in plan.entries:
             if entry.key.startswith(prefix) and entry.key not in unfit:
-                state[entry.key[len(prefix):]] = materialize(entry, source)
+                state[entry.key[len(prefix) :]] = materialize(entry, source)
     module.load_state_dict(state, strict=strict)
     return LoadResult(report, loaded_recipe, tuple(state), tuple(skipped), inferred)
 
@@ -102,9 +112,12 @@ def _prefixed(target: Target, prefix: str) -> Target:
     """The module's keys as they appear in the converted checkpoint; keys outside `prefix` are allowed there."""
     if not prefix:
         return target
-    return Target(f"{target.description} (as '{prefix}*' of the converted checkpoint)",
-                  {prefix + key: meta for key, meta in target.tensors.items()},
-                  allow_unexpected=(re.compile("^(?!" + re.escape(prefix) + ")"),), notes=target.notes)
+    return Target(
+        f"{target.description} (as '{prefix}*' of the converted checkpoint)",
+        {prefix + key: meta for key, meta in target.tensors.items()},
+        allow_unexpected=(re.compile("^(?!" + re.escape(prefix) + ")"),),
+        notes=target.notes,
+    )
 
 
 @WEIGHT_INITIALIZERS.register_module(name=NAME)
@@ -125,10 +138,18 @@ class CkptxInit:
             on the CPU and copied into the module wherever it lives.
     """
 
-    def __init__(self, checkpoint: str, recipe: str | Sequence[str], prefix: str | None = None,
-                 params: Mapping[str, Any] | None = None, allow_globals: Sequence[str] = (),
-                 unsafe_pickle: bool = False, strict: bool = True, backend_args: Mapping[str, Any] | None = None,
-                 map_location: str | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: str,
+        recipe: str | Sequence[str],
+        prefix: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        allow_globals: Sequence[str] = (),
+        unsafe_pickle: bool = False,
+        strict: bool = True,
+        backend_args: Mapping[str, Any] | None = None,
+        map_location: str | None = None,
+    ) -> None:
         if not checkpoint or not recipe:
             raise InitConfigError(f"init_cfg type='{NAME}': give checkpoint=... and recipe=... (a recipe name or path)")
         self.checkpoint = str(checkpoint)
@@ -146,12 +167,19 @@ class CkptxInit:
         """Initialize `module`: what mmengine would still run on its sub-modules first, then the checkpoint."""
         _check_last(module, self.wholemodule)
         _init_submodules_first(module, self.wholemodule)
-        from mmengine.fileio import get_local_path  # noqa: PLC0415
+        from mmengine.fileio import get_local_path
 
         with get_local_path(self.checkpoint, backend_args=self.backend_args) as local:
-            self.result = load_converted(module, local, self.recipe, prefix=self.prefix, params=self.params,
-                                         allow_globals=self.allow_globals, unsafe_pickle=self.unsafe_pickle,
-                                         strict=self.strict)
+            self.result = load_converted(
+                module,
+                local,
+                self.recipe,
+                prefix=self.prefix,
+                params=self.params,
+                allow_globals=self.allow_globals,
+                unsafe_pickle=self.unsafe_pickle,
+                strict=self.strict,
+            )
         if not self.wholemodule:
             _mark_pretrained(module)
         print_log(self._summary(), logger="current")
@@ -162,8 +190,11 @@ class CkptxInit:
 
     def _summary(self) -> str:
         result = self.result
-        chosen = f", {', '.join(f'{k}={v}' for k, v in result.inferred.items())} chosen from the checkpoint" \
-            if result and result.inferred else ""
+        chosen = (
+            f", {', '.join(f'{k}={v}' for k, v in result.inferred.items())} chosen from the checkpoint"
+            if result and result.inferred
+            else ""
+        )
         under = f" ({self.prefix}*)" if self.prefix else ""
         count = f": {len(result.loaded)} tensors" if result else ""
         return f"{NAME}: {self.checkpoint}{under} converted by {self.recipe}{chosen}{count}"
@@ -182,12 +213,17 @@ def _check_last(module: torch.nn.Module, wholemodule: bool) -> None:
     last = max((i for i, c in enumerate(cfgs) if _is_ckptx(c)), default=None)
     if last is None:
         return
-    later = [c for i, c in enumerate(cfgs) if isinstance(c, Mapping) and not _is_ckptx(c)
-             and (i > last or c.get("type") == PRETRAINED)]
+    later = [
+        c
+        for i, c in enumerate(cfgs)
+        if isinstance(c, Mapping) and not _is_ckptx(c) and (i > last or c.get("type") == PRETRAINED)
+    ]
     if later:
         names = ", ".join(str(c.get("type")) for c in later)
-        raise InitConfigError(f"{type(module).__name__}.init_cfg: {names} would run after {NAME} and overwrite the "
-                              f"weights it loads; put type='{NAME}' last and drop any 'Pretrained' entry")
+        raise InitConfigError(
+            f"{type(module).__name__}.init_cfg: {names} would run after {NAME} and overwrite the "
+            f"weights it loads; put type='{NAME}' last and drop any 'Pretrained' entry"
+        )
 
 
 def _init_submodules_first(module: torch.nn.Module, wholemodule: bool) -> None:
@@ -205,7 +241,9 @@ def _init_submodules_first(module: torch.nn.Module, wholemodule: bool) -> None:
         if hasattr(child, "init_weights") and not getattr(child, "is_init", False):
             child.init_weights()
             if hasattr(child, "_params_init_info"):
-                update_init_info(child, init_info=f"Initialized by user-defined `init_weights` in {type(child).__name__} ")
+                update_init_info(
+                    child, init_info=f"Initialized by user-defined `init_weights` in {type(child).__name__} "
+                )
 
 
 def _mark_pretrained(module: torch.nn.Module) -> None:

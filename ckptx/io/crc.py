@@ -15,8 +15,8 @@ import struct
 import threading
 import zipfile
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Sequence
 
 from ckptx.errors import SourceError
 from ckptx.planning.source import RawSpan
@@ -36,8 +36,10 @@ def span_crc(span: RawSpan, stop: threading.Event | None = None, fd: int | None 
     fd = os.open(span.file, os.O_RDONLY) if fd is None else fd
     try:
         if os.fstat(fd).st_size < span.offset + span.nbytes:
-            raise SourceError(f"{span.file}: ends before byte {span.offset + span.nbytes} of a tensor at "
-                              f"{span.offset}; the file is truncated or changed")
+            raise SourceError(
+                f"{span.file}: ends before byte {span.offset + span.nbytes} of a tensor at "
+                f"{span.offset}; the file is truncated or changed"
+            )
         if span.nbytes <= SMALL:
             return zlib.crc32(os.pread(fd, span.nbytes, span.offset), crc)
         return _mapped_crc(fd, span, stop, crc)
@@ -56,7 +58,7 @@ def _mapped_crc(fd: int, span: RawSpan, stop: threading.Event | None, crc: int) 
         length = min(WINDOW, span.nbytes - done)
         with mmap.mmap(fd, start - base + length, prot=mmap.PROT_READ, offset=base) as window:
             with memoryview(window) as view:
-                crc = zlib.crc32(view[start - base:], crc)
+                crc = zlib.crc32(view[start - base :], crc)
         done += length
     return crc
 
@@ -82,8 +84,13 @@ class CrcThread:
         if pieces < 2:
             return self._pool.submit(self._crc, span)
         size = -(-span.nbytes // pieces)
-        parts = [(self._pool.submit(self._crc, RawSpan(span.file, span.offset + start, min(size, span.nbytes - start))),
-                  min(size, span.nbytes - start)) for start in range(0, span.nbytes, size)]
+        parts = [
+            (
+                self._pool.submit(self._crc, RawSpan(span.file, span.offset + start, min(size, span.nbytes - start))),
+                min(size, span.nbytes - start),
+            )
+            for start in range(0, span.nbytes, size)
+        ]
         return _combined(parts)
 
     def submit_all(self, spans: Sequence[RawSpan]) -> Future[int]:
@@ -130,7 +137,7 @@ class CrcThread:
                 fd = self._fds[file] = os.open(file, os.O_RDONLY)
             return fd
 
-    def __enter__(self) -> "CrcThread":
+    def __enter__(self) -> CrcThread:
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
@@ -209,8 +216,11 @@ def stored_record_crcs(path: str) -> dict[tuple[int, int], int]:
             if f.read(4) != b"PK\x03\x04":
                 return {}
             with zipfile.ZipFile(f) as archive:
-                infos = [i for i in archive.infolist()
-                         if i.compress_type == zipfile.ZIP_STORED and i.file_size == i.compress_size and i.CRC]
+                infos = [
+                    i
+                    for i in archive.infolist()
+                    if i.compress_type == zipfile.ZIP_STORED and i.file_size == i.compress_size and i.CRC
+                ]
             found = {}
             for info in infos:
                 f.seek(info.header_offset)

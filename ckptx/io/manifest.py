@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import yaml
 
@@ -19,8 +19,11 @@ MANIFEST_VERSION = 1
 
 def write_manifest(path: Path, tensors: Mapping[str, TensorMeta], *, source: str = "") -> None:
     """Write a manifest (JSON) of key -> shape/dtype that can serve as a target."""
-    doc = {"ckptx_manifest": MANIFEST_VERSION, "source": source,
-           "tensors": {k: {"shape": list(m.shape), "dtype": m.dtype} for k, m in tensors.items()}}
+    doc = {
+        "ckptx_manifest": MANIFEST_VERSION,
+        "source": source,
+        "tensors": {k: {"shape": list(m.shape), "dtype": m.dtype} for k, m in tensors.items()},
+    }
     with atomic_output(path) as out:
         out.write((json.dumps(doc, indent=1) + "\n").encode("utf-8"))
 

@@ -6,13 +6,13 @@ Neither goes through a memory map, so the pages read never count toward the proc
 from __future__ import annotations
 
 import os
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 from ckptx._lazy import lazy_module
+from ckptx.dtypes import TensorMeta, torch_dtype
 from ckptx.errors import SourceError, TensorOpError
-from ckptx.dtypes import torch_dtype
 from ckptx.planning.source import RawSpan
-from ckptx.dtypes import TensorMeta
 
 torch = lazy_module("torch")
 
@@ -36,7 +36,7 @@ def read_span(span: RawSpan, meta: TensorMeta) -> torch.Tensor:
         try:
             done = 0
             while done < span.nbytes:
-                got = os.preadv(fd, [view[done:done + CHUNK]], span.offset + done)
+                got = os.preadv(fd, [view[done : done + CHUNK]], span.offset + done)
                 if got <= 0:
                     raise _ended_early(span, done)
                 done += got
@@ -45,8 +45,9 @@ def read_span(span: RawSpan, meta: TensorMeta) -> torch.Tensor:
     return data.view(torch_dtype(meta.dtype)).reshape(meta.shape)
 
 
-def convert_span(out: BinaryIO, span: RawSpan, convert: Callable[[bytes], bytes],
-                 progress: Progress | None = None) -> int:
+def convert_span(
+    out: BinaryIO, span: RawSpan, convert: Callable[[bytes], bytes], progress: Progress | None = None
+) -> int:
     """Write `convert(piece)` for each piece of `span`, read in CONVERT_CHUNK bytes (whole elements) at a time:
     an elementwise op streamed in bounded memory. Returns the bytes written."""
     written = 0
@@ -68,8 +69,10 @@ def convert_span(out: BinaryIO, span: RawSpan, convert: Callable[[bytes], bytes]
 
 
 def _ended_early(span: RawSpan, done: int) -> SourceError:
-    return SourceError(f"{span.file}: ended at byte {span.offset + done} while reading a tensor of "
-                       f"{span.nbytes} bytes at {span.offset}; the file is truncated or changed")
+    return SourceError(
+        f"{span.file}: ended at byte {span.offset + done} while reading a tensor of "
+        f"{span.nbytes} bytes at {span.offset}; the file is truncated or changed"
+    )
 
 
 class SpanCopier:
@@ -118,7 +121,7 @@ class SpanCopier:
                 os.close(fd)
             self._fds.clear()
 
-    def __enter__(self) -> "SpanCopier":
+    def __enter__(self) -> SpanCopier:
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
@@ -130,7 +133,7 @@ class SpanCopier:
 def write_bytes(out: BinaryIO, data: memoryview, progress: Progress | None = None) -> None:
     """Write `data` in chunks, reporting each chunk to `progress`."""
     for start in range(0, len(data), CHUNK):
-        piece = data[start:start + CHUNK]
+        piece = data[start : start + CHUNK]
         out.write(piece)
         if progress:
             progress(len(piece))

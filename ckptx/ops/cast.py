@@ -11,16 +11,16 @@ byte is the byte torch's `.to()` writes.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from ckptx._lazy import lazy_module
+from ckptx.dtypes import DTYPES, TensorMeta, lookup, lossless_casts
 from ckptx.ops.layout import apply_to_matching
-from ckptx.dtypes import DTYPES, lookup, lossless_casts
+from ckptx.ops.registry import step
 from ckptx.planning.context import PlanContext, StepOutcome
 from ckptx.planning.entry import PlanEntry
-from ckptx.dtypes import TensorMeta
-from ckptx.ops.registry import step
 from ckptx.planning.expr import tensor_op
 from ckptx.rules.inverse import all_matched_changed, changed_metas, exact_keys
 from ckptx.rules.kinds import Doc, NotInvertible, StepTrace, object_schema
@@ -51,7 +51,10 @@ _CAST_SCHEMA = object_schema(
     properties={
         "match": {"$ref": "#/$defs/regex"},
         "dtype": {"$ref": "#/$defs/dtype"},
-        "include_integer": {"type": "boolean", "description": "Also cast integer and bool tensors (default: floating-point only)."},
+        "include_integer": {
+            "type": "boolean",
+            "description": "Also cast integer and bool tensors (default: floating-point only).",
+        },
     },
 )
 
@@ -65,8 +68,9 @@ def _invert_cast(args: Cast, step: Step, trace: StepTrace | None) -> list[Doc]:
         groups.setdefault(old.dtype, []).append(key)
     if len(groups) == 1 and all_matched_changed(args.match, trace, changed):
         return [{"cast": {"match": args.match.pattern, "dtype": next(iter(groups)), "include_integer": True}}]
-    return [{"cast": {"match": exact_keys(keys), "dtype": dtype, "include_integer": True}}
-            for dtype, keys in groups.items()]
+    return [
+        {"cast": {"match": exact_keys(keys), "dtype": dtype, "include_integer": True}} for dtype, keys in groups.items()
+    ]
 
 
 # --- how they plan and compute --------------------------------------------------------------------------

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ckptx.errors import Problem
-from ckptx.planning.keymatch import KeyText, first_matches, required_literals
+from ckptx.ops.registry import step
 from ckptx.planning.context import PlanContext, StepOutcome
 from ckptx.planning.entry import PlanEntry
-from ckptx.ops.registry import step
+from ckptx.planning.keymatch import KeyText, first_matches, required_literals
 from ckptx.rules.flatten import dump_args
 from ckptx.rules.inverse import exact_table, swap
 from ckptx.rules.kinds import Doc, NotInvertible, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step
 from ckptx.rules.templates import KeyTemplateError, Template
-
 
 # --- what the steps say: arguments, builders, schema fragments, inverses ---------------------------------
 
@@ -105,7 +105,9 @@ def _build_take_from(value: Any, c: Collector) -> TakeFrom:
     try:
         template.format(key="k", flat="k")
     except (KeyError, IndexError, ValueError) as exc:
-        c.problems.append(Problem(c.at("template"), f"invalid template {template!r}: use {{key}} and {{flat}} only ({exc})"))
+        c.problems.append(
+            Problem(c.at("template"), f"invalid template {template!r}: use {{key}} and {{flat}} only ({exc})")
+        )
     return TakeFrom(template)
 
 
@@ -154,7 +156,10 @@ _STRIP_PREFIX_SCHEMA: dict[str, Any] = {
                 "prefixes": {"$ref": "#/$defs/stringOrList"},
                 "common": {
                     "type": "boolean",
-                    "description": "Also strip the first name component when every key shares it (e.g. a LightningModule attribute such as model.).",
+                    "description": (
+                        "Also strip the first name component when every key shares it (e.g. a "
+                        "LightningModule attribute such as model.)."
+                    ),
                 },
             },
         },
@@ -168,7 +173,9 @@ _TAKE_FROM_SCHEMA = object_schema(
         "template": {
             "type": "string",
             "minLength": 1,
-            "description": "The other key; {key} is the key, {flat} the key with '.' replaced by '_' (e.g. ema_{flat}).",
+            "description": (
+                "The other key; {key} is the key, {flat} the key with '.' replaced by '_' (e.g. ema_{flat})."
+            ),
         },
     },
 )
@@ -189,7 +196,9 @@ _ADD_PREFIX_SCHEMA: dict[str, Any] = {
     ],
 }
 
-_RENAME_SCHEMA: dict[str, Any] = {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/renamePair"}, "minItems": 1}, {"$ref": "#/$defs/renamePair"}]}
+_RENAME_SCHEMA: dict[str, Any] = {
+    "anyOf": [{"type": "array", "items": {"$ref": "#/$defs/renamePair"}, "minItems": 1}, {"$ref": "#/$defs/renamePair"}]
+}
 
 
 def _literal_prefix(regex: str) -> int:
@@ -199,13 +208,15 @@ def _literal_prefix(regex: str) -> int:
 
 def _invert_strip_prefix(args: StripPrefix, step: Step, trace: StepTrace | None) -> list[Doc]:
     if trace is not None and trace.after is not None:
-        stripped = {old[:len(old) - len(new)] for (old, _), (new, _) in zip(trace.before, trace.after)}
+        stripped = {old[: len(old) - len(new)] for (old, _), (new, _) in zip(trace.before, trace.after)}
         if len(stripped) == 1 and "" not in stripped:
             return [{"add_prefix": stripped.pop()}]
         return exact_table(trace, "not every key lost the same prefix")
     if len(args.prefixes) == 1 and not args.common:
         return [{"add_prefix": args.prefixes[0]}]
-    raise NotInvertible("which prefix each key lost depends on the checkpoint; the source layout is needed", needs_layout=True)
+    raise NotInvertible(
+        "which prefix each key lost depends on the checkpoint; the source layout is needed", needs_layout=True
+    )
 
 
 def _invert_add_prefix(args: AddPrefix, step: Step, trace: StepTrace | None) -> list[Doc]:
@@ -225,7 +236,6 @@ def _invert_rename(args: Rename, step: Step, trace: StepTrace | None) -> list[Do
         return exact_table(trace, str(exc))
     rows.sort(key=lambda row: -_literal_prefix(row[0]))
     return [{"rename": rows}]
-
 
 
 def _dump_rename(args: Rename) -> list[list[str]]:
@@ -255,9 +265,14 @@ def warn_if_mid_name(pattern: Pattern, key: str, where: str, ctx: PlanContext, s
     match = next((m for m in pattern.finditer(key) if m.start() > 0 and key[m.start() - 1] != "."), None)
     if match:
         seen.add(pattern.pattern)
-        ctx.warnings.append(Problem(where, f"pattern {pattern.pattern!r} also matches inside a name: "
-                                           f"'{key}' (position {match.start()}); anchor it with '^' or '\\.' "
-                                           f"if that is not intended"))
+        ctx.warnings.append(
+            Problem(
+                where,
+                f"pattern {pattern.pattern!r} also matches inside a name: "
+                f"'{key}' (position {match.start()}); anchor it with '^' or '\\.' "
+                f"if that is not intended",
+            )
+        )
 
 
 @step("drop", build=_build_drop, schema=_DROP_SCHEMA, not_invertible="the dropped tensors are gone")
@@ -289,7 +304,7 @@ def strip(key: str, prefixes: tuple[str, ...]) -> str:
         changed = False
         for prefix in prefixes:
             if key.startswith(prefix) and len(key) > len(prefix):
-                key, changed = key[len(prefix):], True
+                key, changed = key[len(prefix) :], True
     return key
 
 
@@ -301,8 +316,14 @@ def common_component(keys: list[str]) -> str | None:
     return firsts.pop()
 
 
-@step("strip_prefix", build=_build_strip_prefix, schema=_STRIP_PREFIX_SCHEMA, invert=_invert_strip_prefix, renames_keys=True,
-      dump=_dump_strip_prefix)
+@step(
+    "strip_prefix",
+    build=_build_strip_prefix,
+    schema=_STRIP_PREFIX_SCHEMA,
+    invert=_invert_strip_prefix,
+    renames_keys=True,
+    dump=_dump_strip_prefix,
+)
 def plan_strip_prefix(args: StripPrefix, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Strip literal prefixes at the start of keys (and, with `common`, a first component all keys share)."""
     prefixes = args.prefixes
@@ -317,7 +338,13 @@ def plan_strip_prefix(args: StripPrefix, step: Step, entries: list[PlanEntry], c
     return StepOutcome(out, hits)
 
 
-@step("take_from", build=_build_take_from, schema=_TAKE_FROM_SCHEMA, not_invertible="the replaced tensors are gone", renames_keys=True)
+@step(
+    "take_from",
+    build=_build_take_from,
+    schema=_TAKE_FROM_SCHEMA,
+    not_invertible="the replaced tensors are gone",
+    renames_keys=True,
+)
 def plan_take_from(args: TakeFrom, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Each key whose donor (`template` filled with the key) exists takes the donor's tensor; donors vanish."""
     by_key = {e.key: e for e in entries}
@@ -327,8 +354,13 @@ def plan_take_from(args: TakeFrom, step: Step, entries: list[PlanEntry], ctx: Pl
         if donor is None or donor.key == entry.key:
             continue
         if donor.meta.shape != entry.meta.shape:
-            ctx.errors.append(Problem(step.where, f"'{donor.key}' has shape {list(donor.meta.shape)} but "
-                                                  f"'{entry.key}' has {list(entry.meta.shape)}; they cannot replace each other"))
+            ctx.errors.append(
+                Problem(
+                    step.where,
+                    f"'{donor.key}' has shape {list(donor.meta.shape)} but "
+                    f"'{entry.key}' has {list(entry.meta.shape)}; they cannot replace each other",
+                )
+            )
             continue
         donors[entry.key] = donor
     used = {d.key for d in donors.values()}
@@ -345,13 +377,21 @@ def plan_take_from(args: TakeFrom, step: Step, entries: list[PlanEntry], ctx: Pl
     return StepOutcome(out, len(donors))
 
 
-@step("add_prefix", build=_build_add_prefix, schema=_ADD_PREFIX_SCHEMA, invert=_invert_add_prefix, renames_keys=True,
-      dump=_dump_add_prefix)
+@step(
+    "add_prefix",
+    build=_build_add_prefix,
+    schema=_ADD_PREFIX_SCHEMA,
+    invert=_invert_add_prefix,
+    renames_keys=True,
+    dump=_dump_add_prefix,
+)
 def plan_add_prefix(args: AddPrefix, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Prepend a prefix to (matching) keys."""
     out, hits = [], 0
     for entry in entries:
-        wanted = (args.match is None or args.match.search(entry.key)) and not (args.skip and args.skip.search(entry.key))
+        wanted = (args.match is None or args.match.search(entry.key)) and not (
+            args.skip and args.skip.search(entry.key)
+        )
         hits += bool(wanted)
         out.append(entry.renamed(args.prefix + entry.key, step.where) if wanted else entry)
     return StepOutcome(out, hits)
@@ -378,8 +418,14 @@ def plan_rename(args: Rename, step: Step, entries: list[PlanEntry], ctx: PlanCon
     return StepOutcome(out, len(rows), changed)
 
 
-def _report_rows(rules: Sequence[RenameRule], rows: dict[int, int], changed: list[int],
-                 failed: dict[int, KeyTemplateError], entries: list[PlanEntry], ctx: PlanContext) -> None:
+def _report_rows(
+    rules: Sequence[RenameRule],
+    rows: dict[int, int],
+    changed: list[int],
+    failed: dict[int, KeyTemplateError],
+    entries: list[PlanEntry],
+    ctx: PlanContext,
+) -> None:
     """Errors for the keys whose template failed and over-broad warnings, in key order."""
     may_warn = [may_match_mid_name(rule.pattern) for rule in rules]
     if not failed and not any(may_warn):
@@ -393,8 +439,9 @@ def _report_rows(rules: Sequence[RenameRule], rows: dict[int, int], changed: lis
             ctx.errors.append(Problem(rule.where, f"key '{entries[index].key}': {failed[index]}"))
 
 
-def _first_rewrites(rules: Sequence[RenameRule], text: KeyText
-                    ) -> tuple[dict[int, int], dict[int, str], dict[int, KeyTemplateError]]:
+def _first_rewrites(
+    rules: Sequence[RenameRule], text: KeyText
+) -> tuple[dict[int, int], dict[int, str], dict[int, KeyTemplateError]]:
     """Per key the first row that matches (key index -> row), the new keys, and the keys whose template failed.
 
     One `subn` per key and row tried: it both tells whether the row matches and makes the new key.

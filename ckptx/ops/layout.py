@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ckptx._lazy import lazy_module
-from ckptx.errors import Problem
-from ckptx.errors import OpShapeError
+from ckptx.dtypes import TensorMeta
+from ckptx.errors import OpShapeError, Problem
+from ckptx.ops.registry import step
 from ckptx.planning.context import PlanContext, StepOutcome
 from ckptx.planning.entry import PlanEntry
-from ckptx.dtypes import TensorMeta
 from ckptx.planning.expr import node, tensor_op
-from ckptx.ops.registry import step
 from ckptx.rules.inverse import all_matched_changed, changed_metas, exact_keys
 from ckptx.rules.kinds import Doc, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step
@@ -56,13 +56,19 @@ def _build_permute(value: Any, c: Collector) -> Permute:
 
 _RESHAPE_SCHEMA = object_schema(
     required=["match", "shape"],
-    properties={"match": {"$ref": "#/$defs/regex"}, "shape": {"anyOf": [{"$ref": "#/$defs/shape"}, {"const": "target"}]}},
+    properties={
+        "match": {"$ref": "#/$defs/regex"},
+        "shape": {"anyOf": [{"$ref": "#/$defs/shape"}, {"const": "target"}]},
+    },
 )
 
-_PERMUTE_SCHEMA = object_schema(required=["match", "dims"], properties={
+_PERMUTE_SCHEMA = object_schema(
+    required=["match", "dims"],
+    properties={
         "match": {"$ref": "#/$defs/regex"},
         "dims": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
-    })
+    },
+)
 
 
 def _trailing_ones(changed: list[tuple[str, Any, Any]]) -> int:
@@ -70,8 +76,8 @@ def _trailing_ones(changed: list[tuple[str, Any, Any]]) -> int:
     counts = set()
     for _, old, new in changed:
         short, long_ = sorted((tuple(old.shape), tuple(new.shape)), key=len)
-        pad = long_[len(short):]
-        if long_[:len(short)] != short or not pad or set(pad) != {1}:
+        pad = long_[len(short) :]
+        if long_[: len(short)] != short or not pad or set(pad) != {1}:
             return 0
         counts.add(len(pad) if len(old.shape) > len(new.shape) else -len(pad))
     return counts.pop() if len(counts) == 1 else 0
@@ -188,8 +194,13 @@ def plan_reshape(args: Reshape, step: Step, entries: list[PlanEntry], ctx: PlanC
 
     outcome = apply_to_matching(step, entries, ctx, args.match, build)
     if absent:
-        ctx.warnings.append(Problem(step.where, f"`shape: target`: {len(absent)} matching key(s) are not in the target "
-                                                f"(e.g. '{absent[0]}'); left unchanged, see the validation report"))
+        ctx.warnings.append(
+            Problem(
+                step.where,
+                f"`shape: target`: {len(absent)} matching key(s) are not in the target "
+                f"(e.g. '{absent[0]}'); left unchanged, see the validation report",
+            )
+        )
     return outcome
 
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ckptx._lazy import lazy_module
-from ckptx.errors import Problem
+from ckptx.dtypes import TensorMeta
+from ckptx.errors import OpShapeError, Problem
 from ckptx.ops.layout import apply_to_matching
-from ckptx.errors import OpShapeError
+from ckptx.ops.registry import step
 from ckptx.planning.context import PlanContext, StepOutcome, StepPlanner
 from ckptx.planning.entry import PlanEntry
-from ckptx.dtypes import TensorMeta
 from ckptx.planning.expr import node, tensor_op
-from ckptx.ops.registry import step
 from ckptx.rules.flatten import dump_args
 from ckptx.rules.inverse import Group, Ref, parse_pattern, shifted, spare_placeholder, swap, template_parts, tidy
 from ckptx.rules.kinds import Doc, NotInvertible, StepTrace, object_schema
@@ -105,16 +105,25 @@ def _build_split(value: Any, c: Collector) -> Split:
     unbind = bool(value.get("unbind", False))
     chosen = [k for k in ("sizes", "parts", "unbind") if k in value and value[k] is not False]
     if len(chosen) > 1:
-        c.problems.append(Problem(c.at(chosen[1]), f"give only one of sizes, parts and unbind (found {', '.join(chosen)})"))
+        c.problems.append(
+            Problem(c.at(chosen[1]), f"give only one of sizes, parts and unbind (found {', '.join(chosen)})")
+        )
     args = Split(match, into, dim_arg(value), sizes, parts, unbind)
     if isinstance(into_raw, str) and not args.indexed:
-        c.problems.append(Problem(c.at("into"), "one key template must number the pieces with {i} "
-                                                "(e.g. '\\1.{i}.weight'); or list one template per piece"))
+        c.problems.append(
+            Problem(
+                c.at("into"),
+                "one key template must number the pieces with {i} "
+                "(e.g. '\\1.{i}.weight'); or list one template per piece",
+            )
+        )
     elif isinstance(into_raw, str) and not chosen:
         c.problems.append(Problem(c.at(), "with a {i} template, say how many pieces: parts, sizes or unbind: true"))
     elif not isinstance(into_raw, str):
         if sizes is not None and len(sizes) != len(into):
-            c.problems.append(Problem(c.at("sizes"), f"{len(sizes)} sizes for {len(into)} keys in `into`; give one size per key"))
+            c.problems.append(
+                Problem(c.at("sizes"), f"{len(sizes)} sizes for {len(into)} keys in `into`; give one size per key")
+            )
         if parts is not None and parts != len(into):
             c.problems.append(Problem(c.at("parts"), f"parts: {parts} but `into` names {len(into)} keys"))
     return args
@@ -122,12 +131,18 @@ def _build_split(value: Any, c: Collector) -> Split:
 
 def _build_merge(value: Any, c: Collector) -> Merge:
     match = c.regex(value["match"], "match")
-    inputs = tuple(c.template(t, match, "invalid key template", "inputs", k)
-                   for k, t in enumerate(value.get("inputs", ())))
+    inputs = tuple(
+        c.template(t, match, "invalid key template", "inputs", k) for k, t in enumerate(value.get("inputs", ()))
+    )
     index = c.template(value["index"], match, "invalid index template", "index") if "index" in value else None
     if ("inputs" in value) == ("index" in value):
-        c.problems.append(Problem(c.at(), "give the order either as `inputs` (a list of key templates) or as "
-                                          "`index` (the position of each matching key, e.g. '\\2')"))
+        c.problems.append(
+            Problem(
+                c.at(),
+                "give the order either as `inputs` (a list of key templates) or as "
+                "`index` (the position of each matching key, e.g. '\\2')",
+            )
+        )
     to = c.template(value["to"], match, "invalid key template", "to")
     return Merge(match, to, inputs, index, dim_arg(value), bool(value.get("stack", False)))
 
@@ -146,8 +161,13 @@ def _build_squeeze(value: Any, c: Collector) -> Squeeze:
 
 
 def _build_slice(value: Any, c: Collector) -> Slice:
-    return Slice(c.regex(value["match"], "match"), int(value["dim"]), value.get("start"), value.get("stop"),
-                 int(value.get("step", 1)))
+    return Slice(
+        c.regex(value["match"], "match"),
+        int(value["dim"]),
+        value.get("start"),
+        value.get("stop"),
+        int(value.get("step", 1)),
+    )
 
 
 _SPLIT_SCHEMA = object_schema(
@@ -160,7 +180,10 @@ _SPLIT_SCHEMA = object_schema(
                 {"$ref": "#/$defs/keyTemplate"},
                 {"type": "array", "items": {"$ref": "#/$defs/keyTemplate"}, "minItems": 2},
             ],
-            "description": "One whole-key template per piece (e.g. ['\\1.q.\\2', '\\1.k.\\2', '\\1.v.\\2']), or one template numbering the pieces with {i}.",
+            "description": (
+                "One whole-key template per piece (e.g. ['\\1.q.\\2', '\\1.k.\\2', '\\1.v.\\2']), or "
+                "one template numbering the pieces with {i}."
+            ),
         },
         "dim": {"$ref": "#/$defs/dim"},
         "sizes": {
@@ -232,7 +255,9 @@ _COPY_SCHEMA = object_schema(
 def _merged_sizes(args: Merge, trace: StepTrace | None) -> list[int]:
     """The sizes along dim of the pieces each merge concatenated (the same for every merged key)."""
     if trace is None or trace.after is None:
-        raise NotInvertible("the sizes of the concatenated pieces are not in the rule; the source layout is needed", needs_layout=True)
+        raise NotInvertible(
+            "the sizes of the concatenated pieces are not in the rule; the source layout is needed", needs_layout=True
+        )
     before = dict(trace.before)
     pieces: dict[str, dict[int, int]] = {}
     for key, meta in trace.before:
@@ -259,8 +284,9 @@ def _invert_split(args: Split, step: Step, trace: StepTrace | None) -> list[Doc]
     swapped = swap(args.match.pattern, args.into[0], whole=True)
     merge: Doc = {"match": swapped.pattern, "to": swapped.template, "dim": args.dim, "stack": args.unbind}
     if args.indexed:
-        offset = next(p.offset for p in template_parts(args.into[0], swapped.groups) if isinstance(p, Ref)
-                      and p.group == "i")
+        offset = next(
+            p.offset for p in template_parts(args.into[0], swapped.groups) if isinstance(p, Ref) and p.group == "i"
+        )
         merge["index"] = tidy(shifted(swapped.renumber["i"], -offset))
     else:
         merge["inputs"] = [swapped.rewrite(t, what="split key") for t in args.into]
@@ -278,7 +304,9 @@ def _invert_merge(args: Merge, step: Step, trace: StepTrace | None) -> list[Doc]
     swapped = swap(args.match.pattern, args.to, whole=True, spare=(index_ref.group,) if index_ref else ())
     split: Doc = {"match": swapped.pattern, "dim": args.dim}
     if index_ref is not None:
-        piece = "{i}" if not index_ref.offset else f"{{i {'-' if index_ref.offset > 0 else '+'} {abs(index_ref.offset)}}}"
+        piece = (
+            "{i}" if not index_ref.offset else f"{{i {'-' if index_ref.offset > 0 else '+'} {abs(index_ref.offset)}}}"
+        )
         split["into"] = swapped.template.replace(spare_placeholder(index_ref.group), piece)
     else:
         split["into"] = [swapped.rewrite(t, what="merge input") for t in args.inputs]
@@ -301,7 +329,6 @@ def _invert_copy(args: Copy, step: Step, trace: StepTrace | None) -> list[Doc]:
     return [{"drop": [swap(args.match.pattern, args.to, whole=True).pattern]}]
 
 
-
 def _dump_split(args: Split) -> Any:
     value = dump_args(args)
     if args.indexed:
@@ -322,7 +349,7 @@ def normalize_dim(dim: int, ndim: int, *, extra: int = 0) -> int:
 
 def _with_size(shape: Sequence[int], dim: int, size: int | None) -> tuple[int, ...]:
     """`shape` with dimension `dim` set to `size` (removed when None)."""
-    head, tail = tuple(shape[:dim]), tuple(shape[dim + 1:])
+    head, tail = tuple(shape[:dim]), tuple(shape[dim + 1 :])
     return head + tail if size is None else head + (size,) + tail
 
 
@@ -363,8 +390,9 @@ def _infer_join(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> Tens
         return TensorMeta(first.shape[:dim] + (len(inputs),) + first.shape[dim:], first.dtype)
     rest = [_with_size(m.shape, dim, None) for m in inputs]
     if any(r != rest[0] for r in rest) or any(len(m.shape) != len(first.shape) for m in inputs):
-        raise OpShapeError(f"cat along dim {dim} needs equal other dims, got "
-                           f"{', '.join(str(list(m.shape)) for m in inputs)}")
+        raise OpShapeError(
+            f"cat along dim {dim} needs equal other dims, got {', '.join(str(list(m.shape)) for m in inputs)}"
+        )
     return TensorMeta(_with_size(first.shape, dim, sum(m.shape[dim] for m in inputs)), first.dtype)
 
 
@@ -405,8 +433,9 @@ def _infer_slice(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> Ten
     dim = params["dim"]
     length = len(range(meta.shape[dim])[slice(params["start"], params["stop"], params["step"])])
     if length == 0:
-        raise OpShapeError(f"slice {params['start']}:{params['stop']}:{params['step']} of dim {dim} "
-                           f"(size {meta.shape[dim]}) is empty")
+        raise OpShapeError(
+            f"slice {params['start']}:{params['stop']}:{params['step']} of dim {dim} (size {meta.shape[dim]}) is empty"
+        )
     return TensorMeta(_with_size(meta.shape, dim, length), meta.dtype)
 
 
@@ -426,8 +455,15 @@ def fill_template(template: Any, match: Any, **extra: int) -> str:
         raise OpShapeError(str(exc)) from None
 
 
-@step("split", build=_build_split, schema=_SPLIT_SCHEMA, invert=_invert_split, renames_keys=True, dump=_dump_split,
-      fans_out=True)
+@step(
+    "split",
+    build=_build_split,
+    schema=_SPLIT_SCHEMA,
+    invert=_invert_split,
+    renames_keys=True,
+    dump=_dump_split,
+    fans_out=True,
+)
 def plan_split(args: Split, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Each matching tensor becomes one entry per piece, each a narrow (or select, with unbind) of it."""
     out, hits = [], 0
@@ -451,8 +487,10 @@ def _split_entry(args: Split, entry: PlanEntry, match: Any, where: str) -> list[
     size = shape[dim]
     if args.unbind:
         keys = _piece_keys(args, match, size)
-        return [PlanEntry(k, node("select", [entry.expr], where, dim=dim, index=i), entry.steps + (where,))
-                for i, k in enumerate(keys)]
+        return [
+            PlanEntry(k, node("select", [entry.expr], where, dim=dim, index=i), entry.steps + (where,))
+            for i, k in enumerate(keys)
+        ]
     count = len(args.sizes) if args.sizes is not None else args.parts or len(args.into)
     sizes = list(args.sizes) if args.sizes is not None else [size // count] * count
     if args.sizes is None and size % count:
@@ -462,8 +500,11 @@ def _split_entry(args: Split, entry: PlanEntry, match: Any, where: str) -> list[
     keys = _piece_keys(args, match, count)
     pieces, start = [], 0
     for key, length in zip(keys, sizes):
-        pieces.append(PlanEntry(key, node("narrow", [entry.expr], where, dim=dim, start=start, length=length),
-                                entry.steps + (where,)))
+        pieces.append(
+            PlanEntry(
+                key, node("narrow", [entry.expr], where, dim=dim, start=start, length=length), entry.steps + (where,)
+            )
+        )
         start += length
     return pieces
 
@@ -502,28 +543,47 @@ def plan_merge(args: Merge, step: Step, entries: list[PlanEntry], ctx: PlanConte
     for to, found in positions.items():
         missing = sorted(set(range(len(found))) - set(found))
         if missing:
-            ctx.errors.append(Problem(step.where, f"'{to}': positions {sorted(found)} are not 0..{len(found) - 1} "
-                                                  f"(missing {missing})"))
+            ctx.errors.append(
+                Problem(
+                    step.where, f"'{to}': positions {sorted(found)} are not 0..{len(found) - 1} (missing {missing})"
+                )
+            )
             continue
         groups[to] = [found[i] for i in range(len(found))]
     return _merged(step, args, entries, by_key, groups, ctx)
 
 
-def _merged(step: Step, args: Merge, entries: list[PlanEntry], by_key: Mapping[str, PlanEntry],
-            groups: Mapping[str, list[str]], ctx: PlanContext) -> StepOutcome:
+def _merged(
+    step: Step,
+    args: Merge,
+    entries: list[PlanEntry],
+    by_key: Mapping[str, PlanEntry],
+    groups: Mapping[str, list[str]],
+    ctx: PlanContext,
+) -> StepOutcome:
     made: dict[str, PlanEntry] = {}
     claimed: dict[str, str] = {}
     for to, inputs in groups.items():
         shared = [k for k in inputs if claimed.setdefault(k, to) != to]
         if shared:
-            ctx.errors.append(Problem(step.where, f"'{shared[0]}' would be merged into both '{claimed[shared[0]]}' "
-                                                  f"and '{to}'; a tensor can go into one merged key only: `copy` it "
-                                                  f"under a second name first"))
+            ctx.errors.append(
+                Problem(
+                    step.where,
+                    f"'{shared[0]}' would be merged into both '{claimed[shared[0]]}' "
+                    f"and '{to}'; a tensor can go into one merged key only: `copy` it "
+                    f"under a second name first",
+                )
+            )
             continue
         absent = [k for k in inputs if k not in by_key]
         if absent:
-            ctx.errors.append(Problem(step.where, f"'{to}' needs {', '.join(repr(k) for k in absent)}, "
-                                                  f"which the checkpoint does not have at this step"))
+            ctx.errors.append(
+                Problem(
+                    step.where,
+                    f"'{to}' needs {', '.join(repr(k) for k in absent)}, "
+                    f"which the checkpoint does not have at this step",
+                )
+            )
             continue
         parts = [by_key[k] for k in inputs]
         try:
@@ -541,23 +601,36 @@ def _merged(step: Step, args: Merge, entries: list[PlanEntry], by_key: Mapping[s
 
 def _dim_planner(extra: int) -> StepPlanner:
     def plan(args: Unsqueeze, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
-        return apply_to_matching(step, entries, ctx, args.match,
-                                 lambda e: {"dim": normalize_dim(args.dim, len(e.meta.shape), extra=extra)})
+        return apply_to_matching(
+            step, entries, ctx, args.match, lambda e: {"dim": normalize_dim(args.dim, len(e.meta.shape), extra=extra)}
+        )
 
     return plan
 
 
 plan_unsqueeze = step("unsqueeze", build=_build_unsqueeze, schema=_UNSQUEEZE_SCHEMA, invert=_invert_unsqueeze)(
-    _dim_planner(extra=1))
+    _dim_planner(extra=1)
+)
 plan_squeeze = step("squeeze", build=_build_squeeze, schema=_SQUEEZE_SCHEMA, invert=_invert_unsqueeze)(
-    _dim_planner(extra=0))
+    _dim_planner(extra=0)
+)
 
 
 @step("slice", build=_build_slice, schema=_SLICE_SCHEMA, not_invertible="the sliced-off part is gone")
 def plan_slice(args: Slice, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Keep a slice of one dimension of matching tensors."""
-    return apply_to_matching(step, entries, ctx, args.match, lambda e: {
-        "dim": normalize_dim(args.dim, len(e.meta.shape)), "start": args.start, "stop": args.stop, "step": args.step})
+    return apply_to_matching(
+        step,
+        entries,
+        ctx,
+        args.match,
+        lambda e: {
+            "dim": normalize_dim(args.dim, len(e.meta.shape)),
+            "start": args.start,
+            "stop": args.stop,
+            "step": args.step,
+        },
+    )
 
 
 @step("copy", build=_build_copy, schema=_COPY_SCHEMA, invert=_invert_copy, renames_keys=True, fans_out=True)

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ckptx._lazy import lazy_module
-from ckptx.errors import Problem
+from ckptx.dtypes import TensorMeta, lookup
+from ckptx.errors import OpShapeError, Problem
 from ckptx.ops.layout import apply_to_matching
-from ckptx.dtypes import lookup
-from ckptx.errors import OpShapeError
-from ckptx.planning.context import PlanContext, StepOutcome
-from ckptx.planning.entry import PlanEntry
-from ckptx.dtypes import TensorMeta
-from ckptx.planning.expr import node, tensor_op
 from ckptx.ops.registry import step
 from ckptx.ops.structure import fill_template, normalize_dim
+from ckptx.planning.context import PlanContext, StepOutcome
+from ckptx.planning.entry import PlanEntry
+from ckptx.planning.expr import node, tensor_op
 from ckptx.rules.inverse import Group, exact_keys, parse_pattern, swap
 from ckptx.rules.kinds import Doc, NotInvertible, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step, dim_arg
@@ -61,8 +60,13 @@ class SetTensor:
 
 def _build_resize(value: Any, c: Collector) -> Resize:
     size = value["size"]
-    return Resize(c.regex(value["match"], "match"), dim_arg(value), None if size == "target" else int(size),
-                  value.get("fill", "zeros"), int(value.get("seed", 0)))
+    return Resize(
+        c.regex(value["match"], "match"),
+        dim_arg(value),
+        None if size == "target" else int(size),
+        value.get("fill", "zeros"),
+        int(value.get("seed", 0)),
+    )
 
 
 def _build_set(value: Any, c: Collector) -> SetTensor:
@@ -73,8 +77,14 @@ def _build_set(value: Any, c: Collector) -> SetTensor:
     shape = value.get("shape", [])
     if value.get("dtype", "float32") == "bool" and not isinstance(value["value"], bool):
         c.problems.append(Problem(c.at("value"), "a bool tensor takes true or false"))
-    return SetTensor(key, value["value"], value.get("dtype", "float32"), None if shape == "target" else tuple(shape),
-                     match, value.get("if_exists", "error"))
+    return SetTensor(
+        key,
+        value["value"],
+        value.get("dtype", "float32"),
+        None if shape == "target" else tuple(shape),
+        match,
+        value.get("if_exists", "error"),
+    )
 
 
 def _build_scale(value: Any, c: Collector) -> Scale:
@@ -93,7 +103,9 @@ _RESIZE_SCHEMA = object_schema(
         },
         "fill": {
             "enum": ["zeros", "mean", "normal"],
-            "description": "New rows: zeros, the mean of the existing rows, or normal(0, std of the tensor) (default zeros).",
+            "description": (
+                "New rows: zeros, the mean of the existing rows, or normal(0, std of the tensor) (default zeros)."
+            ),
         },
         "seed": {"type": "integer", "description": "Seed of fill: normal (default 0)."},
     },
@@ -120,7 +132,10 @@ _SET_SCHEMA = object_schema(
             "anyOf": [{"type": "array", "items": {"type": "integer", "minimum": 0}}, {"const": "target"}],
             "description": "Default [] (a scalar), or 'target'.",
         },
-        "if_exists": {"enum": ["error", "keep", "replace"], "description": "When the key already exists (default error)."},
+        "if_exists": {
+            "enum": ["error", "keep", "replace"],
+            "description": "When the key already exists (default error).",
+        },
     },
 )
 
@@ -134,11 +149,23 @@ def _invert_set(args: SetTensor, step: Step, trace: StepTrace | None) -> list[Do
     if args.match is None:
         return [{"drop": [f"^{re.escape(args.key.expand(None))}$"]}]
     if args.if_exists == "keep":
-        raise NotInvertible("with if_exists: keep, which keys it made depends on the checkpoint; "
-                            "the source layout is needed", needs_layout=True)
+        raise NotInvertible(
+            "with if_exists: keep, which keys it made depends on the checkpoint; the source layout is needed",
+            needs_layout=True,
+        )
     groups = parse_pattern(args.match.pattern)[2]
-    return [{"drop": [swap(args.match.pattern, args.key, whole=True,
-                            spare=tuple(g.number for g in groups if isinstance(g, Group))).pattern]}]
+    return [
+        {
+            "drop": [
+                swap(
+                    args.match.pattern,
+                    args.key,
+                    whole=True,
+                    spare=tuple(g.number for g in groups if isinstance(g, Group)),
+                ).pattern
+            ]
+        }
+    ]
 
 
 # --- how they plan and compute --------------------------------------------------------------------------
@@ -215,8 +242,9 @@ def scale(params: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> torch.T
 @step("scale", build=_build_scale, schema=_SCALE_SCHEMA, not_invertible="rounding makes it lossy")
 def plan_scale(args: Scale, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Multiply matching floating-point tensors by a constant (integer tensors are left alone)."""
-    return apply_to_matching(step, entries, ctx, args.match,
-                             lambda e: {"by": args.by} if lookup(e.meta.dtype).is_floating else None)
+    return apply_to_matching(
+        step, entries, ctx, args.match, lambda e: {"by": args.by} if lookup(e.meta.dtype).is_floating else None
+    )
 
 
 def _infer_full(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> TensorMeta:
@@ -249,8 +277,9 @@ def plan_set(args: SetTensor, step: Step, entries: list[PlanEntry], ctx: PlanCon
     for key, position in wanted.items():
         if key in index and args.if_exists != "replace":
             if args.if_exists == "error":
-                ctx.errors.append(Problem(step.where, f"'{key}' already exists; add if_exists: keep (leave it) "
-                                                      f"or if_exists: replace"))
+                ctx.errors.append(
+                    Problem(step.where, f"'{key}' already exists; add if_exists: keep (leave it) or if_exists: replace")
+                )
             continue
         try:
             shape = args.shape if args.shape is not None else target_meta(ctx, key, "shape").shape

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ckptx._lazy import lazy_module
-from ckptx.ops.layout import apply_to_matching
+from ckptx.dtypes import TensorMeta
 from ckptx.errors import OpShapeError
+from ckptx.ops.layout import apply_to_matching
+from ckptx.ops.registry import step
+from ckptx.ops.values import target_meta
 from ckptx.planning.context import PlanContext, StepOutcome
 from ckptx.planning.entry import PlanEntry
-from ckptx.dtypes import TensorMeta
-from ckptx.ops.registry import step
 from ckptx.planning.expr import tensor_op
-from ckptx.ops.values import target_meta
 from ckptx.rules.kinds import object_schema
 from ckptx.rules.steps import Collector, Pattern, Step
 
@@ -48,16 +49,22 @@ class AdaptInChannels:
 def _build_resample_pos_embed(value: Any, c: Collector) -> ResamplePosEmbed:
     grid = value.get("grid", "target")
     source_grid = value.get("source_grid")
-    return ResamplePosEmbed(c.regex(value["match"], "match"), int(value["prefix_tokens"]),
-                            None if grid == "target" else (int(grid[0]), int(grid[1])),
-                            None if source_grid is None else (int(source_grid[0]), int(source_grid[1])),
-                            bool(value.get("antialias", False)))
+    return ResamplePosEmbed(
+        c.regex(value["match"], "match"),
+        int(value["prefix_tokens"]),
+        None if grid == "target" else (int(grid[0]), int(grid[1])),
+        None if source_grid is None else (int(source_grid[0]), int(source_grid[1])),
+        bool(value.get("antialias", False)),
+    )
 
 
 def _build_adapt_in_channels(value: Any, c: Collector) -> AdaptInChannels:
     channels = value["channels"]
-    return AdaptInChannels(c.regex(value["match"], "match"), None if channels == "target" else int(channels),
-                           int(value.get("base_channels", 3)))
+    return AdaptInChannels(
+        c.regex(value["match"], "match"),
+        None if channels == "target" else int(channels),
+        int(value.get("base_channels", 3)),
+    )
 
 
 _RESAMPLE_POS_EMBED_SCHEMA = object_schema(
@@ -74,7 +81,10 @@ _RESAMPLE_POS_EMBED_SCHEMA = object_schema(
             "anyOf": [{"$ref": "#/$defs/grid"}, {"const": "target"}],
             "description": "The new [height, width] (default: from the target).",
         },
-        "source_grid": {"$ref": "#/$defs/grid", "description": "The source's [height, width] when its grid is not square."},
+        "source_grid": {
+            "$ref": "#/$defs/grid",
+            "description": "The source's [height, width] when its grid is not square.",
+        },
         "antialias": {
             "type": "boolean",
             "description": "Antialiased interpolation (default false, like timm's checkpoint filters).",
@@ -88,7 +98,10 @@ _ADAPT_IN_CHANNELS_SCHEMA = object_schema(
     properties={
         "match": {"$ref": "#/$defs/regex"},
         "channels": {"anyOf": [{"$ref": "#/$defs/size"}, {"const": "target"}]},
-        "base_channels": {"$ref": "#/$defs/size", "description": "Input channels the weights were trained with (default 3)."},
+        "base_channels": {
+            "$ref": "#/$defs/size",
+            "description": "Input channels the weights were trained with (default 3).",
+        },
     },
 )
 
@@ -129,24 +142,36 @@ def _square(tokens: int, what: str, hint: str) -> tuple[int, int]:
     return side, side
 
 
-@step("resample_pos_embed", build=_build_resample_pos_embed, schema=_RESAMPLE_POS_EMBED_SCHEMA, not_invertible="interpolation loses information")
-def plan_resample_pos_embed(args: ResamplePosEmbed, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+@step(
+    "resample_pos_embed",
+    build=_build_resample_pos_embed,
+    schema=_RESAMPLE_POS_EMBED_SCHEMA,
+    not_invertible="interpolation loses information",
+)
+def plan_resample_pos_embed(
+    args: ResamplePosEmbed, step: Step, entries: list[PlanEntry], ctx: PlanContext
+) -> StepOutcome:
     """Resample matching (1, prefix + H*W, C) or (prefix + H*W, C) embeddings to the new grid."""
 
     def build(entry: PlanEntry) -> dict[str, Any] | None:
         shape = entry.meta.shape
         if len(shape) not in (2, 3) or (len(shape) == 3 and shape[0] != 1):
             raise OpShapeError(f"a position embedding is (1, tokens, dim) or (tokens, dim), got {list(shape)}")
-        source_grid = args.source_grid or _square(shape[-2] - args.prefix_tokens, "the source",
-                                                  "give source_grid: [height, width]")
+        source_grid = args.source_grid or _square(
+            shape[-2] - args.prefix_tokens, "the source", "give source_grid: [height, width]"
+        )
         grid = args.grid
         if grid is None:
             wanted = target_meta(ctx, entry.key, "grid").shape
             grid = _square(wanted[-2] - args.prefix_tokens, "the target", "give grid: [height, width]")
         if tuple(grid) == tuple(source_grid):
             return None
-        return {"prefix_tokens": args.prefix_tokens, "source_grid": tuple(source_grid), "grid": tuple(grid),
-                "antialias": args.antialias}
+        return {
+            "prefix_tokens": args.prefix_tokens,
+            "source_grid": tuple(source_grid),
+            "grid": tuple(grid),
+            "antialias": args.antialias,
+        }
 
     return apply_to_matching(step, entries, ctx, args.match, build)
 
@@ -186,8 +211,15 @@ def adapt_in_channels(params: Mapping[str, Any], tensors: Sequence[torch.Tensor]
     return weight.to(conv_type)
 
 
-@step("adapt_in_channels", build=_build_adapt_in_channels, schema=_ADAPT_IN_CHANNELS_SCHEMA, not_invertible="the original channels are mixed")
-def plan_adapt_in_channels(args: AdaptInChannels, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
+@step(
+    "adapt_in_channels",
+    build=_build_adapt_in_channels,
+    schema=_ADAPT_IN_CHANNELS_SCHEMA,
+    not_invertible="the original channels are mixed",
+)
+def plan_adapt_in_channels(
+    args: AdaptInChannels, step: Step, entries: list[PlanEntry], ctx: PlanContext
+) -> StepOutcome:
     """Adapt matching conv weights to a fixed number of input channels or the target's."""
 
     def build(entry: PlanEntry) -> dict[str, Any] | None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ckptx.dtypes import TensorMeta
 from ckptx.errors import Problem
@@ -24,15 +25,15 @@ class PlanContext:
     warnings: list[Problem] = field(default_factory=list)
     dropped: list[tuple[str, str]] = field(default_factory=list)
     dropped_sources: dict[str, str] = field(default_factory=dict)  # source key -> the step that dropped it
-    _carried: tuple[list["PlanEntry"], KeyText] | None = field(default=None, repr=False)
+    _carried: tuple[list[PlanEntry], KeyText] | None = field(default=None, repr=False)
 
-    def drop(self, entry: "PlanEntry", where: str) -> None:
+    def drop(self, entry: PlanEntry, where: str) -> None:
         """Record that the step at `where` removes `entry` (and so the source tensors it reads)."""
         self.dropped.append((entry.key, where))
         for key in entry.sources:
             self.dropped_sources.setdefault(key, where)
 
-    def key_text(self, entries: list["PlanEntry"]) -> KeyText:
+    def key_text(self, entries: list[PlanEntry]) -> KeyText:
         """The keys of `entries` with their joined text: the one a rename step handed on for this very list
         (planners never change a list they returned), else made now. Measured gain: with 100,000 keys and 50
         rename steps, joining anew at every step costs ~0.35 s of a 1.3 s plan."""
@@ -41,7 +42,7 @@ class PlanContext:
             return carried[1]
         return KeyText([e.key for e in entries])
 
-    def carry(self, entries: list["PlanEntry"], text: KeyText) -> None:
+    def carry(self, entries: list[PlanEntry], text: KeyText) -> None:
         """Hand `text` (the keys of `entries`) on to the next step that plans on `entries`."""
         self._carried = (entries, text)
 

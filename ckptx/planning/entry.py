@@ -30,10 +30,10 @@ class PlanEntry(NamedTuple):
         """True when the tensor is the source tensor unchanged (its bytes can be copied)."""
         return isinstance(self.expr, SourceRef)
 
-    def renamed(self, key: str, where: str) -> "PlanEntry":
+    def renamed(self, key: str, where: str) -> PlanEntry:
         """The same tensor under a new key."""
         return PlanEntry(key, self.expr, self.steps + (where,))
 
-    def transformed(self, expr: Expr, where: str) -> "PlanEntry":
+    def transformed(self, expr: Expr, where: str) -> PlanEntry:
         """The same key with a new expression."""
         return PlanEntry(self.key, expr, self.steps + (where,))

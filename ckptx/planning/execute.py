@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ckptx.dtypes import dtype_name
 from ckptx.errors import TensorOpError
@@ -14,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
-def evaluate(expr: Expr, load: Callable[[str], "torch.Tensor"]) -> "torch.Tensor":
+def evaluate(expr: Expr, load: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """Compute an expression's tensor, loading source tensors with `load`."""
     if isinstance(expr, SourceRef):
         return load(expr.key)
@@ -29,6 +30,8 @@ def materialize(entry: PlanEntry, source: Source) -> torch.Tensor:
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise TensorOpError(f"tensor '{entry.key}' (from {', '.join(entry.sources)}): {exc}") from None
     if tuple(tensor.shape) != entry.meta.shape or dtype_name(tensor.dtype) != entry.meta.dtype:
-        raise TensorOpError(f"tensor '{entry.key}': the data is {dtype_name(tensor.dtype)}{list(tensor.shape)} "
-                            f"but the file's header says {entry.meta}; the source file is inconsistent")
+        raise TensorOpError(
+            f"tensor '{entry.key}': the data is {dtype_name(tensor.dtype)}{list(tensor.shape)} "
+            f"but the file's header says {entry.meta}; the source file is inconsistent"
+        )
     return tensor

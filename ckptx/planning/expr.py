@@ -3,13 +3,15 @@ ops: each op's shape function (so plans need no tensor data), its tensor functio
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence, Union
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ckptx.dtypes import TensorMeta
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
 
 class SourceRef(NamedTuple):
     """A tensor read as-is from the source.
@@ -28,7 +30,7 @@ class OpNode:
 
     op: str
     params: tuple[tuple[str, Any], ...]
-    inputs: tuple["Expr", ...]
+    inputs: tuple[Expr, ...]
     meta: TensorMeta
     where: str = field(default="", compare=False)
 
@@ -37,8 +39,8 @@ class OpNode:
         return dict(self.params).get(name, default)
 
 
-Expr = Union[SourceRef, OpNode]
-ByteKernel = Callable[[Mapping[str, Any], TensorMeta], Union[Callable[[bytes], bytes], None]]
+Expr = SourceRef | OpNode
+ByteKernel = Callable[[Mapping[str, Any], TensorMeta], Callable[[bytes], bytes] | None]
 
 
 def sources_of(expr: Expr) -> tuple[str, ...]:
@@ -69,15 +71,19 @@ class TensorOp:
 
     name: str
     infer: Callable[[Mapping[str, Any], Sequence[TensorMeta]], TensorMeta]
-    apply: Callable[[Mapping[str, Any], Sequence["torch.Tensor"]], "torch.Tensor"]
+    apply: Callable[[Mapping[str, Any], Sequence[torch.Tensor]], torch.Tensor]
     elementwise: ByteKernel | None = None
 
 
 TENSOR_OPS: dict[str, TensorOp] = {}
 
 
-def tensor_op(name: str, infer: Callable[[Mapping[str, Any], Sequence[TensorMeta]], TensorMeta], *,
-              elementwise: ByteKernel | None = None):
+def tensor_op(
+    name: str,
+    infer: Callable[[Mapping[str, Any], Sequence[TensorMeta]], TensorMeta],
+    *,
+    elementwise: ByteKernel | None = None,
+):
     """Register the decorated function as the tensor function of op `name`.
 
     `elementwise(params, input_meta)` may give a function from whole elements of the input's raw bytes to the
@@ -85,7 +91,7 @@ def tensor_op(name: str, infer: Callable[[Mapping[str, Any], Sequence[TensorMeta
     chunk. It returns None for params it cannot do that for.
     """
 
-    def register(apply: Callable[[Mapping[str, Any], Sequence["torch.Tensor"]], "torch.Tensor"]):
+    def register(apply: Callable[[Mapping[str, Any], Sequence[torch.Tensor]], torch.Tensor]):
         TENSOR_OPS[name] = TensorOp(name, infer, apply, elementwise)
         return apply
 

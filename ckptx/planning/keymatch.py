@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from itertools import accumulate, count
 from operator import add
-from typing import Mapping, NamedTuple, Sequence
+from typing import NamedTuple
 
 _PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-:/ ,;=@#'\"<>!~`&%")
 _OPTIONAL = frozenset("?*{")  # after a character: it may be absent (`{` could be `{0,n}`)
@@ -44,7 +45,7 @@ def required_literals(pattern: re.Pattern[str]) -> tuple[str, ...]:
         char = text[i]
         literal, width = _literal_at(text, i) if depth == 0 else (None, 1)
         if char == "\\" and literal is None:
-            if text[i + 1:i + 2] in _NUMERIC_ESCAPES:  # `\\x41`, `\\1`, `\\N{..}`: not worth reading
+            if text[i + 1 : i + 2] in _NUMERIC_ESCAPES:  # `\\x41`, `\\1`, `\\N{..}`: not worth reading
                 return ()
             width = 2
         elif char == "{" and (quantifier := _QUANTIFIER.match(text, i)):
@@ -57,7 +58,7 @@ def required_literals(pattern: re.Pattern[str]) -> tuple[str, ...]:
             depth += 1
         elif char == ")":
             depth = max(0, depth - 1)
-        following = text[i + width:i + width + 1]
+        following = text[i + width : i + width + 1]
         if literal is not None and following not in _OPTIONAL:
             current.append(literal)
         else:
@@ -160,7 +161,7 @@ class KeyText:
         keys = self.keys
         return sorted([i for i in found if i not in stale] + [i for i in stale if literal in keys[i]])
 
-    def renamed(self, new: Mapping[int, str]) -> "KeyText":
+    def renamed(self, new: Mapping[int, str]) -> KeyText:
         """The keys with `new` (index -> key) replacing some; the joined text is shared, those keys marked."""
         keys = self.keys.copy()
         for i, key in new.items():

@@ -3,8 +3,9 @@ tensor's raw bytes lie when they can be copied without decoding."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Collection
+from typing import TYPE_CHECKING, Any
 
 from ckptx.dtypes import TensorMeta
 
@@ -51,7 +52,7 @@ class Source:
     def close(self) -> None:
         """Release file handles and maps."""
 
-    def __enter__(self) -> "Source":
+    def __enter__(self) -> Source:
         return self
 
     def __exit__(self, *exc: object) -> None:

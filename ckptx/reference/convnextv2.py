@@ -15,6 +15,7 @@ from ckptx.factories import CONVNEXTV2_SIZES
 
 __all__ = ["ConvNeXtV2", "SIZES", "build"]
 
+
 class LayerNorm(nn.Module):
     """LayerNorm for channels_last (N, H, W, C) or channels_first (N, C, H, W)."""
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import yaml
 
-from ckptx.rules.recipe import Recipe, TargetSpec
 from ckptx.rules.kinds import STEP_KINDS
+from ckptx.rules.recipe import Recipe, TargetSpec
 from ckptx.rules.steps import Step
 from ckptx.rules.templates import Template
 
@@ -21,8 +22,12 @@ class _Dumper(yaml.SafeDumper):
         return True
 
 
-_Dumper.add_representer(list, lambda dumper, data: dumper.represent_sequence(
-    "tag:yaml.org,2002:seq", data, flow_style=all(not isinstance(v, (dict, list)) for v in data)))
+_Dumper.add_representer(
+    list,
+    lambda dumper, data: dumper.represent_sequence(
+        "tag:yaml.org,2002:seq", data, flow_style=all(not isinstance(v, (dict, list)) for v in data)
+    ),
+)
 
 
 def dump(document: dict[str, Any]) -> str:
@@ -44,12 +49,17 @@ def flatten(recipe: Recipe) -> dict[str, Any]:
     if recipe.target is not None:
         doc["target"] = _target(recipe.target)
     if recipe.verify is not None:
-        doc["verify"] = {k: _plain(v) for k, v in dataclasses.asdict(recipe.verify).items()
-                         if k not in ("where", "given", "source_origin") and v not in (None, ())}
+        doc["verify"] = {
+            k: _plain(v)
+            for k, v in dataclasses.asdict(recipe.verify).items()
+            if k not in ("where", "given", "source_origin") and v not in (None, ())
+        }
     return doc
 
 
-def _step(step: Step, params: Mapping[str, Any], pending: frozenset[str] | set[str] = frozenset()) -> dict[str, Any] | None:
+def _step(
+    step: Step, params: Mapping[str, Any], pending: frozenset[str] | set[str] = frozenset()
+) -> dict[str, Any] | None:
     """One step as YAML data; None when its `when: param` condition is false for these params.
 
     Conditions on `pending` (inferred, not yet chosen) parameters stay in the step."""
@@ -60,8 +70,11 @@ def _step(step: Step, params: Mapping[str, Any], pending: frozenset[str] | set[s
     if step.when is not None:
         if any(params.get(name) != wanted for name, wanted in step.when.params if name not in pending):
             return None
-        when = {k: _plain(getattr(step.when, k)) for k in ("has_key", "no_key", "extracted_from")
-                if getattr(step.when, k) is not None}
+        when = {
+            k: _plain(getattr(step.when, k))
+            for k in ("has_key", "no_key", "extracted_from")
+            if getattr(step.when, k) is not None
+        }
         kept = {name: wanted for name, wanted in step.when.params if name in pending}
         if kept:
             when["param"] = kept
@@ -73,8 +86,11 @@ def _step(step: Step, params: Mapping[str, Any], pending: frozenset[str] | set[s
 
 def dump_args(args: Any) -> Any:
     """A step's arguments as YAML data, field by field (a lone `patterns` field as its list)."""
-    value = {f.name: _arg(f.name, getattr(args, f.name)) for f in dataclasses.fields(args)
-             if _arg(f.name, getattr(args, f.name)) is not None}
+    value = {
+        f.name: _arg(f.name, getattr(args, f.name))
+        for f in dataclasses.fields(args)
+        if _arg(f.name, getattr(args, f.name)) is not None
+    }
     if len(value) == 1 and "patterns" in value:
         return value["patterns"]
     return value
@@ -94,8 +110,11 @@ def _arg(name: str, value: Any) -> Any:
 
 
 def _target(spec: TargetSpec) -> dict[str, Any]:
-    out = {k: _plain(getattr(spec, k)) for k in ("model", "kwargs", "checkpoint", "manifest",
-                                                 "allow_missing", "allow_unexpected") if getattr(spec, k)}
+    out = {
+        k: _plain(getattr(spec, k))
+        for k in ("model", "kwargs", "checkpoint", "manifest", "allow_missing", "allow_unexpected")
+        if getattr(spec, k)
+    }
     return out
 
 

@@ -13,19 +13,36 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ckptx.errors import Problem, RuleError
 from ckptx.rules.flatten import flatten
-from ckptx.rules.recipe import Recipe
 from ckptx.rules.kinds import STEP_KINDS, Doc, NotInvertible, StepTrace
+from ckptx.rules.recipe import Recipe
 from ckptx.rules.steps import Step
 from ckptx.rules.templates import Expression, Template
 
-__all__ = ["Doc", "NotInvertible", "StepTrace", "all_matched_changed", "changed_metas", "exact_keys", "exact_table",
-           "invert_recipe", "parse_pattern", "spare_placeholder", "swap", "template_parts", "tidy", "escape_replacement",
-           "shifted", "Group", "Ref"]
+__all__ = [
+    "Doc",
+    "NotInvertible",
+    "StepTrace",
+    "all_matched_changed",
+    "changed_metas",
+    "exact_keys",
+    "exact_table",
+    "invert_recipe",
+    "parse_pattern",
+    "spare_placeholder",
+    "swap",
+    "template_parts",
+    "tidy",
+    "escape_replacement",
+    "shifted",
+    "Group",
+    "Ref",
+]
 
 
 def invert_recipe(recipe: Recipe, traces: Sequence[StepTrace | None] | None = None) -> Doc:
@@ -38,10 +55,15 @@ def invert_recipe(recipe: Recipe, traces: Sequence[StepTrace | None] | None = No
                 continue
             inverses.append((step, _inverse(step, trace)))
         except NotInvertible as exc:
-            hint = "" if trace is not None or not exc.needs_layout else \
-                "; give the source layout (--original CHECKPOINT|MANIFEST|module:callable)"
+            hint = (
+                ""
+                if trace is not None or not exc.needs_layout
+                else "; give the source layout (--original CHECKPOINT|MANIFEST|module:callable)"
+            )
             raise RuleError([Problem(step.where, f"{step.op} is not invertible: {exc}{hint}")]) from None
-    steps = [{**inverse, "comment": f"inverse of {step.where}"} for step, docs in reversed(inverses) for inverse in docs]
+    steps = [
+        {**inverse, "comment": f"inverse of {step.where}"} for step, docs in reversed(inverses) for inverse in docs
+    ]
     doc: Doc = {"ckptx": 1, "name": f"{recipe.name}/reverse", "description": f"Reverse of {recipe.name}"}
     doc["steps"] = steps
     doc.update(_swapped_target_and_verify(recipe))
@@ -66,8 +88,11 @@ def _runs(step: Step, params: Mapping[str, Any], trace: StepTrace | None) -> boo
     if any(params.get(name) != value for name, value in when.params):
         return False
     if when.has_key is not None or when.no_key is not None or when.extracted_from is not None:
-        raise NotInvertible("whether it runs depends on the checkpoint (when: has_key/no_key/extracted_from); "
-                            "the source layout is needed", needs_layout=True)
+        raise NotInvertible(
+            "whether it runs depends on the checkpoint (when: has_key/no_key/extracted_from); "
+            "the source layout is needed",
+            needs_layout=True,
+        )
     return True
 
 
@@ -140,12 +165,12 @@ def parse_pattern(text: str) -> tuple[bool, bool, tuple[str | Group, ...]]:
             continue
         if char == "(":
             close = _closing(text, i)
-            inner = text[i + 1:close]
+            inner = text[i + 1 : close]
             if close + 1 < stop and text[close + 1] in "*+?{":
                 raise NotInvertible(f"pattern {text!r}: a repeated group")
             name = None
             if inner.startswith("?P<"):
-                name, inner = inner[3:inner.index(">")], inner[inner.index(">") + 1:]
+                name, inner = inner[3 : inner.index(">")], inner[inner.index(">") + 1 :]
             elif inner.startswith("?"):
                 raise NotInvertible(f"pattern {text!r}: '({inner})' outside a capture group")
             if re.compile(inner).groups:
@@ -229,8 +254,7 @@ def _expression_ref(expression: Expression, names: Mapping[str, int], text: str)
             return Ref(ref_of(left), right.value if isinstance(tree.op, ast.Add) else -right.value)  # type: ignore[arg-type]
         if isinstance(tree.op, ast.Add) and ref_of(right) is not None and isinstance(left, ast.Constant):
             return Ref(ref_of(right), left.value)  # type: ignore[arg-type]
-    raise NotInvertible(f"template {text!r}: only {{\\N + c}} and {{\\N - c}} can be undone, "
-                        f"not {{{expression.text}}}")
+    raise NotInvertible(f"template {text!r}: only {{\\N + c}} and {{\\N - c}} can be undone, not {{{expression.text}}}")
 
 
 def swap(pattern: str, template: Template, *, whole: bool, spare: tuple[int | str, ...] = ()) -> _Swap:
@@ -244,8 +268,10 @@ def swap(pattern: str, template: Template, *, whole: bool, spare: tuple[int | st
     used = [r.group for r in refs]
     for group in groups:
         if group.number not in used and group.number not in spare:
-            raise NotInvertible(f"{template.text!r} does not use group {group.number} ({group.body}) of "
-                                f"{pattern!r}: the keys it matches cannot be told apart afterwards")
+            raise NotInvertible(
+                f"{template.text!r} does not use group {group.number} ({group.body}) of "
+                f"{pattern!r}: the keys it matches cannot be told apart afterwards"
+            )
     for ref in set(used):
         if used.count(ref) > 1:
             raise NotInvertible(f"{template.text!r} uses group {ref} twice")
@@ -303,18 +329,26 @@ def exact_table(trace: StepTrace | None, reason: str) -> list[Doc]:
         raise NotInvertible(f"{reason}; the source layout is needed to list the keys it renamed", needs_layout=True)
     if len(trace.before) != len(trace.after):
         raise NotInvertible(reason)
-    rows = [[f"^{re.escape(new)}$", escape_replacement(old)]
-            for (old, _), (new, _) in zip(trace.before, trace.after) if old != new]
+    rows = [
+        [f"^{re.escape(new)}$", escape_replacement(old)]
+        for (old, _), (new, _) in zip(trace.before, trace.after)
+        if old != new
+    ]
     return [{"rename": rows}] if rows else []
 
 
 def changed_metas(trace: StepTrace | None, what: str) -> list[tuple[str, Any, Any]]:
     """(key, meta before, meta after) of each tensor the step changed; needs a trace."""
     if trace is None or trace.after is None:
-        raise NotInvertible(f"the {what} it started from are not in the rule; the source layout is needed", needs_layout=True)
+        raise NotInvertible(
+            f"the {what} it started from are not in the rule; the source layout is needed", needs_layout=True
+        )
     before = dict(trace.before)
-    return [(key, before[key], meta) for key, meta in trace.after
-            if key in before and (before[key].shape != meta.shape or before[key].dtype != meta.dtype)]
+    return [
+        (key, before[key], meta)
+        for key, meta in trace.after
+        if key in before and (before[key].shape != meta.shape or before[key].dtype != meta.dtype)
+    ]
 
 
 def all_matched_changed(pattern: re.Pattern[str], trace: StepTrace | None, changed: list[tuple[str, Any, Any]]) -> bool:

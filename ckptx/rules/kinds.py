@@ -8,8 +8,9 @@ against the schema and inverting them need only these records. No torch here.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 __all__ = ["STEP_KINDS", "NotInvertible", "StepKind", "StepTrace", "object_schema", "register_step_kind"]
 
@@ -60,8 +61,9 @@ class StepKind:
 STEP_KINDS: dict[str, StepKind] = {}
 
 
-def object_schema(*, properties: Mapping[str, Any], required: list[str] | None = None,
-                  description: str | None = None) -> dict[str, Any]:
+def object_schema(
+    *, properties: Mapping[str, Any], required: list[str] | None = None, description: str | None = None
+) -> dict[str, Any]:
     """The JSON Schema of a step's mapping value: these properties and no others (most kinds take one)."""
     schema: dict[str, Any] = {"type": "object", "additionalProperties": False}
     if required is not None:

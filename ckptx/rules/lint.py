@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from ckptx.errors import Problem
 from ckptx.rules.recipe import Origin, Recipe
@@ -30,12 +30,21 @@ def lint_recipe(recipe: Recipe) -> list[Problem]:
 def _check(text: str, where: str) -> list[Problem]:
     problems = []
     if re.match(r"[A-Za-z_]", text) and not text.startswith("^"):
-        problems.append(Problem(where, f"pattern {text!r} is not anchored: it also matches inside keys "
-                                       f"(e.g. 'mlp_{text.rstrip('$')}'); write '^{text}' for the start of a key "
-                                       f"or '\\.{text}' for a whole name component"))
+        problems.append(
+            Problem(
+                where,
+                f"pattern {text!r} is not anchored: it also matches inside keys "
+                f"(e.g. 'mlp_{text.rstrip('$')}'); write '^{text}' for the start of a key "
+                f"or '\\.{text}' for a whole name component",
+            )
+        )
     if _BARE_DOT.search(text):
-        problems.append(Problem(where, f"pattern {text!r} has an unescaped '.', which matches any character; "
-                                       f"write '\\.' for a literal dot"))
+        problems.append(
+            Problem(
+                where,
+                f"pattern {text!r} has an unescaped '.', which matches any character; write '\\.' for a literal dot",
+            )
+        )
     return problems
 
 
@@ -53,8 +62,16 @@ def named_callables(recipe: Recipe) -> list[NamedCallable]:
     """Every `module:callable` the recipe would call (its target model, its verify source model), in that order."""
     found = []
     if recipe.target is not None and recipe.target.model:
-        found.append(NamedCallable("target.model", recipe.target.model, recipe.target.kwargs, recipe.target.model_origin))
+        found.append(
+            NamedCallable("target.model", recipe.target.model, recipe.target.kwargs, recipe.target.model_origin)
+        )
     if recipe.verify is not None:
-        found.append(NamedCallable("verify.source_model", recipe.verify.source_model, recipe.verify.source_kwargs,
-                                   recipe.verify.source_origin))
+        found.append(
+            NamedCallable(
+                "verify.source_model",
+                recipe.verify.source_model,
+                recipe.verify.source_kwargs,
+                recipe.verify.source_origin,
+            )
+        )
     return found

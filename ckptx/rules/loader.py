@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ckptx.errors import Problem, RuleError
-from ckptx.rules.recipe import Recipe, RuleFile, TargetSpec, VerifySpec
 from ckptx.rules.packs import resolve_rule
+from ckptx.rules.params import InferredParam, choice_problems, declare_params
+from ckptx.rules.recipe import Recipe, RuleFile, TargetSpec, VerifySpec
 from ckptx.rules.schema import schema_problems
 from ckptx.rules.steps import Collector, Step
-from ckptx.rules.params import InferredParam, choice_problems, declare_params
 from ckptx.rules.yamlfile import YamlDocument, load_yaml, parse_yaml
 
 _PARAM = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -66,8 +67,9 @@ def as_recipe(recipes: RecipeArg, params: Mapping[str, Any] | None = None) -> Re
     return recipes if isinstance(recipes, Recipe) else load_rules(recipes, params=params)
 
 
-def load_rules_text(text: str, display: str, *, base_dir: Path | None = None,
-                    params: Mapping[str, Any] | None = None) -> Recipe:
+def load_rules_text(
+    text: str, display: str, *, base_dir: Path | None = None, params: Mapping[str, Any] | None = None
+) -> Recipe:
     """Load a rule document given as text (e.g. a generated reverse recipe), shown as `display` in messages.
 
     Relative `extends:` are taken from `base_dir` (default: the working directory).
@@ -78,14 +80,22 @@ def load_rules_text(text: str, display: str, *, base_dir: Path | None = None,
     unknown = sorted(set(params or {}) - declared)
     if unknown:
         raise RuleError([Problem("--set", f"unknown parameter(s) {', '.join(unknown)}")])
+
     def again(values: Mapping[str, Any]) -> Recipe:
         return load_rules_text(text, display, base_dir=base_dir, params={**(params or {}), **values})
 
     return _pending(recipe, again)
 
 
-def _load_file(path: Path, overrides: dict[str, Any], stack: tuple[Path, ...], declared: set[str], *,
-               text: str | None = None, display: str | None = None) -> Recipe:
+def _load_file(
+    path: Path,
+    overrides: dict[str, Any],
+    stack: tuple[Path, ...],
+    declared: set[str],
+    *,
+    text: str | None = None,
+    display: str | None = None,
+) -> Recipe:
     resolved = path.resolve()
     if resolved in stack:
         chain = " -> ".join(_display(p) for p in stack + (resolved,))
@@ -137,9 +147,15 @@ def _load_file(path: Path, overrides: dict[str, Any], stack: tuple[Path, ...], d
 def _inherit(parent: Recipe, child: Recipe) -> Recipe:
     combined = parent.then(child)
     return Recipe(
-        name=child.name, description=child.description or parent.description, extract=combined.extract,
-        steps=combined.steps, target=combined.target, verify=combined.verify, params=combined.params,
-        files=combined.files, inferred=combined.inferred,
+        name=child.name,
+        description=child.description or parent.description,
+        extract=combined.extract,
+        steps=combined.steps,
+        target=combined.target,
+        verify=combined.verify,
+        params=combined.params,
+        files=combined.files,
+        inferred=combined.inferred,
     )
 
 
@@ -160,11 +176,22 @@ def _build(doc: YamlDocument, path: Path, values: dict[str, Any], problems: list
                 collector.regexes(data["target"][key], key)
         problems.extend(collector.problems)
         if not collector.problems:
-            target = TargetSpec.from_dict(data["target"], base_dir=path.parent, where=doc.where(("target",)),
-                                          model_where=doc.where(("target", "model")))
-    verify = (VerifySpec.from_dict(data["verify"], where=doc.where(("verify",)), base_dir=path.parent,
-                                   source_where=doc.where(("verify", "source_model")))
-              if "verify" in data else None)
+            target = TargetSpec.from_dict(
+                data["target"],
+                base_dir=path.parent,
+                where=doc.where(("target",)),
+                model_where=doc.where(("target", "model")),
+            )
+    verify = (
+        VerifySpec.from_dict(
+            data["verify"],
+            where=doc.where(("verify",)),
+            base_dir=path.parent,
+            source_where=doc.where(("verify", "source_model")),
+        )
+        if "verify" in data
+        else None
+    )
     extract = data.get("extract", ())
     digest = hashlib.sha256(content).hexdigest()
     name = data.get("name") or path.stem
@@ -181,12 +208,17 @@ def _build(doc: YamlDocument, path: Path, values: dict[str, Any], problems: list
     )
 
 
-def _substitute(value: Any, values: dict[str, Any], doc: YamlDocument, path: tuple[Any, ...],
-                problems: list[Problem]) -> Any:
+def _substitute(
+    value: Any, values: dict[str, Any], doc: YamlDocument, path: tuple[Any, ...], problems: list[Problem]
+) -> Any:
     """Replace ${name} in every string except under params/extends/description."""
     if isinstance(value, dict):
-        return {k: v if path == () and k in ("params", "extends", "description")
-                else _substitute(v, values, doc, path + (k,), problems) for k, v in value.items()}
+        return {
+            k: v
+            if path == () and k in ("params", "extends", "description")
+            else _substitute(v, values, doc, path + (k,), problems)
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [_substitute(v, values, doc, path + (i,), problems) for i, v in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
@@ -204,8 +236,9 @@ def _substitute(value: Any, values: dict[str, Any], doc: YamlDocument, path: tup
     if whole:
         found = values[whole.group(1)]
         return value if isinstance(found, InferredParam) else found
-    return _PARAM.sub(lambda m: m.group(0) if isinstance(values[m.group(1)], InferredParam)
-                      else _to_text(values[m.group(1)]), value)
+    return _PARAM.sub(
+        lambda m: m.group(0) if isinstance(values[m.group(1)], InferredParam) else _to_text(values[m.group(1)]), value
+    )
 
 
 def _to_text(value: Any) -> str:

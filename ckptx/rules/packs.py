@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +41,7 @@ def rule_packs(problems: list[Problem] | None = None) -> list[RulePack]:
     A pack that cannot be loaded is skipped (a broken third-party pack must not break ckptx); what
     went wrong is appended to `problems` when given.
     """
-    from ckptx._version import __version__  # noqa: PLC0415
+    from ckptx._version import __version__
 
     packs = [RulePack(SHIPPED, shipped_rules_dir(), "ckptx", __version__)]
     for entry in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
@@ -52,8 +51,12 @@ def rule_packs(problems: list[Problem] | None = None) -> list[RulePack]:
             folder = _pack_folder(entry)
         except Exception as exc:  # noqa: BLE001 - third-party code
             if problems is not None:
-                problems.append(Problem(f"pack {entry.name} ({distribution})",
-                                        f"entry point '{entry.value}' cannot be loaded: {type(exc).__name__}: {exc}"))
+                problems.append(
+                    Problem(
+                        f"pack {entry.name} ({distribution})",
+                        f"entry point '{entry.value}' cannot be loaded: {type(exc).__name__}: {exc}",
+                    )
+                )
             continue
         if not folder.is_dir():
             if problems is not None:
@@ -119,8 +122,9 @@ def resolve_rule(ref: str | Path, *, base_dir: Path | None = None, where: str = 
         raise RuleError([Problem(place, f"recipe name '{name}' is provided by several packs; pick one of {choices}")])
     if candidate.suffix in (".yaml", ".yml") or "/" in text and Path(text).parent.is_dir():
         raise RuleError([Problem(place, f"no such rule file: {candidate}" if where else "no such rule file")])
-    raise RuleError([Problem(place, f"no rule file or shipped recipe named '{text}'; "
-                                    f"{_did_you_mean(name)}see `ckptx rules list`")])
+    raise RuleError(
+        [Problem(place, f"no rule file or shipped recipe named '{text}'; {_did_you_mean(name)}see `ckptx rules list`")]
+    )
 
 
 def _did_you_mean(name: str) -> str:
@@ -129,6 +133,9 @@ def _did_you_mean(name: str) -> str:
     names = sorted({r.name for r in list_recipes()})
     close = difflib.get_close_matches(name, names, n=2, cutoff=0.6)
     tails = {n.rsplit("/", 1)[-1]: n for n in names}
-    close += [tails[m] for m in difflib.get_close_matches(name.rsplit("/", 1)[-1], list(tails), n=2, cutoff=0.75)
-              if tails[m] not in close]
+    close += [
+        tails[m]
+        for m in difflib.get_close_matches(name.rsplit("/", 1)[-1], list(tails), n=2, cutoff=0.75)
+        if tails[m] not in close
+    ]
     return f"did you mean {' or '.join(repr(c) for c in close[:2])}? " if close else ""

@@ -8,8 +8,9 @@ lives above those layers). Nothing here imports torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from ckptx.errors import Problem, RuleError
 
@@ -56,15 +57,19 @@ def choice_problems(declared: Mapping[str, Any], overrides: Mapping[str, Any]) -
     for name, value in overrides.items():
         param = declared.get(name)
         if isinstance(param, InferredParam) and not isinstance(value, InferredParam) and value not in param.choices:
-            problems.append(Problem("--set", f"{name}={value} is not one of the choices declared at {param.where}: "
-                                             f"{', '.join(map(str, param.choices))}; pick one, or leave {name} unset "
-                                             f"to have it chosen from the source"))
+            problems.append(
+                Problem(
+                    "--set",
+                    f"{name}={value} is not one of the choices declared at {param.where}: "
+                    f"{', '.join(map(str, param.choices))}; pick one, or leave {name} unset "
+                    f"to have it chosen from the source",
+                )
+            )
     return problems
 
 
 class ParamsUnresolved(RuleError):
     """An operation needs a concrete value for a parameter that is still to be chosen from the source."""
-
 
 
 def merge_inferred(first: Iterable[InferredParam], second: Iterable[InferredParam]) -> tuple[InferredParam, ...]:

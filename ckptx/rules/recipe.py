@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ckptx.errors import Problem
-from ckptx.rules.steps import Pattern, Step
 from ckptx.rules.params import InferredParam, ParamsUnresolved, merge_inferred
-
+from ckptx.rules.steps import Pattern, Step
 
 Resolver = Callable[[Mapping[str, Any]], "Recipe"]
 
@@ -37,7 +37,7 @@ class Origin:
     by_user: bool = False
 
     @classmethod
-    def user(cls, where: str) -> "Origin":
+    def user(cls, where: str) -> Origin:
         """A name the user typed (command line, Python code)."""
         return cls(where, True)
 
@@ -56,8 +56,9 @@ class TargetSpec:
     model_origin: Origin = Origin()
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, base_dir: Path | None, where: str,
-                  model_where: str = "") -> "TargetSpec":
+    def from_dict(
+        cls, data: Mapping[str, Any], *, base_dir: Path | None, where: str, model_where: str = ""
+    ) -> TargetSpec:
         """Build from a schema-valid `target:` mapping of a file; relative paths are taken from `base_dir`.
 
         `model_where` is the place of `model:` in the file (default: `where`); the model is file-named.
@@ -80,7 +81,7 @@ class TargetSpec:
             model_origin=Origin(model_where or where),
         )
 
-    def merged(self, other: "TargetSpec | None") -> "TargetSpec":
+    def merged(self, other: TargetSpec | None) -> TargetSpec:
         """`other` overrides this spec key by key (kwargs merged, allow lists added)."""
         if other is None:
             return self
@@ -122,8 +123,9 @@ class VerifySpec:
     source_origin: Origin = Origin()
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, where: str, base_dir: Path | None = None,
-                  source_where: str = "") -> "VerifySpec":
+    def from_dict(
+        cls, data: Mapping[str, Any], *, where: str, base_dir: Path | None = None, source_where: str = ""
+    ) -> VerifySpec:
         """Build from a schema-valid `verify:` mapping of a file (`source_where`: the place of `source_model:`);
         `source_rules` paths are taken from `base_dir`."""
         rules = data.get("source_rules") or ()
@@ -163,7 +165,7 @@ class Recipe:
     inferred: tuple[InferredParam, ...] = ()
     resolver: Resolver | None = field(default=None, compare=False, repr=False)
 
-    def resolve(self, values: Mapping[str, Any]) -> "Recipe":
+    def resolve(self, values: Mapping[str, Any]) -> Recipe:
         """This recipe loaded again with values for its inferred parameters (itself when it has none)."""
         if not self.inferred:
             return self
@@ -171,13 +173,17 @@ class Recipe:
             raise ValueError(f"recipe {self.name} has inferred parameters but was not built by load_rules")
         return self.resolver(values)
 
-    def then(self, other: "Recipe") -> "Recipe":
+    def then(self, other: Recipe) -> Recipe:
         """This recipe followed by `other`: extract candidates and steps concatenated, target merged."""
         target = other.target if self.target is None else self.target.merged(other.target)
         verify = other.verify or self.verify
         if other.verify is not None and self.verify is not None:  # a child's `verify:` overrides only what it writes
-            verify = replace(self.verify, **{k: getattr(other.verify, k) for k in other.verify.given},
-                             where=other.verify.where, given=self.verify.given | other.verify.given)
+            verify = replace(
+                self.verify,
+                **{k: getattr(other.verify, k) for k in other.verify.given},
+                where=other.verify.where,
+                given=self.verify.given | other.verify.given,
+            )
         return Recipe(
             name=f"{self.name}+{other.name}" if self.name else other.name,
             description=other.description or self.description,
@@ -196,10 +202,17 @@ def require_resolved(recipe: Recipe, doing: str) -> None:
     """Raise ParamsUnresolved when `recipe` still has inferred parameters that `doing` cannot choose."""
     if not recipe.inferred:
         return
-    raise ParamsUnresolved([Problem(p.where, f"parameter '{p.name}' is chosen from the source (one of "
-                                             f"{', '.join(map(str, p.choices))}) and {doing} cannot choose it; "
-                                             f"pass --set {p.name}=... (params={{'{p.name}': ...}} from Python)")
-                            for p in recipe.inferred])
+    raise ParamsUnresolved(
+        [
+            Problem(
+                p.where,
+                f"parameter '{p.name}' is chosen from the source (one of "
+                f"{', '.join(map(str, p.choices))}) and {doing} cannot choose it; "
+                f"pass --set {p.name}=... (params={{'{p.name}': ...}} from Python)",
+            )
+            for p in recipe.inferred
+        ]
+    )
 
 
 def compose_resolvers(first: Recipe, second: Recipe) -> Resolver | None:

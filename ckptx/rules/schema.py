@@ -5,8 +5,9 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 from ckptx._data import schema_path
 from ckptx._lazy import lazy_module
@@ -45,12 +46,13 @@ def shipped_schema(name: str) -> dict[str, Any]:
     return with_step_kinds(schema) if name == RULES_SCHEMA else schema
 
 
-@lru_cache(maxsize=None)
+@cache
 def _validator(name: str) -> Any:
     # The shipped schemas are checked against the metaschema by the tests, not here: that check takes
     # longer (0.08-0.2 s) than everything else ckptx does before copying bytes.
-    return jsonschema.Draft202012Validator(shipped_schema(name),
-                                           format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    return jsonschema.Draft202012Validator(
+        shipped_schema(name), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    )
 
 
 def schema_problems(doc: YamlDocument, name: str = RULES_SCHEMA) -> list[Problem]:
@@ -61,7 +63,9 @@ def schema_problems(doc: YamlDocument, name: str = RULES_SCHEMA) -> list[Problem
         alternatives = _type_alternatives(error)
         if alternatives:
             path = tuple(error.absolute_path)
-            choices = ", ".join(alternatives[:-1]) + " or " + alternatives[-1] if len(alternatives) > 1 else alternatives[0]
+            choices = (
+                ", ".join(alternatives[:-1]) + " or " + alternatives[-1] if len(alternatives) > 1 else alternatives[0]
+            )
             message = f"must be {choices}, got {_kind_of(error.instance)} {_short(error.instance)}"
             problems.append(Problem(doc.where(path), message.rstrip()))
             continue
@@ -92,8 +96,11 @@ def _wanted_types(error: ValidationError) -> list[str] | None:
         names = []
         for name in value if isinstance(value, list) else [value]:
             items = error.schema.get("items", {}) if isinstance(error.schema, dict) else {}
-            names.append("a list of strings" if name == "array" and (items.get("type") == "string" or "$ref" in items)
-                         else _article(name))
+            names.append(
+                "a list of strings"
+                if name == "array" and (items.get("type") == "string" or "$ref" in items)
+                else _article(name)
+            )
         return names
     if error.validator not in ("anyOf", "oneOf") or not error.context:
         return None
@@ -165,8 +172,12 @@ def _describe(doc: YamlDocument, error: ValidationError) -> Problem:
     if kind == "pattern" and isinstance(error.schema, dict) and "errorMessage" in error.schema:
         return Problem(doc.where(path), f"{_short(error.instance)} {error.schema['errorMessage']}")
     if kind == "pattern":
-        return Problem(doc.where(path), f"{_short(error.instance)} is not of the form 'module:callable'"
-                       if ":" in str(error.validator_value) else f"{_short(error.instance)} does not match {error.validator_value}")
+        return Problem(
+            doc.where(path),
+            f"{_short(error.instance)} is not of the form 'module:callable'"
+            if ":" in str(error.validator_value)
+            else f"{_short(error.instance)} does not match {error.validator_value}",
+        )
     if kind == "format" and error.validator_value == "regex":
         try:
             re.compile(error.instance)
@@ -178,8 +189,14 @@ def _describe(doc: YamlDocument, error: ValidationError) -> Problem:
 
 
 def _article(word: str) -> str:
-    names = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
-             "number": "a number", "boolean": "true or false"}
+    names = {
+        "object": "a mapping",
+        "array": "a list",
+        "string": "a string",
+        "integer": "an integer",
+        "number": "a number",
+        "boolean": "true or false",
+    }
     return names.get(word, f"a {word}")
 
 

@@ -4,8 +4,9 @@ dicts through the registry of step kinds (`ckptx/rules/kinds.py`); the `Collecto
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ckptx.errors import Problem
 from ckptx.rules.kinds import STEP_KINDS
@@ -34,7 +35,9 @@ class Collector:
             self.problems.append(Problem(self.at(*sub), f"invalid regex {text!r}: {exc}"))
             return re.compile(re.escape(text))
 
-    def template(self, text: str, pattern: Pattern | None, what: str, *sub: Any, names: tuple[str, ...] = ()) -> Template:
+    def template(
+        self, text: str, pattern: Pattern | None, what: str, *sub: Any, names: tuple[str, ...] = ()
+    ) -> Template:
         """Compile a key template against `pattern`; a problem names the template's place."""
         try:
             return compile_template(text, pattern, names=names)
@@ -71,14 +74,23 @@ class Step:
     params: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, where: Callable[[tuple[Any, ...]], str],
-                  path: tuple[Any, ...], params: dict[str, Any], problems: list[Problem]) -> "Step | None":
+    def from_dict(
+        cls,
+        data: dict[str, Any],
+        *,
+        where: Callable[[tuple[Any, ...]], str],
+        path: tuple[Any, ...],
+        params: dict[str, Any],
+        problems: list[Problem],
+    ) -> Step | None:
         """Build a step from its schema-valid mapping; problems are appended, not raised."""
         ops = [k for k in data if k in STEP_KINDS]
         if len(ops) != 1:
-            message = (f"a step takes exactly one op; found {' and '.join(ops)}: write them as separate steps" if ops
-                       else "a step needs an op (drop, keep, rename, reshape, ...); found only "
-                            + ", ".join(sorted(data)))
+            message = (
+                f"a step takes exactly one op; found {' and '.join(ops)}: write them as separate steps"
+                if ops
+                else "a step needs an op (drop, keep, rename, reshape, ...); found only " + ", ".join(sorted(data))
+            )
             problems.append(Problem(where(path), message))
             return None
         op = ops[0]
@@ -86,8 +98,14 @@ class Step:
         args = STEP_KINDS[op].build(data[op], collector)
         when = _when(data.get("when"), Collector(where, path + ("when",)), params)
         problems.extend(collector.problems)
-        return cls(op=op, args=args, where=where(path + (op,), key=True), strict=bool(data.get("strict", False)),
-                   when=when, params=tuple(sorted(params.items())))
+        return cls(
+            op=op,
+            args=args,
+            where=where(path + (op,), key=True),
+            strict=bool(data.get("strict", False)),
+            when=when,
+            params=tuple(sorted(params.items())),
+        )
 
 
 def _when(data: dict[str, Any] | None, c: Collector, params: dict[str, Any]) -> When | None:

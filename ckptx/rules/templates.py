@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Mapping
 
 Pattern = re.Pattern[str]
 
 _BRACES = re.compile(r"\{([^{}]*)\}")
 _REF = re.compile(r"\\(\d+)|\\g<(\w+)>")
-_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-        ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b}
+_OPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.FloorDiv: lambda a, b: a // b,
+    ast.Mod: lambda a, b: a % b,
+}
 
 # The schema's check of a template string: a brace group that holds a backslash must be an expression.
-SCHEMA_PATTERN = (r"^(?:[^{]|\{(?![^{}]*\\)|\{[\s0-9()+*/%i-]*(?:\\(?:[0-9]+|g<\w+>)[\s0-9()+*/%i-]*)+\})*$")
+SCHEMA_PATTERN = r"^(?:[^{]|\{(?![^{}]*\\)|\{[\s0-9()+*/%i-]*(?:\\(?:[0-9]+|g<\w+>)[\s0-9()+*/%i-]*)+\})*$"
 
 
 class TemplateError(ValueError):
@@ -65,8 +70,10 @@ class Template:
 
     def uses(self, name: str) -> bool:
         """True when an expression of the template uses the identifier `name` (e.g. `i`)."""
-        return any(isinstance(p, Expression) and any(isinstance(n, ast.Name) and n.id == name
-                                                     for n in ast.walk(p.tree)) for p in self.parts)
+        return any(
+            isinstance(p, Expression) and any(isinstance(n, ast.Name) and n.id == name for n in ast.walk(p.tree))
+            for p in self.parts
+        )
 
     def expand(self, match: re.Match[str] | None, **extra: int) -> str:
         """The template filled for `match` (like `match.expand`), expressions evaluated."""
@@ -102,7 +109,7 @@ def parse_replacement(text: str, pattern: Pattern) -> tuple[str | int, ...]:
     literal: list[str] = []
     last = 0
     for found in _GROUP_REF.finditer(text):
-        literal.append(text[last:found.start()])
+        literal.append(text[last : found.start()])
         last = found.end()
         name, octal, number, char = found.groups()
         if name is not None or number is not None:
@@ -173,7 +180,7 @@ def compile_template(text: str, pattern: Pattern | None, *, names: tuple[str, ..
         uses_name = any(re.search(rf"(?<![\w\\<]){n}(?!\w)", inner) for n in names)
         if not _REF.search(inner) and not (uses_name and re.fullmatch(r"[\s\w+\-*/%()]*", inner)):
             continue
-        parts.append(text[last:found.start()])
+        parts.append(text[last : found.start()])
         parts.append(_parse(inner, pattern, names))
         last = found.end()
     parts.append(text[last:])
@@ -195,8 +202,9 @@ def _parse(inner: str, pattern: Pattern | None, names: tuple[str, ...]) -> Expre
     try:
         tree = ast.parse(source.strip(), mode="eval").body
     except SyntaxError:
-        raise TemplateError(f"'{{{inner}}}' is not an index expression; write e.g. {{\\1 - 1}} "
-                            f"(integers, group references, + - * // %)") from None
+        raise TemplateError(
+            f"'{{{inner}}}' is not an index expression; write e.g. {{\\1 - 1}} (integers, group references, + - * // %)"
+        ) from None
     for sub in ast.walk(tree):
         if isinstance(sub, ast.Name):
             if not sub.id.startswith("_g") and sub.id not in names:
@@ -217,8 +225,9 @@ def _parse(inner: str, pattern: Pattern | None, names: tuple[str, ...]) -> Expre
     if pattern is not None:
         for ref in expression.groups:
             if ref.isdigit() and not 1 <= int(ref) <= pattern.groups:
-                raise TemplateError(f"'{{{inner}}}' refers to group {ref} but the pattern has "
-                                    f"{pattern.groups} group(s)")
+                raise TemplateError(
+                    f"'{{{inner}}}' refers to group {ref} but the pattern has {pattern.groups} group(s)"
+                )
             if not ref.isdigit() and ref not in pattern.groupindex:
                 raise TemplateError(f"'{{{inner}}}' refers to group '{ref}', which the pattern does not define")
     return expression

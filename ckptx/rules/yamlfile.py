@@ -105,7 +105,9 @@ class _Builder:
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 line = key_node.start_mark.line + 1
-                self.problems.append(Problem(f"{self.file}:{line}", "YAML merge keys (<<) are not supported; use extends"))
+                self.problems.append(
+                    Problem(f"{self.file}:{line}", "YAML merge keys (<<) are not supported; use extends")
+                )
                 continue
             key = self._constructor.construct_object(key_node, deep=True)
             if not isinstance(key, (str, int, float, bool)) and key is not None:
@@ -114,8 +116,12 @@ class _Builder:
             line, col = key_node.start_mark.line + 1, key_node.start_mark.column + 1
             if key in result:
                 first_line = self.key_marks[child][0]
-                self.problems.append(Problem(f"{self.file}:{line}:{col} {format_path(child)}",
-                                             f"duplicate key '{key}' (first given on line {first_line}); remove one"))
+                self.problems.append(
+                    Problem(
+                        f"{self.file}:{line}:{col} {format_path(child)}",
+                        f"duplicate key '{key}' (first given on line {first_line}); remove one",
+                    )
+                )
                 continue
             self.key_marks[child] = (line, col)
             result[key] = self.build(value_node, child)

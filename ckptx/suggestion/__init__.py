@@ -1,4 +1,5 @@
-"""`ckptx suggest` (the package `ckptx.suggestion`; the function is `ckptx.suggest`): infer a recipe from a source checkpoint and a target, from metadata only.
+"""`ckptx suggest` (the package `ckptx.suggestion`; the function is `ckptx.suggest`): infer a recipe from a source
+checkpoint and a target, from metadata only.
 
 `ckptx.suggest(src, target, ...)` returns a `Suggestion` (the Recipe, its YAML text and a report). The
 modules, one job each: `sources` (where the weights are, wrapper prefixes), `tree` (layouts as levels with
@@ -16,21 +17,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ckptx.suggestion.engine import SuggestReport, Suggestion
+    from ckptx.suggestion.engine import Suggestion, SuggestReport
 
 __all__ = ["SuggestReport", "Suggestion", "suggest"]
 
 
-def suggest(src: Any, target: Any, **options: Any) -> "Suggestion":
+def suggest(src: Any, target: Any, **options: Any) -> Suggestion:
     """Infer a recipe converting checkpoint `src` to `target`; see `ckptx.suggestion.engine.suggest` for options."""
-    from ckptx.suggestion.engine import suggest as run  # noqa: PLC0415
+    from ckptx.suggestion.engine import suggest as run
 
     return run(src, target, **options)
 
 
 def __getattr__(name: str) -> Any:
     if name in ("Suggestion", "SuggestReport"):
-        from ckptx.suggestion import engine  # noqa: PLC0415
+        from ckptx.suggestion import engine
 
         return getattr(engine, name)
     raise AttributeError(name)

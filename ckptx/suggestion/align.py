@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from ckptx.suggestion.assign import assign
 from ckptx.suggestion.flat import FlatAligner
@@ -29,7 +29,7 @@ class RunPair:
 
     source: Run
     target: Run
-    inner: "Alignment"
+    inner: Alignment
     pairs: list[tuple[int, int]]
 
 
@@ -67,8 +67,9 @@ def expand(alignment: Alignment, source_prefix: str = "", target_prefix: str = "
         yield match.prefixed(source_prefix, target_prefix) if source_prefix or target_prefix else match
     for pair in alignment.runs:
         for i, j in pair.pairs:
-            yield from expand(pair.inner, f"{source_prefix}{pair.source.prefixes[i]}.",
-                              f"{target_prefix}{pair.target.prefixes[j]}.")
+            yield from expand(
+                pair.inner, f"{source_prefix}{pair.source.prefixes[i]}.", f"{target_prefix}{pair.target.prefixes[j]}."
+            )
 
 
 def unmatched(alignment: Alignment, source_prefix: str = "", target_prefix: str = "") -> tuple[list[str], list[str]]:
@@ -77,8 +78,9 @@ def unmatched(alignment: Alignment, source_prefix: str = "", target_prefix: str 
     dst = [target_prefix + k for k in alignment.target_unmatched]
     for pair in alignment.runs:
         for i, j in pair.pairs:
-            s, t = unmatched(pair.inner, f"{source_prefix}{pair.source.prefixes[i]}.",
-                             f"{target_prefix}{pair.target.prefixes[j]}.")
+            s, t = unmatched(
+                pair.inner, f"{source_prefix}{pair.source.prefixes[i]}.", f"{target_prefix}{pair.target.prefixes[j]}."
+            )
             src += s
             dst += t
     return src, dst
@@ -103,8 +105,10 @@ class _LevelAligner:
         anchors = []
         for pair in self.result.runs:  # a matched run fixes where the tensors around it belong
             a, b = pair.source, pair.target
-            anchors += [(a.order, b.order),
-                        (a.order + len(a.prefixes) * a.size - 1, b.order + len(b.prefixes) * b.size - 1)]
+            anchors += [
+                (a.order, b.order),
+                (a.order + len(a.prefixes) * a.size - 1, b.order + len(b.prefixes) * b.size - 1),
+            ]
         flat = FlatAligner(src_leaves, dst_leaves, anchors, self.source.count, self.target.count)
         self.result.matches = flat.run()
         self.result.source_unmatched = [src_leaves[i].key for i in sorted(flat.free_src)]

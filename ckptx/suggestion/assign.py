@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["assign"]
 
@@ -15,7 +15,7 @@ def assign(scores: Sequence[Sequence[float | None]]) -> list[tuple[int, int]]:
     Every row and column may also stay unpaired, so only pairs with a positive score are returned.
     O(n^2 m) with the inner loop in numpy: a few milliseconds for 100 x 100.
     """
-    import numpy as np  # noqa: PLC0415 - numpy only when something is assigned
+    import numpy as np
 
     n = len(scores)
     m = len(scores[0]) if n else 0
@@ -37,7 +37,7 @@ def assign(scores: Sequence[Sequence[float | None]]) -> list[tuple[int, int]]:
 
 def _hungarian(cost):  # type: ignore[no-untyped-def]
     """Column assigned to each row, minimising the total cost (n rows <= m columns)."""
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
     n, m = cost.shape
     u = np.zeros(n + 1)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ckptx.dtypes import TensorMeta
 from ckptx.suggestion.generalize import cover, rename_rows
@@ -48,9 +49,9 @@ def _fused_name(components: Sequence[str]) -> str:
     tail = 0
     while all(len(w) > head + tail + 1 for w in words) and len({w[-1 - tail] for w in words}) == 1:
         tail += 1
-    middles = ["_".join(w[head:len(w) - tail]) for w in words]
+    middles = ["_".join(w[head : len(w) - tail]) for w in words]
     joiner = "" if all(len(m) == 1 for m in middles) else "_"
-    parts = words[0][:head] + [joiner.join(middles)] + (words[0][len(words[0]) - tail:] if tail else [])
+    parts = words[0][:head] + [joiner.join(middles)] + (words[0][len(words[0]) - tail :] if tail else [])
     return "_".join(p for p in parts if p)
 
 
@@ -59,10 +60,18 @@ def _varying_position(keys: Sequence[str]) -> int:
     return next(i for i in range(len(split[0])) if len({s[i] for s in split}) > 1)
 
 
-def build_steps(matches: Sequence[Match], dropped: Sequence[str], kept_unmatched: Sequence[str],
-                source_keys: Sequence[str], prefixes: Prefixes, target: Mapping[str, TensorMeta], *,
-                by_target_order: bool = False, literal_rows: bool = False,
-                copies: Sequence[tuple[str, str]] = ()) -> tuple[list[StepText], dict[str, Decided]]:
+def build_steps(
+    matches: Sequence[Match],
+    dropped: Sequence[str],
+    kept_unmatched: Sequence[str],
+    source_keys: Sequence[str],
+    prefixes: Prefixes,
+    target: Mapping[str, TensorMeta],
+    *,
+    by_target_order: bool = False,
+    literal_rows: bool = False,
+    copies: Sequence[tuple[str, str]] = (),
+) -> tuple[list[StepText], dict[str, Decided]]:
     """The recipe's steps and, per target key, what the steps must make of it (for the re-planning check).
 
     `matches` use source keys after prefix stripping and target keys without the added prefix;
@@ -80,23 +89,37 @@ def build_steps(matches: Sequence[Match], dropped: Sequence[str], kept_unmatched
         value: Any = prefixes.strip_text if len(prefixes.strip) == 1 else [p + "." for p in prefixes.strip]
         steps.append(StepText("strip_prefix", value, "wrapper prefix shared by every source key"))
     if dropped:
-        steps.append(StepText("drop", cover(dropped, source_keys),
-                              f"{len(dropped)} source tensor(s) with no counterpart in the target"))
-    order = _row_order(matches, source_keys, target, prefixes.add_text) if by_target_order else \
-        {k: i for i, k in enumerate(source_keys)}
+        steps.append(
+            StepText(
+                "drop",
+                cover(dropped, source_keys),
+                f"{len(dropped)} source tensor(s) with no counterpart in the target",
+            )
+        )
+    order = (
+        _row_order(matches, source_keys, target, prefixes.add_text)
+        if by_target_order
+        else {k: i for i, k in enumerate(source_keys)}
+    )
     steps += builder.rename_step(list(kept_unmatched), order, literal_rows)
     if prefixes.add:
         steps.append(StepText("add_prefix", prefixes.add_text, "prefix shared by every target key"))
     steps += builder.op_steps()
     for have, want in copies:
         builder.decided[want] = builder.decided[have]
-        steps.append(StepText("copy", {"match": f"^{re.escape(have)}$", "to": want},
-                              f"'{want}' is tied to '{have}' in the target model; the source stores it once"))
+        steps.append(
+            StepText(
+                "copy",
+                {"match": f"^{re.escape(have)}$", "to": want},
+                f"'{want}' is tied to '{have}' in the target model; the source stores it once",
+            )
+        )
     return steps, builder.decided
 
 
-def _row_order(matches: Sequence[Match], source_keys: Sequence[str], target: Mapping[str, TensorMeta],
-               add: str) -> dict[str, int]:
+def _row_order(
+    matches: Sequence[Match], source_keys: Sequence[str], target: Mapping[str, TensorMeta], add: str
+) -> dict[str, int]:
     """Each source key's place by the target key it becomes (rows then read in the target model's order)."""
     position = {k: i for i, k in enumerate(target)}
     order: dict[str, int] = {}
@@ -139,8 +162,10 @@ class _StepBuilder:
             ops = ("reshape",)
         self.decided[self.add + t] = Decided((s,), ops)
         if match.alternative:
-            self.comments[s].append(f"close call: '{self.add + t}' chosen over '{self.add + match.alternative}' "
-                                    f"(same shape, similar evidence)")
+            self.comments[s].append(
+                f"close call: '{self.add + t}' chosen over '{self.add + match.alternative}' "
+                f"(same shape, similar evidence)"
+            )
 
     def split(self, match: Match) -> None:
         """A fused source tensor renamed to an intermediate name (`...qkv_proj.weight`), then split."""
@@ -148,10 +173,10 @@ class _StepBuilder:
         position = _varying_position(match.targets)
         parts = match.targets[0].split(".")
         fused = _fused_name([t.split(".")[position] for t in match.targets])
-        middle = ".".join(parts[:position] + [fused] + parts[position + 1:])
+        middle = ".".join(parts[:position] + [fused] + parts[position + 1 :])
         while self.add + middle in self.taken:
             fused += "_fused"
-            middle = ".".join(parts[:position] + [fused] + parts[position + 1:])
+            middle = ".".join(parts[:position] + [fused] + parts[position + 1 :])
         self.taken.add(self.add + middle)
         self.renames.append((s, middle))
         self.splits.append((match, self.add + middle))
@@ -174,7 +199,7 @@ class _StepBuilder:
         at = min(max(len(tparts) - depth, 0), len(tparts) - 1)
         middles = []
         for member in members:
-            name = ".".join(tparts[:at] + [member] + tparts[at + 1:])
+            name = ".".join(tparts[:at] + [member] + tparts[at + 1 :])
             while self.add + name in self.taken:
                 name += "_part"
             self.taken.add(self.add + name)
@@ -219,8 +244,13 @@ class _StepBuilder:
         for spec, keys in self.reshapes.items():
             shape: Any = [-1] if spec == "[-1]" else "target"
             what = "to 1-d" if spec == "[-1]" else "to the target's shape (same elements: 1x1 conv <-> linear, ...)"
-            steps.append(StepText("reshape", {"match": _one(cover(keys, final_keys)), "shape": shape},
-                                  f"{len(keys)} tensor(s) reshaped {what}"))
+            steps.append(
+                StepText(
+                    "reshape",
+                    {"match": _one(cover(keys, final_keys)), "shape": shape},
+                    f"{len(keys)} tensor(s) reshaped {what}",
+                )
+            )
         return steps
 
 
@@ -238,8 +268,9 @@ def _head_regex(heads: Sequence[str]) -> str:
     return alternatives[0] if len(alternatives) == 1 else "(?:" + "|".join(alternatives) + ")"
 
 
-def _fused_step(op: str, items: list[tuple[list[str], list[str], str]], position: int, extra: dict[str, Any],
-                comment: str) -> StepText:
+def _fused_step(
+    op: str, items: list[tuple[list[str], list[str], str]], position: int, extra: dict[str, Any], comment: str
+) -> StepText:
     """A split or merge step for keys that differ only in the component at `position`.
 
     Each item is (fused key's parts, the parts' keys' parts, name of the fused component); split takes the
@@ -247,7 +278,7 @@ def _fused_step(op: str, items: list[tuple[list[str], list[str], str]], position
     """
     fused_parts, piece_parts, _ = items[0]
     heads = [".".join(f[:position]) for f, _, _ in items]
-    rest = fused_parts[position + 1:]
+    rest = fused_parts[position + 1 :]
     head_re = _head_regex(heads) if position else ""
     lasts = sorted({f[-1] for f, _, _ in items}) if rest else []
     group = 1 if position else 0
@@ -274,8 +305,12 @@ def _fused_step(op: str, items: list[tuple[list[str], list[str], str]], position
     if op == "split":
         value: dict[str, Any] = {"match": pattern(fused_name), "into": [template(m) for m in members], **extra}
     else:
-        value = {"match": pattern(members[0]), "inputs": [template(m) for m in members], "to": template(fused_name),
-                 **extra}
+        value = {
+            "match": pattern(members[0]),
+            "inputs": [template(m) for m in members],
+            "to": template(fused_name),
+            **extra,
+        }
     return StepText(op, value, comment)
 
 
@@ -289,8 +324,16 @@ def _split_steps(splits: list[tuple[Match, str]], add: str) -> list[StepText]:
         position = _varying_position(targets)
         fparts = middle.split(".")
         pieces = [t.split(".") for t in targets]
-        key = (tuple(p[position] for p in pieces), fparts[position], tuple(fparts[position + 1:-1]),
-               len(fparts) - position, jf.dim, jf.sizes, jf.transpose, match.evidence)
+        key = (
+            tuple(p[position] for p in pieces),
+            fparts[position],
+            tuple(fparts[position + 1 : -1]),
+            len(fparts) - position,
+            jf.dim,
+            jf.sizes,
+            jf.transpose,
+            match.evidence,
+        )
         groups[key].append((fparts, pieces, fparts[position]))
         positions[key] = position
     out = []
@@ -301,8 +344,11 @@ def _split_steps(splits: list[tuple[Match, str]], add: str) -> list[StepText]:
             extra["dim"] = dim
         if len(set(sizes)) > 1:
             extra["sizes"] = list(sizes)
-        out.append(_fused_step("split", items, positions[key], extra,
-                               f"'{fused}' split into {', '.join(members)} ({evidence})"))
+        out.append(
+            _fused_step(
+                "split", items, positions[key], extra, f"'{fused}' split into {', '.join(members)} ({evidence})"
+            )
+        )
     return out
 
 
@@ -315,14 +361,24 @@ def _merge_steps(merges: list[tuple[Match, list[str]]], add: str) -> list[StepTe
         position = _varying_position(middles)
         target = (add + match.targets[0]).split(".")
         pieces = [m.split(".") for m in middles]
-        key = (tuple(p[position] for p in pieces), target[position], tuple(target[position + 1:-1]),
-               len(target) - position, jf.dim, jf.transpose, match.evidence)
+        key = (
+            tuple(p[position] for p in pieces),
+            target[position],
+            tuple(target[position + 1 : -1]),
+            len(target) - position,
+            jf.dim,
+            jf.transpose,
+            match.evidence,
+        )
         groups[key].append((target, pieces, target[position]))
         positions[key] = position
     out = []
     for key, items in groups.items():
         members, fused, _, _, dim, _transpose, evidence = key
         extra: dict[str, Any] = {"dim": dim} if dim else {}
-        out.append(_fused_step("merge", items, positions[key], extra,
-                               f"{', '.join(members)} concatenated into '{fused}' ({evidence})"))
+        out.append(
+            _fused_step(
+                "merge", items, positions[key], extra, f"{', '.join(members)} concatenated into '{fused}' ({evidence})"
+            )
+        )
     return out

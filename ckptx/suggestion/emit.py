@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ckptx.suggestion.build import StepText
 
@@ -97,9 +98,17 @@ def _value(value: Any) -> str:
     return scalar(value)
 
 
-def render_recipe(*, header: Sequence[str], name: str, description: str, extract: str | None,
-                  steps: Sequence[StepText], target: Mapping[str, Any], verify: Mapping[str, Any] | None,
-                  trailer: Sequence[str]) -> str:
+def render_recipe(
+    *,
+    header: Sequence[str],
+    name: str,
+    description: str,
+    extract: str | None,
+    steps: Sequence[StepText],
+    target: Mapping[str, Any],
+    verify: Mapping[str, Any] | None,
+    trailer: Sequence[str],
+) -> str:
     """The whole recipe text."""
     lines = [f"# {line}" if line else "#" for line in header]
     lines += ["ckptx: 1", f"name: {scalar(name)}", f"description: {scalar(description)}"]

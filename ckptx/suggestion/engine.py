@@ -1,4 +1,5 @@
-"""`suggest`: infer a recipe from a source checkpoint's and a target's metadata, prove it by re-planning, validate it."""
+"""`suggest`: infer a recipe from a source checkpoint's and a target's metadata, prove it by re-planning, validate
+it."""
 
 from __future__ import annotations
 
@@ -7,27 +8,34 @@ import re
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ckptx._version import __version__
-from ckptx.errors import CkptxError, PlanError
-from ckptx.rules.recipe import Recipe, TargetSpec
-from ckptx.targets.resolve import Target, parse_target_arg, resolve_target
 from ckptx.check.validation import ValidationReport, validate
-from ckptx.planning.planner import plan_recipe
-from ckptx.suggestion.verify_with import convert_verified
-from ckptx.rules.loader import load_rules_text
+from ckptx.errors import CkptxError, PlanError
 from ckptx.io.read.open import open_source
 from ckptx.planning.expr import ops_of
+from ckptx.planning.planner import plan_recipe
+from ckptx.rules.loader import load_rules_text
+from ckptx.rules.recipe import Recipe, TargetSpec
 from ckptx.suggestion.align import align, expand, unmatched
 from ckptx.suggestion.build import Decided, build_steps
 from ckptx.suggestion.emit import render_recipe
-from ckptx.suggestion.sources import (Candidate, Prefixes, choose_candidate, find_candidates, infer_prefixes,
-                                      natural_order, read_manifest_fast)
+from ckptx.suggestion.sources import (
+    Candidate,
+    Prefixes,
+    choose_candidate,
+    find_candidates,
+    infer_prefixes,
+    natural_order,
+    read_manifest_fast,
+)
 from ckptx.suggestion.tree import build_level, hierarchical_order
-from ckptx.suggestion.verify_with import verify_section
+from ckptx.suggestion.verify_with import convert_verified, verify_section
+from ckptx.targets.resolve import Target, parse_target_arg, resolve_target
 
 __all__ = ["SuggestReport", "Suggestion", "suggest"]
 
@@ -71,17 +79,29 @@ class SuggestReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
         return {
-            "ok": self.ok, "source": self.source, "source_format": self.source_format,
-            "extracted_from": self.extracted_from, "extract_rivals": list(self.extract_rivals), "target": self.target,
-            "source_tensors": self.source_tensors, "target_tensors": self.target_tensors, "mapped": self.mapped,
-            "evidence": dict(self.evidence), "ops": dict(self.ops),
-            "strip_prefix": self.prefixes.strip_text, "add_prefix": self.prefixes.add_text,
-            "dropped": list(self.dropped), "kept_unexpected": list(self.kept_unexpected),
-            "allowed_missing": list(self.allowed_missing), "missing": list(self.missing),
-            "close_calls": list(self.close_calls), "notes": list(self.notes),
+            "ok": self.ok,
+            "source": self.source,
+            "source_format": self.source_format,
+            "extracted_from": self.extracted_from,
+            "extract_rivals": list(self.extract_rivals),
+            "target": self.target,
+            "source_tensors": self.source_tensors,
+            "target_tensors": self.target_tensors,
+            "mapped": self.mapped,
+            "evidence": dict(self.evidence),
+            "ops": dict(self.ops),
+            "strip_prefix": self.prefixes.strip_text,
+            "add_prefix": self.prefixes.add_text,
+            "dropped": list(self.dropped),
+            "kept_unexpected": list(self.kept_unexpected),
+            "allowed_missing": list(self.allowed_missing),
+            "missing": list(self.missing),
+            "close_calls": list(self.close_calls),
+            "notes": list(self.notes),
             "validation": self.validation.to_dict(),
             "verification": self.verification.to_dict() if self.verification is not None else None,
-            "verification_error": self.verification_error, "seconds": round(self.seconds, 3),
+            "verification_error": self.verification_error,
+            "seconds": round(self.seconds, 3),
         }
 
 
@@ -95,12 +115,22 @@ class Suggestion:
     decided: Mapping[str, Decided] = field(default_factory=dict, repr=False)
 
 
-def suggest(src: str | Path, target: str | TargetSpec, *, target_args: Mapping[str, Any] | None = None,
-            allow_missing: Sequence[str] = (), allow_unexpected: Sequence[str] = (),
-            allow_globals: Sequence[str] = (), unsafe_pickle: bool = False, output: str | Path | None = None,
-            verify_with: str | None = None, verify_args: Mapping[str, Any] | None = None,
-            verify_input: Sequence[int] | None = None, verify_input_dtype: str | None = None,
-            name: str | None = None) -> Suggestion:
+def suggest(
+    src: str | Path,
+    target: str | TargetSpec,
+    *,
+    target_args: Mapping[str, Any] | None = None,
+    allow_missing: Sequence[str] = (),
+    allow_unexpected: Sequence[str] = (),
+    allow_globals: Sequence[str] = (),
+    unsafe_pickle: bool = False,
+    output: str | Path | None = None,
+    verify_with: str | None = None,
+    verify_args: Mapping[str, Any] | None = None,
+    verify_input: Sequence[int] | None = None,
+    verify_input_dtype: str | None = None,
+    name: str | None = None,
+) -> Suggestion:
     """Infer a recipe converting `src` to `target` from metadata only, re-plan it, and validate it.
 
     `target` is a CLI target spec (`module:callable`, manifest, reference checkpoint) or a TargetSpec;
@@ -111,10 +141,20 @@ def suggest(src: str | Path, target: str | TargetSpec, *, target_args: Mapping[s
     Raises CkptxError (exit 2) for bad input; the result's `report.ok` says whether it validates.
     """
     started = time.perf_counter()
-    options = _Options(str(src), _target_spec(target, target_args, allow_missing, allow_unexpected),
-                       tuple(allow_missing), tuple(allow_unexpected), tuple(allow_globals), unsafe_pickle, output,
-                       verify_with, dict(verify_args or {}), tuple(verify_input) if verify_input else None,
-                       verify_input_dtype, name)
+    options = _Options(
+        str(src),
+        _target_spec(target, target_args, allow_missing, allow_unexpected),
+        tuple(allow_missing),
+        tuple(allow_unexpected),
+        tuple(allow_globals),
+        unsafe_pickle,
+        output,
+        verify_with,
+        dict(verify_args or {}),
+        tuple(verify_input) if verify_input else None,
+        verify_input_dtype,
+        name,
+    )
     resolved, ties = _resolve(options.spec)
     fmt, candidates, opened = find_candidates(options.src, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
     chosen, rivals, _ = choose_candidate(candidates, resolved.tensors)
@@ -142,8 +182,16 @@ class _Options:
     name: str | None
 
 
-def _suggest(options: _Options, fmt: str, opened: Any, chosen: Candidate, rivals: list[tuple[Candidate, float]],
-             resolved: Target, ties: tuple[tuple[str, ...], ...], started: float) -> Suggestion:
+def _suggest(
+    options: _Options,
+    fmt: str,
+    opened: Any,
+    chosen: Candidate,
+    rivals: list[tuple[Candidate, float]],
+    resolved: Target,
+    ties: tuple[tuple[str, ...], ...],
+    started: float,
+) -> Suggestion:
     src, spec, output = options.src, options.spec, options.output
     extract = None if fmt in ("safetensors", "sharded-index", "manifest") else chosen.path
     notes: list[str] = []
@@ -152,7 +200,7 @@ def _suggest(options: _Options, fmt: str, opened: Any, chosen: Candidate, rivals
     prefixes = infer_prefixes(list(source_tensors), list(target_tensors))
     cut, added = len(prefixes.strip_text), prefixes.add_text
     stripped = {k[cut:]: m for k, m in source_tensors.items()}
-    unprefixed = {k[len(added):]: m for k, m in target_tensors.items()}
+    unprefixed = {k[len(added) :]: m for k, m in target_tensors.items()}
     src_order = natural_order(list(stripped), stripped)
     dst_order = natural_order(list(unprefixed), unprefixed)
     if src_order is not None:
@@ -180,8 +228,13 @@ def _suggest(options: _Options, fmt: str, opened: Any, chosen: Candidate, rivals
     if options.verify_with:
         if not spec.model:
             raise CkptxError("--verify-with needs a model target (module:callable), not a checkpoint or manifest")
-        verify = verify_section(options.verify_with, options.verify_args, options.verify_input,
-                                options.verify_input_dtype, prefix=prefixes.strip_text)
+        verify = verify_section(
+            options.verify_with,
+            options.verify_args,
+            options.verify_input,
+            options.verify_input_dtype,
+            prefix=prefixes.strip_text,
+        )
     evidence: Counter = Counter()
     ops: Counter = Counter()
     close: dict[str, str] = {}
@@ -193,33 +246,66 @@ def _suggest(options: _Options, fmt: str, opened: Any, chosen: Candidate, rivals
         elif match.fit.kind != "exact":  # type: ignore[union-attr]
             ops[match.fit.kind] += 1  # type: ignore[union-attr]
         if match.alternative:  # once per row of blocks, not once per block
-            text = (f"{prefixes.strip_text}{match.sources[0]} -> {added}{match.targets[0]} "
-                    f"(runner-up {added}{match.alternative})")
+            text = (
+                f"{prefixes.strip_text}{match.sources[0]} -> {added}{match.targets[0]} "
+                f"(runner-up {added}{match.alternative})"
+            )
             close.setdefault(_DIGITS.sub("#", text), text)
         if match.note:
             text = f"{', '.join(match.sources)}: {match.note}"
             noted.setdefault(_DIGITS.sub("#", text), text)
     notes += noted.values()
     recipe_name = options.name or _recipe_name(src, spec)
-    header = _header(src, fmt, rivals, extract, resolved, spec, prefixes, evidence, ops, dropped, kept,
-                     allowed_missing, missing, len(source_tensors), verify is not None)
+    header = _header(
+        src,
+        fmt,
+        rivals,
+        extract,
+        resolved,
+        spec,
+        prefixes,
+        evidence,
+        ops,
+        dropped,
+        kept,
+        allowed_missing,
+        missing,
+        len(source_tensors),
+        verify is not None,
+    )
     trailer = []
     if missing:
-        trailer.append(f"{len(missing)} target key(s) no source tensor fits (pass --allow-missing REGEX if they "
-                       f"may stay as initialised):")
+        trailer.append(
+            f"{len(missing)} target key(s) no source tensor fits (pass --allow-missing REGEX if they "
+            f"may stay as initialised):"
+        )
         trailer += [f"  {k}: {target_tensors[k]}" for k in missing[:200]]
         if len(missing) > 200:
             trailer.append(f"  ... and {len(missing) - 200} more")
     base_dir = Path(output).resolve().parent if output else Path.cwd()
 
     def write(literal_rows: bool) -> tuple[str, Recipe, ValidationReport, dict[str, Decided]]:
-        steps, decided = build_steps(matches, dropped, kept, list(stripped), prefixes, target_tensors,
-                                     by_target_order=src_order is not None and dst_order is None,
-                                     literal_rows=literal_rows, copies=copies)
-        text = render_recipe(header=header, name=recipe_name,
-                             description=f"{Path(src).name} -> {_describe(spec)} (suggested; review before use)",
-                             extract=extract, steps=steps, target=_target_section(spec, output),
-                             verify=verify, trailer=trailer)
+        steps, decided = build_steps(
+            matches,
+            dropped,
+            kept,
+            list(stripped),
+            prefixes,
+            target_tensors,
+            by_target_order=src_order is not None and dst_order is None,
+            literal_rows=literal_rows,
+            copies=copies,
+        )
+        text = render_recipe(
+            header=header,
+            name=recipe_name,
+            description=f"{Path(src).name} -> {_describe(spec)} (suggested; review before use)",
+            extract=extract,
+            steps=steps,
+            target=_target_section(spec, output),
+            verify=verify,
+            trailer=trailer,
+        )
         recipe = load_rules_text(text, str(output or "<suggested>"), base_dir=base_dir)
         return text, recipe, _check(recipe, opened, resolved, decided, prefixes), decided
 
@@ -233,36 +319,65 @@ def _suggest(options: _Options, fmt: str, opened: Any, chosen: Candidate, rivals
         with tempfile.TemporaryDirectory(prefix="ckptx-suggest-") as tmp:
             # the target and the source model are the user's own (--target, --verify-with), as is ckptx's helper
             typed = [n for n in (options.spec.model, options.verify_with, VERIFY_HELPER) if n]
-            verification, failure = convert_verified(src, os.path.join(tmp, "converted.safetensors"), recipe,
-                                                     allow_globals=options.allow_globals,
-                                                     unsafe_pickle=options.unsafe_pickle, allowed=typed)
+            verification, failure = convert_verified(
+                src,
+                os.path.join(tmp, "converted.safetensors"),
+                recipe,
+                allow_globals=options.allow_globals,
+                unsafe_pickle=options.unsafe_pickle,
+                allowed=typed,
+            )
             error = str(failure).splitlines()[0] if failure is not None and verification is None else None
     elif verify is not None:
         error = "not run: the recipe does not validate against the target"
     result = SuggestReport(
-        source=src, source_format=fmt, extracted_from=chosen.path, extract_rivals=tuple(c.path for c, _ in rivals),
-        target=resolved.description, source_tensors=len(source_tensors), target_tensors=len(target_tensors),
-        mapped=sum(len(m.targets) for m in matches) + len(copies), evidence=dict(evidence), ops=dict(ops),
+        source=src,
+        source_format=fmt,
+        extracted_from=chosen.path,
+        extract_rivals=tuple(c.path for c, _ in rivals),
+        target=resolved.description,
+        source_tensors=len(source_tensors),
+        target_tensors=len(target_tensors),
+        mapped=sum(len(m.targets) for m in matches) + len(copies),
+        evidence=dict(evidence),
+        ops=dict(ops),
         prefixes=prefixes,
-        dropped=tuple(prefixes.strip_text + k for k in dropped), kept_unexpected=tuple(prefixes.strip_text + k for k in kept),
-        allowed_missing=tuple(allowed_missing), missing=tuple(missing), close_calls=tuple(close.values()), notes=tuple(notes),
-        validation=report, verification=verification, verification_error=error,
-        seconds=time.perf_counter() - started)
+        dropped=tuple(prefixes.strip_text + k for k in dropped),
+        kept_unexpected=tuple(prefixes.strip_text + k for k in kept),
+        allowed_missing=tuple(allowed_missing),
+        missing=tuple(missing),
+        close_calls=tuple(close.values()),
+        notes=tuple(notes),
+        validation=report,
+        verification=verification,
+        verification_error=error,
+        seconds=time.perf_counter() - started,
+    )
     return Suggestion(recipe, text, result, decided)
 
 
-def _target_spec(target: str | TargetSpec, target_args: Mapping[str, Any] | None, allow_missing: Sequence[str],
-                 allow_unexpected: Sequence[str]) -> TargetSpec:
+def _target_spec(
+    target: str | TargetSpec,
+    target_args: Mapping[str, Any] | None,
+    allow_missing: Sequence[str],
+    allow_unexpected: Sequence[str],
+) -> TargetSpec:
     spec = parse_target_arg(target, target_args) if isinstance(target, str) else target
     for pattern in (*allow_missing, *allow_unexpected):
         try:
             re.compile(pattern)
         except re.error as exc:
             raise CkptxError(f"--allow-missing/--allow-unexpected: invalid regex '{pattern}': {exc}") from None
-    return TargetSpec(model=spec.model, kwargs=dict(spec.kwargs), checkpoint=spec.checkpoint, manifest=spec.manifest,
-                      allow_missing=tuple(re.compile(p) for p in allow_missing) + tuple(spec.allow_missing),
-                      allow_unexpected=tuple(re.compile(p) for p in allow_unexpected) + tuple(spec.allow_unexpected),
-                      where=spec.where or "--target", model_origin=spec.model_origin)
+    return TargetSpec(
+        model=spec.model,
+        kwargs=dict(spec.kwargs),
+        checkpoint=spec.checkpoint,
+        manifest=spec.manifest,
+        allow_missing=tuple(re.compile(p) for p in allow_missing) + tuple(spec.allow_missing),
+        allow_unexpected=tuple(re.compile(p) for p in allow_unexpected) + tuple(spec.allow_unexpected),
+        where=spec.where or "--target",
+        model_origin=spec.model_origin,
+    )
 
 
 def _resolve(spec: TargetSpec) -> tuple[Target, tuple[tuple[str, ...], ...]]:
@@ -274,8 +389,9 @@ def _resolve(spec: TargetSpec) -> tuple[Target, tuple[tuple[str, ...], ...]]:
     return target, target.ties
 
 
-def _tied_copies(ties: tuple[tuple[str, ...], ...], matches: list[Any], missing: list[str], added: str
-                 ) -> list[tuple[str, str]]:
+def _tied_copies(
+    ties: tuple[tuple[str, ...], ...], matches: list[Any], missing: list[str], added: str
+) -> list[tuple[str, str]]:
     """(mapped key, missing key) for target keys tied to one that is mapped: a file stores a tied weight once
     (transformers' safetensors leave out `lm_head.weight`), the target still wants it under both names."""
     if not ties:
@@ -329,16 +445,33 @@ def _target_section(spec: TargetSpec, output: str | Path | None) -> dict[str, An
     return section
 
 
-def _header(src: str, fmt: str, rivals: list[tuple[Candidate, float]], extract: str | None, target: Target,
-            spec: TargetSpec, prefixes: Prefixes, evidence: Counter, ops: Counter, dropped: list[str],
-            kept: list[str], allowed_missing: list[str], missing: list[str], n_source: int,
-            verified: bool) -> list[str]:
+def _header(
+    src: str,
+    fmt: str,
+    rivals: list[tuple[Candidate, float]],
+    extract: str | None,
+    target: Target,
+    spec: TargetSpec,
+    prefixes: Prefixes,
+    evidence: Counter,
+    ops: Counter,
+    dropped: list[str],
+    kept: list[str],
+    allowed_missing: list[str],
+    missing: list[str],
+    n_source: int,
+    verified: bool,
+) -> list[str]:
     where = f", weights at '{extract}'" if extract else ""
-    lines = [f"Suggested by `ckptx suggest` (ckptx {__version__}) from metadata only: review before use.",
-             f"source: {Path(src).name} ({fmt}{where}), {n_source} tensors"]
+    lines = [
+        f"Suggested by `ckptx suggest` (ckptx {__version__}) from metadata only: review before use.",
+        f"source: {Path(src).name} ({fmt}{where}), {n_source} tensors",
+    ]
     if rivals:
-        lines.append(f"  (also fits the target as well: {', '.join(repr(c.path) for c, _ in rivals)}; "
-                     f"set `extract:` to use it instead)")
+        lines.append(
+            f"  (also fits the target as well: {', '.join(repr(c.path) for c, _ in rivals)}; "
+            f"set `extract:` to use it instead)"
+        )
     lines.append(f"target: {_describe(spec)}, {len(target.tensors)} tensors")
     mapped = sum(evidence.values())
     parts = [f"{n} by {what}" for what, n in sorted(evidence.items(), key=lambda kv: -kv[1])]
@@ -346,9 +479,17 @@ def _header(src: str, fmt: str, rivals: list[tuple[Candidate, float]], extract: 
     if ops:
         lines.append("ops: " + ", ".join(f"{n} {kind}" for kind, n in sorted(ops.items())))
     if prefixes.strip or prefixes.add:
-        lines.append("prefixes: " + "; ".join(x for x in (
-            f"'{prefixes.strip_text}' stripped" if prefixes.strip else "",
-            f"'{prefixes.add_text}' added" if prefixes.add else "") if x))
+        lines.append(
+            "prefixes: "
+            + "; ".join(
+                x
+                for x in (
+                    f"'{prefixes.strip_text}' stripped" if prefixes.strip else "",
+                    f"'{prefixes.add_text}' added" if prefixes.add else "",
+                )
+                if x
+            )
+        )
     if dropped:
         lines.append(f"dropped: {len(dropped)} source tensor(s) with no counterpart in the target")
     if kept:
@@ -357,14 +498,22 @@ def _header(src: str, fmt: str, rivals: list[tuple[Candidate, float]], extract: 
         lines.append(f"allowed missing: {len(allowed_missing)} target key(s) left as initialised")
     if missing:
         lines.append(f"NOT MAPPED: {len(missing)} target key(s), listed at the end")
-    lines += ["", "ckptx validated this recipe's keys and shapes against the target; it does not prove the outputs",
-              "agree: " + ("see the `verify:` section (`ckptx convert --verify`)." if verified else
-                           "rerun `ckptx suggest` with --verify-with module:callable (the source model) to check.")]
+    lines += [
+        "",
+        "ckptx validated this recipe's keys and shapes against the target; it does not prove the outputs",
+        "agree: "
+        + (
+            "see the `verify:` section (`ckptx convert --verify`)."
+            if verified
+            else "rerun `ckptx suggest` with --verify-with module:callable (the source model) to check."
+        ),
+    ]
     return lines
 
 
-def _check(recipe: Recipe, source: Any, target: Target, decided: Mapping[str, Decided],
-           prefixes: Prefixes) -> ValidationReport:
+def _check(
+    recipe: Recipe, source: Any, target: Target, decided: Mapping[str, Decided], prefixes: Prefixes
+) -> ValidationReport:
     """Plan the written recipe and compare every output with the alignment's decision; then validate."""
     if recipe.extract and getattr(source, "extracted_from", ".") not in recipe.extract:
         raise RuntimeError(f"suggest opened '{source.extracted_from}' but wrote extract {list(recipe.extract)}")
@@ -383,8 +532,9 @@ def _check(recipe: Recipe, source: Any, target: Target, decided: Mapping[str, De
         if tuple(strip + s for s in want.sources) != entry.sources or got_ops != want.ops:
             wrong.append(f"{entry.key} <- {', '.join(entry.sources)} {got_ops}")
     if wrong or len(plan.entries) != len(decided):
-        raise _NotReproduced(f"{len(wrong)} key(s) differ, e.g. {wrong[:3]}; {len(plan.entries)} planned, "
-                             f"{len(decided)} decided")
+        raise _NotReproduced(
+            f"{len(wrong)} key(s) differ, e.g. {wrong[:3]}; {len(plan.entries)} planned, {len(decided)} decided"
+        )
     return validate(plan, target)
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
 from ckptx.suggestion.assign import assign
 from ckptx.suggestion.match import Match
@@ -22,14 +23,14 @@ from ckptx.suggestion.tree import Leaf
 
 __all__ = ["FlatAligner"]
 
-_CLASS_LIMIT = 400          # above this many candidates of one shape, pair them in order instead
-_DENSE = 2500               # score every pair of a class up to this many pairs; beyond, only near ones
-_NEAR = 12                  # ... the candidates nearest the expected place, on each side
+_CLASS_LIMIT = 400  # above this many candidates of one shape, pair them in order instead
+_DENSE = 2500  # score every pair of a class up to this many pairs; beyond, only near ones
+_NEAR = 12  # ... the candidates nearest the expected place, on each side
 # Fused groups in the order their parts are concatenated (q, k, v; gate, up), whatever order the keys come in.
 _KNOWN_ORDERS = (("q", "k", "v"), ("k", "v"), ("q", "k"), ("gate", "up"))
 _KNOWN_GROUPS = tuple(frozenset(order) for order in _KNOWN_ORDERS)
 _GENERIC_PARAMS = frozenset({"weight", "bias", "mean", "var", "num", "batches", "tracked", "scale"})
-_CLOSE = 0.12               # a runner-up within this score of the choice is reported as a close call
+_CLOSE = 0.12  # a runner-up within this score of the choice is reported as a close call
 
 
 def _parent(key: str) -> str:
@@ -39,8 +40,14 @@ def _parent(key: str) -> str:
 class FlatAligner:
     """Matches single tensors of one level: fused splits/merges, then modules, then tensors."""
 
-    def __init__(self, src: list[Leaf], dst: list[Leaf], anchors: Sequence[tuple[int, int]] = (),
-                 n: int | None = None, m: int | None = None) -> None:
+    def __init__(
+        self,
+        src: list[Leaf],
+        dst: list[Leaf],
+        anchors: Sequence[tuple[int, int]] = (),
+        n: int | None = None,
+        m: int | None = None,
+    ) -> None:
         self.src, self.dst = src, dst
         self.run_anchors = list(anchors)
         self.n = n if n is not None else (max((leaf.order for leaf in src), default=-1) + 1)
@@ -100,8 +107,9 @@ class FlatAligner:
             if len(rows) == 1 and len(cols) == 1 and fit(self.src[rows[0]].meta, self.dst[cols[0]].meta):
                 anchors.append((self.src[rows[0]].order, self.dst[cols[0]].order))
         for match in self.matches:
-            anchors.append((self.src[self._src_index[match.sources[0]]].order,
-                            self.dst[self._dst_index[match.targets[0]]].order))
+            anchors.append(
+                (self.src[self._src_index[match.sources[0]]].order, self.dst[self._dst_index[match.targets[0]]].order)
+            )
         return anchors
 
     @property
@@ -212,8 +220,9 @@ class FlatAligner:
             for ri, ci in chosen:
                 r, c = rows[ri], cols[ci]
                 alt = _runner_up(scores, chosen, ri, ci)
-                accepted.append((r, c, bijections[r, c], scores[ri][ci] or 0.0,
-                                 dst_mods[cols[alt]][0] if alt is not None else None))
+                accepted.append(
+                    (r, c, bijections[r, c], scores[ri][ci] or 0.0, dst_mods[cols[alt]][0] if alt is not None else None)
+                )
             self._accept_modules(src_mods, dst_mods, accepted)
 
     def _accept_modules(self, src_mods: list, dst_mods: list, accepted: list) -> None:
@@ -233,8 +242,10 @@ class FlatAligner:
         (worked out once per pair of module layouts: every BatchNorm of a level has the same one)."""
         if len(a) != len(b):
             return None
-        layout = (tuple((self.src[i].key.rsplit(".", 1)[-1], self.src[i].meta) for i in a),
-                  tuple((self.dst[j].key.rsplit(".", 1)[-1], self.dst[j].meta) for j in b))
+        layout = (
+            tuple((self.src[i].key.rsplit(".", 1)[-1], self.src[i].meta) for i in a),
+            tuple((self.dst[j].key.rsplit(".", 1)[-1], self.dst[j].meta) for j in b),
+        )
         found = self._layouts.get(layout, False)
         if found is False:
             found = self._layouts[layout] = _bijection(*layout)
@@ -242,20 +253,21 @@ class FlatAligner:
             return None
         return [(a[x], b[y], f) for x, y, f in found]
 
-
-
-    def _module_score(self, sm: tuple[str, list[int]], dm: tuple[str, list[int]],
-                      pairs: list[tuple[int, int, Fit]]) -> float:
+    def _module_score(
+        self, sm: tuple[str, list[int]], dm: tuple[str, list[int]], pairs: list[tuple[int, int, Fit]]
+    ) -> float:
         na, nb = key_name(sm[0] + ".x"), key_name(dm[0] + ".x")
-        name = token_similarity(na.path, nb.path, self.weights) + \
-            0.3 * (token_similarity(na.leaf, nb.leaf) if (na.leaf or nb.leaf) else 1.0)
+        name = token_similarity(na.path, nb.path, self.weights) + 0.3 * (
+            token_similarity(na.leaf, nb.leaf) if (na.leaf or nb.leaf) else 1.0
+        )
         ordinal = 0.0
         if na.leaf_ordinal is not None and nb.leaf_ordinal is not None:
             ordinal = 0.5 if na.leaf_ordinal == nb.leaf_ordinal else -0.5
         numbers = number_similarity(na.numbers, nb.numbers)
         position = self.position(sm[1][0], dm[1][0])
-        params = sum(token_similarity(key_name(self.src[i].key).param, key_name(self.dst[j].key).param)
-                     for i, j, _ in pairs) / len(pairs)
+        params = sum(
+            token_similarity(key_name(self.src[i].key).param, key_name(self.dst[j].key).param) for i, j, _ in pairs
+        ) / len(pairs)
         quality = sum(f.quality for _, _, f in pairs) / len(pairs)
         same = 1.0 if sm[0] == dm[0] else 0.0
         return 1.0 + 1.0 * name + ordinal + 0.5 * numbers + 0.8 * position + 0.3 * params + 1.0 * quality + same
@@ -283,16 +295,25 @@ class FlatAligner:
                         self._accept_tensor(i, j, f, None)
                 continue
             near = self._neighbours(rows, cols)
-            fits = {(i, j): fit(self.src[i].meta, self.dst[j].meta)
-                    if (near is None or y in near[x]) and self._plausible(i, j, len(rows) == len(cols) == 1) else None
-                    for x, i in enumerate(rows) for y, j in enumerate(cols)}
-            scores = [[self._tensor_score(i, j, fits[i, j]) if fits[i, j] is not None else None
-                       for j in cols] for i in rows]
+            fits = {
+                (i, j): fit(self.src[i].meta, self.dst[j].meta)
+                if (near is None or y in near[x]) and self._plausible(i, j, len(rows) == len(cols) == 1)
+                else None
+                for x, i in enumerate(rows)
+                for y, j in enumerate(cols)
+            }
+            scores = [
+                [self._tensor_score(i, j, fits[i, j]) if fits[i, j] is not None else None for j in cols] for i in rows
+            ]
             chosen = assign(scores)
             for ri, ci in chosen:
                 alt = _runner_up(scores, chosen, ri, ci)
-                self._accept_tensor(rows[ri], cols[ci], fits[rows[ri], cols[ci]],  # type: ignore[arg-type]
-                                    self.dst[cols[alt]].key if alt is not None else None)
+                self._accept_tensor(
+                    rows[ri],
+                    cols[ci],
+                    fits[rows[ri], cols[ci]],  # type: ignore[arg-type]
+                    self.dst[cols[alt]].key if alt is not None else None,
+                )
 
     def _neighbours(self, rows: list[int], cols: list[int]) -> list[set[int]] | None:
         """For a large shape class, the columns worth scoring for each row: the `_NEAR` nearest the expected
@@ -308,7 +329,7 @@ class FlatAligner:
         out = []
         for i in rows:
             at = bisect.bisect_left(keys, self.warp.expected(self.src[i].order))
-            chosen = {y for _, y in orders[max(0, at - _NEAR):at + _NEAR]}
+            chosen = {y for _, y in orders[max(0, at - _NEAR) : at + _NEAR]}
             name = self.src[i].key.rsplit(".", 2)[-2] if "." in self.src[i].key else self.src[i].key
             chosen.update(by_name.get(name, ())[:_NEAR])
             out.append(chosen)
@@ -321,16 +342,26 @@ class FlatAligner:
         if unique and len(loose_shape(self.src[i].meta.shape)) >= 2:
             return True
         a, b = key_name(self.src[i].key), key_name(self.dst[j].key)
-        named = (token_similarity(a.path, b.path, self.weights) >= 0.15 or bool(set(a.leaf) & set(b.leaf))
-                 or bool((set(a.param) & set(b.param)) - _GENERIC_PARAMS))
+        named = (
+            token_similarity(a.path, b.path, self.weights) >= 0.15
+            or bool(set(a.leaf) & set(b.leaf))
+            or bool((set(a.param) & set(b.param)) - _GENERIC_PARAMS)
+        )
         return named or self.position(i, j) >= 0.25
 
     def _tensor_score(self, i: int, j: int, f: Fit) -> float:
         s, t = self.src[i].key, self.dst[j].key
         na, nb = key_name(s), key_name(t)
         vote = 0.6 if self.parent_votes.get((_parent(s), _parent(t))) else 0.0
-        return (1.0 + 1.2 * similarity(s, t, self.weights) + 0.3 * number_similarity(na.numbers, nb.numbers)
-                + 0.8 * self.position(i, j) + 1.0 * f.quality + vote + (1.0 if s == t else 0.0))
+        return (
+            1.0
+            + 1.2 * similarity(s, t, self.weights)
+            + 0.3 * number_similarity(na.numbers, nb.numbers)
+            + 0.8 * self.position(i, j)
+            + 1.0 * f.quality
+            + vote
+            + (1.0 if s == t else 0.0)
+        )
 
     def _accept_tensor(self, i: int, j: int, f: Fit, alternative: str | None) -> None:
         s, t = self.src[i].key, self.dst[j].key
@@ -355,9 +386,11 @@ class FlatAligner:
         for index, match in enumerate(self.matches):
             if match.kind == "tensor" and isinstance(match.fit, Fit) and match.fit.square:
                 self.matches[index] = replace(
-                    match, fit=Fit("permute", match.fit.shape, dims=(1, 0)),
+                    match,
+                    fit=Fit("permute", match.fit.shape, dims=(1, 0)),
                     note=f"square weight transposed like the {transposed} non-square 2-d weights of this level "
-                         f"(shapes cannot tell; verify the outputs)")
+                    f"(shapes cannot tell; verify the outputs)",
+                )
 
 
 def _modules_of(leaves: list[Leaf], free: set[int]) -> list[tuple[str, list[int]]]:
@@ -403,14 +436,14 @@ def _sibling_windows(leaves: list[Leaf]) -> list[tuple[int, tuple[int, ...]]]:
         for pos in range(len(parts) - 1):
             if parts[pos].isdigit():
                 continue
-            families.setdefault((pos, tuple(parts[:pos]), tuple(parts[pos + 1:])), []).append(index)
+            families.setdefault((pos, tuple(parts[:pos]), tuple(parts[pos + 1 :])), []).append(index)
     windows: list[tuple[int, tuple[int, ...]]] = []
     for (pos, _, _), members in families.items():
         if len(members) < 2:
             continue
         for size in range(2, min(4, len(members)) + 1):
             for start in range(len(members) - size + 1):
-                windows.append((leaves[members[start]].order, tuple(members[start:start + size])))
+                windows.append((leaves[members[start]].order, tuple(members[start : start + size])))
         by_concept: dict[str, int] = {}
         for index in members:
             concepts = set(key_name(".".join(leaves[index].key.split(".")[: pos + 1]) + ".x").leaf)
@@ -433,10 +466,10 @@ def _joined_shapes(shapes: list[tuple[int, ...]]) -> set[tuple[int, ...]]:
         if len({len(s) for s in pieces}) != 1:
             continue
         for dim in range(len(pieces[0])):
-            rest = {s[:dim] + s[dim + 1:] for s in pieces}
+            rest = {s[:dim] + s[dim + 1 :] for s in pieces}
             if len(rest) == 1:
                 first = pieces[0]
-                out.add(first[:dim] + (sum(s[dim] for s in pieces),) + first[dim + 1:])
+                out.add(first[:dim] + (sum(s[dim] for s in pieces),) + first[dim + 1 :])
     return out
 
 
@@ -470,8 +503,17 @@ def _bijection(a: tuple[tuple[str, Any], ...], b: tuple[tuple[str, Any], ...]) -
     fits = [[fit(ma, mb) for _, mb in b] for _, ma in a]
     if len(a) == 1:
         return [(0, 0, fits[0][0])] if fits[0][0] is not None else None
-    scores = [[(1.0 + token_similarity(key_name(na).param, key_name(nb).param) + 0.1 * (1.0 - abs(x - y) / len(a))
-                if fits[x][y] is not None else None) for y, (nb, _) in enumerate(b)] for x, (na, _) in enumerate(a)]
+    scores = [
+        [
+            (
+                1.0 + token_similarity(key_name(na).param, key_name(nb).param) + 0.1 * (1.0 - abs(x - y) / len(a))
+                if fits[x][y] is not None
+                else None
+            )
+            for y, (nb, _) in enumerate(b)
+        ]
+        for x, (na, _) in enumerate(a)
+    ]
     chosen = assign(scores)
     if len(chosen) != len(a):
         return None

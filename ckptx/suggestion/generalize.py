@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 __all__ = ["Row", "cover", "rename_rows"]
 
@@ -36,7 +36,7 @@ class _Pair:
     source: str
     target: str
     order: int
-    keep: int          # trailing components left to pass through unchanged
+    keep: int  # trailing components left to pass through unchanged
     literal: bool = False
     split: tuple | None = None  # (keep it was computed for, source prefix, target prefix, their numbers)
 
@@ -44,12 +44,12 @@ class _Pair:
 @dataclass
 class _Group:
     pairs: list[_Pair]
-    source_chunks: list[str]     # literal text around the number slots of the source prefix
+    source_chunks: list[str]  # literal text around the number slots of the source prefix
     target_chunks: list[str]
-    suffix: bool                 # True: the row ends with '\.' (a suffix passes through); False: '$'
-    captured: list[bool]         # per source slot
+    suffix: bool  # True: the row ends with '\.' (a suffix passes through); False: '$'
+    captured: list[bool]  # per source slot
     source_values: list[int | None]  # per source slot: its literal value (None when captured)
-    target_exprs: list[tuple]    # per target slot: ('lit', v) or ('slot', i, a, b)
+    target_exprs: list[tuple]  # per target slot: ('lit', v) or ('slot', i, a, b)
     allowed: dict[int, tuple[int, ...]] = field(default_factory=dict)  # captured slots limited to these values
 
     def pattern(self) -> str:
@@ -100,7 +100,7 @@ def _expression(expr: tuple, groups: Mapping[int, int], follow: str) -> str:
 def _split_digits(text: str) -> tuple[list[str], list[int]]:
     chunks, values, last = [], [], 0
     for m in _DIGITS.finditer(text):
-        chunks.append(text[last:m.start()])
+        chunks.append(text[last : m.start()])
         values.append(int(m.group()))
         last = m.end()
     chunks.append(text[last:])
@@ -114,8 +114,14 @@ def _common_suffix(a: list[str], b: list[str]) -> int:
     return n
 
 
-def rename_rows(pairs: Sequence[tuple[str, str]], unchanged: Iterable[str] = (), *, order: Mapping[str, int] | None = None,
-                max_rounds: int = 50, literal: bool = False) -> list[Row]:
+def rename_rows(
+    pairs: Sequence[tuple[str, str]],
+    unchanged: Iterable[str] = (),
+    *,
+    order: Mapping[str, int] | None = None,
+    max_rounds: int = 50,
+    literal: bool = False,
+) -> list[Row]:
     """Rename rows that turn every `source` into its `target` and leave the `unchanged` keys as they are.
 
     `pairs` and `unchanged` together are every key entering the rename step. Rows come in a natural
@@ -123,8 +129,10 @@ def rename_rows(pairs: Sequence[tuple[str, str]], unchanged: Iterable[str] = (),
     `literal`, one exact row per key (the fallback that is always right).
     """
     if literal:
-        return [Row(f"^{re.escape(s)}$", t.replace("\\", "\\\\"), (s,)) for s, t in
-                sorted(((s, t) for s, t in pairs if s != t), key=lambda st: (order or {}).get(st[0], 0))]
+        return [
+            Row(f"^{re.escape(s)}$", t.replace("\\", "\\\\"), (s,))
+            for s, t in sorted(((s, t) for s, t in pairs if s != t), key=lambda st: (order or {}).get(st[0], 0))
+        ]
     order = order or {}
     items = []
     for index, (s, t) in enumerate(pairs):
@@ -142,8 +150,10 @@ def rename_rows(pairs: Sequence[tuple[str, str]], unchanged: Iterable[str] = (),
         if not bad:
             ordered = _topological(rows, before)
             if ordered is not None:
-                return [Row(g.pattern(), g.replacement(), tuple(p.source for p in sorted(g.pairs, key=lambda p: p.order)))
-                        for g in ordered]
+                return [
+                    Row(g.pattern(), g.replacement(), tuple(p.source for p in sorted(g.pairs, key=lambda p: p.order)))
+                    for g in ordered
+                ]
             bad = _cycle_member(rows, before)
         for index in bad:
             _specialize(groups[index])
@@ -192,8 +202,15 @@ def _cache_split(p: _Pair) -> tuple:
     """Cache on the pair: (keep, source prefix, target prefix, their numbers, their templates)."""
     s_prefix, t_prefix = _drop_tail(p.source, p.keep), _drop_tail(p.target, p.keep)
     s_parts, t_parts = _NUMBER_SPLIT.split(s_prefix), _NUMBER_SPLIT.split(t_prefix)
-    p.split = (p.keep, s_prefix, t_prefix, [int(d) for d in s_parts[1::2]], [int(d) for d in t_parts[1::2]],
-               "#".join(s_parts[0::2]), "#".join(t_parts[0::2]))
+    p.split = (
+        p.keep,
+        s_prefix,
+        t_prefix,
+        [int(d) for d in s_parts[1::2]],
+        [int(d) for d in t_parts[1::2]],
+        "#".join(s_parts[0::2]),
+        "#".join(t_parts[0::2]),
+    )
     return p.split
 
 
@@ -235,8 +252,9 @@ def _fit_group(members: list[_Pair], suffix: bool, allowed: dict[int, tuple[int,
     return [_Group(members, s_chunks, t_chunks, suffix, captured, literal, exprs, limits)]
 
 
-def _affine(values_s: list[list[int]], column: list[int], varying: list[int], j: int, kt: int, ks: int
-            ) -> tuple[int, int, int] | None:
+def _affine(
+    values_s: list[list[int]], column: list[int], varying: list[int], j: int, kt: int, ks: int
+) -> tuple[int, int, int] | None:
     """(source slot, a, b) with target = a * source + b on every pair, the simplest first."""
     options = []
     for i in varying:
@@ -259,8 +277,15 @@ def _affine(values_s: list[list[int]], column: list[int], varying: list[int], j:
     return i, a, b
 
 
-def _split(members: list[_Pair], suffix: bool, values_s: list[list[int]], values_t: list[list[int]],
-           varying: list[int], j: int, allowed: dict[int, tuple[int, ...]]) -> list[_Group]:
+def _split(
+    members: list[_Pair],
+    suffix: bool,
+    values_s: list[list[int]],
+    values_t: list[list[int]],
+    varying: list[int],
+    j: int,
+    allowed: dict[int, tuple[int, ...]],
+) -> list[_Group]:
     """Split a group whose target number `j` no single source number explains.
 
     First choice: runs of consecutive values of one source number over which every target number is that
@@ -335,8 +360,9 @@ def _run_cost(run: list[int], by_value: Mapping[int, tuple[int, ...]]) -> float 
     return 1.0 + 0.1 * sum(1 for k in varying if k != len(first) - 1)
 
 
-def _split_by(members: list[_Pair], suffix: bool, values_s: list[list[int]], slot: int,
-              allowed: dict[int, tuple[int, ...]]) -> list[_Group]:
+def _split_by(
+    members: list[_Pair], suffix: bool, values_s: list[list[int]], slot: int, allowed: dict[int, tuple[int, ...]]
+) -> list[_Group]:
     parts: dict[int, list[_Pair]] = defaultdict(list)
     for p, v in zip(members, values_s):
         parts[v[slot]].append(p)
@@ -372,7 +398,9 @@ class _Buckets:
         return next(iter(self.matching(pattern)), None) is not None
 
 
-def _constraints(rows: list[tuple[_Group, re.Pattern[str]]], universe: _Buckets) -> tuple[set[tuple[int, int]], set[int]]:
+def _constraints(
+    rows: list[tuple[_Group, re.Pattern[str]]], universe: _Buckets
+) -> tuple[set[tuple[int, int]], set[int]]:
     """(pairs (a, b): row a must precede row b, rows that catch a key no other row can take first)."""
     owner: dict[str, int] = {}
     for index, (group, _) in enumerate(rows):
@@ -441,7 +469,7 @@ def cover(keys: Iterable[str], universe: Iterable[str]) -> list[str]:
     return combined if len(combined) < len(best) else best
 
 
-def _cover_template(members: list[str], others: "_Buckets", at_least: int = 1) -> list[str]:
+def _cover_template(members: list[str], others: _Buckets, at_least: int = 1) -> list[str]:
     parts = members[0].split(".")
     for length in range(min(at_least, len(parts)), len(parts) + 1):
         for literal in (False, True):
@@ -468,7 +496,7 @@ def _combine(patterns: list[str]) -> list[str]:
             groups: dict[tuple, list[int]] = defaultdict(list)
             for k, parts in enumerate(split):
                 if index < len(parts) and _plain_name(parts[index], index == len(parts) - 1):
-                    groups[(len(parts), tuple(parts[:index]), tuple(parts[index + 1:]))].append(k)
+                    groups[(len(parts), tuple(parts[:index]), tuple(parts[index + 1 :]))].append(k)
             for (_, head, tail), members in groups.items():
                 if len(members) < 2:
                     continue
@@ -477,7 +505,7 @@ def _combine(patterns: list[str]) -> list[str]:
                 merged = "(" + "|".join(dict.fromkeys(names)) + ")" + ("$" if last else "")
                 combined = r"\.".join([*head, merged, *tail])
                 keep = [p for k, p in enumerate(patterns) if k not in set(members)]
-                patterns = keep[: min(members)] + [combined] + keep[min(members):]
+                patterns = keep[: min(members)] + [combined] + keep[min(members) :]
                 changed = True
                 break
             if changed:

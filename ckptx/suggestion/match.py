@@ -26,8 +26,15 @@ class Match:
     alternative: str | None = None
     note: str | None = None
 
-    def prefixed(self, source_prefix: str, target_prefix: str) -> "Match":
+    def prefixed(self, source_prefix: str, target_prefix: str) -> Match:
         """The same match with both sides' keys under prefixes."""
         alt = target_prefix + self.alternative if self.alternative else None
-        return Match(tuple([source_prefix + k for k in self.sources]), tuple([target_prefix + k for k in self.targets]),
-                     self.kind, self.fit, self.evidence, alt, self.note)
+        return Match(
+            tuple([source_prefix + k for k in self.sources]),
+            tuple([target_prefix + k for k in self.targets]),
+            self.kind,
+            self.fit,
+            self.evidence,
+            alt,
+            self.note,
+        )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Mapping
 
 __all__ = ["KeyName", "key_name", "numbers_of", "ordinal_of", "rarity", "similarity", "token_similarity", "words_of"]
 
@@ -20,8 +20,20 @@ def _concept(concept: str, *spellings: str) -> None:
         _SYNONYMS[spelling] = (concept,)
 
 
-_concept("norm", "bn", "ln", "gn", "normalization", "normalisation", "layernorm", "batchnorm", "groupnorm", "rmsnorm",
-         "lnorm", "nrm")
+_concept(
+    "norm",
+    "bn",
+    "ln",
+    "gn",
+    "normalization",
+    "normalisation",
+    "layernorm",
+    "batchnorm",
+    "groupnorm",
+    "rmsnorm",
+    "lnorm",
+    "nrm",
+)
 _concept("conv", "convolution", "conv2d", "conv1d", "conv3d", "convs")
 _concept("proj", "projection", "projector")
 _concept("fc", "linear", "dense", "lin", "classifier", "logits")
@@ -49,12 +61,24 @@ _concept("se", "squeeze_excite", "squeeze_excitation")
 _concept("gate", "gating")
 _concept("up", "upsample")
 _concept("scale", "layer_scale", "layerscale", "ls")
-_SYNONYMS.update({
-    "dwconv": ("dw", "conv"), "pwconv": ("pw", "conv"), "wte": ("token", "embed"), "wpe": ("pos", "embed"),
-    "qkv": ("q", "k", "v"), "kv": ("k", "v"), "qk": ("q", "k"), "lm_head": ("head",), "in_proj": ("q", "k", "v", "proj"),
-    "patch_embed": ("patch", "embed"), "cls_token": ("cls", "token"), "pos_embed": ("pos", "embed"),
-    "class_token": ("cls", "token"), "ln_f": ("norm", "final"),
-})
+_SYNONYMS.update(
+    {
+        "dwconv": ("dw", "conv"),
+        "pwconv": ("pw", "conv"),
+        "wte": ("token", "embed"),
+        "wpe": ("pos", "embed"),
+        "qkv": ("q", "k", "v"),
+        "kv": ("k", "v"),
+        "qk": ("q", "k"),
+        "lm_head": ("head",),
+        "in_proj": ("q", "k", "v", "proj"),
+        "patch_embed": ("patch", "embed"),
+        "cls_token": ("cls", "token"),
+        "pos_embed": ("pos", "embed"),
+        "class_token": ("cls", "token"),
+        "ln_f": ("norm", "final"),
+    }
+)
 
 # Words that give a module's rank among its siblings of the same kind ("before" ~ "1", "post" ~ "2").
 _ORDINALS = {"before": 1, "pre": 1, "input": 1, "first": 1, "after": 2, "post": 2, "second": 2, "third": 3}
@@ -66,7 +90,8 @@ _SPLIT = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
 
 @lru_cache(maxsize=65536)
 def words_of(component: str) -> tuple[str, ...]:
-    """The lower-case words of one name component: `layernorm_before` -> (layernorm, before), `conv2d` -> (conv, 2, d)."""
+    """The lower-case words of one name component: `layernorm_before` -> (layernorm, before), `conv2d` -> (conv, 2,
+    d)."""
     out: list[str] = []
     for part in component.split("_"):
         out.extend(w.lower() for w in _SPLIT.findall(part))
@@ -107,7 +132,8 @@ def _concepts(component: str) -> tuple[str, ...]:
 
 
 def ordinal_of(component: str) -> int | None:
-    """The rank a component's name states: a trailing number (`norm1`, `ln_2`) or an ordinal word (`layernorm_before`)."""
+    """The rank a component's name states: a trailing number (`norm1`, `ln_2`) or an ordinal word
+    (`layernorm_before`)."""
     match = re.search(r"(\d+)$", component)
     if match and not component.isdigit():
         return int(match.group(1))
@@ -144,12 +170,19 @@ def key_name(key: str) -> KeyName:
     path: set[str] = set()
     for part in modules:
         path.update(_concepts(part))
-    return KeyName(key, frozenset(path), _concepts(leaf_component) if leaf_component else (), _concepts(param),
-                   numbers_of(key), ordinal_of(leaf_component) if leaf_component else None)
+    return KeyName(
+        key,
+        frozenset(path),
+        _concepts(leaf_component) if leaf_component else (),
+        _concepts(param),
+        numbers_of(key),
+        ordinal_of(leaf_component) if leaf_component else None,
+    )
 
 
-def token_similarity(a: frozenset[str] | tuple[str, ...], b: frozenset[str] | tuple[str, ...],
-                     weights: Mapping[str, float] | None = None) -> float:
+def token_similarity(
+    a: frozenset[str] | tuple[str, ...], b: frozenset[str] | tuple[str, ...], weights: Mapping[str, float] | None = None
+) -> float:
     """Jaccard similarity of two token collections (1.0 for two empty ones), each token weighted by `weights`
     (rare tokens such as `downsample` count more than ones every key has, such as `block`)."""
     sa, sb = set(a), set(b)
@@ -173,8 +206,7 @@ def rarity(source: Iterable[str], target: Iterable[str]) -> dict[str, float]:
             total += 1
         sides.append((counts, total))
     tokens = set(sides[0][0]) | set(sides[1][0])
-    return {t: min(math.log((total + 1) / (counts.get(t, 0) + 0.5)) for counts, total in sides) + 0.02
-            for t in tokens}
+    return {t: min(math.log((total + 1) / (counts.get(t, 0) + 0.5)) for counts, total in sides) + 0.02 for t in tokens}
 
 
 def similarity(a: str, b: str, weights: Mapping[str, float] | None = None) -> float:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["Warp", "increasing", "number_similarity", "position_similarity"]
 

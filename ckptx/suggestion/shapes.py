@@ -1,10 +1,11 @@
-"""Shape evidence: whether a source tensor fits a target tensor as is, or through one op (reshape, permute, split, merge)."""
+"""Shape evidence: whether a source tensor fits a target tensor as is, or through one op (reshape, permute, split,
+merge)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ckptx.dtypes import TensorMeta
 
@@ -23,7 +24,8 @@ def dtype_kind(dtype: str) -> str:
 
 
 def loose_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    """The sizes other than 1, sorted: equal for shapes that a reshape of 1-dims or a permute can turn into each other."""
+    """The sizes other than 1, sorted: equal for shapes that a reshape of 1-dims or a permute can turn into each
+    other."""
     return tuple(sorted(d for d in shape if d != 1))
 
 
@@ -98,8 +100,8 @@ def join_fit(whole: TensorMeta, pieces: Sequence[TensorMeta]) -> JoinFit | None:
         if any(len(s) != len(whole.shape) for s in shapes):
             continue
         for dim in range(len(whole.shape)):
-            rest = [s[:dim] + s[dim + 1:] for s in shapes]
-            if any(r != whole.shape[:dim] + whole.shape[dim + 1:] for r in rest):
+            rest = [s[:dim] + s[dim + 1 :] for s in shapes]
+            if any(r != whole.shape[:dim] + whole.shape[dim + 1 :] for r in rest):
                 continue
             if sum(s[dim] for s in shapes) == whole.shape[dim]:
                 return JoinFit(dim, tuple(s[dim] for s in shapes), transpose)

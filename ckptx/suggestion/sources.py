@@ -7,20 +7,29 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
-from ckptx.errors import SourceError
 from ckptx.dtypes import TensorMeta, dtype_name
-from ckptx.io.read.state_dict import is_tensor
-from ckptx.io.read.torch_reader import load_object_tree
+from ckptx.errors import SourceError
 from ckptx.io.manifest import read_manifest
 from ckptx.io.read.open import sniff_format
+from ckptx.io.read.state_dict import is_tensor
+from ckptx.io.read.torch_reader import load_object_tree
 from ckptx.suggestion.shapes import loose_shape
 
-__all__ = ["Candidate", "Prefixes", "choose_candidate", "find_candidates", "infer_prefixes", "manifest_source",
-           "natural_order", "read_manifest_fast"]
+__all__ = [
+    "Candidate",
+    "Prefixes",
+    "choose_candidate",
+    "find_candidates",
+    "infer_prefixes",
+    "manifest_source",
+    "natural_order",
+    "read_manifest_fast",
+]
 
 # Preferred when candidates fit equally well (the usual names first, EMA copies last).
 _PREFERRED = ("state_dict", "model", "module", ".", "net", "network", "weights", "params")
@@ -47,8 +56,9 @@ def read_manifest_fast(path: Path) -> dict[str, TensorMeta]:
     return read_manifest(path)
 
 
-def find_candidates(path: str, *, allow_globals: Sequence[str] = (), unsafe_pickle: bool = False
-                    ) -> tuple[str, list[Candidate], Any]:
+def find_candidates(
+    path: str, *, allow_globals: Sequence[str] = (), unsafe_pickle: bool = False
+) -> tuple[str, list[Candidate], Any]:
     """(format, candidates, the opened source when there is only one place to look, else None): every
     string-keyed mapping holding tensors, found from metadata only."""
     p = Path(path)
@@ -61,7 +71,7 @@ def find_candidates(path: str, *, allow_globals: Sequence[str] = (), unsafe_pick
         return "manifest", [Candidate(".", tensors)], manifest_source(path, tensors)
     fmt = sniff_format(p)
     if fmt in ("safetensors", "sharded-index"):
-        from ckptx.io.read.open import open_source  # noqa: PLC0415
+        from ckptx.io.read.open import open_source
 
         source = open_source(p)
         return fmt, [Candidate(".", source.tensors)], source
@@ -75,7 +85,7 @@ def find_candidates(path: str, *, allow_globals: Sequence[str] = (), unsafe_pick
 
 def manifest_source(path: str, tensors: Mapping[str, TensorMeta]) -> Any:
     """A manifest as a source: metadata only, enough to plan (converting needs the real checkpoint)."""
-    from ckptx.io.read.state_dict import MappingSource  # noqa: PLC0415
+    from ckptx.io.read.state_dict import MappingSource
 
     return MappingSource(path, "manifest", {k: _Described(m) for k, m in tensors.items()})
 
@@ -105,8 +115,9 @@ def _meta(value: Any) -> TensorMeta:
     return TensorMeta(tuple(int(d) for d in value.shape), dtype or "float32")
 
 
-def choose_candidate(candidates: Sequence[Candidate], target: Mapping[str, TensorMeta]
-                     ) -> tuple[Candidate, list[tuple[Candidate, float]], float]:
+def choose_candidate(
+    candidates: Sequence[Candidate], target: Mapping[str, TensorMeta]
+) -> tuple[Candidate, list[tuple[Candidate, float]], float]:
     """The candidate whose tensors best fit the target's (shapes, then count), its close rivals, and its fit."""
     want = Counter(loose_shape(m.shape) for m in target.values())
 
@@ -162,7 +173,7 @@ def infer_prefixes(source: Sequence[str], target: Sequence[str]) -> Prefixes:
     ps, pt = _common(source), _common(target)
     k = 0
     for n in range(min(len(ps), len(pt)), 0, -1):
-        if ps[len(ps) - n:] == pt[:n]:
+        if ps[len(ps) - n :] == pt[:n]:
             k = n
             break
     strip = ps[: len(ps) - k]

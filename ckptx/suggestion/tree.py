@@ -9,8 +9,8 @@ and the rest of each level as a small sequence: alignment is never quadratic acr
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 from ckptx.dtypes import TensorMeta
 
@@ -32,10 +32,10 @@ class Leaf:
 class Run:
     """Consecutive instances of one indexed container with identical contents."""
 
-    template: str               # e.g. 'stages.0.#': the instance prefix with its index abstracted
-    prefixes: tuple[str, ...]   # the instances' prefixes, e.g. ('stages.0.0', 'stages.0.1')
-    body: "Level"               # the contents of one instance (keys relative to its prefix)
-    order: int                  # position of the run's first tensor in the level
+    template: str  # e.g. 'stages.0.#': the instance prefix with its index abstracted
+    prefixes: tuple[str, ...]  # the instances' prefixes, e.g. ('stages.0.0', 'stages.0.1')
+    body: Level  # the contents of one instance (keys relative to its prefix)
+    order: int  # position of the run's first tensor in the level
 
     @property
     def size(self) -> int:
@@ -65,8 +65,10 @@ class Level:
             prefix = run.prefixes[i] + "."
             base = run.order + i * run.size
             leaves.extend(Leaf(prefix + leaf.key, leaf.meta, base + leaf.order) for leaf in run.body.leaves)
-            runs.extend(Run(prefix + inner.template, tuple(prefix + p for p in inner.prefixes), inner.body,
-                            base + inner.order) for inner in run.body.runs)
+            runs.extend(
+                Run(prefix + inner.template, tuple(prefix + p for p in inner.prefixes), inner.body, base + inner.order)
+                for inner in run.body.runs
+            )
         return leaves, runs
 
 
@@ -179,9 +181,15 @@ def _fill(leaves: list[Leaf], runs: list[Run], items: list[tuple[str, TensorMeta
                 break
             j += 1
         if j - i >= 2:
-            inner = build_level([(k[len(prefix) + 1:], meta) for k, meta in (items[m] for m in members)])
-            runs.append(Run(template, tuple(groups[g][0][1] for g in range(i, j)), inner,  # type: ignore[index]
-                            offset + members[0]))
+            inner = build_level([(k[len(prefix) + 1 :], meta) for k, meta in (items[m] for m in members)])
+            runs.append(
+                Run(
+                    template,
+                    tuple(groups[g][0][1] for g in range(i, j)),
+                    inner,  # type: ignore[index]
+                    offset + members[0],
+                )
+            )
             i = j
             continue
         sub = [items[m] for m in members]
@@ -201,5 +209,9 @@ def _body(items: list[tuple[str, TensorMeta]], members: list[int], prefix: str) 
 
 
 def _signature(leaves: Sequence[Leaf], runs: Sequence[Run]) -> int:
-    return hash((tuple((leaf.key, leaf.meta.shape, leaf.meta.dtype) for leaf in leaves),
-                 tuple((run.template, len(run.prefixes), run.body.signature) for run in runs)))
+    return hash(
+        (
+            tuple((leaf.key, leaf.meta.shape, leaf.meta.dtype) for leaf in leaves),
+            tuple((run.template, len(run.prefixes), run.body.signature) for run in runs),
+        )
+    )

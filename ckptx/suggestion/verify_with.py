@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ckptx.conversion.pipeline import convert
 from ckptx.errors import TargetError, VerificationFailed
 from ckptx.rules.recipe import Origin, Recipe
-from ckptx.trust.callables import allow_factories
 from ckptx.targets.build import build_model
+from ckptx.trust.callables import allow_factories
 from ckptx.trust.usercode import import_callable
 
 __all__ = ["convert_verified", "guess_input", "prefixed_model", "verify_section"]
 
 
-def convert_verified(src: str, dst: str, recipe: Recipe, *, allow_globals: tuple[str, ...] = (),
-                     unsafe_pickle: bool = False, allowed: Sequence[str] = ()) -> tuple[Any, VerificationFailed | None]:
+def convert_verified(
+    src: str,
+    dst: str,
+    recipe: Recipe,
+    *,
+    allow_globals: tuple[str, ...] = (),
+    unsafe_pickle: bool = False,
+    allowed: Sequence[str] = (),
+) -> tuple[Any, VerificationFailed | None]:
     """`ckptx.convert(..., verify=True)`: (the verification result, None) or (its failed result, the error).
     `allowed`: the callables the user typed, which the recipe (a file) names."""
     try:
         with allow_factories(list(allowed)):
-            result = convert(src, dst, recipe, verify=True, force=True, allow_globals=allow_globals,
-                             unsafe_pickle=unsafe_pickle)
+            result = convert(
+                src, dst, recipe, verify=True, force=True, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle
+            )
     except VerificationFailed as exc:
         return exc.result, exc
     except TargetError as exc:  # a model that does not take the weights: its message can list every key
@@ -34,7 +43,7 @@ def convert_verified(src: str, dst: str, recipe: Recipe, *, allow_globals: tuple
 def guess_input(model: Any) -> tuple[tuple[int, ...], str]:
     """(input shape, dtype) a model plausibly takes: token ids for a model that starts with an embedding,
     an image batch (its configured size, else 64x64) for one that starts with a convolution."""
-    import torch  # noqa: PLC0415
+    import torch
 
     size = _image_size(model)
     for module in model.modules():
@@ -50,8 +59,11 @@ def guess_input(model: Any) -> tuple[tuple[int, ...], str]:
 
 
 def _image_size(model: Any) -> int:
-    candidates = [getattr(getattr(model, "config", None), "image_size", None), getattr(model, "image_size", None),
-                  getattr(getattr(model, "patch_embed", None), "img_size", None)]
+    candidates = [
+        getattr(getattr(model, "config", None), "image_size", None),
+        getattr(model, "image_size", None),
+        getattr(getattr(model, "patch_embed", None), "img_size", None),
+    ]
     for cfg_name in ("pretrained_cfg", "default_cfg"):
         cfg = getattr(model, cfg_name, None)
         if isinstance(cfg, Mapping) and "input_size" in cfg:
@@ -78,7 +90,7 @@ def prefixed_model(factory: str, prefix: str, kwargs: Mapping[str, Any] | None =
 @lru_cache(maxsize=1)
 def _holder_class() -> type:
     """The wrapper module class (made on first use: importing this module does not import torch)."""
-    import torch  # noqa: PLC0415
+    import torch
 
     class Holder(torch.nn.Module):
         """One wrapper level (`module` of DataParallel, `_orig_mod` of torch.compile, a Lightning attribute)."""
@@ -94,23 +106,40 @@ def _holder_class() -> type:
     return Holder
 
 
-def verify_section(source_model: str, source_kwargs: Mapping[str, Any], input_shape: Sequence[int] | None,
-                   input_dtype: str | None, prefix: str = "") -> dict[str, Any]:
+def verify_section(
+    source_model: str,
+    source_kwargs: Mapping[str, Any],
+    input_shape: Sequence[int] | None,
+    input_dtype: str | None,
+    prefix: str = "",
+) -> dict[str, Any]:
     """The recipe's `verify:` mapping; the input is guessed from the model when not given. With a wrapper
     `prefix` on the checkpoint's keys, the source model is held under it (`prefixed_model`)."""
     if input_shape is None:
         import_callable(source_model, "--verify-with")  # a factory that cannot be imported is reported as such
         try:
-            model = build_model(source_model, source_kwargs, "--verify-with", device="meta", origin=Origin.user("--verify-with"))
+            model = build_model(
+                source_model, source_kwargs, "--verify-with", device="meta", origin=Origin.user("--verify-with")
+            )
         except TargetError:
-            model = build_model(source_model, source_kwargs, "--verify-with", device="cpu",  # not meta-safe
-                                origin=Origin.user("--verify-with"))
+            model = build_model(
+                source_model,
+                source_kwargs,
+                "--verify-with",
+                device="cpu",  # not meta-safe
+                origin=Origin.user("--verify-with"),
+            )
         shape, dtype = guess_input(model)
         input_shape, input_dtype = shape, input_dtype or dtype
     if prefix:
-        section: dict[str, Any] = {"source_model": "ckptx.suggestion.verify_with:prefixed_model",
-                                   "source_kwargs": {"factory": source_model, "prefix": prefix,
-                                                     **({"kwargs": dict(source_kwargs)} if source_kwargs else {})}}
+        section: dict[str, Any] = {
+            "source_model": "ckptx.suggestion.verify_with:prefixed_model",
+            "source_kwargs": {
+                "factory": source_model,
+                "prefix": prefix,
+                **({"kwargs": dict(source_kwargs)} if source_kwargs else {}),
+            },
+        }
     else:
         section = {"source_model": source_model}
         if source_kwargs:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import CkptxError, FactoryFailed, TargetError
@@ -14,14 +15,15 @@ torch = lazy_module("torch")
 __all__ = ["build_model"]
 
 
-def build_model(spec: str, kwargs: Mapping[str, Any], where: str, *, device: str = "meta",
-                origin: Origin = Origin()) -> torch.nn.Module:
+def build_model(
+    spec: str, kwargs: Mapping[str, Any], where: str, *, device: str = "meta", origin: Origin | None = None
+) -> torch.nn.Module:
     """Call a `module:callable` model factory under `torch.device(device)`; FactoryFailed when it raises.
 
     `origin` says who named it: a name from a file (the default) is called only if the trust rule allows
     it (UntrustedCallable otherwise, nothing called); pass `Origin.user(...)` for a name the user typed.
     """
-    factory = trusted_factory(spec, kwargs, origin, where)
+    factory = trusted_factory(spec, kwargs, origin or Origin(), where)
     try:
         with torch.device(device):
             model = factory(**kwargs)

@@ -9,7 +9,8 @@ floats) while everything else stays on meta.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -22,8 +23,9 @@ _ON_CPU = (torch.linspace,)
 class _SchedulesOnCPU(TorchFunctionMode):
     """A torch function mode that builds `torch.linspace` results on the CPU, whatever the device context."""
 
-    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = dict(kwargs or {})
         if func in _ON_CPU:
             kwargs["device"] = "cpu"

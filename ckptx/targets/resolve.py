@@ -1,11 +1,13 @@
-"""Targets: what converted weights must fit (a model factory built on the meta device, a reference checkpoint, a manifest)."""
+"""Targets: what converted weights must fit (a model factory built on the meta device, a reference checkpoint, a
+manifest)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta, dtype_name

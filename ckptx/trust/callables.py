@@ -23,7 +23,8 @@ import contextlib
 import contextvars
 import inspect
 import sys
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from ckptx.errors import TargetError, UntrustedCallable
 from ckptx.rules.recipe import Origin
@@ -37,9 +38,9 @@ KNOWN_LIBRARIES = frozenset({"torch", "torchvision", "timm", "transformers", "mm
 
 _CKPTX_FACTORY_MODULES = ("ckptx.factories", "ckptx.reference.convnextv2")
 
-_approved: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("ckptx_approved_factories",
-                                                                           default=frozenset())
-
+_approved: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "ckptx_approved_factories", default=frozenset()
+)
 
 
 @contextlib.contextmanager
@@ -100,8 +101,11 @@ def _factory_check(name: str, kwargs: Mapping[str, Any], where: str) -> tuple[Ve
     obj = import_callable(name, where)
     home = (getattr(obj, "__module__", None) or "").split(".")[0]
     if home in sys.stdlib_module_names or not home and inspect.isbuiltin(obj):
-        return Verdict(name, False, f"it is {describe_object(obj)} of the standard library ({home or 'builtin'}), which has "
-                                    f"no model factories"), obj
+        return Verdict(
+            name,
+            False,
+            f"it is {describe_object(obj)} of the standard library ({home or 'builtin'}), which has no model factories",
+        ), obj
     declared = next((d for d in declarations() if d.allows(module, attr, obj)), None)
     kind = f"declared by the rule pack {declared.distribution}" if declared else _factory_kind(obj)
     if kind is None:
@@ -185,10 +189,14 @@ def _remote_code(value: Any) -> bool:
 def _not_a_factory(obj: Any) -> str:
     what = describe_object(obj)
     if isinstance(obj, type) and builds_by_type(obj):
-        return (f"{what}: it builds its parts from `type:` names in its arguments, which may name any callable "
-                f"(use ckptx.factories:mmpretrain_model, which reads only mmpretrain's shipped configs)")
-    return (f"{what}, not a torch.nn.Module subclass, a model factory of timm, torchvision, transformers or ckptx, "
-            f"or a factory declared by an installed rule pack")
+        return (
+            f"{what}: it builds its parts from `type:` names in its arguments, which may name any callable "
+            f"(use ckptx.factories:mmpretrain_model, which reads only mmpretrain's shipped configs)"
+        )
+    return (
+        f"{what}, not a torch.nn.Module subclass, a model factory of timm, torchvision, transformers or ckptx, "
+        f"or a factory declared by an installed rule pack"
+    )
 
 
 def _may_allow(obj: Any) -> bool:

@@ -13,30 +13,65 @@ import site
 import sys
 import sysconfig
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-__all__ = ["FACTORY_GROUP", "IMPORT_SIDE_EFFECTS", "SYSTEM_MODULES", "Declaration", "Verdict", "declarations",
-           "builds_by_type", "describe_object", "findable", "import_refusal"]
+__all__ = [
+    "FACTORY_GROUP",
+    "IMPORT_SIDE_EFFECTS",
+    "SYSTEM_MODULES",
+    "Declaration",
+    "Verdict",
+    "declarations",
+    "builds_by_type",
+    "describe_object",
+    "findable",
+    "import_refusal",
+]
 
 FACTORY_GROUP = "ckptx.factories"
 """Entry point group where an installed distribution declares the factories its recipes may name."""
 
-IMPORT_SIDE_EFFECTS = frozenset({"antigravity", "this", "__hello__", "__phello__", "idlelib", "turtledemo",
-                                  "turtle", "tkinter"})
+IMPORT_SIDE_EFFECTS = frozenset(
+    {"antigravity", "this", "__hello__", "__phello__", "idlelib", "turtledemo", "turtle", "tkinter"}
+)
 SYSTEM_MODULES: Mapping[str, str] = {
-    "os": "runs commands and changes files", "posix": "runs commands and changes files",
-    "nt": "runs commands and changes files", "subprocess": "runs commands", "_posixsubprocess": "runs commands",
-    "pty": "runs commands", "sys": "controls the interpreter", "shutil": "changes files", "tempfile": "makes files",
-    "socket": "opens network connections", "ssl": "opens network connections", "http": "opens network connections",
-    "urllib": "opens network connections", "importlib": "imports code", "pkgutil": "imports code",
-    "runpy": "runs code", "code": "runs code", "codeop": "compiles code", "pdb": "runs code",
-    "builtins": "holds eval, exec and open", "pickle": "loads pickles with full trust",
-    "_pickle": "loads pickles with full trust", "marshal": "loads code objects", "ctypes": "calls native code",
-    "_ctypes": "calls native code", "multiprocessing": "starts processes", "threading": "starts threads",
-    "_thread": "starts threads", "signal": "handles signals", "io": "opens files", "_io": "opens files",
-    "webbrowser": "opens a browser", "shelve": "loads pickles with full trust", "copyreg": "reconstructs any object",
+    "os": "runs commands and changes files",
+    "posix": "runs commands and changes files",
+    "nt": "runs commands and changes files",
+    "subprocess": "runs commands",
+    "_posixsubprocess": "runs commands",
+    "pty": "runs commands",
+    "sys": "controls the interpreter",
+    "shutil": "changes files",
+    "tempfile": "makes files",
+    "socket": "opens network connections",
+    "ssl": "opens network connections",
+    "http": "opens network connections",
+    "urllib": "opens network connections",
+    "importlib": "imports code",
+    "pkgutil": "imports code",
+    "runpy": "runs code",
+    "code": "runs code",
+    "codeop": "compiles code",
+    "pdb": "runs code",
+    "builtins": "holds eval, exec and open",
+    "pickle": "loads pickles with full trust",
+    "_pickle": "loads pickles with full trust",
+    "marshal": "loads code objects",
+    "ctypes": "calls native code",
+    "_ctypes": "calls native code",
+    "multiprocessing": "starts processes",
+    "threading": "starts threads",
+    "_thread": "starts threads",
+    "signal": "handles signals",
+    "io": "opens files",
+    "_io": "opens files",
+    "webbrowser": "opens a browser",
+    "shelve": "loads pickles with full trust",
+    "copyreg": "reconstructs any object",
 }
 
 
@@ -88,8 +123,10 @@ def import_refusal(module: str) -> str | None:
         return f"importing '{top}' does things (it is a program, not a library)"
     if top in sys.modules or _installed(top) or any(d.covers(module) for d in declarations()):
         return None
-    return (f"'{top}' is not an installed package, and ckptx imports only installed packages to look at a name "
-            f"a file gives (importing runs the module, which may have come with the file)")
+    return (
+        f"'{top}' is not an installed package, and ckptx imports only installed packages to look at a name "
+        f"a file gives (importing runs the module, which may have come with the file)"
+    )
 
 
 def findable(top: str) -> bool:
@@ -120,8 +157,11 @@ def _installed(top: str) -> bool:
 def _library_dirs() -> tuple[Path, ...]:
     """The standard library's folders and the site-packages folders."""
     paths = sysconfig.get_paths()
-    found = {*site.getsitepackages(), site.getusersitepackages(),
-             *(paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths)}
+    found = {
+        *site.getsitepackages(),
+        site.getusersitepackages(),
+        *(paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths),
+    }
     return tuple(Path(p).resolve() for p in found if p)
 
 
@@ -132,7 +172,7 @@ def declarations() -> tuple[Declaration, ...]:
 
 @functools.lru_cache(maxsize=4)
 def _declarations(path: tuple[str, ...]) -> tuple[Declaration, ...]:
-    from importlib import metadata  # noqa: PLC0415 - 40-80 ms, only when a file names a callable
+    from importlib import metadata
 
     found = []
     for entry in metadata.entry_points(group=FACTORY_GROUP):

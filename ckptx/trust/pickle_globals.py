@@ -11,7 +11,8 @@ import importlib
 import inspect
 import sys
 import types
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ckptx.errors import NeededGlobal, RefusedGlobal, SourceError
 from ckptx.trust.imports import SYSTEM_MODULES, Verdict, describe_object, findable, import_refusal
@@ -30,21 +31,30 @@ def global_verdict(obj: Any, name: str) -> Verdict:
     for place in (module, getattr(obj, "__module__", None) or ""):
         top = place.split(".")[0]
         if top == "builtins" and not _data_builtin(obj):
-            return Verdict(name, False, f"it is {describe_object(obj)}, and of builtins only the data types may be allowed "
-                                        f"(frozenset, set, bytearray, complex, slice, range...)")
+            return Verdict(
+                name,
+                False,
+                f"it is {describe_object(obj)}, and of builtins only the data types may be allowed "
+                f"(frozenset, set, bytearray, complex, slice, range...)",
+            )
         if top in SYSTEM_MODULES and not _data_builtin(obj):
             return Verdict(name, False, f"it is {describe_object(obj)} of {top}, which {SYSTEM_MODULES[top]}")
     if not isinstance(obj, type):
         if _numpy_reconstructor(obj):
             return Verdict(name, True, "numpy's array and scalar reconstructor")
-        return Verdict(name, False, f"it is {describe_object(obj)}, not a class: the loader would call it with the file's "
-                                    f"arguments")
+        return Verdict(
+            name,
+            False,
+            f"it is {describe_object(obj)}, not a class: the loader would call it with the file's arguments",
+        )
     kind = _data_kind(obj)
     if kind is None:
         return Verdict(name, False, f"{_class_what(obj)}, not a plain data type ({_DATA_TYPES})")
     hook = _own_unpickle_hook(obj)
     if hook is not None:
-        return Verdict(name, False, f"{obj.__qualname__} defines {hook} in Python: its own code runs on the file's data")
+        return Verdict(
+            name, False, f"{obj.__qualname__} defines {hook} in Python: its own code runs on the file's data"
+        )
     return Verdict(name, True, kind)
 
 
@@ -82,17 +92,29 @@ def _data_kind(cls: type) -> str | None:
 
 
 def _stdlib_data(cls: type) -> str | None:
-    import argparse  # noqa: PLC0415
-    import collections  # noqa: PLC0415
-    import datetime  # noqa: PLC0415
-    import decimal  # noqa: PLC0415
-    import fractions  # noqa: PLC0415
-    import pathlib  # noqa: PLC0415
-    import uuid  # noqa: PLC0415
+    import argparse
+    import collections
+    import datetime
+    import decimal
+    import fractions
+    import pathlib
+    import uuid
 
-    exact = (collections.OrderedDict, collections.defaultdict, collections.deque, collections.Counter,
-             datetime.date, datetime.datetime, datetime.time, datetime.timedelta, datetime.timezone,
-             decimal.Decimal, fractions.Fraction, uuid.UUID, types.SimpleNamespace)
+    exact = (
+        collections.OrderedDict,
+        collections.defaultdict,
+        collections.deque,
+        collections.Counter,
+        datetime.date,
+        datetime.datetime,
+        datetime.time,
+        datetime.timedelta,
+        datetime.timezone,
+        decimal.Decimal,
+        fractions.Fraction,
+        uuid.UUID,
+        types.SimpleNamespace,
+    )
     if any(cls is t for t in exact):
         return "a standard library data type"
     if issubclass(cls, argparse.Namespace):
@@ -152,8 +174,10 @@ def resolve_allow_global(name: str, *, flag: str = "--allow-global", from_file: 
         raise RefusedGlobal(flag, name, f"{top} {SYSTEM_MODULES[top]}")
     refusal = import_refusal(module) if from_file else None
     if refusal is not None:
-        raise SourceError(f"{flag} {name}: {refusal}; install its package, or convert with --allow-global {name} "
-                          f"(named by you, it is imported) if you trust it")
+        raise SourceError(
+            f"{flag} {name}: {refusal}; install its package, or convert with --allow-global {name} "
+            f"(named by you, it is imported) if you trust it"
+        )
     obj = _import_global(name, flag)
     verdict = global_verdict(obj, name)
     if not verdict.allowed:

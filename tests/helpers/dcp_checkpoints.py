@@ -66,8 +66,10 @@ def big_state(mib: int) -> dict[str, Any]:
     """`mib` MiB of float32 matrices (4 MiB each, Shard(0)) under `model`."""
     g = torch.Generator().manual_seed(99)
     count = max(1, mib // 4)
-    return {"model": {f"blocks.{i}.weight": (torch.randn(1024, 1024, generator=g), "shard0") for i in range(count)},
-            "step": 11}
+    return {
+        "model": {f"blocks.{i}.weight": (torch.randn(1024, 1024, generator=g), "shard0") for i in range(count)},
+        "step": 11,
+    }
 
 
 class Payload:
@@ -83,13 +85,16 @@ class Payload:
 def extras_state(marker: str) -> dict[str, Any]:
     """A small sharded model, an argparse.Namespace and a payload, each a value of its own."""
     g = torch.Generator().manual_seed(5)
-    return {"model": {"w": (torch.randn(6, 4, generator=g), "shard0")},
-            "args": argparse.Namespace(lr=0.1, name="tiny"), "evil": Payload(marker)}
+    return {
+        "model": {"w": (torch.randn(6, 4, generator=g), "shard0")},
+        "args": argparse.Namespace(lr=0.1, name="tiny"),
+        "evil": Payload(marker),
+    }
 
 
 def _distribute(value: Any, mesh: Any) -> Any:
     """Replace each `(tensor, placement)` leaf by the DTensor (or plain tensor) a rank saves."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor  # noqa: PLC0415
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     if isinstance(value, dict):
         return {k: _distribute(v, mesh) for k, v in value.items()}
@@ -114,11 +119,11 @@ def plain(value: Any) -> Any:
 
 
 def _worker(rank: int, out: str, port: int, big_mib: int, marker: str) -> None:
-    import torch.distributed as dist  # noqa: PLC0415
-    import torch.distributed.checkpoint as dcp  # noqa: PLC0415
-    from torch.distributed.checkpoint import FileSystemWriter  # noqa: PLC0415
-    from torch.distributed.checkpoint.filesystem import SerializationFormat  # noqa: PLC0415
-    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+    from torch.distributed.device_mesh import init_device_mesh
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -126,13 +131,17 @@ def _worker(rank: int, out: str, port: int, big_mib: int, marker: str) -> None:
         mesh = init_device_mesh("cpu", (WORLD,))
         state = _distribute(full_state(), mesh)
         root = Path(out)
-        for writer in (FileSystemWriter(root / "default"),
-                       FileSystemWriter(root / "per_item", single_file_per_rank=False),
-                       FileSystemWriter(root / "threads", thread_count=2)):
+        for writer in (
+            FileSystemWriter(root / "default"),
+            FileSystemWriter(root / "per_item", single_file_per_rank=False),
+            FileSystemWriter(root / "threads", thread_count=2),
+        ):
             dcp.save(state, storage_writer=writer)
         contiguous = _distribute(full_state(transposed=False), mesh)
-        dcp.save(contiguous, storage_writer=FileSystemWriter(
-            root / "safetensors", serialization_format=SerializationFormat.SAFETENSORS))
+        dcp.save(
+            contiguous,
+            storage_writer=FileSystemWriter(root / "safetensors", serialization_format=SerializationFormat.SAFETENSORS),
+        )
         if marker:
             dcp.save(_distribute(extras_state(marker), mesh), storage_writer=FileSystemWriter(root / "extras"))
         if big_mib:
@@ -151,7 +160,7 @@ def free_port() -> int:
 
 def write_all(out: Path, big_mib: int = 0, marker: str = "") -> None:
     """Write every layout under `out` with 2 spawned gloo processes (`extras/` only with a `marker`)."""
-    import torch.multiprocessing as mp  # noqa: PLC0415
+    import torch.multiprocessing as mp
 
     torch.set_num_threads(1)
     mp.spawn(_worker, args=(str(out), free_port(), big_mib, marker), nprocs=WORLD, join=True)

@@ -17,13 +17,13 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 HERE = Path(__file__).resolve()
 
 
-def build_model(width: int, layers: int):  # noqa: ANN201 - torch is imported only in the rank processes
+def build_model(width: int, layers: int):
     """The test model: embedding tied to the head, a frozen layer, BatchNorm, `layers` odd-sized blocks."""
     import torch
     from torch import nn
@@ -37,7 +37,8 @@ def build_model(width: int, layers: int):  # noqa: ANN201 - torch is imported on
             self.frozen.requires_grad_(False)
             self.bn = nn.BatchNorm1d(width)
             self.blocks = nn.ModuleList(
-                nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width)) for _ in range(layers))
+                nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width)) for _ in range(layers)
+            )
             self.scale = nn.Parameter(torch.full((3,), 0.5))
             self.head = nn.Linear(width, vocab, bias=False)
             self.head.weight = self.embed.weight
@@ -67,18 +68,23 @@ def train_and_save(out: Path, stage: int, dtype: str, steps: int, width: int, la
         "train_micro_batch_size_per_gpu": 8,
         "gradient_accumulation_steps": 1,
         # ZeRO-3: small sub-groups, so a rank's partition is several flat groups and params cross their edges
-        "zero_optimization": {"stage": stage, "reduce_bucket_size": 4096} | (
-            {"stage3_param_persistence_threshold": 0, "sub_group_size": 256} if stage == 3
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": 4096}
+        | (
+            {"stage3_param_persistence_threshold": 0, "sub_group_size": 256}
+            if stage == 3
             # bf16 ZeRO-2: every parameter starts 16-byte aligned, so param_alignment_paddings are not all 0
-            else {"allgather_bucket_size": 4096, "parameter_alignment": dtype == "bf16"}),
+            else {"allgather_bucket_size": 4096, "parameter_alignment": dtype == "bf16"}
+        ),
         "bf16": {"enabled": dtype == "bf16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
     # two param groups (matrices decay, vectors do not): ZeRO-2 then keeps one flat partition per group
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": 0.01},
-              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": 0.01},
+        {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
+    ]
     optimizer = torch.optim.AdamW(groups, lr=1e-2)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     generator = torch.Generator().manual_seed(1 + engine.global_rank)
@@ -100,21 +106,58 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(out: Path, *, stages: Sequence[int] = (2, 3), dtypes: Sequence[str] = ("fp32",), steps: int = 2, width: int = 13,
-           layers: int = 2, world_size: int = 2, python: str = sys.executable, timeout: float = 300) -> None:
+def launch(
+    out: Path,
+    *,
+    stages: Sequence[int] = (2, 3),
+    dtypes: Sequence[str] = ("fp32",),
+    steps: int = 2,
+    width: int = 13,
+    layers: int = 2,
+    world_size: int = 2,
+    python: str = sys.executable,
+    timeout: float = 300,
+) -> None:
     """Run this script as `world_size` real DeepSpeed ranks on the CPU (gloo); raises if any rank fails."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1",
-           "CUDA_VISIBLE_DEVICES": ""}
-    args = [python, str(HERE), "--out", str(out), "--dtype", *dtypes, "--steps", str(steps), "--width", str(width),
-            "--layers", str(layers), "--stage", *map(str, stages)]
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    args = [
+        python,
+        str(HERE),
+        "--out",
+        str(out),
+        "--dtype",
+        *dtypes,
+        "--steps",
+        str(steps),
+        "--width",
+        str(width),
+        "--layers",
+        str(layers),
+        "--stage",
+        *map(str, stages),
+    ]
     logs = [out / f"rank{rank}.log" for rank in range(world_size)]
     out.mkdir(parents=True, exist_ok=True)
     procs = []
     for rank, log in enumerate(logs):
         with open(log, "wb") as handle:
-            procs.append(subprocess.Popen(args, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                                          stdout=handle, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    args,
+                    env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                )
+            )
     try:
         codes = [p.wait(timeout=timeout) for p in procs]
     finally:

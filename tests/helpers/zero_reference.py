@@ -15,8 +15,9 @@ from pathlib import Path
 
 def run_copied_script(checkpoint: Path, out: Path) -> Path:
     """Run the `zero_to_fp32.py` saved in `checkpoint` on it; returns the written `pytorch_model.bin`."""
-    spec = importlib.util.spec_from_file_location(f"zero_to_fp32_{checkpoint.name.replace('-', '_')}",
-                                                  checkpoint / "zero_to_fp32.py")
+    spec = importlib.util.spec_from_file_location(
+        f"zero_to_fp32_{checkpoint.name.replace('-', '_')}", checkpoint / "zero_to_fp32.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

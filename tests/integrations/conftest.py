@@ -3,6 +3,7 @@
 The autouse `_no_network` fixture of tests/real applies here too (imported below), and the HF stack is
 put offline before anything imports it.
 """
+
 from __future__ import annotations
 
 import os

@@ -38,7 +38,11 @@ def sparse_safetensors(path: Path, state: dict[str, torch.Tensor]) -> Path:
     header, offset = {}, 0
     for key, tensor in state.items():
         nbytes = tensor.numel() * tensor.element_size()
-        header[key] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        header[key] = {
+            "dtype": _DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
@@ -59,7 +63,9 @@ def test_shipped_recipe_chooses_the_size_of_the_checkpoint(run_cli, tmp_path: Pa
     factory, kwargs, libs = RECIPES[recipe]
     for lib in libs:
         require_library(lib)
-    result = run_cli("convert", _source(tmp_path, factory, {**kwargs, "size": size}), "-r", recipe, "--dry-run", "--json")
+    result = run_cli(
+        "convert", _source(tmp_path, factory, {**kwargs, "size": size}), "-r", recipe, "--dry-run", "--json"
+    )
     assert result.code == 0, result.out + result.err
     doc = result.json
     assert doc["inferred"] == {"size": size} and doc["validation"]["ok"]
@@ -73,11 +79,13 @@ def test_a_checkpoint_of_no_declared_size_lists_every_size_tried(run_cli, tmp_pa
     result = run_cli("convert", src, "-r", "convnextv2/official-to-timm", "-o", tmp_path / "out.safetensors")
     assert result.code == 1 and not (tmp_path / "out.safetensors").exists()
     lines = result.out.splitlines()
-    assert lines[0] == ("choosing size for convnextv2/official-to-timm: no choice fits the source; tried 8, "
-                        "closest first:")
+    assert lines[0] == (
+        "choosing size for convnextv2/official-to-timm: no choice fits the source; tried 8, closest first:"
+    )
     assert lines[1].startswith("  size=atto: 120/140 target keys fit (0 with another shape, 20 missing), 0 unexpected")
     assert sorted(line.split(":")[0].strip() for line in lines[1:9]) == sorted(
-        f"size={s}" for s in ["atto", "femto", "pico", "nano", "tiny", "base", "large", "huge"])
+        f"size={s}" for s in ["atto", "femto", "pico", "nano", "tiny", "base", "large", "huge"]
+    )
     assert all("target keys fit" in line for line in lines[1:9])  # counted even where planning fails (femto...)
     assert "pass --set size=..." in lines[9]
 

@@ -45,8 +45,9 @@ def _convert(run_cli, *argv: object) -> dict:
     return result.json
 
 
-def test_convnextv2_folder_opens_with_from_pretrained_and_gives_the_official_logits(run_cli, official_atto,
-                                                                                     tmp_path: Path) -> None:
+def test_convnextv2_folder_opens_with_from_pretrained_and_gives_the_official_logits(
+    run_cli, official_atto, tmp_path: Path
+) -> None:
     official, src = official_atto
     folder = tmp_path / "convnextv2-atto"
     _convert(run_cli, src, "-r", "convnextv2/official-to-hf", "-o", f"{folder}/")
@@ -79,8 +80,9 @@ def test_vit_folder_from_timm_opens_with_from_pretrained_and_gives_timms_logits(
         assert (model(pixel_values=x).logits - source(x)).abs().max().item() < 1e-4
 
 
-def test_max_shard_size_writes_shards_and_an_index_that_from_pretrained_opens(run_cli, official_atto,
-                                                                              tmp_path: Path) -> None:
+def test_max_shard_size_writes_shards_and_an_index_that_from_pretrained_opens(
+    run_cli, official_atto, tmp_path: Path
+) -> None:
     official, src = official_atto
     folder = tmp_path / "sharded"
     doc = _convert(run_cli, src, "-r", "convnextv2/official-to-hf", "-o", f"{folder}/", "--max-shard-size", "5MB")
@@ -105,8 +107,10 @@ def test_folder_output_needs_a_transformers_target(run_cli, official_atto, tmp_p
 
 def test_a_failed_verification_leaves_no_file_of_the_set(run_cli, official_atto, tmp_path: Path, write_rules) -> None:
     _, src = official_atto
-    broken = write_rules("ckptx: 1\nname: broken\nextends: convnextv2/official-to-hf\n"
-                         "steps: [{permute: {match: 'dwconv\\.weight$', dims: [0, 1, 3, 2]}}]\n")
+    broken = write_rules(
+        "ckptx: 1\nname: broken\nextends: convnextv2/official-to-hf\n"
+        "steps: [{permute: {match: 'dwconv\\.weight$', dims: [0, 1, 3, 2]}}]\n"
+    )
     folder = tmp_path / "broken"
     result = run_cli("convert", src, "-r", broken, "-o", f"{folder}/", "--verify")
     assert result.code == 1 and result.out.startswith("verification: FAILED")

@@ -30,9 +30,12 @@ def _mmpretrain() -> None:
 def _config(tmp_path: Path, base: str, model: dict[str, Any]) -> Path:
     """A user's config: the shipped one as `_base_`, ckptx through `custom_imports`, `model` overrides."""
     path = tmp_path / "config.py"
-    path.write_text(f"_base_ = [{base!r}]\n"
-                    "custom_imports = dict(imports=['ckptx.integrations.mmengine'], allow_failed_imports=False)\n"
-                    f"model = {model!r}\n", encoding="utf-8")
+    path.write_text(
+        f"_base_ = [{base!r}]\n"
+        "custom_imports = dict(imports=['ckptx.integrations.mmengine'], allow_failed_imports=False)\n"
+        f"model = {model!r}\n",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -44,8 +47,14 @@ def _build(config: Path) -> torch.nn.Module:
 
 
 def _ckptx_backbone(checkpoint: Path, **extra: Any) -> dict[str, Any]:
-    init = dict(type="Ckptx", checkpoint=str(checkpoint), recipe=RECIPE, prefix="backbone.",
-                allow_globals=["argparse.Namespace"], **extra)
+    init = dict(
+        type="Ckptx",
+        checkpoint=str(checkpoint),
+        recipe=RECIPE,
+        prefix="backbone.",
+        allow_globals=["argparse.Namespace"],
+        **extra,
+    )
     return dict(backbone=dict(init_cfg=init))
 
 
@@ -58,7 +67,7 @@ def _official(tmp_path: Path, size: str, seed: int = 1) -> tuple[torch.nn.Module
 
 def _backbone_of(official: torch.nn.Module) -> dict[str, torch.Tensor]:
     converted = reference_convert({"model": official.state_dict()}, "mmpretrain")  # ckptx-independent oracle
-    return {k[len("backbone."):]: v for k, v in converted.items() if k.startswith("backbone.")}
+    return {k[len("backbone.") :]: v for k, v in converted.items() if k.startswith("backbone.")}
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +79,9 @@ def atto(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, tor
     register_all_modules(init_default_scope=True)
     tmp_path = tmp_path_factory.mktemp("atto")
     official, src = _official(tmp_path, "atto")
-    classifier = _build(_config(tmp_path, mmpretrain_config_path("atto"),
-                                _ckptx_backbone(src, params=dict(size="atto"))))
+    classifier = _build(
+        _config(tmp_path, mmpretrain_config_path("atto"), _ckptx_backbone(src, params=dict(size="atto")))
+    )
     classifier.init_weights()
     return official, classifier.eval()
 
@@ -112,8 +122,17 @@ def test_wrong_recipe_raises_at_init_weights_and_loads_nothing(tmp_path: Path, w
     """MMPretrain's own V1 converter's mistake: the renames without the GRN reshape."""
     _, src = _official(tmp_path, "atto")
     v1 = write_rules(V1_CONVERTER, name="v1.yaml")
-    model = dict(backbone=dict(init_cfg=dict(type="Ckptx", checkpoint=str(src), recipe=str(v1), prefix="backbone.",
-                                             allow_globals=["argparse.Namespace"])))
+    model = dict(
+        backbone=dict(
+            init_cfg=dict(
+                type="Ckptx",
+                checkpoint=str(src),
+                recipe=str(v1),
+                prefix="backbone.",
+                allow_globals=["argparse.Namespace"],
+            )
+        )
+    )
     classifier = _build(_config(tmp_path, mmpretrain_config_path("atto"), model))
     before = classifier.backbone.stages[0][0].grn.gamma.detach().clone()
     with pytest.raises(ValidationFailed) as failed:
@@ -139,8 +158,13 @@ def test_strict_false_loads_what_fits_and_leaves_the_rest(tmp_path: Path, write_
     from ckptx.integrations.mmengine import CkptxInit
 
     classifier = _build(_config(tmp_path, mmpretrain_config_path("atto"), {}))
-    init = CkptxInit(checkpoint=str(src), recipe=str(write_rules(V1_CONVERTER, name="v1.yaml")), prefix="backbone.",
-                     allow_globals=["argparse.Namespace"], strict=False)
+    init = CkptxInit(
+        checkpoint=str(src),
+        recipe=str(write_rules(V1_CONVERTER, name="v1.yaml")),
+        prefix="backbone.",
+        allow_globals=["argparse.Namespace"],
+        strict=False,
+    )
     before = {k: v.clone() for k, v in classifier.backbone.state_dict().items()}
     init(classifier.backbone)
     result = init.result
@@ -168,8 +192,9 @@ def test_resnet_zero_init_residual_does_not_undo_what_ckptx_loaded(tmp_path: Pat
     source = randomize_(MODELS.build(dict(type="ResNet", depth=18)), seed=5)
     src = tmp_path / "ddp.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, src)
-    config = dict(type="ResNet", depth=18, init_cfg=dict(type="Ckptx", checkpoint=str(src),
-                                                          recipe="common/strip-module-prefix"))
+    config = dict(
+        type="ResNet", depth=18, init_cfg=dict(type="Ckptx", checkpoint=str(src), recipe="common/strip-module-prefix")
+    )
     import ckptx.integrations.mmengine  # noqa: F401  (what custom_imports does)
 
     backbone = MODELS.build(config)

@@ -10,9 +10,9 @@ import random
 import signal
 import struct
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -38,15 +38,26 @@ class FuzzReport:
     internal: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        return (f"{self.cases} cases: {self.accepted} read, {self.refused} refused (CkptxError), "
-                f"{len(self.internal)} distinct internal errors")
+        return (
+            f"{self.cases} cases: {self.accepted} read, {self.refused} refused (CkptxError), "
+            f"{len(self.internal)} distinct internal errors"
+        )
 
 
 def write_seeds(folder: Path) -> dict[str, Path]:
     """One small real checkpoint of each supported format (the sharded one as its index)."""
-    state = {"conv.weight": torch.randn(4, 3, 3, 3), "conv.bias": torch.randn(4), "bn.num_batches_tracked":
-             torch.tensor(3), "fc.weight": torch.randn(2, 4).t(), "half": torch.randn(3).half()}
-    seeds = {"safetensors": folder / "seed.safetensors", "zip": folder / "seed.pth", "legacy": folder / "seed-legacy.pth"}
+    state = {
+        "conv.weight": torch.randn(4, 3, 3, 3),
+        "conv.bias": torch.randn(4),
+        "bn.num_batches_tracked": torch.tensor(3),
+        "fc.weight": torch.randn(2, 4).t(),
+        "half": torch.randn(3).half(),
+    }
+    seeds = {
+        "safetensors": folder / "seed.safetensors",
+        "zip": folder / "seed.pth",
+        "legacy": folder / "seed-legacy.pth",
+    }
     save_file({k: v.contiguous() for k, v in state.items()}, str(seeds["safetensors"]))
     torch.save({"model": state, "epoch": 3}, seeds["zip"])
     torch.save({"model": state, "epoch": 3}, seeds["legacy"], _use_new_zipfile_serialization=False)
@@ -67,23 +78,24 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
             if buf:
                 buf[rng.randrange(len(buf))] = rng.randrange(256)
     elif kind == 1:
-        del buf[rng.randrange(len(buf)):]
+        del buf[rng.randrange(len(buf)) :]
     elif kind == 2:
         at = rng.randrange(len(buf) + 1)
         buf[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
     elif kind == 3:
         start = rng.randrange(len(buf))
-        buf[start:start] = buf[start:start + rng.randint(1, 64)]
+        buf[start:start] = buf[start : start + rng.randint(1, 64)]
     else:
         width, value = rng.choice((4, 8)), rng.choice(_EXTREMES)
         at = rng.randrange(max(len(buf) - width, 1))
-        buf[at:at + width] = struct.pack("<Q" if width == 8 else "<I", value % (2**(8 * width)))
+        buf[at : at + width] = struct.pack("<Q" if width == 8 else "<I", value % (2 ** (8 * width)))
     return bytes(buf)
 
 
 def run_case(path: Path, seconds: int = 10) -> tuple[str, str]:
     """Open `path` and load every tensor: ("read", ""), ("refused", message) for a one-line CkptxError, or
     ("internal", traceback) for any other exception, a multi-line message or a hang."""
+
     def alarm(*_: object) -> None:
         raise _Hang(f"no answer after {seconds} s")
 
@@ -103,10 +115,17 @@ def run_case(path: Path, seconds: int = 10) -> tuple[str, str]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def fuzz(folder: Path, *, seed: int, cases: int, budget_s: float = float("inf"),
-         formats: tuple[str, ...] = FORMATS, clock: Callable[[], float] | None = None) -> FuzzReport:
+def fuzz(
+    folder: Path,
+    *,
+    seed: int,
+    cases: int,
+    budget_s: float = float("inf"),
+    formats: tuple[str, ...] = FORMATS,
+    clock: Callable[[], float] | None = None,
+) -> FuzzReport:
     """Run up to `cases` mutations (round-robin over `formats`), stopping early after `budget_s` seconds."""
-    import time  # noqa: PLC0415
+    import time
 
     now = clock or time.monotonic
     started = now()
@@ -117,7 +136,9 @@ def fuzz(folder: Path, *, seed: int, cases: int, budget_s: float = float("inf"),
         if now() - started > budget_s:
             break
         fmt = formats[n % len(formats)]
-        original = seeds[fmt] if fmt != "sharded" else folder / rng.choice(["m-1.safetensors", "m.safetensors.index.json"])
+        original = (
+            seeds[fmt] if fmt != "sharded" else folder / rng.choice(["m-1.safetensors", "m.safetensors.index.json"])
+        )
         target = folder / f"case-{fmt}{''.join(original.suffixes) if fmt != 'sharded' else ''}"
         if fmt == "sharded":  # mutate a shard or the index in place, open through the index
             backup = original.read_bytes()

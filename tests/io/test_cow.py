@@ -43,7 +43,7 @@ def _record_offsets(path: Path) -> dict[str, int]:
 
 def _source_offsets(path: Path) -> dict[str, int]:
     """File offset of every tensor of safetensors file `path`."""
-    header = json.loads(path.read_bytes()[8:_data_start(path)])
+    header = json.loads(path.read_bytes()[8 : _data_start(path)])
     return {k: _data_start(path) + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
 
@@ -54,8 +54,9 @@ def _pth_offsets(path: Path) -> dict[str, int]:
 
 
 def _equal(out: dict[str, torch.Tensor], original: dict[str, torch.Tensor], prefix: str = "model.") -> bool:
-    return out.keys() == {prefix + k for k in original} and all(torch.equal(out[prefix + k], v)
-                                                                 for k, v in original.items())
+    return out.keys() == {prefix + k for k in original} and all(
+        torch.equal(out[prefix + k], v) for k, v in original.items()
+    )
 
 
 def test_copied_pth_records_are_placed_congruent_to_their_source(tmp_path: Path, write_rules) -> None:
@@ -68,8 +69,9 @@ def test_copied_pth_records_are_placed_congruent_to_their_source(tmp_path: Path,
     assert _equal(torch.load(dst, weights_only=True, mmap=True), _state())
 
 
-def test_a_placed_pth_leaves_out_format_version_so_torch_reads_offsets_from_headers(tmp_path: Path,
-                                                                                    write_rules) -> None:
+def test_a_placed_pth_leaves_out_format_version_so_torch_reads_offsets_from_headers(
+    tmp_path: Path, write_rules
+) -> None:
     from torch.utils.serialization import config
 
     src, dst = tmp_path / "src.safetensors", tmp_path / "dst.pth"
@@ -78,8 +80,9 @@ def test_a_placed_pth_leaves_out_format_version_so_torch_reads_offsets_from_head
     assert "archive/.format_version" not in zipfile.ZipFile(dst).namelist()
     records = _record_offsets(dst)
     meta = torch.load(dst, weights_only=True, map_location="meta")  # offsets torch reports for lazy loaders
-    assert sorted(t.untyped_storage()._checkpoint_offset for t in meta.values()) == \
-           sorted(v for k, v in records.items() if "/data/" in k)
+    assert sorted(t.untyped_storage()._checkpoint_offset for t in meta.values()) == sorted(
+        v for k, v in records.items() if "/data/" in k
+    )
     saved = config.load.calculate_storage_offsets
     config.load.calculate_storage_offsets = True
     try:
@@ -102,9 +105,14 @@ def test_a_record_off_its_element_boundary_keeps_torchs_placement(tmp_path: Path
     """A float32 tensor 6 bytes past a 3-element float16 one (ckptx keeps plan order): copying it congruent would
     leave its elements unaligned in the .pth, so it is not placed."""
     mixed = tmp_path / "mixed.safetensors"
-    ckptx.convert(_save(tmp_path / "mixed.pth", OrderedDict(
-        [("a", torch.arange(3, dtype=torch.float16)), ("b", torch.randn(300, 1000))])), mixed,
-        write_rules("ckptx: 1\nsteps: []\n", "none.yaml"))
+    ckptx.convert(
+        _save(
+            tmp_path / "mixed.pth",
+            OrderedDict([("a", torch.arange(3, dtype=torch.float16)), ("b", torch.randn(300, 1000))]),
+        ),
+        mixed,
+        write_rules("ckptx: 1\nsteps: []\n", "none.yaml"),
+    )
     assert _source_offsets(mixed)["b"] % 4 != 0
     dst = tmp_path / "dst.pth"
     ckptx.convert(mixed, dst, write_rules(RENAME))
@@ -150,9 +158,13 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True, mmap=True)
 
 
-@pytest.mark.parametrize("src_name, dst_name", [("src.safetensors", "dst.safetensors"), ("src.safetensors", "dst.pth"),
-                                                ("src.pth", "dst.pth")])
-def test_a_rename_on_copy_on_write_shares_the_sources_blocks(cow_mount: Path, write_rules, src_name: str, dst_name: str) -> None:
+@pytest.mark.parametrize(
+    "src_name, dst_name",
+    [("src.safetensors", "dst.safetensors"), ("src.safetensors", "dst.pth"), ("src.pth", "dst.pth")],
+)
+def test_a_rename_on_copy_on_write_shares_the_sources_blocks(
+    cow_mount: Path, write_rules, src_name: str, dst_name: str
+) -> None:
     src, dst = _write_source(cow_mount / src_name, _state()), cow_mount / dst_name
     ckptx.convert(src, dst, write_rules(RENAME))
     data = sum(t.numel() * t.element_size() for t in _state().values())
@@ -170,13 +182,16 @@ def test_pth_to_safetensors_on_copy_on_write_shares_the_largest_tensors_blocks(c
 
 def test_a_cast_on_copy_on_write_shares_nothing_and_is_still_right(cow_mount: Path, write_rules) -> None:
     src, dst = _write_source(cow_mount / "src.safetensors", _state()), cow_mount / "dst.safetensors"
-    ckptx.convert(src, dst, write_rules("ckptx: 1\nsteps: [{add_prefix: model.}, {cast: {match: '.*', dtype: bfloat16}}]\n"))
+    ckptx.convert(
+        src, dst, write_rules("ckptx: 1\nsteps: [{add_prefix: model.}, {cast: {match: '.*', dtype: bfloat16}}]\n")
+    )
     assert shared_bytes(dst) == 0
     assert _equal(load_file(str(dst)), {k: v.bfloat16() for k, v in _state().items()})
 
 
-def test_copies_are_issued_from_folio_aligned_destination_offsets(tmp_path: Path, write_rules,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_copies_are_issued_from_folio_aligned_destination_offsets(
+    tmp_path: Path, write_rules, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """After at most a head to the next block and one to the next FOLIO boundary, every copy_file_range call
     starts on a FOLIO boundary of the destination (ext4 with large folios copies 1.4x faster so)."""
     from ckptx.io import spans
@@ -221,6 +236,7 @@ def test_ckptx_reads_a_placed_pth_back_by_its_headers(tmp_path: Path, write_rule
     ckptx.convert(placed, again, write_rules("ckptx: 1\nsteps: [{strip_prefix: model.}]\n", "strip.yaml"))
     ckptx.convert(again, back, write_rules(RENAME))
     assert zipfile.ZipFile(again).testzip() is None
-    assert {k: v % 4096 for k, v in _pth_offsets(again).items()} == \
-        {k.removeprefix("model."): v % 4096 for k, v in _pth_offsets(placed).items()}
+    assert {k: v % 4096 for k, v in _pth_offsets(again).items()} == {
+        k.removeprefix("model."): v % 4096 for k, v in _pth_offsets(placed).items()
+    }
     assert _equal(load_file(str(back)), _state())

@@ -28,7 +28,7 @@ def test_a_big_span_split_across_threads_has_zlibs_crc(tmp_path: Path, threads: 
     path.write_bytes(data)
     span = RawSpan(str(path), 777, len(data) - 777 - 5)
     with CrcThread(threads) as crcs:
-        assert crcs.submit(span).result() == zlib.crc32(data[777:len(data) - 5])
+        assert crcs.submit(span).result() == zlib.crc32(data[777 : len(data) - 5])
 
 
 def test_a_piece_that_fails_fails_the_whole(tmp_path: Path) -> None:
@@ -50,6 +50,6 @@ def test_many_small_spans_and_big_ones_together_have_zlibs_crc(tmp_path: Path) -
     spans = [RawSpan(str(blobs[i % 2]), rng.randrange(0, PIECE), rng.randrange(1, 9000)) for i in range(3000)]
     spans.insert(1000, RawSpan(str(blobs[0]), 5, 2 * PIECE + 3))
     spans.append(RawSpan(str(blobs[1]), 17, 2 * PIECE))
-    expected = zlib.crc32(b"".join(data[s.file][s.offset:s.offset + s.nbytes] for s in spans))
+    expected = zlib.crc32(b"".join(data[s.file][s.offset : s.offset + s.nbytes] for s in spans))
     with CrcThread(2) as crcs:
         assert crcs.submit_all(spans).result() == expected

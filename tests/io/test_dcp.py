@@ -15,8 +15,9 @@ import subprocess
 import sys
 import textwrap
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -36,8 +37,21 @@ BIG_MIB = 48  # the `big` folder: 12 Shard(0) float32 matrices of 4 MiB, 24 MiB 
 def dcp_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every layout of tests/helpers/dcp_checkpoints.py, written once by 2 gloo processes."""
     root = tmp_path_factory.mktemp("dcp")
-    subprocess.run([sys.executable, "-m", "tests.helpers.dcp_checkpoints", str(root / "ckpt"), "--big-mib",
-                    str(BIG_MIB), "--marker", str(root / "MARKER")], check=True, env=subprocess_env(), timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.helpers.dcp_checkpoints",
+            str(root / "ckpt"),
+            "--big-mib",
+            str(BIG_MIB),
+            "--marker",
+            str(root / "MARKER"),
+        ],
+        check=True,
+        env=subprocess_env(),
+        timeout=600,
+    )
     return root / "ckpt"
 
 
@@ -60,6 +74,7 @@ def reference(dcp_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Calla
 @pytest.fixture
 def copy_of(dcp_root: Path, tmp_path: Path) -> Callable[[str], Path]:
     """A private copy of a layout, to damage."""
+
     def copy(layout: str) -> Path:
         return Path(shutil.copytree(dcp_root / layout, tmp_path / layout))
 
@@ -75,7 +90,7 @@ def _bytes(tensor: torch.Tensor) -> bytes:
 
 
 def _span_bytes(spans: Any) -> bytes:
-    return b"".join(Path(s.file).read_bytes()[s.offset:s.offset + s.nbytes] for s in spans)
+    return b"".join(Path(s.file).read_bytes()[s.offset : s.offset + s.nbytes] for s in spans)
 
 
 def _edit_metadata(folder: Path, change: Callable[[Any], None]) -> None:
@@ -87,11 +102,15 @@ def _edit_metadata(folder: Path, change: Callable[[Any], None]) -> None:
 
 
 def _storage(metadata: Any, fqn: str, offset: tuple[int, ...] | None) -> Any:
-    return next(info for index, info in metadata.storage_data.items()
-                if index.fqn == fqn and (index.offset is None and offset is None or tuple(index.offset or ()) == offset))
+    return next(
+        info
+        for index, info in metadata.storage_data.items()
+        if index.fqn == fqn and (index.offset is None and offset is None or tuple(index.offset or ()) == offset)
+    )
 
 
 # ---- structure and values ----------------------------------------------------------------------------------
+
 
 def test_top_level_is_the_nesting_dcp_to_torch_save_restores(dcp_root: Path, reference) -> None:
     with open_source(dcp_root / "default", ["model"]) as source:
@@ -127,7 +146,9 @@ def test_safetensors_serialization_tensors_equal_the_saved_ones(dcp_root: Path) 
 
 
 @pytest.mark.parametrize("paths", [[], ["model"], ["optimizer.state.0"], ["optimizer", "model"]])
-def test_extraction_works_as_for_the_torch_save_file(dcp_root: Path, reference, tmp_path: Path, paths: list[str]) -> None:
+def test_extraction_works_as_for_the_torch_save_file(
+    dcp_root: Path, reference, tmp_path: Path, paths: list[str]
+) -> None:
     pth = tmp_path / "ref.pth"
     torch.save(reference("default"), pth)
     with open_source(dcp_root / "default", paths) as dcp, open_source(pth, paths) as saved:
@@ -138,8 +159,11 @@ def test_extraction_works_as_for_the_torch_save_file(dcp_root: Path, reference, 
 
 
 def test_missing_extract_path_lists_the_top_level(dcp_root: Path) -> None:
-    with pytest.raises(SourceError, match=r"default: no state dict at state_dict; the top level holds: model, "
-                                          r"optimizer, epoch, step; set `extract:`"):
+    with pytest.raises(
+        SourceError,
+        match=r"default: no state dict at state_dict; the top level holds: model, "
+        r"optimizer, epoch, step; set `extract:`",
+    ):
         open_source(dcp_root / "default", ["state_dict"])
 
 
@@ -160,6 +184,7 @@ def test_step_counter_tensor_equals_dcp_to_torch_save(dcp_root: Path, reference)
 
 # ---- what is read -------------------------------------------------------------------------------------------
 
+
 def test_opening_reads_no_distcp_bytes(copy_of: Callable[[str], Path], run_cli) -> None:
     folder = copy_of("default")
     for path in folder.glob("*.distcp"):
@@ -173,15 +198,17 @@ def test_opening_reads_no_distcp_bytes(copy_of: Callable[[str], Path], run_cli) 
 
 def test_load_reads_only_that_tensors_chunks(copy_of: Callable[[str], Path], reference) -> None:
     folder = copy_of("default")
-    keep = {(info.relative_path, info.offset, info.length)
-            for index, info in pickle.loads((folder / ".metadata").read_bytes()).storage_data.items()
-            if index.fqn == "model.proj.weight"}
+    keep = {
+        (info.relative_path, info.offset, info.length)
+        for index, info in pickle.loads((folder / ".metadata").read_bytes()).storage_data.items()
+        if index.fqn == "model.proj.weight"
+    }
     for path in folder.glob("*.distcp"):
         data = path.read_bytes()
         blank = bytearray(len(data))
         for name, offset, length in keep:
             if name == path.name:
-                blank[offset:offset + length] = data[offset:offset + length]
+                blank[offset : offset + length] = data[offset : offset + length]
         path.write_bytes(bytes(blank))
     with open_source(folder, ["model"]) as source:
         assert _equal(source.load("proj.weight"), reference("default")["model"]["proj.weight"])
@@ -216,7 +243,9 @@ def test_inspect_reads_metadata_without_importing_torch(dcp_root: Path) -> None:
         assert main(["inspect", {str(dcp_root / "default")!r}, "--extract", "model"]) == 0
         print("torch imported:", "torch" in sys.modules)
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("torch imported: False")
 
@@ -232,7 +261,9 @@ def test_convert_copies_chunks_in_bounded_memory_without_torch(dcp_root: Path, t
         grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
         print(grown // 1024, "torch" in sys.modules)
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120
+    )
     assert result.returncode == 0, result.stderr
     grown_mib, torch_imported = result.stdout.split()[-2:]
     assert torch_imported == "False"
@@ -240,8 +271,9 @@ def test_convert_copies_chunks_in_bounded_memory_without_torch(dcp_root: Path, t
     assert (tmp_path / "big.safetensors").stat().st_size > BIG_MIB * 2**20
 
 
-def test_convert_to_pth_copies_chunks_in_bounded_memory_without_torch(dcp_root: Path, reference,
-                                                                       tmp_path: Path) -> None:
+def test_convert_to_pth_copies_chunks_in_bounded_memory_without_torch(
+    dcp_root: Path, reference, tmp_path: Path
+) -> None:
     """A sharded tensor's record is its chunks copied one after another (CRC-32s combined), not a tensor
     assembled in memory: torch is not imported and memory stays below one rank file."""
     out = tmp_path / "big.pth"
@@ -253,7 +285,9 @@ def test_convert_to_pth_copies_chunks_in_bounded_memory_without_torch(dcp_root: 
         assert main(["convert", {str(dcp_root / "big")!r}, "-o", {str(out)!r}, "-r", {str(_rules(tmp_path))!r}]) == 0
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, "torch" in sys.modules)
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120
+    )
     assert result.returncode == 0, result.stderr
     grown_mib, torch_imported = result.stdout.split()[-2:]
     assert torch_imported == "False" and int(grown_mib) < 16
@@ -262,8 +296,9 @@ def test_convert_to_pth_copies_chunks_in_bounded_memory_without_torch(dcp_root: 
     assert list(written) == list(expected) and all(_equal(written[k], expected[k]) for k in expected)
 
 
-def test_a_pth_from_dcp_on_copy_on_write_shares_the_chunks_it_can_place(dcp_root: Path, reference, cow_mount: Path,
-                                                                tmp_path: Path) -> None:
+def test_a_pth_from_dcp_on_copy_on_write_shares_the_chunks_it_can_place(
+    dcp_root: Path, reference, cow_mount: Path, tmp_path: Path
+) -> None:
     """Each record is placed congruent to its largest chunk whose offset keeps elements aligned (a chunk inside a
     DCP item may start at any byte); those chunks' blocks are shared, the rest is copied."""
     folder = cow_mount / "big"
@@ -272,8 +307,9 @@ def test_a_pth_from_dcp_on_copy_on_write_shares_the_chunks_it_can_place(dcp_root
     out = cow_mount / "big.pth"
     ckptx.convert(folder, out, _rules(tmp_path))
     with open_source(folder, ["model"]) as source:
-        placeable = sum(max((s.nbytes for s in source.raw_spans(key) if s.offset % 4 == 0), default=0)
-                        for key in source.tensors)
+        placeable = sum(
+            max((s.nbytes for s in source.raw_spans(key) if s.offset % 4 == 0), default=0) for key in source.tensors
+        )
     assert placeable > 0 and shared_bytes(out) >= 0.95 * placeable
     written, expected = torch.load(out, weights_only=True, mmap=True), reference("big")["model"]
     assert all(_equal(written[k], expected[k]) for k in expected)
@@ -292,12 +328,15 @@ def test_loading_every_tensor_holds_about_one_tensor_in_memory(dcp_root: Path) -
             del tensor
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.split()[-1]) < 16  # tensors of 4 MiB, rank files of 24 MiB
 
 
 # ---- the command line ---------------------------------------------------------------------------------------
+
 
 def _rules(folder: Path) -> Path:
     path = folder / "model.yaml"
@@ -306,8 +345,9 @@ def _rules(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("layout", ["default", "threads", "safetensors"])
-def test_cli_convert_to_safetensors_equals_dcp_to_torch_save(dcp_root: Path, reference, tmp_path: Path, run_cli,
-                                                             layout: str) -> None:
+def test_cli_convert_to_safetensors_equals_dcp_to_torch_save(
+    dcp_root: Path, reference, tmp_path: Path, run_cli, layout: str
+) -> None:
     out = tmp_path / "out.safetensors"
     result = run_cli("convert", dcp_root / layout, "-o", out, "-r", _rules(tmp_path))
     assert result.code == 0, result.err
@@ -333,8 +373,10 @@ def test_cli_inspect_shows_world_size_and_shard_layout(dcp_root: Path, run_cli) 
     lines = result.out.splitlines()
     assert lines[0] == f"{dcp_root / 'default'}: dcp"
     assert lines[1].startswith("torch.distributed.checkpoint: world size 2, 2 files (")
-    assert lines[2] == ("shard layout at 'model': 10 tensors in 16 chunks: 6 sharded (5 on dim 0; 1 on dim 1; "
-                        "5 uneven; 2 chunks each), 4 in one chunk (replicated or unsharded)")
+    assert lines[2] == (
+        "shard layout at 'model': 10 tensors in 16 chunks: 6 sharded (5 on dim 0; 1 on dim 1; "
+        "5 uneven; 2 chunks each), 4 in one chunk (replicated or unsharded)"
+    )
     assert "  proj.weight: bfloat16[5, 9] on dim 1: [0:5, 0:5] [0:5, 5:9]" in lines
     assert "  tiny: float32[1, 4] on dim 0: [0:1, 0:4] [1:1, 0:4]" in lines
 
@@ -347,6 +389,7 @@ def test_cli_inspect_json_carries_the_layout_lines(dcp_root: Path, run_cli) -> N
 
 
 # ---- safety -------------------------------------------------------------------------------------------------
+
 
 class _Exec:
     """Unpickling this runs `builtins.exec` on code that creates a file."""
@@ -371,8 +414,9 @@ class _System:
 
 
 @pytest.mark.parametrize("payload, global_name", [(_System, "posix.system"), (_Exec, "builtins.exec")])
-def test_metadata_payload_is_refused_and_never_runs(copy_of: Callable[[str], Path], run_cli, payload: type,
-                                                    global_name: str) -> None:
+def test_metadata_payload_is_refused_and_never_runs(
+    copy_of: Callable[[str], Path], run_cli, payload: type, global_name: str
+) -> None:
     folder = copy_of("default")
     marker = folder.parent / "MARKER"
     _edit_metadata(folder, lambda m: m.planner_data.__setitem__("epoch", payload(marker)))
@@ -397,8 +441,9 @@ def test_metadata_payload_is_refused_with_its_own_error_type(copy_of: Callable[[
 HOSTILE_BUILDS = {
     "on-a-called-global": b"\x80\x02ctorch\nSize\nq\x00N}q\x01X\x08\x00\x00\x00functionK\x01s\x86b.",
     "on-a-dtype": b"\x80\x02ctorch\nfloat32\nq\x00N}q\x01X\x04\x00\x00\x00nameX\x04\x00\x00\x00evils\x86b.",
-    "on-a-stub-class": (b"\x80\x02ctorch.distributed.checkpoint.metadata\nMetadata\nq\x00N}q\x01X\x03\x00\x00\x00"
-                        b"getK\x01s\x86b."),
+    "on-a-stub-class": (
+        b"\x80\x02ctorch.distributed.checkpoint.metadata\nMetadata\nq\x00N}q\x01X\x03\x00\x00\x00getK\x01s\x86b."
+    ),
 }
 
 
@@ -435,6 +480,7 @@ def test_pickled_value_needing_a_global_loads_only_when_allowed(dcp_root: Path) 
 
 
 # ---- malformed folders --------------------------------------------------------------------------------------
+
 
 def _delete(name: str) -> Callable[[Path], None]:
     return lambda folder: (folder / name).unlink()
@@ -475,30 +521,45 @@ def _transform(m: Any) -> None:
 
 _E = re.escape
 MALFORMED = {  # case: (damage, pattern of the message after the folder's parent)
-    "missing-metadata": (_delete(".metadata"),
-                         _E("default: holds .distcp files but no .metadata: the save did not finish")),
+    "missing-metadata": (
+        _delete(".metadata"),
+        _E("default: holds .distcp files but no .metadata: the save did not finish"),
+    ),
     "truncated-metadata": (_truncate(".metadata", 200), _E("default/.metadata: not a readable DCP .metadata pickle")),
     "missing-rank-file": (_delete("__1_0.distcp"), _E("default/__1_0.distcp: missing; ")),
-    "truncated-distcp": (_truncate("__1_0.distcp", 100),
-                         r"default/__1_0\.distcp: has \d+ bytes but \S+/default/\.metadata places chunk \[\] of "
-                         r"'step' at bytes \d+\.\.\d+; the file is truncated"),
-    "chunk-past-end": (_metadata(_past_end),
-                       r"default/__1_0\.distcp: has \d+ bytes but \S+/default/\.metadata places chunk "
-                       r"\[5:10, 0:8\] of 'model\.embed\.weight' at bytes 1000000\.\.1001705"),
-    "chunks-not-covering": (_metadata(_drop_chunk), _E("default/.metadata: tensor 'model.embed.weight' [10, 8]: its "
-                                                       "chunks hold 40 of 80 elements")),
-    "chunks-overlapping": (_metadata(_overlap), _E("default/.metadata: tensor 'model.counts' [9]: chunks [0:6] and "
-                                                   "[5:9] overlap")),
-    "dtype-unknown": (_metadata(_unknown_dtype), _E("default/.metadata: tensor 'model.counts' has dtype "
-                                                    "torch.qint8, which ckptx cannot read")),
-    "stream-transform": (_metadata(_transform), _E("default/.metadata: entry 'model.embed.weight' is stored through "
-                                                   "the DCP stream transform(s) ['zstd']")),
+    "truncated-distcp": (
+        _truncate("__1_0.distcp", 100),
+        r"default/__1_0\.distcp: has \d+ bytes but \S+/default/\.metadata places chunk \[\] of "
+        r"'step' at bytes \d+\.\.\d+; the file is truncated",
+    ),
+    "chunk-past-end": (
+        _metadata(_past_end),
+        r"default/__1_0\.distcp: has \d+ bytes but \S+/default/\.metadata places chunk "
+        r"\[5:10, 0:8\] of 'model\.embed\.weight' at bytes 1000000\.\.1001705",
+    ),
+    "chunks-not-covering": (
+        _metadata(_drop_chunk),
+        _E("default/.metadata: tensor 'model.embed.weight' [10, 8]: its chunks hold 40 of 80 elements"),
+    ),
+    "chunks-overlapping": (
+        _metadata(_overlap),
+        _E("default/.metadata: tensor 'model.counts' [9]: chunks [0:6] and [5:9] overlap"),
+    ),
+    "dtype-unknown": (
+        _metadata(_unknown_dtype),
+        _E("default/.metadata: tensor 'model.counts' has dtype torch.qint8, which ckptx cannot read"),
+    ),
+    "stream-transform": (
+        _metadata(_transform),
+        _E("default/.metadata: entry 'model.embed.weight' is stored through the DCP stream transform(s) ['zstd']"),
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
-def test_malformed_folder_is_a_one_line_error_naming_file_and_place(copy_of: Callable[[str], Path], run_cli,
-                                                                    case: str) -> None:
+def test_malformed_folder_is_a_one_line_error_naming_file_and_place(
+    copy_of: Callable[[str], Path], run_cli, case: str
+) -> None:
     damage, expected = MALFORMED[case]
     folder = copy_of("default")
     damage(folder)
@@ -508,20 +569,23 @@ def test_malformed_folder_is_a_one_line_error_naming_file_and_place(copy_of: Cal
     assert re.match(f"ckptx: error: {re.escape(str(folder.parent))}/{expected}", result.err), result.err
 
 
-def test_corrupt_chunk_item_fails_the_conversion_naming_file_bytes_and_tensor(copy_of: Callable[[str], Path],
-                                                                              tmp_path: Path, run_cli) -> None:
+def test_corrupt_chunk_item_fails_the_conversion_naming_file_bytes_and_tensor(
+    copy_of: Callable[[str], Path], tmp_path: Path, run_cli
+) -> None:
     folder = copy_of("default")
     info = _storage(pickle.loads((folder / ".metadata").read_bytes()), "model.proj.weight", (0, 5))
     path = folder / info.relative_path
     data = bytearray(path.read_bytes())
-    data[info.offset + 4:info.offset + info.length] = b"\xff" * (info.length - 4)  # a zip's magic, then garbage
+    data[info.offset + 4 : info.offset + info.length] = b"\xff" * (info.length - 4)  # a zip's magic, then garbage
     path.write_bytes(bytes(data))
     out = tmp_path / "out.safetensors"
     result = run_cli("convert", folder, "-o", out, "-r", _rules(tmp_path))
     assert result.code == 2
     assert result.err.count("\n") == 1, result.err
-    assert (f"{path}: the item at bytes {info.offset}...{info.offset + info.length} (chunk [0:5, 5:9] of "
-            f"'model.proj.weight')") in result.err
+    assert (
+        f"{path}: the item at bytes {info.offset}...{info.offset + info.length} (chunk [0:5, 5:9] of "
+        f"'model.proj.weight')"
+    ) in result.err
     assert not out.exists()
 
 
@@ -529,5 +593,7 @@ def test_plain_folder_is_refused_in_one_line(tmp_path: Path, run_cli) -> None:
     (tmp_path / "weights").mkdir()
     result = run_cli("inspect", tmp_path / "weights")
     assert result.code == 2
-    assert result.err == (f"ckptx: error: {tmp_path / 'weights'}: is a folder without .metadata, so not a "
-                          f"torch.distributed.checkpoint folder; give the checkpoint file (or its .index.json)\n")
+    assert result.err == (
+        f"ckptx: error: {tmp_path / 'weights'}: is a folder without .metadata, so not a "
+        f"torch.distributed.checkpoint folder; give the checkpoint file (or its .index.json)\n"
+    )

@@ -61,7 +61,7 @@ def test_error_about_a_hostile_key_is_one_escaped_line(tmp_path: Path, run_cli) 
 
 
 def test_warnings_during_a_read_become_notes_and_errors_stay_one_line(tmp_path: Path, run_cli, monkeypatch) -> None:
-    import ckptx.io.read.open as opener  # noqa: PLC0415
+    import ckptx.io.read.open as opener
 
     real = opener.open_source
 
@@ -81,7 +81,7 @@ def test_warnings_during_a_read_become_notes_and_errors_stay_one_line(tmp_path: 
 
 
 def test_warnings_filtered_as_errors_still_surface(tmp_path: Path, run_cli, monkeypatch) -> None:
-    import ckptx.io.read.open as opener  # noqa: PLC0415
+    import ckptx.io.read.open as opener
 
     def noisy(*args, **kwargs):
         warnings.warn("boom", UserWarning, stacklevel=1)
@@ -108,14 +108,17 @@ def test_convert_reports_stale_partials_but_not_live_ones(tmp_path: Path, run_cl
     held = os.open(live, os.O_RDONLY)
     fcntl.flock(held, fcntl.LOCK_EX)  # what a running ckptx holds while it writes
     try:
-        result = run_cli("convert", safetensors_file, "-o", tmp_path / "out.safetensors", "-r",
-                         "common/strip-module-prefix")
+        result = run_cli(
+            "convert", safetensors_file, "-o", tmp_path / "out.safetensors", "-r", "common/strip-module-prefix"
+        )
     finally:
         os.close(held)
     assert result.code == 0, result.err
     notes = [line for line in result.out.splitlines() if "interrupted ckptx run" in line]
-    assert notes == [f"note: 1 temporary file(s) left by an interrupted ckptx run beside {tmp_path / 'out.safetensors'} "
-                     f"(17 bytes); nothing is writing them: remove them with `rm -rf {stale}`"]
+    assert notes == [
+        f"note: 1 temporary file(s) left by an interrupted ckptx run beside {tmp_path / 'out.safetensors'} "
+        f"(17 bytes); nothing is writing them: remove them with `rm -rf {stale}`"
+    ]
     assert stale.exists() and live.exists()  # reported, never deleted
 
 
@@ -128,7 +131,9 @@ def test_own_partial_file_is_locked_while_writing(tmp_path: Path) -> None:
         assert atomic.stale_partials(dst) == []
 
 
-@pytest.mark.parametrize("payload", [b"PK\x03\x04" + bytes(100), b"\x80\x02garbage", b"\x10\x00\x00\x00\x00\x00\x00\x00{}"])
+@pytest.mark.parametrize(
+    "payload", [b"PK\x03\x04" + bytes(100), b"\x80\x02garbage", b"\x10\x00\x00\x00\x00\x00\x00\x00{}"]
+)
 def test_malformed_source_writes_nothing(tmp_path: Path, run_cli, payload: bytes) -> None:
     src = tmp_path / "src.pth"
     src.write_bytes(payload)

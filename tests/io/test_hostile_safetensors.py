@@ -29,8 +29,11 @@ CASES: dict[str, tuple[bytes, bytes, str]] = {
     "overlap": (('{"a":%s,"b":%s}' % (T % (0, 4), T % (0, 4))).encode(), bytes(4), BAD),
     "aliased, overlapping": (('{"a":%s,"b":%s}' % (T % (0, 4), T % (2, 6))).encode(), bytes(6), BAD),
     "out of order is fine": (('{"b":%s,"a":%s}' % (T % (4, 8), T % (0, 4))).encode(), bytes(8), OK),
-    "zero-size aliases": (b'{"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},'
-                          b'"b":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}', b"", OK),
+    "zero-size aliases": (
+        b'{"a":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}',
+        b"",
+        OK,
+    ),
     "end before begin": (b'{"a":{"dtype":"U8","shape":[0],"data_offsets":[1,0]}}', bytes(1), BAD),
     "duplicate key, same entry": (('{"a":%s,"a":%s}' % (T % (0, 4), T % (0, 4))).encode(), bytes(4), STRICTER),
     "duplicate key, other entry": (('{"a":%s,"a":%s}' % (T % (0, 4), T % (4, 8))).encode(), bytes(8), BAD),
@@ -47,7 +50,7 @@ CASES: dict[str, tuple[bytes, bytes, str]] = {
     "Infinity": (b'{"a":{"dtype":"U8","shape":[Infinity],"data_offsets":[0,1]}}', bytes(1), BAD),
     "1e400": (b'{"a":{"dtype":"U8","shape":[1e400],"data_offsets":[0,1]}}', bytes(1), BAD),
     "5000-digit shape": (b'{"a":{"dtype":"U8","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,1]}}', bytes(1), BAD),
-    "400-digit offset": (b'{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,' + b"9" * 400 + b']}}', bytes(1), BAD),
+    "400-digit offset": (b'{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,' + b"9" * 400 + b"]}}", bytes(1), BAD),
     "2^64-1 dimension": (b'{"a":{"dtype":"U8","shape":[18446744073709551615,0],"data_offsets":[0,0]}}', b"", OK),
     "2^64 dimension": (b'{"a":{"dtype":"U8","shape":[18446744073709551616,0],"data_offsets":[0,0]}}', b"", BAD),
     "element count overflows": (b'{"a":{"dtype":"U8","shape":[4294967296,4294967296],"data_offsets":[0,0]}}', b"", BAD),
@@ -132,15 +135,20 @@ def test_header_over_the_library_limit_is_refused_without_reading_it(tmp_path: P
     with pytest.raises(SourceError) as caught:
         SafetensorsSource(path)
     assert time.perf_counter() - started < 1
-    assert str(caught.value).startswith(f"{path}: not a valid safetensors file: the header length (bytes 0-7) says "
-                                        f"104,857,600 bytes, more than the {MAX_HEADER:,} the format allows")
+    assert str(caught.value).startswith(
+        f"{path}: not a valid safetensors file: the header length (bytes 0-7) says "
+        f"104,857,600 bytes, more than the {MAX_HEADER:,} the format allows"
+    )
 
 
 def test_header_length_past_the_file(tmp_path: Path) -> None:
     path = tmp_path / "short.safetensors"
     path.write_bytes((1000).to_bytes(8, "little") + b"{}")
-    with pytest.raises(SourceError, match=r"short.safetensors: not a valid safetensors file: header says 1000 bytes "
-                                          r"but the file has 2 after the length"):
+    with pytest.raises(
+        SourceError,
+        match=r"short.safetensors: not a valid safetensors file: header says 1000 bytes "
+        r"but the file has 2 after the length",
+    ):
         SafetensorsSource(path)
 
 

@@ -29,7 +29,9 @@ def _save(path: Path, obj: object, *, zip_format: bool = True) -> Path:
     return path
 
 
-@pytest.mark.parametrize("key", [1, b"w", ("a", "b"), True, 10**5000], ids=["int", "bytes", "tuple", "bool", "huge-int"])
+@pytest.mark.parametrize(
+    "key", [1, b"w", ("a", "b"), True, 10**5000], ids=["int", "bytes", "tuple", "bool", "huge-int"]
+)
 @pytest.mark.parametrize("zip_format", [True, False])
 def test_non_string_keys_are_refused_by_name(tmp_path: Path, key: object, zip_format: bool) -> None:
     path = _save(tmp_path / "keys.pth", {"w": torch.ones(1), key: torch.ones(1)}, zip_format=zip_format)
@@ -69,18 +71,23 @@ def test_expanded_view_is_refused_by_key(tmp_path: Path) -> None:
         open_source(path)
     assert _one_line(caught.value, path) == (
         f"{path}: tensor 'w' is a view whose 268,435,456 elements overlap in 1 stored ones (stride 0 or overlapping "
-        "strides); converting would write every copy: save t.contiguous() instead if you mean it")
+        "strides); converting would write every copy: save t.contiguous() instead if you mean it"
+    )
 
 
 def test_broadcast_free_views_still_load(tmp_path: Path) -> None:
     base = torch.arange(12.0)
-    path = _save(tmp_path / "views.pth", {"row": base.view(3, 4)[1], "t": base.view(3, 4).t(),
-                                          "pos": torch.arange(5).expand(1, -1)})
+    path = _save(
+        tmp_path / "views.pth",
+        {"row": base.view(3, 4)[1], "t": base.view(3, 4).t(), "pos": torch.arange(5).expand(1, -1)},
+    )
     with open_source(path) as source:
         assert torch.equal(source.load("t"), base.view(3, 4).t())
 
 
-def _zip_with_pickle(path: Path, pickled: bytes, storages: dict[str, bytes], compress: int = zipfile.ZIP_STORED) -> Path:
+def _zip_with_pickle(
+    path: Path, pickled: bytes, storages: dict[str, bytes], compress: int = zipfile.ZIP_STORED
+) -> Path:
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/data.pkl", pickled, compress_type=compress)
         archive.writestr("archive/byteorder", "little")
@@ -101,21 +108,27 @@ def _tuple(items: tuple) -> bytes:
 def _tensor_pickle(size: tuple, stride: tuple, offset: int = 0, numel: int = 4) -> bytes:
     """data.pkl of {'w': _rebuild_tensor_v2(FloatStorage '0', offset, size, stride)}, written opcode by opcode
     as torch.save writes it (so any size, stride and offset can be put in)."""
-    storage = (b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpu"
-               + _int(numel) + b"tQ")
+    storage = (
+        b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpu" + _int(numel) + b"tQ"
+    )
     args = b"(" + storage + _int(offset) + _tuple(size) + _tuple(stride) + b"\x89ccollections\nOrderedDict\n)Rt"
     return b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n" + args + b"Rs."
 
 
-@pytest.mark.parametrize(("size", "stride", "offset", "problem"), [
-    ((1, -1), (1, 1), 0, "negative, out of range or mismatched"),
-    ((2**70,), (1,), 0, "negative, out of range or mismatched"),
-    ((10**5000,), (1,), 0, "negative, out of range or mismatched"),  # a 5000-digit LONG4
-    ((8,), (1,), 0, "reaches byte 32 of its storage record data/0, which has 16"),
-    ((2,), (1,), 3, "reaches byte 20 of its storage record data/0, which has 16"),
-], ids=["negative", "2^70", "long4-5000-digits", "past-the-end", "offset-past-the-end"])
-def test_tensor_refs_outside_their_storage_are_refused_by_key(tmp_path: Path, size: tuple, stride: tuple, offset: int,
-                                                              problem: str) -> None:
+@pytest.mark.parametrize(
+    ("size", "stride", "offset", "problem"),
+    [
+        ((1, -1), (1, 1), 0, "negative, out of range or mismatched"),
+        ((2**70,), (1,), 0, "negative, out of range or mismatched"),
+        ((10**5000,), (1,), 0, "negative, out of range or mismatched"),  # a 5000-digit LONG4
+        ((8,), (1,), 0, "reaches byte 32 of its storage record data/0, which has 16"),
+        ((2,), (1,), 3, "reaches byte 20 of its storage record data/0, which has 16"),
+    ],
+    ids=["negative", "2^70", "long4-5000-digits", "past-the-end", "offset-past-the-end"],
+)
+def test_tensor_refs_outside_their_storage_are_refused_by_key(
+    tmp_path: Path, size: tuple, stride: tuple, offset: int, problem: str
+) -> None:
     path = _zip_with_pickle(tmp_path / "refs.pth", _tensor_pickle(size, stride, offset), {"0": bytes(16)})
     with pytest.raises(SourceError) as caught:
         open_source(path)
@@ -152,7 +165,8 @@ def test_torch_zip_named_safetensors_is_never_unpickled(tmp_path: Path) -> None:
         open_source(path)
     assert _one_line(caught.value, path) == (
         f"{path}: named .safetensors but holds a zip archive (a torch checkpoint, which holds a pickle); ckptx reads "
-        "a .safetensors file only as safetensors: if you trust it, rename it to .pth and convert that")
+        "a .safetensors file only as safetensors: if you trust it, rename it to .pth and convert that"
+    )
 
 
 def test_decompression_bomb_is_refused_before_inflating(tmp_path: Path) -> None:
@@ -179,7 +193,7 @@ def test_legacy_storage_list_naming_an_unknown_storage(tmp_path: Path) -> None:
     # The storage-key list after the object pickle (`]q\x00X<len><key>q\x01a.`) names the storage by its key;
     # change the key's last digit so that the list names a storage the pickle never mentioned.
     at = data.rindex(b"q\x01a.") - 1
-    path.write_bytes(data[:at] + bytes([ord("0") + (data[at] - ord("0") + 1) % 10]) + data[at + 1:])
+    path.write_bytes(data[:at] + bytes([ord("0") + (data[at] - ord("0") + 1) % 10]) + data[at + 1 :])
     with pytest.raises(SourceError) as caught:
         open_source(path)
     assert "not a readable torch checkpoint" in _one_line(caught.value, path)
@@ -216,8 +230,9 @@ def test_non_regular_files_are_refused_up_front(tmp_path: Path, make: str) -> No
         path, kind = Path("/dev/zero"), "a character device"
     with pytest.raises(SourceError) as caught:
         open_source(path)
-    assert str(caught.value) == (f"{path}: is {kind}, not a regular file; ckptx reads checkpoints from files only: "
-                                 "copy the data to a file first")
+    assert str(caught.value) == (
+        f"{path}: is {kind}, not a regular file; ckptx reads checkpoints from files only: copy the data to a file first"
+    )
 
 
 def test_fifo_shard_is_refused(tmp_path: Path) -> None:
@@ -253,8 +268,11 @@ def test_tensors_ckptx_cannot_convert_are_refused_by_name(tmp_path: Path, name: 
         source = open_source(path, unsafe_pickle=name == "meta")
     except SourceError as exc:
         message = _one_line(exc, path)
-        assert message.startswith(f"{path}: tensor 'odd' is ") and problem in message or \
-            "the safe loader refused" in message, message
+        assert (
+            message.startswith(f"{path}: tensor 'odd' is ")
+            and problem in message
+            or "the safe loader refused" in message
+        ), message
         return
     pytest.fail(f"{name} was accepted: {source.tensors}")
 
@@ -263,8 +281,10 @@ def test_complex32_to_safetensors_is_refused_by_key(tmp_path: Path, run_cli) -> 
     src = _save(tmp_path / "c32.pth", {"z": torch.zeros(2, dtype=torch.complex32)})
     result = run_cli("convert", src, "-o", tmp_path / "out.safetensors", "-r", "common/strip-module-prefix")
     assert result.code == 2 and not (tmp_path / "out.safetensors").exists()
-    assert result.err == ("ckptx: error: tensor 'z' has dtype complex32, which safetensors cannot hold; write a "
-                          ".pth file instead, or add a `cast` step\n")
+    assert result.err == (
+        "ckptx: error: tensor 'z' has dtype complex32, which safetensors cannot hold; write a "
+        ".pth file instead, or add a `cast` step\n"
+    )
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".ckptx-partial")]
 
 

@@ -11,26 +11,39 @@ from typing import Any
 import pytest
 import torch
 
+from ckptx import plan as plan_recipe
+from ckptx.dtypes import TensorMeta
 from ckptx.errors import PlanError
 from ckptx.planning import keymatch
-from ckptx.planning.keymatch import KeyText, first_matches, required_literals
 from ckptx.planning.context import PlanContext
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.expr import SourceRef
-from ckptx.dtypes import TensorMeta
-from ckptx import plan as plan_recipe
+from ckptx.planning.keymatch import KeyText, first_matches, required_literals
 from ckptx.planning.planner import _collisions, _KeyIndex
 from ckptx.rules.loader import load_rules
 
 WORDS = ["blocks", "layers", "attn", "mlp", "q", "k", "norm", "x.y", "a\x00b"]
-PATTERNS = [r"^blocks\.(\d+)\.", r"\.attn\.", r"mlp", r"^(layers|blocks)\.", r"\.q$", r"norm\.(\d+)",
-            r"(?i)ATTN", r"\.(k|q)\.", r"^layers\.1\.", r"x\.y", r"\d"]
+PATTERNS = [
+    r"^blocks\.(\d+)\.",
+    r"\.attn\.",
+    r"mlp",
+    r"^(layers|blocks)\.",
+    r"\.q$",
+    r"norm\.(\d+)",
+    r"(?i)ATTN",
+    r"\.(k|q)\.",
+    r"^layers\.1\.",
+    r"x\.y",
+    r"\d",
+]
 REPLACEMENTS = [r"layers.\1.", ".attention.", "ffn", "", ".query", r"ln.\1", "X", r".\1\1.", "blocks.1.", "z", "9"]
 
 
 def random_keys(rng: random.Random, n: int) -> list[str]:
-    keys = {".".join(rng.choice(WORDS) if rng.random() < 0.7 else str(rng.randint(0, 3))
-                     for _ in range(rng.randint(1, 5))) for _ in range(n)}
+    keys = {
+        ".".join(rng.choice(WORDS) if rng.random() < 0.7 else str(rng.randint(0, 3)) for _ in range(rng.randint(1, 5)))
+        for _ in range(n)
+    }
     return sorted(keys)
 
 
@@ -39,7 +52,9 @@ def random_rules(rng: random.Random, steps: int) -> str:
     for _ in range(steps):
         kind = rng.random()
         if kind < 0.7:
-            rows = [f"[{PATTERNS[i]!r}, {REPLACEMENTS[i]!r}]" for i in rng.sample(range(len(PATTERNS)), rng.randint(1, 3))]
+            rows = [
+                f"[{PATTERNS[i]!r}, {REPLACEMENTS[i]!r}]" for i in rng.sample(range(len(PATTERNS)), rng.randint(1, 3))
+            ]
             lines.append(f"  - rename: [{', '.join(rows)}]")
         elif kind < 0.85:
             lines.append(f"  - drop: [{rng.choice(PATTERNS)!r}]")
@@ -53,12 +68,18 @@ def outcome(recipe: Any, keys: list[str]) -> Any:
         plan = plan_recipe(recipe, {k: torch.zeros(1) for k in keys})
     except PlanError as exc:
         return ("error", [str(p) for p in exc.problems])
-    return ([(e.key, e.sources, e.steps) for e in plan.entries], [str(w) for w in plan.warnings], plan.dropped,
-            plan.renames_keys)
+    return (
+        [(e.key, e.sources, e.steps) for e in plan.entries],
+        [str(w) for w in plan.warnings],
+        plan.dropped,
+        plan.renames_keys,
+    )
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_fast_paths_plan_exactly_like_the_plain_loops(tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fast_paths_plan_exactly_like_the_plain_loops(
+    tmp_path: Path, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = random.Random(seed)
     keys = random_keys(rng, rng.randint(1, 60))
     path = tmp_path / "rules.yaml"
@@ -78,10 +99,19 @@ def test_collisions_are_reported_in_every_later_key_step_as_before(tmp_path: Pat
     assert [p.where.rsplit(" ", 1)[-1] for p in caught.value.problems] == ["steps[0].rename", "steps[1].rename"]
 
 
-@pytest.mark.parametrize("pattern,literals", [(r"^model\.layers\.(\d+)\.p3\.", ("model.layers.", ".p3.")),
-                                              (r"a|b", ()), (r"(?i)abc", ()), (r"ab*c", ("a", "c")),
-                                              (r"x\.y(?=z)", ("x.y",)), (r"[ab]", ()), (r"a{2}b", ("b",)),
-                                              (r"\x41bc", ())])
+@pytest.mark.parametrize(
+    "pattern,literals",
+    [
+        (r"^model\.layers\.(\d+)\.p3\.", ("model.layers.", ".p3.")),
+        (r"a|b", ()),
+        (r"(?i)abc", ()),
+        (r"ab*c", ("a", "c")),
+        (r"x\.y(?=z)", ("x.y",)),
+        (r"[ab]", ()),
+        (r"a{2}b", ("b",)),
+        (r"\x41bc", ()),
+    ],
+)
 def test_required_literals(pattern: str, literals: tuple[str, ...]) -> None:
     assert required_literals(re.compile(pattern)) == literals
 
@@ -120,8 +150,31 @@ def test_carried_key_text_is_used_only_for_the_list_it_was_made_for() -> None:
 def test_required_literals_are_in_every_match() -> None:
     """Fuzzed patterns: each key a pattern finds contains every literal `required_literals` claims."""
     rng = random.Random(3)
-    atoms = ["a", "b", ".", r"\.", "[ab]", "(a|b)", "?", "*", "+", "{2}", "{0,1}", "|", "^", "$", r"\d", "1",
-             "(?:ab)", "(?=a)", "-", "_", r"\x61", r"\1", "[]a]"]
+    atoms = [
+        "a",
+        "b",
+        ".",
+        r"\.",
+        "[ab]",
+        "(a|b)",
+        "?",
+        "*",
+        "+",
+        "{2}",
+        "{0,1}",
+        "|",
+        "^",
+        "$",
+        r"\d",
+        "1",
+        "(?:ab)",
+        "(?=a)",
+        "-",
+        "_",
+        r"\x61",
+        r"\1",
+        "[]a]",
+    ]
     keys = ["".join(rng.choice("ab.1-_") for _ in range(rng.randint(0, 8))) for _ in range(2000)]
     checked = 0
     for _ in range(2000):
@@ -146,7 +199,9 @@ def test_keys_found_exactly_through_chained_renames() -> None:
             literal = rng.choice("abc.")
             hits = text.containing(literal)
             assert hits == [i for i, k in enumerate(keys) if literal in k]
-            new = {i: "".join(rng.choice("ab.c") for _ in range(rng.randint(0, 12))) for i in hits if rng.random() < 0.7}
+            new = {
+                i: "".join(rng.choice("ab.c") for _ in range(rng.randint(0, 12))) for i in hits if rng.random() < 0.7
+            }
             text = text.renamed(new)
             keys = [new.get(i, k) for i, k in enumerate(keys)]
             assert text.keys == keys

@@ -46,7 +46,8 @@ def test_refused_global_names_both_ways_out(args_checkpoint: Path) -> None:
     assert str(caught.value) == (
         f"{args_checkpoint}: the checkpoint needs the Python global 'argparse.Namespace', which the safe loader "
         "refuses: it may be allowed (an argparse.Namespace); if you trust this file, pass --allow-global "
-        "argparse.Namespace (just that one), or --unsafe-pickle, which runs any code the file contains")
+        "argparse.Namespace (just that one), or --unsafe-pickle, which runs any code the file contains"
+    )
 
 
 def test_allow_global_loads_just_that_global(args_checkpoint: Path) -> None:

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import ckptx
+from ckptx import plan as plan_recipe
 from ckptx.cli import main
 from ckptx.errors import DestinationError, SourceError, TensorOpError, VerificationFailed
 from ckptx.io.read.open import open_source
-from ckptx.text import parse_size
 from ckptx.io.write.sharded_writer import shard_layout
 from ckptx.planning.source import Source
-from ckptx import plan as plan_recipe
+from ckptx.text import parse_size
 from ckptx.trust.callables import allow_factories
 from tests.conftest import TINY_TARGET
 
@@ -35,10 +35,12 @@ def state(n: int = 6) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_hf_shards(folder: Path, tensors: dict[str, torch.Tensor], per_shard: int, *, torch_format: bool = False) -> Path:
+def write_hf_shards(
+    folder: Path, tensors: dict[str, torch.Tensor], per_shard: int, *, torch_format: bool = False
+) -> Path:
     """Shards and an index as `save_pretrained` writes them."""
     keys = list(tensors)
-    groups = [keys[i:i + per_shard] for i in range(0, len(keys), per_shard)]
+    groups = [keys[i : i + per_shard] for i in range(0, len(keys), per_shard)]
     weight_map = {}
     for number, group in enumerate(groups, 1):
         suffix = "bin" if torch_format else "safetensors"
@@ -79,8 +81,10 @@ def test_missing_shard_is_a_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(SourceError) as caught:
         open_source(index)
     message = str(caught.value)
-    assert message == (f"{index}: shard 'model-00002-of-00004.safetensors' is missing (expected at "
-                       f"{tmp_path / 'model-00002-of-00004.safetensors'}); download it or fix the index")
+    assert message == (
+        f"{index}: shard 'model-00002-of-00004.safetensors' is missing (expected at "
+        f"{tmp_path / 'model-00002-of-00004.safetensors'}); download it or fix the index"
+    )
 
 
 def test_key_listed_but_absent_from_its_shard(tmp_path: Path) -> None:
@@ -88,8 +92,11 @@ def test_key_listed_but_absent_from_its_shard(tmp_path: Path) -> None:
     doc = json.loads(index.read_text())
     doc["weight_map"]["layers.9.weight"] = "model-00001-of-00004.safetensors"
     index.write_text(json.dumps(doc))
-    with pytest.raises(SourceError, match=r"key 'layers.9.weight' is listed for shard 'model-00001-of-00004.safetensors' "
-                                          r"but that shard has no such tensor .*re-download them or regenerate the index"):
+    with pytest.raises(
+        SourceError,
+        match=r"key 'layers.9.weight' is listed for shard 'model-00001-of-00004.safetensors' "
+        r"but that shard has no such tensor .*re-download them or regenerate the index",
+    ):
         open_source(index)
 
 
@@ -148,7 +155,9 @@ def test_sharded_output_reads_back_through_ckptx(tmp_path: Path, write_rules: Ca
     tensors = state()
     src = tmp_path / "src.safetensors"
     save_file(tensors, str(src))
-    ckptx.convert(src, tmp_path / INDEX, write_rules("ckptx: 1\nsteps: [{add_prefix: 'model.'}]\n"), max_shard_size=3000)
+    ckptx.convert(
+        src, tmp_path / INDEX, write_rules("ckptx: 1\nsteps: [{add_prefix: 'model.'}]\n"), max_shard_size=3000
+    )
     again = tmp_path / "again.safetensors"
     ckptx.convert(tmp_path / INDEX, again, write_rules("ckptx: 1\nsteps: [{strip_prefix: 'model.'}]\n", "back.yaml"))
     back = load_file(str(again))
@@ -196,15 +205,17 @@ def test_existing_shards_need_force(tmp_path: Path, write_rules: Callable[..., P
     ckptx.convert(src, tmp_path / INDEX, rules, max_shard_size=2100, force=True)
     result = ckptx.convert(src, tmp_path / INDEX, rules, max_shard_size=5000, force=True)
     assert len(json.loads((tmp_path / INDEX).read_text())["weight_map"]) == 13
-    assert any("older shards left in place" in note and "model-00003-of-00003.safetensors" in note
-               for note in result.notes)
+    assert any(
+        "older shards left in place" in note and "model-00003-of-00003.safetensors" in note for note in result.notes
+    )
 
 
-def test_failure_mid_write_leaves_no_shard_under_a_final_name(tmp_path: Path, write_rules: Callable[..., Path],
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failure_mid_write_leaves_no_shard_under_a_final_name(
+    tmp_path: Path, write_rules: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = tmp_path / "src.safetensors"
     save_file(state(), str(src))
-    (tmp_path / INDEX).write_text("{\"weight_map\": {}}")  # an older index must survive a failed run
+    (tmp_path / INDEX).write_text('{"weight_map": {}}')  # an older index must survive a failed run
     calls = []
 
     def failing_load(self: Source, key: str) -> torch.Tensor:
@@ -213,14 +224,19 @@ def test_failure_mid_write_leaves_no_shard_under_a_final_name(tmp_path: Path, wr
             raise TensorOpError(f"tensor '{key}': disk on fire")
         return load_file(str(src))[key]
 
-    from ckptx.io.read.safetensors_reader import SafetensorsSource  # noqa: PLC0415
+    from ckptx.io.read.safetensors_reader import SafetensorsSource
 
     monkeypatch.setattr(SafetensorsSource, "load", failing_load)
     with pytest.raises(TensorOpError, match="disk on fire"):
-        ckptx.convert(src, tmp_path / INDEX, write_rules("ckptx: 1\nsteps: [{scale: {match: layers, by: 2}}]\n"),
-                      max_shard_size=1000, force=True)
+        ckptx.convert(
+            src,
+            tmp_path / INDEX,
+            write_rules("ckptx: 1\nsteps: [{scale: {match: layers, by: 2}}]\n"),
+            max_shard_size=1000,
+            force=True,
+        )
     assert shards_of(tmp_path) == []
-    assert (tmp_path / INDEX).read_text() == "{\"weight_map\": {}}"
+    assert (tmp_path / INDEX).read_text() == '{"weight_map": {}}'
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -228,18 +244,47 @@ def test_cli_flag_and_sizes(tmp_path: Path, write_rules: Callable[..., Path]) ->
     src = tmp_path / "src.safetensors"
     save_file(state(), str(src))
     out, err = io.StringIO(), io.StringIO()
-    code = main(["convert", str(src), "-r", str(write_rules("ckptx: 1\n")), "-o", str(tmp_path / "m.safetensors"),
-                 "--max-shard-size", "2.1KB", "--json"], stdout=out, stderr=err)
+    code = main(
+        [
+            "convert",
+            str(src),
+            "-r",
+            str(write_rules("ckptx: 1\n")),
+            "-o",
+            str(tmp_path / "m.safetensors"),
+            "--max-shard-size",
+            "2.1KB",
+            "--json",
+        ],
+        stdout=out,
+        stderr=err,
+    )
     assert code == 0 and json.loads(out.getvalue())["destination"] == str(tmp_path / "m.safetensors.index.json")
     assert len(shards_of(tmp_path, "m")) == 3
     bad = io.StringIO()
-    assert main(["convert", str(src), "-r", "x.yaml", "-o", "y.safetensors", "--max-shard-size", "5XB"],
-                stdout=io.StringIO(), stderr=bad) == 2
+    assert (
+        main(
+            ["convert", str(src), "-r", "x.yaml", "-o", "y.safetensors", "--max-shard-size", "5XB"],
+            stdout=io.StringIO(),
+            stderr=bad,
+        )
+        == 2
+    )
     assert "'5XB' is not a size" in bad.getvalue()
 
 
-@pytest.mark.parametrize("text,size", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("10kib", 10240),
-                                       ("1.5 MiB", 3 * 2**19), ("123", 123), ("7 KB", 7000)])
+@pytest.mark.parametrize(
+    "text,size",
+    [
+        ("5GB", 5 * 10**9),
+        ("500MB", 5 * 10**8),
+        ("2GiB", 2 * 2**30),
+        ("10kib", 10240),
+        ("1.5 MiB", 3 * 2**19),
+        ("123", 123),
+        ("7 KB", 7000),
+    ],
+)
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
 
@@ -257,15 +302,22 @@ steps: [%s]
 """
 
 
-def test_verify_checks_the_staged_shards_before_publishing(tmp_path: Path, safetensors_file: Path,
-                                                           write_rules: Callable[..., Path]) -> None:
+def test_verify_checks_the_staged_shards_before_publishing(
+    tmp_path: Path, safetensors_file: Path, write_rules: Callable[..., Path]
+) -> None:
     with allow_factories([TINY_TARGET]):  # the tests' own factory, named in a file: the user allows it
-        result = ckptx.convert(safetensors_file, tmp_path / INDEX, write_rules(VERIFIED % ""), max_shard_size=200,
-                               verify=True)
+        result = ckptx.convert(
+            safetensors_file, tmp_path / INDEX, write_rules(VERIFIED % ""), max_shard_size=200, verify=True
+        )
         assert result.verification.ok and len(shards_of(tmp_path)) > 1 and (tmp_path / INDEX).exists()
         out = tmp_path / "bad"
         out.mkdir()
         with pytest.raises(VerificationFailed):
-            ckptx.convert(safetensors_file, out / INDEX, write_rules(VERIFIED % "{scale: {match: '^fc\\.bias$', by: 3}}",
-                                                                     "bad.yaml"), max_shard_size=200, verify=True)
+            ckptx.convert(
+                safetensors_file,
+                out / INDEX,
+                write_rules(VERIFIED % "{scale: {match: '^fc\\.bias$', by: 3}}", "bad.yaml"),
+                max_shard_size=200,
+                verify=True,
+            )
     assert list(out.iterdir()) == []

@@ -7,26 +7,26 @@ import io
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import ckptx
+from ckptx import plan as plan_recipe
+from ckptx.check.validation import validate
 from ckptx.cli import main
 from ckptx.conversion.in_memory import apply
+from ckptx.dtypes import TensorMeta
 from ckptx.errors import SourceError, TensorOpError
 from ckptx.io import spans
 from ckptx.io.read.open import open_source
 from ckptx.io.read.safetensors_reader import SafetensorsSource
+from ckptx.io.spans import SpanCopier, convert_span, read_span
 from ckptx.io.write.safetensors_writer import write_safetensors
 from ckptx.planning.source import RawSpan
-from ckptx.io.spans import SpanCopier, convert_span, read_span
-from ckptx.dtypes import TensorMeta
-from ckptx import plan as plan_recipe
-from ckptx.check.validation import validate
 from tests.conftest import subprocess_env
 from tests.io.test_torch_zip_spans import special_state
 
@@ -57,8 +57,9 @@ def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, tor
 
 
 @pytest.mark.parametrize("kind", ["zip", "legacy", "safetensors"])
-def test_streamed_output_equals_the_eager_conversion(tmp_path: Path, kind: str,
-                                                      write_rules: Callable[..., Path]) -> None:
+def test_streamed_output_equals_the_eager_conversion(
+    tmp_path: Path, kind: str, write_rules: Callable[..., Path]
+) -> None:
     state = special_state()
     src, dst = write_source(tmp_path, kind, state), tmp_path / "out.safetensors"
     rules = write_rules(RECIPE)
@@ -135,13 +136,16 @@ def test_source_shorter_than_a_span_is_a_one_line_error(tmp_path: Path) -> None:
         convert_span(out, RawSpan(str(src), 0, 100), bytes)
 
 
-def test_progress_moves_during_one_long_raw_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                 write_rules: Callable[..., Path]) -> None:
+def test_progress_moves_during_one_long_raw_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_rules: Callable[..., Path]
+) -> None:
     monkeypatch.setattr(spans, "CHUNK", 4096)
     src = tmp_path / "big.safetensors"
     save_file({"a": torch.randn(64, 1024), "b": torch.randn(16)}, str(src))
     calls: list[tuple[int, int]] = []
-    ckptx.convert(src, tmp_path / "out.safetensors", write_rules("ckptx: 1\n"), progress=lambda d, t: calls.append((d, t)))
+    ckptx.convert(
+        src, tmp_path / "out.safetensors", write_rules("ckptx: 1\n"), progress=lambda d, t: calls.append((d, t))
+    )
     total = (64 * 1024 + 16) * 4
     assert len(calls) >= 64 and calls[-1] == (total, total)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
@@ -157,12 +161,24 @@ def test_cli_shows_rate_and_eta_on_a_terminal_only(tmp_path: Path, write_rules: 
     save_file({"a": torch.randn(256, 256)}, str(src))
     rules = write_rules("ckptx: 1\n")
     err = _Tty()
-    assert main(["convert", str(src), "-r", str(rules), "-o", str(tmp_path / "a.safetensors")],
-                stdout=io.StringIO(), stderr=err) == 0
+    assert (
+        main(
+            ["convert", str(src), "-r", str(rules), "-o", str(tmp_path / "a.safetensors")],
+            stdout=io.StringIO(),
+            stderr=err,
+        )
+        == 0
+    )
     assert "/s" in err.getvalue() and "ETA" in err.getvalue()
     quiet = _Tty()
-    assert main(["convert", str(src), "-r", str(rules), "-o", str(tmp_path / "b.safetensors"), "--json"],
-                stdout=io.StringIO(), stderr=quiet) == 0
+    assert (
+        main(
+            ["convert", str(src), "-r", str(rules), "-o", str(tmp_path / "b.safetensors"), "--json"],
+            stdout=io.StringIO(),
+            stderr=quiet,
+        )
+        == 0
+    )
     assert quiet.getvalue() == ""
 
 
@@ -186,7 +202,9 @@ def test_plan_never_reads_tensor_data(tmp_path: Path, write_rules: Callable[...,
     plan = plan_recipe(recipe, NoData(path))
     assert {e.key: str(e.meta) for e in plan.entries} == {"net.w": "float16[8, 8]", "net.b": "float32[8]"}
     assert validate(plan, {"net.w": torch.empty(8, 8, dtype=torch.float16), "net.b": torch.empty(8)}).ok
-    result = ckptx.convert(path, None, recipe, dry_run=True, target={"net.w": torch.empty(8, 8), "net.b": torch.empty(8)})
+    result = ckptx.convert(
+        path, None, recipe, dry_run=True, target={"net.w": torch.empty(8, 8), "net.b": torch.empty(8)}
+    )
     assert result.report.ok and not result.written
 
 
@@ -200,22 +218,32 @@ print(code, 'torch' in sys.modules)
 
 @pytest.mark.parametrize("cast", [False, True])
 @pytest.mark.parametrize(("kind", "imports_torch"), [("safetensors", False), ("zip", False), ("legacy", True)])
-def test_copy_and_float_cast_never_import_torch(tmp_path: Path, kind: str, imports_torch: bool, cast: bool,
-                                                write_rules: Callable[..., Path]) -> None:
+def test_copy_and_float_cast_never_import_torch(
+    tmp_path: Path, kind: str, imports_torch: bool, cast: bool, write_rules: Callable[..., Path]
+) -> None:
     """Copying safetensors and torch zip files, and casting floats, pay no torch start-up; a legacy pickle
     (torch.load) does."""
     state = {"module.w": torch.randn(4, 4), "module.b": torch.randn(4)}
     src = write_source(tmp_path, kind, state)
     dst = tmp_path / "out.safetensors"
-    rules = write_rules("""
+    rules = (
+        write_rules("""
         ckptx: 1
         extends: common/strip-module-prefix
         steps:
           - cast: {dtype: bfloat16}
-    """) if cast else "common/strip-module-prefix"
+    """)
+        if cast
+        else "common/strip-module-prefix"
+    )
     argv = ["convert", str(src), "-o", str(dst), "-r", str(rules)]
-    done = subprocess.run([sys.executable, "-c", _IMPORTS_AFTER_CONVERT, *argv], env=subprocess_env(),
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_AFTER_CONVERT, *argv],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert done.stdout.split()[-2:] == ["0", str(imports_torch)]
     out = load_file(str(dst))
     for key, value in state.items():
@@ -226,19 +254,31 @@ def test_a_safetensors_conversion_imports_no_reader_or_writer_of_other_formats(t
     """Start-up: the torch file, DCP and ZeRO readers, the .pth writer, reverse and verify are imported only
     by the runs that use them (100 ms of `import ckptx.cli`), jsonschema only when a rule file is read (53 ms)."""
     src = write_source(tmp_path, "safetensors", {"w": torch.randn(2)})
-    code = ("import sys\nfrom ckptx.cli import main\n"
-            f"assert main(['convert', {str(src)!r}, '-o', {str(tmp_path / 'o.safetensors')!r}]) == 0\n"
-            "print('loaded:', ' '.join(sorted(m for m in sys.modules if m.startswith(('ckptx', 'jsonschema')))))")
-    done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
-                          check=True)
+    code = (
+        "import sys\nfrom ckptx.cli import main\n"
+        f"assert main(['convert', {str(src)!r}, '-o', {str(tmp_path / 'o.safetensors')!r}]) == 0\n"
+        "print('loaded:', ' '.join(sorted(m for m in sys.modules if m.startswith(('ckptx', 'jsonschema')))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, check=True
+    )
     loaded = set(done.stdout.split("loaded:")[-1].split())
-    unused = {"ckptx.io.read.torch_reader", "ckptx.io.read.torch_zip", "ckptx.io.read.dcp_reader", "ckptx.io.read.zero_reader", "ckptx.io.write.torch_writer",
-              "ckptx.conversion.reverse", "ckptx.check.numerical", "jsonschema"}
+    unused = {
+        "ckptx.io.read.torch_reader",
+        "ckptx.io.read.torch_zip",
+        "ckptx.io.read.dcp_reader",
+        "ckptx.io.read.zero_reader",
+        "ckptx.io.write.torch_writer",
+        "ckptx.conversion.reverse",
+        "ckptx.check.numerical",
+        "jsonschema",
+    }
     assert "ckptx.io.write.safetensors_writer" in loaded and not loaded & unused, sorted(loaded & unused)
 
 
-def test_a_regex_rename_of_safetensors_imports_neither_torch_nor_numpy(tmp_path: Path,
-                                                                        write_rules: Callable[..., Path]) -> None:
+def test_a_regex_rename_of_safetensors_imports_neither_torch_nor_numpy(
+    tmp_path: Path, write_rules: Callable[..., Path]
+) -> None:
     """The rename-only path is ckptx's own start-up and the copy: no 0.1 s numpy or 0.3-3 s torch import."""
     state = {f"model.layers.{i}.w": torch.randn(2) for i in range(3)}
     src = write_source(tmp_path, "safetensors", state)
@@ -250,7 +290,12 @@ def test_a_regex_rename_of_safetensors_imports_neither_torch_nor_numpy(tmp_path:
           - drop: ['\.2\.w$']
     """)
     code = _IMPORTS_AFTER_CONVERT.replace("'torch' in sys.modules", "'torch' in sys.modules, 'numpy' in sys.modules")
-    done = subprocess.run([sys.executable, "-c", code, "convert", str(src), "-o", str(dst), "-r", str(rules)],
-                          env=subprocess_env(), capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code, "convert", str(src), "-o", str(dst), "-r", str(rules)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert done.stdout.split()[-3:] == ["0", "False", "False"]
     assert sorted(load_file(str(dst))) == ["blocks.1.w", "blocks.3.w"]

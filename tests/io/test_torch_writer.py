@@ -12,33 +12,60 @@ import warnings
 import zipfile
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import ckptx
+from ckptx import plan as plan_recipe
 from ckptx.errors import CkptxError
 from ckptx.io.crc import WINDOW, span_crc
 from ckptx.io.read.open import open_source
 from ckptx.io.read.state_dict import MappingSource
-from ckptx.planning.source import RawSpan
+from ckptx.io.read.torch_zip import ZipSpanSource
 from ckptx.io.write.torch_layout import plan_layout
 from ckptx.io.write.torch_pickle import PickledStorage, PickledTensor, state_dict_pickle
 from ckptx.io.write.torch_writer import write_archive, write_torch
-from ckptx.io.read.torch_zip import ZipSpanSource
-from ckptx import plan as plan_recipe
+from ckptx.planning.source import RawSpan
 from ckptx.rules.recipe import Recipe
 from tests.conftest import subprocess_env
 from tests.helpers.models import TiedNet, randomized
 
 # Every dtype torch.save can write (torch/storage.py: the legacy storage types and `_new_dtypes`).
-DTYPES = ["float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-          "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2", "int64", "int32", "int16", "int8", "uint64",
-          "uint32", "uint16", "uint8", "bool", "complex128", "complex64", "complex32", "bcomplex32", "bits8",
-          "bits16", "bits1x8", "bits2x4", "bits4x2"]
+DTYPES = [
+    "float64",
+    "float32",
+    "float16",
+    "bfloat16",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+    "float4_e2m1fn_x2",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint64",
+    "uint32",
+    "uint16",
+    "uint8",
+    "bool",
+    "complex128",
+    "complex64",
+    "complex32",
+    "bcomplex32",
+    "bits8",
+    "bits16",
+    "bits1x8",
+    "bits2x4",
+    "bits4x2",
+]
 NO_CHANGE = "ckptx: 1\n"
 RENAME = "ckptx: 1\nsteps: [{add_prefix: net.}]\n"
 
@@ -68,8 +95,9 @@ def same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize("name", [n for n in DTYPES if hasattr(torch, n)])  # bcomplex32 is newer than torch 2.13
-def test_every_dtype_round_trips_copied_from_memory_and_computed(tmp_path: Path, name: str,
-                                                                 write_rules: Callable[..., Path]) -> None:
+def test_every_dtype_round_trips_copied_from_memory_and_computed(
+    tmp_path: Path, name: str, write_rules: Callable[..., Path]
+) -> None:
     tensor = sample(getattr(torch, name))
     src, dst = tmp_path / "src.pth", tmp_path / "out.pth"
     with warnings.catch_warnings():
@@ -159,8 +187,9 @@ def test_a_tensor_and_its_transpose_share_one_storage(tmp_path: Path, write_rule
 
 
 @pytest.mark.parametrize("zip_format", [True, False])
-def test_non_contiguous_tensors_keep_their_values(tmp_path: Path, zip_format: bool,
-                                                  write_rules: Callable[..., Path]) -> None:
+def test_non_contiguous_tensors_keep_their_values(
+    tmp_path: Path, zip_format: bool, write_rules: Callable[..., Path]
+) -> None:
     base = torch.randn(6, 8)
     state = {"transposed": base.t(), "strided": base[:, ::3]}  # expand()ed (overlapping) views are refused on read
     src, dst = tmp_path / "src.pth", tmp_path / "out.pth"
@@ -172,8 +201,13 @@ def test_non_contiguous_tensors_keep_their_values(tmp_path: Path, zip_format: bo
 
 
 def test_zero_dim_and_empty_tensors_round_trip(tmp_path: Path, write_rules: Callable[..., Path]) -> None:
-    state = {"scalar": torch.tensor(3.5), "steps": torch.tensor(7), "empty": torch.zeros(0, 4),
-             "empty_bf16": torch.zeros(2, 0, dtype=torch.bfloat16), "flag": torch.tensor(True)}
+    state = {
+        "scalar": torch.tensor(3.5),
+        "steps": torch.tensor(7),
+        "empty": torch.zeros(0, 4),
+        "empty_bf16": torch.zeros(2, 0, dtype=torch.bfloat16),
+        "flag": torch.tensor(True),
+    }
     src, dst = tmp_path / "src.safetensors", tmp_path / "out.pth"
     save_file(state, str(src))
     convert(src, dst, write_rules)
@@ -192,8 +226,9 @@ def test_metadata_is_kept_when_modules_are_not_renamed(tmp_path: Path, write_rul
     assert type(out._metadata) is OrderedDict and out._metadata["1"]["version"] == 2
 
 
-def test_metadata_is_dropped_with_a_note_when_modules_are_renamed(tmp_path: Path,
-                                                                 write_rules: Callable[..., Path]) -> None:
+def test_metadata_is_dropped_with_a_note_when_modules_are_renamed(
+    tmp_path: Path, write_rules: Callable[..., Path]
+) -> None:
     state = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3)).state_dict()
     src, dst = tmp_path / "src.pth", tmp_path / "out.pth"
     torch.save(state, src)
@@ -213,8 +248,9 @@ def test_output_loads_with_weights_only_and_mmap(tmp_path: Path, write_rules: Ca
         assert torch.equal(out[key], value), key
 
 
-def test_output_loads_when_torch_computes_storage_offsets_itself(tmp_path: Path,
-                                                                 write_rules: Callable[..., Path]) -> None:
+def test_output_loads_when_torch_computes_storage_offsets_itself(
+    tmp_path: Path, write_rules: Callable[..., Path]
+) -> None:
     from torch.utils.serialization import config
 
     state = {f"t{i}": torch.randn(i + 1, 3) for i in range(5)} | {"empty": torch.zeros(0), "odd": torch.ones(3, 3, 3)}
@@ -245,8 +281,9 @@ def test_output_is_what_torch_save_writes_but_the_serialization_id(tmp_path: Pat
     ident = zipfile.ZipFile(dst).getinfo("archive/.data/serialization_id").header_offset
     assert len(ours) == len(theirs) and ours[:ident] == theirs[:ident]
     ours_infos, theirs_infos = zipfile.ZipFile(dst).infolist(), zipfile.ZipFile(expected).infolist()
-    assert [(i.filename, i.header_offset, i.file_size) for i in ours_infos] == \
-           [(i.filename, i.header_offset, i.file_size) for i in theirs_infos]
+    assert [(i.filename, i.header_offset, i.file_size) for i in ours_infos] == [
+        (i.filename, i.header_offset, i.file_size) for i in theirs_infos
+    ]
 
 
 def test_sizes_and_offsets_past_32_bits_pickle_as_numbers() -> None:
@@ -263,14 +300,19 @@ def test_sizes_and_offsets_past_32_bits_pickle_as_numbers() -> None:
             return pid
 
     loaded = Reader(io.BytesIO(state_dict_pickle([("w", tensor)]))).load()
-    assert loaded["w"][:4] == (("storage", "torch.FloatStorage", "0", "cpu", 3 * 2**31), 2**31 + 5, (3, 2**31 - 5),
-                               (2**31 - 5, 1))
+    assert loaded["w"][:4] == (
+        ("storage", "torch.FloatStorage", "0", "cpu", 3 * 2**31),
+        2**31 + 5,
+        (3, 2**31 - 5),
+        (2**31 - 5, 1),
+    )
 
 
 @pytest.mark.parametrize("recipe", [NO_CHANGE, "ckptx: 1\nsteps: [{cast: {dtype: bfloat16}}]\n"])
 @pytest.mark.parametrize("kind", ["safetensors", "zip", "zip without crc32"])
-def test_every_record_has_the_right_crc32(tmp_path: Path, kind: str, recipe: str,
-                                          write_rules: Callable[..., Path]) -> None:
+def test_every_record_has_the_right_crc32(
+    tmp_path: Path, kind: str, recipe: str, write_rules: Callable[..., Path]
+) -> None:
     state = {"a": torch.randn(64, 33), "b": torch.arange(10, dtype=torch.int32), "c": torch.randn(300_000)}
     if kind == "safetensors":
         src = tmp_path / "src.safetensors"
@@ -294,7 +336,7 @@ def test_span_crc_is_zlibs_crc_of_the_bytes(tmp_path: Path, offset: int, nbytes:
     data = os.urandom(offset + nbytes + 11)
     path = tmp_path / "data.bin"
     path.write_bytes(data)
-    assert span_crc(RawSpan(str(path), offset, nbytes)) == zlib.crc32(data[offset:offset + nbytes])
+    assert span_crc(RawSpan(str(path), offset, nbytes)) == zlib.crc32(data[offset : offset + nbytes])
 
 
 def test_zip64_form_loads_with_torch_and_zipfile(tmp_path: Path) -> None:
@@ -324,8 +366,9 @@ def test_ckptx_reads_its_output_without_torch(tmp_path: Path, write_rules: Calla
             assert torch.equal(source.load(key), value), key
 
 
-def test_safetensors_to_pth_through_the_cli(tmp_path: Path, run_cli: Callable[..., Any],
-                                            write_rules: Callable[..., Path]) -> None:
+def test_safetensors_to_pth_through_the_cli(
+    tmp_path: Path, run_cli: Callable[..., Any], write_rules: Callable[..., Path]
+) -> None:
     state = {"layer.weight": torch.randn(8, 4), "layer.bias": torch.randn(8)}
     src, dst = tmp_path / "src.safetensors", tmp_path / "out.pth"
     save_file(state, str(src))
@@ -336,8 +379,13 @@ def test_safetensors_to_pth_through_the_cli(tmp_path: Path, run_cli: Callable[..
     assert all(torch.equal(out[f"net.{k}"], v) for k, v in state.items())
 
 
-def test_pth_to_pth_through_the_cli(tmp_path: Path, run_cli: Callable[..., Any], ddp_checkpoint: Path,
-                                    tiny_state: dict[str, torch.Tensor], write_rules: Callable[..., Path]) -> None:
+def test_pth_to_pth_through_the_cli(
+    tmp_path: Path,
+    run_cli: Callable[..., Any],
+    ddp_checkpoint: Path,
+    tiny_state: dict[str, torch.Tensor],
+    write_rules: Callable[..., Path],
+) -> None:
     dst = tmp_path / "out.pth"
     rules = write_rules("ckptx: 1\nextract: model\nsteps: [{strip_prefix: module.}]\n")
     result = run_cli("convert", ddp_checkpoint, "-r", rules, "-o", dst)

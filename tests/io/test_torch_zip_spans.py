@@ -91,8 +91,15 @@ def test_load_of_a_spanned_tensor_equals_torch_load(tmp_path: Path) -> None:
 def test_spans_inside_a_training_checkpoint_with_other_objects(tmp_path: Path) -> None:
     state = special_state()
     path = tmp_path / "train.pth"
-    torch.save({"epoch": 3, "args": argparse.Namespace(lr=0.1), "optimizer": {"state": {0: {"m": torch.ones(3)}}},
-                "model": {f"module.{k}": v for k, v in state.items()}}, path)
+    torch.save(
+        {
+            "epoch": 3,
+            "args": argparse.Namespace(lr=0.1),
+            "optimizer": {"state": {0: {"m": torch.ones(3)}}},
+            "model": {f"module.{k}": v for k, v in state.items()},
+        },
+        path,
+    )
     with open_source(path, ["model"], allow_globals=["argparse.Namespace"]) as source:
         span = source.raw_span("module.ints")
         assert span is not None
@@ -141,7 +148,10 @@ def test_a_plain_checkpoint_is_read_without_torch_and_equals_torch_load(tmp_path
     with open_source(path) as source:
         assert isinstance(source, ZipSpanSource)
         assert source.extracted_from == "state_dict"
-        assert source.top_level == {"epoch": "int 3", "state_dict": f"dict ({len(state)} entries, {len(state)} tensors)"}
+        assert source.top_level == {
+            "epoch": "int 3",
+            "state_dict": f"dict ({len(state)} entries, {len(state)} tensors)",
+        }
         for key, value in state.items():
             assert str(source.tensors[key]) == f"{str(value.dtype)[6:]}{list(value.shape)}", key
             span = source.raw_span(key)
@@ -171,10 +181,13 @@ def test_a_module_state_dict_keeps_its_metadata_without_torch(tmp_path: Path) ->
         assert source.state_metadata == state._metadata
 
 
-@pytest.mark.parametrize(("extra", "why"), [
-    ({"args": argparse.Namespace(lr=0.1)}, "a global the stub does not model: torch's safe loader decides"),
-    ({"model.t": torch.randn(3, 4).t()}, "a non-contiguous tensor: torch computes it"),
-])
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        ({"args": argparse.Namespace(lr=0.1)}, "a global the stub does not model: torch's safe loader decides"),
+        ({"model.t": torch.randn(3, 4).t()}, "a non-contiguous tensor: torch computes it"),
+    ],
+)
 def test_anything_unusual_is_read_by_torch(tmp_path: Path, extra: dict, why: str) -> None:
     path = tmp_path / "unusual.pth"
     torch.save({"model.w": torch.ones(2), **extra}, path)

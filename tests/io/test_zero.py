@@ -15,9 +15,9 @@ import struct
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 
 from ckptx.errors import SourceError
 from ckptx.io.read.open import open_source
-from ckptx.io.read.zero_reader import ZeroSource
 from ckptx.io.read.zero_pickle import RefusedGlobalError
+from ckptx.io.read.zero_reader import ZeroSource
 from tests.conftest import subprocess_env
 from tests.helpers.deepspeed_train import launch
 
@@ -37,8 +37,7 @@ IDENTITY = "ckptx: 1\nname: identity\nsteps: []\n"
 
 if importlib.util.find_spec("deepspeed") is None:  # fail loudly: these tests never skip silently
     if os.environ.get("CKPTX_ALLOW_MISSING_REAL") != "1":
-        pytest.fail("deepspeed is not installed (requirements/test.txt pins it; run `make venv`)",
-                    pytrace=False)
+        pytest.fail("deepspeed is not installed (requirements/test.txt pins it; run `make venv`)", pytrace=False)
     pytest.skip("deepspeed is not installed (CKPTX_ALLOW_MISSING_REAL=1)", allow_module_level=True)
 
 
@@ -75,8 +74,17 @@ def zero_run(tmp_path_factory: pytest.TempPathFactory) -> ZeroRun:
     root = Path(reuse) if reuse else tmp_path_factory.mktemp("zero")
     launch(root / "ckpt", stages=(2, 3), dtypes=("fp32", "bf16"), width=256)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, str(HELPERS / "zero_reference.py"), str(root / "ref"),
-                           *(str(root / "ckpt" / n) for n in FOLDERS)], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(HELPERS / "zero_reference.py"),
+            str(root / "ref"),
+            *(str(root / "ckpt" / n) for n in FOLDERS),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return ZeroRun(root)
 
@@ -119,13 +127,18 @@ def patch_int_after(data: bytes, section: str, name: str, new: int) -> bytes:
         if op.name in ("BINPUT", "LONG_BINPUT"):
             memo[arg] = top
             continue
-        top = arg if op.name in ("BINUNICODE", "SHORT_BINUNICODE") else memo.get(arg) if op.name in (
-            "BINGET", "LONG_BINGET") else None
+        top = (
+            arg
+            if op.name in ("BINUNICODE", "SHORT_BINUNICODE")
+            else memo.get(arg)
+            if op.name in ("BINGET", "LONG_BINGET")
+            else None
+        )
         if state == 0 and top == section or state == 1 and top == name:
             state += 1
         elif state == 2 and op.name in ("BININT1", "BININT2", "BININT"):
             width = {"BININT1": "<B", "BININT2": "<H", "BININT": "<i"}[op.name]
-            return data[:pos + 1] + struct.pack(width, new) + data[pos + 1 + struct.calcsize(width):]
+            return data[: pos + 1] + struct.pack(width, new) + data[pos + 1 + struct.calcsize(width) :]
     raise AssertionError(f"no integer after {section}/{name}")
 
 
@@ -199,11 +212,14 @@ def test_parameter_split_across_ranks_is_one_run_in_each_rank_file(zero_run: Zer
 
 
 @pytest.mark.parametrize("name", ["zero2-fp32", "zero3-fp32"])
-def test_convert_to_pth_copies_every_parameter_and_equals_zero_to_fp32(zero_run: ZeroRun, tmp_path: Path,
-                                                                       name: str, write_rules: Callable) -> None:
+def test_convert_to_pth_copies_every_parameter_and_equals_zero_to_fp32(
+    zero_run: ZeroRun, tmp_path: Path, name: str, write_rules: Callable
+) -> None:
     out = tmp_path / "out.pth"
-    code = (f"import sys, ckptx; ckptx.convert({str(zero_run.folder(name))!r}, {str(out)!r}, "
-            f"{str(write_rules(IDENTITY))!r}); print('torch' in sys.modules)")
+    code = (
+        f"import sys, ckptx; ckptx.convert({str(zero_run.folder(name))!r}, {str(out)!r}, "
+        f"{str(write_rules(IDENTITY))!r}); print('torch' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], env=blocked_env(tmp_path), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "False"  # every tensor copied as bytes: nothing computed
@@ -250,24 +266,42 @@ def blocked_env(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "blocker").mkdir()
     (tmp_path / "blocker" / "sitecustomize.py").write_text(BLOCKER, encoding="utf-8")
     env = subprocess_env()
-    return {**env, "PYTHONPATH": os.pathsep.join([str(tmp_path / "blocker"), env["PYTHONPATH"]]),
-            "DEEPSPEED_MARKER": str(tmp_path / "imported")}
+    return {
+        **env,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "blocker"), env["PYTHONPATH"]]),
+        "DEEPSPEED_MARKER": str(tmp_path / "imported"),
+    }
 
 
 def test_blocker_makes_deepspeed_unimportable(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-c", "import deepspeed"], env=blocked_env(tmp_path),
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", "import deepspeed"], env=blocked_env(tmp_path), capture_output=True, text=True
+    )
     assert done.returncode != 0 and "deepspeed was imported" in done.stderr
     assert (tmp_path / "imported").is_file()
 
 
 @pytest.mark.parametrize("name", ["zero2-fp32", "zero3-bf16"])
-def test_cli_convert_without_deepspeed_equals_zero_to_fp32(zero_run: ZeroRun, tmp_path: Path, name: str,
-                                                           write_rules: Callable) -> None:
+def test_cli_convert_without_deepspeed_equals_zero_to_fp32(
+    zero_run: ZeroRun, tmp_path: Path, name: str, write_rules: Callable
+) -> None:
     out = tmp_path / "out.safetensors"
-    done = subprocess.run([sys.executable, "-m", "ckptx", "convert", str(zero_run.folder(name)),
-                           "-r", str(write_rules(IDENTITY)), "-o", str(out)],
-                          env=blocked_env(tmp_path), capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ckptx",
+            "convert",
+            str(zero_run.folder(name)),
+            "-r",
+            str(write_rules(IDENTITY)),
+            "-o",
+            str(out),
+        ],
+        env=blocked_env(tmp_path),
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "imported").exists()
     got, want = load_file(out), zero_run.reference(name)
@@ -275,8 +309,9 @@ def test_cli_convert_without_deepspeed_equals_zero_to_fp32(zero_run: ZeroRun, tm
     assert set(got) == set(want)
 
 
-def test_refused_global_in_optim_states_runs_nothing(zero_run: ZeroRun, tmp_path: Path, run_cli: Callable,
-                                                     write_rules: Callable) -> None:
+def test_refused_global_in_optim_states_runs_nothing(
+    zero_run: ZeroRun, tmp_path: Path, run_cli: Callable, write_rules: Callable
+) -> None:
     folder = zero_run.copy("zero3-fp32", tmp_path)
     victim = folder / TAG / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     marker = tmp_path / "payload-ran"
@@ -313,7 +348,7 @@ def test_truncated_rank_file_is_a_one_line_error(zero_run: ZeroRun, tmp_path: Pa
 def test_truncated_partition_record_is_a_one_line_error(zero_run: ZeroRun, tmp_path: Path, run_cli: Callable) -> None:
     folder = zero_run.copy("zero2-fp32", tmp_path)
     victim = folder / TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    rewrite_zip(victim, lambda name, data: data[:len(data) // 2] if "/data/" in name else data)
+    rewrite_zip(victim, lambda name, data: data[: len(data) // 2] if "/data/" in name else data)
     err = one_line_error(run_cli("inspect", folder))
     assert str(victim) in err and "single_partition_of_fp32_groups[0]" in err and "truncated" in err
 
@@ -334,25 +369,36 @@ def test_missing_rank_file_is_a_one_line_error(zero_run: ZeroRun, tmp_path: Path
 
 def test_world_size_mismatch_is_a_one_line_error(zero_run: ZeroRun, tmp_path: Path, run_cli: Callable) -> None:
     folder = zero_run.copy("zero2-fp32", tmp_path)
-    shutil.copy(folder / TAG / "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-                folder / TAG / "zero_pp_rank_2_mp_rank_00_optim_states.pt")
+    shutil.copy(
+        folder / TAG / "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        folder / TAG / "zero_pp_rank_2_mp_rank_00_optim_states.pt",
+    )
     err = one_line_error(run_cli("inspect", folder))
     assert str(folder / TAG) in err and "3 *_optim_states.pt files for world size 2" in err
 
 
-@pytest.mark.parametrize(("name", "model_states", "numel"), [
-    ("zero3-fp32", "zero_pp_rank_0_mp_rank_00_model_states.pt", 261),
-    ("zero3-fp32", "zero_pp_rank_0_mp_rank_00_model_states.pt", 255),
-    # 1545 vector elements in group 1, 1547 after: both 1548 when aligned to 4, so only the end is past
-    ("zero2-fp32", "mp_rank_00_model_states.pt", 261),
-    ("zero2-fp32", "mp_rank_00_model_states.pt", 200),
-], ids=["zero3-more-than-held", "zero3-less", "zero2-past-the-end-within-alignment", "zero2-less"])
-def test_sizes_that_do_not_add_up_are_a_one_line_error(zero_run: ZeroRun, tmp_path: Path, run_cli: Callable,
-                                                       name: str, model_states: str, numel: int) -> None:
+@pytest.mark.parametrize(
+    ("name", "model_states", "numel"),
+    [
+        ("zero3-fp32", "zero_pp_rank_0_mp_rank_00_model_states.pt", 261),
+        ("zero3-fp32", "zero_pp_rank_0_mp_rank_00_model_states.pt", 255),
+        # 1545 vector elements in group 1, 1547 after: both 1548 when aligned to 4, so only the end is past
+        ("zero2-fp32", "mp_rank_00_model_states.pt", 261),
+        ("zero2-fp32", "mp_rank_00_model_states.pt", 200),
+    ],
+    ids=["zero3-more-than-held", "zero3-less", "zero2-past-the-end-within-alignment", "zero2-less"],
+)
+def test_sizes_that_do_not_add_up_are_a_one_line_error(
+    zero_run: ZeroRun, tmp_path: Path, run_cli: Callable, name: str, model_states: str, numel: int
+) -> None:
     folder = zero_run.copy(name, tmp_path)
     victim = folder / TAG / model_states  # blocks.0.0.bias has 259 elements
-    rewrite_zip(victim, lambda name, data: patch_int_after(data, "param_shapes", "blocks.0.0.bias", numel)
-                if name.endswith("/data.pkl") else data)
+    rewrite_zip(
+        victim,
+        lambda name, data: (
+            patch_int_after(data, "param_shapes", "blocks.0.0.bias", numel) if name.endswith("/data.pkl") else data
+        ),
+    )
     err = one_line_error(run_cli("inspect", folder))
     assert str(victim) in err and "do not add up" in err
 

@@ -3,30 +3,38 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ckptx.conversion.pipeline import convert
 import ckptx
+from ckptx.conversion.pipeline import convert
 from ckptx.errors import PlanError
-from ckptx.rules.recipe import Recipe
 from ckptx.rules.loader import load_rules
+from ckptx.rules.recipe import Recipe
 
 
 def recipe(tmp_path: Path, steps: str, params: Mapping[str, Any] | None = None, head: str = "") -> Recipe:
     """A recipe from the YAML text of its `steps:` list (dedented)."""
     path = tmp_path / "steps.yaml"
-    path.write_text("ckptx: 1\n" + textwrap.dedent(head) + "steps:\n" + textwrap.indent(textwrap.dedent(steps), "  "),
-                    encoding="utf-8")
+    path.write_text(
+        "ckptx: 1\n" + textwrap.dedent(head) + "steps:\n" + textwrap.indent(textwrap.dedent(steps), "  "),
+        encoding="utf-8",
+    )
     return load_rules(path, params=params)
 
 
-def apply(tmp_path: Path, steps: str, state: Mapping[str, torch.Tensor], target: Any = None,
-          params: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+def apply(
+    tmp_path: Path,
+    steps: str,
+    state: Mapping[str, torch.Tensor],
+    target: Any = None,
+    params: Mapping[str, Any] | None = None,
+) -> dict[str, torch.Tensor]:
     """The steps applied in memory; also checks the streaming writer produces the same tensors."""
     made = recipe(tmp_path, steps, params)
     in_memory = ckptx.apply(made, state, target)
@@ -37,7 +45,9 @@ def apply(tmp_path: Path, steps: str, state: Mapping[str, torch.Tensor], target:
     return in_memory
 
 
-def stream(tmp_path: Path, made: Recipe, state: Mapping[str, torch.Tensor], target: Any = None) -> dict[str, torch.Tensor]:
+def stream(
+    tmp_path: Path, made: Recipe, state: Mapping[str, torch.Tensor], target: Any = None
+) -> dict[str, torch.Tensor]:
     """Write `state` to a safetensors file, convert it to another with the writer, read the result."""
     src, dst = tmp_path / "src.safetensors", tmp_path / "dst.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(src))

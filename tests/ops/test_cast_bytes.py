@@ -10,23 +10,47 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckptx.conversion.pipeline import convert
-from ckptx.io.write import safetensors_writer
-from ckptx.io import spans
-from ckptx.planning.expr import SourceRef, byte_converter, node
 from ckptx.dtypes import TensorMeta
+from ckptx.io import spans
+from ckptx.io.write import safetensors_writer
+from ckptx.planning.expr import SourceRef, byte_converter, node
 
 FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
 def hard_values(dtype: torch.dtype, *, nan: bool = True) -> torch.Tensor:
     """Zeros, subnormals, extremes, infinities, NaN, rounding ties of every target type, and random values."""
-    special = [0.0, -0.0, 1.0, -1.0, 1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-11, 1 + 3 * 2**-11, 65504.0, 65520.0, 1e5,
-               -1e5, 6e-8, 3e-8, 1e-40, -1e-40, 1e-45, 3.4e38, -3.4e38, 1e300, 1e-300, float("inf"),
-               float("-inf")] + [float("nan")] * nan
+    special = [
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        1 + 2**-8,
+        1 + 3 * 2**-8,
+        1 + 2**-11,
+        1 + 3 * 2**-11,
+        65504.0,
+        65520.0,
+        1e5,
+        -1e5,
+        6e-8,
+        3e-8,
+        1e-40,
+        -1e-40,
+        1e-45,
+        3.4e38,
+        -3.4e38,
+        1e300,
+        1e-300,
+        float("inf"),
+        float("-inf"),
+    ] + [float("nan")] * nan
     finite = torch.finfo(dtype)
     special += [finite.max, finite.min, finite.tiny, finite.tiny / 4]
     generator = torch.Generator().manual_seed(0)
-    noise = torch.randn(4000, generator=generator, dtype=torch.float64) * torch.logspace(-30, 30, 4000, dtype=torch.float64)
+    noise = torch.randn(4000, generator=generator, dtype=torch.float64) * torch.logspace(
+        -30, 30, 4000, dtype=torch.float64
+    )
     return torch.cat([torch.tensor(special, dtype=torch.float64), noise]).to(dtype)
 
 
@@ -42,8 +66,9 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
 def test_byte_kernel_equals_torch_to(source: torch.dtype, target: torch.dtype) -> None:
     """The numpy kernel itself (a chunk with no NaN), bit for bit."""
     values = hard_values(source, nan=False)
-    expr = node("cast", [SourceRef("w", TensorMeta(tuple(values.shape), str(source)[6:]))], "here",
-                dtype=str(target)[6:])
+    expr = node(
+        "cast", [SourceRef("w", TensorMeta(tuple(values.shape), str(source)[6:]))], "here", dtype=str(target)[6:]
+    )
     key, convert_bytes = byte_converter(expr)
     raw = values.view(torch.uint8).numpy().tobytes()
     out = torch.frombuffer(bytearray(convert_bytes(raw)), dtype=target)
@@ -52,10 +77,12 @@ def test_byte_kernel_equals_torch_to(source: torch.dtype, target: torch.dtype) -
     assert torch.equal(out.view(torch.uint8), values.to(target).view(torch.uint8))
 
 
-NAN_BITS = {torch.float16: [0x7E00, 0xFE00, 0x7C01, 0x7DFF, 0x7E01, 0xFFFF],
-            torch.bfloat16: [0x7FC0, 0xFFC0, 0x7F81, 0x7FBF, 0x7FC1, 0xFFFF],
-            torch.float32: [0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FBFFFFF, 0xFF800001, 0x7FFFFFFF],
-            torch.float64: [0x7FF8000000000000, -0x0008000000000000, 0x7FF0000000000001, 0x7FF7FFFFFFFFFFFF]}
+NAN_BITS = {
+    torch.float16: [0x7E00, 0xFE00, 0x7C01, 0x7DFF, 0x7E01, 0xFFFF],
+    torch.bfloat16: [0x7FC0, 0xFFC0, 0x7F81, 0x7FBF, 0x7FC1, 0xFFFF],
+    torch.float32: [0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FBFFFFF, 0xFF800001, 0x7FFFFFFF],
+    torch.float64: [0x7FF8000000000000, -0x0008000000000000, 0x7FF0000000000001, 0x7FF7FFFFFFFFFFFF],
+}
 AS_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -66,8 +93,9 @@ def test_nan_payloads_are_the_bytes_torch_writes(source: torch.dtype, target: to
     bits = [b - (1 << 8 * size) if b >= 1 << (8 * size - 1) else b for b in NAN_BITS[source]]
     nans = torch.tensor(bits * 8, dtype=AS_INT[size]).view(source)
     values = torch.cat([hard_values(source, nan=False)[:50], nans, hard_values(source, nan=False)[50:100]])
-    expr = node("cast", [SourceRef("w", TensorMeta(tuple(values.shape), str(source)[6:]))], "here",
-                dtype=str(target)[6:])
+    expr = node(
+        "cast", [SourceRef("w", TensorMeta(tuple(values.shape), str(source)[6:]))], "here", dtype=str(target)[6:]
+    )
     _, convert_bytes = byte_converter(expr)
     out = bytes(convert_bytes(values.view(torch.uint8).numpy().tobytes()))
     assert out == values.to(target).view(torch.uint8).numpy().tobytes()

@@ -15,10 +15,14 @@ def test_shrink_keeps_the_first_rows(tmp_path) -> None:
 
 def test_grow_with_zeros_and_mean(tmp_path) -> None:
     state = {"embed.weight": randn(10, 4), "head.weight": randn(10, 4, seed=1)}
-    out = apply(tmp_path, r"""
+    out = apply(
+        tmp_path,
+        r"""
         - resize: {match: '^embed\.', size: 13, fill: zeros}
         - resize: {match: '^head\.', size: 12, fill: mean}
-    """, state)
+    """,
+        state,
+    )
     assert torch.equal(out["embed.weight"], torch.cat([state["embed.weight"], torch.zeros(3, 4)]))
     mean = state["head.weight"].mean(dim=0, keepdim=True)
     assert torch.equal(out["head.weight"], torch.cat([state["head.weight"], mean, mean]))

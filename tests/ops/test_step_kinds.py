@@ -18,8 +18,8 @@ COMMON = {"strict", "when", "comment"}
 def _readme_step_names() -> set[str]:
     """The step names in the first column of the README's step table (`| \\`unsqueeze\\` / \\`squeeze\\` | ...`)."""
     text = README.read_text(encoding="utf-8")
-    table = text[text.index("| `drop` |"):]
-    table = table[:table.index("\n\n")]
+    table = text[text.index("| `drop` |") :]
+    table = table[: table.index("\n\n")]
     return {name for row in table.splitlines() for name in re.findall(r"`(\w+)`", row.split("|")[1])}
 
 

@@ -26,15 +26,20 @@ def test_class_token_and_a_square_grid_to_an_explicit_grid(tmp_path) -> None:
 
 def test_registers_and_class_token_with_a_grid_from_the_target(tmp_path) -> None:
     state = {"pos_embed": randn(1, 5 + 4 * 4, 6)}
-    out = apply(tmp_path, "- resample_pos_embed: {match: '^pos_embed$', prefix_tokens: 5}\n", state,
-                target={"pos_embed": torch.zeros(1, 5 + 7 * 7, 6)})
+    out = apply(
+        tmp_path,
+        "- resample_pos_embed: {match: '^pos_embed$', prefix_tokens: 5}\n",
+        state,
+        target={"pos_embed": torch.zeros(1, 5 + 7 * 7, 6)},
+    )
     assert torch.equal(out["pos_embed"], _reference_resample(state["pos_embed"], (4, 4), (7, 7), 5))
 
 
 def test_non_square_source_grid_and_2d_embedding_in_bfloat16(tmp_path) -> None:
     state = {"pos": randn(2 + 3 * 5, 4, dtype=torch.bfloat16)}
-    out = apply(tmp_path, "- resample_pos_embed: {match: pos, prefix_tokens: 2, source_grid: [3, 5], grid: [6, 4]}\n",
-                state)
+    out = apply(
+        tmp_path, "- resample_pos_embed: {match: pos, prefix_tokens: 2, source_grid: [3, 5], grid: [6, 4]}\n", state
+    )
     expected = _reference_resample(state["pos"].unsqueeze(0), (3, 5), (6, 4), 2).squeeze(0)
     assert out["pos"].dtype == torch.bfloat16 and torch.equal(out["pos"], expected)
 
@@ -46,8 +51,9 @@ def test_same_grid_is_left_untouched(tmp_path) -> None:
 
 
 def test_prefix_tokens_are_never_guessed(tmp_path) -> None:
-    message = plan_problems(tmp_path, "- resample_pos_embed: {match: pos, prefix_tokens: 0, grid: [4, 4]}\n",
-                            {"pos": randn(1, 1 + 9, 4)})
+    message = plan_problems(
+        tmp_path, "- resample_pos_embed: {match: pos, prefix_tokens: 0, grid: [4, 4]}\n", {"pos": randn(1, 1 + 9, 4)}
+    )
     assert "the source has 10 grid tokens, not a square grid; give source_grid: [height, width]" in message
 
 
@@ -62,7 +68,9 @@ def _reference_adapt(weight: torch.Tensor, channels: int) -> torch.Tensor:
 def test_adapt_rgb_stem_to_one_four_and_seven_channels(tmp_path) -> None:
     for channels in (1, 4, 7):
         state = {"stem.conv.weight": randn(8, 3, 3, 3, seed=channels, dtype=torch.float16)}
-        out = apply(tmp_path, f"- adapt_in_channels: {{match: '^stem\\.conv\\.weight$', channels: {channels}}}\n", state)
+        out = apply(
+            tmp_path, f"- adapt_in_channels: {{match: '^stem\\.conv\\.weight$', channels: {channels}}}\n", state
+        )
         assert torch.equal(out["stem.conv.weight"], _reference_adapt(state["stem.conv.weight"], channels)), channels
 
 
@@ -70,8 +78,12 @@ def test_adapt_space_to_depth_stem_to_one_channel_and_from_the_target(tmp_path) 
     weight = randn(4, 12, 2, 2)
     out = apply(tmp_path, "- adapt_in_channels: {match: w, channels: 1}\n", {"w": weight})
     assert torch.equal(out["w"], weight.reshape(4, 4, 3, 2, 2).sum(dim=2))
-    out = apply(tmp_path, "- adapt_in_channels: {match: w, channels: target}\n", {"w": randn(2, 3, 1, 1)},
-                target={"w": torch.zeros(2, 5, 1, 1)})
+    out = apply(
+        tmp_path,
+        "- adapt_in_channels: {match: w, channels: target}\n",
+        {"w": randn(2, 3, 1, 1)},
+        target={"w": torch.zeros(2, 5, 1, 1)},
+    )
     assert out["w"].shape == (2, 5, 1, 1)
 
 

@@ -12,6 +12,7 @@ A library that is not installed FAILS these tests (a plain ``pytest`` never
 skips them silently); set ``CKPTX_ALLOW_MISSING_REAL=1`` to turn that into a
 reported skip on a machine that deliberately lacks them.
 """
+
 from __future__ import annotations
 
 import os

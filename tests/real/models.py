@@ -19,6 +19,7 @@ Importing this module sets ``HF_HUB_OFFLINE=1`` (and friends) before any
 HuggingFace library can be imported.  The heavy libraries are imported lazily
 inside the builders.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -26,7 +27,8 @@ import importlib.util
 import os
 import re
 import warnings
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
     os.environ.setdefault(_var, "1")
@@ -34,7 +36,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 
-from .official_convnextv2 import OFFICIAL_SIZES, build_official  # noqa: E402,F401
+from .official_convnextv2 import OFFICIAL_SIZES, build_official  # noqa: E402
 
 __all__ = [
     "SIZES",
@@ -230,8 +232,12 @@ def expected_shapes(lib: str, size: str, num_classes: int = 1000) -> dict[str, t
             names = dict(dw="dwconv", norm="norm", pw1="pwconv1", pw2="pwconv2", grn_w="grn.gamma", grn_b="grn.beta")
         else:
             names = dict(
-                dw="depthwise_conv", norm="norm", pw1="pointwise_conv1", pw2="pointwise_conv2",
-                grn_w="grn.gamma", grn_b="grn.beta",
+                dw="depthwise_conv",
+                norm="norm",
+                pw1="pointwise_conv1",
+                pw2="pointwise_conv2",
+                grn_w="grn.gamma",
+                grn_b="grn.beta",
             )
         for i, (n, C) in enumerate(zip(depths, dims)):
             for j in range(n):
@@ -246,7 +252,9 @@ def expected_shapes(lib: str, size: str, num_classes: int = 1000) -> dict[str, t
     elif lib == "timm":
         pair("stem.0", (d0, 3, 4, 4), (d0,))
         pair("stem.1", (d0,), (d0,))
-        names = dict(dw="conv_dw", norm="norm", pw1="mlp.fc1", pw2="mlp.fc2", grn_w="mlp.grn.weight", grn_b="mlp.grn.bias")
+        names = dict(
+            dw="conv_dw", norm="norm", pw1="mlp.fc1", pw2="mlp.fc2", grn_w="mlp.grn.weight", grn_b="mlp.grn.bias"
+        )
         conv_mlp = size in TIMM_CONV_MLP_SIZES
         for i, (n, C) in enumerate(zip(depths, dims)):
             if i > 0:
@@ -311,7 +319,9 @@ def _apply_rules(key: str, rules) -> str:
     raise KeyError(f"no rule for {key!r}")
 
 
-def reference_convert(ckpt: Mapping[str, Any], lib: str, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+def reference_convert(
+    ckpt: Mapping[str, Any], lib: str, model: torch.nn.Module | None = None
+) -> dict[str, torch.Tensor]:
     """Convert an official checkpoint/state_dict to ``lib`` layout, without ckptx.
 
     * ``timm``: timm's own ``checkpoint_filter_fn`` (needs ``model`` for the

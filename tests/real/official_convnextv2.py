@@ -9,13 +9,15 @@ here under the official names. This module adds what only the tests need:
 :func:`make_official_checkpoint` (the release file ``{'model': state_dict}``,
 or the training checkpoint with ``optimizer``, ``epoch``, ``scaler``, ``args``).
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
 import math
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -47,9 +49,9 @@ __all__ = [
 
 # The model itself ships with ckptx (`ckptx.reference.convnextv2`, the source model of `--verify`);
 # the tests in test_reference_models.py prove it faithful against timm's own converter.
-from ckptx.reference.convnextv2 import GRN, Block, ConvNeXtV2, DropPath, LayerNorm  # noqa: E402,F401
-from ckptx.reference.convnextv2 import SIZES as OFFICIAL_SIZES  # noqa: E402
-from ckptx.reference.convnextv2 import build as _build  # noqa: E402
+from ckptx.reference.convnextv2 import GRN, Block, ConvNeXtV2, DropPath, LayerNorm
+from ckptx.reference.convnextv2 import SIZES as OFFICIAL_SIZES
+from ckptx.reference.convnextv2 import build as _build
 
 
 def build_official(size: str, **kwargs) -> ConvNeXtV2:
@@ -65,8 +67,16 @@ def _factory(size: str):
     return make
 
 
-convnextv2_atto, convnextv2_femto, convnextv2_pico, convnextv2_nano, convnextv2_tiny, convnextv2_base, \
-    convnextv2_large, convnextv2_huge = (_factory(size) for size in OFFICIAL_SIZES)
+(
+    convnextv2_atto,
+    convnextv2_femto,
+    convnextv2_pico,
+    convnextv2_nano,
+    convnextv2_tiny,
+    convnextv2_base,
+    convnextv2_large,
+    convnextv2_huge,
+) = (_factory(size) for size in OFFICIAL_SIZES)
 convnext_pico = convnextv2_pico  # the official file's spelling
 
 

@@ -13,8 +13,11 @@ from .models import build, logits, reference_convert, seeded_input
 from .official_convnextv2 import build_official, make_official_checkpoint, randomize_
 
 SIZES = ["atto", "femto"]
-TARGETS = {"timm": "convnextv2/official-to-timm", "hf": "convnextv2/official-to-hf",
-           "mmpretrain": "convnextv2/official-to-mmpretrain"}
+TARGETS = {
+    "timm": "convnextv2/official-to-timm",
+    "hf": "convnextv2/official-to-hf",
+    "mmpretrain": "convnextv2/official-to-mmpretrain",
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +34,20 @@ def official(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch.
 
 
 def _convert(run_cli, src: Path, recipe: str, dst: Path, size: str, *extra: str):
-    result = run_cli("convert", src, "-r", recipe, "-o", dst, "--set", f"size={size}",
-                     "--allow-global", "argparse.Namespace", "--json", *extra)
+    result = run_cli(
+        "convert",
+        src,
+        "-r",
+        recipe,
+        "-o",
+        dst,
+        "--set",
+        f"size={size}",
+        "--allow-global",
+        "argparse.Namespace",
+        "--json",
+        *extra,
+    )
     assert result.code == 0, result.out + result.err
     return result.json
 
@@ -43,7 +58,9 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("lib", list(TARGETS))
-def test_official_recipe_loads_strictly_and_matches_logits(run_cli, official, tmp_path: Path, lib: str, size: str) -> None:
+def test_official_recipe_loads_strictly_and_matches_logits(
+    run_cli, official, tmp_path: Path, lib: str, size: str
+) -> None:
     require_library(lib)
     source_model, src = official[size]
     dst = tmp_path / f"{lib}-{size}.safetensors"
@@ -106,12 +123,16 @@ def test_verification_failure_writes_nothing(run_cli, official, tmp_path: Path, 
     """A shape-preserving mistake (transposed 7x7 kernels) passes validation but fails --verify: exit 1."""
     require_library("timm")
     _, src = official["atto"]
-    broken = write_rules("ckptx: 1\nname: broken\nextends: convnextv2/official-to-timm\n"
-                         "steps: [{permute: {match: 'conv_dw\\.weight$', dims: [0, 1, 3, 2]}}]\n")
+    broken = write_rules(
+        "ckptx: 1\nname: broken\nextends: convnextv2/official-to-timm\n"
+        "steps: [{permute: {match: 'conv_dw\\.weight$', dims: [0, 1, 3, 2]}}]\n"
+    )
     dst = tmp_path / "broken.safetensors"
     result = run_cli("convert", src, "-r", broken, "-o", dst, "--allow-global", "argparse.Namespace", "--verify")
     assert result.code == 1
-    assert result.out.startswith("verification: FAILED: ckptx.factories:convnextv2_timm vs ckptx.reference.convnextv2:build")
+    assert result.out.startswith(
+        "verification: FAILED: ckptx.factories:convnextv2_timm vs ckptx.reference.convnextv2:build"
+    )
     assert result.out.endswith("nothing was written\n")
     assert not dst.exists() and not list(tmp_path.glob(".broken*"))
 

@@ -15,9 +15,20 @@ from .conftest import require_library
 PAIRS = [
     ("timm/convnextv2-to-hf", "hf/convnextv2-to-timm", {"size": "atto"}, ("timm", "hf")),  # size is inferred otherwise
     ("vit/timm-to-hf", "vit/hf-to-timm", {"layers": 2, "image_size": 32, "num_classes": 10}, ("timm", "hf")),
-    ("llama/llama-to-fused-qkv", "llama/fused-qkv-to-llama",
-     {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 48, "layers": 2, "heads": 4, "kv_heads": 2,
-      "max_positions": 64}, ("hf",)),
+    (
+        "llama/llama-to-fused-qkv",
+        "llama/fused-qkv-to-llama",
+        {
+            "vocab_size": 128,
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "layers": 2,
+            "heads": 4,
+            "kv_heads": 2,
+            "max_positions": 64,
+        },
+        ("hf",),
+    ),
 ]
 
 
@@ -28,8 +39,10 @@ def test_inverted_recipe_undoes_the_forward_one_like_the_shipped_reverse(forward
     recipe = load_rules(forward, params=params)
     source = build_model(recipe.verify.source_model, recipe.verify.source_kwargs, "test", device="cpu")
     generator = torch.Generator().manual_seed(0)
-    original = {k: (torch.randn(v.shape, generator=generator) if v.is_floating_point() else v.clone())
-                for k, v in source.state_dict().items()}
+    original = {
+        k: (torch.randn(v.shape, generator=generator) if v.is_floating_point() else v.clone())
+        for k, v in source.state_dict().items()
+    }
     converted = apply(recipe, original, recipe.target)
     inverted = reverse_recipe(recipe)  # traced on the recipe's verify source model where shapes are needed
     back = apply(inverted.recipe, converted, inverted.recipe.target)

@@ -18,9 +18,14 @@ def test_backbone_only_from_mmengine_checkpoint(run_cli, tmp_path: Path) -> None
     classifier = randomize_(build("mmpretrain", "atto"), seed=3).eval()
     optimizer = torch.optim.SGD(classifier.parameters(), lr=0.1, momentum=0.9)
     src = tmp_path / "epoch_12.pth"
-    save_checkpoint({"meta": {"epoch": 12, "iter": 1200, "mmengine_version": "0.10.7"},
-                     "state_dict": weights_to_cpu(classifier.state_dict()),
-                     "optimizer": optimizer.state_dict()}, str(src))
+    save_checkpoint(
+        {
+            "meta": {"epoch": 12, "iter": 1200, "mmengine_version": "0.10.7"},
+            "state_dict": weights_to_cpu(classifier.state_dict()),
+            "optimizer": optimizer.state_dict(),
+        },
+        str(src),
+    )
     dst = tmp_path / "backbone.pth"
     result = run_cli("convert", src, "-r", "mmpretrain/backbone-only", "-o", dst)
     assert result.code == 0, result.out + result.err

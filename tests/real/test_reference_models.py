@@ -12,6 +12,7 @@
 
 No ckptx code is used here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -330,7 +331,6 @@ def test_ckptx_is_the_installed_wheel():
     must equal the checkout's ckptx/ (catches a stale install).
     """
     import importlib.util
-    import os
     from pathlib import Path
 
     spec = importlib.util.find_spec("ckptx")

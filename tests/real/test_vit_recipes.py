@@ -30,17 +30,26 @@ def _randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 def _timm_vit(img_size: int = 32, seed: int = 0, **kwargs) -> torch.nn.Module:
     import timm
 
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=img_size, num_classes=10,
-                              **kwargs)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, depth=2, img_size=img_size, num_classes=10, **kwargs
+    )
     return _randomized(model, seed)
 
 
 def _hf_vit(image_size: int = 32, seed: int = 0) -> torch.nn.Module:
     from ckptx.factories import transformers_model
 
-    model = transformers_model("ViTForImageClassification", hidden_size=192, num_hidden_layers=2, num_attention_heads=3,
-                               intermediate_size=768, patch_size=16, image_size=image_size, num_labels=10,
-                               layer_norm_eps=1e-6)
+    model = transformers_model(
+        "ViTForImageClassification",
+        hidden_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=768,
+        patch_size=16,
+        image_size=image_size,
+        num_labels=10,
+        layer_norm_eps=1e-6,
+    )
     return _randomized(model, seed)
 
 
@@ -115,12 +124,26 @@ def test_resized_position_embedding_matches_timms_resample(run_cli, timm_file, t
 
     source, src = timm_file
     dst = tmp_path / "hf64.safetensors"
-    result = run_cli("convert", src, "-r", "vit/timm-to-hf", "-o", dst, "--set", "layers=2", "--set", "num_classes=10",
-                     "--set", "image_size=64", "--set", "resize_pos_embed=true", "--json")
+    result = run_cli(
+        "convert",
+        src,
+        "-r",
+        "vit/timm-to-hf",
+        "-o",
+        dst,
+        "--set",
+        "layers=2",
+        "--set",
+        "num_classes=10",
+        "--set",
+        "image_size=64",
+        "--set",
+        "resize_pos_embed=true",
+        "--json",
+    )
     assert result.code == 0, result.out + result.err
     converted = load_file(str(dst))
-    expected = resample_abs_pos_embed(source.pos_embed.detach(), new_size=[4, 4], num_prefix_tokens=1,
-                                      antialias=False)
+    expected = resample_abs_pos_embed(source.pos_embed.detach(), new_size=[4, 4], num_prefix_tokens=1, antialias=False)
     assert torch.equal(converted["vit.embeddings.position_embeddings"], expected)
     # timm's own model at 64x64 with timm's resampled weights computes what the converted HF model computes
     timm64 = _timm_vit(img_size=64, seed=7)
@@ -138,8 +161,10 @@ def test_adapt_in_channels_equals_timms_adapt_input_conv(timm_file, tmp_path: Pa
 
     source, _ = timm_file
     rules = tmp_path / "adapt.yaml"
-    rules.write_text("ckptx: 1\nsteps:\n  - adapt_in_channels: {match: '^patch_embed\\.proj\\.weight$', "
-                     "channels: target}\n", encoding="utf-8")
+    rules.write_text(
+        "ckptx: 1\nsteps:\n  - adapt_in_channels: {match: '^patch_embed\\.proj\\.weight$', channels: target}\n",
+        encoding="utf-8",
+    )
     target = _timm_vit(seed=11, in_chans=channels)
     out = apply(load_rules(rules), source.state_dict(), target)
     expected = adapt_input_conv(channels, source.state_dict()["patch_embed.proj.weight"])

@@ -22,7 +22,10 @@ def _write(folder: Path, name: str, text: str) -> Path:
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     """base/grand.yaml <- base/parent.yaml <- recipes/child.yaml (relative paths across folders)."""
-    _write(tmp_path, "base/grand.yaml", """\
+    _write(
+        tmp_path,
+        "base/grand.yaml",
+        """\
 ckptx: 1
 name: grand
 params: {prefix: backbone., dtype: float32}
@@ -33,8 +36,12 @@ steps:
 target:
   model: tests.helpers.models:tiny_net
   kwargs: {channels: 4, classes: 3}
-""")
-    _write(tmp_path, "base/parent.yaml", """\
+""",
+    )
+    _write(
+        tmp_path,
+        "base/parent.yaml",
+        """\
 ckptx: 1
 name: parent
 extends: grand.yaml
@@ -42,8 +49,12 @@ params: {prefix: neck.}
 extract: [state_dict]
 steps:
   - cast: {dtype: '${dtype}'}
-""")
-    return _write(tmp_path, "recipes/child.yaml", """\
+""",
+    )
+    return _write(
+        tmp_path,
+        "recipes/child.yaml",
+        """\
 ckptx: 1
 name: child
 description: the child
@@ -56,7 +67,8 @@ steps:
     when: {param: {with_head: false}}
 target:
   kwargs: {classes: 5}
-""")
+""",
+    )
 
 
 def test_three_levels_compose_in_order_with_inherited_target(tree: Path) -> None:
@@ -84,8 +96,7 @@ def test_set_overrides_every_level(tree: Path) -> None:
 def test_when_param_picks_the_step(tree: Path) -> None:
     state = {"module.fc.weight": torch.ones(2), "module.conv.weight": torch.ones(2)}
     assert sorted(apply(load_rules(tree), state)) == ["neck.conv.weight"]
-    assert sorted(apply(load_rules(tree, params={"with_head": True}), state)) == ["head.weight",
-                                                                                            "neck.conv.weight"]
+    assert sorted(apply(load_rules(tree, params={"with_head": True}), state)) == ["head.weight", "neck.conv.weight"]
 
 
 def test_when_has_key_and_no_key(write_rules) -> None:
@@ -103,8 +114,11 @@ def test_when_has_key_and_no_key(write_rules) -> None:
 
 
 def test_an_unknown_set_parameter_names_what_the_tree_declares(tree: Path) -> None:
-    with pytest.raises(RuleError, match=r"^--set: unknown parameter\(s\) prefx; the recipe declares: dtype, prefix, "
-                                        r"with_head$"):
+    with pytest.raises(
+        RuleError,
+        match=r"^--set: unknown parameter\(s\) prefx; the recipe declares: dtype, prefix, "
+        r"with_head$",
+    ):
         load_rules(tree, params={"prefx": "x"})
 
 
@@ -124,12 +138,22 @@ def test_extends_by_shipped_name(tmp_path: Path) -> None:
     assert recipe.extract == ("state_dict", "model", ".")
 
 
-@pytest.mark.parametrize("files, expected", [
-    ({"a.yaml": "extends: a.yaml"}, "a.yaml:2:10 extends: extends cycle: a.yaml -> a.yaml; remove one of these extends"),
-    ({"a.yaml": "extends: b.yaml", "b.yaml": "extends: [c.yaml]", "c.yaml": "extends: a.yaml"},
-     "c.yaml:2:10 extends: extends cycle: a.yaml -> b.yaml -> c.yaml -> a.yaml; remove one of these extends"),
-])
-def test_cycles_are_named_with_the_whole_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files, expected) -> None:
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        (
+            {"a.yaml": "extends: a.yaml"},
+            "a.yaml:2:10 extends: extends cycle: a.yaml -> a.yaml; remove one of these extends",
+        ),
+        (
+            {"a.yaml": "extends: b.yaml", "b.yaml": "extends: [c.yaml]", "c.yaml": "extends: a.yaml"},
+            "c.yaml:2:10 extends: extends cycle: a.yaml -> b.yaml -> c.yaml -> a.yaml; remove one of these extends",
+        ),
+    ],
+)
+def test_cycles_are_named_with_the_whole_chain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files, expected
+) -> None:
     monkeypatch.chdir(tmp_path)
     for name, text in files.items():
         _write(tmp_path, name, f"ckptx: 1\n{text}\n")
@@ -159,11 +183,22 @@ def test_problems_in_parents_and_child_are_reported_together(tmp_path: Path) -> 
 
 def test_a_child_verify_overrides_only_what_it_writes(tmp_path: Path) -> None:
     """A parent's `atol: 0.01` survives a child `verify:` that sets other fields (it used to reset to 1e-4)."""
-    _write(tmp_path, "parent.yaml", "ckptx: 1\nsteps: []\nverify: {source_model: 'a:b', input_shape: [1, 3], "
-                                    "atol: 0.01, output: logits}\n")
-    _write(tmp_path, "child.yaml", "ckptx: 1\nextends: parent.yaml\nsteps: []\n"
-                                   "verify: {source_model: 'c:d', input_shape: [2, 3], seed: 5}\n")
+    _write(
+        tmp_path,
+        "parent.yaml",
+        "ckptx: 1\nsteps: []\nverify: {source_model: 'a:b', input_shape: [1, 3], atol: 0.01, output: logits}\n",
+    )
+    _write(
+        tmp_path,
+        "child.yaml",
+        "ckptx: 1\nextends: parent.yaml\nsteps: []\nverify: {source_model: 'c:d', input_shape: [2, 3], seed: 5}\n",
+    )
     verify = load_rules(tmp_path / "child.yaml").verify
-    assert (verify.atol, verify.output, verify.seed, verify.source_model, verify.input_shape) == \
-        (0.01, "logits", 5, "c:d", (2, 3))
+    assert (verify.atol, verify.output, verify.seed, verify.source_model, verify.input_shape) == (
+        0.01,
+        "logits",
+        5,
+        "c:d",
+        (2, 3),
+    )
     assert verify.rtol == 1e-4  # neither wrote it: the default

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from ckptx.conversion.in_memory import apply
-from ckptx.errors import RuleError
 from ckptx.conversion.reverse import reverse_recipe
+from ckptx.errors import RuleError
 from ckptx.rules.loader import load_rules
 
 
@@ -72,12 +72,22 @@ def test_static_recipe_round_trips_bit_exactly(write_rules: Callable[..., Path])
 
 def test_reverse_of_the_static_recipe_reads_naturally(write_rules: Callable[..., Path]) -> None:
     steps = reverse_recipe(load_rules(write_rules(STATIC))).document["steps"]
-    assert [next(iter(s)) for s in steps] == ["drop", "drop", "squeeze", "permute", "split", "merge", "rename",
-                                              "add_prefix"]
+    assert [next(iter(s)) for s in steps] == [
+        "drop",
+        "drop",
+        "squeeze",
+        "permute",
+        "split",
+        "merge",
+        "rename",
+        "add_prefix",
+    ]
     assert steps[4]["split"] == {"match": r"^experts\.(w\d)$", "dim": 0, "into": r"moe.{i}.\1", "unbind": True}
     # rows with a longer literal start come first, so a general row cannot shadow a specific one
-    assert steps[6]["rename"] == [[r"^tok_embeddings\.", "embed."],
-                                  [r"^stages\.(\d+)\.blocks\.(\d+)\.", r"layer{\1 + 1}.\2."]]
+    assert steps[6]["rename"] == [
+        [r"^tok_embeddings\.", "embed."],
+        [r"^stages\.(\d+)\.blocks\.(\d+)\.", r"layer{\1 + 1}.\2."],
+    ]
     assert steps[0]["comment"].endswith("steps[7].set")
 
 
@@ -106,12 +116,16 @@ def test_shape_dependent_steps_need_the_source_layout(write_rules: Callable[...,
     path = write_rules(SHAPES)
     with pytest.raises(RuleError) as caught:
         reverse_recipe(load_rules(path))
-    assert str(caught.value) == (f"{path}:4:5 steps[0].cast: cast is not invertible: the dtypes it started from are "
-                                 "not in the rule; the source layout is needed; give the source layout "
-                                 "(--original CHECKPOINT|MANIFEST|module:callable)")
+    assert str(caught.value) == (
+        f"{path}:4:5 steps[0].cast: cast is not invertible: the dtypes it started from are "
+        "not in the rule; the source layout is needed; give the source layout "
+        "(--original CHECKPOINT|MANIFEST|module:callable)"
+    )
 
 
-def test_traced_on_the_source_layout_casts_reshapes_and_unequal_merges_round_trip(write_rules: Callable[..., Path]) -> None:
+def test_traced_on_the_source_layout_casts_reshapes_and_unequal_merges_round_trip(
+    write_rules: Callable[..., Path],
+) -> None:
     state = _gqa_state()
     path = write_rules(SHAPES)
     _assert_bit_exact(_round_trip(path, state, original=state), state)
@@ -133,13 +147,16 @@ def test_the_first_step_that_cannot_be_undone_is_named(write_rules: Callable[...
     assert str(caught.value) == f"{path}:4:5 steps[1].drop: drop is not invertible: the dropped tensors are gone"
 
 
-@pytest.mark.parametrize("step, reason", [
-    ("resize: {match: embed, size: 10}", "resize is not invertible: the rows it cuts or adds are not recorded"),
-    ("rename: [['^(\\w+)\\.(\\w+)$', '\\1']]", "does not use group 2 (\\w+) of '^(\\\\w+)\\\\.(\\\\w+)$'"),
-    ("rename: [['^layer(\\d+)', 'stage{\\1 * 2}']]", "only {\\N + c} and {\\N - c} can be undone, not {\\1 * 2}"),
-    ("rename: [['^a.b', 'c']]", "'.' outside a group matches more than one text"),
-    ("strip_prefix: {prefixes: [module.], common: true}", "which prefix each key lost depends on the checkpoint"),
-])
+@pytest.mark.parametrize(
+    "step, reason",
+    [
+        ("resize: {match: embed, size: 10}", "resize is not invertible: the rows it cuts or adds are not recorded"),
+        ("rename: [['^(\\w+)\\.(\\w+)$', '\\1']]", "does not use group 2 (\\w+) of '^(\\\\w+)\\\\.(\\\\w+)$'"),
+        ("rename: [['^layer(\\d+)', 'stage{\\1 * 2}']]", "only {\\N + c} and {\\N - c} can be undone, not {\\1 * 2}"),
+        ("rename: [['^a.b', 'c']]", "'.' outside a group matches more than one text"),
+        ("strip_prefix: {prefixes: [module.], common: true}", "which prefix each key lost depends on the checkpoint"),
+    ],
+)
 def test_non_invertible_steps_say_why(write_rules: Callable[..., Path], step: str, reason: str) -> None:
     path = write_rules(f"ckptx: 1\nsteps:\n  - {step}\n")
     with pytest.raises(RuleError) as caught:
@@ -149,8 +166,11 @@ def test_non_invertible_steps_say_why(write_rules: Callable[..., Path], step: st
 
 def test_a_lossy_cast_is_named_with_the_key(write_rules: Callable[..., Path]) -> None:
     path = write_rules("ckptx: 1\nsteps:\n  - cast: {dtype: float16}\n")
-    with pytest.raises(RuleError, match=r"steps\[0\]\.cast: cast is not invertible: casting 'w' from float32 to "
-                                        r"float16 loses information"):
+    with pytest.raises(
+        RuleError,
+        match=r"steps\[0\]\.cast: cast is not invertible: casting 'w' from float32 to "
+        r"float16 loses information",
+    ):
         reverse_recipe(load_rules(path), original={"w": _rand(2)})
 
 
@@ -161,8 +181,11 @@ def test_a_recipe_that_is_not_one_to_one_on_the_layout_is_caught(write_rules: Ca
         steps:
           - rename: [['\.attn\.', '.a.']]
     """)
-    with pytest.raises(RuleError, match=r"the reverse recipe does not give back <state_dict>: missing m\.a\.attn\.w; "
-                                        r"extra m\.attn\.a\.w"):
+    with pytest.raises(
+        RuleError,
+        match=r"the reverse recipe does not give back <state_dict>: missing m\.a\.attn\.w; "
+        r"extra m\.attn\.a\.w",
+    ):
         reverse_recipe(load_rules(path), original={"m.a.attn.w": _rand(1)})
 
 
@@ -212,13 +235,17 @@ def test_cli_invert_with_an_original_checkpoint_and_refusing_to_overwrite(run_cl
     result = run_cli("invert", path, "--original", original, "--json")
     assert result.code == 0 and result.json["traced_on"] == str(original)
     (tmp_path / "r.yaml").write_text("x")
-    assert "already exists; pass --force" in run_cli("invert", path, "--original", original, "-o", tmp_path / "r.yaml").err
+    assert (
+        "already exists; pass --force" in run_cli("invert", path, "--original", original, "-o", tmp_path / "r.yaml").err
+    )
 
 
 def test_reshape_to_the_target_inverts_to_unsqueezes_that_fit_every_size(write_rules, tmp_path: Path) -> None:
     state = {"a.fc.weight": _rand(4, 3, 1, 1), "b.fc.weight": _rand(6, 2, 1, 1, seed=1), "a.bias": _rand(4)}
-    save_file({"a.fc.weight": torch.zeros(4, 3), "b.fc.weight": torch.zeros(6, 2), "a.bias": torch.zeros(4)},
-              str(tmp_path / "target.safetensors"))
+    save_file(
+        {"a.fc.weight": torch.zeros(4, 3), "b.fc.weight": torch.zeros(6, 2), "a.bias": torch.zeros(4)},
+        str(tmp_path / "target.safetensors"),
+    )
     path = write_rules(r"""
         ckptx: 1
         steps:

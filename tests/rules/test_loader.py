@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -62,8 +62,13 @@ def test_missing_rule_file_is_named() -> None:
         load_rules("nowhere/x.yaml")
 
 
-@pytest.mark.parametrize("typed,meant", [("convnextv2/oficial-to-timm", "convnextv2/official-to-timm"),
-                                         ("strip-module-prefix", "common/strip-module-prefix")])
+@pytest.mark.parametrize(
+    "typed,meant",
+    [
+        ("convnextv2/oficial-to-timm", "convnextv2/official-to-timm"),
+        ("strip-module-prefix", "common/strip-module-prefix"),
+    ],
+)
 def test_a_mistyped_recipe_name_gets_did_you_mean(typed: str, meant: str) -> None:
     with pytest.raises(RuleError, match=f"did you mean '{meant}'"):
         load_rules(typed)

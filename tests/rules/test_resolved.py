@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from ckptx.conversion.in_memory import apply
-from ckptx.rules.loader import load_rules
 from ckptx.rules.flatten import dump, flatten
-from ckptx.rules.loader import load_rules_text
+from ckptx.rules.loader import load_rules, load_rules_text
 
 EVERY_STEP = r"""
 ckptx: 1
@@ -47,11 +44,17 @@ steps:
 
 def _state() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {"module.layer1.qkv": torch.randn(6, 2, generator=g), "module.layer1.experts": torch.randn(3, 2, generator=g),
-            "module.gamma": torch.randn(1, 4, generator=g), "module.conv": torch.randn(2, 3, generator=g),
-            "module.vec": torch.randn(3, generator=g), "module.emb": torch.randn(4, 2, generator=g),
-            "module.pos": torch.randn(1, 5, 2, generator=g), "module.stem": torch.randn(2, 3, 1, 1, generator=g),
-            "module.junk": torch.zeros(1)}
+    return {
+        "module.layer1.qkv": torch.randn(6, 2, generator=g),
+        "module.layer1.experts": torch.randn(3, 2, generator=g),
+        "module.gamma": torch.randn(1, 4, generator=g),
+        "module.conv": torch.randn(2, 3, generator=g),
+        "module.vec": torch.randn(3, generator=g),
+        "module.emb": torch.randn(4, 2, generator=g),
+        "module.pos": torch.randn(1, 5, 2, generator=g),
+        "module.stem": torch.randn(2, 3, 1, 1, generator=g),
+        "module.junk": torch.zeros(1),
+    }
 
 
 TARGET = {"net.gamma": torch.zeros(4), "net.stem": torch.zeros(2, 4, 1, 1)}

@@ -39,8 +39,16 @@ def test_every_problem_is_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> N
 def test_issue_example_builds_typed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(CASES / "valid" / "issue-example")
     recipe = load_rules("rule.yaml")
-    assert [s.op for s in recipe.steps] == ["drop", "keep", "strip_prefix", "add_prefix", "rename", "reshape",
-                                            "permute", "cast"]
+    assert [s.op for s in recipe.steps] == [
+        "drop",
+        "keep",
+        "strip_prefix",
+        "add_prefix",
+        "rename",
+        "reshape",
+        "permute",
+        "cast",
+    ]
     assert recipe.extract == ("model", "state_dict")
     assert recipe.target is not None and recipe.target.kwargs == {"model_name": "convnextv2_atto"}
     assert recipe.steps[4].where == "rule.yaml:10:5 steps[4].rename"

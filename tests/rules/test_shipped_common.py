@@ -28,8 +28,11 @@ def _same(model: nn.Module, state: dict) -> bool:
 
 @pytest.mark.parametrize("wrapper", ["state_dict", "model", "module", None])
 def test_extract_state_dict_finds_the_weights(tmp_path: Path, tiny_state: dict, wrapper: str | None) -> None:
-    checkpoint = tiny_state if wrapper is None else {
-        wrapper: tiny_state, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3, "meta": {"seed": 1}}
+    checkpoint = (
+        tiny_state
+        if wrapper is None
+        else {wrapper: tiny_state, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3, "meta": {"seed": 1}}
+    )
     assert _same(_roundtrip(tmp_path, checkpoint, "common/extract-state-dict"), tiny_state)
 
 
@@ -86,9 +89,14 @@ def test_ema_without_state_dict_either_is_an_error(tmp_path: Path, tiny_state: d
 @pytest.mark.parametrize("attribute", ["model", "net"])
 def test_lightning_to_plain_finds_the_attribute(tmp_path: Path, tiny_state: dict, attribute: str) -> None:
     checkpoint = {
-        "epoch": 4, "global_step": 400, "pytorch-lightning_version": "2.5.0",
+        "epoch": 4,
+        "global_step": 400,
+        "pytorch-lightning_version": "2.5.0",
         "state_dict": {f"{attribute}.{k}": v for k, v in tiny_state.items()},
-        "loops": {}, "callbacks": {}, "optimizer_states": [{"state": {}, "param_groups": []}],
-        "lr_schedulers": [], "hyper_parameters": {"lr": 0.1},
+        "loops": {},
+        "callbacks": {},
+        "optimizer_states": [{"state": {}, "param_groups": []}],
+        "lr_schedulers": [],
+        "hyper_parameters": {"lr": 0.1},
     }
     assert _same(_roundtrip(tmp_path, checkpoint, "common/lightning-to-plain"), tiny_state)

@@ -53,14 +53,26 @@ def test_rules_show_prints_file_with_origin(run_cli) -> None:
     assert rest.rstrip() == (shipped_rules_dir() / "common/strip-module-prefix.yaml").read_text().rstrip()
 
 
-def test_name_works_from_any_folder(run_cli, tmp_path: Path, ddp_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_name_works_from_any_folder(
+    run_cli, tmp_path: Path, ddp_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
-    result = run_cli("convert", ddp_checkpoint, "-r", "common/strip-module-prefix", "--dry-run", "--target",
-                     "tests.helpers.models:tiny_net")
+    result = run_cli(
+        "convert",
+        ddp_checkpoint,
+        "-r",
+        "common/strip-module-prefix",
+        "--dry-run",
+        "--target",
+        "tests.helpers.models:tiny_net",
+    )
     assert result.code == 0, result.err
 
 
 def test_unknown_name_suggests_rules_list(run_cli) -> None:
     result = run_cli("lint", "convnextv2/official-to-tim")
-    assert ("no rule file or shipped recipe named 'convnextv2/official-to-tim'; did you mean 'convnextv2/official-to-timm'"
-            in result.out and "see `ckptx rules list`" in result.out)
+    assert (
+        "no rule file or shipped recipe named 'convnextv2/official-to-tim'; did you mean 'convnextv2/official-to-timm'"
+        in result.out
+        and "see `ckptx rules list`" in result.out
+    )

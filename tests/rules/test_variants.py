@@ -10,10 +10,9 @@ from safetensors.torch import save_file
 
 import ckptx
 from ckptx import plan as plan_recipe
-from ckptx.rules.loader import load_rules
-from ckptx.rules.loader import load_rules_text
-from ckptx.rules.params import ParamsUnresolved
 from ckptx.check.inferred import AmbiguousVariant, NoVariantFits
+from ckptx.rules.loader import load_rules, load_rules_text
+from ckptx.rules.params import ParamsUnresolved
 from tests.helpers.models import tiny_net
 
 RECIPE = """ckptx: 1
@@ -38,13 +37,16 @@ def test_unset_inferred_param_is_the_choice_whose_target_validates(run_cli, writ
     result = run_cli("convert", _source(tmp_path, 4), "-r", write_rules(RECIPE), "--dry-run", "--json")
     assert result.code == 0, result.out
     doc = result.json
-    assert doc["inferred"] == {"channels": 4} and doc["validation"]["target"] == "tests.helpers.models:TinyNet(channels=4)"
+    assert (
+        doc["inferred"] == {"channels": 4} and doc["validation"]["target"] == "tests.helpers.models:TinyNet(channels=4)"
+    )
     assert any(n.startswith("channels=4 chosen from the source (channels among 2, 4, 8)") for n in doc["notes"])
 
 
 def test_a_set_value_is_used_without_searching(run_cli, write_rules, tmp_path: Path) -> None:
-    result = run_cli("convert", _source(tmp_path, 4), "-r", write_rules(RECIPE), "--set", "channels=4", "--dry-run",
-                     "--json")
+    result = run_cli(
+        "convert", _source(tmp_path, 4), "-r", write_rules(RECIPE), "--set", "channels=4", "--dry-run", "--json"
+    )
     assert result.code == 0 and result.json["inferred"] == {} and result.json["notes"] == []
 
 
@@ -60,8 +62,9 @@ def test_a_source_that_fits_no_choice_lists_every_try_closest_first(run_cli, wri
     assert result.code == 1 and not (tmp_path / "out.safetensors").exists()
     lines = result.out.splitlines()
     assert lines[0] == "choosing channels for tiny-by-width: no choice fits the source; tried 3, closest first:"
-    assert lines[1:4] == [f"  channels={c}: 2/9 target keys fit (7 with another shape, 0 missing), 0 unexpected"
-                          for c in (2, 4, 8)]
+    assert lines[1:4] == [
+        f"  channels={c}: 2/9 target keys fit (7 with another shape, 0 missing), 0 unexpected" for c in (2, 4, 8)
+    ]
     assert lines[-1] == "nothing was written"
 
 
@@ -74,18 +77,22 @@ def test_the_json_report_of_a_failed_search_has_every_attempt(run_cli, write_rul
 
 
 def test_two_choices_that_fit_but_convert_differently_are_ambiguous(tmp_path: Path) -> None:
-    recipe = load_rules_text("""ckptx: 1
+    recipe = load_rules_text(
+        """ckptx: 1
 name: tiny-halved
 params: {scale: {infer: [half, full]}}
 steps:
   - strip_prefix: module.
   - {scale: {match: '^conv', by: 0.5}, when: {param: {scale: half}}}
 target: {model: 'tests.helpers.models:TinyNet'}
-""", "r.yaml")
+""",
+        "r.yaml",
+    )
     with pytest.raises(AmbiguousVariant) as failed:
         ckptx.convert(_source(tmp_path, 4), None, recipe, dry_run=True)
-    assert str(failed.value).startswith("choosing scale for tiny-halved: 2 choices fit the source (scale=half; "
-                                        "scale=full); pass --set to pick one")
+    assert str(failed.value).startswith(
+        "choosing scale for tiny-halved: 2 choices fit the source (scale=half; scale=full); pass --set to pick one"
+    )
 
 
 def test_choices_that_convert_alike_for_a_live_model_need_no_choosing(tmp_path: Path) -> None:
@@ -105,7 +112,9 @@ def test_load_into_chooses_against_the_live_model(tmp_path: Path) -> None:
 def test_planning_a_recipe_still_to_choose_names_the_parameter(tmp_path: Path) -> None:
     with pytest.raises(ParamsUnresolved) as failed:
         plan_recipe(load_rules_text(RECIPE, "r.yaml"), _source(tmp_path, 4))
-    assert "r.yaml:4:13 params.channels: parameter 'channels' is chosen from the source (one of 2, 4, 8)" in str(failed.value)
+    assert "r.yaml:4:13 params.channels: parameter 'channels' is chosen from the source (one of 2, 4, 8)" in str(
+        failed.value
+    )
     assert "pass --set channels=..." in str(failed.value)
 
 
@@ -113,14 +122,19 @@ def test_a_pending_recipe_keeps_the_placeholder_and_lists_what_is_inferred() -> 
     recipe = load_rules_text(RECIPE, "r.yaml")
     assert [(p.name, p.choices) for p in recipe.inferred] == [("channels", (2, 4, 8))]
     assert recipe.target is not None and recipe.target.kwargs == {"channels": "${channels}"}
-    assert recipe.resolve({"channels": 8}).target.kwargs == {"channels": 8} and not recipe.resolve({"channels": 8}).inferred
+    assert (
+        recipe.resolve({"channels": 8}).target.kwargs == {"channels": 8}
+        and not recipe.resolve({"channels": 8}).inferred
+    )
 
 
 def test_rules_show_resolved_keeps_the_declaration_and_loads_back_pending(run_cli, write_rules, tmp_path: Path) -> None:
     result = run_cli("rules", "show", write_rules(RECIPE), "--resolved", "--json")
     assert result.code == 0, result.err
     flat = result.json["resolved"]
-    assert flat["params"] == {"channels": {"infer": [2, 4, 8]}} and flat["target"]["kwargs"] == {"channels": "${channels}"}
+    assert flat["params"] == {"channels": {"infer": [2, 4, 8]}} and flat["target"]["kwargs"] == {
+        "channels": "${channels}"
+    }
     shown = run_cli("rules", "show", write_rules(RECIPE), "--resolved").out.split("\n", 1)[1]
     again = run_cli("convert", _source(tmp_path, 8), "-r", write_rules(shown, name="flat.yaml"), "--dry-run", "--json")
     assert again.json["inferred"] == {"channels": 8}
@@ -138,11 +152,14 @@ def test_a_child_recipe_can_fix_an_inferred_parent_parameter(write_rules) -> Non
     assert not recipe.inferred and recipe.target is not None and recipe.target.kwargs == {"channels": 8}
 
 
-@pytest.mark.parametrize("declaration, message", [
-    ("{infer: []}", "params.channels"),
-    ("{infer: [2, 4], default: 2}", "params.channels"),
-    ("{choices: [2, 4]}", "params.channels"),
-])
+@pytest.mark.parametrize(
+    "declaration, message",
+    [
+        ("{infer: []}", "params.channels"),
+        ("{infer: [2, 4], default: 2}", "params.channels"),
+        ("{choices: [2, 4]}", "params.channels"),
+    ],
+)
 def test_a_malformed_declaration_is_a_schema_error_at_its_line(write_rules, declaration: str, message: str) -> None:
     from ckptx.errors import RuleError
 
@@ -154,7 +171,9 @@ def test_a_malformed_declaration_is_a_schema_error_at_its_line(write_rules, decl
 def test_reversing_a_recipe_still_to_choose_names_the_parameter() -> None:
     from ckptx.conversion.reverse import reverse_recipe
 
-    with pytest.raises(ParamsUnresolved, match="parameter 'channels' is chosen from the source .* and reversing cannot"):
+    with pytest.raises(
+        ParamsUnresolved, match="parameter 'channels' is chosen from the source .* and reversing cannot"
+    ):
         reverse_recipe(load_rules_text(RECIPE, "r.yaml"))
 
 
@@ -167,6 +186,14 @@ def test_apply_in_memory_chooses_against_the_given_target() -> None:
 
 
 def test_diff_chooses_against_b(run_cli, write_rules, tmp_path: Path) -> None:
-    result = run_cli("diff", _source(tmp_path, 8), "tests.helpers.models:TinyNet", "--target-arg", "channels=8",
-                     "-r", write_rules(RECIPE), "--json")
+    result = run_cli(
+        "diff",
+        _source(tmp_path, 8),
+        "tests.helpers.models:TinyNet",
+        "--target-arg",
+        "channels=8",
+        "-r",
+        write_rules(RECIPE),
+        "--json",
+    )
     assert result.code == 0 and result.json["ok"], result.out

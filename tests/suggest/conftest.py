@@ -3,13 +3,15 @@
 The real-library tests build models with random weights (nothing is downloaded); every test runs with
 outbound network connections refused, like tests/real.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
     os.environ.setdefault(_var, "1")
@@ -57,8 +59,14 @@ class Suggested:
 def suggest_and_convert(run_cli: Callable[..., Any], tmp_path: Path) -> Callable[..., Suggested]:
     """`ckptx suggest SRC --target SPEC -o rules.yaml`, then `ckptx convert SRC -r rules.yaml` with that file."""
 
-    def pipeline(src: Path, target: str, target_args: Mapping[str, Any] | None = None,
-                 extra: Sequence[str] = (), convert_extra: Sequence[str] = (), name: str = "rules.yaml") -> Suggested:
+    def pipeline(
+        src: Path,
+        target: str,
+        target_args: Mapping[str, Any] | None = None,
+        extra: Sequence[str] = (),
+        convert_extra: Sequence[str] = (),
+        name: str = "rules.yaml",
+    ) -> Suggested:
         from safetensors.torch import load_file
 
         rules = tmp_path / name

@@ -4,6 +4,7 @@ Every builder returns an eval-mode model. `randomize` fills every floating tenso
 statistics included, variances positive) so that a wrong mapping changes the outputs. The factories here
 are `module:callable` targets for `ckptx suggest --target` and `ckptx convert` (the recipe's `target:`).
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,19 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-__all__ = ["GPT_CONFIG", "VIT", "hf_gpt2", "hf_resnet50", "hf_vit", "mm_resnet50", "nano_gpt", "randomize", "run",
-           "timm_vit", "tv_vit"]
+__all__ = [
+    "GPT_CONFIG",
+    "VIT",
+    "hf_gpt2",
+    "hf_resnet50",
+    "hf_vit",
+    "mm_resnet50",
+    "nano_gpt",
+    "randomize",
+    "run",
+    "timm_vit",
+    "tv_vit",
+]
 
 #: one small ViT for every library: 2 blocks, 32x32 images (a 2x2 grid of 16x16 patches), width 64, 10 classes
 VIT = dict(layers=2, width=64, heads=2, mlp=128, patch=16, image=32, classes=10)
@@ -63,8 +75,9 @@ def hf_resnet50(num_labels: int = 1000) -> nn.Module:
     """transformers `ResNetForImageClassification` with the ResNet-50 layout."""
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    config = ResNetConfig(depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048], layer_type="bottleneck",
-                          num_labels=num_labels)
+    config = ResNetConfig(
+        depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048], layer_type="bottleneck", num_labels=num_labels
+    )
     return ResNetForImageClassification(config)
 
 
@@ -81,18 +94,32 @@ def timm_vit(num_classes: int = VIT["classes"]) -> nn.Module:
     """timm `VisionTransformer` (class token, token pooling) in the small `VIT` config."""
     import timm
 
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=VIT["layers"], embed_dim=VIT["width"],
-                             num_heads=VIT["heads"], mlp_ratio=VIT["mlp"] / VIT["width"], img_size=VIT["image"],
-                             num_classes=num_classes)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        depth=VIT["layers"],
+        embed_dim=VIT["width"],
+        num_heads=VIT["heads"],
+        mlp_ratio=VIT["mlp"] / VIT["width"],
+        img_size=VIT["image"],
+        num_classes=num_classes,
+    )
 
 
 def hf_vit(num_labels: int = VIT["classes"]) -> nn.Module:
     """transformers `ViTForImageClassification` in the small `VIT` config (layer_norm_eps 1e-6 like timm)."""
     from transformers import ViTConfig, ViTForImageClassification
 
-    config = ViTConfig(hidden_size=VIT["width"], num_hidden_layers=VIT["layers"], num_attention_heads=VIT["heads"],
-                       intermediate_size=VIT["mlp"], patch_size=VIT["patch"], image_size=VIT["image"],
-                       num_labels=num_labels, layer_norm_eps=1e-6)
+    config = ViTConfig(
+        hidden_size=VIT["width"],
+        num_hidden_layers=VIT["layers"],
+        num_attention_heads=VIT["heads"],
+        intermediate_size=VIT["mlp"],
+        patch_size=VIT["patch"],
+        image_size=VIT["image"],
+        num_labels=num_labels,
+        layer_norm_eps=1e-6,
+    )
     return ViTForImageClassification(config)
 
 
@@ -100,9 +127,15 @@ def tv_vit(num_classes: int = VIT["classes"]) -> nn.Module:
     """torchvision `VisionTransformer` (the class behind vit_b_16) in the small `VIT` config."""
     from torchvision.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(image_size=VIT["image"], patch_size=VIT["patch"], num_layers=VIT["layers"],
-                             num_heads=VIT["heads"], hidden_dim=VIT["width"], mlp_dim=VIT["mlp"],
-                             num_classes=num_classes)
+    return VisionTransformer(
+        image_size=VIT["image"],
+        patch_size=VIT["patch"],
+        num_layers=VIT["layers"],
+        num_heads=VIT["heads"],
+        hidden_dim=VIT["width"],
+        mlp_dim=VIT["mlp"],
+        num_classes=num_classes,
+    )
 
 
 def hf_gpt2() -> nn.Module:
@@ -158,9 +191,14 @@ class NanoGPT(nn.Module):
 
     def __init__(self, n_layer: int, n_embd: int, n_head: int, vocab_size: int, n_positions: int) -> None:
         super().__init__()
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab_size, n_embd), wpe=nn.Embedding(n_positions, n_embd),
-            h=nn.ModuleList(_Block(n_embd, n_head) for _ in range(n_layer)), ln_f=nn.LayerNorm(n_embd)))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(vocab_size, n_embd),
+                wpe=nn.Embedding(n_positions, n_embd),
+                h=nn.ModuleList(_Block(n_embd, n_head) for _ in range(n_layer)),
+                ln_f=nn.LayerNorm(n_embd),
+            )
+        )
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
 
@@ -196,34 +234,65 @@ def hf_clip_vision() -> nn.Module:
     """transformers `CLIPVisionModel` (registers k_proj, v_proj, q_proj in that order) in the small `VIT` config."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    return CLIPVisionModel(CLIPVisionConfig(hidden_size=VIT["width"], intermediate_size=VIT["mlp"],
-                                            num_hidden_layers=VIT["layers"], num_attention_heads=VIT["heads"],
-                                            image_size=VIT["image"], patch_size=VIT["patch"], layer_norm_eps=1e-5,
-                                            hidden_act="gelu"))
+    return CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=VIT["width"],
+            intermediate_size=VIT["mlp"],
+            num_hidden_layers=VIT["layers"],
+            num_attention_heads=VIT["heads"],
+            image_size=VIT["image"],
+            patch_size=VIT["patch"],
+            layer_norm_eps=1e-5,
+            hidden_act="gelu",
+        )
+    )
 
 
 def timm_clip_vit() -> nn.Module:
     """timm's CLIP ViT (`norm_pre`, class-token pooling, no head) in the small `VIT` config."""
     import timm
 
-    return timm.create_model("vit_base_patch16_clip_224", pretrained=False, img_size=VIT["image"], depth=VIT["layers"],
-                             embed_dim=VIT["width"], num_heads=VIT["heads"], mlp_ratio=VIT["mlp"] / VIT["width"],
-                             num_classes=0, act_layer="gelu")
+    return timm.create_model(
+        "vit_base_patch16_clip_224",
+        pretrained=False,
+        img_size=VIT["image"],
+        depth=VIT["layers"],
+        embed_dim=VIT["width"],
+        num_heads=VIT["heads"],
+        mlp_ratio=VIT["mlp"] / VIT["width"],
+        num_classes=0,
+        act_layer="gelu",
+    )
 
 
 def hf_dinov2() -> nn.Module:
     """transformers `Dinov2Model` (LayerScale `lambda1`, a `mask_token` timm does not have), 28x28 images."""
     from transformers import Dinov2Config, Dinov2Model
 
-    return Dinov2Model(Dinov2Config(hidden_size=VIT["width"], num_hidden_layers=VIT["layers"],
-                                    num_attention_heads=VIT["heads"], mlp_ratio=VIT["mlp"] // VIT["width"],
-                                    image_size=28, patch_size=14, layer_norm_eps=1e-6))
+    return Dinov2Model(
+        Dinov2Config(
+            hidden_size=VIT["width"],
+            num_hidden_layers=VIT["layers"],
+            num_attention_heads=VIT["heads"],
+            mlp_ratio=VIT["mlp"] // VIT["width"],
+            image_size=28,
+            patch_size=14,
+            layer_norm_eps=1e-6,
+        )
+    )
 
 
 def timm_dinov2() -> nn.Module:
     """timm's DINOv2 ViT (LayerScale `ls1.gamma`, patch 14) without a head, 28x28 images."""
     import timm
 
-    return timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28, depth=VIT["layers"],
-                             embed_dim=VIT["width"], num_heads=VIT["heads"], mlp_ratio=VIT["mlp"] / VIT["width"],
-                             num_classes=0)
+    return timm.create_model(
+        "vit_small_patch14_dinov2",
+        pretrained=False,
+        img_size=28,
+        depth=VIT["layers"],
+        embed_dim=VIT["width"],
+        num_heads=VIT["heads"],
+        mlp_ratio=VIT["mlp"] / VIT["width"],
+        num_classes=0,
+    )

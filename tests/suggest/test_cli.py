@@ -1,4 +1,5 @@
 """`ckptx suggest` on the command line: exit codes, what the recipe says, where the weights and prefixes are."""
+
 from __future__ import annotations
 
 import json
@@ -27,15 +28,28 @@ def test_a_new_head_is_unmatched_exit_1_then_allowed_exit_0(run_cli, tmp_path: P
     src = tmp_path / "vit10.safetensors"
     save_file(models.randomize(models.timm_vit(num_classes=10), 0).state_dict(), str(src))
     rules = tmp_path / "rules.yaml"
-    result = run_cli("suggest", src, "--target", "tests.suggest.models:hf_vit", "--target-arg", "num_labels=5",
-                     "-o", rules)
+    result = run_cli(
+        "suggest", src, "--target", "tests.suggest.models:hf_vit", "--target-arg", "num_labels=5", "-o", rules
+    )
     assert result.code == 1, result.out + result.err
     text = rules.read_text()
     assert "NOT MAPPED: 2 target key(s)" in text and "#   classifier.weight: float32[5, 64]" in text
     assert "2 target key(s) unmatched" in result.out
 
-    result = run_cli("suggest", src, "--target", "tests.suggest.models:hf_vit", "--target-arg", "num_labels=5",
-                     "--allow-missing", r"^classifier\.", "-o", rules, "--force", "--json")
+    result = run_cli(
+        "suggest",
+        src,
+        "--target",
+        "tests.suggest.models:hf_vit",
+        "--target-arg",
+        "num_labels=5",
+        "--allow-missing",
+        r"^classifier\.",
+        "-o",
+        rules,
+        "--force",
+        "--json",
+    )
     assert result.code == 0, result.out + result.err
     doc = json.loads(result.out)
     assert doc["ok"] and doc["allowed_missing"] == ["classifier.weight", "classifier.bias"]
@@ -50,13 +64,16 @@ def test_a_new_head_is_unmatched_exit_1_then_allowed_exit_0(run_cli, tmp_path: P
     assert sorted(missing) == ["classifier.bias", "classifier.weight"] and not unexpected
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["nowhere.pth", "--target", TINY], "nowhere.pth: no such file"),
-    (["{src}", "--target", "no_such_module_xyz:build"], "cannot import module 'no_such_module_xyz'"),
-    (["{src}", "--target", TINY, "--allow-missing", "("], "invalid regex '('"),
-    (["{src}", "--target", TINY, "--verify-with", TINY, "--verify-input", "2,a"], "--verify-input 2,a"),
-    (["{src}", "--target", TINY, "--verify-input", "2,3"], "need --verify-with"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["nowhere.pth", "--target", TINY], "nowhere.pth: no such file"),
+        (["{src}", "--target", "no_such_module_xyz:build"], "cannot import module 'no_such_module_xyz'"),
+        (["{src}", "--target", TINY, "--allow-missing", "("], "invalid regex '('"),
+        (["{src}", "--target", TINY, "--verify-with", TINY, "--verify-input", "2,a"], "--verify-input 2,a"),
+        (["{src}", "--target", TINY, "--verify-input", "2,3"], "need --verify-with"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(run_cli, tmp_path: Path, tiny_state, args: list[str], needle: str) -> None:
     src = tmp_path / "tiny.pth"
     torch.save(tiny_state, src)
@@ -76,8 +93,17 @@ def test_an_existing_recipe_needs_force(run_cli, tmp_path: Path, tiny_state) -> 
 
 def test_lightning_checkpoint_prefix_found_and_stripped(run_cli, tmp_path: Path, tiny_state) -> None:
     src = tmp_path / "epoch=3.ckpt"
-    torch.save({"epoch": 3, "global_step": 120, "state_dict": {f"model.{k}": v for k, v in tiny_state.items()},
-                "optimizer_states": [{"state": {}}], "lr_schedulers": [], "callbacks": {}}, src)
+    torch.save(
+        {
+            "epoch": 3,
+            "global_step": 120,
+            "state_dict": {f"model.{k}": v for k, v in tiny_state.items()},
+            "optimizer_states": [{"state": {}}],
+            "lr_schedulers": [],
+            "callbacks": {},
+        },
+        src,
+    )
     result = run_cli("suggest", src, "--target", TINY, "--json")
     assert result.code == 0, result.out + result.err
     doc = json.loads(result.out)
@@ -116,16 +142,38 @@ def test_verify_with_reports_the_difference(run_cli, tmp_path: Path) -> None:
     from tests.real.official_convnextv2 import build_official, make_official_checkpoint, randomize_
 
     src = tmp_path / "atto.pt"
-    make_official_checkpoint(randomize_(build_official("atto"), 0).eval(), src, training=False, seed=0,
-                             model_name="convnextv2_atto")
-    result = run_cli("suggest", src, "--target", "ckptx.factories:convnextv2_timm", "--target-arg", "size=atto",
-                     "--verify-with", "ckptx.reference.convnextv2:build", "--verify-arg", "size=atto", "--json")
+    make_official_checkpoint(
+        randomize_(build_official("atto"), 0).eval(), src, training=False, seed=0, model_name="convnextv2_atto"
+    )
+    result = run_cli(
+        "suggest",
+        src,
+        "--target",
+        "ckptx.factories:convnextv2_timm",
+        "--target-arg",
+        "size=atto",
+        "--verify-with",
+        "ckptx.reference.convnextv2:build",
+        "--verify-arg",
+        "size=atto",
+        "--json",
+    )
     assert result.code == 0, result.out + result.err
     doc = json.loads(result.out)
     assert doc["verification"]["ok"] and doc["verification"]["max_abs_diff"] < 1e-4
     assert doc["verification"]["input_shape"] == [2, 3, 64, 64]
-    text = run_cli("suggest", src, "--target", "ckptx.factories:convnextv2_timm", "--target-arg", "size=atto",
-                   "--verify-with", "ckptx.reference.convnextv2:build", "--verify-arg", "size=atto").out
+    text = run_cli(
+        "suggest",
+        src,
+        "--target",
+        "ckptx.factories:convnextv2_timm",
+        "--target-arg",
+        "size=atto",
+        "--verify-with",
+        "ckptx.reference.convnextv2:build",
+        "--verify-arg",
+        "size=atto",
+    ).out
     assert "verification: OK" in text and "max abs diff" in text
 
 
@@ -157,8 +205,19 @@ def test_verify_with_holds_the_source_model_under_the_checkpoint_prefix(run_cli,
     assert doc["verification"]["ok"] and doc["verification"]["max_abs_diff"] == 0.0
     verify = yaml.safe_load(rules.read_text())["verify"]
     assert verify["source_kwargs"] == {"factory": TINY, "prefix": "module."}
-    converted = run_cli("convert", src, "-r", rules, "-o", tmp_path / "out.safetensors", "--verify",
-                        "--allow-factory", TINY, "--allow-factory", "ckptx.suggestion.verify_with:prefixed_model")
+    converted = run_cli(
+        "convert",
+        src,
+        "-r",
+        rules,
+        "-o",
+        tmp_path / "out.safetensors",
+        "--verify",
+        "--allow-factory",
+        TINY,
+        "--allow-factory",
+        "ckptx.suggestion.verify_with:prefixed_model",
+    )
     assert converted.code == 0, converted.out + converted.err
 
 
@@ -183,8 +242,9 @@ def test_manifest_and_reference_checkpoint_targets(run_cli, tmp_path: Path, tiny
         assert converted.code == 0 and "OK (9/9 target keys matched)" in converted.out, converted.out
 
 
-def test_rows_that_do_not_reproduce_the_mapping_fall_back_to_exact_rows(monkeypatch, tmp_path: Path,
-                                                                        tiny_state) -> None:
+def test_rows_that_do_not_reproduce_the_mapping_fall_back_to_exact_rows(
+    monkeypatch, tmp_path: Path, tiny_state
+) -> None:
     """The re-planning check catches a wrong row; the recipe is then written with one exact row per key."""
     import ckptx
     from ckptx.suggestion import build, generalize

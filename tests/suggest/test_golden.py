@@ -4,6 +4,7 @@ Regenerate after an intended change with `CKPTX_UPDATE_GOLDEN=1 pytest tests/sug
 then read the diff: rows in a natural order, one generalizing row per kind of layer, comments where a
 choice was close.
 """
+
 from __future__ import annotations
 
 import os
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .conftest import require
 from . import models
+from .conftest import require
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -43,8 +44,20 @@ def test_golden_official_convnextv2_to_timm(run_cli, tmp_path: Path) -> None:
     from tests.real.official_convnextv2 import build_official, make_official_checkpoint, randomize_
 
     src = tmp_path / "convnextv2_atto_train.pth"
-    make_official_checkpoint(randomize_(build_official("atto"), 0).eval(), src, training=True, seed=0,
-                             model_name="convnextv2_atto")
-    _check(run_cli, src, "ckptx.factories:convnextv2_timm", "convnextv2-official-to-timm.yaml",
-           "--target-arg", "size=atto", "--allow-global", "argparse.Namespace",
-           "--verify-with", "ckptx.reference.convnextv2:build", "--verify-arg", "size=atto")
+    make_official_checkpoint(
+        randomize_(build_official("atto"), 0).eval(), src, training=True, seed=0, model_name="convnextv2_atto"
+    )
+    _check(
+        run_cli,
+        src,
+        "ckptx.factories:convnextv2_timm",
+        "convnextv2-official-to-timm.yaml",
+        "--target-arg",
+        "size=atto",
+        "--allow-global",
+        "argparse.Namespace",
+        "--verify-with",
+        "ckptx.reference.convnextv2:build",
+        "--verify-arg",
+        "size=atto",
+    )

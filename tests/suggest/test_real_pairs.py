@@ -5,6 +5,7 @@ Families: ResNet (torchvision, timm, transformers, MMPretrain), ConvNeXt-V2 (off
 MMPretrain), ViT (timm, transformers, torchvision), GPT-2 (transformers Conv1D -> nn.Linear), EfficientNet and
 MobileNet (torchvision -> timm). Random weights, small configs, nothing downloaded.
 """
+
 from __future__ import annotations
 
 import re
@@ -46,8 +47,14 @@ def tv_resnet50() -> torch.nn.Module:
 
 def _ddp_checkpoint(model: torch.nn.Module, path: Path) -> Path:
     """A DDP training checkpoint: `module.` keys under `model`, beside optimizer state and the epoch."""
-    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()},
-                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}, "epoch": 3}, path)
+    torch.save(
+        {
+            "model": {f"module.{k}": v for k, v in model.state_dict().items()},
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
+            "epoch": 3,
+        },
+        path,
+    )
     return path
 
 
@@ -67,8 +74,10 @@ def test_torchvision_resnet50_to_transformers(tv_resnet50, suggest_and_convert, 
     src = _ddp_checkpoint(tv_resnet50, tmp_path / "resnet50_ddp.pth")
     got = suggest_and_convert(src, "tests.suggest.models:hf_resnet50")
     # one generalizing row per kind of layer, with index arithmetic
-    assert r"['^layer(\d+)\.(\d+)\.conv(\d+)\.', 'resnet.encoder.stages.{\1 - 1}.layers.\2.layer.{\3 - 1}.convolution.']" \
+    assert (
+        r"['^layer(\d+)\.(\d+)\.conv(\d+)\.', 'resnet.encoder.stages.{\1 - 1}.layers.\2.layer.{\3 - 1}.convolution.']"
         in got.text
+    )
     _close(models.hf_resnet50(), got.state, tv_resnet50, _image())
 
 
@@ -99,16 +108,20 @@ def official_atto(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
 ALLOW_ARGS = ["--allow-global", "argparse.Namespace"]
 
 
-@pytest.mark.parametrize("target,factory", [
-    ("ckptx.factories:convnextv2_timm", "timm"),
-    ("ckptx.factories:convnextv2_hf", "transformers"),
-    ("ckptx.factories:convnextv2_mmpretrain", "mmpretrain"),
-])
+@pytest.mark.parametrize(
+    "target,factory",
+    [
+        ("ckptx.factories:convnextv2_timm", "timm"),
+        ("ckptx.factories:convnextv2_hf", "transformers"),
+        ("ckptx.factories:convnextv2_mmpretrain", "mmpretrain"),
+    ],
+)
 def test_official_convnextv2_to_libraries(official_atto, suggest_and_convert, target: str, factory: str) -> None:
     require(factory)
     model, src = official_atto
-    got = suggest_and_convert(src, target, {"size": "atto"}, extra=ALLOW_ARGS, convert_extra=ALLOW_ARGS,
-                              name=f"official-to-{factory}.yaml")
+    got = suggest_and_convert(
+        src, target, {"size": "atto"}, extra=ALLOW_ARGS, convert_extra=ALLOW_ARGS, name=f"official-to-{factory}.yaml"
+    )
     assert got.report["extracted_from"] == "model"
     from ckptx import factories
 
@@ -161,13 +174,17 @@ def test_transformers_gpt2_to_linear_layout_transposes(suggest_and_convert, tmp_
     _close(models.nano_gpt(), got.state, source, tokens)
 
 
-# ------------------------------------------------------------------------------------------------ EfficientNet, MobileNet
-@pytest.mark.parametrize("tv_name,timm_name,kwargs", [
-    ("efficientnet_b0", "efficientnet_b0", {}),
-    ("mobilenet_v3_large", "mobilenetv3_large_100", {"bn_eps": 0.001}),
-])
-def test_torchvision_mobile_nets_to_timm(suggest_and_convert, tmp_path: Path, tv_name: str, timm_name: str,
-                                         kwargs: dict[str, Any]) -> None:
+# --------------------------------------------------------------------------------------- EfficientNet, MobileNet
+@pytest.mark.parametrize(
+    "tv_name,timm_name,kwargs",
+    [
+        ("efficientnet_b0", "efficientnet_b0", {}),
+        ("mobilenet_v3_large", "mobilenetv3_large_100", {"bn_eps": 0.001}),
+    ],
+)
+def test_torchvision_mobile_nets_to_timm(
+    suggest_and_convert, tmp_path: Path, tv_name: str, timm_name: str, kwargs: dict[str, Any]
+) -> None:
     require("timm", "torchvision")
     import torchvision
 
@@ -189,17 +206,30 @@ def _llm(architecture: str, seed: int) -> torch.nn.Module:
 
 
 #: a tiny Llama with grouped-query attention: q 32 rows, k and v 16 rows each
-LLM = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=64, tie_word_embeddings=False,
-           pad_token_id=None)
+LLM = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+    pad_token_id=None,
+)
 
 
-@pytest.mark.parametrize("source_arch,target_arch,op", [
-    ("LlamaForCausalLM", "Phi3ForCausalLM", "merge"),   # q/k/v (unequal sizes) and gate/up fused
-    ("Phi3ForCausalLM", "LlamaForCausalLM", "split"),
-])
-def test_llama_and_fused_layout(suggest_and_convert, tmp_path: Path, source_arch: str, target_arch: str,
-                                op: str) -> None:
+@pytest.mark.parametrize(
+    "source_arch,target_arch,op",
+    [
+        ("LlamaForCausalLM", "Phi3ForCausalLM", "merge"),  # q/k/v (unequal sizes) and gate/up fused
+        ("Phi3ForCausalLM", "LlamaForCausalLM", "split"),
+    ],
+)
+def test_llama_and_fused_layout(
+    suggest_and_convert, tmp_path: Path, source_arch: str, target_arch: str, op: str
+) -> None:
     require("transformers")
     source = _llm(source_arch, seed=9)
     src = tmp_path / f"{source_arch}.safetensors"  # keys sorted by name: q/k/v are found by name, not order
@@ -216,12 +246,16 @@ def test_llama_and_fused_layout(suggest_and_convert, tmp_path: Path, source_arch
 
 
 # ------------------------------------------------------------------------------------------------ CLIP, DINOv2
-@pytest.mark.parametrize("source,target,allow,size", [
-    ("timm_clip_vit", "hf_clip_vision", [], models.VIT["image"]),  # k, v, q registered in that order by HF
-    ("timm_dinov2", "hf_dinov2", [r"\.mask_token$"], 28),           # LayerScale; a mask token only HF has
-])
-def test_timm_vision_towers_to_transformers(suggest_and_convert, tmp_path: Path, source: str, target: str,
-                                            allow: list[str], size: int) -> None:
+@pytest.mark.parametrize(
+    "source,target,allow,size",
+    [
+        ("timm_clip_vit", "hf_clip_vision", [], models.VIT["image"]),  # k, v, q registered in that order by HF
+        ("timm_dinov2", "hf_dinov2", [r"\.mask_token$"], 28),  # LayerScale; a mask token only HF has
+    ],
+)
+def test_timm_vision_towers_to_transformers(
+    suggest_and_convert, tmp_path: Path, source: str, target: str, allow: list[str], size: int
+) -> None:
     require("timm", "transformers")
     model = models.randomize(getattr(models, source)(), seed=10)
     src = tmp_path / f"{source}.pth"

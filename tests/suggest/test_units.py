@@ -1,4 +1,5 @@
 """The parts of `ckptx suggest` on their own: evidence, levels, assignment, alignment, rows, covers, prefixes."""
+
 from __future__ import annotations
 
 import itertools
@@ -36,7 +37,12 @@ def test_names_fold_synonyms_and_read_ordinals() -> None:
     assert key_name("layer1.0.bn1.weight").path == {"block", "norm"}
     assert key_name("encoder.layers.0.self_attn.q_proj.weight").leaf == ("q", "proj")
     assert key_name("model.layers.0.post_attention_layernorm.weight").leaf == ("norm",)  # 'post attention' qualifies
-    assert (ordinal_of("norm1"), ordinal_of("ln_2"), ordinal_of("layernorm_before"), ordinal_of("conv")) == (1, 2, 1, None)
+    assert (ordinal_of("norm1"), ordinal_of("ln_2"), ordinal_of("layernorm_before"), ordinal_of("conv")) == (
+        1,
+        2,
+        1,
+        None,
+    )
     assert similarity("bn1.running_mean", "normalization.running_mean") > similarity("bn1.running_mean", "fc.bias")
 
 
@@ -77,8 +83,11 @@ def test_repeated_blocks_fold_into_runs() -> None:
     level = build_level(items)
     assert [leaf.key for leaf in level.leaves] == ["embed.weight", "head.weight"]
     (run,) = level.runs
-    assert run.template == "layers.#" and len(run.prefixes) == 5 and [x.key for x in run.body.leaves] == \
-        ["attn.weight", "norm.weight"]
+    assert (
+        run.template == "layers.#"
+        and len(run.prefixes) == 5
+        and [x.key for x in run.body.leaves] == ["attn.weight", "norm.weight"]
+    )
 
 
 def test_block_alignment_is_per_body_not_per_instance() -> None:
@@ -92,12 +101,26 @@ def test_block_alignment_is_per_body_not_per_instance() -> None:
 
 
 def test_alignment_uses_names_over_position_and_shapes_for_ops() -> None:
-    src = [("norm1.weight", _meta(4)), ("qkv.weight", _meta(12, 4)), ("qkv.bias", _meta(12)),
-           ("proj.weight", _meta(4, 4)), ("norm2.weight", _meta(4)), ("grn.gamma", _meta(1, 1, 1, 4))]
-    dst = [("q_proj.weight", _meta(4, 4)), ("q_proj.bias", _meta(4)), ("k_proj.weight", _meta(4, 4)),
-           ("k_proj.bias", _meta(4)), ("v_proj.weight", _meta(4, 4)), ("v_proj.bias", _meta(4)),
-           ("o_proj.weight", _meta(4, 4)), ("layernorm_before.weight", _meta(4)),
-           ("layernorm_after.weight", _meta(4)), ("grn.weight", _meta(4))]
+    src = [
+        ("norm1.weight", _meta(4)),
+        ("qkv.weight", _meta(12, 4)),
+        ("qkv.bias", _meta(12)),
+        ("proj.weight", _meta(4, 4)),
+        ("norm2.weight", _meta(4)),
+        ("grn.gamma", _meta(1, 1, 1, 4)),
+    ]
+    dst = [
+        ("q_proj.weight", _meta(4, 4)),
+        ("q_proj.bias", _meta(4)),
+        ("k_proj.weight", _meta(4, 4)),
+        ("k_proj.bias", _meta(4)),
+        ("v_proj.weight", _meta(4, 4)),
+        ("v_proj.bias", _meta(4)),
+        ("o_proj.weight", _meta(4, 4)),
+        ("layernorm_before.weight", _meta(4)),
+        ("layernorm_after.weight", _meta(4)),
+        ("grn.weight", _meta(4)),
+    ]
     alignment = align(build_level(src), build_level(dst))
     got = {m.sources: (m.targets, m.kind) for m in expand(alignment)}
     assert got[("qkv.weight",)] == (("q_proj.weight", "k_proj.weight", "v_proj.weight"), "split")
@@ -115,13 +138,18 @@ def test_rows_generalize_with_index_arithmetic_and_reproduce_every_key() -> None
     for stage, depth in zip(range(1, 5), (3, 4, 6, 3)):
         for block in range(depth):
             for c in (1, 2, 3):
-                pairs.append((f"layer{stage}.{block}.conv{c}.weight",
-                              f"stages.{stage - 1}.layers.{block}.layer.{c - 1}.convolution.weight"))
+                pairs.append(
+                    (
+                        f"layer{stage}.{block}.conv{c}.weight",
+                        f"stages.{stage - 1}.layers.{block}.layer.{c - 1}.convolution.weight",
+                    )
+                )
             if block == 0:
                 pairs.append((f"layer{stage}.0.downsample.0.weight", f"stages.{stage - 1}.layers.0.shortcut.weight"))
     rows = rename_rows(pairs)
-    assert [(r.pattern, r.replacement) for r in rows if "conv(" in r.pattern] == \
-        [(r"^layer(\d+)\.(\d+)\.conv(\d+)\.", r"stages.{\1 - 1}.layers.\2.layer.{\3 - 1}.convolution.")]
+    assert [(r.pattern, r.replacement) for r in rows if "conv(" in r.pattern] == [
+        (r"^layer(\d+)\.(\d+)\.conv(\d+)\.", r"stages.{\1 - 1}.layers.\2.layer.{\3 - 1}.convolution.")
+    ]
     assert len(rows) == 3
     assert all(_apply(rows, s) == t for s, t in pairs)
 
@@ -152,8 +180,9 @@ def test_random_mappings_are_always_reproduced() -> None:
     rng = random.Random(1)
     for trial in range(30):
         names = ["a", "b", "conv", "norm", "fc"]
-        sources = sorted({f"{rng.choice(names)}{rng.randint(0, 3)}.{rng.randint(0, 5)}.{rng.choice(names)}.w"
-                          for _ in range(40)})
+        sources = sorted(
+            {f"{rng.choice(names)}{rng.randint(0, 3)}.{rng.randint(0, 5)}.{rng.choice(names)}.w" for _ in range(40)}
+        )
         targets = [f"x{rng.randint(0, 2)}.{i}.{rng.choice(names)}.w" for i in range(len(sources))]
         rng.shuffle(targets)
         pairs = list(zip(sources, targets))
@@ -162,8 +191,12 @@ def test_random_mappings_are_always_reproduced() -> None:
 
 
 def test_cover_matches_exactly_the_keys() -> None:
-    universe = [f"stages.{i}.blocks.{j}.{name}" for i in range(3) for j in range(2)
-                for name in ("mlp.grn.weight", "mlp.grn.bias", "mlp.fc1.weight", "norm.weight")]
+    universe = [
+        f"stages.{i}.blocks.{j}.{name}"
+        for i in range(3)
+        for j in range(2)
+        for name in ("mlp.grn.weight", "mlp.grn.bias", "mlp.fc1.weight", "norm.weight")
+    ]
     wanted = [k for k in universe if ".grn." in k]
     assert cover(wanted, universe) == [r"\.grn\.(weight|bias)$"]
     some = ["stages.0.blocks.1.norm.weight", "stages.2.blocks.0.mlp.fc1.weight"]
@@ -174,8 +207,10 @@ def test_cover_matches_exactly_the_keys() -> None:
 # ------------------------------------------------------------------------------------------------ where and prefixes
 def test_prefixes() -> None:
     assert infer_prefixes(["module.conv.w", "module.fc.w"], ["conv.w", "fc.w"]).strip == ("module",)
-    assert infer_prefixes(["module._orig_mod.a.w", "module._orig_mod.b.w"], ["a.w", "b.w"]).strip == \
-        ("module", "_orig_mod")
+    assert infer_prefixes(["module._orig_mod.a.w", "module._orig_mod.b.w"], ["a.w", "b.w"]).strip == (
+        "module",
+        "_orig_mod",
+    )
     assert infer_prefixes(["conv.w", "fc.w"], ["backbone.conv.w", "backbone.fc.w"]).add == ("backbone",)
     both = infer_prefixes(["module.backbone.a.w", "module.backbone.b.w"], ["backbone.a.w", "backbone.b.w"])
     assert (both.strip, both.add) == (("module",), ())
@@ -211,7 +246,11 @@ def test_run_instances_numbered_from_one_pair_with_zero_based() -> None:
     src = [(f"encoder.layer_{i}.w", _meta(4, 4)) for i in range(1, 4)] + [("encoder.layer_0_extra", _meta(9))]
     dst = [(f"blocks.{i}.w", _meta(4, 4)) for i in range(3)]
     got = {m.sources[0]: m.targets[0] for m in expand(align(build_level(src), build_level(dst)))}
-    assert got == {"encoder.layer_1.w": "blocks.0.w", "encoder.layer_2.w": "blocks.1.w", "encoder.layer_3.w": "blocks.2.w"}
+    assert got == {
+        "encoder.layer_1.w": "blocks.0.w",
+        "encoder.layer_2.w": "blocks.1.w",
+        "encoder.layer_3.w": "blocks.2.w",
+    }
 
 
 def test_a_lone_leftover_of_the_same_shape_is_not_taken_for_a_new_layer() -> None:

@@ -16,18 +16,30 @@ import math
 import pickle
 import re
 from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any, Callable, ClassVar, Mapping, Sequence, Union
+from typing import Any, ClassVar
 
+from ckptx.dtypes import DTYPES, TensorMeta
 from ckptx.errors import SourceError
 from ckptx.gcpause import without_gc
-from ckptx.dtypes import DTYPES, TensorMeta
 
-__all__ = ["DcpBytes", "DcpChunk", "DcpEntry", "DcpMetadata", "DcpTensor", "MetadataGlobalError", "PathItem",
-           "StorageItem", "chunk_text", "parse_metadata", "read_metadata"]
+__all__ = [
+    "DcpBytes",
+    "DcpChunk",
+    "DcpEntry",
+    "DcpMetadata",
+    "DcpTensor",
+    "MetadataGlobalError",
+    "PathItem",
+    "StorageItem",
+    "chunk_text",
+    "parse_metadata",
+    "read_metadata",
+]
 
-PathItem = Union[str, int]
+PathItem = str | int
 
 
 class MetadataGlobalError(SourceError):
@@ -39,7 +51,8 @@ class MetadataGlobalError(SourceError):
         super().__init__(
             f"{file}: refused: the pickle needs the Python global '{global_name}', which is not part of "
             f"torch.distributed.checkpoint metadata; ckptx did not run it (torch's own reader would): "
-            f"the file is corrupt or not from dcp.save, do not load it with torch")
+            f"the file is corrupt or not from dcp.save, do not load it with torch"
+        )
 
 
 @dataclass(frozen=True)
@@ -106,7 +119,7 @@ class DcpBytes:
     item: StorageItem
 
 
-DcpEntry = Union[DcpTensor, DcpBytes]
+DcpEntry = DcpTensor | DcpBytes
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,7 @@ def chunk_text(chunk: DcpChunk) -> str:
 
 
 # ---- the restricted unpickler -------------------------------------------------------------------------------
+
 
 class _Stub:
     """An inert stand-in for one DCP metadata class: keeps what the pickle gives it and runs nothing."""
@@ -274,7 +288,9 @@ _ALLOWED: dict[tuple[str, str], Callable[..., Any]] = {
     ("pathlib", "PureWindowsPath"): _Call(_path),
     ("collections", "OrderedDict"): OrderedDict,
 }
-_DTYPE_NAME = re.compile(r"(?:b?float|u?int|complex|qu?int|bits)\d+(?:_\w+|x\d+)?|bool|half|double|c?float|chalf|cdouble")
+_DTYPE_NAME = re.compile(
+    r"(?:b?float|u?int|complex|qu?int|bits)\d+(?:_\w+|x\d+)?|bool|half|double|c?float|chalf|cdouble"
+)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -307,28 +323,36 @@ def read_metadata(data: bytes, shown: str) -> DcpMetadata:
         raise
     except Exception as exc:  # noqa: BLE001 - any malformed pickle is a bad input, never a crash
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SourceError(f"{shown}: not a readable DCP .metadata pickle ({detail}); the file is truncated or "
-                          f"corrupt: copy it again from where the checkpoint was saved") from None
+        raise SourceError(
+            f"{shown}: not a readable DCP .metadata pickle ({detail}); the file is truncated or "
+            f"corrupt: copy it again from where the checkpoint was saved"
+        ) from None
     return parse_metadata(obj, shown)
 
 
 # ---- checking the stand-ins ---------------------------------------------------------------------------------
 
+
 def parse_metadata(obj: Any, shown: str) -> DcpMetadata:
     """Check an unpickled `Metadata` stand-in and build the frozen `DcpMetadata`."""
     if not isinstance(obj, _MetadataStub):
-        raise SourceError(f"{shown}: not DCP metadata: the pickle holds {type(obj).__name__}, not a "
-                          f"torch.distributed.checkpoint Metadata")
+        raise SourceError(
+            f"{shown}: not DCP metadata: the pickle holds {type(obj).__name__}, not a "
+            f"torch.distributed.checkpoint Metadata"
+        )
     described = obj.get("state_dict_metadata")
     if not isinstance(described, dict):
         raise SourceError(f"{shown}: not DCP metadata: state_dict_metadata is missing or not a dict")
     paths = obj.get("planner_data") or {}
     storage = _storage_items(obj.get("storage_data"), shown)
-    entries = tuple(_entry(key, value, _path_of(key, paths, shown), storage, shown)
-                    for key, value in described.items())
+    entries = tuple(_entry(key, value, _path_of(key, paths, shown), storage, shown) for key, value in described.items())
     version = obj.get("version")
-    files = tuple(sorted({c.item.file for e in entries if isinstance(e, DcpTensor) for c in e.chunks}
-                         | {e.item.file for e in entries if isinstance(e, DcpBytes)}))
+    files = tuple(
+        sorted(
+            {c.item.file for e in entries if isinstance(e, DcpTensor) for c in e.chunks}
+            | {e.item.file for e in entries if isinstance(e, DcpBytes)}
+        )
+    )
     return DcpMetadata(entries, str(version) if version is not None else None, files)
 
 
@@ -339,18 +363,25 @@ def _path_of(key: Any, paths: Any, shown: str) -> tuple[PathItem, ...]:
     path = paths.get(key) if isinstance(paths, dict) else None
     if path is None:
         return (key,)
-    if (not isinstance(path, (tuple, list)) or not path
-            or not all(type(p) is str or type(p) is int and p >= 0 for p in path)):
-        raise SourceError(f"{shown}: entry '{key}': planner_data path {path!r:.80} is not a sequence of names "
-                          f"and list indices; the file is corrupt")
+    if (
+        not isinstance(path, (tuple, list))
+        or not path
+        or not all(type(p) is str or type(p) is int and p >= 0 for p in path)
+    ):
+        raise SourceError(
+            f"{shown}: entry '{key}': planner_data path {path!r:.80} is not a sequence of names "
+            f"and list indices; the file is corrupt"
+        )
     return tuple(path)
 
 
 def _storage_items(data: Any, shown: str) -> dict[tuple[str, tuple[int, ...] | None], StorageItem]:
     """storage_data as (fqn, chunk offsets or None) -> StorageItem, every item checked."""
     if not isinstance(data, dict):
-        raise SourceError(f"{shown}: not DCP metadata: storage_data is missing or not a dict (written by a "
-                          f"storage writer ckptx does not read?)")
+        raise SourceError(
+            f"{shown}: not DCP metadata: storage_data is missing or not a dict (written by a "
+            f"storage writer ckptx does not read?)"
+        )
     items: dict[tuple[str, tuple[int, ...] | None], StorageItem] = {}
     for index, info in data.items():
         if not isinstance(index, _IndexStub) or not isinstance(index.get("fqn"), str):
@@ -364,25 +395,38 @@ def _storage_items(data: Any, shown: str) -> dict[tuple[str, tuple[int, ...] | N
 
 def _storage_item(fqn: str, info: Any, shown: str) -> StorageItem:
     if not isinstance(info, _StorageInfoStub):
-        raise SourceError(f"{shown}: entry '{fqn}': storage info is {type(info).__name__}, not a file system "
-                          f"_StorageInfo (saved with a storage writer ckptx does not read)")
+        raise SourceError(
+            f"{shown}: entry '{fqn}': storage info is {type(info).__name__}, not a file system "
+            f"_StorageInfo (saved with a storage writer ckptx does not read)"
+        )
     name, offset, length = info.get("relative_path"), info.get("offset"), info.get("length")
     if not isinstance(name, str) or type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
-        raise SourceError(f"{shown}: entry '{fqn}': storage info {info.state!r:.80} needs a file name and a "
-                          f"non-negative offset and length; the file is corrupt")
+        raise SourceError(
+            f"{shown}: entry '{fqn}': storage info {info.state!r:.80} needs a file name and a "
+            f"non-negative offset and length; the file is corrupt"
+        )
     parts = PurePosixPath(name).parts
     if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
-        raise SourceError(f"{shown}: entry '{fqn}': storage file '{name}' is not a file name inside the "
-                          f"checkpoint folder; the metadata is corrupt or hostile")
+        raise SourceError(
+            f"{shown}: entry '{fqn}': storage file '{name}' is not a file name inside the "
+            f"checkpoint folder; the metadata is corrupt or hostile"
+        )
     if info.get("transform_descriptors"):
-        raise SourceError(f"{shown}: entry '{fqn}' is stored through the DCP stream transform(s) "
-                          f"{list(info.get('transform_descriptors'))}, which ckptx does not read; convert the "
-                          f"folder with torch.distributed.checkpoint.format_utils.dcp_to_torch_save first")
+        raise SourceError(
+            f"{shown}: entry '{fqn}' is stored through the DCP stream transform(s) "
+            f"{list(info.get('transform_descriptors'))}, which ckptx does not read; convert the "
+            f"folder with torch.distributed.checkpoint.format_utils.dcp_to_torch_save first"
+        )
     return StorageItem(name, offset, length)
 
 
-def _entry(key: str, value: Any, path: tuple[PathItem, ...],
-           storage: Mapping[tuple[str, tuple[int, ...] | None], StorageItem], shown: str) -> DcpEntry:
+def _entry(
+    key: str,
+    value: Any,
+    path: tuple[PathItem, ...],
+    storage: Mapping[tuple[str, tuple[int, ...] | None], StorageItem],
+    shown: str,
+) -> DcpEntry:
     if isinstance(value, _BytesStorageStub):
         item = storage.get((key, None))
         if item is None:
@@ -391,7 +435,9 @@ def _entry(key: str, value: Any, path: tuple[PathItem, ...],
     if not isinstance(value, _TensorStorageStub):
         raise SourceError(f"{shown}: entry '{key}' is {type(value).__name__}, neither a tensor nor a bytes entry")
     meta = TensorMeta(_shape(key, value.get("size"), shown), _dtype(key, value.get("properties"), shown))
-    chunks = tuple(_chunk(key, i, c, meta, storage, shown) for i, c in enumerate(_list(key, value.get("chunks"), shown)))
+    chunks = tuple(
+        _chunk(key, i, c, meta, storage, shown) for i, c in enumerate(_list(key, value.get("chunks"), shown))
+    )
     _check_cover(key, meta.shape, chunks, shown)
     return DcpTensor(key, path, meta, chunks)
 
@@ -422,8 +468,10 @@ def _dtype(key: str, properties: Any, shown: str) -> str:
     else:
         raise SourceError(f"{shown}: tensor '{key}': properties are not TensorProperties; the file is corrupt")
     if isinstance(dtype, _UnknownDtype):
-        raise SourceError(f"{shown}: tensor '{key}' has dtype torch.{dtype.name}, which ckptx cannot read "
-                          f"(known: {', '.join(DTYPES)})")
+        raise SourceError(
+            f"{shown}: tensor '{key}' has dtype torch.{dtype.name}, which ckptx cannot read "
+            f"(known: {', '.join(DTYPES)})"
+        )
     if not isinstance(dtype, _Dtype) or dtype.name not in DTYPES:
         raise SourceError(f"{shown}: tensor '{key}': dtype {dtype!r:.40} is not a torch dtype; the file is corrupt")
     if layout is not None and layout != _Layout("torch.strided"):
@@ -432,18 +480,28 @@ def _dtype(key: str, properties: Any, shown: str) -> str:
     return dtype.name
 
 
-def _chunk(key: str, number: int, chunk: Any, meta: TensorMeta,
-           storage: Mapping[tuple[str, tuple[int, ...] | None], StorageItem], shown: str) -> DcpChunk:
+def _chunk(
+    key: str,
+    number: int,
+    chunk: Any,
+    meta: TensorMeta,
+    storage: Mapping[tuple[str, tuple[int, ...] | None], StorageItem],
+    shown: str,
+) -> DcpChunk:
     offsets = chunk.get("offsets") if isinstance(chunk, _ChunkStub) else None
     sizes = chunk.get("sizes") if isinstance(chunk, _ChunkStub) else None
     rank = len(meta.shape)
     if not _dims(offsets) or not _dims(sizes) or len(offsets) != rank or len(sizes) != rank:
-        raise SourceError(f"{shown}: tensor '{key}' {meta}: chunk {number} needs offsets and sizes of {rank} dims, "
-                          f"has {offsets!r:.40} and {sizes!r:.40}")
+        raise SourceError(
+            f"{shown}: tensor '{key}' {meta}: chunk {number} needs offsets and sizes of {rank} dims, "
+            f"has {offsets!r:.40} and {sizes!r:.40}"
+        )
     item = storage.get((key, offsets))
     if item is None:
-        raise SourceError(f"{shown}: tensor '{key}': chunk {number} at offsets {list(offsets)} has no storage_data "
-                          f"item; the file is corrupt")
+        raise SourceError(
+            f"{shown}: tensor '{key}': chunk {number} at offsets {list(offsets)} has no storage_data "
+            f"item; the file is corrupt"
+        )
     found = DcpChunk(offsets, sizes, item)
     if any(o < 0 or s < 0 or o + s > d for o, s, d in zip(offsets, sizes, meta.shape)):
         raise SourceError(f"{shown}: tensor '{key}' {meta}: chunk {chunk_text(found)} lies outside the tensor")
@@ -456,12 +514,16 @@ def _check_cover(key: str, shape: tuple[int, ...], chunks: Sequence[DcpChunk], s
     overlap = _first_overlap(filled, len(shape))
     if overlap is not None:
         a, b = overlap
-        raise SourceError(f"{shown}: tensor '{key}' {list(shape)}: chunks {chunk_text(a)} and {chunk_text(b)} "
-                          f"overlap; the metadata is corrupt")
+        raise SourceError(
+            f"{shown}: tensor '{key}' {list(shape)}: chunks {chunk_text(a)} and {chunk_text(b)} "
+            f"overlap; the metadata is corrupt"
+        )
     total = sum(c.numel for c in filled)
     if total != math.prod(shape):
-        raise SourceError(f"{shown}: tensor '{key}' {list(shape)}: its chunks hold {total} of "
-                          f"{math.prod(shape)} elements (a rank's chunks are missing from the metadata)")
+        raise SourceError(
+            f"{shown}: tensor '{key}' {list(shape)}: its chunks hold {total} of "
+            f"{math.prod(shape)} elements (a rank's chunks are missing from the metadata)"
+        )
 
 
 def _first_overlap(chunks: Sequence[DcpChunk], rank: int) -> tuple[DcpChunk, DcpChunk] | None:
@@ -471,10 +533,12 @@ def _first_overlap(chunks: Sequence[DcpChunk], rank: int) -> tuple[DcpChunk, Dcp
     dim = max(range(rank), key=lambda d: len({c.offsets[d] for c in chunks}))
     ordered = sorted(chunks, key=lambda c: c.offsets[dim])
     for i, a in enumerate(ordered):
-        for b in ordered[i + 1:]:
+        for b in ordered[i + 1 :]:
             if b.offsets[dim] >= a.offsets[dim] + a.sizes[dim]:
                 break
-            if all(b.offsets[d] < a.offsets[d] + a.sizes[d] and a.offsets[d] < b.offsets[d] + b.sizes[d]
-                   for d in range(rank)):
+            if all(
+                b.offsets[d] < a.offsets[d] + a.sizes[d] and a.offsets[d] < b.offsets[d] + b.sizes[d]
+                for d in range(rank)
+            ):
                 return a, b
     return None

@@ -29,23 +29,33 @@ import re
 import struct
 import zipfile
 from collections import Counter
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Collection, Iterator, Mapping, Sequence
+from typing import Any
 
 from ckptx._lazy import lazy_module
-from ckptx.errors import SourceError, UnsafeGlobalError
-from ckptx.io.read.dcp_metadata import (DcpBytes, DcpChunk, DcpEntry, DcpMetadata, DcpTensor, PathItem, StorageItem,
-                                        chunk_text, read_metadata)
 from ckptx.dtypes import DTYPES, TensorMeta, torch_dtype
+from ckptx.errors import SourceError, UnsafeGlobalError
+from ckptx.io.read.dcp_metadata import (
+    DcpBytes,
+    DcpChunk,
+    DcpEntry,
+    DcpMetadata,
+    DcpTensor,
+    PathItem,
+    StorageItem,
+    chunk_text,
+    read_metadata,
+)
 from ckptx.io.read.safetensors_reader import MAX_HEADER, check_embedded_header
-from ckptx.planning.source import RawSpan, Source
 from ckptx.io.read.state_dict import describe_value, extract
-from ckptx.io.spans import read_span
-from ckptx.text import human_bytes
 from ckptx.io.read.torch_reader import allowed_globals, unpickling_error
-from ckptx.trust.pickle_globals import needed_global
 from ckptx.io.read.torch_zip import Record, StubUnpickler, TensorRef, read_archive, row_major_span
+from ckptx.io.spans import read_span
+from ckptx.planning.source import RawSpan, Source
+from ckptx.text import human_bytes
+from ckptx.trust.pickle_globals import needed_global
 
 torch = lazy_module("torch")
 
@@ -57,29 +67,43 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _LISTED = 20  # sharded tensors listed one by one in the description
 
 
-def open_dcp_folder(folder: Path, display: str | None = None, extract_paths: Sequence[str] = (), *,
-                    allow_globals: Sequence[str] = (), unsafe_pickle: bool = False, where: str = "") -> "DcpSource":
+def open_dcp_folder(
+    folder: Path,
+    display: str | None = None,
+    extract_paths: Sequence[str] = (),
+    *,
+    allow_globals: Sequence[str] = (),
+    unsafe_pickle: bool = False,
+    where: str = "",
+) -> DcpSource:
     """The DCP checkpoint in `folder`; a one-line SourceError saying what the folder is when it is not one."""
     shown = display or str(folder)
     if not (folder / METADATA_FILE).is_file():
         raise SourceError(_not_dcp(folder, shown))
-    return DcpSource(folder, shown, extract_paths, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle,
-                     where=where)
+    return DcpSource(
+        folder, shown, extract_paths, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle, where=where
+    )
 
 
 def _not_dcp(folder: Path, shown: str) -> str:
     names = sorted(p.name for p in folder.iterdir())
     if any(n.endswith(".distcp") for n in names):
-        return (f"{shown}: holds .distcp files but no {METADATA_FILE}: the save did not finish (rank 0 writes it "
-                f"last) or it was not copied; copy the whole checkpoint folder")
+        return (
+            f"{shown}: holds .distcp files but no {METADATA_FILE}: the save did not finish (rank 0 writes it "
+            f"last) or it was not copied; copy the whole checkpoint folder"
+        )
     if any(re.fullmatch(r"__\d+\.metadata", n) for n in names):
-        return (f"{shown}: holds per-rank __<rank>.metadata files (a save without collectives) but no global "
-                f"{METADATA_FILE}; ckptx reads DCP folders that have one")
+        return (
+            f"{shown}: holds per-rank __<rank>.metadata files (a save without collectives) but no global "
+            f"{METADATA_FILE}; ckptx reads DCP folders that have one"
+        )
     index = next((n for n in names if n.endswith(".index.json")), None)
     if index is not None:
         return f"{shown}: is a folder; give its index file {os.path.join(shown, index)}"
-    return (f"{shown}: is a folder without {METADATA_FILE}, so not a torch.distributed.checkpoint folder; give "
-            f"the checkpoint file (or its .index.json)")
+    return (
+        f"{shown}: is a folder without {METADATA_FILE}, so not a torch.distributed.checkpoint folder; give "
+        f"the checkpoint file (or its .index.json)"
+    )
 
 
 @dataclass(frozen=True)
@@ -98,8 +122,16 @@ class DcpSource(Source):
     `description` holds lines for `ckptx inspect`: world size, files, and the shard layout of the tensors.
     """
 
-    def __init__(self, folder: Path, display: str | None = None, extract_paths: Sequence[str] = (), *,
-                 allow_globals: Sequence[str] = (), unsafe_pickle: bool = False, where: str = "") -> None:
+    def __init__(
+        self,
+        folder: Path,
+        display: str | None = None,
+        extract_paths: Sequence[str] = (),
+        *,
+        allow_globals: Sequence[str] = (),
+        unsafe_pickle: bool = False,
+        where: str = "",
+    ) -> None:
         shown = display or str(folder)
         self._folder = folder
         self._shown = shown
@@ -110,9 +142,12 @@ class DcpSource(Source):
         state, found_at = extract(nested, extract_paths, file=shown, where=where)
         chosen = {str(k): v for k, v in state.items() if isinstance(v, DcpTensor)}
         super().__init__(
-            path=shown, format="dcp", tensors={k: v.meta for k, v in chosen.items()},
+            path=shown,
+            format="dcp",
+            tensors={k: v.meta for k, v in chosen.items()},
             non_tensors={str(k): _kind(v) for k, v in state.items() if not isinstance(v, DcpTensor)},
-            extracted_from=found_at, top_level={str(k): _describe(v) for k, v in nested.items()},
+            extracted_from=found_at,
+            top_level={str(k): _describe(v) for k, v in nested.items()},
         )
         self.description: list[str] = describe_layout(metadata, sizes, chosen, found_at)
         self._chosen = chosen
@@ -133,7 +168,9 @@ class DcpSource(Source):
         out = torch.empty(tensor.shape, dtype=torch_dtype(tensor.dtype))
         for chunk in tensor.chunks:
             if chunk.numel:
-                out[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))] = self._read_chunk(tensor, chunk)
+                out[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))] = self._read_chunk(
+                    tensor, chunk
+                )
         return out
 
     def raw_span(self, key: str) -> RawSpan | None:
@@ -163,10 +200,17 @@ class DcpSource(Source):
         """
         entry = self._bytes.get(key)
         if entry is None:
-            raise SourceError(f"{self._shown}: no pickled value '{key}'; the checkpoint's pickled values are: "
-                              f"{', '.join(self._bytes) or 'none'}")
-        data = _pread_exact(self._folder / entry.item.file, entry.item.offset, entry.item.length,
-                            self._file_shown(entry.item), f"pickled value '{key}'")
+            raise SourceError(
+                f"{self._shown}: no pickled value '{key}'; the checkpoint's pickled values are: "
+                f"{', '.join(self._bytes) or 'none'}"
+            )
+        data = _pread_exact(
+            self._folder / entry.item.file,
+            entry.item.offset,
+            entry.item.length,
+            self._file_shown(entry.item),
+            f"pickled value '{key}'",
+        )
         shown = f"{self._file_shown(entry.item)} (pickled value '{key}' at byte {entry.item.offset})"
         return _unpickle_value(data, shown, self._allow_globals, self._unsafe_pickle)
 
@@ -184,7 +228,9 @@ class DcpSource(Source):
         stored = self._locate(tensor, chunk)
         if stored.stride is None:
             return read_span(stored.span, TensorMeta(chunk.sizes, tensor.dtype))
-        storage = read_span(stored.span, TensorMeta((stored.span.nbytes // DTYPES[tensor.dtype].itemsize,), tensor.dtype))
+        storage = read_span(
+            stored.span, TensorMeta((stored.span.nbytes // DTYPES[tensor.dtype].itemsize,), tensor.dtype)
+        )
         return storage.as_strided(chunk.sizes, stored.stride, stored.offset)
 
     def _locate(self, tensor: DcpTensor, chunk: DcpChunk) -> _StoredChunk:
@@ -192,8 +238,10 @@ class DcpSource(Source):
         stored = self._stored.get((tensor.key, chunk.offsets))
         if stored is None:
             path = self._folder / chunk.item.file
-            place = f"{self._file_shown(chunk.item)}: the item at bytes {chunk.item.offset}..." \
-                    f"{chunk.item.offset + chunk.item.length} (chunk {chunk_text(chunk)} of '{tensor.key}')"
+            place = (
+                f"{self._file_shown(chunk.item)}: the item at bytes {chunk.item.offset}..."
+                f"{chunk.item.offset + chunk.item.length} (chunk {chunk_text(chunk)} of '{tensor.key}')"
+            )
             with open(path, "rb") as f:
                 head = os.pread(f.fileno(), 4, chunk.item.offset)
                 if head == _ZIP_MAGIC:
@@ -208,14 +256,18 @@ class DcpSource(Source):
         header, data_start = self._blob(f, path, chunk.item, place)
         info = header.get(tensor.key)
         if not isinstance(info, dict):
-            raise SourceError(f"{place}: is neither a torch.save zip nor safetensors data holding '{tensor.key}'; "
-                              f"the file is corrupt or from another save")
+            raise SourceError(
+                f"{place}: is neither a torch.save zip nor safetensors data holding '{tensor.key}'; "
+                f"the file is corrupt or from another save"
+            )
         meta = self._blob_metas[path, chunk.item.offset][tensor.key]
         _check_chunk_meta(meta, tensor, chunk, place)
         saved = _saved_offsets(header, tensor.key)
         if saved is not None and saved != chunk.offsets:
-            raise SourceError(f"{place}: the file says the chunk starts at {list(saved)}, the metadata at "
-                              f"{list(chunk.offsets)}; the folder mixes files of different saves")
+            raise SourceError(
+                f"{place}: the file says the chunk starts at {list(saved)}, the metadata at "
+                f"{list(chunk.offsets)}; the folder mixes files of different saves"
+            )
         return _StoredChunk(RawSpan(path, data_start + int(info["data_offsets"][0]), meta.nbytes))
 
     def _blob(self, f: Any, path: str, item: StorageItem, place: str) -> tuple[dict[str, Any], int]:
@@ -240,7 +292,7 @@ class _Pieces:
         self._tensor, self._chunks = tensor, chunks
 
     def __len__(self) -> int:
-        return sum(math.prod(c.sizes[:_last_partial(c, self._tensor.shape)]) for c, _ in self._chunks)
+        return sum(math.prod(c.sizes[: _last_partial(c, self._tensor.shape)]) for c, _ in self._chunks)
 
     def __contains__(self, span: object) -> bool:
         return any(span == piece for piece in self)
@@ -265,7 +317,7 @@ def _pieces(chunk: DcpChunk, span: RawSpan, tensor: DcpTensor) -> Iterator[tuple
     shape, item = tensor.shape, DTYPES[tensor.dtype].itemsize
     last = _last_partial(chunk, shape)
     run = math.prod(chunk.sizes[last:]) * item
-    full_strides = [math.prod(shape[d + 1:]) * item for d in range(len(shape))]
+    full_strides = [math.prod(shape[d + 1 :]) * item for d in range(len(shape))]
     base = sum(o * st for o, st in zip(chunk.offsets, full_strides))
     for number, index in enumerate(itertools.product(*(range(s) for s in chunk.sizes[:last]))):
         start = base + sum(i * st for i, st in zip(index, full_strides))
@@ -273,6 +325,7 @@ def _pieces(chunk: DcpChunk, span: RawSpan, tensor: DcpTensor) -> Iterator[tuple
 
 
 # ---- opening --------------------------------------------------------------------------------------------------
+
 
 def _read_whole(path: Path, shown: str) -> bytes:
     try:
@@ -298,15 +351,19 @@ def _checked_files(folder: Path, shown: str, meta_shown: str, metadata: DcpMetad
         path = folder.joinpath(*PurePosixPath(name).parts)
         if not path.is_file():
             count = sum(1 for item, _ in _items(metadata) if item.file == name)
-            raise SourceError(f"{os.path.join(shown, name)}: missing; {meta_shown} places {count} item(s) in it "
-                              f"(a rank's file): copy the whole checkpoint folder")
+            raise SourceError(
+                f"{os.path.join(shown, name)}: missing; {meta_shown} places {count} item(s) in it "
+                f"(a rank's file): copy the whole checkpoint folder"
+            )
         sizes[name] = path.stat().st_size
     for item, what in _items(metadata):
         end = item.offset + item.length
         if end > sizes[item.file]:
-            raise SourceError(f"{os.path.join(shown, item.file)}: has {sizes[item.file]} bytes but {meta_shown} "
-                              f"places {what} at bytes {item.offset}..{end}; the file is truncated or from "
-                              f"another save: copy it again")
+            raise SourceError(
+                f"{os.path.join(shown, item.file)}: has {sizes[item.file]} bytes but {meta_shown} "
+                f"places {what} at bytes {item.offset}..{end}; the file is truncated or from "
+                f"another save: copy it again"
+            )
     return sizes
 
 
@@ -331,8 +388,10 @@ def _child(container: Any, key: PathItem, empty: Any, entry: DcpEntry, shown: st
             container[key] = empty
         found = container[key]
     if not isinstance(found, (dict, list)) or isinstance(found, list) != isinstance(empty, list):
-        raise SourceError(f"{shown}: planner_data path {list(entry.path)} of '{entry.key}' goes through another "
-                          f"entry or a container of the other kind; the metadata is corrupt")
+        raise SourceError(
+            f"{shown}: planner_data path {list(entry.path)} of '{entry.key}' goes through another "
+            f"entry or a container of the other kind; the metadata is corrupt"
+        )
     return found
 
 
@@ -340,7 +399,9 @@ def _put(container: Any, key: PathItem, entry: DcpEntry, shown: str) -> None:
     if isinstance(container, list):
         _extend(container, key, entry, shown)
     elif key in container:
-        raise SourceError(f"{shown}: two entries have the planner_data path {list(entry.path)}; the metadata is corrupt")
+        raise SourceError(
+            f"{shown}: two entries have the planner_data path {list(entry.path)}; the metadata is corrupt"
+        )
     container[key] = entry
 
 
@@ -360,32 +421,42 @@ def _describe(value: Any) -> str:
     return describe_value(value)
 
 
-def describe_layout(metadata: DcpMetadata, sizes: Mapping[str, int], tensors: Mapping[str, DcpTensor],
-                    found_at: str) -> list[str]:
+def describe_layout(
+    metadata: DcpMetadata, sizes: Mapping[str, int], tensors: Mapping[str, DcpTensor], found_at: str
+) -> list[str]:
     """Lines for `inspect`: world size and files, then the shard layout of `tensors` (the extracted ones)."""
     ranks = {int(m.group(1)) for f in metadata.files if (m := _RANK_FILE.fullmatch(PurePosixPath(f).name))}
     world = f"world size {max(ranks) + 1}" if ranks else "world size unknown (files not named __<rank>_<n>.distcp)"
-    lines = [f"torch.distributed.checkpoint: {world}, {len(sizes)} files ({human_bytes(sum(sizes.values()))}), "
-             f"version {metadata.version or 'unknown'}"]
+    lines = [
+        f"torch.distributed.checkpoint: {world}, {len(sizes)} files ({human_bytes(sum(sizes.values()))}), "
+        f"version {metadata.version or 'unknown'}"
+    ]
     sharded = [t for t in tensors.values() if t.sharded_dims]
     chunks = sum(len(t.chunks) for t in tensors.values())
-    parts = [f"{count} on dim{'s' if len(dims) > 1 else ''} {','.join(map(str, dims))}"
-             for dims, count in sorted(Counter(t.sharded_dims for t in sharded).items())]
+    parts = [
+        f"{count} on dim{'s' if len(dims) > 1 else ''} {','.join(map(str, dims))}"
+        for dims, count in sorted(Counter(t.sharded_dims for t in sharded).items())
+    ]
     uneven = sum(1 for t in sharded if len({c.sizes for c in t.chunks}) > 1)
     counts = sorted({len(t.chunks) for t in sharded})
     per = (f"{counts[0]} chunks each" if len(counts) == 1 else f"{counts[0]}-{counts[-1]} chunks") if counts else ""
     detail = f" ({'; '.join(parts)}; {uneven} uneven; {per})" if sharded else ""
-    lines.append(f"shard layout at '{found_at}': {len(tensors)} tensors in {chunks} chunks: {len(sharded)} sharded"
-                 f"{detail}, {len(tensors) - len(sharded)} in one chunk (replicated or unsharded)")
+    lines.append(
+        f"shard layout at '{found_at}': {len(tensors)} tensors in {chunks} chunks: {len(sharded)} sharded"
+        f"{detail}, {len(tensors) - len(sharded)} in one chunk (replicated or unsharded)"
+    )
     for key, tensor in list((k, t) for k, t in tensors.items() if t.sharded_dims)[:_LISTED]:
-        lines.append(f"  {key}: {tensor.meta} on dim {','.join(map(str, tensor.sharded_dims))}: "
-                     + " ".join(chunk_text(c) for c in tensor.chunks))
+        lines.append(
+            f"  {key}: {tensor.meta} on dim {','.join(map(str, tensor.sharded_dims))}: "
+            + " ".join(chunk_text(c) for c in tensor.chunks)
+        )
     if len(sharded) > _LISTED:
         lines.append(f"  ... {len(sharded) - _LISTED} more sharded tensors")
     return lines
 
 
 # ---- reading items --------------------------------------------------------------------------------------------
+
 
 class _FileRange(io.RawIOBase):
     """Bytes [start, start + length) of an open file as a read-only, seekable file of its own (read with pread)."""
@@ -413,7 +484,7 @@ class _FileRange(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         want = max(0, min(len(buffer), self._length - self._pos))
         data = os.pread(self._fd, want, self._start + self._pos) if want else b""
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         self._pos += len(data)
         return len(data)
 
@@ -428,18 +499,24 @@ def _zip_chunk(f: Any, path: str, tensor: DcpTensor, chunk: DcpChunk, place: str
         unpickler = StubUnpickler(io.BytesIO(pickled))
         ref = unpickler.load()
     except Exception as exc:  # noqa: BLE001 - whatever is wrong inside the item, it is a corrupt input
-        raise SourceError(f"{place}: is not a readable torch.save archive ({_first_line(exc)}); the file is "
-                          f"corrupt or truncated: copy it again") from None
+        raise SourceError(
+            f"{place}: is not a readable torch.save archive ({_first_line(exc)}); the file is "
+            f"corrupt or truncated: copy it again"
+        ) from None
     if unpickler.unknown or not isinstance(ref, TensorRef) or ref.dtype is None:
-        raise SourceError(f"{place}: holds {type(ref).__name__} (using {', '.join(unpickler.unknown) or 'no globals'}), "
-                          f"not one plain tensor; the file is not from dcp.save")
+        raise SourceError(
+            f"{place}: holds {type(ref).__name__} (using {', '.join(unpickler.unknown) or 'no globals'}), "
+            f"not one plain tensor; the file is not from dcp.save"
+        )
     if not little:
         raise SourceError(f"{place}: stores big-endian tensors, which ckptx does not read")
     _check_chunk_meta(TensorMeta(ref.size, ref.dtype), tensor, chunk, place)
     record = records.get(ref.storage.key)
     if record is None or record.offset + record.size > item.length:
-        raise SourceError(f"{place}: its tensor's storage record {ref.storage.key!r} is missing or runs past the "
-                          f"item; the file is corrupt")
+        raise SourceError(
+            f"{place}: its tensor's storage record {ref.storage.key!r} is missing or runs past the "
+            f"item; the file is corrupt"
+        )
     absolute = Record(item.offset + record.offset, record.size)
     span = row_major_span(ref, {ref.storage.key: absolute}, path)
     if span is not None:
@@ -452,15 +529,19 @@ def _strided_chunk(ref: TensorRef, record: Record, path: str, tensor: DcpTensor,
     item = DTYPES[tensor.dtype].itemsize
     last = ref.offset + sum((s - 1) * st for s, st in zip(ref.size, ref.stride))
     if not ref.plain or ref.offset < 0 or any(st < 0 for st in ref.stride) or (last + 1) * item > record.size:
-        raise SourceError(f"{place}: its tensor (offset {ref.offset}, stride {list(ref.stride)}) lies outside its "
-                          f"storage of {record.size} bytes; the file is corrupt")
+        raise SourceError(
+            f"{place}: its tensor (offset {ref.offset}, stride {list(ref.stride)}) lies outside its "
+            f"storage of {record.size} bytes; the file is corrupt"
+        )
     return _StoredChunk(RawSpan(path, record.offset, record.size - record.size % item), ref.stride, ref.offset)
 
 
 def _check_chunk_meta(found: TensorMeta, tensor: DcpTensor, chunk: DcpChunk, place: str) -> None:
     if found.shape != chunk.sizes or found.dtype != tensor.dtype:
-        raise SourceError(f"{place}: holds {found} but the metadata says {tensor.dtype}{list(chunk.sizes)}; the "
-                          f"folder mixes files of different saves")
+        raise SourceError(
+            f"{place}: holds {found} but the metadata says {tensor.dtype}{list(chunk.sizes)}; the "
+            f"folder mixes files of different saves"
+        )
 
 
 def _read_blob_header(fd: int, item: StorageItem, place: str) -> tuple[dict[str, Any], int, dict[str, TensorMeta]]:
@@ -494,12 +575,15 @@ def _pread_exact(path: Path, offset: int, length: int, shown: str, what: str) ->
     finally:
         os.close(fd)
     if len(data) != length:
-        raise SourceError(f"{shown}: ended at byte {offset + len(data)} while reading {what} of {length} bytes at "
-                          f"{offset}; the file is truncated or changed")
+        raise SourceError(
+            f"{shown}: ended at byte {offset + len(data)} while reading {what} of {length} bytes at "
+            f"{offset}; the file is truncated or changed"
+        )
     return data
 
 
 # ---- pickled values -------------------------------------------------------------------------------------------
+
 
 def _unpickle_value(data: bytes, shown: str, allow_globals: Sequence[str], unsafe_pickle: bool) -> Any:
     """A pickled value (a torch.save zip, or a plain pickle) read with the torch readers' rules."""
@@ -544,8 +628,17 @@ def _torch_load(data: bytes, shown: str, allow_globals: Sequence[str], unsafe_pi
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=not unsafe_pickle)
         except pickle.UnpicklingError as exc:
             raise unpickling_error(None, shown, exc, False) from None
-        except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile, KeyError, TypeError, AttributeError,
-                ImportError, IndexError) as exc:
+        except (
+            EOFError,
+            RuntimeError,
+            ValueError,
+            zipfile.BadZipFile,
+            KeyError,
+            TypeError,
+            AttributeError,
+            ImportError,
+            IndexError,
+        ) as exc:
             raise SourceError(f"{shown}: not a readable pickled value ({_first_line(exc)})") from None
 
 

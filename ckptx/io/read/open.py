@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import stat
 import struct
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ckptx.errors import SourceError
 from ckptx.io.read.safetensors_reader import SafetensorsSource
@@ -18,8 +18,12 @@ from ckptx.planning.source import Source
 
 
 _ZIP = b"PK\x03\x04"
-_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISSOCK, "a socket"))
+_KINDS = (
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def sniff_format(path: Path) -> str:
@@ -55,8 +59,10 @@ def check_regular_file(path: Path, shown: str) -> None:
         raise SourceError(f"{shown}: is a folder; give the checkpoint file (or its .index.json)")
     if not stat.S_ISREG(mode):
         kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
-        raise SourceError(f"{shown}: is {kind}, not a regular file; ckptx reads checkpoints from files only: "
-                          f"copy the data to a file first")
+        raise SourceError(
+            f"{shown}: is {kind}, not a regular file; ckptx reads checkpoints from files only: "
+            f"copy the data to a file first"
+        )
 
 
 def _open_safetensors(path: Path, shown: str) -> Source:
@@ -67,13 +73,19 @@ def _open_safetensors(path: Path, shown: str) -> Source:
     except SourceError:
         with open(path, "rb") as f:
             head = f.read(4)
-        what = ("a zip archive (a torch checkpoint, which holds a pickle)" if head == _ZIP else
-                "a pickle (a legacy torch checkpoint)" if head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"
-                else "")
+        what = (
+            "a zip archive (a torch checkpoint, which holds a pickle)"
+            if head == _ZIP
+            else "a pickle (a legacy torch checkpoint)"
+            if head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"
+            else ""
+        )
         if not what or path.suffix != ".safetensors":
             raise
-        raise SourceError(f"{shown}: named .safetensors but holds {what}; ckptx reads a .safetensors file only as "
-                          f"safetensors: if you trust it, rename it to .pth and convert that") from None
+        raise SourceError(
+            f"{shown}: named .safetensors but holds {what}; ckptx reads a .safetensors file only as "
+            f"safetensors: if you trust it, rename it to .pth and convert that"
+        ) from None
 
 
 def is_checkpoint_folder(path: Path) -> bool:
@@ -83,8 +95,14 @@ def is_checkpoint_folder(path: Path) -> bool:
     return (path / ".metadata").is_file() or is_zero_folder(path)
 
 
-def open_source(path: str | Path, extract_paths: Sequence[str] = (), *, allow_globals: Sequence[str] = (),
-                unsafe_pickle: bool = False, where: str = "") -> Source:
+def open_source(
+    path: str | Path,
+    extract_paths: Sequence[str] = (),
+    *,
+    allow_globals: Sequence[str] = (),
+    unsafe_pickle: bool = False,
+    where: str = "",
+) -> Source:
     """Open a checkpoint file lazily; `extract_paths` say where the state dict lives in pickle files.
 
     A DeepSpeed ZeRO folder (holding `latest`, or a tag folder) opens as its fp32 state dict (io/zero.py);
@@ -99,15 +117,19 @@ def open_source(path: str | Path, extract_paths: Sequence[str] = (), *, allow_gl
 
         if is_zero_folder(p):
             return open_zero(p, str(path))
-        return open_dcp_folder(p, str(path), extract_paths, allow_globals=allow_globals,
-                               unsafe_pickle=unsafe_pickle, where=where)
+        return open_dcp_folder(
+            p, str(path), extract_paths, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle, where=where
+        )
     check_regular_file(p, str(path))
     fmt = sniff_format(p)
     if fmt == "safetensors":
         return _open_safetensors(p, str(path))
     if fmt == "sharded-index":
-        return ShardedSource(p, str(path), open_source, extract_paths, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
+        return ShardedSource(
+            p, str(path), open_source, extract_paths, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle
+        )
     from ckptx.io.read.torch_reader import read_torch
 
-    return read_torch(p, extract_paths, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle,
-                      display=str(path), where=where)
+    return read_torch(
+        p, extract_paths, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle, display=str(path), where=where
+    )

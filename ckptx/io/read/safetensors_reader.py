@@ -26,8 +26,8 @@ from ckptx._lazy import lazy_module
 from ckptx.dtypes import DTYPES, TensorMeta, UnsupportedDtype, from_safetensors
 from ckptx.errors import SourceError
 from ckptx.gcpause import without_gc
-from ckptx.planning.source import RawSpan, Source
 from ckptx.io.spans import read_span
+from ckptx.planning.source import RawSpan, Source
 from ckptx.text import quoted, shown
 
 torch = lazy_module("torch")
@@ -77,15 +77,20 @@ def _read_checked(path: Path, display: str | None) -> tuple[dict[str, Any], int,
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise SourceError(f"{shown_path}: not a safetensors file: only {size} bytes, the header length alone "
-                              f"takes 8; {_AGAIN}")
+            raise SourceError(
+                f"{shown_path}: not a safetensors file: only {size} bytes, the header length alone takes 8; {_AGAIN}"
+            )
         (length,) = struct.unpack("<Q", head)
         if length > MAX_HEADER:
-            raise SourceError(f"{shown_path}: not a valid safetensors file: the header length (bytes 0-7) says "
-                              f"{length:,} bytes, more than the {MAX_HEADER:,} the format allows; {_AGAIN}")
+            raise SourceError(
+                f"{shown_path}: not a valid safetensors file: the header length (bytes 0-7) says "
+                f"{length:,} bytes, more than the {MAX_HEADER:,} the format allows; {_AGAIN}"
+            )
         if length > size - 8:
-            raise SourceError(f"{shown_path}: not a valid safetensors file: header says {length} bytes but the file "
-                              f"has {size - 8} after the length (truncated or not safetensors); {_AGAIN}")
+            raise SourceError(
+                f"{shown_path}: not a valid safetensors file: header says {length} bytes but the file "
+                f"has {size - 8} after the length (truncated or not safetensors); {_AGAIN}"
+            )
         data_start = 8 + length
         try:
             header = _parse(f.read(length))
@@ -100,8 +105,9 @@ def _read_checked(path: Path, display: str | None) -> tuple[dict[str, Any], int,
     return header, data_start, entries
 
 
-def check_embedded_header(raw: bytes, data_size: int, data_start: int, shown: str
-                          ) -> tuple[dict[str, Any], dict[str, TensorMeta]]:
+def check_embedded_header(
+    raw: bytes, data_size: int, data_start: int, shown: str
+) -> tuple[dict[str, Any], dict[str, TensorMeta]]:
     """A safetensors header found inside another file (a DCP item): checked exactly as a file's header, against
     a data section of `data_size` bytes at `data_start`; the header and key -> TensorMeta in file order."""
     try:
@@ -122,8 +128,10 @@ def _parse(raw: bytes) -> dict[str, Any]:
     """
     negative = _NEGATIVE_ZERO.search(raw)
     if negative:
-        raise _Bad(f"a shape or data_offsets list holds -0 (file byte {8 + negative.end() - 2}); it must hold "
-                   f"integers from 0 to 2^64-1")
+        raise _Bad(
+            f"a shape or data_offsets list holds -0 (file byte {8 + negative.end() - 2}); it must hold "
+            f"integers from 0 to 2^64-1"
+        )
     hook = _object_checked if _SURROGATE_ESCAPE.search(raw) else _object
     try:
         text = raw.decode("utf-8")
@@ -133,7 +141,7 @@ def _parse(raw: bytes) -> dict[str, Any]:
     try:
         header = json.loads(text, object_pairs_hook=hook, parse_constant=_constant)
     except json.JSONDecodeError as exc:
-        where = 8 + len(text[:exc.pos].encode("utf-8"))
+        where = 8 + len(text[: exc.pos].encode("utf-8"))
         raise _Bad(f"the header is not JSON: {exc.msg} (file byte {where})") from None
     except ValueError:  # an integer of more than 4,300 digits (sys.get_int_max_str_digits); serde: out of range
         raise _Bad("the header holds a number out of range") from None
@@ -195,8 +203,15 @@ def _no_surrogates(text: str) -> None:
 
 def _kind(value: Any) -> str:
     """What a JSON value is, for messages: `a string`, `a list`, `null`."""
-    names = {str: "a string", list: "a list", dict: "an object", bool: "a boolean", int: "an integer",
-             float: "a number with a fraction or exponent", type(None): "null"}
+    names = {
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number with a fraction or exponent",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)
 
 
@@ -210,20 +225,26 @@ def _entries(header: dict[str, Any]) -> list[_Entry]:
 
 def _check_metadata(metadata: Any) -> None:
     if not isinstance(metadata, dict):
-        raise _Bad(f"\"__metadata__\" is {_kind(metadata)}; it must be an object of string values")
+        raise _Bad(f'"__metadata__" is {_kind(metadata)}; it must be an object of string values')
     if set(map(type, metadata.values())) <= {str}:
         return
     for key, value in metadata.items():
         if not isinstance(value, str):
-            raise _Bad(f"\"__metadata__\" entry {quoted(key)} is {_kind(value)}; metadata values must be strings")
+            raise _Bad(f'"__metadata__" entry {quoted(key)} is {_kind(value)}; metadata values must be strings')
 
 
 def _entry(key: str, info: Any) -> _Entry:
     """One entry checked: the common well-formed case at C speed, anything else field by field."""
     if type(info) is dict and len(info) == 3:
         code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if (code in _CODES and type(shape) is list and type(offsets) is list and len(offsets) == 2
-                and _plain_unsigned(shape) and _plain_unsigned(offsets)):
+        if (
+            code in _CODES
+            and type(shape) is list
+            and type(offsets) is list
+            and len(offsets) == 2
+            and _plain_unsigned(shape)
+            and _plain_unsigned(offsets)
+        ):
             return _Entry(key, code, tuple(shape), offsets[0], offsets[1])
     return _entry_in_detail(key, info)
 
@@ -236,18 +257,19 @@ def _plain_unsigned(items: list[Any]) -> bool:
 def _entry_in_detail(key: str, info: Any) -> _Entry:
     """One entry checked field by field; _Bad names the first problem."""
     if not isinstance(info, dict):
-        raise _Bad(f"the entry of tensor {quoted(key)} is {_kind(info)}; it must be an object with "
-                   f"{', '.join(_FIELDS)}")
+        raise _Bad(
+            f"the entry of tensor {quoted(key)} is {_kind(info)}; it must be an object with {', '.join(_FIELDS)}"
+        )
     missing = [f for f in _FIELDS if f not in info]
     if missing:
-        raise _Bad(f"the entry of tensor {quoted(key)} has no \"{missing[0]}\"")
+        raise _Bad(f'the entry of tensor {quoted(key)} has no "{missing[0]}"')
     code = info["dtype"]
     if not isinstance(code, str) or code not in _CODES:
         raise _Bad(f"tensor {quoted(key)} has dtype {shown(json.dumps(code)[:40])}, which is not a safetensors dtype")
     shape = _unsigned_list(key, "shape", info["shape"])
     offsets = _unsigned_list(key, "data_offsets", info["data_offsets"])
     if len(offsets) != 2:
-        raise _Bad(f"tensor {quoted(key)}: \"data_offsets\" has {len(offsets)} numbers; it must be [begin, end]")
+        raise _Bad(f'tensor {quoted(key)}: "data_offsets" has {len(offsets)} numbers; it must be [begin, end]')
     for field, value in info.items():
         if field not in _FIELDS:
             _check_ignored(key, value)
@@ -257,12 +279,17 @@ def _entry_in_detail(key: str, info: Any) -> _Entry:
 def _unsigned_list(key: str, field: str, value: Any) -> tuple[int, ...]:
     """A list of integers from 0 to 2^64-1 (booleans, fractions and strings refused)."""
     if not isinstance(value, list):
-        raise _Bad(f"tensor {quoted(key)}: \"{field}\" is {_kind(value)}; it must be a list of integers")
+        raise _Bad(f'tensor {quoted(key)}: "{field}" is {_kind(value)}; it must be a list of integers')
     for item in value:
         if type(item) is not int or not 0 <= item <= _U64:
-            what = (f"the number {item}" if type(item) is int and abs(item) < 2**128 else "a number out of range"
-                    if type(item) in (int, float) and not _in_range(item) else _kind(item))
-            raise _Bad(f"tensor {quoted(key)}: \"{field}\" holds {what}; it must hold integers from 0 to 2^64-1")
+            what = (
+                f"the number {item}"
+                if type(item) is int and abs(item) < 2**128
+                else "a number out of range"
+                if type(item) in (int, float) and not _in_range(item)
+                else _kind(item)
+            )
+            raise _Bad(f'tensor {quoted(key)}: "{field}" holds {what}; it must hold integers from 0 to 2^64-1')
     return tuple(value)
 
 
@@ -292,22 +319,34 @@ def _check_layout(entries: list[_Entry], data_size: int, data_start: int) -> Non
     start = 0
     for entry in entries:
         if entry.begin != start or entry.end < entry.begin:
-            what = (f"ends before it begins" if entry.end < entry.begin else
-                    f"overlaps the tensor before it, which ends at byte {start}" if entry.begin < start else
-                    f"leaves a gap: the tensor before it ends at byte {start}")
-            raise _Bad(f"tensor {quoted(entry.key)} has data_offsets [{entry.begin}, {entry.end}] (file byte "
-                       f"{data_start + entry.begin}), which {what}")
+            what = (
+                "ends before it begins"
+                if entry.end < entry.begin
+                else f"overlaps the tensor before it, which ends at byte {start}"
+                if entry.begin < start
+                else f"leaves a gap: the tensor before it ends at byte {start}"
+            )
+            raise _Bad(
+                f"tensor {quoted(entry.key)} has data_offsets [{entry.begin}, {entry.end}] (file byte "
+                f"{data_start + entry.begin}), which {what}"
+            )
         needed = _nbytes(entry)
         if entry.end - entry.begin != needed:
-            raise _Bad(f"tensor {quoted(entry.key)} has {entry.end - entry.begin} bytes but dtype {entry.code} shape "
-                       f"{list(entry.shape)} needs {needed}")
+            raise _Bad(
+                f"tensor {quoted(entry.key)} has {entry.end - entry.begin} bytes but dtype {entry.code} shape "
+                f"{list(entry.shape)} needs {needed}"
+            )
         if entry.end > data_size:
-            raise _Bad(f"tensor {quoted(entry.key)} ends at byte {entry.end} of the data section, which has only "
-                       f"{data_size} bytes: the file is truncated")
+            raise _Bad(
+                f"tensor {quoted(entry.key)} ends at byte {entry.end} of the data section, which has only "
+                f"{data_size} bytes: the file is truncated"
+            )
         start = entry.end
     if start != data_size:
-        raise _Bad(f"the data section has {data_size} bytes but its tensors cover only {start}: "
-                   f"{data_size - start} byte(s) follow the last tensor, from file byte {data_start + start}")
+        raise _Bad(
+            f"the data section has {data_size} bytes but its tensors cover only {start}: "
+            f"{data_size - start} byte(s) follow the last tensor, from file byte {data_start + start}"
+        )
 
 
 def _nbytes(entry: _Entry) -> int:
@@ -330,8 +369,10 @@ def _check_supported(entries: list[_Entry], shown_path: str) -> None:
     """A valid file may still hold a dtype ckptx has no torch type for (F4, F6_*, F8_E8M0)."""
     for entry in entries:
         if from_safetensors(entry.code) is None:
-            raise UnsupportedDtype(f"{shown_path}: tensor {quoted(entry.key)} has safetensors dtype {entry.code}, "
-                                   f"which ckptx cannot convert; convert it with the library that wrote it")
+            raise UnsupportedDtype(
+                f"{shown_path}: tensor {quoted(entry.key)} has safetensors dtype {entry.code}, "
+                f"which ckptx cannot convert; convert it with the library that wrote it"
+            )
 
 
 def _metas(entries: list[_Entry]) -> dict[str, TensorMeta]:
@@ -355,8 +396,9 @@ class SafetensorsSource(Source):
     def __init__(self, path: Path, display: str | None = None) -> None:
         header, data_start, entries = _read_checked(path, display)
         metadata = header.get("__metadata__") or {}
-        super().__init__(path=display or str(path), format="safetensors", tensors=_metas(entries),
-                         file_metadata=dict(metadata))
+        super().__init__(
+            path=display or str(path), format="safetensors", tensors=_metas(entries), file_metadata=dict(metadata)
+        )
         self._file = str(path)
         self._ranges = {e.key: (e.begin, e.end) for e in entries}
         self._data_start = data_start

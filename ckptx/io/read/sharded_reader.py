@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ckptx._lazy import lazy_module
+from ckptx.dtypes import TensorMeta
 from ckptx.errors import SourceError
 from ckptx.planning.source import RawSpan, Source
-from ckptx.dtypes import TensorMeta
 from ckptx.text import quoted
 
 torch = lazy_module("torch")
@@ -22,13 +23,16 @@ def read_index(path: Path, shown: str) -> tuple[dict[str, str], dict[str, Any]]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SourceError(f"{shown}: not a valid shard index: not JSON ({exc}); download it again") from None
     except ValueError:  # an integer of more than 4,300 digits
-        raise SourceError(f"{shown}: not a valid shard index: it holds a number out of range; download it again") from None
+        raise SourceError(
+            f"{shown}: not a valid shard index: it holds a number out of range; download it again"
+        ) from None
     except RecursionError:
         raise SourceError(f"{shown}: not a valid shard index: it nests too deeply; download it again") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                   for k, v in weight_map.items()):
-        raise SourceError(f"{shown}: not a valid shard index: needs a \"weight_map\" object of key -> shard file name")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise SourceError(f'{shown}: not a valid shard index: needs a "weight_map" object of key -> shard file name')
     metadata = doc.get("metadata") or {}
     return weight_map, metadata if isinstance(metadata, dict) else {}
 
@@ -41,9 +45,16 @@ class ShardedSource(Source):
     `load` and `raw_span` go to the shard that holds the key.
     """
 
-    def __init__(self, path: Path, display: str | None, open_shard: Callable[..., Source],
-                 extract_paths: Sequence[str] = (), *, allow_globals: Sequence[str] = (),
-                 unsafe_pickle: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        display: str | None,
+        open_shard: Callable[..., Source],
+        extract_paths: Sequence[str] = (),
+        *,
+        allow_globals: Sequence[str] = (),
+        unsafe_pickle: bool = False,
+    ) -> None:
         shown = display or str(path)
         weight_map, index_metadata = read_index(path, shown)
         by_shard: dict[str, list[str]] = {}
@@ -54,14 +65,21 @@ class ShardedSource(Source):
         tensors: dict[str, TensorMeta] = {}
         try:
             for name, keys in by_shard.items():
-                shard = open_shard(_shard_path(path, name, shown), extract_paths, allow_globals=allow_globals,
-                                    unsafe_pickle=unsafe_pickle, where=f"shard of {shown}")
+                shard = open_shard(
+                    _shard_path(path, name, shown),
+                    extract_paths,
+                    allow_globals=allow_globals,
+                    unsafe_pickle=unsafe_pickle,
+                    where=f"shard of {shown}",
+                )
                 self._shards.append(shard)
                 absent = [k for k in keys if k not in shard.tensors]
                 if absent:
-                    raise SourceError(f"{shown}: key {quoted(absent[0])} is listed for shard {quoted(name)} but that shard has "
-                                      f"no such tensor ({len(absent)} such key(s)); the index does not match its shards: "
-                                      f"re-download them or regenerate the index")
+                    raise SourceError(
+                        f"{shown}: key {quoted(absent[0])} is listed for shard {quoted(name)} but that shard has "
+                        f"no such tensor ({len(absent)} such key(s)); the index does not match its shards: "
+                        f"re-download them or regenerate the index"
+                    )
                 listed = set(keys)
                 for key, meta in shard.tensors.items():
                     if key in listed:
@@ -72,11 +90,15 @@ class ShardedSource(Source):
             raise
         first = self._shards[0] if self._shards else None
         super().__init__(
-            path=shown, format=f"sharded-{first.format if first else 'empty'}", tensors=tensors,
+            path=shown,
+            format=f"sharded-{first.format if first else 'empty'}",
+            tensors=tensors,
             non_tensors={k: v for s in self._shards for k, v in s.non_tensors.items()},
             extracted_from=first.extracted_from if first else ".",
-            file_metadata={**(first.file_metadata if first else {}),
-                           **{str(k): str(v) for k, v in index_metadata.items()}},
+            file_metadata={
+                **(first.file_metadata if first else {}),
+                **{str(k): str(v) for k, v in index_metadata.items()},
+            },
         )
 
     def load(self, key: str) -> torch.Tensor:
@@ -99,12 +121,17 @@ def _shard_path(index: Path, name: str, shown: str) -> Path:
     """The shard file `name` beside the index; names that leave the index's folder are refused."""
     parts = PurePosixPath(name).parts
     if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
-        raise SourceError(f"{shown}: shard name {quoted(name)} is not a file name inside the index's folder; fix the index")
+        raise SourceError(
+            f"{shown}: shard name {quoted(name)} is not a file name inside the index's folder; fix the index"
+        )
     if name.endswith(".index.json"):
         # An index naming itself or another index would be opened again and again (RecursionError).
-        raise SourceError(f"{shown}: shard {quoted(name)} is itself an index; an index lists weight files only: "
-                          f"fix the index")
+        raise SourceError(
+            f"{shown}: shard {quoted(name)} is itself an index; an index lists weight files only: fix the index"
+        )
     path = index.parent.joinpath(*parts)
     if not path.exists():
-        raise SourceError(f"{shown}: shard {quoted(name)} is missing (expected at {path}); download it or fix the index")
+        raise SourceError(
+            f"{shown}: shard {quoted(name)} is missing (expected at {path}); download it or fix the index"
+        )
     return path

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ckptx._lazy import lazy_module
+from ckptx.dtypes import DTYPES, TensorMeta, dtype_name
 from ckptx.errors import SourceError
-from ckptx.dtypes import DTYPES, dtype_name
-from ckptx.dtypes import TensorMeta
 from ckptx.planning.source import Source
 from ckptx.text import describe_key, quoted
 
@@ -31,15 +31,25 @@ def is_tensor(value: Any) -> bool:
 class MappingSource(Source):
     """A source over an in-memory (or memory-mapped) mapping of key -> tensor."""
 
-    def __init__(self, path: str, fmt: str, state: Mapping[str, Any], *, extracted_from: str = ".",
-                 top_level: Mapping[str, str] | None = None, keep_alive: Any = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        fmt: str,
+        state: Mapping[str, Any],
+        *,
+        extracted_from: str = ".",
+        top_level: Mapping[str, str] | None = None,
+        keep_alive: Any = None,
+    ) -> None:
         check_state(state, path)
         tensors = {k: v for k, v in state.items() if is_tensor(v)}
         super().__init__(
-            path=path, format=fmt,
+            path=path,
+            format=fmt,
             tensors={k: TensorMeta(tuple(v.shape), dtype_name(v.dtype)) for k, v in tensors.items()},
             non_tensors={str(k): type(v).__name__ for k, v in state.items() if not is_tensor(v)},
-            extracted_from=extracted_from, top_level=dict(top_level or {}),
+            extracted_from=extracted_from,
+            top_level=dict(top_level or {}),
             state_metadata=getattr(state, "_metadata", None),
         )
         self._state = tensors
@@ -55,7 +65,9 @@ class MappingSource(Source):
         self._keep_alive = None
 
 
-def memory_source(obj: Mapping[str, Any], extract_paths: Sequence[str] = (), *, name: str = "<state_dict>") -> MappingSource:
+def memory_source(
+    obj: Mapping[str, Any], extract_paths: Sequence[str] = (), *, name: str = "<state_dict>"
+) -> MappingSource:
     """An in-memory checkpoint (a state dict, or a whole `torch.load` result) as a source: the state dict is found
     with the same `extract` rules as for files, so `{'model': ..., 'epoch': 3}` works like the file it came from.
     A mapping that holds tensors itself is used as it is when none of `extract_paths` is in it (it is the state
@@ -83,8 +95,10 @@ _FIXES = {
     "conj": "a conjugate view; save t.resolve_conj() instead",
     "neg": "a negative view; save t.resolve_neg() instead",
     "dtype": "of dtype {dtype}, which ckptx cannot convert (supported: {supported}); cast it before saving",
-    "overlap": ("a view whose {numel:,} elements overlap in {extent:,} stored ones (stride 0 or overlapping strides); "
-                "converting would write every copy: save t.contiguous() instead if you mean it"),
+    "overlap": (
+        "a view whose {numel:,} elements overlap in {extent:,} stored ones (stride 0 or overlapping strides); "
+        "converting would write every copy: save t.contiguous() instead if you mean it"
+    ),
 }
 
 
@@ -94,12 +108,16 @@ def check_state(state: Mapping[Any, Any], file: str) -> None:
     reserves it), and tensors that have no plain dense bytes (`_FIXES` says what to save instead)."""
     for key, value in state.items():
         if not isinstance(key, str):
-            raise SourceError(f"{file}: the state dict has the key {describe_key(key)} of type {type(key).__name__}; "
-                              f"ckptx needs string keys (1 and '1' would become one output key): save the state "
-                              f"dict with string keys")
+            raise SourceError(
+                f"{file}: the state dict has the key {describe_key(key)} of type {type(key).__name__}; "
+                f"ckptx needs string keys (1 and '1' would become one output key): save the state "
+                f"dict with string keys"
+            )
         if key == "__metadata__" and is_tensor(value):
-            raise SourceError(f"{file}: the state dict has a tensor named '__metadata__', a name safetensors "
-                              f"reserves for its metadata: rename it before saving")
+            raise SourceError(
+                f"{file}: the state dict has a tensor named '__metadata__', a name safetensors "
+                f"reserves for its metadata: rename it before saving"
+            )
         if is_tensor(value):
             problem = unsupported_tensor(value)
             if problem:
@@ -111,12 +129,27 @@ def unsupported_tensor(tensor: Any) -> str | None:
     if getattr(type(tensor), "is_tensor_ref", False):
         return _overlap(tuple(tensor.size), tuple(tensor.stride))
     dtype = dtype_name(tensor.dtype)
-    kind = ("nested" if tensor.is_nested else "sparse" if tensor.layout is not torch.strided else
-            "quantized" if tensor.is_quantized else "meta" if tensor.device.type == "meta" else
-            "conj" if tensor.is_conj() else "neg" if tensor.is_neg() else "dtype" if dtype not in DTYPES else None)
+    kind = (
+        "nested"
+        if tensor.is_nested
+        else "sparse"
+        if tensor.layout is not torch.strided
+        else "quantized"
+        if tensor.is_quantized
+        else "meta"
+        if tensor.device.type == "meta"
+        else "conj"
+        if tensor.is_conj()
+        else "neg"
+        if tensor.is_neg()
+        else "dtype"
+        if dtype not in DTYPES
+        else None
+    )
     if kind is not None:
-        return _FIXES[kind].format(layout=str(tensor.layout).removeprefix("torch."), dtype=dtype,
-                                   supported=", ".join(DTYPES))
+        return _FIXES[kind].format(
+            layout=str(tensor.layout).removeprefix("torch."), dtype=dtype, supported=", ".join(DTYPES)
+        )
     return _overlap(tuple(tensor.shape), tuple(tensor.stride()))
 
 
@@ -144,8 +177,10 @@ def extract(obj: Any, paths: Sequence[str], *, file: str, where: str = "") -> tu
     top = ", ".join(top_level_of(obj)) if isinstance(obj, Mapping) else type(obj).__name__
     tried = ", ".join(candidates)
     place = f" ({where})" if where else ""
-    raise SourceError(f"{file}: no state dict at {tried}{place}; the top level holds: {top}; "
-                      f"set `extract:` in the recipe or --extract to the right path")
+    raise SourceError(
+        f"{file}: no state dict at {tried}{place}; the top level holds: {top}; "
+        f"set `extract:` in the recipe or --extract to the right path"
+    )
 
 
 def describe_value(value: Any) -> str:

@@ -6,9 +6,10 @@ import pickle
 import re
 import struct
 import zipfile
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError, UnsafeGlobalError
@@ -23,8 +24,9 @@ _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 _UNSUPPORTED = re.compile(r"(?:Unsupported (?:global|class|operand)|Can only build)[^\n]*")
 
 
-def load_pickle_object(path: Path, *, allow_globals: Sequence[str] = (), unsafe_pickle: bool = False,
-                       display: str | None = None) -> Any:
+def load_pickle_object(
+    path: Path, *, allow_globals: Sequence[str] = (), unsafe_pickle: bool = False, display: str | None = None
+) -> Any:
     """`torch.load` the whole object on the CPU: mmap for zip files; refuse unsafe globals unless allowed."""
     shown = display or str(path)
     is_zip = starts_as_zip(path)
@@ -36,15 +38,33 @@ def load_pickle_object(path: Path, *, allow_globals: Sequence[str] = (), unsafe_
         except pickle.UnpicklingError as exc:
             raise unpickling_error(path, shown, exc, is_zip) from None
         except RecursionError:
-            raise SourceError(f"{shown}: not a readable torch checkpoint: its pickle nests too deeply (a corrupt "
-                              f"or hostile file)") from None
-        except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile, KeyError, OSError, TypeError,
-                AttributeError, ImportError, IndexError, UnicodeDecodeError, AssertionError, struct.error,
-                OverflowError, NotImplementedError, MemoryError) as exc:
+            raise SourceError(
+                f"{shown}: not a readable torch checkpoint: its pickle nests too deeply (a corrupt or hostile file)"
+            ) from None
+        except (
+            EOFError,
+            RuntimeError,
+            ValueError,
+            zipfile.BadZipFile,
+            KeyError,
+            OSError,
+            TypeError,
+            AttributeError,
+            ImportError,
+            IndexError,
+            UnicodeDecodeError,
+            AssertionError,
+            struct.error,
+            OverflowError,
+            NotImplementedError,
+            MemoryError,
+        ) as exc:
             # torch.load's own checks are asserts (a legacy file's storage list naming an unknown storage) and
             # struct/zip errors on damaged bytes: every one of them means the file is corrupt.
-            raise SourceError(f"{shown}: not a readable torch checkpoint: {_first_line(exc, is_zip)}; the file is "
-                              f"corrupt or truncated: download or save it again") from None
+            raise SourceError(
+                f"{shown}: not a readable torch checkpoint: {_first_line(exc, is_zip)}; the file is "
+                f"corrupt or truncated: download or save it again"
+            ) from None
 
 
 def load_object_tree(path: str | Path, *, allow_globals: Sequence[str] = (), unsafe_pickle: bool = False) -> Any:
@@ -56,12 +76,18 @@ def load_object_tree(path: str | Path, *, allow_globals: Sequence[str] = (), uns
         obj, unknown, _records, little = references
         if not unknown and little:
             return obj
-    return load_pickle_object(Path(path), allow_globals=allow_globals, unsafe_pickle=unsafe_pickle,
-                              display=str(path))
+    return load_pickle_object(Path(path), allow_globals=allow_globals, unsafe_pickle=unsafe_pickle, display=str(path))
 
 
-def read_torch(path: Path, extract_paths: Sequence[str], *, allow_globals: Sequence[str] = (),
-               unsafe_pickle: bool = False, display: str | None = None, where: str = "") -> MappingSource:
+def read_torch(
+    path: Path,
+    extract_paths: Sequence[str],
+    *,
+    allow_globals: Sequence[str] = (),
+    unsafe_pickle: bool = False,
+    display: str | None = None,
+    where: str = "",
+) -> MappingSource:
     """Open a `.pth`/`.pt`/`.bin` checkpoint and extract its state dict as a lazy source.
 
     A torch zip file that holds only containers, plain values and row-major tensors is read without
@@ -109,9 +135,13 @@ def unpickling_error(path: Path | None, shown: str, exc: Exception, is_zip: bool
     if "Weights only load failed" in text:
         detail = _UNSUPPORTED.search(text)
         reason = detail.group(0) if detail else "it uses pickle features the safe loader refuses"
-        return SourceError(f"{shown}: the safe loader refused the file ({reason}); pass --unsafe-pickle "
-                           f"only if you trust where it came from (it runs any code the file contains)")
-    return SourceError(f"{shown}: not a readable torch checkpoint: corrupt pickle ({text.splitlines()[0] if text else 'truncated'})")
+        return SourceError(
+            f"{shown}: the safe loader refused the file ({reason}); pass --unsafe-pickle "
+            f"only if you trust where it came from (it runs any code the file contains)"
+        )
+    return SourceError(
+        f"{shown}: not a readable torch checkpoint: corrupt pickle ({text.splitlines()[0] if text else 'truncated'})"
+    )
 
 
 def _refused_globals(path: Path | None, text: str, is_zip: bool) -> list[str]:

@@ -21,16 +21,17 @@ import struct
 import sys
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, ClassVar, Mapping, Sequence
+from typing import Any, BinaryIO, ClassVar
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import DTYPES, dtype_name, from_storage
 from ckptx.errors import SourceError
 from ckptx.io.read.state_dict import MappingSource, extract, top_level_of
-from ckptx.planning.source import RawSpan
 from ckptx.io.spans import read_span
+from ckptx.planning.source import RawSpan
 from ckptx.text import quoted
 
 torch = lazy_module("torch")
@@ -38,7 +39,9 @@ torch = lazy_module("torch")
 
 _LOCAL_HEADER = struct.Struct("<4s5HL2L2H")
 _LOCAL_SIGNATURE = b"PK\x03\x04"
-MAX_INFLATE_RATIO = 100  # torch.save stores records uncompressed; a re-zipped checkpoint of real weights stays far below
+MAX_INFLATE_RATIO = (
+    100  # torch.save stores records uncompressed; a re-zipped checkpoint of real weights stays far below
+)
 _SMALL_RECORD = 1 << 20  # records that inflate to less than this are never a memory problem
 _INT64 = 2**63 - 1
 
@@ -52,17 +55,30 @@ def check_archive(path: Path, display: str) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, struct.error, ValueError, EOFError, NotImplementedError,
-            OverflowError) as exc:
-        raise SourceError(f"{display}: not a readable torch checkpoint: the zip archive is truncated or corrupt "
-                          f"({exc}); download or save it again") from None
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        struct.error,
+        ValueError,
+        EOFError,
+        NotImplementedError,
+        OverflowError,
+    ) as exc:
+        raise SourceError(
+            f"{display}: not a readable torch checkpoint: the zip archive is truncated or corrupt "
+            f"({exc}); download or save it again"
+        ) from None
     if not infos or min(i.header_offset for i in infos) != 0:
-        raise SourceError(f"{display}: not a readable torch checkpoint: the zip directory does not start at byte 0 "
-                          f"(data before the archive, or another archive appended); save it again with torch.save")
+        raise SourceError(
+            f"{display}: not a readable torch checkpoint: the zip directory does not start at byte 0 "
+            f"(data before the archive, or another archive appended); save it again with torch.save"
+        )
     if len({i.filename for i in infos}) != len(infos):
         twice = next(i.filename for n, i in enumerate(infos) if i.filename in {j.filename for j in infos[:n]})
-        raise SourceError(f"{display}: not a readable torch checkpoint: the zip archive holds two records named "
-                          f"{quoted(twice)}; readers disagree on which one counts: save it again with torch.save")
+        raise SourceError(
+            f"{display}: not a readable torch checkpoint: the zip archive holds two records named "
+            f"{quoted(twice)}; readers disagree on which one counts: save it again with torch.save"
+        )
     for info in infos:
         _check_record(info, size, display)
 
@@ -70,18 +86,24 @@ def check_archive(path: Path, display: str) -> None:
 def _check_record(info: zipfile.ZipInfo, size: int, display: str) -> None:
     name = quoted(info.filename)
     if info.header_offset + info.compress_size > size:
-        raise SourceError(f"{display}: not a readable torch checkpoint: zip record {name} at byte "
-                          f"{info.header_offset} runs past the end of the file ({size} bytes): it is truncated")
+        raise SourceError(
+            f"{display}: not a readable torch checkpoint: zip record {name} at byte "
+            f"{info.header_offset} runs past the end of the file ({size} bytes): it is truncated"
+        )
     if info.compress_type == zipfile.ZIP_STORED:
         if info.file_size != info.compress_size:
-            raise SourceError(f"{display}: not a readable torch checkpoint: stored zip record {name} at byte "
-                              f"{info.header_offset} says {info.file_size} bytes but holds {info.compress_size}")
+            raise SourceError(
+                f"{display}: not a readable torch checkpoint: stored zip record {name} at byte "
+                f"{info.header_offset} says {info.file_size} bytes but holds {info.compress_size}"
+            )
         return
     if info.file_size > _SMALL_RECORD and info.file_size > MAX_INFLATE_RATIO * info.compress_size:
-        raise SourceError(f"{display}: compressed zip record {name} at byte {info.header_offset} would inflate "
-                          f"{info.compress_size:,} bytes to {info.file_size:,}, more than {MAX_INFLATE_RATIO} times; "
-                          f"torch.save never compresses: refused as a decompression bomb (re-save it with torch.save "
-                          f"if you trust it)")
+        raise SourceError(
+            f"{display}: compressed zip record {name} at byte {info.header_offset} would inflate "
+            f"{info.compress_size:,} bytes to {info.file_size:,}, more than {MAX_INFLATE_RATIO} times; "
+            f"torch.save never compresses: refused as a decompression bomb (re-save it with torch.save "
+            f"if you trust it)"
+        )
 
 
 # torch.save names a storage by its legacy typed class (torch/storage.py `_dtype_to_storage_type_map`, the
@@ -145,13 +167,13 @@ class Record:
 class _Opaque(dict):  # type: ignore[type-arg]
     """Stands in for any object the stub unpickler does not model; keeps dict items so paths can go through it."""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "_Opaque":
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Opaque:
         return dict.__new__(cls)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> "_Opaque":
+    def __call__(self, *args: Any, **kwargs: Any) -> _Opaque:
         return _Opaque()
 
     def __setstate__(self, state: Any) -> None:
@@ -164,21 +186,43 @@ class _Opaque(dict):  # type: ignore[type-arg]
         """Ignored (lists of unknown type)."""
 
 
-def _tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: Any, metadata: Any = None,
-            dtype: Any = None) -> Any:
+def _tensor(
+    storage: Any, offset: Any, size: Any, stride: Any, *rest: Any, metadata: Any = None, dtype: Any = None
+) -> Any:
     if not isinstance(storage, StorageRef) or not isinstance(size, tuple) or not isinstance(stride, tuple):
         return _Opaque()
-    return TensorRef(storage, int(offset), tuple(int(d) for d in size), tuple(int(s) for s in stride), not metadata,
-                     dtype.dtype if isinstance(dtype, _DtypeGlobal) else None)
+    return TensorRef(
+        storage,
+        int(offset),
+        tuple(int(d) for d in size),
+        tuple(int(s) for s in stride),
+        not metadata,
+        dtype.dtype if isinstance(dtype, _DtypeGlobal) else None,
+    )
 
 
-def _tensor_v2(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, hooks: Any = None,
-               metadata: Any = None) -> Any:
+def _tensor_v2(
+    storage: Any,
+    offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any = False,
+    hooks: Any = None,
+    metadata: Any = None,
+) -> Any:
     return _tensor(storage, offset, size, stride, metadata=metadata)
 
 
-def _tensor_v3(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, hooks: Any = None,
-               dtype: Any = None, metadata: Any = None) -> Any:
+def _tensor_v3(
+    storage: Any,
+    offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any = False,
+    hooks: Any = None,
+    dtype: Any = None,
+    metadata: Any = None,
+) -> Any:
     return _tensor(storage, offset, size, stride, metadata=metadata, dtype=dtype)
 
 
@@ -232,8 +276,9 @@ class StubUnpickler(pickle.Unpickler):
         return _Opaque()
 
 
-def open_zip_without_torch(path: Path, extract_paths: Sequence[str], *, display: str,
-                           where: str = "") -> "ZipSpanSource | None":
+def open_zip_without_torch(
+    path: Path, extract_paths: Sequence[str], *, display: str, where: str = ""
+) -> ZipSpanSource | None:
     """The checkpoint read from its references alone, torch not imported; None when torch must read it.
 
     That is the case when `data.pkl` uses any global besides tensor rebuilds, storage types, dtypes and
@@ -266,16 +311,20 @@ def check_ref(key: Any, ref: TensorRef, records: Mapping[str, Record], display: 
     numbers = (ref.offset, *ref.size, *ref.stride)
     where = f"{display}: tensor {quoted(key) if isinstance(key, str) else repr(type(key).__name__)}"
     if len(ref.size) != len(ref.stride) or any(not 0 <= n <= _INT64 for n in numbers):
-        raise SourceError(f"{where} has size {_short(ref.size)}, stride {_short(ref.stride)} and offset "
-                          f"{_short((ref.offset,))}: negative, out of range or mismatched; the file is corrupt")
+        raise SourceError(
+            f"{where} has size {_short(ref.size)}, stride {_short(ref.stride)} and offset "
+            f"{_short((ref.offset,))}: negative, out of range or mismatched; the file is corrupt"
+        )
     record = records.get(ref.storage.key)
     item = DTYPES[ref.dtype].itemsize if ref.dtype in DTYPES else None
     if record is None or item is None or not math.prod(ref.size):
         return  # torch decides (compressed records, unknown dtypes); an empty tensor reads nothing
     last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
     if (last + 1) * item > record.size:
-        raise SourceError(f"{where} reaches byte {(last + 1) * item:,} of its storage record "
-                          f"data/{ref.storage.key}, which has {record.size:,}: the file is corrupt or truncated")
+        raise SourceError(
+            f"{where} reaches byte {(last + 1) * item:,} of its storage record "
+            f"data/{ref.storage.key}, which has {record.size:,}: the file is corrupt or truncated"
+        )
 
 
 def _short(numbers: tuple[int, ...]) -> str:
@@ -330,11 +379,19 @@ def zip_spans(path: str, found_at: str, tensors: Mapping[str, torch.Tensor]) -> 
 
 def _agrees(ref: TensorRef, tensor: torch.Tensor) -> bool:
     """The pickle's description matches the tensor torch built, and its bytes are plain row-major ones."""
-    return (ref.plain and type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.layout == torch.strided
-            and dtype_name(tensor.dtype) == ref.dtype
-            and tuple(tensor.shape) == ref.size and tuple(tensor.stride()) == ref.stride
-            and tensor.storage_offset() == ref.offset and tensor.is_contiguous()
-            and not tensor.is_conj() and not tensor.is_neg() and tensor.device.type == "cpu")
+    return (
+        ref.plain
+        and type(tensor) in (torch.Tensor, torch.nn.Parameter)
+        and tensor.layout == torch.strided
+        and dtype_name(tensor.dtype) == ref.dtype
+        and tuple(tensor.shape) == ref.size
+        and tuple(tensor.stride()) == ref.stride
+        and tensor.storage_offset() == ref.offset
+        and tensor.is_contiguous()
+        and not tensor.is_conj()
+        and not tensor.is_neg()
+        and tensor.device.type == "cpu"
+    )
 
 
 def read_references(path: str) -> tuple[Any, list[str], dict[str, Record], bool]:
@@ -379,12 +436,13 @@ def read_archive(archive: zipfile.ZipFile, f: BinaryIO) -> tuple[bytes, dict[str
     for info in infos:
         name = info.filename
         if name.startswith(prefix + "data/") and info.compress_type == zipfile.ZIP_STORED:
-            records[name[len(prefix) + 5:]] = Record(_data_offset(f, info), info.file_size)
+            records[name[len(prefix) + 5 :]] = Record(_data_offset(f, info), info.file_size)
     return archive.read(pickles[0]), records, byteorder == "little"
 
 
 def _data_offset(f: Any, info: zipfile.ZipInfo) -> int:
-    """Where a record's bytes start: after its local header, whose name and extra lengths may differ from the directory's."""
+    """Where a record's bytes start: after its local header, whose name and extra lengths may differ from the
+    directory's."""
     f.seek(info.header_offset)
     fields = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
     if fields[0] != _LOCAL_SIGNATURE:
@@ -403,10 +461,19 @@ class TorchZipSource(MappingSource):
     memory rather than touching the map, so resident memory does not grow with every tensor read.
     """
 
-    def __init__(self, file: str, display: str, state: Mapping[str, Any], *, extracted_from: str,
-                 top_level: Mapping[str, str], keep_alive: Any) -> None:
-        super().__init__(display, "torch-zip", state, extracted_from=extracted_from, top_level=top_level,
-                         keep_alive=keep_alive)
+    def __init__(
+        self,
+        file: str,
+        display: str,
+        state: Mapping[str, Any],
+        *,
+        extracted_from: str,
+        top_level: Mapping[str, str],
+        keep_alive: Any,
+    ) -> None:
+        super().__init__(
+            display, "torch-zip", state, extracted_from=extracted_from, top_level=top_level, keep_alive=keep_alive
+        )
         self._file = file
         self._spans: dict[str, RawSpan] | None = None
 
@@ -425,8 +492,15 @@ class TorchZipSource(MappingSource):
 class ZipSpanSource(MappingSource):
     """A torch zip checkpoint read without torch: every tensor is a span of the file, loaded with pread."""
 
-    def __init__(self, display: str, state: Mapping[str, Any], spans: Mapping[str, RawSpan], *,
-                 extracted_from: str, top_level: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        display: str,
+        state: Mapping[str, Any],
+        spans: Mapping[str, RawSpan],
+        *,
+        extracted_from: str,
+        top_level: Mapping[str, str],
+    ) -> None:
         super().__init__(display, "torch-zip", state, extracted_from=extracted_from, top_level=top_level)
         self._spans = dict(spans)
 

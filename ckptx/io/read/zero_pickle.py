@@ -1,4 +1,5 @@
-"""Reading DeepSpeed's `.pt` files without deepspeed or torch: an allow-listing stub unpickler, and tensors as byte ranges.
+"""Reading DeepSpeed's `.pt` files without deepspeed or torch: an allow-listing stub unpickler, and tensors as byte
+ranges.
 
 Each `*_model_states.pt` / `*_optim_states.pt` is a torch zip. Its `data.pkl` goes through the stub unpickler of
 `torch_zip.py` (tensors become `TensorRef`s to storage records, nothing is loaded), extended so that the DeepSpeed
@@ -13,17 +14,27 @@ import io
 import math
 import struct
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
-from ckptx.errors import SourceError
-from ckptx.planning.source import RawSpan
-from ckptx.io.read.torch_zip import Record, TensorRef, read_archive, StubUnpickler
 from ckptx.dtypes import DTYPES
+from ckptx.errors import SourceError
+from ckptx.io.read.torch_zip import Record, StubUnpickler, TensorRef, read_archive
+from ckptx.planning.source import RawSpan
 
-__all__ = ["ALLOWED_GLOBALS", "Partition", "PickledFile", "RefusedGlobalError", "StandIn", "Stored", "describe",
-           "first_line", "read_pickled"]
+__all__ = [
+    "ALLOWED_GLOBALS",
+    "Partition",
+    "PickledFile",
+    "RefusedGlobalError",
+    "StandIn",
+    "Stored",
+    "describe",
+    "first_line",
+    "read_pickled",
+]
 
 
 class StandIn:
@@ -34,7 +45,7 @@ class StandIn:
 
     global_name: ClassVar[str] = ""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "StandIn":
+    def __new__(cls, *args: Any, **kwargs: Any) -> StandIn:
         obj = super().__new__(cls)
         obj.args, obj.state = args, None
         return obj
@@ -66,14 +77,18 @@ def _stand_in(base: type, module: str, name: str) -> type:
 # Exactly the globals DeepSpeed's ZeRO checkpoints name beyond what the stub unpickler already models (tensor
 # rebuilds, storage types, dtypes, OrderedDict). Each maps to an inert stand-in; none is ever imported.
 ALLOWED_GLOBALS: Mapping[tuple[str, str], type] = {
-    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"):
-        _stand_in(StandIn, "deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
-    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"):
-        _stand_in(StandIn, "deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
-    ("deepspeed.runtime.zero.config", "ZeroStageEnum"):
-        _stand_in(_Enum, "deepspeed.runtime.zero.config", "ZeroStageEnum"),
-    ("deepspeed.utils.tensor_fragment", "fragment_address"):
-        _stand_in(StandIn, "deepspeed.utils.tensor_fragment", "fragment_address"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"): _stand_in(
+        StandIn, "deepspeed.runtime.fp16.loss_scaler", "LossScaler"
+    ),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"): _stand_in(
+        StandIn, "deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"
+    ),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"): _stand_in(
+        _Enum, "deepspeed.runtime.zero.config", "ZeroStageEnum"
+    ),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"): _stand_in(
+        StandIn, "deepspeed.utils.tensor_fragment", "fragment_address"
+    ),
     ("torch", "Size"): _Size,
     ("torch", "Tensor"): _stand_in(StandIn, "torch", "Tensor"),  # the type argument of _rebuild_from_type_v2
 }
@@ -84,8 +99,10 @@ class RefusedGlobalError(SourceError):
 
     def __init__(self, file: str, record: str, global_name: str) -> None:
         self.file, self.record, self.global_name = file, record, global_name
-        super().__init__(f"{file}: {record} names the Python global '{global_name}', which DeepSpeed ZeRO "
-                         f"checkpoints never use; refused without running it: check where this file came from")
+        super().__init__(
+            f"{file}: {record} names the Python global '{global_name}', which DeepSpeed ZeRO "
+            f"checkpoints never use; refused without running it: check where this file came from"
+        )
 
 
 class _ZeroUnpickler(StubUnpickler):
@@ -115,21 +132,25 @@ class PickledFile:
     records: Mapping[str, Record]
     size: int
 
-    def partition(self, ref: Any, where: str) -> "Partition":
+    def partition(self, ref: Any, where: str) -> Partition:
         """`ref` (a 1-D contiguous tensor of this file) as a Partition, checked against its record and the file."""
         if not isinstance(ref, TensorRef) or len(ref.shape) != 1 or ref.stride != (1,) and ref.shape[0] > 1:
-            raise SourceError(f"{self.file}: {where} is {describe(ref)}, not a flat (1-D, contiguous) tensor; "
-                              f"the file is not a ZeRO checkpoint DeepSpeed wrote")
+            raise SourceError(
+                f"{self.file}: {where} is {describe(ref)}, not a flat (1-D, contiguous) tensor; "
+                f"the file is not a ZeRO checkpoint DeepSpeed wrote"
+            )
         start, _, dtype = self._bounds(ref, where, ref.shape[0])
         return Partition(self.file, start, ref.shape[0], dtype)
 
-    def stored(self, ref: Any, where: str) -> "Stored":
+    def stored(self, ref: Any, where: str) -> Stored:
         """`ref` (any strided tensor of this file) as a Stored tensor, checked against its record and the file."""
         if not isinstance(ref, TensorRef):
             raise SourceError(f"{self.file}: {where} is {describe(ref)}, not a tensor")
         if not ref.plain:
-            raise SourceError(f"{self.file}: {where} carries tensor metadata (conjugate/negative bits) ckptx does "
-                              f"not read; convert it with zero_to_fp32.py")
+            raise SourceError(
+                f"{self.file}: {where} carries tensor metadata (conjugate/negative bits) ckptx does "
+                f"not read; convert it with zero_to_fp32.py"
+            )
         numel = math.prod(ref.shape)
         extent = 0 if numel == 0 else 1 + sum((d - 1) * s for d, s in zip(ref.shape, ref.stride))
         start, _, dtype = self._bounds(ref, where, extent)
@@ -142,17 +163,23 @@ class PickledFile:
             raise SourceError(f"{self.file}: {where} has dtype {dtype}, which ckptx cannot read")
         record = self.records.get(ref.storage.key)
         if record is None:
-            raise SourceError(f"{self.file}: {where} points to storage record 'data/{ref.storage.key}', which the "
-                              f"zip does not hold (or holds compressed); the file is damaged")
+            raise SourceError(
+                f"{self.file}: {where} points to storage record 'data/{ref.storage.key}', which the "
+                f"zip does not hold (or holds compressed); the file is damaged"
+            )
         item = DTYPES[dtype].itemsize
         start, nbytes = record.offset + ref.offset * item, extent * item
         if ref.offset < 0 or ref.offset * item + nbytes > record.size:
-            raise SourceError(f"{self.file}: {where} needs {nbytes} bytes at element {ref.offset} of record "
-                              f"'data/{ref.storage.key}', which holds {record.size} bytes; the partition is "
-                              f"truncated or the pickle does not match it")
+            raise SourceError(
+                f"{self.file}: {where} needs {nbytes} bytes at element {ref.offset} of record "
+                f"'data/{ref.storage.key}', which holds {record.size} bytes; the partition is "
+                f"truncated or the pickle does not match it"
+            )
         if record.offset + record.size > self.size:
-            raise SourceError(f"{self.file}: record 'data/{ref.storage.key}' ends at byte "
-                              f"{record.offset + record.size} but the file has {self.size} bytes; it is truncated")
+            raise SourceError(
+                f"{self.file}: record 'data/{ref.storage.key}' ends at byte "
+                f"{record.offset + record.size} but the file has {self.size} bytes; it is truncated"
+            )
         return start, nbytes, dtype
 
 
@@ -167,8 +194,10 @@ def read_pickled(path: Path) -> PickledFile:
     except FileNotFoundError:
         raise SourceError(f"{file}: no such file") from None
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, struct.error) as exc:
-        raise SourceError(f"{file}: not a readable torch zip file ({first_line(exc)}); it is truncated or "
-                          f"damaged: copy it again from where training wrote it") from None
+        raise SourceError(
+            f"{file}: not a readable torch zip file ({first_line(exc)}); it is truncated or "
+            f"damaged: copy it again from where training wrote it"
+        ) from None
     if not little:
         raise SourceError(f"{file}: its storages are big-endian; ckptx reads little-endian checkpoints only")
     unpickler = _ZeroUnpickler(data, file, record)
@@ -177,8 +206,9 @@ def read_pickled(path: Path) -> PickledFile:
     except SourceError:
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged pickle raises anything; report it as one line
-        raise SourceError(f"{file}: {record} is not a readable pickle ({type(exc).__name__}: "
-                          f"{first_line(exc)}); the file is damaged") from None
+        raise SourceError(
+            f"{file}: {record} is not a readable pickle ({type(exc).__name__}: {first_line(exc)}); the file is damaged"
+        ) from None
     if unpickler.unknown:
         raise SourceError(f"{file}: {record} uses {unpickler.unknown[0]}, which a torch checkpoint never holds")
     if not isinstance(obj, dict):

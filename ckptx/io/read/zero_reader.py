@@ -31,21 +31,32 @@ import math
 import os
 import re
 from bisect import bisect_right
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
 from ckptx._lazy import lazy_module
-from ckptx.errors import SourceError
 from ckptx.dtypes import DTYPES, TensorMeta, torch_dtype
-from ckptx.planning.source import RawSpan, Source
+from ckptx.errors import SourceError
 from ckptx.io.read.zero_pickle import Partition, PickledFile, Stored, describe, first_line, read_pickled
+from ckptx.planning.source import RawSpan, Source
 
 torch = lazy_module("torch")
 
 
-__all__ = ["FlatRun", "Gathered", "Piece", "Sharded", "ZeroLayout", "ZeroSource", "is_zero_folder", "open_zero",
-           "read_layout", "resolve_tag"]
+__all__ = [
+    "FlatRun",
+    "Gathered",
+    "Piece",
+    "Sharded",
+    "ZeroLayout",
+    "ZeroSource",
+    "is_zero_folder",
+    "open_zero",
+    "read_layout",
+    "resolve_tag",
+]
 
 
 OUTPUT_FLOAT = "float32"  # zero_to_fp32.py writes every floating tensor as float32, other dtypes as they are
@@ -55,8 +66,8 @@ _MODEL2 = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _AUTOEP_KEYS = ("ds_autoep_layers", "autoep_layers")
 
 
-
 # ---------------------------------------------------------------------------------------------------- layout
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -79,7 +90,7 @@ class FlatRun:
     starts: tuple[int, ...]  # the element each part starts at, then the total
 
     @classmethod
-    def of(cls, parts: Sequence[Partition]) -> "FlatRun":
+    def of(cls, parts: Sequence[Partition]) -> FlatRun:
         """The run of `parts` in order."""
         starts = [0]
         for part in parts:
@@ -169,15 +180,18 @@ class ZeroLayout:
     def description(self) -> list[str]:
         """Lines for `ckptx inspect`."""
         c = self.counts
-        return [f"DeepSpeed ZeRO-{self.stage} checkpoint, tag {self.tag}, world size {self.world_size}, "
-                f"written by deepspeed {self.ds_version or '(unknown version)'}",
-                f"fp32 partitions: {self.partition_dtype}, {self.world_size} ranks x {self.flat_groups} flat group(s), "
-                f"{self.partition_numel:,} elements on disk",
-                f"state dict: {c['trainable']} trainable + {c['frozen']} frozen parameters, {c['buffers']} buffers, "
-                f"{c['shared']} shared name(s); optimizer moments skipped"]
+        return [
+            f"DeepSpeed ZeRO-{self.stage} checkpoint, tag {self.tag}, world size {self.world_size}, "
+            f"written by deepspeed {self.ds_version or '(unknown version)'}",
+            f"fp32 partitions: {self.partition_dtype}, {self.world_size} ranks x {self.flat_groups} flat group(s), "
+            f"{self.partition_numel:,} elements on disk",
+            f"state dict: {c['trainable']} trainable + {c['frozen']} frozen parameters, {c['buffers']} buffers, "
+            f"{c['shared']} shared name(s); optimizer moments skipped",
+        ]
 
 
 # ---------------------------------------------------------------------------------------------------- folder
+
 
 def is_zero_folder(path: Path) -> bool:
     """A DeepSpeed checkpoint folder: it holds `latest`, or `*_model_states.pt` and `*_optim_states.pt` files."""
@@ -197,14 +211,20 @@ def resolve_tag(path: Path) -> tuple[Path, str]:
     try:
         tag = latest.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{latest}: unreadable ({first_line(exc)}); it should hold the tag, e.g. global_step10") from None
+        raise SourceError(
+            f"{latest}: unreadable ({first_line(exc)}); it should hold the tag, e.g. global_step10"
+        ) from None
     tag_dir = path / tag
     if not tag or "/" in tag or tag in (".", ".."):
-        raise SourceError(f"{latest}: holds {tag!r}, not a tag folder name; write the tag (e.g. global_step10) "
-                          f"or give the tag folder itself")
+        raise SourceError(
+            f"{latest}: holds {tag!r}, not a tag folder name; write the tag (e.g. global_step10) "
+            f"or give the tag folder itself"
+        )
     if not tag_dir.is_dir():
-        raise SourceError(f"{latest}: names tag '{tag}' but {tag_dir} is not a folder; the checkpoint was not "
-                          f"saved completely: give an existing tag folder or fix `latest`")
+        raise SourceError(
+            f"{latest}: names tag '{tag}' but {tag_dir} is not a folder; the checkpoint was not "
+            f"saved completely: give an existing tag folder or fix `latest`"
+        )
     return tag_dir, tag
 
 
@@ -216,41 +236,55 @@ def _rank_files(tag_dir: Path, pattern: re.Pattern[str], kind: str, world_size: 
         if not match:
             continue
         if int(match.group(match.lastindex or 1)) != 0:
-            raise SourceError(f"{child}: a model-parallel rank other than 00; tensor/pipeline parallel ZeRO "
-                              f"checkpoints are not supported: convert them with DeepSpeed's ds_to_universal.py")
+            raise SourceError(
+                f"{child}: a model-parallel rank other than 00; tensor/pipeline parallel ZeRO "
+                f"checkpoints are not supported: convert them with DeepSpeed's ds_to_universal.py"
+            )
         rank = int(match.group(1)) if (match.lastindex or 0) > 1 else 0
         if rank in found:
-            raise SourceError(f"{tag_dir}: two {kind} files for rank {rank} ({found[rank].name}, {child.name}); "
-                              f"remove the stale one")
+            raise SourceError(
+                f"{tag_dir}: two {kind} files for rank {rank} ({found[rank].name}, {child.name}); remove the stale one"
+            )
         found[rank] = child
     if len(found) != world_size or any(r not in found for r in range(world_size)):
         missing = [r for r in range(world_size) if r not in found]
         if missing:
-            raise SourceError(f"{tag_dir}: no {kind} file for rank {missing[0]} ({len(missing)} of {world_size} "
-                              f"ranks missing); copy every rank's files of this tag")
-        raise SourceError(f"{tag_dir}: {len(found)} {kind} files for world size {world_size} (ranks "
-                          f"{sorted(found)}); files of another run are mixed in: remove the extra ranks")
+            raise SourceError(
+                f"{tag_dir}: no {kind} file for rank {missing[0]} ({len(missing)} of {world_size} "
+                f"ranks missing); copy every rank's files of this tag"
+            )
+        raise SourceError(
+            f"{tag_dir}: {len(found)} {kind} files for world size {world_size} (ranks "
+            f"{sorted(found)}); files of another run are mixed in: remove the extra ranks"
+        )
     return [found[r] for r in range(world_size)]
 
 
 def _optim_files(tag_dir: Path) -> list[Path]:
     names = sorted(p for p in tag_dir.iterdir() if p.name.endswith("_optim_states.pt"))
     if not names:
-        raise SourceError(f"{tag_dir}: no *_optim_states.pt files; not a ZeRO checkpoint folder (give the folder "
-                          f"holding `latest`, or a tag folder)")
+        raise SourceError(
+            f"{tag_dir}: no *_optim_states.pt files; not a ZeRO checkpoint folder (give the folder "
+            f"holding `latest`, or a tag folder)"
+        )
     odd = [p for p in names if not _OPTIM.match(p.name)]
     if odd:
-        raise SourceError(f"{odd[0]}: not a ZeRO optimizer file name (zero_pp_rank_<r>_mp_rank_00_optim_states.pt); "
-                          f"MoE and pipeline checkpoints are not supported")
+        raise SourceError(
+            f"{odd[0]}: not a ZeRO optimizer file name (zero_pp_rank_<r>_mp_rank_00_optim_states.pt); "
+            f"MoE and pipeline checkpoints are not supported"
+        )
     return names
 
 
 # ---------------------------------------------------------------------------------------------------- parsing
 
+
 def _key(pickled: PickledFile, mapping: Any, key: str, where: str) -> Any:
     if not isinstance(mapping, Mapping) or key not in mapping:
-        raise SourceError(f"{pickled.file}: no '{key}' in {where}; not a DeepSpeed ZeRO checkpoint file "
-                          f"(or written by a DeepSpeed this reader does not know)")
+        raise SourceError(
+            f"{pickled.file}: no '{key}' in {where}; not a DeepSpeed ZeRO checkpoint file "
+            f"(or written by a DeepSpeed this reader does not know)"
+        )
     return mapping[key]
 
 
@@ -280,15 +314,21 @@ def _partitions(optims: Sequence[PickledFile], key: str) -> list[list[Partition]
         osd = pickled.obj["optimizer_state_dict"]
         groups = _key(pickled, osd, key, "optimizer_state_dict")
         if not isinstance(groups, list) or not groups:
-            raise SourceError(f"{pickled.file}: optimizer_state_dict.{key} is {describe(groups)}, not a list of tensors")
+            raise SourceError(
+                f"{pickled.file}: optimizer_state_dict.{key} is {describe(groups)}, not a list of tensors"
+            )
         table.append([pickled.partition(ref, f"optimizer_state_dict.{key}[{i}]") for i, ref in enumerate(groups)])
     dtypes = {p.dtype for parts in table for p in parts}
     if len(dtypes) != 1 or not all(d in DTYPES and DTYPES[d].is_floating for d in dtypes):
-        raise SourceError(f"{optims[0].file}: the fp32 partitions have dtypes {sorted(dtypes)}; expected one float dtype")
+        raise SourceError(
+            f"{optims[0].file}: the fp32 partitions have dtypes {sorted(dtypes)}; expected one float dtype"
+        )
     counts = {len(parts) for parts in table}
     if len(counts) != 1:
-        raise SourceError(f"{optims[-1].file}: holds {len(table[-1])} flat groups, rank 0 holds {len(table[0])}; the "
-                          f"rank files come from different runs")
+        raise SourceError(
+            f"{optims[-1].file}: holds {len(table[-1])} flat groups, rank 0 holds {len(table[0])}; the "
+            f"rank files come from different runs"
+        )
     return table
 
 
@@ -296,8 +336,10 @@ def _param_shapes(pickled: PickledFile) -> list[list[tuple[str, tuple[int, ...]]
     groups = _key(pickled, pickled.obj, "param_shapes", "the top level")
     if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
         raise SourceError(f"{pickled.file}: param_shapes is {describe(groups)}, not a list of name -> shape dicts")
-    return [[(str(name), _shape(pickled, shape, f"param_shapes[{i}]['{name}']")) for name, shape in group.items()]
-            for i, group in enumerate(groups)]
+    return [
+        [(str(name), _shape(pickled, shape, f"param_shapes[{i}]['{name}']")) for name, shape in group.items()]
+        for i, group in enumerate(groups)
+    ]
 
 
 @dataclass(frozen=True)
@@ -311,14 +353,18 @@ class _ModelStates:
 
 
 def _model_states(pickled: PickledFile) -> _ModelStates:
-    """The buffers, frozen shapes, shared names and version of one model-states file (AutoEP refused as zero_to_fp32 does)."""
+    """The buffers, frozen shapes, shared names and version of one model-states file (AutoEP refused as zero_to_fp32
+    does)."""
     obj = pickled.obj
     for key in _AUTOEP_KEYS:
         layers = obj.get(key)
-        if isinstance(layers, list) and any(isinstance(e, Mapping) and e.get("checkpoint_format") == "zero3_partitioned"
-                                            for e in layers):
-            raise SourceError(f"{pickled.file}: an AutoEP ZeRO-3 partition-native checkpoint ({key}); its experts are "
-                              f"partitioned over expert groups: convert it with DeepSpeed's ds_to_universal.py")
+        if isinstance(layers, list) and any(
+            isinstance(e, Mapping) and e.get("checkpoint_format") == "zero3_partitioned" for e in layers
+        ):
+            raise SourceError(
+                f"{pickled.file}: an AutoEP ZeRO-3 partition-native checkpoint ({key}); its experts are "
+                f"partitioned over expert groups: convert it with DeepSpeed's ds_to_universal.py"
+            )
     names = _key(pickled, obj, "buffer_names", "the top level")
     module = _key(pickled, obj, "module", "the top level")
     if not isinstance(names, list) or not isinstance(module, Mapping):
@@ -328,20 +374,28 @@ def _model_states(pickled: PickledFile) -> _ModelStates:
     frozen = obj.get("frozen_param_shapes")
     if frozen is not None and not isinstance(frozen, Mapping):
         raise SourceError(f"{pickled.file}: frozen_param_shapes is {describe(frozen)}, not a name -> shape dict")
-    frozen_shapes = tuple((str(k), _shape(pickled, v, f"frozen_param_shapes['{k}']")) for k, v in (frozen or {}).items())
+    frozen_shapes = tuple(
+        (str(k), _shape(pickled, v, f"frozen_param_shapes['{k}']")) for k, v in (frozen or {}).items()
+    )
     shared = _key(pickled, obj, "shared_params", "the top level")
     if not isinstance(shared, Mapping):
         raise SourceError(f"{pickled.file}: shared_params is {describe(shared)}, not a name -> name dict")
     version = obj.get("ds_version")
-    return _ModelStates(buffers, frozen_shapes, tuple((str(k), str(v)) for k, v in shared.items()),
-                        str(version) if version is not None else None)
+    return _ModelStates(
+        buffers,
+        frozen_shapes,
+        tuple((str(k), str(v)) for k, v in shared.items()),
+        str(version) if version is not None else None,
+    )
 
 
 def _fragments(pickled: PickledFile) -> Mapping[str, Any]:
     fragments = pickled.obj.get("frozen_param_fragments")
     if not isinstance(fragments, Mapping):
-        raise SourceError(f"{pickled.file}: frozen_param_shapes lists frozen parameters but frozen_param_fragments is "
-                          f"{describe(fragments)}; the file is incomplete")
+        raise SourceError(
+            f"{pickled.file}: frozen_param_shapes lists frozen parameters but frozen_param_fragments is "
+            f"{describe(fragments)}; the file is incomplete"
+        )
     return fragments
 
 
@@ -356,16 +410,25 @@ def _output_dtype(dtype: str) -> str:
     return OUTPUT_FLOAT if dtype in DTYPES and DTYPES[dtype].is_floating else dtype
 
 
-def _zero2_entries(shapes: list[list[tuple[str, tuple[int, ...]]]], table: list[list[Partition]],
-                   paddings: Any, file: str, model_file: str) -> Iterator[tuple[str, Entry]]:
+def _zero2_entries(
+    shapes: list[list[tuple[str, tuple[int, ...]]]],
+    table: list[list[Partition]],
+    paddings: Any,
+    file: str,
+    model_file: str,
+) -> Iterator[tuple[str, Entry]]:
     """ZeRO-1/2 trainable parameters: `_zero2_merge_trainable_params`'s walk over each group's full vector."""
     world_size, groups = len(table), len(table[0])
     if len(shapes) != groups:
-        raise SourceError(f"{model_file}: param_shapes has {len(shapes)} groups but the optimizer files hold "
-                          f"{groups} flat partitions per rank; the sizes do not add up")
+        raise SourceError(
+            f"{model_file}: param_shapes has {len(shapes)} groups but the optimizer files hold "
+            f"{groups} flat partitions per rank; the sizes do not add up"
+        )
     if paddings is not None and (not isinstance(paddings, list) or len(paddings) != groups):
-        raise SourceError(f"{file}: optimizer_state_dict.param_alignment_paddings is {describe(paddings)}, not one "
-                          f"list per param group ({groups})")
+        raise SourceError(
+            f"{file}: optimizer_state_dict.param_alignment_paddings is {describe(paddings)}, not one "
+            f"list per param group ({groups})"
+        )
     for g, group in enumerate(shapes):
         run = FlatRun.of([table[r][g] for r in range(world_size)])
         pads = _group_paddings(paddings[g] if paddings is not None else None, len(group), g, file)
@@ -373,8 +436,10 @@ def _zero2_entries(shapes: list[list[tuple[str, tuple[int, ...]]]], table: list[
         for i, (name, shape) in enumerate(group):
             numel = math.prod(shape)
             if offset + numel > run.numel:
-                raise SourceError(f"{model_file}: param_shapes[{g}]['{name}'] ends at element {offset + numel} of "
-                                  f"group {g}, whose partitions hold {run.numel}; the sizes do not add up")
+                raise SourceError(
+                    f"{model_file}: param_shapes[{g}]['{name}'] ends at element {offset + numel} of "
+                    f"group {g}, whose partitions hold {run.numel}; the sizes do not add up"
+                )
             yield name, Gathered(tuple(run.cut(offset, numel)), run.parts[0].dtype, shape)
             offset += numel + pads[i]
         _check_zero2_total(offset, run.numel, world_size, g, model_file)
@@ -385,8 +450,10 @@ def _group_paddings(pads: Any, params: int, group: int, file: str) -> list[int]:
     if pads is None:
         return [0] * params
     if not isinstance(pads, list) or len(pads) != params or not all(isinstance(x, int) and x >= 0 for x in pads):
-        raise SourceError(f"{file}: optimizer_state_dict.param_alignment_paddings[{group}] is {describe(pads)} for "
-                          f"the {params} parameters of group {group}; the sizes do not add up")
+        raise SourceError(
+            f"{file}: optimizer_state_dict.param_alignment_paddings[{group}] is {describe(pads)} for "
+            f"the {params} parameters of group {group}; the sizes do not add up"
+        )
     return pads
 
 
@@ -395,18 +462,23 @@ def _check_zero2_total(offset: int, avail: int, world_size: int, group: int, mod
     align = 2 * world_size
     consumed, held = align * math.ceil(offset / align), align * math.ceil(avail / align)
     if consumed != held:
-        raise SourceError(f"{model_file}: group {group}'s parameters consume {offset} elements but its partitions "
-                          f"hold {avail} (aligned to {align}: {consumed} vs {held}); the sizes do not add up")
+        raise SourceError(
+            f"{model_file}: group {group}'s parameters consume {offset} elements but its partitions "
+            f"hold {avail} (aligned to {align}: {consumed} vs {held}); the sizes do not add up"
+        )
 
 
-def _zero3_entries(shapes: list[list[tuple[str, tuple[int, ...]]]], table: list[list[Partition]],
-                   model_file: str) -> Iterator[tuple[str, Entry]]:
+def _zero3_entries(
+    shapes: list[list[tuple[str, tuple[int, ...]]]], table: list[list[Partition]], model_file: str
+) -> Iterator[tuple[str, Entry]]:
     """ZeRO-3 trainable parameters: `_zero3_merge_trainable_params` / GatheredTensor, one parameter at a time."""
     sizes = [p.numel for p in table[0]]
     for parts in table:
         if [p.numel for p in parts] != sizes:
-            raise SourceError(f"{parts[0].file}: flat groups of {[p.numel for p in parts]} elements, rank 0 has "
-                              f"{sizes}; the rank files come from different runs")
+            raise SourceError(
+                f"{parts[0].file}: flat groups of {[p.numel for p in parts]} elements, rank 0 has "
+                f"{sizes}; the rank files come from different runs"
+            )
     ranks = tuple(FlatRun.of(parts) for parts in table)
     held, offset = ranks[0].numel, 0
     for name, shape in (item for group in shapes for item in group):
@@ -414,8 +486,10 @@ def _zero3_entries(shapes: list[list[tuple[str, tuple[int, ...]]]], table: list[
         yield name, Sharded(ranks, offset, share, ranks[0].parts[0].dtype, shape)
         offset += share
     if offset != held:  # exact: zero_to_fp32's check (no entry past the end survives it)
-        raise SourceError(f"{model_file}: the parameters of param_shapes take {offset} elements of every rank but "
-                          f"its flat groups hold {held}; the sizes do not add up")
+        raise SourceError(
+            f"{model_file}: the parameters of param_shapes take {offset} elements of every rank but "
+            f"its flat groups hold {held}; the sizes do not add up"
+        )
 
 
 def _zero3_frozen(name: str, shape: tuple[int, ...], models: Sequence[PickledFile]) -> Gathered:
@@ -423,8 +497,10 @@ def _zero3_frozen(name: str, shape: tuple[int, ...], models: Sequence[PickledFil
     run = FlatRun.of([m.partition(_fragment(m, name), f"frozen_param_fragments['{name}']") for m in models])
     numel = math.prod(shape)
     if run.numel < numel or len({p.dtype for p in run.parts}) != 1:
-        raise SourceError(f"{models[0].file}: frozen_param_fragments['{name}'] hold {run.numel} elements over the "
-                          f"ranks, the shape {list(shape)} needs {numel}; the sizes do not add up")
+        raise SourceError(
+            f"{models[0].file}: frozen_param_fragments['{name}'] hold {run.numel} elements over the "
+            f"ranks, the shape {list(shape)} needs {numel}; the sizes do not add up"
+        )
     return Gathered(tuple(run.cut(0, numel)), run.parts[0].dtype, shape)
 
 
@@ -432,8 +508,10 @@ def _zero2_frozen(name: str, shape: tuple[int, ...], model: PickledFile) -> Stor
     """A ZeRO-1/2 frozen parameter: stored whole in the model-states file (`_zero2_merge_frozen_params`)."""
     stored = model.stored(_fragment(model, name), f"frozen_param_fragments['{name}']")
     if stored.shape != shape:
-        raise SourceError(f"{model.file}: frozen_param_fragments['{name}'] has shape {list(stored.shape)} but "
-                          f"frozen_param_shapes says {list(shape)}; the sizes do not add up")
+        raise SourceError(
+            f"{model.file}: frozen_param_fragments['{name}'] has shape {list(stored.shape)} but "
+            f"frozen_param_shapes says {list(shape)}; the sizes do not add up"
+        )
     return stored
 
 
@@ -447,24 +525,31 @@ def read_layout(path: Path) -> ZeroLayout:
     optims = [first if p == optim_paths[0] else read_pickled(p) for p in optim_paths]
     for pickled in optims[1:]:
         if _zero_stage(pickled) != (stage, world_size):
-            raise SourceError(f"{pickled.file}: ZeRO stage/world size {_zero_stage(pickled)}, rank 0 says "
-                              f"{(stage, world_size)}; the rank files come from different runs")
+            raise SourceError(
+                f"{pickled.file}: ZeRO stage/world size {_zero_stage(pickled)}, rank 0 says "
+                f"{(stage, world_size)}; the rank files come from different runs"
+            )
     if stage <= 2:
         model_paths = _rank_files(tag_dir, _MODEL2, "mp_rank_*_model_states.pt", 1)
         if any(_MODEL3.match(p.name) for p in tag_dir.iterdir()):
-            raise SourceError(f"{tag_dir}: holds ZeRO-3 model-states files next to a ZeRO-{stage} checkpoint; "
-                              f"files of another run are mixed in")
+            raise SourceError(
+                f"{tag_dir}: holds ZeRO-3 model-states files next to a ZeRO-{stage} checkpoint; "
+                f"files of another run are mixed in"
+            )
     else:
         model_paths = _rank_files(tag_dir, _MODEL3, "zero_pp_rank_*_model_states.pt", world_size)
         if any(_MODEL2.match(p.name) for p in tag_dir.iterdir()):
-            raise SourceError(f"{tag_dir}: holds a ZeRO-2 mp_rank_00_model_states.pt next to a ZeRO-3 checkpoint; "
-                              f"files of another run are mixed in")
+            raise SourceError(
+                f"{tag_dir}: holds a ZeRO-2 mp_rank_00_model_states.pt next to a ZeRO-3 checkpoint; "
+                f"files of another run are mixed in"
+            )
     models = [read_pickled(p) for p in model_paths]
     return _layout(tag_dir, tag, stage, world_size, optims, models)
 
 
-def _layout(tag_dir: Path, tag: str, stage: int, world_size: int, optims: list[PickledFile],
-            models: list[PickledFile]) -> ZeroLayout:
+def _layout(
+    tag_dir: Path, tag: str, stage: int, world_size: int, optims: list[PickledFile], models: list[PickledFile]
+) -> ZeroLayout:
     """The entries in zero_to_fp32.py's order: buffers, frozen, trainable, then shared names."""
     rank0 = _model_states(models[0])
     for other in models[1:]:  # zero_to_fp32 parses (and so checks) every rank's model states
@@ -484,21 +569,40 @@ def _layout(tag_dir: Path, tag: str, stage: int, world_size: int, optims: list[P
     shared = [(alias, name) for alias, name in rank0.shared if name in entries]
     for alias, name in shared:
         entries[alias] = entries[name]
-    counts = {"trainable": len(trainable), "frozen": len(rank0.frozen_shapes), "buffers": len(rank0.buffers),
-              "shared": len(shared)}
-    return ZeroLayout(str(tag_dir), tag, stage, world_size, rank0.ds_version, table[0][0].dtype, len(table[0]),
-                      sum(p.numel for parts in table for p in parts), entries, counts)
+    counts = {
+        "trainable": len(trainable),
+        "frozen": len(rank0.frozen_shapes),
+        "buffers": len(rank0.buffers),
+        "shared": len(shared),
+    }
+    return ZeroLayout(
+        str(tag_dir),
+        tag,
+        stage,
+        world_size,
+        rank0.ds_version,
+        table[0][0].dtype,
+        len(table[0]),
+        sum(p.numel for parts in table for p in parts),
+        entries,
+        counts,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- source
+
 
 class ZeroSource(Source):
     """A DeepSpeed ZeRO-1/2/3 folder as the fp32 state dict zero_to_fp32.py writes; see the module docstring."""
 
     def __init__(self, layout: ZeroLayout, display: str) -> None:
-        super().__init__(path=display, format=f"deepspeed-zero{layout.stage}",
-                         tensors={k: TensorMeta(e.shape, _output_dtype(e.dtype)) for k, e in layout.entries.items()},
-                         extracted_from=".", description=layout.description())
+        super().__init__(
+            path=display,
+            format=f"deepspeed-zero{layout.stage}",
+            tensors={k: TensorMeta(e.shape, _output_dtype(e.dtype)) for k, e in layout.entries.items()},
+            extracted_from=".",
+            description=layout.description(),
+        )
         self.layout = layout
         self._fds: dict[str, int] = {}
 
@@ -523,7 +627,7 @@ class ZeroSource(Source):
         data = torch.empty(sum(s.nbytes for s in spans), dtype=torch.uint8)
         view, done = memoryview(data.numpy()), 0
         for span in spans:
-            self._pread(span, view[done:done + span.nbytes])
+            self._pread(span, view[done : done + span.nbytes])
             done += span.nbytes
         tensor = data.view(torch_dtype(entry.dtype))
         if entry.stride is not None:
@@ -540,8 +644,10 @@ class ZeroSource(Source):
         while done < span.nbytes:
             got = os.preadv(fd, [into[done:]], span.offset + done)
             if got <= 0:
-                raise SourceError(f"{span.file}: ended at byte {span.offset + done} while reading {span.nbytes} "
-                                  f"bytes at {span.offset}; the partition is truncated or the file changed")
+                raise SourceError(
+                    f"{span.file}: ended at byte {span.offset + done} while reading {span.nbytes} "
+                    f"bytes at {span.offset}; the partition is truncated or the file changed"
+                )
             done += got
 
     def close(self) -> None:
@@ -554,4 +660,3 @@ class ZeroSource(Source):
 def open_zero(path: str | Path, display: str | None = None) -> ZeroSource:
     """Open a DeepSpeed ZeRO checkpoint folder (holding `latest`, or a tag folder) as a lazy source."""
     return ZeroSource(read_layout(Path(path)), display or str(path))
-

@@ -9,9 +9,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO
 
 from ckptx.errors import DestinationError
 
@@ -92,11 +93,14 @@ def _remove(path: str) -> None:
 def _write_error(dst: Path, exc: OSError) -> DestinationError:
     """One line for a failed write: where, the system's reason, and that nothing was left behind."""
     reason = exc.strerror or type(exc).__name__
-    hint = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or write elsewhere",
-            errno.EFBIG: "the file system's file size limit was reached; write to another file system",
-            errno.EROFS: "the folder is on a read-only file system; write elsewhere",
-            errno.EACCES: "no permission to write there; write elsewhere",
-            errno.ENAMETOOLONG: "use a shorter file name"}.get(exc.errno or 0, "check the destination")
+    hint = {
+        errno.ENOSPC: "free some space or write elsewhere",
+        errno.EDQUOT: "free some space or write elsewhere",
+        errno.EFBIG: "the file system's file size limit was reached; write to another file system",
+        errno.EROFS: "the folder is on a read-only file system; write elsewhere",
+        errno.EACCES: "no permission to write there; write elsewhere",
+        errno.ENAMETOOLONG: "use a shorter file name",
+    }.get(exc.errno or 0, "check the destination")
     return DestinationError(f"{dst}: cannot write: {reason}; {hint}; nothing was written")
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from ckptx.errors import DestinationError
 
@@ -53,17 +53,18 @@ class InputFiles:
     identities: frozenset[tuple[int, int]]
 
     @classmethod
-    def of(cls, sources: Iterable[str | Path]) -> "InputFiles":
+    def of(cls, sources: Iterable[str | Path]) -> InputFiles:
         """The input files of all `sources`."""
         files = [f for src in sources for f in input_files(src)]
-        return cls(frozenset(f.resolve() for f in files),
-                   frozenset(i for i in map(_identity, files) if i is not None))
+        return cls(frozenset(f.resolve() for f in files), frozenset(i for i in map(_identity, files) if i is not None))
 
     def check(self, path: Path, *, force: bool, what: str = "the destination") -> None:
         """Refuse to write `path` when it is an input, a folder, or exists without `force`."""
         if path.resolve() in self.paths or _identity(path) in self.identities:
-            raise DestinationError(f"{path}: {what} is a file of the source checkpoint; write to another file "
-                                   f"(ckptx never replaces its input)")
+            raise DestinationError(
+                f"{path}: {what} is a file of the source checkpoint; write to another file "
+                f"(ckptx never replaces its input)"
+            )
         if path.is_dir():
             raise DestinationError(f"{path}: {what} is a folder; give a file name")
         if (path.exists() or path.is_symlink()) and not force:

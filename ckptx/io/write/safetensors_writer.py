@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO, Mapping, Sequence
+from typing import BinaryIO
 
 from ckptx._lazy import lazy_module
-from ckptx.errors import TensorOpError
-from ckptx.io.write.atomic import atomic_output
 from ckptx.dtypes import safetensors_code
-from ckptx.planning.source import Source
+from ckptx.errors import TensorOpError
 from ckptx.io.spans import BLOCK, Progress, SpanCopier, convert_span, write_bytes
+from ckptx.io.write.atomic import atomic_output
 from ckptx.planning.entry import PlanEntry
-from ckptx.planning.expr import byte_converter
 from ckptx.planning.execute import materialize
+from ckptx.planning.expr import byte_converter
+from ckptx.planning.source import Source
 
 torch = lazy_module("torch")
 
 
-__all__ = ["Progress", "build_header", "materialize", "write_body", "write_computed", "write_safetensors",
-           "write_tensor"]
+__all__ = [
+    "Progress",
+    "build_header",
+    "materialize",
+    "write_body",
+    "write_computed",
+    "write_safetensors",
+    "write_tensor",
+]
 
 
 def build_header(entries: Sequence[PlanEntry], metadata: Mapping[str, str], data_start: int | None = None) -> bytes:
@@ -32,8 +40,11 @@ def build_header(entries: Sequence[PlanEntry], metadata: Mapping[str, str], data
     offset = 0
     for entry in entries:
         size = entry.meta.nbytes
-        header[entry.key] = {"dtype": safetensors_code(entry.meta.dtype, key=entry.key), "shape": list(entry.meta.shape),
-                             "data_offsets": [offset, offset + size]}
+        header[entry.key] = {
+            "dtype": safetensors_code(entry.meta.dtype, key=entry.key),
+            "shape": list(entry.meta.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
@@ -66,17 +77,28 @@ def aligned_data_start(entries: Sequence[PlanEntry], source: Source) -> int | No
     return max(placed, key=lambda start: placed[start]) if placed else None
 
 
-def write_safetensors(dst: Path, entries: Sequence[PlanEntry], source: Source, metadata: Mapping[str, str],
-                      progress: Progress | None = None) -> int:
+def write_safetensors(
+    dst: Path,
+    entries: Sequence[PlanEntry],
+    source: Source,
+    metadata: Mapping[str, str],
+    progress: Progress | None = None,
+) -> int:
     """Write `entries` to `dst` atomically; unchanged tensors are copied as raw bytes. Returns bytes written."""
     with atomic_output(dst) as out:
         write_body(out, entries, source, metadata, progress)
         return out.tell()
 
 
-def write_body(out: BinaryIO, entries: Sequence[PlanEntry], source: Source, metadata: Mapping[str, str],
-               progress: Progress | None = None) -> None:
-    """Header, then each entry's bytes: runs of unchanged tensors are copied file-to-file, the rest computed one by one."""
+def write_body(
+    out: BinaryIO,
+    entries: Sequence[PlanEntry],
+    source: Source,
+    metadata: Mapping[str, str],
+    progress: Progress | None = None,
+) -> None:
+    """Header, then each entry's bytes: runs of unchanged tensors are copied file-to-file, the rest computed one by
+    one."""
     out.write(build_header(entries, metadata, aligned_data_start(entries, source)))
     with SpanCopier(out, progress) as copier:
         for entry in entries:
@@ -99,8 +121,10 @@ def write_computed(out: BinaryIO, entry: PlanEntry, source: Source, progress: Pr
         return
     written = convert_span(out, span, streamed[1], progress)
     if written != entry.meta.nbytes:
-        raise TensorOpError(f"tensor '{entry.key}' (from {streamed[0]}): wrote {written} bytes, the plan says "
-                            f"{entry.meta.nbytes} for {entry.meta}; the source file is inconsistent")
+        raise TensorOpError(
+            f"tensor '{entry.key}' (from {streamed[0]}): wrote {written} bytes, the plan says "
+            f"{entry.meta.nbytes} for {entry.meta}; the source file is inconsistent"
+        )
 
 
 def write_tensor(out: BinaryIO, tensor: torch.Tensor, progress: Progress | None = None) -> None:

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
-from ckptx.io.write.destination import InputFiles
 from ckptx.errors import DestinationError
-from ckptx.io.write.atomic import publish, staging_folder, sync_file
 from ckptx.io.spans import Progress
+from ckptx.io.write.atomic import publish, staging_folder, sync_file
+from ckptx.io.write.destination import InputFiles
 from ckptx.io.write.safetensors_writer import write_body
-from ckptx.planning.source import Source
 from ckptx.planning.entry import PlanEntry
+from ckptx.planning.source import Source
 
 INDEX_SUFFIX = ".safetensors.index.json"
+
+
 def is_index_name(path: Path) -> bool:
     """True when `path` names a shard index (`*.index.json`)."""
     return path.name.endswith(".index.json")
@@ -48,8 +50,9 @@ def shard_layout(dst: Path, entries: Sequence[PlanEntry], max_size: int | None) 
     elif dst.suffix == ".safetensors" and not is_index_name(dst):
         stem, index = dst.stem, dst.with_name(dst.name + ".index.json")
     else:
-        raise DestinationError(f"{dst}: sharded output is safetensors only; name DST NAME.safetensors or "
-                               f"NAME{INDEX_SUFFIX}")
+        raise DestinationError(
+            f"{dst}: sharded output is safetensors only; name DST NAME.safetensors or NAME{INDEX_SUFFIX}"
+        )
     groups: list[list[PlanEntry]] = [[]]
     filled = 0
     for entry in entries:
@@ -79,8 +82,13 @@ def check_layout(layout: ShardLayout, *, force: bool, inputs: InputFiles) -> lis
     return [f"older shards left in place (not in the new index): {', '.join(stale)}"] if stale else []
 
 
-def write_sharded(layout: ShardLayout, source: Source, metadata: Mapping[str, str], progress: Progress | None = None,
-                  check: Callable[[Path], None] | None = None) -> int:
+def write_sharded(
+    layout: ShardLayout,
+    source: Source,
+    metadata: Mapping[str, str],
+    progress: Progress | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> int:
     """Write every file of `layout` in a hidden staging folder, then publish them all, the index last.
 
     `check(staged_path)` may inspect the finished set first (the index, or the single file) and raise
@@ -96,8 +104,9 @@ def write_sharded(layout: ShardLayout, source: Source, metadata: Mapping[str, st
     return total
 
 
-def stage_layout(stage: Path, layout: ShardLayout, source: Source, metadata: Mapping[str, str],
-                 progress: Progress | None = None) -> tuple[list[tuple[Path, Path]], int]:
+def stage_layout(
+    stage: Path, layout: ShardLayout, source: Source, metadata: Mapping[str, str], progress: Progress | None = None
+) -> tuple[list[tuple[Path, Path]], int]:
     """Write every shard of `layout` (and its index, last) into the staging folder, each fsynced; returns the
     (staged, final) moves in publishing order and the bytes written."""
     moves, total = [], 0

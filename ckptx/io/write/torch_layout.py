@@ -23,17 +23,18 @@ Only tensors of one dtype share a record (torch cannot load one storage viewed a
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Sequence
+from typing import Any
 
 from ckptx._lazy import lazy_module
-from ckptx.errors import DestinationError
 from ckptx.dtypes import dtype_name
-from ckptx.planning.source import RawSpan, Source
+from ckptx.errors import DestinationError
 from ckptx.io.write.torch_pickle import ITEM_SIZES, PickledStorage, PickledTensor, item_size
-from ckptx.planning.expr import OpNode, SourceRef, sources_of
 from ckptx.planning.entry import PlanEntry
+from ckptx.planning.expr import OpNode, SourceRef, sources_of
+from ckptx.planning.source import RawSpan, Source
 
 torch = lazy_module("torch")
 
@@ -137,9 +138,11 @@ def _slot(index: int, entry: PlanEntry, source: Source, dst: Path, identities: d
     itemsize = item_size(meta.dtype)
     if itemsize is None:
         supported = ", ".join(sorted(ITEM_SIZES))
-        raise DestinationError(f"tensor '{entry.key}': dtype {meta.dtype} is not one ckptx writes to a torch "
-                               f"file ({dst.name}); it writes {supported}; drop the tensor (a `drop` step) or "
-                               f"cast it to one of those (a `cast` step)")
+        raise DestinationError(
+            f"tensor '{entry.key}': dtype {meta.dtype} is not one ckptx writes to a torch "
+            f"file ({dst.name}); it writes {supported}; drop the tensor (a `drop` step) or "
+            f"cast it to one of those (a `cast` step)"
+        )
     nbytes = math.prod(meta.shape) * itemsize
     if entry.is_copy:
         span = source.raw_span(entry.sources[0])
@@ -152,8 +155,9 @@ def _slot(index: int, entry: PlanEntry, source: Source, dst: Path, identities: d
         tensor = _source_tensor(entry, source, dst)
         if tensor is not None:
             return _memory_slot(index, entry, tensor, itemsize)
-    return _Slot(index, entry, _computation(entry, source, identities) or ("own", index), 0, nbytes,
-                 ComputedBytes(entry))
+    return _Slot(
+        index, entry, _computation(entry, source, identities) or ("own", index), 0, nbytes, ComputedBytes(entry)
+    )
 
 
 def _source_tensor(entry: PlanEntry, source: Source, dst: Path) -> Any:
@@ -161,11 +165,18 @@ def _source_tensor(entry: PlanEntry, source: Source, dst: Path) -> Any:
     (dense, on the CPU, no lazy conjugation or negation, the dtype and shape the plan says); else None."""
     tensor = source.load(entry.sources[0])
     if tensor.layout != torch.strided or tensor.is_quantized:
-        raise DestinationError(f"tensor '{entry.key}' is a {tensor.layout} {dtype_name(tensor.dtype)} tensor; "
-                               f"a torch zip file written by ckptx ({dst.name}) holds dense tensors; convert it "
-                               f"to a dense tensor first or leave it out of the recipe")
-    if (tensor.device.type != "cpu" or tensor.is_conj() or tensor.is_neg()
-            or dtype_name(tensor.dtype) != entry.meta.dtype or tuple(tensor.shape) != entry.meta.shape):
+        raise DestinationError(
+            f"tensor '{entry.key}' is a {tensor.layout} {dtype_name(tensor.dtype)} tensor; "
+            f"a torch zip file written by ckptx ({dst.name}) holds dense tensors; convert it "
+            f"to a dense tensor first or leave it out of the recipe"
+        )
+    if (
+        tensor.device.type != "cpu"
+        or tensor.is_conj()
+        or tensor.is_neg()
+        or dtype_name(tensor.dtype) != entry.meta.dtype
+        or tuple(tensor.shape) != entry.meta.shape
+    ):
         return None
     return tensor
 
@@ -177,8 +188,15 @@ def _memory_slot(index: int, entry: PlanEntry, tensor: Any, itemsize: int) -> _S
     last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
     start = tensor.storage_offset() * itemsize
     group = ("memory", tensor.untyped_storage().data_ptr(), entry.meta.dtype)
-    return _Slot(index, entry, group, start, start + (last + 1) * itemsize, MemoryBytes(tensor, start, compact=False),
-                 tuple(tensor.stride()))
+    return _Slot(
+        index,
+        entry,
+        group,
+        start,
+        start + (last + 1) * itemsize,
+        MemoryBytes(tensor, start, compact=False),
+        tuple(tensor.stride()),
+    )
 
 
 def _computation(entry: PlanEntry, source: Source, identities: dict[str, Hashable]) -> Hashable | None:
@@ -199,8 +217,13 @@ def _canonical(expr: SourceRef | OpNode, source: Source, identities: dict[str, H
         if expr.key not in identities:
             identities[expr.key] = _identity(expr.key, source)
         return ("source", identities[expr.key], expr.meta)
-    return ("op", expr.op, expr.params, tuple(_canonical(child, source, identities) for child in expr.inputs),
-            expr.meta)
+    return (
+        "op",
+        expr.op,
+        expr.params,
+        tuple(_canonical(child, source, identities) for child in expr.inputs),
+        expr.meta,
+    )
 
 
 def _identity(key: str, source: Source) -> Hashable:
@@ -211,8 +234,16 @@ def _identity(key: str, source: Source) -> Hashable:
     tensor = source.load(key)
     if tensor.layout != torch.strided or tensor.numel() == 0:
         return ("key", key)
-    return ("memory", tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-            tuple(tensor.stride()), dtype_name(tensor.dtype), tensor.is_conj(), tensor.is_neg())
+    return (
+        "memory",
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        dtype_name(tensor.dtype),
+        tensor.is_conj(),
+        tensor.is_neg(),
+    )
 
 
 def _merge(slots: list[_Slot]) -> list[list[_Slot]]:
@@ -250,6 +281,11 @@ def _record(key: str, members: list[_Slot]) -> StorageRecord:
         file = first.fill.spans[0].file
         return StorageRecord(key, dtype, end - start, FileBytes((RawSpan(file, start, end - start),)), entries)
     if len(members) == 1:
-        return StorageRecord(key, dtype, first.entry.meta.numel * ITEM_SIZES[dtype],
-                             MemoryBytes(first.fill.tensor, 0, compact=True), entries)
+        return StorageRecord(
+            key,
+            dtype,
+            first.entry.meta.numel * ITEM_SIZES[dtype],
+            MemoryBytes(first.fill.tensor, 0, compact=True),
+            entries,
+        )
     return StorageRecord(key, dtype, end - start, MemoryBytes(first.fill.tensor, start, compact=False), entries)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from ckptx.dtypes import DTYPES
 from ckptx.errors import DestinationError
@@ -121,10 +122,12 @@ class StatePickler:
                 self._value(dict(vars(value)))
                 self._out += b"b"
         else:
-            raise DestinationError(f"the state dict's _metadata holds a {type(value).__name__} ({value!r:.60}); "
-                                   f"a .pth written by ckptx carries only dicts, lists, tuples, strings and numbers "
-                                   f"there; write .safetensors (no _metadata) or re-save the source with plain "
-                                   f"values in its _metadata")
+            raise DestinationError(
+                f"the state dict's _metadata holds a {type(value).__name__} ({value!r:.60}); "
+                f"a .pth written by ckptx carries only dicts, lists, tuples, strings and numbers "
+                f"there; write .safetensors (no _metadata) or re-save the source with plain "
+                f"values in its _metadata"
+            )
 
     def _memoized(self, value: Any) -> bool:
         """Write a BINGET when `value` (a container) was pickled before."""
@@ -142,12 +145,12 @@ class StatePickler:
             self._out += b"("
         for item in items:
             self._value(item)
-        self._out += b"t" if len(items) > 3 else b"\x85\x86\x87"[len(items) - 1:len(items)]
+        self._out += b"t" if len(items) > 3 else b"\x85\x86\x87"[len(items) - 1 : len(items)]
         self._put(items, id(items))
 
     def _appends(self, items: list[Any]) -> None:
         for start in range(0, len(items), _BATCH):
-            batch = items[start:start + _BATCH]
+            batch = items[start : start + _BATCH]
             if len(batch) > 1:
                 self._out += b"("
             for item in batch:
@@ -156,7 +159,7 @@ class StatePickler:
 
     def _setitems(self, items: list[tuple[Any, Any]]) -> None:
         for start in range(0, len(items), _BATCH):
-            batch = items[start:start + _BATCH]
+            batch = items[start : start + _BATCH]
             if len(batch) > 1:
                 self._out += b"("
             for key, value in batch:

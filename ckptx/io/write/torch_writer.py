@@ -23,22 +23,23 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence, cast
+from typing import Any, BinaryIO, cast
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import DestinationError, TensorOpError
-from ckptx.io.write.atomic import atomic_output
 from ckptx.io.crc import CrcThread, stored_record_crcs
-from ckptx.planning.execute import materialize
-from ckptx.planning.source import RawSpan, Source
 from ckptx.io.spans import BLOCK, Progress, SpanCopier, convert_span, write_bytes
+from ckptx.io.write.atomic import atomic_output
 from ckptx.io.write.torch_layout import ComputedBytes, FileBytes, MemoryBytes, StorageRecord, TorchLayout, plan_layout
 from ckptx.io.write.torch_pickle import ITEM_SIZES, state_dict_pickle
 from ckptx.io.write.zip_records import ZipRecords
 from ckptx.planning.entry import PlanEntry
+from ckptx.planning.execute import materialize
 from ckptx.planning.expr import byte_converter
+from ckptx.planning.source import RawSpan, Source
 
 torch = lazy_module("torch")
 
@@ -48,8 +49,14 @@ _FORMAT_VERSION = (".format_version", b"1")
 _HEAD = ((".storage_alignment", b"64"), ("byteorder", b"little"))
 
 
-def write_torch(dst: Path, entries: Sequence[PlanEntry], source: Source, *, state_metadata: Any = None,
-                progress: Progress | None = None) -> int:
+def write_torch(
+    dst: Path,
+    entries: Sequence[PlanEntry],
+    source: Source,
+    *,
+    state_metadata: Any = None,
+    progress: Progress | None = None,
+) -> int:
     """Write `entries` as a torch zip state dict (an OrderedDict, with `state_metadata` as its `_metadata`
     when given) that `torch.load` (also `weights_only=True`, `mmap=True`) reads. Returns the file size.
 
@@ -62,8 +69,15 @@ def write_torch(dst: Path, entries: Sequence[PlanEntry], source: Source, *, stat
         return out.tell()
 
 
-def write_archive(out: BinaryIO, layout: TorchLayout, pickled: bytes, source: Source,
-                  progress: Progress | None = None, *, force_zip64: bool = False) -> None:
+def write_archive(
+    out: BinaryIO,
+    layout: TorchLayout,
+    pickled: bytes,
+    source: Source,
+    progress: Progress | None = None,
+    *,
+    force_zip64: bool = False,
+) -> None:
     """The whole zip archive: small records, every storage record of `layout`, then the directory.
     `force_zip64` writes the zip64 form of files over 4 GiB (see ZipRecords) whatever the size."""
     archive = ZipRecords(out, ARCHIVE, force_zip64=force_zip64)
@@ -102,8 +116,11 @@ def record_placement(record: StorageRecord) -> int | None:
     at, best, largest = 0, None, 0
     for span in fill.spans:
         placement = (span.offset - at) % BLOCK
-        if (span.nbytes > largest and -span.offset % BLOCK + BLOCK <= span.nbytes
-                and placement % ITEM_SIZES[record.dtype] == 0):
+        if (
+            span.nbytes > largest
+            and -span.offset % BLOCK + BLOCK <= span.nbytes
+            and placement % ITEM_SIZES[record.dtype] == 0
+        ):
             best, largest = placement, span.nbytes
         at += span.nbytes
     return best
@@ -113,9 +130,11 @@ def _check_size(written: int, record: StorageRecord) -> None:
     """A record's bytes are what the plan says, or the error names its tensors."""
     if written != record.nbytes:
         keys = ", ".join(f"'{entry.key}'" for entry in record.entries[:3])
-        raise TensorOpError(f"tensor {keys}: {written} bytes were written, the plan says {record.nbytes} for "
-                            f"{record.entries[0].meta}; the source file is inconsistent or changed while it was "
-                            f"read; check it (ckptx inspect) and convert again")
+        raise TensorOpError(
+            f"tensor {keys}: {written} bytes were written, the plan says {record.nbytes} for "
+            f"{record.entries[0].meta}; the source file is inconsistent or changed while it was "
+            f"read; check it (ckptx inspect) and convert again"
+        )
 
 
 def serialization_id(checksums: Sequence[tuple[str, int | None]]) -> bytes:
@@ -128,8 +147,9 @@ def serialization_id(checksums: Sequence[tuple[str, int | None]]) -> bytes:
 class _RecordWriter:
     """Writes one storage record's bytes at the end of `out` and gives its CRC-32 (or a future of it)."""
 
-    def __init__(self, out: BinaryIO, source: Source, copier: SpanCopier, crcs: CrcThread,
-                 progress: Progress | None) -> None:
+    def __init__(
+        self, out: BinaryIO, source: Source, copier: SpanCopier, crcs: CrcThread, progress: Progress | None
+    ) -> None:
         self._out = out
         self._source = source
         self._copier = copier
@@ -195,8 +215,10 @@ class _RecordWriter:
 def tensor_bytes(tensor: Any, key: str) -> Any:
     """A tensor's elements in row-major order as a uint8 array (no copy when it is already contiguous)."""
     if tensor.layout != torch.strided:
-        raise DestinationError(f"tensor '{key}' is a {tensor.layout} tensor; a torch zip file written by ckptx "
-                               f"holds dense tensors; make it dense in the recipe or leave it out")
+        raise DestinationError(
+            f"tensor '{key}' is a {tensor.layout} tensor; a torch zip file written by ckptx "
+            f"holds dense tensors; make it dense in the recipe or leave it out"
+        )
     flat = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy()
 

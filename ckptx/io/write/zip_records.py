@@ -78,7 +78,7 @@ class ZipRecords:
         it modulo BLOCK (up to BLOCK - 1 bytes of padding)."""
         if self._open:
             raise RuntimeError(f"zip record {self._records[-1].name!r} is still open")
-        raw = f"{self._prefix}/{name}".encode("utf-8")
+        raw = f"{self._prefix}/{name}".encode()
         offset = self._out.tell()
         big_size, big_offset = self._force or size >= _MAX32, self._force or offset >= _MAX32
         extra = _zip64_extra(size if big_size else None, size if big_size else None, offset if big_offset else None)
@@ -102,8 +102,10 @@ class ZipRecords:
             raise RuntimeError("no zip record is open")
         record, index = self._records[-1], len(self._records) - 1
         if self.written() != record.size:
-            raise TensorOpError(f"{record.name.decode()}: {self.written()} bytes were written for a record of "
-                                f"{record.size}; the source changed while it was copied, convert again")
+            raise TensorOpError(
+                f"{record.name.decode()}: {self.written()} bytes were written for a record of "
+                f"{record.size}; the source changed while it was copied, convert again"
+            )
         self._open = False
         if record.size == 0:
             self._crcs[index] = 0
@@ -140,12 +142,25 @@ class ZipRecords:
         size = self._out.tell() - start
         count = len(self._records)
         zip64_end = self._out.tell()
-        self._out.write(_ZIP64_END.pack(b"PK\x06\x06", _ZIP64_END.size - 12, 0x031E, _ZIP64_VERSION, 0, 0,
-                                        count, count, size, start))
+        self._out.write(
+            _ZIP64_END.pack(
+                b"PK\x06\x06", _ZIP64_END.size - 12, 0x031E, _ZIP64_VERSION, 0, 0, count, count, size, start
+            )
+        )
         self._out.write(_ZIP64_LOCATOR.pack(b"PK\x06\x07", 0, zip64_end, 1))
         entries = 0xFFFF if self._force else min(count, 0xFFFF)
-        self._out.write(_END.pack(b"PK\x05\x06", 0, 0, entries, entries, _MAX32 if self._force else min(size, _MAX32),
-                                  _MAX32 if self._force else min(start, _MAX32), 0))
+        self._out.write(
+            _END.pack(
+                b"PK\x05\x06",
+                0,
+                0,
+                entries,
+                entries,
+                _MAX32 if self._force else min(size, _MAX32),
+                _MAX32 if self._force else min(start, _MAX32),
+                0,
+            )
+        )
 
     def _patch_late_crcs(self) -> None:
         missing = [r.name.decode() for r, crc in zip(self._records, self._crcs) if crc is None]
@@ -161,13 +176,36 @@ class ZipRecords:
 def _central_entry(record: _Record, crc: int) -> bytes:
     """The central directory entry; sizes and offset that reach 4 GiB move to a zip64 extra field."""
     big_size, big_offset = record.big_size, record.big_offset
-    extra = _zip64_extra(record.size if big_size else None, record.size if big_size else None,
-                         record.header_offset if big_offset else None)
+    extra = _zip64_extra(
+        record.size if big_size else None,
+        record.size if big_size else None,
+        record.header_offset if big_offset else None,
+    )
     flags = _UTF8 | (_HAS_DESCRIPTOR if record.size else 0)
     size = _MAX32 if big_size else record.size
-    return _CENTRAL.pack(b"PK\x01\x02", 0, _ZIP64_VERSION if record.zip64 else 0, flags, 0, 0, 0, crc,
-                         size, size, len(record.name), len(extra), 0, 0, 0, 0,
-                         _MAX32 if big_offset else record.header_offset) + record.name + extra
+    return (
+        _CENTRAL.pack(
+            b"PK\x01\x02",
+            0,
+            _ZIP64_VERSION if record.zip64 else 0,
+            flags,
+            0,
+            0,
+            0,
+            crc,
+            size,
+            size,
+            len(record.name),
+            len(extra),
+            0,
+            0,
+            0,
+            0,
+            _MAX32 if big_offset else record.header_offset,
+        )
+        + record.name
+        + extra
+    )
 
 
 def _zip64_extra(size: int | None, compressed: int | None, offset: int | None) -> bytes:
