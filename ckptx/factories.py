@@ -45,7 +45,9 @@ def transformers_model(
     model_class = getattr(transformers, architecture, None)
     if not isinstance(model_class, type) or not issubclass(model_class, transformers.PreTrainedModel):
         raise TargetError(f"transformers has no model class '{architecture}'")
-    config_class = model_class.config_class
+    config_class = getattr(model_class, "config_class", None)
+    if config_class is None:
+        raise TargetError(f"transformers' {architecture} names no config class")
     return model_class(config_class(**{**dict(config or {}), **config_kwargs}))
 
 

@@ -72,11 +72,13 @@ class PoolRunner:
 
     def _started(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                self.workers,
-                mp_context=self._context(),
-                initializer=self.initializer,
-                initargs=(self.workers,) if self.initializer else (),
+            initializer = self.initializer
+            self._pool = (
+                ProcessPoolExecutor(
+                    self.workers, mp_context=self._context(), initializer=initializer, initargs=(self.workers,)
+                )
+                if initializer is not None
+                else ProcessPoolExecutor(self.workers, mp_context=self._context())
             )
         return self._pool
 

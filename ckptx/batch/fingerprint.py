@@ -132,7 +132,8 @@ def _recorded(dst: Path) -> tuple[Fingerprint | None, str]:
         except (SourceError, OSError) as exc:
             return None, str(exc)
         metadata = header.get("__metadata__") or {}
-        recorded = Fingerprint.from_json(metadata.get(FINGERPRINT_KEY)) if FINGERPRINT_KEY in metadata else None
+        text = metadata.get(FINGERPRINT_KEY)
+        recorded = Fingerprint.from_json(text) if isinstance(text, str) else None
         return recorded, "" if recorded else f"{dst}: its metadata has no {FINGERPRINT_KEY}"
     sidecar = sidecar_path(dst)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import torch_dtype
@@ -18,7 +18,10 @@ from ckptx.rules.loader import load_rules
 from ckptx.rules.recipe import Recipe, TargetSpec, VerifySpec
 from ckptx.targets.build import build_model
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
 
 __all__ = ["VerificationResult", "verify_conversion"]
 

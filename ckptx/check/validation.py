@@ -6,14 +6,17 @@ import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta
 from ckptx.targets.resolve import Target, resolve_target, state_metas
 from ckptx.text import SHOWN, short_list, shown
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
 
 __all__ = ["KeyProblem", "ValidationReport", "render_validation", "validate"]
 

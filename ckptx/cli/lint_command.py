@@ -73,7 +73,8 @@ def _lint_callables(recipe: Any) -> tuple[list[dict[str, Any]], list[CkptxError]
     from ckptx.rules.lint import named_callables
     from ckptx.trust.callables import factory_verdict
 
-    listed, refused = [], []
+    listed: list[dict[str, Any]] = []
+    refused: list[CkptxError] = []
     for named in named_callables(recipe):
         where = named.origin.where or named.role
         verdict = factory_verdict(named.name, named.kwargs, where=where)

@@ -7,7 +7,7 @@ from typing import Any, TextIO
 
 from ckptx.cli.options import EXIT_OK, Parents, Parser
 from ckptx.cli.present import emit
-from ckptx.errors import RuleError
+from ckptx.errors import Problem, RuleError
 from ckptx.text import key_values
 
 __all__ = ["add_parser", "run"]
@@ -36,7 +36,9 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from ckptx.rules.yamlfile import load_yaml
 
     if args.rules_command == "list":
-        rows, docs, problems = [], [], []
+        rows: list[list[str]] = []
+        docs: list[dict[str, Any]] = []
+        problems: list[Problem] = []
         refs = list_recipes(problems)
         for ref in refs:
             try:
@@ -92,8 +94,8 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
         return EXIT_OK
     text = path.read_text(encoding="utf-8")
-    ref = find_recipe(path)
-    origin = f"pack {ref.pack.name} from {ref.pack.distribution} {ref.pack.version}, " if ref else ""
+    found = find_recipe(path)
+    origin = f"pack {found.pack.name} from {found.pack.distribution} {found.pack.version}, " if found else ""
     emit(
         out,
         args.json,
@@ -101,9 +103,9 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             "ok": True,
             "path": str(path),
             "text": text,
-            "pack": ref.pack.name if ref else None,
-            "distribution": ref.pack.distribution if ref else None,
-            "version": ref.pack.version if ref else None,
+            "pack": found.pack.name if found else None,
+            "distribution": found.pack.distribution if found else None,
+            "version": found.pack.version if found else None,
         },
         f"# {args.name}: {origin}{path}\n{text.rstrip()}",
     )

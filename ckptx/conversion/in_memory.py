@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.check.inferred import choose_variant
@@ -22,7 +22,10 @@ from ckptx.rules.loader import RecipeArg, as_recipe
 from ckptx.rules.recipe import Recipe
 from ckptx.targets.resolve import Target, resolve_target
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
 
 __all__ = ["apply", "load_into", "plan"]
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx._version import __version__
@@ -34,7 +34,10 @@ from ckptx.rules.loader import RecipeArg, as_recipe
 from ckptx.rules.recipe import Recipe, TargetSpec
 from ckptx.targets.resolve import Target, parse_target_arg, resolve_target
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 OUTPUT_FORMATS = {".safetensors": "safetensors", ".pth": "torch", ".pt": "torch", ".bin": "torch", ".ckpt": "torch"}

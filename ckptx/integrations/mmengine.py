@@ -29,7 +29,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from mmengine.logging import print_log
@@ -233,13 +233,13 @@ def _init_submodules_first(module: torch.nn.Module, wholemodule: bool) -> None:
     which it applies last; this gives Ckptx the same place.
     """
     if wholemodule and hasattr(module, "init_weights") and not getattr(module, "is_init", False):
-        module.init_weights()  # an `override=` naming this module: its own init_weights would come later
+        cast(Any, module).init_weights()  # an `override=` naming this module: its own init_weights would come later
         return
     for child in module.children():
         if is_model_wrapper(child) and not hasattr(child, "init_weights"):
-            child = child.module
+            child = cast(Any, child).module
         if hasattr(child, "init_weights") and not getattr(child, "is_init", False):
-            child.init_weights()
+            cast(Any, child).init_weights()
             if hasattr(child, "_params_init_info"):
                 update_init_info(
                     child, init_info=f"Initialized by user-defined `init_weights` in {type(child).__name__} "
@@ -249,5 +249,5 @@ def _init_submodules_first(module: torch.nn.Module, wholemodule: bool) -> None:
 def _mark_pretrained(module: torch.nn.Module) -> None:
     """Let the module's own init_weights see pretrained weights (`init_cfg['type'] == 'Pretrained'`)."""
     cfg = getattr(module, "init_cfg", None)
-    if _is_ckptx(cfg):
-        module.init_cfg = {**cfg, "type": PRETRAINED, "loaded_by": NAME}
+    if isinstance(cfg, dict) and _is_ckptx(cfg):
+        cast(Any, module).init_cfg = {**cfg, "type": PRETRAINED, "loaded_by": NAME}

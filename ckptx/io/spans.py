@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta, torch_dtype
 from ckptx.errors import SourceError, TensorOpError
 from ckptx.planning.source import RawSpan
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 CHUNK = 64 * 1024 * 1024
@@ -31,7 +34,7 @@ def read_span(span: RawSpan, meta: TensorMeta) -> torch.Tensor:
     """The tensor whose row-major little-endian bytes are `span`, read with pread into new memory."""
     data = torch.empty(span.nbytes, dtype=torch.uint8)
     if span.nbytes:
-        view = memoryview(data.numpy())
+        view = data.numpy().data
         fd = os.open(span.file, os.O_RDONLY)
         try:
             done = 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import DTYPES, TensorMeta, lookup, lossless_casts
@@ -26,8 +26,14 @@ from ckptx.rules.inverse import all_matched_changed, changed_metas, exact_keys
 from ckptx.rules.kinds import Doc, NotInvertible, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step
 
-torch = lazy_module("torch")
-np = lazy_module("numpy")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+else:
+    np = lazy_module("numpy")
 
 
 # --- what the steps say: arguments, builders, schema fragments, inverses ---------------------------------

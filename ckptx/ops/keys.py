@@ -278,7 +278,8 @@ def warn_if_mid_name(pattern: Pattern, key: str, where: str, ctx: PlanContext, s
 @step("drop", build=_build_drop, schema=_DROP_SCHEMA, not_invertible="the dropped tensors are gone")
 def plan_drop(args: Drop, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Remove entries whose key matches any pattern."""
-    found, seen = first_matches(args.patterns, [e.key for e in entries]), set()
+    found = first_matches(args.patterns, [e.key for e in entries])
+    seen: set[str] = set()
     for i in sorted(found):
         warn_if_mid_name(args.patterns[found[i]], entries[i].key, step.where, ctx, seen)
         ctx.drop(entries[i], step.where)

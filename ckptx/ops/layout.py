@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta
@@ -18,7 +18,10 @@ from ckptx.rules.inverse import all_matched_changed, changed_metas, exact_keys
 from ckptx.rules.kinds import Doc, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 # --- what the steps say: arguments, builders, schema fragments, inverses ---------------------------------

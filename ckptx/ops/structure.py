@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta
@@ -20,7 +20,10 @@ from ckptx.rules.kinds import Doc, NotInvertible, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step, dim_arg
 from ckptx.rules.templates import KeyTemplateError, Template
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 # --- what the steps say: arguments, builders, schema fragments, inverses ---------------------------------
@@ -96,6 +99,7 @@ def _build_split(value: Any, c: Collector) -> Split:
     match = c.regex(value["match"], "match")
     into_raw = value["into"]
     names = ("i",)
+    into: tuple[Template, ...]
     if isinstance(into_raw, str):
         into = (c.template(into_raw, match, "invalid key template", "into", names=names),)
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta
@@ -19,8 +19,14 @@ from ckptx.planning.expr import tensor_op
 from ckptx.rules.kinds import object_schema
 from ckptx.rules.steps import Collector, Pattern, Step
 
-torch = lazy_module("torch")
-F = lazy_module("torch.nn.functional")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn.functional as F
+else:
+    F = lazy_module("torch.nn.functional")
 
 
 # --- what the steps say: arguments, builders, schema fragments, inverses ---------------------------------

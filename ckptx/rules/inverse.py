@@ -246,14 +246,20 @@ def _expression_ref(expression: Expression, names: Mapping[str, int], text: str)
         name = node.id[2:] if node.id.startswith("_g") else node.id
         return int(name) if name.isdigit() else names.get(name, name)
 
-    if ref_of(tree) is not None:
-        return Ref(ref_of(tree))  # type: ignore[arg-type]
+    whole = ref_of(tree)
+    if whole is not None:
+        return Ref(whole)
     if isinstance(tree, ast.BinOp) and isinstance(tree.op, (ast.Add, ast.Sub)):
-        left, right = tree.left, tree.right
-        if ref_of(left) is not None and isinstance(right, ast.Constant):
-            return Ref(ref_of(left), right.value if isinstance(tree.op, ast.Add) else -right.value)  # type: ignore[arg-type]
-        if isinstance(tree.op, ast.Add) and ref_of(right) is not None and isinstance(left, ast.Constant):
-            return Ref(ref_of(right), left.value)  # type: ignore[arg-type]
+        left, right = ref_of(tree.left), ref_of(tree.right)
+        if left is not None and isinstance(tree.right, ast.Constant) and isinstance(tree.right.value, int):
+            return Ref(left, tree.right.value if isinstance(tree.op, ast.Add) else -tree.right.value)
+        if (
+            isinstance(tree.op, ast.Add)
+            and right is not None
+            and isinstance(tree.left, ast.Constant)
+            and isinstance(tree.left.value, int)
+        ):
+            return Ref(right, tree.left.value)
     raise NotInvertible(f"template {text!r}: only {{\\N + c}} and {{\\N - c}} can be undone, not {{{expression.text}}}")
 
 
@@ -279,24 +285,25 @@ def swap(pattern: str, template: Template, *, whole: bool, spare: tuple[int | st
         if isinstance(a, Ref) and isinstance(b, Ref):
             raise NotInvertible(f"{template.text!r}: two groups with nothing between them cannot be split again")
     by_number = {g.number: g for g in groups}
-    regex, renumber = ["^" if start else ""], {}
+    regex = ["^" if start else ""]
+    renumber: dict[int | str, int] = {}
     for part in pieces:
         if isinstance(part, str):
             regex.append(re.escape(part))
             continue
         renumber[part.group] = len(renumber) + 1
         numeric = part.offset or part.group == "i"
-        regex.append("(" + (r"\d+" if numeric else by_number[part.group].body) + ")")  # type: ignore[index]
+        regex.append("(" + (r"\d+" if numeric else by_number[int(part.group)].body) + ")")
     regex.append("$" if end else "")
     offsets = {r.group: r.offset for r in refs}
     rebuilt = []
-    for part in pattern_parts:
-        if isinstance(part, str):
-            rebuilt.append(escape_replacement(part))
-        elif part.number in renumber:
-            rebuilt.append(shifted(renumber[part.number], -offsets[part.number]))
+    for piece in pattern_parts:
+        if isinstance(piece, str):
+            rebuilt.append(escape_replacement(piece))
+        elif piece.number in renumber:
+            rebuilt.append(shifted(renumber[piece.number], -offsets[piece.number]))
         else:
-            rebuilt.append(spare_placeholder(part.number))  # filled in by the caller
+            rebuilt.append(spare_placeholder(piece.number))  # filled in by the caller
     return _Swap("".join(regex), tidy("".join(rebuilt)), renumber, groups)
 
 

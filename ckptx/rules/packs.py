@@ -5,12 +5,16 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckptx._data import shipped_rules_dir
 from ckptx._lazy import lazy_module
 from ckptx.errors import Problem, RuleError
 
-metadata = lazy_module("importlib.metadata")  # 40-80 ms; only rule packs need it, not a rule file given by path
+if TYPE_CHECKING:  # pragma: no cover
+    from importlib import metadata
+else:
+    metadata = lazy_module("importlib.metadata")  # 40-80 ms; only rule packs need it, not a rule file given by path
 
 ENTRY_POINT_GROUP = "ckptx.rules"
 SHIPPED = "ckptx"

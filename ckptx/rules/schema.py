@@ -20,7 +20,10 @@ if TYPE_CHECKING:
 
 # jsonschema is imported when a document is first validated: 53 of the 150 ms `import ckptx.cli` takes, which
 # `ckptx inspect`, `--version` and conversions without a rule file never need.
-jsonschema = lazy_module("jsonschema")
+if TYPE_CHECKING:  # pragma: no cover
+    import jsonschema
+else:
+    jsonschema = lazy_module("jsonschema")
 
 RULES_SCHEMA = "ckptx-rules.schema.json"
 

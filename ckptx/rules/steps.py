@@ -4,9 +4,8 @@ dicts through the registry of step kinds (`ckptx/rules/kinds.py`); the `Collecto
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ckptx.errors import Problem
 from ckptx.rules.kinds import STEP_KINDS
@@ -15,10 +14,16 @@ from ckptx.rules.templates import Template, TemplateError, compile_template
 Pattern = re.Pattern[str]
 
 
+class Where(Protocol):
+    """`file:line:col path` of a node of the YAML document (with key=True, of the key naming it)."""
+
+    def __call__(self, path: tuple[Any, ...], *, key: bool = False) -> str: ...
+
+
 class Collector:
     """Collects problems while building dataclasses; `where(path)` locates a sub-path."""
 
-    def __init__(self, where: Callable[[tuple[Any, ...]], str], path: tuple[Any, ...]) -> None:
+    def __init__(self, where: Where, path: tuple[Any, ...]) -> None:
         self._where = where
         self.path = path
         self.problems: list[Problem] = []
@@ -78,7 +83,7 @@ class Step:
         cls,
         data: dict[str, Any],
         *,
-        where: Callable[[tuple[Any, ...]], str],
+        where: Where,
         path: tuple[Any, ...],
         params: dict[str, Any],
         problems: list[Problem],

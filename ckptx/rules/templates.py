@@ -234,8 +234,8 @@ def _parse(inner: str, pattern: Pattern | None, names: tuple[str, ...]) -> Expre
 
 
 def _eval(tree: ast.expr, match: re.Match[str] | None, extra: Mapping[str, int], text: str) -> int:
-    if isinstance(tree, ast.Constant):
-        return int(tree.value)
+    if isinstance(tree, ast.Constant) and isinstance(tree.value, int):
+        return tree.value
     if isinstance(tree, ast.Name):
         if not tree.id.startswith("_g"):
             return int(extra[tree.id])

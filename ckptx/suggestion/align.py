@@ -140,8 +140,12 @@ class _LevelAligner:
                 row.append(2.0 * al.quality + 1.0 * count + 0.5 * name + 0.8 * position)
             scores.append(row)
         paired = assign(scores)
-        left_src = [(r, None) for i, r in enumerate(src_runs) if i not in {p for p, _ in paired}]
-        left_dst = [(r, None) for j, r in enumerate(dst_runs) if j not in {q for _, q in paired}]
+        left_src: list[tuple[Run, list[int] | None]] = [
+            (r, None) for i, r in enumerate(src_runs) if i not in {p for p, _ in paired}
+        ]
+        left_dst: list[tuple[Run, list[int] | None]] = [
+            (r, None) for j, r in enumerate(dst_runs) if j not in {q for _, q in paired}
+        ]
         for i, j in paired:
             a, b = src_runs[i], dst_runs[j]
             pairs = _instance_pairs(a, b)

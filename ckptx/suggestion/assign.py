@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["assign"]
 
@@ -35,7 +36,7 @@ def assign(scores: Sequence[Sequence[float | None]]) -> list[tuple[int, int]]:
     return [(i, j) for i, j in enumerate(rows) if j < m and gain[i, j] > _FORBIDDEN / 2]
 
 
-def _hungarian(cost):  # type: ignore[no-untyped-def]
+def _hungarian(cost: Any) -> Any:
     """Column assigned to each row, minimising the total cost (n rows <= m columns)."""
     import numpy as np
 

@@ -269,7 +269,7 @@ def _head_regex(heads: Sequence[str]) -> str:
 
 
 def _fused_step(
-    op: str, items: list[tuple[list[str], list[str], str]], position: int, extra: dict[str, Any], comment: str
+    op: str, items: list[tuple[list[str], list[list[str]], str]], position: int, extra: dict[str, Any], comment: str
 ) -> StepText:
     """A split or merge step for keys that differ only in the component at `position`.
 
@@ -315,7 +315,7 @@ def _fused_step(
 
 
 def _split_steps(splits: list[tuple[Match, str]], add: str) -> list[StepText]:
-    groups: dict[tuple, list[tuple[list[str], list[str], str]]] = defaultdict(list)
+    groups: dict[tuple, list[tuple[list[str], list[list[str]], str]]] = defaultdict(list)
     positions: dict[tuple, int] = {}
     for match, middle in splits:
         jf = match.fit
@@ -353,7 +353,7 @@ def _split_steps(splits: list[tuple[Match, str]], add: str) -> list[StepText]:
 
 
 def _merge_steps(merges: list[tuple[Match, list[str]]], add: str) -> list[StepText]:
-    groups: dict[tuple, list[tuple[list[str], list[str], str]]] = defaultdict(list)
+    groups: dict[tuple, list[tuple[list[str], list[list[str]], str]]] = defaultdict(list)
     positions: dict[tuple, int] = {}
     for match, middles in merges:
         jf = match.fit

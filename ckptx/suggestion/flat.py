@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -246,9 +246,9 @@ class FlatAligner:
             tuple((self.src[i].key.rsplit(".", 1)[-1], self.src[i].meta) for i in a),
             tuple((self.dst[j].key.rsplit(".", 1)[-1], self.dst[j].meta) for j in b),
         )
-        found = self._layouts.get(layout, False)
-        if found is False:
-            found = self._layouts[layout] = _bijection(*layout)
+        if layout not in self._layouts:
+            self._layouts[layout] = _bijection(*layout)
+        found = self._layouts[layout]
         if found is None:
             return None
         return [(a[x], b[y], f) for x, y, f in found]
@@ -302,9 +302,7 @@ class FlatAligner:
                 for x, i in enumerate(rows)
                 for y, j in enumerate(cols)
             }
-            scores = [
-                [self._tensor_score(i, j, fits[i, j]) if fits[i, j] is not None else None for j in cols] for i in rows
-            ]
+            scores = [[_score_or_none(self._tensor_score, i, j, fits[i, j]) for j in cols] for i in rows]
             chosen = assign(scores)
             for ri, ci in chosen:
                 alt = _runner_up(scores, chosen, ri, ci)
@@ -518,3 +516,8 @@ def _bijection(a: tuple[tuple[str, Any], ...], b: tuple[tuple[str, Any], ...]) -
     if len(chosen) != len(a):
         return None
     return [(x, y, fits[x][y]) for x, y in chosen]  # type: ignore[misc]
+
+
+def _score_or_none(score: Callable[[int, int, Fit], float], i: int, j: int, f: Fit | None) -> float | None:
+    """`score(i, j, f)` for a pair that fits; None (not a candidate) for one that does not."""
+    return None if f is None else score(i, j, f)

@@ -189,13 +189,14 @@ def _drop_tail(key: str, n: int) -> str:
 
 
 def _prefixes(p: _Pair) -> tuple[str, str]:
-    return _split_pair(p)[:2]  # type: ignore[return-value]
+    source, target, _, _ = _split_pair(p)
+    return source, target
 
 
 def _split_pair(p: _Pair) -> tuple[str, str, list[int], list[int]]:
     """(source prefix, target prefix, their numbers) for the pair's current `keep`."""
     cached = p.split if p.split is not None and p.split[0] == p.keep else _cache_split(p)
-    return cached[1:5]  # type: ignore[return-value]
+    return cached[1], cached[2], cached[3], cached[4]
 
 
 def _cache_split(p: _Pair) -> tuple:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from ckptx.dtypes import TensorMeta
 
@@ -185,8 +186,8 @@ def _fill(leaves: list[Leaf], runs: list[Run], items: list[tuple[str, TensorMeta
             runs.append(
                 Run(
                     template,
-                    tuple(groups[g][0][1] for g in range(i, j)),
-                    inner,  # type: ignore[index]
+                    tuple(cast(tuple[int, str], groups[g][0])[1] for g in range(i, j)),
+                    inner,
                     offset + members[0],
                 )
             )

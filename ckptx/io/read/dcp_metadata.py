@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeGuard
 
 from ckptx.dtypes import DTYPES, TensorMeta
 from ckptx.errors import SourceError
@@ -195,6 +195,7 @@ class _Value:
     """
 
     __slots__ = ("name",)
+    name: str
 
     def __init__(self, name: str) -> None:
         object.__setattr__(self, "name", name)
@@ -206,7 +207,7 @@ class _Value:
         raise ValueError(f"torch.{self.name} takes no pickled state")
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.name == self.name  # type: ignore[attr-defined]
+        return isinstance(other, _Value) and type(other) is type(self) and other.name == self.name
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, self.name))
@@ -237,6 +238,7 @@ class _Call:
     """An immutable stand-in for a helper the pickle calls (`torch.Size`, `_get_layout`): runs `function`."""
 
     __slots__ = ("function",)
+    function: Callable[..., Any]
 
     def __init__(self, function: Callable[..., Any]) -> None:
         object.__setattr__(self, "function", function)
@@ -454,7 +456,7 @@ def _shape(key: str, size: Any, shown: str) -> tuple[int, ...]:
     return size
 
 
-def _dims(value: Any) -> bool:
+def _dims(value: Any) -> TypeGuard[tuple[int, ...]]:
     """A tuple of ints, as the `torch.Size` stand-in gives."""
     return isinstance(value, tuple) and all(type(d) is int for d in value)
 

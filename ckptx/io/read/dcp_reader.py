@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import DTYPES, TensorMeta, torch_dtype
@@ -57,7 +57,10 @@ from ckptx.planning.source import RawSpan, Source
 from ckptx.text import human_bytes
 from ckptx.trust.pickle_globals import needed_global
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
 
 __all__ = ["METADATA_FILE", "DcpSource", "describe_layout", "open_dcp_folder"]
 

@@ -20,7 +20,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import DTYPES, TensorMeta, UnsupportedDtype, from_safetensors
@@ -30,7 +30,10 @@ from ckptx.io.spans import read_span
 from ckptx.planning.source import RawSpan, Source
 from ckptx.text import quoted, shown
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
 
 __all__ = ["MAX_DEPTH", "MAX_HEADER", "SafetensorsSource", "read_header"]
 

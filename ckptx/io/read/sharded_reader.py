@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta
@@ -13,7 +13,10 @@ from ckptx.errors import SourceError
 from ckptx.planning.source import RawSpan, Source
 from ckptx.text import quoted
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 def read_index(path: Path, shown: str) -> tuple[dict[str, str], dict[str, Any]]:
@@ -58,8 +61,8 @@ class ShardedSource(Source):
         shown = display or str(path)
         weight_map, index_metadata = read_index(path, shown)
         by_shard: dict[str, list[str]] = {}
-        for key, shard in weight_map.items():
-            by_shard.setdefault(shard, []).append(key)
+        for key, shard_name in weight_map.items():
+            by_shard.setdefault(shard_name, []).append(key)
         self._shards: list[Source] = []
         self._owner: dict[str, Source] = {}
         tensors: dict[str, TensorMeta] = {}

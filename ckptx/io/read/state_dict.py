@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import DTYPES, TensorMeta, dtype_name
@@ -14,7 +14,10 @@ from ckptx.errors import SourceError
 from ckptx.planning.source import Source
 from ckptx.text import describe_key, quoted
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 def is_tensor(value: Any) -> bool:

@@ -9,7 +9,7 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError, UnsafeGlobalError
@@ -17,7 +17,10 @@ from ckptx.io.read.state_dict import MappingSource, extract, top_level_of
 from ckptx.io.read.torch_zip import TorchZipSource, check_archive, open_zip_without_torch, references_or_none
 from ckptx.trust.pickle_globals import needed_global, resolve_allow_global
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import DTYPES, dtype_name, from_storage
@@ -34,7 +34,10 @@ from ckptx.io.spans import read_span
 from ckptx.planning.source import RawSpan
 from ckptx.text import quoted
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 _LOCAL_HEADER = struct.Struct("<4s5HL2L2H")
@@ -164,7 +167,7 @@ class Record:
     size: int
 
 
-class _Opaque(dict):  # type: ignore[type-arg]
+class _Opaque(dict[Any, Any]):
     """Stands in for any object the stub unpickler does not model; keeps dict items so paths can go through it."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> _Opaque:
@@ -368,7 +371,9 @@ def zip_spans(path: str, found_at: str, tensors: Mapping[str, torch.Tensor]) -> 
     bases = set()
     for key, tensor in tensors.items():
         ref = refs.get(key)
-        span = row_major_span(ref, records, path) if isinstance(ref, TensorRef) and _agrees(ref, tensor) else None
+        if not isinstance(ref, TensorRef) or not _agrees(ref, tensor):
+            continue
+        span = row_major_span(ref, records, path)
         if span is None or span.nbytes == 0:
             continue
         bases.add(tensor.untyped_storage().data_ptr() - records[ref.storage.key].offset)
@@ -379,7 +384,7 @@ def zip_spans(path: str, found_at: str, tensors: Mapping[str, torch.Tensor]) -> 
 
 def _agrees(ref: TensorRef, tensor: torch.Tensor) -> bool:
     """The pickle's description matches the tensor torch built, and its bytes are plain row-major ones."""
-    return (
+    return bool(
         ref.plain
         and type(tensor) in (torch.Tensor, torch.nn.Parameter)
         and tensor.layout == torch.strided
@@ -422,7 +427,7 @@ def _lookup_state(obj: Any, found_at: str) -> Mapping[str, Any] | None:
     return refs
 
 
-def read_archive(archive: zipfile.ZipFile, f: BinaryIO) -> tuple[bytes, dict[str, Record], bool]:
+def read_archive(archive: zipfile.ZipFile, f: BinaryIO | io.RawIOBase) -> tuple[bytes, dict[str, Record], bool]:
     """`data.pkl`, the stored `data/<key>` records by key (offsets in `f`, the archive's file), and whether the
     storages are little-endian."""
     infos = archive.infolist()

@@ -44,6 +44,8 @@ class StandIn:
     """
 
     global_name: ClassVar[str] = ""
+    args: tuple[Any, ...]
+    state: Any
 
     def __new__(cls, *args: Any, **kwargs: Any) -> StandIn:
         obj = super().__new__(cls)
@@ -66,7 +68,7 @@ class _Enum(int):
     global_name: ClassVar[str] = ""
 
 
-class _Size(tuple):  # type: ignore[type-arg]
+class _Size(tuple[int, ...]):
     """Stands in for `torch.Size`: the tuple of dimensions."""
 
 

@@ -34,7 +34,7 @@ from bisect import bisect_right
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import DTYPES, TensorMeta, torch_dtype
@@ -42,7 +42,10 @@ from ckptx.errors import SourceError
 from ckptx.io.read.zero_pickle import Partition, PickledFile, Stored, describe, first_line, read_pickled
 from ckptx.planning.source import RawSpan, Source
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 __all__ = [
@@ -625,7 +628,7 @@ class ZeroSource(Source):
         entry = self.layout.entries[key]
         spans = entry.spans()
         data = torch.empty(sum(s.nbytes for s in spans), dtype=torch.uint8)
-        view, done = memoryview(data.numpy()), 0
+        view, done = data.numpy().data, 0
         for span in spans:
             self._pread(span, view[done : done + span.nbytes])
             done += span.nbytes

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import safetensors_code
@@ -17,7 +17,10 @@ from ckptx.planning.execute import materialize
 from ckptx.planning.expr import byte_converter
 from ckptx.planning.source import Source
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 __all__ = [
@@ -132,4 +135,4 @@ def write_tensor(out: BinaryIO, tensor: torch.Tensor, progress: Progress | None 
     if tensor.numel() == 0:
         return
     flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    write_bytes(out, memoryview(flat.numpy()), progress)
+    write_bytes(out, flat.numpy().data, progress)

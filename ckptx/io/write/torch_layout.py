@@ -26,7 +26,7 @@ import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import dtype_name
@@ -36,7 +36,10 @@ from ckptx.planning.entry import PlanEntry
 from ckptx.planning.expr import OpNode, SourceRef, sources_of
 from ckptx.planning.source import RawSpan, Source
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ class _Slot:
 
     index: int
     entry: PlanEntry
-    group: Hashable
+    group: tuple[Hashable, ...]  # (kind, identity...): ("file", path), ("computed", ...), ("own", ...), ...
     start: int
     end: int
     fill: FileBytes | MemoryBytes | ComputedBytes
@@ -199,7 +202,7 @@ def _memory_slot(index: int, entry: PlanEntry, tensor: Any, itemsize: int) -> _S
     )
 
 
-def _computation(entry: PlanEntry, source: Source, identities: dict[str, Hashable]) -> Hashable | None:
+def _computation(entry: PlanEntry, source: Source, identities: dict[str, Hashable]) -> tuple[Hashable, ...] | None:
     """What an entry computes, with each source tensor named by its bytes (so tied sources are one); None
     when it reads no source tensor or its parameters cannot be compared."""
     if not sources_of(entry.expr):
@@ -248,7 +251,7 @@ def _identity(key: str, source: Source) -> Hashable:
 
 def _merge(slots: list[_Slot]) -> list[list[_Slot]]:
     """Slots of one group whose byte intervals overlap, joined (computed slots: equal computations joined)."""
-    by_group: dict[Hashable, list[_Slot]] = {}
+    by_group: dict[tuple[Hashable, ...], list[_Slot]] = {}
     for slot in slots:
         by_group.setdefault(slot.group, []).append(slot)
     merged: list[list[_Slot]] = []

@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import DestinationError, TensorOpError
@@ -41,7 +41,10 @@ from ckptx.planning.execute import materialize
 from ckptx.planning.expr import byte_converter
 from ckptx.planning.source import RawSpan, Source
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 ARCHIVE = "archive"  # the top folder torch.save uses when it writes to a file object
