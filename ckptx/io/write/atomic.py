@@ -68,7 +68,7 @@ def atomic_output(dst: Path) -> Iterator[BinaryIO]:
     try:
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(dst), suffix=TEMP_SUFFIX, dir=dst.parent)
     except OSError as exc:
-        raise _write_error(dst, exc) from None
+        raise write_error(dst, exc) from None
     fcntl.flock(fd, fcntl.LOCK_EX)  # held until the file is closed: `stale_partials` leaves it alone meanwhile
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -77,7 +77,7 @@ def atomic_output(dst: Path) -> Iterator[BinaryIO]:
         publish([(Path(tmp), dst)])
     except OSError as exc:
         _remove(tmp)
-        raise _write_error(dst, exc) from None
+        raise write_error(dst, exc) from None
     except BaseException:
         _remove(tmp)
         raise
@@ -90,7 +90,7 @@ def _remove(path: str) -> None:
         pass
 
 
-def _write_error(dst: Path, exc: OSError) -> DestinationError:
+def write_error(dst: Path, exc: OSError) -> DestinationError:
     """One line for a failed write: where, the system's reason, and that nothing was left behind."""
     reason = exc.strerror or type(exc).__name__
     hint = {
@@ -110,13 +110,21 @@ def sync_file(handle: BinaryIO) -> None:
     os.fsync(handle.fileno())
 
 
+def write_synced(path: Path, data: bytes) -> int:
+    """Write `data` to a new file at `path` and fsync it; returns its size."""
+    with open(path, "wb") as out:
+        out.write(data)
+        sync_file(out)
+    return len(data)
+
+
 @contextmanager
 def staging_folder(dst: Path) -> Iterator[Path]:
     """A hidden folder beside `dst` to write a set of files in; it goes, with whatever is left in it, on exit."""
     try:
         folder = Path(tempfile.mkdtemp(prefix=temp_prefix(dst), suffix=TEMP_SUFFIX, dir=dst.parent))
     except OSError as exc:
-        raise _write_error(dst, exc) from None
+        raise write_error(dst, exc) from None
     lock = os.open(folder, os.O_RDONLY)
     fcntl.flock(lock, fcntl.LOCK_EX)  # as for atomic_output's file: a live writer's folder is never called stale
     try:

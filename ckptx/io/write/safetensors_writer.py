@@ -1,4 +1,4 @@
-"""Stream a plan to a safetensors file: header from the plan, then each tensor's bytes in order."""
+"""Safetensors output: a plan streamed to one file, header from the plan, then each tensor's bytes in order."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from ckptx._lazy import lazy_module
 from ckptx.dtypes import safetensors_code
 from ckptx.errors import TensorOpError
 from ckptx.io.spans import BLOCK, Progress, SpanCopier, convert_span, write_bytes
-from ckptx.io.write.atomic import atomic_output
+from ckptx.io.write.atomic import sync_file
+from ckptx.io.write.writer import Move, OutputOptions, Writer
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.execute import materialize
 from ckptx.planning.expr import byte_converter
@@ -23,15 +24,7 @@ else:
     torch = lazy_module("torch")
 
 
-__all__ = [
-    "Progress",
-    "build_header",
-    "materialize",
-    "write_body",
-    "write_computed",
-    "write_safetensors",
-    "write_tensor",
-]
+__all__ = ["SafetensorsWriter", "build_header", "write_body", "write_computed", "write_safetensors", "write_tensor"]
 
 
 def build_header(entries: Sequence[PlanEntry], metadata: Mapping[str, str], data_start: int | None = None) -> bytes:
@@ -80,6 +73,24 @@ def aligned_data_start(entries: Sequence[PlanEntry], source: Source) -> int | No
     return max(placed, key=lambda start: placed[start]) if placed else None
 
 
+class SafetensorsWriter(Writer):
+    """One `.safetensors` file: the header from the plan, then each tensor's bytes in order."""
+
+    format = "safetensors"
+
+    def files(self) -> list[Path]:
+        """The file."""
+        return [self.destination]
+
+    def stage(self, folder: Path, source: Source, progress: Progress | None) -> list[Move]:
+        """The whole file, fsynced."""
+        staged = folder / self.destination.name
+        with open(staged, "wb") as out:
+            write_body(out, self.entries, source, self.options.metadata, progress)
+            sync_file(out)
+        return [(staged, self.destination)]
+
+
 def write_safetensors(
     dst: Path,
     entries: Sequence[PlanEntry],
@@ -87,10 +98,9 @@ def write_safetensors(
     metadata: Mapping[str, str],
     progress: Progress | None = None,
 ) -> int:
-    """Write `entries` to `dst` atomically; unchanged tensors are copied as raw bytes. Returns bytes written."""
-    with atomic_output(dst) as out:
-        write_body(out, entries, source, metadata, progress)
-        return out.tell()
+    """Write `entries` to `dst` atomically (replacing a file there); unchanged tensors are copied as raw bytes.
+    Returns bytes written."""
+    return SafetensorsWriter(dst, entries, OutputOptions(metadata=metadata)).write(source, progress)
 
 
 def write_body(

@@ -1,4 +1,4 @@
-"""Write a plan as HuggingFace-style safetensors shards plus an index, published together or not at all.
+"""Sharded safetensors output: HuggingFace-style shards plus an index, published together or not at all.
 
 Naming: DST `NAME.safetensors.index.json` or `NAME.safetensors` gives shards `NAME-00001-of-0000N.safetensors`
 and the index `NAME.safetensors.index.json` beside them. When everything fits in one shard and DST names a
@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptx.errors import DestinationError
 from ckptx.io.spans import Progress
-from ckptx.io.write.atomic import publish, staging_folder, sync_file
+from ckptx.io.write.atomic import sync_file, write_synced
 from ckptx.io.write.destination import InputFiles
 from ckptx.io.write.safetensors_writer import write_body
+from ckptx.io.write.writer import Move, OutputOptions, Writer
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.source import Source
+
+__all__ = ["INDEX_SUFFIX", "ShardLayout", "ShardedWriter", "index_text", "is_index_name", "shard_layout"]
 
 INDEX_SUFFIX = ".safetensors.index.json"
 
@@ -41,6 +44,11 @@ class ShardLayout:
     def paths(self) -> list[Path]:
         """Every final path, the index last."""
         return [p for p, _ in self.files] + ([self.index] if self.index else [])
+
+    @property
+    def weights(self) -> Path:
+        """The file a loader opens: the index, or the single file."""
+        return self.index or self.files[0][0]
 
 
 def shard_layout(dst: Path, entries: Sequence[PlanEntry], max_size: int | None) -> ShardLayout:
@@ -69,10 +77,41 @@ def shard_layout(dst: Path, entries: Sequence[PlanEntry], max_size: int | None) 
     return ShardLayout(files, index, [dst] if dst != index else [])
 
 
-def check_layout(layout: ShardLayout, *, force: bool, inputs: InputFiles) -> list[str]:
-    """Refuse to write over an input file, a folder, or without `force` an existing file (ckptx/destination.py);
-    returns notes about older shards of the same name left in place."""
-    inputs.check_all(layout.paths + layout.replaces, force=force, what="an output shard or index")
+class ShardedWriter(Writer):
+    """Safetensors shards and their index."""
+
+    format = "safetensors-sharded"
+    what = "an output shard or index"
+
+    def __init__(self, destination: Path, entries: Sequence[PlanEntry], options: OutputOptions) -> None:
+        super().__init__(destination, entries, options)
+        self.layout = shard_layout(destination, entries, options.max_shard_size)
+
+    @property
+    def primary(self) -> Path:
+        """The index, or the single file."""
+        return self.layout.weights
+
+    def files(self) -> list[Path]:
+        """Every shard, then the index."""
+        return self.layout.paths
+
+    def replaces(self) -> list[Path]:
+        """The old index (and a plain file of the same name) go first: no index names a half-replaced set."""
+        return [p for p in [self.layout.index, *self.layout.replaces] if p is not None]
+
+    def check(self, inputs: InputFiles) -> list[str]:
+        """The destination rule for every shard and the index; a note naming older shards of the same name."""
+        super().check(inputs)
+        return older_shards(self.layout)
+
+    def stage(self, folder: Path, source: Source, progress: Progress | None) -> list[Move]:
+        """Every shard, then the index."""
+        return stage_shards(folder, self.layout, source, self.options, progress)
+
+
+def older_shards(layout: ShardLayout) -> list[str]:
+    """A note naming shards of the same name that the new index does not list (they are left in place)."""
     if layout.index is None or not layout.index.parent.is_dir():  # a new folder has no older shards
         return []
     stem = layout.index.name[: -len(INDEX_SUFFIX)]
@@ -82,52 +121,21 @@ def check_layout(layout: ShardLayout, *, force: bool, inputs: InputFiles) -> lis
     return [f"older shards left in place (not in the new index): {', '.join(stale)}"] if stale else []
 
 
-def write_sharded(
-    layout: ShardLayout,
-    source: Source,
-    metadata: Mapping[str, str],
-    progress: Progress | None = None,
-    check: Callable[[Path], None] | None = None,
-) -> int:
-    """Write every file of `layout` in a hidden staging folder, then publish them all, the index last.
-
-    `check(staged_path)` may inspect the finished set first (the index, or the single file) and raise
-    to publish nothing. A failure at any point leaves no file of the set under its final name.
-    Returns the bytes written (shards and index).
-    """
-    first = layout.index or layout.files[0][0]
-    with staging_folder(first) as stage:
-        moves, total = stage_layout(stage, layout, source, metadata, progress)
-        if check is not None:
-            check(moves[-1][0])
-        publish(moves, remove_first=[p for p in [layout.index, *layout.replaces] if p is not None])
-    return total
-
-
-def stage_layout(
-    stage: Path, layout: ShardLayout, source: Source, metadata: Mapping[str, str], progress: Progress | None = None
-) -> tuple[list[tuple[Path, Path]], int]:
-    """Write every shard of `layout` (and its index, last) into the staging folder, each fsynced; returns the
-    (staged, final) moves in publishing order and the bytes written."""
-    moves, total = [], 0
+def stage_shards(
+    folder: Path, layout: ShardLayout, source: Source, options: OutputOptions, progress: Progress | None
+) -> list[Move]:
+    """Write every shard of `layout` (and its index, last) into the staging folder, each fsynced; the moves in
+    publishing order."""
+    moves = []
     for final, group in layout.files:
-        with open(stage / final.name, "wb") as out:
-            write_body(out, group, source, metadata, progress)
-            total += out.tell()
+        with open(folder / final.name, "wb") as out:
+            write_body(out, group, source, options.metadata, progress)
             sync_file(out)
-        moves.append((stage / final.name, final))
+        moves.append((folder / final.name, final))
     if layout.index is not None:
-        total += stage_bytes(stage / layout.index.name, index_text(layout))
-        moves.append((stage / layout.index.name, layout.index))
-    return moves, total
-
-
-def stage_bytes(path: Path, data: bytes) -> int:
-    """Write `data` to a staged file and fsync it; returns its size."""
-    with open(path, "wb") as out:
-        out.write(data)
-        sync_file(out)
-    return len(data)
+        write_synced(folder / layout.index.name, index_text(layout))
+        moves.append((folder / layout.index.name, layout.index))
+    return moves
 
 
 def index_text(layout: ShardLayout) -> bytes:

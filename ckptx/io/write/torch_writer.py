@@ -32,9 +32,10 @@ from ckptx._lazy import lazy_module
 from ckptx.errors import DestinationError, TensorOpError
 from ckptx.io.crc import CrcThread, stored_record_crcs
 from ckptx.io.spans import BLOCK, Progress, SpanCopier, convert_span, write_bytes
-from ckptx.io.write.atomic import atomic_output
+from ckptx.io.write.atomic import sync_file
 from ckptx.io.write.torch_layout import ComputedBytes, FileBytes, MemoryBytes, StorageRecord, TorchLayout, plan_layout
 from ckptx.io.write.torch_pickle import ITEM_SIZES, state_dict_pickle
+from ckptx.io.write.writer import Move, OutputOptions, Writer
 from ckptx.io.write.zip_records import ZipRecords
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.execute import materialize
@@ -52,6 +53,34 @@ _FORMAT_VERSION = (".format_version", b"1")
 _HEAD = ((".storage_alignment", b"64"), ("byteorder", b"little"))
 
 
+class TorchWriter(Writer):
+    """One torch zip file (`.pth`, `.pt`, `.bin`, `.ckpt`): a state dict `torch.load` reads (also with
+    `weights_only=True` and `mmap=True`), with `options.state_metadata` as its `_metadata` when given."""
+
+    format = "torch"
+
+    def files(self) -> list[Path]:
+        """The file."""
+        return [self.destination]
+
+    def non_tensor_note(self, source: Source) -> str | None:
+        """A state dict file holds tensors (and `_metadata`); the source's other entries are not carried over."""
+        if not source.non_tensors:
+            return None
+        return f"non-tensor entries not carried over: {', '.join(sorted(source.non_tensors))}"
+
+    def stage(self, folder: Path, source: Source, progress: Progress | None) -> list[Move]:
+        """The whole archive, fsynced. Raises DestinationError, before writing a byte, for a tensor the format
+        cannot hold (e.g. a quantized dtype)."""
+        layout = plan_layout(self.entries, source, self.destination)
+        pickled = state_dict_pickle(layout.tensors, self.options.state_metadata)
+        staged = folder / self.destination.name
+        with open(staged, "wb") as out:
+            write_archive(out, layout, pickled, source, progress)
+            sync_file(out)
+        return [(staged, self.destination)]
+
+
 def write_torch(
     dst: Path,
     entries: Sequence[PlanEntry],
@@ -60,16 +89,8 @@ def write_torch(
     state_metadata: Any = None,
     progress: Progress | None = None,
 ) -> int:
-    """Write `entries` as a torch zip state dict (an OrderedDict, with `state_metadata` as its `_metadata`
-    when given) that `torch.load` (also `weights_only=True`, `mmap=True`) reads. Returns the file size.
-
-    Raises DestinationError, before writing, for a tensor the format cannot hold (e.g. a quantized dtype).
-    """
-    layout = plan_layout(entries, source, dst)
-    pickled = state_dict_pickle(layout.tensors, state_metadata)
-    with atomic_output(dst) as out:
-        write_archive(out, layout, pickled, source, progress)
-        return out.tell()
+    """Write `entries` to `dst` as a torch zip state dict, atomically (replacing a file there). Returns its size."""
+    return TorchWriter(dst, entries, OutputOptions(state_metadata=state_metadata)).write(source, progress)
 
 
 def write_archive(
