@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ckptx.errors import CkptxError
+from ckptx.errors import UnsupportedDtype
 
 __all__ = [
     "DTYPES",
@@ -26,10 +26,6 @@ __all__ = [
     "safetensors_code",
     "torch_dtype",
 ]
-
-
-class UnsupportedDtype(CkptxError):
-    """A tensor has a dtype ckptx does not know, or that the output format cannot hold."""
 
 
 @dataclass(frozen=True)

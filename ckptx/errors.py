@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 __all__ = [
     "CkptxError",
@@ -39,6 +40,18 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.where}: {self.message}" if self.where else self.message
+
+
+def unique_problems(problems: list[Problem]) -> list[Problem]:
+    """`problems` without repeats, in order (the same problem found by two checks is reported once)."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for problem in problems:
+        marker = (problem.where, problem.message)
+        if marker not in seen:
+            seen.add(marker)
+            out.append(problem)
+    return out
 
 
 class RuleError(CkptxError):
@@ -175,13 +188,21 @@ class TensorOpError(CkptxError):
     """An op failed on real tensor data while writing."""
 
 
+class Outcome(Protocol):
+    """What a rejected conversion reports (a validation report, a verification result, a variant search)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        ...
+
+
 class Rejected(CkptxError):
     """The conversion ran but its result was rejected (exit 1); `outcome` says why, nothing was written."""
 
     exit_code = 1
     kind = "rejected"
 
-    def __init__(self, outcome: object) -> None:
+    def __init__(self, outcome: Outcome) -> None:
         self.outcome = outcome
         super().__init__(str(outcome))
 
@@ -214,3 +235,80 @@ class OpShapeError(ValueError):
 
 class UsageError(CkptxError):
     """The command line itself is wrong (an unknown flag, a missing argument); the message ends with where to look."""
+
+
+class UnsupportedDtype(CkptxError):
+    """A tensor has a dtype ckptx does not know, or that the output format cannot hold."""
+
+
+class ParamsUnresolved(RuleError):
+    """An operation needs a concrete value for a parameter that is still to be chosen from the source."""
+
+
+class NotInvertible(Exception):
+    """A step has no inverse; the message says why. `needs_layout`: a trace (the source layout) would give one."""
+
+    def __init__(self, message: str, *, needs_layout: bool = False) -> None:
+        super().__init__(message)
+        self.needs_layout = needs_layout
+
+
+class TemplateError(ValueError):
+    """A template that cannot be compiled against its pattern."""
+
+
+class KeyTemplateError(ValueError):
+    """A template that cannot be filled for one key (a group that is not an integer, a negative index)."""
+
+
+class InitConfigError(CkptxError):
+    """An `init_cfg` that would undo what Ckptx loads (another initializer after it), or bad arguments."""
+
+
+class VariantRejected(Rejected):
+    """No single choice of the inferred parameters fits the source; nothing was written (exit 1)."""
+
+    kind = "variants"
+
+    @property
+    def search(self) -> object:
+        """What was tried (a `ckptx.check.inferred.VariantSearch`)."""
+        return self.outcome
+
+
+class NoVariantFits(VariantRejected):
+    """Every choice was tried and none validates against its target."""
+
+
+class AmbiguousVariant(VariantRejected):
+    """More than one choice validates: the source does not tell them apart."""
+
+
+class BadHeader(Exception):
+    """A header problem; the text completes `FILE: not a valid safetensors file: `."""
+
+
+class NotReproduced(RuntimeError):
+    """The written recipe, re-planned, does not do what the alignment decided (a bug in `suggest`)."""
+
+
+class ForeignGlobal(SourceError):
+    """A checkpoint pickle names a global its format never uses (a DeepSpeed file, DCP `.metadata`); refused
+    without importing or calling it. `where` says which pickle (a record of the file, or empty)."""
+
+    def __init__(self, file: str, global_name: str, *, fmt: str, where: str = "", advice: str) -> None:
+        self.file, self.where, self.global_name = file, where, global_name
+        place = f"{file}: {where} " if where else f"{file}: "
+        super().__init__(
+            f"{place}names the Python global '{global_name}', which {fmt} never use; refused without running it: "
+            f"{advice}"
+        )
+
+
+class StepNotInvertible(RuleError):
+    """A step of a recipe being reversed has no inverse (the problem names the step and why); `needs_layout`: a
+    trace of the recipe on its source layout would give one."""
+
+    def __init__(self, problems: Iterable[Problem], *, needs_layout: bool = False) -> None:
+        super().__init__(problems)
+        self.needs_layout = needs_layout

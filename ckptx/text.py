@@ -13,6 +13,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -187,3 +188,11 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise ValueError(f"'{text}' is not a positive size")
     return size
+
+
+def display_path(path: Path) -> str:
+    """`path` relative to the working folder when it is inside it (how messages name a file), else as it is."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ckptx._data import schema_path
-from ckptx.dtypes import DTYPES, UnsupportedDtype, lookup, lossless_casts, safetensors_code
+from ckptx.dtypes import DTYPES, lookup, lossless_casts, safetensors_code
+from ckptx.errors import UnsupportedDtype
 from ckptx.io.read.open import open_source
 
 IN_THIS_TORCH = [n for n in DTYPES if hasattr(torch, n)]

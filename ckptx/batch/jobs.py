@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckptx.errors import Problem, RuleError
+from ckptx.errors import Problem, RuleError, unique_problems
 from ckptx.io.read.open import is_checkpoint_folder
-from ckptx.rules.loader import _display, load_rules
+from ckptx.rules.loader import load_rules
 from ckptx.rules.packs import resolve_rule
 from ckptx.rules.recipe import Recipe, TargetSpec
-from ckptx.rules.schema import _unique, schema_problems
+from ckptx.rules.schema import schema_problems
 from ckptx.rules.yamlfile import PathTuple, YamlDocument, load_yaml
+from ckptx.text import display_path
 
 JOBS_SCHEMA = "ckptx-jobs.schema.json"
 PLACEHOLDERS = ("stem", "name", "parent")
@@ -174,7 +175,7 @@ def load_jobs(path: str | Path) -> JobsFile:
     Raises RuleError listing every problem (file:line:col and path, then what to do).
     """
     file = Path(path)
-    doc = load_yaml(file, display=_display(file))
+    doc = load_yaml(file, display=display_path(file))
     if not isinstance(doc.data, dict):
         raise RuleError([Problem(f"{doc.file}:1:1", "a jobs file must be a mapping with `ckptx: 1` and `jobs:`")])
     problems = schema_problems(doc, JOBS_SCHEMA)
@@ -191,7 +192,7 @@ def load_jobs(path: str | Path) -> JobsFile:
             jobs += checker.expand(JobSpec.from_dict(raw, defaults, source=doc, path=("jobs", i)))
     checker.check_outputs(jobs)
     if checker.problems:
-        raise RuleError(_unique(checker.problems))
+        raise RuleError(unique_problems(checker.problems))
     return JobsFile(file.resolve(), tuple(jobs))
 
 

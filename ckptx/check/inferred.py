@@ -11,22 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptx.check.validation import ValidationReport, validate
-from ckptx.errors import CkptxError, PlanError, Rejected
+from ckptx.errors import AmbiguousVariant, CkptxError, NoVariantFits, PlanError, Rejected
 from ckptx.planning.expr import ops_of
 from ckptx.planning.planner import Plan, plan_recipe
 from ckptx.rules.params import InferredParam
 from ckptx.rules.recipe import Recipe
 from ckptx.targets.resolve import Target
 
-__all__ = [
-    "AmbiguousVariant",
-    "Attempt",
-    "Chosen",
-    "NoVariantFits",
-    "VariantRejected",
-    "VariantSearch",
-    "choose_variant",
-]
+__all__ = ["Attempt", "Chosen", "VariantSearch", "choose_variant"]
 
 
 @dataclass(frozen=True)
@@ -129,25 +121,6 @@ class VariantSearch:
             "attempts": [a.to_dict() for a in self.attempts],
             "chosen": [dict(a.values) for a in self.fitting],
         }
-
-
-class VariantRejected(Rejected):
-    """No single choice of the inferred parameters fits the source; nothing was written (exit 1)."""
-
-    kind = "variants"
-
-    @property
-    def search(self) -> VariantSearch:
-        """What was tried."""
-        return self.outcome  # type: ignore[return-value]
-
-
-class NoVariantFits(VariantRejected):
-    """Every choice was tried and none validates against its target."""
-
-
-class AmbiguousVariant(VariantRejected):
-    """More than one choice validates: the source does not tell them apart."""
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO, as_json: bool, debu
             return COMMANDS[args.command].run(args, out, err)
     except Rejected as exc:
         if as_json:
-            document = {"ok": False, exc.kind: exc.outcome.to_dict(), "written": False}  # type: ignore[attr-defined]
+            document = {"ok": False, exc.kind: exc.outcome.to_dict(), "written": False}
             out.write(json_text(document) + "\n")
         else:
             out.write(printable(f"{exc.outcome}\nnothing was written") + "\n")

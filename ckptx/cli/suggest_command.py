@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 from ckptx.cli.options import Parents
 from ckptx.errors import CkptxError, DestinationError
-from ckptx.text import key_values as _key_values
+from ckptx.text import key_values
 
 __all__ = ["add_parser", "run"]
 
@@ -88,14 +88,14 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     result = suggest(
         args.src,
         args.target,
-        target_args=_key_values(args.target_arg, "--target-arg"),
+        target_args=key_values(args.target_arg, "--target-arg"),
         allow_missing=args.allow_missing,
         allow_unexpected=args.allow_unexpected,
         allow_globals=args.allow_global,
         unsafe_pickle=args.unsafe_pickle,
         output=destination,
         verify_with=args.verify_with,
-        verify_args=_key_values(args.verify_arg, "--verify-arg"),
+        verify_args=key_values(args.verify_arg, "--verify-arg"),
         verify_input=_shape(args.verify_input),
         verify_input_dtype=args.verify_input_dtype,
         name=args.name,

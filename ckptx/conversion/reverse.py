@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptx.dtypes import TensorMeta
-from ckptx.errors import Problem, RuleError
+from ckptx.errors import Problem, RuleError, StepNotInvertible
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.planner import plan_recipe
 from ckptx.planning.source import Source
@@ -47,9 +47,9 @@ def reverse_recipe(recipe: Recipe, original: Original | None = None) -> Reversed
     if layout is None:
         try:
             return _finish(recipe, invert_recipe(recipe), None)
-        except RuleError as exc:
+        except StepNotInvertible as exc:
             fallback = _verify_source(recipe)
-            if fallback is None or "source layout" not in str(exc):
+            if fallback is None or not exc.needs_layout:
                 raise
             layout = _layout(fallback)
     name, metas = layout

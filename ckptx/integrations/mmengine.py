@@ -39,7 +39,7 @@ from mmengine.registry import WEIGHT_INITIALIZERS
 
 from ckptx.check.inferred import choose_variant
 from ckptx.check.validation import ValidationReport, validate
-from ckptx.errors import CkptxError, ValidationFailed
+from ckptx.errors import InitConfigError, ValidationFailed
 from ckptx.io.read.open import open_source
 from ckptx.planning.execute import materialize
 from ckptx.planning.planner import plan_recipe
@@ -51,10 +51,6 @@ __all__ = ["CkptxInit", "InitConfigError", "LoadResult", "load_converted"]
 
 NAME = "Ckptx"
 PRETRAINED = "Pretrained"
-
-
-class InitConfigError(CkptxError):
-    """An `init_cfg` that would undo what Ckptx loads (another initializer after it), or bad arguments."""
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import DTYPES, TensorMeta, lookup, lossless_casts
+from ckptx.errors import NotInvertible
 from ckptx.ops.layout import apply_to_matching
 from ckptx.ops.registry import step
 from ckptx.planning.context import PlanContext, StepOutcome
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.expr import tensor_op
 from ckptx.rules.inverse import all_matched_changed, changed_metas, exact_keys
-from ckptx.rules.kinds import Doc, NotInvertible, StepTrace, object_schema
+from ckptx.rules.kinds import Doc, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step
 
 if TYPE_CHECKING:  # pragma: no cover

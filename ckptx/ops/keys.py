@@ -9,16 +9,16 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from ckptx.errors import Problem
+from ckptx.errors import KeyTemplateError, NotInvertible, Problem
 from ckptx.ops.registry import step
 from ckptx.planning.context import PlanContext, StepOutcome
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.keymatch import KeyText, first_matches, required_literals
 from ckptx.rules.flatten import dump_args
 from ckptx.rules.inverse import exact_table, swap
-from ckptx.rules.kinds import Doc, NotInvertible, StepTrace, object_schema
+from ckptx.rules.kinds import Doc, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step
-from ckptx.rules.templates import KeyTemplateError, Template
+from ckptx.rules.templates import Template
 
 # --- what the steps say: arguments, builders, schema fragments, inverses ---------------------------------
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta
-from ckptx.errors import OpShapeError, Problem
+from ckptx.errors import KeyTemplateError, NotInvertible, OpShapeError, Problem
 from ckptx.ops.layout import apply_to_matching
 from ckptx.ops.registry import step
 from ckptx.planning.context import PlanContext, StepOutcome, StepPlanner
@@ -16,9 +16,9 @@ from ckptx.planning.entry import PlanEntry
 from ckptx.planning.expr import node, tensor_op
 from ckptx.rules.flatten import dump_args
 from ckptx.rules.inverse import Group, Ref, parse_pattern, shifted, spare_placeholder, swap, template_parts, tidy
-from ckptx.rules.kinds import Doc, NotInvertible, StepTrace, object_schema
+from ckptx.rules.kinds import Doc, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step, dim_arg
-from ckptx.rules.templates import KeyTemplateError, Template
+from ckptx.rules.templates import Template
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

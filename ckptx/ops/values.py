@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta, lookup
-from ckptx.errors import OpShapeError, Problem
+from ckptx.errors import NotInvertible, OpShapeError, Problem
 from ckptx.ops.layout import apply_to_matching
 from ckptx.ops.registry import step
 from ckptx.ops.structure import fill_template, normalize_dim
@@ -17,7 +17,7 @@ from ckptx.planning.context import PlanContext, StepOutcome
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.expr import node, tensor_op
 from ckptx.rules.inverse import Group, exact_keys, parse_pattern, swap
-from ckptx.rules.kinds import Doc, NotInvertible, StepTrace, object_schema
+from ckptx.rules.kinds import Doc, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step, dim_arg
 from ckptx.rules.templates import Template
 
@@ -265,10 +265,11 @@ def plan_set(args: SetTensor, step: Step, entries: list[PlanEntry], ctx: PlanCon
     """Add (or, with if_exists: replace, overwrite) constant tensors under `key`."""
     wanted: dict[str, int] = {}
     try:
-        if args.match is None:
+        pattern = args.match
+        if pattern is None:
             wanted[fill_template(args.key, None)] = len(entries) - 1
-        for position, entry in enumerate(entries if args.match is not None else ()):
-            match = args.match.search(entry.key)  # type: ignore[union-attr]
+        for position, entry in enumerate(entries if pattern is not None else ()):
+            match = pattern.search(entry.key) if pattern is not None else None
             if match is not None:
                 wanted.setdefault(fill_template(args.key, match), position)
     except OpShapeError as exc:

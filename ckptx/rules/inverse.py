@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptx.errors import Problem, RuleError
+from ckptx.errors import NotInvertible, Problem, StepNotInvertible
 from ckptx.rules.flatten import flatten
-from ckptx.rules.kinds import STEP_KINDS, Doc, NotInvertible, StepTrace
+from ckptx.rules.kinds import STEP_KINDS, Doc, StepTrace
 from ckptx.rules.recipe import Recipe
 from ckptx.rules.steps import Step
 from ckptx.rules.templates import Expression, Template
@@ -60,7 +60,10 @@ def invert_recipe(recipe: Recipe, traces: Sequence[StepTrace | None] | None = No
                 if trace is not None or not exc.needs_layout
                 else "; give the source layout (--original CHECKPOINT|MANIFEST|module:callable)"
             )
-            raise RuleError([Problem(step.where, f"{step.op} is not invertible: {exc}{hint}")]) from None
+            raise StepNotInvertible(
+                [Problem(step.where, f"{step.op} is not invertible: {exc}{hint}")],
+                needs_layout=exc.needs_layout and trace is None,
+            ) from None
     steps = [
         {**inverse, "comment": f"inverse of {step.where}"} for step, docs in reversed(inverses) for inverse in docs
     ]

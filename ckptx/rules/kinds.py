@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["STEP_KINDS", "NotInvertible", "StepKind", "StepTrace", "object_schema", "register_step_kind"]
+__all__ = ["STEP_KINDS", "StepKind", "StepTrace", "object_schema", "register_step_kind"]
 
 Doc = dict[str, Any]
 
@@ -23,14 +23,6 @@ class StepTrace:
 
     before: list[tuple[str, Any]]
     after: list[tuple[str, Any]] | None
-
-
-class NotInvertible(Exception):
-    """A step has no inverse; the message says why. `needs_layout`: a trace (the source layout) would give one."""
-
-    def __init__(self, message: str, *, needs_layout: bool = False) -> None:
-        super().__init__(message)
-        self.needs_layout = needs_layout
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from ckptx.rules.recipe import Recipe, RuleFile, TargetSpec, VerifySpec
 from ckptx.rules.schema import schema_problems
 from ckptx.rules.steps import Collector, Step
 from ckptx.rules.yamlfile import YamlDocument, load_yaml, parse_yaml
+from ckptx.text import display_path
 
 _PARAM = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -98,9 +99,9 @@ def _load_file(
 ) -> Recipe:
     resolved = path.resolve()
     if resolved in stack:
-        chain = " -> ".join(_display(p) for p in stack + (resolved,))
+        chain = " -> ".join(display_path(p) for p in stack + (resolved,))
         raise RuleError([Problem(str(path), f"extends cycle: {chain}")])
-    display = display or _display(path)
+    display = display or display_path(path)
     doc = load_yaml(path, display=display) if text is None else parse_yaml(text, display)
     data = doc.data
     if not isinstance(data, dict):
@@ -116,7 +117,7 @@ def _load_file(
         try:
             parent_path = resolve_rule(str(ref), base_dir=path.parent, where=place)
             if parent_path.resolve() in stack + (resolved,):
-                chain = " -> ".join(_display(p) for p in stack + (resolved, parent_path.resolve()))
+                chain = " -> ".join(display_path(p) for p in stack + (resolved, parent_path.resolve()))
                 raise RuleError([Problem(place, f"extends cycle: {chain}; remove one of these extends")])
             parents.append(_load_file(parent_path, {**own_defaults, **overrides}, stack + (resolved,), declared))
         except RuleError as exc:
@@ -138,10 +139,12 @@ def _load_file(
     own = _build(doc, path, values, problems, raw)
     if problems:
         raise RuleError(problems)
-    recipe = parents[0] if parents else None
+    if not parents:
+        return own
+    recipe = parents[0]
     for parent in parents[1:]:
-        recipe = recipe.then(parent)  # type: ignore[union-attr]
-    return own if recipe is None else _inherit(recipe, own)
+        recipe = recipe.then(parent)
+    return _inherit(recipe, own)
 
 
 def _inherit(parent: Recipe, child: Recipe) -> Recipe:
@@ -245,10 +248,3 @@ def _to_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
-
-
-def _display(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)

@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ckptx.errors import Problem, RuleError
+from ckptx.errors import Problem
 
-__all__ = ["InferredParam", "ParamsUnresolved", "choice_problems", "declare_params", "merge_inferred"]
+__all__ = ["InferredParam", "choice_problems", "declare_params", "merge_inferred"]
 
 INFER = "infer"
 
@@ -66,10 +66,6 @@ def choice_problems(declared: Mapping[str, Any], overrides: Mapping[str, Any]) -
                 )
             )
     return problems
-
-
-class ParamsUnresolved(RuleError):
-    """An operation needs a concrete value for a parameter that is still to be chosen from the source."""
 
 
 def merge_inferred(first: Iterable[InferredParam], second: Iterable[InferredParam]) -> tuple[InferredParam, ...]:

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ckptx.errors import Problem
-from ckptx.rules.params import InferredParam, ParamsUnresolved, merge_inferred
+from ckptx.errors import ParamsUnresolved, Problem
+from ckptx.rules.params import InferredParam, merge_inferred
 from ckptx.rules.steps import Pattern, Step
 
 Resolver = Callable[[Mapping[str, Any]], "Recipe"]

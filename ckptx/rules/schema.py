@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptx._data import schema_path
 from ckptx._lazy import lazy_module
-from ckptx.errors import Problem
+from ckptx.errors import Problem, unique_problems
 from ckptx.rules.kinds import STEP_KINDS
 from ckptx.rules.yamlfile import YamlDocument
 
@@ -75,7 +75,7 @@ def schema_problems(doc: YamlDocument, name: str = RULES_SCHEMA) -> list[Problem
         for leaf in _leaves(error):
             problems.append(_describe(doc, leaf))
     problems.sort(key=_position)
-    return _unique(problems)
+    return unique_problems(problems)
 
 
 def _position(problem: Problem) -> tuple[int, ...]:
@@ -220,17 +220,6 @@ def _short(value: Any) -> str:
         return ""
     text = json.dumps(value) if not isinstance(value, str) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _unique(problems: list[Problem]) -> list[Problem]:
-    seen: set[tuple[str, str]] = set()
-    out = []
-    for problem in problems:
-        marker = (problem.where, problem.message)
-        if marker not in seen:
-            seen.add(marker)
-            out.append(problem)
-    return out
 
 
 def write_rules_schema(path: str) -> None:

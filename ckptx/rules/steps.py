@@ -7,9 +7,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ckptx.errors import Problem
+from ckptx.errors import Problem, TemplateError
 from ckptx.rules.kinds import STEP_KINDS
-from ckptx.rules.templates import Template, TemplateError, compile_template
+from ckptx.rules.templates import Template, compile_template
 
 Pattern = re.Pattern[str]
 

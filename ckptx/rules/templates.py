@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from ckptx.errors import KeyTemplateError, TemplateError
+
 Pattern = re.Pattern[str]
 
 _BRACES = re.compile(r"\{([^{}]*)\}")
@@ -28,14 +30,6 @@ _OPS = {
 
 # The schema's check of a template string: a brace group that holds a backslash must be an expression.
 SCHEMA_PATTERN = r"^(?:[^{]|\{(?![^{}]*\\)|\{[\s0-9()+*/%i-]*(?:\\(?:[0-9]+|g<\w+>)[\s0-9()+*/%i-]*)+\})*$"
-
-
-class TemplateError(ValueError):
-    """A template that cannot be compiled against its pattern."""
-
-
-class KeyTemplateError(ValueError):
-    """A template that cannot be filled for one key (a group that is not an integer, a negative index)."""
 
 
 @dataclass(frozen=True)

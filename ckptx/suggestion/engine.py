@@ -15,7 +15,7 @@ from typing import Any
 
 from ckptx._version import __version__
 from ckptx.check.validation import ValidationReport, validate
-from ckptx.errors import CkptxError, PlanError
+from ckptx.errors import CkptxError, NotReproduced, PlanError
 from ckptx.io.read.open import open_source
 from ckptx.planning.expr import ops_of
 from ckptx.planning.planner import plan_recipe
@@ -24,6 +24,7 @@ from ckptx.rules.recipe import Recipe, TargetSpec
 from ckptx.suggestion.align import align, expand, unmatched
 from ckptx.suggestion.build import Decided, build_steps
 from ckptx.suggestion.emit import render_recipe
+from ckptx.suggestion.shapes import Fit
 from ckptx.suggestion.sources import (
     Candidate,
     Prefixes,
@@ -243,8 +244,8 @@ def _suggest(
         evidence[match.evidence] += len(match.targets)
         if match.kind != "tensor":
             ops[match.kind] += 1
-        elif match.fit.kind != "exact":  # type: ignore[union-attr]
-            ops[match.fit.kind] += 1  # type: ignore[union-attr]
+        elif isinstance(match.fit, Fit) and match.fit.kind != "exact":  # a tensor match's fit is a Fit
+            ops[match.fit.kind] += 1
         if match.alternative:  # once per row of blocks, not once per block
             text = (
                 f"{prefixes.strip_text}{match.sources[0]} -> {added}{match.targets[0]} "
@@ -311,7 +312,7 @@ def _suggest(
 
     try:
         text, recipe, report, decided = write(literal_rows=False)
-    except _NotReproduced as exc:  # should not happen; one exact row per key is always right
+    except NotReproduced as exc:  # should not happen; one exact row per key is always right
         notes.append(f"generalized rows did not reproduce the mapping ({exc}); wrote one exact row per key")
         text, recipe, report, decided = write(literal_rows=True)
     verification = error = None
@@ -520,7 +521,7 @@ def _check(
     try:
         plan = plan_recipe(recipe, source, target=target.tensors)
     except PlanError as exc:
-        raise _NotReproduced(f"the recipe does not plan: {exc}") from None
+        raise NotReproduced(f"the recipe does not plan: {exc}") from None
     strip = prefixes.strip_text
     wrong = []
     for entry in plan.entries:
@@ -532,11 +533,7 @@ def _check(
         if tuple(strip + s for s in want.sources) != entry.sources or got_ops != want.ops:
             wrong.append(f"{entry.key} <- {', '.join(entry.sources)} {got_ops}")
     if wrong or len(plan.entries) != len(decided):
-        raise _NotReproduced(
+        raise NotReproduced(
             f"{len(wrong)} key(s) differ, e.g. {wrong[:3]}; {len(plan.entries)} planned, {len(decided)} decided"
         )
     return validate(plan, target)
-
-
-class _NotReproduced(RuntimeError):
-    """The written recipe, re-planned, does not do what the alignment decided (a bug in `suggest`)."""

@@ -309,7 +309,7 @@ class FlatAligner:
                 self._accept_tensor(
                     rows[ri],
                     cols[ci],
-                    fits[rows[ri], cols[ci]],  # type: ignore[arg-type]
+                    fits[rows[ri], cols[ci]],  # type: ignore[arg-type]  # assign() pairs scored cells: a fit
                     self.dst[cols[alt]].key if alt is not None else None,
                 )
 
@@ -515,7 +515,7 @@ def _bijection(a: tuple[tuple[str, Any], ...], b: tuple[tuple[str, Any], ...]) -
     chosen = assign(scores)
     if len(chosen) != len(a):
         return None
-    return [(x, y, fits[x][y]) for x, y in chosen]  # type: ignore[misc]
+    return [(x, y, fits[x][y]) for x, y in chosen]  # type: ignore[misc]  # assign() pairs scored cells: fits
 
 
 def _score_or_none(score: Callable[[int, int, Fit], float], i: int, j: int, f: Fit | None) -> float | None:

@@ -175,7 +175,7 @@ def test_strict_false_loads_what_fits_and_leaves_the_rest(tmp_path: Path, write_
 
 
 def test_an_initializer_after_ckptx_in_the_same_init_cfg_is_refused(tmp_path: Path) -> None:
-    from ckptx.integrations.mmengine import InitConfigError
+    from ckptx.errors import InitConfigError
 
     _, src = _official(tmp_path, "atto")
     init = _ckptx_backbone(src, params=dict(size="atto"))["backbone"]["init_cfg"]

@@ -24,8 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 import ckptx
-from ckptx.errors import SourceError, UnsafeGlobalError
-from ckptx.io.read.dcp_metadata import MetadataGlobalError
+from ckptx.errors import ForeignGlobal, SourceError, UnsafeGlobalError
 from ckptx.io.read.open import open_source
 from tests.conftest import shared_bytes, subprocess_env
 from tests.helpers.dcp_checkpoints import full_state, plain
@@ -423,14 +422,17 @@ def test_metadata_payload_is_refused_and_never_runs(
     result = run_cli("inspect", folder)
     assert result.code == 2
     assert result.err.count("\n") == 1
-    assert f"{folder / '.metadata'}: refused: the pickle needs the Python global '{global_name}'" in result.err
+    assert (
+        f"{folder / '.metadata'}: names the Python global '{global_name}', which torch.distributed.checkpoint "
+        f"metadata files never use; refused without running it" in result.err
+    )
     assert not marker.exists()
 
 
 def test_metadata_payload_is_refused_with_its_own_error_type(copy_of: Callable[[str], Path]) -> None:
     folder = copy_of("default")
     (folder / ".metadata").write_bytes(pickle.dumps(_Exec(folder / "MARKER")))
-    with pytest.raises(MetadataGlobalError) as caught:
+    with pytest.raises(ForeignGlobal) as caught:
         open_source(folder)
     assert caught.value.global_name == "builtins.exec"
     assert not (folder / "MARKER").exists()

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import safetensors
 
-from ckptx.dtypes import UnsupportedDtype
-from ckptx.errors import SourceError
+from ckptx.errors import SourceError, UnsupportedDtype
 from ckptx.io.read.safetensors_reader import MAX_HEADER, SafetensorsSource
 
 T = '{"dtype":"F32","shape":[1],"data_offsets":[%d,%d]}'

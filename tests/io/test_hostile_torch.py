@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptx.dtypes import UnsupportedDtype
-from ckptx.errors import CkptxError, SourceError
+from ckptx.errors import CkptxError, SourceError, UnsupportedDtype
 from ckptx.io.read.open import open_source
 
 

@@ -39,7 +39,8 @@ def test_parsed_replacements_fill_and_fail_exactly_as_re_sub() -> None:
     """ckptx parses `re` replacement strings itself (no private `re` API); fuzzed against `re.sub`."""
     import random
 
-    from ckptx.rules.templates import Replacement, TemplateError, parse_replacement
+    from ckptx.errors import TemplateError
+    from ckptx.rules.templates import Replacement, parse_replacement
 
     pattern = re.compile(r"(?P<a>x)(y)?(z)")
     rng = random.Random(5)

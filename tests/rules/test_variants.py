@@ -10,9 +10,8 @@ from safetensors.torch import save_file
 
 import ckptx
 from ckptx import plan as plan_recipe
-from ckptx.check.inferred import AmbiguousVariant, NoVariantFits
+from ckptx.errors import AmbiguousVariant, NoVariantFits, ParamsUnresolved
 from ckptx.rules.loader import load_rules, load_rules_text
-from ckptx.rules.params import ParamsUnresolved
 from tests.helpers.models import tiny_net
 
 RECIPE = """ckptx: 1

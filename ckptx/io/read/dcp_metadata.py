@@ -2,7 +2,7 @@
 
 `dcp.save` pickles a `torch.distributed.checkpoint.metadata.Metadata` (torch reads it back with an unrestricted
 `pickle.load`). Here a restricted unpickler maps the handful of globals a real save names to inert stand-ins
-(`_ALLOWED`), and refuses every other global, persistent id or extension code with a `MetadataGlobalError`
+(`_ALLOWED`), and refuses every other global, persistent id or extension code with a `ForeignGlobal` error
 before anything of it is called. The stand-ins cannot be changed by the pickle (BUILD on them fails), so one
 hostile file cannot alter how later files are read. The stand-ins are then checked and turned into frozen dataclasses:
 `DcpMetadata` with one `DcpTensor` (global shape, dtype, chunks with their storage items) or `DcpBytes`
@@ -22,7 +22,7 @@ from pathlib import PurePosixPath
 from typing import Any, ClassVar, TypeGuard
 
 from ckptx.dtypes import DTYPES, TensorMeta
-from ckptx.errors import SourceError
+from ckptx.errors import ForeignGlobal, SourceError
 from ckptx.gcpause import without_gc
 
 __all__ = [
@@ -31,7 +31,6 @@ __all__ = [
     "DcpEntry",
     "DcpMetadata",
     "DcpTensor",
-    "MetadataGlobalError",
     "PathItem",
     "StorageItem",
     "chunk_text",
@@ -41,18 +40,11 @@ __all__ = [
 
 PathItem = str | int
 
-
-class MetadataGlobalError(SourceError):
-    """A `.metadata` pickle names a global that DCP metadata never holds; nothing of it was run."""
-
-    def __init__(self, file: str, global_name: str) -> None:
-        self.file = file
-        self.global_name = global_name
-        super().__init__(
-            f"{file}: refused: the pickle needs the Python global '{global_name}', which is not part of "
-            f"torch.distributed.checkpoint metadata; ckptx did not run it (torch's own reader would): "
-            f"the file is corrupt or not from dcp.save, do not load it with torch"
-        )
+_DCP = "torch.distributed.checkpoint metadata files"
+_NOT_TORCH = (
+    "ckptx did not run it (torch's own reader would): the file is corrupt or not from dcp.save, do not load it "
+    "with torch"
+)
 
 
 @dataclass(frozen=True)
@@ -310,10 +302,10 @@ class _MetadataUnpickler(pickle.Unpickler):
             return _Dtype(name)
         if module == "torch" and _DTYPE_NAME.fullmatch(name):
             return _UnknownDtype(name)
-        raise MetadataGlobalError(self._shown, f"{module}.{name}")
+        raise ForeignGlobal(self._shown, f"{module}.{name}", fmt=_DCP, advice=_NOT_TORCH)
 
     def persistent_load(self, pid: Any) -> Any:
-        raise MetadataGlobalError(self._shown, f"persistent id {pid!r:.40}")
+        raise ForeignGlobal(self._shown, f"persistent id {pid!r:.40}", fmt=_DCP, advice=_NOT_TORCH)
 
 
 @without_gc

@@ -18,13 +18,14 @@ import json
 import math
 import re
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
-from ckptx.dtypes import DTYPES, TensorMeta, UnsupportedDtype, from_safetensors
-from ckptx.errors import SourceError
+from ckptx.dtypes import DTYPES, TensorMeta, from_safetensors
+from ckptx.errors import BadHeader, SourceError, UnsupportedDtype
 from ckptx.gcpause import without_gc
 from ckptx.io.spans import read_span
 from ckptx.planning.source import RawSpan, Source
@@ -50,10 +51,6 @@ _SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 _INT = frozenset({int})
 _CODES = frozenset([*(d.safetensors for d in DTYPES.values() if d.safetensors), *_LIBRARY_ONLY_BITS])
 _AGAIN = "the file is damaged or not safetensors: download or export it again"
-
-
-class _Bad(Exception):
-    """A header problem; the text completes `FILE: not a valid safetensors file: `."""
 
 
 @dataclass(frozen=True)
@@ -97,12 +94,12 @@ def _read_checked(path: Path, display: str | None) -> tuple[dict[str, Any], int,
         data_start = 8 + length
         try:
             header = _parse(f.read(length))
-        except _Bad as exc:
+        except BadHeader as exc:
             raise SourceError(f"{shown_path}: not a valid safetensors file: {exc}; {_AGAIN}") from None
     try:
         entries = _entries(header)
         _check_layout(entries, size - data_start, data_start)
-    except _Bad as exc:
+    except BadHeader as exc:
         raise SourceError(f"{shown_path}: not a valid safetensors file: {exc}; {_AGAIN}") from None
     _check_supported(entries, shown_path)
     return header, data_start, entries
@@ -117,21 +114,21 @@ def check_embedded_header(
         header = _parse(raw)
         entries = _entries(header)
         _check_layout(entries, data_size, data_start)
-    except _Bad as exc:
+    except BadHeader as exc:
         raise SourceError(f"{shown}: not valid safetensors data: {exc}; {_AGAIN}") from None
     _check_supported(entries, shown)
     return header, _metas(entries)
 
 
 def _parse(raw: bytes) -> dict[str, Any]:
-    """The header as strict JSON, the way serde_json reads it; _Bad (with the file byte) when it is not.
+    """The header as strict JSON, the way serde_json reads it; BadHeader (with the file byte) when it is not.
 
     Numbers are parsed by the json module's C code (a Python hook per number makes a 100 MB header of numbers
     take 40 s); their range is checked afterwards, where they are used (`_unsigned_list`, `_check_ignored`).
     """
     negative = _NEGATIVE_ZERO.search(raw)
     if negative:
-        raise _Bad(
+        raise BadHeader(
             f"a shape or data_offsets list holds -0 (file byte {8 + negative.end() - 2}); it must hold "
             f"integers from 0 to 2^64-1"
         )
@@ -139,19 +136,19 @@ def _parse(raw: bytes) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _Bad(f"the header is not UTF-8 (file byte {8 + exc.start})") from None
+        raise BadHeader(f"the header is not UTF-8 (file byte {8 + exc.start})") from None
     del raw  # the caller passes the bytes without keeping them: a 100 MB header is not held twice
     try:
         header = json.loads(text, object_pairs_hook=hook, parse_constant=_constant)
     except json.JSONDecodeError as exc:
         where = 8 + len(text[: exc.pos].encode("utf-8"))
-        raise _Bad(f"the header is not JSON: {exc.msg} (file byte {where})") from None
+        raise BadHeader(f"the header is not JSON: {exc.msg} (file byte {where})") from None
     except ValueError:  # an integer of more than 4,300 digits (sys.get_int_max_str_digits); serde: out of range
-        raise _Bad("the header holds a number out of range") from None
+        raise BadHeader("the header holds a number out of range") from None
     except RecursionError:
-        raise _Bad(f"the header nests deeper than {MAX_DEPTH} levels") from None
+        raise BadHeader(f"the header nests deeper than {MAX_DEPTH} levels") from None
     if not isinstance(header, dict):
-        raise _Bad(f"the header is {_kind(header)}, not a JSON object")
+        raise BadHeader(f"the header is {_kind(header)}, not a JSON object")
     if hook is _object_checked:
         _check_strings(header)
     return header
@@ -161,9 +158,9 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object whose keys appear once each."""
     result = dict(pairs)
     if len(result) != len(pairs):
-        seen: set[str] = set()
-        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise _Bad(f"the key {quoted(duplicate)} appears twice in one object of the header")
+        counts = Counter(k for k, _ in pairs)
+        duplicate = next(k for k, _ in pairs if counts[k] > 1)
+        raise BadHeader(f"the key {quoted(duplicate)} appears twice in one object of the header")
     return result
 
 
@@ -186,7 +183,7 @@ def _check_strings(header: dict[str, Any]) -> None:
 
 
 def _constant(text: str) -> Any:
-    raise _Bad(f"{text} is not JSON")
+    raise BadHeader(f"{text} is not JSON")
 
 
 def _in_range(number: int | float) -> bool:
@@ -201,7 +198,7 @@ def _in_range(number: int | float) -> bool:
 
 def _no_surrogates(text: str) -> None:
     if not text.isascii() and any("\ud800" <= c <= "\udfff" for c in text):
-        raise _Bad(f"the string {quoted(text[:60])} holds a lone surrogate (\\ud800-\\udfff), which is not text")
+        raise BadHeader(f"the string {quoted(text[:60])} holds a lone surrogate (\\ud800-\\udfff), which is not text")
 
 
 def _kind(value: Any) -> str:
@@ -228,12 +225,12 @@ def _entries(header: dict[str, Any]) -> list[_Entry]:
 
 def _check_metadata(metadata: Any) -> None:
     if not isinstance(metadata, dict):
-        raise _Bad(f'"__metadata__" is {_kind(metadata)}; it must be an object of string values')
+        raise BadHeader(f'"__metadata__" is {_kind(metadata)}; it must be an object of string values')
     if set(map(type, metadata.values())) <= {str}:
         return
     for key, value in metadata.items():
         if not isinstance(value, str):
-            raise _Bad(f'"__metadata__" entry {quoted(key)} is {_kind(value)}; metadata values must be strings')
+            raise BadHeader(f'"__metadata__" entry {quoted(key)} is {_kind(value)}; metadata values must be strings')
 
 
 def _entry(key: str, info: Any) -> _Entry:
@@ -258,21 +255,23 @@ def _plain_unsigned(items: list[Any]) -> bool:
 
 
 def _entry_in_detail(key: str, info: Any) -> _Entry:
-    """One entry checked field by field; _Bad names the first problem."""
+    """One entry checked field by field; BadHeader names the first problem."""
     if not isinstance(info, dict):
-        raise _Bad(
+        raise BadHeader(
             f"the entry of tensor {quoted(key)} is {_kind(info)}; it must be an object with {', '.join(_FIELDS)}"
         )
     missing = [f for f in _FIELDS if f not in info]
     if missing:
-        raise _Bad(f'the entry of tensor {quoted(key)} has no "{missing[0]}"')
+        raise BadHeader(f'the entry of tensor {quoted(key)} has no "{missing[0]}"')
     code = info["dtype"]
     if not isinstance(code, str) or code not in _CODES:
-        raise _Bad(f"tensor {quoted(key)} has dtype {shown(json.dumps(code)[:40])}, which is not a safetensors dtype")
+        raise BadHeader(
+            f"tensor {quoted(key)} has dtype {shown(json.dumps(code)[:40])}, which is not a safetensors dtype"
+        )
     shape = _unsigned_list(key, "shape", info["shape"])
     offsets = _unsigned_list(key, "data_offsets", info["data_offsets"])
     if len(offsets) != 2:
-        raise _Bad(f'tensor {quoted(key)}: "data_offsets" has {len(offsets)} numbers; it must be [begin, end]')
+        raise BadHeader(f'tensor {quoted(key)}: "data_offsets" has {len(offsets)} numbers; it must be [begin, end]')
     for field, value in info.items():
         if field not in _FIELDS:
             _check_ignored(key, value)
@@ -282,7 +281,7 @@ def _entry_in_detail(key: str, info: Any) -> _Entry:
 def _unsigned_list(key: str, field: str, value: Any) -> tuple[int, ...]:
     """A list of integers from 0 to 2^64-1 (booleans, fractions and strings refused)."""
     if not isinstance(value, list):
-        raise _Bad(f'tensor {quoted(key)}: "{field}" is {_kind(value)}; it must be a list of integers')
+        raise BadHeader(f'tensor {quoted(key)}: "{field}" is {_kind(value)}; it must be a list of integers')
     for item in value:
         if type(item) is not int or not 0 <= item <= _U64:
             what = (
@@ -292,7 +291,7 @@ def _unsigned_list(key: str, field: str, value: Any) -> tuple[int, ...]:
                 if type(item) in (int, float) and not _in_range(item)
                 else _kind(item)
             )
-            raise _Bad(f'tensor {quoted(key)}: "{field}" holds {what}; it must hold integers from 0 to 2^64-1')
+            raise BadHeader(f'tensor {quoted(key)}: "{field}" holds {what}; it must hold integers from 0 to 2^64-1')
     return tuple(value)
 
 
@@ -305,15 +304,15 @@ def _check_ignored(key: str, value: Any) -> None:
         item, depth = stack.pop()
         if isinstance(item, (list, dict)):
             if depth > MAX_DEPTH:
-                raise _Bad(f"the entry of tensor {quoted(key)} nests deeper than {MAX_DEPTH} levels")
+                raise BadHeader(f"the entry of tensor {quoted(key)} nests deeper than {MAX_DEPTH} levels")
             children = item.values() if isinstance(item, dict) else item
             if isinstance(item, list) and set(map(type, item)) <= {int, float}:
                 if item and not (_in_range(max(item)) and _in_range(min(item))):
-                    raise _Bad(f"the entry of tensor {quoted(key)} holds a number out of range")
+                    raise BadHeader(f"the entry of tensor {quoted(key)} holds a number out of range")
                 continue
             stack.extend((child, depth + 1) for child in children)
         elif type(item) in (int, float) and not _in_range(item):
-            raise _Bad(f"the entry of tensor {quoted(key)} holds a number out of range")
+            raise BadHeader(f"the entry of tensor {quoted(key)} holds a number out of range")
 
 
 def _check_layout(entries: list[_Entry], data_size: int, data_start: int) -> None:
@@ -329,24 +328,24 @@ def _check_layout(entries: list[_Entry], data_size: int, data_start: int) -> Non
                 if entry.begin < start
                 else f"leaves a gap: the tensor before it ends at byte {start}"
             )
-            raise _Bad(
+            raise BadHeader(
                 f"tensor {quoted(entry.key)} has data_offsets [{entry.begin}, {entry.end}] (file byte "
                 f"{data_start + entry.begin}), which {what}"
             )
         needed = _nbytes(entry)
         if entry.end - entry.begin != needed:
-            raise _Bad(
+            raise BadHeader(
                 f"tensor {quoted(entry.key)} has {entry.end - entry.begin} bytes but dtype {entry.code} shape "
                 f"{list(entry.shape)} needs {needed}"
             )
         if entry.end > data_size:
-            raise _Bad(
+            raise BadHeader(
                 f"tensor {quoted(entry.key)} ends at byte {entry.end} of the data section, which has only "
                 f"{data_size} bytes: the file is truncated"
             )
         start = entry.end
     if start != data_size:
-        raise _Bad(
+        raise BadHeader(
             f"the data section has {data_size} bytes but its tensors cover only {start}: "
             f"{data_size - start} byte(s) follow the last tensor, from file byte {data_start + start}"
         )
@@ -358,13 +357,13 @@ def _nbytes(entry: _Entry) -> int:
     for dim in entry.shape:
         count *= dim
         if count > _U64:
-            raise _Bad(f"tensor {quoted(entry.key)}: shape {list(entry.shape)} has more elements than 2^64")
+            raise BadHeader(f"tensor {quoted(entry.key)}: shape {list(entry.shape)} has more elements than 2^64")
     dtype = from_safetensors(entry.code)
     bits = count * (dtype.itemsize * 8 if dtype else _LIBRARY_ONLY_BITS[entry.code])
     if bits > _U64:
-        raise _Bad(f"tensor {quoted(entry.key)}: shape {list(entry.shape)} needs more than 2^64 bits")
+        raise BadHeader(f"tensor {quoted(entry.key)}: shape {list(entry.shape)} needs more than 2^64 bits")
     if bits % 8:
-        raise _Bad(f"tensor {quoted(entry.key)}: {count} elements of {entry.code} are not a whole number of bytes")
+        raise BadHeader(f"tensor {quoted(entry.key)}: {count} elements of {entry.code} are not a whole number of bytes")
     return bits // 8
 
 
@@ -387,7 +386,9 @@ def _metas(entries: list[_Entry]) -> dict[str, TensorMeta]:
         ident = (entry.code, entry.shape)
         meta = known.get(ident)
         if meta is None:
-            meta = known[ident] = TensorMeta(entry.shape, from_safetensors(entry.code).name)  # type: ignore[union-attr]
+            dtype = from_safetensors(entry.code)
+            assert dtype is not None, entry.code  # every code was checked when the header was read
+            meta = known[ident] = TensorMeta(entry.shape, dtype.name)
         metas[entry.key] = meta
     return metas
 

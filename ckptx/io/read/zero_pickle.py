@@ -4,7 +4,7 @@ ranges.
 Each `*_model_states.pt` / `*_optim_states.pt` is a torch zip. Its `data.pkl` goes through the stub unpickler of
 `torch_zip.py` (tensors become `TensorRef`s to storage records, nothing is loaded), extended so that the DeepSpeed
 classes the pickles name become inert stand-ins and every other global the stub does not model is refused
-(`RefusedGlobalError`) before anything is built with it. `PickledFile` turns the references into `Partition`s
+(`ForeignGlobal`) before anything is built with it. `PickledFile` turns the references into `Partition`s
 (flat runs of elements) and `Stored` tensors, each checked against its zip record and the file's size.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ckptx.dtypes import DTYPES
-from ckptx.errors import SourceError
+from ckptx.errors import ForeignGlobal, SourceError
 from ckptx.io.read.torch_zip import Record, StubUnpickler, TensorRef, read_archive
 from ckptx.planning.source import RawSpan
 
@@ -28,7 +28,6 @@ __all__ = [
     "ALLOWED_GLOBALS",
     "Partition",
     "PickledFile",
-    "RefusedGlobalError",
     "StandIn",
     "Stored",
     "describe",
@@ -96,17 +95,6 @@ ALLOWED_GLOBALS: Mapping[tuple[str, str], type] = {
 }
 
 
-class RefusedGlobalError(SourceError):
-    """A checkpoint pickle names a global that DeepSpeed checkpoints do not use; it was not imported or called."""
-
-    def __init__(self, file: str, record: str, global_name: str) -> None:
-        self.file, self.record, self.global_name = file, record, global_name
-        super().__init__(
-            f"{file}: {record} names the Python global '{global_name}', which DeepSpeed ZeRO "
-            f"checkpoints never use; refused without running it: check where this file came from"
-        )
-
-
 class _ZeroUnpickler(StubUnpickler):
     """The stub unpickler, with DeepSpeed's classes as stand-ins and every other unmodelled global refused."""
 
@@ -121,7 +109,14 @@ class _ZeroUnpickler(StubUnpickler):
         known = len(self.unknown)
         found = super().find_class(module, name)
         if len(self.unknown) > known:
-            raise RefusedGlobalError(*self._where, f"{module}.{name}")
+            file, record = self._where
+            raise ForeignGlobal(
+                file,
+                f"{module}.{name}",
+                fmt="DeepSpeed ZeRO checkpoints",
+                where=record,
+                advice="check where this file came from",
+            )
         return found
 
 
