@@ -27,8 +27,10 @@ def renderer() -> ModuleType:
 
 def test_page_equals_the_render_of_the_committed_results() -> None:
     page = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
-    assert page == renderer().render(), ("docs/performance.md differs from what benchmarks/render_docs.py makes of "
-                                         "benchmarks/results/; run `python benchmarks/render_docs.py`")
+    assert page == renderer().render(), (
+        "docs/performance.md differs from what benchmarks/render_docs.py makes of "
+        "benchmarks/results/; run `python benchmarks/render_docs.py`"
+    )
 
 
 def test_every_benchmark_has_committed_results_with_the_machine_facts() -> None:
