@@ -5,6 +5,7 @@
 #   make test    venv + pytest over tests/ against the INSTALLED wheel, offline; then the floor versions
 #   make demo    venv + examples/demo.py
 #   make bench   venv + benchmarks/run.py and benchmarks/cow_bench.py
+#   make docs    venv + the manual (docs/, mkdocs.yml) built with --strict into site/
 
 SHELL      := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -20,7 +21,7 @@ PYTEST_TIMEOUT ?= 900
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
             HF_HUB_DISABLE_TELEMETRY=1 PYTHONDONTWRITEBYTECODE=1
 
-.PHONY: venv floor-venv test test-main test-floor demo bench
+.PHONY: venv floor-venv test test-main test-floor demo bench docs
 
 venv:
 	scripts/setup-venv.sh
@@ -36,7 +37,7 @@ floor-venv:
 # checks that (and that the installed copy is not stale).
 test: test-main test-floor
 
-test-main: venv
+test-main: venv docs
 	$(TEST_ENV) PYTHONSAFEPATH=1 $(PY) -m pytest -p no:cacheprovider --import-mode=append \
 	    --timeout=$(PYTEST_TIMEOUT) tests $(PYTEST_ARGS)
 
@@ -46,6 +47,10 @@ FLOOR_IGNORE := --ignore=tests/real --ignore=tests/integrations --ignore=tests/s
 test-floor: floor-venv
 	$(TEST_ENV) PYTHONSAFEPATH=1 .venv-floor/bin/python -m pytest -p no:cacheprovider --import-mode=append \
 	    --timeout=$(PYTEST_TIMEOUT) tests $(FLOOR_IGNORE) $(PYTEST_ARGS)
+
+# The manual: --strict fails on a broken link, a missing anchor or a page left out of the nav.
+docs: venv
+	$(PY) -m mkdocs build --strict --quiet -d site
 
 demo: venv
 	HF_HUB_OFFLINE=1 $(PY) examples/demo.py

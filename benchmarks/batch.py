@@ -26,6 +26,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import record  # noqa: E402  (benchmarks/record.py)
+
 RULES = """ckptx: 1
 name: bench
 extract: model
@@ -89,7 +93,9 @@ def main() -> None:
     parser.add_argument("--no-cast", dest="cast", action="store_false", help="only strip the prefix (no fp16 cast)")
     parser.add_argument("--format", choices=["safetensors", "torch"], default="safetensors", help="output format")
     parser.add_argument("--workdir", type=Path, help="keep the files here (default: a temporary folder)")
+    parser.add_argument("--json", metavar="FILE", help="also write the timings as JSON (benchmarks/record.py)")
     args = parser.parse_args()
+    recorder = record.Recorder("batch")
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="ckptx-bench-batch-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -114,6 +120,17 @@ def main() -> None:
                 f"| -j {workers} | {median:.2f} | {min(runs):.2f} | {total / 2**20 / median:.0f} | "
                 f"{base / median:.2f}x |"
             )
+        recorder.write(
+            args.json,
+            {
+                "checkpoints": args.checkpoints,
+                "total_bytes": total,
+                "format": args.format,
+                "cast": args.cast,
+                "repeat": args.repeat,
+                "seconds": {str(w): runs for w, runs in times.items()},
+            },
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)

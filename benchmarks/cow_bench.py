@@ -113,7 +113,7 @@ def settle(outputs: list[Path], warm: Path | None) -> None:
                 pass
 
 
-def paired_on_disk(folder: Path, size_gib: float, rounds: int) -> None:
+def paired_on_disk(folder: Path, size_gib: float, rounds: int) -> dict[str, object]:
     """ckptx rename against cp + sync FILE on `folder`'s file system, warm and cold, paired round by round."""
     folder.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ckptx-disk-", dir=folder))
@@ -138,6 +138,7 @@ def paired_on_disk(folder: Path, size_gib: float, rounds: int) -> None:
             f"{rounds} paired rounds; median (min-max)"
         )
         print(f"| {'cache':5} | {'ckptx s':>17} | {'cp + sync s':>17} | {'ckptx / cp':>17} |")
+        found: dict[str, object] = {"fstype": fstype, "bytes": st.stat().st_size, "rounds": rounds}
         for cache in ("warm", "cold"):
             ours, theirs = [], []
             for round_ in range(rounds):
@@ -149,6 +150,8 @@ def paired_on_disk(folder: Path, size_gib: float, rounds: int) -> None:
                 theirs.append(pair["cp"])
             ratios = [a / b for a, b in zip(ours, theirs)]
             print(f"| {cache:5} | {_spread(ours):>17} | {_spread(theirs):>17} | {_spread(ratios):>17} |")
+            found[cache] = {"ckptx": ours, "cp_sync": theirs}
+        return found
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -164,22 +167,27 @@ def main() -> int:
     parser.add_argument("--disk-dir", type=Path, default=REPO / "bench-out", help="a folder on the disk to compare")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--fs", default="xfs,btrfs", help="copy-on-write file systems to try (xfs, btrfs)")
+    parser.add_argument("--json", metavar="FILE", help="also write the tables as JSON (benchmarks/record.py)")
     args = parser.parse_args()
-    for kind in args.fs.split(","):
-        cow(args.size_gib, kind)
-    paired_on_disk(args.disk_dir, args.size_gib, args.rounds)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import record
+
+    recorder = record.Recorder("cow_bench")
+    found = {"size_gib": args.size_gib, "cow": {kind: cow(args.size_gib, kind) for kind in args.fs.split(",")}}
+    found["disk"] = paired_on_disk(args.disk_dir, args.size_gib, args.rounds)
+    recorder.write(args.json, found)
     return 0
 
 
 MKFS = {"xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"], "btrfs": ["mkfs.btrfs", "-q"]}
 
 
-def cow(size_gib: float, kind: str = "xfs") -> None:
+def cow(size_gib: float, kind: str = "xfs") -> dict[str, object]:
     """The table for one copy-on-write file system (skipped, with a message, without root or its mkfs)."""
     mkfs = MKFS[kind]
     if os.geteuid() != 0 or shutil.which(mkfs[0]) is None or shutil.which("xfs_io") is None:
         print(f"skipped: the {kind} benchmark needs root, {mkfs[0]} and xfs_io (xfsprogs)")
-        return
+        return {"skipped": f"needs root, {mkfs[0]} and xfs_io (xfsprogs)"}
     work = Path(tempfile.mkdtemp(prefix="ckptx-cow-"))
     image, point = work / f"{kind}.img", work / "mnt"
     point.mkdir()
@@ -192,9 +200,12 @@ def cow(size_gib: float, kind: str = "xfs") -> None:
         table = rows(point, work, st, pth)
         print(f"{st.stat().st_size / 2**30:.2f} GiB of float32 tensors on {kind} (loop-mounted image), rename only")
         print(f"| {'command':28} | {'wall s':>7} | {'MiB not shared':>15} |")
+        found = []
         for name, seconds, path in table:
             unshared = (path.stat().st_size - shared_bytes(path)) / 2**20
             print(f"| {name:28} | {seconds:7.2f} | {max(unshared, 0.0):15.1f} |")
+            found.append({"name": name, "wall": seconds, "unshared_mib": max(unshared, 0.0)})
+        return {"bytes": st.stat().st_size, "rows": found}
     finally:
         subprocess.run(["umount", "-l", str(point)], check=False)
         shutil.rmtree(work, ignore_errors=True)

@@ -119,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--workdir", type=Path, default=None, help="where to write (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    parser.add_argument("--json", metavar="FILE", help="also write the result as JSON (benchmarks/record.py)")
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import record
+
+    recorder = record.Recorder("dcp_bench")
     work = Path(tempfile.mkdtemp(prefix="ckptx-dcp-bench-", dir=args.workdir))
     try:
         folder = work / "dcp"
@@ -162,6 +167,20 @@ def main(argv: list[str] | None = None) -> int:
         peak = int(ours["maxrss_kib"]) / 1024
         print(f"\noutputs equal: {check.stdout.strip() == 'equal' or check.stderr.strip()[-300:]}")
         print(f"goal ckptx peak RSS <= {GOAL_MIB} MiB: {'met' if peak <= GOAL_MIB else 'NOT met'} ({peak:.0f} MiB)")
+        recorder.write(
+            args.json,
+            {
+                "ranks": args.ranks,
+                "layers": layers,
+                "bytes": size,
+                "files": len(list(folder.iterdir())),
+                "equal": check.stdout.strip() == "equal",
+                "routes": {
+                    name: {"wall": row["wall"], "rss_mib": int(row["maxrss_kib"]) / 1024}
+                    for name, row in (("ckptx", ours), ("torch", theirs))
+                },
+            },
+        )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import struct
+import sys
 import time
 from pathlib import Path
 
@@ -73,8 +74,18 @@ def main() -> None:
     """Run the planning benchmark alone and print the timings."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--repeat", type=int, default=3, help="runs; the best of each timing is kept (default 3)")
+    parser.add_argument("--json", metavar="FILE", help="also write the timings as JSON (benchmarks/record.py)")
     args = parser.parse_args()
-    print(json.dumps(run(args.workdir), indent=1))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import record
+
+    recorder = record.Recorder("plan_bench")
+    timings = run(args.workdir, args.repeat)
+    print(json.dumps(timings, indent=1))
+    recorder.write(
+        args.json, {"keys": LAYERS * PARAMS, "rename_steps": PARAMS, "repeat": args.repeat, "best_seconds": timings}
+    )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import record  # noqa: E402  (benchmarks/record.py)
+
 MIB = 1024 * 1024
 CAST_REGEX = r"(^embed_tokens\.weight|\.mlp\.up\.weight|\.input_layernorm\.weight)$"
 
@@ -422,7 +426,13 @@ def main() -> None:
     )
     parser.add_argument("--workdir", default=None, help="where the temporary folder goes (default: the system's)")
     parser.add_argument("--no-plan", action="store_true", help="skip the planning benchmark")
-    parser.add_argument("--json-out", metavar="FILE", help="also write the raw numbers as JSON")
+    parser.add_argument(
+        "--json",
+        "--json-out",
+        dest="json_out",
+        metavar="FILE",
+        help="also write the raw numbers as JSON (benchmarks/record.py; rendered by render_docs.py)",
+    )
     args = parser.parse_args()
     env = {
         **os.environ,
@@ -431,6 +441,7 @@ def main() -> None:
     }
     work = Path(tempfile.mkdtemp(prefix="ckptx-bench-", dir=args.workdir))
     load_before = os.getloadavg()[0]
+    recorder = record.Recorder("run")
     try:
         runner = Runner(work, args.cache, env, max(1, args.repeat))
         facts: dict[str, dict[str, float]] = {}
@@ -460,13 +471,9 @@ def main() -> None:
             "command": " ".join([os.path.relpath(sys.executable, REPO), "benchmarks/run.py", *sys.argv[1:]]),
         }
         print(markdown(rows, scaling, facts, plan, meta))
-        if args.json_out:
-            Path(args.json_out).write_text(
-                json.dumps(
-                    {"rows": [r.__dict__ for r in rows + scaling], "facts": facts, "plan": plan, "meta": meta}, indent=1
-                ),
-                encoding="utf-8",
-            )
+        results = {"size_gib": args.size_gib, "rounds": runner.repeat, "cache": runner.cache}
+        results |= {"rows": [r.__dict__ for r in rows + scaling], "facts": facts, "plan": plan, "meta": meta}
+        recorder.write(args.json_out, results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

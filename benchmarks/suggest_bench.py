@@ -123,7 +123,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=11111, help="9 tensors per layer (+3): 11111 -> 100,002 keys")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--sorted-header", action="store_true", help="source header in name order")
+    parser.add_argument("--json", metavar="FILE", help="also write the result as JSON (benchmarks/record.py)")
     args = parser.parse_args()
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import record  # benchmarks/record.py
+
+    recorder = record.Recorder("suggest_bench")
     from ckptx.suggestion.engine import suggest
 
     with tempfile.TemporaryDirectory(prefix="ckptx-suggest-bench-") as tmp:
@@ -140,23 +147,22 @@ def main() -> None:
         wrong = sum(1 for k, v in want.items() if got.get(k) != v)
         rows = result.text.count("\n      - [")
         close = len(result.report.close_calls)
-        print(
-            json.dumps(
-                {
-                    "source_keys": n_src,
-                    "target_keys": n_dst,
-                    "best_seconds": round(min(times), 2),
-                    "all_seconds": [round(t, 2) for t in times],
-                    "best_cpu_seconds": round(min(cpu), 2),
-                    "load_average_1min": round(os.getloadavg()[0], 2),
-                    "validated": result.report.ok,
-                    "wrongly_mapped": wrong,
-                    "close_calls": close,
-                    "rename_rows": rows,
-                },
-                indent=1,
-            )
-        )
+        found = {
+            "source_keys": n_src,
+            "target_keys": n_dst,
+            "best_seconds": round(min(times), 2),
+            "all_seconds": [round(t, 2) for t in times],
+            "best_cpu_seconds": round(min(cpu), 2),
+            "all_cpu_seconds": [round(t, 2) for t in cpu],
+            "load_average_1min": round(os.getloadavg()[0], 2),
+            "validated": result.report.ok,
+            "wrongly_mapped": wrong,
+            "close_calls": close,
+            "rename_rows": rows,
+            "sorted_header": args.sorted_header,
+        }
+        print(json.dumps(found, indent=1))
+        recorder.write(args.json, found)
 
 
 if __name__ == "__main__":

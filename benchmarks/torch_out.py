@@ -24,6 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import record  # noqa: E402  (benchmarks/record.py)
 import run  # noqa: E402  (benchmarks/run.py)
 
 RATIO_GOAL, RSS_GOAL = 1.5, 300.0
@@ -144,7 +145,9 @@ def main() -> None:
         help="also time the ckptx of another source tree (e.g. an older "
         "commit exported with git archive) at the first size",
     )
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON (benchmarks/record.py)")
     args = parser.parse_args()
+    recorder = record.Recorder("torch_out")
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(run.REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
@@ -164,6 +167,7 @@ def main() -> None:
             "load average (1 min) at start / end": f"{load_before:.2f} / {os.getloadavg()[0]:.2f}",
         }
         print(markdown(rows, meta))
+        recorder.write(args.json, {"rounds": runner.repeat, "cache": runner.cache, "rows": rows})
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

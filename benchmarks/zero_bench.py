@@ -30,6 +30,9 @@ sys.path.insert(0, str(REPO))
 
 from tests.helpers.deepspeed_train import launch  # noqa: E402
 
+sys.path.insert(0, str(HERE))
+import record  # noqa: E402  (benchmarks/record.py)
+
 MIB = 1024 * 1024
 
 
@@ -99,7 +102,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None, help="where to write (default: a temporary folder)")
+    parser.add_argument("--json", metavar="FILE", help="also write the rounds as JSON (benchmarks/record.py)")
     args = parser.parse_args()
+    recorder = record.Recorder("zero_bench")
     work = Path(tempfile.mkdtemp(prefix="zero-bench-", dir=args.workdir))
     env = {
         **os.environ,
@@ -141,6 +146,19 @@ def main() -> None:
         for name, results in rows.items():
             walls = ", ".join(f"{r['wall']:.2f}" for r in results)
             print(f"| {name} | {walls} | {max(r['rss_mib'] for r in results):,.0f} |")
+        recorder.write(
+            args.json,
+            {
+                "stage": 3,
+                "ranks": 2,
+                "width": args.width,
+                "layers": args.layers,
+                "state_dict_mib": state_mib,
+                "pt_files_mib": on_disk / MIB,
+                "tensors": checked,
+                "rounds": rows,
+            },
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

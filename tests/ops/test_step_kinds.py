@@ -1,4 +1,4 @@
-"""Each step kind is defined in one place, and the schema, the registry and the README name the same steps."""
+"""Each step kind is defined in one place, and the schema, the registry and docs/steps.md name the same steps."""
 
 from __future__ import annotations
 
@@ -11,22 +11,22 @@ from ckptx._data import schema_path
 from ckptx.rules.kinds import STEP_KINDS
 from ckptx.rules.schema import RULES_SCHEMA, shipped_schema
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+STEPS_MD = Path(__file__).resolve().parents[2] / "docs" / "steps.md"
 COMMON = {"strict", "when", "comment"}
 
 
-def _readme_step_names() -> set[str]:
-    """The step names in the first column of the README's step table (`| \\`unsqueeze\\` / \\`squeeze\\` | ...`)."""
-    text = README.read_text(encoding="utf-8")
+def _documented_step_names() -> set[str]:
+    """The step names in the first column of docs/steps.md's step table (`| \\`unsqueeze\\` / \\`squeeze\\` | ...`)."""
+    text = STEPS_MD.read_text(encoding="utf-8")
     table = text[text.index("| `drop` |") :]
     table = table[: table.index("\n\n")]
     return {name for row in table.splitlines() for name in re.findall(r"`(\w+)`", row.split("|")[1])}
 
 
-def test_schema_registry_and_readme_name_the_same_steps():
+def test_schema_registry_and_docs_name_the_same_steps():
     shipped = json.loads(schema_path(RULES_SCHEMA).read_text(encoding="utf-8"))
     in_schema = set(shipped["$defs"]["step"]["properties"]) - COMMON
-    assert in_schema == set(STEP_KINDS) == _readme_step_names()
+    assert in_schema == set(STEP_KINDS) == _documented_step_names()
 
 
 def test_shipped_schema_file_holds_each_kinds_fragment():
