@@ -6,6 +6,7 @@
 #   make demo    venv + examples/demo.py
 #   make bench   venv + benchmarks/run.py and benchmarks/cow_bench.py
 #   make docs    venv + the manual (docs/, mkdocs.yml) built with --strict into site/
+#   make lint    venv + ruff (lint and format check) over the tree and mypy over the package
 
 SHELL      := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -21,7 +22,7 @@ PYTEST_TIMEOUT ?= 900
 TEST_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
             HF_HUB_DISABLE_TELEMETRY=1 PYTHONDONTWRITEBYTECODE=1
 
-.PHONY: venv floor-venv test test-main test-floor demo bench docs
+.PHONY: venv floor-venv test test-main test-floor demo bench docs lint
 
 venv:
 	scripts/setup-venv.sh
@@ -35,7 +36,7 @@ floor-venv:
 # sys.path and --import-mode=append puts the repo root (for `tests.*`) after
 # site-packages. tests/real/test_reference_models.py::test_ckptx_is_the_installed_wheel
 # checks that (and that the installed copy is not stale).
-test: test-main test-floor
+test: lint test-main test-floor
 
 test-main: venv docs
 	$(TEST_ENV) PYTHONSAFEPATH=1 $(PY) -m pytest -p no:cacheprovider --import-mode=append \
@@ -47,6 +48,12 @@ FLOOR_IGNORE := --ignore=tests/real --ignore=tests/integrations --ignore=tests/s
 test-floor: floor-venv
 	$(TEST_ENV) PYTHONSAFEPATH=1 .venv-floor/bin/python -m pytest -p no:cacheprovider --import-mode=append \
 	    --timeout=$(PYTEST_TIMEOUT) tests $(FLOOR_IGNORE) $(PYTEST_ARGS)
+
+# Habits: ruff's lint rules and formatting, mypy's types (both configured in pyproject.toml).
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # The manual: --strict fails on a broken link, a missing anchor or a page left out of the nav.
 docs: venv
