@@ -1,7 +1,7 @@
-"""The step kinds, one module per family (each step's arguments, builder, schema fragment, planner, tensor ops and
-inverse side by side); importing this package registers every kind in `ckptx.rules.kinds.STEP_KINDS` and every
-tensor op in `ckptx.planning.expr.TENSOR_OPS` (`import ckptx` does)."""
+"""The step kinds, one module per family (each kind's arguments, builder, schema fragment, planner, tensor op and
+inverse together; what several share is in `common`); importing this package registers every kind in
+`ckptx.rules.kinds.STEP_KINDS` and every tensor op in `ckptx.planning.expr.TENSOR_OPS` (`import ckptx` does)."""
 
-from ckptx.ops import cast, keys, layout, structure, values, vision
+from ckptx.ops import cast, copies, dims, keys, layout, merge, split, values, vision
 
-__all__ = ["cast", "keys", "layout", "structure", "values", "vision"]
+__all__ = ["cast", "copies", "dims", "keys", "layout", "merge", "split", "values", "vision"]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import DTYPES, TensorMeta, lookup, lossless_casts
 from ckptx.errors import NotInvertible
-from ckptx.ops.layout import apply_to_matching
+from ckptx.ops.common import apply_to_matching
 from ckptx.ops.registry import step
 from ckptx.planning.context import PlanContext, StepOutcome
 from ckptx.planning.entry import PlanEntry

@@ -1,4 +1,5 @@
-"""Steps that act on key names only: drop, keep, strip_prefix, add_prefix, rename."""
+"""Steps that act on key names only: drop, keep, strip_prefix, take_from, add_prefix, rename; each kind's arguments,
+builder, schema fragment, inverse and planner together."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ckptx._lazy import lazy_module
 from ckptx.errors import KeyTemplateError, NotInvertible, Problem
 from ckptx.ops.registry import step
 from ckptx.planning.context import PlanContext, StepOutcome
@@ -20,237 +22,14 @@ from ckptx.rules.kinds import Doc, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step
 from ckptx.rules.templates import Template
 
-# --- what the steps say: arguments, builders, schema fragments, inverses ---------------------------------
-
-
-@dataclass(frozen=True)
-class Drop:
-    """Remove every key matching any pattern."""
-
-    patterns: tuple[Pattern, ...]
-
-
-@dataclass(frozen=True)
-class Keep:
-    """Remove every key matching none of the patterns."""
-
-    patterns: tuple[Pattern, ...]
-
-
-@dataclass(frozen=True)
-class StripPrefix:
-    """Remove leading prefixes (literal strings), repeatedly and in any order.
-
-    With `common=True`, remove the first name component when every key shares it (`model.`).
-    """
-
-    prefixes: tuple[str, ...]
-    common: bool = False
-
-
-@dataclass(frozen=True)
-class TakeFrom:
-    """Replace each key's tensor by the one stored under `template` (e.g. `ema_{flat}`), dropping that key."""
-
-    template: str
-
-
-@dataclass(frozen=True)
-class AddPrefix:
-    """Prepend a literal prefix to every key (or to those matching `match` and not `skip`)."""
-
-    prefix: str
-    match: Pattern | None = None
-    skip: Pattern | None = None
-
-
-@dataclass(frozen=True)
-class RenameRule:
-    """One row of a rename table: regex and `re.sub` replacement (with `{\\1 - 1}` index arithmetic)."""
-
-    pattern: Pattern
-    replacement: str
-    where: str
-    template: Template | None = field(default=None, compare=False)
-
-    @cached_property
-    def repl(self) -> str | Callable[[re.Match[str]], str]:
-        """What `self.pattern.sub`/`subn` takes to make this row's replacement."""
-        return self.replacement if self.template is None else self.template.repl
-
-    def apply(self, key: str) -> str:
-        """The key rewritten by this row (every match replaced, like `re.sub`)."""
-        return self.pattern.sub(self.repl, key)
-
-
-@dataclass(frozen=True)
-class Rename:
-    """Per key, the first row whose pattern matches rewrites it (like `re.sub`)."""
-
-    rules: tuple[RenameRule, ...]
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 def _strings(value: Any) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
-
-
-def _build_strip_prefix(value: Any, c: Collector) -> StripPrefix:
-    if isinstance(value, dict):
-        return StripPrefix(_strings(value.get("prefixes", [])), bool(value.get("common", False)))
-    return StripPrefix(_strings(value))
-
-
-def _build_take_from(value: Any, c: Collector) -> TakeFrom:
-    template = value["template"]
-    try:
-        template.format(key="k", flat="k")
-    except (KeyError, IndexError, ValueError) as exc:
-        c.problems.append(
-            Problem(c.at("template"), f"invalid template {template!r}: use {{key}} and {{flat}} only ({exc})")
-        )
-    return TakeFrom(template)
-
-
-def _build_add_prefix(value: Any, c: Collector) -> AddPrefix:
-    if isinstance(value, str):
-        return AddPrefix(value)
-    return AddPrefix(
-        prefix=value["prefix"],
-        match=c.regex(value["match"], "match") if "match" in value else None,
-        skip=c.regex(value["skip"], "skip") if "skip" in value else None,
-    )
-
-
-def _build_rename(value: Any, c: Collector) -> Rename:
-    rows = value if isinstance(value, list) else [value]
-    rules = []
-    for i, row in enumerate(rows):
-        sub = (i,) if isinstance(value, list) else ()
-        source, replacement = (row["from"], row["to"]) if isinstance(row, dict) else (row[0], row[1])
-        pattern = c.regex(source, *sub, *(("from",) if isinstance(row, dict) else (0,)))
-        template = c.template(replacement, pattern, "invalid replacement", *sub)
-        rules.append(RenameRule(pattern, replacement, c.at(*sub), template))
-    return Rename(tuple(rules))
-
-
-def _build_drop(value: Any, c: Collector) -> Drop:
-    return Drop(c.regexes(value))
-
-
-def _build_keep(value: Any, c: Collector) -> Keep:
-    return Keep(c.regexes(value))
-
-
-_DROP_SCHEMA: dict[str, Any] = {"$ref": "#/$defs/regexList"}
-
-_KEEP_SCHEMA: dict[str, Any] = {"$ref": "#/$defs/regexList"}
-
-_STRIP_PREFIX_SCHEMA: dict[str, Any] = {
-    "anyOf": [
-        {"$ref": "#/$defs/stringOrList"},
-        {
-            "type": "object",
-            "additionalProperties": False,
-            "minProperties": 1,
-            "properties": {
-                "prefixes": {"$ref": "#/$defs/stringOrList"},
-                "common": {
-                    "type": "boolean",
-                    "description": (
-                        "Also strip the first name component when every key shares it (e.g. a "
-                        "LightningModule attribute such as model.)."
-                    ),
-                },
-            },
-        },
-    ],
-}
-
-_TAKE_FROM_SCHEMA = object_schema(
-    description="Use, for each key, the tensor stored under another key (e.g. EMA copies), and drop that key.",
-    required=["template"],
-    properties={
-        "template": {
-            "type": "string",
-            "minLength": 1,
-            "description": (
-                "The other key; {key} is the key, {flat} the key with '.' replaced by '_' (e.g. ema_{flat})."
-            ),
-        },
-    },
-)
-
-_ADD_PREFIX_SCHEMA: dict[str, Any] = {
-    "anyOf": [
-        {"type": "string", "minLength": 1},
-        {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["prefix"],
-            "properties": {
-                "prefix": {"type": "string", "minLength": 1},
-                "match": {"$ref": "#/$defs/regex"},
-                "skip": {"$ref": "#/$defs/regex"},
-            },
-        },
-    ],
-}
-
-_RENAME_SCHEMA: dict[str, Any] = {
-    "anyOf": [{"type": "array", "items": {"$ref": "#/$defs/renamePair"}, "minItems": 1}, {"$ref": "#/$defs/renamePair"}]
-}
-
-
-def _literal_prefix(regex: str) -> int:
-    match = re.match(r"\^?((?:\\.|[^\\()\[.*+?{|$])*)", regex)
-    return len(match.group(1)) if match else 0
-
-
-def _invert_strip_prefix(args: StripPrefix, step: Step, trace: StepTrace | None) -> list[Doc]:
-    if trace is not None and trace.after is not None:
-        stripped = {old[: len(old) - len(new)] for (old, _), (new, _) in zip(trace.before, trace.after)}
-        if len(stripped) == 1 and "" not in stripped:
-            return [{"add_prefix": stripped.pop()}]
-        return exact_table(trace, "not every key lost the same prefix")
-    if len(args.prefixes) == 1 and not args.common:
-        return [{"add_prefix": args.prefixes[0]}]
-    raise NotInvertible(
-        "which prefix each key lost depends on the checkpoint; the source layout is needed", needs_layout=True
-    )
-
-
-def _invert_add_prefix(args: AddPrefix, step: Step, trace: StepTrace | None) -> list[Doc]:
-    if args.match is None and args.skip is None:
-        return [{"rename": [[f"^{re.escape(args.prefix)}", ""]]}]
-    return exact_table(trace, "with match/skip, which keys got the prefix depends on the checkpoint")
-
-
-def _invert_rename(args: Rename, step: Step, trace: StepTrace | None) -> list[Doc]:
-    try:
-        rows = []
-        for rule in args.rules:
-            assert rule.template is not None
-            swapped = swap(rule.pattern.pattern, rule.template, whole=False)
-            rows.append([swapped.pattern, swapped.template])
-    except NotInvertible as exc:
-        return exact_table(trace, str(exc))
-    rows.sort(key=lambda row: -_literal_prefix(row[0]))
-    return [{"rename": rows}]
-
-
-def _dump_rename(args: Rename) -> list[list[str]]:
-    return [[r.pattern.pattern, r.replacement] for r in args.rules]
-
-
-def _dump_strip_prefix(args: StripPrefix) -> Any:
-    return dump_args(args) if args.common else list(args.prefixes)
-
-
-def _dump_add_prefix(args: AddPrefix) -> Any:
-    return args.prefix if args.match is None and args.skip is None else dump_args(args)
-
-
-# --- how they plan and compute --------------------------------------------------------------------------
 
 
 def may_match_mid_name(pattern: Pattern) -> bool:
@@ -275,6 +54,23 @@ def warn_if_mid_name(pattern: Pattern, key: str, where: str, ctx: PlanContext, s
         )
 
 
+# ---- drop ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Remove every key matching any pattern."""
+
+    patterns: tuple[Pattern, ...]
+
+
+def _build_drop(value: Any, c: Collector) -> Drop:
+    return Drop(c.regexes(value))
+
+
+_DROP_SCHEMA: dict[str, Any] = {"$ref": "#/$defs/regexList"}
+
+
 @step("drop", build=_build_drop, schema=_DROP_SCHEMA, not_invertible="the dropped tensors are gone")
 def plan_drop(args: Drop, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Remove entries whose key matches any pattern."""
@@ -287,6 +83,23 @@ def plan_drop(args: Drop, step: Step, entries: list[PlanEntry], ctx: PlanContext
     return StepOutcome(kept, len(entries) - len(kept))
 
 
+# ---- keep ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Remove every key matching none of the patterns."""
+
+    patterns: tuple[Pattern, ...]
+
+
+def _build_keep(value: Any, c: Collector) -> Keep:
+    return Keep(c.regexes(value))
+
+
+_KEEP_SCHEMA: dict[str, Any] = {"$ref": "#/$defs/regexList"}
+
+
 @step("keep", build=_build_keep, schema=_KEEP_SCHEMA, not_invertible="the tensors it leaves out are gone")
 def plan_keep(args: Keep, step: Step, entries: list[PlanEntry], ctx: PlanContext) -> StepOutcome:
     """Remove entries whose key matches none of the patterns."""
@@ -296,6 +109,70 @@ def plan_keep(args: Keep, step: Step, entries: list[PlanEntry], ctx: PlanContext
             ctx.drop(entry, step.where)
     kept = [entry for i, entry in enumerate(entries) if i in found]
     return StepOutcome(kept, len(kept))
+
+
+# ---- strip_prefix ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StripPrefix:
+    """Remove leading prefixes (literal strings), repeatedly and in any order.
+
+    With `common=True`, remove the first name component when every key shares it (`model.`).
+    """
+
+    prefixes: tuple[str, ...]
+    common: bool = False
+
+
+def _build_strip_prefix(value: Any, c: Collector) -> StripPrefix:
+    if isinstance(value, dict):
+        return StripPrefix(_strings(value.get("prefixes", [])), bool(value.get("common", False)))
+    return StripPrefix(_strings(value))
+
+
+_STRIP_PREFIX_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"$ref": "#/$defs/stringOrList"},
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "minProperties": 1,
+            "properties": {
+                "prefixes": {"$ref": "#/$defs/stringOrList"},
+                "common": {
+                    "type": "boolean",
+                    "description": (
+                        "Also strip the first name component when every key shares it (e.g. a "
+                        "LightningModule attribute such as model.)."
+                    ),
+                },
+            },
+        },
+    ],
+}
+
+
+def _literal_prefix(regex: str) -> int:
+    match = re.match(r"\^?((?:\\.|[^\\()\[.*+?{|$])*)", regex)
+    return len(match.group(1)) if match else 0
+
+
+def _invert_strip_prefix(args: StripPrefix, step: Step, trace: StepTrace | None) -> list[Doc]:
+    if trace is not None and trace.after is not None:
+        stripped = {old[: len(old) - len(new)] for (old, _), (new, _) in zip(trace.before, trace.after)}
+        if len(stripped) == 1 and "" not in stripped:
+            return [{"add_prefix": stripped.pop()}]
+        return exact_table(trace, "not every key lost the same prefix")
+    if len(args.prefixes) == 1 and not args.common:
+        return [{"add_prefix": args.prefixes[0]}]
+    raise NotInvertible(
+        "which prefix each key lost depends on the checkpoint; the source layout is needed", needs_layout=True
+    )
+
+
+def _dump_strip_prefix(args: StripPrefix) -> Any:
+    return dump_args(args) if args.common else list(args.prefixes)
 
 
 def strip(key: str, prefixes: tuple[str, ...]) -> str:
@@ -339,6 +216,42 @@ def plan_strip_prefix(args: StripPrefix, step: Step, entries: list[PlanEntry], c
     return StepOutcome(out, hits)
 
 
+# ---- take_from -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TakeFrom:
+    """Replace each key's tensor by the one stored under `template` (e.g. `ema_{flat}`), dropping that key."""
+
+    template: str
+
+
+def _build_take_from(value: Any, c: Collector) -> TakeFrom:
+    template = value["template"]
+    try:
+        template.format(key="k", flat="k")
+    except (KeyError, IndexError, ValueError) as exc:
+        c.problems.append(
+            Problem(c.at("template"), f"invalid template {template!r}: use {{key}} and {{flat}} only ({exc})")
+        )
+    return TakeFrom(template)
+
+
+_TAKE_FROM_SCHEMA = object_schema(
+    description="Use, for each key, the tensor stored under another key (e.g. EMA copies), and drop that key.",
+    required=["template"],
+    properties={
+        "template": {
+            "type": "string",
+            "minLength": 1,
+            "description": (
+                "The other key; {key} is the key, {flat} the key with '.' replaced by '_' (e.g. ema_{flat})."
+            ),
+        },
+    },
+)
+
+
 @step(
     "take_from",
     build=_build_take_from,
@@ -378,6 +291,55 @@ def plan_take_from(args: TakeFrom, step: Step, entries: list[PlanEntry], ctx: Pl
     return StepOutcome(out, len(donors))
 
 
+# ---- add_prefix ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AddPrefix:
+    """Prepend a literal prefix to every key (or to those matching `match` and not `skip`)."""
+
+    prefix: str
+    match: Pattern | None = None
+    skip: Pattern | None = None
+
+
+def _build_add_prefix(value: Any, c: Collector) -> AddPrefix:
+    if isinstance(value, str):
+        return AddPrefix(value)
+    return AddPrefix(
+        prefix=value["prefix"],
+        match=c.regex(value["match"], "match") if "match" in value else None,
+        skip=c.regex(value["skip"], "skip") if "skip" in value else None,
+    )
+
+
+_ADD_PREFIX_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["prefix"],
+            "properties": {
+                "prefix": {"type": "string", "minLength": 1},
+                "match": {"$ref": "#/$defs/regex"},
+                "skip": {"$ref": "#/$defs/regex"},
+            },
+        },
+    ],
+}
+
+
+def _invert_add_prefix(args: AddPrefix, step: Step, trace: StepTrace | None) -> list[Doc]:
+    if args.match is None and args.skip is None:
+        return [{"rename": [[f"^{re.escape(args.prefix)}", ""]]}]
+    return exact_table(trace, "with match/skip, which keys got the prefix depends on the checkpoint")
+
+
+def _dump_add_prefix(args: AddPrefix) -> Any:
+    return args.prefix if args.match is None and args.skip is None else dump_args(args)
+
+
 @step(
     "add_prefix",
     build=_build_add_prefix,
@@ -396,6 +358,69 @@ def plan_add_prefix(args: AddPrefix, step: Step, entries: list[PlanEntry], ctx: 
         hits += bool(wanted)
         out.append(entry.renamed(args.prefix + entry.key, step.where) if wanted else entry)
     return StepOutcome(out, hits)
+
+
+# ---- rename ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RenameRule:
+    """One row of a rename table: regex and `re.sub` replacement (with `{\\1 - 1}` index arithmetic)."""
+
+    pattern: Pattern
+    replacement: str
+    where: str
+    template: Template | None = field(default=None, compare=False)
+
+    @cached_property
+    def repl(self) -> str | Callable[[re.Match[str]], str]:
+        """What `self.pattern.sub`/`subn` takes to make this row's replacement."""
+        return self.replacement if self.template is None else self.template.repl
+
+    def apply(self, key: str) -> str:
+        """The key rewritten by this row (every match replaced, like `re.sub`)."""
+        return self.pattern.sub(self.repl, key)
+
+
+@dataclass(frozen=True)
+class Rename:
+    """Per key, the first row whose pattern matches rewrites it (like `re.sub`)."""
+
+    rules: tuple[RenameRule, ...]
+
+
+def _build_rename(value: Any, c: Collector) -> Rename:
+    rows = value if isinstance(value, list) else [value]
+    rules = []
+    for i, row in enumerate(rows):
+        sub = (i,) if isinstance(value, list) else ()
+        source, replacement = (row["from"], row["to"]) if isinstance(row, dict) else (row[0], row[1])
+        pattern = c.regex(source, *sub, *(("from",) if isinstance(row, dict) else (0,)))
+        template = c.template(replacement, pattern, "invalid replacement", *sub)
+        rules.append(RenameRule(pattern, replacement, c.at(*sub), template))
+    return Rename(tuple(rules))
+
+
+_RENAME_SCHEMA: dict[str, Any] = {
+    "anyOf": [{"type": "array", "items": {"$ref": "#/$defs/renamePair"}, "minItems": 1}, {"$ref": "#/$defs/renamePair"}]
+}
+
+
+def _invert_rename(args: Rename, step: Step, trace: StepTrace | None) -> list[Doc]:
+    try:
+        rows = []
+        for rule in args.rules:
+            assert rule.template is not None
+            swapped = swap(rule.pattern.pattern, rule.template, whole=False)
+            rows.append([swapped.pattern, swapped.template])
+    except NotInvertible as exc:
+        return exact_table(trace, str(exc))
+    rows.sort(key=lambda row: -_literal_prefix(row[0]))
+    return [{"rename": rows}]
+
+
+def _dump_rename(args: Rename) -> list[list[str]]:
+    return [[r.pattern.pattern, r.replacement] for r in args.rules]
 
 
 @step("rename", build=_build_rename, schema=_RENAME_SCHEMA, invert=_invert_rename, renames_keys=True, dump=_dump_rename)

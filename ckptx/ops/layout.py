@@ -1,4 +1,5 @@
-"""Steps that change a tensor's layout: reshape, permute."""
+"""Steps that change a tensor's layout: reshape, permute; each kind's arguments, builder, schema fragment, tensor op,
+inverse and planner together."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta
 from ckptx.errors import OpShapeError, Problem
+from ckptx.ops.common import apply_to_matching
 from ckptx.ops.registry import step
 from ckptx.planning.context import PlanContext, StepOutcome
 from ckptx.planning.entry import PlanEntry
-from ckptx.planning.expr import node, tensor_op
+from ckptx.planning.expr import tensor_op
 from ckptx.rules.inverse import all_matched_changed, changed_metas, exact_keys
 from ckptx.rules.kinds import Doc, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step
@@ -24,7 +26,7 @@ else:
     torch = lazy_module("torch")
 
 
-# --- what the steps say: arguments, builders, schema fragments, inverses ---------------------------------
+# ---- reshape ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -35,14 +37,6 @@ class Reshape:
     shape: tuple[int, ...] | None
 
 
-@dataclass(frozen=True)
-class Permute:
-    """Permute the dimensions of matching tensors."""
-
-    match: Pattern
-    dims: tuple[int, ...]
-
-
 def _build_reshape(value: Any, c: Collector) -> Reshape:
     shape = value["shape"]
     if shape != "target" and list(shape).count(-1) > 1:
@@ -50,26 +44,11 @@ def _build_reshape(value: Any, c: Collector) -> Reshape:
     return Reshape(c.regex(value["match"], "match"), None if shape == "target" else tuple(shape))
 
 
-def _build_permute(value: Any, c: Collector) -> Permute:
-    dims = tuple(value["dims"])
-    if sorted(dims) != list(range(len(dims))):
-        c.problems.append(Problem(c.at("dims"), f"{list(dims)} is not a permutation of 0..{len(dims) - 1}"))
-    return Permute(c.regex(value["match"], "match"), dims)
-
-
 _RESHAPE_SCHEMA = object_schema(
     required=["match", "shape"],
     properties={
         "match": {"$ref": "#/$defs/regex"},
         "shape": {"anyOf": [{"$ref": "#/$defs/shape"}, {"const": "target"}]},
-    },
-)
-
-_PERMUTE_SCHEMA = object_schema(
-    required=["match", "dims"],
-    properties={
-        "match": {"$ref": "#/$defs/regex"},
-        "dims": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
     },
 )
 
@@ -114,14 +93,6 @@ def _invert_reshape(args: Reshape, step: Step, trace: StepTrace | None) -> list[
     return [{"reshape": {"match": exact_keys(keys), "shape": list(shape)}} for shape, keys in groups.items()]
 
 
-def _invert_permute(args: Permute, step: Step, trace: StepTrace | None) -> list[Doc]:
-    inverse = [args.dims.index(d) for d in range(len(args.dims))]
-    return [{"permute": {"match": args.match.pattern, "dims": inverse}}]
-
-
-# --- how they plan and compute --------------------------------------------------------------------------
-
-
 def resolve_shape(shape: Sequence[int], numel: int, source: Sequence[int]) -> tuple[int, ...]:
     """Fill in a -1 and check the element count, like `torch.reshape`."""
     known = math.prod(d for d in shape if d != -1)
@@ -143,40 +114,6 @@ def _infer_reshape(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> T
 def reshape(params: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """`tensor.reshape(shape)`."""
     return tensors[0].reshape(params["shape"])
-
-
-def _infer_permute(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> TensorMeta:
-    (meta,) = inputs
-    dims = params["dims"]
-    if len(dims) != len(meta.shape):
-        raise OpShapeError(f"permute dims {list(dims)} need a {len(dims)}-d tensor, got shape {list(meta.shape)}")
-    return TensorMeta(tuple(meta.shape[d] for d in dims), meta.dtype)
-
-
-@tensor_op("permute", _infer_permute)
-def permute(params: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """`tensor.permute(dims)` (made contiguous when written)."""
-    return tensors[0].permute(params["dims"])
-
-
-def apply_to_matching(step: Step, entries: list[PlanEntry], ctx: PlanContext, pattern, build) -> StepOutcome:
-    """Run `build(entry) -> params` for each entry whose key matches, wrapping its expression in the op."""
-    out, hits = [], 0
-    for entry in entries:
-        if not pattern.search(entry.key):
-            out.append(entry)
-            continue
-        hits += 1
-        try:
-            params = build(entry)
-            if params is None:
-                out.append(entry)
-                continue
-            out.append(entry.transformed(node(step.op, [entry.expr], step.where, **params), step.where))
-        except OpShapeError as exc:
-            ctx.errors.append(Problem(step.where, f"tensor '{entry.key}': {exc}"))
-            out.append(entry)
-    return StepOutcome(out, hits)
 
 
 @step("reshape", build=_build_reshape, schema=_RESHAPE_SCHEMA, invert=_invert_reshape)
@@ -205,6 +142,52 @@ def plan_reshape(args: Reshape, step: Step, entries: list[PlanEntry], ctx: PlanC
             )
         )
     return outcome
+
+
+# ---- permute ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Permute:
+    """Permute the dimensions of matching tensors."""
+
+    match: Pattern
+    dims: tuple[int, ...]
+
+
+def _build_permute(value: Any, c: Collector) -> Permute:
+    dims = tuple(value["dims"])
+    if sorted(dims) != list(range(len(dims))):
+        c.problems.append(Problem(c.at("dims"), f"{list(dims)} is not a permutation of 0..{len(dims) - 1}"))
+    return Permute(c.regex(value["match"], "match"), dims)
+
+
+_PERMUTE_SCHEMA = object_schema(
+    required=["match", "dims"],
+    properties={
+        "match": {"$ref": "#/$defs/regex"},
+        "dims": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+    },
+)
+
+
+def _invert_permute(args: Permute, step: Step, trace: StepTrace | None) -> list[Doc]:
+    inverse = [args.dims.index(d) for d in range(len(args.dims))]
+    return [{"permute": {"match": args.match.pattern, "dims": inverse}}]
+
+
+def _infer_permute(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> TensorMeta:
+    (meta,) = inputs
+    dims = params["dims"]
+    if len(dims) != len(meta.shape):
+        raise OpShapeError(f"permute dims {list(dims)} need a {len(dims)}-d tensor, got shape {list(meta.shape)}")
+    return TensorMeta(tuple(meta.shape[d] for d in dims), meta.dtype)
+
+
+@tensor_op("permute", _infer_permute)
+def permute(params: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`tensor.permute(dims)` (made contiguous when written)."""
+    return tensors[0].permute(params["dims"])
 
 
 @step("permute", build=_build_permute, schema=_PERMUTE_SCHEMA, invert=_invert_permute)

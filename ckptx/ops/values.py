@@ -1,4 +1,5 @@
-"""Steps that change or create tensor values: resize, scale, set."""
+"""Steps that change or create tensor values: resize, scale, set; each kind's arguments, builder, schema fragment,
+tensor op, inverse and planner together."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ from typing import TYPE_CHECKING, Any
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta, lookup
 from ckptx.errors import NotInvertible, OpShapeError, Problem
-from ckptx.ops.layout import apply_to_matching
+from ckptx.ops.common import apply_to_matching, fill_template, normalize_dim, target_meta
 from ckptx.ops.registry import step
-from ckptx.ops.structure import fill_template, normalize_dim
 from ckptx.planning.context import PlanContext, StepOutcome
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.expr import node, tensor_op
@@ -27,7 +27,7 @@ else:
     torch = lazy_module("torch")
 
 
-# --- what the steps say: arguments, builders, schema fragments, inverses ---------------------------------
+# ---- resize ----------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -41,26 +41,6 @@ class Resize:
     seed: int = 0
 
 
-@dataclass(frozen=True)
-class Scale:
-    """Multiply matching floating-point tensors by `by`."""
-
-    match: Pattern
-    by: float
-
-
-@dataclass(frozen=True)
-class SetTensor:
-    """A new tensor filled with `value`: under `key`, or under `key` filled from each key matching `match`."""
-
-    key: Template
-    value: float | int | bool
-    dtype: str = "float32"
-    shape: tuple[int, ...] | None = ()
-    match: Pattern | None = None
-    if_exists: str = "error"
-
-
 def _build_resize(value: Any, c: Collector) -> Resize:
     size = value["size"]
     return Resize(
@@ -70,28 +50,6 @@ def _build_resize(value: Any, c: Collector) -> Resize:
         value.get("fill", "zeros"),
         int(value.get("seed", 0)),
     )
-
-
-def _build_set(value: Any, c: Collector) -> SetTensor:
-    match = c.regex(value["match"], "match") if "match" in value else None
-    key = c.template(value["key"], match, "invalid key template", "key")
-    if match is None and ("\\" in value["key"]):
-        c.problems.append(Problem(c.at("key"), "the key refers to groups but there is no `match` to fill them"))
-    shape = value.get("shape", [])
-    if value.get("dtype", "float32") == "bool" and not isinstance(value["value"], bool):
-        c.problems.append(Problem(c.at("value"), "a bool tensor takes true or false"))
-    return SetTensor(
-        key,
-        value["value"],
-        value.get("dtype", "float32"),
-        None if shape == "target" else tuple(shape),
-        match,
-        value.get("if_exists", "error"),
-    )
-
-
-def _build_scale(value: Any, c: Collector) -> Scale:
-    return Scale(c.regex(value["match"], "match"), float(value["by"]))
 
 
 _RESIZE_SCHEMA = object_schema(
@@ -113,74 +71,6 @@ _RESIZE_SCHEMA = object_schema(
         "seed": {"type": "integer", "description": "Seed of fill: normal (default 0)."},
     },
 )
-
-_SCALE_SCHEMA = object_schema(
-    description="Multiply floating-point tensors by a constant.",
-    required=["match", "by"],
-    properties={"match": {"$ref": "#/$defs/regex"}, "by": {"type": "number"}},
-)
-
-_SET_SCHEMA = object_schema(
-    description="A new tensor filled with a constant (e.g. a missing num_batches_tracked).",
-    required=["key", "value"],
-    properties={
-        "key": {
-            "$ref": "#/$defs/keyTemplate",
-            "description": "The new key; a template filled from match's groups when match is given.",
-        },
-        "match": {"$ref": "#/$defs/regex"},
-        "value": {"type": ["number", "boolean"]},
-        "dtype": {"$ref": "#/$defs/dtype"},
-        "shape": {
-            "anyOf": [{"type": "array", "items": {"type": "integer", "minimum": 0}}, {"const": "target"}],
-            "description": "Default [] (a scalar), or 'target'.",
-        },
-        "if_exists": {
-            "enum": ["error", "keep", "replace"],
-            "description": "When the key already exists (default error).",
-        },
-    },
-)
-
-
-def _invert_set(args: SetTensor, step: Step, trace: StepTrace | None) -> list[Doc]:
-    if args.if_exists == "replace":
-        raise NotInvertible("if_exists: replace overwrites tensors")
-    if trace is not None and trace.after is not None:
-        made = [k for k, _ in trace.after if k not in dict(trace.before)]
-        return [{"drop": [exact_keys(made)]}] if made else []
-    if args.match is None:
-        return [{"drop": [f"^{re.escape(args.key.expand(None))}$"]}]
-    if args.if_exists == "keep":
-        raise NotInvertible(
-            "with if_exists: keep, which keys it made depends on the checkpoint; the source layout is needed",
-            needs_layout=True,
-        )
-    groups = parse_pattern(args.match.pattern)[2]
-    return [
-        {
-            "drop": [
-                swap(
-                    args.match.pattern,
-                    args.key,
-                    whole=True,
-                    spare=tuple(g.number for g in groups if isinstance(g, Group)),
-                ).pattern
-            ]
-        }
-    ]
-
-
-# --- how they plan and compute --------------------------------------------------------------------------
-
-
-def target_meta(ctx: PlanContext, key: str, what: str) -> TensorMeta:
-    """The target's metadata for `key`, or an OpShapeError saying what is missing."""
-    if ctx.target is None:
-        raise OpShapeError(f"`{what}: target` needs a target; give one in the recipe or with --target")
-    if key not in ctx.target:
-        raise OpShapeError(f"`{what}: target` but the target has no such key; rename it first")
-    return ctx.target[key]
 
 
 def _infer_resize(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> TensorMeta:
@@ -232,6 +122,28 @@ def plan_resize(args: Resize, step: Step, entries: list[PlanEntry], ctx: PlanCon
     return apply_to_matching(step, entries, ctx, args.match, build)
 
 
+# ---- scale -----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Multiply matching floating-point tensors by `by`."""
+
+    match: Pattern
+    by: float
+
+
+def _build_scale(value: Any, c: Collector) -> Scale:
+    return Scale(c.regex(value["match"], "match"), float(value["by"]))
+
+
+_SCALE_SCHEMA = object_schema(
+    description="Multiply floating-point tensors by a constant.",
+    required=["match", "by"],
+    properties={"match": {"$ref": "#/$defs/regex"}, "by": {"type": "number"}},
+)
+
+
 def _infer_scale(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> TensorMeta:
     return inputs[0]
 
@@ -248,6 +160,90 @@ def plan_scale(args: Scale, step: Step, entries: list[PlanEntry], ctx: PlanConte
     return apply_to_matching(
         step, entries, ctx, args.match, lambda e: {"by": args.by} if lookup(e.meta.dtype).is_floating else None
     )
+
+
+# ---- set -------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetTensor:
+    """A new tensor filled with `value`: under `key`, or under `key` filled from each key matching `match`."""
+
+    key: Template
+    value: float | int | bool
+    dtype: str = "float32"
+    shape: tuple[int, ...] | None = ()
+    match: Pattern | None = None
+    if_exists: str = "error"
+
+
+def _build_set(value: Any, c: Collector) -> SetTensor:
+    match = c.regex(value["match"], "match") if "match" in value else None
+    key = c.template(value["key"], match, "invalid key template", "key")
+    if match is None and ("\\" in value["key"]):
+        c.problems.append(Problem(c.at("key"), "the key refers to groups but there is no `match` to fill them"))
+    shape = value.get("shape", [])
+    if value.get("dtype", "float32") == "bool" and not isinstance(value["value"], bool):
+        c.problems.append(Problem(c.at("value"), "a bool tensor takes true or false"))
+    return SetTensor(
+        key,
+        value["value"],
+        value.get("dtype", "float32"),
+        None if shape == "target" else tuple(shape),
+        match,
+        value.get("if_exists", "error"),
+    )
+
+
+_SET_SCHEMA = object_schema(
+    description="A new tensor filled with a constant (e.g. a missing num_batches_tracked).",
+    required=["key", "value"],
+    properties={
+        "key": {
+            "$ref": "#/$defs/keyTemplate",
+            "description": "The new key; a template filled from match's groups when match is given.",
+        },
+        "match": {"$ref": "#/$defs/regex"},
+        "value": {"type": ["number", "boolean"]},
+        "dtype": {"$ref": "#/$defs/dtype"},
+        "shape": {
+            "anyOf": [{"type": "array", "items": {"type": "integer", "minimum": 0}}, {"const": "target"}],
+            "description": "Default [] (a scalar), or 'target'.",
+        },
+        "if_exists": {
+            "enum": ["error", "keep", "replace"],
+            "description": "When the key already exists (default error).",
+        },
+    },
+)
+
+
+def _invert_set(args: SetTensor, step: Step, trace: StepTrace | None) -> list[Doc]:
+    if args.if_exists == "replace":
+        raise NotInvertible("if_exists: replace overwrites tensors")
+    if trace is not None and trace.after is not None:
+        made = [k for k, _ in trace.after if k not in dict(trace.before)]
+        return [{"drop": [exact_keys(made)]}] if made else []
+    if args.match is None:
+        return [{"drop": [f"^{re.escape(args.key.expand(None))}$"]}]
+    if args.if_exists == "keep":
+        raise NotInvertible(
+            "with if_exists: keep, which keys it made depends on the checkpoint; the source layout is needed",
+            needs_layout=True,
+        )
+    groups = parse_pattern(args.match.pattern)[2]
+    return [
+        {
+            "drop": [
+                swap(
+                    args.match.pattern,
+                    args.key,
+                    whole=True,
+                    spare=tuple(g.number for g in groups if isinstance(g, Group)),
+                ).pattern
+            ]
+        }
+    ]
 
 
 def _infer_full(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> TensorMeta:

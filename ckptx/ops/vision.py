@@ -1,4 +1,5 @@
-"""Vision-model steps: resample ViT position embeddings, adapt a conv stem's input channels (timm's numerics)."""
+"""Vision-model steps: resample ViT position embeddings, adapt a conv stem's input channels (timm's numerics); each
+kind's arguments, builder, schema fragment, tensor op and planner together."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ from typing import TYPE_CHECKING, Any
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta
 from ckptx.errors import OpShapeError
-from ckptx.ops.layout import apply_to_matching
+from ckptx.ops.common import apply_to_matching, target_meta
 from ckptx.ops.registry import step
-from ckptx.ops.values import target_meta
 from ckptx.planning.context import PlanContext, StepOutcome
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.expr import tensor_op
@@ -21,15 +21,13 @@ from ckptx.rules.steps import Collector, Pattern, Step
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-else:
-    torch = lazy_module("torch")
-if TYPE_CHECKING:  # pragma: no cover
     import torch.nn.functional as F
 else:
+    torch = lazy_module("torch")
     F = lazy_module("torch.nn.functional")
 
 
-# --- what the steps say: arguments, builders, schema fragments, inverses ---------------------------------
+# ---- resample_pos_embed ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -43,15 +41,6 @@ class ResamplePosEmbed:
     antialias: bool = False
 
 
-@dataclass(frozen=True)
-class AdaptInChannels:
-    """Adapt a conv stem weight (O, I, kH, kW) to `channels` inputs like timm's adapt_input_conv."""
-
-    match: Pattern
-    channels: int | None
-    base_channels: int = 3
-
-
 def _build_resample_pos_embed(value: Any, c: Collector) -> ResamplePosEmbed:
     grid = value.get("grid", "target")
     source_grid = value.get("source_grid")
@@ -61,15 +50,6 @@ def _build_resample_pos_embed(value: Any, c: Collector) -> ResamplePosEmbed:
         None if grid == "target" else (int(grid[0]), int(grid[1])),
         None if source_grid is None else (int(source_grid[0]), int(source_grid[1])),
         bool(value.get("antialias", False)),
-    )
-
-
-def _build_adapt_in_channels(value: Any, c: Collector) -> AdaptInChannels:
-    channels = value["channels"]
-    return AdaptInChannels(
-        c.regex(value["match"], "match"),
-        None if channels == "target" else int(channels),
-        int(value.get("base_channels", 3)),
     )
 
 
@@ -97,22 +77,6 @@ _RESAMPLE_POS_EMBED_SCHEMA = object_schema(
         },
     },
 )
-
-_ADAPT_IN_CHANNELS_SCHEMA = object_schema(
-    description="Adapt a conv stem to another number of input channels (timm's adapt_input_conv).",
-    required=["match", "channels"],
-    properties={
-        "match": {"$ref": "#/$defs/regex"},
-        "channels": {"anyOf": [{"$ref": "#/$defs/size"}, {"const": "target"}]},
-        "base_channels": {
-            "$ref": "#/$defs/size",
-            "description": "Input channels the weights were trained with (default 3).",
-        },
-    },
-)
-
-
-# --- how they plan and compute --------------------------------------------------------------------------
 
 
 def _infer_resample(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> TensorMeta:
@@ -180,6 +144,41 @@ def plan_resample_pos_embed(
         }
 
     return apply_to_matching(step, entries, ctx, args.match, build)
+
+
+# ---- adapt_in_channels -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdaptInChannels:
+    """Adapt a conv stem weight (O, I, kH, kW) to `channels` inputs like timm's adapt_input_conv."""
+
+    match: Pattern
+    channels: int | None
+    base_channels: int = 3
+
+
+def _build_adapt_in_channels(value: Any, c: Collector) -> AdaptInChannels:
+    channels = value["channels"]
+    return AdaptInChannels(
+        c.regex(value["match"], "match"),
+        None if channels == "target" else int(channels),
+        int(value.get("base_channels", 3)),
+    )
+
+
+_ADAPT_IN_CHANNELS_SCHEMA = object_schema(
+    description="Adapt a conv stem to another number of input channels (timm's adapt_input_conv).",
+    required=["match", "channels"],
+    properties={
+        "match": {"$ref": "#/$defs/regex"},
+        "channels": {"anyOf": [{"$ref": "#/$defs/size"}, {"const": "target"}]},
+        "base_channels": {
+            "$ref": "#/$defs/size",
+            "description": "Input channels the weights were trained with (default 3).",
+        },
+    },
+)
 
 
 def _infer_adapt(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> TensorMeta:
