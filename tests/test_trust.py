@@ -33,7 +33,7 @@ from ckptx.io.read.open import open_source
 from ckptx.rules.lint import named_callables
 from ckptx.rules.loader import load_rules
 from ckptx.rules.recipe import Origin, TargetSpec
-from ckptx.targets.build import build_model
+from ckptx.targets.instantiate import build_model
 from ckptx.targets.resolve import resolve_target
 from ckptx.trust.callables import allow_factories, factory_verdict
 from ckptx.trust.imports import import_refusal

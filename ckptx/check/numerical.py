@@ -16,7 +16,7 @@ from ckptx.planning.planner import plan_recipe
 from ckptx.planning.source import Source
 from ckptx.rules.loader import load_rules
 from ckptx.rules.recipe import Recipe, TargetSpec, VerifySpec
-from ckptx.targets.build import build_model
+from ckptx.targets.instantiate import build_model
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

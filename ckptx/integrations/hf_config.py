@@ -13,7 +13,7 @@ from ckptx.errors import DestinationError
 from ckptx.io.write.hf_folder_writer import CONFIG
 from ckptx.planning.entry import PlanEntry
 from ckptx.rules.recipe import TargetSpec
-from ckptx.targets.build import build_model
+from ckptx.targets.instantiate import build_model
 
 __all__ = ["GENERATION_CONFIG", "folder_documents"]
 

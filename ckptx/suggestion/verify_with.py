@@ -9,7 +9,7 @@ from typing import Any
 from ckptx.conversion.pipeline import convert
 from ckptx.errors import TargetError, VerificationFailed
 from ckptx.rules.recipe import Origin, Recipe
-from ckptx.targets.build import build_model
+from ckptx.targets.instantiate import build_model
 from ckptx.trust.callables import allow_factories
 from ckptx.trust.usercode import import_callable
 

@@ -15,7 +15,7 @@ from ckptx.errors import FactoryFailed, TargetError
 from ckptx.io.manifest import read_manifest
 from ckptx.io.read.open import open_source
 from ckptx.rules.recipe import Origin, TargetSpec
-from ckptx.targets.build import build_model
+from ckptx.targets.instantiate import build_model
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

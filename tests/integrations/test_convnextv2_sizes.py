@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ckptx.targets.build import build_model
+from ckptx.targets.instantiate import build_model
 from tests.real.models import build, logits, seeded_input
 from tests.real.official_convnextv2 import build_official, make_official_checkpoint, randomize_
 

@@ -8,7 +8,7 @@ import torch
 from ckptx.conversion.in_memory import apply
 from ckptx.conversion.reverse import reverse_recipe
 from ckptx.rules.loader import load_rules
-from ckptx.targets.build import build_model
+from ckptx.targets.instantiate import build_model
 
 from .conftest import require_library
 
