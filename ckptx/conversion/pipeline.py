@@ -21,6 +21,7 @@ from ckptx.io.spans import Progress as ByteProgress
 from ckptx.io.write.atomic import stale_partials
 from ckptx.io.write.destination import InputFiles
 from ckptx.io.write.formats import writer_for
+from ckptx.io.write.hf_folder_writer import is_folder_destination
 from ckptx.io.write.writer import OutputOptions, Verify, Writer
 from ckptx.planning.planner import Plan, plan_recipe
 from ckptx.planning.source import Source
@@ -189,8 +190,6 @@ def _writer(request: ConvertRequest, planned: Planned) -> Writer:
     `_metadata`, a model folder's config)."""
     assert request.dst is not None
     plan, source = planned.plan, planned.plan.source
-    from ckptx.io.write.hf_folder_writer import is_folder_destination
-
     documents: Mapping[str, bytes] = {}
     if is_folder_destination(request.dst):
         from ckptx.integrations.hf_config import folder_documents  # transformers, only for model folders
