@@ -18,7 +18,7 @@ import ckptx
 from ckptx.conversion.pipeline import convert
 from ckptx.errors import PlanError, TensorOpError
 from ckptx.rules.loader import load_rules
-from tests.ops.helpers import apply, plan_problems, randn
+from tests.ops.helpers import apply, plan_problems, randn, stream
 
 FP8 = torch.float8_e4m3fn
 
@@ -234,5 +234,8 @@ def test_a_nan_byte_dequantizes_to_the_bits_torch_writes(tmp_path: Path) -> None
     raw = weight.view(torch.uint8)
     raw[5, 7], raw[129, 139] = 0x7F, 0xFF  # the two NaN bytes of float8_e4m3fn
     scales = scales_for((130, 140), (128, 128))
-    out = apply(tmp_path, "- dequantize_fp8:", {"w": weight, "w_scale_inv": scales})
-    assert torch.equal(bits(out["w"]), bits(reference_dequantize(weight, scales, (128, 128), torch.bfloat16)))
+    state = {"w": weight, "w_scale_inv": scales}
+    expected = bits(reference_dequantize(weight, scales, (128, 128), torch.bfloat16))
+    made = load_rules_text(tmp_path, "- dequantize_fp8:")
+    assert torch.equal(bits(stream(tmp_path, made, state)["w"]), expected)  # NaN != NaN: compare the bits
+    assert torch.equal(bits(ckptx.apply(made, state)["w"]), expected)
