@@ -11,7 +11,7 @@ OUT=benchmarks/results
 mkdir -p "$OUT" bench-out
 export HF_HUB_OFFLINE=1
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(run torch_out cow_bench dcp_bench zero_bench plan_bench suggest_bench batch)
+[ ${#names[@]} -gt 0 ] || names=(run torch_out cow_bench dcp_bench zero_bench plan_bench suggest_bench batch fp8_bench)
 for name in "${names[@]}"; do
     echo "== $name" >&2
     case "$name" in
@@ -20,6 +20,7 @@ for name in "${names[@]}"; do
         cow_bench)     "$PY" benchmarks/cow_bench.py --size-gib 2 --rounds 5 --json "$OUT/cow_bench.json" ;;
         dcp_bench)     "$PY" benchmarks/dcp_bench.py --size-gib 2 --ranks 4 --json "$OUT/dcp_bench.json" ;;
         zero_bench)    "$PY" benchmarks/zero_bench.py --rounds 2 --json "$OUT/zero_bench.json" ;;
+        fp8_bench)     "$PY" benchmarks/fp8_bench.py --size-gib 1 --repeat 3 --json "$OUT/fp8_bench.json" ;;
         plan_bench)    "$PY" benchmarks/plan_bench.py --workdir bench-out --repeat 3 --json "$OUT/plan_bench.json" ;;
         suggest_bench) "$PY" benchmarks/suggest_bench.py --repeat 3 --json "$OUT/suggest_bench.json" ;;
         batch)         "$PY" benchmarks/batch.py --repeat 3 --json "$OUT/batch.json" ;;

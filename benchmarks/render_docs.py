@@ -27,7 +27,17 @@ RESULTS = HERE / "results"
 TEMPLATE = HERE / "performance.md.in"
 PAGE = REPO / "docs" / "performance.md"
 PLACEHOLDER = re.compile(r"\{\{\s*([\w.]+)\s*\}\}")
-NAMES = ("run", "torch_out", "cow_bench", "dcp_bench", "zero_bench", "plan_bench", "suggest_bench", "batch")
+NAMES = (
+    "run",
+    "torch_out",
+    "cow_bench",
+    "dcp_bench",
+    "zero_bench",
+    "plan_bench",
+    "suggest_bench",
+    "batch",
+    "fp8_bench",
+)
 
 
 def load_results(folder: Path = RESULTS) -> dict[str, dict[str, Any]]:
@@ -282,6 +292,19 @@ def zero_table(doc: dict[str, Any]) -> str:
     )
 
 
+def fp8_table(doc: dict[str, Any]) -> str:
+    r = doc["results"]
+    rows = [
+        [name, ", ".join(_s(x) for x in c["wall_s"]), f"x{c['median_ratio_to_cp']}", _mib(c["max_rss_mib"])]
+        for name, c in r["commands"].items()
+    ]
+    return (
+        f"{r['size_gib']} GiB of float8_e4m3fn weights with float32 128x128 block scales to bfloat16, "
+        f"{r['rounds']} shuffled rounds.\n\n"
+        + _table(["command", "wall of each round (s)", "median wall / cp + sync", "peak RSS (MiB)"], rows, "lrrr")
+    )
+
+
 def suggest_facts(doc: dict[str, Any]) -> str:
     r = doc["results"]
     order = "name order" if r["sorted_header"] else "registration order"
@@ -345,6 +368,7 @@ def blocks(results: dict[str, dict[str, Any]]) -> dict[str, Callable[[], str]]:
         "zero_bench.table": ("zero_bench", zero_table),
         "suggest_bench.table": ("suggest_bench", suggest_facts),
         "batch.table": ("batch", batch_table),
+        "fp8_bench.table": ("fp8_bench", fp8_table),
     }
     for key, (name, fn) in tables.items():
         if name in results:

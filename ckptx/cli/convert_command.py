@@ -36,8 +36,15 @@ def add_parser(sub: Any, parents: Parents) -> None:
         "-o",
         "--output",
         metavar="DST",
-        help="output file (.safetensors, .pth, .pt, .bin), or DIR/ for a HuggingFace model folder "
+        help="output file (.safetensors, .pth, .pt, .bin, .gguf), or DIR/ for a HuggingFace model folder "
         "(config.json + model.safetensors) with a transformers target",
+    )
+    p.add_argument(
+        "--gguf-type",
+        choices=["auto", "float32", "float16", "bfloat16", "q8_0"],
+        metavar="TYPE",
+        help="tensor type of a .gguf output: auto (default), float32, float16, bfloat16 or q8_0, chosen per tensor "
+        "as llama.cpp's converter does",
     )
     p.add_argument("--target", metavar="SPEC", help="module:callable, reference checkpoint, or manifest")
     p.add_argument(
@@ -87,6 +94,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         progress=progress_bar(err, show_progress),
         max_shard_size=args.max_shard_size,
         reverse=args.reverse,
+        gguf_type=args.gguf_type,
     )
     plan, source = result.plan, result.plan.source
     lines = [

@@ -43,7 +43,14 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             "format": src.format,
             "top_level": src.top_level,
             "extracted_from": src.extracted_from,
-            "tensors": {k: {"shape": list(m.shape), "dtype": m.dtype} for k, m in metas.items()},
+            "tensors": {
+                k: {
+                    "shape": list(m.shape),
+                    "dtype": m.dtype,
+                    **({"stored_as": src.stored_as[k]} if k in src.stored_as else {}),
+                }
+                for k, m in metas.items()
+            },
             "non_tensors": src.non_tensors,
             "elements": params,
             "bytes": nbytes,
@@ -66,7 +73,11 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if src.file_metadata:
             lines.append("metadata: " + ", ".join(f"{shown(k)}={shown(v)}" for k, v in src.file_metadata.items()))
         rows = [[shown(k), "x".join(map(str, m.shape)) or "scalar", m.dtype, f"{m.numel:,}"] for k, m in metas.items()]
-        lines.append(table(rows, ["key", "shape", "dtype", "elements"]))
+        headings = ["key", "shape", "dtype", "elements"]
+        if src.stored_as:  # a GGUF file: the ggml type each tensor is stored as
+            rows = [row + [src.stored_as.get(k, "")] for row, k in zip(rows, metas)]
+            headings.append("stored as")
+        lines.append(table(rows, headings))
         if args.manifest:
             lines.append(f"wrote manifest {args.manifest}")
     emit(out, args.json, doc, "\n".join(lines))

@@ -49,6 +49,7 @@ def convert(
     metadata: Mapping[str, str] | None = None,
     max_shard_size: int | None = None,
     reverse: bool = False,
+    gguf_type: str | None = None,
 ) -> ConvertResult:
     """Convert `src` to `dst` with the recipes; validate against the target before writing a byte.
 
@@ -58,12 +59,15 @@ def convert(
     `max_shard_size` (bytes) writes HuggingFace-style shards and an index (see io/write/sharded_writer.py for
     the names); a DST ending in `.safetensors.index.json` is sharded even without it; `DIR/` writes a model folder.
     With `verify`, the written output is loaded into the target model and compared with the source model before it
-    is published. With `reverse`, converts the other way with the recipes' reverse (see ckptx.conversion.reverse);
+    is published. `DST.gguf` writes llama.cpp's GGUF with the tensors as `gguf_type` (float32, float16, bfloat16,
+    q8_0; default auto) and the model metadata from the config.json beside `src`. With `reverse`, converts the
+    other way with the recipes' reverse (see ckptx.conversion.reverse);
     `target` is then the recipes' source layout, traced when a step's inverse needs shapes.
     """
     request = ConvertRequest(
         Path(src), dst, recipes, target, dict(target_args or {}), dict(params or {}), dry_run, force,
         tuple(allow_globals), unsafe_pickle, verify, progress, dict(metadata or {}), max_shard_size, reverse,
+        gguf_type,
     )  # fmt: skip
     return run(request)
 
@@ -196,12 +200,19 @@ def _writer(request: ConvertRequest, planned: Planned) -> Writer:
 
         documents = folder_documents(planned.spec, plan.entries, str(request.dst))
     state_metadata = source.state_metadata if not plan.renames_keys else None
+    gguf_metadata: list[tuple[str, int, Any]] = []
+    if str(request.dst).lower().endswith(".gguf"):
+        from ckptx.integrations.gguf_metadata import gguf_metadata_for  # only for GGUF outputs
+
+        gguf_metadata = gguf_metadata_for(request.src, plan.entries)
     options = OutputOptions(
         force=request.force,
         max_shard_size=request.max_shard_size,
         metadata={**provenance(plan, source), **request.metadata},
         documents=documents,
         state_metadata=state_metadata,
+        gguf_metadata=gguf_metadata,
+        tensor_type=request.gguf_type,
     )
     return writer_for(request.dst, plan.entries, options)
 

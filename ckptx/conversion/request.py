@@ -37,6 +37,7 @@ class ConvertRequest:
     metadata: Mapping[str, str] = field(default_factory=dict)
     max_shard_size: int | None = None
     reverse: bool = False
+    gguf_type: str | None = None  # the tensor type of a .gguf output (float32, float16, bfloat16, q8_0, auto)
 
 
 @dataclass

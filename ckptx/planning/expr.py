@@ -3,7 +3,7 @@ ops: each op's shape function (so plans need no tensor data), its tensor functio
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -43,6 +43,20 @@ Expr = SourceRef | OpNode
 ByteKernel = Callable[[Mapping[str, Any], TensorMeta], Callable[[bytes], bytes] | None]
 
 
+class Piece(NamedTuple):
+    """One piece of a blockwise byte kernel: the byte range `[start, stop)` it reads of each input's raw bytes,
+    and the function from those bytes (in input order) to the next bytes of the output."""
+
+    ranges: tuple[tuple[int, int], ...]
+    convert: Callable[[Sequence[bytes]], bytes]
+
+
+BlockKernel = Callable[[Mapping[str, Any], Sequence[TensorMeta]], Iterable[Piece] | None]
+"""`blockwise(params, input_metas)`: the pieces, in output order, that compute the op from its inputs' raw bytes
+without torch (a dequantization reads a block of rows of the weight and the row of scales beside it); None for
+params it cannot do that for. Pieces are made lazily, so an iterable may be a generator."""
+
+
 def sources_of(expr: Expr) -> tuple[str, ...]:
     """Source keys an expression reads, in order."""
     if isinstance(expr, SourceRef):
@@ -73,6 +87,7 @@ class TensorOp:
     infer: Callable[[Mapping[str, Any], Sequence[TensorMeta]], TensorMeta]
     apply: Callable[[Mapping[str, Any], Sequence[torch.Tensor]], torch.Tensor]
     elementwise: ByteKernel | None = None
+    blockwise: BlockKernel | None = None
 
 
 TENSOR_OPS: dict[str, TensorOp] = {}
@@ -83,16 +98,18 @@ def tensor_op(
     infer: Callable[[Mapping[str, Any], Sequence[TensorMeta]], TensorMeta],
     *,
     elementwise: ByteKernel | None = None,
+    blockwise: BlockKernel | None = None,
 ):
     """Register the decorated function as the tensor function of op `name`.
 
     `elementwise(params, input_meta)` may give a function from whole elements of the input's raw bytes to the
     output's bytes, exactly what `apply` computes, without torch; the writer then streams the op chunk by
-    chunk. It returns None for params it cannot do that for.
+    chunk. It returns None for params it cannot do that for. `blockwise(params, input_metas)` does the same for
+    ops of one or more inputs whose output is computed piece by piece from byte ranges of each (see Piece).
     """
 
     def register(apply: Callable[[Mapping[str, Any], Sequence[torch.Tensor]], torch.Tensor]):
-        TENSOR_OPS[name] = TensorOp(name, infer, apply, elementwise)
+        TENSOR_OPS[name] = TensorOp(name, infer, apply, elementwise, blockwise)
         return apply
 
     return register
@@ -106,6 +123,18 @@ def byte_converter(expr: Expr) -> tuple[str, Callable[[bytes], bytes]] | None:
     kernel = TENSOR_OPS[expr.op].elementwise
     convert = kernel(dict(expr.params), expr.inputs[0].meta) if kernel is not None else None
     return None if convert is None else (expr.inputs[0].key, convert)
+
+
+def block_converter(expr: Expr) -> tuple[tuple[str, ...], Iterable[Piece]] | None:
+    """For `op(source tensors...)` where the op has a blockwise byte kernel for its params: the source keys, in
+    input order, and the pieces. None for anything else (it is computed with torch)."""
+    if isinstance(expr, SourceRef) or not all(isinstance(child, SourceRef) for child in expr.inputs):
+        return None
+    kernel = TENSOR_OPS[expr.op].blockwise
+    pieces = kernel(dict(expr.params), [child.meta for child in expr.inputs]) if kernel is not None else None
+    if pieces is None:
+        return None
+    return tuple(child.key for child in expr.inputs if isinstance(child, SourceRef)), pieces
 
 
 def node(op: str, inputs: Sequence[Expr], where: str, **params: Any) -> OpNode:

@@ -27,7 +27,7 @@ _KINDS = (
 
 
 def sniff_format(path: Path) -> str:
-    """`safetensors`, `sharded-index`, `torch-zip` or `torch-legacy`, from the content (extension as a hint).
+    """`safetensors`, `sharded-index`, `gguf`, `torch-zip` or `torch-legacy`, from the content (extension as a hint).
 
     A zip archive is recognised, as torch.load recognises it, by its first bytes only: a pickle with a zip
     appended is a legacy file (which is what torch reads from it), never a torch zip.
@@ -38,6 +38,8 @@ def sniff_format(path: Path) -> str:
         head = f.read(9)
     if path.suffix == ".safetensors":
         return "safetensors"
+    if head[:4] == b"GGUF":
+        return "gguf"
     if head[:4] == _ZIP:
         return "torch-zip"
     if len(head) == 9 and head[8:9] == b"{":
@@ -124,6 +126,10 @@ def open_source(
     fmt = sniff_format(p)
     if fmt == "safetensors":
         return _open_safetensors(p, str(path))
+    if fmt == "gguf":
+        from ckptx.io.read.gguf_reader import GgufSource
+
+        return GgufSource(p, str(path))
     if fmt == "sharded-index":
         return ShardedSource(
             p, str(path), open_source, extract_paths, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle

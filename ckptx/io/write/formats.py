@@ -42,6 +42,7 @@ SHARDED = OutputFormat("safetensors-sharded", (INDEX_SUFFIX,), "ckptx.io.write.s
 FORMATS = (
     OutputFormat("safetensors", (".safetensors",), "ckptx.io.write.safetensors_writer:SafetensorsWriter"),
     OutputFormat("torch", (".pth", ".pt", ".bin", ".ckpt"), "ckptx.io.write.torch_writer:TorchWriter"),
+    OutputFormat("gguf", (".gguf",), "ckptx.io.write.gguf_writer:GgufWriter"),
 )
 
 

@@ -9,13 +9,12 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import safetensors_code
-from ckptx.errors import TensorOpError
-from ckptx.io.spans import BLOCK, Progress, SpanCopier, convert_span, write_bytes
+from ckptx.io.spans import BLOCK, Progress, SpanCopier, write_bytes
+from ckptx.io.streamed import write_streamed
 from ckptx.io.write.atomic import sync_file
 from ckptx.io.write.writer import Move, OutputOptions, Writer
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.execute import materialize
-from ckptx.planning.expr import byte_converter
 from ckptx.planning.source import Source
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -125,19 +124,10 @@ def write_body(
 
 
 def write_computed(out: BinaryIO, entry: PlanEntry, source: Source, progress: Progress | None = None) -> None:
-    """Write a tensor an op changes: streamed through the op's byte kernel when it has one (a float cast of a
-    tensor with a raw span), else computed whole with torch."""
-    streamed = byte_converter(entry.expr)
-    span = source.raw_span(streamed[0]) if streamed is not None else None
-    if streamed is None or span is None or span.nbytes != source.tensors[streamed[0]].nbytes:
+    """Write a tensor an op changes: streamed through the op's byte kernel when it has one (a float cast, a
+    dequantization, of tensors with raw spans), else computed whole with torch."""
+    if not write_streamed(out, entry, source, progress):
         write_tensor(out, materialize(entry, source), progress)
-        return
-    written = convert_span(out, span, streamed[1], progress)
-    if written != entry.meta.nbytes:
-        raise TensorOpError(
-            f"tensor '{entry.key}' (from {streamed[0]}): wrote {written} bytes, the plan says "
-            f"{entry.meta.nbytes} for {entry.meta}; the source file is inconsistent"
-        )
 
 
 def write_tensor(out: BinaryIO, tensor: torch.Tensor, progress: Progress | None = None) -> None:

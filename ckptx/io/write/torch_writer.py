@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from ckptx._lazy import lazy_module
 from ckptx.errors import DestinationError, TensorOpError
 from ckptx.io.crc import CrcThread, stored_record_crcs
-from ckptx.io.spans import BLOCK, Progress, SpanCopier, convert_span, write_bytes
+from ckptx.io.spans import BLOCK, Progress, SpanCopier, write_bytes
+from ckptx.io.streamed import write_streamed
 from ckptx.io.write.atomic import sync_file
 from ckptx.io.write.torch_layout import ComputedBytes, FileBytes, MemoryBytes, StorageRecord, TorchLayout, plan_layout
 from ckptx.io.write.torch_pickle import ITEM_SIZES, state_dict_pickle
@@ -39,7 +40,6 @@ from ckptx.io.write.writer import Move, OutputOptions, Writer
 from ckptx.io.write.zip_records import ZipRecords
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.execute import materialize
-from ckptx.planning.expr import byte_converter
 from ckptx.planning.source import RawSpan, Source
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -227,11 +227,7 @@ class _RecordWriter:
         entry = fill.entry
         writer = _CrcWriter(self._out)
         out = cast(BinaryIO, writer)
-        streamed = byte_converter(entry.expr)
-        span = self._source.raw_span(streamed[0]) if streamed is not None else None
-        if streamed is not None and span is not None and span.nbytes == self._source.tensors[streamed[0]].nbytes:
-            convert_span(out, span, streamed[1], self._progress)
-        else:
+        if not write_streamed(out, entry, self._source, self._progress):
             write_bytes(out, memoryview(tensor_bytes(materialize(entry, self._source), entry.key)), self._progress)
         return writer.crc
 

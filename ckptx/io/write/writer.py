@@ -40,7 +40,7 @@ class OutputOptions:
     `metadata`: string entries for a safetensors header (provenance first); `documents`: JSON documents written
     beside the weights of a model folder (`config.json`, ...) and `copies`: files copied into it as they are
     (tokenizer files, ...); `state_metadata`: the `_metadata` of a torch state dict; `max_shard_size`: bytes
-    of tensor data per safetensors shard.
+    of tensor data per safetensors shard; `gguf_metadata` and `tensor_type`: what a GGUF file carries.
     """
 
     force: bool = False
@@ -49,6 +49,8 @@ class OutputOptions:
     documents: Mapping[str, bytes] = field(default_factory=dict)
     copies: Mapping[str, Path] = field(default_factory=dict)
     state_metadata: Any = None
+    gguf_metadata: Sequence[tuple[str, int, Any]] = ()  # (key, GGUF value type, value) of a .gguf output, in order
+    tensor_type: str | None = None  # a .gguf output's file type: float32, float16, bfloat16, q8_0 or auto
 
 
 class Writer(ABC):

@@ -1,0 +1,193 @@
+"""GGUF output (llama.cpp): the header (metadata, then each tensor's name, shape, ggml type and offset) from the
+plan, then each tensor's bytes streamed in blocks of rows, every tensor aligned to 32 bytes.
+
+Each tensor's ggml type follows llama.cpp's `convert_hf_to_gguf.py` for the requested file type (`float32`,
+`float16`, `bfloat16`, `q8_0`, or `auto`: bfloat16 or float16 as the first 2-D tensor is, else float16): 1-D
+tensors, norms, tensors whose names do not end in `.weight` and the few llama.cpp keeps in float32 (routers,
+position embeddings) are F32; a Q8_0 tensor whose rows are not whole blocks of 32 falls back to F16. Values are
+taken as float32 (exact for float16 and bfloat16) and converted as the `gguf` package converts them, so the bytes
+are the converter's.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ckptx._lazy import lazy_module
+from ckptx.errors import DestinationError
+from ckptx.io.gguf import ARRAY, DEFAULT_ALIGNMENT, MAGIC, STRING, VALUE_TYPES, quantize, type_named
+from ckptx.io.spans import Progress
+from ckptx.io.write.atomic import sync_file
+from ckptx.io.write.writer import Move, Writer
+from ckptx.planning.entry import PlanEntry
+from ckptx.planning.execute import materialize
+from ckptx.planning.source import Source
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+else:
+    np = lazy_module("numpy")
+
+__all__ = ["FILE_TYPES", "GgufWriter", "tensor_types"]
+
+# file type -> (ggml type of the quantizable tensors, llama.cpp's general.file_type)
+FILE_TYPES = {"float32": ("F32", 0), "float16": ("F16", 1), "bfloat16": ("BF16", 32), "q8_0": ("Q8_0", 7)}
+_ALWAYS_F32 = ("ffn_gate_inp.", "ffn_gate_inp_shexp.", "position_embd.", "token_types.", "ssm_conv1d.")
+_PLAIN = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
+          "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64"}  # fmt: skip
+_FLOATS = ("float32", "float16", "bfloat16", "float64")
+ROWS_BYTES = 8 * 1024 * 1024  # float32 bytes converted at a time
+
+
+def resolve_file_type(file_type: str | None, entries: Sequence[PlanEntry]) -> str:
+    """`auto` (or None) as llama.cpp guesses it: the dtype of the first tensor of 2 or more dimensions."""
+    if file_type not in (None, "auto"):
+        assert file_type is not None
+        return file_type
+    first = next((e.meta.dtype for e in entries if len(e.meta.shape) >= 2), None)
+    return "bfloat16" if first == "bfloat16" else "float16"
+
+
+def tensor_types(entries: Sequence[PlanEntry], file_type: str) -> list[str]:
+    """The ggml type of each entry for `file_type`, as llama.cpp's converter chooses it."""
+    wanted = FILE_TYPES[file_type][0]
+    types = []
+    for entry in entries:
+        name, meta = entry.key, entry.meta
+        if meta.dtype not in _FLOATS:
+            types.append(_PLAIN.get(meta.dtype, ""))
+        elif len(meta.shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+            types.append("F32")
+        elif any(part in name for part in _ALWAYS_F32):
+            types.append("F32")
+        elif wanted == "Q8_0" and meta.shape[-1] % 32:
+            types.append("F16")
+        else:
+            types.append(wanted)
+    return types
+
+
+def _string(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _value(code: int, value: Any) -> bytes:
+    if code == STRING:
+        return _string(value)
+    if code == ARRAY:
+        item, items = value
+        return struct.pack("<IQ", item, len(items)) + b"".join(_value(item, v) for v in items)
+    fmt = VALUE_TYPES[code][1]
+    assert fmt is not None
+    return struct.pack(fmt, value)
+
+
+def build_header(
+    metadata: Sequence[tuple[str, int, Any]], entries: Sequence[PlanEntry], types: Sequence[str]
+) -> tuple[bytes, list[int]]:
+    """The header bytes, padded to the alignment, and each tensor's offset in the data section."""
+    out = [MAGIC, struct.pack("<IQQ", 3, len(entries), len(metadata))]
+    for key, code, value in metadata:
+        out += [_string(key), struct.pack("<I", code), _value(code, value)]
+    offsets, at = [], 0
+    for entry, name in zip(entries, types):
+        ggml = type_named(name)
+        dims = tuple(reversed(entry.meta.shape)) or (1,)
+        out += [_string(entry.key), struct.pack(f"<I{len(dims)}Q", len(dims), *dims)]
+        out.append(struct.pack("<IQ", ggml.code, at))
+        offsets.append(at)
+        at += -(-_nbytes(entry, name) // DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT
+    header = b"".join(out)
+    return header + b"\0" * (-len(header) % DEFAULT_ALIGNMENT), offsets
+
+
+def _nbytes(entry: PlanEntry, name: str) -> int:
+    ggml = type_named(name)
+    return entry.meta.numel // ggml.block_size * ggml.type_size
+
+
+class GgufWriter(Writer):
+    """One `.gguf` file: metadata (OutputOptions.gguf_metadata) and tensors of the chosen ggml types."""
+
+    format = "gguf"
+    what = "the GGUF file"
+
+    def __init__(self, destination: Path, entries: Sequence[PlanEntry], options: Any) -> None:
+        super().__init__(destination, entries, options)
+        self.file_type = resolve_file_type(options.tensor_type, self.entries)
+        if self.file_type not in FILE_TYPES:
+            raise DestinationError(
+                f"{destination}: GGUF tensor type {self.file_type!r}; use one of {', '.join(FILE_TYPES)}"
+            )
+        self.types = tensor_types(self.entries, self.file_type)
+        bad = [e for e, t in zip(self.entries, self.types) if not t]
+        if bad:
+            raise DestinationError(
+                f"{destination}: tensor '{bad[0].key}' is {bad[0].meta.dtype}, which GGUF cannot hold; cast or drop it"
+            )
+
+    def files(self) -> list[Path]:
+        """The file."""
+        return [self.destination]
+
+    def stage(self, folder: Path, source: Source, progress: Progress | None) -> list[Move]:
+        """Header first, then each tensor streamed, every one padded to the alignment."""
+        metadata = list(self.options.gguf_metadata)
+        file_type = FILE_TYPES[self.file_type][1]
+        metadata = [(k, c, file_type if k == "general.file_type" else v) for k, c, v in metadata]
+        header, _ = build_header(metadata, self.entries, self.types)
+        staged = folder / self.destination.name
+        with open(staged, "wb") as out:
+            out.write(header)
+            for entry, name in zip(self.entries, self.types):
+                written = 0
+                for chunk in _tensor_bytes(entry, name, source):
+                    out.write(chunk)
+                    written += len(chunk)
+                    if progress:
+                        progress(len(chunk))
+                if written != _nbytes(entry, name):
+                    raise DestinationError(f"tensor '{entry.key}': wrote {written} bytes, its {name} needs more")
+                out.write(b"\0" * (-written % DEFAULT_ALIGNMENT))
+            sync_file(out)
+        return [(staged, self.destination)]
+
+
+def _tensor_bytes(entry: PlanEntry, name: str, source: Source) -> Iterator[bytes]:
+    """The tensor's bytes as ggml type `name`, a block of rows at a time: read from its raw span when the plan
+    copies a source tensor, else computed (with torch) once."""
+    meta = entry.meta
+    row = meta.shape[-1] if meta.shape else 1
+    if meta.dtype not in _FLOATS:  # an integer tensor: its bytes as they are
+        yield materialize(entry, source).contiguous().view(-1).numpy().tobytes()
+        return
+    span = source.raw_span(entry.sources[0]) if entry.is_copy else None
+    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}[meta.dtype]
+    rows_per_chunk = max(1, ROWS_BYTES // max(1, row * 4))
+    if span is not None and span.nbytes == meta.nbytes:
+        fd = os.open(span.file, os.O_RDONLY)
+        try:
+            total_rows = meta.numel // row if row else 0
+            for r0 in range(0, total_rows, rows_per_chunk):
+                r1 = min(total_rows, r0 + rows_per_chunk)
+                data = os.pread(fd, (r1 - r0) * row * itemsize, span.offset + r0 * row * itemsize)
+                yield quantize(_as_float32(data, meta.dtype), name)
+        finally:
+            os.close(fd)
+        return
+    tensor = materialize(entry, source)
+    values = tensor.detach().contiguous().float().numpy().reshape(-1, row) if meta.numel else np.zeros(0)
+    for r0 in range(0, values.shape[0], rows_per_chunk):
+        yield quantize(values[r0 : r0 + rows_per_chunk], name)
+
+
+def _as_float32(data: bytes, dtype: str) -> Any:
+    if dtype == "bfloat16":
+        return (np.frombuffer(data, dtype="<u2").astype("<u4") << 16).view("<f4")
+    code = {"float32": "<f4", "float16": "<f2", "float64": "<f8"}[dtype]
+    return np.frombuffer(data, dtype=code).astype("<f4")
