@@ -244,7 +244,12 @@ def tv_convnext() -> nn.Module:
     """torchvision convnext_tiny shape-reduced: its CNBlockConfig list."""
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
-    settings = [CNBlockConfig(16, 32, 1), CNBlockConfig(32, 48, 1), CNBlockConfig(48, 64, 1), CNBlockConfig(64, None, 1)]
+    settings = [
+        CNBlockConfig(16, 32, 1),
+        CNBlockConfig(32, 48, 1),
+        CNBlockConfig(48, 64, 1),
+        CNBlockConfig(64, None, 1),
+    ]
     return ConvNeXt(settings, num_classes=5)
 
 
@@ -503,7 +508,9 @@ def hf_sam() -> nn.Module:
             num_pos_feats=dim // 2,
             mlp_dim=128,
         ),
-        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=dim, image_size=64, patch_size=16, mask_input_channels=16),
+        prompt_encoder_config=SamPromptEncoderConfig(
+            hidden_size=dim, image_size=64, patch_size=16, mask_input_channels=16
+        ),
         mask_decoder_config=SamMaskDecoderConfig(
             hidden_size=dim, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2, iou_head_hidden_dim=dim
         ),
