@@ -50,13 +50,16 @@ class Alignment:
         return self.matched_tensors / self.total_tensors if self.total_tensors else 1.0
 
 
-def align(source: Level, target: Level, memo: dict[tuple[int, int], Alignment] | None = None) -> Alignment:
-    """Align two levels (recursively through their runs); `memo` shares run-body alignments."""
+def align(
+    source: Level, target: Level, memo: dict[tuple[int, int], Alignment] | None = None, *, ordered: bool = True
+) -> Alignment:
+    """Align two levels (recursively through their runs); `memo` shares run-body alignments. `ordered`: both sides
+    keep registration order (not sorted by name), so a decided neighbour's order is evidence."""
     memo = {} if memo is None else memo
     key = (source.signature, target.signature)
     if key in memo:
         return memo[key]
-    result = _LevelAligner(source, target, memo).run()
+    result = _LevelAligner(source, target, memo, ordered).run()
     memo[key] = result
     return result
 
@@ -87,8 +90,8 @@ def unmatched(alignment: Alignment, source_prefix: str = "", target_prefix: str 
 
 
 class _LevelAligner:
-    def __init__(self, source: Level, target: Level, memo: dict[tuple[int, int], Alignment]) -> None:
-        self.source, self.target, self.memo = source, target, memo
+    def __init__(self, source: Level, target: Level, memo: dict[tuple[int, int], Alignment], ordered: bool) -> None:
+        self.source, self.target, self.memo, self.ordered = source, target, memo, ordered
         self.result = Alignment(total_tensors=source.count + target.count)
 
     def run(self) -> Alignment:
@@ -109,7 +112,7 @@ class _LevelAligner:
                 (a.order, b.order),
                 (a.order + len(a.prefixes) * a.size - 1, b.order + len(b.prefixes) * b.size - 1),
             ]
-        flat = FlatAligner(src_leaves, dst_leaves, anchors, self.source.count, self.target.count)
+        flat = FlatAligner(src_leaves, dst_leaves, anchors, self.source.count, self.target.count, self.ordered)
         self.result.matches = flat.run()
         self.result.source_unmatched = [src_leaves[i].key for i in sorted(flat.free_src)]
         self.result.target_unmatched = [dst_leaves[j].key for j in sorted(flat.free_dst)]
@@ -129,7 +132,7 @@ class _LevelAligner:
                 if not _bodies_may_match(a.body, b.body):
                     row.append(None)
                     continue
-                al = align(a.body, b.body, self.memo)
+                al = align(a.body, b.body, self.memo, ordered=self.ordered)
                 inner[i, j] = al
                 if al.quality < 0.5:
                     row.append(None)

@@ -161,7 +161,13 @@ class _StepBuilder:
             self.reshapes["[-1]" if len(f.shape) == 1 else "target"].append(self.add + t)
             ops = ("reshape",)
         self.decided[self.add + t] = Decided((s,), ops)
-        if match.alternative:
+        if match.undecided:
+            rival = f" or '{self.add + match.alternative}'" if match.alternative else ""
+            self.comments[s].append(
+                f"UNDECIDED: '{self.add + t}'{rival}: equal shapes, and neither names, module kinds nor structure "
+                f"tell them apart (only position chose); rerun with --verify-with to decide"
+            )
+        elif match.alternative:
             self.comments[s].append(
                 f"close call: '{self.add + t}' chosen over '{self.add + match.alternative}' "
                 f"(same shape, similar evidence)"

@@ -24,6 +24,7 @@ from ckptx.rules.recipe import Recipe, TargetSpec
 from ckptx.suggestion.align import align, expand, unmatched
 from ckptx.suggestion.build import Decided, build_steps
 from ckptx.suggestion.emit import render_recipe
+from ckptx.suggestion.kinds import infer_kinds, with_kinds
 from ckptx.suggestion.sources import (
     Candidate,
     Prefixes,
@@ -66,15 +67,17 @@ class SuggestReport:
     close_calls: tuple[str, ...]
     notes: tuple[str, ...]
     validation: ValidationReport
+    undecided: tuple[str, ...] = ()  # rows no evidence decided (position alone): not a success
     verification: Any = None
     verification_error: str | None = None
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        """True when the recipe validates against the target (and, if run, the outputs agree)."""
+        """True when the recipe validates against the target, every row was decided by evidence that excludes its
+        rivals, and (if run) the outputs agree."""
         verified = self.verification is None or bool(getattr(self.verification, "ok", False))
-        return self.validation.ok and not self.missing and verified
+        return self.validation.ok and not self.missing and not self.undecided and verified
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -97,6 +100,7 @@ class SuggestReport:
             "allowed_missing": list(self.allowed_missing),
             "missing": list(self.missing),
             "close_calls": list(self.close_calls),
+            "undecided": list(self.undecided),
             "notes": list(self.notes),
             "validation": self.validation.to_dict(),
             "verification": self.verification.to_dict() if self.verification is not None else None,
@@ -200,7 +204,9 @@ def _suggest(
     prefixes = infer_prefixes(list(source_tensors), list(target_tensors))
     cut, added = len(prefixes.strip_text), prefixes.add_text
     stripped = {k[cut:]: m for k, m in source_tensors.items()}
+    stripped = with_kinds(stripped, infer_kinds(stripped))
     unprefixed = {k[len(added) :]: m for k, m in target_tensors.items()}
+    unprefixed = with_kinds(unprefixed, {k[len(added) :]: v for k, v in resolved.kinds.items() if k.startswith(added)})
     src_order = natural_order(list(stripped), stripped)
     dst_order = natural_order(list(unprefixed), unprefixed)
     if src_order is not None:
@@ -209,7 +215,7 @@ def _suggest(
         notes.append("target keys are sorted by name: order evidence is weaker")
     src_level = build_level([(k, stripped[k]) for k in hierarchical_order(src_order or list(stripped))])
     dst_level = build_level([(k, unprefixed[k]) for k in hierarchical_order(dst_order or list(unprefixed))])
-    alignment = align(src_level, dst_level)
+    alignment = align(src_level, dst_level, ordered=src_order is None and dst_order is None)
     matches = list(expand(alignment))
     left_src, left_dst = unmatched(alignment)
 
@@ -239,7 +245,13 @@ def _suggest(
     ops: Counter = Counter()
     close: dict[str, str] = {}
     noted: dict[str, str] = {}
+    undecided: dict[str, str] = {}
     for match in matches:
+        if match.undecided:
+            rival = f" (or {added}{match.alternative})" if match.alternative else ""
+            text = f"{prefixes.strip_text}{match.sources[0]} -> {added}{match.targets[0]}{rival}"
+            undecided.setdefault(_DIGITS.sub("#", text), text)
+            continue
         evidence[match.evidence] += len(match.targets)
         if match.kind != "tensor":
             ops[match.kind] += 1
@@ -272,6 +284,7 @@ def _suggest(
         missing,
         len(source_tensors),
         verify is not None,
+        list(undecided.values()),
     )
     trailer = []
     if missing:
@@ -349,6 +362,7 @@ def _suggest(
         close_calls=tuple(close.values()),
         notes=tuple(notes),
         validation=report,
+        undecided=tuple(undecided.values()),
         verification=verification,
         verification_error=error,
         seconds=time.perf_counter() - started,
@@ -461,6 +475,7 @@ def _header(
     missing: list[str],
     n_source: int,
     verified: bool,
+    undecided: list[str],
 ) -> list[str]:
     where = f", weights at '{extract}'" if extract else ""
     lines = [
@@ -498,6 +513,12 @@ def _header(
         lines.append(f"allowed missing: {len(allowed_missing)} target key(s) left as initialised")
     if missing:
         lines.append(f"NOT MAPPED: {len(missing)} target key(s), listed at the end")
+    if undecided:
+        lines.append(
+            f"UNDECIDED: {len(undecided)} row(s) between tensors of equal shape that no evidence but position "
+            f"decided (marked below); rerun with --verify-with module:callable (the source model) to decide them"
+        )
+        lines += [f"  {u}" for u in undecided[:20]]
     lines += [
         "",
         "ckptx validated this recipe's keys and shapes against the target; it does not prove the outputs",

@@ -1,0 +1,126 @@
+"""Structural evidence: the module tree (which numbered container a tensor lives in), role words (q/k/v/o,
+gate/up) and sibling rank (`conv1` before `conv2`, `layer.0` before `layer.1`).
+
+Containers are the numbered prefixes above a tensor's module (`layer2`, `layer2.0` for `layer2.0.conv1.weight`).
+Pairs sure enough to lean on (same names, shapes only one tensor on each side has) map source containers to target
+containers (`layer2.0` -> `stages.1.layers.0`); a container no such pair reaches takes its sibling's mapping shifted
+by the difference of their numbers. A candidate pair then agrees with the tree (its source container maps to a
+container holding the target tensor) or contradicts it: blocks are not mixed up.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+
+from ckptx.suggestion.names import key_name
+
+__all__ = ["ContainerMap", "containers", "rank_key", "role_agreement"]
+
+_NUMBER = re.compile(r"\d+")
+_ROLE_GROUPS = (frozenset({"q", "k", "v", "o"}), frozenset({"gate", "up"}))
+
+
+@lru_cache(maxsize=262144)
+def containers(key: str) -> tuple[str, ...]:
+    """The numbered prefixes above a key's module, outermost first: `layer2.0.conv1.weight` -> (`layer2`,
+    `layer2.0`)."""
+    parts = key.split(".")[:-2]
+    return tuple(".".join(parts[: i + 1]) for i, p in enumerate(parts) if _NUMBER.search(p))
+
+
+class ContainerMap:
+    """Source container -> target container, from sure pairs, extended to siblings by index arithmetic."""
+
+    def __init__(self, pairs: Iterable[tuple[str, str]], target_keys: Sequence[str]) -> None:
+        found: dict[str, set[str] | None] = {}
+        for s, t in pairs:
+            targets = set(containers(t))
+            for cs in containers(s):
+                have = found.get(cs, None) if cs in found else targets
+                found[cs] = (have & targets) if have is not None else None
+        self.map: dict[str, str] = {}
+        for cs, common in found.items():
+            if common:
+                self.map[cs] = max(common, key=len)
+        target_containers = {c for t in target_keys for c in containers(t)}
+        self._extend(target_containers)
+
+    def _extend(self, target_containers: set[str]) -> None:
+        """Containers no sure pair reached take a sibling's mapping shifted by their numbers' difference."""
+        by_template: dict[tuple[str, str], list[tuple[int, str]]] = {}
+        for cs in self.map:
+            head, _, last = cs.rpartition(".")
+            numbers = _NUMBER.findall(last)
+            if len(numbers) == 1:
+                by_template.setdefault((head, _NUMBER.sub("#", last)), []).append((int(numbers[0]), cs))
+        self._siblings = by_template
+        self._targets = target_containers
+
+    def lookup(self, cs: str) -> str | None:
+        """The target container of source container `cs`, if known or inferable from a sibling."""
+        if cs in self.map:
+            return self.map[cs]
+        head, _, last = cs.rpartition(".")
+        numbers = _NUMBER.findall(last)
+        if len(numbers) != 1:
+            return None
+        known = self._siblings.get((head, _NUMBER.sub("#", last)))
+        if not known:
+            return None
+        n = int(numbers[0])
+        for m, sibling in sorted(known, key=lambda x: abs(x[0] - n)):
+            target = self.map[sibling]
+            t_head, _, t_last = target.rpartition(".")
+            t_numbers = _NUMBER.findall(t_last)
+            if len(t_numbers) != 1:
+                continue
+            shifted = int(t_numbers[0]) + n - m
+            if shifted < 0:
+                continue
+            candidate = (t_head + "." if t_head else "") + _NUMBER.sub(str(shifted), t_last, count=1)
+            if candidate in self._targets:
+                self.map[cs] = candidate
+                return candidate
+            return None
+        return None
+
+    def agreement(self, s: str, t: str) -> float:
+        """+1 when the innermost mapped container of `s` holds `t`, -1 when it does not, 0 when none is mapped."""
+        if not self.map:
+            return 0.0
+        held = containers(t)
+        for cs in reversed(containers(s)):
+            target = self.lookup(cs)
+            if target is not None:
+                return 1.0 if target in held else -1.0
+        return 0.0
+
+
+def _roles(key: str) -> tuple[frozenset[str], ...]:
+    name = key_name(key)
+    words = set(name.leaf) | set(name.param) | set(name.path)
+    return tuple(group & words for group in _ROLE_GROUPS)
+
+
+def role_agreement(s: str, t: str) -> float:
+    """-1 when the two keys name different roles of one group (`q_bias` and `value.bias`), +1 when the same one,
+    0 when either names none."""
+    score = 0.0
+    for a, b in zip(_roles(s), _roles(t)):
+        if not a or not b:
+            continue
+        if not a & b:
+            return -1.0
+        if a == b:
+            score = 1.0
+    return score
+
+
+def rank_key(key: str) -> tuple[str, tuple[int, ...]] | None:
+    """A key's module name with its numbers taken out, and those numbers (`conv1` -> ('conv#', (1,)), `layer.0.conv`
+    -> ('layer.#.conv', (0,))), for ranking siblings whose names differ only by numbers; None without numbers."""
+    module = key.rpartition(".")[0]
+    numbers = tuple(int(n) for n in _NUMBER.findall(module))
+    return (_NUMBER.sub("#", module), numbers) if numbers else None
