@@ -20,7 +20,7 @@ from ckptx.suggestion.match import Match
 from ckptx.suggestion.names import key_name, rarity, similarity, token_similarity
 from ckptx.suggestion.order import Warp, number_similarity
 from ckptx.suggestion.shapes import Fit, JoinFit, dtype_kind, fit, join_fit, loose_shape
-from ckptx.suggestion.structure import ContainerMap, role_agreement
+from ckptx.suggestion.structure import ContainerMap, rank_agreement, role_agreement, sibling_ranks
 from ckptx.suggestion.tree import Leaf
 
 __all__ = ["FlatAligner"]
@@ -65,6 +65,10 @@ class FlatAligner:
         self.warp = Warp(self.run_anchors, self.n, self.m)
         self._layouts: dict[tuple, list[tuple[int, int, Fit]] | None] = {}
         self.containers = ContainerMap((), ())
+        self.ranks = (
+            sibling_ranks((leaf.key, kind_of(leaf.meta)) for leaf in src),
+            sibling_ranks((leaf.key, kind_of(leaf.meta)) for leaf in dst),
+        )
 
     def position(self, i: int, j: int) -> float:
         """How well source leaf `i` and target leaf `j` sit at corresponding places of their levels."""
@@ -141,8 +145,14 @@ class FlatAligner:
         return pairs
 
     def _structure(self, s: str, t: str, ks: str, kt: str) -> float:
-        """Evidence beyond name tokens: module kinds, the container tree, role words (q/k/v/o, gate/up)."""
-        return 0.8 * agreement(ks, kt) + 1.5 * self.containers.agreement(s, t) + 1.0 * role_agreement(s, t)
+        """Evidence beyond name tokens: module kinds, the container tree, role words (q/k/v/o, gate/up) and the rank
+        among numbered siblings (`conv1` of two is `layer.0` of two)."""
+        return (
+            0.8 * agreement(ks, kt)
+            + 1.5 * self.containers.agreement(s, t)
+            + 1.0 * role_agreement(s, t)
+            + 0.8 * rank_agreement(self.ranks[0].get(s), self.ranks[1].get(t))
+        )
 
     @property
     def _src_index(self) -> dict[str, int]:

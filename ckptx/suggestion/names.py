@@ -33,6 +33,7 @@ _concept(
     "rmsnorm",
     "lnorm",
     "nrm",
+    "layrnorm",  # transformers' CLIP: pre_layrnorm
 )
 _concept("conv", "convolution", "conv2d", "conv1d", "conv3d", "convs")
 _concept("proj", "projection", "projector")
@@ -61,6 +62,8 @@ _concept("se", "squeeze_excite", "squeeze_excitation")
 _concept("gate", "gating")
 _concept("up", "upsample")
 _concept("scale", "layer_scale", "layerscale", "ls")
+_concept("vision", "visual", "image", "img", "vit")
+_concept("text", "textual", "language")
 _SYNONYMS.update(
     {
         "dwconv": ("dw", "conv"),
@@ -77,6 +80,11 @@ _SYNONYMS.update(
         "pos_embed": ("pos", "embed"),
         "class_token": ("cls", "token"),
         "ln_f": ("norm", "final"),
+        "cross_attn": ("cross", "attn"),
+        "crossattention": ("cross", "attn"),
+        "cross_attention": ("cross", "attn"),
+        "encoder_attn": ("cross", "attn"),
+        "encoder_decoder_attention": ("cross", "attn"),
     }
 )
 

@@ -16,7 +16,7 @@ from functools import lru_cache
 
 from ckptx.suggestion.names import key_name
 
-__all__ = ["ContainerMap", "containers", "rank_key", "role_agreement"]
+__all__ = ["ContainerMap", "containers", "rank_agreement", "role_agreement", "sibling_ranks"]
 
 _NUMBER = re.compile(r"\d+")
 _ROLE_GROUPS = (frozenset({"q", "k", "v", "o"}), frozenset({"gate", "up"}))
@@ -118,9 +118,27 @@ def role_agreement(s: str, t: str) -> float:
     return score
 
 
-def rank_key(key: str) -> tuple[str, tuple[int, ...]] | None:
-    """A key's module name with its numbers taken out, and those numbers (`conv1` -> ('conv#', (1,)), `layer.0.conv`
-    -> ('layer.#.conv', (0,))), for ranking siblings whose names differ only by numbers; None without numbers."""
-    module = key.rpartition(".")[0]
-    numbers = tuple(int(n) for n in _NUMBER.findall(module))
-    return (_NUMBER.sub("#", module), numbers) if numbers else None
+def sibling_ranks(items: Iterable[tuple[str, str]]) -> dict[str, tuple[int, int]]:
+    """key -> (rank, count) among its siblings: tensors of the same kind and parameter name whose module names differ
+    only in their last number (`conv1`, `conv2`; `layer.0`, `layer.1`). `items` are (key, kind)."""
+    groups: dict[tuple[str, tuple[str, ...], str, str], list[tuple[int, str]]] = {}
+    for key, kind in items:
+        module, _, param = key.rpartition(".")
+        numbers = _NUMBER.findall(module)
+        if numbers:
+            group = (_NUMBER.sub("#", module), tuple(numbers[:-1]), param, kind)
+            groups.setdefault(group, []).append((int(numbers[-1]), key))
+    out: dict[str, tuple[int, int]] = {}
+    for members in groups.values():
+        if len(members) >= 2:
+            for rank, (_, key) in enumerate(sorted(members)):
+                out[key] = (rank, len(members))
+    return out
+
+
+def rank_agreement(a: tuple[int, int] | None, b: tuple[int, int] | None) -> float:
+    """+1 when two keys hold the same rank among equally many siblings (`conv1` of two and `layer.0` of two), -1 for
+    different ranks, 0 when either has no numbered siblings or their counts differ."""
+    if a is None or b is None or a[1] != b[1]:
+        return 0.0
+    return 1.0 if a[0] == b[0] else -1.0
