@@ -398,7 +398,8 @@ class FlatAligner:
     def _plausible(self, i: int, j: int, unique: bool = False) -> bool:
         """A lone tensor pair needs some evidence beyond its shape: a similar name, about the expected place, or
         a distinctive shape (two or more sizes other than 1) that only these two tensors have at this level
-        (a new layer of the target is not filled with a leftover norm of the same width from elsewhere)."""
+        (a new layer of the target is not filled with a leftover norm of the same width from elsewhere), or the same
+        kind of module (a norm for a norm: whether it is the right one is then for the rival check to say)."""
         if unique and len(loose_shape(self.src[i].meta.shape)) >= 2:
             return True
         a, b = key_name(self.src[i].key), key_name(self.dst[j].key)
@@ -407,7 +408,8 @@ class FlatAligner:
             or bool(set(a.leaf) & set(b.leaf))
             or bool((set(a.param) & set(b.param)) - _GENERIC_PARAMS)
         )
-        return named or self.position(i, j) >= 0.25
+        kinds = agreement(kind_of(self.src[i].meta), kind_of(self.dst[j].meta)) >= 1.0
+        return named or kinds or self.position(i, j) >= 0.25
 
     def _tensor_score(self, i: int, j: int, f: Fit) -> tuple[float, float]:
         """(the score of pairing two tensors, its part that is not position)."""
