@@ -4,8 +4,9 @@ into runs whose body is described once.
 A run is a sequence of consecutive instances of one indexed container whose contents are identical (relative
 names, shapes, dtypes). A module numbered in its own name and holding only parameters (`conv1`, `bn2`) is not a
 container: in a name-sorted file `bn1`, `bn2`, `conv1`, `conv2` would otherwise fold into two runs where the other
-side has one (`layer.0.{convolution,normalization}`). Aligning two layouts then aligns run bodies once, whatever the number of instances,
-and the rest of each level as a small sequence: alignment is never quadratic across the whole model.
+side has one (`layer.0.{convolution,normalization}`). Aligning two layouts then aligns run bodies once, whatever
+the number of instances, and the rest of each level as a small sequence: alignment is never quadratic across the
+whole model.
 """
 
 from __future__ import annotations
