@@ -20,7 +20,7 @@ from ckptx.suggestion.match import Match
 from ckptx.suggestion.names import key_name, rarity, similarity, token_similarity
 from ckptx.suggestion.order import Warp, number_similarity
 from ckptx.suggestion.shapes import Fit, JoinFit, dtype_kind, fit, join_fit, loose_shape
-from ckptx.suggestion.structure import ContainerMap, rank_agreement, role_agreement, sibling_ranks
+from ckptx.suggestion.structure import ContainerMap, head_ranks, rank_agreement, role_agreement, sibling_ranks
 from ckptx.suggestion.tree import Leaf
 
 __all__ = ["FlatAligner"]
@@ -65,10 +65,7 @@ class FlatAligner:
         self.warp = Warp(self.run_anchors, self.n, self.m)
         self._layouts: dict[tuple, list[tuple[int, int, Fit]] | None] = {}
         self.containers = ContainerMap((), ())
-        self.ranks = (
-            sibling_ranks((leaf.key, kind_of(leaf.meta)) for leaf in src),
-            sibling_ranks((leaf.key, kind_of(leaf.meta)) for leaf in dst),
-        )
+        self.ranks = (_ranks(src), _ranks(dst))
 
     def position(self, i: int, j: int) -> float:
         """How well source leaf `i` and target leaf `j` sit at corresponding places of their levels."""
@@ -488,6 +485,13 @@ class FlatAligner:
                     note=f"square weight transposed like the {transposed} non-square 2-d weights of this level "
                     f"(shapes cannot tell; verify the outputs)",
                 )
+
+
+def _ranks(leaves: list[Leaf]) -> dict[str, tuple[int, int]]:
+    """Each key's rank among its numbered siblings, or among the layers of its head (`proj_in`, `layers.0`, ...,
+    `proj_out`) where it has one."""
+    items = [(leaf.key, kind_of(leaf.meta)) for leaf in leaves]
+    return {**sibling_ranks(items), **head_ranks(items)}
 
 
 def _modules_of(leaves: list[Leaf], free: set[int]) -> list[tuple[str, list[int]]]:

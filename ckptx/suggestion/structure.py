@@ -14,9 +14,9 @@ import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
-from ckptx.suggestion.names import key_name
+from ckptx.suggestion.names import key_name, words_of
 
-__all__ = ["ContainerMap", "containers", "rank_agreement", "role_agreement", "sibling_ranks"]
+__all__ = ["ContainerMap", "containers", "head_ranks", "rank_agreement", "role_agreement", "sibling_ranks"]
 
 _NUMBER = re.compile(r"\d+")
 _ROLE_GROUPS = (frozenset({"q", "k", "v", "o"}), frozenset({"gate", "up"}))
@@ -133,6 +133,47 @@ def sibling_ranks(items: Iterable[tuple[str, str]]) -> dict[str, tuple[int, int]
         if len(members) >= 2:
             for rank, (_, key) in enumerate(sorted(members)):
                 out[key] = (rank, len(members))
+    return out
+
+
+_FIRST = frozenset({"in", "input", "first"})
+_LAST = frozenset({"out", "output", "last", "final"})
+
+
+def head_ranks(items: Iterable[tuple[str, str]]) -> dict[str, tuple[int, int]]:
+    """key -> (rank, count) among the layers of one head written as `proj_in`, `layers.0`, ..., `proj_out` (or
+    `layers.0`, `layers.1`, `layers.2` on the other side): the modules of one kind and parameter name directly under
+    one parent (a numbered list counts as directly under it), ranked first-words first (`in`, `input`, `first`),
+    then by their numbers, last-words last (`out`, `output`, `last`, `final`). Only groups whose every member is
+    numbered or says first/last, and one at least says it (a plain numbered list is `sibling_ranks`' business)."""
+    groups: dict[tuple[str, str, str], list[tuple[int, tuple[int, ...], str]]] = {}
+    for key, kind in items:
+        parts = key.split(".")
+        param, module = parts[-1], parts[:-1]
+        if not module:
+            continue
+        if module[-1].isdigit() and len(module) >= 2:
+            parent, tail = module[:-2], module[-2:]
+        else:
+            parent, tail = module[:-1], module[-1:]
+        words = set(words_of(tail[-1])) if not tail[-1].isdigit() else set()
+        numbers = tuple(int(n) for n in _NUMBER.findall(".".join(tail)))
+        if words & _FIRST:
+            place = 0
+        elif words & _LAST:
+            place = 2
+        elif numbers:
+            place = 1
+        else:
+            place = -1
+        groups.setdefault((".".join(parent), param, kind), []).append((place, numbers, key))
+    out: dict[str, tuple[int, int]] = {}
+    for members in groups.values():
+        places = [p for p, _, _ in members]
+        if len(members) < 2 or -1 in places or not {0, 2} & set(places):
+            continue
+        for rank, (_, _, key) in enumerate(sorted(members)):
+            out[key] = (rank, len(members))
     return out
 
 
