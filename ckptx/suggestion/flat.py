@@ -23,7 +23,7 @@ from ckptx.suggestion.shapes import Fit, JoinFit, dtype_kind, fit, join_fit, loo
 from ckptx.suggestion.structure import ContainerMap, head_ranks, rank_agreement, role_agreement, sibling_ranks
 from ckptx.suggestion.tree import Leaf
 
-__all__ = ["FlatAligner"]
+__all__ = ["FlatAligner", "decide"]
 
 _CLASS_LIMIT = 400  # above this many candidates of one shape, pair them in order instead
 _DENSE = 2500  # score every pair of a class up to this many pairs; beyond, only near ones
@@ -265,7 +265,7 @@ class FlatAligner:
             accepted = []
             for ri, ci in chosen:
                 r, c = rows[ri], cols[ci]
-                alt, undecided = _decide(scores, evidence, chosen, ri, ci)
+                alt, undecided = decide(scores, evidence, chosen, ri, ci)
                 accepted.append(
                     (r, c, bijections[r, c], undecided, dst_mods[cols[alt]][0] if alt is not None else None)
                 )
@@ -278,7 +278,10 @@ class FlatAligner:
                 alt = None
                 if alternative is not None:
                     alt = f"{alternative}.{t.rsplit('.', 1)[-1]}" if alternative else t.rsplit(".", 1)[-1]
-                match = Match((s,), (t,), "tensor", f, self._evidence(s, t), alternative=alt, undecided=bool(undecided))
+                f, note = _bare_matmul(f, kind_of(self.src[si].meta), kind_of(self.dst[ti].meta))
+                match = Match(
+                    (s,), (t,), "tensor", f, self._evidence(s, t), alternative=alt, note=note, undecided=bool(undecided)
+                )
                 self.matches.append(match)
                 self.free_src.discard(si)
                 self.free_dst.discard(ti)
@@ -363,7 +366,7 @@ class FlatAligner:
             evidence = [[p[1] if p is not None else None for p in row] for row in pairs]
             chosen = assign(scores)
             for ri, ci in chosen:
-                alt, undecided = _decide(scores, evidence, chosen, ri, ci)
+                alt, undecided = decide(scores, evidence, chosen, ri, ci)
                 self._accept_tensor(
                     rows[ri],
                     cols[ci],
@@ -402,6 +405,7 @@ class FlatAligner:
         a, b = key_name(self.src[i].key), key_name(self.dst[j].key)
         named = (
             token_similarity(a.path, b.path, self.weights) >= 0.15
+            or bool((_name_concepts(self.src[i].key) & _name_concepts(self.dst[j].key)) - _GENERIC_PARAMS)
             or bool(set(a.leaf) & set(b.leaf))
             or bool((set(a.param) & set(b.param)) - _GENERIC_PARAMS)
         )
@@ -424,8 +428,11 @@ class FlatAligner:
 
     def _accept_tensor(self, i: int, j: int, f: Fit, alternative: str | None, undecided: bool = False) -> None:
         s, t = self.src[i].key, self.dst[j].key
+        f, note = _bare_matmul(f, kind_of(self.src[i].meta), kind_of(self.dst[j].meta))
         self.matches.append(
-            Match((s,), (t,), "tensor", f, self._evidence(s, t), alternative=alternative, undecided=undecided)
+            Match(
+                (s,), (t,), "tensor", f, self._evidence(s, t), alternative=alternative, note=note, undecided=undecided
+            )
         )
         self.free_src.discard(i)
         self.free_dst.discard(j)
@@ -487,6 +494,18 @@ class FlatAligner:
                 )
 
 
+def _bare_matmul(f: Fit, source_kind: str, target_kind: str) -> tuple[Fit, str | None]:
+    """A bare 2-d parameter used in a matmul (`x @ proj`: CLIP's `text_projection`, `visual.proj`) is stored
+    (in, out); a Linear's weight is (out, in). Between the two, a square weight is transposed by that convention
+    (shapes cannot tell), with a note; a non-square one already fits only transposed."""
+    if not f.square or {source_kind, target_kind} != {"parameter", "linear"}:
+        return f, None
+    return Fit("permute", f.shape, dims=(1, 0)), (
+        "a bare (in, out) parameter used as `x @ W` and a Linear weight (out, in): transposed by that convention "
+        "(square, so shapes cannot tell)"
+    )
+
+
 def _ranks(leaves: list[Leaf]) -> dict[str, tuple[int, int]]:
     """Each key's rank among its numbered siblings, or among the layers of its head (`proj_in`, `layers.0`, ...,
     `proj_out`) where it has one."""
@@ -529,7 +548,7 @@ def _runner_up(scores: list[list[float | None]], chosen: list[tuple[int, int]], 
     return best
 
 
-def _decide(
+def decide(
     scores: list[list[float | None]],
     evidence: list[list[float | None]],
     chosen: list[tuple[int, int]],

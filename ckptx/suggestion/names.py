@@ -223,4 +223,6 @@ def similarity(a: str, b: str, weights: Mapping[str, float] | None = None) -> fl
     param = token_similarity(na.param, nb.param)
     leaf = token_similarity(na.leaf, nb.leaf) if (na.leaf or nb.leaf) else 1.0
     path = token_similarity(na.path, nb.path, weights)
-    return 0.35 * param + 0.35 * leaf + 0.3 * path
+    # a bare parameter (`text_projection`) against a module's weight (`text_projection.weight`): all words at once
+    whole = token_similarity(na.path | set(na.leaf) | set(na.param), nb.path | set(nb.leaf) | set(nb.param), weights)
+    return max(0.35 * param + 0.35 * leaf + 0.3 * path, 0.9 * whole)
