@@ -25,6 +25,7 @@ from ckptx.suggestion.align import align, expand, unmatched
 from ckptx.suggestion.build import Decided, build_steps
 from ckptx.suggestion.emit import render_recipe
 from ckptx.suggestion.kinds import infer_kinds, with_kinds
+from ckptx.suggestion.rotary import rotary_matches
 from ckptx.suggestion.sources import (
     Candidate,
     Prefixes,
@@ -216,7 +217,9 @@ def _suggest(
     src_level = build_level([(k, stripped[k]) for k in hierarchical_order(src_order or list(stripped))])
     dst_level = build_level([(k, unprefixed[k]) for k in hierarchical_order(dst_order or list(unprefixed))])
     alignment = align(src_level, dst_level, ordered=src_order is None and dst_order is None)
-    matches = list(expand(alignment))
+    matches, rotated = rotary_matches(list(expand(alignment)), resolved.rotary_dim)
+    if rotated:
+        notes.append(rotated[0] + (f" (and {len(rotated) - 1} more)" if len(rotated) > 1 else ""))
     left_src, left_dst = unmatched(alignment)
 
     copies = _tied_copies(ties, matches, left_dst, added)

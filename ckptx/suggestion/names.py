@@ -88,6 +88,15 @@ _SYNONYMS.update(
     }
 )
 
+# Reference LLM layouts (Meta's llama, torchtitan; w1/w3/w2 is SwiGLU's gate/up/down there) and the ranks of their
+# norms (the one before attention comes first): names that say nothing by themselves.
+_REFERENCE_LEAVES = {
+    ("feed_forward", "w1"): ("gate",),
+    ("feed_forward", "w3"): ("up",),
+    ("feed_forward", "w2"): ("downsample",),
+}
+_REFERENCE_ORDINALS = {"attention_norm": 1, "attn_norm": 1, "ffn_norm": 2}
+
 # Words that give a module's rank among its siblings of the same kind ("before" ~ "1", "post" ~ "2").
 _ORDINALS = {"before": 1, "pre": 1, "input": 1, "first": 1, "after": 2, "post": 2, "second": 2, "third": 3}
 # Ordinal words carry only their rank; everything else about them is noise for matching.
@@ -140,8 +149,10 @@ def _concepts(component: str) -> tuple[str, ...]:
 
 
 def ordinal_of(component: str) -> int | None:
-    """The rank a component's name states: a trailing number (`norm1`, `ln_2`) or an ordinal word
-    (`layernorm_before`)."""
+    """The rank a component's name states: a trailing number (`norm1`, `ln_2`), an ordinal word
+    (`layernorm_before`) or a reference layout's norm (`attention_norm` before `ffn_norm`)."""
+    if component in _REFERENCE_ORDINALS:
+        return _REFERENCE_ORDINALS[component]
     match = re.search(r"(\d+)$", component)
     if match and not component.isdigit():
         return int(match.group(1))
@@ -178,10 +189,11 @@ def key_name(key: str) -> KeyName:
     path: set[str] = set()
     for part in modules:
         path.update(_concepts(part))
+    leaf = _REFERENCE_LEAVES.get(tuple(modules[-2:])) or (_concepts(leaf_component) if leaf_component else ())
     return KeyName(
         key,
         frozenset(path),
-        _concepts(leaf_component) if leaf_component else (),
+        leaf,
         _concepts(param),
         numbers_of(key),
         ordinal_of(leaf_component) if leaf_component else None,

@@ -37,6 +37,8 @@ class Target:
     # token embedding): a file may store it once, the model still wants it under every name
     kinds: Mapping[str, str] = field(default_factory=dict)  # key -> the kind of module holding it (`module_kind`), for
     # a model target: what `suggest` knows beyond names and shapes
+    rotary_dim: int | None = None  # a model target with rotary position embeddings (an `inv_freq` buffer): the number
+    # of rotated dimensions per head
 
 
 def parse_target_arg(spec: str, kwargs: Mapping[str, Any] | None = None) -> TargetSpec:
@@ -58,8 +60,8 @@ def resolve_target(spec: TargetSpec | str | Mapping[str, Any] | torch.nn.Module)
         return Target("<state_dict>", state_metas(spec))
     common = {"allow_missing": spec.allow_missing, "allow_unexpected": spec.allow_unexpected}
     if spec.model:
-        tensors, notes, ties, kinds = _model_tensors(spec)
-        return Target(spec.describe(), tensors, notes=notes, ties=ties, kinds=kinds, **common)
+        tensors, notes, ties, kinds, rotary = _model_tensors(spec)
+        return Target(spec.describe(), tensors, notes=notes, ties=ties, kinds=kinds, rotary_dim=rotary, **common)
     if spec.manifest:
         return Target(spec.manifest, read_manifest(Path(spec.manifest)), **common)
     if spec.checkpoint:
@@ -70,10 +72,10 @@ def resolve_target(spec: TargetSpec | str | Mapping[str, Any] | torch.nn.Module)
 
 def _model_tensors(
     spec: TargetSpec,
-) -> tuple[dict[str, TensorMeta], tuple[str, ...], tuple[tuple[str, ...], ...], dict[str, str]]:
+) -> tuple[dict[str, TensorMeta], tuple[str, ...], tuple[tuple[str, ...], ...], dict[str, str], int | None]:
     """The factory's state dict metadata, its tied keys and the kind of module behind each key, from one build on the
-    meta device; on the CPU (with a note) when the factory itself fails there (some build real tensors, e.g.
-    `torch.arange(...).item()`)."""
+    meta device, and its rotary dimensions per head (an `inv_freq` buffer); on the CPU (with a note) when the factory
+    itself fails there (some build real tensors, e.g. `torch.arange(...).item()`)."""
     where = spec.where or "target"
     notes: tuple[str, ...] = ()
     try:
@@ -82,7 +84,8 @@ def _model_tensors(
         model = build_model(spec.model or "", spec.kwargs, where, device="cpu", origin=spec.model_origin)
         notes = (f"built on the CPU: the factory does not run on the meta device ({exc})",)
     state = model.state_dict(keep_vars=True)  # the parameters themselves: tied ones are one object
-    return state_metas(state), notes, _ties(state), module_kinds(model, state)
+    rotary = [2 * b.numel() for name, b in model.named_buffers() if name.rpartition(".")[2] == "inv_freq"]
+    return state_metas(state), notes, _ties(state), module_kinds(model, state), max(rotary) if rotary else None
 
 
 def _ties(state: Mapping[str, Any]) -> tuple[tuple[str, ...], ...]:
