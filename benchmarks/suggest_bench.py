@@ -152,6 +152,7 @@ def main() -> None:
                     "validated": result.report.ok,
                     "wrongly_mapped": wrong,
                     "close_calls": close,
+                    "undecided": len(result.report.undecided),  # q/k rows: rotary layouts differ, head size unknown
                     "rename_rows": rows,
                 },
                 indent=1,

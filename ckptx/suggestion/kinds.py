@@ -55,16 +55,16 @@ def infer_kinds(metas: Mapping[str, TensorMeta]) -> dict[str, str]:
     out: dict[str, str] = {}
     for owner, params in modules.items():
         names = set(params)
-        tokens = set(key_name(owner + ".x").leaf) if owner else set()
         weight = params.get("weight")
         if names & _BN_STATS:
             kind = "batchnorm"
         elif weight is not None and 3 <= len(weight.shape) <= 5:
             kind = "conv"
         elif weight is not None and len(weight.shape) == 2:
-            kind = "embedding" if tokens & {"embed", "token"} and "bias" not in names else "linear"
+            kind = "embedding" if _leaf_words(owner) & {"embed", "token"} and "bias" not in names else "linear"
         elif weight is not None and len(weight.shape) == 1 and names <= {"weight", "bias"}:
-            kind = "norm" if "norm" in tokens or not (tokens & {"fc", "proj", "conv", "head"}) else ""
+            words = _leaf_words(owner)
+            kind = "norm" if "norm" in words or not (words & {"fc", "proj", "conv", "head"}) else ""
         else:
             kind = ""
         for param, meta in params.items():
@@ -76,6 +76,12 @@ def infer_kinds(metas: Mapping[str, TensorMeta]) -> dict[str, str]:
             elif len(meta.shape) >= 1:
                 out[f"{owner}.{param}" if owner else param] = "parameter"
     return out
+
+
+def _leaf_words(owner: str) -> set[str]:
+    """The concepts of a module's own name (its last component), cached per component."""
+    last = owner.rpartition(".")[2]
+    return set(key_name(last + ".x").leaf) if last else set()
 
 
 def agreement(a: str, b: str) -> float:
