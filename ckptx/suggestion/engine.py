@@ -25,7 +25,10 @@ from ckptx.suggestion.align import align, expand, unmatched
 from ckptx.suggestion.build import Decided, build_steps
 from ckptx.suggestion.emit import render_recipe
 from ckptx.suggestion.kinds import infer_kinds, with_kinds
+from ckptx.suggestion.match import Match
+from ckptx.suggestion.numeric import decide_numerically
 from ckptx.suggestion.rotary import rotary_matches
+from ckptx.suggestion.shapes import Fit
 from ckptx.suggestion.sources import (
     Candidate,
     Prefixes,
@@ -244,51 +247,30 @@ def _suggest(
             options.verify_input_dtype,
             prefix=prefixes.strip_text,
         )
-    evidence: Counter = Counter()
-    ops: Counter = Counter()
-    close: dict[str, str] = {}
-    noted: dict[str, str] = {}
-    undecided: dict[str, str] = {}
-    for match in matches:
-        if match.undecided:
-            rival = f" (or {added}{match.alternative})" if match.alternative else ""
-            text = f"{prefixes.strip_text}{match.sources[0]} -> {added}{match.targets[0]}{rival}"
-            undecided.setdefault(_DIGITS.sub("#", text), text)
-            continue
-        evidence[match.evidence] += len(match.targets)
-        if match.kind != "tensor":
-            ops[match.kind] += 1
-        elif match.fit.kind != "exact":  # type: ignore[union-attr]
-            ops[match.fit.kind] += 1  # type: ignore[union-attr]
-        if match.alternative:  # once per row of blocks, not once per block
-            text = (
-                f"{prefixes.strip_text}{match.sources[0]} -> {added}{match.targets[0]} "
-                f"(runner-up {added}{match.alternative})"
-            )
-            close.setdefault(_DIGITS.sub("#", text), text)
-        if match.note:
-            text = f"{', '.join(match.sources)}: {match.note}"
-            noted.setdefault(_DIGITS.sub("#", text), text)
-    notes += noted.values()
+    tally = _tally(matches, prefixes)
+    notes += tally.noted
     recipe_name = options.name or _recipe_name(src, spec)
-    header = _header(
-        src,
-        fmt,
-        rivals,
-        extract,
-        resolved,
-        spec,
-        prefixes,
-        evidence,
-        ops,
-        dropped,
-        kept,
-        allowed_missing,
-        missing,
-        len(source_tensors),
-        verify is not None,
-        list(undecided.values()),
-    )
+
+    def header_for(t: _Tally) -> list[str]:
+        return _header(
+            src,
+            fmt,
+            rivals,
+            extract,
+            resolved,
+            spec,
+            prefixes,
+            t.evidence,
+            t.ops,
+            dropped,
+            kept,
+            allowed_missing,
+            missing,
+            len(source_tensors),
+            verify is not None,
+            t.undecided,
+        )
+
     trailer = []
     if missing:
         trailer.append(
@@ -300,7 +282,9 @@ def _suggest(
             trailer.append(f"  ... and {len(missing) - 200} more")
     base_dir = Path(output).resolve().parent if output else Path.cwd()
 
-    def write(literal_rows: bool) -> tuple[str, Recipe, ValidationReport, dict[str, Decided]]:
+    def write(
+        literal_rows: bool, matches: list[Match] = matches
+    ) -> tuple[str, Recipe, ValidationReport, dict[str, Decided]]:
         steps, decided = build_steps(
             matches,
             dropped,
@@ -313,7 +297,7 @@ def _suggest(
             copies=copies,
         )
         text = render_recipe(
-            header=header,
+            header=header_for(_tally(matches, prefixes)),
             name=recipe_name,
             description=f"{Path(src).name} -> {_describe(spec)} (suggested; review before use)",
             extract=extract,
@@ -331,19 +315,30 @@ def _suggest(
         notes.append(f"generalized rows did not reproduce the mapping ({exc}); wrote one exact row per key")
         text, recipe, report, decided = write(literal_rows=True)
     verification = error = None
-    if verify is not None and report.ok:
-        with tempfile.TemporaryDirectory(prefix="ckptx-suggest-") as tmp:
-            # the target and the source model are the user's own (--target, --verify-with), as is ckptx's helper
-            typed = [n for n in (options.spec.model, options.verify_with, VERIFY_HELPER) if n]
-            verification, failure = convert_verified(
-                src,
-                os.path.join(tmp, "converted.safetensors"),
-                recipe,
-                allow_globals=options.allow_globals,
-                unsafe_pickle=options.unsafe_pickle,
-                allowed=typed,
-            )
-            error = str(failure).splitlines()[0] if failure is not None and verification is None else None
+    if verify is not None and report.ok and not missing:
+        typed = [n for n in (options.spec.model, options.verify_with, VERIFY_HELPER) if n]  # the user's own
+
+        def run(candidate: Recipe) -> tuple[Any, str | None]:
+            with tempfile.TemporaryDirectory(prefix="ckptx-suggest-") as tmp:
+                result, failure = convert_verified(
+                    src,
+                    os.path.join(tmp, "converted.safetensors"),
+                    candidate,
+                    allow_globals=options.allow_globals,
+                    unsafe_pickle=options.unsafe_pickle,
+                    allowed=typed,
+                )
+            return result, (str(failure).splitlines()[0] if failure is not None and result is None else None)
+
+        verification, error = run(recipe)
+        if tally.undecided and verification is not None:
+            decision = decide_numerically(matches, verification, lambda ms: run(write(False, ms)[1])[0])
+            notes.append(decision.note)
+            if decision.matches is not matches:
+                matches = decision.matches
+                text, recipe, report, decided = write(False, matches)
+                verification = decision.verification
+            tally = _tally(matches, prefixes)
     elif verify is not None:
         error = "not run: the recipe does not validate against the target"
     result = SuggestReport(
@@ -355,22 +350,64 @@ def _suggest(
         source_tensors=len(source_tensors),
         target_tensors=len(target_tensors),
         mapped=sum(len(m.targets) for m in matches) + len(copies),
-        evidence=dict(evidence),
-        ops=dict(ops),
+        evidence=dict(tally.evidence),
+        ops=dict(tally.ops),
         prefixes=prefixes,
         dropped=tuple(prefixes.strip_text + k for k in dropped),
         kept_unexpected=tuple(prefixes.strip_text + k for k in kept),
         allowed_missing=tuple(allowed_missing),
         missing=tuple(missing),
-        close_calls=tuple(close.values()),
+        close_calls=tuple(tally.close),
         notes=tuple(notes),
         validation=report,
-        undecided=tuple(undecided.values()),
+        undecided=tuple(tally.undecided),
         verification=verification,
         verification_error=error,
         seconds=time.perf_counter() - started,
     )
     return Suggestion(recipe, text, result, decided)
+
+
+@dataclass(frozen=True)
+class _Tally:
+    """What the matches say, counted for the header and the report."""
+
+    evidence: Counter
+    ops: Counter
+    close: list[str]
+    noted: list[str]
+    undecided: list[str]
+
+
+def _tally(matches: Sequence[Match], prefixes: Prefixes) -> _Tally:
+    """Evidence and op counts, close calls, notes and undecided rows, each row of blocks once (not once per block)."""
+    added = prefixes.add_text
+    evidence: Counter = Counter()
+    ops: Counter = Counter()
+    close: dict[str, str] = {}
+    noted: dict[str, str] = {}
+    undecided: dict[str, str] = {}
+    for match in matches:
+        if match.kind != "tensor":
+            ops[match.kind] += 1
+        elif isinstance(match.fit, Fit) and match.fit.kind != "exact":
+            ops[match.fit.kind] += 1
+        if match.undecided:
+            rival = f" (or {added}{match.alternative})" if match.alternative else ""
+            text = f"{prefixes.strip_text}{match.sources[0]} -> {added}{match.targets[0]}{rival}"
+            undecided.setdefault(_DIGITS.sub("#", text), text)
+            continue
+        evidence[match.evidence] += len(match.targets)
+        if match.alternative:
+            text = (
+                f"{prefixes.strip_text}{match.sources[0]} -> {added}{match.targets[0]} "
+                f"(runner-up {added}{match.alternative})"
+            )
+            close.setdefault(_DIGITS.sub("#", text), text)
+        if match.note:
+            text = f"{', '.join(match.sources)}: {match.note}"
+            noted.setdefault(_DIGITS.sub("#", text), text)
+    return _Tally(evidence, ops, list(close.values()), list(noted.values()), list(undecided.values()))
 
 
 def _target_spec(
