@@ -396,6 +396,7 @@ def _tally(matches: Sequence[Match], prefixes: Prefixes) -> _Tally:
             rival = f" (or {added}{match.alternative})" if match.alternative else ""
             text = f"{prefixes.strip_text}{match.sources[0]} -> {added}{match.targets[0]}{rival}"
             undecided.setdefault(_DIGITS.sub("#", text), text)
+            evidence["position only (UNDECIDED)"] += len(match.targets)
             continue
         evidence[match.evidence] += len(match.targets)
         if match.alternative:

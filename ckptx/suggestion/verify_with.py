@@ -114,21 +114,24 @@ def verify_section(
     prefix: str = "",
 ) -> dict[str, Any]:
     """The recipe's `verify:` mapping; the input is guessed from the model when not given. With a wrapper
-    `prefix` on the checkpoint's keys, the source model is held under it (`prefixed_model`)."""
+    `prefix` on the checkpoint's keys, the source model is held under it (`prefixed_model`), unless the model's own
+    keys already start with it (an `nn.Sequential` named `net` is the model's, not a wrapper)."""
+    import_callable(source_model, "--verify-with")  # a factory that cannot be imported is reported as such
+    try:
+        model = build_model(
+            source_model, source_kwargs, "--verify-with", device="meta", origin=Origin.user("--verify-with")
+        )
+    except TargetError:
+        model = build_model(
+            source_model,
+            source_kwargs,
+            "--verify-with",
+            device="cpu",  # not meta-safe
+            origin=Origin.user("--verify-with"),
+        )
+    if prefix and all(k.startswith(prefix) for k in model.state_dict()):
+        prefix = ""
     if input_shape is None:
-        import_callable(source_model, "--verify-with")  # a factory that cannot be imported is reported as such
-        try:
-            model = build_model(
-                source_model, source_kwargs, "--verify-with", device="meta", origin=Origin.user("--verify-with")
-            )
-        except TargetError:
-            model = build_model(
-                source_model,
-                source_kwargs,
-                "--verify-with",
-                device="cpu",  # not meta-safe
-                origin=Origin.user("--verify-with"),
-            )
         shape, dtype = guess_input(model)
         input_shape, input_dtype = shape, input_dtype or dtype
     if prefix:
