@@ -59,6 +59,11 @@ def add_parser(sub: Any, parents: Parents) -> None:
         help="input shape for --verify-with, e.g. 2,3,224,224 (default: guessed from the source model)",
     )
     p.add_argument("--verify-input-dtype", metavar="DTYPE", help="input dtype, e.g. int64 for token ids")
+    p.add_argument(
+        "--no-library",
+        action="store_true",
+        help="infer a recipe even when a shipped or installed recipe validates against the target as it is",
+    )
 
 
 def _shape(text: str | None) -> tuple[int, ...] | None:
@@ -100,6 +105,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         verify_input=_shape(args.verify_input),
         verify_input_dtype=args.verify_input_dtype,
         name=args.name,
+        library=not args.no_library,
     )
     if destination is not None:
         destination.write_text(result.text, encoding="utf-8")

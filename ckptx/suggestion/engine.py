@@ -19,12 +19,14 @@ from ckptx.errors import CkptxError, PlanError
 from ckptx.io.read.open import open_source
 from ckptx.planning.expr import ops_of
 from ckptx.planning.planner import plan_recipe
+from ckptx.rules.flatten import dump
 from ckptx.rules.loader import load_rules_text
 from ckptx.rules.recipe import Recipe, TargetSpec
 from ckptx.suggestion.align import align, expand, unmatched
 from ckptx.suggestion.build import Decided, build_steps
 from ckptx.suggestion.emit import render_recipe
 from ckptx.suggestion.kinds import infer_kinds, with_kinds
+from ckptx.suggestion.library import LibraryFit, library_fit
 from ckptx.suggestion.match import Match
 from ckptx.suggestion.numeric import decide_numerically
 from ckptx.suggestion.rotary import rotary_matches
@@ -72,6 +74,7 @@ class SuggestReport:
     notes: tuple[str, ...]
     validation: ValidationReport
     undecided: tuple[str, ...] = ()  # rows no evidence decided (position alone): not a success
+    library: str | None = None  # the library recipe proposed as it is (nothing inferred)
     verification: Any = None
     verification_error: str | None = None
     seconds: float = 0.0
@@ -105,6 +108,7 @@ class SuggestReport:
             "missing": list(self.missing),
             "close_calls": list(self.close_calls),
             "undecided": list(self.undecided),
+            "library": self.library,
             "notes": list(self.notes),
             "validation": self.validation.to_dict(),
             "verification": self.verification.to_dict() if self.verification is not None else None,
@@ -138,6 +142,7 @@ def suggest(
     verify_input: Sequence[int] | None = None,
     verify_input_dtype: str | None = None,
     name: str | None = None,
+    library: bool = True,
 ) -> Suggestion:
     """Infer a recipe converting `src` to `target` from metadata only, re-plan it, and validate it.
 
@@ -145,8 +150,11 @@ def suggest(
     `allow_missing` / `allow_unexpected` are regexes of target keys that may stay missing / source keys
     that may stay extra (they go to the recipe's `target:`). `output` is where the recipe will be written
     (relative target paths are made relative to it). With `verify_with` (`module:callable` building the
-    source model), the recipe gets a `verify:` section and the conversion is run and its outputs compared.
-    Raises CkptxError (exit 2) for bad input; the result's `report.ok` says whether it validates.
+    source model), the recipe gets a `verify:` section and the conversion is run and its outputs compared; rows
+    metadata left undecided are decided by those outputs. With `library` (the default), a shipped or installed
+    recipe that validates as it is is proposed instead of an inferred one.
+    Raises CkptxError (exit 2) for bad input; the result's `report.ok` says whether it validates and every row was
+    decided.
     """
     started = time.perf_counter()
     options = _Options(
@@ -162,6 +170,7 @@ def suggest(
         tuple(verify_input) if verify_input else None,
         verify_input_dtype,
         name,
+        library,
     )
     resolved, ties = _resolve(options.spec)
     fmt, candidates, opened = find_candidates(options.src, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
@@ -188,6 +197,7 @@ class _Options:
     verify_input: tuple[int, ...] | None
     verify_input_dtype: str | None
     name: str | None
+    library: bool = True
 
 
 def _suggest(
@@ -202,6 +212,10 @@ def _suggest(
 ) -> Suggestion:
     src, spec, output = options.src, options.spec, options.output
     extract = None if fmt in ("safetensors", "sharded-index", "manifest") else chosen.path
+    if options.library and fmt != "manifest":
+        found = library_fit(opened, resolved)
+        if found is not None:
+            return _from_library(options, fmt, opened, chosen, rivals, resolved, found, started)
     notes: list[str] = []
     source_tensors = dict(opened.tensors)
     target_tensors = resolved.tensors
@@ -366,6 +380,85 @@ def _suggest(
         seconds=time.perf_counter() - started,
     )
     return Suggestion(recipe, text, result, decided)
+
+
+def _from_library(
+    options: _Options,
+    fmt: str,
+    opened: Any,
+    chosen: Candidate,
+    rivals: list[tuple[Candidate, float]],
+    resolved: Target,
+    found: LibraryFit,
+    started: float,
+) -> Suggestion:
+    """A library recipe that validates as it is: flattened, with the user's target (and --verify-with), verified."""
+    src, spec, output = options.src, options.spec, options.output
+    document = dict(found.document)
+    document["name"] = options.name or found.name
+    document["target"] = _target_section(spec, output)
+    verify = None
+    if options.verify_with:
+        if not spec.model:
+            raise CkptxError("--verify-with needs a model target (module:callable), not a checkpoint or manifest")
+        verify = verify_section(
+            options.verify_with, options.verify_args, options.verify_input, options.verify_input_dtype
+        )
+        document["verify"] = verify
+    else:
+        document.pop("verify", None)
+    chosen_values = ", ".join(f"{k}={v}" for k, v in found.values.items())
+    note = (
+        f"the library recipe '{found.name}' (pack {found.pack}) validates against the target as it is"
+        + (f" ({chosen_values} chosen from the source)" if chosen_values else "")
+        + "; nothing was inferred (--no-library infers a recipe instead)"
+    )
+    header = [
+        f"Suggested by `ckptx suggest` (ckptx {__version__}): {note}.",
+        f"source: {Path(src).name} ({fmt}), {len(opened.tensors)} tensors; target: {_describe(spec)}",
+    ]
+    text = "\n".join(f"# {line}" for line in header) + "\n" + dump(document)
+    base_dir = Path(output).resolve().parent if output else Path.cwd()
+    recipe = load_rules_text(text, str(output or "<suggested>"), base_dir=base_dir)
+    report = validate(plan_recipe(recipe, opened, target=resolved.tensors), resolved)
+    verification = error = None
+    if verify is not None and report.ok:
+        typed = [n for n in (spec.model, options.verify_with) if n]
+        with tempfile.TemporaryDirectory(prefix="ckptx-suggest-") as tmp:
+            verification, failure = convert_verified(
+                src,
+                os.path.join(tmp, "converted.safetensors"),
+                recipe,
+                allow_globals=options.allow_globals,
+                unsafe_pickle=options.unsafe_pickle,
+                allowed=typed,
+            )
+        error = str(failure).splitlines()[0] if failure is not None and verification is None else None
+    result = SuggestReport(
+        source=src,
+        source_format=fmt,
+        extracted_from=chosen.path,
+        extract_rivals=tuple(c.path for c, _ in rivals),
+        target=resolved.description,
+        source_tensors=len(opened.tensors),
+        target_tensors=len(resolved.tensors),
+        mapped=report.matched,
+        evidence={f"the library recipe {found.name}": report.matched},
+        ops={},
+        prefixes=Prefixes(),
+        dropped=(),
+        kept_unexpected=(),
+        allowed_missing=tuple(report.allowed_missing),
+        missing=tuple(report.missing),
+        close_calls=(),
+        notes=(note,),
+        validation=report,
+        verification=verification,
+        verification_error=error,
+        seconds=time.perf_counter() - started,
+        library=found.name,
+    )
+    return Suggestion(recipe, text, result, {})
 
 
 @dataclass(frozen=True)
