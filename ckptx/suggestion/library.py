@@ -22,11 +22,13 @@ from ckptx.rules.flatten import flatten
 from ckptx.rules.loader import load_rules
 from ckptx.rules.packs import list_recipes
 from ckptx.rules.recipe import Recipe
+from ckptx.suggestion.sources import manifest_source
 from ckptx.targets.resolve import Target
 
 __all__ = ["LibraryFit", "library_fit"]
 
 _SAMPLE = 2000  # source keys a recipe's patterns are tried on before it is planned
+_NUMBERS = re.compile(r"\d+")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ def library_fit(source: Any, target: Target) -> LibraryFit | None:
     against `target`, or None. Recipes that only strip a prefix or pick weights out (`common/...`) are left to
     inference, which does the same and says so."""
     sample = list(islice(iter(source.tensors), _SAMPLE))
+    probe = _probe(source) if len(source.tensors) > _SAMPLE else None
     for ref in list_recipes():
         if ref.name.startswith("common/"):
             continue
@@ -61,6 +64,8 @@ def library_fit(source: Any, target: Target) -> LibraryFit | None:
         for values in combinations(recipe.inferred) if recipe.inferred else [{}]:
             try:
                 candidate = recipe.resolve(values) if values else recipe
+                if probe is not None and not _sample_fits(candidate, probe, target):
+                    continue  # what it makes of a sample of the keys is not in the target: no need to plan them all
                 plan = plan_recipe(candidate, source, target=target.tensors)
             except CkptxError:
                 continue
@@ -71,6 +76,25 @@ def library_fit(source: Any, target: Target) -> LibraryFit | None:
             resolved, values, report = fits[0]
             return LibraryFit(ref.name, ref.pack.name, resolved, values, report, flatten(resolved))
     return None
+
+
+def _probe(source: Any) -> Any:
+    """A small model of the source for a first try: the keys whose numbers are all 0 or 1 (the first two blocks of
+    every stack, and every key outside them), or None when even that is large."""
+    keys = [k for k in source.tensors if all(int(n) <= 1 for n in _NUMBERS.findall(k))]
+    if len(keys) > 5 * _SAMPLE:
+        return None
+    return manifest_source("<sample>", {k: source.tensors[k] for k in keys})
+
+
+def _sample_fits(recipe: Recipe, probe: Any, target: Target) -> bool:
+    """Every key the recipe makes of the probe's keys is a target key (True when the probe cannot be planned on its
+    own: then the whole source decides)."""
+    try:
+        plan = plan_recipe(recipe, probe)
+    except CkptxError:
+        return True
+    return all(entry.key in target.tensors for entry in plan.entries)
 
 
 def _fits(plan: Any, target: Target) -> bool:
