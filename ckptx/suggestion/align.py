@@ -148,12 +148,17 @@ class _LevelAligner:
                 count = min(len(a.prefixes), len(b.prefixes)) / max(len(a.prefixes), len(b.prefixes))
                 name = token_similarity(key_name(a.template + ".x").path, key_name(b.template + ".x").path, weights)
                 position = position_similarity(i, len(src_runs), j, len(dst_runs))
-                erow.append(2.0 * al.quality + 1.0 * count + 1.5 * name)
-                row.append(erow[-1] + 0.3 * position)
+                part = 2.0 * al.quality + 1.0 * count + 1.5 * name
+                erow.append(part)
+                row.append(part + 0.3 * position)
             scores.append(row)
         paired = assign(scores)
-        left_src = [(r, None) for i, r in enumerate(src_runs) if i not in {p for p, _ in paired}]
-        left_dst = [(r, None) for j, r in enumerate(dst_runs) if j not in {q for _, q in paired}]
+        left_src: list[tuple[Run, list[int] | None]] = [
+            (r, None) for i, r in enumerate(src_runs) if i not in {p for p, _ in paired}
+        ]
+        left_dst: list[tuple[Run, list[int] | None]] = [
+            (r, None) for j, r in enumerate(dst_runs) if j not in {q for _, q in paired}
+        ]
         for i, j in paired:
             a, b = src_runs[i], dst_runs[j]
             pairs = _instance_pairs(a, b)

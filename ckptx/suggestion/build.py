@@ -252,9 +252,9 @@ class _StepBuilder:
             if self.permute_notes.get(dims):
                 comment += "; " + self.permute_notes[dims][0]
             steps.append(StepText("permute", {"match": _one(cover(keys, final_keys)), "dims": list(dims)}, comment))
-        for (heads, head_dim, direction, shape), keys in self.rotary.items():
+        for (heads, head_dim, direction, rotary_shape), keys in self.rotary.items():
             match = _one(cover(keys, final_keys))
-            rest = list(shape[1:])
+            rest = list(rotary_shape[1:])
             split = [heads, head_dim // 2, 2, *rest] if direction == 0 else [heads, 2, head_dim // 2, *rest]
             pairs = "interleaved pairs -> two halves" if direction == 0 else "two halves -> interleaved pairs"
             steps += [
@@ -264,7 +264,7 @@ class _StepBuilder:
                     f"rotary q/k rows, {pairs} within each of {heads} heads of {head_dim}: view per head ...",
                 ),
                 StepText("permute", {"match": match, "dims": [0, 2, 1, *range(3, 3 + len(rest))]}, "... swap ..."),
-                StepText("reshape", {"match": match, "shape": list(shape)}, "... and back"),
+                StepText("reshape", {"match": match, "shape": list(rotary_shape)}, "... and back"),
             ]
         for spec, keys in self.reshapes.items():
             shape: Any = [-1] if spec == "[-1]" else "target"
@@ -294,7 +294,7 @@ def _head_regex(heads: Sequence[str]) -> str:
 
 
 def _fused_step(
-    op: str, items: list[tuple[list[str], list[str], str]], position: int, extra: dict[str, Any], comment: str
+    op: str, items: list[tuple[list[str], list[list[str]], str]], position: int, extra: dict[str, Any], comment: str
 ) -> StepText:
     """A split or merge step for keys that differ only in the component at `position`.
 
@@ -340,7 +340,7 @@ def _fused_step(
 
 
 def _split_steps(splits: list[tuple[Match, str]], add: str) -> list[StepText]:
-    groups: dict[tuple, list[tuple[list[str], list[str], str]]] = defaultdict(list)
+    groups: dict[tuple, list[tuple[list[str], list[list[str]], str]]] = defaultdict(list)
     positions: dict[tuple, int] = {}
     for match, middle in splits:
         jf = match.fit
@@ -378,7 +378,7 @@ def _split_steps(splits: list[tuple[Match, str]], add: str) -> list[StepText]:
 
 
 def _merge_steps(merges: list[tuple[Match, list[str]]], add: str) -> list[StepText]:
-    groups: dict[tuple, list[tuple[list[str], list[str], str]]] = defaultdict(list)
+    groups: dict[tuple, list[tuple[list[str], list[list[str]], str]]] = defaultdict(list)
     positions: dict[tuple, int] = {}
     for match, middles in merges:
         jf = match.fit

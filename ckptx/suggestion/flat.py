@@ -296,9 +296,9 @@ class FlatAligner:
             tuple((self.src[i].key.rsplit(".", 1)[-1], self.src[i].meta) for i in a),
             tuple((self.dst[j].key.rsplit(".", 1)[-1], self.dst[j].meta) for j in b),
         )
-        found = self._layouts.get(layout, False)
-        if found is False:
-            found = self._layouts[layout] = _bijection(*layout)
+        if layout not in self._layouts:
+            self._layouts[layout] = _bijection(*layout)
+        found = self._layouts[layout]
         if found is None:
             return None
         return [(a[x], b[y], f) for x, y, f in found]
@@ -358,10 +358,7 @@ class FlatAligner:
                 for x, i in enumerate(rows)
                 for y, j in enumerate(cols)
             }
-            pairs = [
-                [self._tensor_score(i, j, fits[i, j]) if fits[i, j] is not None else None for j in cols]
-                for i in rows  # type: ignore[arg-type]
-            ]
+            pairs = [[self._scored(i, j, fits[i, j]) for j in cols] for i in rows]
             scores = [[p[0] if p is not None else None for p in row] for row in pairs]
             evidence = [[p[1] if p is not None else None for p in row] for row in pairs]
             chosen = assign(scores)
@@ -411,6 +408,10 @@ class FlatAligner:
         )
         kinds = agreement(kind_of(self.src[i].meta), kind_of(self.dst[j].meta)) >= 1.0
         return named or kinds or self.position(i, j) >= 0.25
+
+    def _scored(self, i: int, j: int, f: Fit | None) -> tuple[float, float] | None:
+        """`_tensor_score` of a pair that fits, None for one that does not."""
+        return self._tensor_score(i, j, f) if f is not None else None
 
     def _tensor_score(self, i: int, j: int, f: Fit) -> tuple[float, float]:
         """(the score of pairing two tensors, its part that is not position)."""

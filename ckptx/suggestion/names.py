@@ -90,7 +90,7 @@ _SYNONYMS.update(
 
 # Reference LLM layouts (Meta's llama, torchtitan; w1/w3/w2 is SwiGLU's gate/up/down there) and the ranks of their
 # norms (the one before attention comes first): names that say nothing by themselves.
-_REFERENCE_LEAVES = {
+_REFERENCE_LEAVES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("feed_forward", "w1"): ("gate",),
     ("feed_forward", "w3"): ("up",),
     ("feed_forward", "w2"): ("downsample",),

@@ -188,8 +188,8 @@ def _fill(leaves: list[Leaf], runs: list[Run], items: list[tuple[str, TensorMeta
             runs.append(
                 Run(
                     template,
-                    tuple(groups[g][0][1] for g in range(i, j)),
-                    inner,  # type: ignore[index]
+                    tuple(groups[g][0][1] for g in range(i, j)),  # type: ignore[index]
+                    inner,
                     offset + members[0],
                 )
             )

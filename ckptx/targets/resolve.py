@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta, dtype_name
@@ -17,7 +17,10 @@ from ckptx.io.read.open import open_source
 from ckptx.rules.recipe import Origin, TargetSpec
 from ckptx.targets.build import build_model
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+else:
+    torch = lazy_module("torch")
 
 __all__ = ["Target", "parse_target_arg", "resolve_target", "state_metas"]
 
@@ -58,15 +61,23 @@ def resolve_target(spec: TargetSpec | str | Mapping[str, Any] | torch.nn.Module)
         spec = parse_target_arg(spec)
     if isinstance(spec, Mapping):
         return Target("<state_dict>", state_metas(spec))
-    common = {"allow_missing": spec.allow_missing, "allow_unexpected": spec.allow_unexpected}
     if spec.model:
         tensors, notes, ties, kinds, rotary = _model_tensors(spec)
-        return Target(spec.describe(), tensors, notes=notes, ties=ties, kinds=kinds, rotary_dim=rotary, **common)
+        return Target(
+            spec.describe(),
+            tensors,
+            spec.allow_missing,
+            spec.allow_unexpected,
+            notes=notes,
+            ties=ties,
+            kinds=kinds,
+            rotary_dim=rotary,
+        )
     if spec.manifest:
-        return Target(spec.manifest, read_manifest(Path(spec.manifest)), **common)
+        return Target(spec.manifest, read_manifest(Path(spec.manifest)), spec.allow_missing, spec.allow_unexpected)
     if spec.checkpoint:
         with open_source(spec.checkpoint) as source:
-            return Target(spec.checkpoint, dict(source.tensors), **common)
+            return Target(spec.checkpoint, dict(source.tensors), spec.allow_missing, spec.allow_unexpected)
     raise TargetError(f"{spec.where or 'target'}: give one of model, checkpoint or manifest")
 
 
