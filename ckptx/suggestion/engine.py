@@ -41,7 +41,7 @@ from ckptx.suggestion.sources import (
     read_manifest_fast,
 )
 from ckptx.suggestion.tree import build_level, hierarchical_order
-from ckptx.suggestion.verify_with import convert_verified, verify_section
+from ckptx.suggestion.verify_with import convert_verified, source_model_facts, verify_section
 from ckptx.targets.resolve import Target, parse_target_arg, resolve_target
 
 __all__ = ["SuggestReport", "Suggestion", "suggest"]
@@ -221,8 +221,17 @@ def _suggest(
     target_tensors = resolved.tensors
     prefixes = infer_prefixes(list(source_tensors), list(target_tensors))
     cut, added = len(prefixes.strip_text), prefixes.add_text
+    cut_text = prefixes.strip_text
     stripped = {k[cut:]: m for k, m in source_tensors.items()}
-    stripped = with_kinds(stripped, infer_kinds(stripped))
+    kinds = infer_kinds(stripped)
+    source_rotary = None
+    if options.verify_with:  # the source model's own classes beat what names suggest
+        model_kinds, source_rotary = source_model_facts(options.verify_with, options.verify_args)
+        for key in stripped:
+            known = model_kinds.get(key) or model_kinds.get(cut_text + key)
+            if known:
+                kinds[key] = known
+    stripped = with_kinds(stripped, kinds)
     unprefixed = {k[len(added) :]: m for k, m in target_tensors.items()}
     unprefixed = with_kinds(unprefixed, {k[len(added) :]: v for k, v in resolved.kinds.items() if k.startswith(added)})
     src_order = natural_order(list(stripped), stripped)
@@ -234,7 +243,7 @@ def _suggest(
     src_level = build_level([(k, stripped[k]) for k in hierarchical_order(src_order or list(stripped))])
     dst_level = build_level([(k, unprefixed[k]) for k in hierarchical_order(dst_order or list(unprefixed))])
     alignment = align(src_level, dst_level, ordered=src_order is None and dst_order is None)
-    matches, rotated = rotary_matches(list(expand(alignment)), resolved.rotary_dim)
+    matches, rotated = rotary_matches(list(expand(alignment)), resolved.rotary_dim or source_rotary)
     if rotated:
         notes.append(rotated[0] + (f" (and {len(rotated) - 1} more)" if len(rotated) > 1 else ""))
     left_src, left_dst = unmatched(alignment)

@@ -135,3 +135,28 @@ def test_rotary_layouts_without_a_head_size_are_undecided(run_cli, tmp_path: Pat
     result = run_cli("suggest", src, "--target", f"{pairs.HERE}:meta_llama", "-o", tmp_path / "r.yaml")
     assert result.code == 1, result.out + result.err
     assert "model.layers.0.self_attn.q_proj.weight -> layers.0.attention.wq.weight" in result.out
+
+
+def test_verify_with_source_model_gives_the_rotary_head_size(run_cli, tmp_path: Path) -> None:
+    """The same pair with --verify-with the transformers Llama: its `inv_freq` gives the head size, the q/k rows are
+    permuted half-split -> interleaved, and Meta's reference model computes the source's logits (exit 0)."""
+    require("transformers")
+    from . import models
+
+    source = models.randomize(pairs.hf_llama(), 3)
+    src = tmp_path / "hf_llama.pth"
+    torch.save(source.state_dict(), src)
+    result = run_cli(
+        "suggest",
+        src,
+        "--target",
+        f"{pairs.HERE}:meta_llama",
+        "--verify-with",
+        f"{pairs.HERE}:hf_llama",
+        "-o",
+        tmp_path / "r.yaml",
+        "--json",
+    )
+    assert result.code == 0, result.out + result.err
+    doc = json.loads(result.out)
+    assert doc["verification"]["ok"] and doc["ops"].get("rotary") == 2 * pairs.LLAMA["num_hidden_layers"]
