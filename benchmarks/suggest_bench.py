@@ -158,6 +158,7 @@ def main() -> None:
             "validated": result.report.ok,
             "wrongly_mapped": wrong,
             "close_calls": close,
+            "undecided": len(result.report.undecided),  # q/k rows: rotary layouts differ, head size unknown
             "rename_rows": rows,
             "sorted_header": args.sorted_header,
         }

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ckptx.errors import CkptxError
+from ckptx.yaml12 import load_scalar_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from ckptx.dtypes import TensorMeta
@@ -126,16 +127,22 @@ def human_bytes(n: float) -> str:
 
 
 def key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
-    """`K=V` command-line items (`--set`, `--target-arg`) as a dict, each value read as a YAML scalar."""
+    """`K=V` command-line items (`--set`, `--target-arg`) as a dict, each value read as a YAML 1.2 core-schema
+    scalar (`1e-5`, `1E5`, `.5` and `-3` are numbers; see `ckptx.yaml12`). A value YAML cannot read raises a
+    CkptxError naming its key."""
     values: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise CkptxError(f"{flag} {item}: expected KEY=VALUE")
+            raise CkptxError(f"{flag} {shown(item)}: expected KEY=VALUE")
         try:
-            values[key] = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError:
-            values[key] = raw
+            values[key] = load_scalar_text(raw) if raw else ""
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise CkptxError(
+                f"{flag} {shown(key)}: cannot read the value {quoted(raw)} as YAML ({problem}); "
+                f"to pass it as text, quote it for YAML inside the shell's quotes: {flag} {shown(key)}='\"...\"'"
+            ) from None
     return values
 
 

@@ -59,6 +59,11 @@ def add_parser(sub: Any, parents: Parents) -> None:
         help="input shape for --verify-with, e.g. 2,3,224,224 (default: guessed from the source model)",
     )
     p.add_argument("--verify-input-dtype", metavar="DTYPE", help="input dtype, e.g. int64 for token ids")
+    p.add_argument(
+        "--no-library",
+        action="store_true",
+        help="infer a recipe even when a shipped or installed recipe validates against the target as it is",
+    )
 
 
 def _shape(text: str | None) -> tuple[int, ...] | None:
@@ -74,7 +79,8 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """Run `ckptx suggest`; exit 0 when the recipe validates, 1 when target keys stay unmatched."""
+    """Run `ckptx suggest`; exit 0 when the recipe validates and every row was decided by evidence, 1 when target
+    keys stay unmatched, a row is undecided or the outputs differ."""
     from ckptx.suggestion.engine import suggest
 
     if (args.verify_input or args.verify_arg or args.verify_input_dtype) and not args.verify_with:
@@ -99,6 +105,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         verify_input=_shape(args.verify_input),
         verify_input_dtype=args.verify_input_dtype,
         name=args.name,
+        library=not args.no_library,
     )
     if destination is not None:
         destination.write_text(result.text, encoding="utf-8")
@@ -133,6 +140,15 @@ def _summary(report: Any, destination: Path | None) -> list[str]:
             + (" ..." if len(report.dropped) > 5 else "")
         )
     lines += [f"close call: {c}" for c in report.close_calls[:10]]
+    if report.undecided:
+        lines.append(
+            f"UNDECIDED: {len(report.undecided)} row(s) no evidence but position decided (equal shapes; names, "
+            f"module kinds and structure do not tell the rivals apart); they are marked `# UNDECIDED` in the recipe. "
+            f"Rerun with --verify-with module:callable (the source model) to decide them on a probe input:"
+        )
+        lines += [f"  {u}" for u in report.undecided[:20]]
+        if len(report.undecided) > 20:
+            lines.append(f"  ... and {len(report.undecided) - 20} more")
     lines += [f"note: {n}" for n in report.notes[:10]]
     lines.append(str(report.validation))
     if report.missing:

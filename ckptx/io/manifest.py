@@ -11,6 +11,7 @@ import yaml
 from ckptx.dtypes import TensorMeta
 from ckptx.errors import TargetError
 from ckptx.io.write.atomic import atomic_output
+from ckptx.yaml12 import CoreLoader
 
 __all__ = ["MANIFEST_VERSION", "read_manifest", "write_manifest"]
 
@@ -31,7 +32,7 @@ def write_manifest(path: Path, tensors: Mapping[str, TensorMeta], *, source: str
 def read_manifest(path: Path) -> dict[str, TensorMeta]:
     """Read a manifest written by `ckptx inspect --manifest` (JSON or YAML)."""
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=CoreLoader)  # CoreLoader is a SafeLoader
     except FileNotFoundError:
         raise TargetError(f"{path}: no such manifest file") from None
     except (OSError, yaml.YAMLError) as exc:

@@ -1,4 +1,5 @@
-"""Load a YAML document and remember the line and column of every value and key."""
+"""Load a YAML document (scalars by the YAML 1.2 core schema, `ckptx.yaml12`) and remember the line and column of
+every value and key."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import yaml
 
 from ckptx.errors import Problem, RuleError
+from ckptx.yaml12 import CoreLoader
 
 PathTuple = tuple[Any, ...]
 
@@ -64,7 +66,7 @@ def load_yaml(path: str | Path, *, display: str | None = None) -> YamlDocument:
 def parse_yaml(text: str, file: str) -> YamlDocument:
     """Parse YAML text (see `load_yaml`)."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=CoreLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else file
@@ -85,7 +87,7 @@ class _Builder:
         self.marks: dict[PathTuple, tuple[int, int]] = {}
         self.key_marks: dict[PathTuple, tuple[int, int]] = {}
         self.problems: list[Problem] = []
-        self._constructor = yaml.SafeLoader("")
+        self._constructor = CoreLoader("")
 
     def build(self, node: yaml.Node, path: PathTuple) -> Any:
         self.marks[path] = (node.start_mark.line + 1, node.start_mark.column + 1)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ckptx.suggestion.assign import assign
-from ckptx.suggestion.flat import FlatAligner
+from ckptx.suggestion.flat import FlatAligner, decide
 from ckptx.suggestion.match import Match
-from ckptx.suggestion.names import key_name, token_similarity
+from ckptx.suggestion.names import key_name, rarity, token_similarity
 from ckptx.suggestion.order import position_similarity
 from ckptx.suggestion.shapes import loose_shape
 from ckptx.suggestion.tree import Leaf, Level, Run
@@ -31,6 +31,7 @@ class RunPair:
     target: Run
     inner: Alignment
     pairs: list[tuple[int, int]]
+    undecided: bool = False  # only position paired these runs (towers of equal blocks, names that do not tell)
 
 
 @dataclass
@@ -50,13 +51,16 @@ class Alignment:
         return self.matched_tensors / self.total_tensors if self.total_tensors else 1.0
 
 
-def align(source: Level, target: Level, memo: dict[tuple[int, int], Alignment] | None = None) -> Alignment:
-    """Align two levels (recursively through their runs); `memo` shares run-body alignments."""
+def align(
+    source: Level, target: Level, memo: dict[tuple[int, int], Alignment] | None = None, *, ordered: bool = True
+) -> Alignment:
+    """Align two levels (recursively through their runs); `memo` shares run-body alignments. `ordered`: both sides
+    keep registration order (not sorted by name), so a decided neighbour's order is evidence."""
     memo = {} if memo is None else memo
     key = (source.signature, target.signature)
     if key in memo:
         return memo[key]
-    result = _LevelAligner(source, target, memo).run()
+    result = _LevelAligner(source, target, memo, ordered).run()
     memo[key] = result
     return result
 
@@ -67,9 +71,10 @@ def expand(alignment: Alignment, source_prefix: str = "", target_prefix: str = "
         yield match.prefixed(source_prefix, target_prefix) if source_prefix or target_prefix else match
     for pair in alignment.runs:
         for i, j in pair.pairs:
-            yield from expand(
+            for match in expand(
                 pair.inner, f"{source_prefix}{pair.source.prefixes[i]}.", f"{target_prefix}{pair.target.prefixes[j]}."
-            )
+            ):
+                yield replace(match, undecided=True) if pair.undecided else match
 
 
 def unmatched(alignment: Alignment, source_prefix: str = "", target_prefix: str = "") -> tuple[list[str], list[str]]:
@@ -87,8 +92,8 @@ def unmatched(alignment: Alignment, source_prefix: str = "", target_prefix: str 
 
 
 class _LevelAligner:
-    def __init__(self, source: Level, target: Level, memo: dict[tuple[int, int], Alignment]) -> None:
-        self.source, self.target, self.memo = source, target, memo
+    def __init__(self, source: Level, target: Level, memo: dict[tuple[int, int], Alignment], ordered: bool) -> None:
+        self.source, self.target, self.memo, self.ordered = source, target, memo, ordered
         self.result = Alignment(total_tensors=source.count + target.count)
 
     def run(self) -> Alignment:
@@ -109,7 +114,7 @@ class _LevelAligner:
                 (a.order, b.order),
                 (a.order + len(a.prefixes) * a.size - 1, b.order + len(b.prefixes) * b.size - 1),
             ]
-        flat = FlatAligner(src_leaves, dst_leaves, anchors, self.source.count, self.target.count)
+        flat = FlatAligner(src_leaves, dst_leaves, anchors, self.source.count, self.target.count, self.ordered)
         self.result.matches = flat.run()
         self.result.source_unmatched = [src_leaves[i].key for i in sorted(flat.free_src)]
         self.result.target_unmatched = [dst_leaves[j].key for j in sorted(flat.free_dst)]
@@ -123,21 +128,29 @@ class _LevelAligner:
             return [(r, None) for r in src_runs], [(r, None) for r in dst_runs]
         inner: dict[tuple[int, int], Alignment] = {}
         scores: list[list[float | None]] = []
+        evidence: list[list[float | None]] = []
+        weights = rarity([r.template + ".x" for r in src_runs], [r.template + ".x" for r in dst_runs])
         for i, a in enumerate(src_runs):
             row: list[float | None] = []
+            erow: list[float | None] = []
+            evidence.append(erow)
             for j, b in enumerate(dst_runs):
                 if not _bodies_may_match(a.body, b.body):
                     row.append(None)
+                    erow.append(None)
                     continue
-                al = align(a.body, b.body, self.memo)
+                al = align(a.body, b.body, self.memo, ordered=self.ordered)
                 inner[i, j] = al
                 if al.quality < 0.5:
                     row.append(None)
+                    erow.append(None)
                     continue
                 count = min(len(a.prefixes), len(b.prefixes)) / max(len(a.prefixes), len(b.prefixes))
-                name = token_similarity(key_name(a.template + ".x").path, key_name(b.template + ".x").path)
+                name = token_similarity(key_name(a.template + ".x").path, key_name(b.template + ".x").path, weights)
                 position = position_similarity(i, len(src_runs), j, len(dst_runs))
-                row.append(2.0 * al.quality + 1.0 * count + 0.5 * name + 0.8 * position)
+                part = 2.0 * al.quality + 1.0 * count + 1.5 * name
+                erow.append(part)
+                row.append(part + 0.3 * position)
             scores.append(row)
         paired = assign(scores)
         left_src: list[tuple[Run, list[int] | None]] = [
@@ -149,7 +162,8 @@ class _LevelAligner:
         for i, j in paired:
             a, b = src_runs[i], dst_runs[j]
             pairs = _instance_pairs(a, b)
-            self.result.runs.append(RunPair(a, b, inner[i, j], pairs))
+            _, undecided = decide(scores, evidence, paired, i, j)
+            self.result.runs.append(RunPair(a, b, inner[i, j], pairs, undecided))
             self.result.matched_tensors += int(round(inner[i, j].matched_tensors * len(pairs)))
             rest_a = sorted(set(range(len(a.prefixes))) - {p for p, _ in pairs})
             rest_b = sorted(set(range(len(b.prefixes))) - {q for _, q in pairs})

@@ -144,6 +144,7 @@ class _StepBuilder:
         self.permutes: dict[tuple[int, ...], list[str]] = defaultdict(list)
         self.permute_notes: dict[tuple[int, ...], list[str]] = defaultdict(list)
         self.reshapes: dict[str, list[str]] = defaultdict(list)
+        self.rotary: dict[tuple[int, int, int, tuple[int, ...]], list[str]] = defaultdict(list)
 
     def tensor(self, match: Match) -> None:
         """One source tensor to one target key, as is or through one op."""
@@ -152,7 +153,11 @@ class _StepBuilder:
         f = match.fit
         assert isinstance(f, Fit)
         ops: tuple[str, ...] = ()
-        if f.kind == "permute":
+        if f.kind == "rotary":
+            heads, head_dim, direction = f.dims
+            self.rotary[(heads, head_dim, direction, f.shape)].append(self.add + t)
+            ops = ("reshape", "permute", "reshape")
+        elif f.kind == "permute":
             self.permutes[f.dims].append(self.add + t)
             ops = ("permute",)
             if match.note:
@@ -161,7 +166,13 @@ class _StepBuilder:
             self.reshapes["[-1]" if len(f.shape) == 1 else "target"].append(self.add + t)
             ops = ("reshape",)
         self.decided[self.add + t] = Decided((s,), ops)
-        if match.alternative:
+        if match.undecided:
+            rival = f" or '{self.add + match.alternative}'" if match.alternative else ""
+            self.comments[s].append(
+                f"UNDECIDED: '{self.add + t}'{rival}: equal shapes, and neither names, module kinds nor structure "
+                f"tell them apart (only position chose); rerun with --verify-with to decide"
+            )
+        elif match.alternative:
             self.comments[s].append(
                 f"close call: '{self.add + t}' chosen over '{self.add + match.alternative}' "
                 f"(same shape, similar evidence)"
@@ -241,6 +252,20 @@ class _StepBuilder:
             if self.permute_notes.get(dims):
                 comment += "; " + self.permute_notes[dims][0]
             steps.append(StepText("permute", {"match": _one(cover(keys, final_keys)), "dims": list(dims)}, comment))
+        for (heads, head_dim, direction, rotary_shape), keys in self.rotary.items():
+            match = _one(cover(keys, final_keys))
+            rest = list(rotary_shape[1:])
+            split = [heads, head_dim // 2, 2, *rest] if direction == 0 else [heads, 2, head_dim // 2, *rest]
+            pairs = "interleaved pairs -> two halves" if direction == 0 else "two halves -> interleaved pairs"
+            steps += [
+                StepText(
+                    "reshape",
+                    {"match": match, "shape": split},
+                    f"rotary q/k rows, {pairs} within each of {heads} heads of {head_dim}: view per head ...",
+                ),
+                StepText("permute", {"match": match, "dims": [0, 2, 1, *range(3, 3 + len(rest))]}, "... swap ..."),
+                StepText("reshape", {"match": match, "shape": list(rotary_shape)}, "... and back"),
+            ]
         for spec, keys in self.reshapes.items():
             shape: Any = [-1] if spec == "[-1]" else "target"
             what = "to 1-d" if spec == "[-1]" else "to the target's shape (same elements: 1x1 conv <-> linear, ...)"

@@ -19,11 +19,17 @@ from ckptx.errors import CkptxError, NotReproduced, PlanError
 from ckptx.io.read.open import open_source
 from ckptx.planning.expr import ops_of
 from ckptx.planning.planner import plan_recipe
+from ckptx.rules.flatten import dump
 from ckptx.rules.loader import load_rules_text
 from ckptx.rules.recipe import Recipe, TargetSpec
 from ckptx.suggestion.align import align, expand, unmatched
 from ckptx.suggestion.build import Decided, build_steps
 from ckptx.suggestion.emit import render_recipe
+from ckptx.suggestion.kinds import infer_kinds, with_kinds
+from ckptx.suggestion.library import LibraryFit, library_fit
+from ckptx.suggestion.match import Match
+from ckptx.suggestion.numeric import decide_numerically
+from ckptx.suggestion.rotary import rotary_matches
 from ckptx.suggestion.shapes import Fit
 from ckptx.suggestion.sources import (
     Candidate,
@@ -35,7 +41,7 @@ from ckptx.suggestion.sources import (
     read_manifest_fast,
 )
 from ckptx.suggestion.tree import build_level, hierarchical_order
-from ckptx.suggestion.verify_with import convert_verified, verify_section
+from ckptx.suggestion.verify_with import convert_verified, source_model_facts, verify_section
 from ckptx.targets.resolve import Target, parse_target_arg, resolve_target
 
 __all__ = ["SuggestReport", "Suggestion", "suggest"]
@@ -67,15 +73,18 @@ class SuggestReport:
     close_calls: tuple[str, ...]
     notes: tuple[str, ...]
     validation: ValidationReport
+    undecided: tuple[str, ...] = ()  # rows no evidence decided (position alone): not a success
+    library: str | None = None  # the library recipe proposed as it is (nothing inferred)
     verification: Any = None
     verification_error: str | None = None
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        """True when the recipe validates against the target (and, if run, the outputs agree)."""
+        """True when the recipe validates against the target, every row was decided by evidence that excludes its
+        rivals, and (if run) the outputs agree."""
         verified = self.verification is None or bool(getattr(self.verification, "ok", False))
-        return self.validation.ok and not self.missing and verified
+        return self.validation.ok and not self.missing and not self.undecided and verified
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -98,6 +107,8 @@ class SuggestReport:
             "allowed_missing": list(self.allowed_missing),
             "missing": list(self.missing),
             "close_calls": list(self.close_calls),
+            "undecided": list(self.undecided),
+            "library": self.library,
             "notes": list(self.notes),
             "validation": self.validation.to_dict(),
             "verification": self.verification.to_dict() if self.verification is not None else None,
@@ -131,6 +142,7 @@ def suggest(
     verify_input: Sequence[int] | None = None,
     verify_input_dtype: str | None = None,
     name: str | None = None,
+    library: bool = True,
 ) -> Suggestion:
     """Infer a recipe converting `src` to `target` from metadata only, re-plan it, and validate it.
 
@@ -138,8 +150,11 @@ def suggest(
     `allow_missing` / `allow_unexpected` are regexes of target keys that may stay missing / source keys
     that may stay extra (they go to the recipe's `target:`). `output` is where the recipe will be written
     (relative target paths are made relative to it). With `verify_with` (`module:callable` building the
-    source model), the recipe gets a `verify:` section and the conversion is run and its outputs compared.
-    Raises CkptxError (exit 2) for bad input; the result's `report.ok` says whether it validates.
+    source model), the recipe gets a `verify:` section and the conversion is run and its outputs compared; rows
+    metadata left undecided are decided by those outputs. With `library` (the default), a shipped or installed
+    recipe that validates as it is is proposed instead of an inferred one.
+    Raises CkptxError (exit 2) for bad input; the result's `report.ok` says whether it validates and every row was
+    decided.
     """
     started = time.perf_counter()
     options = _Options(
@@ -155,6 +170,7 @@ def suggest(
         tuple(verify_input) if verify_input else None,
         verify_input_dtype,
         name,
+        library,
     )
     resolved, ties = _resolve(options.spec)
     fmt, candidates, opened = find_candidates(options.src, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
@@ -181,6 +197,7 @@ class _Options:
     verify_input: tuple[int, ...] | None
     verify_input_dtype: str | None
     name: str | None
+    library: bool = True
 
 
 def _suggest(
@@ -195,13 +212,28 @@ def _suggest(
 ) -> Suggestion:
     src, spec, output = options.src, options.spec, options.output
     extract = None if fmt in ("safetensors", "sharded-index", "manifest") else chosen.path
+    if options.library and fmt != "manifest":
+        found = library_fit(opened, resolved)
+        if found is not None:
+            return _from_library(options, fmt, opened, chosen, rivals, resolved, found, started)
     notes: list[str] = []
     source_tensors = dict(opened.tensors)
     target_tensors = resolved.tensors
     prefixes = infer_prefixes(list(source_tensors), list(target_tensors))
     cut, added = len(prefixes.strip_text), prefixes.add_text
+    cut_text = prefixes.strip_text
     stripped = {k[cut:]: m for k, m in source_tensors.items()}
+    kinds = infer_kinds(stripped)
+    source_rotary = None
+    if options.verify_with:  # the source model's own classes beat what names suggest
+        model_kinds, source_rotary = source_model_facts(options.verify_with, options.verify_args)
+        for key in stripped:
+            known = model_kinds.get(key) or model_kinds.get(cut_text + key)
+            if known:
+                kinds[key] = known
+    stripped = with_kinds(stripped, kinds)
     unprefixed = {k[len(added) :]: m for k, m in target_tensors.items()}
+    unprefixed = with_kinds(unprefixed, {k[len(added) :]: v for k, v in resolved.kinds.items() if k.startswith(added)})
     src_order = natural_order(list(stripped), stripped)
     dst_order = natural_order(list(unprefixed), unprefixed)
     if src_order is not None:
@@ -210,8 +242,10 @@ def _suggest(
         notes.append("target keys are sorted by name: order evidence is weaker")
     src_level = build_level([(k, stripped[k]) for k in hierarchical_order(src_order or list(stripped))])
     dst_level = build_level([(k, unprefixed[k]) for k in hierarchical_order(dst_order or list(unprefixed))])
-    alignment = align(src_level, dst_level)
-    matches = list(expand(alignment))
+    alignment = align(src_level, dst_level, ordered=src_order is None and dst_order is None)
+    matches, rotated = rotary_matches(list(expand(alignment)), resolved.rotary_dim or source_rotary)
+    if rotated:
+        notes.append(rotated[0] + (f" (and {len(rotated) - 1} more)" if len(rotated) > 1 else ""))
     left_src, left_dst = unmatched(alignment)
 
     copies = _tied_copies(ties, matches, left_dst, added)
@@ -236,44 +270,30 @@ def _suggest(
             options.verify_input_dtype,
             prefix=prefixes.strip_text,
         )
-    evidence: Counter = Counter()
-    ops: Counter = Counter()
-    close: dict[str, str] = {}
-    noted: dict[str, str] = {}
-    for match in matches:
-        evidence[match.evidence] += len(match.targets)
-        if match.kind != "tensor":
-            ops[match.kind] += 1
-        elif isinstance(match.fit, Fit) and match.fit.kind != "exact":  # a tensor match's fit is a Fit
-            ops[match.fit.kind] += 1
-        if match.alternative:  # once per row of blocks, not once per block
-            text = (
-                f"{prefixes.strip_text}{match.sources[0]} -> {added}{match.targets[0]} "
-                f"(runner-up {added}{match.alternative})"
-            )
-            close.setdefault(_DIGITS.sub("#", text), text)
-        if match.note:
-            text = f"{', '.join(match.sources)}: {match.note}"
-            noted.setdefault(_DIGITS.sub("#", text), text)
-    notes += noted.values()
+    tally = _tally(matches, prefixes)
+    notes += tally.noted
     recipe_name = options.name or _recipe_name(src, spec)
-    header = _header(
-        src,
-        fmt,
-        rivals,
-        extract,
-        resolved,
-        spec,
-        prefixes,
-        evidence,
-        ops,
-        dropped,
-        kept,
-        allowed_missing,
-        missing,
-        len(source_tensors),
-        verify is not None,
-    )
+
+    def header_for(t: _Tally) -> list[str]:
+        return _header(
+            src,
+            fmt,
+            rivals,
+            extract,
+            resolved,
+            spec,
+            prefixes,
+            t.evidence,
+            t.ops,
+            dropped,
+            kept,
+            allowed_missing,
+            missing,
+            len(source_tensors),
+            verify is not None,
+            t.undecided,
+        )
+
     trailer = []
     if missing:
         trailer.append(
@@ -285,7 +305,9 @@ def _suggest(
             trailer.append(f"  ... and {len(missing) - 200} more")
     base_dir = Path(output).resolve().parent if output else Path.cwd()
 
-    def write(literal_rows: bool) -> tuple[str, Recipe, ValidationReport, dict[str, Decided]]:
+    def write(
+        literal_rows: bool, matches: list[Match] = matches
+    ) -> tuple[str, Recipe, ValidationReport, dict[str, Decided]]:
         steps, decided = build_steps(
             matches,
             dropped,
@@ -298,7 +320,7 @@ def _suggest(
             copies=copies,
         )
         text = render_recipe(
-            header=header,
+            header=header_for(_tally(matches, prefixes)),
             name=recipe_name,
             description=f"{Path(src).name} -> {_describe(spec)} (suggested; review before use)",
             extract=extract,
@@ -316,19 +338,30 @@ def _suggest(
         notes.append(f"generalized rows did not reproduce the mapping ({exc}); wrote one exact row per key")
         text, recipe, report, decided = write(literal_rows=True)
     verification = error = None
-    if verify is not None and report.ok:
-        with tempfile.TemporaryDirectory(prefix="ckptx-suggest-") as tmp:
-            # the target and the source model are the user's own (--target, --verify-with), as is ckptx's helper
-            typed = [n for n in (options.spec.model, options.verify_with, VERIFY_HELPER) if n]
-            verification, failure = convert_verified(
-                src,
-                os.path.join(tmp, "converted.safetensors"),
-                recipe,
-                allow_globals=options.allow_globals,
-                unsafe_pickle=options.unsafe_pickle,
-                allowed=typed,
-            )
-            error = str(failure).splitlines()[0] if failure is not None and verification is None else None
+    if verify is not None and report.ok and not missing:
+        typed = [n for n in (options.spec.model, options.verify_with, VERIFY_HELPER) if n]  # the user's own
+
+        def run(candidate: Recipe) -> tuple[Any, str | None]:
+            with tempfile.TemporaryDirectory(prefix="ckptx-suggest-") as tmp:
+                result, failure = convert_verified(
+                    src,
+                    os.path.join(tmp, "converted.safetensors"),
+                    candidate,
+                    allow_globals=options.allow_globals,
+                    unsafe_pickle=options.unsafe_pickle,
+                    allowed=typed,
+                )
+            return result, (str(failure).splitlines()[0] if failure is not None and result is None else None)
+
+        verification, error = run(recipe)
+        if tally.undecided and verification is not None:
+            decision = decide_numerically(matches, verification, lambda ms: run(write(False, ms)[1])[0])
+            notes.append(decision.note)
+            if decision.matches is not matches:
+                matches = decision.matches
+                text, recipe, report, decided = write(False, matches)
+                verification = decision.verification
+            tally = _tally(matches, prefixes)
     elif verify is not None:
         error = "not run: the recipe does not validate against the target"
     result = SuggestReport(
@@ -340,21 +373,144 @@ def _suggest(
         source_tensors=len(source_tensors),
         target_tensors=len(target_tensors),
         mapped=sum(len(m.targets) for m in matches) + len(copies),
-        evidence=dict(evidence),
-        ops=dict(ops),
+        evidence=dict(tally.evidence),
+        ops=dict(tally.ops),
         prefixes=prefixes,
         dropped=tuple(prefixes.strip_text + k for k in dropped),
         kept_unexpected=tuple(prefixes.strip_text + k for k in kept),
         allowed_missing=tuple(allowed_missing),
         missing=tuple(missing),
-        close_calls=tuple(close.values()),
+        close_calls=tuple(tally.close),
         notes=tuple(notes),
         validation=report,
+        undecided=tuple(tally.undecided),
         verification=verification,
         verification_error=error,
         seconds=time.perf_counter() - started,
     )
     return Suggestion(recipe, text, result, decided)
+
+
+def _from_library(
+    options: _Options,
+    fmt: str,
+    opened: Any,
+    chosen: Candidate,
+    rivals: list[tuple[Candidate, float]],
+    resolved: Target,
+    found: LibraryFit,
+    started: float,
+) -> Suggestion:
+    """A library recipe that validates as it is: flattened, with the user's target (and --verify-with), verified."""
+    src, spec, output = options.src, options.spec, options.output
+    document = dict(found.document)
+    document["name"] = options.name or found.name
+    document["target"] = _target_section(spec, output)
+    verify = None
+    if options.verify_with:
+        if not spec.model:
+            raise CkptxError("--verify-with needs a model target (module:callable), not a checkpoint or manifest")
+        verify = verify_section(
+            options.verify_with, options.verify_args, options.verify_input, options.verify_input_dtype
+        )
+        document["verify"] = verify
+    else:
+        document.pop("verify", None)
+    chosen_values = ", ".join(f"{k}={v}" for k, v in found.values.items())
+    note = (
+        f"the library recipe '{found.name}' (pack {found.pack}) validates against the target as it is"
+        + (f" ({chosen_values} chosen from the source)" if chosen_values else "")
+        + "; nothing was inferred (--no-library infers a recipe instead)"
+    )
+    header = [
+        f"Suggested by `ckptx suggest` (ckptx {__version__}): {note}.",
+        f"source: {Path(src).name} ({fmt}), {len(opened.tensors)} tensors; target: {_describe(spec)}",
+    ]
+    text = "\n".join(f"# {line}" for line in header) + "\n" + dump(document)
+    base_dir = Path(output).resolve().parent if output else Path.cwd()
+    recipe = load_rules_text(text, str(output or "<suggested>"), base_dir=base_dir)
+    report = validate(plan_recipe(recipe, opened, target=resolved.tensors), resolved)
+    verification = error = None
+    if verify is not None and report.ok:
+        typed = [n for n in (spec.model, options.verify_with) if n]
+        with tempfile.TemporaryDirectory(prefix="ckptx-suggest-") as tmp:
+            verification, failure = convert_verified(
+                src,
+                os.path.join(tmp, "converted.safetensors"),
+                recipe,
+                allow_globals=options.allow_globals,
+                unsafe_pickle=options.unsafe_pickle,
+                allowed=typed,
+            )
+        error = str(failure).splitlines()[0] if failure is not None and verification is None else None
+    result = SuggestReport(
+        source=src,
+        source_format=fmt,
+        extracted_from=chosen.path,
+        extract_rivals=tuple(c.path for c, _ in rivals),
+        target=resolved.description,
+        source_tensors=len(opened.tensors),
+        target_tensors=len(resolved.tensors),
+        mapped=report.matched,
+        evidence={f"the library recipe {found.name}": report.matched},
+        ops={},
+        prefixes=Prefixes(),
+        dropped=(),
+        kept_unexpected=(),
+        allowed_missing=tuple(str(getattr(k, "key", k)) for k in report.allowed_missing),
+        missing=tuple(str(getattr(k, "key", k)) for k in report.missing),
+        close_calls=(),
+        notes=(note,),
+        validation=report,
+        verification=verification,
+        verification_error=error,
+        seconds=time.perf_counter() - started,
+        library=found.name,
+    )
+    return Suggestion(recipe, text, result, {})
+
+
+@dataclass(frozen=True)
+class _Tally:
+    """What the matches say, counted for the header and the report."""
+
+    evidence: Counter
+    ops: Counter
+    close: list[str]
+    noted: list[str]
+    undecided: list[str]
+
+
+def _tally(matches: Sequence[Match], prefixes: Prefixes) -> _Tally:
+    """Evidence and op counts, close calls, notes and undecided rows, each row of blocks once (not once per block)."""
+    added = prefixes.add_text
+    evidence: Counter = Counter()
+    ops: Counter = Counter()
+    close: dict[str, str] = {}
+    noted: dict[str, str] = {}
+    undecided: dict[str, str] = {}
+    for match in matches:
+        if match.kind != "tensor":
+            ops[match.kind] += 1
+        elif isinstance(match.fit, Fit) and match.fit.kind != "exact":
+            ops[match.fit.kind] += 1
+        if match.undecided:
+            rival = f" (or {added}{match.alternative})" if match.alternative else ""
+            text = f"{prefixes.strip_text}{match.sources[0]} -> {added}{match.targets[0]}{rival}"
+            undecided.setdefault(_DIGITS.sub("#", text), text)
+            evidence["position only (UNDECIDED)"] += len(match.targets)
+            continue
+        evidence[match.evidence] += len(match.targets)
+        if match.alternative:
+            text = (
+                f"{prefixes.strip_text}{match.sources[0]} -> {added}{match.targets[0]} "
+                f"(runner-up {added}{match.alternative})"
+            )
+            close.setdefault(_DIGITS.sub("#", text), text)
+        if match.note:
+            text = f"{', '.join(match.sources)}: {match.note}"
+            noted.setdefault(_DIGITS.sub("#", text), text)
+    return _Tally(evidence, ops, list(close.values()), list(noted.values()), list(undecided.values()))
 
 
 def _target_spec(
@@ -462,6 +618,7 @@ def _header(
     missing: list[str],
     n_source: int,
     verified: bool,
+    undecided: list[str],
 ) -> list[str]:
     where = f", weights at '{extract}'" if extract else ""
     lines = [
@@ -499,6 +656,12 @@ def _header(
         lines.append(f"allowed missing: {len(allowed_missing)} target key(s) left as initialised")
     if missing:
         lines.append(f"NOT MAPPED: {len(missing)} target key(s), listed at the end")
+    if undecided:
+        lines.append(
+            f"UNDECIDED: {len(undecided)} row(s) between tensors of equal shape that no evidence but position "
+            f"decided (marked below); rerun with --verify-with module:callable (the source model) to decide them"
+        )
+        lines += [f"  {u}" for u in undecided[:20]]
     lines += [
         "",
         "ckptx validated this recipe's keys and shapes against the target; it does not prove the outputs",

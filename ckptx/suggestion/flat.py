@@ -15,13 +15,15 @@ from dataclasses import replace
 from typing import Any
 
 from ckptx.suggestion.assign import assign
+from ckptx.suggestion.kinds import agreement, kind_of
 from ckptx.suggestion.match import Match
 from ckptx.suggestion.names import key_name, rarity, similarity, token_similarity
 from ckptx.suggestion.order import Warp, number_similarity
 from ckptx.suggestion.shapes import Fit, JoinFit, dtype_kind, fit, join_fit, loose_shape
+from ckptx.suggestion.structure import ContainerMap, head_ranks, rank_agreement, role_agreement, sibling_ranks
 from ckptx.suggestion.tree import Leaf
 
-__all__ = ["FlatAligner"]
+__all__ = ["FlatAligner", "decide"]
 
 _CLASS_LIMIT = 400  # above this many candidates of one shape, pair them in order instead
 _DENSE = 2500  # score every pair of a class up to this many pairs; beyond, only near ones
@@ -31,6 +33,7 @@ _KNOWN_ORDERS = (("q", "k", "v"), ("k", "v"), ("q", "k"), ("gate", "up"))
 _KNOWN_GROUPS = tuple(frozenset(order) for order in _KNOWN_ORDERS)
 _GENERIC_PARAMS = frozenset({"weight", "bias", "mean", "var", "num", "batches", "tracked", "scale"})
 _CLOSE = 0.12  # a runner-up within this score of the choice is reported as a close call
+_DECIDED = 0.2  # the evidence other than position must prefer the choice over every rival by this much
 
 
 def _parent(key: str) -> str:
@@ -47,8 +50,10 @@ class FlatAligner:
         anchors: Sequence[tuple[int, int]] = (),
         n: int | None = None,
         m: int | None = None,
+        ordered: bool = True,
     ) -> None:
         self.src, self.dst = src, dst
+        self.ordered = ordered  # both sides in registration order: a decided neighbour's order is evidence
         self.run_anchors = list(anchors)
         self.n = n if n is not None else (max((leaf.order for leaf in src), default=-1) + 1)
         self.m = m if m is not None else (max((leaf.order for leaf in dst), default=-1) + 1)
@@ -59,6 +64,8 @@ class FlatAligner:
         self.weights = rarity([leaf.key for leaf in src], [leaf.key for leaf in dst])
         self.warp = Warp(self.run_anchors, self.n, self.m)
         self._layouts: dict[tuple, list[tuple[int, int, Fit]] | None] = {}
+        self.containers = ContainerMap((), ())
+        self.ranks = (_ranks(src), _ranks(dst))
 
     def position(self, i: int, j: int) -> float:
         """How well source leaf `i` and target leaf `j` sit at corresponding places of their levels."""
@@ -68,9 +75,11 @@ class FlatAligner:
         self._fused("split")
         self._fused("merge")
         self.warp = Warp(self._anchors() + self.run_anchors, self.n, self.m)
+        self.containers = ContainerMap(self._sure_pairs(), [leaf.key for leaf in self.dst])
         self._modules()
         self._tensors()
         self._square_transposes()
+        self._neighbours_decide()
         self.matches.sort(key=lambda m: min(self._src_order[k] for k in m.sources))
         return self.matches
 
@@ -111,6 +120,36 @@ class FlatAligner:
                 (self.src[self._src_index[match.sources[0]]].order, self.dst[self._dst_index[match.targets[0]]].order)
             )
         return anchors
+
+    def _sure_pairs(self) -> list[tuple[str, str]]:
+        """Key pairs sure enough to map containers with: same names, shapes only one free tensor on each side has, and
+        fused splits and merges."""
+        pairs = [(m.sources[0], m.targets[0]) for m in self.matches]
+        by_key = {leaf.key: j for j, leaf in enumerate(self.dst) if j in self.free_dst}
+        pairs += [(self.src[i].key, self.src[i].key) for i in self.free_src if self.src[i].key in by_key]
+        classes: dict[tuple, tuple[list[int], list[int]]] = {}
+        for i in self.free_src:
+            meta = self.src[i].meta
+            classes.setdefault((meta.shape, dtype_kind(meta.dtype)), ([], []))[0].append(i)
+        for j in self.free_dst:
+            meta = self.dst[j].meta
+            key = (meta.shape, dtype_kind(meta.dtype))
+            if key in classes:
+                classes[key][1].append(j)
+        for rows, cols in classes.values():
+            if len(rows) == 1 and len(cols) == 1 and len(self.src[rows[0]].meta.shape) >= 2:
+                pairs.append((self.src[rows[0]].key, self.dst[cols[0]].key))
+        return pairs
+
+    def _structure(self, s: str, t: str, ks: str, kt: str) -> float:
+        """Evidence beyond name tokens: module kinds, the container tree, role words (q/k/v/o, gate/up) and the rank
+        among numbered siblings (`conv1` of two is `layer.0` of two)."""
+        return (
+            0.8 * agreement(ks, kt)
+            + 1.5 * self.containers.agreement(s, t)
+            + 1.0 * role_agreement(s, t)
+            + 0.8 * rank_agreement(self.ranks[0].get(s), self.ranks[1].get(t))
+        )
 
     @property
     def _src_index(self) -> dict[str, int]:
@@ -195,44 +234,55 @@ class FlatAligner:
                 continue
             if len(rows) > _CLASS_LIMIT or len(cols) > _CLASS_LIMIT:
                 pairs = [(r, c, self._param_pairs(src_mods[r][1], dst_mods[c][1])) for r, c in zip(rows, cols)]
-                self._accept_modules(src_mods, dst_mods, [(r, c, p, 0.0, None) for r, c, p in pairs if p])
+                self._accept_modules(src_mods, dst_mods, [(r, c, p, False, None) for r, c, p in pairs if p])
                 continue
             scores: list[list[float | None]] = []
+            evidence: list[list[float | None]] = []
             bijections: dict[tuple[int, int], list[tuple[int, int, Fit]]] = {}
             near = self._neighbours([src_mods[r][1][0] for r in rows], [dst_mods[c][1][0] for c in cols])
             for x, r in enumerate(rows):
                 row: list[float | None] = []
+                erow: list[float | None] = []
+                evidence.append(erow)
                 for y, c in enumerate(cols):
                     if near is not None and y not in near[x]:
                         row.append(None)
+                        erow.append(None)
                         continue
                     pairs_ = self._param_pairs(src_mods[r][1], dst_mods[c][1])
                     unique = len(rows) == 1 and len(cols) == 1
                     lead = max(src_mods[r][1], key=lambda k: len(loose_shape(self.src[k].meta.shape)))
                     if pairs_ is None or not self._plausible(lead, dst_mods[c][1][0], unique):
                         row.append(None)
+                        erow.append(None)
                         continue
                     bijections[r, c] = pairs_
-                    row.append(self._module_score(src_mods[r], dst_mods[c], pairs_))
+                    total, part = self._module_score(src_mods[r], dst_mods[c], pairs_)
+                    row.append(total)
+                    erow.append(part)
                 scores.append(row)
             chosen = assign(scores)
             accepted = []
             for ri, ci in chosen:
                 r, c = rows[ri], cols[ci]
-                alt = _runner_up(scores, chosen, ri, ci)
+                alt, undecided = decide(scores, evidence, chosen, ri, ci)
                 accepted.append(
-                    (r, c, bijections[r, c], scores[ri][ci] or 0.0, dst_mods[cols[alt]][0] if alt is not None else None)
+                    (r, c, bijections[r, c], undecided, dst_mods[cols[alt]][0] if alt is not None else None)
                 )
             self._accept_modules(src_mods, dst_mods, accepted)
 
     def _accept_modules(self, src_mods: list, dst_mods: list, accepted: list) -> None:
-        for r, c, pairs, _score, alternative in accepted:
+        for r, c, pairs, undecided, alternative in accepted:
             for si, ti, f in pairs:
                 s, t = self.src[si].key, self.dst[ti].key
                 alt = None
                 if alternative is not None:
                     alt = f"{alternative}.{t.rsplit('.', 1)[-1]}" if alternative else t.rsplit(".", 1)[-1]
-                self.matches.append(Match((s,), (t,), "tensor", f, self._evidence(s, t), alternative=alt))
+                f, note = _bare_matmul(f, kind_of(self.src[si].meta), kind_of(self.dst[ti].meta))
+                match = Match(
+                    (s,), (t,), "tensor", f, self._evidence(s, t), alternative=alt, note=note, undecided=bool(undecided)
+                )
+                self.matches.append(match)
                 self.free_src.discard(si)
                 self.free_dst.discard(ti)
             self.parent_votes[src_mods[r][0], dst_mods[c][0]] += 1
@@ -255,7 +305,8 @@ class FlatAligner:
 
     def _module_score(
         self, sm: tuple[str, list[int]], dm: tuple[str, list[int]], pairs: list[tuple[int, int, Fit]]
-    ) -> float:
+    ) -> tuple[float, float]:
+        """(the score of pairing two modules, its part that is not position)."""
         na, nb = key_name(sm[0] + ".x"), key_name(dm[0] + ".x")
         name = token_similarity(na.path, nb.path, self.weights) + 0.3 * (
             token_similarity(na.leaf, nb.leaf) if (na.leaf or nb.leaf) else 1.0
@@ -270,7 +321,12 @@ class FlatAligner:
         ) / len(pairs)
         quality = sum(f.quality for _, _, f in pairs) / len(pairs)
         same = 1.0 if sm[0] == dm[0] else 0.0
-        return 1.0 + 1.0 * name + ordinal + 0.5 * numbers + 0.8 * position + 0.3 * params + 1.0 * quality + same
+        i, j = pairs[0][0], pairs[0][1]
+        structure = self._structure(
+            self.src[i].key, self.dst[j].key, kind_of(self.src[i].meta), kind_of(self.dst[j].meta)
+        )
+        evidence = 1.0 * name + ordinal + 0.5 * numbers + 0.3 * params + same + structure
+        return 1.0 + evidence + 0.8 * position + 1.0 * quality, evidence
 
     # ---- single tensors
     def _tensors(self) -> None:
@@ -302,15 +358,18 @@ class FlatAligner:
                 for x, i in enumerate(rows)
                 for y, j in enumerate(cols)
             }
-            scores = [[_score_or_none(self._tensor_score, i, j, fits[i, j]) for j in cols] for i in rows]
+            pairs = [[self._scored(i, j, fits[i, j]) for j in cols] for i in rows]
+            scores = [[p[0] if p is not None else None for p in row] for row in pairs]
+            evidence = [[p[1] if p is not None else None for p in row] for row in pairs]
             chosen = assign(scores)
             for ri, ci in chosen:
-                alt = _runner_up(scores, chosen, ri, ci)
+                alt, undecided = decide(scores, evidence, chosen, ri, ci)
                 self._accept_tensor(
                     rows[ri],
                     cols[ci],
                     fits[rows[ri], cols[ci]],  # type: ignore[arg-type]  # assign() pairs scored cells: a fit
                     self.dst[cols[alt]].key if alt is not None else None,
+                    undecided,
                 )
 
     def _neighbours(self, rows: list[int], cols: list[int]) -> list[set[int]] | None:
@@ -336,36 +395,81 @@ class FlatAligner:
     def _plausible(self, i: int, j: int, unique: bool = False) -> bool:
         """A lone tensor pair needs some evidence beyond its shape: a similar name, about the expected place, or
         a distinctive shape (two or more sizes other than 1) that only these two tensors have at this level
-        (a new layer of the target is not filled with a leftover norm of the same width from elsewhere)."""
+        (a new layer of the target is not filled with a leftover norm of the same width from elsewhere), or the same
+        kind of module (a norm for a norm: whether it is the right one is then for the rival check to say)."""
         if unique and len(loose_shape(self.src[i].meta.shape)) >= 2:
             return True
         a, b = key_name(self.src[i].key), key_name(self.dst[j].key)
         named = (
             token_similarity(a.path, b.path, self.weights) >= 0.15
+            or bool((_name_concepts(self.src[i].key) & _name_concepts(self.dst[j].key)) - _GENERIC_PARAMS)
             or bool(set(a.leaf) & set(b.leaf))
             or bool((set(a.param) & set(b.param)) - _GENERIC_PARAMS)
         )
-        return named or self.position(i, j) >= 0.25
+        kinds = agreement(kind_of(self.src[i].meta), kind_of(self.dst[j].meta)) >= 1.0
+        return named or kinds or self.position(i, j) >= 0.25
 
-    def _tensor_score(self, i: int, j: int, f: Fit) -> float:
+    def _scored(self, i: int, j: int, f: Fit | None) -> tuple[float, float] | None:
+        """`_tensor_score` of a pair that fits, None for one that does not."""
+        return self._tensor_score(i, j, f) if f is not None else None
+
+    def _tensor_score(self, i: int, j: int, f: Fit) -> tuple[float, float]:
+        """(the score of pairing two tensors, its part that is not position)."""
         s, t = self.src[i].key, self.dst[j].key
         na, nb = key_name(s), key_name(t)
         vote = 0.6 if self.parent_votes.get((_parent(s), _parent(t))) else 0.0
-        return (
-            1.0
-            + 1.2 * similarity(s, t, self.weights)
+        evidence = (
+            1.2 * similarity(s, t, self.weights)
             + 0.3 * number_similarity(na.numbers, nb.numbers)
-            + 0.8 * self.position(i, j)
-            + 1.0 * f.quality
             + vote
             + (1.0 if s == t else 0.0)
+            + self._structure(s, t, kind_of(self.src[i].meta), kind_of(self.dst[j].meta))
         )
+        return 1.0 + evidence + 0.8 * self.position(i, j) + 1.0 * f.quality, evidence
 
-    def _accept_tensor(self, i: int, j: int, f: Fit, alternative: str | None) -> None:
+    def _accept_tensor(self, i: int, j: int, f: Fit, alternative: str | None, undecided: bool = False) -> None:
         s, t = self.src[i].key, self.dst[j].key
-        self.matches.append(Match((s,), (t,), "tensor", f, self._evidence(s, t), alternative=alternative))
+        f, note = _bare_matmul(f, kind_of(self.src[i].meta), kind_of(self.dst[j].meta))
+        self.matches.append(
+            Match(
+                (s,), (t,), "tensor", f, self._evidence(s, t), alternative=alternative, note=note, undecided=undecided
+            )
+        )
         self.free_src.discard(i)
         self.free_dst.discard(j)
+
+    # ---- order next to decided neighbours
+    def _neighbours_decide(self) -> None:
+        """An undecided pair whose module follows (or precedes) a module decided to follow (precede) the target's,
+        while its rival's does not, is decided by that order: a BatchNorm after the convolution it normalizes. Only
+        when both sides are in registration order (a name-sorted file has no such order)."""
+        if not self.ordered or not any(m.undecided for m in self.matches):
+            return
+        steps = []
+        for leaves in (self.src, self.dst):
+            modules = list(dict.fromkeys(_parent(leaf.key) for leaf in sorted(leaves, key=lambda x: x.order)))
+            steps.append(
+                (dict(zip(modules[1:], modules[:-1])), dict(zip(modules[:-1], modules[1:])))  # previous, next
+            )
+        for _ in range(3):
+            decided = {
+                _parent(m.sources[0]): _parent(m.targets[0])
+                for m in self.matches
+                if m.kind == "tensor" and not m.undecided
+            }
+            changed = False
+            for index, m in enumerate(self.matches):
+                if not m.undecided or m.kind != "tensor" or not m.alternative:
+                    continue
+                ps, pt, pa = _parent(m.sources[0]), _parent(m.targets[0]), _parent(m.alternative)
+                for src_step, dst_step in zip(steps[0], steps[1]):
+                    ns, nt, na = src_step.get(ps), dst_step.get(pt), dst_step.get(pa)
+                    if ns is not None and nt is not None and decided.get(ns) == nt and na != nt:
+                        self.matches[index] = replace(m, undecided=False, evidence="order beside a decided module")
+                        changed = True
+                        break
+            if not changed:
+                return
 
     # ---- Conv1D versus Linear
     def _square_transposes(self) -> None:
@@ -389,6 +493,25 @@ class FlatAligner:
                     note=f"square weight transposed like the {transposed} non-square 2-d weights of this level "
                     f"(shapes cannot tell; verify the outputs)",
                 )
+
+
+def _bare_matmul(f: Fit, source_kind: str, target_kind: str) -> tuple[Fit, str | None]:
+    """A bare 2-d parameter used in a matmul (`x @ proj`: CLIP's `text_projection`, `visual.proj`) is stored
+    (in, out); a Linear's weight is (out, in). Between the two, a square weight is transposed by that convention
+    (shapes cannot tell), with a note; a non-square one already fits only transposed."""
+    if not f.square or {source_kind, target_kind} != {"parameter", "linear"}:
+        return f, None
+    return Fit("permute", f.shape, dims=(1, 0)), (
+        "a bare (in, out) parameter used as `x @ W` and a Linear weight (out, in): transposed by that convention "
+        "(square, so shapes cannot tell)"
+    )
+
+
+def _ranks(leaves: list[Leaf]) -> dict[str, tuple[int, int]]:
+    """Each key's rank among its numbered siblings, or among the layers of its head (`proj_in`, `layers.0`, ...,
+    `proj_out`) where it has one."""
+    items = [(leaf.key, kind_of(leaf.meta)) for leaf in leaves]
+    return {**sibling_ranks(items), **head_ranks(items)}
 
 
 def _modules_of(leaves: list[Leaf], free: set[int]) -> list[tuple[str, list[int]]]:
@@ -424,6 +547,50 @@ def _runner_up(scores: list[list[float | None]], chosen: list[tuple[int, int]], 
         if loss < best_loss:
             best, best_loss = c, loss
     return best
+
+
+def decide(
+    scores: list[list[float | None]],
+    evidence: list[list[float | None]],
+    chosen: list[tuple[int, int]],
+    ri: int,
+    ci: int,
+) -> tuple[int | None, bool]:
+    """(the rival column to name, whether the choice is undecided) for the chosen pair (ri, ci).
+
+    Every rival is tried: another column for this row (swapped with its owner when it has one), or another row left
+    without a column for this column. The choice is decided when the evidence other than position prefers it over
+    every rival by `_DECIDED`; otherwise the rival it prefers least is named and the pair is undecided. Without
+    rivals the shapes decided it. A decided choice still names a rival whose total score came within `_CLOSE`.
+    """
+    owner = {c: r for r, c in chosen}
+    assigned = set(owner.values())
+    mine, mine_e = scores[ri][ci], evidence[ri][ci]
+    if mine is None or mine_e is None:
+        return None, False
+    worst, worst_loss = None, float("inf")
+    for c, value in enumerate(scores[ri]):
+        if c == ci or value is None:
+            continue
+        other = owner.get(c)
+        if other is None:
+            loss = mine_e - (evidence[ri][c] or 0.0)
+        else:
+            back = evidence[other][ci]
+            if back is None or scores[other][ci] is None:
+                continue
+            loss = (mine_e + (evidence[other][c] or 0.0)) - ((evidence[ri][c] or 0.0) + back)
+        if loss < worst_loss:
+            worst, worst_loss = c, loss
+    for r in range(len(scores)):
+        if r == ri or r in assigned or evidence[r][ci] is None:
+            continue
+        loss = mine_e - (evidence[r][ci] or 0.0)
+        if loss < worst_loss:
+            worst, worst_loss = ci, loss
+    if worst is not None and worst_loss < _DECIDED:
+        return (worst if worst != ci else None), True
+    return _runner_up(scores, chosen, ri, ci), False
 
 
 def _sibling_windows(leaves: list[Leaf]) -> list[tuple[int, tuple[int, ...]]]:

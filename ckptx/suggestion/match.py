@@ -25,6 +25,7 @@ class Match:
     evidence: str
     alternative: str | None = None
     note: str | None = None
+    undecided: bool = False  # no evidence but position separates it from `alternative`: not a success
 
     def prefixed(self, source_prefix: str, target_prefix: str) -> Match:
         """The same match with both sides' keys under prefixes."""
@@ -37,4 +38,5 @@ class Match:
             self.evidence,
             alt,
             self.note,
+            self.undecided,
         )

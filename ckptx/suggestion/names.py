@@ -33,6 +33,7 @@ _concept(
     "rmsnorm",
     "lnorm",
     "nrm",
+    "layrnorm",  # transformers' CLIP: pre_layrnorm
 )
 _concept("conv", "convolution", "conv2d", "conv1d", "conv3d", "convs")
 _concept("proj", "projection", "projector")
@@ -61,6 +62,8 @@ _concept("se", "squeeze_excite", "squeeze_excitation")
 _concept("gate", "gating")
 _concept("up", "upsample")
 _concept("scale", "layer_scale", "layerscale", "ls")
+_concept("vision", "visual", "image", "img", "vit")
+_concept("text", "textual", "language")
 _SYNONYMS.update(
     {
         "dwconv": ("dw", "conv"),
@@ -77,8 +80,22 @@ _SYNONYMS.update(
         "pos_embed": ("pos", "embed"),
         "class_token": ("cls", "token"),
         "ln_f": ("norm", "final"),
+        "cross_attn": ("cross", "attn"),
+        "crossattention": ("cross", "attn"),
+        "cross_attention": ("cross", "attn"),
+        "encoder_attn": ("cross", "attn"),
+        "encoder_decoder_attention": ("cross", "attn"),
     }
 )
+
+# Reference LLM layouts (Meta's llama, torchtitan; w1/w3/w2 is SwiGLU's gate/up/down there) and the ranks of their
+# norms (the one before attention comes first): names that say nothing by themselves.
+_REFERENCE_LEAVES: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("feed_forward", "w1"): ("gate",),
+    ("feed_forward", "w3"): ("up",),
+    ("feed_forward", "w2"): ("downsample",),
+}
+_REFERENCE_ORDINALS = {"attention_norm": 1, "attn_norm": 1, "ffn_norm": 2}
 
 # Words that give a module's rank among its siblings of the same kind ("before" ~ "1", "post" ~ "2").
 _ORDINALS = {"before": 1, "pre": 1, "input": 1, "first": 1, "after": 2, "post": 2, "second": 2, "third": 3}
@@ -132,8 +149,10 @@ def _concepts(component: str) -> tuple[str, ...]:
 
 
 def ordinal_of(component: str) -> int | None:
-    """The rank a component's name states: a trailing number (`norm1`, `ln_2`) or an ordinal word
-    (`layernorm_before`)."""
+    """The rank a component's name states: a trailing number (`norm1`, `ln_2`), an ordinal word
+    (`layernorm_before`) or a reference layout's norm (`attention_norm` before `ffn_norm`)."""
+    if component in _REFERENCE_ORDINALS:
+        return _REFERENCE_ORDINALS[component]
     match = re.search(r"(\d+)$", component)
     if match and not component.isdigit():
         return int(match.group(1))
@@ -170,10 +189,11 @@ def key_name(key: str) -> KeyName:
     path: set[str] = set()
     for part in modules:
         path.update(_concepts(part))
+    leaf = _REFERENCE_LEAVES.get(tuple(modules[-2:])) or (_concepts(leaf_component) if leaf_component else ())
     return KeyName(
         key,
         frozenset(path),
-        _concepts(leaf_component) if leaf_component else (),
+        leaf,
         _concepts(param),
         numbers_of(key),
         ordinal_of(leaf_component) if leaf_component else None,
@@ -215,4 +235,6 @@ def similarity(a: str, b: str, weights: Mapping[str, float] | None = None) -> fl
     param = token_similarity(na.param, nb.param)
     leaf = token_similarity(na.leaf, nb.leaf) if (na.leaf or nb.leaf) else 1.0
     path = token_similarity(na.path, nb.path, weights)
-    return 0.35 * param + 0.35 * leaf + 0.3 * path
+    # a bare parameter (`text_projection`) against a module's weight (`text_projection.weight`): all words at once
+    whole = token_similarity(na.path | set(na.leaf) | set(na.param), nb.path | set(nb.leaf) | set(nb.param), weights)
+    return max(0.35 * param + 0.35 * leaf + 0.3 * path, 0.9 * whole)

@@ -97,6 +97,12 @@ class _Described:
 
     def __init__(self, meta: TensorMeta) -> None:
         self.shape, self.dtype = meta.shape, meta.dtype
+        self.size = tuple(meta.shape)
+        strides, step = [], 1
+        for dim in reversed(self.size):
+            strides.append(step)
+            step *= max(dim, 1)
+        self.stride = tuple(reversed(strides))  # contiguous: a described tensor overlaps nothing
 
 
 def _walk(obj: Any, path: str, depth: int) -> Iterator[Candidate]:

@@ -2,8 +2,11 @@
 into runs whose body is described once.
 
 A run is a sequence of consecutive instances of one indexed container whose contents are identical (relative
-names, shapes, dtypes). Aligning two layouts then aligns run bodies once, whatever the number of instances,
-and the rest of each level as a small sequence: alignment is never quadratic across the whole model.
+names, shapes, dtypes). A module numbered in its own name and holding only parameters (`conv1`, `bn2`) is not a
+container: in a name-sorted file `bn1`, `bn2`, `conv1`, `conv2` would otherwise fold into two runs where the other
+side has one (`layer.0.{convolution,normalization}`). Aligning two layouts then aligns run bodies once, whatever
+the number of instances, and the rest of each level as a small sequence: alignment is never quadratic across the
+whole model.
 """
 
 from __future__ import annotations
@@ -181,7 +184,7 @@ def _fill(leaves: list[Leaf], runs: list[Run], items: list[tuple[str, TensorMeta
             if _body(items, other_members, other[1]) != body:
                 break
             j += 1
-        if j - i >= 2:
+        if j - i >= 2 and (prefix.split(".")[position].isdigit() or any("." in key for key, _, _ in body)):
             inner = build_level([(k[len(prefix) + 1 :], meta) for k, meta in (items[m] for m in members)])
             runs.append(
                 Run(

@@ -13,7 +13,7 @@ from ckptx.targets.instantiate import build_model
 from ckptx.trust.callables import allow_factories
 from ckptx.trust.usercode import import_callable
 
-__all__ = ["convert_verified", "guess_input", "prefixed_model", "verify_section"]
+__all__ = ["convert_verified", "guess_input", "prefixed_model", "source_model_facts", "verify_section"]
 
 
 def convert_verified(
@@ -38,6 +38,21 @@ def convert_verified(
         text = str(exc)
         raise TargetError(text if len(text) < 400 else text[:400] + " ...") from None
     return result.verification, None
+
+
+def source_model_facts(source_model: str, source_kwargs: Mapping[str, Any]) -> tuple[dict[str, str], int | None]:
+    """What the source model (`--verify-with`, built on the meta device) says about its checkpoint's tensors: the kind
+    of module holding each key (as for a model target) and its rotary dimensions per head (an `inv_freq` buffer)."""
+    from ckptx.targets.resolve import module_kinds
+
+    try:
+        model = build_model(
+            source_model, source_kwargs, "--verify-with", device="meta", origin=Origin.user("--verify-with")
+        )
+    except TargetError:
+        return {}, None
+    rotary = [2 * b.numel() for name, b in model.named_buffers() if name.rpartition(".")[2] == "inv_freq"]
+    return module_kinds(model, model.state_dict()), (max(rotary) if rotary else None)
 
 
 def guess_input(model: Any) -> tuple[tuple[int, ...], str]:
@@ -114,21 +129,24 @@ def verify_section(
     prefix: str = "",
 ) -> dict[str, Any]:
     """The recipe's `verify:` mapping; the input is guessed from the model when not given. With a wrapper
-    `prefix` on the checkpoint's keys, the source model is held under it (`prefixed_model`)."""
+    `prefix` on the checkpoint's keys, the source model is held under it (`prefixed_model`), unless the model's own
+    keys already start with it (an `nn.Sequential` named `net` is the model's, not a wrapper)."""
+    import_callable(source_model, "--verify-with")  # a factory that cannot be imported is reported as such
+    try:
+        model = build_model(
+            source_model, source_kwargs, "--verify-with", device="meta", origin=Origin.user("--verify-with")
+        )
+    except TargetError:
+        model = build_model(
+            source_model,
+            source_kwargs,
+            "--verify-with",
+            device="cpu",  # not meta-safe
+            origin=Origin.user("--verify-with"),
+        )
+    if prefix and all(k.startswith(prefix) for k in model.state_dict()):
+        prefix = ""
     if input_shape is None:
-        import_callable(source_model, "--verify-with")  # a factory that cannot be imported is reported as such
-        try:
-            model = build_model(
-                source_model, source_kwargs, "--verify-with", device="meta", origin=Origin.user("--verify-with")
-            )
-        except TargetError:
-            model = build_model(
-                source_model,
-                source_kwargs,
-                "--verify-with",
-                device="cpu",  # not meta-safe
-                origin=Origin.user("--verify-with"),
-            )
         shape, dtype = guess_input(model)
         input_shape, input_dtype = shape, input_dtype or dtype
     if prefix:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,10 @@ class Target:
     notes: tuple[str, ...] = ()
     ties: tuple[tuple[str, ...], ...] = ()  # keys that share one tensor in a model target (an output head tied to the
     # token embedding): a file may store it once, the model still wants it under every name
+    kinds: Mapping[str, str] = field(default_factory=dict)  # key -> the kind of module holding it (`module_kind`), for
+    # a model target: what `suggest` knows beyond names and shapes
+    rotary_dim: int | None = None  # a model target with rotary position embeddings (an `inv_freq` buffer): the number
+    # of rotated dimensions per head
 
 
 def parse_target_arg(spec: str, kwargs: Mapping[str, Any] | None = None) -> TargetSpec:
@@ -58,8 +62,17 @@ def resolve_target(spec: TargetSpec | str | Mapping[str, Any] | torch.nn.Module)
     if isinstance(spec, Mapping):
         return Target("<state_dict>", state_metas(spec))
     if spec.model:
-        tensors, notes, ties = _model_tensors(spec)
-        return Target(spec.describe(), tensors, spec.allow_missing, spec.allow_unexpected, notes, ties)
+        tensors, notes, ties, kinds, rotary = _model_tensors(spec)
+        return Target(
+            spec.describe(),
+            tensors,
+            spec.allow_missing,
+            spec.allow_unexpected,
+            notes=notes,
+            ties=ties,
+            kinds=kinds,
+            rotary_dim=rotary,
+        )
     if spec.manifest:
         return Target(spec.manifest, read_manifest(Path(spec.manifest)), spec.allow_missing, spec.allow_unexpected)
     if spec.checkpoint:
@@ -68,9 +81,12 @@ def resolve_target(spec: TargetSpec | str | Mapping[str, Any] | torch.nn.Module)
     raise TargetError(f"{spec.where or 'target'}: give one of model, checkpoint or manifest")
 
 
-def _model_tensors(spec: TargetSpec) -> tuple[dict[str, TensorMeta], tuple[str, ...], tuple[tuple[str, ...], ...]]:
-    """The factory's state dict metadata and its tied keys, from one build on the meta device; on the CPU (with a
-    note) when the factory itself fails there (some build real tensors, e.g. `torch.arange(...).item()`)."""
+def _model_tensors(
+    spec: TargetSpec,
+) -> tuple[dict[str, TensorMeta], tuple[str, ...], tuple[tuple[str, ...], ...], dict[str, str], int | None]:
+    """The factory's state dict metadata, its tied keys and the kind of module behind each key, from one build on the
+    meta device, and its rotary dimensions per head (an `inv_freq` buffer); on the CPU (with a note) when the factory
+    itself fails there (some build real tensors, e.g. `torch.arange(...).item()`)."""
     where = spec.where or "target"
     notes: tuple[str, ...] = ()
     try:
@@ -79,7 +95,8 @@ def _model_tensors(spec: TargetSpec) -> tuple[dict[str, TensorMeta], tuple[str, 
         model = build_model(spec.model or "", spec.kwargs, where, device="cpu", origin=spec.model_origin)
         notes = (f"built on the CPU: the factory does not run on the meta device ({exc})",)
     state = model.state_dict(keep_vars=True)  # the parameters themselves: tied ones are one object
-    return state_metas(state), notes, _ties(state)
+    rotary = [2 * b.numel() for name, b in model.named_buffers() if name.rpartition(".")[2] == "inv_freq"]
+    return state_metas(state), notes, _ties(state), module_kinds(model, state), max(rotary) if rotary else None
 
 
 def _ties(state: Mapping[str, Any]) -> tuple[tuple[str, ...], ...]:
@@ -89,6 +106,58 @@ def _ties(state: Mapping[str, Any]) -> tuple[tuple[str, ...], ...]:
         if isinstance(value, torch.Tensor):
             groups.setdefault(id(value), []).append(key)
     return tuple(tuple(keys) for keys in groups.values() if len(keys) > 1)
+
+
+#: module classes by kind; a subclass counts as its base (timm's LayerNorm2d is a LayerNorm)
+_KINDS = (
+    ("linear", ("Linear", "LazyLinear", "Bilinear")),
+    ("conv", ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")),
+    ("batchnorm", ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm")),
+    (
+        "norm",
+        (
+            "LayerNorm",
+            "GroupNorm",
+            "RMSNorm",
+            "InstanceNorm1d",
+            "InstanceNorm2d",
+            "InstanceNorm3d",
+            "LocalResponseNorm",
+        ),
+    ),
+    ("embedding", ("Embedding", "EmbeddingBag")),
+)
+_WEIGHTS = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
+
+
+def module_kind(module: Any, param: str) -> str:
+    """What holds a parameter: `linear`, `conv`, `batchnorm`, `norm`, `embedding`, `linear_t` (a Linear storing its
+    weight (in, out), transformers' Conv1D), `attention` (nn.MultiheadAttention's fused in_proj), `parameter` (a
+    bare nn.Parameter or buffer of a module of its own making) or `other`."""
+    names = {cls.__name__ for cls in type(module).__mro__ if cls.__module__.startswith("torch.nn")}
+    for kind, classes in _KINDS:
+        if names & set(classes):
+            return kind if param in _WEIGHTS else "parameter"
+    own = type(module).__name__
+    if own == "Conv1D" and param in ("weight", "bias"):
+        return "linear_t"
+    if "MultiheadAttention" in names:
+        return "attention" if param.startswith("in_proj") else "parameter"
+    if param in ("weight", "bias") and (own.endswith(("Norm", "Norm2d", "LayerNorm", "RMSNorm")) or "Norm" in own):
+        return "norm"
+    return "other" if param in _WEIGHTS else "parameter"
+
+
+def module_kinds(model: Any, state: Mapping[str, Any]) -> dict[str, str]:
+    """key -> `module_kind` of the module that holds it, for every key of a model's state dict."""
+    modules = dict(model.named_modules())
+    out = {}
+    for key in state:
+        owner, _, param = key.rpartition(".")
+        module = modules.get(owner)
+        if module is not None:
+            out[key] = module_kind(module, param)
+    return out
 
 
 def state_metas(state: Mapping[str, Any]) -> dict[str, TensorMeta]:

@@ -136,7 +136,9 @@ def test_timm_vit_to_transformers_splits_qkv(suggest_and_convert, tmp_path: Path
     source = models.randomize(models.timm_vit(), seed=4)
     src = tmp_path / "timm_vit.safetensors"  # a safetensors file: keys sorted by name, order evidence weaker
     save_file(source.state_dict(), str(src))
-    got = suggest_and_convert(src, "tests.suggest.models:hf_vit")
+    got = suggest_and_convert(
+        src, "tests.suggest.models:hf_vit", extra=["--no-library"]
+    )  # inferred, not vit/timm-to-hf
     assert got.report["ops"].get("split") == 2 * models.VIT["layers"]  # qkv weight and bias of each block
     assert "split" in got.text
     _close(models.hf_vit(), got.state, source, _image(models.VIT["image"]))
@@ -147,7 +149,7 @@ def test_transformers_vit_to_timm_merges_qkv(suggest_and_convert, tmp_path: Path
     source = models.randomize(models.hf_vit(), seed=5)
     src = tmp_path / "hf_vit.pth"
     torch.save(source.state_dict(), src)
-    got = suggest_and_convert(src, "tests.suggest.models:timm_vit")
+    got = suggest_and_convert(src, "tests.suggest.models:timm_vit", extra=["--no-library"])
     assert got.report["ops"].get("merge") == 2 * models.VIT["layers"]
     _close(models.timm_vit(), got.state, source, _image(models.VIT["image"]))
 
@@ -235,7 +237,7 @@ def test_llama_and_fused_layout(
     src = tmp_path / f"{source_arch}.safetensors"  # keys sorted by name: q/k/v are found by name, not order
     save_file(source.state_dict(), str(src))
     args = {"architecture": target_arch, **LLM}
-    got = suggest_and_convert(src, "ckptx.factories:transformers_model", args)
+    got = suggest_and_convert(src, "ckptx.factories:transformers_model", args, extra=["--no-library"])
     assert got.report["ops"].get(op) == 2 * LLM["num_hidden_layers"]  # qkv and gate_up of each layer
     if op == "split":
         assert "sizes: [32, 16, 16]" in got.text
@@ -283,3 +285,17 @@ def test_a_tied_weight_the_file_stores_once_is_copied(suggest_and_convert, tmp_p
     assert r"copy: {match: '^transformer\.wte\.weight$', to: 'lm_head.weight'}" in got.text
     tokens = torch.randint(0, models.GPT_CONFIG["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(2))
     _close(models.nano_gpt(), got.state, source, tokens)
+
+
+def test_the_library_first_a_shipped_recipe_that_fits_is_proposed_as_it_is(suggest_and_convert, tmp_path: Path) -> None:
+    """timm ViT -> transformers ViT: the shipped vit/timm-to-hf validates against the target as it is, so it is
+    proposed (flattened, with the user's target), with a note saying which; nothing is inferred."""
+    require("timm", "transformers")
+    source = models.randomize(models.timm_vit(), seed=4)
+    src = tmp_path / "timm_vit.safetensors"
+    save_file(source.state_dict(), str(src))
+    got = suggest_and_convert(src, "tests.suggest.models:hf_vit")
+    assert got.report["library"] == "vit/timm-to-hf"
+    assert any("the library recipe 'vit/timm-to-hf' (pack ckptx) validates" in n for n in got.report["notes"])
+    assert "model: tests.suggest.models:hf_vit" in got.text and "split:" in got.text
+    _close(models.hf_vit(), got.state, source, _image(models.VIT["image"]))
