@@ -69,7 +69,7 @@ def library_fit(source: Any, target: Target) -> LibraryFit | None:
                 plan = plan_recipe(candidate, source, target=target.tensors)
             except CkptxError:
                 continue
-            if _fits(plan, target):  # a cheap exact test first: validate() explains failures at length
+            if _changes(plan) and _fits(plan, target):  # cheap exact tests first: validate() explains failures
                 fits.append((candidate, values, validate(plan, target)))
         fits = [f for f in fits if f[2].ok and not f[2].allowed_missing]
         if len(fits) == 1:
@@ -95,6 +95,13 @@ def _sample_fits(recipe: Recipe, probe: Any, target: Target) -> bool:
     except CkptxError:
         return True
     return all(entry.key in target.tensors for entry in plan.entries)
+
+
+def _changes(plan: Any) -> bool:
+    """The recipe does something to this source: a step touched an entry or dropped one. A recipe that leaves every
+    tensor as it is (a dequantize step on weights that are not quantized) fits only because the source already does:
+    it is no proposal."""
+    return bool(plan.dropped) or any(entry.steps for entry in plan.entries)
 
 
 def _fits(plan: Any, target: Target) -> bool:
