@@ -37,6 +37,7 @@ __all__ = [
     "TensorRecord",
     "merge_records",
     "read_pieces",
+    "read_range",
 ]
 
 READ = 8 * 1024 * 1024  # bytes read at once per thread: what digesting adds to resident memory, per thread
@@ -146,6 +147,20 @@ def read_pieces(spans: Sequence[RawSpan], buffer: bytearray | None = None) -> It
             os.close(fd)
 
 
+def read_range(spans: Sequence[RawSpan], start: int, length: int) -> bytes:
+    """Bytes `start:start + length` of the concatenation of `spans` (read with pread)."""
+    pieces = []
+    at = 0
+    for span in spans:
+        lo, hi = max(start, at), min(start + length, at + span.nbytes)
+        if lo < hi:
+            pieces.append(RawSpan(span.file, span.offset + lo - at, hi - lo))
+        at += span.nbytes
+        if at >= start + length:
+            break
+    return b"".join(bytes(piece) for piece in read_pieces(pieces))
+
+
 def _split(spans: Sequence[RawSpan], size: int) -> list[tuple[RawSpan, ...]]:
     """`spans` cut into consecutive groups of about `size` bytes (every cut between whole bytes)."""
     groups: list[tuple[RawSpan, ...]] = []
@@ -186,10 +201,13 @@ class SpanDigests:
             found = self._buffers.data = bytearray(READ)
         return found
 
-    def submit(self, dtype: str, spans: Sequence[RawSpan]) -> Future[TensorSummary]:
-        """Start the digest of the bytes of `spans`, one after another, as a tensor of `dtype`."""
+    def submit(self, dtype: str, spans: Sequence[RawSpan], *, stats: bool = True) -> Future[TensorSummary]:
+        """Start the digest of the bytes of `spans`, one after another, as a tensor of `dtype` (without `stats`:
+        the hash alone)."""
         spans = tuple(spans)
         total = sum(s.nbytes for s in spans)
+        if not stats:
+            return self.pool.submit(self._hash, dtype, spans)
         if total < 2 * PIECE or self.threads < 2:
             return self.pool.submit(self._whole, dtype, spans)
         hashed = self.pool.submit(self._part, dtype, spans, True)
@@ -201,6 +219,9 @@ class SpanDigests:
         for piece in read_pieces(spans, self.buffer()):
             digest.update(piece)
         return digest.summary()
+
+    def _hash(self, dtype: str, spans: tuple[RawSpan, ...]) -> TensorSummary:
+        return self._part(dtype, spans, True).summary()
 
     def _part(self, dtype: str, spans: tuple[RawSpan, ...], hash_only: bool) -> TensorDigest:
         digest = TensorDigest(dtype, hash_only=hash_only, stats_only=not hash_only)
