@@ -8,8 +8,8 @@ tensors over their real and imaginary parts taken as separate values; raw-bit ty
 
 Statistics accumulate in float64 and merge (Chan's formula), so pieces of one tensor may be summarised on
 different threads (`Moments.merge`) and partial results combined later; every result is a frozen, picklable value.
-Each chunk is centred on its first finite value before squaring, so the variance of values far from zero keeps its
-digits. Measured on this machine (2 cores shared): 0.8-1.1 GB/s for float32 per thread, SHA-256 1.1 GB/s.
+Each chunk is centred on the mean of 64 of its values before squaring, so the variance of values far from zero
+keeps its digits. Measured on this machine (2 cores shared): 0.8-1.1 GB/s for float32 per thread, SHA-256 1.1 GB/s.
 """
 
 from __future__ import annotations
@@ -158,10 +158,13 @@ def summarize(values: Any) -> Moments:
             return Moments(n, 0, 0.0, 0.0, math.inf, -math.inf, zeros, nan, inf)
         low, high = np.minimum.reduce(values), np.maximum.reduce(values)
     finite = int(values.size)
-    shift = values[0]
-    centred = values - shift
-    s1 = float(np.add.reduce(centred, dtype=np.float64))
-    s2 = float(np.add.reduce(np.square(centred), dtype=np.float64))
+    every = values[:: max(1, finite // 64)]
+    shift = float(np.add.reduce(every, dtype=np.float64)) / every.size
+    wide = values.astype(np.float64)  # a copy: the input may be a read-only view of file bytes
+    wide -= shift
+    s1 = float(np.add.reduce(wide))
+    np.square(wide, out=wide)  # deviations and squares in float64, summed in float64
+    s2 = float(np.add.reduce(wide))
     mean = float(shift) + s1 / finite
     m2 = max(s2 - s1 * s1 / finite, 0.0)
     return Moments(n, finite, mean, m2, float(low), float(high), zeros, nan, inf)
