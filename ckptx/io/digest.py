@@ -8,8 +8,9 @@ tensors over their real and imaginary parts taken as separate values; raw-bit ty
 
 Statistics accumulate in float64 and merge (Chan's formula), so pieces of one tensor may be summarised on
 different threads (`Moments.merge`) and partial results combined later; every result is a frozen, picklable value.
-Each chunk is centred on the mean of 64 of its values before squaring, so the variance of values far from zero
-keeps its digits. Measured on this machine (2 cores shared): 0.8-1.1 GB/s for float32 per thread, SHA-256 1.1 GB/s.
+Sums of values and of squares are taken in float64 (a float32 square is exact there); a chunk whose mean dwarfs
+its spread, or of float64 or integer values, is centred on its mean first, so its variance keeps its digits.
+Measured on this machine (2 cores shared, load 8): statistics 0.42 GB/s of float32 per thread, SHA-256 0.6-1.1 GB/s.
 """
 
 from __future__ import annotations
@@ -158,13 +159,19 @@ def summarize(values: Any) -> Moments:
             return Moments(n, 0, 0.0, 0.0, math.inf, -math.inf, zeros, nan, inf)
         low, high = np.minimum.reduce(values), np.maximum.reduce(values)
     finite = int(values.size)
-    every = values[:: max(1, finite // 64)]
-    shift = float(np.add.reduce(every, dtype=np.float64)) / every.size
-    wide = values.astype(np.float64)  # a copy: the input may be a read-only view of file bytes
-    wide -= shift
-    s1 = float(np.add.reduce(wide))
-    np.square(wide, out=wide)  # deviations and squares in float64, summed in float64
-    s2 = float(np.add.reduce(wide))
+    # Raw moments first: a float32 (or float16/bfloat16) value squared in float64 is exact, so only the sums round.
+    # Measured: 1.6x the speed of centring first. Centred in float64 when the mean dwarfs the spread (the raw
+    # second moment would then cancel).
+    shift = 0.0
+    s1 = float(np.add.reduce(values, dtype=np.float64))
+    s2 = float(np.einsum("i,i->", values, values, dtype=np.float64))
+    if values.dtype != np.float32 or s2 * finite > 1e6 * max(s2 * finite - s1 * s1, 0.0):
+        shift = s1 / finite
+        wide = values.astype(np.float64)  # a copy: the input may be a read-only view of file bytes
+        wide -= shift
+        s1 = float(np.add.reduce(wide))
+        np.square(wide, out=wide)
+        s2 = float(np.add.reduce(wide))
     mean = float(shift) + s1 / finite
     m2 = max(s2 - s1 * s1 / finite, 0.0)
     return Moments(n, finite, mean, m2, float(low), float(high), zeros, nan, inf)
