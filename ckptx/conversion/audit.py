@@ -395,26 +395,29 @@ def _value_difference(key: str, entry: PlanEntry, out: Source, source: Source) -
     """How the output's values differ from what the recipe makes: how many, the largest difference and where."""
     got, want = _elements_of(out, key, entry.meta), _expected_elements(source, entry)
     step = 1 << 20
-    differing, largest, where = 0, 0.0, -1
+    differing, nans, largest, where = 0, 0, 0.0, -1
     for start in range(0, entry.meta.numel, step):
         count = min(step, entry.meta.numel - start)
         a, b = got.read(start, count), want.read(start, count)
         same = (a == b) | (np.isnan(a) & np.isnan(b))
         differing += int(count - np.count_nonzero(same))
+        nans += int(np.count_nonzero(np.isnan(a) & ~np.isnan(b)))
         with np.errstate(invalid="ignore"):
-            gaps = np.where(same, 0.0, np.abs(a - b))
-        gaps = np.nan_to_num(gaps, nan=math.inf)
+            gaps = np.where(same | np.isnan(a) | np.isnan(b), 0.0, np.abs(a - b))
         if gaps.size and float(gaps.max()) > largest:
             largest, where = float(gaps.max()), start + int(gaps.argmax())
-    at = list(np.unravel_index(where, entry.meta.shape)) if where >= 0 and entry.meta.shape else []
-    place = f" at {[int(i) for i in at]}" if at else ""
     if differing == 0:
-        return f"its bytes differ from what the recipe makes from {_from(entry)} though its values compare equal " \
-               f"(e.g. -0.0 for 0.0, or NaN payloads)"  # fmt: skip
-    return (
-        f"{differing:,} of {entry.meta.numel:,} elements differ from what the recipe makes from {_from(entry)}; "
-        f"largest difference {largest:.3g}{place}"
-    )
+        return (
+            f"its bytes differ from what the recipe makes from {_from(entry)} though its values compare equal "
+            f"(e.g. -0.0 for 0.0, or NaN payloads)"
+        )
+    parts = [f"{differing:,} of {entry.meta.numel:,} elements differ from what the recipe makes from {_from(entry)}"]
+    if where >= 0:
+        at = [int(i) for i in np.unravel_index(where, entry.meta.shape)] if entry.meta.shape else []
+        parts.append(f"largest difference {largest:.3g}" + (f" at {at}" if at else ""))
+    if nans:
+        parts.append(f"{nans:,} NaN where it makes a number")
+    return "; ".join(parts)
 
 
 # --- with a target ------------------------------------------------------------------------------------------------
