@@ -30,6 +30,7 @@ def test_zeros_are_a_finding_unless_the_target_initializes_zeros() -> None:
 def test_nan_and_inf_are_counted_and_integer_tensors_have_no_value_findings() -> None:
     broken = TensorStats(10, 0.5, 0.1, 0.0, 1.0, 0, 2, 1)
     found = value_findings("w", "bfloat16", broken, None)
-    assert [(f.kind, f.detail) for f in found] == [("nan", "2 NaN of 10 elements"), ("inf", "1 infinite of 10 elements")]
+    expected = [("nan", "2 NaN of 10 elements"), ("inf", "1 infinite of 10 elements")]
+    assert [(f.kind, f.detail) for f in found] == expected
     assert _kinds("steps", "int64", ZEROS, None) == []
     assert _kinds("scale", "float32", TensorStats(1, 0.0, 0.0, 0.0, 0.0, 1, 0, 0), None) == []
