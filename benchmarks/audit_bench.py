@@ -97,7 +97,10 @@ def main() -> None:
                 "wall": statistics.median(walls[name]),
                 "walls": walls[name],
                 "rss_mib": max(rss[name]),
-                "command": " ".join(commands[name][0]).replace(str(work) + "/", "").replace(str(REPO) + "/", ""),
+                "command": " ".join(commands[name][0])
+                .replace(str(work) + "/", "")
+                .replace(str(REPO) + "/", "")
+                .replace(sys.executable, "python"),
             }
             for name in commands
         ]

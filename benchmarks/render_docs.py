@@ -27,7 +27,17 @@ RESULTS = HERE / "results"
 TEMPLATE = HERE / "performance.md.in"
 PAGE = REPO / "docs" / "performance.md"
 PLACEHOLDER = re.compile(r"\{\{\s*([\w.]+)\s*\}\}")
-NAMES = ("run", "torch_out", "cow_bench", "dcp_bench", "zero_bench", "plan_bench", "suggest_bench", "batch")
+NAMES = (
+    "run",
+    "torch_out",
+    "cow_bench",
+    "dcp_bench",
+    "zero_bench",
+    "plan_bench",
+    "suggest_bench",
+    "batch",
+    "audit_bench",
+)
 
 
 def load_results(folder: Path = RESULTS) -> dict[str, dict[str, Any]]:
@@ -325,6 +335,18 @@ def batch_table(doc: dict[str, Any]) -> str:
     )
 
 
+def audit_table(doc: dict[str, Any]) -> str:
+    r = doc["results"]
+    facts = r["facts"]
+    rows = [[row["name"], _spread(row["walls"]), _mib(row["rss_mib"]), f"`{row['command']}`"] for row in r["rows"]]
+    return (
+        f"{facts['tensors']} float32 tensors, {facts['bytes'] / 2**30:.2f} GiB; {r['rounds']} rounds, {r['cache']} "
+        f"page cache. The card's overhead (median of the paired ratios `convert --audit` / `convert` in the same "
+        f"round): {r['card_overhead_paired_median']:.2f}×.\n\n"
+        + _table(["command", "wall (s), median (range)", "peak RSS (MiB)", "command line"], rows, "lrrl")
+    )
+
+
 # --- the page -------------------------------------------------------------------------------------------------
 
 
@@ -345,6 +367,7 @@ def blocks(results: dict[str, dict[str, Any]]) -> dict[str, Callable[[], str]]:
         "zero_bench.table": ("zero_bench", zero_table),
         "suggest_bench.table": ("suggest_bench", suggest_facts),
         "batch.table": ("batch", batch_table),
+        "audit_bench.table": ("audit_bench", audit_table),
     }
     for key, (name, fn) in tables.items():
         if name in results:
