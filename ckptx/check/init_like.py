@@ -4,8 +4,8 @@
 afterwards), and keeps, per floating-point tensor, what its fresh initialization is: a constant (norm weights,
 biases, running statistics), a fixed non-constant value (buffers such as position ids: equal in both builds), or
 random; for a random one, the mean, variance and kurtosis of both builds' values, a sample of them, and the row and
-column dispersion statistics of a probe (see below). Only the summaries are kept; each build is dropped before the
-next, so the peak is one model's memory.
+column dispersion statistics of a probe (see below). Only the summaries and the first build's random tensors are
+kept while the second is built, so the peak is about two models' memory.
 
 `init_like_p(...)` tests an output tensor against a random initialization and gives the p-value of "this is a
 fresh initialization": Fisher's combination of
@@ -107,14 +107,13 @@ def init_references(spec: TargetSpec) -> dict[str, InitReference]:
             model = build_model(spec.model or "", spec.kwargs, spec.where or "target", device="cpu",
                                 origin=spec.model_origin)  # fmt: skip
         state = model.state_dict()
-        params = {name for name, _ in model.named_parameters()}
         del model
         for key, tensor in state.items():
             if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
                 continue
             values = tensor.detach().reshape(-1).double().numpy()
             if round_ == 0:
-                first[key] = _first_build(values, tuple(tensor.shape), key in params)
+                first[key] = _first_build(values)
             elif key in first:
                 references[key] = _reference(first.pop(key), values, tuple(tensor.shape))
         del state
@@ -126,13 +125,12 @@ class _Build:
     digest: str
     constant: float | None
     values: Any  # kept only for random candidates
-    learnable: bool
 
 
-def _first_build(values: Any, shape: tuple[int, ...], learnable: bool) -> _Build:
+def _first_build(values: Any) -> _Build:
     digest = hashlib.sha256(values.tobytes()).hexdigest()
     constant = float(values[0]) if values.size and bool(np.all(values == values[0])) else None
-    return _Build(digest, constant, values if constant is None else None, learnable)
+    return _Build(digest, constant, values if constant is None else None)
 
 
 def _reference(first: _Build, values: Any, shape: tuple[int, ...]) -> InitReference:
