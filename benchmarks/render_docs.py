@@ -37,6 +37,7 @@ NAMES = (
     "suggest_bench",
     "batch",
     "fp8_bench",
+    "audit_bench",
 )
 
 
@@ -348,6 +349,18 @@ def batch_table(doc: dict[str, Any]) -> str:
     )
 
 
+def audit_table(doc: dict[str, Any]) -> str:
+    r = doc["results"]
+    facts = r["facts"]
+    rows = [[row["name"], _spread(row["walls"]), _mib(row["rss_mib"]), f"`{row['command']}`"] for row in r["rows"]]
+    return (
+        f"{facts['tensors']} float32 tensors, {facts['bytes'] / 2**30:.2f} GiB; {r['rounds']} rounds, {r['cache']} "
+        f"page cache. The card's overhead (median of the paired ratios `convert --audit` / `convert` in the same "
+        f"round): {r['card_overhead_paired_median']:.2f}×.\n\n"
+        + _table(["command", "wall (s), median (range)", "peak RSS (MiB)", "command line"], rows, "lrrl")
+    )
+
+
 # --- the page -------------------------------------------------------------------------------------------------
 
 
@@ -369,6 +382,7 @@ def blocks(results: dict[str, dict[str, Any]]) -> dict[str, Callable[[], str]]:
         "suggest_bench.table": ("suggest_bench", suggest_facts),
         "batch.table": ("batch", batch_table),
         "fp8_bench.table": ("fp8_bench", fp8_table),
+        "audit_bench.table": ("audit_bench", audit_table),
     }
     for key, (name, fn) in tables.items():
         if name in results:

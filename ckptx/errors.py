@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 __all__ = [
+    "CardError",
     "CkptxError",
     "DestinationError",
     "NeededGlobal",
@@ -312,3 +313,7 @@ class StepNotInvertible(RuleError):
     def __init__(self, problems: Iterable[Problem], *, needs_layout: bool = False) -> None:
         super().__init__(problems)
         self.needs_layout = needs_layout
+
+
+class CardError(CkptxError):
+    """A provenance card cannot be read: not JSON, or not what `schemas/ckptx-card.schema.json` describes."""

@@ -16,6 +16,7 @@ from warnings import WarningMessage, catch_warnings
 
 from ckptx._version import __version__
 from ckptx.cli import (
+    audit_command,
     batch_command,
     convert_command,
     diff_command,
@@ -40,6 +41,7 @@ COMMANDS: dict[str, ModuleType] = {
     "rules": rules_command,
     "batch": batch_command,
     "suggest": suggest_command,
+    "audit": audit_command,
 }
 """Subcommand -> its module (`add_parser(sub, parents)` and `run(args, out, err) -> exit code`), in help order."""
 

@@ -62,6 +62,14 @@ def add_parser(sub: Any, parents: Parents) -> None:
         "then the rules' source layout",
     )
     p.add_argument(
+        "--audit",
+        nargs="?",
+        const="",
+        metavar="CARD",
+        help="also write a provenance card (JSON: each output tensor's sha256, statistics, source spans and ops) "
+        "to CARD; without CARD, DIR/ckptx-card.json in a model folder, else DST.card.json",
+    )
+    p.add_argument(
         "--max-shard-size",
         type=size,
         metavar="SIZE",
@@ -95,6 +103,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         max_shard_size=args.max_shard_size,
         reverse=args.reverse,
         gguf_type=args.gguf_type,
+        audit=args.audit,
     )
     plan, source = result.plan, result.plan.source
     lines = [
@@ -122,6 +131,8 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         lines.append(str(result.verification))
     if result.written:
         lines.append(f"wrote {result.destination} ({human_bytes(result.bytes_written)}) in {result.seconds:.2f} s")
+    if result.card is not None:
+        lines.append(f"card: {result.card} (check the output against it with `ckptx audit OUT --card CARD`)")
     elif args.dry_run:
         lines.append("dry run: nothing was written")
     emit(out, args.json, result.to_dict(), "\n".join(lines))

@@ -14,12 +14,14 @@ from typing import Any
 from ckptx._version import __version__
 from ckptx.check.inferred import choose_variant
 from ckptx.check.validation import ValidationReport, validate
+from ckptx.conversion.card import card_document, card_path, write_card
 from ckptx.conversion.request import ConvertRequest, ConvertResult, Progress
-from ckptx.errors import ValidationFailed, VerificationFailed
+from ckptx.errors import DestinationError, ValidationFailed, VerificationFailed
+from ckptx.io.card import CardObserver
 from ckptx.io.read.open import open_source
 from ckptx.io.spans import Progress as ByteProgress
 from ckptx.io.write.atomic import stale_partials
-from ckptx.io.write.destination import InputFiles
+from ckptx.io.write.destination import InputFiles, prepare_folder
 from ckptx.io.write.formats import writer_for
 from ckptx.io.write.hf_folder_writer import is_folder_destination
 from ckptx.io.write.writer import OutputOptions, Verify, Writer
@@ -50,6 +52,7 @@ def convert(
     max_shard_size: int | None = None,
     reverse: bool = False,
     gguf_type: str | None = None,
+    audit: str | Path | None = None,
 ) -> ConvertResult:
     """Convert `src` to `dst` with the recipes; validate against the target before writing a byte.
 
@@ -63,11 +66,14 @@ def convert(
     q8_0; default auto) and the model metadata from the config.json beside `src`. With `reverse`, converts the
     other way with the recipes' reverse (see ckptx.conversion.reverse);
     `target` is then the recipes' source layout, traced when a step's inverse needs shapes.
+    With `audit` (a path, or "" for the default place: `DIR/ckptx-card.json` in a model folder, else
+    `DST.card.json`), a provenance card is written once the output is published (see ckptx/conversion/card.py).
     """
     request = ConvertRequest(
-        Path(src), dst, recipes, target, dict(target_args or {}), dict(params or {}), dry_run, force,
-        tuple(allow_globals), unsafe_pickle, verify, progress, dict(metadata or {}), max_shard_size, reverse,
-        gguf_type,
+        Path(src), dst, recipes, target=target, target_args=dict(target_args or {}), params=dict(params or {}),
+        dry_run=dry_run, force=force, allow_globals=tuple(allow_globals), unsafe_pickle=unsafe_pickle, verify=verify,
+        progress=progress, metadata=dict(metadata or {}), max_shard_size=max_shard_size, reverse=reverse,
+        gguf_type=gguf_type, audit=audit,
     )  # fmt: skip
     return run(request)
 
@@ -87,6 +93,7 @@ def run(request: ConvertRequest) -> ConvertResult:
             writer = _writer(request, planned)
             result.destination, result.format = str(writer.primary), writer.format
             result.notes += writer.check(inputs)
+            card = _card_destination(request, writer, inputs)
             if request.dry_run:
                 result.seconds = time.perf_counter() - started
                 return result
@@ -94,7 +101,19 @@ def run(request: ConvertRequest) -> ConvertResult:
                 raise ValidationFailed(planned.report)
             result.notes += _stale(writer) + _dropped(writer, source, planned.plan)
             verify = _verifier(result, planned.recipe, planned.spec, request) if request.verify else None
-            result.bytes_written = writer.write(source, _byte_progress(request.progress, planned.plan), verify)
+            progress = _byte_progress(request.progress, planned.plan)
+            if card is None:
+                result.bytes_written = writer.write(source, progress, verify)
+            else:
+                with CardObserver(source) as observer:
+                    result.bytes_written = writer.write(source, progress, verify, observer)
+                    records = observer.records()
+                document = card_document(
+                    planned.plan, records, destination=str(request.dst), fmt=writer.format, src=request.src
+                )
+                prepare_folder(card)
+                write_card(card, document)
+                result.card = str(card)
         elif planned.report is not None and not planned.report.ok and not request.dry_run:
             raise ValidationFailed(planned.report)
     result.seconds = time.perf_counter() - started
@@ -215,6 +234,18 @@ def _writer(request: ConvertRequest, planned: Planned) -> Writer:
         tensor_type=request.gguf_type,
     )
     return writer_for(request.dst, plan.entries, options)
+
+
+def _card_destination(request: ConvertRequest, writer: Writer, inputs: InputFiles) -> Path | None:
+    """Where the card goes (None: no card asked for), checked as every output path is: never an input, never one
+    of the output's own files, an existing file only with `force`."""
+    if request.audit is None or request.dst is None:
+        return None
+    path = card_path(request.dst, request.audit)
+    if path.resolve() in {p.resolve() for p in writer.files()}:
+        raise DestinationError(f"{path}: the card would replace a file of the output; give another --audit path")
+    inputs.check(path, force=request.force, what="the card")
+    return path
 
 
 def _stale(writer: Writer) -> list[str]:

@@ -38,6 +38,7 @@ class ConvertRequest:
     max_shard_size: int | None = None
     reverse: bool = False
     gguf_type: str | None = None  # the tensor type of a .gguf output (float32, float16, bfloat16, q8_0, auto)
+    audit: str | Path | None = None  # write a provenance card there ("": the default place, see conversion/card.py)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class ConvertResult:
     notes: list[str] = field(default_factory=list)
     verification: Any = None
     inferred: dict[str, Any] = field(default_factory=dict)  # parameters chosen from the source (check/inferred.py)
+    card: str | None = None  # where the provenance card was written
 
     @property
     def written(self) -> bool:
@@ -73,4 +75,5 @@ class ConvertResult:
             "validation": self.report.to_dict() if self.report else None,
             "verification": self.verification.to_dict() if self.verification is not None else None,
             "inferred": self.inferred,
+            "card": self.card,
         }

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import DestinationError
+from ckptx.io.card import EntryObserver
 from ckptx.io.gguf import ARRAY, DEFAULT_ALIGNMENT, MAGIC, STRING, VALUE_TYPES, quantize, type_named
 from ckptx.io.spans import Progress
 from ckptx.io.write.atomic import sync_file
@@ -135,8 +136,21 @@ class GgufWriter(Writer):
         """The file."""
         return [self.destination]
 
-    def stage(self, folder: Path, source: Source, progress: Progress | None) -> list[Move]:
-        """Header first, then each tensor streamed, every one padded to the alignment."""
+    def stage(
+        self, folder: Path, source: Source, progress: Progress | None, observer: EntryObserver | None = None
+    ) -> list[Move]:
+        """Header first, then each tensor streamed, every one padded to the alignment. `observer` (a provenance
+        card) sees each tensor's stored bytes, which must then be its own elements: a tensor GGUF stores in another
+        type (quantized, or a float narrowed) is refused before anything is written."""
+        if observer is not None:
+            changed = [(e, t) for e, t in zip(self.entries, self.types) if _PLAIN.get(e.meta.dtype) != t]
+            if changed:
+                entry, kind = changed[0]
+                raise DestinationError(
+                    f"{self.destination}: a provenance card records each tensor's bytes as stored, and this GGUF "
+                    f"output stores '{entry.key}' ({entry.meta.dtype}) as {kind} ({len(changed)} such tensor(s)); "
+                    f"write the card with --gguf-type matching the tensors' dtype, or leave out --audit"
+                )
         metadata = list(self.options.gguf_metadata)
         file_type = FILE_TYPES[self.file_type][1]
         metadata = [(k, c, file_type if k == "general.file_type" else v) for k, c, v in metadata]
@@ -149,8 +163,12 @@ class GgufWriter(Writer):
                 for chunk in _tensor_bytes(entry, name, source):
                     out.write(chunk)
                     written += len(chunk)
+                    if observer is not None:
+                        observer.observe_bytes(entry, chunk)
                     if progress:
                         progress(len(chunk))
+                if observer is not None:
+                    observer.finish(entry)
                 if written != _nbytes(entry, name):
                     raise DestinationError(f"tensor '{entry.key}': wrote {written} bytes, its {name} needs more")
                 out.write(b"\0" * (-written % DEFAULT_ALIGNMENT))

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ckptx.errors import DestinationError
+from ckptx.io.card import EntryObserver
 from ckptx.io.spans import Progress
 from ckptx.io.write.atomic import sync_file, write_synced
 from ckptx.io.write.destination import InputFiles
@@ -75,9 +76,11 @@ class HfFolderWriter(Writer):
         super().check(inputs)
         return older_shards(self.layout)
 
-    def stage(self, folder: Path, source: Source, progress: Progress | None) -> list[Move]:
+    def stage(
+        self, folder: Path, source: Source, progress: Progress | None, observer: EntryObserver | None = None
+    ) -> list[Move]:
         """The weights, the copied files, then the documents, `config.json` last: it completes the set."""
-        moves = stage_shards(folder, self.layout, source, self.options, progress)
+        moves = stage_shards(folder, self.layout, source, self.options, progress, observer)
         for name, original in self.options.copies.items():
             with open(original, "rb") as src, open(folder / name, "wb") as out:
                 shutil.copyfileobj(src, out)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import safetensors_code
+from ckptx.io.card import EntryObserver, ObservedFile
 from ckptx.io.spans import BLOCK, Progress, SpanCopier, write_bytes
 from ckptx.io.streamed import write_streamed
 from ckptx.io.write.atomic import sync_file
@@ -81,11 +82,13 @@ class SafetensorsWriter(Writer):
         """The file."""
         return [self.destination]
 
-    def stage(self, folder: Path, source: Source, progress: Progress | None) -> list[Move]:
+    def stage(
+        self, folder: Path, source: Source, progress: Progress | None, observer: EntryObserver | None = None
+    ) -> list[Move]:
         """The whole file, fsynced."""
         staged = folder / self.destination.name
         with open(staged, "wb") as out:
-            write_body(out, self.entries, source, self.options.metadata, progress)
+            write_body(out, self.entries, source, self.options.metadata, progress, observer)
             sync_file(out)
         return [(staged, self.destination)]
 
@@ -108,9 +111,10 @@ def write_body(
     source: Source,
     metadata: Mapping[str, str],
     progress: Progress | None = None,
+    observer: EntryObserver | None = None,
 ) -> None:
     """Header, then each entry's bytes: runs of unchanged tensors are copied file-to-file, the rest computed one by
-    one."""
+    one. `observer` is told each entry's bytes (the spans copied, or the bytes computed)."""
     out.write(build_header(entries, metadata, aligned_data_start(entries, source)))
     with SpanCopier(out, progress) as copier:
         for entry in entries:
@@ -118,14 +122,26 @@ def write_body(
             if spans is not None and sum(span.nbytes for span in spans) == entry.meta.nbytes:
                 for span in spans:
                     copier.add(span)
+                if observer is not None:
+                    observer.observe_copy(entry, tuple(spans))
             else:
                 copier.flush()
-                write_computed(out, entry, source, progress)
+                write_computed(out, entry, source, progress, observer)
+            if observer is not None:
+                observer.finish(entry)
 
 
-def write_computed(out: BinaryIO, entry: PlanEntry, source: Source, progress: Progress | None = None) -> None:
+def write_computed(
+    out: BinaryIO,
+    entry: PlanEntry,
+    source: Source,
+    progress: Progress | None = None,
+    observer: EntryObserver | None = None,
+) -> None:
     """Write a tensor an op changes: streamed through the op's byte kernel when it has one (a float cast, a
-    dequantization, of tensors with raw spans), else computed whole with torch."""
+    dequantization, of tensors with raw spans), else computed whole with torch. `observer` sees the bytes written."""
+    if observer is not None:
+        out = cast(BinaryIO, ObservedFile(out, observer, (entry,)))
     if not write_streamed(out, entry, source, progress):
         write_tensor(out, materialize(entry, source), progress)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptx.errors import DestinationError
+from ckptx.io.card import EntryObserver
 from ckptx.io.spans import Progress
 from ckptx.io.write.atomic import sync_file, write_synced
 from ckptx.io.write.destination import InputFiles
@@ -105,9 +106,11 @@ class ShardedWriter(Writer):
         super().check(inputs)
         return older_shards(self.layout)
 
-    def stage(self, folder: Path, source: Source, progress: Progress | None) -> list[Move]:
+    def stage(
+        self, folder: Path, source: Source, progress: Progress | None, observer: EntryObserver | None = None
+    ) -> list[Move]:
         """Every shard, then the index."""
-        return stage_shards(folder, self.layout, source, self.options, progress)
+        return stage_shards(folder, self.layout, source, self.options, progress, observer)
 
 
 def older_shards(layout: ShardLayout) -> list[str]:
@@ -122,14 +125,19 @@ def older_shards(layout: ShardLayout) -> list[str]:
 
 
 def stage_shards(
-    folder: Path, layout: ShardLayout, source: Source, options: OutputOptions, progress: Progress | None
+    folder: Path,
+    layout: ShardLayout,
+    source: Source,
+    options: OutputOptions,
+    progress: Progress | None,
+    observer: EntryObserver | None = None,
 ) -> list[Move]:
     """Write every shard of `layout` (and its index, last) into the staging folder, each fsynced; the moves in
     publishing order."""
     moves = []
     for final, group in layout.files:
         with open(folder / final.name, "wb") as out:
-            write_body(out, group, source, options.metadata, progress)
+            write_body(out, group, source, options.metadata, progress, observer)
             sync_file(out)
         moves.append((folder / final.name, final))
     if layout.index is not None:

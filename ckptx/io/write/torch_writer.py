@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import DestinationError, TensorOpError
+from ckptx.io.card import EntryObserver, ObservedFile
 from ckptx.io.crc import CrcThread, stored_record_crcs
 from ckptx.io.spans import BLOCK, Progress, SpanCopier, write_bytes
 from ckptx.io.streamed import write_streamed
@@ -49,6 +50,7 @@ else:
 
 
 ARCHIVE = "archive"  # the top folder torch.save uses when it writes to a file object
+_OBSERVED = 64 * 1024 * 1024  # bytes of a tensor from memory handed to an observer at once
 _FORMAT_VERSION = (".format_version", b"1")
 _HEAD = ((".storage_alignment", b"64"), ("byteorder", b"little"))
 
@@ -69,14 +71,16 @@ class TorchWriter(Writer):
             return None
         return f"non-tensor entries not carried over: {', '.join(sorted(source.non_tensors))}"
 
-    def stage(self, folder: Path, source: Source, progress: Progress | None) -> list[Move]:
+    def stage(
+        self, folder: Path, source: Source, progress: Progress | None, observer: EntryObserver | None = None
+    ) -> list[Move]:
         """The whole archive, fsynced. Raises DestinationError, before writing a byte, for a tensor the format
         cannot hold (e.g. a quantized dtype)."""
         layout = plan_layout(self.entries, source, self.destination)
         pickled = state_dict_pickle(layout.tensors, self.options.state_metadata)
         staged = folder / self.destination.name
         with open(staged, "wb") as out:
-            write_archive(out, layout, pickled, source, progress)
+            write_archive(out, layout, pickled, source, progress, observer=observer)
             sync_file(out)
         return [(staged, self.destination)]
 
@@ -101,9 +105,11 @@ def write_archive(
     progress: Progress | None = None,
     *,
     force_zip64: bool = False,
+    observer: EntryObserver | None = None,
 ) -> None:
     """The whole zip archive: small records, every storage record of `layout`, then the directory.
-    `force_zip64` writes the zip64 form of files over 4 GiB (see ZipRecords) whatever the size."""
+    `force_zip64` writes the zip64 form of files over 4 GiB (see ZipRecords) whatever the size. `observer` is told
+    each tensor's own row-major bytes (see `_RecordWriter`)."""
     archive = ZipRecords(out, ARCHIVE, force_zip64=force_zip64)
     archive.add("data.pkl", pickled)
     placements = [record_placement(record) for record in layout.records]
@@ -112,7 +118,7 @@ def write_archive(
         archive.add(name, data)
     late: list[tuple[int, Future[int]]] = []
     with CrcThread() as crcs, SpanCopier(out, progress) as copier:
-        writer = _RecordWriter(out, source, copier, crcs, progress)
+        writer = _RecordWriter(out, source, copier, crcs, progress, observer)
         for record, placement in zip(layout.records, placements):
             index = archive.begin(f"data/{record.key}", record.nbytes, congruent_to=placement)
             crc = writer.write(record)
@@ -169,28 +175,49 @@ def serialization_id(checksums: Sequence[tuple[str, int | None]]) -> bytes:
 
 
 class _RecordWriter:
-    """Writes one storage record's bytes at the end of `out` and gives its CRC-32 (or a future of it)."""
+    """Writes one storage record's bytes at the end of `out` and gives its CRC-32 (or a future of it).
+
+    An `observer` is told, for every tensor of the record, the tensor's own row-major bytes (a record holding
+    several views of one storage is observed once per view): the source spans of a copied tensor, the bytes of
+    a tensor from memory, the computed bytes of a computed one."""
 
     def __init__(
-        self, out: BinaryIO, source: Source, copier: SpanCopier, crcs: CrcThread, progress: Progress | None
+        self,
+        out: BinaryIO,
+        source: Source,
+        copier: SpanCopier,
+        crcs: CrcThread,
+        progress: Progress | None,
+        observer: EntryObserver | None = None,
     ) -> None:
         self._out = out
         self._source = source
         self._copier = copier
         self._crcs = crcs
         self._progress = progress
+        self._observer = observer
         self._known: dict[str, dict[tuple[int, int], int]] = {}
 
     def write(self, record: StorageRecord) -> int | Future[int]:
         """Copy, write or compute the record's bytes."""
+        crc = self._write(record)
+        if self._observer is not None:
+            for entry in record.entries:
+                self._observer.finish(entry)
+        return crc
+
+    def _write(self, record: StorageRecord) -> int | Future[int]:
         fill = record.fill
         if record.nbytes == 0:
             return 0
         if isinstance(fill, FileBytes):
+            if self._observer is not None:
+                for entry in record.entries:
+                    self._observer.observe_copy(entry, tuple(self._source.raw_spans(entry.sources[0]) or ()))
             return self._copy(fill.spans)
         if isinstance(fill, MemoryBytes):
             return self._from_memory(fill, record)
-        return self._computed(fill)
+        return self._computed(fill, record.entries)
 
     def _copy(self, spans: Sequence[RawSpan]) -> int | Future[int]:
         """Spans copied by the kernel; the CRC of one span from the source zip's directory when it is a whole
@@ -220,13 +247,18 @@ class _RecordWriter:
                 self._progress(min(record.nbytes, record.planned_bytes))
         view = memoryview(data)
         write_bytes(self._out, view, progress)
+        if self._observer is not None:
+            for entry in record.entries:
+                own = view if fill.compact else tensor_bytes(self._source.load(entry.sources[0]), entry.key)
+                for start in range(0, len(own), _OBSERVED):
+                    self._observer.observe_bytes(entry, own[start : start + _OBSERVED])
         return zlib.crc32(view)
 
-    def _computed(self, fill: ComputedBytes) -> int:
+    def _computed(self, fill: ComputedBytes, entries: Sequence[PlanEntry]) -> int:
         """Computed now: streamed through the op's byte kernel when it has one, else computed whole."""
         entry = fill.entry
         writer = _CrcWriter(self._out)
-        out = cast(BinaryIO, writer)
+        out = cast(BinaryIO, writer if self._observer is None else ObservedFile(writer, self._observer, entries))
         if not write_streamed(out, entry, self._source, self._progress):
             write_bytes(out, memoryview(tensor_bytes(materialize(entry, self._source), entry.key)), self._progress)
         return writer.crc

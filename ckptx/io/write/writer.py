@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ckptx.io.card import EntryObserver
 from ckptx.io.spans import Progress
 from ckptx.io.write.atomic import publish, staging_folder, write_error
 from ckptx.io.write.destination import InputFiles, prepare_folder
@@ -98,18 +99,27 @@ class Writer(ABC):
         return f"non-tensor entries dropped ({self.format} holds tensors only): {', '.join(sorted(source.non_tensors))}"
 
     @abstractmethod
-    def stage(self, folder: Path, source: Source, progress: Progress | None) -> list[Move]:
+    def stage(
+        self, folder: Path, source: Source, progress: Progress | None, observer: EntryObserver | None = None
+    ) -> list[Move]:
         """Write every file of the output into `folder`, each fsynced; the moves in publishing order, the primary
-        file last."""
+        file last. `observer` (a provenance card) is told each entry's bytes as they are written."""
 
-    def write(self, source: Source, progress: Progress | None = None, verify: Verify | None = None) -> int:
+    def write(
+        self,
+        source: Source,
+        progress: Progress | None = None,
+        verify: Verify | None = None,
+        observer: EntryObserver | None = None,
+    ) -> int:
         """Stage, verify, publish; returns the bytes written. File system failures become one DestinationError
-        naming the destination; a failure leaves no file of the output under its final name."""
+        naming the destination; a failure leaves no file of the output under its final name. `observer` sees every
+        entry's bytes as they are written (see io/card.py)."""
         created = self._prepare()
         try:
             with staging_folder(self.staging_anchor) as folder:
                 try:
-                    moves = self.stage(folder, source, progress)
+                    moves = self.stage(folder, source, progress, observer)
                 except OSError as exc:
                     raise write_error(self.primary, exc) from None
                 if verify is not None:
