@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.rules.recipe import TargetSpec
-from ckptx.targets.build import build_model
+from ckptx.targets.instantiate import build_model
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
