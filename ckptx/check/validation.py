@@ -95,7 +95,7 @@ def validate(plan_or_state: Any, target: Any) -> ValidationReport:
             continue
         if got.shape != wanted.shape:
             report.shape_mismatches.append(KeyProblem(key, got, wanted, sources.get(key, ()), _shape_hint(got, wanted)))
-        elif got.dtype != wanted.dtype:
+        elif got.dtype != wanted.dtype and not sources.cast(key):
             report.dtype_differences.append(KeyProblem(key, got, wanted, sources.get(key, ())))
     suggest = _Suggester({k: have[k] for k in unexpected_keys}, sources)
     for key in missing_keys:
@@ -124,6 +124,13 @@ class _SourceKeys:
         """Source keys of `key`, or `default` when it is not a planned key."""
         entry = self._by_key.get(key)
         return default if entry is None else entry.sources
+
+    def cast(self, key: str) -> bool:
+        """True when the planned key's dtype is what a cast step (of the recipe, or `--dtype`) asked for: a dtype
+        asked for is no surprise to warn about."""
+        entry = self._by_key.get(key)
+        expr = getattr(entry, "expr", None)
+        return getattr(expr, "op", None) == "cast"
 
 
 def _planned(plan_or_state: Any) -> tuple[dict[str, TensorMeta], _SourceKeys]:

@@ -37,6 +37,7 @@ class ConvertRequest:
     metadata: Mapping[str, str] = field(default_factory=dict)
     max_shard_size: int | None = None
     reverse: bool = False
+    dtype: str | None = None  # --dtype: every floating-point tensor cast to it (a cast step after the recipes)
 
 
 @dataclass

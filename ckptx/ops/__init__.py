@@ -2,6 +2,6 @@
 inverse side by side); importing this package registers every kind in `ckptx.rules.kinds.STEP_KINDS` and every
 tensor op in `ckptx.planning.expr.TENSOR_OPS` (`import ckptx` does)."""
 
-from ckptx.ops import cast, keys, layout, structure, values, vision
+from ckptx.ops import cast, keys, layout, rotary, structure, values, vision
 
-__all__ = ["cast", "keys", "layout", "structure", "values", "vision"]
+__all__ = ["cast", "keys", "layout", "rotary", "structure", "values", "vision"]
