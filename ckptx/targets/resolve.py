@@ -40,6 +40,8 @@ class Target:
     ties: tuple[tuple[str, ...], ...] = ()  # keys that share one tensor in a model target (an output head tied to the
     # token embedding): a file may store it once, the model still wants it under every name
     config: Mapping[str, Any] | None = None  # a transformers target's config (head counts for the rotary step)
+    class_layout: Mapping[str, TensorMeta] | None = None  # a saved-layout target whose class names its tensors
+    # otherwise (transformers' conversion mappings): from_pretrained loads those names too
 
 
 def parse_target_arg(spec: str, kwargs: Mapping[str, Any] | None = None) -> TargetSpec:
@@ -64,12 +66,14 @@ def resolve_target(spec: TargetSpec | str | Mapping[str, Any] | torch.nn.Module)
         return Target("<state_dict>", state_metas(spec))
     if spec.model or spec.config:
         model, notes = _built(spec)
-        state = saved_state(model) if spec.saved_layout or spec.config else model.state_dict(keep_vars=True)
+        own = model.state_dict(keep_vars=True)  # the parameters themselves: tied ones are one object
+        state = saved_state(model) if spec.saved_layout or spec.config else own
         config = getattr(model, "config", None)
         document = config.to_dict() if callable(getattr(config, "to_dict", None)) else None
+        tensors, by_class = state_metas(state), state_metas(own)
         return Target(
-            _describe(spec, model), state_metas(state), spec.allow_missing, spec.allow_unexpected, notes, _ties(state),
-            document,
+            _describe(spec, model), tensors, spec.allow_missing, spec.allow_unexpected, notes, _ties(state),
+            document, by_class if set(by_class) != set(tensors) else None,
         )  # fmt: skip
     if spec.manifest:
         return Target(spec.manifest, read_manifest(Path(spec.manifest)), spec.allow_missing, spec.allow_unexpected)
