@@ -107,7 +107,8 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         f"source: {source.path} ({source.format}), weights at {quoted(source.extracted_from)}: "
         f"{len(source.tensors)} tensors"
     ]
-    ignored = [k for k in source.top_level if k != source.extracted_from.split(".")[0]]
+    taken = source.extracted_from.split(".")[0]
+    ignored = [k for k in source.top_level if k != taken and (taken or k in source.non_tensors)]
     if ignored:
         lines.append(f"ignored top-level entries: {', '.join(map(shown, ignored))}")
     files = ", ".join(f.path for f in plan.recipe.files)

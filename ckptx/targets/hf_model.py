@@ -149,10 +149,11 @@ def coerce_like(value: Any, like: Any, where: str) -> Any:
     return value
 
 
-def saved_state(model: Any) -> dict[str, Any]:
+def saved_state(model: Any, *, file_names: bool = True) -> dict[str, Any]:
     """The tensors `save_pretrained` writes for `model` (meta tensors are fine): without keys it ignores on save,
-    tied weights once, in the file layout of classes with a conversion mapping. A model that is not a
-    transformers model, or a transformers without these functions, gives its `state_dict()`."""
+    tied weights once, in the file layout of classes with a conversion mapping (with `file_names=False`, under the
+    class's own names). A model that is not a transformers model, or a transformers without these functions,
+    gives its `state_dict()`."""
     state = model.state_dict()
     try:
         from transformers import PreTrainedModel
@@ -165,7 +166,7 @@ def saved_state(model: Any) -> dict[str, Any]:
     ignore = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
     state = {k: v for k, v in state.items() if k not in ignore}
     state = remove_tied_weights_from_state_dict(state, model)
-    return dict(revert_weight_conversion(model, state))
+    return dict(revert_weight_conversion(model, state)) if file_names else dict(state)
 
 
 def meta_params_to_hf(params: Mapping[str, Any], where: str) -> dict[str, Any]:

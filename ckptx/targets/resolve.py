@@ -70,7 +70,8 @@ def resolve_target(spec: TargetSpec | str | Mapping[str, Any] | torch.nn.Module)
         state = saved_state(model) if spec.saved_layout or spec.config else own
         config = getattr(model, "config", None)
         document = config.to_dict() if callable(getattr(config, "to_dict", None)) else None
-        tensors, by_class = state_metas(state), state_metas(own)
+        by_class = state_metas(saved_state(model, file_names=False) if spec.saved_layout or spec.config else own)
+        tensors = state_metas(state)
         return Target(
             _describe(spec, model), tensors, spec.allow_missing, spec.allow_unexpected, notes, _ties(state),
             document, by_class if set(by_class) != set(tensors) else None,
