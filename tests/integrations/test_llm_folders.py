@@ -151,3 +151,24 @@ def test_a_class_layout_state_dict_fits_a_mixtral_folder_target_with_a_note(run_
     assert result.code == 0, result.out + result.err
     assert "the keys are the model class's own" in result.out
     _load(tmp_path / "out", "MixtralForCausalLM")
+
+
+def test_diff_lint_and_suggest_take_model_folders(run_cli, llama_folder, tmp_path) -> None:
+    out = tmp_path / "half"
+    assert run_cli("convert", llama_folder, "-o", f"{out}/", "--dtype", "float16").code == 0
+    diff = run_cli("diff", llama_folder, out)
+    assert diff.code == 1 and "model.norm.weight: A float32 vs B float16" in diff.out  # B's weights, not its class
+    assert run_cli("diff", llama_folder, llama_folder).code == 0
+    lint = run_cli("lint", "--source", llama_folder, "llama/llama-to-fused-qkv")
+    assert lint.code == 0, lint.out + lint.err
+    suggested = run_cli("suggest", llama_folder, "--target", f"{llama_folder}/")
+    assert suggested.code == 0 and "OK (21/21 target keys matched)" in suggested.out
+
+
+def test_a_folder_without_weights_is_refused_saying_so(run_cli, tmp_path) -> None:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    result = run_cli("inspect", folder)
+    assert result.code == 2
+    assert "has a config.json but no weights" in result.err
