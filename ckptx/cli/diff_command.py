@@ -33,10 +33,9 @@ def add_parser(sub: Any, parents: Parents) -> None:
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from ckptx.check.validation import validate
-    from ckptx.io.read.open import open_source
+    from ckptx.io.read.open import is_checkpoint_folder, open_source
     from ckptx.planning.planner import plan_recipe
     from ckptx.rules.loader import load_rules
-    from ckptx.io.read.open import is_checkpoint_folder
     from ckptx.rules.recipe import Recipe, TargetSpec
     from ckptx.targets.resolve import parse_target_arg, resolve_target
 

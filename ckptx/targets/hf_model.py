@@ -76,8 +76,8 @@ def load_model_config(
     architectures = document.get("architectures")
     if not (isinstance(architectures, list) and architectures and isinstance(architectures[0], str)):
         raise TargetError(
-            f"{file}: names no model class (\"architectures\": [...]); add one, e.g. \"architectures\": "
-            f"[\"LlamaForCausalLM\"], or give --target module:callable"
+            f'{file}: names no model class ("architectures": [...]); add one, e.g. "architectures": '
+            f'["LlamaForCausalLM"], or give --target module:callable'
         )
     architecture = architectures[0]
     config_class = _config_class(architecture, str(file))
@@ -124,8 +124,8 @@ def known_fields(config_class: type) -> set[str]:
     try:
         fields |= {
             name
-            for name, p in inspect.signature(config_class.__init__).parameters.items()
-            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name != "self"
+            for name, p in inspect.signature(config_class).parameters.items()
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
         }
     except (TypeError, ValueError):
         pass  # a constructor without a signature: the serialised fields are what there is
@@ -240,7 +240,7 @@ def _config_class(architecture: str, where: str) -> type:
 
 def _defaults(config_class: type) -> dict[str, Any]:
     try:
-        defaults: dict[str, Any] = config_class().to_dict()  # type: ignore[attr-defined]  # a transformers config
+        defaults: dict[str, Any] = config_class().to_dict()
     except Exception:  # noqa: BLE001 - a config class that needs arguments has no defaults to offer
         return {}
     return defaults

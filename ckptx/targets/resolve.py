@@ -68,8 +68,8 @@ def resolve_target(spec: TargetSpec | str | Mapping[str, Any] | torch.nn.Module)
         model, notes = _built(spec)
         own = model.state_dict(keep_vars=True)  # the parameters themselves: tied ones are one object
         state = saved_state(model) if spec.saved_layout or spec.config else own
-        config = getattr(model, "config", None)
-        document = config.to_dict() if callable(getattr(config, "to_dict", None)) else None
+        to_dict = getattr(getattr(model, "config", None), "to_dict", None)
+        document = to_dict() if callable(to_dict) else None
         by_class = state_metas(saved_state(model, file_names=False) if spec.saved_layout or spec.config else own)
         tensors = state_metas(state)
         return Target(

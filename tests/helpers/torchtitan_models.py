@@ -48,7 +48,14 @@ def model_config(kind: str) -> Any:
 
         dim, head_dim, vocab = 64, 16, 128
         rope = CosSinRoPE.Config(dim=head_dim, max_seq_len=64, theta=1000000.0)
-        common = {"n_layers": 2, "dim": dim, "n_heads": 4, "n_kv_heads": 2, "head_dim": head_dim, "attn_backend": "flex"}
+        common = {
+            "n_layers": 2,
+            "dim": dim,
+            "n_heads": 4,
+            "n_kv_heads": 2,
+            "head_dim": head_dim,
+            "attn_backend": "flex",
+        }
         if kind == "qwen3":
             layers = _build_qwen3_layers(**common, hidden_dim=96, rope=rope)
         else:
@@ -130,7 +137,9 @@ def _worker(rank: int, out: str, kinds: list[str], port: int) -> None:
             for block in model.layers.values() if isinstance(model.layers, torch.nn.ModuleDict) else model.layers:
                 fully_shard(block, mesh=mesh)
             fully_shard(model, mesh=mesh)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)  # zero grads: weights unchanged
+            optimizer = torch.optim.AdamW(
+                model.parameters(), lr=1e-3, weight_decay=0.0
+            )  # zero grads: weights unchanged
             for p in model.parameters():  # one step, so the optimizer has state to save beside the model
                 p.grad = torch.zeros_like(p)
             optimizer.step()

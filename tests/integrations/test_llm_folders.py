@@ -81,7 +81,10 @@ def test_a_sharded_folder_cast_to_bfloat16_loads_with_its_config_and_files(run_c
 
 def test_inspect_and_a_dry_run_take_the_folder(run_cli, llama_folder) -> None:
     inspected = run_cli("inspect", llama_folder)
-    assert inspected.code == 0 and "HuggingFace model folder: config.json and model.safetensors.index.json" in inspected.out
+    assert (
+        inspected.code == 0
+        and "HuggingFace model folder: config.json and model.safetensors.index.json" in inspected.out
+    )
     planned = run_cli("convert", llama_folder, "--dry-run", "--target", llama_folder / "config.json")
     assert planned.code == 0 and "OK (21/21 target keys matched)" in planned.out
 

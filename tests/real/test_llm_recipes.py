@@ -80,7 +80,9 @@ def test_meta_to_hf_without_the_head_size_says_where_to_give_it(run_cli, meta_mo
     result = run_cli("convert", alone, "-r", "llama/meta-to-hf", "-o", tmp_path / "x.safetensors")
     assert result.code == 2
     assert "its heads are not known: give heads or head_dim in the step (--set head_dim=N" in result.err
-    fixed = run_cli("convert", alone, "-r", "llama/meta-to-hf", "--set", "head_dim=16", "-o", tmp_path / "x.safetensors")
+    fixed = run_cli(
+        "convert", alone, "-r", "llama/meta-to-hf", "--set", "head_dim=16", "-o", tmp_path / "x.safetensors"
+    )
     assert fixed.code == 0, fixed.err
 
 
@@ -91,7 +93,16 @@ def torchtitan_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("torchtitan")
     subprocess.run(
-        [sys.executable, "-m", "tests.helpers.torchtitan_models", str(out), "llama3", "qwen3", "qwen3_moe", "deepseek_v3"],
+        [
+            sys.executable,
+            "-m",
+            "tests.helpers.torchtitan_models",
+            str(out),
+            "llama3",
+            "qwen3",
+            "qwen3_moe",
+            "deepseek_v3",
+        ],
         cwd=ROOT,
         check=True,
         timeout=600,
@@ -103,7 +114,9 @@ def _hf_config(kind: str, folder: Path) -> Path:
     """The HuggingFace config of the same tiny model (what torchtitan's hf_assets_path holds)."""
     import transformers
 
-    shared = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, max_position_embeddings=64)
+    shared = dict(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, max_position_embeddings=64
+    )
     if kind == "llama3":
         config = transformers.LlamaConfig(
             **shared, num_hidden_layers=2, num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=False
@@ -149,7 +162,9 @@ def test_a_torchtitan_dcp_checkpoint_converts_as_torchtitans_to_hf(
 
     assets = _hf_config(kind, tmp_path / "assets")
     out = tmp_path / "hf"
-    result = run_cli("convert", torchtitan_checkpoints / kind / "step-2", "-r", recipe, "--target", f"{assets}/", "-o", f"{out}/")
+    result = run_cli(
+        "convert", torchtitan_checkpoints / kind / "step-2", "-r", recipe, "--target", f"{assets}/", "-o", f"{out}/"
+    )
     assert result.code == 0, result.out + result.err
     assert "note: non-tensor entries dropped: lr_scheduler, optimizer, train_state" in result.out
     full = torch.load(torchtitan_checkpoints / kind / "full.pt")
