@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import subprocess_env
 from tests.helpers.dcp_checkpoints import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,6 +105,7 @@ def torchtitan_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "deepseek_v3",
         ],
         cwd=ROOT,
+        env=subprocess_env(),
         check=True,
         timeout=600,
     )
