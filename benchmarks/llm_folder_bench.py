@@ -11,8 +11,9 @@ machine hits all three alike):
 - `transformers`: `from_pretrained(DIR, dtype=torch.bfloat16)` then `save_pretrained(OUT)`, what a user would
   write with the peer's own tool.
 
-Each run goes through benchmarks/measure.py (wall time, peak RSS of the process tree). `--json` writes the
-medians and every run (benchmarks/record.py).
+Each run goes through benchmarks/measure.py (wall time, CPU time, peak RSS of the process tree); on a shared
+machine the CPU time is the steadier figure. `--json` writes the medians and every run (benchmarks/record.py).
+Both ckptx and transformers pay for importing transformers (and torch): on a small folder that is most of it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import record  # noqa: E402
+import record
 
 HERE = Path(__file__).resolve().parent
 NAIVE = (
@@ -82,7 +83,17 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(out, ignore_errors=True)
                 command = {
                     "cp": ["sh", "-c", f"cp -r '{src}' '{out}' && sync"],
-                    "ckptx": [sys.executable, "-m", "ckptx", "convert", f"{src}/", "-o", f"{out}/", "--dtype", "bfloat16"],
+                    "ckptx": [
+                        sys.executable,
+                        "-m",
+                        "ckptx",
+                        "convert",
+                        f"{src}/",
+                        "-o",
+                        f"{out}/",
+                        "--dtype",
+                        "bfloat16",
+                    ],
                     "transformers": [sys.executable, "-c", NAIVE, str(src), str(out)],
                 }[name]
                 runs[name].append(measure(command))
@@ -90,20 +101,24 @@ def main(argv: list[str] | None = None) -> int:
     medians = {
         name: {
             "wall_s": round(statistics.median(r["wall"] for r in found), 2),
+            "cpu_s": round(statistics.median(r["user"] + r["sys"] for r in found), 2),
             "peak_rss_mib": round(statistics.median(r["maxrss_kib"] for r in found) / 1024, 1),
         }
         for name, found in runs.items()
     }
     print(f"float32 Llama folder: {size / 2**20:.0f} MiB of weights; medians of {args.repeats} paired runs")
     for name, m in medians.items():
-        print(f"  {name:13s} {m['wall_s']:7.2f} s  peak RSS {m['peak_rss_mib']:8.1f} MiB")
+        print(f"  {name:13s} {m['wall_s']:7.2f} s wall  {m['cpu_s']:7.2f} s CPU  peak RSS {m['peak_rss_mib']:8.1f} MiB")
     recorder.write(
         args.json,
         {
             "weights_mib": round(size / 2**20, 1),
             "repeats": args.repeats,
             "medians": medians,
-            "runs": {k: [{"wall": r["wall"], "maxrss_kib": r["maxrss_kib"]} for r in v] for k, v in runs.items()},
+            "runs": {
+                k: [{"wall": r["wall"], "cpu": r["user"] + r["sys"], "maxrss_kib": r["maxrss_kib"]} for r in v]
+                for k, v in runs.items()
+            },
         },
     )
     return 0
