@@ -9,9 +9,7 @@ is hard-coded here). A config is data: only transformers' own classes are built 
 
 from __future__ import annotations
 
-import difflib
 import importlib
-import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import TargetError
+from ckptx.factories import check_overrides
 from ckptx.io.read.model_folder import CONFIG, PARAMS, read_json_document
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,7 +29,6 @@ else:
 __all__ = [
     "ModelConfig",
     "build_from_config",
-    "check_overrides",
     "config_path",
     "load_model_config",
     "meta_params_to_hf",
@@ -98,55 +96,6 @@ def build_from_config(config: ModelConfig, *, device: str = "meta") -> torch.nn.
         raise TargetError(
             f"{config.file}: transformers cannot build {config.architecture} from it: {type(exc).__name__}: {exc}"
         ) from None
-
-
-def check_overrides(
-    config_class: type, document: Mapping[str, Any], overrides: Mapping[str, Any], where: str
-) -> dict[str, Any]:
-    """`overrides` checked against the fields of `config_class` (and of `document`), each value given the type of
-    the field it replaces where it was typed as text (`1e-5` is text to YAML); an unknown field is an error."""
-    known = known_fields(config_class) | set(document)
-    defaults = _defaults(config_class)
-    out: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; see {config_class.__name__}'s fields"
-            raise TargetError(f"{where}: {key}={value!r}: {config_class.__name__} has no field '{key}'{hint}")
-        out[key] = coerce_like(value, document.get(key, defaults.get(key)), f"{where}: {key}")
-    return out
-
-
-def known_fields(config_class: type) -> set[str]:
-    """The fields a config class knows: its serialised fields, aliases and constructor arguments."""
-    fields = set(_defaults(config_class))
-    fields |= set(getattr(config_class, "attribute_map", {}) or {})
-    try:
-        fields |= {
-            name
-            for name, p in inspect.signature(config_class).parameters.items()
-            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-        }
-    except (TypeError, ValueError):
-        pass  # a constructor without a signature: the serialised fields are what there is
-    return fields | {"architectures", "dtype", "torch_dtype"}
-
-
-def coerce_like(value: Any, like: Any, where: str) -> Any:
-    """`value` as the type of `like` when it was given as text for a number or a boolean."""
-    if not isinstance(value, str) or like is None or isinstance(like, str):
-        return value
-    try:
-        if isinstance(like, bool):
-            if value.lower() in ("true", "false"):
-                return value.lower() == "true"
-        elif isinstance(like, int):
-            return int(value)
-        elif isinstance(like, float):
-            return float(value)
-    except ValueError:
-        raise TargetError(f"{where}={value!r}: not a {type(like).__name__} (the field holds {like!r})") from None
-    return value
 
 
 def saved_state(model: Any, *, file_names: bool = True) -> dict[str, Any]:
@@ -236,11 +185,3 @@ def _model_class(architecture: str, where: str) -> Any:
 def _config_class(architecture: str, where: str) -> type:
     config_class: type = _model_class(architecture, where).config_class
     return config_class
-
-
-def _defaults(config_class: type) -> dict[str, Any]:
-    try:
-        defaults: dict[str, Any] = config_class().to_dict()
-    except Exception:  # noqa: BLE001 - a config class that needs arguments has no defaults to offer
-        return {}
-    return defaults

@@ -175,3 +175,17 @@ def test_a_folder_without_weights_is_refused_saying_so(run_cli, tmp_path) -> Non
     result = run_cli("inspect", folder)
     assert result.code == 2
     assert "has a config.json but no weights" in result.err
+
+
+def test_the_transformers_factory_types_text_values_and_refuses_unknown_fields(run_cli, llama_folder, tmp_path) -> None:
+    args = ["--target", "ckptx.factories:transformers_model", "--target-arg", "architecture=LlamaForCausalLM"]
+    config = json.loads((llama_folder / "config.json").read_text())
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_key_value_heads"):
+        args += ["--target-arg", f"{key}={config[key]}"]
+    args += ["--target-arg", "num_attention_heads=4", "--target-arg", "rms_norm_eps=1e-5"]
+    out = tmp_path / "factory"
+    result = run_cli("convert", llama_folder, "-o", f"{out}/", *args)
+    assert result.code == 0, result.out + result.err
+    assert json.loads((out / "config.json").read_text())["rms_norm_eps"] == 1e-5
+    typo = run_cli("convert", llama_folder, "--dry-run", *args, "--target-arg", "num_layers=2")
+    assert typo.code == 2 and "LlamaConfig has no field 'num_layers'" in typo.err
