@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,14 +23,16 @@ META = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 1
 
 
 @pytest.fixture(scope="module")
-def meta_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+def meta_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[torch.nn.Module, Path]]:
     """A randomly initialised tiny Meta Transformer saved as Meta ships it: consolidated.00.pth + params.json."""
     import torch.distributed as dist
     from fairscale.nn.model_parallel import initialize as fs_init
     from llama_models.llama3.args import ModelArgs
     from llama_models.llama3.model import Transformer
 
-    if not dist.is_initialized():
+    # fairscale's parallel layers need a process group (one gloo rank) and model parallelism of 1
+    started = not dist.is_initialized()
+    if started:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     if not fs_init.model_parallel_is_initialized():
         fs_init.initialize_model_parallel(1)
@@ -43,7 +46,12 @@ def meta_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Modul
     folder.mkdir()
     torch.save(model.state_dict(), folder / "consolidated.00.pth")
     (folder / "params.json").write_text(json.dumps(META))
-    return model.eval(), folder
+    try:
+        yield model.eval(), folder
+    finally:  # the forward pass needs the groups too: torn down after the module's tests
+        fs_init.destroy_model_parallel()
+        if started:
+            dist.destroy_process_group()
 
 
 def test_meta_to_hf_gives_metas_logits_and_reverses_bit_for_bit(run_cli, meta_model, tmp_path: Path) -> None:
