@@ -189,3 +189,14 @@ def test_the_transformers_factory_types_text_values_and_refuses_unknown_fields(r
     assert json.loads((out / "config.json").read_text())["rms_norm_eps"] == 1e-5
     typo = run_cli("convert", llama_folder, "--dry-run", *args, "--target-arg", "num_layers=2")
     assert typo.code == 2 and "LlamaConfig has no field 'num_layers'" in typo.err
+
+
+def test_a_batch_job_takes_a_model_folder_as_its_source(run_cli, llama_folder, tmp_path) -> None:
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(
+        f"ckptx: 1\njobs:\n  - src: {llama_folder}\n    dst: out/tiny.safetensors\n"
+        "    rules: [common/strip-module-prefix]\n"
+    )
+    result = run_cli("batch", jobs)
+    assert result.code == 0, result.out + result.err
+    assert _keys(tmp_path / "out") == _keys(llama_folder)
