@@ -337,7 +337,8 @@ class _Checker:
                 self.problems.append(
                     Problem(
                         spec.at(self.doc, "src"),
-                        f"{spec.src} is a folder but not a DCP or DeepSpeed checkpoint; give the checkpoint file",
+                        f"{spec.src} is a folder but not a model folder (config.json or params.json beside the "
+                        f"weights), DCP or DeepSpeed checkpoint; give the checkpoint file",
                     )
                 )
             return [src]

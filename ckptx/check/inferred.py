@@ -179,11 +179,12 @@ def choose_variant(recipe: Recipe, source: Any, target_of: Callable[[Recipe], Ta
             if target is None:
                 raise CkptxError("the recipe has no target to validate against; give --target or set the parameter")
             plan_error = ""
+            configs = [(f"the config of {target.description}", target.config)] if target.config else []
             try:
-                plan = plan_recipe(candidate, source, target=target.tensors)
+                plan = plan_recipe(candidate, source, target=target.tensors, configs=configs)
             except PlanError as exc:  # e.g. `reshape: {shape: target}` that cannot fit: count without those shapes
                 plan_error = f"planning fails: {exc.problems[0].message}" if exc.problems else _first_line(exc)
-                plan = plan_recipe(candidate, source, target={})
+                plan = plan_recipe(candidate, source, target={}, configs=configs)
             report = validate(plan, target)
         except Rejected:
             raise

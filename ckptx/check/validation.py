@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +83,21 @@ class ValidationReport:
 def validate(plan_or_state: Any, target: Any) -> ValidationReport:
     """Compare a Plan (or a state dict, or key -> TensorMeta) with a target spec, module or Target."""
     resolved = target if isinstance(target, Target) else resolve_target(target)
+    report = _validate(plan_or_state, resolved)
+    if not report.ok and resolved.class_layout is not None:
+        # A model folder in the class's own names (transformers' conversion mapping renames them on save) is opened by
+        # from_pretrained as well: that layout fits too, and the report says which one it is.
+        by_class = _validate(plan_or_state, replace(resolved, tensors=dict(resolved.class_layout), class_layout=None))
+        if by_class.ok:
+            by_class.notes.append(
+                "the keys are the model class's own (its state_dict); save_pretrained would write "
+                f"{len(resolved.tensors)} tensors under transformers' on-disk names instead: from_pretrained opens both"
+            )
+            return by_class
+    return report
+
+
+def _validate(plan_or_state: Any, resolved: Target) -> ValidationReport:
     have, sources = _planned(plan_or_state)
     want = resolved.tensors
     report = ValidationReport(resolved.description, notes=list(resolved.notes))
@@ -95,7 +110,7 @@ def validate(plan_or_state: Any, target: Any) -> ValidationReport:
             continue
         if got.shape != wanted.shape:
             report.shape_mismatches.append(KeyProblem(key, got, wanted, sources.get(key, ()), _shape_hint(got, wanted)))
-        elif got.dtype != wanted.dtype:
+        elif got.dtype != wanted.dtype and not sources.cast(key):
             report.dtype_differences.append(KeyProblem(key, got, wanted, sources.get(key, ())))
     suggest = _Suggester({k: have[k] for k in unexpected_keys}, sources)
     for key in missing_keys:
@@ -124,6 +139,13 @@ class _SourceKeys:
         """Source keys of `key`, or `default` when it is not a planned key."""
         entry = self._by_key.get(key)
         return default if entry is None else entry.sources
+
+    def cast(self, key: str) -> bool:
+        """True when the planned key's dtype is what a cast step (of the recipe, or `--dtype`) asked for: a dtype
+        asked for is no surprise to warn about."""
+        entry = self._by_key.get(key)
+        expr = getattr(entry, "expr", None)
+        return getattr(expr, "op", None) == "cast"
 
 
 def _planned(plan_or_state: Any) -> tuple[dict[str, TensorMeta], _SourceKeys]:

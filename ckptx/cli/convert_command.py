@@ -20,8 +20,8 @@ def add_parser(sub: Any, parents: Parents) -> None:
     )
     p.add_argument(
         "src",
-        help="source checkpoint: a file (.safetensors, .pth/.pt/.bin/.ckpt), a sharded index, or a "
-        "DCP or DeepSpeed ZeRO folder",
+        help="source checkpoint: a file (.safetensors, .pth/.pt/.bin/.ckpt), a sharded index, a model folder "
+        "(HuggingFace config.json or Meta params.json beside the weights), or a DCP or DeepSpeed ZeRO folder",
     )
     p.add_argument(
         "-r",
@@ -37,7 +37,7 @@ def add_parser(sub: Any, parents: Parents) -> None:
         "--output",
         metavar="DST",
         help="output file (.safetensors, .pth, .pt, .bin, .gguf), or DIR/ for a HuggingFace model folder "
-        "(config.json + model.safetensors) with a transformers target",
+        "(config.json + model.safetensors; from a model folder source, its config and other files carried)",
     )
     p.add_argument(
         "--gguf-type",
@@ -48,7 +48,21 @@ def add_parser(sub: Any, parents: Parents) -> None:
     )
     p.add_argument("--target", metavar="SPEC", help="module:callable, reference checkpoint, or manifest")
     p.add_argument(
-        "--target-arg", action="append", default=[], metavar="K=V", help="keyword argument for the target factory"
+        "--target",
+        metavar="SPEC",
+        help="module:callable, a model folder (DIR/ or DIR/config.json), reference checkpoint, or manifest",
+    )
+    p.add_argument(
+        "--target-arg",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="keyword argument for the target factory, or a config field of a model-folder target",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        help="cast every floating-point tensor to this dtype (after the rules)",
     )
     p.add_argument("--set", action="append", default=[], metavar="K=V", dest="params", help="set a recipe parameter")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the validation report; write nothing")
@@ -104,16 +118,19 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         reverse=args.reverse,
         gguf_type=args.gguf_type,
         audit=args.audit,
+        dtype=args.dtype,
     )
     plan, source = result.plan, result.plan.source
     lines = [
         f"source: {source.path} ({source.format}), weights at {quoted(source.extracted_from)}: "
         f"{len(source.tensors)} tensors"
     ]
-    ignored = [k for k in source.top_level if k != source.extracted_from.split(".")[0]]
+    taken = source.extracted_from.split(".")[0]
+    ignored = [k for k in source.top_level if k != taken and (taken or k in source.non_tensors)]
     if ignored:
         lines.append(f"ignored top-level entries: {', '.join(map(shown, ignored))}")
-    lines.append(f"recipe: {plan.recipe.name} ({', '.join(f.path for f in plan.recipe.files)})")
+    files = ", ".join(f.path for f in plan.recipe.files)
+    lines.append(f"recipe: {plan.recipe.name}" + (f" ({files})" if files else ""))
     if args.dry_run or args.explain:
         lines.append(render_plan(plan, explain=args.explain))
     lines.append(f"plan: {len(plan.entries)} tensors out, {len(plan.dropped)} dropped")

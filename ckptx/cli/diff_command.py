@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any, TextIO
 
 from ckptx.cli.options import EXIT_INVALID, EXIT_OK, Parents
@@ -32,14 +33,17 @@ def add_parser(sub: Any, parents: Parents) -> None:
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from ckptx.check.validation import validate
-    from ckptx.io.read.open import open_source
+    from ckptx.io.read.open import is_checkpoint_folder, open_source
     from ckptx.planning.planner import plan_recipe
     from ckptx.rules.loader import load_rules
-    from ckptx.rules.recipe import Recipe
+    from ckptx.rules.recipe import Recipe, TargetSpec
     from ckptx.targets.resolve import parse_target_arg, resolve_target
 
     recipe = load_rules(args.rules, params=key_values(args.params, "--set")) if args.rules else Recipe(name="(none)")
-    target = resolve_target(parse_target_arg(args.b, key_values(args.target_arg, "--target-arg")))
+    spec = parse_target_arg(args.b, key_values(args.target_arg, "--target-arg"))
+    if spec.config and is_checkpoint_folder(Path(args.b)):  # a model folder with weights: compare the weights
+        spec = TargetSpec(checkpoint=args.b, where="B")
+    target = resolve_target(spec)
     with open_source(args.a, recipe.extract, allow_globals=args.allow_global, unsafe_pickle=args.unsafe_pickle) as src:
         if recipe.inferred:  # parameters chosen from A: the one choice that fits B
             from ckptx.check.inferred import choose_variant

@@ -4,10 +4,11 @@ made from metadata and validated against the target before a byte is written; th
 
 from __future__ import annotations
 
+import re
 import shlex
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,19 @@ from ckptx.planning.planner import Plan, plan_recipe
 from ckptx.planning.source import Source
 from ckptx.rules.loader import RecipeArg, as_recipe
 from ckptx.rules.recipe import Recipe, TargetSpec
+from ckptx.rules.steps import Step
 from ckptx.targets.resolve import Target, parse_target_arg, resolve_target
 
-__all__ = ["ConvertRequest", "ConvertResult", "convert", "provenance", "run", "stale_note", "target_spec_for"]
+__all__ = [
+    "ConvertRequest",
+    "ConvertResult",
+    "cast_recipe",
+    "convert",
+    "provenance",
+    "run",
+    "stale_note",
+    "target_spec_for",
+]
 
 
 def convert(
@@ -53,6 +64,7 @@ def convert(
     reverse: bool = False,
     gguf_type: str | None = None,
     audit: str | Path | None = None,
+    dtype: str | None = None,
 ) -> ConvertResult:
     """Convert `src` to `dst` with the recipes; validate against the target before writing a byte.
 
@@ -68,12 +80,15 @@ def convert(
     `target` is then the recipes' source layout, traced when a step's inverse needs shapes.
     With `audit` (a path, or "" for the default place: `DIR/ckptx-card.json` in a model folder, else
     `DST.card.json`), a provenance card is written once the output is published (see ckptx/conversion/card.py).
+    A model folder (`config.json`, Meta's `params.json`) is a source like a file; with `dst` a folder and no target
+    given, the target is the model the source's config describes, and that config is carried into the output
+    folder with the folder's other files. `dtype` casts every floating-point tensor (after the recipes).
     """
     request = ConvertRequest(
         Path(src), dst, recipes, target=target, target_args=dict(target_args or {}), params=dict(params or {}),
         dry_run=dry_run, force=force, allow_globals=tuple(allow_globals), unsafe_pickle=unsafe_pickle, verify=verify,
         progress=progress, metadata=dict(metadata or {}), max_shard_size=max_shard_size, reverse=reverse,
-        gguf_type=gguf_type, audit=audit,
+        gguf_type=gguf_type, audit=audit, dtype=dtype,
     )  # fmt: skip
     return run(request)
 
@@ -136,13 +151,33 @@ def plan_and_validate(recipe: Recipe, source: Source, request: ConvertRequest) -
     """The plan of `recipe` on `source` and its validation against the target: the recipe's own (or the request's
     `--target`); inferred parameters are chosen here, the one choice whose target validates."""
     if recipe.inferred:
-        chosen = choose_variant(recipe, source, _target_of(request))
-        spec = target_spec_for(chosen.recipe, request.target, request.target_args)
+        chosen = choose_variant(recipe, source, _target_of(request, source))
+        spec = _spec_for(chosen.recipe, request, source)
         return Planned(chosen.recipe, spec, chosen.plan, chosen.report, dict(chosen.values), (chosen.note,))
-    spec = target_spec_for(recipe, request.target, request.target_args)
+    spec = _spec_for(recipe, request, source)
     resolved = resolve_target(spec) if spec is not None else None
-    plan = plan_recipe(recipe, source, target=resolved.tensors if resolved else None)
+    configs = [(f"the config of {resolved.description}", resolved.config)] if resolved and resolved.config else []
+    plan = plan_recipe(recipe, source, target=resolved.tensors if resolved else None, configs=configs)
     return Planned(recipe, spec, plan, validate(plan, resolved) if resolved else None, {})
+
+
+def _spec_for(recipe: Recipe, request: ConvertRequest, source: Source) -> TargetSpec | None:
+    """The target of a conversion: the recipe's or `--target`; with a model folder as output and none given, the
+    model the source's own config describes. A model folder is validated in the layout `save_pretrained` writes."""
+    spec = target_spec_for(recipe, request.target, request.target_args)
+    folder = request.dst is not None and _is_folder(request.dst)
+    if spec is None and folder and source.configs:
+        where = request.src if request.src.is_dir() else request.src.parent
+        spec = TargetSpec(config=str(where), kwargs=dict(request.target_args), where="the source's config")
+    if spec is not None and folder:
+        spec = replace(spec, saved_layout=True)
+    return spec
+
+
+def _is_folder(dst: str | Path) -> bool:
+    from ckptx.io.write.hf_folder_writer import is_folder_destination
+
+    return is_folder_destination(dst)
 
 
 def target_spec_for(
@@ -184,20 +219,39 @@ def stale_note(dst: Path) -> str | None:
 
 def _recipe(request: ConvertRequest) -> Recipe:
     recipe = as_recipe(request.recipes, request.params)
-    if not request.reverse:
-        return recipe
-    from ckptx.conversion.reverse import reverse_recipe  # here, not at the top: start-up (see io/read/open.py)
+    if request.reverse:
+        from ckptx.conversion.reverse import reverse_recipe  # here, not at the top: start-up (see io/read/open.py)
+        from ckptx.io.read.model_folder import config_documents
 
-    original = target_spec_for(Recipe(name=""), request.target, request.target_args)
-    return reverse_recipe(recipe, original=original).recipe
+        original = target_spec_for(Recipe(name=""), request.target, request.target_args)
+        configs = [(f"{name} of {request.src}", doc) for name, doc in config_documents(request.src).items()]
+        recipe = reverse_recipe(recipe, original=original, configs=configs).recipe
+    if request.dtype is not None:
+        cast = cast_recipe(request.dtype)
+        recipe = recipe.then(cast) if recipe.steps or recipe.files or recipe.target else cast
+    return recipe
 
 
-def _target_of(request: ConvertRequest) -> Any:
+CAST_DTYPES = ("bfloat16", "float16", "float32", "float64")
+
+
+def cast_recipe(dtype: str) -> Recipe:
+    """`--dtype`: one cast step of every floating-point tensor, planned and inverted like any step."""
+    from ckptx.errors import UsageError
+    from ckptx.ops.cast import Cast
+
+    if dtype not in CAST_DTYPES:
+        raise UsageError(f"--dtype {dtype}: give one of {', '.join(CAST_DTYPES)}")
+    step = Step("cast", Cast(re.compile(".*"), dtype), where=f"--dtype {dtype}")
+    return Recipe(name=f"--dtype {dtype}", steps=(step,))
+
+
+def _target_of(request: ConvertRequest, source: Source) -> Any:
     """For choosing inferred parameters: each candidate's target (the request's `--target` resolved once)."""
     resolved: dict[str, Target] = {}
 
     def target_of(candidate: Recipe) -> Target | None:
-        spec = target_spec_for(candidate, request.target, request.target_args)
+        spec = _spec_for(candidate, request, source)
         if spec is None:
             return None
         key = repr(spec)  # an explicit --target is the same for every choice: resolve it once
@@ -214,10 +268,12 @@ def _writer(request: ConvertRequest, planned: Planned) -> Writer:
     assert request.dst is not None
     plan, source = planned.plan, planned.plan.source
     documents: Mapping[str, bytes] = {}
+    copies: Mapping[str, Path] = {}
     if is_folder_destination(request.dst):
-        from ckptx.integrations.hf_config import folder_documents  # transformers, only for model folders
+        from ckptx.integrations.hf_config import folder_contents  # transformers, only for model folders
 
-        documents = folder_documents(planned.spec, plan.entries, str(request.dst))
+        contents = folder_contents(planned.spec, plan.entries, str(request.dst))
+        documents, copies = contents.documents, contents.copies
     state_metadata = source.state_metadata if not plan.renames_keys else None
     gguf_metadata: list[tuple[str, int, Any]] = []
     if str(request.dst).lower().endswith(".gguf"):
@@ -229,6 +285,7 @@ def _writer(request: ConvertRequest, planned: Planned) -> Writer:
         max_shard_size=request.max_shard_size,
         metadata={**provenance(plan, source), **request.metadata},
         documents=documents,
+        copies=copies,
         state_metadata=state_metadata,
         gguf_metadata=gguf_metadata,
         tensor_type=request.gguf_type,

@@ -8,7 +8,7 @@ recipe makes of that layout, it must give back exactly its keys, shapes and dtyp
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,10 +37,13 @@ class Reversed:
     traced_on: str | None
 
 
-def reverse_recipe(recipe: Recipe, original: Original | None = None) -> Reversed:
+def reverse_recipe(
+    recipe: Recipe, original: Original | None = None, *, configs: Sequence[tuple[str, Mapping[str, Any]]] = ()
+) -> Reversed:
     """The reverse of `recipe`; RuleError naming the first step that cannot be undone.
 
-    `original` (see the module doc) is traced when given; otherwise only if a step needs shapes.
+    `original` (see the module doc) is traced when given; otherwise only if a step needs shapes. `configs` are the
+    model's config documents for steps that read sizes from them (the reverse conversion's source's).
     """
     require_resolved(recipe, "reversing")
     layout = _layout(original) if original is not None else None
@@ -53,14 +56,14 @@ def reverse_recipe(recipe: Recipe, original: Original | None = None) -> Reversed
                 raise
             layout = _layout(fallback)
     name, metas = layout
-    traces, final = trace_recipe(recipe, metas)
+    traces, final = trace_recipe(recipe, metas, configs)
     reversed_ = _finish(recipe, invert_recipe(recipe, traces), name)
-    _check_round_trip(reversed_.recipe, final, metas, name)
+    _check_round_trip(reversed_.recipe, final, metas, name, configs)
     return reversed_
 
 
 def trace_recipe(
-    recipe: Recipe, metas: Mapping[str, TensorMeta]
+    recipe: Recipe, metas: Mapping[str, TensorMeta], configs: Sequence[tuple[str, Mapping[str, Any]]] = ()
 ) -> tuple[list[StepTrace | None], dict[str, TensorMeta]]:
     """Plan `recipe` on metadata alone; each step's keys and metadata before and after, and the result.
 
@@ -74,7 +77,7 @@ def trace_recipe(
         )
 
     target = resolve_target(recipe.target).tensors if recipe.target is not None else None
-    plan = plan_recipe(recipe, _MetadataSource(metas), target=target, observe=observe)
+    plan = plan_recipe(recipe, _MetadataSource(metas), target=target, observe=observe, configs=configs)
     return traces, plan.expected
 
 
@@ -116,9 +119,13 @@ def _finish(recipe: Recipe, document: dict[str, Any], traced_on: str | None) -> 
 
 
 def _check_round_trip(
-    reverse: Recipe, made: Mapping[str, TensorMeta], original: Mapping[str, TensorMeta], name: str
+    reverse: Recipe,
+    made: Mapping[str, TensorMeta],
+    original: Mapping[str, TensorMeta],
+    name: str,
+    configs: Sequence[tuple[str, Mapping[str, Any]]] = (),
 ) -> None:
-    back = plan_recipe(reverse, _MetadataSource(made)).expected
+    back = plan_recipe(reverse, _MetadataSource(made), configs=configs).expected
     if back == dict(original):
         return
     missing = sorted(set(original) - set(back))

@@ -25,6 +25,7 @@ class PlanContext:
     warnings: list[Problem] = field(default_factory=list)
     dropped: list[tuple[str, str]] = field(default_factory=list)
     dropped_sources: dict[str, str] = field(default_factory=dict)  # source key -> the step that dropped it
+    configs: Sequence[tuple[str, Mapping[str, Any]]] = ()  # the model's config documents, named (target's first)
     _carried: tuple[list[PlanEntry], KeyText] | None = field(default=None, repr=False)
 
     def drop(self, entry: PlanEntry, where: str) -> None:

@@ -68,6 +68,7 @@ def plan_recipe(
     *,
     target: Mapping[str, TensorMeta] | None = None,
     observe: Callable[[int, list[PlanEntry], list[PlanEntry] | None], None] | None = None,
+    configs: Sequence[tuple[str, Mapping[str, Any]]] = (),
 ) -> Plan:
     """Run every step of `recipe` on the source's metadata.
 
@@ -77,11 +78,14 @@ def plan_recipe(
     every problem (collisions, impossible reshapes, strict steps that matched nothing).
     `observe(index, before, after)` sees each step's entries (`after` is None for a step whose
     `when:` is false); `ckptx invert` uses it to learn the shapes a reverse step must restore.
+    `configs` are the target model's config documents (name, document); the source's own (`source.configs`) follow
+    them: steps that need the model's sizes (`rotary_permute`'s head size) read them.
     """
     require_resolved(recipe, "planning it as it is (ckptx.convert, load_into and choose_variant choose it)")
     opened = source
     entries = _source_entries(opened.tensors)
-    ctx = PlanContext(target=target, params=recipe.params)
+    own = [(f"{name} of {opened.path}", doc) for name, doc in getattr(opened, "configs", {}).items()]
+    ctx = PlanContext(target=target, params=recipe.params, configs=(*configs, *own))
     renames = False
     keys = _KeyIndex()
     for index, step in enumerate(recipe.steps):

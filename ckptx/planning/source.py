@@ -36,6 +36,7 @@ class Source:
     file_metadata: dict[str, str] = field(default_factory=dict)
     description: list[str] = field(default_factory=list)  # lines `ckptx inspect` shows (a folder's layout, ...)
     stored_as: dict[str, str] = field(default_factory=dict)  # key -> how the file stores it, when not as its dtype
+    configs: dict[str, Any] = field(default_factory=dict)  # config documents in or beside it: config.json, params.json
 
     def load(self, key: str) -> torch.Tensor:
         """The tensor stored under `key` (materialized from disk or mmap)."""

@@ -44,7 +44,14 @@ class Origin:
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """What the converted weights must fit: a model factory, a reference checkpoint or a manifest."""
+    """What the converted weights must fit: a model factory, a model folder's config, a reference checkpoint or a
+    manifest.
+
+    `config` is a model folder or its config document (`config.json`; Meta's `params.json`): the transformers class
+    the config names, built from it on the meta device; `kwargs` then override config fields. `saved_layout` asks
+    for the tensors `save_pretrained` writes for a transformers model (its on-disk names, tied weights once) rather
+    than the class's `state_dict()`: what a model folder holds.
+    """
 
     model: str | None = None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -54,6 +61,8 @@ class TargetSpec:
     allow_unexpected: tuple[Pattern, ...] = ()
     where: str = ""
     model_origin: Origin = Origin()
+    config: str | None = None
+    saved_layout: bool = False
 
     @classmethod
     def from_dict(
@@ -85,23 +94,28 @@ class TargetSpec:
         """`other` overrides this spec key by key (kwargs merged, allow lists added)."""
         if other is None:
             return self
-        source_given = other.model or other.checkpoint or other.manifest
+        source_given = other.model or other.checkpoint or other.manifest or other.config
+        same = other.model == self.model and other.config == self.config
         return TargetSpec(
             model=other.model if source_given else self.model,
-            kwargs={**(self.kwargs if not source_given or other.model == self.model else {}), **other.kwargs},
+            kwargs={**(self.kwargs if not source_given or same else {}), **other.kwargs},
             checkpoint=other.checkpoint if source_given else self.checkpoint,
             manifest=other.manifest if source_given else self.manifest,
             allow_missing=self.allow_missing + other.allow_missing,
             allow_unexpected=self.allow_unexpected + other.allow_unexpected,
             where=other.where or self.where,
             model_origin=other.model_origin if source_given else self.model_origin,
+            config=other.config if source_given else self.config,
+            saved_layout=self.saved_layout or other.saved_layout,
         )
 
     def describe(self) -> str:
         """A short human name for the target."""
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
         if self.model:
-            args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
             return f"{self.model}({args})"
+        if self.config:
+            return f"the model of {self.config}" + (f" with {args}" if args else "")
         return self.checkpoint or self.manifest or "(no target)"
 
 

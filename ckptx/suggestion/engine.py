@@ -9,7 +9,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -525,15 +525,11 @@ def _target_spec(
             re.compile(pattern)
         except re.error as exc:
             raise CkptxError(f"--allow-missing/--allow-unexpected: invalid regex '{pattern}': {exc}") from None
-    return TargetSpec(
-        model=spec.model,
-        kwargs=dict(spec.kwargs),
-        checkpoint=spec.checkpoint,
-        manifest=spec.manifest,
+    return replace(
+        spec,
         allow_missing=tuple(re.compile(p) for p in allow_missing) + tuple(spec.allow_missing),
         allow_unexpected=tuple(re.compile(p) for p in allow_unexpected) + tuple(spec.allow_unexpected),
         where=spec.where or "--target",
-        model_origin=spec.model_origin,
     )
 
 

@@ -64,8 +64,11 @@ def find_candidates(
     p = Path(path)
     if not p.exists():
         raise SourceError(f"{path}: no such file")
-    if p.is_dir():
-        raise SourceError(f"{path}: is a folder; give the checkpoint file (or its .index.json)")
+    if p.is_dir():  # a model folder, DCP or ZeRO: opened as the one state dict it holds
+        from ckptx.io.read.open import open_source
+
+        source = open_source(p, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle)
+        return source.format, [Candidate(source.extracted_from, source.tensors)], source
     if p.suffix in (".json", ".yaml", ".yml") and not p.name.endswith(".index.json"):
         tensors = read_manifest_fast(p)
         return "manifest", [Candidate(".", tensors)], manifest_source(path, tensors)

@@ -15,6 +15,7 @@ from ckptx.errors import FactoryFailed, TargetError
 from ckptx.io.manifest import read_manifest
 from ckptx.io.read.open import open_source
 from ckptx.rules.recipe import Origin, TargetSpec
+from ckptx.targets.hf_model import build_from_config, config_path, load_model_config, saved_state
 from ckptx.targets.instantiate import build_model
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,10 +43,16 @@ class Target:
     # a model target: what `suggest` knows beyond names and shapes
     rotary_dim: int | None = None  # a model target with rotary position embeddings (an `inv_freq` buffer): the number
     # of rotated dimensions per head
+    config: Mapping[str, Any] | None = None  # a transformers target's config (head counts for the rotary step)
+    class_layout: Mapping[str, TensorMeta] | None = None  # a saved-layout target whose class names its tensors
+    # otherwise (transformers' conversion mappings): from_pretrained loads those names too
 
 
 def parse_target_arg(spec: str, kwargs: Mapping[str, Any] | None = None) -> TargetSpec:
-    """A CLI `--target SPEC`: `module:callable`, a manifest (.json/.yaml) or a reference checkpoint."""
+    """A CLI `--target SPEC`: `module:callable`, a model folder (`DIR/`, `DIR/config.json`, Meta's
+    `DIR/params.json`), a manifest (.json/.yaml) or a reference checkpoint."""
+    if config_path(spec) is not None:
+        return TargetSpec(config=spec, kwargs=dict(kwargs or {}), where="--target", saved_layout=True)
     if _MODEL_SPEC.match(spec) and not Path(spec).exists():
         return TargetSpec(model=spec, kwargs=dict(kwargs or {}), where="--target", model_origin=Origin.user("--target"))
     if Path(spec).suffix in (".json", ".yaml", ".yml") and not spec.endswith(".index.json"):
@@ -61,17 +68,26 @@ def resolve_target(spec: TargetSpec | str | Mapping[str, Any] | torch.nn.Module)
         spec = parse_target_arg(spec)
     if isinstance(spec, Mapping):
         return Target("<state_dict>", state_metas(spec))
-    if spec.model:
-        tensors, notes, ties, kinds, rotary = _model_tensors(spec)
+    if spec.model or spec.config:
+        model, notes = _built(spec)
+        own = model.state_dict(keep_vars=True)  # the parameters themselves: tied ones are one object
+        state = saved_state(model) if spec.saved_layout or spec.config else own
+        to_dict = getattr(getattr(model, "config", None), "to_dict", None)
+        document = to_dict() if callable(to_dict) else None
+        by_class = state_metas(saved_state(model, file_names=False) if spec.saved_layout or spec.config else own)
+        tensors = state_metas(state)
+        rotary = [2 * b.numel() for name, b in model.named_buffers() if name.rpartition(".")[2] == "inv_freq"]
         return Target(
-            spec.describe(),
+            _describe(spec, model),
             tensors,
             spec.allow_missing,
             spec.allow_unexpected,
             notes=notes,
-            ties=ties,
-            kinds=kinds,
-            rotary_dim=rotary,
+            ties=_ties(state),
+            kinds=module_kinds(model, own),
+            rotary_dim=max(rotary) if rotary else None,
+            config=document,
+            class_layout=by_class if set(by_class) != set(tensors) else None,
         )
     if spec.manifest:
         return Target(spec.manifest, read_manifest(Path(spec.manifest)), spec.allow_missing, spec.allow_unexpected)
@@ -81,22 +97,37 @@ def resolve_target(spec: TargetSpec | str | Mapping[str, Any] | torch.nn.Module)
     raise TargetError(f"{spec.where or 'target'}: give one of model, checkpoint or manifest")
 
 
-def _model_tensors(
-    spec: TargetSpec,
-) -> tuple[dict[str, TensorMeta], tuple[str, ...], tuple[tuple[str, ...], ...], dict[str, str], int | None]:
-    """The factory's state dict metadata, its tied keys and the kind of module behind each key, from one build on the
-    meta device, and its rotary dimensions per head (an `inv_freq` buffer); on the CPU (with a note) when the factory
-    itself fails there (some build real tensors, e.g. `torch.arange(...).item()`)."""
+def _built(spec: TargetSpec) -> tuple[Any, tuple[str, ...]]:
+    """The target model, built once on the meta device; on the CPU (with a note) when a factory itself fails there
+    (some build real tensors, e.g. `torch.arange(...).item()`)."""
     where = spec.where or "target"
-    notes: tuple[str, ...] = ()
+    if spec.config:
+        return build_from_config(load_model_config(spec.config, spec.kwargs, where=where)), ()
     try:
-        model = build_model(spec.model or "", spec.kwargs, where, origin=spec.model_origin)
+        return build_model(spec.model or "", spec.kwargs, where, origin=spec.model_origin), ()
     except FactoryFailed as exc:
         model = build_model(spec.model or "", spec.kwargs, where, device="cpu", origin=spec.model_origin)
-        notes = (f"built on the CPU: the factory does not run on the meta device ({exc})",)
-    state = model.state_dict(keep_vars=True)  # the parameters themselves: tied ones are one object
-    rotary = [2 * b.numel() for name, b in model.named_buffers() if name.rpartition(".")[2] == "inv_freq"]
-    return state_metas(state), notes, _ties(state), module_kinds(model, state), max(rotary) if rotary else None
+        return model, (f"built on the CPU: the factory does not run on the meta device ({exc})",)
+
+
+def _describe(spec: TargetSpec, model: Any) -> str:
+    """The target's name; a folder target says which class and that it is the folder layout."""
+    if spec.config:
+        overrides = ", ".join(f"{k}={v!r}" for k, v in spec.kwargs.items())
+        return f"{type(model).__name__} from {spec.config}" + (f" ({overrides})" if overrides else "")
+    return spec.describe() + (" as save_pretrained writes it" if spec.saved_layout and _converts(model) else "")
+
+
+def _converts(model: Any) -> bool:
+    """True when the model's files differ from its state dict (a transformers conversion mapping)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+    except ImportError:
+        return False
+    try:
+        return bool(get_model_conversion_mapping(model, add_legacy=False))
+    except Exception:  # noqa: BLE001 - only for the description
+        return False
 
 
 def _ties(state: Mapping[str, Any]) -> tuple[tuple[str, ...], ...]:

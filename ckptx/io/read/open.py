@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ckptx.errors import SourceError
+from ckptx.io.read.model_folder import config_documents, find_model_folder
 from ckptx.io.read.safetensors_reader import SafetensorsSource
 from ckptx.io.read.sharded_reader import ShardedSource
 from ckptx.planning.source import Source
@@ -91,10 +92,16 @@ def _open_safetensors(path: Path, shown: str) -> Source:
 
 
 def is_checkpoint_folder(path: Path) -> bool:
-    """A folder that is one checkpoint: torch.distributed.checkpoint (`.metadata`) or DeepSpeed ZeRO."""
+    """A folder that is one checkpoint: torch.distributed.checkpoint (`.metadata`), DeepSpeed ZeRO, or a model
+    folder (HuggingFace `config.json` or Meta `params.json` beside the weights)."""
     from ckptx.io.read.zero_reader import is_zero_folder
 
-    return (path / ".metadata").is_file() or is_zero_folder(path)
+    if (path / ".metadata").is_file() or is_zero_folder(path):
+        return True
+    try:
+        return find_model_folder(path, str(path)) is not None
+    except SourceError:
+        return False
 
 
 def open_source(
@@ -105,20 +112,52 @@ def open_source(
     unsafe_pickle: bool = False,
     where: str = "",
 ) -> Source:
+    """`open_checkpoint`, with the config documents in or beside the checkpoint (`Source.configs`): a model
+    folder's own config must be valid JSON; one beside a file that is not is left out."""
+    source = open_checkpoint(path, extract_paths, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle, where=where)
+    if where:  # a shard of a sharded checkpoint: the index's folder is read once, for the whole
+        return source
+    p = Path(path)
+    try:
+        source.configs = dict(config_documents(p))
+    except SourceError:
+        if p.is_dir():
+            source.close()
+            raise
+    return source
+
+
+def open_checkpoint(
+    path: str | Path,
+    extract_paths: Sequence[str] = (),
+    *,
+    allow_globals: Sequence[str] = (),
+    unsafe_pickle: bool = False,
+    where: str = "",
+) -> Source:
     """Open a checkpoint file lazily; `extract_paths` say where the state dict lives in pickle files.
 
     A DeepSpeed ZeRO folder (holding `latest`, or a tag folder) opens as its fp32 state dict (io/zero.py);
-    `extract_paths` do not apply to it.
+    `extract_paths` do not apply to it. A model folder (HuggingFace `config.json`, Meta `params.json`, beside the
+    weights) opens as its weights (io/read/model_folder.py).
     """
     p = Path(path)
     if not p.exists():
         raise SourceError(f"{path}: no such file")
-    if p.is_dir():  # DeepSpeed ZeRO, torch.distributed.checkpoint, or a one-line error saying what the folder is
+    if p.is_dir():  # DeepSpeed ZeRO, torch.distributed.checkpoint, a model folder, or a one-line error saying why not
         from ckptx.io.read.dcp_reader import open_dcp_folder
         from ckptx.io.read.zero_reader import is_zero_folder, open_zero
 
         if is_zero_folder(p):
             return open_zero(p, str(path))
+        model = None if (p / ".metadata").is_file() else find_model_folder(p, str(path))
+        if model is not None:
+            source = open_checkpoint(
+                model.weights, extract_paths, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle, where=where
+            )
+            source.path = str(path)
+            source.description = [model.describe(), *source.description]
+            return source
         return open_dcp_folder(
             p, str(path), extract_paths, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle, where=where
         )
