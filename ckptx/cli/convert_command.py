@@ -46,7 +46,6 @@ def add_parser(sub: Any, parents: Parents) -> None:
         help="tensor type of a .gguf output: auto (default), float32, float16, bfloat16 or q8_0, chosen per tensor "
         "as llama.cpp's converter does",
     )
-    p.add_argument("--target", metavar="SPEC", help="module:callable, reference checkpoint, or manifest")
     p.add_argument(
         "--target",
         metavar="SPEC",

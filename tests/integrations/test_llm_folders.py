@@ -101,7 +101,7 @@ def test_an_unknown_target_arg_is_refused_with_the_closest_field(run_cli, llama_
     result = run_cli("convert", llama_folder, "-o", f"{out}/", "--target-arg", "rms_norm_epsilon=1e-6")
     assert result.code == 2
     assert result.err == (
-        "ckptx: error: the source's config: rms_norm_epsilon='1e-6': LlamaConfig has no field 'rms_norm_epsilon'; "
+        "ckptx: error: the source's config: rms_norm_epsilon=1e-06: LlamaConfig has no field 'rms_norm_epsilon'; "
         "did you mean 'rms_norm_eps'?\n"
     )
     assert not out.exists()
