@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import TargetError
-from ckptx.factories import check_overrides
 from ckptx.io.read.model_folder import CONFIG, PARAMS, read_json_document
+from ckptx.targets.config_fields import check_overrides
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
