@@ -62,6 +62,9 @@ def write_tokenizer(folder: Path) -> None:
 def llama_cpp_gguf(folder: Path, out: Path, outtype: str) -> Path:
     """llama.cpp's convert_hf_to_gguf.py run on `folder` with `--outtype outtype`."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # The converter imports its own `conversion` package from the script's folder, which
+    # PYTHONSAFEPATH (set by `make test` to keep the checkout off sys.path) would hide.
+    env.pop("PYTHONSAFEPATH", None)
     done = subprocess.run(
         [sys.executable, str(CONVERTER), str(folder), "--outtype", outtype, "--outfile", str(out)],
         capture_output=True,
