@@ -18,6 +18,7 @@ __all__ = [
     "SourceError",
     "TargetError",
     "TensorOpError",
+    "UnreadableFile",
     "UnsafeGlobalError",
     "UntrustedCallable",
     "ValidationFailed",
@@ -64,6 +65,16 @@ class RuleError(CkptxError):
 
 class SourceError(CkptxError):
     """A source checkpoint cannot be read (corrupt, truncated, unsafe, wrong layout)."""
+
+
+class UnreadableFile(SourceError):
+    """A file ckptx was given cannot be read safely: missing, not a regular file (a FIFO, a device), or larger
+    than its kind may be. `file` names it as the user gave it, `detail` says what is wrong (never its text)."""
+
+    def __init__(self, file: str, detail: str) -> None:
+        self.file = file
+        self.detail = detail
+        super().__init__(f"{file}: {detail}")
 
 
 @dataclass(frozen=True)
