@@ -213,8 +213,11 @@ class Rejected(CkptxError):
     exit_code = 1
     kind = "rejected"
 
-    def __init__(self, outcome: Outcome) -> None:
+    def __init__(self, outcome: Outcome, *, conversion: Any = None) -> None:
         self.outcome = outcome
+        self.conversion = conversion
+        """What the conversion found before it was rejected (its plan, report and notes: a `ConvertResult`), so
+        that the rejection is shown with the lines a success shows; None when raised outside a conversion."""
         super().__init__(str(outcome))
 
 
