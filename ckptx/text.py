@@ -32,6 +32,7 @@ __all__ = [
     "key_values",
     "parse_size",
     "printable",
+    "python_name",
     "quoted",
     "short_list",
     "shown",
@@ -133,6 +134,19 @@ def summary(value: object, limit: int = 60) -> str:
     if isinstance(value, (list, tuple, dict, set, frozenset)):
         return f"a {shown(type(value).__name__)} of {len(value)} item{'' if len(value) == 1 else 's'}"
     return describe_key(value)
+
+
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def python_name(module: str, name: str) -> str:
+    """`module.name` of a global a pickle names, for messages; any other text (a pickle's GLOBAL opcode reads two
+    lines of whatever file it is given: a text file linked in place of a checkpoint would be echoed) is described
+    by its length only."""
+    text = f"{module}.{name}"
+    if len(text) <= 200 and _DOTTED.fullmatch(text):
+        return text
+    return f"<a global whose name is not a Python name ({len(text)} characters)>"
 
 
 def human_bytes(n: float) -> str:

@@ -378,14 +378,21 @@ class _Bounded(io.RawIOBase):
         return got
 
 
-def _items(metadata: DcpMetadata) -> Iterator[tuple[StorageItem, str]]:
-    """Every storage item with what it holds, for messages."""
+def _items(metadata: DcpMetadata) -> Iterator[tuple[StorageItem, DcpEntry, DcpChunk | None]]:
+    """Every storage item with the entry (and chunk) it holds."""
     for entry in metadata.entries:
         if isinstance(entry, DcpTensor):
             for chunk in entry.chunks:
-                yield chunk.item, f"chunk {chunk_text(chunk)} of '{entry.key}'"
+                yield chunk.item, entry, chunk
         else:
-            yield entry.item, f"pickled value '{entry.key}'"
+            yield entry.item, entry, None
+
+
+def _what(entry: DcpEntry, chunk: DcpChunk | None) -> str:
+    """What an item holds, for messages."""
+    if chunk is None:
+        return f"pickled value {quoted(entry.key)}"
+    return f"chunk {chunk_text(chunk)} of {quoted(entry.key)}"
 
 
 def _checked_files(folder: Path, shown: str, meta_shown: str, metadata: DcpMetadata) -> dict[str, int]:
@@ -394,18 +401,18 @@ def _checked_files(folder: Path, shown: str, meta_shown: str, metadata: DcpMetad
     for name in metadata.files:
         path = folder.joinpath(*PurePosixPath(name).parts)
         if not (path.exists() or path.is_symlink()):
-            count = sum(1 for item, _ in _items(metadata) if item.file == name)
+            count = sum(1 for item, _, _ in _items(metadata) if item.file == name)
             raise SourceError(
                 f"{os.path.join(shown, name)}: missing; {meta_shown} places {count} item(s) in it "
                 f"(a rank's file): copy the whole checkpoint folder"
             )
         sizes[name] = regular_size(path, os.path.join(shown, name))  # a FIFO would block the first read
-    for item, what in _items(metadata):
+    for item, entry, chunk in _items(metadata):
         end = item.offset + item.length
         if end > sizes[item.file]:
             raise SourceError(
                 f"{os.path.join(shown, item.file)}: has {sizes[item.file]} bytes but {meta_shown} "
-                f"places {what} at bytes {item.offset}..{end}; the file is truncated or from "
+                f"places {_what(entry, chunk)} at bytes {item.offset}..{end}; the file is truncated or from "
                 f"another save: copy it again"
             )
     return sizes

@@ -32,7 +32,7 @@ from ckptx.errors import SourceError
 from ckptx.io.read.state_dict import MappingSource, extract, top_level_of
 from ckptx.io.spans import read_span
 from ckptx.planning.source import RawSpan
-from ckptx.text import quoted, summary
+from ckptx.text import python_name, quoted
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -285,14 +285,14 @@ class StubUnpickler(pickle.Unpickler):
             return _DtypeGlobal(storage_dtype)
         if module == "torch" and name in DTYPES:
             return _DtypeGlobal(name)
-        self.unknown.append(f"{module}.{name}")
+        self.unknown.append(python_name(module, name))
         return _Opaque
 
     def persistent_load(self, pid: Any) -> Any:
         if isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage"):
             key = pid[2].decode("ascii") if isinstance(pid[2], bytes) else str(pid[2])
             return StorageRef(key, pid[1].dtype if isinstance(pid[1], _DtypeGlobal) else None)
-        self.unknown.append(f"persistent id {summary(pid)}")
+        self.unknown.append(f"persistent id ({type(pid).__name__})")
         return _Opaque()
 
 

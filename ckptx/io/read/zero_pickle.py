@@ -25,7 +25,7 @@ from ckptx.files import regular_size
 from ckptx.io.read.state_dict import unsupported_tensor
 from ckptx.io.read.torch_zip import Record, StubUnpickler, TensorRef, check_records, read_archive
 from ckptx.planning.source import RawSpan
-from ckptx.text import summary
+from ckptx.text import python_name, summary
 
 __all__ = [
     "ALLOWED_GLOBALS",
@@ -115,7 +115,7 @@ class _ZeroUnpickler(StubUnpickler):
             file, record = self._where
             raise ForeignGlobal(
                 file,
-                f"{module}.{name}",
+                python_name(module, name),
                 fmt="DeepSpeed ZeRO checkpoints",
                 where=record,
                 advice="check where this file came from",

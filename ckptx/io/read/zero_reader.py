@@ -42,7 +42,7 @@ from ckptx.errors import SourceError, UnreadableFile
 from ckptx.files import read_bounded
 from ckptx.io.read.zero_pickle import Partition, PickledFile, Stored, describe, read_pickled
 from ckptx.planning.source import RawSpan, Source
-from ckptx.text import describe_key, quoted, summary
+from ckptx.text import describe_key, quoted, shown, summary
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -454,7 +454,7 @@ def _model_states(pickled: PickledFile) -> _ModelStates:
         buffers,
         frozen_shapes,
         tuple(aliases),
-        (version[:40] if isinstance(version, str) else summary(version)) if version is not None else None,
+        shown(version[:40]) if isinstance(version, str) else None,  # informational: anything else is unknown
     )
 
 
