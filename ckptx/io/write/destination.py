@@ -91,6 +91,18 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
+def _special_kind(path: Path) -> str | None:
+    """What `path` is when it exists as something else than a regular file, a folder or a dangling link."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"))
+    return next((name for test, name in kinds if test(mode)), "a socket")
+
+
 def resolved(path: Path) -> Path:
     """`path` with its symlinks resolved as far as they go (a loop or an unreadable folder stops them)."""
     try:
@@ -157,6 +169,12 @@ class InputFiles:
             )
         if _is_dir(path):
             raise DestinationError(f"{path}: {what} is a folder; give a file name")
+        kind = _special_kind(path)
+        if kind is not None:  # /dev/null, a FIFO: a rename would put a regular file in its place
+            raise DestinationError(
+                f"{path}: {what} is {kind}, not a regular file; ckptx writes and replaces regular files only: "
+                f"give a file name"
+            )
         if (os.path.lexists(path)) and not force:
             raise DestinationError(f"{path}: already exists; pass --force to overwrite it")
         parent = path.parent
