@@ -114,7 +114,7 @@ def describe_key(key: object) -> str:
     if isinstance(key, (bytes, bytearray)):
         return shown(repr(bytes(key[:40]))) + ("..." if len(key) > 40 else "")
     if isinstance(key, tuple):
-        return f"a tuple of {len(key)} items"
+        return f"a tuple of {len(key)} item{'' if len(key) == 1 else 's'}"
     return f"a {shown(type(key).__name__)}"
 
 

@@ -170,6 +170,12 @@ def deep_list(depth: int) -> bytes:
     return b"]" * depth + b"a" * (depth - 1)
 
 
+def deep_tuple_key(depth: int) -> bytes:
+    """Pickle opcodes that build `{((...),): 1}`: a dict whose key is a tuple nested `depth` deep. Hashing that key
+    (which unpickling the dict does) recurses in C once per level: deep enough, and the stack overflows."""
+    return b"})" + b"\x85" * depth + b"K\x01s"
+
+
 def splice_string(data: bytes, placeholder: str, opcodes: bytes) -> bytes:
     """A protocol-2 pickle with the string `placeholder` (BINUNICODE) replaced by `opcodes` (no frames in protocol
     2, so lengths may change)."""

@@ -30,6 +30,7 @@ from tests.helpers.hostile import (
     Outcome,
     add_record,
     deep_list,
+    deep_tuple_key,
     int_opcodes,
     payload_pickle,
     read_pickle_record,
@@ -222,6 +223,13 @@ def dcp_deep_planner_path(folder: Path, case: Case) -> list[object]:
     return ["inspect", folder]
 
 
+def dcp_deep_tuple_key(folder: Path, case: Case) -> list[object]:
+    metadata = _metadata(folder)
+    metadata.planner_data["model.embed.weight"] = "@@DEEP@@"
+    _write_metadata(folder, metadata, {"@@DEEP@@": deep_tuple_key(DEEP)})
+    return ["inspect", folder]
+
+
 def dcp_200k_one_element_chunks(folder: Path, case: Case) -> list[object]:
     _one_tensor_of_chunks(folder, [((i,), (1,)) for i in range(200_000)], (200_000,))
     return ["inspect", folder]
@@ -277,6 +285,7 @@ DCP_CASES = {
     "planner-index-2pow70": _planner_index(2**70),
     "deep-relative-path": dcp_deep_relative_path,
     "deep-planner-path": dcp_deep_planner_path,
+    "deep-tuple-key": dcp_deep_tuple_key,
     "distcp-fifo": dcp_distcp_fifo,
     "distcp-links-to-secret": dcp_distcp_links_to_secret,
     "chunk-expanded-view": dcp_chunk_is_an_expanded_view,
@@ -452,6 +461,7 @@ ZERO_CASES = {
     "partition-count-1e12": _zero_value("partition_count", OPTIM0, int_opcodes(10**12)),
     "deep-zero-stage": _zero_value("zero_stage", OPTIM0, deep_list(DEEP)),
     "deep-partition-count": _zero_value("partition_count", OPTIM0, deep_list(DEEP)),
+    "deep-tuple-key": _zero_value("ds_version", MODEL2, deep_tuple_key(DEEP)),
     "rank-file-inflates": zero_rank_file_inflates,
     "buffer-expanded-view": zero_buffer_is_an_expanded_view,
     "frozen-fragment-expanded-view": zero_frozen_fragment_is_an_expanded_view,

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO, ClassVar, TypeGuard
 from ckptx.dtypes import DTYPES, TensorMeta
 from ckptx.errors import ForeignGlobal, SourceError
 from ckptx.gcpause import without_gc
+from ckptx.io.read import unpickle
 from ckptx.text import python_name, quoted, summary
 from ckptx.text import shown as shown_text
 
@@ -345,11 +346,17 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 @without_gc
-def read_metadata(data: bytes | BinaryIO, shown: str) -> DcpMetadata:
+def read_metadata(
+    data: bytes | BinaryIO, shown: str, *, bound: int | None = None, again: Callable[[], BinaryIO] | None = None
+) -> DcpMetadata:
     """Unpickle `.metadata` (its bytes, or the open file: read as the unpickler goes, never whole) with the
-    restricted unpickler and check it (`shown` names the file)."""
+    restricted unpickler and check it (`shown` names the file). For a file, `bound` is `unpickle.nesting_bound`
+    of its bytes and `again()` reads them once more from the start (to measure how deep they nest)."""
+    if isinstance(data, bytes):
+        bound, again = unpickle.nesting_bound(data), lambda: io.BytesIO(data)
     try:
-        obj = _MetadataUnpickler(io.BytesIO(data) if isinstance(data, bytes) else data, shown).load()
+        unpickler = _MetadataUnpickler(io.BytesIO(data) if isinstance(data, bytes) else data, shown)
+        obj = unpickle.load(unpickler.load, bound if bound is not None else unpickle.MAX_NESTING + 1, shown, again)
     except SourceError:
         raise
     except Exception as exc:  # noqa: BLE001 - any malformed pickle is a bad input, never a crash

@@ -32,12 +32,13 @@ from collections import Counter
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import DTYPES, TensorMeta, torch_dtype
 from ckptx.errors import SourceError, UnsafeGlobalError
 from ckptx.files import regular_size
+from ckptx.io.read import unpickle
 from ckptx.io.read.dcp_metadata import (
     DcpBytes,
     DcpChunk,
@@ -355,18 +356,44 @@ def _read_metadata_file(path: Path, shown: str) -> DcpMetadata:
             f"dcp.save wrote (check the folder)"
         )
     try:
+        bound = size if size <= unpickle.MAX_NESTING else _nesting_bound(path, size)
         with open(path, "rb", buffering=0) as f:
-            return read_metadata(io.BufferedReader(_Bounded(f, size), 1 << 20), shown)
+            return read_metadata(
+                io.BufferedReader(_Bounded(f, size), 1 << 20), shown, bound=bound, again=lambda: _reopen(path, size)
+            )
     except OSError as exc:
         raise SourceError(f"{shown}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+
+
+def _nesting_bound(path: Path, size: int) -> int:
+    """`unpickle.nesting_bound` of the first `size` bytes of the file, counted a block at a time."""
+    bound = 0
+    with open(path, "rb") as f:
+        while size > 0:
+            block = f.read(min(size, 1 << 22))
+            if not block:
+                break
+            size -= len(block)
+            bound += unpickle.nesting_bound(block)
+    return bound
+
+
+def _reopen(path: Path, size: int) -> BinaryIO:
+    """The first `size` bytes of the file again, buffered (closed when collected)."""
+    return io.BufferedReader(_Bounded(open(path, "rb", buffering=0), size, owns=True), 1 << 20)
 
 
 class _Bounded(io.RawIOBase):
     """At most `limit` bytes of a binary file, read on demand (a file that grows while it is read is cut off)."""
 
-    def __init__(self, f: Any, limit: int) -> None:
+    def __init__(self, f: Any, limit: int, *, owns: bool = False) -> None:
         super().__init__()
-        self._f, self._left = f, limit
+        self._f, self._left, self._owns = f, limit, owns
+
+    def close(self) -> None:
+        if self._owns and not self.closed:
+            self._f.close()
+        super().close()
 
     def readable(self) -> bool:
         return True
@@ -576,7 +603,7 @@ def _item_archive(fd: int, item: StorageItem, place: str) -> tuple[TensorRef, Re
             check_records(archive.infolist(), item.length, place)
             pickled, records, little = read_archive(archive, view)
         unpickler = StubUnpickler(io.BytesIO(pickled))
-        ref = unpickler.load()
+        ref = unpickle.load(unpickler.load, unpickle.nesting_bound(pickled), place, lambda: io.BytesIO(pickled))
     except SourceError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever is wrong inside the item, it is a corrupt input
@@ -705,7 +732,10 @@ def _stub_value(data: bytes) -> tuple[Any, list[str]]:
     else:
         pickled = data
     unpickler = StubUnpickler(io.BytesIO(pickled))
-    return unpickler.load(), unpickler.unknown
+    value = unpickle.load(
+        unpickler.load, unpickle.nesting_bound(pickled), "the pickled value", lambda: io.BytesIO(pickled)
+    )
+    return value, unpickler.unknown
 
 
 def _holds_refs(value: Any) -> bool:

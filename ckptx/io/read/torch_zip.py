@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import DTYPES, dtype_name, from_storage
 from ckptx.errors import SourceError
+from ckptx.io.read import unpickle
 from ckptx.io.read.state_dict import MappingSource, extract, top_level_of
 from ckptx.io.spans import read_span
 from ckptx.planning.source import RawSpan
@@ -423,7 +424,8 @@ def read_references(path: str) -> tuple[Any, list[str], dict[str, Record], bool]
     with open(path, "rb", buffering=0) as f, zipfile.ZipFile(f) as archive:
         pickled, records, little = read_archive(archive, f)
     unpickler = StubUnpickler(io.BytesIO(pickled))
-    return unpickler.load(), unpickler.unknown, records, little
+    obj = unpickle.load(unpickler.load, unpickle.nesting_bound(pickled), path, lambda: io.BytesIO(pickled))
+    return obj, unpickler.unknown, records, little
 
 
 def references_or_none(path: str) -> tuple[Any, list[str], dict[str, Record], bool] | None:

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 from ckptx.dtypes import DTYPES
 from ckptx.errors import ForeignGlobal, SourceError
 from ckptx.files import regular_size
+from ckptx.io.read import unpickle
 from ckptx.io.read.state_dict import unsupported_tensor
 from ckptx.io.read.torch_zip import Record, StubUnpickler, TensorRef, check_records, read_archive
 from ckptx.planning.source import RawSpan
@@ -220,7 +221,7 @@ def read_pickled(path: Path) -> PickledFile:
         raise SourceError(f"{file}: its storages are big-endian; ckptx reads little-endian checkpoints only")
     unpickler = _ZeroUnpickler(data, file, record)
     try:
-        obj = unpickler.load()
+        obj = unpickle.load(unpickler.load, unpickle.nesting_bound(data), file, lambda: io.BytesIO(data))
     except SourceError:
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged pickle raises anything; report it as one line
