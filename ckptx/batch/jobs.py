@@ -180,6 +180,8 @@ def load_jobs(path: str | Path) -> JobsFile:
     doc = load_yaml(file, display=display_path(file))
     if not isinstance(doc.data, dict):
         raise RuleError([Problem(f"{doc.file}:1:1", "a jobs file must be a mapping with `ckptx: 1` and `jobs:`")])
+    if "ckptx" not in doc.data:  # not a jobs file at all: its keys (another file's text) are not listed
+        raise RuleError([Problem(f"{doc.file}:1:1", "not a jobs file: missing required key 'ckptx'")])
     problems = schema_problems(doc, JOBS_SCHEMA)
     by_entry = _problems_by_entry(problems)
     if by_entry is None:

@@ -107,6 +107,8 @@ def _load_file(
     data = doc.data
     if not isinstance(data, dict):
         raise RuleError([Problem(f"{display}:1:1", "a rule file must be a mapping with at least `ckptx: 1`")])
+    if "ckptx" not in data:  # not a rule file at all: its keys (another file's text) are not listed
+        raise RuleError([Problem(f"{display}:1:1", "missing required key 'ckptx'")])
     own_defaults = declare_params(data["params"], doc.where) if isinstance(data.get("params"), dict) else {}
     declared.update(own_defaults)
 

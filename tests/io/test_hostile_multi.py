@@ -654,3 +654,21 @@ def test_a_job_writing_into_another_jobs_folder_through_an_alias_is_refused(dcp_
     guard.check(outcome, codes=(2,))
     assert "the checkpoint folder jobs.yaml:4:5 jobs[0] reads" in outcome.err, outcome
     assert "output alias/__0_0.pth is a file of the source of" in outcome.err, outcome
+
+
+def test_a_jobs_file_naming_a_secret_as_its_rules_does_not_print_it(sharded: Path, case: Case) -> None:
+    secret_yaml = case.secret.with_suffix(".yaml")
+    secret_yaml.write_text("ckptx-hostile-secret-7c1e: this line must never be printed\ntoken: abc\n")
+    (case.root / "rules.yaml").symlink_to(secret_yaml)
+    jobs = case.root / "jobs.yaml"
+    jobs.write_text(
+        "ckptx: 1\njobs:\n"
+        "  - {src: model/m.safetensors.index.json, dst: out/a.safetensors, rules: [rules.yaml]}\n"
+        f"  - {{src: model/m.safetensors.index.json, dst: out/b.safetensors, rules: [{secret_yaml}]}}\n"
+    )
+    guard = case.guard(sharded, jobs, secret_yaml)
+    outcome = case.run("batch", jobs)
+    guard.check(outcome, codes=(2,))
+    assert "token" not in outcome.err and "missing required key 'ckptx'" in outcome.err, outcome
+    outcome = case.run("batch", case.root / "rules.yaml")  # the secret given as the jobs file itself
+    guard.check(outcome, codes=(2,))
