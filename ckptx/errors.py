@@ -243,6 +243,10 @@ class VerificationFailed(Rejected):
         return self.outcome
 
 
+class NoBigStack(Exception):
+    """A thread with the stack a deeply nested pickle needs could not be started (ckptx.io.read.unpickle)."""
+
+
 class OpShapeError(ValueError):
     """Raised by an op's shape function when the input does not fit the op (the planner turns it into a Problem)."""
 

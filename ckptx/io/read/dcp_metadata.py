@@ -368,9 +368,9 @@ def read_metadata(
 
 
 def _reason(exc: BaseException) -> str:
-    """Why the unpickler stopped, without a byte of the file (pickle's `invalid load key, 'x'` quotes one)."""
-    if isinstance(exc, pickle.UnpicklingError) and "load key" in str(exc):
-        return "it does not start as a pickle"
+    """Why the unpickler stopped, without a byte of the file (an UnpicklingError's message may quote one)."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return "not a pickle, or a broken one"
     for kind, reason in ((EOFError, "it ends early"), (MemoryError, "too large"), (RecursionError, "nested too deep")):
         if isinstance(exc, kind):
             return reason

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
-from ckptx.errors import SourceError
+from ckptx.errors import NoBigStack, SourceError
 
 __all__ = ["MAX_NESTING", "load", "nesting", "nesting_bound"]
 
@@ -56,7 +56,7 @@ def load(
         depth = _checked_depth(stream, shown, pickles)
     try:
         return _on_big_stack(unpickler_load)
-    except _NoThread:  # no thread could be started (an address-space limit): inline, when shallow enough
+    except NoBigStack:  # no thread could be started (an address-space limit): inline, when shallow enough
         if depth is None:
             depth = _checked_depth(stream, shown, pickles)
         if depth > _INLINE:
@@ -81,10 +81,6 @@ def _checked_depth(stream: Callable[[], BinaryIO] | None, shown: str, pickles: i
     return depth
 
 
-class _NoThread(Exception):
-    """A thread with a big stack could not be started."""
-
-
 _START = threading.Lock()  # threading.stack_size is process-wide: set only around one thread's start
 
 
@@ -102,12 +98,12 @@ def _on_big_stack(function: Callable[[], Any]) -> Any:
         try:
             previous = threading.stack_size(_STACK)
         except (ValueError, RuntimeError):
-            raise _NoThread from None
+            raise NoBigStack from None
         try:
             thread = threading.Thread(target=run, name="ckptx-unpickle", daemon=True)
             thread.start()
         except RuntimeError:
-            raise _NoThread from None
+            raise NoBigStack from None
         finally:
             threading.stack_size(previous)
     thread.join()
