@@ -42,7 +42,7 @@ class Outcome:
     out: str
     err: str
     seconds: float
-    max_rss: int  # bytes
+    max_rss: int  # bytes, peak resident memory (sampled every 20 ms)
     timed_out: bool = False
     cpu: float = 0.0  # user + system seconds: what a loaded machine does not inflate
 
@@ -59,8 +59,9 @@ def run_ckptx(args: Sequence[object], *, cwd: Path, env: dict[str, str], timeout
         proc = subprocess.Popen(
             [sys.executable, "-m", "ckptx", *map(str, args)], cwd=cwd, env=env, stdout=out, stderr=err
         )
-        status, usage, timed_out = None, None, False
+        status, usage, timed_out, peak = None, None, False, 0
         while status is None:
+            peak = max(peak, _peak_rss(proc.pid))
             pid, code, rusage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 status, usage = code, rusage
@@ -77,13 +78,23 @@ def run_ckptx(args: Sequence[object], *, cwd: Path, env: dict[str, str], timeout
         out_path.read_text(errors="replace"),
         err_path.read_text(errors="replace"),
         time.monotonic() - started,
-        usage.ru_maxrss * 1024 if usage is not None else 0,
+        peak,
         timed_out,
         usage.ru_utime + usage.ru_stime if usage is not None else 0.0,
     )
     out_path.unlink()
     err_path.unlink()
     return outcome
+
+
+def _peak_rss(pid: int) -> int:
+    """The peak resident memory of the process `pid` since it started its program (VmHWM: the rusage of a child
+    forked from a large test process counts the parent's pages too), in bytes; 0 once it has ended."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            return next((int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
 
 
 def fingerprint_tree(paths: Iterable[Path]) -> dict[str, str]:
