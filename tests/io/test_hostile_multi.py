@@ -626,11 +626,14 @@ def _jobs(case: Case, text: str) -> Path:
 
 def test_a_job_writing_a_zero_rank_file_of_another_jobs_source_is_refused(zero_seed: Path, case: Case) -> None:
     folder = _copy(zero_seed / "zero2-fp32", case, "ckpt")
+    other = case.root / "other.safetensors"
+    save_file({"w": torch.ones(3)}, str(other))
     jobs = _jobs(
         case,
-        f"  - {{src: ckpt, dst: out/a.safetensors}}\n  - {{src: ckpt, dst: ckpt/{TAG}/{OPTIM1}, force: true}}\n",
+        "  - {src: ckpt, dst: out/a.safetensors}\n"
+        f"  - {{src: other.safetensors, dst: ckpt/{TAG}/{OPTIM1}, force: true}}\n",
     )
-    guard = case.guard(folder, jobs)
+    guard = case.guard(folder, other, jobs)
     outcome = case.run("batch", jobs)
     guard.check(outcome, codes=(2,))
     assert f"output ckpt/{TAG}/{OPTIM1} is a file of the source of" in outcome.err, outcome
@@ -652,14 +655,16 @@ def test_a_job_writing_a_shard_of_another_jobs_index_is_refused(sharded: Path, c
 def test_a_job_writing_into_another_jobs_folder_through_an_alias_is_refused(dcp_seed: Path, case: Case) -> None:
     folder = _copy(dcp_seed, case, "ckpt")
     (case.root / "alias").symlink_to(folder, target_is_directory=True)
+    other = case.root / "other.safetensors"
+    save_file({"w": torch.ones(3)}, str(other))
     jobs = _jobs(
         case,
         "  - {src: ckpt, dst: out/a.safetensors}\n"
-        "  - {src: ckpt, dst: alias/__0_0.distcp.safetensors, force: true}\n"
-        "  - {src: ckpt, dst: alias/__0_0.pth, force: true}\n",
+        "  - {src: other.safetensors, dst: alias/__0_0.distcp.safetensors, force: true}\n"
+        "  - {src: other.safetensors, dst: alias/__0_0.pth, force: true}\n",
     )
     os.link(folder / "__0_0.distcp", folder / "__0_0.pth")  # the same file under a torch name
-    guard = case.guard(folder, jobs)
+    guard = case.guard(folder, other, jobs)
     outcome = case.run("batch", jobs)
     guard.check(outcome, codes=(2,))
     assert "the checkpoint folder jobs.yaml:4:5 jobs[0] reads" in outcome.err, outcome
