@@ -19,6 +19,7 @@ __all__ = [
     "SourceError",
     "TargetError",
     "TensorOpError",
+    "UnreadableFile",
     "UnsafeGlobalError",
     "UntrustedCallable",
     "ValidationFailed",
@@ -65,6 +66,16 @@ class RuleError(CkptxError):
 
 class SourceError(CkptxError):
     """A source checkpoint cannot be read (corrupt, truncated, unsafe, wrong layout)."""
+
+
+class UnreadableFile(SourceError):
+    """A file ckptx was given cannot be read safely: missing, not a regular file (a FIFO, a device), or larger
+    than its kind may be. `file` names it as the user gave it, `detail` says what is wrong (never its text)."""
+
+    def __init__(self, file: str, detail: str) -> None:
+        self.file = file
+        self.detail = detail
+        super().__init__(f"{file}: {detail}")
 
 
 @dataclass(frozen=True)
@@ -203,8 +214,11 @@ class Rejected(CkptxError):
     exit_code = 1
     kind = "rejected"
 
-    def __init__(self, outcome: Outcome) -> None:
+    def __init__(self, outcome: Outcome, *, conversion: Any = None) -> None:
         self.outcome = outcome
+        self.conversion = conversion
+        """What the conversion found before it was rejected (its plan, report and notes: a `ConvertResult`), so
+        that the rejection is shown with the lines a success shows; None when raised outside a conversion."""
         super().__init__(str(outcome))
 
 
@@ -228,6 +242,10 @@ class VerificationFailed(Rejected):
     def result(self) -> object:
         """The verification result."""
         return self.outcome
+
+
+class NoBigStack(Exception):
+    """A thread with the stack a deeply nested pickle needs could not be started (ckptx.io.read.unpickle)."""
 
 
 class OpShapeError(ValueError):

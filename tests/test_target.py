@@ -101,7 +101,7 @@ def test_shape_mismatch_with_same_numel_suggests_reshape() -> None:
 def test_validation_report_text() -> None:
     report = validate({"head.weight": torch.zeros(3, 4)}, {"fc.weight": torch.zeros(3, 4)})
     assert str(report) == (
-        "validation against <state_dict>: FAILED (0/1 target keys matched)\n"
+        "validation against <state_dict>: FAILED: 1 missing key, 1 unexpected key (0/1 target keys fit)\n"
         "  missing in the converted checkpoint: 1\n"
         "    fc.weight: float32[3, 4]  did you mean 'head.weight' (same shape)?\n"
         "  unexpected (not in the target): 1\n"

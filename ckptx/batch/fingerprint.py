@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from ckptx._version import __version__
-from ckptx.errors import SourceError
+from ckptx.errors import CkptxError, SourceError
+from ckptx.files import MAX_TEXT, read_bounded, regular_size
 from ckptx.io.read.safetensors_reader import read_header
 from ckptx.io.write.atomic import atomic_output
+from ckptx.io.write.destination import input_files
 from ckptx.rules.recipe import Recipe
 
 FINGERPRINT_KEY = "ckptx.fingerprint"
@@ -51,14 +53,26 @@ class Fingerprint:
         """Parse a recorded fingerprint; None when it is not one."""
         try:
             fields = json.loads(text)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             return None
-        return cls(fields) if isinstance(fields, dict) else None
+        return cls(fields) if isinstance(fields, dict) and _shallow(fields) else None
 
     def changes_since(self, recorded: Fingerprint) -> list[str]:
         """Readable names of what differs from a recorded fingerprint (empty when it is current)."""
         mine, theirs = json.loads(self.to_json()), json.loads(recorded.to_json())
         return [_NAMES.get(key, key) for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)]
+
+
+def _shallow(value: Any, limit: int = 16) -> bool:
+    """`value` nests at most `limit` levels (a fingerprint nests three): checked without recursion."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth >= limit:
+                return False
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return True
 
 
 @dataclass(frozen=True)
@@ -94,13 +108,7 @@ def fingerprint(
 
 def source_files(src: Path) -> list[list[Any]]:
     """`[name, size, mtime_ns]` of the source, and of every shard a sharded `.index.json` names."""
-    files = [src]
-    if src.name.endswith(".index.json"):
-        try:
-            weight_map = json.loads(src.read_text(encoding="utf-8")).get("weight_map", {})
-            files += [src.parent / name for name in sorted(set(weight_map.values()))]
-        except (OSError, ValueError, AttributeError):
-            pass
+    files = input_files(src) if src.name.endswith(".index.json") else [src]  # the index, then its shards
     out: list[list[Any]] = []
     for path in files:
         try:
@@ -126,6 +134,10 @@ def output_state(dst: Path, current: Fingerprint) -> OutputState:
 
 def _recorded(dst: Path) -> tuple[Fingerprint | None, str]:
     """(recorded fingerprint, problem with the output) for an existing output."""
+    try:
+        regular_size(dst, str(dst))
+    except CkptxError as exc:  # a FIFO or a device in place of an output: never opened
+        return None, str(exc)
     if dst.suffix.lower() == ".safetensors":
         try:
             header, _ = read_header(dst)
@@ -137,10 +149,12 @@ def _recorded(dst: Path) -> tuple[Fingerprint | None, str]:
         return recorded, "" if recorded else f"{dst}: its metadata has no {FINGERPRINT_KEY}"
     sidecar = sidecar_path(dst)
     try:
-        doc = json.loads(sidecar.read_text(encoding="utf-8"))
+        doc = json.loads(read_bounded(sidecar, str(sidecar), MAX_TEXT, "a ckptx sidecar"))
         recorded = Fingerprint(doc["fingerprint"])
         output = doc["output"]
-    except (OSError, ValueError, KeyError, TypeError):
+        if not isinstance(output, dict) or not _shallow(doc):
+            raise TypeError("not a sidecar")
+    except (CkptxError, OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None, f"{dst}: no readable sidecar {sidecar.name}"
     stat = dst.stat()
     if [output.get("size"), output.get("mtime_ns")] != [stat.st_size, stat.st_mtime_ns]:

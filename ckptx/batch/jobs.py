@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ckptx.batch.fingerprint import sidecar_path
 from ckptx.errors import Problem, RuleError, unique_problems
 from ckptx.io.read.open import is_checkpoint_folder
+from ckptx.io.write.destination import Identity, file_identity, resolved, walk_source
 from ckptx.rules.loader import load_rules
 from ckptx.rules.packs import resolve_rule
 from ckptx.rules.recipe import Recipe, TargetSpec
@@ -178,6 +180,8 @@ def load_jobs(path: str | Path) -> JobsFile:
     doc = load_yaml(file, display=display_path(file))
     if not isinstance(doc.data, dict):
         raise RuleError([Problem(f"{doc.file}:1:1", "a jobs file must be a mapping with `ckptx: 1` and `jobs:`")])
+    if "ckptx" not in doc.data:  # not a jobs file at all: its keys (another file's text) are not listed
+        raise RuleError([Problem(f"{doc.file}:1:1", "not a jobs file: missing required key 'ckptx'")])
     problems = schema_problems(doc, JOBS_SCHEMA)
     by_entry = _problems_by_entry(problems)
     if by_entry is None:
@@ -363,20 +367,23 @@ class _Checker:
         return dst
 
     def check_outputs(self, jobs: list[Job]) -> None:
-        """Two jobs writing one file, or a job writing another job's source, are problems (one per entry)."""
-        writers: dict[Path, Job] = {}
-        sources = {job.src.resolve(): job for job in jobs}
+        """Two jobs writing one file, a job writing a file of any job's source, or a job writing into another
+        job's checkpoint folder, are problems (one per entry). A source is what it IS (every file of a folder,
+        every shard of an index), and paths are compared by what they name (symlinks, hard links, aliased folders),
+        so no second name for a file gets past the rule. A torch output's sidecar is held to it too."""
+        sources = _SourceOwners(jobs)
+        writers: dict[tuple[object, ...], Job] = {}
         clashes: dict[str, list[str]] = {}
         for job in jobs:
-            dst = job.dst.resolve()
-            if dst in writers:
-                clashes.setdefault(job.entry, []).append(
-                    f"output {job.label} is also the output of {writers[dst].where}"
-                )
-            elif dst in sources:
-                reader = "this job" if sources[dst] is job else sources[dst].where
-                clashes.setdefault(job.entry, []).append(f"output {job.label} is the source of {reader}")
-            writers.setdefault(dst, job)
+            outputs = [(job.dst, "output")]
+            if job.format != "safetensors":
+                outputs.append((sidecar_path(job.dst), "output's sidecar"))
+            for path, what in outputs:
+                problem = self._clash(job, path, what, writers, sources)
+                if problem:
+                    clashes.setdefault(job.entry, []).append(problem)
+            for key in _names_of(job.dst):
+                writers.setdefault(key, job)
         for entry, messages in clashes.items():
             more = f" (and {len(messages) - 1} more like it)" if len(messages) > 1 else ""
             self.problems.append(
@@ -386,6 +393,65 @@ class _Checker:
                     f"src (e.g. with {{stem}} or {{parent}})",
                 )
             )
+
+    @staticmethod
+    def _clash(job: Job, path: Path, what: str, writers: dict[tuple[object, ...], Job], sources: _SourceOwners) -> str:
+        label = _relative(path, job.base_dir)
+        writer = next((writers[key] for key in _names_of(path) if key in writers), None)
+        if writer is not None and what == "output":
+            return f"{what} {label} is also the output of {writer.where}"
+        reader = sources.reader_of(path)
+        if reader is not None:
+            whole = resolved(reader.src) == resolved(path)
+            return (
+                f"{what} {label} is {'the source' if whole else 'a file of the source'} of "
+                f"{'this job' if reader is job else reader.where}"
+            )
+        folder, owner = sources.folder_of(path, job)
+        if owner is not None:
+            return (
+                f"{what} {label} is inside {_relative(folder, job.base_dir)}, the checkpoint folder {owner.where} reads"
+            )
+        return ""
+
+
+class _SourceOwners:
+    """Which job reads each file and each folder of the jobs' sources (walked once per distinct source)."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self.by_name: dict[tuple[object, ...], Job] = {}
+        self.folders: dict[Identity, list[Job]] = {}
+        walked: dict[Path, tuple[list[Path], list[Identity]]] = {}
+        for job in jobs:
+            if job.src not in walked:
+                walked[job.src] = walk_source(job.src)
+            files, folders = walked[job.src]
+            for file in [job.src, *files]:
+                for key in _names_of(file):
+                    self.by_name.setdefault(key, job)
+            for folder in folders:
+                self.folders.setdefault(folder, []).append(job)
+
+    def reader_of(self, path: Path) -> Job | None:
+        """The first job one of whose source files `path` names."""
+        return next((self.by_name[key] for key in _names_of(path) if key in self.by_name), None)
+
+    def folder_of(self, path: Path, job: Job) -> tuple[Path, Job | None]:
+        """A checkpoint folder of another job that `path` lies in, and that job."""
+        if not self.folders:
+            return path, None
+        for folder in resolved(path).parents:
+            owners = self.folders.get(file_identity(folder) or (-1, -1), [])
+            other = next((o for o in owners if o is not job), None)
+            if other is not None:
+                return folder, other
+        return path, None
+
+
+def _names_of(path: Path) -> list[tuple[object, ...]]:
+    """What `path` names, as keys to compare by: its resolved path, and (device, inode) when it exists."""
+    identity = file_identity(path)
+    return [("path", resolved(path))] + ([("inode", *identity)] if identity is not None else [])
 
 
 def _format_of(dst: Path) -> str:

@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -264,10 +264,19 @@ def default_report_path(jobs_file: str | Path) -> Path:
 def write_report(result: BatchResult, path: str | Path) -> Path:
     """Write the batch report (JSON) atomically, never over a file of any job's source; returns its path."""
     target = Path(path)
-    InputFiles.of(r.job.src for r in result.results).check(target, force=True, what="the batch report")
+    check_report(result.jobs_file, [r.job for r in result.results], target)
     with atomic_output(target) as out:
         out.write((json_text(result.to_dict()) + "\n").encode("utf-8"))
     return target
+
+
+def check_report(jobs_file: Path, jobs: Sequence[Job], path: Path) -> None:
+    """The report may not replace the jobs file, a file of any job's source, or any job's output (or sidecar);
+    DestinationError when it would. Checked before the batch runs, and again when the report is written."""
+    what = "the batch report"
+    InputFiles.of([jobs_file, *(job.src for job in jobs)]).check(path, force=True, what=what)
+    if InputFiles.of(p for job in jobs for p in (job.dst, sidecar_path(job.dst))).holds(path):
+        raise DestinationError(f"{path}: {what} would replace a job's output; give --report another file")
 
 
 def _share_cores(workers: int) -> None:

@@ -217,8 +217,12 @@ def _meta_dict(meta: TensorMeta | None) -> dict[str, Any] | None:
 def render_validation(report: ValidationReport) -> str:
     """Validation report: verdict first, then every problem with its hint."""
     total = report.matched + len(report.missing) + len(report.allowed_missing)
-    verdict = "OK" if report.ok else "FAILED"
-    lines = [f"validation against {report.target}: {verdict} ({report.matched}/{total} target keys matched)"]
+    if report.ok:
+        verdict = f"OK ({report.matched}/{total} target keys matched)"
+    else:
+        fit = report.matched - len(report.shape_mismatches)
+        verdict = f"FAILED: {_failures(report)} ({fit}/{total} target keys fit)"
+    lines = [f"validation against {report.target}: {verdict}"]
     lines += _section(
         "missing in the converted checkpoint", report.missing, lambda p: f"{p.want}" + (f"  {p.hint}" if p.hint else "")
     )
@@ -245,6 +249,16 @@ def render_validation(report: ValidationReport) -> str:
         )
     lines += [f"  note: {n}" for n in report.notes]
     return "\n".join(lines)
+
+
+def _failures(report: ValidationReport) -> str:
+    """What failed: `2 missing keys, 1 shape mismatch`."""
+    counts = (
+        (len(report.missing), "missing key", "missing keys"),
+        (len(report.unexpected), "unexpected key", "unexpected keys"),
+        (len(report.shape_mismatches), "shape mismatch", "shape mismatches"),
+    )
+    return ", ".join(f"{n} {one if n == 1 else many}" for n, one, many in counts if n)
 
 
 def _from(problem: KeyProblem) -> str:

@@ -27,6 +27,7 @@ from ckptx.cli import (
     suggest_command,
 )
 from ckptx.cli.options import EXIT_BUG, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_USAGE, Parser, parents
+from ckptx.cli.process import own_stdout, terminate_as_interrupt
 from ckptx.errors import CkptxError, PlanError, Rejected, RuleError, UsageError
 from ckptx.text import json_text, printable
 
@@ -58,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 validation failed, 2 bad input, 3 bug, 130 interrupted).
+    """Run the CLI; returns the exit code (0 ok, 1 validation failed, 2 bad input, 3 bug, 130 interrupted by
+    Ctrl-C or SIGTERM).
+
+    Stdout carries the command's own output only: what libraries print meanwhile goes to stderr (cli/process.py).
 
     Warnings raised while a command runs (torch's `UserWarning`s, for one) are captured: they become `note:`
     lines on stderr after the command's output, and are left out when the command fails with bad input, whose
@@ -74,8 +78,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
         return _fail(out, err, as_json, EXIT_USAGE, "usage", str(exc) + " (see ckptx --help)")
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0)
-    with catch_warnings(record=True) as caught:
-        code = _run(args, out, err, as_json, debug)
+    with catch_warnings(record=True) as caught, terminate_as_interrupt(), own_stdout(out, err) as command_out:
+        code = _run(args, command_out, err, as_json, debug)
     if code != EXIT_USAGE or debug:
         _write_warnings(err, caught)
     return code

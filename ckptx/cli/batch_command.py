@@ -37,7 +37,10 @@ def add_parser(sub: Any, parents: Parents) -> None:
 
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from ckptx.batch.runner import default_report_path, render_batch, run_batch, write_report
+    from pathlib import Path
+
+    from ckptx.batch.jobs import load_jobs
+    from ckptx.batch.runner import check_report, default_report_path, render_batch, run_batch, write_report
 
     def show(phase: str, done: int, total: int, failed: int) -> None:
         width = 24
@@ -49,8 +52,12 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.flush()
 
     show_progress = not args.json and hasattr(err, "isatty") and err.isatty()
+    jobs = load_jobs(args.jobs_file)
+    report = args.report or (None if args.dry_run else default_report_path(args.jobs_file))
+    if report is not None:
+        check_report(jobs.path, jobs.jobs, Path(report))
     result = run_batch(
-        args.jobs_file,
+        jobs,
         workers=args.workers,
         dry_run=args.dry_run,
         resume=args.resume,
@@ -58,7 +65,6 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         scheduler=args.scheduler,
         progress=show if show_progress else None,
     )
-    report = args.report or (None if args.dry_run else default_report_path(args.jobs_file))
     if report is not None:
         try:
             write_report(result, report)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 from ckptx.cli.options import EXIT_INVALID, EXIT_OK, Parents, size
 from ckptx.cli.present import emit, progress_bar
-from ckptx.errors import CkptxError
+from ckptx.errors import CkptxError, Rejected
 from ckptx.text import key_values, quoted, shown
 
 __all__ = ["add_parser", "run"]
@@ -92,40 +93,56 @@ def add_parser(sub: Any, parents: Parents) -> None:
 
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from ckptx.cli.present import render_plan, render_warnings
     from ckptx.conversion.pipeline import convert
     from ckptx.rules.recipe import Recipe
-    from ckptx.text import human_bytes
 
     if not args.output and not args.dry_run:
         raise CkptxError("convert: give -o DST (or --dry-run to only plan)")
     show_progress = not args.json and hasattr(err, "isatty") and err.isatty()
-    result = convert(
-        args.src,
-        args.output,
-        args.rules or Recipe(name="(no recipe: tensors as they are)"),
-        target=args.target,
-        target_args=key_values(args.target_arg, "--target-arg"),
-        params=key_values(args.params, "--set"),
-        dry_run=args.dry_run,
-        force=args.force,
-        allow_globals=args.allow_global,
-        unsafe_pickle=args.unsafe_pickle,
-        verify=args.verify,
-        progress=progress_bar(err, show_progress),
-        max_shard_size=args.max_shard_size,
-        reverse=args.reverse,
-        gguf_type=args.gguf_type,
-        audit=args.audit,
-        dtype=args.dtype,
-    )
+    try:
+        result = convert(
+            args.src,
+            args.output,
+            args.rules or Recipe(name="(no recipe: tensors as they are)"),
+            target=args.target,
+            target_args=key_values(args.target_arg, "--target-arg"),
+            params=key_values(args.params, "--set"),
+            dry_run=args.dry_run,
+            force=args.force,
+            allow_globals=args.allow_global,
+            unsafe_pickle=args.unsafe_pickle,
+            verify=args.verify,
+            progress=progress_bar(err, show_progress),
+            max_shard_size=args.max_shard_size,
+            reverse=args.reverse,
+            gguf_type=args.gguf_type,
+            audit=args.audit,
+            dtype=args.dtype,
+        )
+    except Rejected as exc:
+        if exc.conversion is None:
+            raise
+        # shown as a success is, every line up to what rejected it, then that nothing was written
+        document = {**exc.conversion.to_dict(), "ok": False, "written": False, exc.kind: exc.outcome.to_dict()}
+        emit(out, args.json, document, "\n".join([*result_lines(exc.conversion, args), "nothing was written"]))
+        return EXIT_INVALID
+    emit(out, args.json, result.to_dict(), "\n".join(result_lines(result, args)))
+    if result.report is not None and not result.report.ok:
+        return EXIT_INVALID
+    return EXIT_OK
+
+
+def result_lines(result: Any, args: argparse.Namespace) -> list[str]:
+    """The lines a conversion prints: source, recipe, plan, validation, notes, verification, what was written."""
+    from ckptx.cli.present import render_plan, render_warnings
+    from ckptx.text import human_bytes
+
     plan, source = result.plan, result.plan.source
     lines = [
         f"source: {source.path} ({source.format}), weights at {quoted(source.extracted_from)}: "
         f"{len(source.tensors)} tensors"
     ]
-    taken = source.extracted_from.split(".")[0]
-    ignored = [k for k in source.top_level if k != taken and (taken or k in source.non_tensors)]
+    ignored = ignored_entries(source.top_level, source.extracted_from, source.non_tensors)
     if ignored:
         lines.append(f"ignored top-level entries: {', '.join(map(shown, ignored))}")
     files = ", ".join(f.path for f in plan.recipe.files)
@@ -151,7 +168,14 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         lines.append(f"card: {result.card} (check the output against it with `ckptx audit OUT --card CARD`)")
     elif args.dry_run:
         lines.append("dry run: nothing was written")
-    emit(out, args.json, result.to_dict(), "\n".join(lines))
-    if result.report is not None and not result.report.ok:
-        return EXIT_INVALID
-    return EXIT_OK
+    return lines
+
+
+def ignored_entries(top_level: Mapping[str, str], extracted_from: str, non_tensors: Mapping[str, str]) -> list[str]:
+    """The top-level entries of a checkpoint that the weights were not taken from: when the weights are the whole
+    object (a plain state dict, `extract: .`, a DCP checkpoint), its non-tensor entries (a step count, a training
+    state), else every top-level entry but the one the weights are under."""
+    if extracted_from in (".", ""):
+        return [k for k in top_level if k in non_tensors]
+    head = extracted_from.split(".")[0]
+    return [k for k in top_level if k != head and k != extracted_from]

@@ -28,10 +28,10 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from ckptx.io.write.destination import InputFiles, prepare_folder
     from ckptx.text import count_params, human_bytes, table
 
-    if args.manifest:
-        InputFiles.of([args.src]).check(Path(args.manifest), force=args.force, what="the manifest")
-        prepare_folder(Path(args.manifest))
     with open_source(args.src, args.extract, allow_globals=args.allow_global, unsafe_pickle=args.unsafe_pickle) as src:
+        if args.manifest:  # once the source opened as a checkpoint: what it is is then known
+            InputFiles.of([args.src]).check(Path(args.manifest), force=args.force, what="the manifest")
+            prepare_folder(Path(args.manifest))
         metas = src.tensors
         params = count_params(metas.values())
         nbytes = sum(m.nbytes for m in metas.values())

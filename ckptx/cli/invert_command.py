@@ -8,7 +8,6 @@ from typing import Any, TextIO
 
 from ckptx.cli.options import EXIT_OK, Parents
 from ckptx.cli.present import emit
-from ckptx.errors import CkptxError
 from ckptx.text import key_values
 
 __all__ = ["add_parser", "run"]
@@ -34,6 +33,8 @@ def add_parser(sub: Any, parents: Parents) -> None:
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from ckptx.conversion.reverse import reverse_recipe
+    from ckptx.io.write.atomic import atomic_output
+    from ckptx.io.write.destination import InputFiles, prepare_folder
     from ckptx.rules.loader import load_rules
     from ckptx.targets.resolve import parse_target_arg
 
@@ -46,10 +47,11 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if not args.output:
         emit(out, args.json, doc, reversed_.text.rstrip())
         return EXIT_OK
-    destination = Path(args.output)
-    if destination.exists() and not args.force:
-        raise CkptxError(f"{destination}: already exists; pass --force to overwrite it")
-    destination.write_text(reversed_.text, encoding="utf-8")
+    destination = Path(args.output)  # never over a rule file it read; written atomically, folders made
+    InputFiles.of(Path(f.path) for f in recipe.files).check(destination, force=args.force, what="the reverse recipe")
+    prepare_folder(destination)
+    with atomic_output(destination) as file:
+        file.write(reversed_.text.encode("utf-8"))
     emit(
         out, args.json, doc, f"wrote {destination} ({len(reversed_.document['steps'])} steps, reverse of {recipe.name})"
     )

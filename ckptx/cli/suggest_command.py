@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any, TextIO
 
 from ckptx.cli.options import Parents
-from ckptx.errors import CkptxError, DestinationError
+from ckptx.errors import CkptxError
 from ckptx.text import key_values
 
 __all__ = ["add_parser", "run"]
@@ -81,16 +82,17 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run `ckptx suggest`; exit 0 when the recipe validates and every row was decided by evidence, 1 when target
     keys stay unmatched, a row is undecided or the outputs differ."""
+    from ckptx.io.write.atomic import atomic_output
+    from ckptx.io.write.destination import InputFiles, prepare_folder
     from ckptx.suggestion.engine import suggest
 
     if (args.verify_input or args.verify_arg or args.verify_input_dtype) and not args.verify_with:
         raise CkptxError("--verify-input/--verify-arg/--verify-input-dtype need --verify-with module:callable")
     destination = Path(args.output) if args.output else None
-    if destination is not None:
-        if destination.exists() and not args.force:
-            raise DestinationError(f"{destination}: already exists; pass --force to overwrite it")
-        if not destination.parent.is_dir():
-            raise DestinationError(f"{destination}: folder {destination.parent} does not exist; create it first")
+    if destination is not None:  # never over the source or a target checkpoint; written atomically, folders made
+        given = [Path(p) for p in (args.src, args.target) if os.path.lexists(p)]
+        InputFiles.of(given).check(destination, force=args.force, what="the recipe")
+        prepare_folder(destination)
     result = suggest(
         args.src,
         args.target,
@@ -108,7 +110,8 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         library=not args.no_library,
     )
     if destination is not None:
-        destination.write_text(result.text, encoding="utf-8")
+        with atomic_output(destination) as file:
+            file.write(result.text.encode("utf-8"))
     report = result.report
     if args.json:
         doc = {**report.to_dict(), "output": str(destination) if destination else None, "recipe": result.text}

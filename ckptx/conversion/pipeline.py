@@ -4,8 +4,10 @@ made from metadata and validated against the target before a byte is written; th
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import stat
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -97,25 +99,28 @@ def run(request: ConvertRequest) -> ConvertResult:
     """Carry out a conversion request: plan → validate → write."""
     started = time.perf_counter()
     recipe = _recipe(request)
-    inputs = InputFiles.of([request.src])
     with open_source(
         request.src, recipe.extract, allow_globals=request.allow_globals, unsafe_pickle=request.unsafe_pickle
     ) as source:
         planned = plan_and_validate(recipe, source, request)
         result = ConvertResult(planned.plan, planned.report, None, None, notes=list(planned.notes))
         result.inferred = dict(planned.inferred)
+        report = planned.report
         if request.dst is not None:  # checked in a dry run too, exactly as for a real one
             writer = _writer(request, planned)
             result.destination, result.format = str(writer.primary), writer.format
+            # what the source IS (every file of a folder, every shard of an index), listed once it opened as one
+            inputs = InputFiles.of([request.src])
             result.notes += writer.check(inputs)
+            result.notes += _stale(writer)
             card = _card_destination(request, writer, inputs)
             if request.dry_run:
                 result.seconds = time.perf_counter() - started
                 return result
-            if planned.report is not None and not planned.report.ok:
-                raise ValidationFailed(planned.report)
-            result.notes += _stale(writer) + _dropped(writer, source, planned.plan)
-            verify = _verifier(result, planned.recipe, planned.spec, request) if request.verify else None
+            if report is not None and not report.ok:
+                raise ValidationFailed(report, conversion=_finished(result, started))
+            result.notes += _dropped(writer, source, planned.plan)
+            verify = _verifier(result, planned.recipe, planned.spec, request, started) if request.verify else None
             progress = _byte_progress(request.progress, planned.plan)
             if card is None:
                 result.bytes_written = writer.write(source, progress, verify)
@@ -129,8 +134,13 @@ def run(request: ConvertRequest) -> ConvertResult:
                 prepare_folder(card)
                 write_card(card, document)
                 result.card = str(card)
-        elif planned.report is not None and not planned.report.ok and not request.dry_run:
-            raise ValidationFailed(planned.report)
+        elif report is not None and not report.ok and not request.dry_run:
+            raise ValidationFailed(report, conversion=_finished(result, started))
+    return _finished(result, started)
+
+
+def _finished(result: ConvertResult, started: float) -> ConvertResult:
+    """`result` with the time it took so far."""
     result.seconds = time.perf_counter() - started
     return result
 
@@ -209,12 +219,29 @@ def stale_note(dst: Path) -> str | None:
     stale = stale_partials(dst) if dst.parent.is_dir() else []
     if not stale:
         return None
-    size = sum(f.stat().st_size for p in stale for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    size = sum(_bytes_under(p) for p in stale)
     names = " ".join(shlex.quote(str(p)) for p in stale)
     return (
         f"{len(stale)} temporary file(s) left by an interrupted ckptx run beside {dst} ({size:,} bytes); "
         f"nothing is writing them: remove them with `rm -rf {names}`"
     )
+
+
+def _bytes_under(path: Path) -> int:
+    """Bytes of the file `path`, or of every file under the folder `path` (a staging folder of shards); links
+    are not followed, and a file removed meanwhile (another run cleaning up) counts 0."""
+    if path.is_dir() and not path.is_symlink():
+        files = [os.path.join(root, name) for root, _dirs, names in os.walk(path) for name in names]
+    else:
+        files = [str(path)]
+    total = 0
+    for file in files:
+        try:
+            found = os.lstat(file)
+        except OSError:
+            continue
+        total += found.st_size if stat.S_ISREG(found.st_mode) else 0
+    return total
 
 
 def _recipe(request: ConvertRequest) -> Recipe:
@@ -336,7 +363,9 @@ def _byte_progress(progress: Progress | None, plan: Plan) -> ByteProgress | None
     return advance
 
 
-def _verifier(result: ConvertResult, recipe: Recipe, spec: TargetSpec | None, request: ConvertRequest) -> Verify:
+def _verifier(
+    result: ConvertResult, recipe: Recipe, spec: TargetSpec | None, request: ConvertRequest, started: float
+) -> Verify:
     """Verification of the staged output: the target model loaded with it computes what the source model computes,
     or VerificationFailed and nothing is published."""
 
@@ -347,6 +376,6 @@ def _verifier(result: ConvertResult, recipe: Recipe, spec: TargetSpec | None, re
             recipe, spec, request.src, staged, allow_globals=request.allow_globals, unsafe_pickle=request.unsafe_pickle
         )
         if not result.verification.ok:
-            raise VerificationFailed(result.verification)
+            raise VerificationFailed(result.verification, conversion=_finished(result, started))
 
     return verify

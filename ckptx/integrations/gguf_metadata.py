@@ -8,19 +8,21 @@ but llama.cpp cannot run it.
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ckptx.errors import DestinationError, SourceError
+from ckptx.files import read_bounded
+from ckptx.io.read.model_folder import read_json_document
 from ckptx.planning.entry import PlanEntry
 
 __all__ = ["gguf_metadata_for", "sentencepiece_vocab"]
 
 U32, I32, F32, BOOL, STRING, ARRAY = 4, 5, 6, 7, 8, 9
 LLAMA_FAMILY = {"llama", "mistral"}
+MAX_TOKENIZER = 64 << 20  # sentencepiece models are a few MiB (Llama 2: 0.5 MiB, Gemma: 4 MiB)
 # sentencepiece piece types -> llama.cpp token types (its converter maps USER_DEFINED pieces to NORMAL)
 _TOKEN_TYPES = {1: 1, 2: 2, 3: 3, 4: 1, 5: 5, 6: 6}
 
@@ -29,22 +31,12 @@ def _folder_of(src: Path) -> Path:
     return src if src.is_dir() else src.parent
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{path}: cannot read it as JSON ({exc}); fix or remove it") from None
-    if not isinstance(doc, dict):
-        raise SourceError(f"{path}: holds {type(doc).__name__}, not a JSON object")
-    return doc
-
-
 def gguf_metadata_for(src: Path, entries: Sequence[PlanEntry]) -> list[tuple[str, int, Any]]:
     """(key, GGUF value type, value) for a GGUF file made from `src`, in the order llama.cpp writes them;
     `general.file_type` is filled in by the writer."""
     folder = _folder_of(Path(src))
     config_path = folder / "config.json"
-    config = _read_json(config_path) if config_path.is_file() else {}
+    config = read_json_document(config_path) if config_path.is_file() else {}
     arch = str(config.get("model_type", ""))
     name = folder.name
     if arch not in LLAMA_FAMILY:
@@ -97,7 +89,7 @@ def _tokenizer(path: Path, folder: Path, config: dict[str, Any]) -> list[tuple[s
     tokens, scores, types = sentencepiece_vocab(path, int(config.get("vocab_size") or 0))
     added = folder / "added_tokens.json"
     if added.is_file():
-        for text, token_id in _read_json(added).items():
+        for text, token_id in read_json_document(added).items():
             if isinstance(token_id, int) and 0 <= token_id < len(tokens):
                 tokens[token_id], scores[token_id], types[token_id] = text, -1000.0, 4
     out: list[tuple[str, int, Any]] = [
@@ -113,7 +105,7 @@ def _tokenizer(path: Path, folder: Path, config: dict[str, Any]) -> list[tuple[s
             out.append((f"tokenizer.ggml.{name}_token_id", U32, token_id))
     settings = folder / "tokenizer_config.json"
     if settings.is_file():
-        doc = _read_json(settings)
+        doc = read_json_document(settings)
         for name in ("add_bos_token", "add_eos_token"):
             if isinstance(doc.get(name), bool):
                 out.append((f"tokenizer.ggml.{name}", BOOL, doc[name]))
@@ -162,7 +154,11 @@ def sentencepiece_vocab(path: Path, vocab_size: int = 0) -> tuple[list[str], lis
     """Tokens, scores and llama.cpp token types of a sentencepiece `tokenizer.model`, padded to `vocab_size` with
     `[PADi]` tokens as llama.cpp's converter pads them."""
     try:
-        pieces = [value for number, wire, value in _fields(path.read_bytes()) if number == 1 and wire == 2]
+        pieces = [
+            value
+            for number, wire, value in _fields(read_bounded(path, str(path), MAX_TOKENIZER, "a sentencepiece model"))
+            if number == 1 and wire == 2
+        ]
         tokens, scores, types = [], [], []
         for raw in pieces:
             text, score, kind = "", 0.0, 1

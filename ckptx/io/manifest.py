@@ -9,8 +9,10 @@ from pathlib import Path
 import yaml
 
 from ckptx.dtypes import TensorMeta
-from ckptx.errors import TargetError
+from ckptx.errors import TargetError, UnreadableFile
+from ckptx.files import MAX_TEXT, read_bounded
 from ckptx.io.write.atomic import atomic_output
+from ckptx.text import summary
 from ckptx.yaml12 import CoreLoader
 
 __all__ = ["MANIFEST_VERSION", "read_manifest", "write_manifest"]
@@ -32,10 +34,16 @@ def write_manifest(path: Path, tensors: Mapping[str, TensorMeta], *, source: str
 def read_manifest(path: Path) -> dict[str, TensorMeta]:
     """Read a manifest written by `ckptx inspect --manifest` (JSON or YAML)."""
     try:
-        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=CoreLoader)  # CoreLoader is a SafeLoader
-    except FileNotFoundError:
-        raise TargetError(f"{path}: no such manifest file") from None
-    except (OSError, yaml.YAMLError) as exc:
+        text = read_bounded(path, str(path), MAX_TEXT, "a manifest").decode("utf-8")
+        doc = yaml.load(text, Loader=CoreLoader)  # CoreLoader is a SafeLoader
+    except UnreadableFile as exc:
+        detail = "no such manifest file" if not path.exists() else f"cannot read manifest: {exc.detail}"
+        raise TargetError(f"{path}: {detail}") from None
+    except UnicodeDecodeError as exc:
+        raise TargetError(f"{path}: cannot read manifest: not UTF-8 (byte {exc.start})") from None
+    except RecursionError:
+        raise TargetError(f"{path}: cannot read manifest: it nests too deeply") from None
+    except yaml.YAMLError as exc:
         raise TargetError(f"{path}: cannot read manifest: {str(exc).splitlines()[0]}") from None
     tensors = doc.get("tensors") if isinstance(doc, dict) else None
     if not isinstance(tensors, dict):
@@ -43,7 +51,10 @@ def read_manifest(path: Path) -> dict[str, TensorMeta]:
     out = {}
     for key, info in tensors.items():
         try:
-            out[str(key)] = TensorMeta(tuple(int(d) for d in info["shape"]), str(info.get("dtype", "float32")))
-        except (KeyError, TypeError, ValueError):
-            raise TargetError(f"{path}: tensors.{key}: needs `shape: [..]` and `dtype`") from None
+            dtype = info.get("dtype", "float32")
+            if not isinstance(key, str) or not isinstance(dtype, str):
+                raise TypeError(key)
+            out[key] = TensorMeta(tuple(int(d) for d in info["shape"]), dtype)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise TargetError(f"{path}: tensors.{summary(key)}: needs `shape: [..]` and `dtype`") from None
     return out

@@ -10,7 +10,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ckptx.errors import Problem, RuleError
+from ckptx.errors import Problem, RuleError, UnreadableFile
+from ckptx.files import MAX_TEXT, read_bounded
 from ckptx.rules.packs import resolve_rule
 from ckptx.rules.params import InferredParam, choice_problems, declare_params
 from ckptx.rules.recipe import Recipe, RuleFile, TargetSpec, VerifySpec
@@ -106,6 +107,8 @@ def _load_file(
     data = doc.data
     if not isinstance(data, dict):
         raise RuleError([Problem(f"{display}:1:1", "a rule file must be a mapping with at least `ckptx: 1`")])
+    if "ckptx" not in data:  # not a rule file at all: its keys (another file's text) are not listed
+        raise RuleError([Problem(f"{display}:1:1", "missing required key 'ckptx'")])
     own_defaults = declare_params(data["params"], doc.where) if isinstance(data.get("params"), dict) else {}
     declared.update(own_defaults)
 
@@ -135,7 +138,7 @@ def _load_file(
     problems.extend(schema_problems(doc))
     if problems:
         raise RuleError(problems)
-    raw = text.encode("utf-8") if text is not None else path.read_bytes()
+    raw = text.encode("utf-8") if text is not None else _file_bytes(path, display)
     own = _build(doc, path, values, problems, raw)
     if problems:
         raise RuleError(problems)
@@ -145,6 +148,14 @@ def _load_file(
     for parent in parents[1:]:
         recipe = recipe.then(parent)
     return _inherit(recipe, own)
+
+
+def _file_bytes(path: Path, shown: str) -> bytes:
+    """The rule file's bytes (hashed into the recipe), read as `load_yaml` read them."""
+    try:
+        return read_bounded(path, shown, MAX_TEXT, "a YAML file")
+    except UnreadableFile as exc:
+        raise RuleError([Problem(shown, exc.detail)]) from None
 
 
 def _inherit(parent: Recipe, child: Recipe) -> Recipe:

@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from ckptx.errors import Problem, RuleError
+from ckptx.errors import Problem, RuleError, UnreadableFile
+from ckptx.files import MAX_TEXT, read_bounded
 from ckptx.yaml12 import CoreLoader
 
 PathTuple = tuple[Any, ...]
@@ -55,11 +56,11 @@ def load_yaml(path: str | Path, *, display: str | None = None) -> YamlDocument:
     """Read a YAML file; syntax errors and duplicate keys become a RuleError naming file:line:col."""
     shown = display or str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RuleError([Problem(shown, "no such file")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RuleError([Problem(shown, f"cannot read the file: {exc}")]) from None
+        text = read_bounded(Path(path), shown, MAX_TEXT, "a YAML file").decode("utf-8")
+    except UnreadableFile as exc:
+        raise RuleError([Problem(shown, exc.detail)]) from None
+    except UnicodeDecodeError as exc:
+        raise RuleError([Problem(shown, f"cannot read the file: not UTF-8 (byte {exc.start})")]) from None
     return parse_yaml(text, shown)
 
 
@@ -67,6 +68,8 @@ def parse_yaml(text: str, file: str) -> YamlDocument:
     """Parse YAML text (see `load_yaml`)."""
     try:
         node = yaml.compose(text, Loader=CoreLoader)
+    except RecursionError:
+        raise RuleError([Problem(file, f"invalid YAML: it nests deeper than {MAX_DEPTH} levels")]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else file
@@ -74,11 +77,40 @@ def parse_yaml(text: str, file: str) -> YamlDocument:
         raise RuleError([Problem(where, f"invalid YAML: {problem}")]) from None
     except yaml.YAMLError as exc:
         raise RuleError([Problem(file, f"invalid YAML: {exc}")]) from None
+    _check_shape(node, file)
     builder = _Builder(file)
     data = builder.build(node, ()) if node is not None else None
     if builder.problems:
         raise RuleError(builder.problems)
     return YamlDocument(file, data, builder.marks, builder.key_marks)
+
+
+MAX_DEPTH = 64
+"""Levels of lists and mappings in a YAML document (a recipe or a jobs file nests a handful)."""
+MAX_VALUES = 1_000_000
+"""Values in a YAML document once its aliases are expanded (`*a` repeated: a few lines that mean billions)."""
+
+
+def _check_shape(node: yaml.Node | None, file: str) -> None:
+    """Refuse a document nested deeper than MAX_DEPTH levels or holding more than MAX_VALUES values with its
+    aliases expanded, before anything walks it recursively (walked here without recursion)."""
+    stack = [(node, 1)] if node is not None else []
+    seen = 0
+    while stack:
+        item, depth = stack.pop()
+        seen += 1
+        if depth > MAX_DEPTH or seen > MAX_VALUES:
+            mark = item.start_mark
+            what = (
+                f"nests deeper than {MAX_DEPTH} levels"
+                if depth > MAX_DEPTH
+                else f"holds more than {MAX_VALUES:,} values (aliases expanded)"
+            )
+            raise RuleError([Problem(f"{file}:{mark.line + 1}:{mark.column + 1}", f"invalid YAML: it {what}")])
+        if isinstance(item, yaml.MappingNode):
+            stack.extend((child, depth + 1) for pair in item.value for child in pair)
+        elif isinstance(item, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in item.value)
 
 
 class _Builder:

@@ -32,11 +32,13 @@ from collections import Counter
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import DTYPES, TensorMeta, torch_dtype
 from ckptx.errors import SourceError, UnsafeGlobalError
+from ckptx.files import regular_size
+from ckptx.io.read import unpickle
 from ckptx.io.read.dcp_metadata import (
     DcpBytes,
     DcpChunk,
@@ -49,12 +51,12 @@ from ckptx.io.read.dcp_metadata import (
     read_metadata,
 )
 from ckptx.io.read.safetensors_reader import MAX_HEADER, check_embedded_header
-from ckptx.io.read.state_dict import describe_value, extract
+from ckptx.io.read.state_dict import describe_value, extract, unsupported_tensor
 from ckptx.io.read.torch_reader import allowed_globals, unpickling_error
-from ckptx.io.read.torch_zip import Record, StubUnpickler, TensorRef, read_archive, row_major_span
+from ckptx.io.read.torch_zip import Record, StubUnpickler, TensorRef, check_records, read_archive, row_major_span
 from ckptx.io.spans import read_span
 from ckptx.planning.source import RawSpan, Source
-from ckptx.text import human_bytes
+from ckptx.text import human_bytes, quoted, summary
 from ckptx.trust.pickle_globals import needed_global
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,9 +64,11 @@ if TYPE_CHECKING:  # pragma: no cover
 else:
     torch = lazy_module("torch")
 
-__all__ = ["METADATA_FILE", "DcpSource", "describe_layout", "open_dcp_folder"]
+__all__ = ["MAX_METADATA", "METADATA_FILE", "DcpSource", "describe_layout", "has_metadata", "open_dcp_folder"]
 
 METADATA_FILE = ".metadata"
+MAX_METADATA = 1 << 30
+"""Bytes of `.metadata`: a model of 405B parameters saved from 512 ranks, optimizer included, takes ~300 MB."""
 _RANK_FILE = re.compile(r"__(\d+)_(\d+)\.distcp")
 _ZIP_MAGIC = b"PK\x03\x04"
 _LISTED = 20  # sharded tensors listed one by one in the description
@@ -81,11 +85,17 @@ def open_dcp_folder(
 ) -> DcpSource:
     """The DCP checkpoint in `folder`; a one-line SourceError saying what the folder is when it is not one."""
     shown = display or str(folder)
-    if not (folder / METADATA_FILE).is_file():
+    if not has_metadata(folder):
         raise SourceError(_not_dcp(folder, shown))
     return DcpSource(
         folder, shown, extract_paths, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle, where=where
     )
+
+
+def has_metadata(folder: Path) -> bool:
+    """The folder holds `.metadata` in any form (what it is, a regular file or not, is checked when it is read)."""
+    path = folder / METADATA_FILE
+    return path.exists() or path.is_symlink()
 
 
 def _not_dcp(folder: Path, shown: str) -> str:
@@ -139,7 +149,7 @@ class DcpSource(Source):
         self._folder = folder
         self._shown = shown
         self._meta_shown = os.path.join(shown, METADATA_FILE)
-        metadata = read_metadata(_read_whole(folder / METADATA_FILE, self._meta_shown), self._meta_shown)
+        metadata = _read_metadata_file(folder / METADATA_FILE, self._meta_shown)
         sizes = _checked_files(folder, shown, self._meta_shown, metadata)
         nested = _nest(metadata.entries, self._meta_shown)
         state, found_at = extract(nested, extract_paths, file=shown, where=where)
@@ -159,6 +169,8 @@ class DcpSource(Source):
         self._unsafe_pickle = unsafe_pickle
         # by (key, chunk offsets): in the safetensors serialization the chunks of a file share one item offset
         self._stored: dict[tuple[str, tuple[int, ...]], _StoredChunk] = {}
+        # by (file, offset, length): the torch.save archive of an item, read once however many chunks name it
+        self._archives: dict[tuple[str, int, int], tuple[TensorRef, Record]] = {}
         self._blobs: dict[tuple[str, int], tuple[dict[str, Any], int]] = {}
         self._blob_metas: dict[tuple[str, int], dict[str, TensorMeta]] = {}
 
@@ -220,6 +232,7 @@ class DcpSource(Source):
     def close(self) -> None:
         """Forget the chunk locations read so far."""
         self._stored = {}
+        self._archives = {}
         self._blobs = {}
 
     # ---- chunks -------------------------------------------------------------------------------------------
@@ -248,7 +261,11 @@ class DcpSource(Source):
             with open(path, "rb") as f:
                 head = os.pread(f.fileno(), 4, chunk.item.offset)
                 if head == _ZIP_MAGIC:
-                    stored = _zip_chunk(f, str(path), tensor, chunk, place)
+                    found = self._archives.get((str(path), chunk.item.offset, chunk.item.length))
+                    if found is None:
+                        found = _item_archive(f.fileno(), chunk.item, place)
+                        self._archives[str(path), chunk.item.offset, chunk.item.length] = found
+                    stored = _zip_chunk(*found, str(path), tensor, chunk, place)
                 else:
                     stored = self._safetensors_chunk(f, str(path), tensor, chunk, place)
             self._stored[tensor.key, chunk.offsets] = stored
@@ -330,21 +347,79 @@ def _pieces(chunk: DcpChunk, span: RawSpan, tensor: DcpTensor) -> Iterator[tuple
 # ---- opening --------------------------------------------------------------------------------------------------
 
 
-def _read_whole(path: Path, shown: str) -> bytes:
+def _read_metadata_file(path: Path, shown: str) -> DcpMetadata:
+    """`.metadata`, a regular file of at most MAX_METADATA bytes, unpickled as it is read (never read whole)."""
+    size = regular_size(path, shown)
+    if size > MAX_METADATA:
+        raise SourceError(
+            f"{shown}: has {size:,} bytes, more than the {MAX_METADATA:,} a DCP .metadata may have; it is not one "
+            f"dcp.save wrote (check the folder)"
+        )
     try:
-        return path.read_bytes()
+        bound = size if size <= unpickle.MAX_NESTING else _nesting_bound(path, size)
+        with open(path, "rb", buffering=0) as f:
+            return read_metadata(
+                io.BufferedReader(_Bounded(f, size), 1 << 20), shown, bound=bound, again=lambda: _reopen(path, size)
+            )
     except OSError as exc:
-        raise SourceError(f"{shown}: cannot be read ({exc.strerror or exc})") from None
+        raise SourceError(f"{shown}: cannot be read ({exc.strerror or type(exc).__name__})") from None
 
 
-def _items(metadata: DcpMetadata) -> Iterator[tuple[StorageItem, str]]:
-    """Every storage item with what it holds, for messages."""
+def _nesting_bound(path: Path, size: int) -> int:
+    """`unpickle.nesting_bound` of the first `size` bytes of the file, counted a block at a time."""
+    bound = 0
+    with open(path, "rb") as f:
+        while size > 0:
+            block = f.read(min(size, 1 << 22))
+            if not block:
+                break
+            size -= len(block)
+            bound += unpickle.nesting_bound(block)
+    return bound
+
+
+def _reopen(path: Path, size: int) -> BinaryIO:
+    """The first `size` bytes of the file again, buffered (closed when collected)."""
+    return io.BufferedReader(_Bounded(open(path, "rb", buffering=0), size, owns=True), 1 << 20)
+
+
+class _Bounded(io.RawIOBase):
+    """At most `limit` bytes of a binary file, read on demand (a file that grows while it is read is cut off)."""
+
+    def __init__(self, f: Any, limit: int, *, owns: bool = False) -> None:
+        super().__init__()
+        self._f, self._left, self._owns = f, limit, owns
+
+    def close(self) -> None:
+        if self._owns and not self.closed:
+            self._f.close()
+        super().close()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer)[: self._left]
+        got = self._f.readinto(view) if len(view) else 0
+        self._left -= got
+        return got
+
+
+def _items(metadata: DcpMetadata) -> Iterator[tuple[StorageItem, DcpEntry, DcpChunk | None]]:
+    """Every storage item with the entry (and chunk) it holds."""
     for entry in metadata.entries:
         if isinstance(entry, DcpTensor):
             for chunk in entry.chunks:
-                yield chunk.item, f"chunk {chunk_text(chunk)} of '{entry.key}'"
+                yield chunk.item, entry, chunk
         else:
-            yield entry.item, f"pickled value '{entry.key}'"
+            yield entry.item, entry, None
+
+
+def _what(entry: DcpEntry, chunk: DcpChunk | None) -> str:
+    """What an item holds, for messages."""
+    if chunk is None:
+        return f"pickled value {quoted(entry.key)}"
+    return f"chunk {chunk_text(chunk)} of {quoted(entry.key)}"
 
 
 def _checked_files(folder: Path, shown: str, meta_shown: str, metadata: DcpMetadata) -> dict[str, int]:
@@ -352,66 +427,91 @@ def _checked_files(folder: Path, shown: str, meta_shown: str, metadata: DcpMetad
     sizes: dict[str, int] = {}
     for name in metadata.files:
         path = folder.joinpath(*PurePosixPath(name).parts)
-        if not path.is_file():
-            count = sum(1 for item, _ in _items(metadata) if item.file == name)
+        if not (path.exists() or path.is_symlink()):
+            count = sum(1 for item, _, _ in _items(metadata) if item.file == name)
             raise SourceError(
                 f"{os.path.join(shown, name)}: missing; {meta_shown} places {count} item(s) in it "
                 f"(a rank's file): copy the whole checkpoint folder"
             )
-        sizes[name] = path.stat().st_size
-    for item, what in _items(metadata):
+        sizes[name] = regular_size(path, os.path.join(shown, name))  # a FIFO would block the first read
+    for item, entry, chunk in _items(metadata):
         end = item.offset + item.length
         if end > sizes[item.file]:
             raise SourceError(
                 f"{os.path.join(shown, item.file)}: has {sizes[item.file]} bytes but {meta_shown} "
-                f"places {what} at bytes {item.offset}..{end}; the file is truncated or from "
+                f"places {_what(entry, chunk)} at bytes {item.offset}..{end}; the file is truncated or from "
                 f"another save: copy it again"
             )
     return sizes
 
 
 def _nest(entries: Sequence[DcpEntry], shown: str) -> dict[str, Any]:
-    """The nested state `dcp_to_torch_save` returns, with entries as leaves (torch's `set_element` rules)."""
+    """The nested state `dcp_to_torch_save` returns, with entries as leaves (torch's `set_element` rules).
+
+    A list index makes torch grow the list to it, holes as None; here the lists together may hold at most
+    `_MAX_HOLES` more slots than there are entries, so an index of 10^12 is one error line, not a MemoryError.
+    """
     root: dict[Any, Any] = {}
+    budget = [len(entries) + _MAX_HOLES]
     for entry in entries:
         container: Any = root
         path = entry.path
         for here, following in zip(path, path[1:]):
-            container = _child(container, here, {} if isinstance(following, str) else [], entry, shown)
-        _put(container, path[-1], entry, shown)
+            container = _child(container, here, {} if isinstance(following, str) else [], entry, shown, budget)
+        _put(container, path[-1], entry, shown, budget)
     return root
 
 
-def _child(container: Any, key: PathItem, empty: Any, entry: DcpEntry, shown: str) -> Any:
+_MAX_HOLES = 1 << 20
+
+
+def _child(container: Any, key: PathItem, empty: Any, entry: DcpEntry, shown: str, budget: list[int]) -> Any:
     if isinstance(container, dict):
         found = container.setdefault(key, empty)
     else:
-        _extend(container, key, entry, shown)
+        _extend(container, key, entry, shown, budget)
         if container[key] is None:
             container[key] = empty
         found = container[key]
     if not isinstance(found, (dict, list)) or isinstance(found, list) != isinstance(empty, list):
         raise SourceError(
-            f"{shown}: planner_data path {list(entry.path)} of '{entry.key}' goes through another "
+            f"{shown}: planner_data path {_path_text(entry.path)} of {quoted(entry.key)} goes through another "
             f"entry or a container of the other kind; the metadata is corrupt"
         )
     return found
 
 
-def _put(container: Any, key: PathItem, entry: DcpEntry, shown: str) -> None:
+def _put(container: Any, key: PathItem, entry: DcpEntry, shown: str, budget: list[int]) -> None:
     if isinstance(container, list):
-        _extend(container, key, entry, shown)
+        _extend(container, key, entry, shown, budget)
     elif key in container:
         raise SourceError(
-            f"{shown}: two entries have the planner_data path {list(entry.path)}; the metadata is corrupt"
+            f"{shown}: two entries have the planner_data path {_path_text(entry.path)}; the metadata is corrupt"
         )
     container[key] = entry
 
 
-def _extend(container: list[Any], key: PathItem, entry: DcpEntry, shown: str) -> None:
+def _extend(container: list[Any], key: PathItem, entry: DcpEntry, shown: str, budget: list[int]) -> None:
     if not isinstance(key, int):
-        raise SourceError(f"{shown}: planner_data path {list(entry.path)} of '{entry.key}' names '{key}' in a list")
-    container.extend([None] * (key + 1 - len(container)))
+        raise SourceError(
+            f"{shown}: planner_data path {_path_text(entry.path)} of {quoted(entry.key)} names {summary(key)} in a list"
+        )
+    grow = key + 1 - len(container)
+    if grow > budget[0]:
+        raise SourceError(
+            f"{shown}: planner_data path {_path_text(entry.path)} of {quoted(entry.key)} has the list index "
+            f"{key:,}: the lists would hold far more slots than the checkpoint has entries; "
+            f"the metadata is corrupt"
+        )
+    if grow > 0:
+        budget[0] -= grow
+        container.extend([None] * grow)
+
+
+def _path_text(path: Sequence[PathItem]) -> str:
+    """A planner_data path for messages: its first items, escaped."""
+    items = [summary(p) for p in path[:8]]
+    return "[" + ", ".join(items) + (f", ... ({len(path) - 8} more)" if len(path) > 8 else "") + "]"
 
 
 def _kind(value: Any) -> str:
@@ -449,9 +549,11 @@ def describe_layout(
         f"{detail}, {len(tensors) - len(sharded)} in one chunk (replicated or unsharded)"
     )
     for key, tensor in list((k, t) for k, t in tensors.items() if t.sharded_dims)[:_LISTED]:
+        more = len(tensor.chunks) - _LISTED
         lines.append(
             f"  {key}: {tensor.meta} on dim {','.join(map(str, tensor.sharded_dims))}: "
-            + " ".join(chunk_text(c) for c in tensor.chunks)
+            + " ".join(chunk_text(c) for c in tensor.chunks[:_LISTED])
+            + (f" ... ({more} more chunks)" if more > 0 else "")
         )
     if len(sharded) > _LISTED:
         lines.append(f"  ... {len(sharded) - _LISTED} more sharded tensors")
@@ -492,15 +594,18 @@ class _FileRange(io.RawIOBase):
         return len(data)
 
 
-def _zip_chunk(f: Any, path: str, tensor: DcpTensor, chunk: DcpChunk, place: str) -> _StoredChunk:
-    """A chunk of the `torch_save` serialization: the one tensor of the torch.save zip at the item."""
-    item = chunk.item
-    view = _FileRange(f.fileno(), item.offset, item.length)
+def _item_archive(fd: int, item: StorageItem, place: str) -> tuple[TensorRef, Record]:
+    """The one tensor of the torch.save zip at `item`, and its storage record (offsets in the file), held to the
+    rules of every torch archive (`check_records`: no record inflating a thousandfold) before anything is read."""
+    view = _FileRange(fd, item.offset, item.length)
     try:
         with zipfile.ZipFile(view) as archive:
+            check_records(archive.infolist(), item.length, place)
             pickled, records, little = read_archive(archive, view)
         unpickler = StubUnpickler(io.BytesIO(pickled))
-        ref = unpickler.load()
+        ref = unpickle.load(unpickler.load, unpickle.nesting_bound(pickled), place, lambda: io.BytesIO(pickled))
+    except SourceError:
+        raise
     except Exception as exc:  # noqa: BLE001 - whatever is wrong inside the item, it is a corrupt input
         raise SourceError(
             f"{place}: is not a readable torch.save archive ({_first_line(exc)}); the file is "
@@ -508,19 +613,27 @@ def _zip_chunk(f: Any, path: str, tensor: DcpTensor, chunk: DcpChunk, place: str
         ) from None
     if unpickler.unknown or not isinstance(ref, TensorRef) or ref.dtype is None:
         raise SourceError(
-            f"{place}: holds {type(ref).__name__} (using {', '.join(unpickler.unknown) or 'no globals'}), "
+            f"{place}: holds {summary(ref)} (using {', '.join(unpickler.unknown) or 'no globals'}), "
             f"not one plain tensor; the file is not from dcp.save"
         )
     if not little:
         raise SourceError(f"{place}: stores big-endian tensors, which ckptx does not read")
-    _check_chunk_meta(TensorMeta(ref.size, ref.dtype), tensor, chunk, place)
     record = records.get(ref.storage.key)
     if record is None or record.offset + record.size > item.length:
         raise SourceError(
-            f"{place}: its tensor's storage record {ref.storage.key!r} is missing or runs past the "
+            f"{place}: its tensor's storage record {quoted(ref.storage.key)} is missing or runs past the "
             f"item; the file is corrupt"
         )
-    absolute = Record(item.offset + record.offset, record.size)
+    return ref, Record(item.offset + record.offset, record.size)
+
+
+def _zip_chunk(
+    ref: TensorRef, absolute: Record, path: str, tensor: DcpTensor, chunk: DcpChunk, place: str
+) -> _StoredChunk:
+    """A chunk of the `torch_save` serialization: the one tensor of the torch.save zip at the item."""
+    if len(ref.size) != len(ref.stride) or not all(0 <= n < 2**63 for n in (ref.offset, *ref.size, *ref.stride)):
+        raise SourceError(f"{place}: its tensor has a negative or out-of-range size, stride or offset; corrupt")
+    _check_chunk_meta(TensorMeta(ref.size, ref.dtype or ""), tensor, chunk, place)
     span = row_major_span(ref, {ref.storage.key: absolute}, path)
     if span is not None:
         return _StoredChunk(span)
@@ -528,7 +641,8 @@ def _zip_chunk(f: Any, path: str, tensor: DcpTensor, chunk: DcpChunk, place: str
 
 
 def _strided_chunk(ref: TensorRef, record: Record, path: str, tensor: DcpTensor, place: str) -> _StoredChunk:
-    """A chunk saved as a strided view of its storage: the whole storage, to be viewed with the strides."""
+    """A chunk saved as a strided view of its storage: the whole storage, to be viewed with the strides. A view
+    that repeats stored elements (stride 0: `expand()`) is refused, as in every other checkpoint."""
     item = DTYPES[tensor.dtype].itemsize
     last = ref.offset + sum((s - 1) * st for s, st in zip(ref.size, ref.stride))
     if not ref.plain or ref.offset < 0 or any(st < 0 for st in ref.stride) or (last + 1) * item > record.size:
@@ -536,6 +650,9 @@ def _strided_chunk(ref: TensorRef, record: Record, path: str, tensor: DcpTensor,
             f"{place}: its tensor (offset {ref.offset}, stride {list(ref.stride)}) lies outside its "
             f"storage of {record.size} bytes; the file is corrupt"
         )
+    overlap = unsupported_tensor(ref)
+    if overlap is not None:
+        raise SourceError(f"{place}: its tensor is {overlap}")
     return _StoredChunk(RawSpan(path, record.offset, record.size - record.size % item), ref.stride, ref.offset)
 
 
@@ -610,19 +727,34 @@ def _stub_value(data: bytes) -> tuple[Any, list[str]]:
     if data[:4] == _ZIP_MAGIC:
         stream = io.BytesIO(data)
         with zipfile.ZipFile(stream) as archive:
+            check_records(archive.infolist(), len(data), "the pickled value")
             pickled, _, _ = read_archive(archive, stream)
     else:
         pickled = data
     unpickler = StubUnpickler(io.BytesIO(pickled))
-    return unpickler.load(), unpickler.unknown
+    value = unpickle.load(
+        unpickler.load, unpickle.nesting_bound(pickled), "the pickled value", lambda: io.BytesIO(pickled)
+    )
+    return value, unpickler.unknown
 
 
 def _holds_refs(value: Any) -> bool:
-    if isinstance(value, TensorRef):
-        return True
-    if isinstance(value, dict):
-        return any(_holds_refs(v) for v in value.values())
-    return isinstance(value, (list, tuple)) and any(_holds_refs(v) for v in value)
+    """A tensor anywhere in the value (walked without recursion, each container once: a value may nest 200,000
+    deep, or hold itself)."""
+    stack, seen = [value], set()
+    while stack:
+        item = stack.pop()
+        if isinstance(item, TensorRef):
+            return True
+        if isinstance(item, (dict, list, tuple)):
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
 
 
 def _torch_load(data: bytes, shown: str, allow_globals: Sequence[str], unsafe_pickle: bool) -> Any:

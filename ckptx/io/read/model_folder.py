@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptx.errors import SourceError
+from ckptx.errors import SourceError, UnreadableFile
+from ckptx.files import read_bounded
 
 __all__ = [
     "CONFIG",
@@ -109,13 +110,10 @@ def find_model_folder(folder: Path, shown: str) -> ModelFolder | None:
 def read_json_document(path: Path, shown: str | None = None) -> dict[str, Any]:
     """A JSON object read from `path` (a config document); SourceError naming the file otherwise."""
     shown = shown or str(path)
-    try:
-        size = path.stat().st_size
-        if size > _MAX_DOCUMENT:
-            raise SourceError(f"{shown}: {size:,} bytes is too large for a config document; is it one?")
-        doc = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise SourceError(f"{shown}: cannot read it ({exc.strerror or exc})") from None
+    try:  # a regular file, read bounded: a FIFO or device named config.json is refused, never waited on
+        doc = json.loads(read_bounded(path, shown, _MAX_DOCUMENT, "a config document").decode("utf-8"))
+    except UnreadableFile as exc:
+        raise SourceError(f"{shown}: {exc.detail}") from None
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError; so are huge integers
         raise SourceError(f"{shown}: not a valid JSON document ({str(exc)[:120]}); fix or download it again") from None
     except RecursionError:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import stat
 import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 from ckptx.errors import SourceError
+from ckptx.files import check_regular_file
 from ckptx.io.read.model_folder import config_documents, find_model_folder
 from ckptx.io.read.safetensors_reader import SafetensorsSource
 from ckptx.io.read.sharded_reader import ShardedSource
@@ -19,12 +19,6 @@ from ckptx.planning.source import Source
 
 
 _ZIP = b"PK\x03\x04"
-_KINDS = (
-    (stat.S_ISFIFO, "a named pipe"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
 
 
 def sniff_format(path: Path) -> str:
@@ -48,24 +42,6 @@ def sniff_format(path: Path) -> str:
         if length < 10**9:
             return "safetensors"
     return "torch-legacy"
-
-
-def check_regular_file(path: Path, shown: str) -> None:
-    """Refuse what is not a regular file before opening it: reading a FIFO or /dev/zero never ends."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise SourceError(f"{shown}: no such file") from None
-    except OSError as exc:
-        raise SourceError(f"{shown}: cannot read it ({exc.strerror or exc})") from None
-    if stat.S_ISDIR(mode):
-        raise SourceError(f"{shown}: is a folder; give the checkpoint file (or its .index.json)")
-    if not stat.S_ISREG(mode):
-        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
-        raise SourceError(
-            f"{shown}: is {kind}, not a regular file; ckptx reads checkpoints from files only: "
-            f"copy the data to a file first"
-        )
 
 
 def _open_safetensors(path: Path, shown: str) -> Source:
@@ -94,9 +70,10 @@ def _open_safetensors(path: Path, shown: str) -> Source:
 def is_checkpoint_folder(path: Path) -> bool:
     """A folder that is one checkpoint: torch.distributed.checkpoint (`.metadata`), DeepSpeed ZeRO, or a model
     folder (HuggingFace `config.json` or Meta `params.json` beside the weights)."""
+    from ckptx.io.read.dcp_reader import has_metadata
     from ckptx.io.read.zero_reader import is_zero_folder
 
-    if (path / ".metadata").is_file() or is_zero_folder(path):
+    if has_metadata(path) or is_zero_folder(path):
         return True
     try:
         return find_model_folder(path, str(path)) is not None

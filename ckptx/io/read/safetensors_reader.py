@@ -238,7 +238,8 @@ def _entry(key: str, info: Any) -> _Entry:
     if type(info) is dict and len(info) == 3:
         code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if (
-            code in _CODES
+            type(code) is str
+            and code in _CODES
             and type(shape) is list
             and type(offsets) is list
             and len(offsets) == 2

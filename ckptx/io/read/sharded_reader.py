@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta
 from ckptx.errors import SourceError
+from ckptx.files import MAX_INDEX, read_bounded
 from ckptx.planning.source import RawSpan, Source
-from ckptx.text import quoted
+from ckptx.text import quoted, summary
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -21,10 +22,17 @@ else:
 
 def read_index(path: Path, shown: str) -> tuple[dict[str, str], dict[str, Any]]:
     """The index's weight map (key -> shard file name) and its metadata, checked for shape."""
+    raw = read_bounded(path, shown, MAX_INDEX, "a shard index")
     try:
-        doc = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{shown}: not a valid shard index: not JSON ({exc}); download it again") from None
+        doc = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SourceError(
+            f"{shown}: not a valid shard index: not UTF-8 (byte {exc.start}); download it again"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise SourceError(
+            f"{shown}: not a valid shard index: not JSON ({exc.msg} at byte {exc.pos}); download it again"
+        ) from None
     except ValueError:  # an integer of more than 4,300 digits
         raise SourceError(
             f"{shown}: not a valid shard index: it holds a number out of range; download it again"
@@ -100,7 +108,7 @@ class ShardedSource(Source):
             extracted_from=first.extracted_from if first else ".",
             file_metadata={
                 **(first.file_metadata if first else {}),
-                **{str(k): str(v) for k, v in index_metadata.items()},
+                **{k: v if isinstance(v, str) else summary(v) for k, v in index_metadata.items()},
             },
         )
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 import struct
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import SourceError, UnsafeGlobalError
+from ckptx.io.read import unpickle
 from ckptx.io.read.state_dict import MappingSource, extract, top_level_of
 from ckptx.io.read.torch_zip import TorchZipSource, check_archive, open_zip_without_torch, references_or_none
 from ckptx.trust.pickle_globals import needed_global, resolve_allow_global
@@ -35,9 +37,16 @@ def load_pickle_object(
     is_zip = starts_as_zip(path)
     if is_zip:
         check_archive(path, shown)
+    bound, stream = _nesting(path, is_zip)
     with allowed_globals(allow_globals, unsafe_pickle):
         try:
-            return torch.load(path, map_location="cpu", weights_only=not unsafe_pickle, mmap=is_zip)
+            return unpickle.load(
+                lambda: torch.load(path, map_location="cpu", weights_only=not unsafe_pickle, mmap=is_zip),
+                bound,
+                shown,
+                stream,
+                pickles=1 if is_zip else 4,
+            )
         except pickle.UnpicklingError as exc:
             raise unpickling_error(path, shown, exc, is_zip) from None
         except RecursionError:
@@ -68,6 +77,21 @@ def load_pickle_object(
                 f"{shown}: not a readable torch checkpoint: {_first_line(exc, is_zip)}; the file is "
                 f"corrupt or truncated: download or save it again"
             ) from None
+
+
+def _nesting(path: Path, is_zip: bool) -> tuple[int, Callable[[], BinaryIO]]:
+    """`unpickle.nesting_bound` of what torch.load will unpickle, and its pickles again (to measure their depth):
+    a zip file's `data.pkl`; a legacy file's leading pickles (magic number, protocol, system info, the object),
+    bounded by the file's size (its storage bytes follow them)."""
+    if is_zip:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+                pickled = archive.read(name) if name is not None else b""
+        except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError, struct.error, NotImplementedError):
+            pickled = b""  # torch.load reports what is wrong with the archive
+        return unpickle.nesting_bound(pickled), lambda: io.BytesIO(pickled)
+    return path.stat().st_size, lambda: open(path, "rb")
 
 
 def load_object_tree(path: str | Path, *, allow_globals: Sequence[str] = (), unsafe_pickle: bool = False) -> Any:

@@ -21,7 +21,7 @@ import struct
 import sys
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import DTYPES, dtype_name, from_storage
 from ckptx.errors import SourceError
+from ckptx.io.read import unpickle
 from ckptx.io.read.state_dict import MappingSource, extract, top_level_of
 from ckptx.io.spans import read_span
 from ckptx.planning.source import RawSpan
-from ckptx.text import quoted
+from ckptx.text import python_name, quoted
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -71,19 +72,36 @@ def check_archive(path: Path, display: str) -> None:
             f"{display}: not a readable torch checkpoint: the zip archive is truncated or corrupt "
             f"({exc}); download or save it again"
         ) from None
+    check_records(infos, size, display)
+
+
+def check_records(infos: Sequence[zipfile.ZipInfo], size: int, display: str) -> None:
+    """`check_archive`'s rules for the records of an archive of `size` bytes that is already open (a DeepSpeed
+    `.pt` file, a torch.save archive inside a DCP file): every archive ckptx reads is held to them before any
+    record is inflated."""
     if not infos or min(i.header_offset for i in infos) != 0:
         raise SourceError(
             f"{display}: not a readable torch checkpoint: the zip directory does not start at byte 0 "
             f"(data before the archive, or another archive appended); save it again with torch.save"
         )
-    if len({i.filename for i in infos}) != len(infos):
-        twice = next(i.filename for n, i in enumerate(infos) if i.filename in {j.filename for j in infos[:n]})
+    twice = _repeated(i.filename for i in infos)
+    if twice is not None:
         raise SourceError(
             f"{display}: not a readable torch checkpoint: the zip archive holds two records named "
             f"{quoted(twice)}; readers disagree on which one counts: save it again with torch.save"
         )
     for info in infos:
         _check_record(info, size, display)
+
+
+def _repeated(names: Iterable[str]) -> str | None:
+    """The first name that appears a second time, in one pass."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
 
 
 def _check_record(info: zipfile.ZipInfo, size: int, display: str) -> None:
@@ -268,14 +286,14 @@ class StubUnpickler(pickle.Unpickler):
             return _DtypeGlobal(storage_dtype)
         if module == "torch" and name in DTYPES:
             return _DtypeGlobal(name)
-        self.unknown.append(f"{module}.{name}")
+        self.unknown.append(python_name(module, name))
         return _Opaque
 
     def persistent_load(self, pid: Any) -> Any:
         if isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage"):
             key = pid[2].decode("ascii") if isinstance(pid[2], bytes) else str(pid[2])
             return StorageRef(key, pid[1].dtype if isinstance(pid[1], _DtypeGlobal) else None)
-        self.unknown.append(f"persistent id {pid!r:.40}")
+        self.unknown.append(f"persistent id ({type(pid).__name__})")
         return _Opaque()
 
 
@@ -406,7 +424,8 @@ def read_references(path: str) -> tuple[Any, list[str], dict[str, Record], bool]
     with open(path, "rb", buffering=0) as f, zipfile.ZipFile(f) as archive:
         pickled, records, little = read_archive(archive, f)
     unpickler = StubUnpickler(io.BytesIO(pickled))
-    return unpickler.load(), unpickler.unknown, records, little
+    obj = unpickle.load(unpickler.load, unpickle.nesting_bound(pickled), path, lambda: io.BytesIO(pickled))
+    return obj, unpickler.unknown, records, little
 
 
 def references_or_none(path: str) -> tuple[Any, list[str], dict[str, Record], bool] | None:

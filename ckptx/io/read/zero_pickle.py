@@ -21,8 +21,12 @@ from typing import Any, ClassVar
 
 from ckptx.dtypes import DTYPES
 from ckptx.errors import ForeignGlobal, SourceError
-from ckptx.io.read.torch_zip import Record, StubUnpickler, TensorRef, read_archive
+from ckptx.files import regular_size
+from ckptx.io.read import unpickle
+from ckptx.io.read.state_dict import unsupported_tensor
+from ckptx.io.read.torch_zip import Record, StubUnpickler, TensorRef, check_records, read_archive
 from ckptx.planning.source import RawSpan
+from ckptx.text import python_name, summary
 
 __all__ = [
     "ALLOWED_GLOBALS",
@@ -112,7 +116,7 @@ class _ZeroUnpickler(StubUnpickler):
             file, record = self._where
             raise ForeignGlobal(
                 file,
-                f"{module}.{name}",
+                python_name(module, name),
                 fmt="DeepSpeed ZeRO checkpoints",
                 where=record,
                 advice="check where this file came from",
@@ -131,6 +135,7 @@ class PickledFile:
 
     def partition(self, ref: Any, where: str) -> Partition:
         """`ref` (a 1-D contiguous tensor of this file) as a Partition, checked against its record and the file."""
+        _check_numbers(self.file, ref, where)
         if not isinstance(ref, TensorRef) or len(ref.shape) != 1 or ref.stride != (1,) and ref.shape[0] > 1:
             raise SourceError(
                 f"{self.file}: {where} is {describe(ref)}, not a flat (1-D, contiguous) tensor; "
@@ -143,11 +148,17 @@ class PickledFile:
         """`ref` (any strided tensor of this file) as a Stored tensor, checked against its record and the file."""
         if not isinstance(ref, TensorRef):
             raise SourceError(f"{self.file}: {where} is {describe(ref)}, not a tensor")
+        _check_numbers(self.file, ref, where)
         if not ref.plain:
             raise SourceError(
                 f"{self.file}: {where} carries tensor metadata (conjugate/negative bits) ckptx does "
                 f"not read; convert it with zero_to_fp32.py"
             )
+        if len(ref.stride) != len(ref.shape):
+            raise SourceError(f"{self.file}: {where} is {describe(ref)}: its strides do not fit its shape")
+        overlap = unsupported_tensor(ref)
+        if overlap is not None:  # a stride-0 view: a few stored bytes that would be written out many times
+            raise SourceError(f"{self.file}: {where} is {overlap}")
         numel = math.prod(ref.shape)
         extent = 0 if numel == 0 else 1 + sum((d - 1) * s for d, s in zip(ref.shape, ref.stride))
         start, _, dtype = self._bounds(ref, where, extent)
@@ -183,14 +194,25 @@ class PickledFile:
 def read_pickled(path: Path) -> PickledFile:
     """`path`'s pickle through the allow-listing stub unpickler; every failure is a one-line SourceError."""
     file = str(path)
+    size = regular_size(path, file)  # a FIFO in place of a rank file would block the open forever
     try:
-        size = path.stat().st_size
         with open(path, "rb", buffering=0) as f, zipfile.ZipFile(f) as archive:  # unbuffered: see torch_zip
+            check_records(archive.infolist(), size, file)  # before anything is inflated
             data, records, little = read_archive(archive, f)
             record = next(i.filename for i in archive.infolist() if i.filename.endswith("/data.pkl"))
     except FileNotFoundError:
         raise SourceError(f"{file}: no such file") from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, struct.error) as exc:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        ValueError,
+        OSError,
+        EOFError,
+        KeyError,
+        struct.error,
+        NotImplementedError,
+        OverflowError,
+    ) as exc:
         raise SourceError(
             f"{file}: not a readable torch zip file ({first_line(exc)}); it is truncated or "
             f"damaged: copy it again from where training wrote it"
@@ -199,7 +221,7 @@ def read_pickled(path: Path) -> PickledFile:
         raise SourceError(f"{file}: its storages are big-endian; ckptx reads little-endian checkpoints only")
     unpickler = _ZeroUnpickler(data, file, record)
     try:
-        obj = unpickler.load()
+        obj = unpickle.load(unpickler.load, unpickle.nesting_bound(data), file, lambda: io.BytesIO(data))
     except SourceError:
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged pickle raises anything; report it as one line
@@ -213,6 +235,18 @@ def read_pickled(path: Path) -> PickledFile:
     return PickledFile(file, obj, records, size)
 
 
+_INT64 = 2**63 - 1
+
+
+def _check_numbers(file: str, ref: Any, where: str) -> None:
+    """A tensor's offset, sizes and strides lie in [0, 2^63) (torch's int64), so that no later sum or message
+    works with a negative or a 5000-digit number."""
+    if isinstance(ref, TensorRef) and not all(0 <= n <= _INT64 for n in (ref.offset, *ref.shape, *ref.stride)):
+        raise SourceError(
+            f"{file}: {where} has a size, stride or offset that is negative or beyond int64; the file is corrupt"
+        )
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type name when it has none."""
     text = str(exc).strip()
@@ -222,8 +256,13 @@ def first_line(exc: BaseException) -> str:
 def describe(value: Any) -> str:
     """What a pickled value is, for messages: `a float32 tensor of shape [3] with strides [1]`, `a dict`."""
     if isinstance(value, TensorRef):
-        return f"a {value.dtype} tensor of shape {list(value.shape)} with strides {list(value.stride)}"
-    return f"a {type(value).__name__}"
+        return f"a {value.dtype} tensor of shape {_numbers(value.shape)} with strides {_numbers(value.stride)}"
+    return summary(value)
+
+
+def _numbers(values: Sequence[int]) -> str:
+    """`[3, 4]`; a huge number (a 5000-digit LONG4 has no printable repr) by its size."""
+    return "[" + ", ".join(str(n) if abs(n) < 2**70 else f"<{n.bit_length()}-bit number>" for n in values) + "]"
 
 
 def _row_major(shape: Sequence[int], stride: Sequence[int]) -> bool:

@@ -38,9 +38,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import DTYPES, TensorMeta, torch_dtype
-from ckptx.errors import SourceError
-from ckptx.io.read.zero_pickle import Partition, PickledFile, Stored, describe, first_line, read_pickled
+from ckptx.errors import SourceError, UnreadableFile
+from ckptx.files import read_bounded
+from ckptx.io.read.zero_pickle import Partition, PickledFile, Stored, describe, read_pickled
 from ckptx.planning.source import RawSpan, Source
+from ckptx.text import describe_key, quoted, shown, summary
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -196,39 +198,67 @@ class ZeroLayout:
 # ---------------------------------------------------------------------------------------------------- folder
 
 
+MAX_LATEST = 4096  # bytes of `latest`: DeepSpeed writes the tag and nothing else
+_TAG = re.compile(r"[A-Za-z0-9_.+=@,:-]{1,200}")
+
+
 def is_zero_folder(path: Path) -> bool:
-    """A DeepSpeed checkpoint folder: it holds `latest`, or `*_model_states.pt` and `*_optim_states.pt` files."""
+    """A DeepSpeed checkpoint folder: it holds `latest` (in any form: what it is is checked when it is read), or
+    `*_model_states.pt` and `*_optim_states.pt` files."""
     if not path.is_dir():
         return False
-    if (path / "latest").is_file():
+    latest = path / "latest"
+    if latest.exists() or latest.is_symlink():
         return True
     names = [p.name for p in path.iterdir()]
     return any(n.endswith("_model_states.pt") for n in names) and any(n.endswith("_optim_states.pt") for n in names)
 
 
 def resolve_tag(path: Path) -> tuple[Path, str]:
-    """The tag folder and tag: `path/<latest>` when `path` holds `latest`, else `path` itself."""
+    """The tag folder and tag: `path/<latest>` when `path` holds `latest`, else `path` itself.
+
+    `latest` is read as the checkpoint's own file: a regular file of at most MAX_LATEST bytes, inside the folder
+    (a symlink to a file elsewhere is refused unread). What it holds is shown only when it is a tag name (letters,
+    digits and `_.+=@,:-`); anything else is described by its size, so a message never shows another file's text.
+    """
     latest = path / "latest"
-    if not latest.is_file():
+    if not (latest.exists() or latest.is_symlink()):
         return path, path.name
+    shown_latest = str(latest)
+    _check_inside(latest, path, shown_latest)
     try:
-        tag = latest.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
+        raw = read_bounded(latest, shown_latest, MAX_LATEST, "a DeepSpeed `latest` file")
+    except UnreadableFile as exc:
+        raise SourceError(f"{exc}; it should hold the tag, e.g. global_step10") from None
+    try:
+        tag = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        tag = None
+    if tag is None or not _TAG.fullmatch(tag) or tag in (".", ".."):
         raise SourceError(
-            f"{latest}: unreadable ({first_line(exc)}); it should hold the tag, e.g. global_step10"
-        ) from None
-    tag_dir = path / tag
-    if not tag or "/" in tag or tag in (".", ".."):
-        raise SourceError(
-            f"{latest}: holds {tag!r}, not a tag folder name; write the tag (e.g. global_step10) "
-            f"or give the tag folder itself"
+            f"{shown_latest}: holds {len(raw)} bytes that are not a tag folder name (letters, digits and "
+            f"_.+=@,:- on one line); write the tag (e.g. global_step10) or give the tag folder itself"
         )
+    tag_dir = path / tag
     if not tag_dir.is_dir():
         raise SourceError(
-            f"{latest}: names tag '{tag}' but {tag_dir} is not a folder; the checkpoint was not "
+            f"{shown_latest}: names tag '{tag}' but {tag_dir} is not a folder; the checkpoint was not "
             f"saved completely: give an existing tag folder or fix `latest`"
         )
     return tag_dir, tag
+
+
+def _check_inside(latest: Path, folder: Path, shown: str) -> None:
+    """`latest` (a symlink followed) lies in the checkpoint folder; it is not read when it does not."""
+    try:
+        inside = latest.resolve().parent == folder.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: Python 3.11 raises RuntimeError
+        inside = False
+    if not inside:
+        raise SourceError(
+            f"{shown}: is a symlink to a file outside the checkpoint folder; ckptx reads the `latest` DeepSpeed "
+            f"wrote beside the tag folders only (not read): give the tag folder itself"
+        )
 
 
 def _rank_files(tag_dir: Path, pattern: re.Pattern[str], kind: str, world_size: int) -> list[Path]:
@@ -285,29 +315,56 @@ def _optim_files(tag_dir: Path) -> list[Path]:
 def _key(pickled: PickledFile, mapping: Any, key: str, where: str) -> Any:
     if not isinstance(mapping, Mapping) or key not in mapping:
         raise SourceError(
-            f"{pickled.file}: no '{key}' in {where}; not a DeepSpeed ZeRO checkpoint file "
+            f"{pickled.file}: no {quoted(key)} in {where}; not a DeepSpeed ZeRO checkpoint file "
             f"(or written by a DeepSpeed this reader does not know)"
         )
     return mapping[key]
 
 
+_MAX_NUMEL = 2**63 - 1  # torch sizes are int64
+
+
 def _shape(pickled: PickledFile, value: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(value, tuple) or not all(isinstance(d, int) and d >= 0 for d in value):
+    if (
+        not isinstance(value, tuple)
+        or not all(type(d) is int and 0 <= d <= _MAX_NUMEL for d in value)
+        or math.prod(value) > _MAX_NUMEL
+    ):
         raise SourceError(f"{pickled.file}: {where} is {describe(value)}, not a shape")
     return tuple(value)
 
 
-def _zero_stage(pickled: PickledFile) -> tuple[int, int]:
-    """(stage, world size) from one optim-states file."""
+def _named(pickled: PickledFile, mapping: Mapping[Any, Any], where: str) -> list[tuple[str, Any]]:
+    """The items of a name -> value dict of the pickle; a name that is not a string is refused by its description."""
+    for name in mapping:
+        if not isinstance(name, str):
+            raise SourceError(
+                f"{pickled.file}: {where} has the key {describe_key(name)}, not a parameter name; the file is not "
+                f"a ZeRO checkpoint DeepSpeed wrote"
+            )
+    return list(mapping.items())
+
+
+def _zero_stage(pickled: PickledFile, files: int) -> tuple[int, int]:
+    """(stage, world size) from one optim-states file; the world size is at most `files`, the optim-states files
+    of the tag folder (one per rank), so a corrupt count is refused before anything is sized by it."""
     osd = _key(pickled, pickled.obj, "optimizer_state_dict", "the top level")
     stage = _key(pickled, osd, "zero_stage", "optimizer_state_dict")
     count = _key(pickled, osd, "partition_count", "optimizer_state_dict")
     counts = count if isinstance(count, list) else [count]
-    if not isinstance(stage, int) or stage not in (1, 2, 3):
-        raise SourceError(f"{pickled.file}: optimizer_state_dict.zero_stage is {stage!r}; only ZeRO stages 1-3 exist")
-    if not counts or not all(isinstance(c, int) and c > 0 for c in counts):
-        raise SourceError(f"{pickled.file}: optimizer_state_dict.partition_count is {count!r}, not a world size")
-    return int(stage), max(counts)
+    if not isinstance(stage, int) or isinstance(stage, bool) or stage not in (1, 2, 3):
+        raise SourceError(
+            f"{pickled.file}: optimizer_state_dict.zero_stage is {summary(stage)}; only ZeRO stages 1-3 exist"
+        )
+    if not counts or not all(type(c) is int and c > 0 for c in counts):
+        raise SourceError(f"{pickled.file}: optimizer_state_dict.partition_count is {summary(count)}, not a world size")
+    world_size = max(counts)
+    if world_size > files:
+        raise SourceError(
+            f"{pickled.file}: optimizer_state_dict.partition_count says {summary(world_size)} ranks but the tag "
+            f"folder holds {files} optimizer file(s); copy every rank's files of this tag (or the file is corrupt)"
+        )
+    return int(stage), world_size
 
 
 def _partitions(optims: Sequence[PickledFile], key: str) -> list[list[Partition]]:
@@ -340,7 +397,10 @@ def _param_shapes(pickled: PickledFile) -> list[list[tuple[str, tuple[int, ...]]
     if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
         raise SourceError(f"{pickled.file}: param_shapes is {describe(groups)}, not a list of name -> shape dicts")
     return [
-        [(str(name), _shape(pickled, shape, f"param_shapes[{i}]['{name}']")) for name, shape in group.items()]
+        [
+            (name, _shape(pickled, shape, f"param_shapes[{i}][{quoted(name)}]"))
+            for name, shape in _named(pickled, group, f"param_shapes[{i}]")
+        ]
         for i, group in enumerate(groups)
     ]
 
@@ -372,23 +432,29 @@ def _model_states(pickled: PickledFile) -> _ModelStates:
     module = _key(pickled, obj, "module", "the top level")
     if not isinstance(names, list) or not isinstance(module, Mapping):
         raise SourceError(f"{pickled.file}: buffer_names or module has the wrong type; not a model-states file")
-    wanted = set(names)
-    buffers = tuple((str(k), pickled.stored(v, f"module['{k}']")) for k, v in module.items() if k in wanted)
+    wanted = {name for name in names if isinstance(name, str)}
+    buffers = tuple(
+        (k, pickled.stored(v, f"module[{quoted(k)}]")) for k, v in _named(pickled, module, "module") if k in wanted
+    )
     frozen = obj.get("frozen_param_shapes")
     if frozen is not None and not isinstance(frozen, Mapping):
         raise SourceError(f"{pickled.file}: frozen_param_shapes is {describe(frozen)}, not a name -> shape dict")
     frozen_shapes = tuple(
-        (str(k), _shape(pickled, v, f"frozen_param_shapes['{k}']")) for k, v in (frozen or {}).items()
+        (k, _shape(pickled, v, f"frozen_param_shapes[{quoted(k)}]"))
+        for k, v in _named(pickled, frozen or {}, "frozen_param_shapes")
     )
     shared = _key(pickled, obj, "shared_params", "the top level")
     if not isinstance(shared, Mapping):
         raise SourceError(f"{pickled.file}: shared_params is {describe(shared)}, not a name -> name dict")
+    aliases = _named(pickled, shared, "shared_params")
+    if not all(isinstance(v, str) for _, v in aliases):
+        raise SourceError(f"{pickled.file}: shared_params maps a name to something else than a parameter name")
     version = obj.get("ds_version")
     return _ModelStates(
         buffers,
         frozen_shapes,
-        tuple((str(k), str(v)) for k, v in shared.items()),
-        str(version) if version is not None else None,
+        tuple(aliases),
+        shown(version[:40]) if isinstance(version, str) else None,  # informational: anything else is unknown
     )
 
 
@@ -405,7 +471,9 @@ def _fragments(pickled: PickledFile) -> Mapping[str, Any]:
 def _fragment(pickled: PickledFile, name: str) -> Any:
     fragments = _fragments(pickled)
     if name not in fragments:
-        raise SourceError(f"{pickled.file}: frozen_param_fragments has no '{name}', which frozen_param_shapes lists")
+        raise SourceError(
+            f"{pickled.file}: frozen_param_fragments has no {quoted(name)}, which frozen_param_shapes lists"
+        )
     return fragments[name]
 
 
@@ -440,7 +508,7 @@ def _zero2_entries(
             numel = math.prod(shape)
             if offset + numel > run.numel:
                 raise SourceError(
-                    f"{model_file}: param_shapes[{g}]['{name}'] ends at element {offset + numel} of "
+                    f"{model_file}: param_shapes[{g}][{quoted(name)}] ends at element {offset + numel} of "
                     f"group {g}, whose partitions hold {run.numel}; the sizes do not add up"
                 )
             yield name, Gathered(tuple(run.cut(offset, numel)), run.parts[0].dtype, shape)
@@ -452,7 +520,11 @@ def _group_paddings(pads: Any, params: int, group: int, file: str) -> list[int]:
     """One group's `param_alignment_paddings` (all 0 when the checkpoint has none, as older DeepSpeed wrote)."""
     if pads is None:
         return [0] * params
-    if not isinstance(pads, list) or len(pads) != params or not all(isinstance(x, int) and x >= 0 for x in pads):
+    if (
+        not isinstance(pads, list)
+        or len(pads) != params
+        or not all(type(x) is int and 0 <= x <= _MAX_NUMEL for x in pads)
+    ):
         raise SourceError(
             f"{file}: optimizer_state_dict.param_alignment_paddings[{group}] is {describe(pads)} for "
             f"the {params} parameters of group {group}; the sizes do not add up"
@@ -497,11 +569,11 @@ def _zero3_entries(
 
 def _zero3_frozen(name: str, shape: tuple[int, ...], models: Sequence[PickledFile]) -> Gathered:
     """A ZeRO-3 frozen parameter: every rank's fragment end to end, cut to its numel (`_zero3_merge_frozen_params`)."""
-    run = FlatRun.of([m.partition(_fragment(m, name), f"frozen_param_fragments['{name}']") for m in models])
+    run = FlatRun.of([m.partition(_fragment(m, name), f"frozen_param_fragments[{quoted(name)}]") for m in models])
     numel = math.prod(shape)
     if run.numel < numel or len({p.dtype for p in run.parts}) != 1:
         raise SourceError(
-            f"{models[0].file}: frozen_param_fragments['{name}'] hold {run.numel} elements over the "
+            f"{models[0].file}: frozen_param_fragments[{quoted(name)}] hold {run.numel} elements over the "
             f"ranks, the shape {list(shape)} needs {numel}; the sizes do not add up"
         )
     return Gathered(tuple(run.cut(0, numel)), run.parts[0].dtype, shape)
@@ -509,10 +581,10 @@ def _zero3_frozen(name: str, shape: tuple[int, ...], models: Sequence[PickledFil
 
 def _zero2_frozen(name: str, shape: tuple[int, ...], model: PickledFile) -> Stored:
     """A ZeRO-1/2 frozen parameter: stored whole in the model-states file (`_zero2_merge_frozen_params`)."""
-    stored = model.stored(_fragment(model, name), f"frozen_param_fragments['{name}']")
+    stored = model.stored(_fragment(model, name), f"frozen_param_fragments[{quoted(name)}]")
     if stored.shape != shape:
         raise SourceError(
-            f"{model.file}: frozen_param_fragments['{name}'] has shape {list(stored.shape)} but "
+            f"{model.file}: frozen_param_fragments[{quoted(name)}] has shape {list(stored.shape)} but "
             f"frozen_param_shapes says {list(shape)}; the sizes do not add up"
         )
     return stored
@@ -523,13 +595,13 @@ def read_layout(path: Path) -> ZeroLayout:
     tag_dir, tag = resolve_tag(path)
     optim_paths = _optim_files(tag_dir)
     first = read_pickled(optim_paths[0])
-    stage, world_size = _zero_stage(first)
+    stage, world_size = _zero_stage(first, len(optim_paths))
     optim_paths = _rank_files(tag_dir, _OPTIM, "*_optim_states.pt", world_size)
     optims = [first if p == optim_paths[0] else read_pickled(p) for p in optim_paths]
     for pickled in optims[1:]:
-        if _zero_stage(pickled) != (stage, world_size):
+        if _zero_stage(pickled, len(optim_paths)) != (stage, world_size):
             raise SourceError(
-                f"{pickled.file}: ZeRO stage/world size {_zero_stage(pickled)}, rank 0 says "
+                f"{pickled.file}: ZeRO stage/world size {_zero_stage(pickled, len(optim_paths))}, rank 0 says "
                 f"{(stage, world_size)}; the rank files come from different runs"
             )
     if stage <= 2:
