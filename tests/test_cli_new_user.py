@@ -162,7 +162,7 @@ def test_a_validation_failure_prints_what_a_success_prints_and_what_failed(run_c
     assert result.code == 1 and not dst.exists()
     lines = result.out.splitlines()
     assert lines[0].startswith(f"source: {src} (safetensors), weights at '.': {len(state) + 1} tensors")
-    assert lines[1] == "recipe: (no recipe: tensors as they are) ()"
+    assert lines[1] == "recipe: (no recipe: tensors as they are)"
     assert lines[2] == f"plan: {len(state) + 1} tensors out, 0 dropped"
     assert lines[3] == (
         f"validation against {TINY_TARGET}(): FAILED: 1 unexpected key ({len(state)}/{len(state)} target keys fit)"
