@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,14 @@ def test_a_batch_job_takes_a_model_folder_as_its_source(run_cli, llama_folder, t
     result = run_cli("batch", jobs)
     assert result.code == 0, result.out + result.err
     assert _keys(tmp_path / "out") == _keys(llama_folder)
+
+
+def test_a_config_json_that_is_a_fifo_is_refused_not_waited_on(run_cli, llama_folder, tmp_path) -> None:
+    folder = tmp_path / "fifo"
+    folder.mkdir()
+    for weights in llama_folder.glob("*.safetensors*"):
+        (folder / weights.name).symlink_to(weights)
+    os.mkfifo(folder / "config.json")
+    result = run_cli("inspect", folder)
+    assert result.code == 2
+    assert f"{folder / 'config.json'}: is a named pipe, not a regular file" in result.err

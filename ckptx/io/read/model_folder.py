@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptx.errors import SourceError, UnreadableFile
-from ckptx.files import read_bounded
+from ckptx.files import read_bounded, regular_size
 
 __all__ = [
     "CONFIG",
@@ -70,7 +70,11 @@ class ModelFolder:
 
 def find_model_folder(folder: Path, shown: str) -> ModelFolder | None:
     """The model folder `folder` is, or None when it holds no config document. A folder with a config but no
-    weights (or with weights ckptx cannot choose between) is refused with the reason."""
+    weights (or with weights ckptx cannot choose between) is refused with the reason, and so is a config document
+    that is not a regular file (a FIFO named config.json is never waited on)."""
+    for name in (CONFIG, PARAMS):
+        if (folder / name).exists() and not (folder / name).is_file():
+            regular_size(folder / name, str(folder / name))  # raises UnreadableFile saying what it is
     if (folder / CONFIG).is_file():
         for name in _HF_WEIGHTS:
             if (folder / name).is_file():

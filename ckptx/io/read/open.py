@@ -6,7 +6,7 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-from ckptx.errors import SourceError
+from ckptx.errors import SourceError, UnreadableFile
 from ckptx.files import check_regular_file
 from ckptx.io.read.model_folder import config_documents, find_model_folder
 from ckptx.io.read.safetensors_reader import SafetensorsSource
@@ -77,6 +77,8 @@ def is_checkpoint_folder(path: Path) -> bool:
         return True
     try:
         return find_model_folder(path, str(path)) is not None
+    except UnreadableFile:  # a config document that is a FIFO, a device or huge: say so, not "not a checkpoint"
+        raise
     except SourceError:
         return False
 
