@@ -43,9 +43,11 @@ test-main: venv docs
 	    --timeout=$(PYTEST_TIMEOUT) tests $(PYTEST_ARGS)
 
 # Everything that needs only ckptx's own dependencies, on the floor versions (tests/real, tests/integrations,
-# tests/suggest, the DeepSpeed, GGUF and MXFP4 tests need the pinned timm/transformers/MMPretrain/DeepSpeed/gguf of .venv).
+# tests/suggest, the DeepSpeed, GGUF and MXFP4 tests need the pinned timm/transformers/MMPretrain/DeepSpeed/gguf of .venv;
+# the FP8 tests write and read their float8 fixtures with the safetensors library, which 0.4.0 cannot do for float8).
 FLOOR_IGNORE := --ignore=tests/real --ignore=tests/integrations --ignore=tests/suggest --ignore=tests/io/test_zero.py \
-                --ignore=tests/io/test_gguf_reader.py --ignore=tests/io/test_gguf_writer.py --ignore=tests/ops/test_mxfp4.py
+                --ignore=tests/io/test_gguf_reader.py --ignore=tests/io/test_gguf_writer.py --ignore=tests/ops/test_mxfp4.py \
+                --ignore=tests/io/test_hostile_zero.py --ignore=tests/ops/test_fp8.py
 test-floor: floor-venv
 	$(TEST_ENV) PYTHONSAFEPATH=1 .venv-floor/bin/python -m pytest -p no:cacheprovider --import-mode=append \
 	    --timeout=$(PYTEST_TIMEOUT) tests $(FLOOR_IGNORE) $(PYTEST_ARGS)

@@ -20,6 +20,7 @@ import hashlib
 import os
 import pickle
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -321,3 +322,42 @@ def add_record(path: Path, key: str, data: bytes) -> None:
         prefix = next(n for n in src.namelist() if is_data_pkl(n))[: -len("data.pkl")]
     with zipfile.ZipFile(path, "a", zipfile.ZIP_STORED) as dst:
         dst.writestr(f"{prefix}data/{key}", data)
+
+
+@dataclass
+class Case:
+    """A case's folder: its copy of the checkpoint, the secret outside it, and the payload's marker."""
+
+    root: Path
+    secret: Path
+    marker: Path
+    env: dict[str, str]
+
+    def run(self, *args: object, timeout: float = 60) -> Outcome:
+        return run_ckptx(args, cwd=self.root, env=self.env, timeout=timeout)
+
+    def guard(self, *inputs: Path, max_rss: int = GIB) -> Guard:
+        return Guard([*inputs, self.secret], self.marker, max_rss=max_rss)
+
+
+def new_case(tmp_path: Path) -> Case:
+    """A case under `tmp_path`: its own folder, and a secret and a payload marker outside it."""
+    from tests.conftest import subprocess_env
+
+    root = tmp_path / "case"
+    root.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    return Case(root, write_secret(outside), outside / "payload-ran", subprocess_env())
+
+
+def copy_seed(seed: Path, case: Case, name: str | None = None) -> Path:
+    """The case's own copy of a real checkpoint folder (links kept as links)."""
+    return Path(shutil.copytree(seed, case.root / (name or seed.name), symlinks=True))
+
+
+def jobs_file(case: Case, text: str) -> Path:
+    """A jobs file in the case's folder whose jobs (YAML list items) are `text`."""
+    path = case.root / "jobs.yaml"
+    path.write_text("ckptx: 1\ndefaults: {rules: [common/extract-state-dict]}\njobs:\n" + text)
+    return path

@@ -130,6 +130,8 @@ def test_pth_card_hashes_each_view_of_a_shared_storage_as_its_own_row_major_byte
 
 def test_model_folder_gets_its_card_inside_beside_the_weights(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the floor versions' venv has ckptx's own dependencies only; .venv (pinned transformers) always runs this
+    pytest.importorskip("transformers")
     from ckptx.factories import transformers_model
 
     torch.manual_seed(1)

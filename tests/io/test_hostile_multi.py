@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,24 +22,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import subprocess_env
-from tests.helpers.deepspeed_train import launch
 from tests.helpers.hostile import (
     GIB,
-    Guard,
-    Outcome,
-    add_record,
+    Case,
+    copy_seed,
     deep_list,
     deep_tuple_key,
-    int_opcodes,
+    jobs_file,
+    new_case,
     payload_pickle,
-    read_pickle_record,
     rewrite_zip,
-    run_ckptx,
-    splice_after,
     splice_string,
     tensor_equal,
-    tensor_opcodes,
-    write_secret,
 )
 
 HELPERS = Path(__file__).resolve().parents[1] / "helpers"
@@ -67,41 +60,9 @@ def dcp_seed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "default"
 
 
-@pytest.fixture(scope="session")
-def zero_seed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ZeRO-2 and ZeRO-3 folders (`zero2-fp32`, `zero3-fp32`) from one 2-rank DeepSpeed run on the CPU."""
-    root = tmp_path_factory.mktemp("hostile-zero")
-    launch(root, stages=(2, 3), dtypes=("fp32",), width=13)
-    return root
-
-
-@dataclass
-class Case:
-    """A case's folder: its copy of the checkpoint, the secret outside it, and the payload's marker."""
-
-    root: Path
-    secret: Path
-    marker: Path
-    env: dict[str, str]
-
-    def run(self, *args: object, timeout: float = 60) -> Outcome:
-        return run_ckptx(args, cwd=self.root, env=self.env, timeout=timeout)
-
-    def guard(self, *inputs: Path, max_rss: int = GIB) -> Guard:
-        return Guard([*inputs, self.secret], self.marker, max_rss=max_rss)
-
-
 @pytest.fixture
 def case(tmp_path: Path) -> Case:
-    root = tmp_path / "case"
-    root.mkdir()
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    return Case(root, write_secret(outside), outside / "payload-ran", subprocess_env())
-
-
-def _copy(seed: Path, case: Case, name: str | None = None) -> Path:
-    return Path(shutil.copytree(seed, case.root / (name or seed.name), symlinks=True))
+    return new_case(tmp_path)
 
 
 # ---- torch.distributed.checkpoint ---------------------------------------------------------------------------------
@@ -295,7 +256,7 @@ DCP_CASES = {
 
 @pytest.mark.parametrize("mutation", DCP_CASES.values(), ids=DCP_CASES.keys())
 def test_hostile_dcp_folder_is_one_error_line(dcp_seed: Path, case: Case, mutation) -> None:
-    folder = _copy(dcp_seed, case)
+    folder = copy_seed(dcp_seed, case)
     args = mutation(folder, case)
     guard = case.guard(folder)
     guard.check(case.run(*args), codes=(2,))
@@ -305,7 +266,7 @@ def test_hostile_dcp_folder_is_one_error_line(dcp_seed: Path, case: Case, mutati
     "mutation", [dcp_200k_one_element_chunks, dcp_grid_of_400_by_400_chunks], ids=["200k-chunks", "400x400-grid"]
 )
 def test_many_chunks_are_checked_in_seconds(dcp_seed: Path, case: Case, mutation) -> None:
-    folder = _copy(dcp_seed, case)
+    folder = copy_seed(dcp_seed, case)
     args = mutation(folder, case)
     guard = case.guard(folder)
     outcome = case.run(*args)
@@ -314,7 +275,7 @@ def test_many_chunks_are_checked_in_seconds(dcp_seed: Path, case: Case, mutation
 
 
 def test_an_overlap_among_many_chunks_is_named(dcp_seed: Path, case: Case) -> None:
-    folder = _copy(dcp_seed, case)
+    folder = copy_seed(dcp_seed, case)
     args = dcp_200k_chunks_last_overlapping(folder, case)
     guard = case.guard(folder)
     outcome = case.run(*args)
@@ -326,199 +287,15 @@ def test_an_untouched_dcp_folder_converts_to_torchs_own_reading(dcp_seed: Path, 
     """The control: the same harness on the real folder, and the output equal to `dcp_to_torch_save`'s."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    folder = _copy(dcp_seed, case)
+    folder = copy_seed(dcp_seed, case)
     guard = case.guard(folder)
     out = case.root / "out.safetensors"
     guard.check(case.run("convert", folder, "-o", out, "-r", "common/extract-state-dict"), codes=(0,))
     dcp_to_torch_save(folder, case.root / "ref.pt")
     want = torch.load(case.root / "ref.pt", weights_only=False)["model"]
     got = load_file(str(out))
-    assert list(got) == list(want) and all(tensor_equal(got[k], want[k].contiguous()) for k in want)
-
-
-# ---- DeepSpeed ZeRO ---------------------------------------------------------------------------------------------
-
-
-def _rank_file(folder: Path, name: str) -> Path:
-    return folder / TAG / name
-
-
-OPTIM0 = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-OPTIM1 = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-MODEL2 = "mp_rank_00_model_states.pt"
-
-
-def _splice_data_pkl(path: Path, name: str, opcodes: bytes) -> None:
-    data = read_pickle_record(path)
-    rewrite_zip(path, lambda record, raw: splice_after(data, name, opcodes) if record.endswith("/data.pkl") else raw)
-
-
-def zero_latest_links_to_secret(folder: Path, case: Case) -> list[object]:
-    (folder / "latest").unlink()
-    (folder / "latest").symlink_to(case.secret)
-    return ["inspect", folder]
-
-
-def zero_latest_holds_secret(folder: Path, case: Case) -> list[object]:
-    (folder / "latest").write_text(case.secret.read_text())
-    return ["inspect", folder]
-
-
-def zero_latest_holds_a_secret_word(folder: Path, case: Case) -> list[object]:
-    (folder / "latest").unlink()
-    (folder / "latest").symlink_to(case.secret)
-    case.secret.write_text("ckptx-hostile-secret-7c1e\n")  # one word: a tag as far as its form goes
-    return ["inspect", folder]
-
-
-def zero_latest_fifo(folder: Path, case: Case) -> list[object]:
-    (folder / "latest").unlink()
-    os.mkfifo(folder / "latest")
-    return ["inspect", folder]
-
-
-def zero_latest_urandom(folder: Path, case: Case) -> list[object]:
-    (folder / "latest").unlink()
-    (folder / "latest").symlink_to("/dev/urandom")
-    return ["inspect", folder]
-
-
-def zero_latest_sparse_7gib(folder: Path, case: Case) -> list[object]:
-    os.truncate(folder / "latest", 7 * GIB)
-    return ["inspect", folder]
-
-
-def zero_rank_file_fifo(folder: Path, case: Case) -> list[object]:
-    _rank_file(folder, OPTIM1).unlink()
-    os.mkfifo(_rank_file(folder, OPTIM1))
-    return ["inspect", folder]
-
-
-def zero_rank_file_urandom(folder: Path, case: Case) -> list[object]:
-    _rank_file(folder, OPTIM1).unlink()
-    _rank_file(folder, OPTIM1).symlink_to("/dev/urandom")
-    return ["inspect", folder]
-
-
-def zero_payload_in_rank_file(folder: Path, case: Case) -> list[object]:
-    rewrite_zip(
-        _rank_file(folder, OPTIM1), lambda name, raw: payload_pickle(case.marker) if name.endswith("/data.pkl") else raw
-    )
-    return ["inspect", folder]
-
-
-def zero_payload_inside_model_states(folder: Path, case: Case) -> list[object]:
-    _splice_data_pkl(_rank_file(folder, MODEL2), "ds_version", payload_pickle(case.marker)[2:-1])
-    return ["inspect", folder]
-
-
-def _zero_value(name: str, file: str, opcodes: bytes) -> Callable[[Path, Case], list[object]]:
-    def mutate(folder: Path, case: Case) -> list[object]:
-        _splice_data_pkl(_rank_file(folder, file), name, opcodes)
-        return ["inspect", folder]
-
-    return mutate
-
-
-def zero_rank_file_inflates(folder: Path, case: Case) -> list[object]:
-    rewrite_zip(_rank_file(folder, OPTIM1), bomb=200 << 20)
-    return ["convert", folder, "-o", case.root / "out.safetensors"]
-
-
-def zero_buffer_is_an_expanded_view(folder: Path, case: Case) -> list[object]:
-    path = _rank_file(folder, MODEL2)
-    add_record(path, "hostile", bytes(4))
-    expanded = tensor_opcodes("hostile", 1, (13,), (0,))  # bn.running_mean: 13 elements from 1 stored
-    data = read_pickle_record(path)
-    rewrite_zip(
-        path, lambda name, raw: splice_after(data, "bn.running_mean", expanded) if name.endswith("/data.pkl") else raw
-    )
-    return ["convert", folder, "-o", case.root / "out.safetensors"]
-
-
-def zero_frozen_fragment_is_an_expanded_view(folder: Path, case: Case) -> list[object]:
-    path = _rank_file(folder, MODEL2)
-    add_record(path, "hostile", bytes(4))
-    expanded = tensor_opcodes("hostile", 1, (13, 13), (0, 0))
-    data = read_pickle_record(path)
-    spliced = splice_after(data, "frozen.weight", expanded, section="frozen_param_fragments")
-    rewrite_zip(path, lambda name, raw: spliced if name.endswith("/data.pkl") else raw)
-    return ["convert", folder, "-o", case.root / "out.safetensors"]
-
-
-ZERO_CASES = {
-    "latest-links-to-secret": zero_latest_links_to_secret,
-    "latest-holds-secret": zero_latest_holds_secret,
-    "latest-links-to-a-secret-word": zero_latest_holds_a_secret_word,
-    "latest-fifo": zero_latest_fifo,
-    "latest-urandom": zero_latest_urandom,
-    "latest-sparse-7gib": zero_latest_sparse_7gib,
-    "rank-file-fifo": zero_rank_file_fifo,
-    "rank-file-urandom": zero_rank_file_urandom,
-    "payload-rank-file": zero_payload_in_rank_file,
-    "payload-inside-model-states": zero_payload_inside_model_states,
-    "partition-count-1e9": _zero_value("partition_count", OPTIM0, int_opcodes(10**9)),
-    "partition-count-1e12": _zero_value("partition_count", OPTIM0, int_opcodes(10**12)),
-    "deep-zero-stage": _zero_value("zero_stage", OPTIM0, deep_list(DEEP)),
-    "deep-partition-count": _zero_value("partition_count", OPTIM0, deep_list(DEEP)),
-    "rank-file-inflates": zero_rank_file_inflates,
-    "buffer-expanded-view": zero_buffer_is_an_expanded_view,
-    "frozen-fragment-expanded-view": zero_frozen_fragment_is_an_expanded_view,
-}
-
-
-@pytest.mark.parametrize("mutation", ZERO_CASES.values(), ids=ZERO_CASES.keys())
-def test_hostile_zero_folder_is_one_error_line(zero_seed: Path, case: Case, mutation) -> None:
-    folder = _copy(zero_seed / "zero2-fp32", case)
-    args = mutation(folder, case)
-    guard = case.guard(folder)
-    guard.check(case.run(*args), codes=(2,))
-
-
-def test_a_dict_keyed_by_a_200k_deep_tuple_loads_without_a_crash(zero_seed: Path, case: Case) -> None:
-    """Unpickling hashes the key (CPython recurses once per level): on a thread with a stack for it, not the
-    process's own, which it would overflow. The dict is where ds_version goes, so the version is unknown."""
-    folder = _copy(zero_seed / "zero2-fp32", case)
-    args = _zero_value("ds_version", MODEL2, deep_tuple_key(DEEP))(folder, case)
-    guard = case.guard(folder)
-    outcome = case.run(*args)
-    guard.check(outcome, codes=(0,))
-    assert "written by deepspeed (unknown version)" in outcome.out, outcome
-
-
-def test_a_deeply_nested_deepspeed_version_is_an_unknown_version(zero_seed: Path, case: Case) -> None:
-    folder = _copy(zero_seed / "zero2-fp32", case)
-    args = _zero_value("ds_version", MODEL2, deep_list(DEEP))(folder, case)
-    guard = case.guard(folder)
-    outcome = case.run(*args)
-    guard.check(outcome, codes=(0,))
-    assert "written by deepspeed (unknown version)" in outcome.out, outcome
-
-
-def test_a_hostile_zero3_folder_is_one_error_line_too(zero_seed: Path, case: Case) -> None:
-    folder = _copy(zero_seed / "zero3-fp32", case)
-    _splice_data_pkl(_rank_file(folder, OPTIM0), "partition_count", int_opcodes(10**9))
-    guard = case.guard(folder)
-    guard.check(case.run("inspect", folder), codes=(2,))
-
-
-def test_an_untouched_zero_folder_converts_to_deepspeeds_own_reading(zero_seed: Path, case: Case) -> None:
-    folder = _copy(zero_seed / "zero3-fp32", case)
-    guard = case.guard(folder)
-    out = case.root / "out.safetensors"
-    guard.check(case.run("convert", folder, "-o", out), codes=(0,))
-    env = {**case.env, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(
-        [sys.executable, str(HELPERS / "zero_reference.py"), str(case.root / "ref"), str(folder)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    want = torch.load(case.root / "ref" / folder.name / "pytorch_model.bin", weights_only=True)
-    got = load_file(str(out))
-    assert list(got) == list(want) and all(tensor_equal(got[k], want[k]) for k in want)
+    # the same tensors; their order follows the .metadata file, which torch 2.13 writes in another order
+    assert sorted(got) == sorted(want) and all(tensor_equal(got[k], want[k].contiguous()) for k in want)
 
 
 # ---- sharded indexes and model folders ---------------------------------------------------------------------------
@@ -618,30 +395,9 @@ def test_hostile_sharded_checkpoint_is_one_error_line(sharded: Path, case: Case,
 # ---- jobs files: one job writing over another job's source -----------------------------------------------------
 
 
-def _jobs(case: Case, text: str) -> Path:
-    path = case.root / "jobs.yaml"
-    path.write_text("ckptx: 1\ndefaults: {rules: [common/extract-state-dict]}\njobs:\n" + text)
-    return path
-
-
-def test_a_job_writing_a_zero_rank_file_of_another_jobs_source_is_refused(zero_seed: Path, case: Case) -> None:
-    folder = _copy(zero_seed / "zero2-fp32", case, "ckpt")
-    other = case.root / "other.safetensors"
-    save_file({"w": torch.ones(3)}, str(other))
-    jobs = _jobs(
-        case,
-        "  - {src: ckpt, dst: out/a.safetensors}\n"
-        f"  - {{src: other.safetensors, dst: ckpt/{TAG}/{OPTIM1}, force: true}}\n",
-    )
-    guard = case.guard(folder, other, jobs)
-    outcome = case.run("batch", jobs)
-    guard.check(outcome, codes=(2,))
-    assert f"output ckpt/{TAG}/{OPTIM1} is a file of the source of" in outcome.err, outcome
-
-
 def test_a_job_writing_a_shard_of_another_jobs_index_is_refused(sharded: Path, case: Case) -> None:
     shutil.copy(sharded / "m-00001-of-00002.safetensors", case.root / "single.safetensors")
-    jobs = _jobs(
+    jobs = jobs_file(
         case,
         "  - {src: model/m.safetensors.index.json, dst: out/a.safetensors}\n"
         "  - {src: single.safetensors, dst: model/m-00002-of-00002.safetensors, force: true}\n",
@@ -653,11 +409,11 @@ def test_a_job_writing_a_shard_of_another_jobs_index_is_refused(sharded: Path, c
 
 
 def test_a_job_writing_into_another_jobs_folder_through_an_alias_is_refused(dcp_seed: Path, case: Case) -> None:
-    folder = _copy(dcp_seed, case, "ckpt")
+    folder = copy_seed(dcp_seed, case, "ckpt")
     (case.root / "alias").symlink_to(folder, target_is_directory=True)
     other = case.root / "other.safetensors"
     save_file({"w": torch.ones(3)}, str(other))
-    jobs = _jobs(
+    jobs = jobs_file(
         case,
         "  - {src: ckpt, dst: out/a.safetensors}\n"
         "  - {src: other.safetensors, dst: alias/__0_0.distcp.safetensors, force: true}\n"
