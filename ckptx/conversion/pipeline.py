@@ -166,7 +166,9 @@ def _spec_for(recipe: Recipe, request: ConvertRequest, source: Source) -> Target
     model the source's own config describes. A model folder is validated in the layout `save_pretrained` writes."""
     spec = target_spec_for(recipe, request.target, request.target_args)
     folder = request.dst is not None and _is_folder(request.dst)
-    if spec is None and folder and source.configs:
+    if spec is None and folder and source.format == "gguf":  # the config its metadata describes
+        spec = TargetSpec(config=str(request.src), kwargs=dict(request.target_args), where="the GGUF metadata")
+    elif spec is None and folder and source.configs:
         where = request.src if request.src.is_dir() else request.src.parent
         spec = TargetSpec(config=str(where), kwargs=dict(request.target_args), where="the source's config")
     if spec is not None and folder:
