@@ -101,8 +101,11 @@ def is_gguf_file(spec: str | Path) -> bool:
 def gguf_to_hf(file: Path) -> dict[str, Any]:
     """The LlamaForCausalLM config a GGUF file's metadata describes (io/read/gguf_llama.py); TargetError naming
     the file and each problem when it is not a Llama that LlamaForCausalLM computes exactly."""
-    with GgufSource(file) as source:
+    source = GgufSource(file)
+    try:
         config = source.hf_config()
+    finally:
+        source.close()
     if config.problems:
         raise TargetError(
             f"{file}: its metadata does not describe a LlamaForCausalLM: {'; '.join(config.problems)}; "

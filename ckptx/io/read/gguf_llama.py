@@ -3,7 +3,8 @@ its metadata and tensor names (what llama.cpp's `convert_hf_to_gguf.py` wrote fr
 
 | config.json | GGUF |
 |---|---|
-| `hidden_size`, `intermediate_size`, `num_hidden_layers` | `llama.embedding_length`, `.feed_forward_length`, `.block_count` |
+| `hidden_size`, `intermediate_size` | `llama.embedding_length`, `llama.feed_forward_length` |
+| `num_hidden_layers` | `llama.block_count` |
 | `num_attention_heads`, `num_key_value_heads` | `llama.attention.head_count`, `.head_count_kv` |
 | `head_dim` | `llama.attention.key_length` (when written; else hidden / heads) |
 | `rms_norm_eps`, `max_position_embeddings` | `llama.attention.layer_norm_rms_epsilon`, `llama.context_length` |
