@@ -14,20 +14,22 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from ckptx._lazy import lazy_module
-from ckptx.errors import DestinationError
+from ckptx.dtypes import TensorMeta
+from ckptx.errors import DestinationError, SourceError
 from ckptx.io.card import EntryObserver
 from ckptx.io.gguf import ARRAY, DEFAULT_ALIGNMENT, MAGIC, STRING, VALUE_TYPES, quantize, type_named
 from ckptx.io.spans import Progress
+from ckptx.io.streamed import write_streamed
 from ckptx.io.write.atomic import sync_file
 from ckptx.io.write.writer import Move, Writer
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.execute import materialize
-from ckptx.planning.source import Source
+from ckptx.planning.source import RawSpan, Source
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -165,13 +167,17 @@ class GgufWriter(Writer):
             out.write(header)
             for entry, name in zip(self.entries, self.types):
                 written = 0
-                for chunk in _tensor_bytes(entry, name, source):
+
+                def emit(chunk: bytes, entry: PlanEntry = entry) -> None:
+                    nonlocal written
                     out.write(chunk)
                     written += len(chunk)
                     if observer is not None:
                         observer.observe_bytes(entry, chunk)
                     if progress:
                         progress(len(chunk))
+
+                _write_tensor(entry, name, source, emit)
                 if observer is not None:
                     observer.finish(entry)
                 if written != _nbytes(entry, name):
@@ -181,50 +187,75 @@ class GgufWriter(Writer):
         return [(staged, self.destination)]
 
 
-def _tensor_bytes(entry: PlanEntry, name: str, source: Source) -> Iterator[bytes]:
-    """The tensor's bytes as ggml type `name`, a block of rows at a time: read from its raw span when the plan
-    copies a source tensor, else computed (with torch) once."""
+class _RowSink:
+    """What `write_streamed` writes a computed tensor to: its bytes (as the plan's dtype) gathered into whole rows
+    and passed on as ggml type `name`, about ROWS_BYTES of float32 at a time."""
+
+    def __init__(self, meta: TensorMeta, name: str, emit: Callable[[bytes], None]) -> None:
+        self.dtype, self.name, self.emit = meta.dtype, name, emit
+        row = meta.shape[-1] if meta.shape else 1
+        itemsize = meta.nbytes // meta.numel if meta.numel else 1
+        self.chunk = max(1, ROWS_BYTES // max(1, row * 4)) * row * itemsize
+        self.buffer = bytearray()
+
+    def write(self, data: bytes) -> int:
+        """Take the next bytes; pass on every whole chunk of rows."""
+        self.buffer += data
+        while len(self.buffer) >= self.chunk:
+            self._pass(bytes(self.buffer[: self.chunk]))
+            del self.buffer[: self.chunk]
+        return len(data)
+
+    def close(self) -> None:
+        """Pass on the last rows."""
+        if self.buffer:
+            self._pass(bytes(self.buffer))
+            self.buffer.clear()
+
+    def _pass(self, data: bytes) -> None:
+        self.emit(data if self.name == _PLAIN[self.dtype] else quantize(_as_float32(data, self.dtype), self.name))
+
+
+def _write_tensor(entry: PlanEntry, name: str, source: Source, emit: Callable[[bytes], None]) -> None:
+    """Emit the tensor's bytes as ggml type `name`, a block of rows at a time: read from its raw span when the plan
+    copies a source tensor, through its op's byte kernel when it has one (a rotary reordering, a dequantization:
+    io/streamed.py, no torch), else computed with torch once. A tensor GGUF stores as its own dtype is its bytes,
+    never through float32 (float64 stays exact)."""
     meta = entry.meta
-    row = meta.shape[-1] if meta.shape else 1
     if meta.dtype not in _FLOATS:  # an integer tensor: its bytes as they are
-        yield materialize(entry, source).contiguous().view(-1).numpy().tobytes()
+        emit(materialize(entry, source).contiguous().view(-1).numpy().tobytes())
         return
     span = source.raw_span(entry.sources[0]) if entry.is_copy else None
-    if name == _PLAIN[meta.dtype]:  # stored as it is: its bytes, never through float32 (float64 stays exact)
-        yield from _own_bytes(entry, source, span)
-        return
-    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}[meta.dtype]
-    rows_per_chunk = max(1, ROWS_BYTES // max(1, row * 4))
     if span is not None and span.nbytes == meta.nbytes:
-        fd = os.open(span.file, os.O_RDONLY)
-        try:
-            total_rows = meta.numel // row if row else 0
-            for r0 in range(0, total_rows, rows_per_chunk):
-                r1 = min(total_rows, r0 + rows_per_chunk)
-                data = os.pread(fd, (r1 - r0) * row * itemsize, span.offset + r0 * row * itemsize)
-                yield quantize(_as_float32(data, meta.dtype), name)
-        finally:
-            os.close(fd)
+        _write_span(span, meta, name, emit)
         return
-    tensor = materialize(entry, source)
-    values = tensor.detach().contiguous().float().numpy().reshape(-1, row) if meta.numel else np.zeros(0)
-    for r0 in range(0, values.shape[0], rows_per_chunk):
-        yield quantize(values[r0 : r0 + rows_per_chunk], name)
-
-
-def _own_bytes(entry: PlanEntry, source: Source, span: Any) -> Iterator[bytes]:
-    """A tensor's bytes as its dtype stores them: copied from its raw span, or computed once."""
-    if span is not None and span.nbytes == entry.meta.nbytes:
-        fd = os.open(span.file, os.O_RDONLY)
-        try:
-            for at in range(0, span.nbytes, ROWS_BYTES):
-                yield os.pread(fd, min(ROWS_BYTES, span.nbytes - at), span.offset + at)
-        finally:
-            os.close(fd)
+    sink = _RowSink(meta, name, emit)
+    if write_streamed(cast(BinaryIO, sink), entry, source):
+        sink.close()
         return
     raw = materialize(entry, source).detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-    for at in range(0, raw.size, ROWS_BYTES):
-        yield raw[at : at + ROWS_BYTES].tobytes()
+    for at in range(0, raw.size, sink.chunk):
+        sink.write(raw[at : at + sink.chunk].tobytes())
+    sink.close()
+
+
+def _write_span(span: RawSpan, meta: TensorMeta, name: str, emit: Callable[[bytes], None]) -> None:
+    """A source tensor's bytes, read with pread in chunks of whole rows and passed on as ggml type `name`."""
+    sink = _RowSink(meta, name, emit)
+    fd = os.open(span.file, os.O_RDONLY)
+    try:
+        for at in range(0, span.nbytes, sink.chunk):
+            want = min(sink.chunk, span.nbytes - at)
+            data = os.pread(fd, want, span.offset + at)
+            if len(data) != want:
+                raise SourceError(
+                    f"{span.file}: ended while reading a tensor of {span.nbytes} bytes at {span.offset}; the file "
+                    f"is truncated or changed"
+                )
+            sink.write(data)
+    finally:
+        os.close(fd)
+    sink.close()
 
 
 def _as_float32(data: bytes, dtype: str) -> Any:
