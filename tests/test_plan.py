@@ -78,6 +78,12 @@ def test_rename_first_matching_row_wins_with_backreferences(plan_with) -> None:
     assert "stages.0.blocks.0.grn.gamma" in keys(plan) and "head.fc.weight" in keys(plan)
 
 
+def test_rename_of_one_pair_is_one_row(plan_with) -> None:
+    plan = plan_with("  - rename: ['^module\\.head\\.', 'classifier.']\n")
+    assert "classifier.weight" in keys(plan) and "module.stem.weight" in keys(plan)
+    assert plan.entries[0].steps == ()
+
+
 def test_rename_records_provenance(plan_with) -> None:
     plan = plan_with("  - rename: {from: '^module\\.head\\.', to: 'classifier.'}\n")
     entry = next(e for e in plan.entries if e.key == "classifier.weight")

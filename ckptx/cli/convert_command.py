@@ -41,13 +41,6 @@ def add_parser(sub: Any, parents: Parents) -> None:
         "(config.json + model.safetensors; from a model folder source, its config and other files carried)",
     )
     p.add_argument(
-        "--gguf-type",
-        choices=["auto", "float32", "float16", "bfloat16", "q8_0"],
-        metavar="TYPE",
-        help="tensor type of a .gguf output: auto (default), float32, float16, bfloat16 or q8_0, chosen per tensor "
-        "as llama.cpp's converter does",
-    )
-    p.add_argument(
         "--target",
         metavar="SPEC",
         help="module:callable, a model folder (DIR/ or DIR/config.json), reference checkpoint, or manifest",
@@ -61,8 +54,9 @@ def add_parser(sub: Any, parents: Parents) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=("bfloat16", "float16", "float32"),
-        help="cast every floating-point tensor to this dtype (after the rules)",
+        choices=("bfloat16", "float16", "float32", "q8_0"),
+        help="cast every floating-point tensor to this dtype (after the rules); with a .gguf output, its file type "
+        "(q8_0 only there), each tensor's ggml type chosen as llama.cpp's converter chooses",
     )
     p.add_argument("--set", action="append", default=[], metavar="K=V", dest="params", help="set a recipe parameter")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the validation report; write nothing")
@@ -115,7 +109,6 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             progress=progress_bar(err, show_progress),
             max_shard_size=args.max_shard_size,
             reverse=args.reverse,
-            gguf_type=args.gguf_type,
             audit=args.audit,
             dtype=args.dtype,
         )

@@ -64,7 +64,6 @@ def convert(
     metadata: Mapping[str, str] | None = None,
     max_shard_size: int | None = None,
     reverse: bool = False,
-    gguf_type: str | None = None,
     audit: str | Path | None = None,
     dtype: str | None = None,
 ) -> ConvertResult:
@@ -76,21 +75,23 @@ def convert(
     `max_shard_size` (bytes) writes HuggingFace-style shards and an index (see io/write/sharded_writer.py for
     the names); a DST ending in `.safetensors.index.json` is sharded even without it; `DIR/` writes a model folder.
     With `verify`, the written output is loaded into the target model and compared with the source model before it
-    is published. `DST.gguf` writes llama.cpp's GGUF with the tensors as `gguf_type` (float32, float16, bfloat16,
-    q8_0; default auto) and the model metadata from the config.json beside `src`. With `reverse`, converts the
+    is published. `DST.gguf` writes llama.cpp's GGUF with the model metadata from the config.json beside `src`;
+    `dtype` (float32, float16, bfloat16, q8_0) is then its file type, each tensor's ggml type chosen from it as
+    llama.cpp's converter chooses (without it, each tensor keeps its dtype). With `reverse`, converts the
     other way with the recipes' reverse (see ckptx.conversion.reverse);
     `target` is then the recipes' source layout, traced when a step's inverse needs shapes.
     With `audit` (a path, or "" for the default place: `DIR/ckptx-card.json` in a model folder, else
     `DST.card.json`), a provenance card is written once the output is published (see ckptx/conversion/card.py).
     A model folder (`config.json`, Meta's `params.json`) is a source like a file; with `dst` a folder and no target
     given, the target is the model the source's config describes, and that config is carried into the output
-    folder with the folder's other files. `dtype` casts every floating-point tensor (after the recipes).
+    folder with the folder's other files. `dtype` casts every floating-point tensor (after the recipes); `q8_0` is a
+    GGUF type only.
     """
     request = ConvertRequest(
         Path(src), dst, recipes, target=target, target_args=dict(target_args or {}), params=dict(params or {}),
         dry_run=dry_run, force=force, allow_globals=tuple(allow_globals), unsafe_pickle=unsafe_pickle, verify=verify,
         progress=progress, metadata=dict(metadata or {}), max_shard_size=max_shard_size, reverse=reverse,
-        gguf_type=gguf_type, audit=audit, dtype=dtype,
+        audit=audit, dtype=dtype,
     )  # fmt: skip
     return run(request)
 
@@ -168,6 +169,10 @@ def plan_and_validate(recipe: Recipe, source: Source, request: ConvertRequest) -
     resolved = resolve_target(spec) if spec is not None else None
     configs = [(f"the config of {resolved.description}", resolved.config)] if resolved and resolved.config else []
     plan = plan_recipe(recipe, source, target=resolved.tensors if resolved else None, configs=configs)
+    if resolved is None and _is_gguf(request.dst):  # what llama.cpp loads for the config the metadata comes from
+        from ckptx.integrations.gguf_metadata import llama_cpp_target  # only for GGUF outputs
+
+        resolved = llama_cpp_target(request.src, plan.entries)
     return Planned(recipe, spec, plan, validate(plan, resolved) if resolved else None, {})
 
 
@@ -176,7 +181,9 @@ def _spec_for(recipe: Recipe, request: ConvertRequest, source: Source) -> Target
     model the source's own config describes. A model folder is validated in the layout `save_pretrained` writes."""
     spec = target_spec_for(recipe, request.target, request.target_args)
     folder = request.dst is not None and _is_folder(request.dst)
-    if spec is None and folder and source.configs:
+    if spec is None and folder and source.format == "gguf":  # the config its metadata describes
+        spec = TargetSpec(config=str(request.src), kwargs=dict(request.target_args), where="the GGUF metadata")
+    elif spec is None and folder and source.configs:
         where = request.src if request.src.is_dir() else request.src.parent
         spec = TargetSpec(config=str(where), kwargs=dict(request.target_args), where="the source's config")
     if spec is not None and folder:
@@ -253,13 +260,18 @@ def _recipe(request: ConvertRequest) -> Recipe:
         original = target_spec_for(Recipe(name=""), request.target, request.target_args)
         configs = [(f"{name} of {request.src}", doc) for name, doc in config_documents(request.src).items()]
         recipe = reverse_recipe(recipe, original=original, configs=configs).recipe
-    if request.dtype is not None:
+    if request.dtype is not None and not _is_gguf(request.dst):  # a GGUF output's --dtype is its file type
         cast = cast_recipe(request.dtype)
         recipe = recipe.then(cast) if recipe.steps or recipe.files or recipe.target else cast
     return recipe
 
 
 CAST_DTYPES = ("bfloat16", "float16", "float32", "float64")
+GGUF_ONLY_DTYPES = ("q8_0",)  # ggml block types: a GGUF output's file type, never a tensor's dtype elsewhere
+
+
+def _is_gguf(dst: str | Path | None) -> bool:
+    return dst is not None and str(dst).lower().endswith(".gguf")
 
 
 def cast_recipe(dtype: str) -> Recipe:
@@ -267,6 +279,11 @@ def cast_recipe(dtype: str) -> Recipe:
     from ckptx.errors import UsageError
     from ckptx.ops.cast import Cast
 
+    if dtype in GGUF_ONLY_DTYPES:
+        raise UsageError(
+            f"--dtype {dtype}: {dtype.upper()} is a block-quantized GGUF type, which only a .gguf output holds; "
+            f"write -o MODEL.gguf, or cast with --dtype bfloat16|float16|float32"
+        )
     if dtype not in CAST_DTYPES:
         raise UsageError(f"--dtype {dtype}: give one of {', '.join(CAST_DTYPES)}")
     step = Step("cast", Cast(re.compile(".*"), dtype), where=f"--dtype {dtype}")
@@ -315,7 +332,7 @@ def _writer(request: ConvertRequest, planned: Planned) -> Writer:
         copies=copies,
         state_metadata=state_metadata,
         gguf_metadata=gguf_metadata,
-        tensor_type=request.gguf_type,
+        tensor_type=request.dtype if _is_gguf(request.dst) else None,
     )
     return writer_for(request.dst, plan.entries, options)
 

@@ -37,9 +37,9 @@ class ConvertRequest:
     metadata: Mapping[str, str] = field(default_factory=dict)
     max_shard_size: int | None = None
     reverse: bool = False
-    gguf_type: str | None = None  # the tensor type of a .gguf output (float32, float16, bfloat16, q8_0, auto)
     audit: str | Path | None = None  # write a provenance card there ("": the default place, see conversion/card.py)
-    dtype: str | None = None  # --dtype: every floating-point tensor cast to it (a cast step after the recipes)
+    dtype: str | None = None  # --dtype: every floating-point tensor cast to it (a cast step after the recipes); a .gguf
+    # output's file type (float32, float16, bfloat16, q8_0) instead
 
 
 @dataclass

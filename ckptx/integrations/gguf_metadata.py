@@ -3,7 +3,10 @@ folder: the architecture and hyperparameters from the `config.json` beside the s
 `tokenizer.model` (sentencepiece, read here without the sentencepiece library) when the folder has one.
 
 Without a config.json (or for another architecture) the file gets `general.*` keys only: it is a valid GGUF file,
-but llama.cpp cannot run it.
+but llama.cpp cannot run it; tensors in llama.cpp's names (`token_embd.weight`, `blk.N.*`) without a Llama config
+are refused. With a Llama config, the conversion is validated against the tensors llama.cpp's llama architecture
+loads for that config (`llama_cpp_target`): names and shapes, the output head required unless the embeddings are
+tied, biases when the config has them.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ckptx.dtypes import TensorMeta
 from ckptx.errors import DestinationError, SourceError
 from ckptx.files import read_bounded
 from ckptx.io.read.model_folder import read_json_document
 from ckptx.planning.entry import PlanEntry
+from ckptx.targets.resolve import Target
 
-__all__ = ["gguf_metadata_for", "sentencepiece_vocab"]
+__all__ = ["gguf_metadata_for", "llama_cpp_target", "sentencepiece_vocab"]
 
 U32, I32, F32, BOOL, STRING, ARRAY = 4, 5, 6, 7, 8, 9
 LLAMA_FAMILY = {"llama", "mistral"}
@@ -40,6 +45,14 @@ def gguf_metadata_for(src: Path, entries: Sequence[PlanEntry]) -> list[tuple[str
     arch = str(config.get("model_type", ""))
     name = folder.name
     if arch not in LLAMA_FAMILY:
+        named = next((e.key for e in entries if e.key == "token_embd.weight" or e.key.startswith("blk.")), None)
+        if named is not None:
+            said = f"says model_type {arch!r}" if config else "is missing"
+            raise DestinationError(
+                f"{config_path}: {said}, and the tensors have llama.cpp's names ('{named}'): ckptx writes "
+                f"llama.cpp's metadata for llama and mistral models only, and a GGUF file without it is one llama.cpp "
+                f"cannot run; convert this model with llama.cpp's convert_hf_to_gguf.py"
+            )
         return [("general.type", STRING, "model"), ("general.name", STRING, name), ("general.file_type", U32, 0)]
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = str(rope.get("rope_type", rope.get("type", "default")) or "default")
@@ -85,6 +98,51 @@ def gguf_metadata_for(src: Path, entries: Sequence[PlanEntry]) -> list[tuple[str
     return out
 
 
+def llama_cpp_target(src: Path, entries: Sequence[PlanEntry]) -> Target | None:
+    """The tensors llama.cpp's `llama` architecture loads for the config.json beside `src` (None without a Llama
+    config): each name with its shape; dtypes are the plan's, since the GGUF writer chooses the stored types."""
+    folder = _folder_of(Path(src))
+    config_path = folder / "config.json"
+    config = _read_json(config_path) if config_path.is_file() else {}
+    if str(config.get("model_type", "")) not in LLAMA_FAMILY:
+        return None
+    try:
+        hidden, ff = int(config["hidden_size"]), int(config["intermediate_size"])
+        heads, layers = int(config["num_attention_heads"]), int(config["num_hidden_layers"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        vocab = int(config["vocab_size"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise SourceError(f"{config_path}: not a Llama config.json: {type(exc).__name__} {exc}") from None
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
+    tied = bool(config.get("tie_word_embeddings", False))
+    if not tied:
+        shapes["output.weight"] = (vocab, hidden)
+    attention_bias, mlp_bias = bool(config.get("attention_bias")), bool(config.get("mlp_bias"))
+    for i in range(layers):
+        block = {
+            "attn_norm": (hidden,), "ffn_norm": (hidden,),
+            "attn_q": (heads * head_dim, hidden), "attn_k": (kv_heads * head_dim, hidden),
+            "attn_v": (kv_heads * head_dim, hidden), "attn_output": (hidden, heads * head_dim),
+            "ffn_gate": (ff, hidden), "ffn_up": (ff, hidden), "ffn_down": (hidden, ff),
+        }  # fmt: skip
+        for part, shape in block.items():
+            shapes[f"blk.{i}.{part}.weight"] = shape
+            if (attention_bias and part.startswith("attn_") and part != "attn_norm") or (
+                mlp_bias and part.startswith("ffn_") and part != "ffn_norm"
+            ):
+                shapes[f"blk.{i}.{part}.bias"] = (shape[0],)
+    dtypes = {e.key: e.meta.dtype for e in entries}
+    tensors = {key: TensorMeta(shape, dtypes.get(key, "float32")) for key, shape in shapes.items()}
+    notes = ["the output head is the token embedding (tie_word_embeddings)"] if tied else []
+    if not any(key in dtypes for key in tensors):
+        notes.append("no tensor has llama.cpp's names: a transformers Llama converts with -r hf/llama-to-gguf")
+    description = (
+        f"llama.cpp's llama architecture for {config_path} ({layers} blocks, {heads} heads, {kv_heads} key/value heads)"
+    )
+    return Target(description, tensors, notes=tuple(notes))
+
+
 def _tokenizer(path: Path, folder: Path, config: dict[str, Any]) -> list[tuple[str, int, Any]]:
     tokens, scores, types = sentencepiece_vocab(path, int(config.get("vocab_size") or 0))
     added = folder / "added_tokens.json"
@@ -99,10 +157,10 @@ def _tokenizer(path: Path, folder: Path, config: dict[str, Any]) -> list[tuple[s
         ("tokenizer.ggml.scores", ARRAY, (F32, scores)),
         ("tokenizer.ggml.token_type", ARRAY, (I32, types)),
     ]
-    for name in ("bos", "eos", "unk", "sep", "pad"):
-        token_id = config.get(f"{name}_token_id")
+    for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("sep", "seperator"), ("pad", "padding")):
+        token_id = config.get(f"{name}_token_id")  # gguf's key names, its spelling included
         if isinstance(token_id, int) and 0 <= token_id < len(tokens):
-            out.append((f"tokenizer.ggml.{name}_token_id", U32, token_id))
+            out.append((f"tokenizer.ggml.{key}_token_id", U32, token_id))
     settings = folder / "tokenizer_config.json"
     if settings.is_file():
         doc = read_json_document(settings)

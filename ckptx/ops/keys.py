@@ -390,10 +390,11 @@ class Rename:
 
 
 def _build_rename(value: Any, c: Collector) -> Rename:
-    rows = value if isinstance(value, list) else [value]
+    one_row = isinstance(value, dict) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    rows = [value] if one_row else value  # `[pattern, replacement]` is one row, not two rows of characters
     rules = []
     for i, row in enumerate(rows):
-        sub = (i,) if isinstance(value, list) else ()
+        sub = () if one_row else (i,)
         source, replacement = (row["from"], row["to"]) if isinstance(row, dict) else (row[0], row[1])
         pattern = c.regex(source, *sub, *(("from",) if isinstance(row, dict) else (0,)))
         template = c.template(replacement, pattern, "invalid replacement", *sub)

@@ -18,7 +18,7 @@ tensor function, for other steps and formats (GGUF's Llama layout) to call.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,16 +29,26 @@ from ckptx.ops.common import apply_to_matching
 from ckptx.ops.registry import step
 from ckptx.planning.context import PlanContext, StepOutcome
 from ckptx.planning.entry import PlanEntry
-from ckptx.planning.expr import tensor_op
+from ckptx.planning.expr import Piece, tensor_op
 from ckptx.rules.kinds import Doc, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     import torch
 else:
+    np = lazy_module("numpy")
     torch = lazy_module("torch")
 
-__all__ = ["HALF_SPLIT", "INTERLEAVED", "RotaryPermute", "head_dim_from_configs", "permute_rotary", "rotary_heads"]
+__all__ = [
+    "HALF_SPLIT",
+    "INTERLEAVED",
+    "RotaryPermute",
+    "head_dim_from_configs",
+    "permute_rotary",
+    "rotary_heads",
+    "rotary_pieces",
+]
 
 HALF_SPLIT = "half_split"
 INTERLEAVED = "interleaved"
@@ -137,7 +147,26 @@ def _infer(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> TensorMet
     return meta
 
 
-@tensor_op("rotary_permute", _infer)
+def rotary_pieces(params: Mapping[str, Any], metas: Sequence[TensorMeta]) -> Iterator[Piece] | None:
+    """The reordering as a byte kernel, without torch: one piece per head (its rows are contiguous in the input and
+    in the output), the rows moved as whole byte strings. Same bytes as `permute_rotary`."""
+    (meta,) = metas
+    if not meta.shape or not meta.numel:
+        return None
+    rows, heads = meta.shape[0], params["heads"]
+    half = rotary_heads(rows, heads)
+    row_bytes = meta.nbytes // rows
+    split = (half, 2) if params["to"] == HALF_SPLIT else (2, half)
+    head_bytes = 2 * half * row_bytes
+
+    def convert(data: Sequence[bytes]) -> bytes:
+        head = np.frombuffer(data[0], dtype=np.uint8).reshape(*split, row_bytes)
+        return head.transpose(1, 0, 2).tobytes()
+
+    return (Piece(((h * head_bytes, (h + 1) * head_bytes),), convert) for h in range(heads))
+
+
+@tensor_op("rotary_permute", _infer, blockwise=rotary_pieces)
 def rotary_permute(params: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The rows reordered between interleaved and half-split rotary pairs (`permute_rotary`)."""
     return permute_rotary(tensors[0], params["heads"], params["to"])

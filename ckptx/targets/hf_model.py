@@ -18,8 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import TargetError
+from ckptx.io.read.gguf_reader import GgufSource
 from ckptx.io.read.model_folder import CONFIG, PARAMS, read_json_document
 from ckptx.targets.config_fields import check_overrides
+
+GGUF_SUFFIX = ".gguf"
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -27,9 +30,12 @@ else:
     torch = lazy_module("torch")
 
 __all__ = [
+    "GGUF_SUFFIX",
     "ModelConfig",
     "build_from_config",
     "config_path",
+    "gguf_to_hf",
+    "is_gguf_file",
     "load_model_config",
     "meta_params_to_hf",
     "saved_state",
@@ -65,10 +71,13 @@ def load_model_config(
     """The config document of a model folder with `overrides` applied to its fields (each must be a field of the
     config class: an unknown one is an error with the closest name); Meta's params.json is translated to the
     LlamaForCausalLM config Meta's own converter writes."""
-    file = config_path(spec)
+    file = Path(spec) if is_gguf_file(spec) else config_path(spec)
     if file is None:
         raise TargetError(f"{where}: {spec}: holds no config.json (or Meta's params.json); give a model folder")
-    document = dict(read_json_document(file))
+    if file.suffix.lower() == GGUF_SUFFIX:
+        document = gguf_to_hf(file)
+    else:
+        document = dict(read_json_document(file))
     if file.name == PARAMS:
         document = meta_params_to_hf(document, str(file))
     architectures = document.get("architectures")
@@ -81,6 +90,28 @@ def load_model_config(
     config_class = _config_class(architecture, str(file))
     document.update(check_overrides(config_class, document, dict(overrides or {}), where))
     return ModelConfig(document, architecture, file, file.parent)
+
+
+def is_gguf_file(spec: str | Path) -> bool:
+    """A GGUF file (llama.cpp), whose metadata describes a LlamaForCausalLM config."""
+    path = Path(spec)
+    return path.suffix.lower() == GGUF_SUFFIX and path.is_file()
+
+
+def gguf_to_hf(file: Path) -> dict[str, Any]:
+    """The LlamaForCausalLM config a GGUF file's metadata describes (io/read/gguf_llama.py); TargetError naming
+    the file and each problem when it is not a Llama that LlamaForCausalLM computes exactly."""
+    source = GgufSource(file)
+    try:
+        config = source.hf_config()
+    finally:
+        source.close()
+    if config.problems:
+        raise TargetError(
+            f"{file}: its metadata does not describe a LlamaForCausalLM: {'; '.join(config.problems)}; "
+            f"give the model's own config with --target DIR/ (a folder holding its config.json)"
+        )
+    return config.document
 
 
 def build_from_config(config: ModelConfig, *, device: str = "meta") -> torch.nn.Module:

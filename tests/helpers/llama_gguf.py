@@ -25,13 +25,23 @@ SMALL = {
 }
 
 
-def llama_folder(folder: Path, *, seed: int = 0, tokenizer: bool = True, dtype=torch.float32, **config: Any) -> Path:
+def llama_folder(
+    folder: Path, *, seed: int = 0, tokenizer: bool = True, dtype=torch.float32, spread: bool = False, **config: Any
+) -> Path:
     """A LlamaForCausalLM folder as save_pretrained writes it (config.json, model.safetensors), with a
-    tokenizer.model when asked."""
+    tokenizer.model when asked. With `spread`, every weight is drawn again with a spread that makes attention
+    depend on the q/k rows (transformers' init, std 0.02, leaves attention nearly uniform, so rows in the wrong
+    order would hardly change the logits) and norm weights differ from 1."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**SMALL, **config})).to(dtype)
+    model = LlamaForCausalLM(LlamaConfig(**{**SMALL, **config}))
+    if spread:
+        with torch.no_grad():
+            for name, tensor in model.named_parameters():
+                noise = torch.randn(tensor.shape)
+                tensor.copy_(1 + 0.1 * noise if name.endswith("norm.weight") else 0.3 * noise)
+    model = model.to(dtype)
     model.save_pretrained(folder)
     if tokenizer:
         write_tokenizer(folder)

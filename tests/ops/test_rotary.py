@@ -63,3 +63,20 @@ def test_the_inverse_is_the_other_pairing_with_the_same_head_size(tmp_path: Path
     made = recipe(tmp_path, "- rotary_permute: {match: 'w[qk]', to: half_split, head_dim: 8}\n")
     (step,) = invert_recipe(made)["steps"]
     assert step["rotary_permute"] == {"match": "w[qk]", "to": "interleaved", "head_dim": 8}
+
+
+@pytest.mark.parametrize("to", [HALF_SPLIT, INTERLEAVED])
+def test_the_byte_kernel_moves_the_rows_torch_moves(tmp_path: Path, to: str) -> None:
+    from ckptx.dtypes import TensorMeta
+    from ckptx.ops.rotary import rotary_pieces
+
+    state = {"q.weight": randn(48, 8, dtype=torch.bfloat16), "q.bias": randn(48, seed=3)}
+    for tensor in state.values():
+        raw = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+        meta = TensorMeta(tuple(tensor.shape), str(tensor.dtype).split(".")[1])
+        pieces = list(rotary_pieces({"heads": 3, "to": to}, [meta]))
+        assert len(pieces) == 3
+        out = b"".join(p.convert([raw[p.ranges[0][0] : p.ranges[0][1]]]) for p in pieces)
+        assert out == permute_rotary(tensor, 3, to).contiguous().view(torch.uint8).numpy().tobytes()
+    steps = f"- rotary_permute: {{match: '^q\\.', to: {to}, heads: 3}}\n"
+    apply(tmp_path, steps, state)  # the streaming writer (through the kernel) gives what torch gives

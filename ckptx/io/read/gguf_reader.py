@@ -29,17 +29,21 @@ from ckptx.io.gguf import (
     GgmlType,
     dequantize,
 )
+from ckptx.io.read.gguf_llama import ROPE_FREQS, LlamaConfigDocument, hf_llama_config
 from ckptx.io.spans import read_span
 from ckptx.planning.source import RawSpan, Source
 from ckptx.text import quoted, shown
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     import torch
 else:
+    np = lazy_module("numpy")
     torch = lazy_module("torch")
 
-__all__ = ["GgufHeader", "GgufSource", "GgufTensor", "is_gguf", "read_gguf_header"]
+__all__ = ["GGUF_CONFIG", "GgufHeader", "GgufSource", "GgufTensor", "is_gguf", "read_gguf_header"]
 
+GGUF_CONFIG = "the LlamaForCausalLM config its GGUF metadata describes"  # the name of Source.configs' document
 _MAX_DIMS = 8
 _AGAIN = "the file is damaged or not GGUF: download or convert it again"
 
@@ -257,6 +261,19 @@ class GgufSource(Source):
             description=description,
             stored_as={t.name: t.ggml.name for t in header.tensors},
         )
+        llama = self.hf_config()
+        if llama.document:
+            self.configs = {GGUF_CONFIG: llama.document}
+
+    def hf_config(self) -> LlamaConfigDocument:
+        """The LlamaForCausalLM config.json the metadata describes (empty for another architecture), with what
+        keeps it from being exact (see io/read/gguf_llama.py)."""
+
+        def rope_freqs() -> list[float]:
+            return [float(v) for v in self._float32(ROPE_FREQS).tolist()]
+
+        shapes = {t.name: t.shape for t in self.header.tensors}
+        return hf_llama_config(self.header.metadata, shapes, rope_freqs)
 
     def ggml_type(self, key: str) -> str:
         """The ggml type a tensor is stored as (`Q8_0`, `F16`, ...)."""
@@ -273,6 +290,12 @@ class GgufSource(Source):
         meta = self.tensors[key]
         if tensor.ggml.plain:
             return read_span(RawSpan(self._file, tensor.offset, tensor.nbytes), meta)
+        return torch.from_numpy(self._float32(key).copy()).reshape(meta.shape)
+
+    def _float32(self, key: str) -> Any:
+        """A floating-point tensor's values as a flat float32 numpy array (without torch)."""
+        tensor = self._tensors[key]
+        meta = self.tensors[key]
         fd = os.open(self._file, os.O_RDONLY)
         try:
             data = os.pread(fd, tensor.nbytes, tensor.offset)
@@ -282,6 +305,11 @@ class GgufSource(Source):
             raise SourceError(
                 f"{self.path}: ended while reading tensor {quoted(key)}; the file is truncated or changed"
             )
+        plain = {"F32": "<f4", "F16": "<f2", "F64": "<f8"}.get(tensor.ggml.name)
+        if plain is not None:
+            return np.frombuffer(data, dtype=plain).astype("<f4")
+        if tensor.ggml.name == "BF16":
+            return (np.frombuffer(data, dtype="<u2").astype("<u4") << 16).view("<f4")
         try:
             values = dequantize(data, tensor.ggml, meta.numel)
         except ImportError:
@@ -290,4 +318,4 @@ class GgufSource(Source):
                 f"{', '.join(NATIVE)} itself and the other ggml types with the gguf package: "
                 f"pip install 'ckptx[gguf]'"
             ) from None
-        return torch.from_numpy(values.copy()).reshape(meta.shape)
+        return values

@@ -98,7 +98,7 @@ def open_source(
         return source
     p = Path(path)
     try:
-        source.configs = dict(config_documents(p))
+        source.configs = {**source.configs, **config_documents(p)}  # a reader's own first (GGUF metadata)
     except SourceError:
         if p.is_dir():
             source.close()

@@ -1,39 +1,44 @@
 """GGUF output (llama.cpp): the header (metadata, then each tensor's name, shape, ggml type and offset) from the
 plan, then each tensor's bytes streamed in blocks of rows, every tensor aligned to 32 bytes.
 
-Each tensor's ggml type follows llama.cpp's `convert_hf_to_gguf.py` for the requested file type (`float32`,
-`float16`, `bfloat16`, `q8_0`, or `auto`: bfloat16 or float16 as the first 2-D tensor is, else float16): 1-D
-tensors, norms, tensors whose names do not end in `.weight` and the few llama.cpp keeps in float32 (routers,
-position embeddings) are F32; a Q8_0 tensor whose rows are not whole blocks of 32 falls back to F16. Values are
-taken as float32 (exact for float16 and bfloat16) and converted as the `gguf` package converts them, so the bytes
-are the converter's.
+Each tensor's ggml type follows llama.cpp's `convert_hf_to_gguf.py` for the requested file type (`--dtype
+float32|float16|bfloat16|q8_0`, its `--outtype f32|f16|bf16|q8_0`): 1-D tensors, norms, tensors whose names do not
+end in `.weight` and the few llama.cpp keeps in float32 (routers, position embeddings) are F32; a Q8_0 tensor whose
+rows are not whole blocks of 32 falls back to F16. Without a file type nothing is narrowed: each of those other
+tensors keeps its own dtype (F32, F16, BF16, F64), where llama.cpp's converter would guess one type for all of them
+(`--outtype auto`: float16 unless the model is bfloat16). Values are taken as float32 (exact for float16 and
+bfloat16) and converted as the `gguf` package converts them, so the bytes are the converter's.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from ckptx._lazy import lazy_module
-from ckptx.errors import DestinationError
+from ckptx.dtypes import TensorMeta
+from ckptx.errors import DestinationError, SourceError
 from ckptx.io.card import EntryObserver
 from ckptx.io.gguf import ARRAY, DEFAULT_ALIGNMENT, MAGIC, STRING, VALUE_TYPES, quantize, type_named
 from ckptx.io.spans import Progress
+from ckptx.io.streamed import write_streamed
 from ckptx.io.write.atomic import sync_file
 from ckptx.io.write.writer import Move, Writer
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.execute import materialize
-from ckptx.planning.source import Source
+from ckptx.planning.source import RawSpan, Source
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
+    import torch
 else:
     np = lazy_module("numpy")
+    torch = lazy_module("torch")
 
-__all__ = ["FILE_TYPES", "GgufWriter", "tensor_types"]
+__all__ = ["FILE_TYPES", "GgufWriter", "file_type_of", "tensor_types"]
 
 # file type -> (ggml type of the quantizable tensors, llama.cpp's general.file_type)
 FILE_TYPES = {"float32": ("F32", 0), "float16": ("F16", 1), "bfloat16": ("BF16", 32), "q8_0": ("Q8_0", 7)}
@@ -44,27 +49,29 @@ _FLOATS = ("float32", "float16", "bfloat16", "float64")
 ROWS_BYTES = 8 * 1024 * 1024  # float32 bytes converted at a time
 
 
-def resolve_file_type(file_type: str | None, entries: Sequence[PlanEntry]) -> str:
-    """`auto` (or None) as llama.cpp guesses it: the dtype of the first tensor of 2 or more dimensions."""
-    if file_type not in (None, "auto"):
-        assert file_type is not None
+def file_type_of(file_type: str | None, entries: Sequence[PlanEntry]) -> str:
+    """The file type (`general.file_type`) of the output: the one asked for, else the dtype of the first tensor of 2
+    or more dimensions (what llama.cpp records for a file of that type)."""
+    if file_type is not None:
         return file_type
     first = next((e.meta.dtype for e in entries if len(e.meta.shape) >= 2), None)
-    return "bfloat16" if first == "bfloat16" else "float16"
+    return first if first in ("float16", "bfloat16") else "float32"
 
 
-def tensor_types(entries: Sequence[PlanEntry], file_type: str) -> list[str]:
-    """The ggml type of each entry for `file_type`, as llama.cpp's converter chooses it."""
-    wanted = FILE_TYPES[file_type][0]
+def tensor_types(entries: Sequence[PlanEntry], file_type: str | None) -> list[str]:
+    """The ggml type of each entry for `file_type` (None: each tensor's own), as llama.cpp's converter chooses it."""
+    wanted = FILE_TYPES[file_type][0] if file_type is not None else None
     types = []
     for entry in entries:
         name, meta = entry.key, entry.meta
         if meta.dtype not in _FLOATS:
             types.append(_PLAIN.get(meta.dtype, ""))
         elif len(meta.shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
-            types.append("F32")
+            types.append("F64" if meta.dtype == "float64" and wanted is None else "F32")
         elif any(part in name for part in _ALWAYS_F32):
-            types.append("F32")
+            types.append("F64" if meta.dtype == "float64" and wanted is None else "F32")
+        elif wanted is None:
+            types.append(_PLAIN[meta.dtype])
         elif wanted == "Q8_0" and meta.shape[-1] % 32:
             types.append("F16")
         else:
@@ -120,12 +127,12 @@ class GgufWriter(Writer):
 
     def __init__(self, destination: Path, entries: Sequence[PlanEntry], options: Any) -> None:
         super().__init__(destination, entries, options)
-        self.file_type = resolve_file_type(options.tensor_type, self.entries)
-        if self.file_type not in FILE_TYPES:
+        if options.tensor_type is not None and options.tensor_type not in FILE_TYPES:
             raise DestinationError(
-                f"{destination}: GGUF tensor type {self.file_type!r}; use one of {', '.join(FILE_TYPES)}"
+                f"{destination}: a GGUF output takes --dtype {'|'.join(FILE_TYPES)}, not {options.tensor_type}"
             )
-        self.types = tensor_types(self.entries, self.file_type)
+        self.file_type = file_type_of(options.tensor_type, self.entries)
+        self.types = tensor_types(self.entries, options.tensor_type)
         bad = [e for e, t in zip(self.entries, self.types) if not t]
         if bad:
             raise DestinationError(
@@ -149,10 +156,10 @@ class GgufWriter(Writer):
                 raise DestinationError(
                     f"{self.destination}: a provenance card records each tensor's bytes as stored, and this GGUF "
                     f"output stores '{entry.key}' ({entry.meta.dtype}) as {kind} ({len(changed)} such tensor(s)); "
-                    f"write the card with --gguf-type matching the tensors' dtype, or leave out --audit"
+                    f"write the card without --dtype (each tensor kept as it is), or leave out --audit"
                 )
         metadata = list(self.options.gguf_metadata)
-        file_type = FILE_TYPES[self.file_type][1]
+        file_type = FILE_TYPES.get(self.file_type, FILE_TYPES["float32"])[1]
         metadata = [(k, c, file_type if k == "general.file_type" else v) for k, c, v in metadata]
         header, _ = build_header(metadata, self.entries, self.types)
         staged = folder / self.destination.name
@@ -160,13 +167,17 @@ class GgufWriter(Writer):
             out.write(header)
             for entry, name in zip(self.entries, self.types):
                 written = 0
-                for chunk in _tensor_bytes(entry, name, source):
+
+                def emit(chunk: bytes, entry: PlanEntry = entry) -> None:
+                    nonlocal written
                     out.write(chunk)
                     written += len(chunk)
                     if observer is not None:
                         observer.observe_bytes(entry, chunk)
                     if progress:
                         progress(len(chunk))
+
+                _write_tensor(entry, name, source, emit)
                 if observer is not None:
                     observer.finish(entry)
                 if written != _nbytes(entry, name):
@@ -176,32 +187,75 @@ class GgufWriter(Writer):
         return [(staged, self.destination)]
 
 
-def _tensor_bytes(entry: PlanEntry, name: str, source: Source) -> Iterator[bytes]:
-    """The tensor's bytes as ggml type `name`, a block of rows at a time: read from its raw span when the plan
-    copies a source tensor, else computed (with torch) once."""
+class _RowSink:
+    """What `write_streamed` writes a computed tensor to: its bytes (as the plan's dtype) gathered into whole rows
+    and passed on as ggml type `name`, about ROWS_BYTES of float32 at a time."""
+
+    def __init__(self, meta: TensorMeta, name: str, emit: Callable[[bytes], None]) -> None:
+        self.dtype, self.name, self.emit = meta.dtype, name, emit
+        row = meta.shape[-1] if meta.shape else 1
+        itemsize = meta.nbytes // meta.numel if meta.numel else 1
+        self.chunk = max(1, ROWS_BYTES // max(1, row * 4)) * row * itemsize
+        self.buffer = bytearray()
+
+    def write(self, data: bytes) -> int:
+        """Take the next bytes; pass on every whole chunk of rows."""
+        self.buffer += data
+        while len(self.buffer) >= self.chunk:
+            self._pass(bytes(self.buffer[: self.chunk]))
+            del self.buffer[: self.chunk]
+        return len(data)
+
+    def close(self) -> None:
+        """Pass on the last rows."""
+        if self.buffer:
+            self._pass(bytes(self.buffer))
+            self.buffer.clear()
+
+    def _pass(self, data: bytes) -> None:
+        self.emit(data if self.name == _PLAIN[self.dtype] else quantize(_as_float32(data, self.dtype), self.name))
+
+
+def _write_tensor(entry: PlanEntry, name: str, source: Source, emit: Callable[[bytes], None]) -> None:
+    """Emit the tensor's bytes as ggml type `name`, a block of rows at a time: read from its raw span when the plan
+    copies a source tensor, through its op's byte kernel when it has one (a rotary reordering, a dequantization:
+    io/streamed.py, no torch), else computed with torch once. A tensor GGUF stores as its own dtype is its bytes,
+    never through float32 (float64 stays exact)."""
     meta = entry.meta
-    row = meta.shape[-1] if meta.shape else 1
     if meta.dtype not in _FLOATS:  # an integer tensor: its bytes as they are
-        yield materialize(entry, source).contiguous().view(-1).numpy().tobytes()
+        emit(materialize(entry, source).contiguous().view(-1).numpy().tobytes())
         return
     span = source.raw_span(entry.sources[0]) if entry.is_copy else None
-    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}[meta.dtype]
-    rows_per_chunk = max(1, ROWS_BYTES // max(1, row * 4))
     if span is not None and span.nbytes == meta.nbytes:
-        fd = os.open(span.file, os.O_RDONLY)
-        try:
-            total_rows = meta.numel // row if row else 0
-            for r0 in range(0, total_rows, rows_per_chunk):
-                r1 = min(total_rows, r0 + rows_per_chunk)
-                data = os.pread(fd, (r1 - r0) * row * itemsize, span.offset + r0 * row * itemsize)
-                yield quantize(_as_float32(data, meta.dtype), name)
-        finally:
-            os.close(fd)
+        _write_span(span, meta, name, emit)
         return
-    tensor = materialize(entry, source)
-    values = tensor.detach().contiguous().float().numpy().reshape(-1, row) if meta.numel else np.zeros(0)
-    for r0 in range(0, values.shape[0], rows_per_chunk):
-        yield quantize(values[r0 : r0 + rows_per_chunk], name)
+    sink = _RowSink(meta, name, emit)
+    if write_streamed(cast(BinaryIO, sink), entry, source):
+        sink.close()
+        return
+    raw = materialize(entry, source).detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    for at in range(0, raw.size, sink.chunk):
+        sink.write(raw[at : at + sink.chunk].tobytes())
+    sink.close()
+
+
+def _write_span(span: RawSpan, meta: TensorMeta, name: str, emit: Callable[[bytes], None]) -> None:
+    """A source tensor's bytes, read with pread in chunks of whole rows and passed on as ggml type `name`."""
+    sink = _RowSink(meta, name, emit)
+    fd = os.open(span.file, os.O_RDONLY)
+    try:
+        for at in range(0, span.nbytes, sink.chunk):
+            want = min(sink.chunk, span.nbytes - at)
+            data = os.pread(fd, want, span.offset + at)
+            if len(data) != want:
+                raise SourceError(
+                    f"{span.file}: ended while reading a tensor of {span.nbytes} bytes at {span.offset}; the file "
+                    f"is truncated or changed"
+                )
+            sink.write(data)
+    finally:
+        os.close(fd)
+    sink.close()
 
 
 def _as_float32(data: bytes, dtype: str) -> Any:
