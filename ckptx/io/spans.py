@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta, torch_dtype
 from ckptx.errors import SourceError, TensorOpError
+from ckptx.planning.expr import Converter
 from ckptx.planning.source import RawSpan
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,9 +49,7 @@ def read_span(span: RawSpan, meta: TensorMeta) -> torch.Tensor:
     return data.view(torch_dtype(meta.dtype)).reshape(meta.shape)
 
 
-def convert_span(
-    out: BinaryIO, span: RawSpan, convert: Callable[[bytes], bytes], progress: Progress | None = None
-) -> int:
+def convert_span(out: BinaryIO, span: RawSpan, convert: Converter, progress: Progress | None = None) -> int:
     """Write `convert(piece)` for each piece of `span`, read in CONVERT_CHUNK bytes (whole elements) at a time:
     an elementwise op streamed in bounded memory. Returns the bytes written."""
     written = 0

@@ -1,4 +1,5 @@
-"""Where batch tasks run: in this process, in a pool of worker processes, or on a Dask cluster.
+"""Where tasks run: in this process, in a pool of worker processes, or on a Dask cluster. `ckptx batch` runs its
+jobs through a runner; a conversion with `workers` runs its work units through one.
 
 A runner's `run(fn, items)` yields `(index, outcome)` as tasks finish, in any order; the outcome is what
 `fn` returned or the exception that lost the task (a dead worker process, a Dask KilledWorker...). Task
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from ckptx.errors import CkptxError
+from ckptx.workers.cores import available_cores, share_cores
 
 EXECUTORS = ("local", "dask")
 Outcome = Any
@@ -190,6 +192,7 @@ class DaskRunner:
                 f"the Dask workers run another ckptx than this {__version__}: {', '.join(wrong)}; "
                 "install the same version everywhere"
             )
+        self.client.run(_share_host_cores, _slots_by_worker(self.client.scheduler_info().get("workers", {})))
 
     def run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Outcome]]:
         """Submit every item to the cluster, then yield outcomes as they complete."""
@@ -212,6 +215,34 @@ def _ckptx_version() -> str:
     from ckptx._version import __version__
 
     return __version__
+
+
+def _slots_by_worker(workers: dict[str, Any]) -> dict[str, int]:
+    """Worker address -> the task slots (threads) of all Dask workers on its host: what shares that host's cores."""
+    per_host: dict[str, int] = {}
+    for address, info in workers.items():
+        host = str(info.get("host") or address.rsplit(":", 1)[0])
+        per_host[host] = per_host.get(host, 0) + int(info.get("nthreads") or 1)
+    return {address: per_host[str(info.get("host") or address.rsplit(":", 1)[0])] for address, info in workers.items()}
+
+
+def _share_host_cores(slots: dict[str, int], dask_worker: Any = None) -> None:
+    """Run in every Dask worker: take this worker's share of its host's cores (see ckptx.workers.cores)."""
+    address = getattr(dask_worker, "address", None)
+    share_cores(slots.get(address, 1) if address is not None else 1)
+
+
+def resolve_workers(workers: int | str) -> int:
+    """`--workers N` or `auto` (the cores this process may run on) as a number; CkptxError for anything else."""
+    if workers == "auto":
+        return available_cores()
+    try:
+        count = int(workers)
+    except (TypeError, ValueError):
+        raise CkptxError(f"--workers {workers}: give a number of worker processes or 'auto'") from None
+    if count < 1:
+        raise CkptxError(f"--workers {workers}: need at least 1 worker")
+    return count
 
 
 def check_runner_options(executor: str, workers: int, scheduler: str | None = None) -> None:
