@@ -2,8 +2,9 @@
 jobs through a runner; a conversion with `workers` runs its work units through one.
 
 A runner's `run(fn, items)` yields `(index, outcome)` as tasks finish, in any order; the outcome is what
-`fn` returned or the exception that lost the task (a dead worker process, a Dask KilledWorker...). Task
-functions are expected to catch their own errors. Dask is imported only by `DaskRunner`.
+`fn` returned, the exception it raised, or a WorkerLost when its worker went away (a dead worker process, a Dask
+KilledWorker). Dask is imported only by `DaskRunner`. `same_machine` tells whether the tasks run on this machine
+(sharing its page cache: a file written by a task needs no fsync of its own before this process reads it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from ckptx.errors import CkptxError
+from ckptx.errors import CkptxError, WorkerLost
 from ckptx.workers.cores import available_cores, share_cores
 
 EXECUTORS = ("local", "dask")
@@ -26,6 +27,8 @@ Outcome = Any
 
 class Runner(Protocol):
     """Runs one function over many items and yields `(index, outcome)` as each finishes."""
+
+    same_machine: bool
 
     def run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Outcome]]:
         """Run `fn(item)` for every item."""
@@ -38,6 +41,8 @@ class Runner(Protocol):
 
 class InlineRunner:
     """Runs tasks one after another in this process (`-j 1`): no start-up cost, easiest to debug."""
+
+    same_machine = True
 
     def run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Outcome]]:
         """Run `fn(item)` for every item, in order."""
@@ -56,6 +61,8 @@ class PoolRunner:
     At most two tasks per worker are queued at a time, so a worker that dies (out of memory, a crash)
     loses only those; the pool is then replaced and the other tasks go on.
     """
+
+    same_machine = True
 
     def __init__(
         self, workers: int, preload: Sequence[str] = (), initializer: Callable[[int], None] | None = None
@@ -105,7 +112,7 @@ class PoolRunner:
             return future.result()
         except BrokenProcessPool as exc:
             self._discard()
-            return exc
+            return WorkerLost(f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable result; that task's outcome
             return exc
 
@@ -131,6 +138,8 @@ def _call(fn: Callable[[Any], Any], item: Any) -> Outcome:
 
 class DaskRunner:
     """Tasks on a Dask distributed cluster: an existing scheduler, or a LocalCluster of `workers` processes."""
+
+    same_machine = False
 
     def __init__(self, workers: int, scheduler: str | None, *, wait_seconds: float = 60.0) -> None:
         try:
@@ -201,7 +210,9 @@ class DaskRunner:
         for future in self._distributed.as_completed(futures):
             try:
                 yield index[future.key], future.result()
-            except Exception as exc:  # noqa: BLE001 - KilledWorker, lost data...: that task's outcome
+            except self._distributed.KilledWorker as exc:
+                yield index[future.key], WorkerLost(f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - what the task raised, or lost data...: that task's outcome
                 yield index[future.key], exc
 
     def close(self, *, cancel: bool = False) -> None:

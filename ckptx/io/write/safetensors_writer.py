@@ -1,30 +1,19 @@
-"""Safetensors output: a plan streamed to one file, header from the plan, then each tensor's bytes in order."""
+"""Safetensors output: the header from the plan, then each tensor's bytes at the offset the header gives it."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
 
-from ckptx._lazy import lazy_module
 from ckptx.dtypes import safetensors_code
-from ckptx.errors import TensorOpError
-from ckptx.io.spans import BLOCK, Progress, SpanCopier, convert_span, write_bytes
-from ckptx.io.write.atomic import sync_file
-from ckptx.io.write.writer import Move, OutputOptions, Writer
+from ckptx.io.spans import BLOCK, Progress
+from ckptx.io.write.layout import LayoutBuilder, OutputLayout, Piece, tensor_fill
+from ckptx.io.write.writer import OutputOptions, Writer
 from ckptx.planning.entry import PlanEntry
-from ckptx.planning.execute import materialize
-from ckptx.planning.expr import byte_converter
 from ckptx.planning.source import Source
 
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
-else:
-    torch = lazy_module("torch")
-
-
-__all__ = ["SafetensorsWriter", "build_header", "write_body", "write_computed", "write_safetensors", "write_tensor"]
+__all__ = ["SafetensorsWriter", "build_header", "lay_out_safetensors", "write_safetensors"]
 
 
 def build_header(entries: Sequence[PlanEntry], metadata: Mapping[str, str], data_start: int | None = None) -> bytes:
@@ -82,13 +71,11 @@ class SafetensorsWriter(Writer):
         """The file."""
         return [self.destination]
 
-    def stage(self, folder: Path, source: Source, progress: Progress | None) -> list[Move]:
-        """The whole file, fsynced."""
-        staged = folder / self.destination.name
-        with open(staged, "wb") as out:
-            write_body(out, self.entries, source, self.options.metadata, progress)
-            sync_file(out)
-        return [(staged, self.destination)]
+    def layout(self, source: Source) -> OutputLayout:
+        """The file: its header, then every tensor at its offset."""
+        builder = LayoutBuilder()
+        lay_out_safetensors(builder, self.destination, self.entries, source, self.options.metadata)
+        return builder.build(planned_bytes=sum(entry.meta.nbytes for entry in self.entries))
 
 
 def write_safetensors(
@@ -103,46 +90,16 @@ def write_safetensors(
     return SafetensorsWriter(dst, entries, OutputOptions(metadata=metadata)).write(source, progress)
 
 
-def write_body(
-    out: BinaryIO,
-    entries: Sequence[PlanEntry],
-    source: Source,
-    metadata: Mapping[str, str],
-    progress: Progress | None = None,
-) -> None:
-    """Header, then each entry's bytes: runs of unchanged tensors are copied file-to-file, the rest computed one by
-    one."""
-    out.write(build_header(entries, metadata, aligned_data_start(entries, source)))
-    with SpanCopier(out, progress) as copier:
-        for entry in entries:
-            spans = source.raw_spans(entry.sources[0]) if entry.is_copy else None
-            if spans is not None and sum(span.nbytes for span in spans) == entry.meta.nbytes:
-                for span in spans:
-                    copier.add(span)
-            else:
-                copier.flush()
-                write_computed(out, entry, source, progress)
-
-
-def write_computed(out: BinaryIO, entry: PlanEntry, source: Source, progress: Progress | None = None) -> None:
-    """Write a tensor an op changes: streamed through the op's byte kernel when it has one (a float cast of a
-    tensor with a raw span), else computed whole with torch."""
-    streamed = byte_converter(entry.expr)
-    span = source.raw_span(streamed[0]) if streamed is not None else None
-    if streamed is None or span is None or span.nbytes != source.tensors[streamed[0]].nbytes:
-        write_tensor(out, materialize(entry, source), progress)
-        return
-    written = convert_span(out, span, streamed[1], progress)
-    if written != entry.meta.nbytes:
-        raise TensorOpError(
-            f"tensor '{entry.key}' (from {streamed[0]}): wrote {written} bytes, the plan says "
-            f"{entry.meta.nbytes} for {entry.meta}; the source file is inconsistent"
-        )
-
-
-def write_tensor(out: BinaryIO, tensor: torch.Tensor, progress: Progress | None = None) -> None:
-    """Write a tensor's bytes in row-major order (views and non-contiguous tensors are written as themselves)."""
-    if tensor.numel() == 0:
-        return
-    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    write_bytes(out, flat.numpy().data, progress)
+def lay_out_safetensors(
+    builder: LayoutBuilder, final: Path, entries: Sequence[PlanEntry], source: Source, metadata: Mapping[str, str]
+) -> int:
+    """One safetensors file of `entries` (to be published as `final`) added to `builder`: the header, then each
+    tensor's bytes (copied, converted or computed: see layout.tensor_fill) at its offset. Returns the file's index."""
+    header = build_header(entries, metadata, aligned_data_start(entries, source))
+    index = builder.file(final.name, final, len(header) + sum(entry.meta.nbytes for entry in entries))
+    builder.literal(index, 0, header)
+    offset = len(header)
+    for entry in entries:
+        builder.add(Piece(index, offset, entry.meta.nbytes, tensor_fill(entry, source), entry.key))
+        offset += entry.meta.nbytes
+    return index

@@ -6,6 +6,11 @@ file fsynced), handed to `verify` there when asked, and published in one step: r
 file that completes the set (the single file, the index, `config.json`) last. A failure at any point leaves no
 file of the new output under its final name. Each format is one subclass in its own module; `writer_for` chooses
 it from the destination.
+
+Writing is header-first: a format's `layout(source)` fixes every file, its size and every byte range in it (each
+tensor's offset, the headers) before any data moves (io/write/layout.py); the coordinator (coordinator.py) then
+has the ranges written, in this process or split into work units across worker processes or a Dask cluster
+(`Parallel`), and completes the files. The bytes never depend on how many workers wrote them.
 """
 
 from __future__ import annotations
@@ -19,11 +24,14 @@ from typing import Any, ClassVar
 
 from ckptx.io.spans import Progress
 from ckptx.io.write.atomic import publish, staging_folder, write_error
+from ckptx.io.write.coordinator import Parallel, write_layout
 from ckptx.io.write.destination import InputFiles, prepare_folder
+from ckptx.io.write.layout import OutputLayout
+from ckptx.io.write.units import ObserverFactory, UnitResult
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.source import Source
 
-__all__ = ["Move", "OutputOptions", "Verify", "Writer"]
+__all__ = ["Move", "OutputOptions", "Parallel", "Verify", "Writer"]
 
 Move = tuple[Path, Path]
 """(staged path, final path) of one written file."""
@@ -61,6 +69,8 @@ class Writer(ABC):
         self.destination = destination
         self.entries = tuple(entries)
         self.options = options
+        self.results: list[UnitResult] = []
+        """The work units' results of the last write (bytes, CRCs, observer records), in unit order."""
 
     @property
     def primary(self) -> Path:
@@ -96,18 +106,42 @@ class Writer(ABC):
         return f"non-tensor entries dropped ({self.format} holds tensors only): {', '.join(sorted(source.non_tensors))}"
 
     @abstractmethod
-    def stage(self, folder: Path, source: Source, progress: Progress | None) -> list[Move]:
+    def layout(self, source: Source) -> OutputLayout:
+        """Every file of the output (in publishing order, the primary file last), its size, and every byte range in
+        it with what fills it; raises (DestinationError...) before anything is written for what the format cannot
+        hold."""
+
+    def stage(
+        self,
+        folder: Path,
+        source: Source,
+        progress: Progress | None,
+        parallel: Parallel | None = None,
+        observer: ObserverFactory | None = None,
+    ) -> list[Move]:
         """Write every file of the output into `folder`, each fsynced; the moves in publishing order, the primary
         file last."""
+        layout = self.layout(source)
+        self.results = write_layout(folder, layout, source, progress, parallel, observer)
+        return [(folder / laid.name, laid.final) for laid in layout.files]
 
-    def write(self, source: Source, progress: Progress | None = None, verify: Verify | None = None) -> int:
-        """Stage, verify, publish; returns the bytes written. File system failures become one DestinationError
-        naming the destination; a failure leaves no file of the output under its final name."""
+    def write(
+        self,
+        source: Source,
+        progress: Progress | None = None,
+        verify: Verify | None = None,
+        *,
+        parallel: Parallel | None = None,
+        observer: ObserverFactory | None = None,
+    ) -> int:
+        """Stage, verify, publish; returns the bytes written. With `parallel`, the tensor bytes are written by work
+        units on its runner's workers (byte for byte what one process writes). File system failures become one
+        DestinationError naming the destination; a failure leaves no file of the output under its final name."""
         created = self._prepare()
         try:
             with staging_folder(self.staging_anchor) as folder:
                 try:
-                    moves = self.stage(folder, source, progress)
+                    moves = self.stage(folder, source, progress, parallel, observer)
                 except OSError as exc:
                     raise write_error(self.primary, exc) from None
                 if verify is not None:
