@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import shlex
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,17 +17,19 @@ from ckptx.check.inferred import choose_variant
 from ckptx.check.validation import ValidationReport, validate
 from ckptx.conversion.request import ConvertRequest, ConvertResult, Progress
 from ckptx.errors import ValidationFailed, VerificationFailed
-from ckptx.io.read.open import open_source
+from ckptx.io.read.open import SourceSpec, open_source
 from ckptx.io.spans import Progress as ByteProgress
 from ckptx.io.write.atomic import stale_partials
 from ckptx.io.write.destination import InputFiles
 from ckptx.io.write.formats import writer_for
-from ckptx.io.write.writer import OutputOptions, Verify, Writer
+from ckptx.io.write.writer import OutputOptions, Parallel, Verify, Writer
 from ckptx.planning.planner import Plan, plan_recipe
 from ckptx.planning.source import Source
 from ckptx.rules.loader import RecipeArg, as_recipe
 from ckptx.rules.recipe import Recipe, TargetSpec
 from ckptx.targets.resolve import Target, parse_target_arg, resolve_target
+from ckptx.workers.cores import share_cores
+from ckptx.workers.executors import check_runner_options, open_runner, resolve_workers
 
 __all__ = ["ConvertRequest", "ConvertResult", "convert", "provenance", "run", "stale_note", "target_spec_for"]
 
@@ -48,6 +51,9 @@ def convert(
     metadata: Mapping[str, str] | None = None,
     max_shard_size: int | None = None,
     reverse: bool = False,
+    workers: int | str = 1,
+    executor: str = "local",
+    scheduler: str | None = None,
 ) -> ConvertResult:
     """Convert `src` to `dst` with the recipes; validate against the target before writing a byte.
 
@@ -59,10 +65,15 @@ def convert(
     With `verify`, the written output is loaded into the target model and compared with the source model before it
     is published. With `reverse`, converts the other way with the recipes' reverse (see ckptx.conversion.reverse);
     `target` is then the recipes' source layout, traced when a step's inverse needs shapes.
+    `workers` (a number, or `auto` for the cores) splits the writing into work units run by that many worker
+    processes (`executor="local"`) or on a Dask cluster (`executor="dask"`: the scheduler at `scheduler`, whose
+    workers see the same paths, or a LocalCluster of `workers` processes); the output is byte for byte what one
+    process writes. A unit that fails raises WorkerFailed naming the unit and its worker; nothing is published.
     """
     request = ConvertRequest(
         Path(src), dst, recipes, target, dict(target_args or {}), dict(params or {}), dry_run, force,
         tuple(allow_globals), unsafe_pickle, verify, progress, dict(metadata or {}), max_shard_size, reverse,
+        workers, executor, scheduler,
     )  # fmt: skip
     return run(request)
 
@@ -70,6 +81,7 @@ def convert(
 def run(request: ConvertRequest) -> ConvertResult:
     """Carry out a conversion request: plan → validate → write."""
     started = time.perf_counter()
+    check_runner_options(request.executor, resolve_workers(request.workers), request.scheduler)
     recipe = _recipe(request)
     inputs = InputFiles.of([request.src])
     with open_source(
@@ -89,7 +101,19 @@ def run(request: ConvertRequest) -> ConvertResult:
                 raise ValidationFailed(planned.report)
             result.notes += _stale(writer) + _dropped(writer, source, planned.plan)
             verify = _verifier(result, planned.recipe, planned.spec, request) if request.verify else None
-            result.bytes_written = writer.write(source, _byte_progress(request.progress, planned.plan), verify)
+            with _parallel(request, recipe) as parallel:
+                progress = _byte_progress(request.progress, planned.plan)
+                result.bytes_written = writer.write(source, progress, verify, parallel=parallel)
+            result.units = [
+                {
+                    "unit": r.index + 1,
+                    "worker": r.worker,
+                    "bytes": r.nbytes,
+                    "seconds": round(r.seconds, 4),
+                    "worker_peak_rss": r.peak_rss,
+                }
+                for r in writer.results
+            ]
         elif planned.report is not None and not planned.report.ok and not request.dry_run:
             raise ValidationFailed(planned.report)
     result.seconds = time.perf_counter() - started
@@ -205,6 +229,20 @@ def _writer(request: ConvertRequest, planned: Planned) -> Writer:
         state_metadata=state_metadata,
     )
     return writer_for(request.dst, plan.entries, options)
+
+
+@contextmanager
+def _parallel(request: ConvertRequest, recipe: Recipe) -> Iterator[Parallel | None]:
+    """The workers the request asks for, for the time of the write: None for one local process (the write runs
+    here), else a runner whose worker processes (or Dask workers) open the source again as this process did."""
+    workers = resolve_workers(request.workers)
+    if request.executor == "local" and workers == 1:
+        yield None
+        return
+    spec = SourceSpec.of(request.src, recipe.extract, request.allow_globals, request.unsafe_pickle)
+    preload = ("ckptx.io.write.units", "numpy")  # what every worker needs, imported once in the fork server
+    with open_runner(request.executor, workers, request.scheduler, preload, share_cores) as runner:
+        yield Parallel(runner, runner.capacity or workers, spec)
 
 
 def _stale(writer: Writer) -> list[str]:

@@ -37,6 +37,9 @@ class ConvertRequest:
     metadata: Mapping[str, str] = field(default_factory=dict)
     max_shard_size: int | None = None
     reverse: bool = False
+    workers: int | str = 1  # worker processes writing the output (`auto`: the cores); 1: this process alone
+    executor: str = "local"  # `local` processes or `dask`
+    scheduler: str | None = None  # a Dask scheduler's address (dask without one: a LocalCluster of `workers`)
 
 
 @dataclass
@@ -52,6 +55,7 @@ class ConvertResult:
     notes: list[str] = field(default_factory=list)
     verification: Any = None
     inferred: dict[str, Any] = field(default_factory=dict)  # parameters chosen from the source (check/inferred.py)
+    units: list[dict[str, Any]] = field(default_factory=list)  # the work units written: index, worker, bytes, seconds
 
     @property
     def written(self) -> bool:
@@ -72,4 +76,5 @@ class ConvertResult:
             "validation": self.report.to_dict() if self.report else None,
             "verification": self.verification.to_dict() if self.verification is not None else None,
             "inferred": self.inferred,
+            "units": self.units,
         }

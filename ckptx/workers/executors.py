@@ -29,6 +29,8 @@ class Runner(Protocol):
     """Runs one function over many items and yields `(index, outcome)` as each finishes."""
 
     same_machine: bool
+    capacity: int
+    """How many tasks run at a time (0: not known)."""
 
     def run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Outcome]]:
         """Run `fn(item)` for every item."""
@@ -43,6 +45,7 @@ class InlineRunner:
     """Runs tasks one after another in this process (`-j 1`): no start-up cost, easiest to debug."""
 
     same_machine = True
+    capacity = 1
 
     def run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Outcome]]:
         """Run `fn(item)` for every item, in order."""
@@ -68,6 +71,7 @@ class PoolRunner:
         self, workers: int, preload: Sequence[str] = (), initializer: Callable[[int], None] | None = None
     ) -> None:
         self.workers = workers
+        self.capacity = workers
         self.preload = list(preload)
         self.initializer = initializer
         self._pool: ProcessPoolExecutor | None = None
@@ -148,6 +152,7 @@ class DaskRunner:
             raise CkptxError("--executor dask needs Dask, an optional dependency: pip install 'ckptx[dask]'") from None
         self._distributed = distributed
         self._cluster = None
+        self.capacity = 0
         if scheduler:
             try:
                 self.client = distributed.Client(scheduler, timeout="10s")
@@ -201,7 +206,9 @@ class DaskRunner:
                 f"the Dask workers run another ckptx than this {__version__}: {', '.join(wrong)}; "
                 "install the same version everywhere"
             )
-        self.client.run(_share_host_cores, _slots_by_worker(self.client.scheduler_info().get("workers", {})))
+        workers = self.client.scheduler_info().get("workers", {})
+        self.client.run(_share_host_cores, _slots_by_worker(workers))
+        self.capacity = sum(int(info.get("nthreads") or 1) for info in workers.values())
 
     def run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Outcome]]:
         """Submit every item to the cluster, then yield outcomes as they complete."""

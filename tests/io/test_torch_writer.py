@@ -28,8 +28,8 @@ from ckptx.io.read.open import open_source
 from ckptx.io.read.state_dict import MappingSource
 from ckptx.io.read.torch_zip import ZipSpanSource
 from ckptx.io.write.torch_pickle import PickledStorage, PickledTensor, state_dict_pickle
-from ckptx.io.write.writer import OutputOptions
 from ckptx.io.write.torch_writer import TorchWriter, write_torch
+from ckptx.io.write.writer import OutputOptions
 from ckptx.planning.source import RawSpan
 from ckptx.rules.recipe import Recipe
 from tests.conftest import subprocess_env

@@ -149,7 +149,11 @@ class SourceSpec:
 
     @classmethod
     def of(
-        cls, path: str | Path, extract_paths: Sequence[str] = (), allow_globals: Sequence[str] = (), unsafe: bool = False
+        cls,
+        path: str | Path,
+        extract_paths: Sequence[str] = (),
+        allow_globals: Sequence[str] = (),
+        unsafe: bool = False,
     ) -> SourceSpec:
         """The spec of `open_source(path, extract_paths, ...)` as this process sees `path` (made absolute)."""
         return cls(os.path.abspath(path), tuple(extract_paths), tuple(allow_globals), unsafe)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 import zlib
@@ -134,6 +135,8 @@ class UnitResult:
     crcs: tuple[CheckedRange, ...] = ()
     observed: Any = None
     seconds: float = 0.0
+    peak_rss: int = 0
+    """The peak resident memory of the worker process so far, in bytes (0 where the platform does not say)."""
 
 
 def worker_name() -> str:
@@ -251,9 +254,10 @@ def run_unit(unit: WorkUnit, source: Source | None = None, progress: Progress | 
     observer = unit.observer() if unit.observer is not None else None
     fd = os.open(unit.path, os.O_WRONLY)
     try:
-        with _SourceOnDemand(source, unit.source) as sources, UnitWriter(
-            fd, unit.threads or kernel_threads(), sources.get, progress, observer
-        ) as writer:
+        with (
+            _SourceOnDemand(source, unit.source) as sources,
+            UnitWriter(fd, unit.threads or kernel_threads(), sources.get, progress, observer) as writer,
+        ):
             for piece in unit.pieces:
                 writer.check_alive()
                 write_piece(writer, piece)
@@ -262,7 +266,18 @@ def run_unit(unit: WorkUnit, source: Source | None = None, progress: Progress | 
     finally:
         os.close(fd)
     observed = observer.result() if observer is not None else None
-    return UnitResult(unit.index, worker, writer.written, tuple(writer.crcs), observed, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return UnitResult(unit.index, worker, writer.written, tuple(writer.crcs), observed, seconds, peak_rss())
+
+
+def peak_rss() -> int:
+    """The peak resident memory of this process, in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not a POSIX system
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _claim(claims: str, index: int, worker: str) -> None:
