@@ -207,7 +207,13 @@ class DaskRunner:
                 "install the same version everywhere"
             )
         workers = self.client.scheduler_info().get("workers", {})
-        self.client.run(_share_host_cores, _slots_by_worker(workers))
+        try:
+            self.client.run(_share_host_cores, _slots_by_worker(workers))
+        except Exception as exc:  # noqa: BLE001 - whatever the workers raised
+            raise CkptxError(
+                f"the Dask workers cannot run this ckptx ({type(exc).__name__}: {exc}); install ckptx "
+                f"{__version__} from the same source in the workers' environment"
+            ) from None
         self.capacity = sum(int(info.get("nthreads") or 1) for info in workers.values())
 
     def run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Outcome]]:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ckptx.errors import DestinationError
+from ckptx.gcpause import without_gc
 from ckptx.io.write.destination import InputFiles
 from ckptx.io.write.layout import Copy, LayoutBuilder, OutputLayout, Piece
 from ckptx.io.write.sharded_writer import INDEX_SUFFIX, lay_out_shards, older_shards, shard_layout
@@ -73,6 +74,7 @@ class HfFolderWriter(Writer):
         super().check(inputs)
         return older_shards(self.shards)
 
+    @without_gc  # 100,000 tensors: 0.9 s instead of 2.2 s (each full collection walks the plan again)
     def layout(self, source: Source) -> OutputLayout:
         """The weights, the copied files, then the documents, `config.json` last: it completes the set."""
         builder = LayoutBuilder()

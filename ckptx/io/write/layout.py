@@ -176,11 +176,11 @@ def absolute(span: RawSpan) -> RawSpan:
     return span if os.path.isabs(span.file) else RawSpan(os.path.abspath(span.file), span.offset, span.nbytes)
 
 
-def tensor_fill(entry: PlanEntry, source: Source) -> Fill:
-    """How the bytes of one output tensor are made: copied from the source's spans when unchanged and in files,
-    streamed through the op's byte kernel when it has one (a float cast of a tensor with a raw span), else computed
-    whole with torch."""
-    nbytes = entry.meta.nbytes
+def tensor_fill(entry: PlanEntry, source: Source, nbytes: int | None = None) -> Fill:
+    """How the bytes of one output tensor (of `nbytes` bytes, when the caller knows) are made: copied from the
+    source's spans when unchanged and in files, streamed through the op's byte kernel when it has one (a float cast
+    of a tensor with a raw span), else computed whole with torch."""
+    nbytes = entry.meta.nbytes if nbytes is None else nbytes
     if entry.is_copy:
         spans = source.raw_spans(entry.sources[0])
         if spans is not None and sum(span.nbytes for span in spans) == nbytes:

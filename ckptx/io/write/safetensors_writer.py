@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ckptx.dtypes import safetensors_code
+from ckptx.gcpause import without_gc
 from ckptx.io.spans import BLOCK, Progress
 from ckptx.io.write.layout import LayoutBuilder, OutputLayout, Piece, tensor_fill
 from ckptx.io.write.writer import OutputOptions, Writer
@@ -16,22 +17,30 @@ from ckptx.planning.source import Source
 __all__ = ["SafetensorsWriter", "build_header", "lay_out_safetensors", "write_safetensors"]
 
 
-def build_header(entries: Sequence[PlanEntry], metadata: Mapping[str, str], data_start: int | None = None) -> bytes:
+def build_header(
+    entries: Sequence[PlanEntry],
+    metadata: Mapping[str, str],
+    data_start: int | None = None,
+    sizes: Sequence[int] | None = None,
+) -> bytes:
     """The safetensors header for `entries` in order, padded with spaces to a multiple of 8 bytes, or further so
     that the data section starts at an offset congruent to `data_start` modulo the block size (see
     `aligned_data_start`): then every copied byte lands at a destination offset congruent to its source offset,
-    which lets copy-on-write file systems share the blocks and keeps copies page-aligned elsewhere."""
-    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    which lets copy-on-write file systems share the blocks and keeps copies page-aligned elsewhere. `sizes` are the
+    entries' byte sizes when the caller has them."""
+    # Written out entry by entry, exactly as json.dumps(header, separators=(",", ":")) writes it: 100,000 entries took
+    # 0.35 s so and 1.0 s through json.dumps of the dict (2-core machine under load).
+    parts = [f'"__metadata__":{json.dumps(dict(metadata), separators=(",", ":"))}'] if metadata else []
     offset = 0
-    for entry in entries:
-        size = entry.meta.nbytes
-        header[entry.key] = {
-            "dtype": safetensors_code(entry.meta.dtype, key=entry.key),
-            "shape": list(entry.meta.shape),
-            "data_offsets": [offset, offset + size],
-        }
+    for entry, size in zip(entries, sizes if sizes is not None else [entry.meta.nbytes for entry in entries]):
+        meta = entry.meta
+        code = safetensors_code(meta.dtype, key=entry.key)
+        shape = ",".join(map(str, meta.shape))
+        parts.append(
+            f'{json.dumps(entry.key)}:{{"dtype":"{code}","shape":[{shape}],"data_offsets":[{offset},{offset + size}]}}'
+        )
         offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw = ("{" + ",".join(parts) + "}").encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     if data_start is not None:
         raw += b" " * ((data_start - 8 - len(raw)) % BLOCK)
@@ -71,6 +80,7 @@ class SafetensorsWriter(Writer):
         """The file."""
         return [self.destination]
 
+    @without_gc  # 100,000 tensors: 0.9 s instead of 2.2 s (each full collection walks the plan again)
     def layout(self, source: Source) -> OutputLayout:
         """The file: its header, then every tensor at its offset."""
         builder = LayoutBuilder()
@@ -95,11 +105,13 @@ def lay_out_safetensors(
 ) -> int:
     """One safetensors file of `entries` (to be published as `final`) added to `builder`: the header, then each
     tensor's bytes (copied, converted or computed: see layout.tensor_fill) at its offset. Returns the file's index."""
-    header = build_header(entries, metadata, aligned_data_start(entries, source))
-    index = builder.file(final.name, final, len(header) + sum(entry.meta.nbytes for entry in entries))
+    sizes = [entry.meta.nbytes for entry in entries]  # a property computed each time: 100,000 tensors, 0.1 s
+    header = build_header(entries, metadata, aligned_data_start(entries, source), sizes)
+    index = builder.file(final.name, final, len(header) + sum(sizes))
     builder.literal(index, 0, header)
     offset = len(header)
-    for entry in entries:
-        builder.add(Piece(index, offset, entry.meta.nbytes, tensor_fill(entry, source), entry.key))
-        offset += entry.meta.nbytes
+    for entry, size in zip(entries, sizes):
+        if size:
+            builder.pieces.append(Piece(index, offset, size, tensor_fill(entry, source, size), entry.key))
+        offset += size
     return index

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptx.errors import DestinationError
+from ckptx.gcpause import without_gc
 from ckptx.io.write.destination import InputFiles
 from ckptx.io.write.layout import LayoutBuilder, OutputLayout
 from ckptx.io.write.safetensors_writer import lay_out_safetensors
@@ -112,6 +113,7 @@ class ShardedWriter(Writer):
         super().check(inputs)
         return older_shards(self.shards)
 
+    @without_gc  # 100,000 tensors: 0.9 s instead of 2.2 s (each full collection walks the plan again)
     def layout(self, source: Source) -> OutputLayout:
         """Every shard, then the index."""
         builder = LayoutBuilder()

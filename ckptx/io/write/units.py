@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from ckptx._lazy import lazy_module
 from ckptx.errors import DestinationError, TensorOpError
+from ckptx.gcpause import without_gc
 from ckptx.io import spans
 from ckptx.io.crc import span_crc
 from ckptx.io.read.open import SourceSpec
@@ -157,6 +158,7 @@ def cost(piece: Piece) -> int:
     return 0 if isinstance(fill, Literal) else piece.nbytes
 
 
+@without_gc
 def plan_units(layout: OutputLayout, folder: str, parts: int, **options: Any) -> list[WorkUnit]:
     """The layout's pieces (all but the literal ones, which the coordinator writes) as about `parts` units of equal
     cost: runs of consecutive pieces of one file, big pieces cut in pieces of about that cost. One part gives one
