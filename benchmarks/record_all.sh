@@ -11,7 +11,7 @@ OUT=benchmarks/results
 mkdir -p "$OUT" bench-out
 export HF_HUB_OFFLINE=1
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(run torch_out cow_bench dcp_bench zero_bench plan_bench suggest_bench batch)
+[ ${#names[@]} -gt 0 ] || names=(run torch_out cow_bench dcp_bench zero_bench plan_bench suggest_bench batch workers_bench partition_bench)
 for name in "${names[@]}"; do
     echo "== $name" >&2
     case "$name" in
@@ -23,6 +23,8 @@ for name in "${names[@]}"; do
         plan_bench)    "$PY" benchmarks/plan_bench.py --workdir bench-out --repeat 3 --json "$OUT/plan_bench.json" ;;
         suggest_bench) "$PY" benchmarks/suggest_bench.py --repeat 3 --json "$OUT/suggest_bench.json" ;;
         batch)         "$PY" benchmarks/batch.py --repeat 3 --json "$OUT/batch.json" ;;
+        workers_bench) "$PY" benchmarks/workers_bench.py --rounds 5 --json "$OUT/workers_bench.json" ;;
+        partition_bench) "$PY" benchmarks/partition_bench.py --repeat 3 --json "$OUT/partition_bench.json" ;;
         *) echo "unknown benchmark: $name" >&2; exit 2 ;;
     esac
 done

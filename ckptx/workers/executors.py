@@ -208,7 +208,7 @@ class DaskRunner:
             )
         workers = self.client.scheduler_info().get("workers", {})
         try:
-            self.client.run(_share_host_cores, _slots_by_worker(workers))
+            self.client.run(_share_host_cores, slots_by_worker(workers))
         except Exception as exc:  # noqa: BLE001 - whatever the workers raised
             raise CkptxError(
                 f"the Dask workers cannot run this ckptx ({type(exc).__name__}: {exc}); install ckptx "
@@ -241,7 +241,7 @@ def _ckptx_version() -> str:
     return __version__
 
 
-def _slots_by_worker(workers: dict[str, Any]) -> dict[str, int]:
+def slots_by_worker(workers: dict[str, Any]) -> dict[str, int]:
     """Worker address -> the task slots (threads) of all Dask workers on its host: what shares that host's cores."""
     per_host: dict[str, int] = {}
     for address, info in workers.items():
