@@ -29,7 +29,8 @@ def test_a_worker_of_n_takes_its_share_of_the_cores_for_kernels_and_torch() -> N
         "import os, sys\n"
         "from ckptx.workers.cores import kernel_threads, share_cores, available_cores\n"
         "share_cores(2)\n"
-        "print('torch' in sys.modules, kernel_threads(), os.environ['OMP_NUM_THREADS'], max(1, available_cores() // 2))\n"
+        "expected = max(1, available_cores() // 2)\n"
+        "print('torch' in sys.modules, kernel_threads(), os.environ['OMP_NUM_THREADS'], expected)\n"
     )
     env = {k: v for k, v in subprocess_env().items() if k not in ("OMP_NUM_THREADS", THREADS_VARIABLE)}
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
