@@ -17,10 +17,15 @@ from safetensors.torch import load_file, save_file
 import ckptx
 from ckptx.errors import WorkerFailed
 from ckptx.io import spans
+from ckptx.io.read.open import SourceSpec, open_source
 from ckptx.io.write import units
 from ckptx.io.write.atomic import TEMP_SUFFIX
 from ckptx.io.write.coordinator import CLAIMS
+from ckptx.io.write.formats import writer_for
 from ckptx.io.write.units import CLAIM_SIZE
+from ckptx.io.write.writer import OutputOptions, Parallel
+from ckptx.workers.cores import share_cores
+from ckptx.workers.executors import open_runner
 
 RECIPE = r"""ckptx: 1
 steps:
@@ -142,6 +147,35 @@ def test_a_pth_source_with_tied_and_computed_tensors_is_byte_identical_too(
         assert out["head.weight"].untyped_storage().data_ptr() == out["embed.weight"].untyped_storage().data_ptr()
 
 
+@pytest.mark.usefixtures("small_units")
+def test_a_model_folder_with_documents_and_copied_files_is_byte_identical_too(tmp_path: Path, scheduler: str) -> None:
+    """The HF folder writer (shards, index, a copied tokenizer file, config.json last) on every runner."""
+    state = source_state()
+    src = tmp_path / "src.safetensors"
+    save_file(state, str(src))
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_bytes(os.urandom(200_000))
+    options = OutputOptions(
+        max_shard_size=700_000, documents={"config.json": b'{"model_type": "x"}'}, copies={"tokenizer.json": tokenizer}
+    )
+    seen = []
+    with open_source(src) as source:
+        entries = ckptx.plan(ckptx.Recipe(name="copy"), source).entries
+        for workers, executor in RUNS:
+            folder = tmp_path / f"{workers}-{executor}"
+            writer = writer_for(f"{folder}/", entries, options)
+            address = scheduler if executor == "dask" else None
+            if workers == 1 and executor == "local":
+                writer.write(source)
+            else:
+                with open_runner(executor, workers, address, initializer=share_cores) as runner:
+                    writer.write(source, parallel=Parallel(runner, workers, SourceSpec.of(src)))
+            seen.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())})
+    assert all(s == seen[0] for s in seen[1:]), seen
+    assert {"config.json", "tokenizer.json", "model.safetensors.index.json"} <= set(seen[0])
+    assert (tmp_path / "2-dask" / "tokenizer.json").read_bytes() == tokenizer.read_bytes()
+
+
 def test_workers_report_their_units_and_stay_within_their_memory(tmp_path: Path, run_cli, small_units: None) -> None:
     state = source_state()
     src = tmp_path / "src.safetensors"
@@ -152,7 +186,7 @@ def test_workers_report_their_units_and_stay_within_their_memory(tmp_path: Path,
     assert result.code == 0, result.err
     reported = result.json["units"]
     assert sum(unit["bytes"] for unit in reported) == sum(v.nbytes for v in expected(state, False).values())
-    assert len({unit["worker"] for unit in reported}) == 2
+    assert 1 <= len({unit["worker"] for unit in reported}) <= 2  # a worker slow to start may take none
     assert max(unit["worker_peak_rss"] for unit in reported) <= 400 * 2**20
 
 
