@@ -281,3 +281,30 @@ def test_workers_auto_is_one_per_core(tmp_path: Path, run_cli, safetensors_file:
     result = run_cli("convert", safetensors_file, "-o", tmp_path / "o.safetensors", "--workers", "auto", "--json")
     assert result.code == 0, result.err
     assert load_file(str(tmp_path / "o.safetensors")).keys() == load_file(str(safetensors_file)).keys()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_the_command_line_forks_its_workers_and_writes_the_same_bytes(tmp_path: Path, fmt: str) -> None:
+    """`ckptx convert` has not imported torch when it writes a copy-and-cast conversion: its workers are forked from
+    it (the tests above run in a process with torch, whose workers come from a fork server)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+
+    state = source_state()
+    src = tmp_path / "src.safetensors"
+    save_file(state, str(src))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RECIPE, encoding="utf-8")
+    seen = []
+    for workers in ("1", "2"):
+        dst = tmp_path / workers / OUTPUTS[fmt]
+        argv = ["convert", str(src), "-r", str(rules), "-o", str(dst), "--workers", workers]
+        done = subprocess.run(
+            [sys.executable, "-m", "ckptx", *argv], env=subprocess_env(), capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        seen.append(digests(dst))
+    assert seen[0] == seen[1]
+    assert all(torch.equal(read(tmp_path / "2" / OUTPUTS[fmt])[k], v) for k, v in expected(state, False).items())
