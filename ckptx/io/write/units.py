@@ -399,7 +399,7 @@ class UnitWriter:
             self.crcs.append(CheckedRange(done.group, done.at, done.nbytes, done.crc))
         if self.observer is not None and done.data is not None:
             self.observer.computed(done.key, done.at, memoryview(done.data).cast("B"))
-        if self.progress is not None:
+        if self.progress is not None and done.key:  # tensor bytes: what progress counts (not a copied tokenizer)
             self.progress(done.nbytes)
 
     def source_fd(self, path: str) -> int:
@@ -534,8 +534,3 @@ def tensor_bytes(tensor: Any, key: str) -> Any:
         )
     flat = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy()
-
-
-def unit_sources(units: Sequence[WorkUnit]) -> bool:
-    """True when some unit needs the source's tensors (computed or in memory), not just its files."""
-    return any(isinstance(piece.fill, Compute | Stored) for unit in units for piece in unit.pieces)
