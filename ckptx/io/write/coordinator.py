@@ -128,8 +128,8 @@ def _create(paths: Sequence[Path], layout: OutputLayout) -> None:
 def _run(
     runner: Runner, units: list[WorkUnit], claims: Path, layout: OutputLayout, progress: _Counted
 ) -> list[UnitResult]:
-    """The units on the runner, the costliest first (so the last to finish are small); the first failure raises."""
-    ordered = sorted(units, key=cost_of, reverse=True)
+    """The units on the runner (see submission_order); the first failure raises."""
+    ordered = submission_order(units)
     results: dict[int, UnitResult] = {}
     for position, outcome in runner.run(run_unit, ordered):
         unit = ordered[position]
@@ -138,6 +138,23 @@ def _run(
         results[unit.index] = outcome
         progress(sum(piece.nbytes for piece in unit.pieces if piece.key))
     return [results[unit.index] for unit in units if unit.index in results]
+
+
+def submission_order(units: Sequence[WorkUnit]) -> list[WorkUnit]:
+    """The costliest first (so the last to finish are small), taking the files in turn: units that run at the same
+    time then mostly write different files (two processes writing one file take turns at its write lock: 768 MiB
+    took 0.6-2.1 s so, 0.3-0.4 s in two files, on ext4)."""
+    by_file: dict[str, list[WorkUnit]] = {}
+    for unit in sorted(units, key=cost_of, reverse=True):
+        by_file.setdefault(unit.path, []).append(unit)
+    queues = list(by_file.values())
+    ordered: list[WorkUnit] = []
+    while queues:
+        queues.sort(key=lambda queue: cost_of(queue[0]), reverse=True)
+        for queue in queues:
+            ordered.append(queue.pop(0))
+        queues = [queue for queue in queues if queue]
+    return ordered
 
 
 def cost_of(unit: WorkUnit) -> int:
