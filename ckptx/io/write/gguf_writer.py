@@ -1,5 +1,7 @@
 """GGUF output (llama.cpp): the header (metadata, then each tensor's name, shape, ggml type and offset) from the
-plan, then each tensor's bytes streamed in blocks of rows, every tensor aligned to 32 bytes.
+plan, then each tensor's bytes streamed in blocks of rows, every tensor aligned to 32 bytes. The whole file is laid
+out before a byte is written (io/write/layout.py), so work units write its tensors at their offsets, in this process
+or on workers, and the bytes never depend on how many.
 
 Each tensor's ggml type follows llama.cpp's `convert_hf_to_gguf.py` for the requested file type (`float32`,
 `float16`, `bfloat16`, `q8_0`, or `auto`: bfloat16 or float16 as the first 2-D tensor is, else float16): 1-D
@@ -11,27 +13,18 @@ are the converter's.
 
 from __future__ import annotations
 
-import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ckptx._lazy import lazy_module
 from ckptx.errors import DestinationError
-from ckptx.io.card import EntryObserver
-from ckptx.io.gguf import ARRAY, DEFAULT_ALIGNMENT, MAGIC, STRING, VALUE_TYPES, quantize, type_named
-from ckptx.io.spans import Progress
-from ckptx.io.write.atomic import sync_file
-from ckptx.io.write.writer import Move, Writer
+from ckptx.gcpause import without_gc
+from ckptx.io.gguf import ARRAY, DEFAULT_ALIGNMENT, MAGIC, STRING, VALUE_TYPES, type_named
+from ckptx.io.write.layout import Fill, LayoutBuilder, OutputLayout, Piece, Quantize, absolute, tensor_fill, whole_span
+from ckptx.io.write.writer import Writer
 from ckptx.planning.entry import PlanEntry
-from ckptx.planning.execute import materialize
 from ckptx.planning.source import Source
-
-if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
-else:
-    np = lazy_module("numpy")
 
 __all__ = ["FILE_TYPES", "GgufWriter", "tensor_types"]
 
@@ -41,7 +34,6 @@ _ALWAYS_F32 = ("ffn_gate_inp.", "ffn_gate_inp_shexp.", "position_embd.", "token_
 _PLAIN = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
           "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64"}  # fmt: skip
 _FLOATS = ("float32", "float16", "bfloat16", "float64")
-ROWS_BYTES = 8 * 1024 * 1024  # float32 bytes converted at a time
 
 
 def resolve_file_type(file_type: str | None, entries: Sequence[PlanEntry]) -> str:
@@ -136,76 +128,45 @@ class GgufWriter(Writer):
         """The file."""
         return [self.destination]
 
-    def stage(
-        self, folder: Path, source: Source, progress: Progress | None, observer: EntryObserver | None = None
-    ) -> list[Move]:
-        """Header first, then each tensor streamed, every one padded to the alignment. `observer` (a provenance
-        card) sees each tensor's stored bytes, which must then be its own elements: a tensor GGUF stores in another
-        type (quantized, or a float narrowed) is refused before anything is written."""
-        if observer is not None:
-            changed = [(e, t) for e, t in zip(self.entries, self.types) if _PLAIN.get(e.meta.dtype) != t]
-            if changed:
-                entry, kind = changed[0]
-                raise DestinationError(
-                    f"{self.destination}: a provenance card records each tensor's bytes as stored, and this GGUF "
-                    f"output stores '{entry.key}' ({entry.meta.dtype}) as {kind} ({len(changed)} such tensor(s)); "
-                    f"write the card with --gguf-type matching the tensors' dtype, or leave out --audit"
-                )
+    def check_card(self) -> None:
+        """A provenance card records each tensor's bytes as stored, which must then be its own elements: a tensor
+        GGUF stores in another type (quantized, or a float narrowed) is refused before anything is written."""
+        changed = [(e, t) for e, t in zip(self.entries, self.types) if _PLAIN.get(e.meta.dtype) != t]
+        if changed:
+            entry, kind = changed[0]
+            raise DestinationError(
+                f"{self.destination}: a provenance card records each tensor's bytes as stored, and this GGUF "
+                f"output stores '{entry.key}' ({entry.meta.dtype}) as {kind} ({len(changed)} such tensor(s)); "
+                f"write the card with --gguf-type matching the tensors' dtype, or leave out --audit"
+            )
+
+    @without_gc  # 100,000 tensors: each full collection would walk the plan again
+    def layout(self, source: Source) -> OutputLayout:
+        """The header (metadata, then every tensor's name, shape, type and offset), then each tensor at its offset,
+        padded to the alignment (the padding is the zeros of the pre-sized file)."""
         metadata = list(self.options.gguf_metadata)
         file_type = FILE_TYPES[self.file_type][1]
         metadata = [(k, c, file_type if k == "general.file_type" else v) for k, c, v in metadata]
-        header, _ = build_header(metadata, self.entries, self.types)
-        staged = folder / self.destination.name
-        with open(staged, "wb") as out:
-            out.write(header)
-            for entry, name in zip(self.entries, self.types):
-                written = 0
-                for chunk in _tensor_bytes(entry, name, source):
-                    out.write(chunk)
-                    written += len(chunk)
-                    if observer is not None:
-                        observer.observe_bytes(entry, chunk)
-                    if progress:
-                        progress(len(chunk))
-                if observer is not None:
-                    observer.finish(entry)
-                if written != _nbytes(entry, name):
-                    raise DestinationError(f"tensor '{entry.key}': wrote {written} bytes, its {name} needs more")
-                out.write(b"\0" * (-written % DEFAULT_ALIGNMENT))
-            sync_file(out)
-        return [(staged, self.destination)]
+        header, offsets = build_header(metadata, self.entries, self.types)
+        builder = LayoutBuilder()
+        sizes = [_nbytes(entry, name) for entry, name in zip(self.entries, self.types)]
+        end = offsets[-1] + -(-sizes[-1] // DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT if offsets else 0
+        index = builder.file(self.destination.name, self.destination, len(header) + end)
+        builder.literal(index, 0, header)
+        for entry, name, offset, size in zip(self.entries, self.types, offsets, sizes):
+            builder.add(Piece(index, len(header) + offset, size, _tensor_fill(entry, name, source, size), entry.key))
+        return builder.build(planned_bytes=sum(entry.meta.nbytes for entry in self.entries))
 
 
-def _tensor_bytes(entry: PlanEntry, name: str, source: Source) -> Iterator[bytes]:
-    """The tensor's bytes as ggml type `name`, a block of rows at a time: read from its raw span when the plan
+def _tensor_fill(entry: PlanEntry, name: str, source: Source, nbytes: int) -> Fill:
+    """How a tensor's bytes as ggml type `name` are made: an integer tensor's bytes as they are (copied, or
+    computed); a float tensor's values converted a block of rows at a time, read from its raw span when the plan
     copies a source tensor, else computed (with torch) once."""
     meta = entry.meta
+    if meta.dtype not in _FLOATS:
+        return tensor_fill(entry, source, nbytes)
     row = meta.shape[-1] if meta.shape else 1
-    if meta.dtype not in _FLOATS:  # an integer tensor: its bytes as they are
-        yield materialize(entry, source).contiguous().view(-1).numpy().tobytes()
-        return
-    span = source.raw_span(entry.sources[0]) if entry.is_copy else None
-    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}[meta.dtype]
-    rows_per_chunk = max(1, ROWS_BYTES // max(1, row * 4))
+    span = whole_span(source, entry.sources[0]) if entry.is_copy else None
     if span is not None and span.nbytes == meta.nbytes:
-        fd = os.open(span.file, os.O_RDONLY)
-        try:
-            total_rows = meta.numel // row if row else 0
-            for r0 in range(0, total_rows, rows_per_chunk):
-                r1 = min(total_rows, r0 + rows_per_chunk)
-                data = os.pread(fd, (r1 - r0) * row * itemsize, span.offset + r0 * row * itemsize)
-                yield quantize(_as_float32(data, meta.dtype), name)
-        finally:
-            os.close(fd)
-        return
-    tensor = materialize(entry, source)
-    values = tensor.detach().contiguous().float().numpy().reshape(-1, row) if meta.numel else np.zeros(0)
-    for r0 in range(0, values.shape[0], rows_per_chunk):
-        yield quantize(values[r0 : r0 + rows_per_chunk], name)
-
-
-def _as_float32(data: bytes, dtype: str) -> Any:
-    if dtype == "bfloat16":
-        return (np.frombuffer(data, dtype="<u2").astype("<u4") << 16).view("<f4")
-    code = {"float32": "<f4", "float16": "<f2", "float64": "<f8"}[dtype]
-    return np.frombuffer(data, dtype=code).astype("<f4")
+        return Quantize(name, meta.dtype, row, span=absolute(span))
+    return Quantize(name, meta.dtype, row, entry=entry)
