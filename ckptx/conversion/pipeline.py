@@ -129,9 +129,7 @@ def run(request: ConvertRequest) -> ConvertResult:
             verify = _verifier(result, planned.recipe, planned.spec, request) if request.verify else None
             with _parallel(request, recipe) as parallel:
                 progress = _byte_progress(request.progress, planned.plan)
-                result.bytes_written = writer.write(
-                    source, progress, verify, parallel=parallel, card=card is not None
-                )
+                result.bytes_written = writer.write(source, progress, verify, parallel=parallel, card=card is not None)
             if card is not None:
                 document = card_document(
                     planned.plan, writer.records, destination=str(request.dst), fmt=writer.format, src=request.src
