@@ -5,6 +5,7 @@ lost with its worker, publishes nothing and names the unit and the worker."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -90,7 +91,7 @@ def scheduler() -> Iterator[str]:
 @pytest.fixture
 def small_units(monkeypatch: pytest.MonkeyPatch) -> None:
     """Units of 64 KiB (the coordinator plans them), so a small checkpoint is cut into many, tensors across units."""
-    monkeypatch.setattr(units, "MIN_UNIT", 64 * 1024)
+    monkeypatch.setattr(units, "MIN_UNIT", 16 * 1024)
     monkeypatch.setattr(spans, "CONVERT_CHUNK", 8 * 1024)
 
 
@@ -308,3 +309,107 @@ def test_the_command_line_forks_its_workers_and_writes_the_same_bytes(tmp_path: 
         seen.append(digests(dst))
     assert seen[0] == seen[1]
     assert all(torch.equal(read(tmp_path / "2" / OUTPUTS[fmt])[k], v) for k, v in expected(state, False).items())
+
+
+def own_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's elements, row-major, as the card hashes them."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "kind"),
+    [("safetensors", "safetensors"), ("sharded", "safetensors"), ("torch", "zip"), ("torch", "legacy")],
+)
+@pytest.mark.usefixtures("small_units")
+def test_a_card_is_the_same_for_any_number_of_workers_and_dask(
+    tmp_path: Path, fmt: str, kind: str, write_rules: Callable[..., Path], scheduler: str
+) -> None:
+    """--audit with workers: each unit digests the tensors it writes (copied ones from their source spans, computed
+    ones as written, a view of a stored record by its own elements); the card's tensors are those of one process,
+    and every digest is the SHA-256 of the tensor's own bytes in the output."""
+    state = source_state()
+    if kind == "safetensors":
+        src = tmp_path / "src.safetensors"
+        save_file(state, str(src))
+    else:
+        state["head.weight"] = state["embed.weight"]  # tied: one record holds both
+        state["view"] = state["embed.weight"][10:20]  # a view inside the same storage
+        src = tmp_path / "src.pth"
+        torch.save(state, src, _use_new_zipfile_serialization=kind == "zip")
+    rules = write_rules(COMPUTED)
+    cards = []
+    for workers, executor in RUNS:
+        dst = tmp_path / f"{workers}-{executor}" / OUTPUTS[fmt]
+        card = tmp_path / f"{workers}-{executor}.card.json"
+        result = ckptx.convert(
+            src,
+            dst,
+            str(rules),
+            workers=workers,
+            executor=executor,
+            scheduler=scheduler if executor == "dask" else None,
+            max_shard_size=700_000 if fmt == "sharded" else None,
+            audit=card,
+        )
+        assert result.card == str(card)
+        cards.append(json.loads(card.read_text())["tensors"])
+        out = read(dst)
+        assert set(cards[-1]) == set(out)
+        for key, tensor in out.items():
+            assert cards[-1][key]["sha256"] == hashlib.sha256(own_bytes(tensor)).hexdigest(), key
+        assert ckptx.audit(dst, card=card).ok
+    for card, (workers, executor) in zip(cards[1:], RUNS[1:]):
+        differ = {k: (cards[0][k], card.get(k)) for k in cards[0] if card.get(k) != cards[0][k]}
+        assert not differ, (workers, executor, json.dumps(differ)[:3000])
+
+
+@pytest.mark.usefixtures("small_units")
+def test_a_gguf_output_is_byte_identical_for_any_number_of_workers_and_dask(tmp_path: Path, scheduler: str) -> None:
+    """GGUF is laid out header-first too: its tensors (Q8_0 blocks, F16 and F32) are written by units at their
+    offsets, on any runner, with the same bytes."""
+    from tests.helpers.llama_gguf import llama_folder
+
+    folder = llama_folder(tmp_path / "tiny", tokenizer=False)
+    recipe = Path(__file__).resolve().parent / "cases" / "gguf" / "tiny-llama-to-gguf.yaml"
+    seen = []
+    for workers, executor in RUNS:
+        dst = tmp_path / f"{workers}-{executor}.gguf"
+        result = ckptx.convert(
+            folder / "model.safetensors",
+            dst,
+            str(recipe),
+            gguf_type="q8_0",
+            workers=workers,
+            executor=executor,
+            scheduler=scheduler if executor == "dask" else None,
+        )
+        assert result.written and (workers == 1 or len(result.units) > 1)
+        seen.append(hashlib.sha256(dst.read_bytes()).hexdigest())
+    assert all(s == seen[0] for s in seen[1:]), seen
+
+
+@pytest.mark.usefixtures("small_units")
+def test_a_dequantization_on_workers_is_byte_identical(tmp_path: Path, scheduler: str) -> None:
+    """Blockwise byte kernels (FP8 block dequantization, reading a weight and its scales) run in the units too."""
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for i in range(3):
+        weight = (torch.randn(300, 260, generator=generator) * 100).clamp(-448, 448)
+        state[f"l{i}.weight"] = weight.to(torch.float8_e4m3fn)
+        state[f"l{i}.weight_scale_inv"] = torch.rand(3, 3, generator=generator) * 1e-2 + 1e-4
+    src = tmp_path / "fp8.safetensors"
+    save_file(state, str(src))
+    seen = []
+    for workers, executor in RUNS:
+        dst = tmp_path / f"{workers}-{executor}.safetensors"
+        ckptx.convert(
+            src,
+            dst,
+            "quant/fp8-block-to-bf16",
+            workers=workers,
+            executor=executor,
+            scheduler=scheduler if executor == "dask" else None,
+        )
+        seen.append(hashlib.sha256(dst.read_bytes()).hexdigest())
+    assert all(s == seen[0] for s in seen[1:]), seen
+    assert load_file(str(tmp_path / "1-local.safetensors"))["l2.weight"].dtype == torch.bfloat16
