@@ -1,13 +1,15 @@
 """Run one command and print, as JSON, its wall time and the peak resident memory of it and its children.
 
-    python benchmarks/measure.py CMD [ARGS...]
+    python benchmarks/measure.py [--stdout=FILE] CMD [ARGS...]
 
-Peak RSS is `getrusage(RUSAGE_CHILDREN).ru_maxrss` of this wrapper, which has no other children.
+Peak RSS is `getrusage(RUSAGE_CHILDREN).ru_maxrss` of this wrapper, which has no other children. The command's
+standard output is discarded, or saved to FILE with `--stdout=FILE`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -16,8 +18,11 @@ import time
 
 def main() -> None:
     """Run `sys.argv[1:]`, report {wall, maxrss_kib, user, sys, returncode, stderr}."""
+    argv = sys.argv[1:]
+    keep = argv.pop(0).split("=", 1)[1] if argv and argv[0].startswith("--stdout=") else None
     started = time.perf_counter()
-    proc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+    with open(keep or os.devnull, "wb") as out:
+        proc = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, check=False)
     wall = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(

@@ -11,7 +11,7 @@ OUT=benchmarks/results
 mkdir -p "$OUT" bench-out
 export HF_HUB_OFFLINE=1
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(run torch_out cow_bench dcp_bench zero_bench plan_bench suggest_bench batch fp8_bench audit_bench llm_folder_bench)
+[ ${#names[@]} -gt 0 ] || names=(run torch_out cow_bench dcp_bench zero_bench plan_bench suggest_bench batch fp8_bench audit_bench llm_folder_bench workers_bench partition_bench)
 for name in "${names[@]}"; do
     echo "== $name" >&2
     case "$name" in
@@ -26,6 +26,8 @@ for name in "${names[@]}"; do
         batch)         "$PY" benchmarks/batch.py --repeat 3 --json "$OUT/batch.json" ;;
         audit_bench)   "$PY" benchmarks/audit_bench.py --size-gib 2 --repeat 3 --json "$OUT/audit_bench.json" ;;
         llm_folder_bench) "$PY" benchmarks/llm_folder_bench.py --repeats 3 --json "$OUT/llm_folder_bench.json" ;;
+        workers_bench) "$PY" benchmarks/workers_bench.py --rounds 5 --json "$OUT/workers_bench.json" ;;
+        partition_bench) "$PY" benchmarks/partition_bench.py --repeat 3 --json "$OUT/partition_bench.json" ;;
         *) echo "unknown benchmark: $name" >&2; exit 2 ;;
     esac
 done

@@ -38,6 +38,8 @@ NAMES = (
     "batch",
     "fp8_bench",
     "audit_bench",
+    "workers_bench",
+    "partition_bench",
 )
 
 
@@ -361,6 +363,78 @@ def audit_table(doc: dict[str, Any]) -> str:
     )
 
 
+def workers_table(doc: dict[str, Any]) -> str:
+    r = doc["results"]
+    by_name = {(row["case"], row["name"]): row for row in r["rows"]}
+    cp = by_name[("baseline", "cp + sync")]
+    out = [[_code("cp + sync"), "", _spread(cp["walls"]), "", "", _mib(cp["rss_mib"]), ""]]
+    labels = {"cast": "cast to bf16", "rename": "rename only"}
+    for row in r["rows"]:
+        if row["case"] == "baseline":
+            continue
+        worker = _mib(row["worker_peak_rss_mib"]) if row["worker_peak_rss_mib"] else ""
+        units = f"{row['units']} on {row['workers']}" if row.get("units") else ""
+        name = row["name"].replace("ckptx convert", "**ckptx convert**")
+        paired = statistics.median(w / b for w, b in zip(row["walls"], cp["walls"]))
+        out.append([name, labels[row["case"]], _spread(row["walls"]), _x(paired), units, _mib(row["rss_mib"]), worker])
+    equal = "identical (SHA-256 of every file)" if r["identical"] else "NOT identical"
+    return (
+        f"{r['tensors']} float32 tensors of 64 MiB ({r['bytes'] / 2**30:.2f} GiB) in safetensors shards; "
+        f"{r['rounds']} paired rounds, warm page cache; the ckptx outputs of every round were {equal}.\n\n"
+        + _table(
+            [
+                "command",
+                "case",
+                "wall (s): median (min–max)",
+                "× `cp` + `sync` (median of rounds)",
+                "units on workers",
+                "peak RSS of the process (MiB)",
+                "peak RSS of a worker (MiB)",
+            ],
+            out,
+            "llrrrrr",
+        )
+    )
+
+
+def workers_summary(doc: dict[str, Any]) -> str:
+    rows = []
+    labels = {"cast": "cast to bf16", "rename": "rename only"}
+    for case, found in doc["results"]["summary"].items():
+        rows.append(
+            [
+                labels[case],
+                _x(found["speed-up of --workers 2 over one process"]),
+                _x(found["speed-up of dask over one process"]),
+                _x(found["one process / cp+sync"]),
+            ]
+        )
+    return _table(
+        [
+            "case",
+            "`--workers 2` speed-up over one process",
+            "Dask speed-up over one process",
+            "one process × `cp` + `sync`",
+        ],
+        rows,
+        "lrrr",
+    )
+
+
+def partition_table(doc: dict[str, Any]) -> str:
+    r = doc["results"]
+    best = r["best"]
+    phases = ["open", "plan", "layout", "partition", "layout + partition"]
+    rows = [[phase, _s(best[phase]["wall"]), _s(best[phase]["cpu"])] for phase in phases]
+    sizes = r["unit_bytes"]
+    return (
+        f"{r['parameters'] / 1e12:.2f} trillion parameters in {r['tensors']:,} tensors; "
+        f"{r['output_files']} output files ({r['output_bytes'] / 1e12:.2f} TB); {r['units']} units for "
+        f"{r['workers']} workers ({sizes['min'] / 1e9:.1f}–{sizes['max'] / 1e9:.1f} GB each); best of {r['repeat']} "
+        "runs.\n\n" + _table(["phase", "wall (s)", "CPU (s)"], rows, "lrr")
+    )
+
+
 # --- the page -------------------------------------------------------------------------------------------------
 
 
@@ -383,6 +457,9 @@ def blocks(results: dict[str, dict[str, Any]]) -> dict[str, Callable[[], str]]:
         "batch.table": ("batch", batch_table),
         "fp8_bench.table": ("fp8_bench", fp8_table),
         "audit_bench.table": ("audit_bench", audit_table),
+        "workers_bench.table": ("workers_bench", workers_table),
+        "workers_bench.summary": ("workers_bench", workers_summary),
+        "partition_bench.table": ("partition_bench", partition_table),
     }
     for key, (name, fn) in tables.items():
         if name in results:

@@ -24,6 +24,8 @@ __all__ = [
     "UntrustedCallable",
     "ValidationFailed",
     "VerificationFailed",
+    "WorkerFailed",
+    "WorkerLost",
 ]
 
 
@@ -335,3 +337,22 @@ class StepNotInvertible(RuleError):
 
 class CardError(CkptxError):
     """A provenance card cannot be read: not JSON, or not what `schemas/ckptx-card.schema.json` describes."""
+
+
+class WorkerFailed(CkptxError):
+    """A work unit of a conversion split across workers failed, or was lost with its worker; nothing was published.
+    The message names the unit and the worker; `exit_code` and `cause` are those of the error the unit raised (a
+    unit lost with its worker: exit 2, `cause` the executor's error)."""
+
+    def __init__(self, message: str, exit_code: int = 2, cause: str = "") -> None:
+        super().__init__(message, exit_code, cause)
+        self.exit_code = exit_code
+        self.cause = cause
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class WorkerLost(Exception):
+    """The outcome of a task whose worker went away before it finished (a killed or crashed process, a Dask
+    KilledWorker): what the executor said, not an error of the task itself."""

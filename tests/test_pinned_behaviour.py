@@ -11,7 +11,7 @@ import torch
 
 import ckptx
 from ckptx.errors import TensorOpError, ValidationFailed
-from ckptx.io.write import safetensors_writer
+from ckptx.io.write import units
 from ckptx.io.write.atomic import TEMP_SUFFIX
 
 TINY_MODULE = "tests.helpers.models:TinyNet"  # a torch.nn.Module subclass: the trust rule lets a file name it
@@ -44,7 +44,7 @@ def test_a_failed_write_leaves_no_temporary_file(
     def broken(*args, **kwargs):
         raise TensorOpError("tensor 'x': broken on purpose")
 
-    monkeypatch.setattr(safetensors_writer, "write_computed", broken)
+    monkeypatch.setattr(units, "write_piece", broken)
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(TensorOpError):

@@ -2,7 +2,7 @@
 
 The phases keep one promise: no job is written before every job has been planned and validated, so
 target mismatches are reported for all jobs first. A failing job never stops the others; each job's
-outcome is a JobResult. Tasks run through a runner (ckptx.executors): in this process, in spawned
+outcome is a JobResult. Tasks run through a runner (ckptx.workers.executors): in this process, in spawned
 worker processes, or on a Dask cluster. This module never prints.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from ckptx._version import __version__
-from ckptx.batch.executors import Runner, check_runner_options, open_runner
 from ckptx.batch.fingerprint import (
     FINGERPRINT_KEY,
     Fingerprint,
@@ -40,6 +38,8 @@ from ckptx.rules.recipe import Recipe
 from ckptx.text import json_text
 from ckptx.trust.callables import allow_factories, approved_factories
 from ckptx.trust.pickle_globals import check_file_globals
+from ckptx.workers.cores import share_cores
+from ckptx.workers.executors import Runner, check_runner_options, open_runner
 
 STATUSES = ("converted", "skipped", "planned", "failed", "interrupted")
 Progress = Callable[[str, int, int, int], None]
@@ -283,13 +283,9 @@ def _share_cores(workers: int) -> None:
     """Worker start-up: split the CPUs between the workers, so N workers do not each run CPU-count threads.
 
     Most jobs never import torch (copies, renames, float casts); torch reads OMP_NUM_THREADS when a job
-    first does, so the worker does not pay torch's start-up here.
+    first does, so the worker does not pay torch's start-up here (see ckptx.workers.cores).
     """
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch_module = sys.modules.get("torch")
-    if torch_module is not None:
-        torch_module.set_num_threads(threads)
+    share_cores(workers)
 
 
 def _skip_if_current(job: Job, recipes: dict[str, Recipe]) -> JobResult | None:

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Mapping
 from typing import Any, TextIO
 
-from ckptx.cli.options import EXIT_INVALID, EXIT_OK, Parents, size
+from ckptx.cli.options import EXIT_INVALID, EXIT_OK, Parents, size, worker_count
 from ckptx.cli.present import emit, progress_bar
 from ckptx.errors import CkptxError, Rejected
 from ckptx.text import key_values, quoted, shown
@@ -84,6 +84,25 @@ def add_parser(sub: Any, parents: Parents) -> None:
         help="write safetensors shards of at most SIZE (5GB, 500MiB...) and an index: "
         "DST NAME.safetensors or NAME.safetensors.index.json gives NAME-00001-of-0000N.safetensors",
     )
+    p.add_argument(
+        "--workers",
+        type=worker_count,
+        default=1,
+        metavar="N",
+        help="write the output with N worker processes (auto: one per core; default 1: this process, which still "
+        "uses every core for casts); the bytes are the same for any N",
+    )
+    p.add_argument(
+        "--executor",
+        choices=["local", "dask"],
+        default="local",
+        help="where the workers run: local processes, or a Dask cluster whose workers see the same paths",
+    )
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="with --executor dask: the scheduler, e.g. tcp://host:8786 (default: a LocalCluster of N workers)",
+    )
 
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -111,6 +130,9 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             reverse=args.reverse,
             audit=args.audit,
             dtype=args.dtype,
+            workers=args.workers,
+            executor=args.executor,
+            scheduler=args.scheduler,
         )
     except Rejected as exc:
         if exc.conversion is None:
@@ -157,6 +179,9 @@ def result_lines(result: Any, args: argparse.Namespace) -> list[str]:
         lines.append(str(result.verification))
     if result.written:
         lines.append(f"wrote {result.destination} ({human_bytes(result.bytes_written)}) in {result.seconds:.2f} s")
+        hosts = sorted({unit["worker"] for unit in result.units})
+        if len(hosts) > 1 or args.executor == "dask":
+            lines.append(f"written in {len(result.units)} work units by {len(hosts)} workers ({args.executor})")
     if result.card is not None:
         lines.append(f"card: {result.card} (check the output against it with `ckptx audit OUT --card CARD`)")
     elif args.dry_run:

@@ -19,6 +19,7 @@ __all__ = [
     "Parser",
     "parents",
     "size",
+    "worker_count",
 ]
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -70,3 +71,12 @@ def size(text: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def worker_count(text: str) -> int | str:
+    """An argparse type: a number of worker processes (at least 1) or `auto`."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of workers (1, 2, ... or auto)")
+    return int(text)

@@ -9,7 +9,8 @@ import re
 import shlex
 import stat
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,20 +21,21 @@ from ckptx.check.validation import ValidationReport, validate
 from ckptx.conversion.card import card_document, card_path, write_card
 from ckptx.conversion.request import ConvertRequest, ConvertResult, Progress
 from ckptx.errors import DestinationError, ValidationFailed, VerificationFailed
-from ckptx.io.card import CardObserver
-from ckptx.io.read.open import open_source
+from ckptx.io.read.open import SourceSpec, open_source
 from ckptx.io.spans import Progress as ByteProgress
 from ckptx.io.write.atomic import stale_partials
 from ckptx.io.write.destination import InputFiles, prepare_folder
 from ckptx.io.write.formats import writer_for
 from ckptx.io.write.hf_folder_writer import is_folder_destination
-from ckptx.io.write.writer import OutputOptions, Verify, Writer
+from ckptx.io.write.writer import OutputOptions, Parallel, Verify, Writer
 from ckptx.planning.planner import Plan, plan_recipe
 from ckptx.planning.source import Source
 from ckptx.rules.loader import RecipeArg, as_recipe
 from ckptx.rules.recipe import Recipe, TargetSpec
 from ckptx.rules.steps import Step
 from ckptx.targets.resolve import Target, parse_target_arg, resolve_target
+from ckptx.workers.cores import share_cores
+from ckptx.workers.executors import check_runner_options, open_runner, resolve_workers
 
 __all__ = [
     "ConvertRequest",
@@ -66,6 +68,9 @@ def convert(
     reverse: bool = False,
     audit: str | Path | None = None,
     dtype: str | None = None,
+    workers: int | str = 1,
+    executor: str = "local",
+    scheduler: str | None = None,
 ) -> ConvertResult:
     """Convert `src` to `dst` with the recipes; validate against the target before writing a byte.
 
@@ -86,12 +91,17 @@ def convert(
     given, the target is the model the source's config describes, and that config is carried into the output
     folder with the folder's other files. `dtype` casts every floating-point tensor (after the recipes); `q8_0` is a
     GGUF type only.
+    `workers` (a number, or `auto` for the cores) splits the writing into work units run by that many worker
+    processes (`executor="local"`) or on a Dask cluster (`executor="dask"`: the scheduler at `scheduler`, whose
+    workers see the same paths, or a LocalCluster of `workers` processes); the output, and its card, are byte for
+    byte what one process writes. A unit that fails raises WorkerFailed naming the unit and its worker; nothing is
+    published.
     """
     request = ConvertRequest(
         Path(src), dst, recipes, target=target, target_args=dict(target_args or {}), params=dict(params or {}),
         dry_run=dry_run, force=force, allow_globals=tuple(allow_globals), unsafe_pickle=unsafe_pickle, verify=verify,
         progress=progress, metadata=dict(metadata or {}), max_shard_size=max_shard_size, reverse=reverse,
-        audit=audit, dtype=dtype,
+        audit=audit, dtype=dtype, workers=workers, executor=executor, scheduler=scheduler,
     )  # fmt: skip
     return run(request)
 
@@ -99,6 +109,7 @@ def convert(
 def run(request: ConvertRequest) -> ConvertResult:
     """Carry out a conversion request: plan → validate → write."""
     started = time.perf_counter()
+    check_runner_options(request.executor, resolve_workers(request.workers), request.scheduler)
     recipe = _recipe(request)
     with open_source(
         request.src, recipe.extract, allow_globals=request.allow_globals, unsafe_pickle=request.unsafe_pickle
@@ -122,19 +133,26 @@ def run(request: ConvertRequest) -> ConvertResult:
                 raise ValidationFailed(report, conversion=_finished(result, started))
             result.notes += _dropped(writer, source, planned.plan)
             verify = _verifier(result, planned.recipe, planned.spec, request, started) if request.verify else None
-            progress = _byte_progress(request.progress, planned.plan)
-            if card is None:
-                result.bytes_written = writer.write(source, progress, verify)
-            else:
-                with CardObserver(source) as observer:
-                    result.bytes_written = writer.write(source, progress, verify, observer)
-                    records = observer.records()
+            with _parallel(request, recipe) as parallel:
+                progress = _byte_progress(request.progress, planned.plan)
+                result.bytes_written = writer.write(source, progress, verify, parallel=parallel, card=card is not None)
+            if card is not None:
                 document = card_document(
-                    planned.plan, records, destination=str(request.dst), fmt=writer.format, src=request.src
+                    planned.plan, writer.records, destination=str(request.dst), fmt=writer.format, src=request.src
                 )
                 prepare_folder(card)
                 write_card(card, document)
                 result.card = str(card)
+            result.units = [
+                {
+                    "unit": r.index + 1,
+                    "worker": r.worker,
+                    "bytes": r.nbytes,
+                    "seconds": round(r.seconds, 4),
+                    "worker_peak_rss": r.peak_rss,
+                }
+                for r in writer.results
+            ]
         elif report is not None and not report.ok and not request.dry_run:
             raise ValidationFailed(report, conversion=_finished(result, started))
     return _finished(result, started)
@@ -347,6 +365,20 @@ def _card_destination(request: ConvertRequest, writer: Writer, inputs: InputFile
         raise DestinationError(f"{path}: the card would replace a file of the output; give another --audit path")
     inputs.check(path, force=request.force, what="the card")
     return path
+
+
+@contextmanager
+def _parallel(request: ConvertRequest, recipe: Recipe) -> Iterator[Parallel | None]:
+    """The workers the request asks for, for the time of the write: None for one local process (the write runs
+    here), else a runner whose worker processes (or Dask workers) open the source again as this process did."""
+    workers = resolve_workers(request.workers)
+    if request.executor == "local" and workers == 1:
+        yield None
+        return
+    spec = SourceSpec.of(request.src, recipe.extract, request.allow_globals, request.unsafe_pickle)
+    preload = ("ckptx.io.write.units", "numpy")  # what every worker needs, imported once in the fork server
+    with open_runner(request.executor, workers, request.scheduler, preload, share_cores) as runner:
+        yield Parallel(runner, runner.capacity or workers, spec)
 
 
 def _stale(writer: Writer) -> list[str]:

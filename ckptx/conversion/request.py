@@ -40,6 +40,9 @@ class ConvertRequest:
     audit: str | Path | None = None  # write a provenance card there ("": the default place, see conversion/card.py)
     dtype: str | None = None  # --dtype: every floating-point tensor cast to it (a cast step after the recipes); a .gguf
     # output's file type (float32, float16, bfloat16, q8_0) instead
+    workers: int | str = 1  # worker processes writing the output (`auto`: the cores); 1: this process alone
+    executor: str = "local"  # `local` processes or `dask`
+    scheduler: str | None = None  # a Dask scheduler's address (dask without one: a LocalCluster of `workers`)
 
 
 @dataclass
@@ -56,6 +59,7 @@ class ConvertResult:
     verification: Any = None
     inferred: dict[str, Any] = field(default_factory=dict)  # parameters chosen from the source (check/inferred.py)
     card: str | None = None  # where the provenance card was written
+    units: list[dict[str, Any]] = field(default_factory=list)  # the work units written: index, worker, bytes, seconds
 
     @property
     def written(self) -> bool:
@@ -77,4 +81,5 @@ class ConvertResult:
             "verification": self.verification.to_dict() if self.verification is not None else None,
             "inferred": self.inferred,
             "card": self.card,
+            "units": self.units,
         }

@@ -41,7 +41,7 @@ def gguf_metadata_for(src: Path, entries: Sequence[PlanEntry]) -> list[tuple[str
     `general.file_type` is filled in by the writer."""
     folder = _folder_of(Path(src))
     config_path = folder / "config.json"
-    config = read_json_document(config_path) if config_path.is_file() else {}
+    config = read_json_document(config_path) if config_path.exists() else {}
     arch = str(config.get("model_type", ""))
     name = folder.name
     if arch not in LLAMA_FAMILY:
@@ -103,7 +103,7 @@ def llama_cpp_target(src: Path, entries: Sequence[PlanEntry]) -> Target | None:
     config): each name with its shape; dtypes are the plan's, since the GGUF writer chooses the stored types."""
     folder = _folder_of(Path(src))
     config_path = folder / "config.json"
-    config = _read_json(config_path) if config_path.is_file() else {}
+    config = read_json_document(config_path) if config_path.exists() else {}
     if str(config.get("model_type", "")) not in LLAMA_FAMILY:
         return None
     try:

@@ -1,12 +1,13 @@
 """The per-tensor half of a provenance card: each output tensor's SHA-256 and statistics, computed while a writer
 produces its bytes, with the source keys, byte spans and op chain it was made from.
 
-A writer given a `CardObserver` tells it, at the one place it writes an entry's bytes, either which source file
-spans it copies (`observe_copy`: the spans are read again through pread on background threads while the kernel
-copies them, the pages being in the cache) or the bytes it computed (`observe_bytes`: queued, in bounded memory,
-to a background thread), then `finish(entry)`. `records()` waits for every tensor and gives `TensorRecord`s:
-frozen and picklable, so cards made by several workers merge (`merge_records`). Without an observer a writer does
-no extra work.
+A writer's work unit given a `CardObserver` (see io/write/card_feed.py) tells it, where it writes an entry's bytes,
+either which source file spans it copies (`observe_copy`: the spans are read again through pread on background
+threads while the kernel copies them, the pages being in the cache) or the bytes it computed (`observe_bytes`:
+queued, in bounded memory, to a background thread), then `finish(entry)`. `summaries()` waits for every tensor and
+gives its `TensorSummary` (picklable: units on other workers send theirs back); `tensor_records` makes them
+`TensorRecord`s, frozen and picklable, so cards made by several workers merge (`merge_records`). Without an
+observer a writer does no extra work.
 
 A big copied tensor is split: one thread hashes it from end to end (SHA-256 is sequential) while others summarise
 its pieces, whose moments merge. `SpanDigests` is the same machinery for any spans (ckptx audit uses it).
@@ -38,6 +39,7 @@ __all__ = [
     "merge_records",
     "read_pieces",
     "read_range",
+    "tensor_records",
 ]
 
 READ = 8 * 1024 * 1024  # bytes read at once per thread: what digesting adds to resident memory, per thread
@@ -208,7 +210,7 @@ class SpanDigests:
         total = sum(s.nbytes for s in spans)
         if not stats:
             return self.pool.submit(self._hash, dtype, spans)
-        if total < 2 * PIECE or self.threads < 2:
+        if total < 2 * PIECE:  # not on the thread count: the statistics' last digits follow how they are split
             return self.pool.submit(self._whole, dtype, spans)
         hashed = self.pool.submit(self._part, dtype, spans, True)
         parts = [self.pool.submit(self._part, dtype, group, False) for group in _split(spans, PIECE)]
@@ -316,28 +318,24 @@ class EntryObserver:
 
 
 class CardObserver(EntryObserver):
-    """Hashes and summarises every entry a writer writes, on background threads; `records()` gives the results.
+    """Hashes and summarises every entry a writer writes, on background threads; `summaries()` gives the results.
 
     Use as a context manager around the write: leaving it after a failure stops the threads."""
 
-    def __init__(self, source: Source, threads: int | None = None) -> None:
-        self._source = source
+    def __init__(self, threads: int | None = None) -> None:
         self._digests = SpanDigests(threads)
         self._summaries: dict[str, Future[TensorSummary]] = {}
         self._serial: dict[str, _Serial] = {}
-        self._entries: dict[str, PlanEntry] = {}
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._queued = 0
 
     def observe_copy(self, entry: PlanEntry, spans: Sequence[RawSpan]) -> None:
         """Digest the spans in the background (they are being copied now, so their pages are in the cache)."""
-        self._entries[entry.key] = entry
         self._summaries[entry.key] = self._digests.submit(entry.meta.dtype, spans)
 
     def observe_bytes(self, entry: PlanEntry, chunk: Any) -> None:
         """Queue a copy of `chunk` for the entry's digest; waits while QUEUED bytes are already waiting."""
-        self._entries[entry.key] = entry
         data = bytes(memoryview(chunk).cast("B"))
         with self._room:
             serial = self._serial.get(entry.key)
@@ -373,7 +371,6 @@ class CardObserver(EntryObserver):
 
     def finish(self, entry: PlanEntry) -> None:
         """Close the entry: its record is complete once its digest is."""
-        self._entries[entry.key] = entry
         if entry.key not in self._summaries:  # an empty tensor: nothing was observed
             empty: Future[TensorSummary] = Future()
             empty.set_result(TensorDigest(entry.meta.dtype).summary())
@@ -387,22 +384,10 @@ class CardObserver(EntryObserver):
             if not serial.running:
                 _settle(serial)
 
-    def records(self) -> dict[str, TensorRecord]:
-        """Every finished entry's record, in the order the entries were first observed (waits for the threads)."""
-        records = {}
-        for key, future in self._summaries.items():
-            summary = future.result()
-            entry = self._entries[key]
-            records[key] = TensorRecord(
-                key,
-                entry.meta.dtype,
-                entry.meta.shape,
-                summary.sha256,
-                summary.stats,
-                tuple(SourceRead(k, tuple(self._source.raw_spans(k) or ())) for k in entry.sources),
-                ops_of(entry.expr),
-            )
-        return records
+    def summaries(self) -> dict[str, TensorSummary]:
+        """Every finished entry's hash and statistics, in the order the entries were first observed (waits for the
+        threads)."""
+        return {key: future.result() for key, future in self._summaries.items()}
 
     def close(self, failed: bool = False) -> None:
         """Stop the threads (after every queued digest, unless `failed`)."""
@@ -415,17 +400,26 @@ class CardObserver(EntryObserver):
         self.close(failed=exc_type is not None)
 
 
-class ObservedFile:
-    """A file that also hands every write to an observer as bytes of `entries` (a record several equal entries
-    share is written once and observed for each)."""
-
-    def __init__(self, out: Any, observer: EntryObserver, entries: Sequence[PlanEntry]) -> None:
-        self._out = out
-        self._observer = observer
-        self._entries = tuple(entries)
-
-    def write(self, data: Any) -> int:
-        """Write `data` to the file and observe it."""
-        for entry in self._entries:
-            self._observer.observe_bytes(entry, data)
-        return int(self._out.write(data))
+def tensor_records(
+    entries: Sequence[PlanEntry], summaries: Mapping[str, TensorSummary], source: Source
+) -> dict[str, TensorRecord]:
+    """The record of every entry, in entry order, from its summary (an empty entry, which nothing wrote, has the
+    summary of no bytes), the source keys and spans it was read from and the ops that made it. CkptxError when a
+    non-empty entry has no summary: a card never leaves a tensor out silently."""
+    records = {}
+    for entry in entries:
+        summary = summaries.get(entry.key)
+        if summary is None:
+            if entry.meta.nbytes:
+                raise CkptxError(f"tensor '{entry.key}': no digest was made of its bytes; the card is incomplete")
+            summary = TensorDigest(entry.meta.dtype).summary()
+        records[entry.key] = TensorRecord(
+            entry.key,
+            entry.meta.dtype,
+            entry.meta.shape,
+            summary.sha256,
+            summary.stats,
+            tuple(SourceRead(k, tuple(source.raw_spans(k) or ())) for k in entry.sources),
+            ops_of(entry.expr),
+        )
+    return records

@@ -285,7 +285,7 @@ class TensorDigest:
         part = None if hash_only else component_dtype(dtype)
         self._item = DTYPES[part].itemsize if part is not None else 0
         self._moments: Moments | None = Moments() if part is not None else None
-        self._rest = b""
+        self._pending = bytearray()
         self._nbytes = 0
 
     def update(self, data: Any) -> None:
@@ -296,18 +296,18 @@ class TensorDigest:
             self._sha.update(view)
         if self._moments is None:
             return
-        if self._rest:
-            need = self._item - len(self._rest)
-            self._rest += bytes(view[:need])
-            view = view[need:]
-            if len(self._rest) < self._item:
+        if self._pending:
+            taken = view[: STATS_CHUNK - len(self._pending)]
+            self._pending += taken
+            view = view[len(taken) :]
+            if len(self._pending) < STATS_CHUNK:
                 return
-            self._add(self._rest)
-            self._rest = b""
-        whole = len(view) - len(view) % self._item
+            self._add(self._pending)
+            self._pending = bytearray()
+        whole = len(view) - len(view) % STATS_CHUNK
         for start in range(0, whole, STATS_CHUNK):
-            self._add(view[start : min(start + STATS_CHUNK, whole)])
-        self._rest = bytes(view[whole:])
+            self._add(view[start : start + STATS_CHUNK])
+        self._pending = bytearray(view[whole:])
 
     def _add(self, data: Any) -> None:
         assert self._moments is not None
@@ -315,12 +315,18 @@ class TensorDigest:
 
     @property
     def moments(self) -> Moments | None:
-        """The statistics so far (None when not computed)."""
-        return self._moments
+        """The statistics of everything fed (None when not computed). Values are summarised in blocks of STATS_CHUNK
+        bytes counted from the tensor's first byte, merged in order, whatever the pieces `update` was given: the
+        float64 sums, and so the statistics to the last digit, do not depend on how the bytes were cut."""
+        if self._moments is None:
+            return None
+        tail = len(self._pending) - len(self._pending) % self._item
+        return self._moments.merge(summarize(decode(self._pending[:tail], self.dtype))) if tail else self._moments
 
     def summary(self) -> TensorSummary:
         """The hash (empty when not computed) and statistics of everything fed."""
         stats = None
-        if self._moments is not None:
-            stats = self._moments.stats(integral=DTYPES[self.dtype].kind in ("int", "bool"))
+        moments = self.moments
+        if moments is not None:
+            stats = moments.stats(integral=DTYPES[self.dtype].kind in ("int", "bool"))
         return TensorSummary(self._sha.hexdigest() if self._sha is not None else "", self._nbytes, stats)

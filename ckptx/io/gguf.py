@@ -29,6 +29,7 @@ __all__ = [
     "MAGIC",
     "VALUE_TYPES",
     "GgmlType",
+    "as_float32",
     "dequantize",
     "quantize",
     "type_named",
@@ -211,6 +212,14 @@ def _quantize_bf16(values: Any) -> Any:
     bits = values.view("<u4")
     bits = np.where((bits & 0x7FFFFFFF) > 0x7F800000, (bits & np.uint32(0xFFFF0000)) | np.uint32(64 << 16), bits)
     return ((bits.astype("<u8") + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype("<u2")
+
+
+def as_float32(data: bytes, dtype: str) -> Any:
+    """Little-endian float bytes of `dtype` (float32, float16, bfloat16, float64) as float32 values."""
+    if dtype == "bfloat16":
+        return (np.frombuffer(data, dtype="<u2").astype("<u4") << 16).view("<f4")
+    code = {"float32": "<f4", "float16": "<f2", "float64": "<f8"}[dtype]
+    return np.frombuffer(data, dtype=code).astype("<f4")
 
 
 def quantize(values: Any, name: str) -> bytes:

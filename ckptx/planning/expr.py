@@ -40,7 +40,9 @@ class OpNode:
 
 
 Expr = SourceRef | OpNode
-ByteKernel = Callable[[Mapping[str, Any], TensorMeta], Callable[[bytes], bytes] | None]
+Converter = Callable[[bytes], bytes | memoryview]
+"""Whole elements of an op's input, as raw bytes, to the op's output bytes (a bytes-like object)."""
+ByteKernel = Callable[[Mapping[str, Any], TensorMeta], Converter | None]
 
 
 class Piece(NamedTuple):
@@ -115,7 +117,7 @@ def tensor_op(
     return register
 
 
-def byte_converter(expr: Expr) -> tuple[str, Callable[[bytes], bytes]] | None:
+def byte_converter(expr: Expr) -> tuple[str, Converter] | None:
     """For `op(source tensor)` where the op has an elementwise byte kernel for its params: the source key and
     the bytes -> bytes function. None for anything else (it is computed with torch)."""
     if isinstance(expr, SourceRef) or len(expr.inputs) != 1 or not isinstance(expr.inputs[0], SourceRef):

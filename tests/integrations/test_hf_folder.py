@@ -127,3 +127,27 @@ def test_replacing_a_folder_needs_force_and_removes_the_old_single_file(run_cli,
     assert not (folder / "model.safetensors").exists()  # it would shadow the new index in from_pretrained
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]
     _open(folder)
+
+
+def test_a_folder_written_by_two_workers_is_byte_identical(run_cli, official_atto, tmp_path: Path) -> None:
+    import hashlib
+
+    _, src = official_atto
+    folders = [tmp_path / "one", tmp_path / "two"]
+    _convert(run_cli, src, "-r", "convnextv2/official-to-hf", "-o", f"{folders[0]}/", "--max-shard-size", "5MB")
+    doc = _convert(
+        run_cli,
+        src,
+        "-r",
+        "convnextv2/official-to-hf",
+        "-o",
+        f"{folders[1]}/",
+        "--max-shard-size",
+        "5MB",
+        "--workers",
+        "2",
+    )
+    assert len(doc["units"]) >= 3  # a unit per shard at least
+    one, two = ({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in f.iterdir()} for f in folders)
+    assert one == two and "config.json" in one and "model.safetensors.index.json" in one
+    _open(folders[1])

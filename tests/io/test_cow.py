@@ -199,9 +199,9 @@ def test_copies_are_issued_from_folio_aligned_destination_offsets(
     calls: list[tuple[int, int]] = []
     real = os.copy_file_range
 
-    def recording(src_fd: int, dst_fd: int, count: int, offset_src: int | None = None, *rest: object) -> int:
-        calls.append((os.lseek(dst_fd, 0, os.SEEK_CUR), count))
-        return real(src_fd, dst_fd, count, offset_src, *rest)
+    def recording(src_fd: int, dst_fd: int, count: int, offset_src: int, offset_dst: int) -> int:
+        calls.append((offset_dst, count))
+        return real(src_fd, dst_fd, count, offset_src, offset_dst)
 
     monkeypatch.setattr(os, "copy_file_range", recording)
     monkeypatch.setattr(spans, "CHUNK", 1 << 20)

@@ -76,3 +76,20 @@ def test_moments_of_pieces_merge_to_the_moments_of_the_whole_and_pickle() -> Non
     assert parts.count == whole.count and parts.mean == pytest.approx(whole.mean, rel=1e-12)
     assert parts.m2 == pytest.approx(whole.m2, rel=1e-9)
     assert Moments().merge(whole) == whole
+
+
+def test_the_statistics_do_not_depend_on_how_the_bytes_are_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A card made by one process and one made by workers feed a tensor in different pieces: the float64 sums, and
+    so every digit of the statistics, are the same (blocks counted from the tensor's first byte)."""
+    from ckptx.io import digest as module
+
+    monkeypatch.setattr(module, "STATS_CHUNK", 4096)
+    torch.manual_seed(0)
+    data = _bytes(torch.randn(10_000) * 1e3 + 1e6)
+    seen = set()
+    for step in (len(data), 4096, 3 * 4096, 999, 8192 + 4):
+        digest = TensorDigest("float32")
+        for start in range(0, len(data), step):
+            digest.update(data[start : start + step])
+        seen.add(digest.summary())
+    assert len(seen) == 1

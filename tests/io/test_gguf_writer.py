@@ -5,12 +5,15 @@ checked against what llama.cpp loads before a byte is written."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
 import pytest
 import torch
 
+from tests.conftest import subprocess_env
 from tests.helpers.llama_gguf import llama_cpp_gguf, llama_folder
 
 RECIPE = "hf/llama-to-gguf"
@@ -136,3 +139,25 @@ def test_a_ckptx_gguf_reads_back_through_ckptx(folder: Path, tmp_path: Path, run
 
     hf = load_file(str(folder / "model.safetensors"))
     assert torch.equal(load_file(str(back))["token_embd.weight"], hf["model.embed_tokens.weight"].float())
+
+
+@pytest.mark.parametrize("dtype", [None, "float16", "q8_0"])
+def test_hf_to_gguf_runs_without_torch(f32_folder: Path, tmp_path: Path, dtype: str | None) -> None:
+    """The q/k rows are reordered by the rotary byte kernel and converted a block of rows at a time: torch (0.3-3 s
+    to import, hundreds of MiB) is never loaded, and the bytes are those of the in-process conversion, which the
+    tests above compare with llama.cpp's."""
+    out = tmp_path / "no-torch.gguf"
+    argv = ["convert", str(f32_folder), "-r", RECIPE, "-o", str(out), *(["--dtype", dtype] if dtype else [])]
+    code = (
+        "import sys\nfrom ckptx.cli import main\n"
+        f"assert main({argv!r}) == 0\n"
+        "print('torch loaded:', 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("torch loaded: False"), done.stdout[-2000:]
+    reference = tmp_path / "in-process.gguf"
+    from ckptx.cli import main
+
+    assert main(["convert", str(f32_folder), "-r", RECIPE, "-o", str(reference), *argv[5:]]) == 0
+    assert tensors(out) == tensors(reference)

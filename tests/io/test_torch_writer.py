@@ -27,9 +27,9 @@ from ckptx.io.crc import WINDOW, span_crc
 from ckptx.io.read.open import open_source
 from ckptx.io.read.state_dict import MappingSource
 from ckptx.io.read.torch_zip import ZipSpanSource
-from ckptx.io.write.torch_layout import plan_layout
 from ckptx.io.write.torch_pickle import PickledStorage, PickledTensor, state_dict_pickle
-from ckptx.io.write.torch_writer import write_archive, write_torch
+from ckptx.io.write.torch_writer import TorchWriter, write_torch
+from ckptx.io.write.writer import OutputOptions
 from ckptx.planning.source import RawSpan
 from ckptx.rules.recipe import Recipe
 from tests.conftest import subprocess_env
@@ -343,10 +343,10 @@ def test_zip64_form_loads_with_torch_and_zipfile(tmp_path: Path) -> None:
     state = {"a": torch.randn(4, 4), "b": torch.arange(5), "empty": torch.zeros(0)}
     source = MappingSource("<mem>", "memory", state)
     entries = plan_recipe(Recipe(name="x"), source).entries
-    layout = plan_layout(entries, source, tmp_path / "big.pth")
     dst = tmp_path / "big.pth"
-    with open(dst, "wb") as out:
-        write_archive(out, layout, state_dict_pickle(layout.tensors), source, force_zip64=True)
+    writer = TorchWriter(dst, entries, OutputOptions())
+    writer.force_zip64 = True
+    writer.write(source)
     with zipfile.ZipFile(dst) as archive:
         assert archive.testzip() is None
         assert all(info.extra.startswith(b"\x01\x00") for info in archive.infolist())  # zip64 extra field

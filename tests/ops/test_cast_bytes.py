@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from ckptx.conversion.pipeline import convert
 from ckptx.dtypes import TensorMeta
 from ckptx.io import spans
-from ckptx.io.write import safetensors_writer
+from ckptx.io.write import units
 from ckptx.planning.expr import SourceRef, byte_converter, node
 
 FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -108,7 +108,7 @@ def test_integer_casts_have_no_byte_kernel() -> None:
 
 def test_a_cast_streamed_in_many_chunks_equals_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(spans, "CONVERT_CHUNK", 64)
-    monkeypatch.setattr(safetensors_writer, "materialize", lambda *a: pytest.fail("computed with torch"))
+    monkeypatch.setattr(units, "materialize", lambda *a: pytest.fail("computed with torch"))
     state = {"w": hard_values(torch.float32).reshape(-1, 4), "b": torch.randn(7, dtype=torch.float64)}
     save_file(state, str(tmp_path / "src.safetensors"))
     rules = tmp_path / "cast.yaml"

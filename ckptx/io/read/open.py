@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ckptx.errors import SourceError, UnreadableFile
@@ -157,3 +159,31 @@ def open_checkpoint(
     return read_torch(
         p, extract_paths, allow_globals=allow_globals, unsafe_pickle=unsafe_pickle, display=str(path), where=where
     )
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """How a source was opened, so that another process (a worker computing some of the output's tensors) opens the
+    same checkpoint the same way: its absolute path and what `open_source` was given."""
+
+    path: str
+    extract_paths: tuple[str, ...] = ()
+    allow_globals: tuple[str, ...] = ()
+    unsafe_pickle: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        path: str | Path,
+        extract_paths: Sequence[str] = (),
+        allow_globals: Sequence[str] = (),
+        unsafe: bool = False,
+    ) -> SourceSpec:
+        """The spec of `open_source(path, extract_paths, ...)` as this process sees `path` (made absolute)."""
+        return cls(os.path.abspath(path), tuple(extract_paths), tuple(allow_globals), unsafe)
+
+    def open(self) -> Source:
+        """The source, opened again (lazily, as `open_source` opens it)."""
+        return open_source(
+            self.path, self.extract_paths, allow_globals=self.allow_globals, unsafe_pickle=self.unsafe_pickle
+        )

@@ -1,5 +1,7 @@
 """GGUF output (llama.cpp): the header (metadata, then each tensor's name, shape, ggml type and offset) from the
-plan, then each tensor's bytes streamed in blocks of rows, every tensor aligned to 32 bytes.
+plan, then each tensor's bytes streamed in blocks of rows, every tensor aligned to 32 bytes. The whole file is laid
+out before a byte is written (io/write/layout.py), so work units write its tensors at their offsets, in this process
+or on workers, and the bytes never depend on how many.
 
 Each tensor's ggml type follows llama.cpp's `convert_hf_to_gguf.py` for the requested file type (`--dtype
 float32|float16|bfloat16|q8_0`, its `--outtype f32|f16|bf16|q8_0`): 1-D tensors, norms, tensors whose names do not
@@ -12,31 +14,28 @@ bfloat16) and converted as the `gguf` package converts them, so the bytes are th
 
 from __future__ import annotations
 
-import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import Any
 
-from ckptx._lazy import lazy_module
-from ckptx.dtypes import TensorMeta
-from ckptx.errors import DestinationError, SourceError
-from ckptx.io.card import EntryObserver
-from ckptx.io.gguf import ARRAY, DEFAULT_ALIGNMENT, MAGIC, STRING, VALUE_TYPES, quantize, type_named
-from ckptx.io.spans import Progress
-from ckptx.io.streamed import write_streamed
-from ckptx.io.write.atomic import sync_file
-from ckptx.io.write.writer import Move, Writer
+from ckptx.errors import DestinationError
+from ckptx.gcpause import without_gc
+from ckptx.io.gguf import ARRAY, DEFAULT_ALIGNMENT, MAGIC, STRING, VALUE_TYPES, type_named
+from ckptx.io.write.layout import (
+    Blocks,
+    Fill,
+    LayoutBuilder,
+    OutputLayout,
+    Piece,
+    Quantize,
+    absolute,
+    tensor_fill,
+    whole_span,
+)
+from ckptx.io.write.writer import Writer
 from ckptx.planning.entry import PlanEntry
-from ckptx.planning.execute import materialize
-from ckptx.planning.source import RawSpan, Source
-
-if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
-    import torch
-else:
-    np = lazy_module("numpy")
-    torch = lazy_module("torch")
+from ckptx.planning.source import Source
 
 __all__ = ["FILE_TYPES", "GgufWriter", "file_type_of", "tensor_types"]
 
@@ -46,7 +45,6 @@ _ALWAYS_F32 = ("ffn_gate_inp.", "ffn_gate_inp_shexp.", "position_embd.", "token_
 _PLAIN = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
           "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64"}  # fmt: skip
 _FLOATS = ("float32", "float16", "bfloat16", "float64")
-ROWS_BYTES = 8 * 1024 * 1024  # float32 bytes converted at a time
 
 
 def file_type_of(file_type: str | None, entries: Sequence[PlanEntry]) -> str:
@@ -143,123 +141,50 @@ class GgufWriter(Writer):
         """The file."""
         return [self.destination]
 
-    def stage(
-        self, folder: Path, source: Source, progress: Progress | None, observer: EntryObserver | None = None
-    ) -> list[Move]:
-        """Header first, then each tensor streamed, every one padded to the alignment. `observer` (a provenance
-        card) sees each tensor's stored bytes, which must then be its own elements: a tensor GGUF stores in another
-        type (quantized, or a float narrowed) is refused before anything is written."""
-        if observer is not None:
-            changed = [(e, t) for e, t in zip(self.entries, self.types) if _PLAIN.get(e.meta.dtype) != t]
-            if changed:
-                entry, kind = changed[0]
-                raise DestinationError(
-                    f"{self.destination}: a provenance card records each tensor's bytes as stored, and this GGUF "
-                    f"output stores '{entry.key}' ({entry.meta.dtype}) as {kind} ({len(changed)} such tensor(s)); "
-                    f"write the card without --dtype (each tensor kept as it is), or leave out --audit"
-                )
+    def check_card(self) -> None:
+        """A provenance card records each tensor's bytes as stored, which must then be its own elements: a tensor
+        GGUF stores in another type (quantized, or a float narrowed) is refused before anything is written."""
+        changed = [(e, t) for e, t in zip(self.entries, self.types) if _PLAIN.get(e.meta.dtype) != t]
+        if changed:
+            entry, kind = changed[0]
+            raise DestinationError(
+                f"{self.destination}: a provenance card records each tensor's bytes as stored, and this GGUF "
+                f"output stores '{entry.key}' ({entry.meta.dtype}) as {kind} ({len(changed)} such tensor(s)); "
+                f"write the card without --dtype (each tensor kept as it is), or leave out --audit"
+            )
+
+    @without_gc  # 100,000 tensors: each full collection would walk the plan again
+    def layout(self, source: Source) -> OutputLayout:
+        """The header (metadata, then every tensor's name, shape, type and offset), then each tensor at its offset,
+        padded to the alignment (the padding is the zeros of the pre-sized file)."""
         metadata = list(self.options.gguf_metadata)
         file_type = FILE_TYPES.get(self.file_type, FILE_TYPES["float32"])[1]
         metadata = [(k, c, file_type if k == "general.file_type" else v) for k, c, v in metadata]
-        header, _ = build_header(metadata, self.entries, self.types)
-        staged = folder / self.destination.name
-        with open(staged, "wb") as out:
-            out.write(header)
-            for entry, name in zip(self.entries, self.types):
-                written = 0
-
-                def emit(chunk: bytes, entry: PlanEntry = entry) -> None:
-                    nonlocal written
-                    out.write(chunk)
-                    written += len(chunk)
-                    if observer is not None:
-                        observer.observe_bytes(entry, chunk)
-                    if progress:
-                        progress(len(chunk))
-
-                _write_tensor(entry, name, source, emit)
-                if observer is not None:
-                    observer.finish(entry)
-                if written != _nbytes(entry, name):
-                    raise DestinationError(f"tensor '{entry.key}': wrote {written} bytes, its {name} needs more")
-                out.write(b"\0" * (-written % DEFAULT_ALIGNMENT))
-            sync_file(out)
-        return [(staged, self.destination)]
+        header, offsets = build_header(metadata, self.entries, self.types)
+        builder = LayoutBuilder()
+        sizes = [_nbytes(entry, name) for entry, name in zip(self.entries, self.types)]
+        end = offsets[-1] + -(-sizes[-1] // DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT if offsets else 0
+        index = builder.file(self.destination.name, self.destination, len(header) + end)
+        builder.literal(index, 0, header)
+        for entry, name, offset, size in zip(self.entries, self.types, offsets, sizes):
+            builder.add(Piece(index, len(header) + offset, size, _tensor_fill(entry, name, source, size), entry.key))
+        return builder.build(planned_bytes=sum(entry.meta.nbytes for entry in self.entries))
 
 
-class _RowSink:
-    """What `write_streamed` writes a computed tensor to: its bytes (as the plan's dtype) gathered into whole rows
-    and passed on as ggml type `name`, about ROWS_BYTES of float32 at a time."""
-
-    def __init__(self, meta: TensorMeta, name: str, emit: Callable[[bytes], None]) -> None:
-        self.dtype, self.name, self.emit = meta.dtype, name, emit
-        row = meta.shape[-1] if meta.shape else 1
-        itemsize = meta.nbytes // meta.numel if meta.numel else 1
-        self.chunk = max(1, ROWS_BYTES // max(1, row * 4)) * row * itemsize
-        self.buffer = bytearray()
-
-    def write(self, data: bytes) -> int:
-        """Take the next bytes; pass on every whole chunk of rows."""
-        self.buffer += data
-        while len(self.buffer) >= self.chunk:
-            self._pass(bytes(self.buffer[: self.chunk]))
-            del self.buffer[: self.chunk]
-        return len(data)
-
-    def close(self) -> None:
-        """Pass on the last rows."""
-        if self.buffer:
-            self._pass(bytes(self.buffer))
-            self.buffer.clear()
-
-    def _pass(self, data: bytes) -> None:
-        self.emit(data if self.name == _PLAIN[self.dtype] else quantize(_as_float32(data, self.dtype), self.name))
-
-
-def _write_tensor(entry: PlanEntry, name: str, source: Source, emit: Callable[[bytes], None]) -> None:
-    """Emit the tensor's bytes as ggml type `name`, a block of rows at a time: read from its raw span when the plan
-    copies a source tensor, through its op's byte kernel when it has one (a rotary reordering, a dequantization:
-    io/streamed.py, no torch), else computed with torch once. A tensor GGUF stores as its own dtype is its bytes,
-    never through float32 (float64 stays exact)."""
+def _tensor_fill(entry: PlanEntry, name: str, source: Source, nbytes: int) -> Fill:
+    """How a tensor's bytes as ggml type `name` are made: a tensor GGUF stores as its own dtype (an integer tensor,
+    a float one not narrowed) is its bytes as they are, copied or made by its op's byte kernel, never through float32
+    (float64 stays exact); another float tensor's values are converted a block of rows at a time, read from its raw
+    span when the plan copies a source tensor, made by a blockwise kernel (a rotary reordering: no torch), else
+    computed with torch once."""
     meta = entry.meta
-    if meta.dtype not in _FLOATS:  # an integer tensor: its bytes as they are
-        emit(materialize(entry, source).contiguous().view(-1).numpy().tobytes())
-        return
-    span = source.raw_span(entry.sources[0]) if entry.is_copy else None
+    if meta.dtype not in _FLOATS or name == _PLAIN[meta.dtype]:
+        return tensor_fill(entry, source, nbytes)
+    row = meta.shape[-1] if meta.shape else 1
+    span = whole_span(source, entry.sources[0]) if entry.is_copy else None
     if span is not None and span.nbytes == meta.nbytes:
-        _write_span(span, meta, name, emit)
-        return
-    sink = _RowSink(meta, name, emit)
-    if write_streamed(cast(BinaryIO, sink), entry, source):
-        sink.close()
-        return
-    raw = materialize(entry, source).detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-    for at in range(0, raw.size, sink.chunk):
-        sink.write(raw[at : at + sink.chunk].tobytes())
-    sink.close()
-
-
-def _write_span(span: RawSpan, meta: TensorMeta, name: str, emit: Callable[[bytes], None]) -> None:
-    """A source tensor's bytes, read with pread in chunks of whole rows and passed on as ggml type `name`."""
-    sink = _RowSink(meta, name, emit)
-    fd = os.open(span.file, os.O_RDONLY)
-    try:
-        for at in range(0, span.nbytes, sink.chunk):
-            want = min(sink.chunk, span.nbytes - at)
-            data = os.pread(fd, want, span.offset + at)
-            if len(data) != want:
-                raise SourceError(
-                    f"{span.file}: ended while reading a tensor of {span.nbytes} bytes at {span.offset}; the file "
-                    f"is truncated or changed"
-                )
-            sink.write(data)
-    finally:
-        os.close(fd)
-    sink.close()
-
-
-def _as_float32(data: bytes, dtype: str) -> Any:
-    if dtype == "bfloat16":
-        return (np.frombuffer(data, dtype="<u2").astype("<u4") << 16).view("<f4")
-    code = {"float32": "<f4", "float16": "<f2", "float64": "<f8"}[dtype]
-    return np.frombuffer(data, dtype=code).astype("<f4")
+        return Quantize(name, meta.dtype, row, span=absolute(span))
+    made = tensor_fill(entry, source, meta.nbytes) if not entry.is_copy else None
+    if isinstance(made, Blocks):
+        return Quantize(name, meta.dtype, row, blocks=made)
+    return Quantize(name, meta.dtype, row, entry=entry)

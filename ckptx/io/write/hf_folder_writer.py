@@ -12,19 +12,17 @@ is left under its final name, and a folder this write created is removed again.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from ckptx.errors import DestinationError
-from ckptx.io.card import EntryObserver
-from ckptx.io.spans import Progress
-from ckptx.io.write.atomic import sync_file, write_synced
+from ckptx.gcpause import without_gc
 from ckptx.io.write.destination import InputFiles
-from ckptx.io.write.sharded_writer import INDEX_SUFFIX, older_shards, shard_layout, stage_shards
-from ckptx.io.write.writer import Move, OutputOptions, Writer
+from ckptx.io.write.layout import Copy, LayoutBuilder, OutputLayout, Piece
+from ckptx.io.write.sharded_writer import INDEX_SUFFIX, lay_out_shards, older_shards, shard_layout
+from ckptx.io.write.writer import OutputOptions, Writer
 from ckptx.planning.entry import PlanEntry
-from ckptx.planning.source import Source
+from ckptx.planning.source import RawSpan, Source
 
 __all__ = ["CONFIG", "WEIGHTS", "HfFolderWriter", "is_folder_destination"]
 
@@ -46,7 +44,7 @@ class HfFolderWriter(Writer):
 
     def __init__(self, destination: Path, entries: Sequence[PlanEntry], options: OutputOptions) -> None:
         super().__init__(destination, entries, options)
-        self.layout = shard_layout(destination / WEIGHTS, entries, options.max_shard_size)
+        self.shards = shard_layout(destination / WEIGHTS, entries, options.max_shard_size)
 
     @property
     def staging_anchor(self) -> Path:
@@ -56,12 +54,12 @@ class HfFolderWriter(Writer):
     @property
     def weights(self) -> Path:
         """The index, or the single safetensors file."""
-        return self.layout.weights
+        return self.shards.weights
 
     def files(self) -> list[Path]:
         """The weights, the copied files, then the documents (`config.json` last)."""
         named = [self.destination / name for name in [*self.options.copies, *self.options.documents]]
-        return self.layout.paths + named
+        return self.shards.paths + named
 
     def replaces(self) -> list[Path]:
         """What a new set replaces (removed before any rename, so no old config or index names new weights)."""
@@ -74,22 +72,22 @@ class HfFolderWriter(Writer):
                 f"{self.destination}: exists and is not a folder; give a folder (DIR/) or a file name"
             )
         super().check(inputs)
-        return older_shards(self.layout)
+        return older_shards(self.shards)
 
-    def stage(
-        self, folder: Path, source: Source, progress: Progress | None, observer: EntryObserver | None = None
-    ) -> list[Move]:
+    @without_gc  # 100,000 tensors: 0.9 s instead of 2.2 s (each full collection walks the plan again)
+    def layout(self, source: Source) -> OutputLayout:
         """The weights, the copied files, then the documents, `config.json` last: it completes the set."""
-        moves = stage_shards(folder, self.layout, source, self.options, progress, observer)
+        builder = LayoutBuilder()
+        lay_out_shards(builder, self.shards, source, self.options)
         for name, original in self.options.copies.items():
-            with open(original, "rb") as src, open(folder / name, "wb") as out:
-                shutil.copyfileobj(src, out)
-                sync_file(out)
-            moves.append((folder / name, self.destination / name))
+            path = os.path.abspath(original)
+            size = os.stat(path).st_size
+            index = builder.file(name, self.destination / name, size)
+            builder.add(Piece(index, 0, size, Copy((RawSpan(path, 0, size),))))
         for name in sorted(self.options.documents, key=lambda n: n == CONFIG):
-            write_synced(folder / name, self.options.documents[name])
-            moves.append((folder / name, self.destination / name))
-        return moves
+            data = self.options.documents[name]
+            builder.literal(builder.file(name, self.destination / name, len(data)), 0, data)
+        return builder.build(planned_bytes=sum(entry.meta.nbytes for entry in self.entries))
 
     def non_tensor_note(self, source: Source) -> str | None:
         """Non-tensor entries have no place in a model folder."""

@@ -1,48 +1,46 @@
-"""Safetensors output: a plan streamed to one file, header from the plan, then each tensor's bytes in order."""
+"""Safetensors output: the header from the plan, then each tensor's bytes at the offset the header gives it."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, cast
 
-from ckptx._lazy import lazy_module
 from ckptx.dtypes import safetensors_code
-from ckptx.io.card import EntryObserver, ObservedFile
-from ckptx.io.spans import BLOCK, Progress, SpanCopier, write_bytes
-from ckptx.io.streamed import write_streamed
-from ckptx.io.write.atomic import sync_file
-from ckptx.io.write.writer import Move, OutputOptions, Writer
+from ckptx.gcpause import without_gc
+from ckptx.io.spans import BLOCK, Progress
+from ckptx.io.write.layout import LayoutBuilder, OutputLayout, Piece, tensor_fill
+from ckptx.io.write.writer import OutputOptions, Writer
 from ckptx.planning.entry import PlanEntry
-from ckptx.planning.execute import materialize
 from ckptx.planning.source import Source
 
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
-else:
-    torch = lazy_module("torch")
+__all__ = ["SafetensorsWriter", "build_header", "lay_out_safetensors", "write_safetensors"]
 
 
-__all__ = ["SafetensorsWriter", "build_header", "write_body", "write_computed", "write_safetensors", "write_tensor"]
-
-
-def build_header(entries: Sequence[PlanEntry], metadata: Mapping[str, str], data_start: int | None = None) -> bytes:
+def build_header(
+    entries: Sequence[PlanEntry],
+    metadata: Mapping[str, str],
+    data_start: int | None = None,
+    sizes: Sequence[int] | None = None,
+) -> bytes:
     """The safetensors header for `entries` in order, padded with spaces to a multiple of 8 bytes, or further so
     that the data section starts at an offset congruent to `data_start` modulo the block size (see
     `aligned_data_start`): then every copied byte lands at a destination offset congruent to its source offset,
-    which lets copy-on-write file systems share the blocks and keeps copies page-aligned elsewhere."""
-    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    which lets copy-on-write file systems share the blocks and keeps copies page-aligned elsewhere. `sizes` are the
+    entries' byte sizes when the caller has them."""
+    # Written out entry by entry, exactly as json.dumps(header, separators=(",", ":")) writes it: 100,000 entries took
+    # 0.35 s so and 1.0 s through json.dumps of the dict (2-core machine under load).
+    parts = [f'"__metadata__":{json.dumps(dict(metadata), separators=(",", ":"))}'] if metadata else []
     offset = 0
-    for entry in entries:
-        size = entry.meta.nbytes
-        header[entry.key] = {
-            "dtype": safetensors_code(entry.meta.dtype, key=entry.key),
-            "shape": list(entry.meta.shape),
-            "data_offsets": [offset, offset + size],
-        }
+    for entry, size in zip(entries, sizes if sizes is not None else [entry.meta.nbytes for entry in entries]):
+        meta = entry.meta
+        code = safetensors_code(meta.dtype, key=entry.key)
+        shape = ",".join(map(str, meta.shape))
+        parts.append(
+            f'{json.dumps(entry.key)}:{{"dtype":"{code}","shape":[{shape}],"data_offsets":[{offset},{offset + size}]}}'
+        )
         offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw = ("{" + ",".join(parts) + "}").encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     if data_start is not None:
         raw += b" " * ((data_start - 8 - len(raw)) % BLOCK)
@@ -82,15 +80,12 @@ class SafetensorsWriter(Writer):
         """The file."""
         return [self.destination]
 
-    def stage(
-        self, folder: Path, source: Source, progress: Progress | None, observer: EntryObserver | None = None
-    ) -> list[Move]:
-        """The whole file, fsynced."""
-        staged = folder / self.destination.name
-        with open(staged, "wb") as out:
-            write_body(out, self.entries, source, self.options.metadata, progress, observer)
-            sync_file(out)
-        return [(staged, self.destination)]
+    @without_gc  # 100,000 tensors: 0.9 s instead of 2.2 s (each full collection walks the plan again)
+    def layout(self, source: Source) -> OutputLayout:
+        """The file: its header, then every tensor at its offset."""
+        builder = LayoutBuilder()
+        lay_out_safetensors(builder, self.destination, self.entries, source, self.options.metadata)
+        return builder.build(planned_bytes=sum(entry.meta.nbytes for entry in self.entries))
 
 
 def write_safetensors(
@@ -105,50 +100,18 @@ def write_safetensors(
     return SafetensorsWriter(dst, entries, OutputOptions(metadata=metadata)).write(source, progress)
 
 
-def write_body(
-    out: BinaryIO,
-    entries: Sequence[PlanEntry],
-    source: Source,
-    metadata: Mapping[str, str],
-    progress: Progress | None = None,
-    observer: EntryObserver | None = None,
-) -> None:
-    """Header, then each entry's bytes: runs of unchanged tensors are copied file-to-file, the rest computed one by
-    one. `observer` is told each entry's bytes (the spans copied, or the bytes computed)."""
-    out.write(build_header(entries, metadata, aligned_data_start(entries, source)))
-    with SpanCopier(out, progress) as copier:
-        for entry in entries:
-            spans = source.raw_spans(entry.sources[0]) if entry.is_copy else None
-            if spans is not None and sum(span.nbytes for span in spans) == entry.meta.nbytes:
-                for span in spans:
-                    copier.add(span)
-                if observer is not None:
-                    observer.observe_copy(entry, tuple(spans))
-            else:
-                copier.flush()
-                write_computed(out, entry, source, progress, observer)
-            if observer is not None:
-                observer.finish(entry)
-
-
-def write_computed(
-    out: BinaryIO,
-    entry: PlanEntry,
-    source: Source,
-    progress: Progress | None = None,
-    observer: EntryObserver | None = None,
-) -> None:
-    """Write a tensor an op changes: streamed through the op's byte kernel when it has one (a float cast, a
-    dequantization, of tensors with raw spans), else computed whole with torch. `observer` sees the bytes written."""
-    if observer is not None:
-        out = cast(BinaryIO, ObservedFile(out, observer, (entry,)))
-    if not write_streamed(out, entry, source, progress):
-        write_tensor(out, materialize(entry, source), progress)
-
-
-def write_tensor(out: BinaryIO, tensor: torch.Tensor, progress: Progress | None = None) -> None:
-    """Write a tensor's bytes in row-major order (views and non-contiguous tensors are written as themselves)."""
-    if tensor.numel() == 0:
-        return
-    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    write_bytes(out, flat.numpy().data, progress)
+def lay_out_safetensors(
+    builder: LayoutBuilder, final: Path, entries: Sequence[PlanEntry], source: Source, metadata: Mapping[str, str]
+) -> int:
+    """One safetensors file of `entries` (to be published as `final`) added to `builder`: the header, then each
+    tensor's bytes (copied, converted or computed: see layout.tensor_fill) at its offset. Returns the file's index."""
+    sizes = [entry.meta.nbytes for entry in entries]  # a property computed each time: 100,000 tensors, 0.1 s
+    header = build_header(entries, metadata, aligned_data_start(entries, source), sizes)
+    index = builder.file(final.name, final, len(header) + sum(sizes))
+    builder.literal(index, 0, header)
+    offset = len(header)
+    for entry, size in zip(entries, sizes):
+        if size:
+            builder.pieces.append(Piece(index, offset, size, tensor_fill(entry, source, size), entry.key))
+        offset += size
+    return index

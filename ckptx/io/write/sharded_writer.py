@@ -14,16 +14,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckptx.errors import DestinationError
-from ckptx.io.card import EntryObserver
-from ckptx.io.spans import Progress
-from ckptx.io.write.atomic import sync_file, write_synced
+from ckptx.gcpause import without_gc
 from ckptx.io.write.destination import InputFiles
-from ckptx.io.write.safetensors_writer import write_body
-from ckptx.io.write.writer import Move, OutputOptions, Writer
+from ckptx.io.write.layout import LayoutBuilder, OutputLayout
+from ckptx.io.write.safetensors_writer import lay_out_safetensors
+from ckptx.io.write.writer import OutputOptions, Writer
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.source import Source
 
-__all__ = ["INDEX_SUFFIX", "ShardLayout", "ShardedWriter", "index_text", "is_index_name", "shard_layout"]
+__all__ = [
+    "INDEX_SUFFIX",
+    "ShardLayout",
+    "ShardedWriter",
+    "index_text",
+    "is_index_name",
+    "lay_out_shards",
+    "shard_layout",
+]
 
 INDEX_SUFFIX = ".safetensors.index.json"
 
@@ -86,31 +93,32 @@ class ShardedWriter(Writer):
 
     def __init__(self, destination: Path, entries: Sequence[PlanEntry], options: OutputOptions) -> None:
         super().__init__(destination, entries, options)
-        self.layout = shard_layout(destination, entries, options.max_shard_size)
+        self.shards = shard_layout(destination, entries, options.max_shard_size)
 
     @property
     def primary(self) -> Path:
         """The index, or the single file."""
-        return self.layout.weights
+        return self.shards.weights
 
     def files(self) -> list[Path]:
         """Every shard, then the index."""
-        return self.layout.paths
+        return self.shards.paths
 
     def replaces(self) -> list[Path]:
         """The old index (and a plain file of the same name) go first: no index names a half-replaced set."""
-        return [p for p in [self.layout.index, *self.layout.replaces] if p is not None]
+        return [p for p in [self.shards.index, *self.shards.replaces] if p is not None]
 
     def check(self, inputs: InputFiles) -> list[str]:
         """The destination rule for every shard and the index; a note naming older shards of the same name."""
         super().check(inputs)
-        return older_shards(self.layout)
+        return older_shards(self.shards)
 
-    def stage(
-        self, folder: Path, source: Source, progress: Progress | None, observer: EntryObserver | None = None
-    ) -> list[Move]:
+    @without_gc  # 100,000 tensors: 0.9 s instead of 2.2 s (each full collection walks the plan again)
+    def layout(self, source: Source) -> OutputLayout:
         """Every shard, then the index."""
-        return stage_shards(folder, self.layout, source, self.options, progress, observer)
+        builder = LayoutBuilder()
+        lay_out_shards(builder, self.shards, source, self.options)
+        return builder.build(planned_bytes=sum(entry.meta.nbytes for entry in self.entries))
 
 
 def older_shards(layout: ShardLayout) -> list[str]:
@@ -124,26 +132,13 @@ def older_shards(layout: ShardLayout) -> list[str]:
     return [f"older shards left in place (not in the new index): {', '.join(stale)}"] if stale else []
 
 
-def stage_shards(
-    folder: Path,
-    layout: ShardLayout,
-    source: Source,
-    options: OutputOptions,
-    progress: Progress | None,
-    observer: EntryObserver | None = None,
-) -> list[Move]:
-    """Write every shard of `layout` (and its index, last) into the staging folder, each fsynced; the moves in
-    publishing order."""
-    moves = []
+def lay_out_shards(builder: LayoutBuilder, layout: ShardLayout, source: Source, options: OutputOptions) -> None:
+    """Every shard of `layout` (and its index, last) added to `builder`."""
     for final, group in layout.files:
-        with open(folder / final.name, "wb") as out:
-            write_body(out, group, source, options.metadata, progress, observer)
-            sync_file(out)
-        moves.append((folder / final.name, final))
+        lay_out_safetensors(builder, final, group, source, options.metadata)
     if layout.index is not None:
-        write_synced(folder / layout.index.name, index_text(layout))
-        moves.append((folder / layout.index.name, layout.index))
-    return moves
+        text = index_text(layout)
+        builder.literal(builder.file(layout.index.name, layout.index, len(text)), 0, text)
 
 
 def index_text(layout: ShardLayout) -> bytes:

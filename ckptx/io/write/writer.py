@@ -6,6 +6,12 @@ file fsynced), handed to `verify` there when asked, and published in one step: r
 file that completes the set (the single file, the index, `config.json`) last. A failure at any point leaves no
 file of the new output under its final name. Each format is one subclass in its own module; `writer_for` chooses
 it from the destination.
+
+Writing is header-first: a format's `layout(source)` fixes every file, its size and every byte range in it (each
+tensor's offset, the headers) before any data moves (io/write/layout.py); the coordinator (coordinator.py) then
+has the ranges written, in this process or split into work units across worker processes or a Dask cluster
+(`Parallel`), and completes the files. The bytes never depend on how many workers wrote them. With `card`, the units
+also digest every tensor they write for a provenance card (card_feed.py): the same records whoever wrote what.
 """
 
 from __future__ import annotations
@@ -17,14 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ckptx.io.card import EntryObserver
+from ckptx.io.card import TensorRecord
 from ckptx.io.spans import Progress
 from ckptx.io.write.atomic import publish, staging_folder, write_error
+from ckptx.io.write.card_feed import card_records, card_watches
+from ckptx.io.write.coordinator import Parallel, write_layout
 from ckptx.io.write.destination import InputFiles, prepare_folder
+from ckptx.io.write.layout import OutputLayout
+from ckptx.io.write.units import UnitResult
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.source import Source
 
-__all__ = ["Move", "OutputOptions", "Verify", "Writer"]
+__all__ = ["Move", "OutputOptions", "Parallel", "Verify", "Writer"]
 
 Move = tuple[Path, Path]
 """(staged path, final path) of one written file."""
@@ -64,6 +74,10 @@ class Writer(ABC):
         self.destination = destination
         self.entries = tuple(entries)
         self.options = options
+        self.results: list[UnitResult] = []
+        """The work units' results of the last write (bytes, CRCs, card digests), in unit order."""
+        self.records: dict[str, TensorRecord] = {}
+        """The provenance card's record of every tensor, in plan order, after a write with `card`."""
 
     @property
     def primary(self) -> Path:
@@ -98,28 +112,54 @@ class Writer(ABC):
             return None
         return f"non-tensor entries dropped ({self.format} holds tensors only): {', '.join(sorted(source.non_tensors))}"
 
+    def check_card(self) -> None:
+        """Raise DestinationError, before anything is written, when a card cannot record this output's tensors (a
+        card records each tensor's own elements as stored: a format storing some in another type cannot have one)."""
+        return
+
     @abstractmethod
+    def layout(self, source: Source) -> OutputLayout:
+        """Every file of the output (in publishing order, the primary file last), its size, and every byte range in
+        it with what fills it; raises (DestinationError...) before anything is written for what the format cannot
+        hold."""
+
     def stage(
-        self, folder: Path, source: Source, progress: Progress | None, observer: EntryObserver | None = None
+        self,
+        folder: Path,
+        source: Source,
+        progress: Progress | None,
+        parallel: Parallel | None = None,
+        card: bool = False,
     ) -> list[Move]:
         """Write every file of the output into `folder`, each fsynced; the moves in publishing order, the primary
-        file last. `observer` (a provenance card) is told each entry's bytes as they are written."""
+        file last. With `card`, `records` holds every tensor's card record afterwards."""
+        layout = self.layout(source)
+        observer = card_watches(layout, self.entries, source) if card else None
+        self.results = write_layout(folder, layout, source, progress, parallel, observer)
+        if card:
+            self.records = card_records(self.entries, self.results, source)
+        return [(folder / laid.name, laid.final) for laid in layout.files]
 
     def write(
         self,
         source: Source,
         progress: Progress | None = None,
         verify: Verify | None = None,
-        observer: EntryObserver | None = None,
+        *,
+        parallel: Parallel | None = None,
+        card: bool = False,
     ) -> int:
-        """Stage, verify, publish; returns the bytes written. File system failures become one DestinationError
-        naming the destination; a failure leaves no file of the output under its final name. `observer` sees every
-        entry's bytes as they are written (see io/card.py)."""
+        """Stage, verify, publish; returns the bytes written. With `parallel`, the tensor bytes are written by work
+        units on its runner's workers (byte for byte what one process writes). With `card`, the units digest every
+        tensor for a provenance card (`records`). File system failures become one DestinationError naming the
+        destination; a failure leaves no file of the output under its final name."""
+        if card:
+            self.check_card()
         created = self._prepare()
         try:
             with staging_folder(self.staging_anchor) as folder:
                 try:
-                    moves = self.stage(folder, source, progress, observer)
+                    moves = self.stage(folder, source, progress, parallel, card)
                 except OSError as exc:
                     raise write_error(self.primary, exc) from None
                 if verify is not None:

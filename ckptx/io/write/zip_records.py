@@ -1,4 +1,4 @@
-"""A streaming zip writer that lays records out exactly as torch's writer (miniz in PyTorchStreamWriter) does.
+"""Zip records laid out exactly as torch's writer (miniz in PyTorchStreamWriter) lays them out, before any is written.
 
 Every record is stored (no compression). Its local header carries no CRC or sizes (bit 3) and an extra field
 `FB<len>ZZZ...` that pads the data to a multiple of 64 bytes (`.storage_alignment`), or, when the caller asks
@@ -10,20 +10,18 @@ zip64 extra field and 8-byte sizes in its descriptor; the archive always ends wi
 locator and the classic end record. This is the layout torch's reader assumes when it works out storage
 offsets itself (`torch.utils.serialization.config.load.calculate_storage_offsets`).
 
-The data of a record is written by the caller between `begin` and `end`; its CRC-32 may be given later
-(`set_crc`, e.g. from a thread that checksums the bytes while they are copied) and is patched into the
-descriptor before `finish` writes the central directory.
+`ZipLayout` only computes: where each record's header and data go and the header's bytes, so the data can be written
+later at fixed offsets by anyone; the descriptors and the central directory, which hold the CRC-32s, are made once
+those are known (`set_crc`, `descriptor`, `directory`). Sizes never depend on a CRC, so the file's size is known
+from the start.
 """
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO
 
-from ckptx.errors import TensorOpError
 from ckptx.io.spans import BLOCK
 
 ALIGNMENT = 64
@@ -56,101 +54,91 @@ class _Record:
         return self.big_size or self.big_offset
 
 
-class ZipRecords:
-    """Append stored records to `out` (at its current end), then `finish` with the central directory.
+class ZipLayout:
+    """Stored records one after another from offset 0, then the central directory.
 
     `prefix` is the archive's top folder (`archive` gives `archive/data.pkl`). `force_zip64` gives every
     record and the end records the zip64 form even below 4 GiB (the layout of big files, testable small).
     """
 
-    def __init__(self, out: BinaryIO, prefix: str, *, force_zip64: bool = False) -> None:
-        self._out = out
+    def __init__(self, prefix: str, *, force_zip64: bool = False) -> None:
         self._prefix = prefix
         self._force = force_zip64
         self._records: list[_Record] = []
         self._crcs: list[int | None] = []
-        self._late: list[int] = []
-        self._open = False
+        self.position = 0
+        """Where the next record (or the central directory) starts."""
 
-    def begin(self, name: str, size: int, *, congruent_to: int | None = None) -> int:
-        """Write the local header of record `prefix/name` that will hold `size` bytes; returns its index.
-        Its data starts at the next multiple of 64, or, with `congruent_to`, at the next offset congruent to
-        it modulo BLOCK (up to BLOCK - 1 bytes of padding)."""
-        if self._open:
-            raise RuntimeError(f"zip record {self._records[-1].name!r} is still open")
+    def add(self, name: str, size: int, *, congruent_to: int | None = None) -> tuple[int, int, bytes, int]:
+        """Lay out record `prefix/name` of `size` bytes after the ones before it: its index, its header's offset,
+        the header's bytes and its data's offset. The data starts at the next multiple of 64, or, with
+        `congruent_to`, at the next offset congruent to it modulo BLOCK (up to BLOCK - 1 bytes of padding)."""
         raw = f"{self._prefix}/{name}".encode()
-        offset = self._out.tell()
+        offset = self.position
         big_size, big_offset = self._force or size >= _MAX32, self._force or offset >= _MAX32
         extra = _zip64_extra(size if big_size else None, size if big_size else None, offset if big_offset else None)
         start = offset + _LOCAL.size + len(raw) + len(extra) + 4
         padding = -start % ALIGNMENT if congruent_to is None else (congruent_to - start) % BLOCK
         extra += b"FB" + struct.pack("<H", padding) + b"Z" * padding
         flags = _UTF8 | (_HAS_DESCRIPTOR if size else 0)
-        self._out.write(_LOCAL.pack(b"PK\x03\x04", 0, flags, 0, 0, 0, 0, 0, 0, len(raw), len(extra)) + raw + extra)
-        self._records.append(_Record(raw, offset, start + padding, size, big_size, big_offset))
-        self._crcs.append(None)
-        self._open = True
-        return len(self._records) - 1
+        header = _LOCAL.pack(b"PK\x03\x04", 0, flags, 0, 0, 0, 0, 0, 0, len(raw), len(extra)) + raw + extra
+        record = _Record(raw, offset, start + padding, size, big_size, big_offset)
+        self._records.append(record)
+        self._crcs.append(0 if size == 0 else None)
+        self.position = record.data_offset + size + (_descriptor_layout(record).size if size else 0)
+        return len(self._records) - 1, offset, header, record.data_offset
 
-    def written(self) -> int:
-        """Bytes of data written so far into the open record."""
-        return self._out.tell() - self._records[-1].data_offset
-
-    def end(self, crc: int | None) -> None:
-        """Close the open record after its data; `crc` None means it comes later through `set_crc`."""
-        if not self._open:
-            raise RuntimeError("no zip record is open")
-        record, index = self._records[-1], len(self._records) - 1
-        if self.written() != record.size:
-            raise TensorOpError(
-                f"{record.name.decode()}: {self.written()} bytes were written for a record of "
-                f"{record.size}; the source changed while it was copied, convert again"
-            )
-        self._open = False
-        if record.size == 0:
-            self._crcs[index] = 0
-            return
-        self._crcs[index] = crc
-        if crc is None:
-            self._late.append(index)
-        layout = _DESCRIPTOR64 if record.zip64 else _DESCRIPTOR32
-        self._out.write(layout.pack(b"PK\x07\x08", crc or 0, record.size, record.size))
+    def literal(self, name: str, data: bytes) -> tuple[int, bytes]:
+        """A whole small record whose data is known now: its offset and its bytes (header, data, descriptor)."""
+        index, offset, header, _ = self.add(name, len(data))
+        self.set_crc(index, zlib.crc32(data))
+        return offset, header + data + (self.descriptor(index) or (0, b""))[1]
 
     def set_crc(self, index: int, crc: int) -> None:
-        """The CRC-32 of a record closed with `end(None)`."""
+        """The CRC-32 of record `index`'s data."""
         self._crcs[index] = crc
 
-    def add(self, name: str, data: bytes) -> int:
-        """A whole small record; returns its CRC-32."""
-        crc = zlib.crc32(data)
-        self.begin(name, len(data))
-        self._out.write(data)
-        self.end(crc)
-        return crc
+    def descriptor(self, index: int) -> tuple[int, bytes] | None:
+        """Record `index`'s data descriptor (its CRC must be set) and where it goes; None for an empty record."""
+        record, crc = self._records[index], self._crcs[index]
+        if record.size == 0:
+            return None
+        if crc is None:
+            raise RuntimeError(f"zip record {record.name.decode()!r} has no CRC-32 yet")
+        layout = _descriptor_layout(record)
+        return record.data_offset + record.size, layout.pack(b"PK\x07\x08", crc, record.size, record.size)
 
     def checksums(self) -> list[tuple[str, int | None]]:
         """Every record's name (without the prefix) and CRC-32 so far."""
         cut = len(self._prefix) + 1
         return [(r.name.decode()[cut:], crc) for r, crc in zip(self._records, self._crcs)]
 
-    def finish(self) -> None:
-        """Patch the CRCs given late into their descriptors, then write the central directory and end records."""
-        self._patch_late_crcs()
-        start = self._out.tell()
-        for record, crc in zip(self._records, self._crcs):
-            self._out.write(_central_entry(record, crc or 0))
-        size = self._out.tell() - start
+    @property
+    def size(self) -> int:
+        """The archive's size: the records, then the central directory and the end records."""
+        return self.position + len(self._directory([0] * len(self._records)))
+
+    def directory(self) -> tuple[int, bytes]:
+        """The central directory and end records (every CRC set) and where they go."""
+        missing = [r.name.decode() for r, crc in zip(self._records, self._crcs) if crc is None]
+        if missing:
+            raise RuntimeError(f"zip records without a CRC-32: {', '.join(missing[:3])}")
+        return self.position, self._directory([crc or 0 for crc in self._crcs])
+
+    def _directory(self, crcs: list[int]) -> bytes:
+        start = self.position
+        central = b"".join(_central_entry(record, crc) for record, crc in zip(self._records, crcs))
         count = len(self._records)
-        zip64_end = self._out.tell()
-        self._out.write(
-            _ZIP64_END.pack(
+        zip64_end = start + len(central)
+        size = len(central)
+        entries = 0xFFFF if self._force else min(count, 0xFFFF)
+        return (
+            central
+            + _ZIP64_END.pack(
                 b"PK\x06\x06", _ZIP64_END.size - 12, 0x031E, _ZIP64_VERSION, 0, 0, count, count, size, start
             )
-        )
-        self._out.write(_ZIP64_LOCATOR.pack(b"PK\x06\x07", 0, zip64_end, 1))
-        entries = 0xFFFF if self._force else min(count, 0xFFFF)
-        self._out.write(
-            _END.pack(
+            + _ZIP64_LOCATOR.pack(b"PK\x06\x07", 0, zip64_end, 1)
+            + _END.pack(
                 b"PK\x05\x06",
                 0,
                 0,
@@ -162,15 +150,9 @@ class ZipRecords:
             )
         )
 
-    def _patch_late_crcs(self) -> None:
-        missing = [r.name.decode() for r, crc in zip(self._records, self._crcs) if crc is None]
-        if missing or self._open:
-            raise RuntimeError(f"zip records open or without a CRC-32: {', '.join(missing[:3])}")
-        self._out.flush()
-        fd = self._out.fileno()
-        for index in self._late:
-            record = self._records[index]
-            os.pwrite(fd, struct.pack("<L", self._crcs[index]), record.data_offset + record.size + 4)
+
+def _descriptor_layout(record: _Record) -> struct.Struct:
+    return _DESCRIPTOR64 if record.zip64 else _DESCRIPTOR32
 
 
 def _central_entry(record: _Record, crc: int) -> bytes:
