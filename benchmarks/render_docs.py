@@ -37,6 +37,7 @@ NAMES = (
     "suggest_bench",
     "batch",
     "fp8_bench",
+    "gguf_bench",
     "audit_bench",
     "workers_bench",
     "partition_bench",
@@ -308,6 +309,19 @@ def fp8_table(doc: dict[str, Any]) -> str:
     )
 
 
+def gguf_table(doc: dict[str, Any]) -> str:
+    r = doc["results"]
+    rows = [
+        [name, ", ".join(_s(x) for x in c["wall_s"]), f"x{c['median_ratio_to_cp']}", _mib(c["max_rss_mib"])]
+        for name, c in r["commands"].items()
+    ]
+    return (
+        f"{r['weights_gib']} GiB of float32 Llama weights (a HF model folder) to GGUF, {r['rounds']} shuffled "
+        f"rounds.\n\n"
+        + _table(["command", "wall of each round (s)", "median wall / cp + sync", "peak RSS (MiB)"], rows, "lrrr")
+    )
+
+
 def suggest_facts(doc: dict[str, Any]) -> str:
     r = doc["results"]
     order = "name order" if r["sorted_header"] else "registration order"
@@ -456,6 +470,7 @@ def blocks(results: dict[str, dict[str, Any]]) -> dict[str, Callable[[], str]]:
         "suggest_bench.table": ("suggest_bench", suggest_facts),
         "batch.table": ("batch", batch_table),
         "fp8_bench.table": ("fp8_bench", fp8_table),
+        "gguf_bench.table": ("gguf_bench", gguf_table),
         "audit_bench.table": ("audit_bench", audit_table),
         "workers_bench.table": ("workers_bench", workers_table),
         "workers_bench.summary": ("workers_bench", workers_summary),
