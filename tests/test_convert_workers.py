@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 import ckptx
 from ckptx.errors import WorkerFailed
@@ -370,6 +370,7 @@ def test_a_gguf_output_is_byte_identical_for_any_number_of_workers_and_dask(
 ) -> None:
     """GGUF is laid out header-first too: its tensors (Q8_0 blocks, F16 and F32; q/k rows reordered by the rotary
     byte kernel, then converted) are written by units at their offsets, on any runner, with the same bytes."""
+    pytest.importorskip("transformers", reason="the tiny Llama folder is made by transformers (not in the floor venv)")
     from tests.helpers.llama_gguf import llama_folder
 
     folder = llama_folder(tmp_path / "tiny", tokenizer=False)
@@ -390,9 +391,19 @@ def test_a_gguf_output_is_byte_identical_for_any_number_of_workers_and_dask(
     assert all(s == seen[0] for s in seen[1:]), seen
 
 
+def safetensors_stores_float8() -> bool:
+    try:
+        save({"x": torch.zeros(1, dtype=torch.float8_e4m3fn)})
+    except (KeyError, ValueError, TypeError):
+        return False
+    return True
+
+
 @pytest.mark.usefixtures("small_units")
 def test_a_dequantization_on_workers_is_byte_identical(tmp_path: Path, scheduler: str) -> None:
     """Blockwise byte kernels (FP8 block dequantization, reading a weight and its scales) run in the units too."""
+    if not safetensors_stores_float8():
+        pytest.skip("this safetensors cannot store float8 (the floor version, 0.4)")
     generator = torch.Generator().manual_seed(0)
     state = {}
     for i in range(3):
