@@ -298,27 +298,23 @@ def zero_table(doc: dict[str, Any]) -> str:
 
 def fp8_table(doc: dict[str, Any]) -> str:
     r = doc["results"]
-    rows = [
-        [name, ", ".join(_s(x) for x in c["wall_s"]), f"x{c['median_ratio_to_cp']}", _mib(c["max_rss_mib"])]
-        for name, c in r["commands"].items()
-    ]
-    return (
-        f"{r['size_gib']} GiB of float8_e4m3fn weights with float32 128x128 block scales to bfloat16, "
-        f"{r['rounds']} shuffled rounds.\n\n"
-        + _table(["command", "wall of each round (s)", "median wall / cp + sync", "peak RSS (MiB)"], rows, "lrrr")
-    )
+    what = f"{r['size_gib']} GiB of float8_e4m3fn weights with float32 128x128 block scales to bfloat16"
+    return _commands_table(what, r)
 
 
 def gguf_table(doc: dict[str, Any]) -> str:
     r = doc["results"]
+    return _commands_table(f"{r['weights_gib']} GiB of float32 Llama weights (a HF model folder) to GGUF", r)
+
+
+def _commands_table(what: str, r: dict[str, Any]) -> str:
+    """Shuffled rounds of several commands against cp + sync: each round's wall, the median ratio, the peak RSS."""
     rows = [
         [name, ", ".join(_s(x) for x in c["wall_s"]), f"x{c['median_ratio_to_cp']}", _mib(c["max_rss_mib"])]
         for name, c in r["commands"].items()
     ]
-    return (
-        f"{r['weights_gib']} GiB of float32 Llama weights (a HF model folder) to GGUF, {r['rounds']} shuffled "
-        f"rounds.\n\n"
-        + _table(["command", "wall of each round (s)", "median wall / cp + sync", "peak RSS (MiB)"], rows, "lrrr")
+    return f"{what}, {r['rounds']} shuffled rounds.\n\n" + _table(
+        ["command", "wall of each round (s)", "median wall / cp + sync", "peak RSS (MiB)"], rows, "lrrr"
     )
 
 
