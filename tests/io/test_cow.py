@@ -214,9 +214,14 @@ def test_copies_are_issued_from_folio_aligned_destination_offsets(
     assert _equal(load_file(str(dst)), _state())
 
 
-def test_sharded_output_on_copy_on_write_shares_the_sources_blocks_in_every_shard(cow_mount: Path, write_rules) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sharded_output_on_copy_on_write_shares_the_sources_blocks_in_every_shard(
+    cow_mount: Path, write_rules, workers: int
+) -> None:
+    """With worker processes too: each unit clones its copied ranges at their fixed offsets."""
     src = _write_source(cow_mount / "src.safetensors", _state())
-    ckptx.convert(src, cow_mount / "out" / "model.safetensors", write_rules(RENAME), max_shard_size=5 << 20)
+    out = cow_mount / "out" / "model.safetensors"
+    ckptx.convert(src, out, write_rules(RENAME), max_shard_size=5 << 20, workers=workers)
     shards = sorted((cow_mount / "out").glob("model-*.safetensors"))
     assert len(shards) > 2
     merged: dict[str, torch.Tensor] = {}
