@@ -25,6 +25,18 @@ def test_default_extract_prefers_state_dict_over_model(tmp_path: Path, tiny_stat
     assert plan.source.extracted_from == "state_dict" and [e.key for e in plan.entries] == list(tiny_state)
 
 
+def test_default_extract_takes_the_weights_beside_a_step_counter(tmp_path: Path, tiny_state: dict, run_cli) -> None:
+    """A training state with a scalar tensor at its top level (`step`, `global_step`) converts its `model`, the
+    candidate whose own tensors hold the most elements, not the lone scalar; the rest is named as ignored."""
+    path = tmp_path / "train.pt"
+    optimizer = {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 0.1}]}
+    torch.save({"model": tiny_state, "optimizer": optimizer, "epoch": 3, "step": torch.tensor(5)}, path)
+    plan = ckptx.plan(ckptx.Recipe(name="r"), path)
+    assert plan.source.extracted_from == "model" and [e.key for e in plan.entries] == list(tiny_state)
+    shown = run_cli("convert", path, "-o", tmp_path / "out.safetensors")
+    assert shown.code == 0 and "ignored top-level entries: optimizer, epoch, step" in shown.out
+
+
 def test_allow_unexpected_lets_listed_extra_keys_through(tmp_path: Path, tiny_state: dict, write_rules) -> None:
     src = tmp_path / "extra.pt"
     torch.save({**tiny_state, "aux.head.weight": torch.zeros(2)}, src)

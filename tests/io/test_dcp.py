@@ -157,6 +157,12 @@ def test_extraction_works_as_for_the_torch_save_file(
         assert set(dcp.non_tensors) == set(saved.non_tensors)
 
 
+def test_a_training_state_gives_its_model_without_extract(dcp_root: Path) -> None:
+    """`step` (a scalar tensor) sits at the top level beside `model` and `optimizer`: the weights are `model`'s."""
+    with open_source(dcp_root / "default", []) as source:
+        assert source.extracted_from == "model" and set(source.top_level) == {"model", "optimizer", "epoch", "step"}
+
+
 def test_missing_extract_path_lists_the_top_level(dcp_root: Path) -> None:
     with pytest.raises(
         SourceError,
@@ -599,3 +605,14 @@ def test_plain_folder_is_refused_in_one_line(tmp_path: Path, run_cli) -> None:
         f"ckptx: error: {tmp_path / 'weights'}: is a folder without .metadata, so not a "
         f"torch.distributed.checkpoint folder; give the checkpoint file (or its .index.json)\n"
     )
+
+
+@pytest.mark.parametrize("layout", ["big", "threads"])
+def test_a_dcp_source_on_two_workers_writes_one_processs_bytes(dcp_root: Path, tmp_path: Path, layout: str) -> None:
+    """Worker processes reopen the DCP folder themselves and copy each tensor's chunks at their offsets."""
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}.pth"
+        ckptx.convert(dcp_root / layout, out, ckptx.Recipe(name="as is", extract=("model",)), workers=workers)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]

@@ -405,3 +405,22 @@ def test_sizes_that_do_not_add_up_are_a_one_line_error(
 def test_plain_folder_is_still_not_a_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="is a folder"):
         open_source(tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_a_zero_source_on_two_workers_writes_one_processs_bytes(zero_run: ZeroRun, tmp_path: Path, fmt: str) -> None:
+    """Worker processes reopen the ZeRO folder themselves and copy or gather each parameter's rank-file spans."""
+    import ckptx
+
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}.{fmt}"
+        ckptx.convert(zero_run.folder("zero3-fp32"), out, ckptx.Recipe(name="as is"), workers=workers)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    assert_same_state(
+        load_file(str(tmp_path / "w2.safetensors"))
+        if fmt == "safetensors"
+        else torch.load(tmp_path / "w2.pth", weights_only=True),
+        zero_run.reference("zero3-fp32"),
+    )

@@ -169,13 +169,21 @@ def _overlap(size: tuple[int, ...], stride: tuple[int, ...]) -> str | None:
 def extract(obj: Any, paths: Sequence[str], *, file: str, where: str = "") -> tuple[Mapping[str, Any], str]:
     """Find the state dict in a loaded checkpoint: the first of `paths` that exists wins.
 
-    A path is dotted (`state_dict.backbone`); `.` is the whole object. With no paths, the object
-    itself is used when it holds tensors, else the usual wrappers are tried.
+    A path is dotted (`state_dict.backbone`); `.` is the whole object. With no paths, the object itself and the
+    usual wrappers (`state_dict`, `model`, `module`) that hold tensors are the candidates, and the one whose own
+    tensors hold the most elements wins (the first on a tie): a training state `{model: {...}, optimizer: {...},
+    step: tensor(5)}` gives its `model`, not the lone `step` beside it.
     """
-    candidates = list(paths) or [".", "state_dict", "model", "module"]
+    if not paths:
+        found_at = [(path, _lookup(obj, path)) for path in _WRAPPERS]
+        usable = [(path, found) for path, found in found_at if isinstance(found, Mapping) and _has_tensors(found)]
+        if usable:
+            path, found = max(usable, key=lambda item: _elements(item[1]))
+            return found, path
+    candidates = list(paths) or list(_WRAPPERS)
     for path in candidates:
         found = _lookup(obj, path)
-        if isinstance(found, Mapping) and (paths or _has_tensors(found)):
+        if isinstance(found, Mapping) and paths:
             return found, path
     top = ", ".join(top_level_of(obj)) if isinstance(obj, Mapping) else type(obj).__name__
     tried = ", ".join(candidates)
@@ -230,5 +238,13 @@ def _lookup(obj: Any, path: str) -> Any:
     return current
 
 
+_WRAPPERS = (".", "state_dict", "model", "module")  # where a checkpoint's weights usually are, in that order
+
+
 def _has_tensors(mapping: Mapping[str, Any]) -> bool:
     return any(is_tensor(v) for v in mapping.values())
+
+
+def _elements(mapping: Mapping[str, Any]) -> int:
+    """Elements of the tensors directly in `mapping` (a nested dict's are not counted)."""
+    return sum(math.prod(v.shape) for v in mapping.values() if is_tensor(v))
