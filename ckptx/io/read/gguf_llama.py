@@ -76,24 +76,51 @@ def hf_llama_config(
             problems.append(f"llama.{key} is missing")
             return 0
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"llama.{key} is {value!r}, not a number")
+            problems.append(f"llama.{key} is {_shown(value)}, not a number")
             return 0
         return value
 
-    hidden = int(number("embedding_length"))
-    heads = int(number("attention.head_count"))
-    kv_heads = int(number("attention.head_count_kv", heads))
-    layers = int(number("block_count"))
-    head_dim = int(metadata.get("llama.attention.key_length") or (hidden // heads if heads else 0))
-    value_dim = int(metadata.get("llama.attention.value_length") or head_dim)
+    def count(key: str, default: Any = None) -> int:
+        """A size or count: a whole number of at least 1."""
+        before = len(problems)
+        value = number(key, default)
+        if len(problems) == before and (not isinstance(value, int) or value < 1):
+            problems.append(f"llama.{key} is {_shown(value)}, not a whole number of at least 1")
+        return value if len(problems) == before else 0
+
+    def positive(key: str, default: float) -> float:
+        """A finite float above 0 (an epsilon, a rope base): NaN or 0 would load and compute NaN or nonsense."""
+        before = len(problems)
+        value = number(key, default)
+        if len(problems) > before:
+            return default
+        if not math.isfinite(value) or value <= 0:
+            problems.append(f"llama.{key} is {_shown(value)}, not a finite number above 0")
+            return default
+        return float(value)
+
+    hidden = count("embedding_length")
+    heads = count("attention.head_count")
+    kv_heads = count("attention.head_count_kv", heads)
+    if heads and kv_heads and heads % kv_heads:
+        problems.append(f"llama.attention.head_count {heads} is not a multiple of head_count_kv {kv_heads}")
+    layers = count("block_count")
+    held = _blocks_held(shapes)
+    if layers and layers != held:
+        problems.append(f"llama.block_count is {_shown(layers)}, but the file holds the tensors of {held} blocks")
+        layers = held
+    head_dim = count("attention.key_length", hidden // heads if heads else 0) if hidden and heads else 0
+    if hidden and heads and "llama.attention.key_length" not in metadata and hidden % heads:
+        problems.append(f"llama.embedding_length {hidden} is not a multiple of head_count {heads}")
+    value_dim = count("attention.value_length", head_dim) if head_dim else 0
     if value_dim != head_dim:
         problems.append(f"llama.attention.value_length {value_dim} differs from key_length {head_dim}")
-    rotary = int(metadata.get("llama.rope.dimension_count") or head_dim)
+    rotary = count("rope.dimension_count", head_dim) if head_dim else 0
     if rotary != head_dim:
         problems.append(f"llama.rope.dimension_count {rotary} rotates part of each head of {head_dim}")
-    if int(metadata.get("llama.expert_count") or 0) > 0:
+    if metadata.get("llama.expert_count") not in (None, 0):
         problems.append(
-            f"llama.expert_count is {metadata['llama.expert_count']}: a mixture of experts (Mixtral), "
+            f"llama.expert_count is {_shown(metadata['llama.expert_count'])}: a mixture of experts (Mixtral), "
             f"not a LlamaForCausalLM"
         )
     embedding = shapes.get("token_embd.weight")
@@ -101,24 +128,26 @@ def hf_llama_config(
     stated = metadata.get("llama.vocab_size")
     if embedding and isinstance(stated, int) and stated != vocab:
         problems.append(f"llama.vocab_size {stated} differs from token_embd.weight's {vocab} rows")
-    theta = _float32_shortest(number("rope.freq_base", 10000.0))
+    theta = _float32_shortest(positive("rope.freq_base", 10000.0))
     document: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": hidden,
-        "intermediate_size": int(number("feed_forward_length")),
+        "intermediate_size": count("feed_forward_length"),
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "hidden_act": "silu",
-        "max_position_embeddings": int(number("context_length")),
-        "rms_norm_eps": _float32_shortest(number("attention.layer_norm_rms_epsilon", 1e-5)),
+        "max_position_embeddings": count("context_length"),
+        "rms_norm_eps": _float32_shortest(positive("attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_parameters": _rope(metadata, theta, head_dim, shapes, rope_freqs, problems),
         "vocab_size": vocab,
         "tie_word_embeddings": "output.weight" not in shapes,
         "attention_bias": "blk.0.attn_q.bias" in shapes,
         "mlp_bias": "blk.0.ffn_gate.bias" in shapes,
     }
+    if not head_dim and hidden and heads:
+        problems.append(f"a head size cannot be read: llama.embedding_length {hidden} over head_count {heads}")
     if "llama.attention.key_length" in metadata or (heads and head_dim != hidden // heads):
         document["head_dim"] = head_dim
     for hf_name, gguf_name in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
@@ -126,6 +155,18 @@ def hf_llama_config(
         if isinstance(token, int) and not isinstance(token, bool):
             document[f"{hf_name}_token_id"] = token
     return LlamaConfigDocument(document, problems)
+
+
+def _blocks_held(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """How many transformer blocks the file has tensors of: one more than the highest `blk.N.`."""
+    numbers = {name.split(".")[1] for name in shapes if name.startswith("blk.") and name.count(".") >= 2}
+    return 1 + max((int(n) for n in numbers if n.isdigit() and len(n) < 10), default=-1)
+
+
+def _shown(value: Any) -> str:
+    """A metadata value in a message: short, whatever the file holds."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def _rope(
@@ -144,8 +185,8 @@ def _rope(
         return _llama3_rope(rope_freqs(), theta, head_dim, problems)
     if kind == "linear":
         factor = metadata.get("llama.rope.scaling.factor")
-        if not isinstance(factor, (int, float)) or factor <= 0:
-            problems.append(f"llama.rope.scaling.factor is {factor!r} for linear rope scaling")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
+            problems.append(f"llama.rope.scaling.factor is {_shown(factor)} for linear rope scaling")
             factor = 1.0
         return {"rope_type": "linear", "rope_theta": theta, "factor": _float32_shortest(factor)}
     if kind != "none":
