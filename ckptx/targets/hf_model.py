@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,12 @@ def build_from_config(config: ModelConfig, *, device: str = "meta") -> torch.nn.
     model_class = _model_class(config.architecture, str(config.file))
     config_class = model_class.config_class
     fields = {k: v for k, v in config.document.items() if k not in ("auto_map", "transformers_version")}
+    too_many = _too_many_modules(fields)
+    if too_many:
+        raise TargetError(
+            f"{config.file}: {too_many}; no published model comes near that, and building it would not end (fix "
+            f"the config, or give --target the model's real config)"
+        )
     try:
         hf_config = config_class.from_dict(fields)
         with torch.device(device):
@@ -127,6 +134,28 @@ def build_from_config(config: ModelConfig, *, device: str = "meta") -> torch.nn.
         raise TargetError(
             f"{config.file}: transformers cannot build {config.architecture} from it: {type(exc).__name__}: {exc}"
         ) from None
+
+
+_LAYER_KEY = re.compile(r"^(num_|n_)?(hidden_|encoder_|decoder_)?layers?$")
+MAX_LAYERS = 1_000  # the deepest published transformers have about 200 blocks
+MAX_EXPERTS = 10_000  # the largest mixtures of experts have a few hundred per layer
+
+
+def _too_many_modules(document: Mapping[str, Any], where: str = "", depth: int = 0) -> str | None:
+    """The first count in a config (or its text/vision sub-configs) that would make a model of more modules than
+    any real one: a hostile config.json stating 2^32 layers would otherwise be built, module by module, forever."""
+    for key, value in document.items():
+        if isinstance(value, Mapping) and depth < 4:
+            found = _too_many_modules(value, f"{where}{key}.", depth + 1)
+            if found:
+                return found
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        if _LAYER_KEY.match(str(key)) and value > MAX_LAYERS:
+            return f"{where}{key} is {value} (ckptx builds models of at most {MAX_LAYERS:,} layers)"
+        if str(key).endswith("experts") and value > MAX_EXPERTS:
+            return f"{where}{key} is {value} (ckptx builds models of at most {MAX_EXPERTS:,} experts per layer)"
+    return None
 
 
 def saved_state(model: Any, *, file_names: bool = True) -> dict[str, Any]:

@@ -212,3 +212,31 @@ def test_a_config_json_that_is_a_fifo_is_refused_not_waited_on(run_cli, llama_fo
     result = run_cli("inspect", folder)
     assert result.code == 2
     assert f"{folder / 'config.json'}: is a named pipe, not a regular file" in result.err
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        (
+            "num_hidden_layers",
+            2**32 - 1,
+            "num_hidden_layers is 4294967295 (ckptx builds models of at most 1,000 layers)",
+        ),
+        ("num_local_experts", 10**9, "num_local_experts is 1000000000 (ckptx builds models of at most 10,000 experts"),
+    ],
+)
+def test_a_config_stating_an_endless_model_is_refused_before_it_is_built(
+    run_cli, llama_folder, tmp_path, field: str, value: int, said: str
+) -> None:
+    """A hostile config.json (4 billion layers) would be built on the meta device module by module, for hours:
+    refused in one line naming the field, nothing written."""
+    folder = tmp_path / "endless"
+    folder.mkdir()
+    for weights in llama_folder.glob("*.safetensors*"):
+        (folder / weights.name).symlink_to(weights)
+    config = json.loads((llama_folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, field: value}))
+    result = run_cli("convert", folder, "-o", f"{tmp_path / 'out'}/")
+    assert result.code == 2 and result.err.count("\n") == 1
+    assert f"{folder / 'config.json'}: {said}" in result.err
+    assert not (tmp_path / "out").exists()
