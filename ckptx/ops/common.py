@@ -3,7 +3,7 @@ shapes."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
@@ -11,7 +11,7 @@ from ckptx.dtypes import TensorMeta
 from ckptx.errors import KeyTemplateError, OpShapeError, Problem
 from ckptx.planning.context import PlanContext, StepOutcome
 from ckptx.planning.entry import PlanEntry
-from ckptx.planning.expr import node
+from ckptx.planning.expr import Converter, node
 from ckptx.rules.steps import Step
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -73,3 +73,13 @@ def target_meta(ctx: PlanContext, key: str, what: str) -> TensorMeta:
     if key not in ctx.target:
         raise OpShapeError(f"`{what}: target` but the target has no such key; rename it first")
     return ctx.target[key]
+
+
+def same_bytes(params: Mapping[str, Any], meta: TensorMeta) -> Converter:
+    """The byte kernel of an op that only changes a tensor's shape (reshape, squeeze, unsqueeze): a contiguous
+    tensor's bytes are the same in any shape, so the writer copies them without torch."""
+    return _unchanged
+
+
+def _unchanged(data: bytes) -> bytes:
+    return data

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta
 from ckptx.errors import OpShapeError
-from ckptx.ops.common import apply_to_matching, normalize_dim, with_size
+from ckptx.ops.common import apply_to_matching, normalize_dim, same_bytes, with_size
 from ckptx.ops.registry import step
 from ckptx.planning.context import PlanContext, StepOutcome, StepPlanner
 from ckptx.planning.entry import PlanEntry
@@ -66,7 +66,7 @@ def _infer_unsqueeze(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) ->
     return TensorMeta(meta.shape[:dim] + (1,) + meta.shape[dim:], meta.dtype)
 
 
-@tensor_op("unsqueeze", _infer_unsqueeze)
+@tensor_op("unsqueeze", _infer_unsqueeze, elementwise=same_bytes)
 def unsqueeze(params: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """`tensor.unsqueeze(dim)`."""
     return tensors[0].unsqueeze(params["dim"])
@@ -104,7 +104,7 @@ def _infer_squeeze(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> T
     return TensorMeta(with_size(meta.shape, dim, None), meta.dtype)
 
 
-@tensor_op("squeeze", _infer_squeeze)
+@tensor_op("squeeze", _infer_squeeze, elementwise=same_bytes)
 def squeeze(params: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """`tensor.squeeze(dim)`."""
     return tensors[0].squeeze(params["dim"])

@@ -4,25 +4,27 @@ inverse and planner together."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta
 from ckptx.errors import OpShapeError, Problem
-from ckptx.ops.common import apply_to_matching
+from ckptx.ops.common import apply_to_matching, same_bytes
 from ckptx.ops.registry import step
 from ckptx.planning.context import PlanContext, StepOutcome
 from ckptx.planning.entry import PlanEntry
-from ckptx.planning.expr import tensor_op
+from ckptx.planning.expr import Piece, tensor_op
 from ckptx.rules.inverse import all_matched_changed, changed_metas, exact_keys
 from ckptx.rules.kinds import Doc, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     import torch
 else:
+    np = lazy_module("numpy")
     torch = lazy_module("torch")
 
 
@@ -110,7 +112,7 @@ def _infer_reshape(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> T
     return TensorMeta(resolve_shape(params["shape"], meta.numel, meta.shape), meta.dtype)
 
 
-@tensor_op("reshape", _infer_reshape)
+@tensor_op("reshape", _infer_reshape, elementwise=same_bytes)
 def reshape(params: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """`tensor.reshape(shape)`."""
     return tensors[0].reshape(params["shape"])
@@ -184,7 +186,40 @@ def _infer_permute(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> T
     return TensorMeta(tuple(meta.shape[d] for d in dims), meta.dtype)
 
 
-@tensor_op("permute", _infer_permute)
+PERMUTE_PIECE_BYTES = 4 << 20  # input bytes a piece of a permutation reads, at least (whole leading slabs)
+_UINT = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
+
+
+def permute_pieces(params: Mapping[str, Any], metas: Sequence[TensorMeta]) -> Iterator[Piece] | None:
+    """The permutation as a byte kernel, without torch: the leading dimensions it leaves in place are walked in
+    slabs of about PERMUTE_PIECE_BYTES, each slab's elements reordered with numpy (moved as whole elements, so
+    the bytes are `tensor.permute(dims).contiguous()`'s); a permutation that moves dimension 0 is one piece, the
+    whole tensor (what torch holds too)."""
+    (meta,) = metas
+    dims = tuple(params["dims"])
+    if not meta.numel or len(dims) != len(meta.shape):
+        return None
+    kept = 0
+    while kept < len(dims) and dims[kept] == kept:
+        kept += 1
+    outer = math.prod(meta.shape[:kept])
+    inner = tuple(meta.shape[kept:])
+    order = tuple(d - kept for d in dims[kept:])
+    itemsize = meta.nbytes // meta.numel
+    slab = meta.nbytes // outer
+    per = max(1, PERMUTE_PIECE_BYTES // max(1, slab))
+
+    def convert(data: Sequence[bytes]) -> bytes:
+        if itemsize in _UINT:
+            block = np.frombuffer(data[0], dtype=_UINT[itemsize]).reshape(-1, *inner)
+            return block.transpose(0, *(d + 1 for d in order)).tobytes()
+        block = np.frombuffer(data[0], dtype=np.uint8).reshape(-1, *inner, itemsize)
+        return block.transpose(0, *(d + 1 for d in order), len(inner) + 1).tobytes()
+
+    return (Piece(((i * slab, min(outer, i + per) * slab),), convert) for i in range(0, outer, per))
+
+
+@tensor_op("permute", _infer_permute, blockwise=permute_pieces)
 def permute(params: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """`tensor.permute(dims)` (made contiguous when written)."""
     return tensors[0].permute(params["dims"])
