@@ -45,6 +45,17 @@ def test_permute_pieces_give_torchs_bytes(dtype: torch.dtype, shape: tuple[int, 
     assert run_pieces(tensor, dims) == raw(tensor.permute(dims))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8, torch.float64])
+@pytest.mark.parametrize(
+    ("shape", "dims"), [((300, 260), (1, 0)), ((2, 260, 300), (0, 2, 1)), ((260, 2, 300), (2, 0, 1))]
+)
+def test_large_transposes_copied_in_tiles_give_torchs_bytes(
+    dtype: torch.dtype, shape: tuple[int, ...], dims: tuple[int, ...]
+) -> None:
+    tensor = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 50).to(dtype)
+    assert run_pieces(tensor, dims) == raw(tensor.permute(dims))
+
+
 def test_a_permutation_keeping_dim_0_reads_slabs_of_whole_leading_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(layout, "PERMUTE_PIECE_BYTES", 3 * 4 * 6 * 4)  # three leading slabs a piece
     tensor = torch.randn(10, 4, 6)
