@@ -125,7 +125,7 @@ def once(index: Path, rules: Path, out: Path) -> dict[str, Any]:
     import ckptx
     from ckptx.io.read.open import open_source
     from ckptx.io.write.formats import writer_for
-    from ckptx.io.write.layout import Literal
+    from ckptx.io.write.output_layout import Literal
     from ckptx.io.write.units import plan_units
     from ckptx.io.write.writer import OutputOptions
 

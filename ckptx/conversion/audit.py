@@ -28,8 +28,8 @@ from ckptx._lazy import lazy_module
 from ckptx.check.findings import AuditReport, Finding
 from ckptx.check.init_like import INIT_P, MIN_ELEMENTS, InitReference, init_like_p, init_references, probe_rows
 from ckptx.check.validation import validate
-from ckptx.check.values import value_findings
-from ckptx.conversion.card import CARD_NAME
+from ckptx.check.value_checks import value_findings
+from ckptx.conversion.card_document import CARD_NAME
 from ckptx.conversion.pipeline import plan_and_validate, target_spec_for
 from ckptx.conversion.request import ConvertRequest
 from ckptx.dtypes import DTYPES, TensorMeta

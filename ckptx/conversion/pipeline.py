@@ -18,7 +18,7 @@ from typing import Any
 from ckptx._version import __version__
 from ckptx.check.inferred import choose_variant
 from ckptx.check.validation import ValidationReport, validate
-from ckptx.conversion.card import card_document, card_path, write_card
+from ckptx.conversion.card_document import card_document, card_path, write_card
 from ckptx.conversion.request import ConvertRequest, ConvertResult, Progress
 from ckptx.errors import DestinationError, ValidationFailed, VerificationFailed
 from ckptx.io.read.open import SourceSpec, open_source
@@ -86,7 +86,7 @@ def convert(
     other way with the recipes' reverse (see ckptx.conversion.reverse);
     `target` is then the recipes' source layout, traced when a step's inverse needs shapes.
     With `audit` (a path, or "" for the default place: `DIR/ckptx-card.json` in a model folder, else
-    `DST.card.json`), a provenance card is written once the output is published (see ckptx/conversion/card.py).
+    `DST.card.json`), a provenance card is written once the output is published (see ckptx/conversion/card_document.py).
     A model folder (`config.json`, Meta's `params.json`) is a source like a file; with `dst` a folder and no target
     given, the target is the model the source's config describes, and that config is carried into the output
     folder with the folder's other files. `dtype` casts every floating-point tensor (after the recipes); `q8_0` is a

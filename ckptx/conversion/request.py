@@ -37,7 +37,9 @@ class ConvertRequest:
     metadata: Mapping[str, str] = field(default_factory=dict)
     max_shard_size: int | None = None
     reverse: bool = False
-    audit: str | Path | None = None  # write a provenance card there ("": the default place, see conversion/card.py)
+    audit: str | Path | None = (
+        None  # write a provenance card there ("": the default place, see conversion/card_document.py)
+    )
     dtype: str | None = None  # --dtype: every floating-point tensor cast to it (a cast step after the recipes); a .gguf
     # output's file type (float32, float16, bfloat16, q8_0) instead
     workers: int | str = 1  # worker processes writing the output (`auto`: the cores); 1: this process alone

@@ -3,7 +3,7 @@ tensor op, inverse and planner together."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -11,10 +11,11 @@ from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta
 from ckptx.errors import OpShapeError
 from ckptx.ops.common import apply_to_matching, normalize_dim, same_bytes, with_size
+from ckptx.ops.regions import region_pieces
 from ckptx.ops.registry import step
 from ckptx.planning.context import PlanContext, StepOutcome, StepPlanner
 from ckptx.planning.entry import PlanEntry
-from ckptx.planning.expr import tensor_op
+from ckptx.planning.expr import Piece, tensor_op
 from ckptx.rules.kinds import Doc, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step
 
@@ -163,7 +164,11 @@ def _infer_slice(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> Ten
     return TensorMeta(with_size(meta.shape, dim, length), meta.dtype)
 
 
-@tensor_op("slice", _infer_slice)
+def _slice_pieces(params: Mapping[str, Any], metas: Sequence[TensorMeta]) -> Iterator[Piece] | None:
+    return region_pieces(metas[0], params["dim"], slice(params["start"], params["stop"], params["step"]))
+
+
+@tensor_op("slice", _infer_slice, blockwise=_slice_pieces)
 def slice_(params: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """`tensor[..., start:stop:step, ...]` on dimension `dim`."""
     index = [slice(None)] * tensors[0].dim()

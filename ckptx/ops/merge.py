@@ -3,7 +3,7 @@ fragment, tensor op, inverse (a split) and planner."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -11,10 +11,11 @@ from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta
 from ckptx.errors import NotInvertible, OpShapeError, Problem
 from ckptx.ops.common import dim_size, fill_template, normalize_dim, with_size
+from ckptx.ops.regions import join_pieces
 from ckptx.ops.registry import step
 from ckptx.planning.context import PlanContext, StepOutcome
 from ckptx.planning.entry import PlanEntry
-from ckptx.planning.expr import node, tensor_op
+from ckptx.planning.expr import Piece, node, tensor_op
 from ckptx.rules.inverse import Group, Ref, parse_pattern, spare_placeholder, swap, template_parts
 from ckptx.rules.kinds import Doc, StepTrace, object_schema
 from ckptx.rules.steps import Collector, Pattern, Step, dim_arg
@@ -151,7 +152,11 @@ def _infer_join(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> Tens
     return TensorMeta(with_size(first.shape, dim, sum(m.shape[dim] for m in inputs)), first.dtype)
 
 
-@tensor_op("join", _infer_join)
+def _join_pieces(params: Mapping[str, Any], metas: Sequence[TensorMeta]) -> Iterator[Piece] | None:
+    return join_pieces(metas, params["dim"], params["stack"])
+
+
+@tensor_op("join", _infer_join, blockwise=_join_pieces)
 def join(params: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """`torch.stack` or `torch.cat` of the inputs along `dim`."""
     return (torch.stack if params["stack"] else torch.cat)(list(tensors), dim=params["dim"])

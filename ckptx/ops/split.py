@@ -3,7 +3,7 @@ fragment, tensor ops, inverse (a merge) and planner."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -11,10 +11,11 @@ from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta
 from ckptx.errors import OpShapeError, Problem
 from ckptx.ops.common import fill_template, normalize_dim, with_size
+from ckptx.ops.regions import region_pieces
 from ckptx.ops.registry import step
 from ckptx.planning.context import PlanContext, StepOutcome
 from ckptx.planning.entry import PlanEntry
-from ckptx.planning.expr import node, tensor_op
+from ckptx.planning.expr import Piece, node, tensor_op
 from ckptx.rules.flatten import dump_args
 from ckptx.rules.inverse import Ref, shifted, swap, template_parts, tidy
 from ckptx.rules.kinds import Doc, StepTrace, object_schema
@@ -142,7 +143,12 @@ def _infer_narrow(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> Te
     return TensorMeta(with_size(meta.shape, dim, length), meta.dtype)
 
 
-@tensor_op("narrow", _infer_narrow)
+def _narrow_pieces(params: Mapping[str, Any], metas: Sequence[TensorMeta]) -> Iterator[Piece] | None:
+    start = params["start"]
+    return region_pieces(metas[0], params["dim"], slice(start, start + params["length"]))
+
+
+@tensor_op("narrow", _infer_narrow, blockwise=_narrow_pieces)
 def narrow(params: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """`tensor.narrow(dim, start, length)`: one piece of a split."""
     return tensors[0].narrow(params["dim"], params["start"], params["length"])
@@ -153,7 +159,16 @@ def _infer_select(params: Mapping[str, Any], inputs: Sequence[TensorMeta]) -> Te
     return TensorMeta(with_size(meta.shape, params["dim"], None), meta.dtype)
 
 
-@tensor_op("select", _infer_select)
+def _select_pieces(params: Mapping[str, Any], metas: Sequence[TensorMeta]) -> Iterator[Piece] | None:
+    (meta,) = metas
+    if not meta.shape:
+        return None
+    dim = params["dim"] % len(meta.shape)
+    index = params["index"] % meta.shape[dim] if meta.shape[dim] else 0
+    return region_pieces(meta, dim, slice(index, index + 1))
+
+
+@tensor_op("select", _infer_select, blockwise=_select_pieces)
 def select(params: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """`tensor.select(dim, index)`: one piece of an unbind."""
     return tensors[0].select(params["dim"], params["index"])

@@ -25,11 +25,11 @@ from ckptx.rules.recipe import Recipe, TargetSpec
 from ckptx.suggestion.align import align, expand, unmatched
 from ckptx.suggestion.build import Decided, build_steps
 from ckptx.suggestion.emit import render_recipe
-from ckptx.suggestion.kinds import infer_kinds, with_kinds
 from ckptx.suggestion.library import LibraryFit, library_fit
 from ckptx.suggestion.match import Match
+from ckptx.suggestion.module_kinds import infer_kinds, with_kinds
 from ckptx.suggestion.numeric import decide_numerically
-from ckptx.suggestion.rotary import rotary_matches
+from ckptx.suggestion.rotary_layouts import rotary_matches
 from ckptx.suggestion.shapes import Fit
 from ckptx.suggestion.sources import (
     Candidate,

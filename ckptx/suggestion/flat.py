@@ -15,8 +15,8 @@ from dataclasses import replace
 from typing import Any
 
 from ckptx.suggestion.assign import assign
-from ckptx.suggestion.kinds import agreement, kind_of
 from ckptx.suggestion.match import Match
+from ckptx.suggestion.module_kinds import agreement, kind_of
 from ckptx.suggestion.names import key_name, rarity, similarity, token_similarity
 from ckptx.suggestion.order import Warp, number_similarity
 from ckptx.suggestion.shapes import Fit, JoinFit, dtype_kind, fit, join_fit, loose_shape

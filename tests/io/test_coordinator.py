@@ -23,7 +23,7 @@ def test_combined_crcs_equal_the_crc_of_the_whole_record_whatever_order_pieces_c
 
 def test_units_are_submitted_costliest_first_taking_the_files_in_turn() -> None:
     from ckptx.io.write.coordinator import submission_order
-    from ckptx.io.write.layout import Copy, Piece
+    from ckptx.io.write.output_layout import Copy, Piece
     from ckptx.io.write.units import WorkUnit
 
     def unit(index: int, path: str, nbytes: int) -> WorkUnit:

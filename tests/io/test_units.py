@@ -16,7 +16,7 @@ from ckptx.io import spans
 from ckptx.io.read.open import open_source
 from ckptx.io.spans import FOLIO
 from ckptx.io.write.formats import writer_for
-from ckptx.io.write.layout import Convert, Copy, LayoutBuilder, Literal, OutputLayout, Piece
+from ckptx.io.write.output_layout import Convert, Copy, LayoutBuilder, Literal, OutputLayout, Piece
 from ckptx.io.write.units import WorkUnit, plan_units, run_unit
 from ckptx.io.write.writer import OutputOptions
 from ckptx.planning.source import RawSpan, Source

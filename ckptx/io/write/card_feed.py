@@ -20,7 +20,7 @@ from ckptx.errors import CkptxError
 from ckptx.io.card import CardObserver, TensorRecord, tensor_records
 from ckptx.io.digest import TensorSummary
 from ckptx.io.spans import CHUNK
-from ckptx.io.write.layout import Copy, Literal, OutputLayout, Stored, absolute
+from ckptx.io.write.output_layout import Copy, Literal, OutputLayout, Stored, absolute
 from ckptx.io.write.units import UnitResult, tensor_bytes
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.source import RawSpan, Source

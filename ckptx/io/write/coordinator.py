@@ -24,7 +24,7 @@ from ckptx.io.crc import crc32_combine
 from ckptx.io.read.open import SourceSpec
 from ckptx.io.spans import Progress, write_at
 from ckptx.io.write.atomic import write_error
-from ckptx.io.write.layout import Literal, OutputLayout, Piece
+from ckptx.io.write.output_layout import Literal, OutputLayout, Piece
 from ckptx.io.write.units import (
     CLAIM_SIZE,
     ObserverFactory,

@@ -1,7 +1,7 @@
 """GGUF output (llama.cpp): the header (metadata, then each tensor's name, shape, ggml type and offset) from the
-plan, then each tensor's bytes streamed in blocks of rows, every tensor aligned to 32 bytes. The whole file is laid
-out before a byte is written (io/write/layout.py), so work units write its tensors at their offsets, in this process
-or on workers, and the bytes never depend on how many.
+plan, then each tensor's bytes streamed in blocks of rows, every tensor aligned to 32 bytes. The whole file is
+laid out before a byte is written (io/write/output_layout.py), so work units write its tensors at their offsets, in
+this process or on workers, and the bytes never depend on how many.
 
 Each tensor's ggml type follows llama.cpp's `convert_hf_to_gguf.py` for the requested file type (`--dtype
 float32|float16|bfloat16|q8_0`, its `--outtype f32|f16|bf16|q8_0`): 1-D tensors, norms, tensors whose names do not
@@ -22,7 +22,7 @@ from typing import Any
 from ckptx.errors import DestinationError
 from ckptx.gcpause import without_gc
 from ckptx.io.gguf import ARRAY, DEFAULT_ALIGNMENT, MAGIC, STRING, VALUE_TYPES, type_named
-from ckptx.io.write.layout import (
+from ckptx.io.write.output_layout import (
     Blocks,
     Fill,
     LayoutBuilder,

@@ -18,7 +18,7 @@ from pathlib import Path
 from ckptx.errors import DestinationError
 from ckptx.gcpause import without_gc
 from ckptx.io.write.destination import InputFiles
-from ckptx.io.write.layout import Copy, LayoutBuilder, OutputLayout, Piece
+from ckptx.io.write.output_layout import Copy, LayoutBuilder, OutputLayout, Piece
 from ckptx.io.write.sharded_writer import INDEX_SUFFIX, lay_out_shards, older_shards, shard_layout
 from ckptx.io.write.writer import OutputOptions, Writer
 from ckptx.planning.entry import PlanEntry

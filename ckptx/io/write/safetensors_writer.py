@@ -9,7 +9,7 @@ from pathlib import Path
 from ckptx.dtypes import safetensors_code
 from ckptx.gcpause import without_gc
 from ckptx.io.spans import BLOCK, Progress
-from ckptx.io.write.layout import LayoutBuilder, OutputLayout, Piece, tensor_fill
+from ckptx.io.write.output_layout import LayoutBuilder, OutputLayout, Piece, tensor_fill
 from ckptx.io.write.writer import OutputOptions, Writer
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.source import Source

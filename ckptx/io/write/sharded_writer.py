@@ -16,7 +16,7 @@ from pathlib import Path
 from ckptx.errors import DestinationError
 from ckptx.gcpause import without_gc
 from ckptx.io.write.destination import InputFiles
-from ckptx.io.write.layout import LayoutBuilder, OutputLayout
+from ckptx.io.write.output_layout import LayoutBuilder, OutputLayout
 from ckptx.io.write.safetensors_writer import lay_out_safetensors
 from ckptx.io.write.writer import OutputOptions, Writer
 from ckptx.planning.entry import PlanEntry

@@ -33,7 +33,7 @@ from typing import Any
 from ckptx.gcpause import without_gc
 from ckptx.io.crc import stored_record_crcs
 from ckptx.io.spans import BLOCK, Progress
-from ckptx.io.write.layout import (
+from ckptx.io.write.output_layout import (
     Copy,
     Fill,
     LayoutBuilder,

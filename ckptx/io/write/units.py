@@ -41,7 +41,7 @@ from ckptx.io.crc import span_crc
 from ckptx.io.gguf import as_float32, quantize, type_named
 from ckptx.io.read.open import SourceSpec
 from ckptx.io.spans import CHUNK, FOLIO, Progress, copy_pieces, copy_span, read_exact, write_at
-from ckptx.io.write.layout import Blocks, Compute, Convert, Copy, Literal, OutputLayout, Piece, Quantize, Stored
+from ckptx.io.write.output_layout import Blocks, Compute, Convert, Copy, Literal, OutputLayout, Piece, Quantize, Stored
 from ckptx.planning.execute import materialize
 from ckptx.planning.expr import block_converter, byte_converter
 from ckptx.planning.source import RawSpan, Source

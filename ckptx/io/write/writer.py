@@ -8,7 +8,7 @@ file of the new output under its final name. Each format is one subclass in its 
 it from the destination.
 
 Writing is header-first: a format's `layout(source)` fixes every file, its size and every byte range in it (each
-tensor's offset, the headers) before any data moves (io/write/layout.py); the coordinator (coordinator.py) then
+tensor's offset, the headers) before any data moves (io/write/output_layout.py); the coordinator (coordinator.py) then
 has the ranges written, in this process or split into work units across worker processes or a Dask cluster
 (`Parallel`), and completes the files. The bytes never depend on how many workers wrote them. With `card`, the units
 also digest every tensor they write for a provenance card (card_feed.py): the same records whoever wrote what.
@@ -29,7 +29,7 @@ from ckptx.io.write.atomic import publish, staging_folder, write_error
 from ckptx.io.write.card_feed import card_records, card_watches
 from ckptx.io.write.coordinator import Parallel, write_layout
 from ckptx.io.write.destination import InputFiles, prepare_folder
-from ckptx.io.write.layout import OutputLayout
+from ckptx.io.write.output_layout import OutputLayout
 from ckptx.io.write.units import UnitResult
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.source import Source

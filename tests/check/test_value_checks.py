@@ -1,9 +1,9 @@
-"""check/values.py: NaN, infinities, and zeros or constants judged against how the target initializes a tensor."""
+"""check/value_checks.py: NaN, infinities, and zeros or constants judged against how the target initializes a tensor."""
 
 from __future__ import annotations
 
 from ckptx.check.init_like import InitReference
-from ckptx.check.values import value_findings
+from ckptx.check.value_checks import value_findings
 from ckptx.io.digest import TensorStats
 
 ONES = TensorStats(8, 1.0, 0.0, 1.0, 1.0, 0, 0, 0)
