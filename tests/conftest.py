@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import textwrap
 from collections.abc import Callable
@@ -124,6 +125,20 @@ def subprocess_env() -> dict[str, str]:
     unchanged (the working folder stays off sys.path, as for the tests themselves)."""
     paths = [_tests_only_path()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONSAFEPATH": "1"}
+
+
+def cli_without_torch(*argv: object) -> None:
+    """Run `ckptx ARGV` in a fresh interpreter and check that it succeeded without importing torch (650 MiB of RSS
+    and seconds of start-up with the pinned wheel)."""
+    args = [str(a) for a in argv]
+    code = (
+        "import sys\nfrom ckptx.cli import main\n"
+        f"assert main({args!r}) == 0\n"
+        "print('torch loaded:', 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("torch loaded: False"), done.stdout[-2000:]
 
 
 def shared_bytes(path: Path) -> int:

@@ -5,15 +5,13 @@ checked against what llama.cpp loads before a byte is written."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
 import pytest
 import torch
 
-from tests.conftest import subprocess_env
+from tests.conftest import cli_without_torch
 from tests.helpers.llama_gguf import llama_cpp_gguf, llama_folder
 
 RECIPE = "hf/llama-to-gguf"
@@ -148,14 +146,7 @@ def test_hf_to_gguf_runs_without_torch(f32_folder: Path, tmp_path: Path, dtype: 
     tests above compare with llama.cpp's."""
     out = tmp_path / "no-torch.gguf"
     argv = ["convert", str(f32_folder), "-r", RECIPE, "-o", str(out), *(["--dtype", dtype] if dtype else [])]
-    code = (
-        "import sys\nfrom ckptx.cli import main\n"
-        f"assert main({argv!r}) == 0\n"
-        "print('torch loaded:', 'torch' in sys.modules)"
-    )
-    done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("torch loaded: False"), done.stdout[-2000:]
+    cli_without_torch(*argv)
     reference = tmp_path / "in-process.gguf"
     from ckptx.cli import main
 

@@ -3,8 +3,6 @@ many, and conversions with split/merge/slice steps that import no torch."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from ckptx.dtypes import TensorMeta
 from ckptx.ops import regions
 from ckptx.ops.regions import join_pieces, region_pieces
 from ckptx.planning.expr import Piece
-from tests.conftest import subprocess_env
+from tests.conftest import cli_without_torch
 
 DTYPES = [torch.float32, torch.bfloat16, torch.int64, torch.bool]
 
@@ -103,14 +101,7 @@ def test_split_merge_and_slice_steps_write_torchs_tensors_without_torch(tmp_path
     src, dst, rules = tmp_path / "src.safetensors", tmp_path / "out.safetensors", tmp_path / "r.yaml"
     save_file(state, str(src))
     rules.write_text(f"ckptx: 1\nsteps:\n  {steps}\n")
-    code = (
-        "import sys\nfrom ckptx.cli import main\n"
-        f"assert main(['convert', {str(src)!r}, '-o', {str(dst)!r}, '-r', {str(rules)!r}]) == 0\n"
-        "print('torch loaded:', 'torch' in sys.modules)"
-    )
-    done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("torch loaded: False"), done.stdout[-2000:]
+    cli_without_torch("convert", src, "-o", dst, "-r", rules)
     import ckptx
 
     reference = tmp_path / "in-memory.safetensors"
