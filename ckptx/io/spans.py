@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta, torch_dtype
-from ckptx.errors import SourceError, TensorOpError
+from ckptx.errors import SourceError
 from ckptx.planning.source import RawSpan
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -92,7 +92,7 @@ def copy_span(src_fd: int, dst_fd: int, span: RawSpan, at: int) -> None:
     while done < span.nbytes:
         chunk = os.pread(src_fd, min(CHUNK, span.nbytes - done), span.offset + done)
         if not chunk:
-            raise TensorOpError(f"{span.file}: ended early while copying tensor bytes (file changed or truncated)")
+            raise _ended_early(span, done)
         write_at(dst_fd, chunk, at + done)
         done += len(chunk)
 
