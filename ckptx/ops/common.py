@@ -11,7 +11,7 @@ from ckptx.dtypes import TensorMeta
 from ckptx.errors import KeyTemplateError, OpShapeError, Problem
 from ckptx.planning.context import PlanContext, StepOutcome
 from ckptx.planning.entry import PlanEntry
-from ckptx.planning.expr import Converter, node
+from ckptx.planning.expr import Converter, node, unchanged
 from ckptx.rules.steps import Step
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,8 +78,4 @@ def target_meta(ctx: PlanContext, key: str, what: str) -> TensorMeta:
 def same_bytes(params: Mapping[str, Any], meta: TensorMeta) -> Converter:
     """The byte kernel of an op that only changes a tensor's shape (reshape, squeeze, unsqueeze): a contiguous
     tensor's bytes are the same in any shape, so the writer copies them without torch."""
-    return _unchanged
-
-
-def _unchanged(data: bytes) -> bytes:
-    return data
+    return unchanged

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ckptx._lazy import lazy_module
 from ckptx.dtypes import TensorMeta
-from ckptx.planning.expr import Piece
+from ckptx.planning.expr import Piece, TakeInput
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -76,10 +76,7 @@ def join_pieces(metas: Sequence[TensorMeta], dim: int, stack: bool) -> Iterator[
 
 def _chunks(which: int, start: int, stop: int, inputs: int = 1) -> Iterator[Piece]:
     """Bytes `start:stop` of input `which` as they are, PIECE_BYTES at a time (the other inputs read nothing)."""
-
-    def take(data: Sequence[bytes]) -> bytes:
-        return data[which]
-
+    take = TakeInput(which)
     for at in range(start, stop, PIECE_BYTES):
         end = min(stop, at + PIECE_BYTES)
         yield Piece(tuple((at, end) if i == which else (0, 0) for i in range(inputs)), take)

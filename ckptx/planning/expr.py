@@ -45,6 +45,23 @@ Converter = Callable[[bytes], bytes | memoryview]
 ByteKernel = Callable[[Mapping[str, Any], TensorMeta], Converter | None]
 
 
+def unchanged(data: bytes) -> bytes:
+    """The byte kernel of an op that leaves a contiguous tensor's bytes as they are (a reshape): the writer copies
+    such a tensor's span (in the kernel, sharing blocks on a copy-on-write file system)."""
+    return data
+
+
+@dataclass(frozen=True)
+class TakeInput:
+    """The convert function of a blockwise piece that only takes the byte range it read of input `which` (a
+    region of dimension 0, one input of a concatenation): the writer copies those ranges instead."""
+
+    which: int
+
+    def __call__(self, data: Sequence[bytes]) -> bytes:
+        return data[self.which]
+
+
 class Piece(NamedTuple):
     """One piece of a blockwise byte kernel: the byte range `[start, stop)` it reads of each input's raw bytes,
     and the function from those bytes (in input order) to the next bytes of the output."""

@@ -245,3 +245,27 @@ def test_ckptx_reads_a_placed_pth_back_by_its_headers(tmp_path: Path, write_rule
         k.removeprefix("model."): v % 4096 for k, v in _pth_offsets(placed).items()
     }
     assert _equal(load_file(str(back)), _state())
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        "- split: {match: '^layer(\\d)\\.weight$', dim: 0, sizes: [256, 128, 128], into: [q\\1, k\\1, v\\1]}",
+        "- reshape: {match: '.*', shape: [-1]}",
+        "- merge: {match: '^layer[0-3]\\.weight$', to: low, dim: 0, stack: true,"
+        " inputs: [layer0.weight, layer1.weight, layer2.weight, layer3.weight]}",
+    ],
+)
+def test_splits_reshapes_and_joins_along_dim_0_are_copies_that_share_blocks(
+    cow_mount: Path, write_rules, steps: str
+) -> None:
+    """Their bytes are byte ranges of the source: copied in the kernel, so on copy-on-write the output shares the
+    source's blocks (and needs neither torch nor a pass through memory)."""
+    state = {f"layer{i}.weight": torch.randn(512, 1024) for i in range(4)}  # 2 MiB each: block-aligned pieces
+    src, dst = _write_source(cow_mount / "src.safetensors", state), cow_mount / "dst.safetensors"
+    rules = write_rules(f"ckptx: 1\nsteps:\n  {steps}\n")
+    ckptx.convert(src, dst, rules)
+    expected = ckptx.apply(rules, state)
+    out = load_file(str(dst))
+    assert out.keys() == expected.keys() and all(torch.equal(out[k], expected[k]) for k in out)
+    assert shared_bytes(dst) >= 0.9 * sum(t.numel() * 4 for t in state.values())

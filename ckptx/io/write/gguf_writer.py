@@ -24,6 +24,7 @@ from ckptx.gcpause import without_gc
 from ckptx.io.gguf import ARRAY, DEFAULT_ALIGNMENT, MAGIC, STRING, VALUE_TYPES, type_named
 from ckptx.io.write.output_layout import (
     Blocks,
+    Copy,
     Fill,
     LayoutBuilder,
     OutputLayout,
@@ -187,4 +188,6 @@ def _tensor_fill(entry: PlanEntry, name: str, source: Source, nbytes: int) -> Fi
     made = tensor_fill(entry, source, meta.nbytes) if not entry.is_copy else None
     if isinstance(made, Blocks):
         return Quantize(name, meta.dtype, row, blocks=made)
+    if isinstance(made, Copy) and len(made.spans) == 1:  # a reshape, a split along dimension 0: its bytes are a span
+        return Quantize(name, meta.dtype, row, span=made.spans[0])
     return Quantize(name, meta.dtype, row, entry=entry)

@@ -22,14 +22,15 @@ beforehand: the output's bytes never depend on who wrote what when. A piece may 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 from ckptx.dtypes import lookup
 from ckptx.planning.entry import PlanEntry
-from ckptx.planning.expr import OpNode, block_converter, byte_converter
+from ckptx.planning.expr import OpNode, TakeInput, block_converter, byte_converter, unchanged
+from ckptx.planning.expr import Piece as KernelPiece
 from ckptx.planning.source import RawSpan, Source
 
 __all__ = [
@@ -226,6 +227,8 @@ def tensor_fill(entry: PlanEntry, source: Source, nbytes: int | None = None) -> 
         span = source.raw_span(key)
         meta = source.tensors[key]
         if span is not None and span.nbytes == meta.nbytes:
+            if streamed[1] is unchanged:  # a reshape: the same bytes, copied in the kernel
+                return Copy((absolute(span),))
             sizes = (lookup(meta.dtype).itemsize, lookup(entry.meta.dtype).itemsize)
             return Convert(absolute(span), entry.expr, sizes)
     blocks = block_converter(entry.expr) if isinstance(entry.expr, OpNode) else None
@@ -233,8 +236,27 @@ def tensor_fill(entry: PlanEntry, source: Source, nbytes: int | None = None) -> 
         found = [whole_span(source, key) for key in blocks[0]]
         spans = tuple(absolute(span) for span in found if span is not None)
         if len(spans) == len(found):
-            return Blocks(spans, entry.expr)
+            return _taken(spans, blocks[1], nbytes) or Blocks(spans, entry.expr)
     return Compute(entry)
+
+
+def _taken(spans: tuple[RawSpan, ...], pieces: Iterable[KernelPiece], nbytes: int) -> Copy | None:
+    """A blockwise op whose pieces only take byte ranges of their inputs (a split along dimension 0, a
+    concatenation) as a Copy of those ranges (kernel copies; shared blocks on copy-on-write), else None."""
+    parts: list[RawSpan] = []
+    for piece in pieces:
+        if not isinstance(piece.convert, TakeInput):
+            return None
+        span = spans[piece.convert.which]
+        start, stop = piece.ranges[piece.convert.which]
+        if not 0 <= start <= stop <= span.nbytes:
+            return None
+        if parts and parts[-1].file == span.file and parts[-1].offset + parts[-1].nbytes == span.offset + start:
+            last = parts.pop()  # consecutive ranges of one file: one span
+            parts.append(RawSpan(last.file, last.offset, last.nbytes + stop - start))
+        else:
+            parts.append(RawSpan(span.file, span.offset + start, stop - start))
+    return Copy(tuple(parts)) if sum(p.nbytes for p in parts) == nbytes else None
 
 
 def whole_span(source: Source, key: str) -> RawSpan | None:

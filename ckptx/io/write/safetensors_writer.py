@@ -9,7 +9,7 @@ from pathlib import Path
 from ckptx.dtypes import safetensors_code
 from ckptx.gcpause import without_gc
 from ckptx.io.spans import BLOCK, Progress
-from ckptx.io.write.output_layout import LayoutBuilder, OutputLayout, Piece, tensor_fill
+from ckptx.io.write.output_layout import Copy, LayoutBuilder, OutputLayout, Piece, tensor_fill
 from ckptx.io.write.writer import OutputOptions, Writer
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.source import Source
@@ -59,7 +59,8 @@ def aligned_data_start(entries: Sequence[PlanEntry], source: Source) -> int | No
     placed: dict[int, int] = {}
     offset = 0
     for entry in entries:
-        spans = source.raw_spans(entry.sources[0]) if entry.is_copy else None
+        fill = tensor_fill(entry, source)  # a copy, or an op whose bytes are source ranges (a split along dim 0)
+        spans = fill.spans if isinstance(fill, Copy) else None
         if spans is not None and sum(span.nbytes for span in spans) == entry.meta.nbytes:
             at = offset
             for span in spans:
