@@ -135,25 +135,66 @@ def tensor_op(
 
 
 def byte_converter(expr: Expr) -> tuple[str, Converter] | None:
-    """For `op(source tensor)` where the op has an elementwise byte kernel for its params: the source key and
-    the bytes -> bytes function. None for anything else (it is computed with torch)."""
-    if isinstance(expr, SourceRef) or len(expr.inputs) != 1 or not isinstance(expr.inputs[0], SourceRef):
+    """For `op(source tensor)`, or a chain of such ops (`cast(reshape(x))`), where every op has an elementwise
+    byte kernel for its params: the source key and the bytes -> bytes function (the kernels composed). None for
+    anything else (it is computed with torch)."""
+    if isinstance(expr, SourceRef) or len(expr.inputs) != 1:
         return None
-    kernel = TENSOR_OPS[expr.op].elementwise
-    convert = kernel(dict(expr.params), expr.inputs[0].meta) if kernel is not None else None
-    return None if convert is None else (expr.inputs[0].key, convert)
+    (child,) = expr.inputs
+    convert = _elementwise(expr)
+    if convert is None:
+        return None
+    if isinstance(child, SourceRef):
+        return child.key, convert
+    inner = byte_converter(child)
+    if inner is None:
+        return None
+    return inner[0], _composed(inner[1], convert)
 
 
 def block_converter(expr: Expr) -> tuple[tuple[str, ...], Iterable[Piece]] | None:
     """For `op(source tensors...)` where the op has a blockwise byte kernel for its params: the source keys, in
-    input order, and the pieces. None for anything else (it is computed with torch)."""
-    if isinstance(expr, SourceRef) or not all(isinstance(child, SourceRef) for child in expr.inputs):
+    input order, and the pieces; also for elementwise ops on top of such an op (`cast(rotary_permute(x))`, the
+    cast `--dtype` adds after a recipe), each piece's output converted by them in turn (a piece gives whole
+    elements). None for anything else (it is computed with torch)."""
+    if isinstance(expr, SourceRef):
+        return None
+    if len(expr.inputs) == 1 and isinstance(expr.inputs[0], OpNode):
+        convert = _elementwise(expr)
+        inner = block_converter(expr.inputs[0]) if convert is not None else None
+        if inner is None or convert is None:
+            return None
+        then = convert
+        return inner[0], (Piece(p.ranges, _after(p.convert, then)) for p in inner[1])
+    if not all(isinstance(child, SourceRef) for child in expr.inputs):
         return None
     kernel = TENSOR_OPS[expr.op].blockwise
     pieces = kernel(dict(expr.params), [child.meta for child in expr.inputs]) if kernel is not None else None
     if pieces is None:
         return None
     return tuple(child.key for child in expr.inputs if isinstance(child, SourceRef)), pieces
+
+
+def _elementwise(expr: OpNode) -> Converter | None:
+    """The op's elementwise byte kernel for its params and its one input, if it has one."""
+    kernel = TENSOR_OPS[expr.op].elementwise
+    return kernel(dict(expr.params), expr.inputs[0].meta) if kernel is not None and len(expr.inputs) == 1 else None
+
+
+def _composed(first: Converter, then: Converter) -> Converter:
+    """`then(first(data))`; the unchanged kernel drops out, so a chain of reshapes is still a copy."""
+    if first is unchanged:
+        return then
+    if then is unchanged:
+        return first
+    return lambda data: then(bytes(first(data)))
+
+
+def _after(piece: Callable[[Sequence[bytes]], bytes], then: Converter) -> Callable[[Sequence[bytes]], bytes]:
+    """A piece's convert function followed by an elementwise kernel."""
+    if then is unchanged:
+        return piece
+    return lambda data: bytes(then(piece(data)))
 
 
 def node(op: str, inputs: Sequence[Expr], where: str, **params: Any) -> OpNode:

@@ -83,3 +83,29 @@ def test_shape_steps_write_torchs_tensors_without_importing_torch(tmp_path: Path
     for key, value in state.items():
         expected = value.t() if "permute" in steps else value.reshape(-1) if "reshape" in steps else value.unsqueeze(0)
         assert torch.equal(out[key], expected.contiguous())
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        "- permute: {match: '.*', dims: [1, 0]}\n  - cast: {match: '.*', dtype: bfloat16}",
+        "- reshape: {match: '.*', shape: [-1]}\n  - cast: {match: '.*', dtype: float16}",
+        "- split: {match: 'a', dim: 1, sizes: [16, 32], into: [a1, a2]}\n  - cast: {match: '.*', dtype: bfloat16}",
+        "- rotary_permute: {match: 'a', heads: 4, to: half_split}\n  - reshape: {match: '.*', shape: [-1]}",
+    ],
+)
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_elementwise_steps_after_a_byte_kernel_still_need_no_torch(tmp_path: Path, steps: str, workers: str) -> None:
+    """A cast after a permute, split or rotary reordering (what `--dtype` adds after a recipe) is applied to each
+    piece's bytes: no torch, and the tensors torch computes for the same steps."""
+    state = {"a.weight": torch.randn(64, 48), "b.weight": torch.randn(8, 4)}
+    src, dst, rules = tmp_path / "src.safetensors", tmp_path / "out.safetensors", tmp_path / "r.yaml"
+    save_file(state, str(src))
+    rules.write_text(f"ckptx: 1\nsteps:\n  {steps}\n")
+    cli_without_torch("convert", src, "-o", dst, "-r", rules, "--workers", workers)
+    import ckptx
+
+    expected = ckptx.apply(rules, state)
+    out = load_file(str(dst))
+    assert out.keys() == expected.keys()
+    assert all(torch.equal(out[k], expected[k].contiguous()) for k in out)
