@@ -39,6 +39,11 @@ OUTPUTS = {"safetensors": "o.safetensors", "sharded": "sh/model.safetensors.inde
 RUNS = [(1, "local"), (2, "local"), (3, "local"), (2, "dask")]
 
 
+def on(workers: int, executor: str, scheduler: str) -> dict[str, object]:
+    """The `ckptx.convert` arguments of one of RUNS (the Dask runs reach the test's cluster)."""
+    return {"workers": workers, "executor": executor, "scheduler": scheduler if executor == "dask" else None}
+
+
 def source_state() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     state = {"embed.weight": torch.randn(300, 256, generator=generator)}
@@ -103,9 +108,7 @@ def convert_all(src: Path, tmp_path: Path, fmt: str, rules: Path, scheduler: str
             src,
             dst,
             str(rules),
-            workers=workers,
-            executor=executor,
-            scheduler=scheduler if executor == "dask" else None,
+            **on(workers, executor, scheduler),
             max_shard_size=700_000 if fmt == "sharded" else None,
         )
         assert result.written
@@ -345,9 +348,7 @@ def test_a_card_is_the_same_for_any_number_of_workers_and_dask(
             src,
             dst,
             str(rules),
-            workers=workers,
-            executor=executor,
-            scheduler=scheduler if executor == "dask" else None,
+            **on(workers, executor, scheduler),
             max_shard_size=700_000 if fmt == "sharded" else None,
             audit=card,
         )
@@ -382,9 +383,7 @@ def test_a_gguf_output_is_byte_identical_for_any_number_of_workers_and_dask(
             dst,
             "hf/llama-to-gguf",
             dtype=dtype,
-            workers=workers,
-            executor=executor,
-            scheduler=scheduler if executor == "dask" else None,
+            **on(workers, executor, scheduler),
         )
         assert result.written and (workers == 1 or len(result.units) > 1)
         seen.append(hashlib.sha256(dst.read_bytes()).hexdigest())
@@ -419,9 +418,7 @@ def test_a_dequantization_on_workers_is_byte_identical(tmp_path: Path, scheduler
             src,
             dst,
             "quant/fp8-block-to-bf16",
-            workers=workers,
-            executor=executor,
-            scheduler=scheduler if executor == "dask" else None,
+            **on(workers, executor, scheduler),
         )
         seen.append(hashlib.sha256(dst.read_bytes()).hexdigest())
     assert all(s == seen[0] for s in seen[1:]), seen

@@ -9,7 +9,7 @@ from pathlib import Path
 from ckptx.dtypes import safetensors_code
 from ckptx.gcpause import without_gc
 from ckptx.io.spans import BLOCK, Progress
-from ckptx.io.write.output_layout import Copy, LayoutBuilder, OutputLayout, Piece, tensor_fill
+from ckptx.io.write.output_layout import Copy, Fill, LayoutBuilder, OutputLayout, Piece, tensor_fill
 from ckptx.io.write.writer import OutputOptions, Writer
 from ckptx.planning.entry import PlanEntry
 from ckptx.planning.source import Source
@@ -47,9 +47,10 @@ def build_header(
     return len(raw).to_bytes(8, "little") + raw
 
 
-def aligned_data_start(entries: Sequence[PlanEntry], source: Source) -> int | None:
+def aligned_data_start(entries: Sequence[PlanEntry], fills: Sequence[Fill | None]) -> int | None:
     """Where (modulo the block size) the data section should start so that the most bytes copied as raw spans
-    sit at offsets congruent to their offsets in the source files; None when no entry is such a copy.
+    sit at offsets congruent to their offsets in the source files; None when no entry is such a copy. `fills` are
+    the entries' fills (layout.tensor_fill): a copy, or an op whose bytes are source ranges (a split along dim 0).
 
     A safetensors file has no gaps between tensors, so one choice serves every tensor: a run copied in source
     order (a rename of a safetensors file) is congruent throughout; tensors whose source offsets are out of step
@@ -58,12 +59,10 @@ def aligned_data_start(entries: Sequence[PlanEntry], source: Source) -> int | No
     count."""
     placed: dict[int, int] = {}
     offset = 0
-    for entry in entries:
-        fill = tensor_fill(entry, source)  # a copy, or an op whose bytes are source ranges (a split along dim 0)
-        spans = fill.spans if isinstance(fill, Copy) else None
-        if spans is not None and sum(span.nbytes for span in spans) == entry.meta.nbytes:
+    for entry, fill in zip(entries, fills):
+        if isinstance(fill, Copy):
             at = offset
-            for span in spans:
+            for span in fill.spans:
                 start = (span.offset - at) % BLOCK
                 if start % 8 == 0:
                     placed[start] = placed.get(start, 0) + span.nbytes
@@ -107,12 +106,13 @@ def lay_out_safetensors(
     """One safetensors file of `entries` (to be published as `final`) added to `builder`: the header, then each
     tensor's bytes (copied, converted or computed: see layout.tensor_fill) at its offset. Returns the file's index."""
     sizes = [entry.meta.nbytes for entry in entries]  # a property computed each time: 100,000 tensors, 0.1 s
-    header = build_header(entries, metadata, aligned_data_start(entries, source), sizes)
+    fills = [tensor_fill(entry, source, size) if size else None for entry, size in zip(entries, sizes)]
+    header = build_header(entries, metadata, aligned_data_start(entries, fills), sizes)
     index = builder.file(final.name, final, len(header) + sum(sizes))
     builder.literal(index, 0, header)
     offset = len(header)
-    for entry, size in zip(entries, sizes):
-        if size:
-            builder.pieces.append(Piece(index, offset, size, tensor_fill(entry, source, size), entry.key))
+    for entry, size, fill in zip(entries, sizes, fills):
+        if fill is not None:
+            builder.pieces.append(Piece(index, offset, size, fill, entry.key))
         offset += size
     return index
